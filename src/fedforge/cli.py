@@ -1,0 +1,126 @@
+"""`fedforge` command line: parse arguments and config, call the library, print one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from .config import Config, field_types
+from .errors import DivergenceError, FedforgeError
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _count_or_fraction(text: str) -> int | float:
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count like 5 or a fraction like 0.1, got {text!r}") from None
+
+
+def _flag_type(tp):
+    if tp == int | float:
+        return _count_or_fraction
+    if tp in (int, float, str):
+        return tp
+    return str  # optional strings
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None) -> None:
+    """One flag per Config field; defaults are suppressed so only given flags override the file."""
+    types_ = field_types()
+    for f in dataclasses.fields(Config):
+        if keys is not None and f.name not in keys:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata['help']} (default: {f.default})"
+        if types_[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        else:
+            parser.add_argument(
+                flag, type=_flag_type(types_[f.name]), default=argparse.SUPPRESS, help=help_,
+                metavar=f.name.upper(),
+            )
+
+
+def _config(args: argparse.Namespace, keys: Sequence[str]) -> Config:
+    overrides = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    return Config.load(args.config, overrides)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .experiment import run_experiment
+
+    config = _config(args, [f.name for f in dataclasses.fields(Config)])
+    outcome = run_experiment(config, progress=not args.quiet)
+    final = outcome.history.final
+    print(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds; outputs in {outcome.run_dir}")
+    return 0
+
+
+PARTITION_KEYS = ("dataset", "data_dir", "download", "num_clients", "partition", "alpha", "shards_per_client",
+                  "sigma", "client_test_fraction", "seed")
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from .data.datasets import load_dataset
+    from .data.partition import label_histogram
+    from .experiment import federate
+    from .report import partition_table, plot_partition
+
+    config = _config(args, PARTITION_KEYS)
+    dataset = load_dataset(config.dataset, config.data_dir, download=config.download, progress=not args.quiet)
+    data = federate(config, dataset)
+    hist = label_histogram(dataset.train.y.numpy(), data.partition, dataset.num_classes)
+    print(partition_table(hist))
+    if args.plot:
+        plot_partition(hist, args.plot, title=f"{config.dataset}: {config.partition}, {config.num_clients} clients")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedforge", description="Federated learning simulations and deployments.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a federated experiment (defaults: the tutorial's)")
+    run.add_argument("--config", help="TOML file of settings; flags override it")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(run)
+    run.set_defaults(handler=_cmd_run)
+
+    part = sub.add_parser("partition", help="show how a partition splits the data across clients")
+    part.add_argument("--config", help="TOML file of settings; flags override it")
+    part.add_argument("--plot", help="write a per-client label histogram to this PNG")
+    part.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(part, PARTITION_KEYS)
+    part.set_defaults(handler=_cmd_partition)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except DivergenceError as e:
+        print(f"fedforge: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except FedforgeError as e:
+        print(f"fedforge: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fedforge: interrupted; the completed rounds are saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""One client's local training: global state + its data + hyperparameters -> ClientUpdate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.datasets import TensorData
+from .errors import ConfigError, DivergenceError
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Local training hyperparameters, shared by every client of a run."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.local_epochs < 1:
+            raise ConfigError(f"local_epochs must be >= 1, got {self.local_epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back: the change to every state entry and how it was obtained.
+
+    `delta` covers parameters and buffers (e.g. BatchNorm statistics), each in its own dtype.
+    """
+
+    client_id: int
+    delta: State
+    num_examples: int
+    num_steps: int
+    train_loss: float
+    train_accuracy: float
+
+
+def epoch_orders(num_examples: int, epochs: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One random permutation of the client's examples per local epoch.
+
+    Every engine draws batches from this, so they see the same batches in the same order.
+    """
+    return [torch.randperm(num_examples, generator=generator) for _ in range(epochs)]
+
+
+def sgd(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor] | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> list[torch.Tensor] | None:
+    """One step of `torch.optim.SGD` (no dampening, no Nesterov) on `params`, in place.
+
+    Returns the momentum buffers to pass to the next step (None without momentum).
+    """
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum:
+        if momentum_buffers is None:
+            momentum_buffers = [g.detach().clone() for g in grads]
+        else:
+            torch._foreach_mul_(momentum_buffers, momentum)
+            torch._foreach_add_(momentum_buffers, grads)
+        grads = momentum_buffers
+    torch._foreach_add_(params, grads, alpha=-lr)
+    return momentum_buffers
+
+
+def load_state(module: nn.Module, state: State) -> None:
+    """Copy `state` into `module`'s parameters and buffers (no reallocation)."""
+    module.load_state_dict(state, strict=True)
+
+
+def train_client(
+    module: nn.Module,
+    global_state: State,
+    data: TensorData,
+    config: ClientConfig,
+    *,
+    client_id: int,
+    generator: torch.Generator,
+) -> ClientUpdate:
+    """Train `module`, loaded with `global_state`, on `data` for `config.local_epochs` epochs.
+
+    `module` is scratch space: it is overwritten. Batches follow `epoch_orders(generator)`;
+    the last batch of an epoch may be smaller, as with a DataLoader.
+
+    Raises:
+        DivergenceError: the training loss became NaN or infinite.
+    """
+    load_state(module, global_state)
+    module.train()
+    params = list(module.parameters())
+    momentum_buffers = None
+    loss_sum = torch.zeros((), device=data.y.device)
+    correct = torch.zeros((), dtype=torch.long, device=data.y.device)
+    steps = 0
+    for order in epoch_orders(len(data), config.local_epochs, generator):
+        # One gather per epoch, then batches are contiguous views.
+        order = order.to(data.y.device)
+        xs, ys = data.x[order], data.y[order]
+        for start in range(0, len(ys), config.batch_size):
+            xb, yb = xs[start:start + config.batch_size], ys[start:start + config.batch_size]
+            logits = module(xb)
+            loss = F.cross_entropy(logits, yb)
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                momentum_buffers = sgd(
+                    params, list(grads), momentum_buffers,
+                    lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                )
+                loss_sum += loss.detach() * len(yb)
+                correct += (logits.argmax(1) == yb).sum()
+            steps += 1
+    seen = len(data) * config.local_epochs
+    mean_loss = loss_sum.item() / seen
+    if not math.isfinite(mean_loss):
+        raise DivergenceError(
+            f"client {client_id} diverged (training loss {mean_loss}); lower the learning rate (lr={config.lr})"
+        )
+    new_state = module.state_dict()
+    delta = {name: new_state[name].detach() - value for name, value in global_state.items()}
+    return ClientUpdate(
+        client_id=client_id, delta=delta, num_examples=len(data), num_steps=steps,
+        train_loss=mean_loss, train_accuracy=correct.item() / seen,
+    )

@@ -1,0 +1,161 @@
+"""An experiment's settings: one frozen dataclass, read from TOML and overridden by flags.
+
+Each field is both a config-file key (`local_epochs = 2`) and a CLI flag (`--local-epochs 2`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .client import ClientConfig
+from .data.datasets import DATASETS
+from .data.partition import PARTITIONS
+from .engines import ENGINES
+from .errors import ConfigError
+from .models import MODELS
+from .strategies import STRATEGIES
+
+
+def _opt(default, help: str, choices: typing.Iterable[str] | None = None):
+    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of one experiment. Defaults are the tutorial's experiment."""
+
+    name: str | None = _opt(None, "run name: outputs go to OUT_DIR/NAME (default: dataset-model-strategy-time)")
+    out_dir: str = _opt("runs", "folder that holds the run folders")
+    seed: int = _opt(0, "seed of every random choice (partition, init, selection, batches)")
+    dataset: str = _opt("mnist", "dataset", DATASETS)
+    data_dir: str | None = _opt(None, "folder with the dataset files (searched first)")
+    download: bool = _opt(True, "download the dataset when it is not found")
+    num_clients: int = _opt(10, "number of clients the training set is split across")
+    partition: str = _opt("iid", "how the data is split across clients", PARTITIONS)
+    alpha: float = _opt(0.5, "Dirichlet concentration for partition=dirichlet (smaller: more skew)")
+    shards_per_client: int = _opt(2, "shards per client for partition=shards")
+    sigma: float = _opt(1.0, "lognormal sigma of client sizes for partition=quantity")
+    client_test_fraction: float = _opt(0.0, "fraction of each client's data held out for federated evaluation")
+    model: str = _opt("mlp", "model", MODELS)
+    rounds: int = _opt(5, "number of federated rounds")
+    clients_per_round: int | float = _opt(5, "clients selected per round: a count, or a fraction like 0.1")
+    local_epochs: int = _opt(1, "local epochs per round")
+    batch_size: int = _opt(32, "local batch size")
+    lr: float = _opt(0.01, "client SGD learning rate")
+    momentum: float = _opt(0.0, "client SGD momentum")
+    weight_decay: float = _opt(0.0, "client SGD weight decay")
+    strategy: str = _opt("fedavg", "server strategy", STRATEGIES)
+    server_lr: float = _opt(1.0, "server learning rate applied to the mean client delta")
+    engine: str = _opt("sequential", "where clients run", ENGINES)
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
+    eval_batch_size: int = _opt(1024, "batch size for evaluation (does not change results)")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"unknown {f.name} {value!r} (choose from: {', '.join(choices)})")
+        positive = ("num_clients", "rounds", "shards_per_client", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+        if self.sigma < 0:
+            raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
+        if not 0 <= self.client_test_fraction < 1:
+            raise ConfigError(f"client_test_fraction must be in [0, 1), got {self.client_test_fraction}")
+        if not self.server_lr > 0:
+            raise ConfigError(f"server_lr must be > 0, got {self.server_lr}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.name is not None and not re.fullmatch(r"[\w.-]+", self.name):
+            raise ConfigError(f"name may hold letters, digits, '.', '-' and '_' only, got {self.name!r}")
+        if isinstance(self.clients_per_round, float):
+            if not 0 < self.clients_per_round <= 1:
+                raise ConfigError(f"clients_per_round as a fraction must be in (0, 1], got {self.clients_per_round}")
+        elif not 1 <= self.clients_per_round <= self.num_clients:
+            raise ConfigError(
+                f"clients_per_round must be between 1 and num_clients={self.num_clients}, got {self.clients_per_round}"
+            )
+        self.client_config()  # validates the client hyperparameters
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(
+            local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+            momentum=self.momentum, weight_decay=self.weight_decay,
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Config:
+        """Build a Config, checking every key and value type; `source` names where they came from."""
+        return cls(**_checked(values, source))
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+        """Settings from the TOML file at `path` (if any), then `overrides` on top."""
+        values = _checked(read_toml(path), str(path)) if path is not None else {}
+        return cls(**{**values, **_checked(overrides or {}, "command line")})
+
+    def to_toml(self) -> str:
+        """The fully resolved settings as TOML (unset optional values are left out)."""
+        return tomli_w.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None})
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+
+
+def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` with unknown keys and wrongly typed values refused, ints widened for float keys."""
+    types_ = field_types()
+    out = {}
+    for key, value in values.items():
+        if key not in types_:
+            close = difflib.get_close_matches(key, types_, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        accepted = _accepted(types_[key])
+        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+            names = " or ".join(sorted({t.__name__ for t in accepted}))
+            raise ConfigError(f"{source}: {key} must be {names}, got {value!r}")
+        out[key] = float(value) if types_[key] is float else value
+    return out
+
+
+def field_types() -> dict[str, Any]:
+    """Each setting's annotated type (used to check TOML values and to build CLI flags)."""
+    return typing.get_type_hints(Config)
+
+
+def _accepted(tp) -> tuple[type, ...]:
+    """The Python types a value may have for a field annotated `tp`."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return tuple(t for arg in typing.get_args(tp) for t in _accepted(arg))
+    if tp is float:
+        return (float, int)
+    if tp is type(None):
+        return ()
+    return (tp,)

@@ -1,0 +1,34 @@
+"""What an engine is: it runs the selected clients' local training, wherever that happens."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import nn
+
+from ..client import ClientConfig, ClientUpdate, State
+from ..data.datasets import TensorData
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One selected client of one round: its id, its training data, its batch-order seed."""
+
+    client_id: int
+    data: TensorData
+    seed: int
+
+
+class Engine(Protocol):
+    name: str
+
+    def run(
+        self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
+    ) -> Iterator[ClientUpdate]:
+        """Train each task's client from `global_state`; yield updates as they complete.
+
+        Updates are yielded one by one so the server can fold each into a running sum.
+        """
+        ...

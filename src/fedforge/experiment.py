@@ -1,0 +1,104 @@
+"""Glue from a Config to the library: data, partition, model, engine, strategy, outputs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import _seeding
+from ._io import atomic_write
+from .config import Config
+from .data.datasets import Dataset, load_dataset
+from .data.partition import partition, split_holdout
+from .engines import make_engine
+from .errors import ConfigError
+from .history import History, RoundRecord
+from .models import build_model
+from .report import plot_history, round_line, write_history, write_model
+from .simulation import FederatedData, SimulationResult, clients_per_round_count, simulate
+from .strategies import ServerState, make_strategy
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def run_name(config: Config) -> str:
+    return config.name or f"{config.dataset}-{config.model}-{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def federate(config: Config, dataset: Dataset) -> FederatedData:
+    """Split `dataset` across clients as `config` says, from `config.seed`."""
+    labels = dataset.train.y.cpu().numpy()
+    parts = partition(
+        config.partition, labels, config.num_clients,
+        rng=_seeding.numpy_rng(config.seed, _seeding.PARTITION),
+        alpha=config.alpha, shards_per_client=config.shards_per_client, sigma=config.sigma,
+    )
+    client_test = None
+    if config.client_test_fraction > 0:
+        parts, client_test = split_holdout(
+            parts, config.client_test_fraction, rng=_seeding.numpy_rng(config.seed, _seeding.CLIENT_TEST_SPLIT)
+        )
+    return FederatedData(dataset.train, parts, dataset.test, client_test)
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    history: History
+    state: ServerState | None
+
+
+def run_experiment(config: Config, *, progress: bool = True) -> RunOutcome:
+    """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`.
+
+    History and model are rewritten (atomically) after every round, so whatever stops the
+    run (Ctrl-C, divergence) leaves the completed rounds on disk; the plot is drawn at the end
+    or on the way out.
+    """
+    device = resolve_device(config.device)
+    dataset = load_dataset(config.dataset, config.data_dir, download=config.download, progress=progress).to(device)
+    data = federate(config, dataset)
+    k = clients_per_round_count(config.clients_per_round, data.num_clients)
+    model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
+    config = config.replace(name=run_name(config))
+    run_dir = Path(config.out_dir) / config.name
+    with atomic_write(run_dir / "config.toml") as f:
+        f.write(config.to_toml())
+
+    records: list[RoundRecord] = []
+    last: list[ServerState] = []
+    bar = tqdm(total=config.rounds * k, unit="client", disable=None if progress else True, leave=False)
+
+    def on_round(record: RoundRecord, state: ServerState) -> None:
+        records.append(record)
+        last[:] = [state]
+        write_history(run_dir, History(records))
+        write_model(run_dir, state.params)
+        bar.set_postfix(round=record.round, acc=f"{record.test_accuracy:.4f}")
+        tqdm.write(round_line(record, config.rounds))
+
+    try:
+        simulate(
+            model, data, rounds=config.rounds, clients_per_round=k, client=config.client_config(),
+            strategy=make_strategy(config.strategy, server_lr=config.server_lr),
+            engine=make_engine(config.engine), seed=config.seed, eval_batch_size=config.eval_batch_size,
+            on_client=lambda update: bar.update(1), on_round=on_round,
+        )
+    finally:
+        bar.close()
+        if records:
+            plot_history(History(records), run_dir / "accuracy.png", title=config.name)
+    return RunOutcome(run_dir, History(records), last[0] if last else None)
+
+
+__all__ = ["RunOutcome", "federate", "resolve_device", "run_experiment", "SimulationResult"]

@@ -1,0 +1,73 @@
+"""Built-in models by name; any `nn.Module` works wherever a model is taken."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import _seeding
+from .errors import ConfigError
+
+ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The tutorial's MLP: 784-128-64-10 with ReLU."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(_numel(input_shape), 128), nn.ReLU(),
+        nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, num_classes),
+    )
+
+
+def two_nn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """McMahan et al. 2017's "2NN": two hidden layers of 200 units with ReLU."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(_numel(input_shape), 200), nn.ReLU(),
+        nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, num_classes),
+    )
+
+
+def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """McMahan et al. 2017's CNN: conv5x5(32) - pool - conv5x5(64) - pool - fc 512 - softmax."""
+    channels, height, width = input_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * (height // 4) * (width // 4), 512), nn.ReLU(),
+        nn.Linear(512, num_classes),
+    )
+
+
+def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(_numel(input_shape), num_classes))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+MODELS: dict[str, ModelFactory] = {"mlp": mlp, "2nn": two_nn, "cnn": cnn, "logreg": logreg}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int = 0) -> nn.Module:
+    """Build model `name` with weights initialised from `seed` alone.
+
+    The global torch RNG is left as it was: initialisation draws from a forked stream.
+    """
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r} (choose from: {', '.join(MODELS)})")
+    if name == "cnn" and len(input_shape) != 3:
+        raise ConfigError(f"model 'cnn' needs image input (channels, height, width), got shape {input_shape}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seeding.derive_seed(seed, _seeding.MODEL_INIT))
+        return MODELS[name](tuple(input_shape), num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,108 @@
+"""A run's outputs on disk (history, model, plots) and console tables and lines."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._io import atomic_write
+from .history import History, RoundRecord
+
+
+def write_history(run_dir: str | os.PathLike, history: History) -> None:
+    run_dir = Path(run_dir)
+    with atomic_write(run_dir / "history.json") as f:
+        f.write(history.to_json())
+    with atomic_write(run_dir / "history.csv") as f:
+        f.write(history.to_csv())
+
+
+def write_model(run_dir: str | os.PathLike, state: dict[str, torch.Tensor]) -> None:
+    """Save the global model's `state_dict` (on the CPU) as `model.pt`."""
+    with atomic_write(Path(run_dir) / "model.pt", "wb") as f:
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, f)
+
+
+def plot_history(history: History, path: str | os.PathLike, *, title: str | None = None) -> None:
+    """Test accuracy and loss per round, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = history.column("round")
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    acc_ax.plot(rounds, history.column("test_accuracy"), marker="o", label="test")
+    loss_ax.plot(rounds, history.column("test_loss"), marker="o", label="test")
+    train = [(r.round, r.train_loss) for r in history.records if r.train_loss is not None]
+    if train:
+        loss_ax.plot(*zip(*train), marker=".", linestyle="--", label="train (clients)")
+    acc_ax.set(xlabel="round", ylabel="accuracy", title="test accuracy")
+    loss_ax.set(xlabel="round", ylabel="cross-entropy", title="loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure as PNG, atomically, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    with atomic_write(path, "wb") as f:
+        f.write(buffer.getvalue())
+
+
+def round_line(record: RoundRecord, rounds: int) -> str:
+    """One console line per round, in the spirit of the tutorial's."""
+    head = "initial model" if record.round == 0 else f"round {record.round}/{rounds}"
+    parts = [f"{head:<14}", f"test accuracy {record.test_accuracy:.4f}", f"test loss {record.test_loss:.4f}"]
+    if record.train_loss is not None:
+        parts.append(f"train loss {record.train_loss:.4f}")
+    if record.federated_accuracy is not None:
+        parts.append(f"federated accuracy {record.federated_accuracy:.4f}")
+    if record.round:
+        parts.append(f"{record.seconds:.2f} s")
+    return "  ".join(parts)
+
+
+def partition_table(histogram: np.ndarray) -> str:
+    """Rows: client, total, then the count of each label."""
+    num_classes = histogram.shape[1]
+    header = f"{'client':>6} {'examples':>8}  " + " ".join(f"{k:>5}" for k in range(num_classes))
+    lines = [header]
+    for client, row in enumerate(histogram):
+        lines.append(f"{client:>6} {int(row.sum()):>8}  " + " ".join(f"{int(v):>5}" for v in row))
+    sizes = histogram.sum(1)
+    lines.append(f"{len(sizes)} clients, {int(sizes.sum())} examples; size min {sizes.min()}, "
+                 f"median {int(np.median(sizes))}, max {sizes.max()}")
+    return "\n".join(lines)
+
+
+def plot_partition(histogram: np.ndarray, path: str | os.PathLike, *, title: str = "") -> None:
+    """Stacked bars: one per client, one colour per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_clients, num_classes = histogram.shape
+    fig, ax = plt.subplots(figsize=(max(6, min(20, num_clients * 0.4)), 4))
+    bottom = np.zeros(num_clients)
+    cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    for k in range(num_classes):
+        ax.bar(range(num_clients), histogram[:, k], bottom=bottom, color=cmap(k % cmap.N), label=str(k), width=0.85)
+        bottom += histogram[:, k]
+    ax.set(xlabel="client", ylabel="examples", title=title)
+    ax.legend(title="label", ncol=2, fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")
+    save_figure(fig, path)

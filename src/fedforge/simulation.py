@@ -1,0 +1,162 @@
+"""The round loop: select -> run clients -> aggregate -> evaluate -> record."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _seeding
+from .client import ClientConfig, ClientUpdate
+from .data.datasets import TensorData
+from .engines import ClientTask, Engine, SequentialEngine
+from .errors import ConfigError
+from .evaluation import evaluate
+from .history import History, RoundRecord
+from .strategies import FedAvg, ServerState, Strategy
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """A training set split across clients, and the data the global model is tested on.
+
+    Args:
+        train: all training examples, in memory.
+        partition: each client's indices into `train`.
+        test: the centralized test set, or None to skip centralized evaluation.
+        client_test: each client's held-out indices into `train`, for federated evaluation.
+    """
+
+    train: TensorData
+    partition: Sequence[np.ndarray]
+    test: TensorData | None = None
+    client_test: Sequence[np.ndarray] | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.partition)
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    history: History
+    state: ServerState
+
+
+def clients_per_round_count(clients_per_round: int | float, num_clients: int) -> int:
+    """K from an int (a count) or a float in (0, 1] (a fraction of all clients, at least 1)."""
+    if isinstance(clients_per_round, float):
+        if not 0 < clients_per_round <= 1:
+            raise ConfigError(f"clients_per_round as a fraction must be in (0, 1], got {clients_per_round}")
+        return max(1, int(round(clients_per_round * num_clients)))
+    if clients_per_round < 1:
+        raise ConfigError(f"clients_per_round must be >= 1, got {clients_per_round}")
+    if clients_per_round > num_clients:
+        raise ConfigError(f"clients_per_round={clients_per_round} is more than num_clients={num_clients}")
+    return clients_per_round
+
+
+def select_clients(num_clients: int, k: int, generator: torch.Generator) -> list[int]:
+    """K distinct client ids drawn uniformly, in increasing order."""
+    return sorted(torch.randperm(num_clients, generator=generator)[:k].tolist())
+
+
+class _Tally:
+    """Passes updates through while keeping example-weighted training metrics."""
+
+    def __init__(self, on_client: Callable[[ClientUpdate], None] | None):
+        self.on_client = on_client
+        self.examples = 0
+        self.loss = 0.0
+        self.accuracy = 0.0
+
+    def tap(self, updates: Iterable[ClientUpdate]) -> Iterator[ClientUpdate]:
+        for update in updates:
+            self.examples += update.num_examples
+            self.loss += update.train_loss * update.num_examples
+            self.accuracy += update.train_accuracy * update.num_examples
+            if self.on_client is not None:
+                self.on_client(update)
+            yield update
+
+    def mean(self, total: float) -> float | None:
+        return total / self.examples if self.examples else None
+
+
+def simulate(
+    model: nn.Module,
+    data: FederatedData,
+    *,
+    rounds: int,
+    clients_per_round: int | float,
+    client: ClientConfig = ClientConfig(),
+    strategy: Strategy | None = None,
+    engine: Engine | None = None,
+    seed: int = 0,
+    eval_batch_size: int = 1024,
+    on_client: Callable[[ClientUpdate], None] | None = None,
+    on_round: Callable[[RoundRecord, ServerState], None] | None = None,
+) -> SimulationResult:
+    """Run federated training of `model` over `data` for `rounds` rounds.
+
+    The selected clients, each client's batches, and so the final weights depend only on
+    `seed` (and the inputs), not on the engine.
+
+    Args:
+        model: its current weights are the initial global model; it is used, not changed.
+        clients_per_round: a count, or a float in (0, 1] for a fraction of the clients.
+        on_client: called with each client update as it arrives.
+        on_round: called after every round (and after the initial evaluation, round 0).
+    """
+    if rounds < 1:
+        raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    k = clients_per_round_count(clients_per_round, data.num_clients)
+    strategy = strategy or FedAvg()
+    engine = engine or SequentialEngine()
+    device = data.train.x.device
+    model = model.to(device)
+    clients = [data.train.subset(idx) for idx in data.partition]
+    for cid, c in enumerate(clients):
+        if len(c) == 0:
+            raise ConfigError(f"client {cid} has no training examples; use fewer clients")
+    federated_test = None
+    if data.client_test is not None and sum(map(len, data.client_test)):
+        federated_test = data.train.subset(np.concatenate(list(data.client_test)))
+
+    def measure(state: ServerState, clients_: tuple[int, ...], tally: _Tally | None, started: float) -> RoundRecord:
+        test = evaluate(model, state.params, data.test, batch_size=eval_batch_size) if data.test is not None else None
+        fed = evaluate(model, state.params, federated_test, batch_size=eval_batch_size) if federated_test else None
+        return RoundRecord(
+            round=state.round,
+            clients=clients_,
+            test_loss=test and test.loss,
+            test_accuracy=test and test.accuracy,
+            train_loss=tally and tally.mean(tally.loss),
+            train_accuracy=tally and tally.mean(tally.accuracy),
+            federated_loss=fed and fed.loss,
+            federated_accuracy=fed and fed.accuracy,
+            seconds=time.perf_counter() - started,
+        )
+
+    started = time.perf_counter()
+    state = strategy.init({k_: v.detach() for k_, v in model.state_dict().items()})
+    records = [measure(state, (), None, started)]
+    if on_round is not None:
+        on_round(records[-1], state)
+    while state.round < rounds:
+        started = time.perf_counter()
+        r = state.round + 1
+        selected = select_clients(data.num_clients, k, _seeding.generator(seed, _seeding.SELECTION, r))
+        tasks = [
+            ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c)) for c in selected
+        ]
+        tally = _Tally(on_client)
+        state = strategy.aggregate(state, tally.tap(engine.run(model, state.params, tasks, client)))
+        records.append(measure(state, tuple(selected), tally, started))
+        if on_round is not None:
+            on_round(records[-1], state)
+    return SimulationResult(History(records), state)
