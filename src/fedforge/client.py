@@ -87,6 +87,11 @@ def sgd(
     return momentum_buffers
 
 
+def _all_finite(tensors) -> bool:
+    floats = [t for t in tensors if t.is_floating_point()]
+    return not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
+
+
 def load_state(module: nn.Module, state: State) -> None:
     """Copy `state` into `module`'s parameters and buffers (no reallocation)."""
     module.load_state_dict(state, strict=True)
@@ -135,12 +140,13 @@ def train_client(
             steps += 1
     seen = len(data) * config.local_epochs
     mean_loss = loss_sum.item() / seen
-    if not math.isfinite(mean_loss):
-        raise DivergenceError(
-            f"client {client_id} diverged (training loss {mean_loss}); lower the learning rate (lr={config.lr})"
-        )
     new_state = module.state_dict()
     delta = {name: new_state[name].detach() - value for name, value in global_state.items()}
+    if not (math.isfinite(mean_loss) and _all_finite(delta.values())):
+        raise DivergenceError(
+            f"client {client_id} diverged (training loss {mean_loss:.4g}, weights finite: "
+            f"{_all_finite(delta.values())}); lower the learning rate (lr={config.lr})"
+        )
     return ClientUpdate(
         client_id=client_id, delta=delta, num_examples=len(data), num_steps=steps,
         train_loss=mean_loss, train_accuracy=correct.item() / seen,

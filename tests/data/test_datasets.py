@@ -1,0 +1,41 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedforge.data import FASHION_MNIST, load_dataset, search_dirs
+from fedforge.errors import ConfigError, DataError
+
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_search_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDFORGE_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert search_dirs("mnist", tmp_path / "explicit") == [
+        tmp_path / "explicit" / "mnist", tmp_path / "explicit",
+        tmp_path / "env" / "mnist", tmp_path / "env",
+        tmp_path / "home" / ".cache" / "fedforge" / "mnist", Path("/usr/share/datasets/mnist"),
+    ]
+
+
+def test_real_fashion_mnist_in_memory(fashion):
+    assert fashion.train.x.shape == (60_000, 1, 28, 28) and fashion.train.x.dtype == torch.float32
+    assert fashion.test.x.shape == (10_000, 1, 28, 28)
+    assert fashion.train.y.bincount().tolist() == [6000] * 10
+    assert fashion.train.x.min() == -1 and fashion.train.x.max() == 1
+
+
+def test_explicit_dir_wins_and_a_corrupt_file_there_is_reported(tmp_path):
+    for filename, _ in FASHION_MNIST.files.values():
+        shutil.copy(DEBIAN / filename, tmp_path / filename)
+    images = tmp_path / FASHION_MNIST.files["test_images"][0]
+    images.write_bytes(images.read_bytes()[:100_000])
+    with pytest.raises(DataError, match=f"{images}.*corrupt or truncated"):
+        load_dataset("fashion-mnist", tmp_path, download=False)
+
+
+def test_unknown_dataset():
+    with pytest.raises(ConfigError, match="unknown dataset 'cifar'.*fashion-mnist"):
+        load_dataset("cifar")

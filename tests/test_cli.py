@@ -1,0 +1,78 @@
+"""Every bad input: one line naming the value, exit status 2, no traceback."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedforge.cli import main
+from fedforge.data import FASHION_MNIST
+
+
+def fedforge(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own exit
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "cifar"], "unknown dataset 'cifar' (choose from: mnist, fashion-mnist)"),
+    (["--model", "resnet"], "unknown model 'resnet' (choose from: mlp, 2nn, cnn, logreg)"),
+    (["--partition", "zipf"], "unknown partition 'zipf' (choose from: iid, dirichlet, shards, quantity)"),
+    (["--clients-per-round", "11"], "clients_per_round must be between 1 and num_clients=10, got 11"),
+    (["--lr", "0"], "lr must be > 0, got 0.0"),
+    (["--lr", "-0.5"], "lr must be > 0, got -0.5"),
+    (["--rounds", "0"], "rounds must be >= 1, got 0"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--engine", "gpu"], "unknown engine 'gpu'"),
+    (["--dataset", "fashion-mnist", "--num-clients", "70000", "--clients-per-round", "5"],
+     "num_clients=70000 is more than the 60000 training examples"),
+])
+def test_bad_flags(capsys, tmp_path, argv, message):
+    code, out, err = fedforge(capsys, "run", "--out-dir", str(tmp_path), *argv)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rounds = [", "malformed TOML"),
+    ("rouns = 3", "unknown key 'rouns'; did you mean 'rounds'?"),
+])
+def test_bad_config_file(capsys, tmp_path, text, message):
+    (tmp_path / "exp.toml").write_text(text)
+    code, _, err = fedforge(capsys, "run", "--config", str(tmp_path / "exp.toml"))
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_corrupt_dataset_file(capsys, tmp_path):
+    for filename, _ in FASHION_MNIST.files.values():
+        shutil.copy(Path("/usr/share/datasets/fashion-mnist") / filename, tmp_path / filename)
+    labels = tmp_path / FASHION_MNIST.files["train_labels"][0]
+    raw = bytearray(labels.read_bytes())
+    raw[len(raw) // 2] ^= 0x55
+    labels.write_bytes(bytes(raw))
+    code, _, err = fedforge(capsys, "run", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path),
+                            "--out-dir", str(tmp_path / "runs"))
+    assert code == 2 and str(labels) in err and "corrupt" in err and err.count("\n") == 1
+
+
+def test_diverging_run_stops_with_a_message(capsys, tmp_path):
+    code, out, err = fedforge(capsys, "run", "-q", "--dataset", "fashion-mnist", "--lr", "1e30", "--rounds", "3",
+                              "--out-dir", str(tmp_path), "--name", "nan")
+    assert code == 1
+    assert "diverged" in err and "lower the learning rate" in err and err.count("\n") == 1
+    assert "nan" not in out.replace("--name nan", "").lower().split("accuracy")[-1]
+    assert (tmp_path / "nan" / "history.json").exists()  # the initial evaluation was saved
+
+
+def test_real_process_exit_status_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedforge", "run", "--rounds", "-1"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == "fedforge: error: rounds must be >= 1, got -1\n"

@@ -1,0 +1,86 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import blobs
+from fedforge.client import ClientConfig, epoch_orders, sgd, train_client
+from fedforge.errors import ConfigError, DivergenceError
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.5, 1e-2)])
+def test_sgd_matches_torch_optim(momentum, weight_decay):
+    torch.manual_seed(0)
+    ours = [torch.randn(4, 3), torch.randn(3)]
+    theirs = [p.clone().requires_grad_() for p in ours]
+    opt = torch.optim.SGD(theirs, lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    buffers = None
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in ours]
+        buffers = sgd(ours, grads, buffers, lr=0.1, momentum=momentum, weight_decay=weight_decay)
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        opt.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b.detach())
+
+
+def reference_training(model, data, config, generator):
+    """A plain torch.optim loop over the same batches: what train_client must equal."""
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay)
+    for order in epoch_orders(len(data), config.local_epochs, generator):
+        for start in range(0, len(order), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
+            opt.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("epochs, momentum", [(1, 0.0), (3, 0.9)])
+def test_train_client_equals_a_plain_torch_loop(epochs, momentum):
+    data = blobs(70)  # 70 = 2 full batches of 32 and one of 6
+    config = ClientConfig(local_epochs=epochs, batch_size=32, lr=0.05, momentum=momentum)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    start = copy.deepcopy(model.state_dict())
+    update = train_client(copy.deepcopy(model), start, data, config, client_id=3,
+                          generator=torch.Generator().manual_seed(9))
+    expected = reference_training(model, data, config, torch.Generator().manual_seed(9))
+    assert update.client_id == 3 and update.num_examples == 70 and update.num_steps == 3 * epochs
+    for name in expected:
+        torch.testing.assert_close(start[name] + update.delta[name], expected[name])
+    assert 0 < update.train_loss < 10 and 0 <= update.train_accuracy <= 1
+
+
+def test_batchnorm_buffers_are_in_the_delta():
+    data = blobs(64)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    update = train_client(model, state, data, ClientConfig(batch_size=16), client_id=0,
+                          generator=torch.Generator().manual_seed(0))
+    assert update.delta["1.num_batches_tracked"].dtype == torch.long
+    assert update.delta["1.num_batches_tracked"].item() == 4
+    assert update.delta["1.running_mean"].abs().sum() > 0
+
+
+def test_divergence_is_reported():
+    data = blobs(64)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    with pytest.raises(DivergenceError, match="client 7 diverged.*lower the learning rate"):
+        train_client(model, model.state_dict(), data, ClientConfig(lr=1e30, batch_size=4), client_id=7,
+                     generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"lr": 0.0}, "lr must be > 0, got 0.0"), ({"lr": -1}, "lr must be > 0"),
+     ({"local_epochs": 0}, "local_epochs must be >= 1"), ({"batch_size": 0}, "batch_size must be >= 1"),
+     ({"momentum": 1.0}, "momentum must be in")],
+)
+def test_client_config_validation(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ClientConfig(**kwargs)
