@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import blobs
+from fedforge import fastmlp
 from fedforge.client import ClientConfig, epoch_orders, sgd, train_client
 from fedforge.errors import ConfigError, DivergenceError
 
@@ -40,12 +41,20 @@ def reference_training(model, data, config, generator):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("epochs, momentum", [(1, 0.0), (3, 0.9)])
-def test_train_client_equals_a_plain_torch_loop(epochs, momentum):
+MODELS = {
+    "mlp (fast kernel)": lambda: nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+    "tanh (autograd)": lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)),
+}
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("epochs, momentum, weight_decay", [(1, 0.0, 0.0), (3, 0.9, 0.0), (2, 0.0, 0.01), (2, 0.5, 0.01)])
+def test_train_client_equals_a_plain_torch_loop(model_name, epochs, momentum, weight_decay):
     data = blobs(70)  # 70 = 2 full batches of 32 and one of 6
-    config = ClientConfig(local_epochs=epochs, batch_size=32, lr=0.05, momentum=momentum)
+    config = ClientConfig(local_epochs=epochs, batch_size=32, lr=0.05, momentum=momentum, weight_decay=weight_decay)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = MODELS[model_name]()
+    assert (fastmlp.mlp_layout(model) is not None) == ("fast" in model_name)
     start = copy.deepcopy(model.state_dict())
     update = train_client(copy.deepcopy(model), start, data, config, client_id=3,
                           generator=torch.Generator().manual_seed(9))
@@ -54,6 +63,31 @@ def test_train_client_equals_a_plain_torch_loop(epochs, momentum):
     for name in expected:
         torch.testing.assert_close(start[name] + update.delta[name], expected[name])
     assert 0 < update.train_loss < 10 and 0 <= update.train_accuracy <= 1
+
+
+def test_fast_kernel_and_autograd_agree_on_metrics():
+    data = blobs(100)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    runs = [train_client(copy.deepcopy(model), state, data, ClientConfig(batch_size=10), client_id=0,
+                         generator=torch.Generator().manual_seed(1), fast_mlp=fast) for fast in (True, False)]
+    assert runs[0].train_accuracy == runs[1].train_accuracy
+    assert runs[0].train_loss == pytest.approx(runs[1].train_loss, rel=1e-5)
+    for name in state:
+        torch.testing.assert_close(runs[0].delta[name], runs[1].delta[name])
+
+
+@pytest.mark.parametrize("model, fast", [
+    (nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), True),
+    (nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 2)), True),
+    (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU(), nn.Linear(4, 2)), False),
+    (nn.Sequential(nn.Linear(4, 4), nn.ReLU()), False),
+    (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), False),
+    (nn.Sequential(nn.Flatten(0), nn.Linear(4, 2)), False),
+    (nn.Linear(4, 2), False),
+])
+def test_mlp_layout_recognises_only_linear_relu_stacks(model, fast):
+    assert (fastmlp.mlp_layout(model) is not None) == fast
 
 
 def test_batchnorm_buffers_are_in_the_delta():

@@ -36,3 +36,10 @@ def test_init_depends_on_seed_only_and_leaves_global_rng_alone():
 def test_unknown_model():
     with pytest.raises(ConfigError, match=f"unknown model 'resnet' \\(choose from: {', '.join(MODELS)}\\)"):
         build_model("resnet", (1, 28, 28), 10)
+
+
+@pytest.mark.parametrize("name, fast", [("mlp", True), ("2nn", True), ("logreg", True), ("cnn", False)])
+def test_which_built_ins_take_the_fast_mlp_kernel(name, fast):
+    from fedforge.fastmlp import mlp_layout
+
+    assert (mlp_layout(build_model(name, (1, 28, 28), 10)) is not None) == fast

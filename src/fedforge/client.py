@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fastmlp
 from .data.datasets import TensorData
 from .errors import ConfigError, DivergenceError
+from .fastmlp import MLPLayout
 
 State = dict[str, torch.Tensor]
 
@@ -97,6 +100,41 @@ def load_state(module: nn.Module, state: State) -> None:
     module.load_state_dict(state, strict=True)
 
 
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _autograd_steps(module: nn.Module, global_state: State, config: ClientConfig) -> tuple[Step, Callable[[], State]]:
+    """SGD steps through autograd: works for any module."""
+    load_state(module, global_state)
+    module.train()
+    params = list(module.parameters())
+    momentum_buffers = None
+
+    def step(xb, yb):
+        nonlocal momentum_buffers
+        logits = module(xb)
+        loss = F.cross_entropy(logits, yb)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            momentum_buffers = sgd(params, list(grads), momentum_buffers, lr=config.lr,
+                                   momentum=config.momentum, weight_decay=config.weight_decay)
+            return loss.detach() * len(yb), (logits.argmax(1) == yb).sum()
+
+    return step, lambda: {k: v.detach() for k, v in module.state_dict().items()}
+
+
+def _mlp_steps(layout: MLPLayout, global_state: State, config: ClientConfig) -> tuple[Step, Callable[[], State]]:
+    """SGD steps by the hand-derived Linear/ReLU kernel (same math, no autograd graph)."""
+    params = {k: v.detach().clone() for k, v in global_state.items()}
+    buffers = {k: torch.zeros_like(v) for k, v in params.items()} if config.momentum else None
+
+    def step(xb, yb):
+        return fastmlp.sgd_step(layout, params, buffers, xb, yb, 1.0 / len(yb), lr=config.lr,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+
+    return step, lambda: params
+
+
 def train_client(
     module: nn.Module,
     global_state: State,
@@ -105,43 +143,40 @@ def train_client(
     *,
     client_id: int,
     generator: torch.Generator,
+    fast_mlp: bool = True,
 ) -> ClientUpdate:
     """Train `module`, loaded with `global_state`, on `data` for `config.local_epochs` epochs.
 
-    `module` is scratch space: it is overwritten. Batches follow `epoch_orders(generator)`;
-    the last batch of an epoch may be smaller, as with a DataLoader.
+    `module` is scratch space: it may be overwritten. Batches follow `epoch_orders(generator)`;
+    the last batch of an epoch may be smaller, as with a DataLoader. Linear/ReLU stacks take
+    the `fastmlp` kernel unless `fast_mlp` is False; anything else goes through autograd.
 
     Raises:
-        DivergenceError: the training loss became NaN or infinite.
+        DivergenceError: the training loss or the weights became NaN or infinite.
     """
-    load_state(module, global_state)
-    module.train()
-    params = list(module.parameters())
-    momentum_buffers = None
+    layout = fastmlp.mlp_layout(module) if fast_mlp else None
+    x = layout.inputs(data.x) if layout else None
+    if layout is not None and x is not None:
+        step, final_state = _mlp_steps(layout, global_state, config)
+    else:
+        x = data.x
+        step, final_state = _autograd_steps(module, global_state, config)
     loss_sum = torch.zeros((), device=data.y.device)
     correct = torch.zeros((), dtype=torch.long, device=data.y.device)
     steps = 0
     for order in epoch_orders(len(data), config.local_epochs, generator):
         # One gather per epoch, then batches are contiguous views.
         order = order.to(data.y.device)
-        xs, ys = data.x[order], data.y[order]
+        xs, ys = x[order], data.y[order]
         for start in range(0, len(ys), config.batch_size):
-            xb, yb = xs[start:start + config.batch_size], ys[start:start + config.batch_size]
-            logits = module(xb)
-            loss = F.cross_entropy(logits, yb)
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                momentum_buffers = sgd(
-                    params, list(grads), momentum_buffers,
-                    lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                )
-                loss_sum += loss.detach() * len(yb)
-                correct += (logits.argmax(1) == yb).sum()
+            batch_loss, batch_correct = step(xs[start:start + config.batch_size], ys[start:start + config.batch_size])
+            loss_sum += batch_loss
+            correct += batch_correct
             steps += 1
     seen = len(data) * config.local_epochs
     mean_loss = loss_sum.item() / seen
-    new_state = module.state_dict()
-    delta = {name: new_state[name].detach() - value for name, value in global_state.items()}
+    new_state = final_state()
+    delta = {name: new_state[name] - value for name, value in global_state.items()}
     if not (math.isfinite(mean_loss) and _all_finite(delta.values())):
         raise DivergenceError(
             f"client {client_id} diverged (training loss {mean_loss:.4g}, weights finite: "

@@ -1,0 +1,37 @@
+# Everything a fresh machine needs: `make run` and `make test` do all the set-up.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of PyTorch, pinned: an unpinned `torch` pulls several GB of CUDA packages.
+TORCH  := torch==2.13.0
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install data run test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Debian's dataset-fashion-mnist when apt is here; otherwise fedforge downloads the files itself.
+data:
+	@if [ ! -f $(FASHION_MNIST) ] && command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; \
+	fi
+
+run: install data
+	$(BIN)/fedforge run --dataset fashion-mnist --name tutorial-fashion-mnist
+
+test: install data
+	$(BIN)/python -m pytest -q
+
+bench: install data
+	$(BIN)/python benchmarks/tutorial_vs_fedforge.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

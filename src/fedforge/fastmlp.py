@@ -1,0 +1,153 @@
+"""Linear/ReLU stacks trained with hand-derived gradients, for one client or many at once.
+
+The built-in `mlp`, `2nn` and `logreg` are such stacks. For them an SGD step is a handful of
+matrix products with no autograd graph, each weight updated in place by one fused
+`addmm_`/`baddbmm_`: about half the time of autograd + optimizer at the tutorial's batch size
+of 32. The same step trains C clients together when every tensor has a leading client
+dimension. The result equals `torch.optim.SGD` on the same batches up to float32 round-off
+(tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MLPLayout:
+    """Where a Sequential's Linear layers keep their weights, and which are followed by ReLU."""
+
+    weights: tuple[str, ...]
+    biases: tuple[str | None, ...]
+    relu: tuple[bool, ...]  # relu[i]: a ReLU follows layer i
+    flatten: bool  # a leading nn.Flatten: inputs are flattened first
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`x` as the first Linear layer takes it (2-D), or None if this layout cannot take it."""
+        if self.flatten:
+            return x.flatten(1)
+        return x if x.dim() == 2 else None
+
+
+def mlp_layout(module: nn.Module) -> MLPLayout | None:
+    """The layout of `module` if it is [Flatten] (Linear [ReLU])* with no buffers, else None."""
+    if type(module) is not nn.Sequential or any(True for _ in module.buffers()):
+        return None
+    children = list(module.named_children())
+    flatten = bool(children) and type(children[0][1]) is nn.Flatten
+    if flatten:
+        if (children[0][1].start_dim, children[0][1].end_dim) != (1, -1):
+            return None
+        children = children[1:]
+    weights, biases, relu = [], [], []
+    for name, child in children:
+        if type(child) is nn.Linear:
+            weights.append(f"{name}.weight")
+            biases.append(f"{name}.bias" if child.bias is not None else None)
+            relu.append(False)
+        elif type(child) is nn.ReLU and weights and not relu[-1]:
+            relu[-1] = True
+        else:
+            return None
+    if not weights or relu[-1]:
+        return None
+    return MLPLayout(tuple(weights), tuple(biases), tuple(relu), flatten)
+
+
+def _affine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if h.dim() == 2:
+        return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+    if bias is not None:
+        return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+    return torch.bmm(h, weight.transpose(1, 2))
+
+
+def _accumulate_outer(out: torch.Tensor, g: torch.Tensor, inp: torch.Tensor, *, beta: float, alpha: float) -> None:
+    """out <- beta * out + alpha * g^T inp, in one BLAS call (per client)."""
+    if g.dim() == 2:
+        out.addmm_(g.t(), inp, beta=beta, alpha=alpha)
+    else:
+        out.baddbmm_(g.transpose(1, 2), inp, beta=beta, alpha=alpha)
+
+
+def sgd_step(
+    layout: MLPLayout,
+    params: dict[str, torch.Tensor],
+    momentum_buffers: dict[str, torch.Tensor] | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: float | torch.Tensor,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One `torch.optim.SGD` step on the weighted cross-entropy, updating `params` in place.
+
+    Shapes: one client is x (B, features), y (B,), params as in the model; C clients add a
+    leading C to every tensor (x (C, B, features), weight (C, B)).
+
+    Args:
+        momentum_buffers: zeros like `params` on the first step (needed when momentum > 0);
+            updated in place.
+        weight: each example's weight in its client's loss: 1 / batch size, or a tensor that
+            is 1 / (client's batch size) for real examples and 0 for padding.
+
+    Returns:
+        Per client (a scalar for one client): the summed loss and the number of correct
+        predictions over examples of non-zero weight, before the step.
+    """
+    inputs = [x]
+    h = x
+    for w, b, relu in zip(layout.weights, layout.biases, layout.relu):
+        h = _affine(h, params[w], params[b] if b else None)
+        if relu:
+            h = h.relu_()
+        inputs.append(h)
+    logp = torch.log_softmax(h, dim=-1)
+    picked = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    hits = h.argmax(-1) == y
+    if isinstance(weight, torch.Tensor):
+        valid = weight > 0
+        loss_sum, correct = -(picked * valid).sum(-1), (hits & valid).sum(-1)
+        weight = weight.unsqueeze(-1)
+    else:
+        loss_sum, correct = -picked.sum(-1), hits.sum(-1)
+    # d(sum weight * cross-entropy) / d logits = weight * (softmax - onehot)
+    g = logp.exp_()
+    g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0))
+    g.mul_(weight)
+    decay = 1.0 - lr * weight_decay
+    for i in range(len(layout.weights) - 1, -1, -1):
+        w_name, b_name = layout.weights[i], layout.biases[i]
+        inp = inputs[i]
+        g_below = None
+        if i > 0:  # needs the weight before its update
+            g_below = g @ params[w_name]
+            if layout.relu[i - 1]:
+                g_below.mul_(inp > 0)
+        if momentum:
+            # buf <- momentum * buf + grad + weight_decay * p;  p <- p - lr * buf
+            buf = momentum_buffers[w_name]
+            _accumulate_outer(buf, g, inp, beta=momentum, alpha=1.0)
+            if weight_decay:
+                buf.add_(params[w_name], alpha=weight_decay)
+            params[w_name].add_(buf, alpha=-lr)
+            if b_name:
+                buf = momentum_buffers[b_name].mul_(momentum).add_(g.sum(-2))
+                if weight_decay:
+                    buf.add_(params[b_name], alpha=weight_decay)
+                params[b_name].add_(buf, alpha=-lr)
+        else:
+            # p <- (1 - lr * weight_decay) p - lr * grad, fused
+            _accumulate_outer(params[w_name], g, inp, beta=decay, alpha=-lr)
+            if b_name:
+                if weight_decay:
+                    params[b_name].mul_(decay)
+                params[b_name].sub_(g.sum(-2), alpha=lr)
+        if g_below is not None:
+            g = g_below
+    return loss_sum, correct
