@@ -42,7 +42,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | Non
         if keys is not None and f.name not in keys:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata['help']} (default: {f.default})"
+        help_ = f.metadata["help"]
+        if f.metadata["choices"]:
+            help_ += f"; one of: {', '.join(f.metadata['choices'])}"
+        if f.default is not None:
+            help_ += f" (default: {f.default})"
         if types_[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:

@@ -127,8 +127,8 @@ def sgd_step(
         g_below = None
         if i > 0:  # needs the weight before its update
             g_below = g @ params[w_name]
-            if layout.relu[i - 1]:
-                g_below.mul_(inp > 0)
+            if layout.relu[i - 1]:  # zero where the ReLU was off, in one op
+                g_below = torch.ops.aten.threshold_backward(g_below, inp, 0)
         if momentum:
             # buf <- momentum * buf + grad + weight_decay * p;  p <- p - lr * buf
             buf = momentum_buffers[w_name]
