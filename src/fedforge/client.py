@@ -173,16 +173,30 @@ def train_client(
             loss_sum += batch_loss
             correct += batch_correct
             steps += 1
-    seen = len(data) * config.local_epochs
-    mean_loss = loss_sum.item() / seen
     new_state = final_state()
-    delta = {name: new_state[name] - value for name, value in global_state.items()}
+    return finish_update(
+        client_id, {name: new_state[name] - value for name, value in global_state.items()},
+        num_examples=len(data), num_steps=steps, loss_sum=loss_sum.item(), correct=int(correct.item()),
+        config=config,
+    )
+
+
+def finish_update(
+    client_id: int, delta: State, *, num_examples: int, num_steps: int, loss_sum: float, correct: int,
+    config: ClientConfig,
+) -> ClientUpdate:
+    """The ClientUpdate of a finished client, after checking that its training did not diverge.
+
+    `loss_sum` and `correct` are summed over every example seen (examples x local epochs).
+    """
+    seen = num_examples * config.local_epochs
+    mean_loss = loss_sum / seen
     if not (math.isfinite(mean_loss) and _all_finite(delta.values())):
         raise DivergenceError(
             f"client {client_id} diverged (training loss {mean_loss:.4g}, weights finite: "
             f"{_all_finite(delta.values())}); lower the learning rate (lr={config.lr})"
         )
     return ClientUpdate(
-        client_id=client_id, delta=delta, num_examples=len(data), num_steps=steps,
-        train_loss=mean_loss, train_accuracy=correct.item() / seen,
+        client_id=client_id, delta=delta, num_examples=num_examples, num_steps=num_steps,
+        train_loss=mean_loss, train_accuracy=correct / seen,
     )

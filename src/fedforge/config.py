@@ -56,7 +56,9 @@ class Config:
     weight_decay: float = _opt(0.0, "client SGD weight decay")
     strategy: str = _opt("fedavg", "server strategy", STRATEGIES)
     server_lr: float = _opt(1.0, "server learning rate applied to the mean client delta")
-    engine: str = _opt("sequential", "where clients run", ENGINES)
+    engine: str = _opt("auto", "where clients run (auto: vectorized, which falls back to sequential "
+                       "for models it cannot batch)", ENGINES)
+    max_memory: str = _opt("1GiB", "working memory for clients trained together (vectorized engine)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
     eval_batch_size: int = _opt(1024, "batch size for evaluation (does not change results)")
 
@@ -90,6 +92,10 @@ class Config:
                 f"clients_per_round must be between 1 and num_clients={self.num_clients}, got {self.clients_per_round}"
             )
         self.client_config()  # validates the client hyperparameters
+        self.max_memory_bytes()
+
+    def max_memory_bytes(self) -> int:
+        return parse_bytes(self.max_memory, "max_memory")
 
     def client_config(self) -> ClientConfig:
         return ClientConfig(
@@ -114,6 +120,17 @@ class Config:
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str, name: str) -> int:
+    """Bytes from a size like "512MiB", "2GB" or "1000000"."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"{name} must be a size like 512MiB or 2GB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

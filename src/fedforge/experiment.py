@@ -91,7 +91,7 @@ def run_experiment(config: Config, *, progress: bool = True) -> RunOutcome:
         simulate(
             model, data, rounds=config.rounds, clients_per_round=k, client=config.client_config(),
             strategy=make_strategy(config.strategy, server_lr=config.server_lr),
-            engine=make_engine(config.engine), seed=config.seed, eval_batch_size=config.eval_batch_size,
+            engine=make_engine(config.engine, max_memory=config.max_memory_bytes()), seed=config.seed, eval_batch_size=config.eval_batch_size,
             on_client=lambda update: bar.update(1), on_round=on_round,
         )
     finally:

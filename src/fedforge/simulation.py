@@ -119,10 +119,13 @@ def simulate(
     engine = engine or SequentialEngine()
     device = data.train.x.device
     model = model.to(device)
-    clients = [data.train.subset(idx) for idx in data.partition]
-    for cid, c in enumerate(clients):
-        if len(c) == 0:
+    for cid, idx in enumerate(data.partition):
+        if len(idx) == 0:
             raise ConfigError(f"client {cid} has no training examples; use fewer clients")
+    # One gather puts every client's examples side by side; each client's data is a view.
+    pool = data.train.subset(np.concatenate(list(data.partition)))
+    starts = np.concatenate([[0], np.cumsum([len(idx) for idx in data.partition])]).tolist()
+    clients = [TensorData(pool.x[a:b], pool.y[a:b]) for a, b in zip(starts, starts[1:])]
     federated_test = None
     if data.client_test is not None and sum(map(len, data.client_test)):
         federated_test = data.train.subset(np.concatenate(list(data.client_test)))
@@ -152,7 +155,8 @@ def simulate(
         r = state.round + 1
         selected = select_clients(data.num_clients, k, _seeding.generator(seed, _seeding.SELECTION, r))
         tasks = [
-            ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c)) for c in selected
+            ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c), pool, starts[c])
+            for c in selected
         ]
         tally = _Tally(on_client)
         state = strategy.aggregate(state, tally.tap(engine.run(model, state.params, tasks, client)))

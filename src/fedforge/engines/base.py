@@ -14,11 +14,17 @@ from ..data.datasets import TensorData
 
 @dataclass(frozen=True)
 class ClientTask:
-    """One selected client of one round: its id, its training data, its batch-order seed."""
+    """One selected client of one round: its id, its training data, its batch-order seed.
+
+    When `source` is given, `data` is `source[start:start + len(data)]`: engines that train
+    many clients at once gather their batches from `source` directly instead of copying.
+    """
 
     client_id: int
     data: TensorData
     seed: int
+    source: TensorData | None = None
+    start: int = 0
 
 
 class Engine(Protocol):

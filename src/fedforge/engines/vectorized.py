@@ -1,0 +1,262 @@
+"""Train the selected clients of a round together, as one batched computation.
+
+Every client keeps its own batches (the same `epoch_orders` stream as the sequential engine),
+its own parameters and its own momentum: parameters are stacked along a leading client
+dimension. Clients run different numbers of local steps when their datasets differ in size;
+they are sorted by step count, so the clients still training at step t are a prefix of the
+stack, and a step updates the views `params[:active]` in place. A client's last, short batch
+is padded, its padding weighted 0. Nothing is truncated: each client does exactly the steps
+it does in the sequential engine, on the same examples.
+
+Linear/ReLU stacks use the hand-derived `fastmlp` kernel (batched matrix products); other
+models use `torch.func` (`vmap` of `grad` of `functional_call`). Models with buffers or
+operations `vmap` cannot batch fall back to the sequential engine, with a one-line notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .. import fastmlp
+from ..client import ClientConfig, ClientUpdate, State, epoch_orders, finish_update, sgd
+from ..data.datasets import TensorData
+from .base import ClientTask
+from .sequential import SequentialEngine
+
+log = logging.getLogger("fedforge")
+
+DEFAULT_MAX_MEMORY = 1 << 30  # bytes of working memory for the stacked clients of one chunk
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every batch of C clients, as row indices into one shared source.
+
+    rows[c, t] are the B source rows of the batch client c (in stacked order) trains on at step
+    t; weight[c, t] is 1 / (that batch's size) for real rows and 0 for padding. At step t the
+    first active[t] clients of the stack are still training.
+    """
+
+    rows: torch.Tensor  # (C, T, B) int64
+    weight: torch.Tensor  # (C, T, B) float32
+    active: list[int]  # (T,)
+    stack_order: list[int]  # stack position -> index into the tasks
+    steps: list[int]  # per task
+
+
+def build_schedule(tasks: Sequence[ClientTask], starts: Sequence[int], config: ClientConfig) -> Schedule:
+    """The batches each task's client would see in the sequential engine, stacked."""
+    B, E = config.batch_size, config.local_epochs
+    steps = [E * math.ceil(len(task.data) / B) for task in tasks]
+    stack_order = sorted(range(len(tasks)), key=lambda i: -steps[i])
+    T = max(steps)
+    rows = torch.zeros(len(tasks), T, B, dtype=torch.long)
+    weight = torch.zeros(len(tasks), T, B)
+    for position, i in enumerate(stack_order):
+        n = len(tasks[i].data)
+        batches = math.ceil(n / B)
+        padded = torch.full((E, batches * B), -1, dtype=torch.long)
+        padded[:, :n] = torch.stack(epoch_orders(n, E, torch.Generator().manual_seed(tasks[i].seed)))
+        padded = padded.view(E * batches, B)
+        valid = padded >= 0
+        rows[position, : E * batches] = torch.where(valid, padded, 0) + starts[i]
+        weight[position, : E * batches] = valid / valid.sum(1, keepdim=True)
+    by_steps = np.sort(steps)
+    active = (len(steps) - np.searchsorted(by_steps, np.arange(T), side="right")).tolist()
+    return Schedule(rows, weight, active, stack_order, steps)
+
+
+def _shared_source(tasks: Sequence[ClientTask]) -> tuple[TensorData, list[int]]:
+    """One tensor holding every task's data, and where each task's rows start in it."""
+    source = tasks[0].source
+    if source is not None and all(t.source is source for t in tasks):
+        return source, [t.start for t in tasks]
+    starts = np.concatenate([[0], np.cumsum([len(t.data) for t in tasks])[:-1]]).tolist()
+    return TensorData(torch.cat([t.data.x for t in tasks]), torch.cat([t.data.y for t in tasks])), starts
+
+
+class _Unsupported(Exception):
+    """The model cannot be trained by a batched kernel; the engine falls back."""
+
+
+class VectorizedEngine:
+    """Trains many clients at once; results equal the sequential engine's up to float32 round-off.
+
+    Args:
+        max_memory: bytes of working memory for one chunk of clients (stacked parameters,
+            momentum, activations, batch schedule). Rounds with more clients are processed
+            chunk by chunk, so memory does not grow with the number of clients per round.
+    """
+
+    name = "vectorized"
+
+    def __init__(self, max_memory: int = DEFAULT_MAX_MEMORY):
+        if max_memory <= 0:
+            raise ValueError(f"max_memory must be > 0, got {max_memory}")
+        self.max_memory = max_memory
+        self._fallback: SequentialEngine | None = None
+        self._per_example_activations: dict[int, int] = {}
+
+    def run(
+        self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
+    ) -> Iterator[ClientUpdate]:
+        if not tasks:
+            return
+        kernel = None
+        if self._fallback is None:
+            try:
+                kernel = _kernel_for(model, tasks[0].data)
+            except _Unsupported as e:
+                self._fall_back(e)
+        if kernel is None:
+            yield from self._fallback.run(model, global_state, tasks, config)
+            return
+        size = self.chunk_size(model, tasks, config)
+        for first in range(0, len(tasks), size):
+            try:
+                # Trains the whole chunk now; the updates are then handed out one by one.
+                updates = kernel(model, global_state, tasks[first:first + size], config)
+            except _Unsupported as e:
+                self._fall_back(e)
+                yield from self._fallback.run(model, global_state, tasks[first:], config)
+                return
+            yield from updates
+
+    def _fall_back(self, reason: Exception) -> None:
+        log.warning("fedforge: the vectorized engine cannot batch this model (%s); "
+                    "training its clients sequentially", reason)
+        self._fallback = SequentialEngine()
+
+    def chunk_size(self, model: nn.Module, tasks: Sequence[ClientTask], config: ClientConfig) -> int:
+        """How many clients fit in `max_memory` at once (at least one)."""
+        param_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+        copies = 3 if config.momentum else 2  # params, momentum, transient gradients
+        example = tasks[0].data.x[0]
+        activations = self._activation_bytes(model, example) + example.numel() * example.element_size()
+        steps = max(config.local_epochs * math.ceil(len(t.data) / config.batch_size) for t in tasks)
+        per_client = copies * param_bytes + 3 * config.batch_size * activations + 12 * steps * config.batch_size
+        return max(1, min(len(tasks), self.max_memory // per_client))
+
+    def _activation_bytes(self, model: nn.Module, example: torch.Tensor) -> int:
+        """Bytes of every module output for one example (measured once per model)."""
+        key = id(model)
+        if key not in self._per_example_activations:
+            total = 0
+
+            def hook(_module, _inputs, output):
+                nonlocal total
+                if isinstance(output, torch.Tensor):
+                    total += output.numel() * output.element_size()
+
+            handles = [m.register_forward_hook(hook) for m in model.modules()]
+            training = model.training
+            try:
+                model.eval()  # touches no running statistics
+                with torch.no_grad():
+                    model(example.unsqueeze(0))
+            finally:
+                model.train(training)
+                for h in handles:
+                    h.remove()
+            self._per_example_activations[key] = total
+        return self._per_example_activations[key]
+
+
+def _kernel_for(model: nn.Module, data: TensorData):
+    layout = fastmlp.mlp_layout(model)
+    if layout is not None and layout.inputs(data.x[:1]) is not None:
+        return _mlp_chunk
+    if any(True for _ in model.buffers()):
+        raise _Unsupported("it has buffers, e.g. BatchNorm statistics")
+    return _func_chunk
+
+
+def _stack(state: State, count: int) -> State:
+    return {k: v.unsqueeze(0).repeat(count, *([1] * v.dim())) for k, v in state.items()}
+
+
+def _updates(
+    tasks: Sequence[ClientTask], schedule: Schedule, params: State, global_state: State,
+    loss_sum: torch.Tensor, correct: torch.Tensor, config: ClientConfig,
+) -> Iterator[ClientUpdate]:
+    """One ClientUpdate per task, in the tasks' order (the order the sequential engine yields)."""
+    position = {task_index: pos for pos, task_index in enumerate(schedule.stack_order)}
+    losses, hits = loss_sum.tolist(), correct.tolist()
+    for i, task in enumerate(tasks):
+        pos = position[i]
+        delta = {k: params[k][pos] - v for k, v in global_state.items()}
+        yield finish_update(task.client_id, delta, num_examples=len(task.data), num_steps=schedule.steps[i],
+                            loss_sum=losses[pos], correct=int(hits[pos]), config=config)
+
+
+def _run_steps(tasks, global_state, config, step) -> Iterator[ClientUpdate]:
+    """Drive `step(views, buffer_views, rows, weight)` over a chunk's schedule."""
+    source, starts = _shared_source(tasks)
+    device = source.y.device
+    schedule = build_schedule(tasks, starts, config)
+    rows, weight = schedule.rows.to(device), schedule.weight.to(device)
+    C = len(tasks)
+    params = _stack(global_state, C)
+    buffers = {k: torch.zeros_like(v) for k, v in params.items()} if config.momentum else None
+    loss_sum = torch.zeros(C, device=device)
+    correct = torch.zeros(C, dtype=torch.long, device=device)
+    views = buffer_views = None
+    current = 0
+    for t, active in enumerate(schedule.active):
+        if active != current:  # re-slice only when a client finishes
+            current = active
+            # A single client runs unbatched (2-D): faster than a batch of one.
+            pick = (lambda v: v[0]) if active == 1 else (lambda v: v[:active])
+            views = {k: pick(v) for k, v in params.items()}
+            buffer_views = {k: pick(v) for k, v in buffers.items()} if buffers else None
+        r, w = (rows[0, t], weight[0, t]) if active == 1 else (rows[:active, t], weight[:active, t])
+        batch_loss, batch_correct = step(source, views, buffer_views, r, w)
+        loss_sum[:active] += batch_loss
+        correct[:active] += batch_correct
+    return _updates(tasks, schedule, params, global_state, loss_sum, correct, config)
+
+
+def _mlp_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
+    layout = fastmlp.mlp_layout(model)
+
+    def step(source, views, buffer_views, r, w):
+        return fastmlp.sgd_step(layout, views, buffer_views, layout.inputs(source.x)[r], source.y[r], w, lr=config.lr,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+
+    return _run_steps(tasks, global_state, config, step)
+
+
+def _func_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
+    def loss(params, x, y, w):
+        logits = functional_call(model, params, (x,))
+        losses = F.cross_entropy(logits, y, reduction="none")
+        valid = w > 0
+        metrics = ((losses.detach() * valid).sum(), ((logits.argmax(-1) == y) & valid).sum())
+        return (losses * w).sum(), metrics
+
+    batched_grad = vmap(grad(loss, has_aux=True))
+    single_grad = grad(loss, has_aux=True)
+    model.train()
+
+    def step(source, views, buffer_views, r, w):
+        fn = single_grad if r.dim() == 1 else batched_grad
+        grads, metrics = fn(views, source.x[r], source.y[r], w)
+        names = list(views)
+        sgd([views[k] for k in names], [grads[k] for k in names],
+            [buffer_views[k] for k in names] if buffer_views else None,
+            lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return metrics
+
+    try:
+        return _run_steps(tasks, global_state, config, step)
+    except (RuntimeError, NotImplementedError) as e:
+        raise _Unsupported(str(e).splitlines()[0]) from e

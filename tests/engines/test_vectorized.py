@@ -1,0 +1,144 @@
+"""The vectorized engine against the sequential one: same clients, same batches, same weights."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import blobs
+from fedforge import ClientConfig, FederatedData, simulate
+from fedforge.client import epoch_orders
+from fedforge.data import TensorData, quantity
+from fedforge.engines import ClientTask, SequentialEngine, VectorizedEngine
+from fedforge.engines.vectorized import build_schedule
+from fedforge.models import build_model
+
+
+def images(n, seed):
+    """Small 28x28 'images' whose class is visible, for the built-in image models."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 1, 28, 28, generator=g) * 0.5
+    x[torch.arange(n), 0, y, y] += 3.0
+    return TensorData(x, y)
+
+
+def seeded(*layers):
+    """A model factory whose every call gives the same initial weights."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(*[layer() for layer in layers])
+    return build
+
+
+def run_both(model_fn, data, partition, *, rounds=2, clients_per_round=3, **client):
+    config = ClientConfig(**{"batch_size": 8, "lr": 0.05, **client})
+    results = []
+    for engine in (SequentialEngine(), VectorizedEngine()):
+        results.append(simulate(model_fn(), FederatedData(data, partition, None), rounds=rounds,
+                                clients_per_round=clients_per_round, client=config, engine=engine, seed=1))
+    return results
+
+
+def assert_same(sequential, vectorized):
+    assert sequential.history.column("clients") == vectorized.history.column("clients")
+    for name, value in sequential.state.params.items():
+        torch.testing.assert_close(vectorized.state.params[name], value)
+    for a, b in zip(sequential.history.records[1:], vectorized.history.records[1:]):
+        assert a.train_accuracy == b.train_accuracy
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+
+
+EQUAL = [np.arange(i * 40, (i + 1) * 40) for i in range(5)]
+UNEQUAL = [np.arange(0, 3), np.arange(3, 20), np.arange(20, 61), np.arange(61, 62), np.arange(62, 160)]
+
+
+@pytest.mark.parametrize("name", ["mlp", "2nn", "logreg", "cnn"])
+@pytest.mark.parametrize("partition", [EQUAL, UNEQUAL], ids=["equal", "unequal"])
+def test_built_in_models(name, partition):
+    data = images(200, seed=0)
+    results = run_both(lambda: build_model(name, (1, 28, 28), 10, seed=0), data, partition,
+                       local_epochs=2, momentum=0.9, lr=0.01)
+    assert_same(*results)
+
+
+@pytest.mark.parametrize("client", [{}, {"local_epochs": 3}, {"momentum": 0.5, "weight_decay": 0.01},
+                                    {"weight_decay": 0.1}, {"batch_size": 1}, {"batch_size": 500}])
+def test_hyperparameters_on_unequal_clients(client):
+    data = blobs(160, dim=8)
+    model = seeded(lambda: nn.Linear(8, 16), nn.ReLU, lambda: nn.Linear(16, 4))
+    assert_same(*run_both(model, data, UNEQUAL, clients_per_round=5, **client))
+
+
+def test_torch_func_path_for_other_models():
+    """A Tanh network is not a Linear/ReLU stack: vmap(grad(functional_call)) trains it."""
+    data = blobs(160, dim=8)
+    model = seeded(lambda: nn.Linear(8, 16), nn.Tanh, lambda: nn.Linear(16, 4))
+    assert_same(*run_both(model, data, UNEQUAL, clients_per_round=5, momentum=0.9, local_epochs=2))
+
+
+def test_model_with_buffers_falls_back_to_sequential_with_a_notice(caplog):
+    data = blobs(200, dim=8)
+    model = seeded(lambda: nn.Linear(8, 16), lambda: nn.BatchNorm1d(16), nn.ReLU, lambda: nn.Linear(16, 4))
+    with caplog.at_level(logging.WARNING, logger="fedforge"):
+        sequential, vectorized = run_both(model, data, EQUAL)
+    notices = [r.getMessage() for r in caplog.records if "cannot batch" in r.getMessage()]
+    assert len(notices) == 1 and "\n" not in notices[0] and "buffers" in notices[0]
+    for name, value in sequential.state.params.items():
+        assert torch.equal(vectorized.state.params[name], value)
+
+
+def test_chunks_bound_memory_and_change_nothing():
+    data = images(300, seed=1)
+    partition = quantity(300, 12, rng=np.random.default_rng(0), sigma=1.0)
+    model = build_model("mlp", (1, 28, 28), 10, seed=0)
+    config = ClientConfig(batch_size=8, lr=0.05)
+    engine = VectorizedEngine(max_memory=2 * 1024 * 1024)
+    tasks = [ClientTask(c, data.subset(p), seed=c) for c, p in enumerate(partition)]
+    assert engine.chunk_size(model, tasks, config) < len(tasks)
+    assert VectorizedEngine().chunk_size(model, tasks, config) == len(tasks)
+    state = model.state_dict()
+    chunked = list(engine.run(model, state, tasks, config))
+    whole = list(VectorizedEngine().run(model, state, tasks, config))
+    sequential = list(SequentialEngine().run(model, state, tasks, config))
+    for a, b, c in zip(chunked, whole, sequential):
+        assert a.client_id == b.client_id == c.client_id and a.num_steps == c.num_steps
+        for name in state:
+            torch.testing.assert_close(a.delta[name], c.delta[name])
+            torch.testing.assert_close(b.delta[name], c.delta[name])
+
+
+def test_schedule_holds_each_clients_sequential_batches():
+    data = blobs(50)
+    sizes = [7, 20, 1, 22]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    tasks = [ClientTask(c, TensorData(data.x[s:s + n], data.y[s:s + n]), seed=100 + c)
+             for c, (s, n) in enumerate(zip(starts, sizes))]
+    config = ClientConfig(batch_size=4, local_epochs=2)
+    schedule = build_schedule(tasks, starts.tolist(), config)
+    assert schedule.steps == [4, 10, 2, 12]
+    assert schedule.active == [4] * 2 + [3] * 2 + [2] * 6 + [1] * 2
+    for position, i in enumerate(schedule.stack_order):
+        n, start = sizes[i], starts[i]
+        expected = []  # the sequential engine's batches: one permutation per epoch, cut in 4s
+        for order in epoch_orders(n, 2, torch.Generator().manual_seed(100 + i)):
+            expected += [order[k:k + 4] + start for k in range(0, n, 4)]
+        for t, batch in enumerate(expected):
+            real = schedule.weight[position, t] > 0
+            assert torch.equal(schedule.rows[position, t][real], batch)
+            torch.testing.assert_close(schedule.weight[position, t][real], torch.full((len(batch),), 1 / len(batch)))
+        assert (schedule.weight[position, len(expected):] == 0).all()
+
+
+def test_operation_vmap_cannot_batch_falls_back_at_run_time(caplog):
+    """Dropout is random: vmap refuses it, and the engine trains those clients sequentially."""
+    data = blobs(200, dim=8)
+    model = seeded(lambda: nn.Linear(8, 16), lambda: nn.Dropout(0.2), nn.ReLU, lambda: nn.Linear(16, 4))()
+    with caplog.at_level(logging.WARNING, logger="fedforge"):
+        result = simulate(model, FederatedData(data, EQUAL, data), rounds=2, clients_per_round=3,
+                          client=ClientConfig(batch_size=8, lr=0.05), engine=VectorizedEngine())
+    assert any("cannot batch" in r.getMessage() and "random" in r.getMessage() for r in caplog.records)
+    assert [len(r.clients) for r in result.history.records] == [0, 3, 3]
+    assert result.history.final.test_accuracy > 0.5
