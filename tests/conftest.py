@@ -12,6 +12,15 @@ import torch
 from fedforge.data import TensorData, load_dataset
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decoded_cache(tmp_path_factory):
+    """Keep the decoded-array cache of this test session out of the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDFORGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def fashion():
     """The real Fashion-MNIST (Debian's dataset-fashion-mnist; `make test` installs it)."""

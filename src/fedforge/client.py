@@ -90,9 +90,15 @@ def sgd(
     return momentum_buffers
 
 
-def _all_finite(tensors) -> bool:
-    floats = [t for t in tensors if t.is_floating_point()]
-    return not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
+def all_finite(tensors) -> bool:
+    """Whether every float tensor holds only finite values.
+
+    Checked through each tensor's sum, one read-only pass: a NaN or infinity anywhere makes
+    the sum non-finite. (Finite values can only overflow the sum near 1e38, where a model
+    has diverged anyway.)
+    """
+    sums = [t.sum() for t in tensors if t.is_floating_point()]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def load_state(module: nn.Module, state: State) -> None:
@@ -183,18 +189,21 @@ def train_client(
 
 def finish_update(
     client_id: int, delta: State, *, num_examples: int, num_steps: int, loss_sum: float, correct: int,
-    config: ClientConfig,
+    config: ClientConfig, finite: bool | None = None,
 ) -> ClientUpdate:
     """The ClientUpdate of a finished client, after checking that its training did not diverge.
 
-    `loss_sum` and `correct` are summed over every example seen (examples x local epochs).
+    `loss_sum` and `correct` are summed over every example seen (examples x local epochs);
+    `finite` says whether `delta` is all finite, when the caller already knows.
     """
     seen = num_examples * config.local_epochs
     mean_loss = loss_sum / seen
-    if not (math.isfinite(mean_loss) and _all_finite(delta.values())):
+    if finite is None:
+        finite = all_finite(delta.values())
+    if not (math.isfinite(mean_loss) and finite):
         raise DivergenceError(
-            f"client {client_id} diverged (training loss {mean_loss:.4g}, weights finite: "
-            f"{_all_finite(delta.values())}); lower the learning rate (lr={config.lr})"
+            f"client {client_id} diverged (training loss {mean_loss:.4g}, weights finite: {finite});"
+            f" lower the learning rate (lr={config.lr})"
         )
     return ClientUpdate(
         client_id=client_id, delta=delta, num_examples=num_examples, num_steps=num_steps,

@@ -20,7 +20,8 @@ class RoundRecord:
     train_accuracy: float | None = None
     federated_loss: float | None = None
     federated_accuracy: float | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole round
+    train_seconds: float = 0.0  # selection, client training and aggregation (no evaluation)
 
 
 @dataclass

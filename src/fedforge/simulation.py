@@ -130,7 +130,8 @@ def simulate(
     if data.client_test is not None and sum(map(len, data.client_test)):
         federated_test = data.train.subset(np.concatenate(list(data.client_test)))
 
-    def measure(state: ServerState, clients_: tuple[int, ...], tally: _Tally | None, started: float) -> RoundRecord:
+    def measure(state: ServerState, clients_: tuple[int, ...], tally: _Tally | None, started: float,
+                trained: float) -> RoundRecord:
         test = evaluate(model, state.params, data.test, batch_size=eval_batch_size) if data.test is not None else None
         fed = evaluate(model, state.params, federated_test, batch_size=eval_batch_size) if federated_test else None
         return RoundRecord(
@@ -143,11 +144,12 @@ def simulate(
             federated_loss=fed and fed.loss,
             federated_accuracy=fed and fed.accuracy,
             seconds=time.perf_counter() - started,
+            train_seconds=trained - started,
         )
 
     started = time.perf_counter()
     state = strategy.init({k_: v.detach() for k_, v in model.state_dict().items()})
-    records = [measure(state, (), None, started)]
+    records = [measure(state, (), None, started, started)]
     if on_round is not None:
         on_round(records[-1], state)
     while state.round < rounds:
@@ -160,7 +162,7 @@ def simulate(
         ]
         tally = _Tally(on_client)
         state = strategy.aggregate(state, tally.tap(engine.run(model, state.params, tasks, client)))
-        records.append(measure(state, tuple(selected), tally, started))
+        records.append(measure(state, tuple(selected), tally, started, time.perf_counter()))
         if on_round is not None:
             on_round(records[-1], state)
     return SimulationResult(History(records), state)

@@ -1,10 +1,13 @@
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from fedforge.data import FASHION_MNIST, load_dataset, search_dirs
+from fedforge.data import FASHION_MNIST, load_dataset, search_dirs, write_idx
+from fedforge.data.datasets import read_idx_cached
 from fedforge.errors import ConfigError, DataError
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
@@ -39,3 +42,19 @@ def test_explicit_dir_wins_and_a_corrupt_file_there_is_reported(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ConfigError, match="unknown dataset 'cifar'.*fashion-mnist"):
         load_dataset("cifar")
+
+
+def test_decoded_cache_is_used_and_keyed_by_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDFORGE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "x.gz"
+    write_idx(path, np.full((3, 2), 7, dtype=np.uint8))
+    assert read_idx_cached(path, (3, 2)).tolist() == [[7, 7]] * 3
+    assert len(list((tmp_path / "cache" / "decoded").iterdir())) == 1
+    # A changed file (new size and mtime) is read afresh, never served from the old entry.
+    write_idx(path, np.full((3, 2), 9, dtype=np.uint8))
+    os.utime(path, ns=(1, 1))
+    assert read_idx_cached(path, (3, 2)).tolist() == [[9, 9]] * 3
+    # A cache that cannot be read is ignored.
+    for entry in (tmp_path / "cache" / "decoded").iterdir():
+        entry.write_bytes(b"garbage")
+    assert read_idx_cached(path, (3, 2)).tolist() == [[9, 9]] * 3

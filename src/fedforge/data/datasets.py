@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from ..errors import ConfigError, DataError
 from .download import download
 from .idx import read_idx
@@ -27,7 +29,7 @@ class TensorData:
             raise ValueError(f"x has {len(self.x)} examples but y has {len(self.y)}")
 
     def __len__(self) -> int:
-        return len(self.y)
+        return self.y.shape[0]
 
     def subset(self, indices) -> TensorData:
         """The examples at `indices`, gathered into new contiguous tensors."""
@@ -182,12 +184,41 @@ def _labels(array: np.ndarray, spec: IdxSpec, path: Path) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.int64))
 
 
+def _cache_path(path: Path) -> Path:
+    """Where the decoded array of IDX file `path` is cached, keyed by its path, size and mtime."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("FEDFORGE_CACHE") or Path.home() / ".cache" / "fedforge")
+    return root / "decoded" / f"{path.name}.{key}.npy"
+
+
+def read_idx_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """`read_idx`, with the decoded array kept as .npy so that later loads skip gunzip.
+
+    A cache that cannot be read or written is ignored: the IDX file is the truth.
+    """
+    cache = _cache_path(path)
+    try:
+        array = np.load(cache, allow_pickle=False)
+        if array.shape == tuple(shape) and array.dtype == np.uint8:
+            return array
+    except (OSError, ValueError):
+        pass
+    array = read_idx(path, shape)
+    try:
+        with atomic_write(cache, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+    except OSError:
+        pass
+    return array
+
+
 def load_idx_dataset(spec: IdxSpec, directory: str | os.PathLike) -> Dataset:
     """Read and check the four IDX files of `spec` from `directory`."""
     directory = Path(directory)
     arrays = {}
     for part, (filename, _) in spec.files.items():
-        arrays[part] = read_idx(directory / filename, spec.shape(part))
+        arrays[part] = read_idx_cached(directory / filename, spec.shape(part))
     path = directory / spec.files["train_labels"][0]
     return Dataset(
         name=spec.name,

@@ -188,14 +188,23 @@ def _updates(
     tasks: Sequence[ClientTask], schedule: Schedule, params: State, global_state: State,
     loss_sum: torch.Tensor, correct: torch.Tensor, config: ClientConfig,
 ) -> Iterator[ClientUpdate]:
-    """One ClientUpdate per task, in the tasks' order (the order the sequential engine yields)."""
+    """One ClientUpdate per task, in the tasks' order (the order the sequential engine yields).
+
+    The stacked parameters become the stacked deltas in place; each update's delta is a view
+    of its row, so no per-client copy is made and the chunk's memory is all there is.
+    """
+    finite = torch.ones(len(tasks), dtype=torch.bool, device=loss_sum.device)
+    for k, v in params.items():
+        v.sub_(global_state[k])
+        if v.is_floating_point():
+            finite &= torch.isfinite(v.flatten(1).sum(1))  # see client.all_finite
+    finite_list, losses, hits = finite.tolist(), loss_sum.tolist(), correct.tolist()
     position = {task_index: pos for pos, task_index in enumerate(schedule.stack_order)}
-    losses, hits = loss_sum.tolist(), correct.tolist()
     for i, task in enumerate(tasks):
         pos = position[i]
-        delta = {k: params[k][pos] - v for k, v in global_state.items()}
-        yield finish_update(task.client_id, delta, num_examples=len(task.data), num_steps=schedule.steps[i],
-                            loss_sum=losses[pos], correct=int(hits[pos]), config=config)
+        yield finish_update(task.client_id, {k: v[pos] for k, v in params.items()}, num_examples=len(task.data),
+                            num_steps=schedule.steps[i], loss_sum=losses[pos], correct=int(hits[pos]),
+                            config=config, finite=finite_list[pos])
 
 
 def _run_steps(tasks, global_state, config, step) -> Iterator[ClientUpdate]:

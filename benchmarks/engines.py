@@ -1,0 +1,138 @@
+"""Engines benchmark: the tutorial's loop, `sequential` and `vectorized`, measured in one run.
+
+W1  the tutorial's experiment: Fashion-MNIST, 10 clients x 6000, 5 per round, E=1, B=32, MLP,
+    5 rounds. Seconds per round and for the whole run (data loading included, interpreter
+    start excluded); training GFLOP/s = 6 x parameters x examples / training seconds, and its
+    ratio to a float32 2048x2048 torch.matmul measured in the same run.
+W2  cross-device: 1,000 clients from a Dirichlet(0.3) partition, 100 per round, E=1, B=10, MLP.
+W3  scale: 10,000 clients (IID, 6 examples each), 1,000 per round and all 10,000 in one round,
+    E=1, B=10, MLP; vectorized. Each W3 case runs in a child process so that its peak resident
+    memory is its own.
+
+    python benchmarks/engines.py            # everything, one table
+    python benchmarks/engines.py --only w1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tutorial_vs_fedforge import tutorial  # noqa: E402
+
+from fedforge import ClientConfig, FederatedData, simulate  # noqa: E402
+from fedforge.data import dirichlet, iid, load_dataset  # noqa: E402
+from fedforge.engines import make_engine  # noqa: E402
+from fedforge.models import build_model, count_parameters  # noqa: E402
+
+DATASET = "fashion-mnist"
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def fedforge_run(engine: str, *, num_clients: int, per_round, rounds: int, batch_size: int,
+                 partition: str = "iid", alpha: float = 0.3, seed: int = 0) -> dict:
+    """One whole run from loading the data to the last evaluation."""
+    start = time.perf_counter()
+    data = load_dataset(DATASET, progress=False)
+    rng = np.random.default_rng(seed)
+    if partition == "iid":
+        parts = iid(len(data.train), num_clients, rng=rng)
+    else:
+        parts = dirichlet(data.train.y.numpy(), num_clients, alpha=alpha, rng=rng)
+    model = build_model("mlp", data.input_shape, data.num_classes, seed=seed)
+    result = simulate(model, FederatedData(data.train, parts, data.test), rounds=rounds, clients_per_round=per_round,
+                      client=ClientConfig(batch_size=batch_size, lr=0.01), engine=make_engine(engine), seed=seed)
+    whole = time.perf_counter() - start
+    records = result.history.records[1:]
+    examples = sum(sum(len(parts[c]) for c in r.clients) for r in records)
+    train_seconds = sum(r.train_seconds for r in records)
+    return {
+        "per_round": statistics.median(r.seconds for r in records),
+        "whole": whole,
+        "gflops": 6 * count_parameters(model) * examples / train_seconds / 1e9,
+        "accuracy": result.history.final.test_accuracy,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def w1(peak: float) -> list[str]:
+    rows = []
+    start = time.perf_counter()
+    seconds, accuracy = tutorial(DATASET, 5, 0)
+    whole = time.perf_counter() - start
+    params = count_parameters(build_model("mlp", (1, 28, 28), 10))
+    gflops = 6 * params * 5 * 6000 * 5 / sum(seconds) / 1e9  # includes its evaluation: an upper bound
+    rows.append(f"W1 tutorial loop   {statistics.median(seconds):8.3f} s/round  {whole:6.2f} s whole run  "
+                f"<= {gflops:5.1f} GFLOP/s ({gflops / peak:4.0%} of matmul)  acc {accuracy:.4f}")
+    for engine in ("sequential", "vectorized"):
+        r = fedforge_run(engine, num_clients=10, per_round=5, rounds=5, batch_size=32)
+        rows.append(f"W1 {engine:<15} {r['per_round']:8.3f} s/round  {r['whole']:6.2f} s whole run  "
+                    f"   {r['gflops']:5.1f} GFLOP/s ({r['gflops'] / peak:4.0%} of matmul)  acc {r['accuracy']:.4f}")
+    return rows
+
+
+def w2(rounds: int = 3) -> list[str]:
+    results = {engine: fedforge_run(engine, num_clients=1000, per_round=100, rounds=rounds, batch_size=10,
+                                    partition="dirichlet", alpha=0.3) for engine in ("sequential", "vectorized")}
+    rows = [f"W2 {engine:<15} {r['per_round']:8.3f} s/round  acc {r['accuracy']:.4f}" for engine, r in results.items()]
+    ratio = results["sequential"]["per_round"] / results["vectorized"]["per_round"]
+    rows.append(f"W2 vectorized is {ratio:.1f}x faster per round than sequential")
+    return rows
+
+
+def w3_case(per_round: int) -> dict:
+    return fedforge_run("vectorized", num_clients=10_000, per_round=per_round, rounds=2, batch_size=10)
+
+
+def w3() -> list[str]:
+    rows = []
+    for per_round in (1000, 10_000):
+        out = subprocess.run([sys.executable, __file__, "--w3-case", str(per_round)], capture_output=True,
+                             text=True, check=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        rows.append(f"W3 vectorized, {per_round:>6} clients/round {r['per_round']:8.3f} s/round  "
+                    f"peak RSS {r['peak_rss_gib']:.2f} GiB")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["w1", "w2", "w3"])
+    parser.add_argument("--w3-case", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.w3_case:
+        print(json.dumps(w3_case(args.w3_case)))
+        return
+    load_dataset(DATASET, progress=False)  # the first load decodes and caches; every run below is warm
+    peak = matmul_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"float32 matmul 2048x2048: {peak:.1f} GFLOP/s")
+    for name, workload in (("w1", lambda: w1(peak)), ("w2", w2), ("w3", w3)):
+        if args.only in (None, name):
+            for row in workload():
+                print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
