@@ -32,6 +32,7 @@ test: install data
 
 bench: install data
 	$(BIN)/python benchmarks/tutorial_vs_fedforge.py
+	$(BIN)/python benchmarks/engines.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

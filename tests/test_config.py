@@ -51,3 +51,9 @@ def test_cross_field_check_sees_the_merged_values(tmp_path):
     assert Config.load(path, {"clients_per_round": 2}).clients_per_round == 2
     with pytest.raises(ConfigError, match="between 1 and num_clients=3, got 5"):
         Config.load(path)
+
+
+@pytest.mark.parametrize("text, size", [("1GiB", 2**30), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9),
+                                        ("1.5 KiB", 1536), ("4096", 4096)])
+def test_sizes(text, size):
+    assert Config(max_memory=text).max_memory_bytes() == size

@@ -171,11 +171,10 @@ def train_client(
     correct = torch.zeros((), dtype=torch.long, device=data.y.device)
     steps = 0
     for order in epoch_orders(len(data), config.local_epochs, generator):
-        # One gather per epoch, then batches are contiguous views.
         order = order.to(data.y.device)
-        xs, ys = x[order], data.y[order]
-        for start in range(0, len(ys), config.batch_size):
-            batch_loss, batch_correct = step(xs[start:start + config.batch_size], ys[start:start + config.batch_size])
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start:start + config.batch_size]
+            batch_loss, batch_correct = step(x[batch], data.y[batch])
             loss_sum += batch_loss
             correct += batch_correct
             steps += 1
