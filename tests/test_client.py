@@ -7,7 +7,7 @@ from torch import nn
 
 from conftest import blobs
 from fedforge import fastmlp
-from fedforge.client import ClientConfig, epoch_orders, sgd, train_client
+from fedforge.client import ClientConfig, ClientPlan, epoch_orders, sgd, train_client
 from fedforge.errors import ConfigError, DivergenceError
 
 
@@ -118,3 +118,45 @@ def test_divergence_is_reported():
 def test_client_config_validation(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ClientConfig(**kwargs)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_plan_terms_equal_a_plain_torch_loop(model_name):
+    """FedProx's mu (w - w_global) and SCAFFOLD's correction added to every gradient, and a step cap."""
+    data = blobs(70)
+    config = ClientConfig(local_epochs=2, batch_size=16, lr=0.05, momentum=0.5, weight_decay=0.01)
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    start = copy.deepcopy(model.state_dict())
+    correction = {name: torch.randn_like(p) * 0.1 for name, p in model.named_parameters()}
+    plan = ClientPlan(proximal_mu=0.3, correction=correction, max_steps=7)
+    update = train_client(copy.deepcopy(model), start, data, config, client_id=0,
+                          generator=torch.Generator().manual_seed(4), plan=plan)
+    assert update.num_steps == 7
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5, weight_decay=0.01)
+    steps = 0
+    for order in epoch_orders(70, 2, torch.Generator().manual_seed(4)):
+        for s in range(0, 70, 16):
+            if steps == 7:
+                break
+            idx = order[s:s + 16]
+            opt.zero_grad()
+            F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
+            for name, p in model.named_parameters():
+                p.grad += 0.3 * (p.detach() - start[name]) + correction[name]
+            opt.step()
+            steps += 1
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(start[name] + update.delta[name], value)
+
+
+def test_initial_loss_is_the_global_models_loss_on_the_clients_data():
+    data = blobs(50)
+    model = nn.Sequential(nn.Linear(8, 4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    update = train_client(model, state, data, ClientConfig(), client_id=0, generator=torch.Generator().manual_seed(0),
+                          plan=ClientPlan(measure_initial_loss=True))
+    with torch.no_grad():
+        expected = F.cross_entropy(torch.func.functional_call(model, state, (data.x,)), data.y).item()
+    assert update.initial_loss == pytest.approx(expected, rel=1e-5)

@@ -17,6 +17,11 @@ MODEL_INIT = 2
 SELECTION = 3
 CLIENT_BATCHES = 4
 CLIENT_TEST_SPLIT = 5
+LOCAL_EPOCHS = 6
+STRAGGLERS = 7
+DROPOUT = 8
+MALICIOUS = 9
+ATTACK_NOISE = 10
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from collections.abc import Sequence
 
 from .config import Config, field_types
@@ -30,9 +31,8 @@ def _count_or_fraction(text: str) -> int | float:
 def _flag_type(tp):
     if tp == int | float:
         return _count_or_fraction
-    if tp in (int, float, str):
-        return tp
-    return str  # optional strings
+    options = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]  # X | None -> X
+    return options[0]
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None) -> None:

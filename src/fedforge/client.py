@@ -13,6 +13,7 @@ from torch import nn
 from . import fastmlp
 from .data.datasets import TensorData
 from .errors import ConfigError, DivergenceError
+from .evaluation import evaluate
 from .fastmlp import MLPLayout
 
 State = dict[str, torch.Tensor]
@@ -42,6 +43,52 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class ClientPlan:
+    """What one selected client is asked to do this round, beyond the run's ClientConfig.
+
+    Strategies shape the local objective (FedProx's proximal term, SCAFFOLD's correction);
+    the simulation shapes the amount of work (heterogeneous epochs, stragglers).
+
+    Attributes:
+        epochs: local epochs for this client (None: the config's).
+        max_steps: stop after this many SGD steps (a straggler's partial work).
+        proximal_mu: adds mu/2 * ||w - w_global||^2 to the loss (Li et al. 2020, FedProx).
+        correction: a tensor per parameter added to every gradient (SCAFFOLD: c - c_i).
+        measure_initial_loss: also report the global model's loss on the client's data
+            before training (q-FedAvg needs it).
+    """
+
+    epochs: int | None = None
+    max_steps: int | None = None
+    proximal_mu: float = 0.0
+    correction: State | None = None
+    measure_initial_loss: bool = False
+
+    def num_steps(self, num_examples: int, config: ClientConfig) -> int:
+        epochs = self.epochs or config.local_epochs
+        steps = epochs * math.ceil(num_examples / config.batch_size)
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+    def gradient_terms(self, config: ClientConfig, global_state: State, names) -> tuple[float, State | None]:
+        """The plan's extra gradient as decay * w + offset[name], for the parameters `names`.
+
+        decay = weight_decay + mu; offset = correction - mu * w_global (None when zero).
+        """
+        decay = config.weight_decay + self.proximal_mu
+        if not self.proximal_mu and self.correction is None:
+            return decay, None
+        offset = {}
+        for name in names:
+            term = torch.zeros_like(global_state[name])
+            if self.correction is not None:
+                term += self.correction[name]
+            if self.proximal_mu:
+                term -= self.proximal_mu * global_state[name]
+            offset[name] = term
+        return decay, offset
+
+
+@dataclass(frozen=True)
 class ClientUpdate:
     """What a client sends back: the change to every state entry and how it was obtained.
 
@@ -54,6 +101,7 @@ class ClientUpdate:
     num_steps: int
     train_loss: float
     train_accuracy: float
+    initial_loss: float | None = None
 
 
 def epoch_orders(num_examples: int, epochs: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -72,13 +120,18 @@ def sgd(
     lr: float,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    offsets: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor] | None:
     """One step of `torch.optim.SGD` (no dampening, no Nesterov) on `params`, in place.
 
-    Returns the momentum buffers to pass to the next step (None without momentum).
+    The gradient used is grads + weight_decay * params + offsets (offsets: a constant term per
+    parameter, e.g. FedProx's or SCAFFOLD's). Returns the momentum buffers to pass to the next
+    step (None without momentum).
     """
     if weight_decay:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if offsets is not None:
+        grads = torch._foreach_add(grads, offsets)
     if momentum:
         if momentum_buffers is None:
             momentum_buffers = [g.detach().clone() for g in grads]
@@ -109,11 +162,16 @@ def load_state(module: nn.Module, state: State) -> None:
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _autograd_steps(module: nn.Module, global_state: State, config: ClientConfig) -> tuple[Step, Callable[[], State]]:
+def _autograd_steps(
+    module: nn.Module, global_state: State, config: ClientConfig, plan: ClientPlan
+) -> tuple[Step, Callable[[], State]]:
     """SGD steps through autograd: works for any module."""
     load_state(module, global_state)
     module.train()
-    params = list(module.parameters())
+    names, params = zip(*module.named_parameters())
+    decay, offset = plan.gradient_terms(config, global_state, names)
+    offsets = [offset[n] for n in names] if offset else None
+    params = list(params)
     momentum_buffers = None
 
     def step(xb, yb):
@@ -122,21 +180,24 @@ def _autograd_steps(module: nn.Module, global_state: State, config: ClientConfig
         loss = F.cross_entropy(logits, yb)
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
-            momentum_buffers = sgd(params, list(grads), momentum_buffers, lr=config.lr,
-                                   momentum=config.momentum, weight_decay=config.weight_decay)
+            momentum_buffers = sgd(params, list(grads), momentum_buffers, lr=config.lr, momentum=config.momentum,
+                                   weight_decay=decay, offsets=offsets)
             return loss.detach() * len(yb), (logits.argmax(1) == yb).sum()
 
     return step, lambda: {k: v.detach() for k, v in module.state_dict().items()}
 
 
-def _mlp_steps(layout: MLPLayout, global_state: State, config: ClientConfig) -> tuple[Step, Callable[[], State]]:
+def _mlp_steps(
+    layout: MLPLayout, global_state: State, config: ClientConfig, plan: ClientPlan
+) -> tuple[Step, Callable[[], State]]:
     """SGD steps by the hand-derived Linear/ReLU kernel (same math, no autograd graph)."""
     params = {k: v.detach().clone() for k, v in global_state.items()}
     buffers = {k: torch.zeros_like(v) for k, v in params.items()} if config.momentum else None
+    decay, offset = plan.gradient_terms(config, global_state, params)
 
     def step(xb, yb):
         return fastmlp.sgd_step(layout, params, buffers, xb, yb, 1.0 / len(yb), lr=config.lr,
-                                momentum=config.momentum, weight_decay=config.weight_decay)
+                                momentum=config.momentum, decay=decay, offset=offset)
 
     return step, lambda: params
 
@@ -149,9 +210,10 @@ def train_client(
     *,
     client_id: int,
     generator: torch.Generator,
+    plan: ClientPlan = ClientPlan(),
     fast_mlp: bool = True,
 ) -> ClientUpdate:
-    """Train `module`, loaded with `global_state`, on `data` for `config.local_epochs` epochs.
+    """Train `module`, loaded with `global_state`, on `data` as `config` and `plan` say.
 
     `module` is scratch space: it may be overwritten. Batches follow `epoch_orders(generator)`;
     the last batch of an epoch may be smaller, as with a DataLoader. Linear/ReLU stacks take
@@ -160,42 +222,46 @@ def train_client(
     Raises:
         DivergenceError: the training loss or the weights became NaN or infinite.
     """
+    initial_loss = evaluate(module, global_state, data).loss if plan.measure_initial_loss else None
     layout = fastmlp.mlp_layout(module) if fast_mlp else None
     x = layout.inputs(data.x) if layout else None
     if layout is not None and x is not None:
-        step, final_state = _mlp_steps(layout, global_state, config)
+        step, final_state = _mlp_steps(layout, global_state, config, plan)
     else:
         x = data.x
-        step, final_state = _autograd_steps(module, global_state, config)
+        step, final_state = _autograd_steps(module, global_state, config, plan)
     loss_sum = torch.zeros((), device=data.y.device)
     correct = torch.zeros((), dtype=torch.long, device=data.y.device)
-    steps = 0
-    for order in epoch_orders(len(data), config.local_epochs, generator):
+    max_steps = plan.num_steps(len(data), config)
+    steps = seen = 0
+    for order in epoch_orders(len(data), plan.epochs or config.local_epochs, generator):
         order = order.to(data.y.device)
         for start in range(0, len(order), config.batch_size):
+            if steps == max_steps:
+                break
             batch = order[start:start + config.batch_size]
             batch_loss, batch_correct = step(x[batch], data.y[batch])
             loss_sum += batch_loss
             correct += batch_correct
             steps += 1
+            seen += len(batch)
     new_state = final_state()
     return finish_update(
         client_id, {name: new_state[name] - value for name, value in global_state.items()},
-        num_examples=len(data), num_steps=steps, loss_sum=loss_sum.item(), correct=int(correct.item()),
-        config=config,
+        num_examples=len(data), num_steps=steps, seen=seen, loss_sum=loss_sum.item(),
+        correct=int(correct.item()), config=config, initial_loss=initial_loss,
     )
 
 
 def finish_update(
-    client_id: int, delta: State, *, num_examples: int, num_steps: int, loss_sum: float, correct: int,
-    config: ClientConfig, finite: bool | None = None,
+    client_id: int, delta: State, *, num_examples: int, num_steps: int, seen: int, loss_sum: float, correct: int,
+    config: ClientConfig, finite: bool | None = None, initial_loss: float | None = None,
 ) -> ClientUpdate:
     """The ClientUpdate of a finished client, after checking that its training did not diverge.
 
-    `loss_sum` and `correct` are summed over every example seen (examples x local epochs);
-    `finite` says whether `delta` is all finite, when the caller already knows.
+    `loss_sum` and `correct` are summed over the `seen` training examples (with repeats across
+    epochs); `finite` says whether `delta` is all finite, when the caller already knows.
     """
-    seen = num_examples * config.local_epochs
     mean_loss = loss_sum / seen
     if finite is None:
         finite = all_finite(delta.values())
@@ -206,5 +272,5 @@ def finish_update(
         )
     return ClientUpdate(
         client_id=client_id, delta=delta, num_examples=num_examples, num_steps=num_steps,
-        train_loss=mean_loss, train_accuracy=correct / seen,
+        train_loss=mean_loss, train_accuracy=correct / seen, initial_loss=initial_loss,
     )

@@ -23,7 +23,8 @@ from .data.partition import PARTITIONS
 from .engines import ENGINES
 from .errors import ConfigError
 from .models import MODELS
-from .strategies import STRATEGIES
+from .scenarios import ATTACKS, Scenario, parse_epochs_dist
+from .strategies import STRATEGIES, make_strategy
 
 
 def _opt(default, help: str, choices: typing.Iterable[str] | None = None):
@@ -55,7 +56,24 @@ class Config:
     momentum: float = _opt(0.0, "client SGD momentum")
     weight_decay: float = _opt(0.0, "client SGD weight decay")
     strategy: str = _opt("fedavg", "server strategy", STRATEGIES)
-    server_lr: float = _opt(1.0, "server learning rate applied to the mean client delta")
+    server_lr: float | None = _opt(None, "server learning rate (default: the strategy's: 1.0, or 0.01 for "
+                                   "fedadagrad, fedadam and fedyogi)")
+    server_momentum: float = _opt(0.9, "fedavgm: server momentum")
+    beta1: float = _opt(0.9, "fedadagrad/fedadam/fedyogi: first-moment decay")
+    beta2: float = _opt(0.99, "fedadam/fedyogi: second-moment decay")
+    tau: float = _opt(1e-3, "fedadagrad/fedadam/fedyogi: adaptivity")
+    proximal_mu: float = _opt(0.01, "fedprox: proximal term mu")
+    q: float = _opt(1.0, "qfedavg: fairness q (0 is FedAvg)")
+    trim_beta: float = _opt(0.1, "trimmed_mean: share trimmed at each end")
+    krum_f: int = _opt(1, "krum/multikrum: number of Byzantine clients tolerated")
+    multikrum_m: int = _opt(0, "multikrum: updates averaged (0: clients per round - krum_f)")
+    local_epochs_dist: str | None = _opt(None, "per-client local epochs each round, e.g. uniform:1:5")
+    straggler_fraction: float = _opt(0.0, "share of selected clients that do only part of their work")
+    drop_stragglers: bool = _opt(False, "stragglers send nothing instead of their partial work")
+    dropout: float = _opt(0.0, "probability that a selected client never reports")
+    attack: str | None = _opt(None, "what malicious clients do", ATTACKS)
+    malicious_fraction: float = _opt(0.0, "share of clients that are malicious")
+    attack_scale: float = _opt(1.0, "scale of the attack (sign_flip, scale: factor; gaussian: std)")
     engine: str = _opt("auto", "where clients run (auto: vectorized, which falls back to sequential "
                        "for models it cannot batch)", ENGINES)
     max_memory: str = _opt("1GiB", "working memory for clients trained together (vectorized engine)")
@@ -66,7 +84,7 @@ class Config:
         for f in dataclasses.fields(self):
             choices = f.metadata["choices"]
             value = getattr(self, f.name)
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ConfigError(f"unknown {f.name} {value!r} (choose from: {', '.join(choices)})")
         positive = ("num_clients", "rounds", "shards_per_client", "eval_batch_size")
         for name in positive:
@@ -78,8 +96,8 @@ class Config:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
         if not 0 <= self.client_test_fraction < 1:
             raise ConfigError(f"client_test_fraction must be in [0, 1), got {self.client_test_fraction}")
-        if not self.server_lr > 0:
-            raise ConfigError(f"server_lr must be > 0, got {self.server_lr}")
+        self.strategy_object()  # validates the strategy's hyperparameters
+        self.scenario()
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.name is not None and not re.fullmatch(r"[\w.-]+", self.name):
@@ -93,6 +111,19 @@ class Config:
             )
         self.client_config()  # validates the client hyperparameters
         self.max_memory_bytes()
+
+    def strategy_object(self):
+        """The strategy, built from this config (its hyperparameters and what it needs of the run)."""
+        # Strategy fields named like settings take them (num_clients, momentum, ...); client_lr is lr.
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return make_strategy(self.strategy, **options, client_lr=self.lr)
+
+    def scenario(self) -> Scenario:
+        return Scenario(
+            local_epochs_range=parse_epochs_dist(self.local_epochs_dist), straggler_fraction=self.straggler_fraction,
+            drop_stragglers=self.drop_stragglers, dropout=self.dropout, attack=self.attack,
+            malicious_fraction=self.malicious_fraction, attack_scale=self.attack_scale,
+        )
 
     def max_memory_bytes(self) -> int:
         return parse_bytes(self.max_memory, "max_memory")

@@ -20,7 +20,7 @@ from .history import History, RoundRecord
 from .models import build_model
 from .report import plot_history, round_line, write_history, write_model
 from .simulation import FederatedData, SimulationResult, clients_per_round_count, simulate
-from .strategies import ServerState, make_strategy
+from .strategies import ServerState
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,7 +90,7 @@ def run_experiment(config: Config, *, progress: bool = True) -> RunOutcome:
     try:
         simulate(
             model, data, rounds=config.rounds, clients_per_round=k, client=config.client_config(),
-            strategy=make_strategy(config.strategy, server_lr=config.server_lr),
+            strategy=config.strategy_object(), scenario=config.scenario(),
             engine=make_engine(config.engine, max_memory=config.max_memory_bytes()), seed=config.seed, eval_batch_size=config.eval_batch_size,
             on_client=lambda update: bar.update(1), on_round=on_round,
         )

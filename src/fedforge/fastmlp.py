@@ -83,12 +83,16 @@ def sgd_step(
     *,
     lr: float,
     momentum: float = 0.0,
-    weight_decay: float = 0.0,
+    decay: float = 0.0,
+    offset: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One `torch.optim.SGD` step on the weighted cross-entropy, updating `params` in place.
 
+    The gradient is that of the loss plus `decay * p + offset[p]` for each parameter p
+    (weight decay; FedProx's mu * (p - p_global); SCAFFOLD's correction).
+
     Shapes: one client is x (B, features), y (B,), params as in the model; C clients add a
-    leading C to every tensor (x (C, B, features), weight (C, B)).
+    leading C to every tensor (x (C, B, features), weight (C, B), params and offset).
 
     Args:
         momentum_buffers: zeros like `params` on the first step (needed when momentum > 0);
@@ -120,7 +124,6 @@ def sgd_step(
     g = logp.exp_()
     g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0))
     g.mul_(weight)
-    decay = 1.0 - lr * weight_decay
     for i in range(len(layout.weights) - 1, -1, -1):
         w_name, b_name = layout.weights[i], layout.biases[i]
         inp = inputs[i]
@@ -129,25 +132,30 @@ def sgd_step(
             g_below = g @ params[w_name]
             if layout.relu[i - 1]:  # zero where the ReLU was off, in one op
                 g_below = torch.ops.aten.threshold_backward(g_below, inp, 0)
-        if momentum:
-            # buf <- momentum * buf + grad + weight_decay * p;  p <- p - lr * buf
-            buf = momentum_buffers[w_name]
-            _accumulate_outer(buf, g, inp, beta=momentum, alpha=1.0)
-            if weight_decay:
-                buf.add_(params[w_name], alpha=weight_decay)
-            params[w_name].add_(buf, alpha=-lr)
-            if b_name:
-                buf = momentum_buffers[b_name].mul_(momentum).add_(g.sum(-2))
-                if weight_decay:
-                    buf.add_(params[b_name], alpha=weight_decay)
-                params[b_name].add_(buf, alpha=-lr)
-        else:
-            # p <- (1 - lr * weight_decay) p - lr * grad, fused
-            _accumulate_outer(params[w_name], g, inp, beta=decay, alpha=-lr)
-            if b_name:
-                if weight_decay:
-                    params[b_name].mul_(decay)
-                params[b_name].sub_(g.sum(-2), alpha=lr)
+        _update(params, momentum_buffers, offset, w_name, lambda out, beta, alpha: _accumulate_outer(
+            out, g, inp, beta=beta, alpha=alpha), lr=lr, momentum=momentum, decay=decay)
+        if b_name:
+            _update(params, momentum_buffers, offset, b_name, lambda out, beta, alpha: (out.mul_(beta) if beta != 1 else out).add_(
+                g.sum(-2), alpha=alpha), lr=lr, momentum=momentum, decay=decay)
         if g_below is not None:
             g = g_below
     return loss_sum, correct
+
+
+def _update(params, momentum_buffers, offset, name, accumulate, *, lr, momentum, decay) -> None:
+    """Apply one parameter's SGD update; `accumulate(out, beta, alpha)` does out <- beta*out + alpha*grad."""
+    p = params[name]
+    if momentum:
+        # buf <- momentum * buf + grad + decay * p + offset;  p <- p - lr * buf
+        buf = momentum_buffers[name]
+        accumulate(buf, momentum, 1.0)
+        if decay:
+            buf.add_(p, alpha=decay)
+        if offset is not None:
+            buf.add_(offset[name])
+        p.add_(buf, alpha=-lr)
+    else:
+        # p <- (1 - lr * decay) p - lr * grad - lr * offset, the first two fused
+        accumulate(p, 1.0 - lr * decay, -lr)
+        if offset is not None:
+            p.add_(offset[name], alpha=-lr)

@@ -22,6 +22,7 @@ class RoundRecord:
     federated_accuracy: float | None = None
     seconds: float = 0.0  # the whole round
     train_seconds: float = 0.0  # selection, client training and aggregation (no evaluation)
+    dropped: tuple[int, ...] = ()  # selected clients that never reported (dropout, dropped stragglers)
 
 
 @dataclass
@@ -44,7 +45,8 @@ class History:
     @classmethod
     def from_json(cls, text: str) -> History:
         rows = json.loads(text)["rounds"]
-        return cls([RoundRecord(**{**row, "clients": tuple(row["clients"])}) for row in rows])
+        return cls([RoundRecord(**{**row, "clients": tuple(row["clients"]), "dropped": tuple(row.get("dropped", ()))})
+                    for row in rows])
 
     def to_csv(self) -> str:
         out = io.StringIO()
@@ -54,5 +56,6 @@ class History:
         for r in self.records:
             row = [getattr(r, n) for n in names]
             row[names.index("clients")] = " ".join(map(str, r.clients))
+            row[names.index("dropped")] = " ".join(map(str, r.dropped))
             writer.writerow("" if v is None else v for v in row)
         return out.getvalue()

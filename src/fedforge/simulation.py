@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from .engines import ClientTask, Engine, SequentialEngine
 from .errors import ConfigError
 from .evaluation import evaluate
 from .history import History, RoundRecord
+from .scenarios import Scenario, attack_update, client_work, flip_labels, malicious_clients
 from .strategies import FedAvg, ServerState, Strategy
 
 
@@ -66,16 +67,19 @@ def select_clients(num_clients: int, k: int, generator: torch.Generator) -> list
 
 
 class _Tally:
-    """Passes updates through while keeping example-weighted training metrics."""
+    """Passes updates through, as the attack makes the malicious ones, keeping example-weighted
+    training metrics (of what the clients really measured)."""
 
-    def __init__(self, on_client: Callable[[ClientUpdate], None] | None):
+    def __init__(self, on_client: Callable[[ClientUpdate], None] | None, attack: Callable[[ClientUpdate], ClientUpdate]):
         self.on_client = on_client
+        self.attack = attack
         self.examples = 0
         self.loss = 0.0
         self.accuracy = 0.0
 
     def tap(self, updates: Iterable[ClientUpdate]) -> Iterator[ClientUpdate]:
         for update in updates:
+            update = self.attack(update)
             self.examples += update.num_examples
             self.loss += update.train_loss * update.num_examples
             self.accuracy += update.train_accuracy * update.num_examples
@@ -98,6 +102,7 @@ def simulate(
     engine: Engine | None = None,
     seed: int = 0,
     eval_batch_size: int = 1024,
+    scenario: Scenario = Scenario(),
     on_client: Callable[[ClientUpdate], None] | None = None,
     on_round: Callable[[RoundRecord, ServerState], None] | None = None,
 ) -> SimulationResult:
@@ -109,6 +114,7 @@ def simulate(
     Args:
         model: its current weights are the initial global model; it is used, not changed.
         clients_per_round: a count, or a float in (0, 1] for a fraction of the clients.
+        scenario: unequal work, stragglers, dropouts and attacks (none by default).
         on_client: called with each client update as it arrives.
         on_round: called after every round (and after the initial evaluation, round 0).
     """
@@ -126,12 +132,22 @@ def simulate(
     pool = data.train.subset(np.concatenate(list(data.partition)))
     starts = np.concatenate([[0], np.cumsum([len(idx) for idx in data.partition])]).tolist()
     clients = [TensorData(pool.x[a:b], pool.y[a:b]) for a, b in zip(starts, starts[1:])]
+    malicious = malicious_clients(scenario, data.num_clients, seed)
+    if scenario.attack == "label_flip":
+        num_classes = int(data.train.y.max()) + 1
+        for c in malicious:  # the pool is fedforge's own copy: poisoning it touches no user data
+            pool.y[starts[c]:starts[c + 1]] = flip_labels(pool.y[starts[c]:starts[c + 1]], num_classes)
+
+    def attack(update: ClientUpdate) -> ClientUpdate:
+        if update.client_id in malicious:
+            return attack_update(update, scenario, seed, state.round + 1)
+        return update
     federated_test = None
     if data.client_test is not None and sum(map(len, data.client_test)):
         federated_test = data.train.subset(np.concatenate(list(data.client_test)))
 
     def measure(state: ServerState, clients_: tuple[int, ...], tally: _Tally | None, started: float,
-                trained: float) -> RoundRecord:
+                trained: float, dropped: tuple[int, ...] = ()) -> RoundRecord:
         test = evaluate(model, state.params, data.test, batch_size=eval_batch_size) if data.test is not None else None
         fed = evaluate(model, state.params, federated_test, batch_size=eval_batch_size) if federated_test else None
         return RoundRecord(
@@ -145,6 +161,7 @@ def simulate(
             federated_accuracy=fed and fed.accuracy,
             seconds=time.perf_counter() - started,
             train_seconds=trained - started,
+            dropped=dropped,
         )
 
     started = time.perf_counter()
@@ -156,13 +173,15 @@ def simulate(
         started = time.perf_counter()
         r = state.round + 1
         selected = select_clients(data.num_clients, k, _seeding.generator(seed, _seeding.SELECTION, r))
+        work, dropped = client_work(scenario, selected, [len(clients[c]) for c in selected], client, seed, r)
         tasks = [
-            ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c), pool, starts[c])
-            for c in selected
+            ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c), pool, starts[c],
+                       replace(strategy.plan(state, c), epochs=work[c].epochs, max_steps=work[c].max_steps))
+            for c in selected if c not in dropped
         ]
-        tally = _Tally(on_client)
+        tally = _Tally(on_client, attack)
         state = strategy.aggregate(state, tally.tap(engine.run(model, state.params, tasks, client)))
-        records.append(measure(state, tuple(selected), tally, started, time.perf_counter()))
+        records.append(measure(state, tuple(selected), tally, started, time.perf_counter(), dropped))
         if on_round is not None:
             on_round(records[-1], state)
     return SimulationResult(History(records), state)

@@ -14,6 +14,8 @@ from fedforge.data import TensorData, quantity
 from fedforge.engines import ClientTask, SequentialEngine, VectorizedEngine
 from fedforge.engines.vectorized import build_schedule
 from fedforge.models import build_model
+from fedforge.scenarios import Scenario
+from fedforge.strategies import FedProx, QFedAvg, Scaffold
 
 
 def images(n, seed):
@@ -33,12 +35,14 @@ def seeded(*layers):
     return build
 
 
-def run_both(model_fn, data, partition, *, rounds=2, clients_per_round=3, **client):
+def run_both(model_fn, data, partition, *, rounds=2, clients_per_round=3, strategy=None, scenario=Scenario(),
+             **client):
     config = ClientConfig(**{"batch_size": 8, "lr": 0.05, **client})
     results = []
     for engine in (SequentialEngine(), VectorizedEngine()):
         results.append(simulate(model_fn(), FederatedData(data, partition, None), rounds=rounds,
-                                clients_per_round=clients_per_round, client=config, engine=engine, seed=1))
+                                clients_per_round=clients_per_round, client=config, engine=engine, seed=1,
+                                strategy=strategy, scenario=scenario))
     return results
 
 
@@ -142,3 +146,21 @@ def test_operation_vmap_cannot_batch_falls_back_at_run_time(caplog):
     assert any("cannot batch" in r.getMessage() and "random" in r.getMessage() for r in caplog.records)
     assert [len(r.clients) for r in result.history.records] == [0, 3, 3]
     assert result.history.final.test_accuracy > 0.5
+
+
+@pytest.mark.parametrize("strategy, scenario", [
+    (FedProx(proximal_mu=0.5), Scenario()),
+    (Scaffold(num_clients=5, client_lr=0.05), Scenario()),
+    (QFedAvg(q=0.5, client_lr=0.05), Scenario()),
+    (None, Scenario(local_epochs_range=(1, 3), straggler_fraction=0.5)),
+    (FedProx(proximal_mu=0.1), Scenario(straggler_fraction=0.6, dropout=0.2)),
+], ids=["fedprox", "scaffold", "qfedavg", "epochs+stragglers", "fedprox+stragglers+dropout"])
+@pytest.mark.parametrize("model", ["mlp (kernel)", "tanh (torch.func)"])
+def test_strategies_and_scenarios_agree_across_engines(strategy, scenario, model):
+    data = blobs(160, dim=8)
+    act = nn.ReLU if model.startswith("mlp") else nn.Tanh
+    build = seeded(lambda: nn.Linear(8, 16), act, lambda: nn.Linear(16, 4))
+    sequential, vectorized = run_both(build, data, UNEQUAL, rounds=3, clients_per_round=4, strategy=strategy,
+                                      scenario=scenario, momentum=0.5)
+    assert sequential.history.column("dropped") == vectorized.history.column("dropped")
+    assert_same(sequential, vectorized)

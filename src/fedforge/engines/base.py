@@ -8,13 +8,14 @@ from typing import Protocol
 
 from torch import nn
 
-from ..client import ClientConfig, ClientUpdate, State
+from ..client import ClientConfig, ClientPlan, ClientUpdate, State
 from ..data.datasets import TensorData
 
 
 @dataclass(frozen=True)
 class ClientTask:
-    """One selected client of one round: its id, its training data, its batch-order seed.
+    """One selected client of one round: its id, its training data, its batch-order seed, and
+    what it is asked to do beyond the run's ClientConfig (`plan`).
 
     When `source` is given, `data` is `source[start:start + len(data)]`: engines that train
     many clients at once gather their batches from `source` directly instead of copying.
@@ -25,6 +26,7 @@ class ClientTask:
     seed: int
     source: TensorData | None = None
     start: int = 0
+    plan: ClientPlan = ClientPlan()
 
 
 class Engine(Protocol):

@@ -29,6 +29,7 @@ from torch.func import functional_call, grad, vmap
 from .. import fastmlp
 from ..client import ClientConfig, ClientUpdate, State, epoch_orders, finish_update, sgd
 from ..data.datasets import TensorData
+from ..evaluation import evaluate
 from .base import ClientTask
 from .sequential import SequentialEngine
 
@@ -55,21 +56,21 @@ class Schedule:
 
 def build_schedule(tasks: Sequence[ClientTask], starts: Sequence[int], config: ClientConfig) -> Schedule:
     """The batches each task's client would see in the sequential engine, stacked."""
-    B, E = config.batch_size, config.local_epochs
-    steps = [E * math.ceil(len(task.data) / B) for task in tasks]
+    B = config.batch_size
+    steps = [task.plan.num_steps(len(task.data), config) for task in tasks]
     stack_order = sorted(range(len(tasks)), key=lambda i: -steps[i])
     T = max(steps)
     rows = torch.zeros(len(tasks), T, B, dtype=torch.long)
     weight = torch.zeros(len(tasks), T, B)
     for position, i in enumerate(stack_order):
-        n = len(tasks[i].data)
+        n, epochs = len(tasks[i].data), tasks[i].plan.epochs or config.local_epochs
         batches = math.ceil(n / B)
-        padded = torch.full((E, batches * B), -1, dtype=torch.long)
-        padded[:, :n] = torch.stack(epoch_orders(n, E, torch.Generator().manual_seed(tasks[i].seed)))
-        padded = padded.view(E * batches, B)
+        padded = torch.full((epochs, batches * B), -1, dtype=torch.long)
+        padded[:, :n] = torch.stack(epoch_orders(n, epochs, torch.Generator().manual_seed(tasks[i].seed)))
+        padded = padded.view(epochs * batches, B)[: steps[i]]
         valid = padded >= 0
-        rows[position, : E * batches] = torch.where(valid, padded, 0) + starts[i]
-        weight[position, : E * batches] = valid / valid.sum(1, keepdim=True)
+        rows[position, : steps[i]] = torch.where(valid, padded, 0) + starts[i]
+        weight[position, : steps[i]] = valid / valid.sum(1, keepdim=True)
     by_steps = np.sort(steps)
     active = (len(steps) - np.searchsorted(by_steps, np.arange(T), side="right")).tolist()
     return Schedule(rows, weight, active, stack_order, steps)
@@ -125,6 +126,8 @@ class VectorizedEngine:
             try:
                 # Trains the whole chunk now; the updates are then handed out one by one.
                 updates = kernel(model, global_state, tasks[first:first + size], config)
+            except _Mixed:
+                updates = SequentialEngine().run(model, global_state, tasks[first:first + size], config)
             except _Unsupported as e:
                 self._fall_back(e)
                 yield from self._fallback.run(model, global_state, tasks[first:], config)
@@ -184,8 +187,25 @@ def _stack(state: State, count: int) -> State:
     return {k: v.unsqueeze(0).repeat(count, *([1] * v.dim())) for k, v in state.items()}
 
 
+def _gradient_terms(tasks: Sequence[ClientTask], schedule: Schedule, global_state: State, config: ClientConfig):
+    """The chunk's decay (one number) and per-client offsets stacked in schedule order, or None."""
+    terms = [task.plan.gradient_terms(config, global_state, global_state) for task in tasks]
+    decay = terms[0][0]
+    if any(d != decay for d, _ in terms):
+        raise _Mixed()
+    if all(offset is None for _, offset in terms):
+        return decay, None
+    zeros = {k: torch.zeros_like(v) for k, v in global_state.items()}
+    ordered = [terms[i][1] or zeros for i in schedule.stack_order]
+    return decay, {k: torch.stack([o[k] for o in ordered]) for k in global_state}
+
+
+class _Mixed(Exception):
+    """Clients of one chunk differ in their proximal term: they cannot share a batched step."""
+
+
 def _updates(
-    tasks: Sequence[ClientTask], schedule: Schedule, params: State, global_state: State,
+    model: nn.Module, tasks: Sequence[ClientTask], schedule: Schedule, params: State, global_state: State,
     loss_sum: torch.Tensor, correct: torch.Tensor, config: ClientConfig,
 ) -> Iterator[ClientUpdate]:
     """One ClientUpdate per task, in the tasks' order (the order the sequential engine yields).
@@ -198,27 +218,31 @@ def _updates(
         v.sub_(global_state[k])
         if v.is_floating_point():
             finite &= torch.isfinite(v.flatten(1).sum(1))  # see client.all_finite
+    seen = (schedule.weight > 0).sum((1, 2)).tolist()
     finite_list, losses, hits = finite.tolist(), loss_sum.tolist(), correct.tolist()
     position = {task_index: pos for pos, task_index in enumerate(schedule.stack_order)}
     for i, task in enumerate(tasks):
         pos = position[i]
+        initial_loss = evaluate(model, global_state, task.data).loss if task.plan.measure_initial_loss else None
         yield finish_update(task.client_id, {k: v[pos] for k, v in params.items()}, num_examples=len(task.data),
-                            num_steps=schedule.steps[i], loss_sum=losses[pos], correct=int(hits[pos]),
-                            config=config, finite=finite_list[pos])
+                            num_steps=schedule.steps[i], seen=seen[pos], loss_sum=losses[pos],
+                            correct=int(hits[pos]), config=config, finite=finite_list[pos],
+                            initial_loss=initial_loss)
 
 
-def _run_steps(tasks, global_state, config, step) -> Iterator[ClientUpdate]:
-    """Drive `step(views, buffer_views, rows, weight)` over a chunk's schedule."""
+def _run_steps(model, tasks, global_state, config, step) -> Iterator[ClientUpdate]:
+    """Drive `step(source, views, buffer_views, offset_views, rows, weight, decay)` over a chunk's schedule."""
     source, starts = _shared_source(tasks)
     device = source.y.device
     schedule = build_schedule(tasks, starts, config)
+    decay, offsets = _gradient_terms(tasks, schedule, global_state, config)
     rows, weight = schedule.rows.to(device), schedule.weight.to(device)
     C = len(tasks)
     params = _stack(global_state, C)
     buffers = {k: torch.zeros_like(v) for k, v in params.items()} if config.momentum else None
     loss_sum = torch.zeros(C, device=device)
     correct = torch.zeros(C, dtype=torch.long, device=device)
-    views = buffer_views = None
+    views = buffer_views = offset_views = None
     current = 0
     for t, active in enumerate(schedule.active):
         if active != current:  # re-slice only when a client finishes
@@ -227,21 +251,22 @@ def _run_steps(tasks, global_state, config, step) -> Iterator[ClientUpdate]:
             pick = (lambda v: v[0]) if active == 1 else (lambda v: v[:active])
             views = {k: pick(v) for k, v in params.items()}
             buffer_views = {k: pick(v) for k, v in buffers.items()} if buffers else None
+            offset_views = {k: pick(v) for k, v in offsets.items()} if offsets else None
         r, w = (rows[0, t], weight[0, t]) if active == 1 else (rows[:active, t], weight[:active, t])
-        batch_loss, batch_correct = step(source, views, buffer_views, r, w)
+        batch_loss, batch_correct = step(source, views, buffer_views, offset_views, r, w, decay)
         loss_sum[:active] += batch_loss
         correct[:active] += batch_correct
-    return _updates(tasks, schedule, params, global_state, loss_sum, correct, config)
+    return _updates(model, tasks, schedule, params, global_state, loss_sum, correct, config)
 
 
 def _mlp_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
     layout = fastmlp.mlp_layout(model)
 
-    def step(source, views, buffer_views, r, w):
-        return fastmlp.sgd_step(layout, views, buffer_views, layout.inputs(source.x)[r], source.y[r], w, lr=config.lr,
-                                momentum=config.momentum, weight_decay=config.weight_decay)
+    def step(source, views, buffer_views, offset_views, r, w, decay):
+        return fastmlp.sgd_step(layout, views, buffer_views, layout.inputs(source.x)[r], source.y[r], w,
+                                lr=config.lr, momentum=config.momentum, decay=decay, offset=offset_views)
 
-    return _run_steps(tasks, global_state, config, step)
+    return _run_steps(model, tasks, global_state, config, step)
 
 
 def _func_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
@@ -256,16 +281,17 @@ def _func_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
     single_grad = grad(loss, has_aux=True)
     model.train()
 
-    def step(source, views, buffer_views, r, w):
+    def step(source, views, buffer_views, offset_views, r, w, decay):
         fn = single_grad if r.dim() == 1 else batched_grad
         grads, metrics = fn(views, source.x[r], source.y[r], w)
         names = list(views)
         sgd([views[k] for k in names], [grads[k] for k in names],
             [buffer_views[k] for k in names] if buffer_views else None,
-            lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+            lr=config.lr, momentum=config.momentum, weight_decay=decay,
+            offsets=[offset_views[k] for k in names] if offset_views else None)
         return metrics
 
     try:
-        return _run_steps(tasks, global_state, config, step)
+        return _run_steps(model, tasks, global_state, config, step)
     except (RuntimeError, NotImplementedError) as e:
         raise _Unsupported(str(e).splitlines()[0]) from e

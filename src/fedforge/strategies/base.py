@@ -1,14 +1,14 @@
-"""Server state, the strategy interface, and the running weighted mean they share."""
+"""Server state, the strategy interface, and the pieces strategies share."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from ..client import ClientUpdate, State
+from ..client import ClientPlan, ClientUpdate, State
 
 
 @dataclass(frozen=True)
@@ -16,24 +16,47 @@ class ServerState:
     """Everything the server carries from one round to the next.
 
     `params` is the global model's full state (parameters and buffers); `extras` holds a
-    strategy's own tensors (momentum, control variates, ...) by name.
+    strategy's own state by name (momentum, second moments, control variates, ...).
     """
 
     params: State
     round: int = 0
-    extras: dict[str, State] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Strategy(Protocol):
     name: str
 
-    def init(self, params: State) -> ServerState: ...
+    def init(self, params: State) -> ServerState:
+        """The server state before round 1."""
 
-    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState: ...
+    def plan(self, state: ServerState, client_id: int) -> ClientPlan:
+        """What selected client `client_id` is asked to do this round."""
+
+    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
+        """The next state from this round's updates (an iterable, consumed once)."""
+
+
+NO_PLAN = ClientPlan()
+
+
+class StrategyBase:
+    """`init` that copies the model, and `plan` that asks nothing special."""
+
+    def init(self, params: State) -> ServerState:
+        return ServerState({k: v.detach().clone() for k, v in params.items()})
+
+    def plan(self, state: ServerState, client_id: int) -> ClientPlan:
+        return NO_PLAN
 
 
 def _accumulator_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.float64
+
+
+def cast_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` in `like`'s dtype; integer entries are rounded, not truncated."""
+    return value.to(like.dtype) if like.is_floating_point() else value.round().to(like.dtype)
 
 
 class RunningMean:
@@ -66,11 +89,7 @@ class RunningMean:
         """The weighted mean, each entry cast to the dtype of the same entry in `like`."""
         if self._sum is None or self.total_weight == 0:
             raise ValueError("mean of no updates (or of zero total weight)")
-        out = {}
-        for k, s in self._sum.items():
-            m = s / self.total_weight
-            out[k] = m.to(like[k].dtype) if like[k].is_floating_point() else m.round().to(like[k].dtype)
-        return out
+        return {k: cast_like(s / self.total_weight, like[k]) for k, s in self._sum.items()}
 
 
 def weighted_mean_delta(updates: Iterable[ClientUpdate], like: State) -> tuple[State | None, int]:
@@ -81,3 +100,25 @@ def weighted_mean_delta(updates: Iterable[ClientUpdate], like: State) -> tuple[S
     if acc.count == 0 or acc.total_weight == 0:
         return None, acc.count
     return acc.mean(like), acc.count
+
+
+def step_params(params: State, step: State, lr: float = 1.0) -> State:
+    """params + lr * step for float entries; integer entries (buffers) take the step as it is."""
+    return {k: v + lr * step[k] if v.is_floating_point() else v + cast_like(step[k], v) for k, v in params.items()}
+
+
+def stack_deltas(updates: Iterable[ClientUpdate]) -> tuple[list[ClientUpdate], State]:
+    """All updates, and their deltas stacked along a new first (client) dimension, as floats.
+
+    Robust aggregators need every update at once: memory grows with clients per round.
+    """
+    updates = list(updates)
+    if not updates:
+        return updates, {}
+    stacked = {k: torch.stack([u.delta[k].to(_accumulator_dtype(u.delta[k])) for u in updates])
+               for k in updates[0].delta}
+    return updates, stacked
+
+
+def float_keys(state: State) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]

@@ -1,18 +1,19 @@
-"""FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
-Decentralized Data"): the example-weighted mean of the clients' models."""
+"""FedAvg and its close relatives: FedAvg with server momentum, and FedProx."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..client import ClientUpdate, State
+from ..client import ClientPlan, ClientUpdate, State
 from ..errors import ConfigError
-from .base import ServerState, weighted_mean_delta
+from .base import ServerState, StrategyBase, step_params, weighted_mean_delta
 
 
 def fedavg(state: ServerState, updates: Iterable[ClientUpdate], *, server_lr: float = 1.0) -> ServerState:
-    """Move the global model by `server_lr` times the example-weighted mean client delta.
+    """FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+    Decentralized Data"): move the global model by `server_lr` times the example-weighted mean
+    client delta.
 
     With server_lr = 1 this is exactly the weighted mean of the client models. Integer
     buffers always take the full mean delta. A round with no updates leaves the model as it was.
@@ -20,26 +21,78 @@ def fedavg(state: ServerState, updates: Iterable[ClientUpdate], *, server_lr: fl
     mean, _ = weighted_mean_delta(updates, state.params)
     if mean is None:
         return ServerState(state.params, state.round + 1, state.extras)
-    params = {
-        k: v + server_lr * mean[k] if v.is_floating_point() else v + mean[k]
-        for k, v in state.params.items()
-    }
-    return ServerState(params, state.round + 1, state.extras)
+    return ServerState(step_params(state.params, mean, server_lr), state.round + 1, state.extras)
+
+
+def fedavgm(
+    state: ServerState, updates: Iterable[ClientUpdate], *, server_lr: float = 1.0, momentum: float = 0.9
+) -> ServerState:
+    """FedAvg with server momentum (Hsu et al. 2019, "Measuring the Effects of Non-Identical
+    Data Distribution for Federated Visual Classification"):
+    v <- momentum * v + mean delta;  w <- w + server_lr * v.
+    """
+    mean, _ = weighted_mean_delta(updates, state.params)
+    if mean is None:
+        return ServerState(state.params, state.round + 1, state.extras)
+    previous: State | None = state.extras.get("velocity")
+    velocity = {k: momentum * previous[k] + v if previous is not None else v.clone() for k, v in mean.items()
+                if v.is_floating_point()}
+    step = {**mean, **velocity}
+    return ServerState(step_params(state.params, step, server_lr), state.round + 1, {"velocity": velocity})
+
+
+def _check_server_lr(server_lr: float) -> None:
+    if not server_lr > 0:
+        raise ConfigError(f"server_lr must be > 0, got {server_lr}")
 
 
 @dataclass(frozen=True)
-class FedAvg:
+class FedAvg(StrategyBase):
     """Weighted FedAvg with an optional server learning rate."""
 
     server_lr: float = 1.0
     name = "fedavg"
 
     def __post_init__(self):
-        if not self.server_lr > 0:
-            raise ConfigError(f"server_lr must be > 0, got {self.server_lr}")
+        _check_server_lr(self.server_lr)
 
-    def init(self, params: State) -> ServerState:
-        return ServerState({k: v.detach().clone() for k, v in params.items()})
+    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
+        return fedavg(state, updates, server_lr=self.server_lr)
+
+
+@dataclass(frozen=True)
+class FedAvgM(StrategyBase):
+    """FedAvg with server momentum; momentum 0 and server_lr 1 is FedAvg."""
+
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    name = "fedavgm"
+
+    def __post_init__(self):
+        _check_server_lr(self.server_lr)
+        if not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
+
+    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
+        return fedavgm(state, updates, server_lr=self.server_lr, momentum=self.server_momentum)
+
+
+@dataclass(frozen=True)
+class FedProx(StrategyBase):
+    """FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks"): clients
+    minimise loss + mu/2 ||w - w_global||^2; the server averages as FedAvg. mu = 0 is FedAvg."""
+
+    proximal_mu: float = 0.01
+    server_lr: float = 1.0
+    name = "fedprox"
+
+    def __post_init__(self):
+        _check_server_lr(self.server_lr)
+        if self.proximal_mu < 0:
+            raise ConfigError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+
+    def plan(self, state: ServerState, client_id: int) -> ClientPlan:
+        return ClientPlan(proximal_mu=self.proximal_mu)
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         return fedavg(state, updates, server_lr=self.server_lr)
