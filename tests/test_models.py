@@ -11,6 +11,7 @@ from fedforge.models import MODELS, build_model, count_parameters
         ("mlp", 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10),
         ("2nn", 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10),  # McMahan et al.: 199,210
         ("cnn", 1_663_370),  # McMahan et al.'s CNN on 28x28: the paper's 1,663,370
+        ("simple-cnn", 44_426),  # NIID-Bench's SimpleCNNMNIST
         ("logreg", 7850),
     ],
 )
@@ -38,7 +39,7 @@ def test_unknown_model():
         build_model("resnet", (1, 28, 28), 10)
 
 
-@pytest.mark.parametrize("name, fast", [("mlp", True), ("2nn", True), ("logreg", True), ("cnn", False)])
+@pytest.mark.parametrize("name, fast", [("mlp", True), ("2nn", True), ("logreg", True), ("cnn", False), ("simple-cnn", False)])
 def test_which_built_ins_take_the_fast_mlp_kernel(name, fast):
     from fedforge.fastmlp import mlp_layout
 

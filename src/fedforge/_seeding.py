@@ -22,6 +22,7 @@ STRAGGLERS = 7
 DROPOUT = 8
 MALICIOUS = 9
 ATTACK_NOISE = 10
+DATASET = 11
 
 
 def derive_seed(seed: int, *keys: int) -> int:

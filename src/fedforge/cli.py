@@ -72,18 +72,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 PARTITION_KEYS = ("dataset", "data_dir", "download", "num_clients", "partition", "alpha", "shards_per_client",
-                  "sigma", "client_test_fraction", "seed")
+                  "sigma", "client_test_fraction", "seed", "synthetic_alpha", "synthetic_beta")
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
-    from .data.datasets import load_dataset
     from .data.partition import label_histogram
-    from .experiment import federate
+    from .experiment import load
     from .report import partition_table, plot_partition
 
     config = _config(args, PARTITION_KEYS)
-    dataset = load_dataset(config.dataset, config.data_dir, download=config.download, progress=not args.quiet)
-    data = federate(config, dataset)
+    dataset, data = load(config, progress=not args.quiet)
     hist = label_histogram(dataset.train.y.numpy(), data.partition, dataset.num_classes)
     print(partition_table(hist))
     if args.plot:

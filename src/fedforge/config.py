@@ -38,11 +38,14 @@ class Config:
     name: str | None = _opt(None, "run name: outputs go to OUT_DIR/NAME (default: dataset-model-strategy-time)")
     out_dir: str = _opt("runs", "folder that holds the run folders")
     seed: int = _opt(0, "seed of every random choice (partition, init, selection, batches)")
-    dataset: str = _opt("mnist", "dataset", DATASETS)
+    dataset: str = _opt("mnist", "dataset (synthetic: FedProx's synthetic(alpha, beta), one client per device)",
+                        (*DATASETS, "synthetic"))
+    synthetic_alpha: float = _opt(1.0, "synthetic: how much the devices' models differ")
+    synthetic_beta: float = _opt(1.0, "synthetic: how much the devices' data differ")
     data_dir: str | None = _opt(None, "folder with the dataset files (searched first)")
     download: bool = _opt(True, "download the dataset when it is not found")
     num_clients: int = _opt(10, "number of clients the training set is split across")
-    partition: str = _opt("iid", "how the data is split across clients", PARTITIONS)
+    partition: str = _opt("iid", "how the data is split across clients (synthetic: always by device)", PARTITIONS)
     alpha: float = _opt(0.5, "Dirichlet concentration for partition=dirichlet (smaller: more skew)")
     shards_per_client: int = _opt(2, "shards per client for partition=shards")
     sigma: float = _opt(1.0, "lognormal sigma of client sizes for partition=quantity")
@@ -74,8 +77,8 @@ class Config:
     attack: str | None = _opt(None, "what malicious clients do", ATTACKS)
     malicious_fraction: float = _opt(0.0, "share of clients that are malicious")
     attack_scale: float = _opt(1.0, "scale of the attack (sign_flip, scale: factor; gaussian: std)")
-    engine: str = _opt("auto", "where clients run (auto: vectorized, which falls back to sequential "
-                       "for models it cannot batch)", ENGINES)
+    engine: str = _opt("auto", "where clients run (auto: vectorized for Linear/ReLU models and on CUDA, "
+                       "else sequential)", ENGINES)
     max_memory: str = _opt("1GiB", "working memory for clients trained together (vectorized engine)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
     eval_batch_size: int = _opt(1024, "batch size for evaluation (does not change results)")

@@ -14,6 +14,7 @@ from ._io import atomic_write
 from .config import Config
 from .data.datasets import Dataset, load_dataset
 from .data.partition import partition, split_holdout
+from .data.synthetic import synthetic
 from .engines import make_engine
 from .errors import ConfigError
 from .history import History, RoundRecord
@@ -33,6 +34,18 @@ def resolve_device(name: str) -> torch.device:
 
 def run_name(config: Config) -> str:
     return config.name or f"{config.dataset}-{config.model}-{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedData]:
+    """The dataset `config` names, split across its clients."""
+    if config.dataset == "synthetic":
+        dataset, train_parts, test_parts = synthetic(
+            config.synthetic_alpha, config.synthetic_beta, num_devices=config.num_clients,
+            rng=_seeding.numpy_rng(config.seed, _seeding.DATASET),
+        )
+        return dataset, FederatedData(dataset.train, train_parts, dataset.test)
+    dataset = load_dataset(config.dataset, config.data_dir, download=config.download, progress=progress)
+    return dataset, federate(config, dataset)
 
 
 def federate(config: Config, dataset: Dataset) -> FederatedData:
@@ -66,8 +79,8 @@ def run_experiment(config: Config, *, progress: bool = True) -> RunOutcome:
     or on the way out.
     """
     device = resolve_device(config.device)
-    dataset = load_dataset(config.dataset, config.data_dir, download=config.download, progress=progress).to(device)
-    data = federate(config, dataset)
+    dataset, data = load(config, progress=progress)
+    dataset, data = dataset.to(device), data.to(device)
     k = clients_per_round_count(config.clients_per_round, data.num_clients)
     model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
     config = config.replace(name=run_name(config))

@@ -40,6 +40,22 @@ def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
+def simple_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """NIID-Bench's small CNN (Li et al. 2022, "Federated Learning on Non-IID Data Silos"):
+    conv5x5(6) - pool - conv5x5(16) - pool - fc 120 - fc 84 - out, ReLU throughout."""
+    channels, height, width = input_shape
+
+    def side(n: int) -> int:  # two rounds of (5x5 conv without padding, 2x2 pool)
+        return ((n - 4) // 2 - 4) // 2
+
+    return nn.Sequential(
+        nn.Conv2d(channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * side(height) * side(width), 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
+    )
+
+
 def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Multinomial logistic regression."""
     return nn.Sequential(nn.Flatten(), nn.Linear(_numel(input_shape), num_classes))
@@ -52,7 +68,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-MODELS: dict[str, ModelFactory] = {"mlp": mlp, "2nn": two_nn, "cnn": cnn, "logreg": logreg}
+MODELS: dict[str, ModelFactory] = {"mlp": mlp, "2nn": two_nn, "cnn": cnn, "simple-cnn": simple_cnn, "logreg": logreg}
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int = 0) -> nn.Module:
@@ -62,8 +78,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, se
     """
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r} (choose from: {', '.join(MODELS)})")
-    if name == "cnn" and len(input_shape) != 3:
-        raise ConfigError(f"model 'cnn' needs image input (channels, height, width), got shape {input_shape}")
+    if name in ("cnn", "simple-cnn") and len(input_shape) != 3:
+        raise ConfigError(f"model {name!r} needs image input (channels, height, width), got shape {input_shape}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seeding.derive_seed(seed, _seeding.MODEL_INIT))
         return MODELS[name](tuple(input_shape), num_classes)

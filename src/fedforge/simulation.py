@@ -41,6 +41,10 @@ class FederatedData:
     def num_clients(self) -> int:
         return len(self.partition)
 
+    def to(self, device) -> FederatedData:
+        test = self.test.to(device) if self.test is not None else None
+        return FederatedData(self.train.to(device), self.partition, test, self.client_test)
+
 
 @dataclass(frozen=True)
 class SimulationResult:

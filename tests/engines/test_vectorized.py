@@ -164,3 +164,12 @@ def test_strategies_and_scenarios_agree_across_engines(strategy, scenario, model
                                       scenario=scenario, momentum=0.5)
     assert sequential.history.column("dropped") == vectorized.history.column("dropped")
     assert_same(sequential, vectorized)
+
+
+def test_auto_picks_the_batched_kernel_for_mlps_and_sequential_for_cnns_on_cpu():
+    from fedforge.engines import AutoEngine
+
+    engine = AutoEngine()
+    tasks = [ClientTask(0, images(4, seed=0), seed=0)]
+    assert engine.choose(build_model("mlp", (1, 28, 28), 10), tasks) is engine.vectorized
+    assert engine.choose(build_model("cnn", (1, 28, 28), 10), tasks) is engine.sequential
