@@ -90,6 +90,24 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .compare import compare, variants_from_file, write_comparison
+
+    base = _config(args, [f.name for f in dataclasses.fields(Config)])
+    variants = {name: {"strategy": name} for name in args.strategies or []}
+    if args.runs:
+        variants.update(variants_from_file(args.runs))
+    name = base.name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(base.out_dir) / name
+    runs = compare(base.replace(name=None), variants, out_dir=out_dir, jobs=args.jobs)
+    print(write_comparison(runs, out_dir, target=args.target, title=name))
+    print(f"outputs in {out_dir}: comparison.md, comparison.csv, comparison.png, and a folder per run")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedforge", description="Federated learning simulations and deployments.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -99,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_config_flags(run)
     run.set_defaults(handler=_cmd_run)
+
+    comp = sub.add_parser("compare", help="run several strategies or settings on the same partition, seed "
+                                           "and selected clients; one plot, one table")
+    comp.add_argument("--config", help="TOML file of the base settings; flags override it")
+    comp.add_argument("--strategies", nargs="+", metavar="STRATEGY", help="one run per strategy, e.g. fedavg fedprox")
+    comp.add_argument("--runs", metavar="FILE", help="TOML file of named runs: [label] then the settings it changes")
+    comp.add_argument("--target", type=float, help="report the round each run first reaches this test accuracy")
+    comp.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
+    comp.add_argument("-q", "--quiet", action="store_true", help="(runs never show progress bars)")
+    _add_config_flags(comp)
+    comp.set_defaults(handler=_cmd_compare)
 
     part = sub.add_parser("partition", help="show how a partition splits the data across clients")
     part.add_argument("--config", help="TOML file of settings; flags override it")

@@ -82,6 +82,7 @@ class Config:
     max_memory: str = _opt("1GiB", "working memory for clients trained together (vectorized engine)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
     eval_batch_size: int = _opt(1024, "batch size for evaluation (does not change results)")
+    eval_train: bool = _opt(False, "also evaluate the global model on all training data every round")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

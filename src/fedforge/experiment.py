@@ -71,7 +71,7 @@ class RunOutcome:
     state: ServerState | None
 
 
-def run_experiment(config: Config, *, progress: bool = True) -> RunOutcome:
+def run_experiment(config: Config, *, progress: bool = True, verbose: bool = True) -> RunOutcome:
     """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`.
 
     History and model are rewritten (atomically) after every round, so whatever stops the
@@ -98,13 +98,14 @@ def run_experiment(config: Config, *, progress: bool = True) -> RunOutcome:
         write_history(run_dir, History(records))
         write_model(run_dir, state.params)
         bar.set_postfix(round=record.round, acc=f"{record.test_accuracy:.4f}")
-        tqdm.write(round_line(record, config.rounds))
+        if verbose:
+            tqdm.write(round_line(record, config.rounds))
 
     try:
         simulate(
             model, data, rounds=config.rounds, clients_per_round=k, client=config.client_config(),
             strategy=config.strategy_object(), scenario=config.scenario(),
-            engine=make_engine(config.engine, max_memory=config.max_memory_bytes()), seed=config.seed, eval_batch_size=config.eval_batch_size,
+            engine=make_engine(config.engine, max_memory=config.max_memory_bytes()), seed=config.seed, eval_batch_size=config.eval_batch_size, eval_train=config.eval_train,
             on_client=lambda update: bar.update(1), on_round=on_round,
         )
     finally:

@@ -20,6 +20,7 @@ class RoundRecord:
     train_accuracy: float | None = None
     federated_loss: float | None = None
     federated_accuracy: float | None = None
+    global_train_loss: float | None = None  # the global model on all training data (eval_train)
     seconds: float = 0.0  # the whole round
     train_seconds: float = 0.0  # selection, client training and aggregation (no evaluation)
     dropped: tuple[int, ...] = ()  # selected clients that never reported (dropout, dropped stragglers)

@@ -106,6 +106,7 @@ def simulate(
     engine: Engine | None = None,
     seed: int = 0,
     eval_batch_size: int = 1024,
+    eval_train: bool = False,
     scenario: Scenario = Scenario(),
     on_client: Callable[[ClientUpdate], None] | None = None,
     on_round: Callable[[RoundRecord, ServerState], None] | None = None,
@@ -119,6 +120,8 @@ def simulate(
         model: its current weights are the initial global model; it is used, not changed.
         clients_per_round: a count, or a float in (0, 1] for a fraction of the clients.
         scenario: unequal work, stragglers, dropouts and attacks (none by default).
+        eval_train: also evaluate the global model on all clients' training data every round
+            (the global objective that FedProx's paper plots).
         on_client: called with each client update as it arrives.
         on_round: called after every round (and after the initial evaluation, round 0).
     """
@@ -154,6 +157,7 @@ def simulate(
                 trained: float, dropped: tuple[int, ...] = ()) -> RoundRecord:
         test = evaluate(model, state.params, data.test, batch_size=eval_batch_size) if data.test is not None else None
         fed = evaluate(model, state.params, federated_test, batch_size=eval_batch_size) if federated_test else None
+        on_train = evaluate(model, state.params, pool, batch_size=eval_batch_size) if eval_train else None
         return RoundRecord(
             round=state.round,
             clients=clients_,
@@ -163,6 +167,7 @@ def simulate(
             train_accuracy=tally and tally.mean(tally.accuracy),
             federated_loss=fed and fed.loss,
             federated_accuracy=fed and fed.accuracy,
+            global_train_loss=on_train and on_train.loss,
             seconds=time.perf_counter() - started,
             train_seconds=trained - started,
             dropped=dropped,

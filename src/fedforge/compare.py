@@ -1,0 +1,161 @@
+"""Several runs of one experiment side by side: same data, partition, seed and selected clients.
+
+Every run is the base Config with a few settings changed; since every random choice derives
+from the seed, runs that share it share the partition and the clients selected each round.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import atomic_write
+from .config import Config, read_toml
+from .errors import ConfigError, DivergenceError
+from .history import History
+from .report import save_figure
+
+
+@dataclass(frozen=True)
+class ComparedRun:
+    label: str
+    config: Config
+    history: History
+    wall_seconds: float
+    diverged: str | None = None  # why training stopped early, if it did
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.history.final.test_accuracy
+
+    @property
+    def best_accuracy(self) -> float:
+        return max(a for a in self.history.column("test_accuracy") if a is not None)
+
+    def rounds_to(self, target: float) -> int | None:
+        """The first round whose test accuracy reached `target`, or None."""
+        return next((r.round for r in self.history.records if (r.test_accuracy or 0) >= target), None)
+
+
+def variants_from_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Named runs from a TOML file of tables: [fedprox] strategy = "fedprox" ..."""
+    tables = read_toml(path)
+    for label, overrides in tables.items():
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{path}: {label!r} must be a table of settings, like [{label}]")
+    return tables
+
+
+def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], threads: int):
+    """Run one variant; a run that diverges is reported with the rounds it completed."""
+    from .experiment import run_experiment
+
+    torch.set_num_threads(threads)
+    config = Config.from_dict({**base, **overrides, "name": label}, source=f"run {label!r}")
+    started = time.perf_counter()
+    try:
+        history, diverged = run_experiment(config, progress=False, verbose=False).history.to_json(), None
+    except DivergenceError as e:  # e.g. FedAvg under attack: the collapse is the result
+        history = (Path(config.out_dir) / label / "history.json").read_text()
+        diverged = str(e)
+    return label, history, time.perf_counter() - started, diverged
+
+
+def compare(
+    base: Config, variants: dict[str, dict[str, Any]], *, out_dir: str | os.PathLike, jobs: int = 1
+) -> list[ComparedRun]:
+    """Run every variant (base settings + its overrides) and return them in the given order.
+
+    Each run writes its usual outputs to `out_dir/<label>/`. With jobs > 1 the runs go to
+    that many worker processes, each with its share of the CPU threads.
+    """
+    if not variants:
+        raise ConfigError("nothing to compare: give --strategies or --runs")
+    base_values = {k: v for k, v in base.__dict__.items() if v is not None}
+    base_values["out_dir"] = str(out_dir)
+    for label, overrides in variants.items():  # validate everything before running anything
+        Config.from_dict({**base_values, **overrides, "name": label}, source=f"run {label!r}")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if jobs == 1:
+        results = [_run_one(base_values, label, o, torch.get_num_threads()) for label, o in variants.items()]
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_run_one, base_values, label, o, threads) for label, o in variants.items()]
+            results = [f.result() for f in futures]
+    return [
+        ComparedRun(label, Config.from_dict({**base_values, **variants[label], "name": label}),
+                    History.from_json(history), wall, diverged)
+        for label, history, wall, diverged in results
+    ]
+
+
+def comparison_table(runs: list[ComparedRun], target: float | None = None) -> str:
+    """A Markdown table: final and best accuracy, rounds to `target`, wall time."""
+    head = ["run", "final accuracy", "best accuracy"] + ([f"rounds to {target:.2%}"] if target else []) + ["wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        final = f"{run.final_accuracy:.4f}"
+        if run.diverged:
+            final += f" (diverged in round {run.history.final.round + 1})"
+        row = [run.label, final, f"{run.best_accuracy:.4f}"]
+        if target:
+            reached = run.rounds_to(target)
+            row.append(str(reached) if reached is not None else "not reached")
+        row.append(f"{run.wall_seconds:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: str = "") -> None:
+    """Test accuracy and training loss per round, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        records = run.history.records
+        acc_ax.plot([r.round for r in records], [r.test_accuracy for r in records], label=run.label)
+        # The global model's loss on the training data when measured, else the clients' own.
+        key = "global_train_loss" if records[-1].global_train_loss is not None else "train_loss"
+        points = [(r.round, getattr(r, key)) for r in records if getattr(r, key) is not None]
+        loss_ax.plot(*zip(*points), label=run.label)
+    loss_name = "global model on training data" if runs[0].history.final.global_train_loss is not None \
+        else "clients' training loss"
+    acc_ax.set(xlabel="round", ylabel="test accuracy", title="test accuracy")
+    loss_ax.set(xlabel="round", ylabel="loss", title=f"training loss ({loss_name})", yscale="log")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def write_comparison(runs: list[ComparedRun], out_dir: str | os.PathLike, *, target: float | None, title: str) -> str:
+    """comparison.md, comparison.csv and comparison.png in `out_dir`; returns the table."""
+    out_dir = Path(out_dir)
+    table = comparison_table(runs, target)
+    with atomic_write(out_dir / "comparison.md") as f:
+        f.write(table + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["run", "round", "test_accuracy", "test_loss", "train_loss", "global_train_loss", "seconds"])
+    for run in runs:
+        for r in run.history.records:
+            writer.writerow([run.label, r.round, r.test_accuracy, r.test_loss, r.train_loss, r.global_train_loss,
+                             r.seconds])
+    with atomic_write(out_dir / "comparison.csv") as f:
+        f.write(buffer.getvalue())
+    plot_comparison(runs, out_dir / "comparison.png", title=title)
+    return table

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from fedforge.cli import main
+from fedforge.compare import compare, comparison_table
+from fedforge.config import Config
+from fedforge.errors import ConfigError
+
+BASE = Config(dataset="synthetic", num_clients=6, clients_per_round=3, model="logreg", rounds=3, batch_size=10)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_runs_share_partition_seed_and_selected_clients(tmp_path, jobs):
+    runs = compare(BASE, {"fedavg": {"strategy": "fedavg"}, "fedprox": {"strategy": "fedprox", "proximal_mu": 1.0},
+                          "lr": {"lr": 0.1}}, out_dir=tmp_path, jobs=jobs)
+    assert [r.label for r in runs] == ["fedavg", "fedprox", "lr"]
+    clients = [r.history.column("clients") for r in runs]
+    assert clients[0] == clients[1] == clients[2] and len(clients[0]) == 4
+    assert runs[0].history.final.test_accuracy != runs[2].history.final.test_accuracy
+    assert runs[1].config.proximal_mu == 1.0
+    for r in runs:
+        assert (tmp_path / r.label / "history.json").exists()
+
+
+def test_table_and_rounds_to_target(tmp_path):
+    runs = compare(BASE, {"a": {}}, out_dir=tmp_path)
+    accuracies = runs[0].history.column("test_accuracy")
+    target = accuracies[2]
+    table = comparison_table(runs, target=target)
+    first = next(i for i, a in enumerate(accuracies) if a >= target)
+    assert table.splitlines()[2].split(" | ")[3] == str(first)
+    assert "not reached" in comparison_table(runs, target=1.01)
+
+
+def test_bad_variant_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="run 'x': unknown key 'proximal'"):
+        compare(BASE, {"ok": {}, "x": {"proximal": 1}}, out_dir=tmp_path)
+    assert not (tmp_path / "ok").exists()
+
+
+def test_compare_command(tmp_path, capsys):
+    runs_file = tmp_path / "runs.toml"
+    runs_file.write_text('[prox]\nstrategy = "fedprox"\nproximal_mu = 0.5\n')
+    code = main(["compare", "--dataset", "synthetic", "--num-clients", "6", "--clients-per-round", "3",
+                 "--model", "logreg", "--rounds", "2", "--strategies", "fedavg", "median", "--runs", str(runs_file),
+                 "--out-dir", str(tmp_path), "--name", "c", "--target", "0.5"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| fedavg |" in out and "| median |" in out and "| prox |" in out
+    for name in ("comparison.md", "comparison.csv", "comparison.png"):
+        assert (tmp_path / "c" / name).exists()
+    assert json.loads((tmp_path / "c" / "prox" / "history.json").read_text())["rounds"][-1]["round"] == 2
+
+
+def test_a_diverging_run_is_reported_not_fatal(tmp_path):
+    runs = compare(BASE, {"ok": {}, "boom": {"lr": 1e30, "model": "mlp"}}, out_dir=tmp_path)
+    assert runs[0].diverged is None and runs[1].diverged and "diverged" in runs[1].diverged
+    assert "diverged in round 1" in comparison_table(runs)
