@@ -11,7 +11,7 @@ import torch
 
 from ..client import ClientUpdate
 from ..errors import ConfigError
-from .base import ServerState, StrategyBase, step_params, weighted_mean_delta
+from .base import ServerState, StrategyBase, check_server_lr, step_params, weighted_mean_delta
 
 RULES = ("adagrad", "adam", "yogi")
 
@@ -55,8 +55,7 @@ class _Adaptive(StrategyBase):
     rule = "adam"
 
     def __post_init__(self):
-        if not self.server_lr > 0:
-            raise ConfigError(f"server_lr must be > 0, got {self.server_lr}")
+        check_server_lr(self.server_lr)
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from ..client import ClientPlan, ClientUpdate, State
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,11 @@ def stack_deltas(updates: Iterable[ClientUpdate]) -> tuple[list[ClientUpdate], S
     stacked = {k: torch.stack([u.delta[k].to(_accumulator_dtype(u.delta[k])) for u in updates])
                for k in updates[0].delta}
     return updates, stacked
+
+
+def check_server_lr(server_lr: float) -> None:
+    if not server_lr > 0:
+        raise ConfigError(f"server_lr must be > 0, got {server_lr}")
 
 
 def float_keys(state: State) -> list[str]:

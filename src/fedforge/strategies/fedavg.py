@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..client import ClientPlan, ClientUpdate, State
 from ..errors import ConfigError
-from .base import ServerState, StrategyBase, step_params, weighted_mean_delta
+from .base import ServerState, StrategyBase, check_server_lr, step_params, weighted_mean_delta
 
 
 def fedavg(state: ServerState, updates: Iterable[ClientUpdate], *, server_lr: float = 1.0) -> ServerState:
@@ -41,11 +41,6 @@ def fedavgm(
     return ServerState(step_params(state.params, step, server_lr), state.round + 1, {"velocity": velocity})
 
 
-def _check_server_lr(server_lr: float) -> None:
-    if not server_lr > 0:
-        raise ConfigError(f"server_lr must be > 0, got {server_lr}")
-
-
 @dataclass(frozen=True)
 class FedAvg(StrategyBase):
     """Weighted FedAvg with an optional server learning rate."""
@@ -54,7 +49,7 @@ class FedAvg(StrategyBase):
     name = "fedavg"
 
     def __post_init__(self):
-        _check_server_lr(self.server_lr)
+        check_server_lr(self.server_lr)
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         return fedavg(state, updates, server_lr=self.server_lr)
@@ -69,7 +64,7 @@ class FedAvgM(StrategyBase):
     name = "fedavgm"
 
     def __post_init__(self):
-        _check_server_lr(self.server_lr)
+        check_server_lr(self.server_lr)
         if not 0 <= self.server_momentum < 1:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
 
@@ -87,7 +82,7 @@ class FedProx(StrategyBase):
     name = "fedprox"
 
     def __post_init__(self):
-        _check_server_lr(self.server_lr)
+        check_server_lr(self.server_lr)
         if self.proximal_mu < 0:
             raise ConfigError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
 

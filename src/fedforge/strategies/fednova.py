@@ -7,8 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..client import ClientUpdate
-from ..errors import ConfigError
-from .base import RunningMean, ServerState, StrategyBase, step_params
+from .base import RunningMean, ServerState, StrategyBase, check_server_lr, step_params
 
 
 def normalizer(steps: int, momentum: float = 0.0) -> float:
@@ -52,8 +51,7 @@ class FedNova(StrategyBase):
     name = "fednova"
 
     def __post_init__(self):
-        if not self.server_lr > 0:
-            raise ConfigError(f"server_lr must be > 0, got {self.server_lr}")
+        check_server_lr(self.server_lr)
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         return fednova(state, updates, momentum=self.momentum, server_lr=self.server_lr)

@@ -10,7 +10,7 @@ import torch
 
 from ..client import ClientPlan, ClientUpdate, State
 from ..errors import ConfigError
-from .base import RunningMean, ServerState, StrategyBase, float_keys, step_params
+from .base import RunningMean, ServerState, StrategyBase, check_server_lr, float_keys, step_params
 
 
 def scaffold(
@@ -52,8 +52,7 @@ class Scaffold(StrategyBase):
     name = "scaffold"
 
     def __post_init__(self):
-        if not self.server_lr > 0:
-            raise ConfigError(f"server_lr must be > 0, got {self.server_lr}")
+        check_server_lr(self.server_lr)
         if self.num_clients < 1 or not self.client_lr > 0:
             raise ConfigError("scaffold needs num_clients >= 1 and client_lr > 0")
 
