@@ -1,0 +1,156 @@
+"""The wire format: tensors as raw bytes with an explicit schema, never pickle.
+
+A message is `MAGIC | kind (1 byte) | header length (4 bytes, big-endian) | header | payload`.
+The header is a UTF-8 JSON object; when the message carries tensors, its "tensors" entry lists
+them in payload order: {"name", "dtype", "shape", "encoding", "nbytes"} (+ "scale" for int8).
+Encodings: "raw" (the tensor's own bytes, little-endian), "fp16" (floats sent as float16) and
+"int8" (floats quantized symmetrically, one scale per tensor). Decoding checks every field and
+every length and raises WireError for anything else: a message is either fully understood or
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import torch
+
+MAGIC = b"FFW1"
+MAX_HEADER_BYTES = 1 << 20
+MAX_TENSORS = 4096
+MAX_ELEMENTS = 1 << 31
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+COMPRESSIONS = ("fp16", "int8")
+
+
+class Kind(IntEnum):
+    HELLO = 1  # client -> server: id and secret
+    WELCOME = 2  # server -> client: the run's settings
+    REJECT = 3  # server -> client: why it is refused
+    TASK = 4  # server -> client: train the global model, with a plan
+    UPDATE = 5  # client -> server: the trained delta
+    SHUTDOWN = 6  # server -> client: the run is over
+
+
+class WireError(ValueError):
+    """A message that is not well-formed; the reason is safe to log."""
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: Kind
+    header: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _encode_tensor(t: torch.Tensor, compression: str | None) -> tuple[dict[str, Any], bytes]:
+    t = t.detach().cpu().contiguous()
+    if t.dtype not in NAMES:
+        raise WireError(f"dtype {t.dtype} cannot be sent")
+    entry: dict[str, Any] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "encoding": "raw"}
+    if compression and t.is_floating_point():
+        if compression == "fp16":
+            entry["encoding"], t = "fp16", t.to(torch.float16)
+        elif compression == "int8":
+            peak = float(t.abs().max()) if t.numel() else 0.0
+            scale = peak / 127 if peak > 0 else 1.0
+            entry["encoding"], entry["scale"] = "int8", scale
+            t = torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8)
+        else:
+            raise WireError(f"unknown compression {compression!r} (choose from: {', '.join(COMPRESSIONS)})")
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    entry["nbytes"] = len(data)
+    return entry, data
+
+
+def encode(message: Message, *, compression: str | None = None) -> bytes:
+    """The bytes of `message`; float tensors compressed as `compression` says (None: exact)."""
+    header = dict(message.header)
+    parts = []
+    if message.tensors:
+        entries = []
+        for name, tensor in message.tensors.items():
+            entry, data = _encode_tensor(tensor, compression)
+            entries.append({"name": name, **entry})
+            parts.append(data)
+        header["tensors"] = entries
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    return MAGIC + struct.pack(">BI", int(message.kind), len(head)) + head + b"".join(parts)
+
+
+def _expect(condition: bool, reason: str) -> None:
+    if not condition:
+        raise WireError(reason)
+
+
+def _decode_tensor(entry: Any, payload: memoryview, offset: int) -> tuple[str, torch.Tensor, int]:
+    _expect(isinstance(entry, dict), "tensor entry is not an object")
+    name, dtype, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
+    encoding, nbytes = entry.get("encoding", "raw"), entry.get("nbytes")
+    _expect(isinstance(name, str) and 0 < len(name) <= 1000, "tensor name missing or too long")
+    _expect(dtype in DTYPES, f"tensor {name!r}: unknown dtype {dtype!r}")
+    _expect(isinstance(shape, list) and len(shape) <= 16 and all(type(d) is int and d >= 0 for d in shape),
+            f"tensor {name!r}: bad shape")
+    numel = math.prod(shape)
+    _expect(numel <= MAX_ELEMENTS, f"tensor {name!r}: too many elements")
+    target = DTYPES[dtype]
+    if encoding == "raw":
+        sent = target
+    elif encoding in ("fp16", "int8"):
+        _expect(target.is_floating_point, f"tensor {name!r}: {encoding} encoding of a non-float tensor")
+        sent = torch.float16 if encoding == "fp16" else torch.int8
+    else:
+        raise WireError(f"tensor {name!r}: unknown encoding {encoding!r}")
+    size = numel * sent.itemsize
+    _expect(type(nbytes) is int and nbytes == size, f"tensor {name!r}: nbytes does not match its shape")
+    _expect(offset + size <= len(payload), f"tensor {name!r}: payload too short")
+    raw = torch.frombuffer(bytearray(payload[offset:offset + size]), dtype=torch.uint8) if size else \
+        torch.empty(0, dtype=torch.uint8)
+    tensor = raw.view(sent).reshape(shape)
+    if encoding == "fp16":
+        tensor = tensor.to(target)
+    elif encoding == "int8":
+        scale = entry.get("scale")
+        _expect(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+                and scale > 0, f"tensor {name!r}: bad int8 scale")
+        tensor = (tensor.float() * scale).to(target)
+    return name, tensor, offset + size
+
+
+def decode(data: bytes, *, max_bytes: int | None = None) -> Message:
+    """Parse and check a message. Raises WireError with the reason when anything is off."""
+    _expect(isinstance(data, (bytes, bytearray, memoryview)), "message is not bytes")
+    _expect(max_bytes is None or len(data) <= max_bytes,
+            f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    _expect(len(data) >= len(MAGIC) + 5 and data[: len(MAGIC)] == MAGIC, "not a fedforge message (bad magic)")
+    kind_value, head_len = struct.unpack(">BI", data[len(MAGIC): len(MAGIC) + 5])
+    _expect(kind_value in Kind._value2member_map_, f"unknown message kind {kind_value}")
+    start = len(MAGIC) + 5
+    _expect(head_len <= MAX_HEADER_BYTES and start + head_len <= len(data), "header length out of range")
+    try:
+        header = json.loads(bytes(data[start:start + head_len]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise WireError(f"header is not JSON ({type(e).__name__})") from None
+    _expect(isinstance(header, dict), "header is not a JSON object")
+    payload = memoryview(data)[start + head_len:]
+    tensors: dict[str, torch.Tensor] = {}
+    entries = header.pop("tensors", [])
+    _expect(isinstance(entries, list) and len(entries) <= MAX_TENSORS, "tensors entry is not a list")
+    offset = 0
+    for entry in entries:
+        name, tensor, offset = _decode_tensor(entry, payload, offset)
+        _expect(name not in tensors, f"tensor {name!r} appears twice")
+        tensors[name] = tensor
+    _expect(offset == len(payload), f"{len(payload) - offset} bytes after the last tensor")
+    return Message(Kind(kind_value), header, tensors)
