@@ -20,7 +20,7 @@ def test_tutorial_experiment_on_fashion_mnist(tmp_path, fashion, capsys):
     out = capsys.readouterr().out
     run = tmp_path / "tutorial"
     assert sorted(p.name for p in run.iterdir()) == [
-        "accuracy.png", "config.toml", "history.csv", "history.json", "model.pt"]
+        "accuracy.png", "checkpoint.pt", "config.toml", "history.csv", "history.json", "model.pt"]
     history = json.loads((run / "history.json").read_text())["rounds"]
     assert [r["round"] for r in history] == [0, 1, 2, 3, 4, 5]
     assert all(len(r["clients"]) == 5 for r in history[1:])

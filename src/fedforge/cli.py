@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import typing
 from collections.abc import Sequence
 
 from .config import Config, field_types
-from .errors import DivergenceError, FedforgeError
+from .errors import ConfigError, DivergenceError, FedforgeError
+
+log = logging.getLogger("fedforge")
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
@@ -61,11 +64,25 @@ def _config(args: argparse.Namespace, keys: Sequence[str]) -> Config:
     return Config.load(args.config, overrides)
 
 
+_CONFIG_KEYS = [f.name for f in dataclasses.fields(Config)]
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in _CONFIG_KEYS if hasattr(args, k)}
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .experiment import run_experiment
 
-    config = _config(args, [f.name for f in dataclasses.fields(Config)])
-    outcome = run_experiment(config, progress=not args.quiet)
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = Config.load(run_dir / "config.toml", _overrides(args))
+        config = config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
+    else:
+        config = _config(args, _CONFIG_KEYS)
+    outcome = run_experiment(config, progress=not args.quiet, resume=bool(args.resume))
     final = outcome.history.final
     print(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds; outputs in {outcome.run_dir}")
     return 0
@@ -96,7 +113,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     from .compare import compare, variants_from_file, write_comparison
 
-    base = _config(args, [f.name for f in dataclasses.fields(Config)])
+    base = _config(args, _CONFIG_KEYS)
     variants = {name: {"strategy": name} for name in args.strategies or []}
     if args.runs:
         variants.update(variants_from_file(args.runs))
@@ -108,6 +125,77 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_server(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .network.auth import load_tokens
+    from .network.server import serve
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = Config.load(run_dir / "config.toml", _overrides(args))
+        config = config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
+    else:
+        config = _config(args, _CONFIG_KEYS)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("give both --tls-cert and --tls-key")
+    if not args.tls_cert and not args.insecure:
+        raise ConfigError("give --tls-cert and --tls-key, or --insecure for plaintext (testing only)")
+    tls = None
+    if args.tls_cert:
+        tls = (_read(args.tls_key), _read(args.tls_cert))
+    else:
+        log.warning("plaintext mode (--insecure): updates and secrets cross the network unencrypted")
+    outcome = serve(
+        config, address=args.address, tokens=load_tokens(args.tokens), tls=tls, min_clients=args.min_clients,
+        min_fit_clients=args.min_fit_clients or args.min_clients, round_timeout=args.round_timeout,
+        max_message_bytes=int(args.max_message_mb * 2**20), resume=bool(args.resume), progress=not args.quiet,
+        on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
+    )
+    print(f"final test accuracy {outcome.history.final.test_accuracy:.4f}; outputs in {outcome.run_dir}")
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from .network.auth import read_secret
+    from .network.client import PartitionOf, run_client
+
+    if not args.root_cert and not args.insecure:
+        raise ConfigError("give --root-cert (the CA that signed the server's certificate), or --insecure")
+    return run_client(
+        args.server, args.client_id, read_secret(args.token_file), PartitionOf.parse(args.partition_of),
+        root_cert=_read(args.root_cert) if args.root_cert else None, compression=args.compress,
+        max_message_bytes=int(args.max_message_mb * 2**20), give_up_after=args.give_up_after,
+    )
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    from .network.auth import enroll, write_secret
+
+    secret = enroll(args.tokens, args.client_id)
+    out = args.out or f"client-{args.client_id}.token"
+    write_secret(out, secret)
+    print(f"client {args.client_id} enrolled in {args.tokens}; its secret is in {out} (give it to that client only)")
+    return 0
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from .network.certs import make_certificates
+
+    paths = make_certificates(args.out, args.host or ["localhost", "127.0.0.1"])
+    print(f"CA: {paths['ca']} (clients: --root-cert)  server: {paths['cert']}, {paths['key']} "
+          f"(--tls-cert, --tls-key); for testing only")
+    return 0
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedforge", description="Federated learning simulations and deployments.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -115,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federated experiment (defaults: the tutorial's)")
     run.add_argument("--config", help="TOML file of settings; flags override it")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round "
+                                                         "(flags may change e.g. --rounds)")
     _add_config_flags(run)
     run.set_defaults(handler=_cmd_run)
 
@@ -129,6 +219,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(comp)
     comp.set_defaults(handler=_cmd_compare)
 
+    srv = sub.add_parser("server", help="run an experiment with clients that connect over the network")
+    srv.add_argument("--config", help="TOML file of settings; flags override it")
+    srv.add_argument("--address", default="0.0.0.0:8080", help="host:port to listen on (port 0: any free port)")
+    srv.add_argument("--tokens", required=True, help="client secrets file (fedforge enroll)")
+    srv.add_argument("--tls-cert", help="server certificate (PEM)")
+    srv.add_argument("--tls-key", help="server private key (PEM)")
+    srv.add_argument("--insecure", action="store_true", help="plaintext, no TLS: for testing only")
+    srv.add_argument("--min-clients", type=int, default=2, help="clients to wait for before round 1")
+    srv.add_argument("--min-fit-clients", type=int, help="updates a round needs, else it is retried "
+                                                          "(default: --min-clients)")
+    srv.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for updates")
+    srv.add_argument("--max-message-mb", type=float, default=256.0, help="largest update accepted")
+    srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
+    srv.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    srv.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    _add_config_flags(srv)
+    srv.set_defaults(handler=_cmd_server)
+
+    cli = sub.add_parser("client", help="train for a server, keeping the data here")
+    cli.add_argument("--server", required=True, help="host:port of the server")
+    cli.add_argument("--client-id", type=int, required=True)
+    cli.add_argument("--token-file", required=True, help="this client's secret (fedforge enroll)")
+    cli.add_argument("--partition-of", required=True, metavar="DATASET:INDEX/N",
+                     help="train on part INDEX of the run's N-way partition of DATASET")
+    cli.add_argument("--root-cert", help="CA certificate that signed the server's certificate (PEM)")
+    cli.add_argument("--insecure", action="store_true", help="plaintext, no TLS: for testing only")
+    cli.add_argument("--compress", choices=["fp16", "int8"], help="compress updates (lossy)")
+    cli.add_argument("--max-message-mb", type=float, default=256.0)
+    cli.add_argument("--give-up-after", type=float, help="exit after this many seconds without a server")
+    cli.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; give 1 when "
+                                                 "several clients share a machine)")
+    cli.set_defaults(handler=_cmd_client)
+
+    enr = sub.add_parser("enroll", help="issue a secret for a client id")
+    enr.add_argument("--tokens", required=True, help="the server's secrets file (created if missing)")
+    enr.add_argument("--client-id", type=int, required=True)
+    enr.add_argument("--out", help="where to write the client's secret (default: client-ID.token)")
+    enr.set_defaults(handler=_cmd_enroll)
+
+    crt = sub.add_parser("certs", help="create a self-signed CA and a server certificate (testing)")
+    crt.add_argument("--out", default="certs", help="folder for ca.pem, server.pem, server.key")
+    crt.add_argument("--host", action="append", help="host name or IP of the server (repeatable; "
+                                                     "default: localhost and 127.0.0.1)")
+    crt.set_defaults(handler=_cmd_certs)
+
     part = sub.add_parser("partition", help="show how a partition splits the data across clients")
     part.add_argument("--config", help="TOML file of settings; flags override it")
     part.add_argument("--plot", help="write a per-client label histogram to this PNG")
@@ -140,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.handler(args)
     except DivergenceError as e:

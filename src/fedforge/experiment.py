@@ -71,12 +71,32 @@ class RunOutcome:
     state: ServerState | None
 
 
-def run_experiment(config: Config, *, progress: bool = True, verbose: bool = True) -> RunOutcome:
+def save_checkpoint(run_dir: Path, state: ServerState, history: History) -> None:
+    """Everything needed to continue after `state.round`: written atomically after every round."""
+    with atomic_write(run_dir / "checkpoint.pt", "wb") as f:
+        torch.save({"params": {k: v.cpu() for k, v in state.params.items()}, "round": state.round,
+                    "extras": state.extras, "history": history.to_json()}, f)
+
+
+def load_checkpoint(run_dir: str | Path, device) -> tuple[ServerState, History]:
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.exists():
+        raise ConfigError(f"cannot resume: {path} does not exist")
+    # Our own file, written by save_checkpoint: it holds tensors, numbers and dicts only.
+    saved = torch.load(path, map_location=device, weights_only=True)
+    state = ServerState({k: v.to(device) for k, v in saved["params"].items()}, saved["round"], saved["extras"])
+    return state, History.from_json(saved["history"])
+
+
+def run_experiment(config: Config, *, progress: bool = True, verbose: bool = True, engine=None,
+                   resume: bool = False) -> RunOutcome:
     """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`.
 
-    History and model are rewritten (atomically) after every round, so whatever stops the
-    run (Ctrl-C, divergence) leaves the completed rounds on disk; the plot is drawn at the end
-    or on the way out.
+    History, model and a checkpoint are rewritten (atomically) after every round, so whatever
+    stops the run (Ctrl-C, divergence, a crash) leaves the completed rounds on disk, and
+    `resume=True` continues the run in `out_dir/name` from its last completed round. The plot
+    is drawn at the end or on the way out. `engine` replaces the one `config` names (the
+    server passes its network engine).
     """
     device = resolve_device(config.device)
     dataset, data = load(config, progress=progress)
@@ -85,11 +105,12 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
     config = config.replace(name=run_name(config))
     run_dir = Path(config.out_dir) / config.name
+    start = load_checkpoint(run_dir, device) if resume else None
     with atomic_write(run_dir / "config.toml") as f:
         f.write(config.to_toml())
 
-    records: list[RoundRecord] = []
-    last: list[ServerState] = []
+    records: list[RoundRecord] = list(start[1].records) if start else []
+    last: list[ServerState] = [start[0]] if start else []
     bar = tqdm(total=config.rounds * k, unit="client", disable=None if progress else True, leave=False)
 
     def on_round(record: RoundRecord, state: ServerState) -> None:
@@ -97,6 +118,7 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
         last[:] = [state]
         write_history(run_dir, History(records))
         write_model(run_dir, state.params)
+        save_checkpoint(run_dir, state, History(records))
         bar.set_postfix(round=record.round, acc=f"{record.test_accuracy:.4f}")
         if verbose:
             tqdm.write(round_line(record, config.rounds))
@@ -105,8 +127,9 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
         simulate(
             model, data, rounds=config.rounds, clients_per_round=k, client=config.client_config(),
             strategy=config.strategy_object(), scenario=config.scenario(),
-            engine=make_engine(config.engine, max_memory=config.max_memory_bytes()), seed=config.seed, eval_batch_size=config.eval_batch_size, eval_train=config.eval_train,
+            engine=engine or make_engine(config.engine, max_memory=config.max_memory_bytes()), seed=config.seed, eval_batch_size=config.eval_batch_size, eval_train=config.eval_train,
             on_client=lambda update: bar.update(1), on_round=on_round,
+            resume=(start[0], start[1].records) if start else None,
         )
     finally:
         bar.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -14,11 +15,14 @@ from . import _seeding
 from .client import ClientConfig, ClientUpdate
 from .data.datasets import TensorData
 from .engines import ClientTask, Engine, SequentialEngine
-from .errors import ConfigError
+from .engines.base import RoundFailed
+from .errors import ConfigError, FedforgeError
 from .evaluation import evaluate
 from .history import History, RoundRecord
 from .scenarios import Scenario, attack_update, client_work, flip_labels, malicious_clients
 from .strategies import FedAvg, ServerState, Strategy
+
+log = logging.getLogger("fedforge")
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ def simulate(
     scenario: Scenario = Scenario(),
     on_client: Callable[[ClientUpdate], None] | None = None,
     on_round: Callable[[RoundRecord, ServerState], None] | None = None,
+    resume: tuple[ServerState, Sequence[RoundRecord]] | None = None,
+    max_round_attempts: int = 10,
 ) -> SimulationResult:
     """Run federated training of `model` over `data` for `rounds` rounds.
 
@@ -124,6 +130,11 @@ def simulate(
             (the global objective that FedProx's paper plots).
         on_client: called with each client update as it arrives.
         on_round: called after every round (and after the initial evaluation, round 0).
+        resume: the state and records of the rounds already completed, to continue a run
+            (every random choice derives from the seed and the round, so the continuation is
+            the same as an uninterrupted run).
+        max_round_attempts: how often a round whose engine raises RoundFailed (too few clients
+            reported) is retried with a new selection before the run gives up.
     """
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
@@ -174,22 +185,35 @@ def simulate(
         )
 
     started = time.perf_counter()
-    state = strategy.init({k_: v.detach() for k_, v in model.state_dict().items()})
-    records = [measure(state, (), None, started, started)]
-    if on_round is not None:
-        on_round(records[-1], state)
+    if resume is not None:
+        state, records = resume[0], list(resume[1])
+    else:
+        state = strategy.init({k_: v.detach() for k_, v in model.state_dict().items()})
+        records = [measure(state, (), None, started, started)]
+        if on_round is not None:
+            on_round(records[-1], state)
     while state.round < rounds:
         started = time.perf_counter()
         r = state.round + 1
-        selected = select_clients(data.num_clients, k, _seeding.generator(seed, _seeding.SELECTION, r))
-        work, dropped = client_work(scenario, selected, [len(clients[c]) for c in selected], client, seed, r)
-        tasks = [
-            ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c), pool, starts[c],
-                       replace(strategy.plan(state, c), epochs=work[c].epochs, max_steps=work[c].max_steps))
-            for c in selected if c not in dropped
-        ]
-        tally = _Tally(on_client, attack)
-        state = strategy.aggregate(state, tally.tap(engine.run(model, state.params, tasks, client)))
+        for attempt in range(max_round_attempts):
+            # A retried round draws a new selection; the first draw is the simulation's.
+            keys = (_seeding.SELECTION, r) if attempt == 0 else (_seeding.SELECTION, r, attempt)
+            selected = select_clients(data.num_clients, k, _seeding.generator(seed, *keys))
+            work, dropped = client_work(scenario, selected, [len(clients[c]) for c in selected], client, seed, r)
+            tasks = [
+                ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c), pool,
+                           starts[c], replace(strategy.plan(state, c), epochs=work[c].epochs,
+                                              max_steps=work[c].max_steps))
+                for c in selected if c not in dropped
+            ]
+            tally = _Tally(on_client, attack)
+            try:
+                state = strategy.aggregate(state, tally.tap(engine.run(model, state.params, tasks, client)))
+                break
+            except RoundFailed as e:
+                log.warning("round %d, attempt %d failed (%s); retrying with a new selection", r, attempt + 1, e)
+        else:
+            raise FedforgeError(f"round {r} failed {max_round_attempts} times: too few clients report")
         records.append(measure(state, tuple(selected), tally, started, time.perf_counter(), dropped))
         if on_round is not None:
             on_round(records[-1], state)

@@ -37,7 +37,14 @@ def test_iid_equal_sizes(n, clients, seed):
 @given(data=labels_strategy(), clients=st.integers(1, 8), alpha=st.floats(0.05, 100))
 def test_dirichlet_disjoint_cover_and_min_size(data, clients, alpha):
     labels, _, seed = data
-    parts = dirichlet(labels, clients, alpha=alpha, rng=np.random.default_rng(seed), min_size=1)
+    try:
+        parts = dirichlet(labels, clients, alpha=alpha, rng=np.random.default_rng(seed), min_size=1)
+    except ConfigError as e:
+        # NIID-Bench's cuts round down, so tiny classes can starve clients; that must be a clear
+        # error, and only where data per client is scarce.
+        assert "use fewer clients" in str(e)
+        assert len(labels) < 20 * clients
+        return
     assert_disjoint_cover(parts, len(labels))
     assert min(len(p) for p in parts) >= 1
 

@@ -29,6 +29,10 @@ class ClientTask:
     plan: ClientPlan = ClientPlan()
 
 
+class RoundFailed(Exception):
+    """Too few clients reported this round; the round loop retries it with a new selection."""
+
+
 class Engine(Protocol):
     name: str
 

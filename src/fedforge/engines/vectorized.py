@@ -135,7 +135,7 @@ class VectorizedEngine:
             yield from updates
 
     def _fall_back(self, reason: Exception) -> None:
-        log.warning("fedforge: the vectorized engine cannot batch this model (%s); "
+        log.warning("the vectorized engine cannot batch this model (%s); "
                     "training its clients sequentially", reason)
         self._fallback = SequentialEngine()
 

@@ -1,0 +1,156 @@
+"""The client side of a deployment: connect, authenticate, train when asked, reconnect.
+
+A client keeps its data; only model updates travel. It trains with the sequential engine, so
+a networked round computes what the simulation computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import re
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from ..client import ClientPlan, ClientUpdate
+from ..config import Config
+from ..data.datasets import TensorData
+from ..engines import ClientTask, SequentialEngine
+from ..errors import ConfigError
+from ..models import build_model
+from .server import METHOD, channel_options
+from .wire import Kind, Message, WireError, decode, encode
+
+log = logging.getLogger("fedforge.client")
+
+
+@dataclass(frozen=True)
+class PartitionOf:
+    """`DATASET:INDEX/N`: client INDEX of the run's N-way partition of DATASET (demos, tests)."""
+
+    dataset: str
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> PartitionOf:
+        match = re.fullmatch(r"([\w-]+):(\d+)/(\d+)", text)
+        if not match or not int(match.group(2)) < int(match.group(3)):
+            raise ConfigError(f"--partition-of must look like fashion-mnist:3/10 (index < count), got {text!r}")
+        return cls(match.group(1), int(match.group(2)), int(match.group(3)))
+
+    def load(self, config: Config) -> TensorData:
+        from ..experiment import load
+
+        if (config.dataset, config.num_clients) != (self.dataset, self.count):
+            raise ConfigError(f"this client holds part {self.index} of {self.dataset}/{self.count}, but the server "
+                              f"runs {config.dataset} over {config.num_clients} clients")
+        _, data = load(config, progress=False)
+        return data.train.subset(data.partition[self.index])
+
+
+class Refused(Exception):
+    """The server refused this client; retrying would not help."""
+
+
+class _Trainer:
+    """The run's model and this client's data, set up once from the server's settings."""
+
+    def __init__(self, config: Config, data: TensorData):
+        self.config = config
+        self.data = data
+        self.model = build_model(config.model, tuple(data.x.shape[1:]), _num_classes(config), seed=config.seed)
+        self.engine = SequentialEngine()
+
+    def train(self, client_id: int, task: Message) -> ClientUpdate:
+        h = task.header
+        global_state = {k[len("global/"):]: v for k, v in task.tensors.items() if k.startswith("global/")}
+        correction = {k[len("correction/"):]: v for k, v in task.tensors.items() if k.startswith("correction/")}
+        plan = ClientPlan(epochs=h.get("epochs"), max_steps=h.get("max_steps"), proximal_mu=h.get("proximal_mu", 0.0),
+                          correction=correction or None, measure_initial_loss=bool(h.get("measure_initial_loss")))
+        task_ = ClientTask(client_id, self.data, int(h["seed"]), plan=plan)
+        return next(iter(self.engine.run(self.model, global_state, [task_], self.config.client_config())))
+
+
+def _num_classes(config: Config) -> int:
+    from ..data.datasets import DATASETS
+
+    return DATASETS[config.dataset].num_classes if config.dataset in DATASETS else 10
+
+
+def update_message(task_id: int, update: ClientUpdate) -> Message:
+    header = {"task": task_id, "num_examples": update.num_examples, "num_steps": update.num_steps,
+              "train_loss": update.train_loss, "train_accuracy": update.train_accuracy,
+              "initial_loss": update.initial_loss}
+    return Message(Kind.UPDATE, header, {f"delta/{k}": v for k, v in update.delta.items()})
+
+
+def _channel(server: str, root_cert: bytes | None, max_message_bytes: int) -> grpc.Channel:
+    # Our own loop does the backing off: gRPC's (up to 120 s, shared by every channel to the same
+    # server through the global subchannel pool) would otherwise keep a reconnect waiting.
+    options = channel_options(max_message_bytes) + [
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+    if root_cert is None:
+        return grpc.insecure_channel(server, options=options)
+    return grpc.secure_channel(server, grpc.ssl_channel_credentials(root_certificates=root_cert), options=options)
+
+
+def run_client(
+    server: str, client_id: int, secret: str, partition: PartitionOf, *, root_cert: bytes | None,
+    compression: str | None = None, max_message_bytes: int = 256 << 20, max_backoff: float = 30.0,
+    give_up_after: float | None = None,
+) -> int:
+    """Serve the federation until it shuts down; returns the exit status (0 done, 1 refused).
+
+    When the connection breaks (the server restarts, the network drops) the client reconnects
+    with exponential backoff and jitter, up to `max_backoff` seconds between tries; it gives up
+    after `give_up_after` seconds without a connection (None: never).
+    """
+    trainer: _Trainer | None = None
+    backoff, last_contact = 0.5, time.monotonic()
+    while True:
+        outbox: queue.Queue = queue.Queue()
+        outbox.put(encode(Message(Kind.HELLO, {"client_id": client_id, "secret": secret})))
+        channel = _channel(server, root_cert, max_message_bytes)
+        try:
+            stub = channel.stream_stream(METHOD)
+            for raw in stub(iter(outbox.get, None)):
+                message = decode(raw, max_bytes=4 * max_message_bytes)
+                last_contact, backoff = time.monotonic(), 0.5
+                if message.kind == Kind.REJECT:
+                    raise Refused(message.header.get("reason", "no reason given"))
+                if message.kind == Kind.SHUTDOWN:
+                    log.info("client %d: the server finished the run", client_id)
+                    outbox.put(None)
+                    return 0
+                if message.kind == Kind.WELCOME and trainer is None:
+                    config = Config.from_dict(message.header["config"], source="server settings")
+                    trainer = _Trainer(config, partition.load(config))
+                    log.info("client %d: joined (%d examples)", client_id, len(trainer.data))
+                elif message.kind == Kind.TASK and trainer is not None:
+                    update = trainer.train(client_id, message)
+                    outbox.put(encode(update_message(message.header["task"], update), compression=compression))
+        except Refused as e:
+            log.error("client %d: refused by the server: %s", client_id, e)
+            return 1
+        except (grpc.RpcError, WireError) as e:
+            detail = e.code().name if isinstance(e, grpc.RpcError) else str(e)
+            log.warning("client %d: connection lost (%s); retrying in %.1f s", client_id, detail, backoff)
+        finally:
+            outbox.put(None)
+            channel.close()
+        if give_up_after is not None and time.monotonic() - last_contact > give_up_after:
+            log.error("client %d: no server for %.0f s; giving up", client_id, give_up_after)
+            return 2
+        time.sleep(backoff * random.uniform(0.5, 1.5))
+        backoff = min(2 * backoff, max_backoff)
+
+
+__all__ = ["PartitionOf", "run_client", "update_message"]

@@ -1,0 +1,140 @@
+"""Server and clients as separate processes on 127.0.0.1, over real gRPC sockets."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from conftest import BASE, free_port
+from fedforge.cli import main as fedforge
+
+
+def simulated_model(tmp_path, *flags):
+    assert fedforge(["run", "-q", *BASE, *flags, "--out-dir", str(tmp_path / "sim"), "--name", "sim"]) == 0
+    return torch.load(tmp_path / "sim" / "sim" / "model.pt")
+
+
+def assert_same_model(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_all_alive_equals_the_simulation(cluster, tmp_path, strategy):
+    flags = ["--rounds", "3", "--strategy", strategy]
+    server, port = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags)
+    clients = [cluster.client(i, port) for i in range(3)]
+    assert server.wait(60) == 0, server.text()
+    assert all(c.wait(30) == 0 for c in clients)
+    assert "plaintext mode" in server.text()
+    networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
+    assert_same_model(networked, simulated_model(tmp_path, *flags))
+
+
+def test_refusals_are_logged_and_training_continues(cluster, tmp_path):
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "4",
+                                  "--max-message-mb", "0.05", "--round-timeout", "4", *BASE)
+    good = [cluster.client(0, port), cluster.client(1, port)]
+    server.wait_for("client 0 connected")
+    server.wait_for("client 1 connected")
+    wrong_secret = cluster.client(2, port, token="client-3.token", name="wrong-secret")
+    duplicate = cluster.client(0, port, name="duplicate")
+    unknown = cluster.client(9, port, token="client-3.token", name="unknown", part=2)
+    assert wrong_secret.wait(30) == 1 and duplicate.wait(30) == 1 and unknown.wait(30) == 1
+    evil = cluster.stub(2, port, "shape,nan,oversized,late")
+    assert server.wait(90) == 0, server.text()
+    log = server.text()
+    assert "wrong secret for client 2" in log
+    assert "client 0 is already connected" in log
+    assert "unknown client id 9" in log
+    assert "refused the update of client 2: 1.weight: (3, 3)" in log or "refused the update of client 2" in log
+    assert "refused the update of client 2: it holds NaN" in log
+    assert "exceeds the limit" in log
+    assert "discarded an update from client 2" in log and "late or not selected" in log
+    assert "refused by the server: wrong secret" in wrong_secret.text()
+    history = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in history] == [0, 1, 2, 3, 4]
+    assert history[-1]["test_accuracy"] > history[0]["test_accuracy"]
+    evil.kill()
+
+
+def test_tls_with_the_right_and_a_wrong_root_certificate(cluster, tmp_path):
+    cluster.fedforge("certs", "--out", "certs")
+    cluster.fedforge("certs", "--out", "other")
+    server, port = cluster.server("--tls-cert", "certs/server.pem", "--tls-key", "certs/server.key",
+                                  "--min-clients", "3", "--rounds", "2", *BASE)
+    impostor = cluster.client(3, port, "--root-cert", "other/ca.pem", "--give-up-after", "2", name="wrong-ca", part=0)
+    clients = [cluster.client(i, port, "--root-cert", "certs/ca.pem") for i in range(3)]
+    assert impostor.wait(60) == 2  # never got through the TLS handshake
+    assert "UNAVAILABLE" in impostor.text()
+    assert server.wait(60) == 0, server.text()
+    assert all(c.wait(30) == 0 for c in clients)
+    assert "plaintext" not in server.text()
+
+
+def test_killing_a_client_mid_round_does_not_hang_the_round(cluster, tmp_path):
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "3",
+                                  "--round-timeout", "120", *BASE)
+    clients = [cluster.client(0, port), cluster.client(1, port)]
+    stuck = cluster.stub(2, port, "hang")
+    stuck.wait_for("task 1")
+    started = time.monotonic()
+    stuck.kill()  # kill -9 while it holds round 1's task
+    assert server.wait(60) == 0, server.text()
+    assert time.monotonic() - started < 30  # far from the 120 s round timeout
+    assert "client 2 disconnected mid-round; dropped from the round" in server.text()
+    assert all(c.wait(30) == 0 for c in clients)
+
+
+def test_server_killed_after_round_2_resumes_to_the_same_result(cluster, tmp_path):
+    flags = ["--rounds", "5", "--local-epochs", "20"]
+    port = free_port()
+    server, _ = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags, port=port)
+    clients = [cluster.client(i, port) for i in range(3)]
+    history = tmp_path / "runs" / "net" / "history.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if history.exists() and len(json.loads(history.read_text())["rounds"]) >= 3:
+            break
+        time.sleep(0.02)
+    server.kill()  # kill -9 after round 2
+    done = len(json.loads(history.read_text())["rounds"]) - 1
+    assert 2 <= done < 5
+    resumed, _ = cluster.server("--insecure", "--min-clients", "3", "--resume", "runs/net", port=port, name="resumed")
+    assert resumed.wait(90) == 0, resumed.text()
+    assert all(c.wait(30) == 0 for c in clients)
+    assert any("connection lost" in c.text() for c in clients)  # they reconnected on their own
+    rounds = json.loads(history.read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4, 5]
+    # Clients train as the sequential engine does (20 local epochs would grow the round-off
+    # between the two engines past assert_close's tolerance).
+    reference = simulated_model(tmp_path, *flags, "--engine", "sequential")
+    assert_same_model(torch.load(tmp_path / "runs" / "net" / "model.pt"), reference)
+
+
+def test_enroll_command(tmp_path):
+    assert fedforge(["enroll", "--tokens", str(tmp_path / "t.json"), "--client-id", "7",
+                     "--out", str(tmp_path / "7.token")]) == 0
+    from fedforge.network.auth import load_tokens, read_secret, verify
+
+    tokens = load_tokens(tmp_path / "t.json")
+    assert verify(tokens, 7, read_secret(tmp_path / "7.token")) is None
+    assert verify(tokens, 7, "guess") == "wrong secret for client 7"
+    assert (tmp_path / "7.token").stat().st_mode & 0o077 == 0  # readable by its owner only
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["server", "--tokens", "missing.json", "--insecure"], "token file missing.json not found"),
+    (["server", "--tokens", "t.json"], "give --tls-cert and --tls-key, or --insecure"),
+    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "a:1/2"],
+     "give --root-cert"),
+    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:5/2",
+      "--insecure"], "token file t not found"),
+])
+def test_deployment_flags_errors(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.json").write_text('{"clients": {}}')
+    assert fedforge(argv) == 2
+    assert message in capsys.readouterr().err
