@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import blobs
+from helpers import blobs
 from fedforge import fastmlp
 from fedforge.client import ClientConfig, ClientPlan, epoch_orders, sgd, train_client
 from fedforge.errors import ConfigError, DivergenceError

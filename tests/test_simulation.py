@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import blobs
+from helpers import blobs
 from fedforge import ClientConfig, FederatedData, History, select_clients, simulate
 from fedforge.data import dirichlet, iid
 from fedforge.errors import ConfigError

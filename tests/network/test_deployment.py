@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from conftest import BASE, free_port
+from cluster import BASE, free_port
 from fedforge.cli import main as fedforge
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import blobs
+from helpers import blobs
 from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.client import ClientUpdate
 from fedforge.data import dirichlet
