@@ -148,7 +148,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         log.warning("plaintext mode (--insecure): updates and secrets cross the network unencrypted")
     outcome = serve(
         config, address=args.address, tokens=load_tokens(args.tokens), tls=tls, min_clients=args.min_clients,
-        min_fit_clients=args.min_fit_clients or args.min_clients, round_timeout=args.round_timeout,
+        min_fit_clients=args.min_fit_clients, round_timeout=args.round_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), resume=bool(args.resume), progress=not args.quiet,
         on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
     )
@@ -158,12 +158,15 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     from .network.auth import read_secret
-    from .network.client import PartitionOf, run_client
+    from .network.client import LocalData, PartitionOf, run_client
 
     if not args.root_cert and not args.insecure:
         raise ConfigError("give --root-cert (the CA that signed the server's certificate), or --insecure")
+    if bool(args.partition_of) == bool(args.data):
+        raise ConfigError("give either --data DIR (this client's own data) or --partition-of DATASET:INDEX/N")
+    data = PartitionOf.parse(args.partition_of) if args.partition_of else LocalData(args.data)
     return run_client(
-        args.server, args.client_id, read_secret(args.token_file), PartitionOf.parse(args.partition_of),
+        args.server, args.client_id, read_secret(args.token_file), data,
         root_cert=_read(args.root_cert) if args.root_cert else None, compression=args.compress,
         max_message_bytes=int(args.max_message_mb * 2**20), give_up_after=args.give_up_after,
     )
@@ -227,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-key", help="server private key (PEM)")
     srv.add_argument("--insecure", action="store_true", help="plaintext, no TLS: for testing only")
     srv.add_argument("--min-clients", type=int, default=2, help="clients to wait for before round 1")
-    srv.add_argument("--min-fit-clients", type=int, help="updates a round needs, else it is retried "
-                                                          "(default: --min-clients)")
+    srv.add_argument("--min-fit-clients", type=int, help="updates a round needs, else it is retried with a "
+                                                          "new selection (default: half the clients per round)")
     srv.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for updates")
     srv.add_argument("--max-message-mb", type=float, default=256.0, help="largest update accepted")
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
@@ -241,8 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--server", required=True, help="host:port of the server")
     cli.add_argument("--client-id", type=int, required=True)
     cli.add_argument("--token-file", required=True, help="this client's secret (fedforge enroll)")
-    cli.add_argument("--partition-of", required=True, metavar="DATASET:INDEX/N",
-                     help="train on part INDEX of the run's N-way partition of DATASET")
+    cli.add_argument("--data", metavar="DIR", help="this client's own data: DIR/train.npz (x, y) or the IDX "
+                                                   "pair train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]")
+    cli.add_argument("--partition-of", metavar="DATASET:INDEX/N",
+                     help="demos and tests: train on part INDEX of the run's N-way partition of DATASET")
     cli.add_argument("--root-cert", help="CA certificate that signed the server's certificate (PEM)")
     cli.add_argument("--insecure", action="store_true", help="plaintext, no TLS: for testing only")
     cli.add_argument("--compress", choices=["fp16", "int8"], help="compress updates (lossy)")

@@ -1,6 +1,7 @@
 """Server and clients as separate processes on 127.0.0.1, over real gRPC sockets."""
 
 import json
+import sys
 import time
 
 import pytest
@@ -130,7 +131,10 @@ def test_enroll_command(tmp_path):
     (["server", "--tokens", "t.json"], "give --tls-cert and --tls-key, or --insecure"),
     (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "a:1/2"],
      "give --root-cert"),
+    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--insecure"], "give either --data"),
     (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:5/2",
+      "--insecure"], "--partition-of must look like fashion-mnist:3/10 (index < count)"),
+    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:1/2",
       "--insecure"], "token file t not found"),
 ])
 def test_deployment_flags_errors(tmp_path, monkeypatch, capsys, argv, message):
@@ -138,3 +142,28 @@ def test_deployment_flags_errors(tmp_path, monkeypatch, capsys, argv, message):
     (tmp_path / "t.json").write_text('{"clients": {}}')
     assert fedforge(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_client_with_its_own_data_folder(cluster, tmp_path):
+    """--data DIR: the client's examples from its own train.npz, not from a demo partition."""
+    import numpy as np
+
+    from fedforge.data.synthetic import synthetic
+    from fedforge.experiment import load
+    from fedforge.config import Config
+
+    config = Config(dataset="synthetic", num_clients=3, clients_per_round=3, model="logreg", batch_size=10)
+    data = load(config, progress=False)[1]
+    part = data.train.subset(data.partition[2])
+    (tmp_path / "mine").mkdir()
+    np.savez(tmp_path / "mine" / "train.npz", x=part.x.numpy(), y=part.y.numpy())
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "2", *BASE)
+    clients = [cluster.client(i, port) for i in range(2)]
+    own = cluster.start("own-data", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
+                                     "--server", f"127.0.0.1:{port}", "--client-id", "2", "--token-file",
+                                     "client-2.token", "--data", "mine"])
+    assert server.wait(60) == 0, server.text()
+    assert own.wait(30) == 0 and "joined (%d examples)" % len(part) in own.text()
+    assert all(c.wait(30) == 0 for c in clients)
+    networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
+    assert_same_model(networked, simulated_model(tmp_path, "--rounds", "2"))

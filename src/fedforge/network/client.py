@@ -6,14 +6,17 @@ a networked round computes what the simulation computes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import random
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+import torch
 
 from ..client import ClientPlan, ClientUpdate
 from ..config import Config
@@ -43,13 +46,54 @@ class PartitionOf:
         return cls(match.group(1), int(match.group(2)), int(match.group(3)))
 
     def load(self, config: Config) -> TensorData:
-        from ..experiment import load
-
         if (config.dataset, config.num_clients) != (self.dataset, self.count):
             raise ConfigError(f"this client holds part {self.index} of {self.dataset}/{self.count}, but the server "
                               f"runs {config.dataset} over {config.num_clients} clients")
-        _, data = load(config, progress=False)
+        data = _federated(config)
         return data.train.subset(data.partition[self.index])
+
+
+@functools.lru_cache(maxsize=2)
+def _federated(config: Config):
+    """The run's partition, computed once per process however many clients it hosts."""
+    from ..experiment import load
+
+    return load(config, progress=False)[1]
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A client's own data in a folder: `train.npz` (arrays x and y) or the IDX pair
+    `train-images-idx3-ubyte[.gz]` and `train-labels-idx1-ubyte[.gz]`. uint8 images are scaled
+    as the built-in datasets are ((x / 255 - 0.5) / 0.5); float arrays are taken as they are."""
+
+    folder: str
+
+    def load(self, config: Config) -> TensorData:
+        import numpy as np
+
+        from ..data.idx import read_idx
+
+        folder = Path(self.folder)
+        if (folder / "train.npz").exists():
+            with np.load(folder / "train.npz", allow_pickle=False) as arrays:
+                if "x" not in arrays or "y" not in arrays:
+                    raise ConfigError(f"{folder / 'train.npz'} must hold arrays named x and y")
+                x, y = arrays["x"], arrays["y"]
+        else:
+            found = [[p for p in (folder / name, folder / f"{name}.gz") if p.exists()]
+                     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")]
+            if not all(found):
+                raise ConfigError(f"{folder} holds neither train.npz nor train-images/train-labels IDX files")
+            x, y = read_idx(found[0][0]), read_idx(found[1][0])
+        if len(x) != len(y) or len(y) == 0:
+            raise ConfigError(f"{folder}: {len(x)} examples but {len(y)} labels")
+        features = torch.from_numpy(np.ascontiguousarray(x))
+        if features.dtype == torch.uint8:
+            features = features.float().div_(255).sub_(0.5).div_(0.5)
+            if features.dim() == 3:  # images without a channel dimension
+                features = features.unsqueeze(1)
+        return TensorData(features.float(), torch.from_numpy(np.asarray(y, dtype=np.int64)))
 
 
 class Refused(Exception):
@@ -103,7 +147,7 @@ def _channel(server: str, root_cert: bytes | None, max_message_bytes: int) -> gr
 
 
 def run_client(
-    server: str, client_id: int, secret: str, partition: PartitionOf, *, root_cert: bytes | None,
+    server: str, client_id: int, secret: str, partition: PartitionOf | LocalData, *, root_cert: bytes | None,
     compression: str | None = None, max_message_bytes: int = 256 << 20, max_backoff: float = 30.0,
     give_up_after: float | None = None,
 ) -> int:
@@ -153,4 +197,4 @@ def run_client(
         backoff = min(2 * backoff, max_backoff)
 
 
-__all__ = ["PartitionOf", "run_client", "update_message"]
+__all__ = ["LocalData", "PartitionOf", "run_client", "update_message"]

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..client import ClientConfig, ClientUpdate, State, all_finite
 from ..engines.base import ClientTask, RoundFailed
+from ..errors import ConfigError
 from .auth import verify
 from .wire import Kind, Message, WireError, decode, encode
 
@@ -274,14 +275,24 @@ def start_server(hub: Hub, address: str, *, tls: tuple[bytes, bytes] | None, max
 
 def serve(
     config, *, address: str, tokens: dict[int, str], tls: tuple[bytes, bytes] | None, min_clients: int,
-    min_fit_clients: int, round_timeout: float, max_message_bytes: int, resume: bool = False,
+    min_fit_clients: int | None, round_timeout: float, max_message_bytes: int, resume: bool = False,
     progress: bool = True, on_listening=None,
 ):
-    """Run `config` with the clients that connect to `address`; returns the run's outcome."""
-    from ..experiment import run_experiment
+    """Run `config` with the clients that connect to `address`; returns the run's outcome.
 
-    if not 1 <= min_fit_clients <= min_clients:
-        raise ValueError(f"need 1 <= min_fit_clients ({min_fit_clients}) <= min_clients ({min_clients})")
+    `min_fit_clients` (the quorum of a round) defaults to half the clients per round, rounded up.
+    """
+    from ..experiment import run_experiment
+    from ..simulation import clients_per_round_count
+
+    per_round = clients_per_round_count(config.clients_per_round, config.num_clients)
+    if min_fit_clients is None:
+        min_fit_clients = math.ceil(per_round / 2)
+    if not 1 <= min_fit_clients <= per_round:
+        raise ConfigError(f"min_fit_clients must be between 1 and the {per_round} clients per round, "
+                          f"got {min_fit_clients}")
+    if min_clients < 1:
+        raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
     settings = {k: v for k, v in config.__dict__.items() if v is not None}
     hub = Hub(tokens, welcome={"config": settings}, max_message_bytes=max_message_bytes)
     server, port = start_server(hub, address, tls=tls, max_message_bytes=max_message_bytes,
