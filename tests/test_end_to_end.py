@@ -99,3 +99,16 @@ def test_partition_command(tmp_path, fashion, capsys):
     assert sum(int(r[1]) for r in rows) == 60_000
     assert all(sum(map(int, r[2:])) == int(r[1]) for r in rows)
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_resume_continues_to_the_same_result(tmp_path, capsys):
+    common = ["run", "-q", "--dataset", "synthetic", "--num-clients", "6", "--clients-per-round", "3",
+              "--model", "logreg", "--out-dir", str(tmp_path)]
+    assert main([*common, "--rounds", "5", "--name", "straight"]) == 0
+    assert main([*common, "--rounds", "2", "--name", "pieces"]) == 0
+    assert main(["run", "-q", "--resume", str(tmp_path / "pieces"), "--rounds", "5"]) == 0
+    a, b = torch.load(tmp_path / "straight" / "model.pt"), torch.load(tmp_path / "pieces" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rounds = json.loads((tmp_path / "pieces" / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4, 5]
+    assert Config.load(tmp_path / "pieces" / "config.toml").rounds == 5

@@ -8,6 +8,7 @@ import logging
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import Config, field_types
 from .errors import ConfigError, DivergenceError, FedforgeError
@@ -71,17 +72,19 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in _CONFIG_KEYS if hasattr(args, k)}
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _run_config(args: argparse.Namespace) -> Config:
+    """The settings of a new run, or with --resume RUN_DIR those saved in RUN_DIR (flags on top)."""
+    if not args.resume:
+        return _config(args, _CONFIG_KEYS)
+    run_dir = Path(args.resume)
+    config = Config.load(run_dir / "config.toml", _overrides(args))
+    return config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
 
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from .experiment import run_experiment
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        config = Config.load(run_dir / "config.toml", _overrides(args))
-        config = config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
-    else:
-        config = _config(args, _CONFIG_KEYS)
+    config = _run_config(args)
     outcome = run_experiment(config, progress=not args.quiet, resume=bool(args.resume))
     final = outcome.history.final
     print(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds; outputs in {outcome.run_dir}")
@@ -109,7 +112,6 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
     from .compare import compare, variants_from_file, write_comparison
 
@@ -126,17 +128,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .network.auth import load_tokens
     from .network.server import serve
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        config = Config.load(run_dir / "config.toml", _overrides(args))
-        config = config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
-    else:
-        config = _config(args, _CONFIG_KEYS)
+    config = _run_config(args)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("give both --tls-cert and --tls-key")
     if not args.tls_cert and not args.insecure:
