@@ -209,6 +209,9 @@ class NetworkEngine:
 
     def run(self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
             ) -> Iterator[ClientUpdate]:
+        # After an outage (a round retried for want of clients) wait for enough of them to be back.
+        if not self.hub.wait_for_clients(self.min_fit_clients, timeout=self.round_timeout):
+            raise RoundFailed(f"fewer than {self.min_fit_clients} clients connected for {self.round_timeout:.0f} s")
         self._task_id += 1
         task_id = self._task_id
         global_cpu = {k: v.detach().cpu() for k, v in global_state.items()}
