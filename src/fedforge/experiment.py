@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .history import History, RoundRecord
 from .models import build_model
 from .report import plot_history, round_line, write_history, write_model
-from .simulation import FederatedData, SimulationResult, clients_per_round_count, simulate
+from .simulation import FederatedData, clients_per_round_count, simulate
 from .strategies import ServerState
 
 
@@ -39,7 +39,7 @@ def run_name(config: Config) -> str:
 def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedData]:
     """The dataset `config` names, split across its clients."""
     if config.dataset == "synthetic":
-        dataset, train_parts, test_parts = synthetic(
+        dataset, train_parts, _ = synthetic(
             config.synthetic_alpha, config.synthetic_beta, num_devices=config.num_clients,
             rng=_seeding.numpy_rng(config.seed, _seeding.DATASET),
         )
@@ -127,7 +127,8 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
         simulate(
             model, data, rounds=config.rounds, clients_per_round=k, client=config.client_config(),
             strategy=config.strategy_object(), scenario=config.scenario(),
-            engine=engine or make_engine(config.engine, max_memory=config.max_memory_bytes()), seed=config.seed, eval_batch_size=config.eval_batch_size, eval_train=config.eval_train,
+            engine=engine or make_engine(config.engine, max_memory=config.max_memory_bytes()), seed=config.seed,
+            eval_batch_size=config.eval_batch_size, eval_train=config.eval_train,
             on_client=lambda update: bar.update(1), on_round=on_round,
             resume=(start[0], start[1].records) if start else None,
         )
@@ -138,4 +139,4 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     return RunOutcome(run_dir, History(records), last[0] if last else None)
 
 
-__all__ = ["RunOutcome", "federate", "resolve_device", "run_experiment", "SimulationResult"]
+__all__ = ["RunOutcome", "federate", "load", "load_checkpoint", "resolve_device", "run_experiment", "save_checkpoint"]

@@ -37,7 +37,7 @@ def test_all_alive_equals_the_simulation(cluster, tmp_path, strategy):
 def test_refusals_are_logged_and_training_continues(cluster, tmp_path):
     server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "4",
                                   "--max-message-mb", "0.05", "--round-timeout", "4", *BASE)
-    good = [cluster.client(0, port), cluster.client(1, port)]
+    cluster.client(0, port), cluster.client(1, port)
     server.wait_for("client 0 connected")
     server.wait_for("client 1 connected")
     wrong_secret = cluster.client(2, port, token="client-3.token", name="wrong-secret")
@@ -148,7 +148,6 @@ def test_a_client_with_its_own_data_folder(cluster, tmp_path):
     """--data DIR: the client's examples from its own train.npz, not from a demo partition."""
     import numpy as np
 
-    from fedforge.data.synthetic import synthetic
     from fedforge.experiment import load
     from fedforge.config import Config
 

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-import torch
 from torch import nn
 
 from ..client import ClientConfig, ClientUpdate, State, all_finite
