@@ -22,7 +22,7 @@ from ._io import atomic_write
 from .config import Config, read_toml
 from .errors import ConfigError, DivergenceError
 from .history import History
-from .report import save_figure
+from .report import pyplot, save_figure
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,7 @@ def comparison_table(runs: list[ComparedRun], target: float | None = None) -> st
 
 def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: str = "") -> None:
     """Test accuracy and training loss per round, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:

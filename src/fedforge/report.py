@@ -29,10 +29,7 @@ def write_model(run_dir: str | os.PathLike, state: dict[str, torch.Tensor]) -> N
 
 def plot_history(history: History, path: str | os.PathLike, *, title: str | None = None) -> None:
     """Test accuracy and loss per round, side by side, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rounds = history.column("round")
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
@@ -51,14 +48,22 @@ def plot_history(history: History, path: str | os.PathLike, *, title: str | None
     save_figure(fig, path)
 
 
-def save_figure(fig, path: str | os.PathLike) -> None:
-    """Write a matplotlib figure as PNG, atomically, and free it."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure as PNG, atomically, and free it."""
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
+    pyplot().close(fig)
     with atomic_write(path, "wb") as f:
         f.write(buffer.getvalue())
 
@@ -91,10 +96,7 @@ def partition_table(histogram: np.ndarray) -> str:
 
 def plot_partition(histogram: np.ndarray, path: str | os.PathLike, *, title: str = "") -> None:
     """Stacked bars: one per client, one colour per label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     num_clients, num_classes = histogram.shape
     fig, ax = plt.subplots(figsize=(max(6, min(20, num_clients * 0.4)), 4))

@@ -29,7 +29,7 @@ def adaptive(
     """
     mean, _ = weighted_mean_delta(updates, state.params)
     if mean is None:
-        return ServerState(state.params, state.round + 1, state.extras)
+        return state.unchanged()
     first, second = state.extras["m"], state.extras["v"]
     m, v, step = {}, {}, dict(mean)
     for k in first:

@@ -24,6 +24,10 @@ class ServerState:
     round: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def unchanged(self) -> ServerState:
+        """The state after a round in which no update arrived: same model, next round."""
+        return ServerState(self.params, self.round + 1, self.extras)
+
 
 class Strategy(Protocol):
     name: str

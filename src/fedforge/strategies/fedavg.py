@@ -20,7 +20,7 @@ def fedavg(state: ServerState, updates: Iterable[ClientUpdate], *, server_lr: fl
     """
     mean, _ = weighted_mean_delta(updates, state.params)
     if mean is None:
-        return ServerState(state.params, state.round + 1, state.extras)
+        return state.unchanged()
     return ServerState(step_params(state.params, mean, server_lr), state.round + 1, state.extras)
 
 
@@ -33,7 +33,7 @@ def fedavgm(
     """
     mean, _ = weighted_mean_delta(updates, state.params)
     if mean is None:
-        return ServerState(state.params, state.round + 1, state.extras)
+        return state.unchanged()
     previous: State | None = state.extras.get("velocity")
     velocity = {k: momentum * previous[k] + v if previous is not None else v.clone() for k, v in mean.items()
                 if v.is_floating_point()}

@@ -34,7 +34,7 @@ def fednova(
         plain.add(update.delta, float(update.num_examples))
         tau_eff += a * update.num_examples
     if normalized.count == 0:
-        return ServerState(state.params, state.round + 1, state.extras)
+        return state.unchanged()
     tau_eff /= normalized.total_weight
     direction = normalized.mean(state.params)
     buffers = plain.mean(state.params)

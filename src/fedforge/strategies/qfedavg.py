@@ -36,7 +36,7 @@ def qfedavg(state: ServerState, updates: Iterable[ClientUpdate], *, q: float, li
         plain.add(update.delta, float(update.num_examples))
         denominator += update.num_examples * (q * F ** (q - 1) * norm2 + L * F**q)
     if numerator.count == 0:
-        return ServerState(state.params, state.round + 1, state.extras)
+        return state.unchanged()
     # numerator.mean() = sum p_k F^q L delta_k (the sign of dw folded in); same weights on both sides
     scale = numerator.total_weight / denominator
     pulled, buffers = numerator.mean(state.params), plain.mean(state.params)

@@ -56,7 +56,7 @@ def multikrum_select(flat: torch.Tensor, f: int, m: int) -> torch.Tensor:
 def _robust_step(state: ServerState, updates: Iterable[ClientUpdate], reduce) -> ServerState:
     updates, stacked = stack_deltas(updates)
     if not updates:
-        return ServerState(state.params, state.round + 1, state.extras)
+        return state.unchanged()
     return ServerState(step_params(state.params, reduce(stacked)), state.round + 1, state.extras)
 
 

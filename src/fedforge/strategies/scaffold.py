@@ -35,7 +35,7 @@ def scaffold(
             control_change[k] += new[k] - (old[k] if old else 0)
         client_controls[update.client_id] = new
     if model_mean.count == 0:
-        return ServerState(state.params, state.round + 1, state.extras)
+        return state.unchanged()
     params = step_params(state.params, model_mean.mean(state.params), server_lr)
     control = {k: control[k] + control_change[k] / num_clients for k in control}
     return ServerState(params, state.round + 1, {"control": control, "client_controls": client_controls})
