@@ -122,7 +122,8 @@ def test_client_config_validation(kwargs, message):
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_plan_terms_equal_a_plain_torch_loop(model_name):
-    """FedProx's mu (w - w_global) and SCAFFOLD's correction added to every gradient, and a step cap."""
+    """FedProx's mu (w - w_global) added to every gradient, SCAFFOLD's correction applied
+    outside the momentum buffer (p -= lr * correction after each step), and a step cap."""
     data = blobs(70)
     config = ClientConfig(local_epochs=2, batch_size=16, lr=0.05, momentum=0.5, weight_decay=0.01)
     torch.manual_seed(0)
@@ -144,8 +145,11 @@ def test_plan_terms_equal_a_plain_torch_loop(model_name):
             opt.zero_grad()
             F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
             for name, p in model.named_parameters():
-                p.grad += 0.3 * (p.detach() - start[name]) + correction[name]
+                p.grad += 0.3 * (p.detach() - start[name])
             opt.step()
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p -= 0.05 * correction[name]
             steps += 1
     for name, value in model.state_dict().items():
         torch.testing.assert_close(start[name] + update.delta[name], value)

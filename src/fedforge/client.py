@@ -53,7 +53,12 @@ class ClientPlan:
         epochs: local epochs for this client (None: the config's).
         max_steps: stop after this many SGD steps (a straggler's partial work).
         proximal_mu: adds mu/2 * ||w - w_global||^2 to the loss (Li et al. 2020, FedProx).
-        correction: a tensor per parameter added to every gradient (SCAFFOLD: c - c_i).
+        correction: a tensor per parameter (SCAFFOLD: c - c_i) that every step also moves
+            the parameter by: p <- p - lr * correction, after the momentum update and outside
+            the momentum buffer (as in Flower's NIID-Bench baseline). With plain SGD this is
+            adding it to the gradient; with momentum rho, feeding it through the buffer would
+            scale it by up to 1 / (1 - rho) twice (its estimate, (x - y_i) / (K lr), already
+            carries that factor) and over-correct.
         measure_initial_loss: also report the global model's loss on the client's data
             before training (q-FedAvg needs it).
     """
@@ -69,23 +74,26 @@ class ClientPlan:
         steps = epochs * math.ceil(num_examples / config.batch_size)
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
-    def gradient_terms(self, config: ClientConfig, global_state: State, names) -> tuple[float, State | None]:
-        """The plan's extra gradient as decay * w + offset[name], for the parameters `names`.
-
-        decay = weight_decay + mu; offset = correction - mu * w_global (None when zero).
-        """
+    def local_terms(self, config: ClientConfig, global_state: State, names) -> LocalTerms:
+        """The plan's extra terms for the parameters `names` (see LocalTerms)."""
         decay = config.weight_decay + self.proximal_mu
-        if not self.proximal_mu and self.correction is None:
-            return decay, None
-        offset = {}
-        for name in names:
-            term = torch.zeros_like(global_state[name])
-            if self.correction is not None:
-                term += self.correction[name]
-            if self.proximal_mu:
-                term -= self.proximal_mu * global_state[name]
-            offset[name] = term
-        return decay, offset
+        offset = {n: -self.proximal_mu * global_state[n] for n in names} if self.proximal_mu else None
+        correction = {n: self.correction[n] for n in names} if self.correction is not None else None
+        return LocalTerms(decay, offset, correction)
+
+
+@dataclass(frozen=True)
+class LocalTerms:
+    """What a client's SGD step adds to the plain loss gradient g of a parameter p.
+
+    buf <- momentum * buf + g + decay * p + offset;  p <- p - lr * buf - lr * correction.
+    decay = weight_decay + mu and offset = -mu * w_global make FedProx's proximal gradient
+    mu (p - w_global); correction is SCAFFOLD's c - c_i. offset/correction are None when zero.
+    """
+
+    decay: float
+    offset: State | None = None
+    correction: State | None = None
 
 
 @dataclass(frozen=True)
@@ -121,12 +129,13 @@ def sgd(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     offsets: list[torch.Tensor] | None = None,
+    corrections: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor] | None:
     """One step of `torch.optim.SGD` (no dampening, no Nesterov) on `params`, in place.
 
-    The gradient used is grads + weight_decay * params + offsets (offsets: a constant term per
-    parameter, e.g. FedProx's or SCAFFOLD's). Returns the momentum buffers to pass to the next
-    step (None without momentum).
+    The gradient used is grads + weight_decay * params + offsets; after the step, params move
+    by -lr * corrections as well (see LocalTerms). Returns the momentum buffers to pass to the
+    next step (None without momentum).
     """
     if weight_decay:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
@@ -140,6 +149,8 @@ def sgd(
             torch._foreach_add_(momentum_buffers, grads)
         grads = momentum_buffers
     torch._foreach_add_(params, grads, alpha=-lr)
+    if corrections is not None:
+        torch._foreach_add_(params, corrections, alpha=-lr)
     return momentum_buffers
 
 
@@ -169,8 +180,9 @@ def _autograd_steps(
     load_state(module, global_state)
     module.train()
     names, params = zip(*module.named_parameters())
-    decay, offset = plan.gradient_terms(config, global_state, names)
-    offsets = [offset[n] for n in names] if offset else None
+    terms = plan.local_terms(config, global_state, names)
+    offsets = [terms.offset[n] for n in names] if terms.offset else None
+    corrections = [terms.correction[n] for n in names] if terms.correction else None
     params = list(params)
     momentum_buffers = None
 
@@ -181,7 +193,7 @@ def _autograd_steps(
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             momentum_buffers = sgd(params, list(grads), momentum_buffers, lr=config.lr, momentum=config.momentum,
-                                   weight_decay=decay, offsets=offsets)
+                                   weight_decay=terms.decay, offsets=offsets, corrections=corrections)
             return loss.detach() * len(yb), (logits.argmax(1) == yb).sum()
 
     return step, lambda: {k: v.detach() for k, v in module.state_dict().items()}
@@ -193,11 +205,11 @@ def _mlp_steps(
     """SGD steps by the hand-derived Linear/ReLU kernel (same math, no autograd graph)."""
     params = {k: v.detach().clone() for k, v in global_state.items()}
     buffers = {k: torch.zeros_like(v) for k, v in params.items()} if config.momentum else None
-    decay, offset = plan.gradient_terms(config, global_state, params)
+    terms = plan.local_terms(config, global_state, params)
 
     def step(xb, yb):
         return fastmlp.sgd_step(layout, params, buffers, xb, yb, 1.0 / len(yb), lr=config.lr,
-                                momentum=config.momentum, decay=decay, offset=offset)
+                                momentum=config.momentum, terms=terms)
 
     return step, lambda: params
 

@@ -11,9 +11,13 @@ dimension. The result equals `torch.optim.SGD` on the same batches up to float32
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .client import LocalTerms
 
 
 @dataclass(frozen=True)
@@ -83,16 +87,15 @@ def sgd_step(
     *,
     lr: float,
     momentum: float = 0.0,
-    decay: float = 0.0,
-    offset: dict[str, torch.Tensor] | None = None,
+    terms: LocalTerms | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One `torch.optim.SGD` step on the weighted cross-entropy, updating `params` in place.
 
-    The gradient is that of the loss plus `decay * p + offset[p]` for each parameter p
-    (weight decay; FedProx's mu * (p - p_global); SCAFFOLD's correction).
+    `terms` adds weight decay, FedProx's proximal gradient and SCAFFOLD's correction, as
+    `client.LocalTerms` defines them.
 
     Shapes: one client is x (B, features), y (B,), params as in the model; C clients add a
-    leading C to every tensor (x (C, B, features), weight (C, B), params and offset).
+    leading C to every tensor (x (C, B, features), weight (C, B), params and the terms' tensors).
 
     Args:
         momentum_buffers: zeros like `params` on the first step (needed when momentum > 0);
@@ -132,19 +135,21 @@ def sgd_step(
             g_below = g @ params[w_name]
             if layout.relu[i - 1]:  # zero where the ReLU was off, in one op
                 g_below = torch.ops.aten.threshold_backward(g_below, inp, 0)
-        _update(params, momentum_buffers, offset, w_name, lambda out, beta, alpha: _accumulate_outer(
-            out, g, inp, beta=beta, alpha=alpha), lr=lr, momentum=momentum, decay=decay)
+        _update(params, momentum_buffers, terms, w_name, lambda out, beta, alpha: _accumulate_outer(
+            out, g, inp, beta=beta, alpha=alpha), lr=lr, momentum=momentum)
         if b_name:
-            _update(params, momentum_buffers, offset, b_name, lambda out, beta, alpha: (out.mul_(beta) if beta != 1 else out).add_(
-                g.sum(-2), alpha=alpha), lr=lr, momentum=momentum, decay=decay)
+            _update(params, momentum_buffers, terms, b_name, lambda out, beta, alpha: (out.mul_(beta) if beta != 1 else out).add_(
+                g.sum(-2), alpha=alpha), lr=lr, momentum=momentum)
         if g_below is not None:
             g = g_below
     return loss_sum, correct
 
 
-def _update(params, momentum_buffers, offset, name, accumulate, *, lr, momentum, decay) -> None:
+def _update(params, momentum_buffers, terms, name, accumulate, *, lr, momentum) -> None:
     """Apply one parameter's SGD update; `accumulate(out, beta, alpha)` does out <- beta*out + alpha*grad."""
     p = params[name]
+    decay = terms.decay if terms else 0.0
+    offset = terms.offset if terms else None
     if momentum:
         # buf <- momentum * buf + grad + decay * p + offset;  p <- p - lr * buf
         buf = momentum_buffers[name]
@@ -159,3 +164,5 @@ def _update(params, momentum_buffers, offset, name, accumulate, *, lr, momentum,
         accumulate(p, 1.0 - lr * decay, -lr)
         if offset is not None:
             p.add_(offset[name], alpha=-lr)
+    if terms is not None and terms.correction is not None:
+        p.add_(terms.correction[name], alpha=-lr)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .. import fastmlp
-from ..client import ClientConfig, ClientUpdate, State, epoch_orders, finish_update, sgd
+from ..client import ClientConfig, ClientUpdate, LocalTerms, State, epoch_orders, finish_update, sgd
 from ..data.datasets import TensorData
 from ..evaluation import evaluate
 from .base import ClientTask
@@ -187,17 +187,23 @@ def _stack(state: State, count: int) -> State:
     return {k: v.unsqueeze(0).repeat(count, *([1] * v.dim())) for k, v in state.items()}
 
 
-def _gradient_terms(tasks: Sequence[ClientTask], schedule: Schedule, global_state: State, config: ClientConfig):
-    """The chunk's decay (one number) and per-client offsets stacked in schedule order, or None."""
-    terms = [task.plan.gradient_terms(config, global_state, global_state) for task in tasks]
-    decay = terms[0][0]
-    if any(d != decay for d, _ in terms):
+def _stacked_terms(tasks: Sequence[ClientTask], schedule: Schedule, global_state: State,
+                   config: ClientConfig) -> LocalTerms:
+    """The chunk's LocalTerms: one decay, and each client's offset/correction stacked in schedule order."""
+    terms = [task.plan.local_terms(config, global_state, global_state) for task in tasks]
+    decay = terms[0].decay
+    if any(t.decay != decay for t in terms):
         raise _Mixed()
-    if all(offset is None for _, offset in terms):
-        return decay, None
-    zeros = {k: torch.zeros_like(v) for k, v in global_state.items()}
-    ordered = [terms[i][1] or zeros for i in schedule.stack_order]
-    return decay, {k: torch.stack([o[k] for o in ordered]) for k in global_state}
+
+    def stacked(field: str) -> State | None:
+        per_task = [getattr(t, field) for t in terms]
+        if all(v is None for v in per_task):
+            return None
+        zeros = {k: torch.zeros_like(v) for k, v in global_state.items()}
+        ordered = [per_task[i] or zeros for i in schedule.stack_order]
+        return {k: torch.stack([o[k] for o in ordered]) for k in global_state}
+
+    return LocalTerms(decay, stacked("offset"), stacked("correction"))
 
 
 class _Mixed(Exception):
@@ -231,18 +237,18 @@ def _updates(
 
 
 def _run_steps(model, tasks, global_state, config, step) -> Iterator[ClientUpdate]:
-    """Drive `step(source, views, buffer_views, offset_views, rows, weight, decay)` over a chunk's schedule."""
+    """Drive `step(source, views, buffer_views, term_views, rows, weight)` over a chunk's schedule."""
     source, starts = _shared_source(tasks)
     device = source.y.device
     schedule = build_schedule(tasks, starts, config)
-    decay, offsets = _gradient_terms(tasks, schedule, global_state, config)
+    terms = _stacked_terms(tasks, schedule, global_state, config)
     rows, weight = schedule.rows.to(device), schedule.weight.to(device)
     C = len(tasks)
     params = _stack(global_state, C)
     buffers = {k: torch.zeros_like(v) for k, v in params.items()} if config.momentum else None
     loss_sum = torch.zeros(C, device=device)
     correct = torch.zeros(C, dtype=torch.long, device=device)
-    views = buffer_views = offset_views = None
+    views = buffer_views = term_views = None
     current = 0
     for t, active in enumerate(schedule.active):
         if active != current:  # re-slice only when a client finishes
@@ -251,9 +257,10 @@ def _run_steps(model, tasks, global_state, config, step) -> Iterator[ClientUpdat
             pick = (lambda v: v[0]) if active == 1 else (lambda v: v[:active])
             views = {k: pick(v) for k, v in params.items()}
             buffer_views = {k: pick(v) for k, v in buffers.items()} if buffers else None
-            offset_views = {k: pick(v) for k, v in offsets.items()} if offsets else None
+            term_views = LocalTerms(terms.decay, *({k: pick(v) for k, v in t.items()} if t else None
+                                                   for t in (terms.offset, terms.correction)))
         r, w = (rows[0, t], weight[0, t]) if active == 1 else (rows[:active, t], weight[:active, t])
-        batch_loss, batch_correct = step(source, views, buffer_views, offset_views, r, w, decay)
+        batch_loss, batch_correct = step(source, views, buffer_views, term_views, r, w)
         loss_sum[:active] += batch_loss
         correct[:active] += batch_correct
     return _updates(model, tasks, schedule, params, global_state, loss_sum, correct, config)
@@ -262,9 +269,9 @@ def _run_steps(model, tasks, global_state, config, step) -> Iterator[ClientUpdat
 def _mlp_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
     layout = fastmlp.mlp_layout(model)
 
-    def step(source, views, buffer_views, offset_views, r, w, decay):
+    def step(source, views, buffer_views, term_views, r, w):
         return fastmlp.sgd_step(layout, views, buffer_views, layout.inputs(source.x)[r], source.y[r], w,
-                                lr=config.lr, momentum=config.momentum, decay=decay, offset=offset_views)
+                                lr=config.lr, momentum=config.momentum, terms=term_views)
 
     return _run_steps(model, tasks, global_state, config, step)
 
@@ -281,14 +288,15 @@ def _func_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
     single_grad = grad(loss, has_aux=True)
     model.train()
 
-    def step(source, views, buffer_views, offset_views, r, w, decay):
+    def step(source, views, buffer_views, term_views, r, w):
         fn = single_grad if r.dim() == 1 else batched_grad
         grads, metrics = fn(views, source.x[r], source.y[r], w)
         names = list(views)
         sgd([views[k] for k in names], [grads[k] for k in names],
             [buffer_views[k] for k in names] if buffer_views else None,
-            lr=config.lr, momentum=config.momentum, weight_decay=decay,
-            offsets=[offset_views[k] for k in names] if offset_views else None)
+            lr=config.lr, momentum=config.momentum, weight_decay=term_views.decay,
+            offsets=[term_views.offset[k] for k in names] if term_views.offset else None,
+            corrections=[term_views.correction[k] for k in names] if term_views.correction else None)
         return metrics
 
     try:
