@@ -57,3 +57,30 @@ def test_a_diverging_run_is_reported_not_fatal(tmp_path):
     runs = compare(BASE, {"ok": {}, "boom": {"lr": 1e30, "model": "mlp"}}, out_dir=tmp_path)
     assert runs[0].diverged is None and runs[1].diverged and "diverged" in runs[1].diverged
     assert "diverged in round 1" in comparison_table(runs)
+
+
+def test_resume_continues_cut_short_runs_and_reports_finished_ones(tmp_path):
+    variants = {"a": {}, "prox": {"strategy": "fedprox", "proximal_mu": 0.5}}
+    short = compare(BASE.replace(rounds=2), variants, out_dir=tmp_path / "c")
+    resumed = compare(BASE, variants, out_dir=tmp_path / "c", resume=True)
+    fresh = compare(BASE, variants, out_dir=tmp_path / "fresh")
+    for s, r, f in zip(short, resumed, fresh):
+        assert r.history.column("test_accuracy") == f.history.column("test_accuracy")
+        assert r.history.column("test_accuracy")[:3] == s.history.column("test_accuracy")
+        assert r.history.final.round == 3
+        assert r.wall_seconds >= sum(rec.seconds for rec in s.history.records)
+    again = compare(BASE, variants, out_dir=tmp_path / "c", resume=True)
+    for r, a in zip(resumed, again):  # finished: nothing is run again
+        assert a.history.column("seconds") == r.history.column("seconds")
+
+
+def test_resume_refuses_a_run_made_with_other_settings(tmp_path):
+    compare(BASE.replace(rounds=1), {"a": {}}, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"cannot resume .*a: it was run with other settings \(lr 0.01 there, 0.5 here\)"):
+        compare(BASE, {"a": {"lr": 0.5}}, out_dir=tmp_path, resume=True)
+    compare(BASE, {"a": {"engine": "sequential"}}, out_dir=tmp_path, resume=True)  # how it runs may change
+
+
+def test_compare_resume_needs_a_name(capsys):
+    assert main(["compare", "--strategies", "fedavg", "--resume"]) == 2
+    assert "--resume needs --name" in capsys.readouterr().err

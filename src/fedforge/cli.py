@@ -119,9 +119,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     variants = {name: {"strategy": name} for name in args.strategies or []}
     if args.runs:
         variants.update(variants_from_file(args.runs))
+    if args.resume and not base.name:
+        raise ConfigError("--resume needs --name: the comparison whose runs to continue")
     name = base.name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(base.out_dir) / name
-    runs = compare(base.replace(name=None), variants, out_dir=out_dir, jobs=args.jobs)
+    runs = compare(base.replace(name=None), variants, out_dir=out_dir, jobs=args.jobs, resume=args.resume)
     print(write_comparison(runs, out_dir, target=args.target, title=name))
     print(f"outputs in {out_dir}: comparison.md, comparison.csv, comparison.png, and a folder per run")
     return 0
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--runs", metavar="FILE", help="TOML file of named runs: [label] then the settings it changes")
     comp.add_argument("--target", type=float, help="report the round each run first reaches this test accuracy")
     comp.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
+    comp.add_argument("--resume", action="store_true", help="continue the runs already in OUT_DIR/NAME from their last "
+                      "completed round (finished ones are reported as they are); needs --name")
     comp.add_argument("-q", "--quiet", action="store_true", help="(runs never show progress bars)")
     _add_config_flags(comp)
     comp.set_defaults(handler=_cmd_compare)

@@ -55,45 +55,68 @@ def variants_from_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return tables
 
 
-def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], threads: int):
-    """Run one variant; a run that diverges is reported with the rounds it completed."""
-    from .experiment import run_experiment
+def _variant(base: dict[str, Any], label: str, overrides: dict[str, Any]) -> Config:
+    return Config.from_dict({**base, **overrides, "name": label}, source=f"run {label!r}")
+
+
+def _resumable(config: Config) -> bool:
+    return (Path(config.out_dir) / config.name / "checkpoint.pt").exists()
+
+
+def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], threads: int, resume: bool):
+    """Run one variant; a run that diverges is reported with the rounds it completed.
+
+    With `resume`, a variant that already has a checkpoint continues from it (a finished one
+    runs no round); its wall time counts the rounds done before.
+    """
+    from .experiment import load_checkpoint, run_experiment
 
     torch.set_num_threads(threads)
-    config = Config.from_dict({**base, **overrides, "name": label}, source=f"run {label!r}")
+    config = _variant(base, label, overrides)
+    resume = resume and _resumable(config)
+    earlier = 0.0
+    if resume:
+        earlier = sum(r.seconds for r in load_checkpoint(Path(config.out_dir) / label, "cpu")[1].records)
     started = time.perf_counter()
     try:
-        history, diverged = run_experiment(config, progress=False, verbose=False).history.to_json(), None
+        history = run_experiment(config, progress=False, verbose=False, resume=resume).history.to_json()
+        diverged = None
     except DivergenceError as e:  # e.g. FedAvg under attack: the collapse is the result
         history = (Path(config.out_dir) / label / "history.json").read_text()
         diverged = str(e)
-    return label, history, time.perf_counter() - started, diverged
+    return label, history, earlier + time.perf_counter() - started, diverged
 
 
 def compare(
-    base: Config, variants: dict[str, dict[str, Any]], *, out_dir: str | os.PathLike, jobs: int = 1
+    base: Config, variants: dict[str, dict[str, Any]], *, out_dir: str | os.PathLike, jobs: int = 1,
+    resume: bool = False,
 ) -> list[ComparedRun]:
     """Run every variant (base settings + its overrides) and return them in the given order.
 
     Each run writes its usual outputs to `out_dir/<label>/`. With jobs > 1 the runs go to
-    that many worker processes, each with its share of the CPU threads.
+    that many worker processes, each with its share of the CPU threads. With `resume`, runs
+    that `out_dir` already holds continue from their last completed round (a comparison cut
+    short, or one run at a time in separate sessions); their settings must be the variant's.
     """
+    from .experiment import check_resumable
+
     if not variants:
         raise ConfigError("nothing to compare: give --strategies or --runs")
     base_values = {k: v for k, v in base.__dict__.items() if v is not None}
     base_values["out_dir"] = str(out_dir)
     for label, overrides in variants.items():  # validate everything before running anything
-        Config.from_dict({**base_values, **overrides, "name": label}, source=f"run {label!r}")
+        config = _variant(base_values, label, overrides)
+        if resume and _resumable(config):
+            check_resumable(Path(out_dir) / label, config)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs == 1:
-        results = [_run_one(base_values, label, o, torch.get_num_threads()) for label, o in variants.items()]
+        results = [_run_one(base_values, label, o, torch.get_num_threads(), resume) for label, o in variants.items()]
     else:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_run_one, base_values, label, o, threads) for label, o in variants.items()]
+            futures = [pool.submit(_run_one, base_values, label, o, threads, resume) for label, o in variants.items()]
             results = [f.result() for f in futures]
     return [
-        ComparedRun(label, Config.from_dict({**base_values, **variants[label], "name": label}),
-                    History.from_json(history), wall, diverged)
+        ComparedRun(label, _variant(base_values, label, variants[label]), History.from_json(history), wall, diverged)
         for label, history, wall, diverged in results
     ]
 

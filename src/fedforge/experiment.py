@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,22 @@ def load_checkpoint(run_dir: str | Path, device) -> tuple[ServerState, History]:
     saved = torch.load(path, map_location=device, weights_only=True)
     state = ServerState({k: v.to(device) for k, v in saved["params"].items()}, saved["round"], saved["extras"])
     return state, History.from_json(saved["history"])
+
+
+# Settings that say where, how or how long a run executes, not what its rounds compute.
+EXECUTION_KEYS = frozenset({"name", "out_dir", "rounds", "engine", "max_memory", "device", "eval_batch_size",
+                            "data_dir", "download"})
+
+
+def check_resumable(run_dir: str | Path, config: Config) -> None:
+    """Raise ConfigError unless the run in `run_dir` was made with `config`'s settings
+    (EXECUTION_KEYS aside: a run may be continued on another engine or for more rounds)."""
+    saved = Config.load(Path(run_dir) / "config.toml")
+    differences = [f"{f.name} {getattr(saved, f.name)!r} there, {getattr(config, f.name)!r} here"
+                   for f in dataclasses.fields(Config)
+                   if f.name not in EXECUTION_KEYS and getattr(saved, f.name) != getattr(config, f.name)]
+    if differences:
+        raise ConfigError(f"cannot resume {run_dir}: it was run with other settings ({'; '.join(differences)})")
 
 
 def run_experiment(config: Config, *, progress: bool = True, verbose: bool = True, engine=None,
