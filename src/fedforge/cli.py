@@ -148,6 +148,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         min_fit_clients=args.min_fit_clients, round_timeout=args.round_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), resume=bool(args.resume), progress=not args.quiet,
         on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
+        keepalive=args.keepalive,
     )
     print(f"final test accuracy {outcome.history.final.test_accuracy:.4f}; outputs in {outcome.run_dir}")
     return 0
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--min-fit-clients", type=int, help="updates a round needs, else it is retried with a "
                                                           "new selection (default: half the clients per round)")
     srv.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for updates")
+    srv.add_argument("--keepalive", type=float, default=20.0, help="seconds without traffic before the server pings a "
+                     "client; a client that leaves a ping unanswered for half that long is dropped (default: 20)")
     srv.add_argument("--max-message-mb", type=float, default=256.0, help="largest update accepted")
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
     srv.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

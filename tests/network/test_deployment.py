@@ -2,6 +2,7 @@
 
 import json
 import sys
+import signal
 import time
 
 import pytest
@@ -86,6 +87,23 @@ def test_killing_a_client_mid_round_does_not_hang_the_round(cluster, tmp_path):
     assert server.wait(60) == 0, server.text()
     assert time.monotonic() - started < 30  # far from the 120 s round timeout
     assert "client 2 disconnected mid-round; dropped from the round" in server.text()
+    assert all(c.wait(30) == 0 for c in clients)
+
+
+def test_a_frozen_client_is_dropped_by_keepalive(cluster, tmp_path):
+    """A client that stops answering without closing its connection (SIGSTOP: a frozen machine,
+    a cut cable) is noticed by the keep-alive ping and dropped, long before the round timeout."""
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "2",
+                                  "--round-timeout", "120", "--keepalive", "2", *BASE)
+    clients = [cluster.client(0, port), cluster.client(1, port)]
+    frozen = cluster.stub(2, port, "hang")
+    frozen.wait_for("task 1")
+    started = time.monotonic()
+    frozen.popen.send_signal(signal.SIGSTOP)  # the process lives on, its connection stays open
+    assert server.wait(60) == 0, server.text()
+    assert time.monotonic() - started < 30  # keep-alive (2 s + 1 s), not the 120 s round timeout
+    assert "client 2 disconnected mid-round; dropped from the round" in server.text()
+    assert frozen.popen.poll() is None  # nothing closed it: the server noticed on its own
     assert all(c.wait(30) == 0 for c in clients)
 
 

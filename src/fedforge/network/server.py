@@ -30,15 +30,22 @@ SERVICE = "fedforge.Federation"
 METHOD = f"/{SERVICE}/Session"
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+DEFAULT_KEEPALIVE = 20.0  # seconds
+
+
+def channel_options(max_message_bytes: int, keepalive: float = DEFAULT_KEEPALIVE) -> list[tuple[str, int]]:
     """gRPC options for both ends: message limits with room for our own, logged, size check,
-    and bidirectional keep-alive so that idle clients behind NAT stay connected."""
+    and bidirectional keep-alive: a ping after `keepalive` seconds without traffic keeps idle
+    connections through NAT open, and one unanswered for half that long closes the connection,
+    so a peer that froze or vanished without closing it (power loss, a partitioned network) is
+    noticed: the server drops such a client from its round at once."""
     hard_limit = 4 * max_message_bytes + (1 << 20)
     return [
         ("grpc.max_receive_message_length", hard_limit),
         ("grpc.max_send_message_length", hard_limit),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_time_ms", int(keepalive * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive * 500)),
+        ("grpc.http2.ping_timeout_ms", int(keepalive * 500)),  # gRPC >= 1.6x: the ack deadline of every ping
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -257,9 +264,10 @@ class NetworkEngine:
 
 
 def start_server(hub: Hub, address: str, *, tls: tuple[bytes, bytes] | None, max_message_bytes: int,
-                 max_workers: int = 64) -> tuple[grpc.Server, int]:
+                 max_workers: int = 64, keepalive: float = DEFAULT_KEEPALIVE) -> tuple[grpc.Server, int]:
     """Serve `hub` at `address` ("host:port", port 0 for any); returns the server and its port."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=channel_options(max_message_bytes))
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers),
+                         options=channel_options(max_message_bytes, keepalive))
     handler = grpc.method_handlers_generic_handler(SERVICE, {
         "Session": grpc.stream_stream_rpc_method_handler(hub.session),
     })
@@ -278,7 +286,7 @@ def start_server(hub: Hub, address: str, *, tls: tuple[bytes, bytes] | None, max
 def serve(
     config, *, address: str, tokens: dict[int, str], tls: tuple[bytes, bytes] | None, min_clients: int,
     min_fit_clients: int | None, round_timeout: float, max_message_bytes: int, resume: bool = False,
-    progress: bool = True, on_listening=None,
+    progress: bool = True, on_listening=None, keepalive: float = DEFAULT_KEEPALIVE,
 ):
     """Run `config` with the clients that connect to `address`; returns the run's outcome.
 
@@ -295,10 +303,12 @@ def serve(
                           f"got {min_fit_clients}")
     if min_clients < 1:
         raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
+    if not keepalive >= 1:
+        raise ConfigError(f"keepalive must be >= 1 second, got {keepalive}")
     settings = {k: v for k, v in config.__dict__.items() if v is not None}
     hub = Hub(tokens, welcome={"config": settings}, max_message_bytes=max_message_bytes)
     server, port = start_server(hub, address, tls=tls, max_message_bytes=max_message_bytes,
-                                max_workers=max(64, 2 * config.num_clients + 16))
+                                max_workers=max(64, 2 * config.num_clients + 16), keepalive=keepalive)
     try:
         if on_listening is not None:
             on_listening(port)
