@@ -62,6 +62,8 @@ def mlp_layout(module: nn.Module) -> MLPLayout | None:
 
 
 def _affine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if weight.dim() == 2 and h.dim() == 3:  # clients' batches through one shared weight: one GEMM
+        return torch.nn.functional.linear(h, weight, bias)
     if h.dim() == 2:
         return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
     if bias is not None:
@@ -96,10 +98,15 @@ def sgd_step(
 
     Shapes: one client is x (B, features), y (B,), params as in the model; C clients add a
     leading C to every tensor (x (C, B, features), weight (C, B), params and the terms' tensors).
+    C clients may also start from one shared set of params (as in the model, no leading C:
+    the first step of a round). Their forward pass is then one matrix product per layer, and
+    the step replaces each entry of `params` (and of `momentum_buffers`, which then starts
+    empty) with a new stacked tensor instead of writing in place: the stacking copy is the
+    step's own output.
 
     Args:
-        momentum_buffers: zeros like `params` on the first step (needed when momentum > 0);
-            updated in place.
+        momentum_buffers: zeros like `params` on the first step (needed when momentum > 0),
+            or an empty dict with shared params; updated in place.
         weight: each example's weight in its client's loss: 1 / batch size, or a tensor that
             is 1 / (client's batch size) for real examples and 0 for padding.
 
@@ -107,6 +114,7 @@ def sgd_step(
         Per client (a scalar for one client): the summed loss and the number of correct
         predictions over examples of non-zero weight, before the step.
     """
+    shared = x.dim() == 3 and params[layout.weights[0]].dim() == 2
     inputs = [x]
     h = x
     for w, b, relu in zip(layout.weights, layout.biases, layout.relu):
@@ -136,17 +144,24 @@ def sgd_step(
             if layout.relu[i - 1]:  # zero where the ReLU was off, in one op
                 g_below = torch.ops.aten.threshold_backward(g_below, inp, 0)
         _update(params, momentum_buffers, terms, w_name, lambda out, beta, alpha: _accumulate_outer(
-            out, g, inp, beta=beta, alpha=alpha), lr=lr, momentum=momentum)
+            out, g, inp, beta=beta, alpha=alpha), lambda base, beta, alpha: torch.baddbmm(base, g.transpose(1, 2), inp, beta=beta, alpha=alpha),
+                lr=lr, momentum=momentum, shared=shared)
         if b_name:
             _update(params, momentum_buffers, terms, b_name, lambda out, beta, alpha: (out.mul_(beta) if beta != 1 else out).add_(
-                g.sum(-2), alpha=alpha), lr=lr, momentum=momentum)
+                g.sum(-2), alpha=alpha), lambda base, beta, alpha: torch.add(base * beta if beta != 1 else base, g.sum(-2),
+                                                             alpha=alpha), lr=lr, momentum=momentum, shared=shared)
         if g_below is not None:
             g = g_below
     return loss_sum, correct
 
 
-def _update(params, momentum_buffers, terms, name, accumulate, *, lr, momentum) -> None:
-    """Apply one parameter's SGD update; `accumulate(out, beta, alpha)` does out <- beta*out + alpha*grad."""
+def _update(params, momentum_buffers, terms, name, accumulate, combine, *, lr, momentum, shared) -> None:
+    """Apply one parameter's SGD update; `accumulate(out, beta, alpha)` does out <- beta*out + alpha*grad
+    in place; with shared params, `combine(base, beta, alpha)` returns beta*base + alpha*grad as a
+    new tensor stacked over the clients (base broadcasts)."""
+    if shared:
+        _update_shared(params, momentum_buffers, terms, name, combine, lr=lr, momentum=momentum)
+        return
     p = params[name]
     decay = terms.decay if terms else 0.0
     offset = terms.offset if terms else None
@@ -166,3 +181,25 @@ def _update(params, momentum_buffers, terms, name, accumulate, *, lr, momentum) 
             p.add_(offset[name], alpha=-lr)
     if terms is not None and terms.correction is not None:
         p.add_(terms.correction[name], alpha=-lr)
+
+
+def _update_shared(params, momentum_buffers, terms, name, combine, *, lr, momentum) -> None:
+    """The first step from shared params: `_update`'s arithmetic, written to new stacked tensors."""
+    p = params[name]
+    decay = terms.decay if terms else 0.0
+    offset = terms.offset if terms else None
+    if momentum:
+        # buf <- grad + decay * p + offset (the buffer started at zero);  p <- p - lr * buf
+        buf = combine(p, decay, 1.0) if decay else combine(torch.zeros((), dtype=p.dtype, device=p.device), 0.0, 1.0)
+        if offset is not None:
+            buf.add_(offset[name])
+        momentum_buffers[name] = buf
+        new = torch.add(p, buf, alpha=-lr)
+    else:
+        # p <- (1 - lr * decay) p - lr * grad - lr * offset, the first two fused
+        new = combine(p, 1.0 - lr * decay, -lr)
+        if offset is not None:
+            new.add_(offset[name], alpha=-lr)
+    if terms is not None and terms.correction is not None:
+        new.add_(terms.correction[name], alpha=-lr)
+    params[name] = new

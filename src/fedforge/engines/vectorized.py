@@ -236,16 +236,24 @@ def _updates(
                             initial_loss=initial_loss)
 
 
-def _run_steps(model, tasks, global_state, config, step) -> Iterator[ClientUpdate]:
-    """Drive `step(source, views, buffer_views, term_views, rows, weight)` over a chunk's schedule."""
+def _run_steps(model, tasks, global_state, config, step, *, shared_start=False) -> Iterator[ClientUpdate]:
+    """Drive `step(source, views, buffer_views, term_views, rows, weight)` over a chunk's schedule.
+
+    With `shared_start` (the step accepts shared params, see `fastmlp.sgd_step`) the first step
+    starts every client from the one global state and stacks the clients' parameters itself.
+    """
     source, starts = _shared_source(tasks)
     device = source.y.device
     schedule = build_schedule(tasks, starts, config)
     terms = _stacked_terms(tasks, schedule, global_state, config)
     rows, weight = schedule.rows.to(device), schedule.weight.to(device)
     C = len(tasks)
-    params = _stack(global_state, C)
-    buffers = {k: torch.zeros_like(v) for k, v in params.items()} if config.momentum else None
+    shared = shared_start and C > 1 and bool(schedule.active) and schedule.active[0] == C
+    if shared:  # the first step replaces these entries with the stacked clients'
+        params, buffers = dict(global_state), ({} if config.momentum else None)
+    else:
+        params = _stack(global_state, C)
+        buffers = {k: torch.zeros_like(v) for k, v in params.items()} if config.momentum else None
     loss_sum = torch.zeros(C, device=device)
     correct = torch.zeros(C, dtype=torch.long, device=device)
     views = buffer_views = term_views = None
@@ -255,10 +263,14 @@ def _run_steps(model, tasks, global_state, config, step) -> Iterator[ClientUpdat
             current = active
             # A single client runs unbatched (2-D): faster than a batch of one.
             pick = (lambda v: v[0]) if active == 1 else (lambda v: v[:active])
-            views = {k: pick(v) for k, v in params.items()}
-            buffer_views = {k: pick(v) for k, v in buffers.items()} if buffers else None
-            term_views = LocalTerms(terms.decay, *({k: pick(v) for k, v in t.items()} if t else None
-                                                   for t in (terms.offset, terms.correction)))
+            term_views = LocalTerms(terms.decay, *({k: pick(v) for k, v in term.items()} if term else None
+                                                   for term in (terms.offset, terms.correction)))
+            if shared and t == 0:
+                views, buffer_views = params, buffers
+                current = None  # slice the stacked tensors the first step makes
+            else:
+                views = {k: pick(v) for k, v in params.items()}
+                buffer_views = {k: pick(v) for k, v in buffers.items()} if buffers else None
         r, w = (rows[0, t], weight[0, t]) if active == 1 else (rows[:active, t], weight[:active, t])
         batch_loss, batch_correct = step(source, views, buffer_views, term_views, r, w)
         loss_sum[:active] += batch_loss
@@ -273,7 +285,7 @@ def _mlp_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
         return fastmlp.sgd_step(layout, views, buffer_views, layout.inputs(source.x)[r], source.y[r], w,
                                 lr=config.lr, momentum=config.momentum, terms=term_views)
 
-    return _run_steps(model, tasks, global_state, config, step)
+    return _run_steps(model, tasks, global_state, config, step, shared_start=True)
 
 
 def _func_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
