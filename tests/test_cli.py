@@ -30,8 +30,8 @@ def fedforge(capsys, *argv):
     (["--rounds", "0"], "rounds must be >= 1, got 0"),
     (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
     (["--engine", "gpu"], "unknown engine 'gpu' (choose from: auto, sequential, vectorized)"),
-    (["--max-memory", "lots"], "max_memory must be a size like 512MiB or 2GB, got 'lots'"),
-    (["--max-memory", "0MB"], "max_memory must be a size like 512MiB or 2GB, got '0MB'"),
+    (["--max-memory", "lots"], "max_memory must be auto or a size like 512MiB or 2GB, got 'lots'"),
+    (["--max-memory", "0MB"], "max_memory must be auto or a size like 512MiB or 2GB, got '0MB'"),
     (["--dataset", "fashion-mnist", "--num-clients", "70000", "--clients-per-round", "5"],
      "num_clients=70000 is more than the 60000 training examples"),
 ])

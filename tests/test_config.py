@@ -54,6 +54,6 @@ def test_cross_field_check_sees_the_merged_values(tmp_path):
 
 
 @pytest.mark.parametrize("text, size", [("1GiB", 2**30), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9),
-                                        ("1.5 KiB", 1536), ("4096", 4096)])
+                                        ("1.5 KiB", 1536), ("4096", 4096), ("auto", None)])
 def test_sizes(text, size):
     assert Config(max_memory=text).max_memory_bytes() == size

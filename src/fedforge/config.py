@@ -79,7 +79,8 @@ class Config:
     attack_scale: float = _opt(1.0, "scale of the attack (sign_flip, scale: factor; gaussian: std)")
     engine: str = _opt("auto", "where clients run (auto: vectorized for Linear/ReLU models and on CUDA, "
                        "else sequential)", ENGINES)
-    max_memory: str = _opt("1GiB", "working memory for clients trained together (vectorized engine)")
+    max_memory: str = _opt("auto", "working memory for clients trained together (vectorized engine; "
+                           "auto: 64MiB on the CPU, 1GiB on CUDA)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
     eval_batch_size: int = _opt(1024, "batch size for evaluation (does not change results)")
     eval_train: bool = _opt(False, "also evaluate the global model on all training data every round")
@@ -129,8 +130,9 @@ class Config:
             malicious_fraction=self.malicious_fraction, attack_scale=self.attack_scale,
         )
 
-    def max_memory_bytes(self) -> int:
-        return parse_bytes(self.max_memory, "max_memory")
+    def max_memory_bytes(self) -> int | None:
+        """The vectorized engine's budget; None for auto (its default for the device)."""
+        return None if self.max_memory == "auto" else parse_bytes(self.max_memory, "max_memory")
 
     def client_config(self) -> ClientConfig:
         return ClientConfig(
@@ -164,7 +166,7 @@ def parse_bytes(text: str, name: str) -> int:
     """Bytes from a size like "512MiB", "2GB" or "1000000"."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"{name} must be a size like 512MiB or 2GB, got {text!r}")
+        raise ConfigError(f"{name} must be auto or a size like 512MiB or 2GB, got {text!r}")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 

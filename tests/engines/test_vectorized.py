@@ -12,7 +12,7 @@ from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.client import epoch_orders
 from fedforge.data import TensorData, quantity
 from fedforge.engines import ClientTask, SequentialEngine, VectorizedEngine
-from fedforge.engines.vectorized import build_schedule
+from fedforge.engines.vectorized import DEFAULT_MAX_MEMORY, build_schedule
 from fedforge.models import build_model
 from fedforge.scenarios import Scenario
 from fedforge.strategies import FedProx, QFedAvg, Scaffold
@@ -92,6 +92,16 @@ def test_model_with_buffers_falls_back_to_sequential_with_a_notice(caplog):
     assert len(notices) == 1 and "\n" not in notices[0] and "buffers" in notices[0]
     for name, value in sequential.state.params.items():
         assert torch.equal(vectorized.state.params[name], value)
+
+
+def test_the_default_budget_bounds_a_chunk_on_the_cpu():
+    data = images(400, seed=1)
+    model = build_model("mlp", (1, 28, 28), 10, seed=0)
+    tasks = [ClientTask(c, data.subset(np.arange(2 * c, 2 * c + 2)), seed=c) for c in range(200)]
+    stacked_bytes = 2 * sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    size = VectorizedEngine().chunk_size(model, tasks, ClientConfig(batch_size=2))
+    assert 1 < size < len(tasks)
+    assert size * stacked_bytes <= DEFAULT_MAX_MEMORY["cpu"] < 2 * (size + 1) * stacked_bytes
 
 
 def test_chunks_bound_memory_and_change_nothing():

@@ -22,7 +22,7 @@ class AutoEngine:
 
     name = "auto"
 
-    def __init__(self, *, max_memory: int = DEFAULT_MAX_MEMORY):
+    def __init__(self, *, max_memory: int | None = None):
         self.vectorized = VectorizedEngine(max_memory=max_memory)
         self.sequential = SequentialEngine()
 
@@ -37,7 +37,7 @@ class AutoEngine:
         return self.choose(model, tasks).run(model, global_state, tasks, config)
 
 
-def make_engine(name: str, *, max_memory: int = DEFAULT_MAX_MEMORY) -> Engine:
+def make_engine(name: str, *, max_memory: int | None = None) -> Engine:
     """The engine called `name`: "sequential", "vectorized", or "auto" (see AutoEngine)."""
     if name == "sequential":
         return SequentialEngine()
