@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fastmlp
-from .data.datasets import TensorData
+from .data.datasets import TensorData, gather
 from .errors import ConfigError, DivergenceError
 from .evaluation import evaluate
 from .fastmlp import MLPLayout
@@ -252,7 +252,7 @@ def train_client(
             if steps == max_steps:
                 break
             batch = order[start:start + config.batch_size]
-            batch_loss, batch_correct = step(x[batch], data.y[batch])
+            batch_loss, batch_correct = step(gather(x, batch), gather(data.y, batch))
             loss_sum += batch_loss
             correct += batch_correct
             steps += 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedforge.data import FASHION_MNIST, load_dataset, search_dirs, write_idx
-from fedforge.data.datasets import read_idx_cached
+from fedforge.data.datasets import gather, read_idx_cached
 from fedforge.errors import ConfigError, DataError
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
@@ -58,3 +58,13 @@ def test_decoded_cache_is_used_and_keyed_by_the_file(tmp_path, monkeypatch):
     for entry in (tmp_path / "cache" / "decoded").iterdir():
         entry.write_bytes(b"garbage")
     assert read_idx_cached(path, (3, 2)).tolist() == [[9, 9]] * 3
+
+
+@pytest.mark.parametrize("index_shape", [(7,), (3, 5), (2, 3, 4)])
+def test_gather_equals_advanced_indexing(index_shape):
+    source = torch.randn(50, 1, 28, 28)
+    index = torch.randint(0, 50, index_shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gather(source, index), source[index])
+    labels = torch.arange(50) * 3
+    assert torch.equal(gather(labels, index), labels[index])
+

@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, vmap
 
 from .. import fastmlp
 from ..client import ClientConfig, ClientUpdate, LocalTerms, State, epoch_orders, finish_update, sgd
-from ..data.datasets import TensorData
+from ..data.datasets import TensorData, gather
 from ..evaluation import evaluate
 from .base import ClientTask
 from .sequential import SequentialEngine
@@ -288,7 +288,7 @@ def _mlp_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
     layout = fastmlp.mlp_layout(model)
 
     def step(source, views, buffer_views, term_views, r, w):
-        return fastmlp.sgd_step(layout, views, buffer_views, layout.inputs(source.x)[r], source.y[r], w,
+        return fastmlp.sgd_step(layout, views, buffer_views, gather(layout.inputs(source.x), r), gather(source.y, r), w,
                                 lr=config.lr, momentum=config.momentum, terms=term_views)
 
     return _run_steps(model, tasks, global_state, config, step, shared_start=True)
@@ -308,7 +308,7 @@ def _func_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
 
     def step(source, views, buffer_views, term_views, r, w):
         fn = single_grad if r.dim() == 1 else batched_grad
-        grads, metrics = fn(views, source.x[r], source.y[r], w)
+        grads, metrics = fn(views, gather(source.x, r), gather(source.y, r), w)
         names = list(views)
         sgd([views[k] for k in names], [grads[k] for k in names],
             [buffer_views[k] for k in names] if buffer_views else None,
