@@ -67,4 +67,3 @@ def test_gather_equals_advanced_indexing(index_shape):
     assert torch.equal(gather(source, index), source[index])
     labels = torch.arange(50) * 3
     assert torch.equal(gather(labels, index), labels[index])
-

@@ -288,8 +288,9 @@ def _mlp_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
     layout = fastmlp.mlp_layout(model)
 
     def step(source, views, buffer_views, term_views, r, w):
-        return fastmlp.sgd_step(layout, views, buffer_views, gather(layout.inputs(source.x), r), gather(source.y, r), w,
-                                lr=config.lr, momentum=config.momentum, terms=term_views)
+        x, y = gather(layout.inputs(source.x), r), gather(source.y, r)
+        return fastmlp.sgd_step(layout, views, buffer_views, x, y, w, lr=config.lr, momentum=config.momentum,
+                                terms=term_views)
 
     return _run_steps(model, tasks, global_state, config, step, shared_start=True)
 
