@@ -71,12 +71,36 @@ def _affine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.bmm(h, weight.transpose(1, 2))
 
 
-def _accumulate_outer(out: torch.Tensor, g: torch.Tensor, inp: torch.Tensor, *, beta: float, alpha: float) -> None:
-    """out <- beta * out + alpha * g^T inp, in one BLAS call (per client)."""
-    if g.dim() == 2:
-        out.addmm_(g.t(), inp, beta=beta, alpha=alpha)
-    else:
-        out.baddbmm_(g.transpose(1, 2), inp, beta=beta, alpha=alpha)
+@dataclass(frozen=True)
+class _WeightGrad:
+    """A weight's gradient g^T inp (per client), kept as its two factors."""
+
+    g: torch.Tensor
+    inp: torch.Tensor
+
+    def add_to(self, out: torch.Tensor, beta: float, alpha: float) -> None:
+        """out <- beta * out + alpha * grad, in one BLAS call."""
+        if self.g.dim() == 2:
+            out.addmm_(self.g.t(), self.inp, beta=beta, alpha=alpha)
+        else:
+            out.baddbmm_(self.g.transpose(1, 2), self.inp, beta=beta, alpha=alpha)
+
+    def added(self, base: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+        """beta * base + alpha * grad as a new tensor, stacked over the clients (base broadcasts)."""
+        return torch.baddbmm(base, self.g.transpose(1, 2), self.inp, beta=beta, alpha=alpha)
+
+
+@dataclass(frozen=True)
+class _BiasGrad:
+    """A bias's gradient: g summed over the batch."""
+
+    g: torch.Tensor
+
+    def add_to(self, out: torch.Tensor, beta: float, alpha: float) -> None:
+        (out.mul_(beta) if beta != 1 else out).add_(self.g.sum(-2), alpha=alpha)
+
+    def added(self, base: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+        return torch.add(base * beta if beta != 1 else base, self.g.sum(-2), alpha=alpha)
 
 
 def sgd_step(
@@ -143,32 +167,24 @@ def sgd_step(
             g_below = g @ params[w_name]
             if layout.relu[i - 1]:  # zero where the ReLU was off, in one op
                 g_below = torch.ops.aten.threshold_backward(g_below, inp, 0)
-        _update(params, momentum_buffers, terms, w_name, lambda out, beta, alpha: _accumulate_outer(
-            out, g, inp, beta=beta, alpha=alpha), lambda base, beta, alpha: torch.baddbmm(base, g.transpose(1, 2), inp, beta=beta, alpha=alpha),
-                lr=lr, momentum=momentum, shared=shared)
+        update = _update_shared if shared else _update
+        update(params, momentum_buffers, terms, w_name, _WeightGrad(g, inp), lr=lr, momentum=momentum)
         if b_name:
-            _update(params, momentum_buffers, terms, b_name, lambda out, beta, alpha: (out.mul_(beta) if beta != 1 else out).add_(
-                g.sum(-2), alpha=alpha), lambda base, beta, alpha: torch.add(base * beta if beta != 1 else base, g.sum(-2),
-                                                             alpha=alpha), lr=lr, momentum=momentum, shared=shared)
+            update(params, momentum_buffers, terms, b_name, _BiasGrad(g), lr=lr, momentum=momentum)
         if g_below is not None:
             g = g_below
     return loss_sum, correct
 
 
-def _update(params, momentum_buffers, terms, name, accumulate, combine, *, lr, momentum, shared) -> None:
-    """Apply one parameter's SGD update; `accumulate(out, beta, alpha)` does out <- beta*out + alpha*grad
-    in place; with shared params, `combine(base, beta, alpha)` returns beta*base + alpha*grad as a
-    new tensor stacked over the clients (base broadcasts)."""
-    if shared:
-        _update_shared(params, momentum_buffers, terms, name, combine, lr=lr, momentum=momentum)
-        return
+def _update(params, momentum_buffers, terms, name, grad, *, lr, momentum) -> None:
+    """Apply one parameter's SGD update in place; `grad` is a _WeightGrad or _BiasGrad."""
     p = params[name]
     decay = terms.decay if terms else 0.0
     offset = terms.offset if terms else None
     if momentum:
         # buf <- momentum * buf + grad + decay * p + offset;  p <- p - lr * buf
         buf = momentum_buffers[name]
-        accumulate(buf, momentum, 1.0)
+        grad.add_to(buf, momentum, 1.0)
         if decay:
             buf.add_(p, alpha=decay)
         if offset is not None:
@@ -176,28 +192,29 @@ def _update(params, momentum_buffers, terms, name, accumulate, combine, *, lr, m
         p.add_(buf, alpha=-lr)
     else:
         # p <- (1 - lr * decay) p - lr * grad - lr * offset, the first two fused
-        accumulate(p, 1.0 - lr * decay, -lr)
+        grad.add_to(p, 1.0 - lr * decay, -lr)
         if offset is not None:
             p.add_(offset[name], alpha=-lr)
     if terms is not None and terms.correction is not None:
         p.add_(terms.correction[name], alpha=-lr)
 
 
-def _update_shared(params, momentum_buffers, terms, name, combine, *, lr, momentum) -> None:
+def _update_shared(params, momentum_buffers, terms, name, grad, *, lr, momentum) -> None:
     """The first step from shared params: `_update`'s arithmetic, written to new stacked tensors."""
     p = params[name]
     decay = terms.decay if terms else 0.0
     offset = terms.offset if terms else None
     if momentum:
         # buf <- grad + decay * p + offset (the buffer started at zero);  p <- p - lr * buf
-        buf = combine(p, decay, 1.0) if decay else combine(torch.zeros((), dtype=p.dtype, device=p.device), 0.0, 1.0)
+        base = p if decay else torch.zeros((), dtype=p.dtype, device=p.device)
+        buf = grad.added(base, decay, 1.0)
         if offset is not None:
             buf.add_(offset[name])
         momentum_buffers[name] = buf
         new = torch.add(p, buf, alpha=-lr)
     else:
         # p <- (1 - lr * decay) p - lr * grad - lr * offset, the first two fused
-        new = combine(p, 1.0 - lr * decay, -lr)
+        new = grad.added(p, 1.0 - lr * decay, -lr)
         if offset is not None:
             new.add_(offset[name], alpha=-lr)
     if terms is not None and terms.correction is not None:
