@@ -1,8 +1,8 @@
 """Server and clients as separate processes on 127.0.0.1, over real gRPC sockets."""
 
 import json
-import sys
 import signal
+import sys
 import time
 
 import pytest
