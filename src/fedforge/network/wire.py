@@ -4,9 +4,10 @@ A message is `MAGIC | kind (1 byte) | header length (4 bytes, big-endian) | head
 The header is a UTF-8 JSON object; when the message carries tensors, its "tensors" entry lists
 them in payload order: {"name", "dtype", "shape", "encoding", "nbytes"} (+ "scale" for int8).
 Encodings: "raw" (the tensor's own bytes, little-endian), "fp16" (floats sent as float16) and
-"int8" (floats quantized symmetrically, one scale per tensor). Decoding checks every field and
-every length and raises WireError for anything else: a message is either fully understood or
-refused.
+"int8" (floats quantized symmetrically, one scale per tensor). Every number in a header is a
+64-bit integer or a finite float (JSON's NaN and Infinity, 1e400 and 10**400 are refused), and
+every dimension is at most MAX_ELEMENTS. Decoding checks every field and every length and raises
+WireError for anything else: a message is either fully understood or refused.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ MAGIC = b"FFW1"
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 4096
 MAX_ELEMENTS = 1 << 31
+MAX_INT = (1 << 63) - 1
+MAX_SCALE = 1e30  # int8 scale: the largest value an int8 tensor may carry is 127 * MAX_SCALE
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -85,6 +88,7 @@ def encode(message: Message, *, compression: str | None = None) -> bytes:
             entries.append({"name": name, **entry})
             parts.append(data)
         header["tensors"] = entries
+    _check_numbers(header)
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     return MAGIC + struct.pack(">BI", int(message.kind), len(head)) + head + b"".join(parts)
 
@@ -100,8 +104,8 @@ def _decode_tensor(entry: Any, payload: memoryview, offset: int) -> tuple[str, t
     encoding, nbytes = entry.get("encoding", "raw"), entry.get("nbytes")
     _expect(isinstance(name, str) and 0 < len(name) <= 1000, "tensor name missing or too long")
     _expect(dtype in DTYPES, f"tensor {name!r}: unknown dtype {dtype!r}")
-    _expect(isinstance(shape, list) and len(shape) <= 16 and all(type(d) is int and d >= 0 for d in shape),
-            f"tensor {name!r}: bad shape")
+    _expect(isinstance(shape, list) and len(shape) <= 16
+            and all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in shape), f"tensor {name!r}: bad shape")
     numel = math.prod(shape)
     _expect(numel <= MAX_ELEMENTS, f"tensor {name!r}: too many elements")
     target = DTYPES[dtype]
@@ -122,14 +126,47 @@ def _decode_tensor(entry: Any, payload: memoryview, offset: int) -> tuple[str, t
         tensor = tensor.to(target)
     elif encoding == "int8":
         scale = entry.get("scale")
-        _expect(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
-                and scale > 0, f"tensor {name!r}: bad int8 scale")
+        _expect(type(scale) in (int, float) and 0 < scale <= MAX_SCALE, f"tensor {name!r}: bad int8 scale")
         tensor = (tensor.float() * scale).to(target)
     return name, tensor, offset + size
 
 
+def _refuse_constant(name: str):
+    raise WireError(f"header number is not finite ({name})")
+
+
+def _check_numbers(value: Any) -> None:
+    """Refuse integers past 64 bits and non-finite floats anywhere in a parsed header."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is int:
+            _expect(-MAX_INT - 1 <= item <= MAX_INT, "header integer out of range")
+        elif type(item) is float:
+            _expect(math.isfinite(item), "header number is not finite")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _parse_int(text: str) -> int:
+    # Python refuses to convert more than 4,300 digits (ValueError); anything past 19 is out of range.
+    _expect(len(text.lstrip("-")) <= 19, "header integer out of range")
+    return int(text)
+
+
 def decode(data: bytes, *, max_bytes: int | None = None) -> Message:
     """Parse and check a message. Raises WireError with the reason when anything is off."""
+    try:
+        return _decode(data, max_bytes)
+    except WireError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed message must never escape as anything else
+        raise WireError(f"malformed message ({type(e).__name__})") from None
+
+
+def _decode(data: bytes, max_bytes: int | None) -> Message:
     _expect(isinstance(data, (bytes, bytearray, memoryview)), "message is not bytes")
     _expect(max_bytes is None or len(data) <= max_bytes,
             f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
@@ -139,10 +176,12 @@ def decode(data: bytes, *, max_bytes: int | None = None) -> Message:
     start = len(MAGIC) + 5
     _expect(head_len <= MAX_HEADER_BYTES and start + head_len <= len(data), "header length out of range")
     try:
-        header = json.loads(bytes(data[start:start + head_len]).decode("utf-8"))
+        header = json.loads(bytes(data[start:start + head_len]).decode("utf-8"),
+                            parse_int=_parse_int, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise WireError(f"header is not JSON ({type(e).__name__})") from None
     _expect(isinstance(header, dict), "header is not a JSON object")
+    _check_numbers(header)
     payload = memoryview(data)[start + head_len:]
     tensors: dict[str, torch.Tensor] = {}
     entries = header.pop("tensors", [])
