@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from .errors import OutputError
+
 
 @contextlib.contextmanager
 def _interrupts_deferred() -> Iterator[None]:
@@ -37,11 +39,18 @@ def _interrupts_deferred() -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file beside `path`; on success fsync it and rename it over `path`."""
+    """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
+
+    A failed write (a full disk, a read-only folder) raises OutputError naming `path` and
+    leaves the old file as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with _interrupts_deferred():
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
         try:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
             with os.fdopen(fd, mode) as f:
@@ -49,9 +58,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if isinstance(e, OSError) and not isinstance(e, OutputError):
+                raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
             raise
 
 

@@ -10,13 +10,14 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Config, field_types
-from .errors import ConfigError, DivergenceError, FedforgeError
+from .config import Config, checked_settings, field_types, read_toml
+from .errors import ConfigError, DivergenceError, FedforgeError, OutputError
 
 log = logging.getLogger("fedforge")
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
+EXIT_FAILED = 1  # an output could not be written
 EXIT_INTERRUPTED = 130
 
 
@@ -73,12 +74,19 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _run_config(args: argparse.Namespace) -> Config:
-    """The settings of a new run, or with --resume RUN_DIR those saved in RUN_DIR (flags on top)."""
+    """The settings of a new run, or with --resume RUN_DIR those saved in RUN_DIR, with --config
+    and flags on top: only settings that do not change what the rounds compute may differ
+    (EXECUTION_KEYS: more rounds, another engine, ...); any other is refused by name."""
+    from .experiment import check_resumable
+
     if not args.resume:
         return _config(args, _CONFIG_KEYS)
     run_dir = Path(args.resume)
-    config = Config.load(run_dir / "config.toml", _overrides(args))
-    return config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
+    changes = checked_settings(read_toml(args.config), args.config) if args.config else {}
+    config = Config.load(run_dir / "config.toml", {**changes, **_overrides(args)})
+    config = config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
+    check_resumable(run_dir, config)
+    return config
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -148,7 +156,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         min_fit_clients=args.min_fit_clients, round_timeout=args.round_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), resume=bool(args.resume), progress=not args.quiet,
         on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
-        keepalive=args.keepalive,
+        keepalive=args.keepalive, max_client_examples=args.max_client_examples,
     )
     print(f"final test accuracy {outcome.history.final.test_accuracy:.4f}; outputs in {outcome.run_dir}")
     return 0
@@ -163,10 +171,14 @@ def _cmd_client(args: argparse.Namespace) -> int:
     if bool(args.partition_of) == bool(args.data):
         raise ConfigError("give either --data DIR (this client's own data) or --partition-of DATASET:INDEX/N")
     data = PartitionOf.parse(args.partition_of) if args.partition_of else LocalData(args.data)
+    secret = read_secret(args.token_file)
+    if args.insecure:
+        log.warning("plaintext mode (--insecure): this client's secret and updates cross the network unencrypted")
     return run_client(
-        args.server, args.client_id, read_secret(args.token_file), data,
+        args.server, args.client_id, secret, data,
         root_cert=_read(args.root_cert) if args.root_cert else None, compression=args.compress,
         max_message_bytes=int(args.max_message_mb * 2**20), give_up_after=args.give_up_after,
+        retry_on_server_failure=args.retry_on_server_failure,
     )
 
 
@@ -236,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--keepalive", type=float, default=20.0, help="seconds without traffic before the server pings a "
                      "client; a client that leaves a ping unanswered for half that long is dropped (default: 20)")
     srv.add_argument("--max-message-mb", type=float, default=256.0, help="largest update accepted")
+    srv.add_argument("--max-client-examples", type=int, default=10_000_000, help="largest example count an update "
+                     "may claim (it weighs the average); the step count must also match it (default: 10000000)")
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
     srv.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     srv.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -255,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--compress", choices=["fp16", "int8"], help="compress updates (lossy)")
     cli.add_argument("--max-message-mb", type=float, default=256.0)
     cli.add_argument("--give-up-after", type=float, help="exit after this many seconds without a server")
+    cli.add_argument("--retry-on-server-failure", action="store_true", help="when the server reports that its run "
+                     "failed, keep reconnecting (for a server that will be restarted with --resume) instead of "
+                     "exiting with status 3")
     cli.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; give 1 when "
                                                  "several clients share a machine)")
     cli.set_defaults(handler=_cmd_client)
@@ -293,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DivergenceError as e:
         print(f"fedforge: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except OutputError as e:
+        print(f"fedforge: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except FedforgeError as e:
         print(f"fedforge: error: {e}", file=sys.stderr)
         return EXIT_USAGE

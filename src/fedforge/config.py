@@ -143,13 +143,13 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Config:
         """Build a Config, checking every key and value type; `source` names where they came from."""
-        return cls(**_checked(values, source))
+        return cls(**checked_settings(values, source))
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
         """Settings from the TOML file at `path` (if any), then `overrides` on top."""
-        values = _checked(read_toml(path), str(path)) if path is not None else {}
-        return cls(**{**values, **_checked(overrides or {}, "command line")})
+        values = checked_settings(read_toml(path), str(path)) if path is not None else {}
+        return cls(**{**values, **checked_settings(overrides or {}, "command line")})
 
     def to_toml(self) -> str:
         """The fully resolved settings as TOML (unset optional values are left out)."""
@@ -182,7 +182,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {e.strerror}") from None
 
 
-def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
+def checked_settings(values: dict[str, Any], source: str) -> dict[str, Any]:
     """`values` with unknown keys and wrongly typed values refused, ints widened for float keys."""
     types_ = field_types()
     out = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "DivergenceError", "FedforgeError"]
+__all__ = ["ConfigError", "DataError", "DivergenceError", "FedforgeError", "OutputError"]
 
 
 class FedforgeError(Exception):
@@ -19,3 +19,7 @@ class DataError(FedforgeError):
 
 class DivergenceError(FedforgeError, FloatingPointError):
     """Training produced a NaN or infinite loss."""
+
+
+class OutputError(FedforgeError, OSError):
+    """An output file cannot be written (a full disk, a read-only folder)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,21 +74,51 @@ class RunOutcome:
     state: ServerState | None
 
 
+CHECKPOINT_MAGIC = b"fedforge checkpoint 1\n"
+
+
 def save_checkpoint(run_dir: Path, state: ServerState, history: History) -> None:
-    """Everything needed to continue after `state.round`: written atomically after every round."""
+    """Everything needed to continue after `state.round`: written atomically after every round,
+    as CHECKPOINT_MAGIC, the SHA-256 of the rest, then torch.save's bytes."""
+    buffer = io.BytesIO()
+    torch.save({"params": {k: v.cpu() for k, v in state.params.items()}, "round": state.round,
+                "extras": state.extras, "history": history.to_json()}, buffer)
+    payload = buffer.getbuffer()
     with atomic_write(run_dir / "checkpoint.pt", "wb") as f:
-        torch.save({"params": {k: v.cpu() for k, v in state.params.items()}, "round": state.round,
-                    "extras": state.extras, "history": history.to_json()}, f)
+        f.write(CHECKPOINT_MAGIC + hashlib.sha256(payload).digest())
+        f.write(payload)
 
 
 def load_checkpoint(run_dir: str | Path, device) -> tuple[ServerState, History]:
+    """The state and history saved in `run_dir`; ConfigError when the file is missing or damaged."""
     path = Path(run_dir) / "checkpoint.pt"
-    if not path.exists():
-        raise ConfigError(f"cannot resume: {path} does not exist")
-    # Our own file, written by save_checkpoint: it holds tensors, numbers and dicts only.
-    saved = torch.load(path, map_location=device, weights_only=True)
-    state = ServerState({k: v.to(device) for k, v in saved["params"].items()}, saved["round"], saved["extras"])
-    return state, History.from_json(saved["history"])
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"cannot resume: {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot resume: cannot read {path}: {e.strerror}") from None
+    start = len(CHECKPOINT_MAGIC) + 32
+    if data[:len(CHECKPOINT_MAGIC)] != CHECKPOINT_MAGIC or len(data) < start or \
+            hashlib.sha256(memoryview(data)[start:]).digest() != data[len(CHECKPOINT_MAGIC):start]:
+        raise ConfigError(f"cannot resume: {path} is damaged ({len(data)} bytes that fail their checksum: "
+                          f"truncated or overwritten)")
+    try:
+        # Our own file, written by save_checkpoint: it holds tensors, numbers and dicts only.
+        saved = torch.load(io.BytesIO(memoryview(data)[start:]), map_location=device, weights_only=True)
+        state = ServerState({k: v.to(device) for k, v in saved["params"].items()}, saved["round"], saved["extras"])
+        return state, History.from_json(saved["history"])
+    except Exception as e:  # noqa: BLE001 - a file that passed its checksum but not the loader
+        raise ConfigError(f"cannot resume: {path} cannot be read ({type(e).__name__})") from None
+
+
+def check_output(config: Config) -> Path:
+    """The run's folder `out_dir/name`, made if missing and checked writable (OutputError if not)."""
+    run_dir = Path(config.out_dir) / config.name
+    with atomic_write(run_dir / ".write-check") as f:
+        f.write("fedforge can write here\n")
+    (run_dir / ".write-check").unlink()
+    return run_dir
 
 
 # Settings that say where, how or how long a run executes, not what its rounds compute.
@@ -121,7 +153,7 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     k = clients_per_round_count(config.clients_per_round, data.num_clients)
     model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
     config = config.replace(name=run_name(config))
-    run_dir = Path(config.out_dir) / config.name
+    run_dir = check_output(config)
     start = load_checkpoint(run_dir, device) if resume else None
     with atomic_write(run_dir / "config.toml") as f:
         f.write(config.to_toml())
@@ -156,4 +188,5 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     return RunOutcome(run_dir, History(records), last[0] if last else None)
 
 
-__all__ = ["RunOutcome", "federate", "load", "load_checkpoint", "resolve_device", "run_experiment", "save_checkpoint"]
+__all__ = ["RunOutcome", "check_output", "federate", "load", "load_checkpoint", "resolve_device", "run_experiment",
+           "save_checkpoint"]

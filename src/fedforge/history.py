@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 
 
@@ -41,7 +42,10 @@ class History:
         return [getattr(r, name) for r in self.records]
 
     def to_json(self) -> str:
-        return json.dumps({"rounds": [asdict(r) for r in self.records]}, indent=2) + "\n"
+        """Strict JSON: a non-finite number (a diverged loss) is written as null."""
+        rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
+                for r in self.records]
+        return json.dumps({"rounds": rows}, indent=2, allow_nan=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> History:

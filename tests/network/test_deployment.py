@@ -36,29 +36,38 @@ def test_all_alive_equals_the_simulation(cluster, tmp_path, strategy):
 
 
 def test_refusals_are_logged_and_training_continues(cluster, tmp_path):
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "4",
-                                  "--max-message-mb", "0.05", "--round-timeout", "4", *BASE)
-    cluster.client(0, port), cluster.client(1, port)
+    modes = ["shape", "nan", "oversized", "many", "huge", "steps", "loss", "late"]
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds",
+                                  str(len(modes)), "--max-message-mb", "0.05", "--round-timeout", "4", *BASE)
+    first = cluster.client(0, port)
+    cluster.client(1, port)
     server.wait_for("client 0 connected")
     server.wait_for("client 1 connected")
     wrong_secret = cluster.client(2, port, token="client-3.token", name="wrong-secret")
-    duplicate = cluster.client(0, port, name="duplicate")
     unknown = cluster.client(9, port, token="client-3.token", name="unknown", part=2)
-    assert wrong_secret.wait(30) == 1 and duplicate.wait(30) == 1 and unknown.wait(30) == 1
-    evil = cluster.stub(2, port, "shape,nan,oversized,late")
+    assert wrong_secret.wait(30) == 1 and unknown.wait(30) == 1
+    cluster.client(0, port, name="second")  # the same id again: the newer session wins
+    assert first.wait(30) == 1
+    evil = cluster.stub(2, port, ",".join(modes))
     assert server.wait(90) == 0, server.text()
     log = server.text()
-    assert "wrong secret for client 2" in log
-    assert "client 0 is already connected" in log
-    assert "unknown client id 9" in log
+    assert "wrong secret for client 2" in log and "unknown client id 9" in log  # the log tells them apart,
+    for refused in (wrong_secret, unknown):  # the answer does not
+        assert "refused by the server: authentication failed" in refused.text()
+    assert "replaced by a newer session of client 0" in first.text()
     assert "refused the update of client 2: 1.weight: (3, 3)" in log or "refused the update of client 2" in log
     assert "refused the update of client 2: it holds NaN" in log
     assert "exceeds the limit" in log
-    assert "discarded an update from client 2" in log and "late or not selected" in log
-    assert "refused by the server: wrong secret" in wrong_secret.text()
-    history = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())["rounds"]
-    assert [r["round"] for r in history] == [0, 1, 2, 3, 4]
-    assert history[-1]["test_accuracy"] > history[0]["test_accuracy"]
+    assert "refused the update of client 2: num_examples 1000000000000000000 is not between" in log
+    assert "refused a message from client 2: header integer out of range" in log
+    assert "refused the update of client 2: num_steps" in log
+    assert "refused the update of client 2: train_loss 1e+308 is not a number in" in log
+    assert "discarded a UPDATE from client 2 for task" in log and "late or not an update" in log
+    history = json.loads((tmp_path / "runs" / "net" / "history.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"history.json holds {c}: not JSON"))
+    assert [r["round"] for r in history["rounds"]] == list(range(len(modes) + 1))
+    assert history["rounds"][-1]["test_accuracy"] > history["rounds"][0]["test_accuracy"]
+    assert all(sorted(r["clients"]) == [0, 1, 2] for r in history["rounds"][1:])  # the stub was in every round
     evil.kill()
 
 

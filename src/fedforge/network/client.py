@@ -24,7 +24,7 @@ from ..data.datasets import TensorData
 from ..engines import ClientTask, SequentialEngine
 from ..errors import ConfigError
 from ..models import build_model
-from .server import METHOD, channel_options
+from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .wire import Kind, Message, WireError, decode, encode
 
 log = logging.getLogger("fedforge.client")
@@ -100,6 +100,13 @@ class Refused(Exception):
     """The server refused this client; retrying would not help."""
 
 
+class ServerFailed(Exception):
+    """The server's run failed (the reason is the message)."""
+
+
+EXIT_DONE, EXIT_REFUSED, EXIT_GAVE_UP, EXIT_SERVER_FAILED = 0, 1, 2, 3
+
+
 class _Trainer:
     """The run's model and this client's data, set up once from the server's settings."""
 
@@ -149,31 +156,42 @@ def _channel(server: str, root_cert: bytes | None, max_message_bytes: int) -> gr
 def run_client(
     server: str, client_id: int, secret: str, partition: PartitionOf | LocalData, *, root_cert: bytes | None,
     compression: str | None = None, max_message_bytes: int = 256 << 20, max_backoff: float = 30.0,
-    give_up_after: float | None = None,
+    give_up_after: float | None = None, retry_on_server_failure: bool = False,
 ) -> int:
-    """Serve the federation until it shuts down; returns the exit status (0 done, 1 refused).
+    """Serve the federation until it shuts down; returns the exit status: 0 the run finished,
+    1 refused (wrong secret, replaced by another process with this id), 2 no server for
+    `give_up_after` seconds, 3 the server's run failed.
 
-    When the connection breaks (the server restarts, the network drops) the client reconnects
-    with exponential backoff and jitter, up to `max_backoff` seconds between tries; it gives up
-    after `give_up_after` seconds without a connection (None: never).
+    When the connection breaks (the server restarts, the network drops) or the server refuses
+    for now (too many failed attempts from this address), the client reconnects with exponential
+    backoff and jitter, up to `max_backoff` seconds between tries; it gives up after
+    `give_up_after` seconds without a connection (None: never). With `retry_on_server_failure`
+    a failed run is waited out the same way (the server may come back with --resume).
     """
     trainer: _Trainer | None = None
     backoff, last_contact = 0.5, time.monotonic()
+    metadata = ((CLIENT_ID_KEY, str(client_id)), (SECRET_KEY, secret))
     while True:
         outbox: queue.Queue = queue.Queue()
-        outbox.put(encode(Message(Kind.HELLO, {"client_id": client_id, "secret": secret})))
         channel = _channel(server, root_cert, max_message_bytes)
         try:
             stub = channel.stream_stream(METHOD)
-            for raw in stub(iter(outbox.get, None)):
+            for raw in stub(iter(outbox.get, None), metadata=metadata):
                 message = decode(raw, max_bytes=4 * max_message_bytes)
-                last_contact, backoff = time.monotonic(), 0.5
+                last_contact = time.monotonic()
                 if message.kind == Kind.REJECT:
-                    raise Refused(message.header.get("reason", "no reason given"))
+                    reason = str(message.header.get("reason", "no reason given"))
+                    if message.header.get("retry") is not True:
+                        raise Refused(reason)
+                    log.warning("client %d: the server says: %s", client_id, reason)
+                    break
+                backoff = 0.5
                 if message.kind == Kind.SHUTDOWN:
-                    log.info("client %d: the server finished the run", client_id)
                     outbox.put(None)
-                    return 0
+                    if message.header.get("status") == "done":
+                        log.info("client %d: the server finished the run", client_id)
+                        return EXIT_DONE
+                    raise ServerFailed(str(message.header.get("reason", "no reason given")))
                 if message.kind == Kind.WELCOME and trainer is None:
                     config = Config.from_dict(message.header["config"], source="server settings")
                     trainer = _Trainer(config, partition.load(config))
@@ -183,7 +201,12 @@ def run_client(
                     outbox.put(encode(update_message(message.header["task"], update), compression=compression))
         except Refused as e:
             log.error("client %d: refused by the server: %s", client_id, e)
-            return 1
+            return EXIT_REFUSED
+        except ServerFailed as e:
+            if not retry_on_server_failure:
+                log.error("client %d: the server's run failed: %s", client_id, e)
+                return EXIT_SERVER_FAILED
+            log.warning("client %d: the server's run failed (%s); waiting for it to come back", client_id, e)
         except (grpc.RpcError, WireError) as e:
             detail = e.code().name if isinstance(e, grpc.RpcError) else str(e)
             log.warning("client %d: connection lost (%s); retrying in %.1f s", client_id, detail, backoff)
@@ -192,7 +215,7 @@ def run_client(
             channel.close()
         if give_up_after is not None and time.monotonic() - last_contact > give_up_after:
             log.error("client %d: no server for %.0f s; giving up", client_id, give_up_after)
-            return 2
+            return EXIT_GAVE_UP
         time.sleep(backoff * random.uniform(0.5, 1.5))
         backoff = min(2 * backoff, max_backoff)
 

@@ -38,7 +38,7 @@ COMPRESSIONS = ("fp16", "int8")
 
 
 class Kind(IntEnum):
-    HELLO = 1  # client -> server: id and secret
+    # 1 was HELLO: a client now authenticates in the call's metadata (hub.py)
     WELCOME = 2  # server -> client: the run's settings
     REJECT = 3  # server -> client: why it is refused
     TASK = 4  # server -> client: train the global model, with a plan

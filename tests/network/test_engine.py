@@ -1,0 +1,49 @@
+"""The network engine's checks of an update against the task it answers (no sockets needed)."""
+
+import pytest
+import torch
+
+from fedforge.client import ClientConfig, ClientPlan
+from fedforge.engines import ClientTask
+from fedforge.network.engine import update_from
+from fedforge.network.wire import Kind, Message
+
+GLOBAL = {"w": torch.zeros(2, 3), "b": torch.zeros(2)}
+CONFIG = ClientConfig(local_epochs=2, batch_size=10)
+
+
+def message(**header):
+    fields = {"task": 1, "num_examples": 25, "num_steps": 6, "train_loss": 0.5, "train_accuracy": 0.8, **header}
+    return Message(Kind.UPDATE, fields, {f"delta/{k}": torch.ones_like(v) for k, v in GLOBAL.items()})
+
+
+def task(**plan):
+    return ClientTask(4, None, 0, plan=ClientPlan(**plan))
+
+
+def test_a_consistent_update_is_accepted():
+    update = update_from(message(), task(), CONFIG, GLOBAL)
+    assert (update.client_id, update.num_examples, update.num_steps) == (4, 25, 6)  # 2 epochs of 3 batches
+
+
+@pytest.mark.parametrize("header, plan, reason", [
+    ({"num_examples": 10**18, "num_steps": 2 * 10**17}, {}, "num_examples 1000000000000000000 is not between 1 and"),
+    ({"num_examples": 0, "num_steps": 0}, {}, "num_examples 0 is not between"),
+    ({"num_examples": 25.0}, {}, "num_examples 25.0 is not between"),
+    ({"num_examples": True}, {}, "num_examples True is not between"),
+    ({"num_steps": 7}, {}, "num_steps 7 is not the 6 steps its task asks of 25 examples"),
+    ({"num_steps": 6}, {"max_steps": 4}, "num_steps 6 is not the 4 steps"),  # a straggler's partial work
+    ({"num_steps": 6}, {"epochs": 1}, "num_steps 6 is not the 3 steps"),
+    ({"train_loss": 1e308}, {}, "train_loss 1e+308 is not a number in"),
+    ({"train_loss": "0.5"}, {}, "train_loss '0.5' is not a number in"),
+    ({"train_accuracy": 1.5}, {}, "train_accuracy 1.5 is not a number in [0, 1]"),
+    ({"initial_loss": -1e20}, {}, "initial_loss -1e+20 is not a number in"),
+])
+def test_counts_and_metrics_must_fit_the_task(header, plan, reason):
+    with pytest.raises(ValueError, match=reason.replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):
+        update_from(message(**header), task(**plan), CONFIG, GLOBAL)
+
+
+def test_the_example_bound_is_the_server_s_setting():
+    with pytest.raises(ValueError, match="not between 1 and 20"):
+        update_from(message(), task(), CONFIG, GLOBAL, max_examples=20)
