@@ -10,7 +10,6 @@ asked for (so a client cannot take over a weighted average by claiming 10**30 ex
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import time
 from collections.abc import Iterator, Sequence

@@ -69,7 +69,7 @@ def channel_options(max_message_bytes: int, keepalive: float = DEFAULT_KEEPALIVE
 def server_options(max_message_bytes: int, keepalive: float) -> list[tuple[str, int]]:
     return channel_options(max_message_bytes, keepalive) + [
         ("grpc.max_concurrent_streams", 4),  # a client needs one; a few more cover a reconnect's overlap
-        ("grpc.server_handshake_timeout_ms", 10_000),  # a connection that never finishes its handshake
+        ("grpc.server_handshake_timeout_ms", 20_000),  # a connection that never finishes its handshake
     ]
 
 
