@@ -30,7 +30,7 @@ def test_all_alive_equals_the_simulation(cluster, tmp_path, strategy):
     clients = [cluster.client(i, port) for i in range(3)]
     assert server.wait(60) == 0, server.text()
     assert all(c.wait(30) == 0 for c in clients)
-    assert "plaintext mode" in server.text()
+    assert "plaintext mode" in server.text() and all("plaintext mode" in c.text() for c in clients)
     networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
     assert_same_model(networked, simulated_model(tmp_path, *flags))
 

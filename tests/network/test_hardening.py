@@ -181,9 +181,14 @@ def test_failed_guesses_from_one_address_are_limited(cluster, tmp_path):
     answers = [open_session(port, i % 4, "guess")[0].header for i in range(12)]
     assert all(a == {"reason": "authentication failed", "retry": False} for a in answers[:10])
     assert answers[10]["retry"] is True and "too many failed attempts" in answers[10]["reason"]
-    # Blocked: even the right secret is not checked (so guesses cannot go on), only refused for now.
+    # Blocked: even the right secret is not checked (so guesses cannot go on), only refused for now,
+    # and an enrolled client keeps trying with back-off instead of giving up.
     assert open_session(port, 0, secret(tmp_path, 0))[0].kind == Kind.REJECT
     assert "too many failed authentications from this address" in server.text()
+    patient = cluster.client(0, port)
+    patient.wait_for("the server says: too many failed attempts from this address; try later")
+    patient.wait_for(r"(the server says: too many failed attempts[^\n]*\n(.|\n)*){2}")
+    assert patient.popen.poll() is None
 
 
 def test_address_guard_forgets_after_the_window():
