@@ -118,10 +118,9 @@ class Config:
         self.max_memory_bytes()
 
     def strategy_object(self):
-        """The strategy, built from this config (its hyperparameters and what it needs of the run)."""
-        # Strategy fields named like settings take them (num_clients, momentum, ...); client_lr is lr.
+        """The strategy, built from its hyperparameters in this config (server_lr, q, trim_beta, ...)."""
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return make_strategy(self.strategy, **options, client_lr=self.lr)
+        return make_strategy(self.strategy, **options)
 
     def scenario(self) -> Scenario:
         return Scenario(

@@ -24,7 +24,7 @@ from .history import History, RoundRecord
 from .models import build_model
 from .report import plot_history, round_line, write_history, write_model
 from .simulation import FederatedData, clients_per_round_count, simulate
-from .strategies import ServerState
+from .strategies import RunInfo, ServerState
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,7 +82,8 @@ def save_checkpoint(run_dir: Path, state: ServerState, history: History) -> None
     as CHECKPOINT_MAGIC, the SHA-256 of the rest, then torch.save's bytes."""
     buffer = io.BytesIO()
     torch.save({"params": {k: v.cpu() for k, v in state.params.items()}, "round": state.round,
-                "extras": state.extras, "history": history.to_json()}, buffer)
+                "extras": state.extras, "run": dataclasses.asdict(state.run) if state.run else None,
+                "history": history.to_json()}, buffer)
     payload = buffer.getbuffer()
     with atomic_write(run_dir / "checkpoint.pt", "wb") as f:
         f.write(CHECKPOINT_MAGIC + hashlib.sha256(payload).digest())
@@ -106,7 +107,8 @@ def load_checkpoint(run_dir: str | Path, device) -> tuple[ServerState, History]:
     try:
         # Our own file, written by save_checkpoint: it holds tensors, numbers and dicts only.
         saved = torch.load(io.BytesIO(memoryview(data)[start:]), map_location=device, weights_only=True)
-        state = ServerState({k: v.to(device) for k, v in saved["params"].items()}, saved["round"], saved["extras"])
+        run = RunInfo(**saved["run"]) if saved.get("run") else None
+        state = ServerState({k: v.to(device) for k, v in saved["params"].items()}, saved["round"], saved["extras"], run)
         return state, History.from_json(saved["history"])
     except Exception as e:  # noqa: BLE001 - a file that passed its checksum but not the loader
         raise ConfigError(f"cannot resume: {path} cannot be read ({type(e).__name__})") from None

@@ -20,7 +20,7 @@ from .errors import ConfigError, FedforgeError
 from .evaluation import evaluate
 from .history import History, RoundRecord
 from .scenarios import Scenario, attack_update, client_work, flip_labels, malicious_clients
-from .strategies import FedAvg, ServerState, Strategy
+from .strategies import FedAvg, RunInfo, ServerState, Strategy
 
 log = logging.getLogger("fedforge")
 
@@ -185,10 +185,13 @@ def simulate(
         )
 
     started = time.perf_counter()
+    run = RunInfo(num_clients=data.num_clients, client_lr=client.lr, client_momentum=client.momentum)
     if resume is not None:
         state, records = resume[0], list(resume[1])
+        if state.run is None:  # a checkpoint written before states carried their run
+            state = replace(state, run=run)
     else:
-        state = strategy.init({k_: v.detach() for k_, v in model.state_dict().items()})
+        state = strategy.init({k_: v.detach() for k_, v in model.state_dict().items()}, run)
         records = [measure(state, (), None, started, started)]
         if on_round is not None:
             on_round(records[-1], state)

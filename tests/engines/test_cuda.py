@@ -34,8 +34,8 @@ def run(engine, device, act=nn.ReLU, strategy=None):
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh], ids=["kernel", "torch.func"])
 def test_engines_agree_on_cuda(act):
-    sequential = run(SequentialEngine(), "cuda", act, Scaffold(num_clients=5, client_lr=0.05))
-    vectorized = run(VectorizedEngine(), "cuda", act, Scaffold(num_clients=5, client_lr=0.05))
+    sequential = run(SequentialEngine(), "cuda", act, Scaffold())
+    vectorized = run(VectorizedEngine(), "cuda", act, Scaffold())
     assert sequential.history.column("clients") == vectorized.history.column("clients")
     for name, value in sequential.state.params.items():
         assert value.device.type == "cuda" and vectorized.state.params[name].device.type == "cuda"

@@ -160,8 +160,8 @@ def test_operation_vmap_cannot_batch_falls_back_at_run_time(caplog):
 
 @pytest.mark.parametrize("strategy, scenario", [
     (FedProx(proximal_mu=0.5), Scenario()),
-    (Scaffold(num_clients=5, client_lr=0.05), Scenario()),
-    (QFedAvg(q=0.5, client_lr=0.05), Scenario()),
+    (Scaffold(), Scenario()),
+    (QFedAvg(q=0.5), Scenario()),
     (None, Scenario(local_epochs_range=(1, 3), straggler_fraction=0.5)),
     (FedProx(proximal_mu=0.1), Scenario(straggler_fraction=0.6, dropout=0.2)),
 ], ids=["fedprox", "scaffold", "qfedavg", "epochs+stragglers", "fedprox+stragglers+dropout"])

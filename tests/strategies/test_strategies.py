@@ -12,8 +12,8 @@ from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.client import ClientUpdate
 from fedforge.data import dirichlet
 from fedforge.strategies import (
-    FedAdagrad, FedAdam, FedAvg, FedAvgM, FedNova, FedProx, FedYogi, Krum, Median, MultiKrum, QFedAvg, Scaffold,
-    ServerState, TrimmedMean, fedavg, krum_scores, median, multikrum_select, trimmed_mean,
+    FedAdagrad, FedAdam, FedAvg, FedAvgM, FedNova, FedProx, FedYogi, Krum, Median, MultiKrum, QFedAvg, RunInfo,
+    Scaffold, ServerState, TrimmedMean, fedavg, krum_scores, median, multikrum_select, trimmed_mean,
 )
 from fedforge.strategies.fednova import normalizer
 
@@ -27,8 +27,11 @@ def w(state):
     return state.params["w"].tolist()
 
 
+RUN = RunInfo(num_clients=4, client_lr=0.1)
+
+
 def start(strategy, value=0.0):
-    return strategy.init({"w": torch.tensor([value], dtype=torch.float64)})
+    return strategy.init({"w": torch.tensor([value], dtype=torch.float64)}, RUN)
 
 
 # ---- hand-computed -------------------------------------------------------------------------
@@ -54,7 +57,7 @@ def test_adaptive_first_round(cls, expected):
 
 
 def test_scaffold_controls_hand_computed():
-    s = Scaffold(num_clients=4, client_lr=0.1)
+    s = Scaffold()  # N = 4, client lr 0.1 (RUN)
     state = start(s)
     assert s.plan(state, 0).correction["w"].tolist() == [0.0]
     state = s.aggregate(state, [up(0, 10, [-0.2], steps=2), up(1, 10, [0.8], steps=4)])
@@ -76,7 +79,7 @@ def test_fednova_hand_computed():
 
 
 def test_qfedavg_hand_computed():
-    s = QFedAvg(q=1.0, client_lr=0.1)  # L = 10
+    s = QFedAvg(q=1.0)  # L = 1 / 0.1 (RUN)
     # dw = L * (w - w_k) = -1; Delta = F * dw = -2; h = q ||dw||^2 + L F = 1 + 20; w <- w + 2/21
     state = s.aggregate(start(s), [up(0, 7, [0.1], loss=2.0)])
     assert w(state) == pytest.approx([2 / 21])
@@ -141,19 +144,19 @@ def test_fedprox_with_mu_changes_training():
 
 
 def test_scaffold_first_round_is_fedavg():
-    assert_same_weights(run(Scaffold(num_clients=6, client_lr=0.05), rounds=1), run(FedAvg(), rounds=1))
+    assert_same_weights(run(Scaffold(), rounds=1), run(FedAvg(), rounds=1))
 
 
 def test_fednova_with_equal_steps_is_fedavg():
     equal = FederatedData(blobs(240, seed=1), [np.arange(i * 40, (i + 1) * 40) for i in range(6)], blobs(50, seed=2))
     runs = [simulate(model(), equal, rounds=3, clients_per_round=4, strategy=s, seed=3,
                      client=ClientConfig(batch_size=16, lr=0.05, momentum=0.5))
-            for s in (FedNova(momentum=0.5), FedAvg())]
+            for s in (FedNova(), FedAvg())]
     assert_same_weights(*runs)
 
 
 def test_qfedavg_with_q_zero_is_fedavg():
-    assert_same_weights(run(QFedAvg(q=0.0, client_lr=0.05)), run(FedAvg()))
+    assert_same_weights(run(QFedAvg(q=0.0)), run(FedAvg()))
 
 
 @pytest.mark.parametrize("strategy", [Median(), TrimmedMean(trim_beta=0.3), Krum(krum_f=2), MultiKrum(krum_f=2)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .adaptive import FedAdagrad, FedAdam, FedYogi, adaptive
-from .base import NO_PLAN, RunningMean, ServerState, Strategy, StrategyBase, weighted_mean_delta
+from .base import NO_PLAN, RunInfo, RunningMean, ServerState, Strategy, StrategyBase, weighted_mean_delta
 from .fedavg import FedAvg, FedAvgM, FedProx, fedavg, fedavgm
 from .fednova import FedNova, fednova
 from .qfedavg import QFedAvg, qfedavg
@@ -19,7 +19,8 @@ STRATEGIES = {
 
 
 def make_strategy(name: str, /, **options) -> Strategy:
-    """The strategy called `name`, built from the options it accepts (others are ignored).
+    """The strategy called `name`, built from the hyperparameters it accepts (others are ignored).
+    Facts of the run (N, the clients' learning rate) are not options: `init` takes them (RunInfo).
 
     An option given as None takes the strategy's own default (e.g. server_lr).
     """
@@ -32,7 +33,7 @@ def make_strategy(name: str, /, **options) -> Strategy:
 
 __all__ = [
     "NO_PLAN", "STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedNova", "FedProx", "FedYogi",
-    "Krum", "Median", "MultiKrum", "QFedAvg", "RunningMean", "Scaffold", "ServerState", "Strategy",
+    "Krum", "Median", "MultiKrum", "QFedAvg", "RunInfo", "RunningMean", "Scaffold", "ServerState", "Strategy",
     "StrategyBase", "TrimmedMean", "adaptive", "fedavg", "fedavgm", "fednova", "krum_scores", "make_strategy",
     "median", "multikrum_select", "qfedavg", "scaffold", "trimmed_mean", "weighted_mean_delta",
 ]

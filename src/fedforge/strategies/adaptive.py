@@ -5,13 +5,13 @@ client delta, with adaptivity tau."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..client import ClientUpdate
 from ..errors import ConfigError
-from .base import ServerState, StrategyBase, check_server_lr, step_params, weighted_mean_delta
+from .base import RunInfo, ServerState, StrategyBase, check_server_lr, step_params, weighted_mean_delta
 
 RULES = ("adagrad", "adam", "yogi")
 
@@ -43,7 +43,7 @@ def adaptive(
         else:
             v[k] = second[k] - (1 - beta2) * d2 * torch.sign(second[k] - d2)
         step[k] = m[k] / (v[k].sqrt() + tau)
-    return ServerState(step_params(state.params, step, server_lr), state.round + 1, {"m": m, "v": v})
+    return state.next(step_params(state.params, step, server_lr), {"m": m, "v": v})
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,10 @@ class _Adaptive(StrategyBase):
         if not self.tau > 0:
             raise ConfigError(f"tau must be > 0, got {self.tau}")
 
-    def init(self, params) -> ServerState:
-        state = super().init(params)
+    def init(self, params, run: RunInfo) -> ServerState:
+        state = super().init(params, run)
         floats = {k: v for k, v in state.params.items() if v.is_floating_point()}
-        return ServerState(state.params, 0, {
+        return replace(state, extras={
             "m": {k: torch.zeros_like(v) for k, v in floats.items()},
             "v": {k: torch.full_like(v, self.tau**2) for k, v in floats.items()},
         })

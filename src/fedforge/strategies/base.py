@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -13,27 +13,58 @@ from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
+class RunInfo:
+    """Facts of the run that some strategies need, handed to `Strategy.init` explicitly (the
+    Python API and the command line give the same ones).
+
+    Attributes:
+        num_clients: all clients of the run, N (SCAFFOLD's server control averages over them).
+        client_lr: the clients' learning rate (SCAFFOLD's control scale; q-FedAvg's L = 1 / lr).
+        client_momentum: the clients' SGD momentum (FedNova's normalizer).
+    """
+
+    num_clients: int
+    client_lr: float
+    client_momentum: float = 0.0
+
+    def __post_init__(self):
+        if self.num_clients < 1 or not self.client_lr > 0 or not 0 <= self.client_momentum < 1:
+            raise ConfigError(f"run facts out of range: {self}")
+
+
+@dataclass(frozen=True)
 class ServerState:
     """Everything the server carries from one round to the next.
 
     `params` is the global model's full state (parameters and buffers); `extras` holds a
-    strategy's own state by name (momentum, second moments, control variates, ...).
+    strategy's own state by name (momentum, second moments, control variates, ...); `run` the
+    facts of the run it was initialised with.
     """
 
     params: State
     round: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    run: RunInfo | None = None
 
     def unchanged(self) -> ServerState:
         """The state after a round in which no update arrived: same model, next round."""
-        return ServerState(self.params, self.round + 1, self.extras)
+        return replace(self, round=self.round + 1)
+
+    def next(self, params: State, extras: dict[str, Any] | None = None) -> ServerState:
+        """The state of the next round: new `params`, and new `extras` when given."""
+        return ServerState(params, self.round + 1, self.extras if extras is None else extras, self.run)
+
+    def run_info(self, strategy: str) -> RunInfo:
+        if self.run is None:
+            raise ConfigError(f"{strategy} needs the run's facts: start from strategy.init(params, run=RunInfo(...))")
+        return self.run
 
 
 class Strategy(Protocol):
     name: str
 
-    def init(self, params: State) -> ServerState:
-        """The server state before round 1."""
+    def init(self, params: State, run: RunInfo) -> ServerState:
+        """The server state before round 1 of a run with facts `run`."""
 
     def plan(self, state: ServerState, client_id: int) -> ClientPlan:
         """What selected client `client_id` is asked to do this round."""
@@ -48,8 +79,8 @@ NO_PLAN = ClientPlan()
 class StrategyBase:
     """`init` that copies the model, and `plan` that asks nothing special."""
 
-    def init(self, params: State) -> ServerState:
-        return ServerState({k: v.detach().clone() for k, v in params.items()})
+    def init(self, params: State, run: RunInfo) -> ServerState:
+        return ServerState({k: v.detach().clone() for k, v in params.items()}, run=run)
 
     def plan(self, state: ServerState, client_id: int) -> ClientPlan:
         return NO_PLAN

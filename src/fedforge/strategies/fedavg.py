@@ -21,7 +21,7 @@ def fedavg(state: ServerState, updates: Iterable[ClientUpdate], *, server_lr: fl
     mean, _ = weighted_mean_delta(updates, state.params)
     if mean is None:
         return state.unchanged()
-    return ServerState(step_params(state.params, mean, server_lr), state.round + 1, state.extras)
+    return state.next(step_params(state.params, mean, server_lr))
 
 
 def fedavgm(
@@ -38,7 +38,7 @@ def fedavgm(
     velocity = {k: momentum * previous[k] + v if previous is not None else v.clone() for k, v in mean.items()
                 if v.is_floating_point()}
     step = {**mean, **velocity}
-    return ServerState(step_params(state.params, step, server_lr), state.round + 1, {"velocity": velocity})
+    return state.next(step_params(state.params, step, server_lr), {"velocity": velocity})
 
 
 @dataclass(frozen=True)

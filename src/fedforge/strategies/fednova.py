@@ -39,14 +39,13 @@ def fednova(
     direction = normalized.mean(state.params)
     buffers = plain.mean(state.params)
     step = {k: tau_eff * d if d.is_floating_point() else buffers[k] for k, d in direction.items()}
-    return ServerState(step_params(state.params, step, server_lr), state.round + 1, state.extras)
+    return state.next(step_params(state.params, step, server_lr))
 
 
 @dataclass(frozen=True)
 class FedNova(StrategyBase):
-    """FedNova; `momentum` is the clients' SGD momentum (the simulation fills it in)."""
+    """FedNova; the clients' SGD momentum is the run's (RunInfo.client_momentum)."""
 
-    momentum: float = 0.0
     server_lr: float = 1.0
     name = "fednova"
 
@@ -54,4 +53,4 @@ class FedNova(StrategyBase):
         check_server_lr(self.server_lr)
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
-        return fednova(state, updates, momentum=self.momentum, server_lr=self.server_lr)
+        return fednova(state, updates, momentum=state.run_info(self.name).client_momentum, server_lr=self.server_lr)

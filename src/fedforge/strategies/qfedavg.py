@@ -41,15 +41,14 @@ def qfedavg(state: ServerState, updates: Iterable[ClientUpdate], *, q: float, li
     scale = numerator.total_weight / denominator
     pulled, buffers = numerator.mean(state.params), plain.mean(state.params)
     step = {k: scale * v if v.is_floating_point() else buffers[k] for k, v in pulled.items()}
-    return ServerState(step_params(state.params, step), state.round + 1, state.extras)
+    return state.next(step_params(state.params, step))
 
 
 @dataclass(frozen=True)
 class QFedAvg(StrategyBase):
-    """q-FedAvg; L = 1 / client_lr as in the paper (the simulation fills client_lr in)."""
+    """q-FedAvg; L = 1 / the clients' learning rate (RunInfo.client_lr), as in the paper."""
 
     q: float = 1.0
-    client_lr: float = 0.01
     name = "qfedavg"
 
     def __post_init__(self):
@@ -60,4 +59,4 @@ class QFedAvg(StrategyBase):
         return _PLAN
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
-        return qfedavg(state, updates, q=self.q, lipschitz=1.0 / self.client_lr)
+        return qfedavg(state, updates, q=self.q, lipschitz=1.0 / state.run_info(self.name).client_lr)

@@ -57,7 +57,7 @@ def _robust_step(state: ServerState, updates: Iterable[ClientUpdate], reduce) ->
     updates, stacked = stack_deltas(updates)
     if not updates:
         return state.unchanged()
-    return ServerState(step_params(state.params, reduce(stacked)), state.round + 1, state.extras)
+    return state.next(step_params(state.params, reduce(stacked)))
 
 
 @dataclass(frozen=True)

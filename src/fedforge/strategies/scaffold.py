@@ -4,13 +4,12 @@ Federated Learning"), option II: control variates correct each client's drift.""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..client import ClientPlan, ClientUpdate, State
-from ..errors import ConfigError
-from .base import RunningMean, ServerState, StrategyBase, check_server_lr, float_keys, step_params
+from .base import RunInfo, RunningMean, ServerState, StrategyBase, check_server_lr, float_keys, step_params
 
 
 def scaffold(
@@ -38,28 +37,24 @@ def scaffold(
         return state.unchanged()
     params = step_params(state.params, model_mean.mean(state.params), server_lr)
     control = {k: control[k] + control_change[k] / num_clients for k in control}
-    return ServerState(params, state.round + 1, {"control": control, "client_controls": client_controls})
+    return state.next(params, {"control": control, "client_controls": client_controls})
 
 
 @dataclass(frozen=True)
 class Scaffold(StrategyBase):
-    """SCAFFOLD. `num_clients` (N, for the server control's update) and `client_lr` (for the
-    controls' scale) are the run's; the simulation fills them in."""
+    """SCAFFOLD. N (for the server control's update) and the clients' learning rate (for the
+    controls' scale) are the run's facts (RunInfo), given to `init`."""
 
-    num_clients: int = 1
-    client_lr: float = 0.01
     server_lr: float = 1.0
     name = "scaffold"
 
     def __post_init__(self):
         check_server_lr(self.server_lr)
-        if self.num_clients < 1 or not self.client_lr > 0:
-            raise ConfigError("scaffold needs num_clients >= 1 and client_lr > 0")
 
-    def init(self, params: State) -> ServerState:
-        state = super().init(params)
+    def init(self, params: State, run: RunInfo) -> ServerState:
+        state = super().init(params, run)
         control = {k: torch.zeros_like(state.params[k]) for k in float_keys(state.params)}
-        return ServerState(state.params, 0, {"control": control, "client_controls": {}})
+        return replace(state, extras={"control": control, "client_controls": {}})
 
     def plan(self, state: ServerState, client_id: int) -> ClientPlan:
         control = state.extras["control"]
@@ -68,5 +63,6 @@ class Scaffold(StrategyBase):
         return ClientPlan(correction=correction)
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
-        return scaffold(state, updates, server_lr=self.server_lr, client_lr=self.client_lr,
-                        num_clients=self.num_clients)
+        run = state.run_info(self.name)
+        return scaffold(state, updates, server_lr=self.server_lr, client_lr=run.client_lr,
+                        num_clients=run.num_clients)
