@@ -27,7 +27,7 @@ from fedforge.config import Config
 from fedforge.experiment import run_experiment
 from fedforge.network.auth import enroll
 from fedforge.network.client import PartitionOf, run_client, update_message
-from fedforge.network.engine import task_message
+from fedforge.engines.network import task_message
 from fedforge.network.wire import decode, encode
 from fedforge.client import ClientPlan, ClientUpdate
 from fedforge.engines import ClientTask

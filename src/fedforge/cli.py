@@ -139,7 +139,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_server(args: argparse.Namespace) -> int:
     from .network.auth import load_tokens
-    from .network.server import serve
+    from .server import serve
 
     config = _run_config(args)
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -5,7 +5,7 @@ import torch
 
 from fedforge.client import ClientConfig, ClientPlan
 from fedforge.engines import ClientTask
-from fedforge.network.engine import update_from
+from fedforge.engines.network import update_from
 from fedforge.network.wire import Kind, Message
 
 GLOBAL = {"w": torch.zeros(2, 3), "b": torch.zeros(2)}

@@ -17,9 +17,9 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from ..client import ClientConfig, ClientUpdate, State, all_finite
-from ..engines.base import ClientTask, RoundFailed
-from .hub import Event, EventKind, Hub, Session
-from .wire import Kind, Message, WireError, decode, encode
+from ..network.hub import Event, EventKind, Hub, Session
+from ..network.wire import Kind, Message, WireError, decode, encode
+from .base import ClientTask, RoundFailed
 
 log = logging.getLogger("fedforge.server")
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import math
 
-from ..errors import ConfigError
-from ..experiment import check_output, load_checkpoint, run_experiment, run_name
-from ..simulation import clients_per_round_count
-from .engine import DEFAULT_MAX_CLIENT_EXAMPLES, NetworkEngine
-from .hub import DEFAULT_KEEPALIVE, Hub
-from .wire import Kind, Message
+from .engines.network import DEFAULT_MAX_CLIENT_EXAMPLES, NetworkEngine
+from .errors import ConfigError
+from .experiment import check_output, load_checkpoint, run_experiment, run_name
+from .network.hub import DEFAULT_KEEPALIVE, Hub
+from .network.wire import Kind, Message
+from .simulation import clients_per_round_count
 
 log = logging.getLogger("fedforge.server")
 
