@@ -1,4 +1,4 @@
-"""The round loop: select -> run clients -> aggregate -> evaluate -> record."""
+"""The round loop: select -> plan -> run clients -> transform -> aggregate -> evaluate -> record."""
 
 from __future__ import annotations
 
@@ -75,19 +75,16 @@ def select_clients(num_clients: int, k: int, generator: torch.Generator) -> list
 
 
 class _Tally:
-    """Passes updates through, as the attack makes the malicious ones, keeping example-weighted
-    training metrics (of what the clients really measured)."""
+    """Passes updates through, keeping their example-weighted training metrics."""
 
-    def __init__(self, on_client: Callable[[ClientUpdate], None] | None, attack: Callable[[ClientUpdate], ClientUpdate]):
+    def __init__(self, on_client: Callable[[ClientUpdate], None] | None):
         self.on_client = on_client
-        self.attack = attack
         self.examples = 0
         self.loss = 0.0
         self.accuracy = 0.0
 
     def tap(self, updates: Iterable[ClientUpdate]) -> Iterator[ClientUpdate]:
         for update in updates:
-            update = self.attack(update)
             self.examples += update.num_examples
             self.loss += update.train_loss * update.num_examples
             self.accuracy += update.train_accuracy * update.num_examples
@@ -119,7 +116,9 @@ def simulate(
 ) -> SimulationResult:
     """Run federated training of `model` over `data` for `rounds` rounds.
 
-    The selected clients, each client's batches, and so the final weights depend only on
+    Each round: select clients -> plan their work (the strategy's local terms, the scenario's
+    epochs, stragglers and dropouts) -> run them on `engine` -> transform the updates (the
+    scenario's attacks) -> aggregate (`strategy`) -> evaluate -> record. The selected clients, each client's batches, and so the final weights depend only on
     `seed` (and the inputs), not on the engine.
 
     Args:
@@ -156,10 +155,11 @@ def simulate(
         for c in malicious:  # the pool is fedforge's own copy: poisoning it touches no user data
             pool.y[starts[c]:starts[c + 1]] = flip_labels(pool.y[starts[c]:starts[c + 1]], num_classes)
 
-    def attack(update: ClientUpdate) -> ClientUpdate:
-        if update.client_id in malicious:
-            return attack_update(update, scenario, seed, state.round + 1)
-        return update
+    def attacked(updates: Iterable[ClientUpdate], round_: int) -> Iterator[ClientUpdate]:
+        """The scenario's transform stage: malicious clients' updates as their attack makes them."""
+        for update in updates:
+            yield attack_update(update, scenario, seed, round_) if update.client_id in malicious else update
+
     federated_test = None
     if data.client_test is not None and sum(map(len, data.client_test)):
         federated_test = data.train.subset(np.concatenate(list(data.client_test)))
@@ -201,6 +201,7 @@ def simulate(
         for attempt in range(max_round_attempts):
             # A retried round draws a new selection; the first draw is the simulation's.
             keys = (_seeding.SELECTION, r) if attempt == 0 else (_seeding.SELECTION, r, attempt)
+            # select -> plan (the strategy's terms, the scenario's work) -> run -> transform -> aggregate
             selected = select_clients(data.num_clients, k, _seeding.generator(seed, *keys))
             work, dropped = client_work(scenario, selected, [len(clients[c]) for c in selected], client, seed, r)
             tasks = [
@@ -209,9 +210,10 @@ def simulate(
                                               max_steps=work[c].max_steps))
                 for c in selected if c not in dropped
             ]
-            tally = _Tally(on_client, attack)
+            updates = attacked(engine.run(model, state.params, tasks, client), r)
+            tally = _Tally(on_client)
             try:
-                state = strategy.aggregate(state, tally.tap(engine.run(model, state.params, tasks, client)))
+                state = strategy.aggregate(state, tally.tap(updates))
                 break
             except RoundFailed as e:
                 log.warning("round %d, attempt %d failed (%s); retrying with a new selection", r, attempt + 1, e)
