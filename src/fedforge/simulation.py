@@ -118,8 +118,9 @@ def simulate(
 
     Each round: select clients -> plan their work (the strategy's local terms, the scenario's
     epochs, stragglers and dropouts) -> run them on `engine` -> transform the updates (the
-    scenario's attacks) -> aggregate (`strategy`) -> evaluate -> record. The selected clients, each client's batches, and so the final weights depend only on
-    `seed` (and the inputs), not on the engine.
+    scenario's attacks) -> aggregate (`strategy`) -> evaluate -> record. The selected clients,
+    each client's batches, and so the final weights depend only on `seed` (and the inputs),
+    not on the engine.
 
     Args:
         model: its current weights are the initial global model; it is used, not changed.

@@ -7,43 +7,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-import torch
-
 from ..client import ClientUpdate
 from ..errors import ConfigError
-from .base import RunInfo, ServerState, StrategyBase, check_server_lr, step_params, weighted_mean_delta
-
-RULES = ("adagrad", "adam", "yogi")
-
+from .base import RunInfo, ServerState, StrategyBase, check_server_lr
+from .server_optimizers import adaptive_extras, mean_then_step
+from .server_optimizers import adaptive as server_rule
 
 def adaptive(
     state: ServerState, updates: Iterable[ClientUpdate], *, rule: str, server_lr: float, beta1: float = 0.9,
     beta2: float = 0.99, tau: float = 1e-3,
 ) -> ServerState:
-    """One round of Algorithm 2 of Reddi et al. with the server update `rule`.
-
-    delta = weighted mean client delta; m <- beta1 m + (1 - beta1) delta;
-    v <- v + delta^2 (adagrad) | beta2 v + (1 - beta2) delta^2 (adam)
-       | v - (1 - beta2) delta^2 sign(v - delta^2) (yogi);
-    w <- w + server_lr * m / (sqrt(v) + tau). Before round 1, m = 0 and v = tau^2.
-    """
-    mean, _ = weighted_mean_delta(updates, state.params)
-    if mean is None:
-        return state.unchanged()
-    first, second = state.extras["m"], state.extras["v"]
-    m, v, step = {}, {}, dict(mean)
-    for k in first:
-        d = mean[k]
-        m[k] = beta1 * first[k] + (1 - beta1) * d
-        d2 = d * d
-        if rule == "adagrad":
-            v[k] = second[k] + d2
-        elif rule == "adam":
-            v[k] = beta2 * second[k] + (1 - beta2) * d2
-        else:
-            v[k] = second[k] - (1 - beta2) * d2 * torch.sign(second[k] - d2)
-        step[k] = m[k] / (v[k].sqrt() + tau)
-    return state.next(step_params(state.params, step, server_lr), {"m": m, "v": v})
+    """One round of Algorithm 2 of Reddi et al. with the server update `rule` (see
+    `server_optimizers.adaptive`): w <- w + server_lr * m / (sqrt(v) + tau). Before round 1,
+    m = 0 and v = tau^2; no bias correction (docs/strategies.md)."""
+    return mean_then_step(state, updates, server_rule(rule, beta1=beta1, beta2=beta2, tau=tau), server_lr)
 
 
 @dataclass(frozen=True)
@@ -64,11 +41,7 @@ class _Adaptive(StrategyBase):
 
     def init(self, params, run: RunInfo) -> ServerState:
         state = super().init(params, run)
-        floats = {k: v for k, v in state.params.items() if v.is_floating_point()}
-        return replace(state, extras={
-            "m": {k: torch.zeros_like(v) for k, v in floats.items()},
-            "v": {k: torch.full_like(v, self.tau**2) for k, v in floats.items()},
-        })
+        return replace(state, extras=adaptive_extras(state.params, self.tau))
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         return adaptive(state, updates, rule=self.rule, server_lr=self.server_lr, beta1=self.beta1,

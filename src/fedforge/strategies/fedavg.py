@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..client import ClientPlan, ClientUpdate, State
+from ..client import ClientPlan, ClientUpdate
 from ..errors import ConfigError
-from .base import ServerState, StrategyBase, check_server_lr, step_params, weighted_mean_delta
+from .base import ServerState, StrategyBase, check_server_lr
+from .server_optimizers import mean_then_step, plain
+from .server_optimizers import momentum as server_momentum
 
 
 def fedavg(state: ServerState, updates: Iterable[ClientUpdate], *, server_lr: float = 1.0) -> ServerState:
@@ -18,10 +20,7 @@ def fedavg(state: ServerState, updates: Iterable[ClientUpdate], *, server_lr: fl
     With server_lr = 1 this is exactly the weighted mean of the client models. Integer
     buffers always take the full mean delta. A round with no updates leaves the model as it was.
     """
-    mean, _ = weighted_mean_delta(updates, state.params)
-    if mean is None:
-        return state.unchanged()
-    return state.next(step_params(state.params, mean, server_lr))
+    return mean_then_step(state, updates, plain, server_lr)
 
 
 def fedavgm(
@@ -31,14 +30,7 @@ def fedavgm(
     Data Distribution for Federated Visual Classification"):
     v <- momentum * v + mean delta;  w <- w + server_lr * v.
     """
-    mean, _ = weighted_mean_delta(updates, state.params)
-    if mean is None:
-        return state.unchanged()
-    previous: State | None = state.extras.get("velocity")
-    velocity = {k: momentum * previous[k] + v if previous is not None else v.clone() for k, v in mean.items()
-                if v.is_floating_point()}
-    step = {**mean, **velocity}
-    return state.next(step_params(state.params, step, server_lr), {"velocity": velocity})
+    return mean_then_step(state, updates, server_momentum(momentum), server_lr)
 
 
 @dataclass(frozen=True)
