@@ -6,7 +6,7 @@ Each MODE answers one task: "hang" (never answer), "shape" (a delta of the wrong
 "oversized" (a message past --max-message-mb), "late" (an update for another task), "many" (a
 claim of 10**18 examples with a large delta), "huge" (10**400 examples, bytes written by hand
 past the encoder's checks), "steps" (a step count its task does not give), "loss" (a training
-loss of 1e308), "zero" (a well-formed update of zeros), "reconnect" (open a new session and
+loss of 1e308), "zero" (a well-formed update of zeros), "twice" (that update, sent two times), "reconnect" (open a new session and
 leave the old one open and silent). It prints "task N" when a task arrives, so a test can kill
 it mid-round.
 """
@@ -90,6 +90,8 @@ def main():
                     if mode == "hang":
                         time.sleep(3600)
                     outbox.put(bad_update(mode, message, config))
+                    if mode == "twice":
+                        outbox.put(bad_update(mode, message, config))
                 elif message.kind in (Kind.SHUTDOWN, Kind.REJECT):
                     print(message.kind.name, message.header, flush=True)
                     return

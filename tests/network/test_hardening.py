@@ -120,6 +120,17 @@ def answer(call) -> str:
         message.kind.name
 
 
+def test_a_client_that_sends_more_than_it_was_asked_for_loses_its_session(cluster, tmp_path):
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "2",
+                                  *BASE)
+    cluster.client(0, port), cluster.client(1, port)
+    stub = cluster.stub(2, port, "twice")
+    assert server.wait(60) == 0, server.text()
+    assert "client 2 sent a message it was not asked for; its session is closed" in server.text()
+    assert "task 1: 3 of 3 updates" in server.text()  # its first answer counted
+    stub.kill()
+
+
 def test_idle_unauthenticated_streams_and_sockets_do_not_lock_clients_out(cluster, tmp_path):
     """200 gRPC streams that never authenticate (over one connection and over many) and 200
     sockets that never finish a handshake, all at once: an enrolled client is still welcomed at
