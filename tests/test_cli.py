@@ -22,7 +22,8 @@ def fedforge(capsys, *argv):
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "cifar"], "unknown dataset 'cifar' (choose from: mnist, fashion-mnist, synthetic)"),
-    (["--model", "resnet"], "unknown model 'resnet' (choose from: mlp, 2nn, cnn, simple-cnn, logreg)"),
+    (["--model", "resnet"],
+     "unknown model 'resnet' (choose from: mlp, 2nn, cnn, simple-cnn, logreg, or package.module:factory)"),
     (["--partition", "zipf"], "unknown partition 'zipf' (choose from: iid, dirichlet, shards, quantity)"),
     (["--clients-per-round", "11"], "clients_per_round must be between 1 and num_clients=10, got 11"),
     (["--lr", "0"], "lr must be > 0, got 0.0"),

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -35,7 +37,7 @@ def test_init_depends_on_seed_only_and_leaves_global_rng_alone():
 
 
 def test_unknown_model():
-    with pytest.raises(ConfigError, match=f"unknown model 'resnet' \\(choose from: {', '.join(MODELS)}\\)"):
+    with pytest.raises(ConfigError, match=f"unknown model 'resnet' \\(choose from: {', '.join(MODELS)}, or package"):
         build_model("resnet", (1, 28, 28), 10)
 
 
@@ -44,3 +46,54 @@ def test_which_built_ins_take_the_fast_mlp_kernel(name, fast):
     from fedforge.fastmlp import mlp_layout
 
     assert (mlp_layout(build_model(name, (1, 28, 28), 10)) is not None) == fast
+
+
+USER_MODELS = '''
+import torch
+from torch import nn
+
+def wide(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), 32), nn.Tanh(),
+                         nn.Linear(32, num_classes))
+
+def not_a_module(input_shape, num_classes):
+    return "a string"
+
+def broken(input_shape, num_classes):
+    raise RuntimeError("no GPU here")
+'''
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(USER_MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield tmp_path
+    sys.modules.pop("my_models", None)
+
+
+def test_a_user_model_factory_runs_from_the_command_line(user_models, capsys):
+    from fedforge.cli import main
+
+    assert main(["run", "-q", "--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3",
+                 "--rounds", "2", "--model", "my_models:wide", "--out-dir", "runs", "--name", "mine"]) == 0
+    state = torch.load(user_models / "runs" / "mine" / "model.pt")
+    assert [tuple(v.shape) for v in state.values()] == [(32, 60), (32,), (10, 32), (10,)]
+    again = build_model("my_models:wide", (60,), 10, seed=0)  # seeded like a built-in
+    assert torch.equal(again[1].weight, build_model("my_models:wide", (60,), 10, seed=0)[1].weight)
+
+
+@pytest.mark.parametrize("model, message", [
+    ("no_such_module:make", "cannot import model factory 'no_such_module:make': ModuleNotFoundError"),
+    ("my_models:missing", "model factory 'my_models:missing': my_models has no callable 'missing'"),
+    ("my_models:not_a_module", "model factory 'my_models:not_a_module' returned str, not a torch.nn.Module"),
+    ("my_models:broken", "model factory 'my_models:broken' failed: RuntimeError: no GPU here"),
+])
+def test_a_bad_model_factory_is_one_line(user_models, capsys, model, message):
+    from fedforge.cli import main
+
+    code = main(["run", "-q", "--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3",
+                 "--model", model, "--out-dir", "runs"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err

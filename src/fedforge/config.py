@@ -22,7 +22,7 @@ from .data.datasets import DATASETS
 from .data.partition import PARTITIONS
 from .engines import ENGINES
 from .errors import ConfigError
-from .models import MODELS
+from .models import MODELS, model_factory
 from .scenarios import ATTACKS, Scenario, parse_epochs_dist
 from .strategies import STRATEGIES, make_strategy
 
@@ -50,7 +50,8 @@ class Config:
     shards_per_client: int = _opt(2, "shards per client for partition=shards")
     sigma: float = _opt(1.0, "lognormal sigma of client sizes for partition=quantity")
     client_test_fraction: float = _opt(0.0, "fraction of each client's data held out for federated evaluation")
-    model: str = _opt("mlp", "model", MODELS)
+    model: str = _opt("mlp", "model: a built-in, or package.module:factory, a function (input_shape, num_classes) "
+                      "-> torch.nn.Module of your own", MODELS)
     rounds: int = _opt(5, "number of federated rounds")
     clients_per_round: int | float = _opt(5, "clients selected per round: a count, or a fraction like 0.1")
     local_epochs: int = _opt(1, "local epochs per round")
@@ -89,7 +90,9 @@ class Config:
         for f in dataclasses.fields(self):
             choices = f.metadata["choices"]
             value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
+            if f.name == "model":
+                model_factory(value)  # a built-in, or a user's factory that can be imported
+            elif choices and value is not None and value not in choices:
                 raise ConfigError(f"unknown {f.name} {value!r} (choose from: {', '.join(choices)})")
         positive = ("num_clients", "rounds", "shards_per_client", "eval_batch_size")
         for name in positive:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -71,18 +74,48 @@ def _numel(shape: tuple[int, ...]) -> int:
 MODELS: dict[str, ModelFactory] = {"mlp": mlp, "2nn": two_nn, "cnn": cnn, "simple-cnn": simple_cnn, "logreg": logreg}
 
 
+def model_factory(name: str) -> ModelFactory:
+    """The factory of model `name`: a built-in's, or the user's `package.module:factory`, a
+    callable (input_shape, num_classes) -> nn.Module imported from the current folder or the
+    installed packages."""
+    if name in MODELS:
+        return MODELS[name]
+    module_name, _, attribute = name.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"unknown model {name!r} (choose from: {', '.join(MODELS)}, or package.module:factory)")
+    if os.getcwd() not in sys.path:  # as `python -m` would: the user's own modules are in the current folder
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - the user's module: any error means it cannot be used
+        raise ConfigError(f"cannot import model factory {name!r}: {type(e).__name__}: {e}") from None
+    factory = module
+    for part in attribute.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise ConfigError(f"model factory {name!r}: {module_name} has no callable {attribute!r}")
+    return factory
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int = 0) -> nn.Module:
-    """Build model `name` with weights initialised from `seed` alone.
+    """Build model `name` (see `model_factory`) with weights initialised from `seed` alone.
 
     The global torch RNG is left as it was: initialisation draws from a forked stream.
     """
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r} (choose from: {', '.join(MODELS)})")
+    factory = model_factory(name)
     if name in ("cnn", "simple-cnn") and len(input_shape) != 3:
         raise ConfigError(f"model {name!r} needs image input (channels, height, width), got shape {input_shape}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seeding.derive_seed(seed, _seeding.MODEL_INIT))
-        return MODELS[name](tuple(input_shape), num_classes)
+        if name in MODELS:
+            return factory(tuple(input_shape), num_classes)
+        try:
+            model = factory(tuple(input_shape), num_classes)
+        except Exception as e:  # noqa: BLE001 - the user's factory: say which and why, in one line
+            raise ConfigError(f"model factory {name!r} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
