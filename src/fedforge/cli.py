@@ -91,11 +91,13 @@ def _run_config(args: argparse.Namespace) -> Config:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .experiment import run_experiment
+    from .report import headline
 
     config = _run_config(args)
     outcome = run_experiment(config, progress=not args.quiet, resume=bool(args.resume))
     final = outcome.history.final
-    print(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds; outputs in {outcome.run_dir}")
+    print(f"final {headline(final, config.client_config().task.primary)} after {final.round} rounds; "
+          f"outputs in {outcome.run_dir}")
     return 0
 
 
@@ -158,7 +160,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
         on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
         keepalive=args.keepalive, max_client_examples=args.max_client_examples,
     )
-    print(f"final test accuracy {outcome.history.final.test_accuracy:.4f}; outputs in {outcome.run_dir}")
+    from .report import headline
+
+    print(f"final {headline(outcome.history.final, config.client_config().task.primary)}; "
+          f"outputs in {outcome.run_dir}")
     return 0
 
 

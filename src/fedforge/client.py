@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import fastmlp
@@ -15,19 +14,22 @@ from .data.datasets import TensorData, gather
 from .errors import ConfigError, DivergenceError
 from .evaluation import evaluate
 from .fastmlp import MLPLayout
+from .tasks import CLASSIFICATION, Task
 
 State = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """Local training hyperparameters, shared by every client of a run."""
+    """Local training hyperparameters, shared by every client of a run, and the task they train
+    (its loss, metrics and optimizer; the tutorial's classification with SGD by default)."""
 
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
+    task: Task = CLASSIFICATION
 
     def __post_init__(self):
         if self.local_epochs < 1:
@@ -40,6 +42,8 @@ class ClientConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.momentum and self.task.optimizer is not None:
+            raise ConfigError(f"momentum is SGD's; {self.task.optimizer.__name__} takes its own options")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class ClientUpdate:
     """What a client sends back: the change to every state entry and how it was obtained.
 
     `delta` covers parameters and buffers (e.g. BatchNorm statistics), each in its own dtype.
+    `metrics` are the task's training metrics by name (`loss` among them), measured on the
+    examples seen while training; `train_accuracy` is the classification task's `accuracy`.
     """
 
     client_id: int
@@ -108,8 +114,9 @@ class ClientUpdate:
     num_examples: int
     num_steps: int
     train_loss: float
-    train_accuracy: float
+    train_accuracy: float | None
     initial_loss: float | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 def epoch_orders(num_examples: int, epochs: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -170,31 +177,52 @@ def load_state(module: nn.Module, state: State) -> None:
     module.load_state_dict(state, strict=True)
 
 
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def _autograd_steps(
     module: nn.Module, global_state: State, config: ClientConfig, plan: ClientPlan
 ) -> tuple[Step, Callable[[], State]]:
-    """SGD steps through autograd: works for any module."""
+    """Steps through autograd with the task's loss: works for any module. fedforge's SGD
+    (exact, with the plan's terms folded in) or the task's torch.optim optimizer, the plan's
+    proximal term added to the gradients and its correction applied after each step."""
+    task = config.task
     load_state(module, global_state)
     module.train()
     names, params = zip(*module.named_parameters())
-    terms = plan.local_terms(config, global_state, names)
-    offsets = [terms.offset[n] for n in names] if terms.offset else None
-    corrections = [terms.correction[n] for n in names] if terms.correction else None
     params = list(params)
-    momentum_buffers = None
+    if task.optimizer is None:
+        terms = plan.local_terms(config, global_state, names)
+        offsets = [terms.offset[n] for n in names] if terms.offset else None
+        corrections = [terms.correction[n] for n in names] if terms.correction else None
+        momentum_buffers = None
+
+        def update(grads):
+            nonlocal momentum_buffers
+            momentum_buffers = sgd(params, grads, momentum_buffers, lr=config.lr, momentum=config.momentum,
+                                   weight_decay=terms.decay, offsets=offsets, corrections=corrections)
+    else:
+        options = {"lr": config.lr, "weight_decay": config.weight_decay, **task.optimizer_options}
+        optimizer = task.optimizer(params, **options)  # fresh every round
+        anchors = [global_state[n] for n in names] if plan.proximal_mu else None
+        corrections = [plan.correction[n] for n in names] if plan.correction is not None else None
+
+        def update(grads):
+            if anchors is not None:  # FedProx: the gradient of mu/2 ||w - w_global||^2
+                torch._foreach_add_(grads, torch._foreach_sub(params, anchors), alpha=plan.proximal_mu)
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.step()
+            if corrections is not None:  # SCAFFOLD, outside the optimizer's state
+                torch._foreach_add_(params, corrections, alpha=-config.lr)
 
     def step(xb, yb):
-        nonlocal momentum_buffers
-        logits = module(xb)
-        loss = F.cross_entropy(logits, yb)
-        grads = torch.autograd.grad(loss, params)
+        outputs = module(xb)
+        loss = task.checked_loss(outputs, yb)
+        grads = list(torch.autograd.grad(loss, params))
         with torch.no_grad():
-            momentum_buffers = sgd(params, list(grads), momentum_buffers, lr=config.lr, momentum=config.momentum,
-                                   weight_decay=terms.decay, offsets=offsets, corrections=corrections)
-            return loss.detach() * len(yb), (logits.argmax(1) == yb).sum()
+            update(grads)
+            return task.metric_sums(outputs.detach(), yb)
 
     return step, lambda: {k: v.detach() for k, v in module.state_dict().items()}
 
@@ -208,8 +236,9 @@ def _mlp_steps(
     terms = plan.local_terms(config, global_state, params)
 
     def step(xb, yb):
-        return fastmlp.sgd_step(layout, params, buffers, xb, yb, 1.0 / len(yb), lr=config.lr,
-                                momentum=config.momentum, terms=terms)
+        loss, correct = fastmlp.sgd_step(layout, params, buffers, xb, yb, 1.0 / len(yb), lr=config.lr,
+                                         momentum=config.momentum, terms=terms)
+        return {"loss": loss, "accuracy": correct}
 
     return step, lambda: params
 
@@ -228,53 +257,55 @@ def train_client(
     """Train `module`, loaded with `global_state`, on `data` as `config` and `plan` say.
 
     `module` is scratch space: it may be overwritten. Batches follow `epoch_orders(generator)`;
-    the last batch of an epoch may be smaller, as with a DataLoader. Linear/ReLU stacks take
-    the `fastmlp` kernel unless `fast_mlp` is False; anything else goes through autograd.
+    the last batch of an epoch may be smaller, as with a DataLoader. Linear/ReLU stacks training
+    the tutorial's classification with SGD take the `fastmlp` kernel unless `fast_mlp` is False
+    (it computes the same thing); anything else goes through autograd with `config.task`.
 
     Raises:
         DivergenceError: the training loss or the weights became NaN or infinite.
     """
-    initial_loss = evaluate(module, global_state, data).loss if plan.measure_initial_loss else None
-    layout = fastmlp.mlp_layout(module) if fast_mlp else None
+    task = config.task
+    initial_loss = evaluate(module, global_state, data, task=task).loss if plan.measure_initial_loss else None
+    layout = fastmlp.mlp_layout(module) if fast_mlp and task.is_tutorial_classification else None
     x = layout.inputs(data.x) if layout else None
     if layout is not None and x is not None:
         step, final_state = _mlp_steps(layout, global_state, config, plan)
     else:
         x = data.x
         step, final_state = _autograd_steps(module, global_state, config, plan)
-    loss_sum = torch.zeros((), device=data.y.device)
-    correct = torch.zeros((), dtype=torch.long, device=data.y.device)
+    sums: dict[str, torch.Tensor] = {}
     max_steps = plan.num_steps(len(data), config)
-    steps = seen = 0
+    steps = units = 0
     for order in epoch_orders(len(data), plan.epochs or config.local_epochs, generator):
         order = order.to(data.y.device)
         for start in range(0, len(order), config.batch_size):
             if steps == max_steps:
                 break
             batch = order[start:start + config.batch_size]
-            batch_loss, batch_correct = step(gather(x, batch), gather(data.y, batch))
-            loss_sum += batch_loss
-            correct += batch_correct
+            yb = gather(data.y, batch)
+            for name, value in step(gather(x, batch), yb).items():
+                sums[name] = sums[name] + value if name in sums else value
             steps += 1
-            seen += len(batch)
+            units += task.units(yb)
     new_state = final_state()
     return finish_update(
         client_id, {name: new_state[name] - value for name, value in global_state.items()},
-        num_examples=len(data), num_steps=steps, seen=seen, loss_sum=loss_sum.item(),
-        correct=int(correct.item()), config=config, initial_loss=initial_loss,
+        num_examples=len(data), num_steps=steps, units=units, sums={k: v.item() for k, v in sums.items()},
+        config=config, initial_loss=initial_loss,
     )
 
 
 def finish_update(
-    client_id: int, delta: State, *, num_examples: int, num_steps: int, seen: int, loss_sum: float, correct: int,
+    client_id: int, delta: State, *, num_examples: int, num_steps: int, units: int, sums: Mapping[str, float],
     config: ClientConfig, finite: bool | None = None, initial_loss: float | None = None,
 ) -> ClientUpdate:
     """The ClientUpdate of a finished client, after checking that its training did not diverge.
 
-    `loss_sum` and `correct` are summed over the `seen` training examples (with repeats across
+    `sums` are the task's metric sums over the `units` seen while training (with repeats across
     epochs); `finite` says whether `delta` is all finite, when the caller already knows.
     """
-    mean_loss = loss_sum / seen
+    metrics = config.task.summarize(sums, units)
+    mean_loss = metrics["loss"]
     if finite is None:
         finite = all_finite(delta.values())
     if not (math.isfinite(mean_loss) and finite):
@@ -284,5 +315,5 @@ def finish_update(
         )
     return ClientUpdate(
         client_id=client_id, delta=delta, num_examples=num_examples, num_steps=num_steps,
-        train_loss=mean_loss, train_accuracy=correct / seen, initial_loss=initial_loss,
+        train_loss=mean_loss, train_accuracy=metrics.get("accuracy"), initial_loss=initial_loss, metrics=metrics,
     )

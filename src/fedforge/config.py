@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .models import MODELS, model_factory
 from .scenarios import ATTACKS, Scenario, parse_epochs_dist
 from .strategies import STRATEGIES, make_strategy
+from .tasks import OPTIMIZERS, TASKS, make_task
 
 
 def _opt(default, help: str, choices: typing.Iterable[str] | None = None):
@@ -52,6 +53,10 @@ class Config:
     client_test_fraction: float = _opt(0.0, "fraction of each client's data held out for federated evaluation")
     model: str = _opt("mlp", "model: a built-in, or package.module:factory, a function (input_shape, num_classes) "
                       "-> torch.nn.Module of your own", MODELS)
+    task: str = _opt("classification", "what clients learn: classification (cross-entropy; accuracy), regression "
+                     "(MSE; mse, mae, r2), language-model (next-token cross-entropy; perplexity)", TASKS)
+    optimizer: str = _opt("sgd", "client optimizer: sgd (lr, momentum, weight_decay), adam or adamw (lr, "
+                          "weight_decay), fresh each round", OPTIMIZERS)
     rounds: int = _opt(5, "number of federated rounds")
     clients_per_round: int | float = _opt(5, "clients selected per round: a count, or a fraction like 0.1")
     local_epochs: int = _opt(1, "local epochs per round")
@@ -140,6 +145,7 @@ class Config:
         return ClientConfig(
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
             momentum=self.momentum, weight_decay=self.weight_decay,
+            task=make_task(self.task, optimizer=self.optimizer),
         )
 
     @classmethod

@@ -1,37 +1,46 @@
-"""Test loss and accuracy of a model state on data held in memory."""
+"""A task's loss and metrics for a model state, on data held in memory."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from .data.datasets import TensorData
+from .tasks import CLASSIFICATION, Task
 
 
 @dataclass(frozen=True)
 class Evaluation:
+    """`metrics` holds the task's metrics by name, `loss` among them; `accuracy` is the
+    classification task's (None for other tasks)."""
+
     loss: float
-    accuracy: float
+    accuracy: float | None
     num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, state: dict[str, torch.Tensor], data: TensorData, *, batch_size: int = 1024) -> Evaluation:
-    """Mean cross-entropy and accuracy of `module` with `state` over all of `data`."""
+def evaluate(module: nn.Module, state: dict[str, torch.Tensor], data: TensorData, *, batch_size: int = 1024,
+             task: Task = CLASSIFICATION) -> Evaluation:
+    """`task`'s mean loss and metrics of `module` with `state` over all of `data`."""
     if len(data) == 0:
         return Evaluation(float("nan"), float("nan"), 0)
     was_training = module.training
     module.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=data.y.device)
-    correct = torch.zeros((), dtype=torch.long, device=data.y.device)
+    sums: dict[str, torch.Tensor] = {}
+    units = 0
     for start in range(0, len(data), batch_size):
         xb, yb = data.x[start:start + batch_size], data.y[start:start + batch_size]
-        logits = functional_call(module, state, (xb,))
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
-        correct += (logits.argmax(1) == yb).sum()
+        outputs = functional_call(module, state, (xb,))
+        for name, value in task.metric_sums(outputs, yb).items():
+            value = value.double() if value.is_floating_point() else value
+            sums[name] = sums[name] + value if name in sums else value
+        units += task.units(yb)
     module.train(was_training)
-    return Evaluation(loss_sum.item() / len(data), correct.item() / len(data), len(data))
+    metrics = task.summarize({k: v.item() for k, v in sums.items()}, units)
+    return Evaluation(metrics["loss"], metrics.get("accuracy"), len(data), metrics)

@@ -22,7 +22,7 @@ from .engines import make_engine
 from .errors import ConfigError
 from .history import History, RoundRecord
 from .models import build_model
-from .report import plot_history, round_line, write_history, write_model
+from .report import headline, plot_history, round_line, write_history, write_model
 from .simulation import FederatedData, clients_per_round_count, simulate
 from .strategies import RunInfo, ServerState
 
@@ -160,6 +160,7 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     with atomic_write(run_dir / "config.toml") as f:
         f.write(config.to_toml())
 
+    primary = config.client_config().task.primary
     records: list[RoundRecord] = list(start[1].records) if start else []
     last: list[ServerState] = [start[0]] if start else []
     bar = tqdm(total=config.rounds * k, unit="client", disable=None if progress else True, leave=False)
@@ -170,7 +171,7 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
         write_history(run_dir, History(records))
         write_model(run_dir, state.params)
         save_checkpoint(run_dir, state, History(records))
-        bar.set_postfix(round=record.round, acc=f"{record.test_accuracy:.4f}")
+        bar.set_postfix(round=record.round, test=headline(record, primary))
         if verbose:
             tqdm.write(round_line(record, config.rounds))
 
@@ -186,7 +187,7 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     finally:
         bar.close()
         if records:
-            plot_history(History(records), run_dir / "accuracy.png", title=config.name)
+            plot_history(History(records), run_dir / "accuracy.png", title=config.name, metric=primary)
     return RunOutcome(run_dir, History(records), last[0] if last else None)
 
 

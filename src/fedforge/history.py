@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,11 @@ class RoundRecord:
     seconds: float = 0.0  # the whole round
     train_seconds: float = 0.0  # selection, client training and aggregation (no evaluation)
     dropped: tuple[int, ...] = ()  # selected clients that never reported (dropout, dropped stragglers)
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's other metrics: train_mae, test_r2, ...
+
+    def metric(self, name: str) -> float | None:
+        """A field (test_accuracy) or one of the task's metrics (test_r2) by name."""
+        return self.metrics[name] if name in self.metrics else getattr(self, name, None)
 
 
 @dataclass
@@ -39,12 +44,16 @@ class History:
         return self.records[-1]
 
     def column(self, name: str) -> list:
-        return [getattr(r, name) for r in self.records]
+        return [r.metric(name) for r in self.records]
 
     def to_json(self) -> str:
         """Strict JSON: a non-finite number (a diverged loss) is written as null."""
-        rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
-                for r in self.records]
+        def strict(value):
+            if isinstance(value, dict):
+                return {k: strict(v) for k, v in value.items()}
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+
+        rows = [strict(asdict(r)) for r in self.records]
         return json.dumps({"rounds": rows}, indent=2, allow_nan=False) + "\n"
 
     @classmethod
@@ -54,12 +63,14 @@ class History:
                     for row in rows])
 
     def to_csv(self) -> str:
+        """One row per round: the record's fields, then a column per task metric."""
         out = io.StringIO()
-        names = [f.name for f in fields(RoundRecord)]
+        names = [f.name for f in fields(RoundRecord) if f.name != "metrics"]
+        extra = sorted({name for r in self.records for name in r.metrics})
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(names)
+        writer.writerow(names + extra)
         for r in self.records:
-            row = [getattr(r, n) for n in names]
+            row = [getattr(r, n) for n in names] + [r.metrics.get(n) for n in extra]
             row[names.index("clients")] = " ".join(map(str, r.clients))
             row[names.index("dropped")] = " ".join(map(str, r.dropped))
             writer.writerow("" if v is None else v for v in row)

@@ -27,19 +27,20 @@ def write_model(run_dir: str | os.PathLike, state: dict[str, torch.Tensor]) -> N
         torch.save({k: v.detach().cpu() for k, v in state.items()}, f)
 
 
-def plot_history(history: History, path: str | os.PathLike, *, title: str | None = None) -> None:
-    """Test accuracy and loss per round, side by side, as a PNG."""
+def plot_history(history: History, path: str | os.PathLike, *, title: str | None = None,
+                 metric: str = "accuracy") -> None:
+    """The task's test `metric` (accuracy for classification) and loss per round, side by side, as a PNG."""
     plt = pyplot()
 
     rounds = history.column("round")
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    acc_ax.plot(rounds, history.column("test_accuracy"), marker="o", label="test")
+    acc_ax.plot(rounds, history.column(f"test_{metric}"), marker="o", label="test")
     loss_ax.plot(rounds, history.column("test_loss"), marker="o", label="test")
     train = [(r.round, r.train_loss) for r in history.records if r.train_loss is not None]
     if train:
         loss_ax.plot(*zip(*train), marker=".", linestyle="--", label="train (clients)")
-    acc_ax.set(xlabel="round", ylabel="accuracy", title="test accuracy")
-    loss_ax.set(xlabel="round", ylabel="cross-entropy", title="loss")
+    acc_ax.set(xlabel="round", ylabel=metric, title=f"test {metric}")
+    loss_ax.set(xlabel="round", ylabel="loss", title="loss")
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -68,10 +69,22 @@ def save_figure(fig, path: str | os.PathLike) -> None:
         f.write(buffer.getvalue())
 
 
+def headline(record: RoundRecord, metric: str) -> str:
+    """The task's main test metric of a round, e.g. "test accuracy 0.7649" or "test r2 0.4512"."""
+    value = record.metric(f"test_{metric}")
+    return f"test {metric.replace('_', ' ')} {value:.4f}" if value is not None else f"test {metric} n/a"
+
+
 def round_line(record: RoundRecord, rounds: int) -> str:
     """One console line per round, in the spirit of the tutorial's."""
     head = "initial model" if record.round == 0 else f"round {record.round}/{rounds}"
-    parts = [f"{head:<14}", f"test accuracy {record.test_accuracy:.4f}", f"test loss {record.test_loss:.4f}"]
+    parts = [f"{head:<14}"]
+    if record.test_accuracy is not None:
+        parts.append(f"test accuracy {record.test_accuracy:.4f}")
+    if record.test_loss is not None:
+        parts.append(f"test loss {record.test_loss:.4f}")
+    parts += [f"{name.replace('_', ' ')} {value:.4g}" for name, value in record.metrics.items()
+              if name.startswith("test_")]
     if record.train_loss is not None:
         parts.append(f"train loss {record.train_loss:.4f}")
     if record.federated_accuracy is not None:

@@ -80,20 +80,21 @@ class _Tally:
     def __init__(self, on_client: Callable[[ClientUpdate], None] | None):
         self.on_client = on_client
         self.examples = 0
-        self.loss = 0.0
-        self.accuracy = 0.0
+        self.sums: dict[str, float] = {}
 
     def tap(self, updates: Iterable[ClientUpdate]) -> Iterator[ClientUpdate]:
         for update in updates:
             self.examples += update.num_examples
-            self.loss += update.train_loss * update.num_examples
-            self.accuracy += update.train_accuracy * update.num_examples
+            metrics = update.metrics or {"loss": update.train_loss, "accuracy": update.train_accuracy}
+            for name, value in metrics.items():
+                if value is not None:
+                    self.sums[name] = self.sums.get(name, 0.0) + value * update.num_examples
             if self.on_client is not None:
                 self.on_client(update)
             yield update
 
-    def mean(self, total: float) -> float | None:
-        return total / self.examples if self.examples else None
+    def means(self) -> dict[str, float]:
+        return {name: total / self.examples for name, total in self.sums.items()} if self.examples else {}
 
 
 def simulate(
@@ -167,22 +168,32 @@ def simulate(
 
     def measure(state: ServerState, clients_: tuple[int, ...], tally: _Tally | None, started: float,
                 trained: float, dropped: tuple[int, ...] = ()) -> RoundRecord:
-        test = evaluate(model, state.params, data.test, batch_size=eval_batch_size) if data.test is not None else None
-        fed = evaluate(model, state.params, federated_test, batch_size=eval_batch_size) if federated_test else None
-        on_train = evaluate(model, state.params, pool, batch_size=eval_batch_size) if eval_train else None
+        def on(test_data):
+            return evaluate(model, state.params, test_data, batch_size=eval_batch_size, task=client.task)
+
+        test = on(data.test) if data.test is not None else None
+        fed = on(federated_test) if federated_test else None
+        on_train = on(pool) if eval_train else None
+        train = tally.means() if tally else {}
+        # The task's metrics beyond loss and accuracy (which have fields of their own), by name.
+        named = {f"{where}_{name}": value
+                 for where, metrics in (("train", train), ("test", test and test.metrics),
+                                        ("federated", fed and fed.metrics)) if metrics
+                 for name, value in metrics.items() if name not in ("loss", "accuracy")}
         return RoundRecord(
             round=state.round,
             clients=clients_,
             test_loss=test and test.loss,
             test_accuracy=test and test.accuracy,
-            train_loss=tally and tally.mean(tally.loss),
-            train_accuracy=tally and tally.mean(tally.accuracy),
+            train_loss=train.get("loss"),
+            train_accuracy=train.get("accuracy"),
             federated_loss=fed and fed.loss,
             federated_accuracy=fed and fed.accuracy,
             global_train_loss=on_train and on_train.loss,
             seconds=time.perf_counter() - started,
             train_seconds=trained - started,
             dropped=dropped,
+            metrics=named,
         )
 
     started = time.perf_counter()

@@ -26,7 +26,9 @@ class AutoEngine:
         self.vectorized = VectorizedEngine(max_memory=max_memory)
         self.sequential = SequentialEngine()
 
-    def choose(self, model, tasks) -> Engine:
+    def choose(self, model, tasks, config=None) -> Engine:
+        if config is not None and not config.task.is_tutorial_classification:
+            return self.sequential  # the batched kernels train classification with SGD only
         layout = fastmlp.mlp_layout(model)
         if layout is not None and tasks and layout.inputs(tasks[0].data.x[:1]) is not None:
             return self.vectorized
@@ -34,7 +36,7 @@ class AutoEngine:
         return self.vectorized if on_cuda else self.sequential
 
     def run(self, model, global_state, tasks, config):
-        return self.choose(model, tasks).run(model, global_state, tasks, config)
+        return self.choose(model, tasks, config).run(model, global_state, tasks, config)
 
 
 def make_engine(name: str, *, max_memory: int | None = None) -> Engine:

@@ -25,6 +25,7 @@ log = logging.getLogger("fedforge.server")
 
 DEFAULT_MAX_CLIENT_EXAMPLES = 10_000_000
 MAX_METRIC = 1e15  # a finite loss past this is refused as implausible (and would overflow a weighted sum)
+MAX_METRICS = 32  # named metrics in one update
 
 
 def task_message(task_id: int, task: ClientTask, global_state: State) -> Message:
@@ -66,10 +67,17 @@ def update_from(message: Message, task: ClientTask, config: ClientConfig, global
     if type(steps) is not int or steps != expected:
         raise ValueError(f"num_steps {steps!r} is not the {expected} steps its task asks of {n} examples")
     loss = _number(h, "train_loss", -MAX_METRIC, MAX_METRIC)
-    accuracy = _number(h, "train_accuracy", 0.0, 1.0)
+    accuracy = _number(h, "train_accuracy", 0.0, 1.0, optional=True)
     initial = _number(h, "initial_loss", -MAX_METRIC, MAX_METRIC, optional=True)
+    metrics = h.get("metrics", {})
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS or \
+            not all(isinstance(k, str) and 0 < len(k) <= 64 for k in metrics):
+        raise ValueError(f"metrics must be at most {MAX_METRICS} named numbers")
+    metrics = {k: _number(metrics, k, -MAX_METRIC, MAX_METRIC) for k in metrics}
+    if metrics and metrics.get("loss") != loss:
+        raise ValueError("metrics disagree with train_loss")
     return ClientUpdate(task.client_id, {k: v.to(global_state[k].device) for k, v in delta.items()}, n, steps,
-                        loss, accuracy, initial)
+                        loss, accuracy, initial, metrics)
 
 
 class NetworkEngine:

@@ -120,6 +120,9 @@ class VectorizedEngine:
         kernel = None
         if self._fallback is None:
             try:
+                if not config.task.is_tutorial_classification:
+                    raise _Unsupported(f"its kernels train classification with SGD, not {config.task.name} with "
+                                       f"{getattr(config.task.optimizer, '__name__', 'SGD')}")
                 kernel = _kernel_for(model, tasks[0].data)
             except _Unsupported as e:
                 self._fall_back(e)
@@ -140,7 +143,7 @@ class VectorizedEngine:
             yield from updates
 
     def _fall_back(self, reason: Exception) -> None:
-        log.warning("the vectorized engine cannot batch this model (%s); "
+        log.warning("the vectorized engine cannot batch this model or task (%s); "
                     "training its clients sequentially", reason)
         self._fallback = SequentialEngine()
 
@@ -237,9 +240,9 @@ def _updates(
         pos = position[i]
         initial_loss = evaluate(model, global_state, task.data).loss if task.plan.measure_initial_loss else None
         yield finish_update(task.client_id, {k: v[pos] for k, v in params.items()}, num_examples=len(task.data),
-                            num_steps=schedule.steps[i], seen=seen[pos], loss_sum=losses[pos],
-                            correct=int(hits[pos]), config=config, finite=finite_list[pos],
-                            initial_loss=initial_loss)
+                            num_steps=schedule.steps[i], units=seen[pos],
+                            sums={"loss": losses[pos], "accuracy": hits[pos]}, config=config,
+                            finite=finite_list[pos], initial_loss=initial_loss)
 
 
 def _run_steps(model, tasks, global_state, config, step, *, shared_start=False) -> Iterator[ClientUpdate]:

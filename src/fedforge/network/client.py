@@ -135,7 +135,7 @@ def _num_classes(config: Config) -> int:
 def update_message(task_id: int, update: ClientUpdate) -> Message:
     header = {"task": task_id, "num_examples": update.num_examples, "num_steps": update.num_steps,
               "train_loss": update.train_loss, "train_accuracy": update.train_accuracy,
-              "initial_loss": update.initial_loss}
+              "initial_loss": update.initial_loss, "metrics": dict(update.metrics)}
     return Message(Kind.UPDATE, header, {f"delta/{k}": v for k, v in update.delta.items()})
 
 

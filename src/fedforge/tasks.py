@@ -1,0 +1,150 @@
+"""What a client computes: the loss of a batch, metrics as sums, and the optimizer it trains with.
+
+A Task is the one object that says it; training (every engine), evaluation and the deployment's
+clients all use it. Built in:
+
+- `classification` (the tutorial's): cross-entropy over class logits; metric accuracy.
+- `regression`: mean squared error of the outputs against float targets of the same shape;
+  metrics mse, mae and r2 (1 - SSE / total sum of squares, from sums over every target value).
+- `language-model`: next-token cross-entropy over (batch, time, vocabulary) logits and
+  (batch, time) targets; metrics perplexity (exp of the mean token loss) and token accuracy.
+
+Metrics are sums over units (examples, or tokens for a language model), so that batches and
+clients combine exactly; `summarize` turns the sums into the values shown.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+Sums = dict[str, torch.Tensor]
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer] | None] = {
+    "sgd": None,  # fedforge's own SGD rule: exact across engines, and the fast kernels' (client.sgd)
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+
+def _plain_means(sums: Mapping[str, float], units: float) -> dict[str, float]:
+    return {name: value / units for name, value in sums.items()}
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a client computes.
+
+    Attributes:
+        name: shown in outputs.
+        loss: (outputs, target) -> the mean loss over the batch's units, a scalar tensor.
+        metric_sums: (outputs, target) -> {name: a sum over the batch's units} (no gradient).
+        units: target -> how many units the sums of a batch are over (examples, tokens).
+        summarize: (sums over all batches, units) -> {metric: value}; default: each sum / units.
+        primary: the metric plots and comparisons show; `higher_is_better` for it.
+        optimizer: None for fedforge's SGD (momentum and weight decay from ClientConfig), or a
+            `torch.optim.Optimizer` class, built fresh each round with lr (and weight_decay) from
+            ClientConfig and `optimizer_options`.
+    """
+
+    name: str
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    metric_sums: Callable[[torch.Tensor, torch.Tensor], Sums]
+    units: Callable[[torch.Tensor], int] = len
+    summarize: Callable[[Mapping[str, float], float], dict[str, float]] = _plain_means
+    primary: str = "loss"
+    higher_is_better: bool = False
+    optimizer: type[torch.optim.Optimizer] | None = None
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.optimizer is not None and not (isinstance(self.optimizer, type)
+                                               and issubclass(self.optimizer, torch.optim.Optimizer)):
+            raise ConfigError(f"task {self.name}: optimizer must be a torch.optim.Optimizer class, "
+                              f"got {self.optimizer!r}")
+
+    def checked_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.loss(outputs, target)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(f"task {self.name}: the loss must be a scalar tensor (the batch's mean), got {shape}")
+        return loss
+
+    def with_optimizer(self, name: str, **options) -> Task:
+        """This task training with the optimizer called `name` (see OPTIMIZERS)."""
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {name!r} (choose from: {', '.join(OPTIMIZERS)})")
+        return Task(self.name, self.loss, self.metric_sums, self.units, self.summarize, self.primary,
+                    self.higher_is_better, OPTIMIZERS[name], options)
+
+    @property
+    def is_tutorial_classification(self) -> bool:
+        """Cross-entropy classification with fedforge's SGD: what the fast kernels compute."""
+        return self.loss is _cross_entropy and self.optimizer is None
+
+
+def _cross_entropy(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, target)
+
+
+def _classification_sums(outputs: torch.Tensor, target: torch.Tensor) -> Sums:
+    return {"loss": F.cross_entropy(outputs, target, reduction="sum"), "accuracy": (outputs.argmax(1) == target).sum()}
+
+
+def _mse(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(outputs.reshape(target.shape), target)
+
+
+def _regression_sums(outputs: torch.Tensor, target: torch.Tensor) -> Sums:
+    error = outputs.reshape(target.shape).double() - target.double()
+    t = target.double()
+    return {"loss": error.pow(2).sum(), "mae": error.abs().sum(), "target": t.sum(), "target2": t.pow(2).sum()}
+
+
+def _numel(target: torch.Tensor) -> int:
+    return target.numel()
+
+
+def _regression_summary(sums: Mapping[str, float], units: float) -> dict[str, float]:
+    total = sums["target2"] - sums["target"] ** 2 / units
+    return {"loss": sums["loss"] / units, "mse": sums["loss"] / units, "mae": sums["mae"] / units,
+            "r2": 1 - sums["loss"] / total if total > 0 else float("nan")}
+
+
+def _next_token(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), target.reshape(-1))
+
+
+def _language_sums(outputs: torch.Tensor, target: torch.Tensor) -> Sums:
+    logits, flat = outputs.reshape(-1, outputs.shape[-1]), target.reshape(-1)
+    return {"loss": F.cross_entropy(logits, flat, reduction="sum"), "token_accuracy": (logits.argmax(1) == flat).sum()}
+
+
+def _language_summary(sums: Mapping[str, float], units: float) -> dict[str, float]:
+    loss = sums["loss"] / units
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": sums["token_accuracy"] / units}
+
+
+CLASSIFICATION = Task("classification", _cross_entropy, _classification_sums, primary="accuracy",
+                      higher_is_better=True)
+REGRESSION = Task("regression", _mse, _regression_sums, units=_numel, summarize=_regression_summary, primary="r2",
+                  higher_is_better=True)
+LANGUAGE_MODEL = Task("language-model", _next_token, _language_sums, units=_numel, summarize=_language_summary,
+                      primary="perplexity")
+TASKS = {task.name: task for task in (CLASSIFICATION, REGRESSION, LANGUAGE_MODEL)}
+
+
+def make_task(name: str, *, optimizer: str = "sgd") -> Task:
+    """The built-in task called `name`, training with `optimizer`."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r} (choose from: {', '.join(TASKS)})")
+    return TASKS[name] if optimizer == "sgd" else TASKS[name].with_optimizer(optimizer)
+
+
+__all__ = ["CLASSIFICATION", "LANGUAGE_MODEL", "OPTIMIZERS", "REGRESSION", "TASKS", "Task", "make_task"]
