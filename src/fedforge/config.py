@@ -18,6 +18,7 @@ from typing import Any
 import tomli_w
 
 from .client import ClientConfig
+from .data.bundled import BUNDLED
 from .data.datasets import DATASETS
 from .data.partition import PARTITIONS
 from .engines import ENGINES
@@ -39,8 +40,8 @@ class Config:
     name: str | None = _opt(None, "run name: outputs go to OUT_DIR/NAME (default: dataset-model-strategy-time)")
     out_dir: str = _opt("runs", "folder that holds the run folders")
     seed: int = _opt(0, "seed of every random choice (partition, init, selection, batches)")
-    dataset: str = _opt("mnist", "dataset (synthetic: FedProx's synthetic(alpha, beta), one client per device)",
-                        (*DATASETS, "synthetic"))
+    dataset: str = _opt("mnist", "dataset (synthetic: FedProx's synthetic(alpha, beta), one client per device; "
+                        "digits, diabetes: scikit-learn's, offline)", (*DATASETS, "synthetic", *BUNDLED))
     synthetic_alpha: float = _opt(1.0, "synthetic: how much the devices' models differ")
     synthetic_beta: float = _opt(1.0, "synthetic: how much the devices' data differ")
     data_dir: str | None = _opt(None, "folder with the dataset files (searched first)")

@@ -9,12 +9,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import _seeding
 from ._io import atomic_write
 from .config import Config
+from .data.bundled import BUNDLED, load_bundled
 from .data.datasets import Dataset, load_dataset
 from .data.partition import partition, split_holdout
 from .data.synthetic import synthetic
@@ -47,13 +49,19 @@ def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedDa
             rng=_seeding.numpy_rng(config.seed, _seeding.DATASET),
         )
         return dataset, FederatedData(dataset.train, train_parts, dataset.test)
-    dataset = load_dataset(config.dataset, config.data_dir, download=config.download, progress=progress)
+    if config.dataset in BUNDLED:
+        dataset = load_bundled(config.dataset)
+    else:
+        dataset = load_dataset(config.dataset, config.data_dir, download=config.download, progress=progress)
     return dataset, federate(config, dataset)
 
 
 def federate(config: Config, dataset: Dataset) -> FederatedData:
-    """Split `dataset` across clients as `config` says, from `config.seed`."""
+    """Split `dataset` across clients as `config` says, from `config.seed`. A continuous target
+    is cut into 10 quantile bins, the labels of the label-skewed partitions (dirichlet, shards)."""
     labels = dataset.train.y.cpu().numpy()
+    if np.issubdtype(labels.dtype, np.floating):
+        labels = np.searchsorted(np.quantile(labels, np.linspace(0, 1, 11)[1:-1]), labels, side="right")
     parts = partition(
         config.partition, labels, config.num_clients,
         rng=_seeding.numpy_rng(config.seed, _seeding.PARTITION),

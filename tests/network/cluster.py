@@ -75,13 +75,13 @@ class Cluster:
                                  "--address", f"127.0.0.1:{port}", "--out-dir", "runs", "--name", "net", *flags])
         return proc, int(proc.wait_for(r"listening on port (\d+)").group(1))
 
-    def client(self, i, port, *flags, token=None, name=None, part=None) -> Proc:
+    def client(self, i, port, *flags, token=None, name=None, part=None, dataset="synthetic") -> Proc:
         security = [] if "--root-cert" in flags else ["--insecure"]
         part = i if part is None else part
         return self.start(name or f"client-{i}", [
             sys.executable, "-m", "fedforge", "client", "--threads", "1", "--server", f"127.0.0.1:{port}",
             "--client-id", str(i),
-            "--token-file", token or f"client-{i}.token", "--partition-of", f"synthetic:{part}/3", *security, *flags])
+            "--token-file", token or f"client-{i}.token", "--partition-of", f"{dataset}:{part}/3", *security, *flags])
 
     def stub(self, i, port, modes, name=None) -> Proc:
         return self.start(name or f"stub-{i}", [sys.executable, str(HERE / "stub_client.py"), str(port), str(i),

@@ -193,3 +193,19 @@ def test_a_client_with_its_own_data_folder(cluster, tmp_path):
     assert all(c.wait(30) == 0 for c in clients)
     networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
     assert_same_model(networked, simulated_model(tmp_path, "--rounds", "2"))
+
+
+def test_a_regression_with_adam_over_the_network_equals_the_simulation(cluster, tmp_path):
+    """Another task (diabetes regression, Adam on the clients): the clients learn it from the
+    server's settings, and the networked run ends at the simulation's weights."""
+    pytest.importorskip("sklearn")
+    flags = ["--dataset", "diabetes", "--task", "regression", "--optimizer", "adam", "--num-clients", "3",
+             "--clients-per-round", "3", "--batch-size", "16", "--rounds", "3", "--model", "mlp"]
+    server, port = cluster.server("--insecure", "--min-clients", "3", *flags)
+    clients = [cluster.client(i, port, dataset="diabetes") for i in range(3)]
+    assert server.wait(60) == 0, server.text()
+    assert all(c.wait(30) == 0 for c in clients)
+    assert "final test r2" in server.text()
+    networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
+    assert fedforge(["run", "-q", *flags, "--out-dir", str(tmp_path / "sim"), "--name", "sim"]) == 0
+    assert_same_model(networked, torch.load(tmp_path / "sim" / "sim" / "model.pt"))

@@ -127,8 +127,11 @@ class _Trainer:
 
 
 def _num_classes(config: Config) -> int:
+    """The model's outputs: the dataset's classes, or one for a regression."""
     from ..data.datasets import DATASETS
 
+    if config.task == "regression":
+        return 1
     return DATASETS[config.dataset].num_classes if config.dataset in DATASETS else 10
 
 
