@@ -158,3 +158,56 @@ def test_diabetes_regression_from_the_command_line(capsys, tmp_path):
     header = (tmp_path / "d" / "history.csv").read_text().splitlines()[0].split(",")
     assert {"test_r2", "test_mae", "train_r2"} <= set(header)
     assert (tmp_path / "d" / "accuracy.png").stat().st_size > 0
+
+
+def plain_sgd_loop(module, batches, config):
+    """The loss/optimizer form written as a loop of one's own: the two must agree."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=config.lr)
+    total = count = 0
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(module(x), y)
+        loss.backward()
+        optimizer.step()
+        total, count = total + loss.item() * len(y), count + len(y)
+    return {"loss": total / count}
+
+
+def own_loop_task(train=plain_sgd_loop):
+    import dataclasses
+
+    return dataclasses.replace(CLASSIFICATION, name="mine", train=train)
+
+
+@pytest.mark.parametrize("max_steps", [None, 3])
+def test_an_own_training_loop_equals_the_built_in_form(max_steps):
+    from helpers import blobs
+
+    data = blobs(70)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    plan = ClientPlan(max_steps=max_steps)
+    ours = train_client(copy.deepcopy(model), start, data, ClientConfig(batch_size=16, lr=0.1, task=own_loop_task()),
+                        client_id=1, generator=torch.Generator().manual_seed(3), plan=plan)
+    built_in = train_client(copy.deepcopy(model), start, data, ClientConfig(batch_size=16, lr=0.1), client_id=1,
+                            generator=torch.Generator().manual_seed(3), plan=plan)
+    assert ours.num_steps == built_in.num_steps == (max_steps or 5)
+    for name in start:
+        torch.testing.assert_close(ours.delta[name], built_in.delta[name])
+    assert ours.train_loss == pytest.approx(built_in.train_loss, rel=1e-5)
+
+
+def test_an_own_loop_that_returns_nothing_is_measured_and_fedprox_is_refused():
+    from helpers import blobs
+
+    data = blobs(40)
+    model = nn.Sequential(nn.Linear(8, 4))
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    silent = own_loop_task(lambda module, batches, config: [None for _ in batches] and None)
+    update = train_client(copy.deepcopy(model), start, data, ClientConfig(task=silent), client_id=0,
+                          generator=torch.Generator())
+    assert set(update.metrics) == {"loss", "accuracy"} and update.num_steps == 2
+    with pytest.raises(ConfigError, match="task mine trains with a loop of its own: the strategy's proximal term"):
+        train_client(copy.deepcopy(model), start, data, ClientConfig(task=own_loop_task()), client_id=0,
+                     generator=torch.Generator(), plan=ClientPlan(proximal_mu=0.1))

@@ -19,14 +19,15 @@ from .models import build_model
 from .scenarios import Scenario
 from .simulation import FederatedData, SimulationResult, select_clients, simulate
 from .strategies import STRATEGIES, FedAvg, RunInfo, ServerState, Strategy, fedavg, make_strategy
+from .tasks import TASKS, Task, make_task
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "STRATEGIES", "AutoEngine", "ClientConfig", "ClientPlan", "ClientTask", "ClientUpdate", "Config", "ConfigError",
+    "STRATEGIES", "TASKS", "AutoEngine", "ClientConfig", "ClientPlan", "ClientTask", "ClientUpdate", "Config", "ConfigError",
     "DataError", "Dataset", "DivergenceError", "Engine", "Evaluation", "FedAvg", "FederatedData", "FedforgeError",
     "History", "RoundRecord", "RunInfo", "Scenario", "SequentialEngine", "ServerState", "SimulationResult", "Strategy",
-    "TensorData", "VectorizedEngine", "build_model", "data", "engines", "evaluate", "fedavg", "load_dataset",
-    "make_engine", "make_strategy", "models", "run_experiment", "select_clients", "simulate", "strategies",
+    "Task", "TensorData", "VectorizedEngine", "build_model", "data", "engines", "evaluate", "fedavg", "load_dataset",
+    "make_engine", "make_strategy", "make_task", "models", "run_experiment", "select_clients", "simulate", "strategies",
     "train_client",
 ]

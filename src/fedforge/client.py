@@ -266,6 +266,8 @@ def train_client(
     """
     task = config.task
     initial_loss = evaluate(module, global_state, data, task=task).loss if plan.measure_initial_loss else None
+    if task.train is not None:
+        return _own_loop(module, global_state, data, config, plan, client_id, generator, initial_loss)
     layout = fastmlp.mlp_layout(module) if fast_mlp and task.is_tutorial_classification else None
     x = layout.inputs(data.x) if layout else None
     if layout is not None and x is not None:
@@ -293,6 +295,44 @@ def train_client(
         num_examples=len(data), num_steps=steps, units=units, sums={k: v.item() for k, v in sums.items()},
         config=config, initial_loss=initial_loss,
     )
+
+
+def _own_loop(module: nn.Module, global_state: State, data: TensorData, config: ClientConfig, plan: ClientPlan,
+              client_id: int, generator: torch.Generator, initial_loss: float | None) -> ClientUpdate:
+    """The task's own training function (the escape hatch) on the batches the client is given."""
+    task = config.task
+    if plan.proximal_mu or plan.correction is not None:
+        raise ConfigError(f"task {task.name} trains with a loop of its own: the strategy's proximal term or "
+                          "correction (FedProx, SCAFFOLD) cannot reach inside it")
+    max_steps = plan.num_steps(len(data), config)
+    steps = 0
+
+    def batches():
+        nonlocal steps
+        for order in epoch_orders(len(data), plan.epochs or config.local_epochs, generator):
+            order = order.to(data.y.device)
+            for start in range(0, len(order), config.batch_size):
+                if steps == max_steps:
+                    return
+                batch = order[start:start + config.batch_size]
+                steps += 1
+                yield gather(data.x, batch), gather(data.y, batch)
+
+    load_state(module, global_state)
+    module.train()
+    metrics = task.train(module, batches(), config)
+    if metrics is None:
+        metrics = evaluate(module, {k: v.detach() for k, v in module.state_dict().items()}, data, task=task).metrics
+    if "loss" not in metrics:
+        raise ConfigError(f"task {task.name}: its training function must return the training loss as "
+                          f"{{'loss': ...}} (or None), got {sorted(metrics)}")
+    delta = {name: value.detach() - global_state[name] for name, value in module.state_dict().items()}
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if not (math.isfinite(metrics["loss"]) and all_finite(delta.values())):
+        raise DivergenceError(f"client {client_id} diverged in task {task.name}'s training function "
+                              f"(training loss {metrics['loss']:.4g})")
+    return ClientUpdate(client_id, delta, len(data), steps, metrics["loss"], metrics.get("accuracy"),
+                        initial_loss, metrics)
 
 
 def finish_update(

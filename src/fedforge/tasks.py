@@ -15,6 +15,7 @@ clients combine exactly; `summarize` turns the sums into the values shown.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,14 @@ class Task:
         optimizer: None for fedforge's SGD (momentum and weight decay from ClientConfig), or a
             `torch.optim.Optimizer` class, built fresh each round with lr (and weight_decay) from
             ClientConfig and `optimizer_options`.
+        train: the escape hatch, a training loop of your own (gradient accumulation, mixed
+            precision, a library's trainer): `train(module, batches, config)` trains `module` in
+            place on `batches`, an iterable of (inputs, targets) in the client's batch order
+            (the steps it may take: a straggler gets fewer), and returns the task's training
+            metrics ({"loss": ...}) or None to have them measured on the client's data after.
+            `loss` and `metric_sums` still serve evaluation. Runs on the sequential engine
+            (the vectorized one falls back to it); strategies that change the client's
+            objective (FedProx, SCAFFOLD) cannot reach inside it and are refused.
     """
 
     name: str
@@ -62,6 +71,7 @@ class Task:
     higher_is_better: bool = False
     optimizer: type[torch.optim.Optimizer] | None = None
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    train: Callable[..., Mapping[str, float] | None] | None = None
 
     def __post_init__(self):
         if self.optimizer is not None and not (isinstance(self.optimizer, type)
@@ -80,13 +90,12 @@ class Task:
         """This task training with the optimizer called `name` (see OPTIMIZERS)."""
         if name not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {name!r} (choose from: {', '.join(OPTIMIZERS)})")
-        return Task(self.name, self.loss, self.metric_sums, self.units, self.summarize, self.primary,
-                    self.higher_is_better, OPTIMIZERS[name], options)
+        return dataclasses.replace(self, optimizer=OPTIMIZERS[name], optimizer_options=options)
 
     @property
     def is_tutorial_classification(self) -> bool:
         """Cross-entropy classification with fedforge's SGD: what the fast kernels compute."""
-        return self.loss is _cross_entropy and self.optimizer is None
+        return self.loss is _cross_entropy and self.optimizer is None and self.train is None
 
 
 def _cross_entropy(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
