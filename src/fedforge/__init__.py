@@ -24,10 +24,10 @@ from .tasks import TASKS, Task, make_task
 __version__ = "0.1.0"
 
 __all__ = [
-    "STRATEGIES", "TASKS", "AutoEngine", "ClientConfig", "ClientPlan", "ClientTask", "ClientUpdate", "Config", "ConfigError",
-    "DataError", "Dataset", "DivergenceError", "Engine", "Evaluation", "FedAvg", "FederatedData", "FedforgeError",
-    "History", "RoundRecord", "RunInfo", "Scenario", "SequentialEngine", "ServerState", "SimulationResult", "Strategy",
-    "Task", "TensorData", "VectorizedEngine", "build_model", "data", "engines", "evaluate", "fedavg", "load_dataset",
-    "make_engine", "make_strategy", "make_task", "models", "run_experiment", "select_clients", "simulate", "strategies",
-    "train_client",
+    "STRATEGIES", "TASKS", "AutoEngine", "ClientConfig", "ClientPlan", "ClientTask", "ClientUpdate", "Config",
+    "ConfigError", "DataError", "Dataset", "DivergenceError", "Engine", "Evaluation", "FedAvg", "FederatedData",
+    "FedforgeError", "History", "RoundRecord", "RunInfo", "Scenario", "SequentialEngine", "ServerState",
+    "SimulationResult", "Strategy", "Task", "TensorData", "VectorizedEngine", "build_model", "data", "engines",
+    "evaluate", "fedavg", "load_dataset", "make_engine", "make_strategy", "make_task", "models", "run_experiment",
+    "select_clients", "simulate", "strategies", "train_client",
 ]
