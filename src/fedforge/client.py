@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -243,6 +243,22 @@ def _mlp_steps(
     return step, lambda: params
 
 
+def client_batches(x: torch.Tensor, y: torch.Tensor, config: ClientConfig, plan: ClientPlan,
+                   generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A client's batches of (inputs, targets) in the order every engine uses (`epoch_orders`),
+    at most `plan.num_steps` of them; the last batch of an epoch may be smaller."""
+    max_steps = plan.num_steps(len(y), config)
+    steps = 0
+    for order in epoch_orders(len(y), plan.epochs or config.local_epochs, generator):
+        order = order.to(y.device)
+        for start in range(0, len(order), config.batch_size):
+            if steps == max_steps:
+                return
+            batch = order[start:start + config.batch_size]
+            steps += 1
+            yield gather(x, batch), gather(y, batch)
+
+
 def train_client(
     module: nn.Module,
     global_state: State,
@@ -276,19 +292,12 @@ def train_client(
         x = data.x
         step, final_state = _autograd_steps(module, global_state, config, plan)
     sums: dict[str, torch.Tensor] = {}
-    max_steps = plan.num_steps(len(data), config)
     steps = units = 0
-    for order in epoch_orders(len(data), plan.epochs or config.local_epochs, generator):
-        order = order.to(data.y.device)
-        for start in range(0, len(order), config.batch_size):
-            if steps == max_steps:
-                break
-            batch = order[start:start + config.batch_size]
-            yb = gather(data.y, batch)
-            for name, value in step(gather(x, batch), yb).items():
-                sums[name] = sums[name] + value if name in sums else value
-            steps += 1
-            units += task.units(yb)
+    for xb, yb in client_batches(x, data.y, config, plan, generator):
+        for name, value in step(xb, yb).items():
+            sums[name] = sums[name] + value if name in sums else value
+        steps += 1
+        units += task.units(yb)
     new_state = final_state()
     return finish_update(
         client_id, {name: new_state[name] - value for name, value in global_state.items()},
@@ -304,19 +313,13 @@ def _own_loop(module: nn.Module, global_state: State, data: TensorData, config: 
     if plan.proximal_mu or plan.correction is not None:
         raise ConfigError(f"task {task.name} trains with a loop of its own: the strategy's proximal term or "
                           "correction (FedProx, SCAFFOLD) cannot reach inside it")
-    max_steps = plan.num_steps(len(data), config)
     steps = 0
 
     def batches():
         nonlocal steps
-        for order in epoch_orders(len(data), plan.epochs or config.local_epochs, generator):
-            order = order.to(data.y.device)
-            for start in range(0, len(order), config.batch_size):
-                if steps == max_steps:
-                    return
-                batch = order[start:start + config.batch_size]
-                steps += 1
-                yield gather(data.x, batch), gather(data.y, batch)
+        for batch in client_batches(data.x, data.y, config, plan, generator):
+            steps += 1
+            yield batch
 
     load_state(module, global_state)
     module.train()
