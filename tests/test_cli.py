@@ -21,7 +21,8 @@ def fedforge(capsys, *argv):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dataset", "cifar"], "unknown dataset 'cifar' (choose from: mnist, fashion-mnist, synthetic)"),
+    (["--dataset", "cifar"],
+     "unknown dataset 'cifar' (choose from: mnist, fashion-mnist, synthetic, digits, diabetes)"),
     (["--model", "resnet"],
      "unknown model 'resnet' (choose from: mlp, 2nn, cnn, simple-cnn, logreg, or package.module:factory)"),
     (["--partition", "zipf"], "unknown partition 'zipf' (choose from: iid, dirichlet, shards, quantity)"),
