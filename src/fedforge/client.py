@@ -301,7 +301,7 @@ def train_client(
     new_state = final_state()
     return finish_update(
         client_id, {name: new_state[name] - value for name, value in global_state.items()},
-        num_examples=len(data), num_steps=steps, units=units, sums={k: v.item() for k, v in sums.items()},
+        num_examples=len(data), num_steps=steps, metrics=task.summarize({k: v.item() for k, v in sums.items()}, units),
         config=config, initial_loss=initial_loss,
     )
 
@@ -330,24 +330,19 @@ def _own_loop(module: nn.Module, global_state: State, data: TensorData, config: 
         raise ConfigError(f"task {task.name}: its training function must return the training loss as "
                           f"{{'loss': ...}} (or None), got {sorted(metrics)}")
     delta = {name: value.detach() - global_state[name] for name, value in module.state_dict().items()}
-    metrics = {k: float(v) for k, v in metrics.items()}
-    if not (math.isfinite(metrics["loss"]) and all_finite(delta.values())):
-        raise DivergenceError(f"client {client_id} diverged in task {task.name}'s training function "
-                              f"(training loss {metrics['loss']:.4g})")
-    return ClientUpdate(client_id, delta, len(data), steps, metrics["loss"], metrics.get("accuracy"),
-                        initial_loss, metrics)
+    return finish_update(client_id, delta, num_examples=len(data), num_steps=steps,
+                         metrics={k: float(v) for k, v in metrics.items()}, config=config, initial_loss=initial_loss)
 
 
 def finish_update(
-    client_id: int, delta: State, *, num_examples: int, num_steps: int, units: int, sums: Mapping[str, float],
+    client_id: int, delta: State, *, num_examples: int, num_steps: int, metrics: Mapping[str, float],
     config: ClientConfig, finite: bool | None = None, initial_loss: float | None = None,
 ) -> ClientUpdate:
     """The ClientUpdate of a finished client, after checking that its training did not diverge.
 
-    `sums` are the task's metric sums over the `units` seen while training (with repeats across
-    epochs); `finite` says whether `delta` is all finite, when the caller already knows.
+    `metrics` are the task's training metrics (`loss` among them), from the examples seen while
+    training; `finite` says whether `delta` is all finite, when the caller already knows.
     """
-    metrics = config.task.summarize(sums, units)
     mean_loss = metrics["loss"]
     if finite is None:
         finite = all_finite(delta.values())

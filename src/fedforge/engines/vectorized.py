@@ -240,9 +240,9 @@ def _updates(
         pos = position[i]
         initial_loss = evaluate(model, global_state, task.data).loss if task.plan.measure_initial_loss else None
         yield finish_update(task.client_id, {k: v[pos] for k, v in params.items()}, num_examples=len(task.data),
-                            num_steps=schedule.steps[i], units=seen[pos],
-                            sums={"loss": losses[pos], "accuracy": hits[pos]}, config=config,
-                            finite=finite_list[pos], initial_loss=initial_loss)
+                            num_steps=schedule.steps[i],
+                            metrics=config.task.summarize({"loss": losses[pos], "accuracy": hits[pos]}, seen[pos]),
+                            config=config, finite=finite_list[pos], initial_loss=initial_loss)
 
 
 def _run_steps(model, tasks, global_state, config, step, *, shared_start=False) -> Iterator[ClientUpdate]:
