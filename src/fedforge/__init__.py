@@ -19,12 +19,12 @@ from .models import build_model
 from .scenarios import Scenario
 from .simulation import FederatedData, SimulationResult, select_clients, simulate
 from .strategies import STRATEGIES, FedAvg, RunInfo, ServerState, Strategy, fedavg, make_strategy
-from .tasks import TASKS, Task, make_task
+from .tasks import CLASSIFICATION, LANGUAGE_MODEL, REGRESSION, TASKS, Task, make_task
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "STRATEGIES", "TASKS", "AutoEngine", "ClientConfig", "ClientPlan", "ClientTask", "ClientUpdate", "Config",
+    "CLASSIFICATION", "LANGUAGE_MODEL", "REGRESSION", "STRATEGIES", "TASKS", "AutoEngine", "ClientConfig", "ClientPlan", "ClientTask", "ClientUpdate", "Config",
     "ConfigError", "DataError", "Dataset", "DivergenceError", "Engine", "Evaluation", "FedAvg", "FederatedData",
     "FedforgeError", "History", "RoundRecord", "RunInfo", "Scenario", "SequentialEngine", "ServerState",
     "SimulationResult", "Strategy", "Task", "TensorData", "VectorizedEngine", "build_model", "data", "engines",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import fastmlp
-from .data.datasets import TensorData, gather
+from .data.datasets import TensorData, call_model, gather
 from .errors import ConfigError, DivergenceError
 from .evaluation import evaluate
 from .fastmlp import MLPLayout
@@ -217,7 +217,7 @@ def _autograd_steps(
                 torch._foreach_add_(params, corrections, alpha=-config.lr)
 
     def step(xb, yb):
-        outputs = module(xb)
+        outputs = call_model(module, xb)
         loss = task.checked_loss(outputs, yb)
         grads = list(torch.autograd.grad(loss, params))
         with torch.no_grad():
@@ -243,14 +243,16 @@ def _mlp_steps(
     return step, lambda: params
 
 
-def client_batches(x: torch.Tensor, y: torch.Tensor, config: ClientConfig, plan: ClientPlan,
-                   generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def client_batches(x, y, config: ClientConfig, plan: ClientPlan,
+                   generator: torch.Generator) -> Iterator[tuple]:
     """A client's batches of (inputs, targets) in the order every engine uses (`epoch_orders`),
-    at most `plan.num_steps` of them; the last batch of an epoch may be smaller."""
-    max_steps = plan.num_steps(len(y), config)
+    at most `plan.num_steps` of them; the last batch of an epoch may be smaller. `x` and `y`
+    are tensors, or tuples or dicts of them (see TensorData)."""
+    data = TensorData(x, y)
+    max_steps = plan.num_steps(len(data), config)
     steps = 0
-    for order in epoch_orders(len(y), plan.epochs or config.local_epochs, generator):
-        order = order.to(y.device)
+    for order in epoch_orders(len(data), plan.epochs or config.local_epochs, generator):
+        order = order.to(data.device)
         for start in range(0, len(order), config.batch_size):
             if steps == max_steps:
                 return

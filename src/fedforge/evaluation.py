@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .data.datasets import TensorData
+from .data.datasets import TensorData, model_args
 from .tasks import CLASSIFICATION, Task
 
 
@@ -35,8 +35,9 @@ def evaluate(module: nn.Module, state: dict[str, torch.Tensor], data: TensorData
     sums: dict[str, torch.Tensor] = {}
     units = 0
     for start in range(0, len(data), batch_size):
-        xb, yb = data.x[start:start + batch_size], data.y[start:start + batch_size]
-        outputs = functional_call(module, state, (xb,))
+        batch = data.rows(start, start + batch_size)
+        yb = batch.y
+        outputs = functional_call(module, state, *model_args(batch.x))
         for name, value in task.metric_sums(outputs, yb).items():
             value = value.double() if value.is_floating_point() else value
             sums[name] = sums[name] + value if name in sums else value

@@ -31,6 +31,8 @@ class MLPLayout:
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor | None:
         """`x` as the first Linear layer takes it (2-D), or None if this layout cannot take it."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return None
         if self.flatten:
             return x.flatten(1)
         return x if x.dim() == 2 else None

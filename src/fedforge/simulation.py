@@ -30,7 +30,8 @@ class FederatedData:
     """A training set split across clients, and the data the global model is tested on.
 
     Args:
-        train: all training examples, in memory.
+        train: all training examples, in memory: a TensorData, or anything the task's
+            `Task.data` takes (a tuple or dict of tensors, a torch.utils.data.Dataset).
         partition: each client's indices into `train`.
         test: the centralized test set, or None to skip centralized evaluation.
         client_test: each client's held-out indices into `train`, for federated evaluation.
@@ -142,7 +143,9 @@ def simulate(
     k = clients_per_round_count(clients_per_round, data.num_clients)
     strategy = strategy or FedAvg()
     engine = engine or SequentialEngine()
-    device = data.train.x.device
+    data = replace(data, train=client.task.data(data.train),
+                   test=client.task.data(data.test) if data.test is not None else None)
+    device = data.train.device
     model = model.to(device)
     for cid, idx in enumerate(data.partition):
         if len(idx) == 0:
@@ -150,7 +153,7 @@ def simulate(
     # One gather puts every client's examples side by side; each client's data is a view.
     pool = data.train.subset(np.concatenate(list(data.partition)))
     starts = np.concatenate([[0], np.cumsum([len(idx) for idx in data.partition])]).tolist()
-    clients = [TensorData(pool.x[a:b], pool.y[a:b]) for a, b in zip(starts, starts[1:])]
+    clients = [pool.rows(a, b) for a, b in zip(starts, starts[1:])]
     malicious = malicious_clients(scenario, data.num_clients, seed)
     if scenario.attack == "label_flip":
         num_classes = int(data.train.y.max()) + 1

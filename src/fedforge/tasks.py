@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .data.datasets import TensorData, leaves
+from .errors import ConfigError, DataError
 
 Sums = dict[str, torch.Tensor]
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer] | None] = {
@@ -32,6 +33,11 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer] | None] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
 }
+
+
+def _rows(target) -> int:
+    """The examples in a batch: the rows of its target (of its first tensor, when several)."""
+    return len(leaves(target)[0])
 
 
 def _plain_means(sums: Mapping[str, float], units: float) -> dict[str, float]:
@@ -42,11 +48,17 @@ def _plain_means(sums: Mapping[str, float], units: float) -> dict[str, float]:
 class Task:
     """What a client computes.
 
+    A batch is a TensorData's rows: inputs, which the model gets (a tensor as model(x), a tuple
+    as model(*x), a dict as model(**x)), and the target part, which the loss and metrics get
+    (a tensor, or a tuple or dict of tensors, e.g. labels and an attention mask). `target` and
+    `inputs` say which parts of the user's data are which (`Task.data`).
+
     Attributes:
         name: shown in outputs.
         loss: (outputs, target) -> the mean loss over the batch's units, a scalar tensor.
         metric_sums: (outputs, target) -> {name: a sum over the batch's units} (no gradient).
-        units: target -> how many units the sums of a batch are over (examples, tokens).
+        units: target -> how many units the sums of a batch are over (default: its examples;
+            tokens for a language model).
         summarize: (sums over all batches, units) -> {metric: value}; default: each sum / units.
         primary: the metric plots and comparisons show; `higher_is_better` for it.
         optimizer: None for fedforge's SGD (momentum and weight decay from ClientConfig), or a
@@ -60,18 +72,24 @@ class Task:
             `loss` and `metric_sums` still serve evaluation. Runs on the sequential engine
             (the vectorized one falls back to it); strategies that change the client's
             objective (FedProx, SCAFFOLD) cannot reach inside it and are refused.
+        target: the part of a tuple (an index) or dict (a key) of data that is the target, or
+            several parts (a list); default the tuple's last.
+        inputs: the parts fed to the model (default: all the others; several go as a tuple or
+            dict, one alone).
     """
 
     name: str
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     metric_sums: Callable[[torch.Tensor, torch.Tensor], Sums]
-    units: Callable[[torch.Tensor], int] = len
+    units: Callable[[Any], int] = _rows
     summarize: Callable[[Mapping[str, float], float], dict[str, float]] = _plain_means
     primary: str = "loss"
     higher_is_better: bool = False
     optimizer: type[torch.optim.Optimizer] | None = None
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)
     train: Callable[..., Mapping[str, float] | None] | None = None
+    target: int | str | Sequence[int | str] = -1
+    inputs: int | str | Sequence[int | str] | None = None
 
     def __post_init__(self):
         if self.optimizer is not None and not (isinstance(self.optimizer, type)
@@ -85,6 +103,19 @@ class Task:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ConfigError(f"task {self.name}: the loss must be a scalar tensor (the batch's mean), got {shape}")
         return loss
+
+    def data(self, data) -> TensorData:
+        """`data` as fedforge holds it: a TensorData as is; a tuple or dict of tensors (or arrays)
+        split into inputs and target by this task's `inputs` and `target`; a
+        `torch.utils.data.Dataset` of fixed-shape items read once and stacked, then split."""
+        if isinstance(data, TensorData):
+            return data
+        if isinstance(data, (tuple, list, Mapping)):
+            return TensorData.from_batch(data, target=self.target, inputs=self.inputs)
+        if isinstance(data, torch.utils.data.Dataset):
+            return TensorData.from_dataset(data, target=self.target, inputs=self.inputs)
+        raise DataError(f"task {self.name}: cannot use {type(data).__name__} as data (give a tuple or dict of "
+                        f"tensors, a torch.utils.data.Dataset or a TensorData)")
 
     def with_optimizer(self, name: str, **options) -> Task:
         """This task training with the optimizer called `name` (see OPTIMIZERS)."""

@@ -30,7 +30,7 @@ class AutoEngine:
         if config is not None and not config.task.is_tutorial_classification:
             return self.sequential  # the batched kernels train classification with SGD only
         layout = fastmlp.mlp_layout(model)
-        if layout is not None and tasks and layout.inputs(tasks[0].data.x[:1]) is not None:
+        if layout is not None and tasks and layout.inputs(tasks[0].data.rows(0, 1).x) is not None:
             return self.vectorized
         on_cuda = any(p.is_cuda for p in model.parameters())
         return self.vectorized if on_cuda else self.sequential

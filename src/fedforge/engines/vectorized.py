@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, vmap
 
 from .. import fastmlp
 from ..client import ClientConfig, ClientUpdate, LocalTerms, State, epoch_orders, finish_update, sgd
-from ..data.datasets import TensorData, gather
+from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args
 from ..evaluation import evaluate
 from .base import ClientTask
 from .sequential import SequentialEngine
@@ -86,7 +86,7 @@ def _shared_source(tasks: Sequence[ClientTask]) -> tuple[TensorData, list[int]]:
     if source is not None and all(t.source is source for t in tasks):
         return source, [t.start for t in tasks]
     starts = np.concatenate([[0], np.cumsum([len(t.data) for t in tasks])[:-1]]).tolist()
-    return TensorData(torch.cat([t.data.x for t in tasks]), torch.cat([t.data.y for t in tasks])), starts
+    return concat([t.data for t in tasks]), starts
 
 
 class _Unsupported(Exception):
@@ -151,15 +151,16 @@ class VectorizedEngine:
         """How many clients fit in `max_memory` at once (at least one)."""
         param_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
         copies = 3 if config.momentum else 2  # params, momentum, transient gradients
-        example = tasks[0].data.x[0]
-        activations = self._activation_bytes(model, example) + example.numel() * example.element_size()
+        example = tasks[0].data.rows(0, 1).x
+        activations = self._activation_bytes(model, example) + sum(t.numel() * t.element_size()
+                                                                   for t in leaves(example))
         steps = max(config.local_epochs * math.ceil(len(t.data) / config.batch_size) for t in tasks)
         per_client = copies * param_bytes + 3 * config.batch_size * activations + 12 * steps * config.batch_size
-        budget = self.max_memory or DEFAULT_MAX_MEMORY.get(example.device.type, DEFAULT_MAX_MEMORY["cuda"])
+        budget = self.max_memory or DEFAULT_MAX_MEMORY.get(tasks[0].data.device.type, DEFAULT_MAX_MEMORY["cuda"])
         return max(1, min(len(tasks), budget // per_client))
 
-    def _activation_bytes(self, model: nn.Module, example: torch.Tensor) -> int:
-        """Bytes of every module output for one example (measured once per model)."""
+    def _activation_bytes(self, model: nn.Module, example) -> int:
+        """Bytes of every module output for one example, a batch of one (measured once per model)."""
         key = id(model)
         if key not in self._per_example_activations:
             total = 0
@@ -174,7 +175,7 @@ class VectorizedEngine:
             try:
                 model.eval()  # touches no running statistics
                 with torch.no_grad():
-                    model(example.unsqueeze(0))
+                    call_model(model, example)
             finally:
                 model.train(training)
                 for h in handles:
@@ -185,7 +186,7 @@ class VectorizedEngine:
 
 def _kernel_for(model: nn.Module, data: TensorData):
     layout = fastmlp.mlp_layout(model)
-    if layout is not None and layout.inputs(data.x[:1]) is not None:
+    if layout is not None and layout.inputs(data.rows(0, 1).x) is not None:
         return _mlp_chunk
     if any(True for _ in model.buffers()):
         raise _Unsupported("it has buffers, e.g. BatchNorm statistics")
@@ -252,7 +253,7 @@ def _run_steps(model, tasks, global_state, config, step, *, shared_start=False) 
     starts every client from the one global state and stacks the clients' parameters itself.
     """
     source, starts = _shared_source(tasks)
-    device = source.y.device
+    device = source.device
     schedule = build_schedule(tasks, starts, config)
     terms = _stacked_terms(tasks, schedule, global_state, config)
     rows, weight = schedule.rows.to(device), schedule.weight.to(device)
@@ -300,7 +301,7 @@ def _mlp_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
 
 def _func_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
     def loss(params, x, y, w):
-        logits = functional_call(model, params, (x,))
+        logits = functional_call(model, params, *model_args(x))
         losses = F.cross_entropy(logits, y, reduction="none")
         valid = w > 0
         metrics = ((losses.detach() * valid).sum(), ((logits.argmax(-1) == y) & valid).sum())

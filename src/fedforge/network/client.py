@@ -20,7 +20,7 @@ import torch
 
 from ..client import ClientPlan, ClientUpdate
 from ..config import Config
-from ..data.datasets import TensorData
+from ..data.datasets import TensorData, leaves
 from ..engines import ClientTask, SequentialEngine
 from ..errors import ConfigError
 from ..models import build_model
@@ -113,7 +113,7 @@ class _Trainer:
     def __init__(self, config: Config, data: TensorData):
         self.config = config
         self.data = data
-        self.model = build_model(config.model, tuple(data.x.shape[1:]), _num_classes(config), seed=config.seed)
+        self.model = build_model(config.model, tuple(leaves(data.x)[0].shape[1:]), _num_classes(config), seed=config.seed)
         self.engine = SequentialEngine()
 
     def train(self, client_id: int, task: Message) -> ClientUpdate:
