@@ -3,9 +3,10 @@ import json
 import pytest
 
 from fedforge.cli import main
-from fedforge.compare import compare, comparison_table
+from fedforge.compare import ComparedRun, compare, comparison_table
 from fedforge.config import Config
 from fedforge.errors import ConfigError
+from fedforge.history import History, RoundRecord
 
 BASE = Config(dataset="synthetic", num_clients=6, clients_per_round=3, model="logreg", rounds=3, batch_size=10)
 
@@ -84,3 +85,19 @@ def test_resume_refuses_a_run_made_with_other_settings(tmp_path):
 def test_compare_resume_needs_a_name(capsys):
     assert main(["compare", "--strategies", "fedavg", "--resume"]) == 2
     assert "--resume needs --name" in capsys.readouterr().err
+
+
+def test_other_tasks_are_compared_by_their_primary_metric(tmp_path):
+    """A regression's table shows r2; a language model's perplexity is reached from above."""
+    pytest.importorskip("sklearn")
+    base = Config(dataset="diabetes", task="regression", optimizer="adam", model="mlp", num_clients=3,
+                  clients_per_round=3, rounds=2, batch_size=16)
+    runs = compare(base, {"a": {}}, out_dir=tmp_path)
+    table = comparison_table(runs)
+    assert "final r2" in table.splitlines()[0]
+    assert float(table.splitlines()[2].split(" | ")[1]) == pytest.approx(runs[0].history.final.metric("test_r2"),
+                                                                         abs=1e-4)
+    records = [RoundRecord(round=r, clients=(), test_loss=None, test_accuracy=None, train_loss=None,
+                           train_accuracy=None, metrics={"test_perplexity": p}) for r, p in enumerate([80, 40, 20])]
+    run = ComparedRun("lm", Config(task="language-model"), History(records), 1.0)
+    assert (run.metric, run.best, run.rounds_to(50), run.rounds_to(10)) == ("perplexity", 20, 1, None)

@@ -34,16 +34,27 @@ class ComparedRun:
     diverged: str | None = None  # why training stopped early, if it did
 
     @property
-    def final_accuracy(self) -> float:
-        return self.history.final.test_accuracy
+    def metric(self) -> str:
+        """The task's primary metric (accuracy, r2, perplexity, ...): what the comparison shows."""
+        return self.config.client_config().task.primary
+
+    def _better(self, a: float, b: float) -> bool:
+        return a >= b if self.config.client_config().task.higher_is_better else a <= b
 
     @property
-    def best_accuracy(self) -> float:
-        return max(a for a in self.history.column("test_accuracy") if a is not None)
+    def final(self) -> float | None:
+        return self.history.final.metric(f"test_{self.metric}")
+
+    @property
+    def best(self) -> float | None:
+        values = [v for v in self.history.column(f"test_{self.metric}") if v is not None]
+        return (max if self.config.client_config().task.higher_is_better else min)(values) if values else None
 
     def rounds_to(self, target: float) -> int | None:
-        """The first round whose test accuracy reached `target`, or None."""
-        return next((r.round for r in self.history.records if (r.test_accuracy or 0) >= target), None)
+        """The first round whose test metric reached `target` (at least, or at most for a metric
+        that is better lower), or None."""
+        return next((r.round for r in self.history.records
+                     if (v := r.metric(f"test_{self.metric}")) is not None and self._better(v, target)), None)
 
 
 def variants_from_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -122,14 +133,19 @@ def compare(
 
 
 def comparison_table(runs: list[ComparedRun], target: float | None = None) -> str:
-    """A Markdown table: final and best accuracy, rounds to `target`, wall time."""
-    head = ["run", "final accuracy", "best accuracy"] + ([f"rounds to {target:.2%}"] if target else []) + ["wall s"]
+    """A Markdown table: final and best test metric (the task's primary), rounds to `target`, wall time."""
+    metric = runs[0].metric.replace("_", " ")
+    head = ["run", f"final {metric}", f"best {metric}"] + ([f"rounds to {target:.4g}"] if target else []) + ["wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def number(value):
+        return f"{value:.4f}" if value is not None else "n/a"
+
     for run in runs:
-        final = f"{run.final_accuracy:.4f}"
+        final = number(run.final)
         if run.diverged:
             final += f" (diverged in round {run.history.final.round + 1})"
-        row = [run.label, final, f"{run.best_accuracy:.4f}"]
+        row = [run.label, final, number(run.best)]
         if target:
             reached = run.rounds_to(target)
             row.append(str(reached) if reached is not None else "not reached")
@@ -139,20 +155,21 @@ def comparison_table(runs: list[ComparedRun], target: float | None = None) -> st
 
 
 def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: str = "") -> None:
-    """Test accuracy and training loss per round, one line per run."""
+    """The test metric (the task's primary) and training loss per round, one line per run."""
     plt = pyplot()
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         records = run.history.records
-        acc_ax.plot([r.round for r in records], [r.test_accuracy for r in records], label=run.label)
+        acc_ax.plot([r.round for r in records], [r.metric(f"test_{run.metric}") for r in records], label=run.label)
         # The global model's loss on the training data when measured, else the clients' own.
         key = "global_train_loss" if records[-1].global_train_loss is not None else "train_loss"
         points = [(r.round, getattr(r, key)) for r in records if getattr(r, key) is not None]
         loss_ax.plot(*zip(*points), label=run.label)
     loss_name = "global model on training data" if runs[0].history.final.global_train_loss is not None \
         else "clients' training loss"
-    acc_ax.set(xlabel="round", ylabel="test accuracy", title="test accuracy")
+    metric = f"test {runs[0].metric.replace('_', ' ')}"
+    acc_ax.set(xlabel="round", ylabel=metric, title=metric)
     loss_ax.set(xlabel="round", ylabel="loss", title=f"training loss ({loss_name})", yscale="log")
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
@@ -170,11 +187,13 @@ def write_comparison(runs: list[ComparedRun], out_dir: str | os.PathLike, *, tar
         f.write(table + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["run", "round", "test_accuracy", "test_loss", "train_loss", "global_train_loss", "seconds"])
+    metric = f"test_{runs[0].metric}"
+    columns = ["test_accuracy", metric] if metric != "test_accuracy" else [metric]
+    writer.writerow(["run", "round", *columns, "test_loss", "train_loss", "global_train_loss", "seconds"])
     for run in runs:
         for r in run.history.records:
-            writer.writerow([run.label, r.round, r.test_accuracy, r.test_loss, r.train_loss, r.global_train_loss,
-                             r.seconds])
+            writer.writerow([run.label, r.round, *(r.metric(c) for c in columns), r.test_loss, r.train_loss,
+                             r.global_train_loss, r.seconds])
     with atomic_write(out_dir / "comparison.csv") as f:
         f.write(buffer.getvalue())
     plot_comparison(runs, out_dir / "comparison.png", title=title)
