@@ -1,0 +1,21 @@
+"""User-level differential privacy: clipped and noised updates, and the accountant.
+
+A stage of the round loop (select -> run clients -> privatize -> server optimizer), never a
+strategy wrapper. `sampling` says who takes part, `mechanism` holds the clipping and noise,
+`stage` applies them to a round's updates, `accountant` turns the run into (epsilon, delta)
+with Google's dp-accounting (the optional `dp` extra).
+"""
+
+from __future__ import annotations
+
+from .accountant import Accountant, calibrate, check_delta, check_epsilon, round_event
+from .mechanism import PrivacyConfig, adapt_clip, add_noise, clip_delta, gaussian_noise, l2_norm, secure_generator
+from .sampling import FixedSizeSampling, PoissonSampling, Sampling, poisson_sample
+from .stage import SUPPORTED_STRATEGIES, PrivacyState, PrivacyStats, check_strategy, privatize, privatize_update
+
+__all__ = [
+    "SUPPORTED_STRATEGIES", "Accountant", "FixedSizeSampling", "PoissonSampling", "PrivacyConfig", "PrivacyState",
+    "PrivacyStats", "Sampling", "adapt_clip", "add_noise", "calibrate", "check_delta", "check_epsilon",
+    "check_strategy", "clip_delta", "gaussian_noise", "l2_norm", "poisson_sample", "privatize",
+    "privatize_update", "round_event", "secure_generator",
+]

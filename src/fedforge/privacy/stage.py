@@ -1,0 +1,155 @@
+"""The privacy stage of the round loop: run clients -> privatize -> the strategy's server optimizer.
+
+A transformation of the round's updates (as pfl-research's postprocessors), not a strategy
+wrapper: `privatize` turns the updates into the noised mean delta, and a strategy that is one
+weighted mean plus a server optimizer (FedAvg, FedAvgM, FedProx, FedAdagrad/Adam/Yogi) applies
+its optimizer to that mean. Strategies that need every raw update are refused (`check_strategy`).
+
+Client side, `privatize_update` is what a client (or an engine on its behalf) does to its update
+before sending it: nothing ("central"), clip ("client"), or clip and noise ("local").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..client import ClientUpdate
+from ..errors import ConfigError
+from .mechanism import PrivacyConfig, State, adapt_clip, add_noise, clip_delta
+
+# Strategies whose server step is a function of the mean delta alone.
+SUPPORTED_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi")
+_REFUSED = {
+    "median": "a coordinate-wise median of raw updates has no bounded-sensitivity noised form here",
+    "trimmed_mean": "trimming needs every raw update",
+    "krum": "Krum compares raw updates with each other",
+    "multikrum": "Multi-Krum compares raw updates with each other",
+    "qfedavg": "q-FedAvg weights each update by its client's loss, which the clip bound does not cover",
+    "scaffold": "SCAFFOLD's control variates are per-client and unclipped",
+    "fednova": "FedNova reweights each update by its client's step count, which the clip bound does not cover",
+}
+# In "client" mode the server sees updates already clipped to C: one that arrives with a norm
+# this close to C is taken as clipped (an unclipped norm in [C(1 - tol), C] is miscounted: the
+# quantile estimate is off by at most the fraction of norms in that band).
+_CLIPPED_RTOL = 1e-3
+
+
+def check_strategy(name: str) -> None:
+    """A one-line ConfigError unless strategy `name` can be run with differential privacy."""
+    if name in SUPPORTED_STRATEGIES:
+        return
+    reason = _REFUSED.get(name, "it does not reduce the updates to one mean delta")
+    raise ConfigError(f"differential privacy cannot serve strategy {name!r}: {reason} "
+                      f"(use one of {', '.join(SUPPORTED_STRATEGIES)})")
+
+
+@dataclass(frozen=True)
+class PrivacyState:
+    """What the privacy stage carries between rounds (checkpoints keep it): the clip bound."""
+
+    clip: float
+
+    @classmethod
+    def initial(cls, config: PrivacyConfig) -> PrivacyState:
+        return cls(float(config.clip))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"clip": self.clip}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> PrivacyState:
+        clip = state.get("clip") if isinstance(state, dict) else None
+        if not (isinstance(clip, (int, float)) and clip > 0):
+            raise ConfigError(f"privacy state needs a clip bound > 0, got {state!r}")
+        return cls(float(clip))
+
+
+@dataclass(frozen=True)
+class PrivacyStats:
+    """One round of the privacy stage, for history and the console.
+
+    Attributes:
+        clip: the clip bound C used this round.
+        noise_std: the std of the noise added to the sum (z_update * C; 0 in local mode, where
+            each client added std z * C itself).
+        num_updates: how many updates were summed (not private: a diagnostic, for simulation).
+        unclipped_estimate: the noised fraction of unclipped updates (adaptive clipping only;
+            private, the estimate that moved C).
+        next_clip: the clip bound of the next round.
+    """
+
+    clip: float
+    noise_std: float
+    num_updates: int
+    unclipped_estimate: float | None
+    next_clip: float
+
+
+def privatize_update(update: ClientUpdate, config: PrivacyConfig, clip: float,
+                     generator: torch.Generator | None = None) -> ClientUpdate:
+    """What a client sends under `config.mode`: central: its update as it is; client: clipped
+    to `clip`; local: clipped and noised (std z * C, from `generator`, the client's own stream).
+
+    In client and local modes integer entries are zeroed: nothing the guarantee does not cover
+    leaves the client in the delta (num_examples and the training metrics still do; see
+    docs/privacy.md)."""
+    if config.mode == "central":
+        return update
+    delta, _ = clip_delta(update.delta, clip)
+    delta = {k: v if v.is_floating_point() else torch.zeros_like(v) for k, v in delta.items()}
+    if config.mode == "local":
+        if generator is None:
+            raise ValueError("local DP needs the client's generator for its noise")
+        delta = add_noise(delta, config.noise_multiplier * clip, generator)
+    return replace(update, delta=delta)
+
+
+def privatize(updates: Iterable[ClientUpdate], like: State, state: PrivacyState, config: PrivacyConfig,
+              generator: torch.Generator) -> tuple[State, PrivacyState, PrivacyStats]:
+    """The round's noised mean delta (DP-FedAvg, McMahan et al. 2018), consuming `updates` once.
+
+    mean = (sum_i clip(delta_i, C) + N(0, (z_update C)^2)) / m, with m the expected cohort size,
+    for each float entry of `like` (the global model); integer entries get a zero delta. Every
+    update counts once, whatever its num_examples: weighting by examples would let one client
+    move the sum by more than C. With no update at all the mean is the noise alone, and the round
+    still counts for the accountant (skipping it would reveal that nobody took part).
+
+    Args:
+        updates: central mode: raw updates; client mode: updates clipped by the clients with
+            `state.clip` (clipped again here: a no-op for an honest client, a bound for the
+            others); local mode: clipped and noised updates, summed as they are.
+        like: the global model's state (keys, shapes, dtypes, devices of the mean).
+        state: the clip bound for this round.
+        generator: the noise stream (simulation: seeded per round; deployment:
+            `secure_generator()`). The update noise is drawn first, then the count's.
+
+    Returns:
+        The mean delta for the strategy's server optimizer, the next state, and the round's stats.
+    """
+    clip = state.clip
+    # Running sum: the stage holds one model-sized buffer, never every client's update.
+    total = {k: torch.zeros_like(v) for k, v in like.items() if v.is_floating_point()}
+    count = unclipped = 0
+    for update in updates:
+        if update.delta.keys() != like.keys():
+            raise ValueError(f"update entries {sorted(update.delta)} differ from the model's {sorted(like)}")
+        if config.mode == "local":
+            delta = update.delta
+        else:
+            delta, norm = clip_delta(update.delta, clip)
+            # Client mode: the client clipped already, so `norm` is what arrived; a clipped delta has norm ~C.
+            unclipped += norm < clip * (1 - _CLIPPED_RTOL) if config.mode == "client" else norm <= clip
+        for k, acc in total.items():
+            acc.add_(delta[k].to(acc.dtype))
+        count += 1
+    noise_std = 0.0 if config.mode == "local" else config.update_noise_multiplier * clip
+    noised = add_noise(total, noise_std, generator)
+    mean = {k: noised[k] / config.expected_clients if k in noised else torch.zeros_like(v) for k, v in like.items()}
+    next_clip, estimate = clip, None
+    if config.adaptive:
+        next_clip, estimate = adapt_clip(clip, unclipped, count, config, generator)
+    return mean, PrivacyState(next_clip), PrivacyStats(clip, noise_std, count, estimate, next_clip)
