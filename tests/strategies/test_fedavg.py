@@ -89,3 +89,23 @@ def test_mismatched_entries_are_refused():
     acc.add({"w": torch.zeros(1)}, 1)
     with pytest.raises(ValueError, match="differ"):
         acc.add({"v": torch.zeros(1)}, 1)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi"])
+def test_apply_mean_is_aggregate_given_the_mean(name):
+    """The privacy stage hands a strategy its (noised) mean: the same step as aggregating updates
+    whose example-weighted mean that is."""
+    import fedforge as ff
+    from fedforge.strategies.base import weighted_mean_delta
+
+    g = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(3, 2, generator=g), "b": torch.randn(2, generator=g)}
+    updates = [ff.ClientUpdate(i, {k: torch.randn(v.shape, generator=g) for k, v in params.items()}, 10 * (i + 1), 1,
+                               0.5, None) for i in range(3)]
+    strategy = ff.make_strategy(name)
+    state = strategy.init(params, ff.RunInfo(num_clients=3, client_lr=0.1))
+    for _ in range(2):  # twice: the server optimizer's state carries over
+        mean, _ = weighted_mean_delta(updates, state.params)
+        expected, state = strategy.aggregate(state, updates), strategy.apply_mean(state, mean)
+        for k in params:
+            torch.testing.assert_close(state.params[k], expected.params[k])

@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from ..client import ClientUpdate
+from ..client import ClientUpdate, State
 from ..errors import ConfigError
 from .base import RunInfo, ServerState, StrategyBase, check_server_lr
-from .server_optimizers import adaptive_extras, mean_then_step
+from .server_optimizers import adaptive_extras, mean_then_step, step_from_mean
 from .server_optimizers import adaptive as server_rule
 
 def adaptive(
@@ -46,6 +46,11 @@ class _Adaptive(StrategyBase):
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         return adaptive(state, updates, rule=self.rule, server_lr=self.server_lr, beta1=self.beta1,
                         beta2=self.beta2, tau=self.tau)
+
+    def apply_mean(self, state: ServerState, mean: State) -> ServerState:
+        """The server step from a mean delta aggregated elsewhere (the privacy stage)."""
+        return step_from_mean(state, mean, server_rule(self.rule, beta1=self.beta1, beta2=self.beta2, tau=self.tau),
+                              self.server_lr)
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..client import ClientPlan, ClientUpdate
+from ..client import ClientPlan, ClientUpdate, State
 from ..errors import ConfigError
 from .base import ServerState, StrategyBase, check_server_lr
-from .server_optimizers import mean_then_step, plain
+from .server_optimizers import mean_then_step, plain, step_from_mean
 from .server_optimizers import momentum as server_momentum
 
 
@@ -46,6 +46,10 @@ class FedAvg(StrategyBase):
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         return fedavg(state, updates, server_lr=self.server_lr)
 
+    def apply_mean(self, state: ServerState, mean: State) -> ServerState:
+        """The server step from a mean delta aggregated elsewhere (the privacy stage)."""
+        return step_from_mean(state, mean, plain, self.server_lr)
+
 
 @dataclass(frozen=True)
 class FedAvgM(StrategyBase):
@@ -62,6 +66,9 @@ class FedAvgM(StrategyBase):
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         return fedavgm(state, updates, server_lr=self.server_lr, momentum=self.server_momentum)
+
+    def apply_mean(self, state: ServerState, mean: State) -> ServerState:
+        return step_from_mean(state, mean, server_momentum(self.server_momentum), self.server_lr)
 
 
 @dataclass(frozen=True)
@@ -83,3 +90,6 @@ class FedProx(StrategyBase):
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         return fedavg(state, updates, server_lr=self.server_lr)
+
+    def apply_mean(self, state: ServerState, mean: State) -> ServerState:
+        return step_from_mean(state, mean, plain, self.server_lr)

@@ -26,6 +26,12 @@ def mean_then_step(state: ServerState, updates: Iterable[ClientUpdate], rule: Ru
     mean, _ = weighted_mean_delta(updates, state.params)
     if mean is None:
         return state.unchanged()
+    return step_from_mean(state, mean, rule, server_lr)
+
+
+def step_from_mean(state: ServerState, mean: State, rule: Rule, server_lr: float) -> ServerState:
+    """w <- w + server_lr * `rule`(mean): the server optimizer applied to a mean delta computed
+    elsewhere (the privacy stage's noised mean, for one)."""
     step, extras = rule(mean, state.extras)
     return state.next(step_params(state.params, step, server_lr), extras)
 
