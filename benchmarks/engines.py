@@ -11,9 +11,18 @@ W2  cross-device: 1,000 clients from a Dirichlet(0.3) partition, 100 per round, 
 W3  scale: 10,000 clients (IID, 6 examples each), 1,000 per round and all 10,000 in one round,
     E=1, B=10, MLP; vectorized. Each W3 case runs in a child process so that its peak resident
     memory is its own.
+W4  tasks beyond the tutorial's, on synthetic data of the shapes they take, sequential against
+    vectorized (torch.func) in one process, alternating: regression on tabular rows
+    (tabular-mlp, Adam), classification of 28x28 images with Adam (mlp; cnn), and a character
+    language model (char-lstm, LEAF's Shakespeare model; Embedding+Linear). Seconds per round.
+
+With `--baseline REV` W1's fedforge rows are timed again, each whole run in a child process,
+alternating between this checkout and a `git worktree` of commit REV (the code before a
+change), `--repeats` times; the medians and their ratio are printed.
 
     python benchmarks/engines.py            # everything, one table
     python benchmarks/engines.py --only w1
+    python benchmarks/engines.py --only w1 --baseline e72f933 --repeats 5
 """
 
 from __future__ import annotations
@@ -22,10 +31,12 @@ import argparse
 import copy
 import json
 import random
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,7 +73,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
 def fedforge_run(engine: str, *, num_clients: int, per_round, rounds: int, batch_size: int,
                  partition: str = "iid", alpha: float = 0.3, seed: int = 0) -> dict:
     """One whole run from loading the data to the last evaluation."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     data = load_dataset(DATASET, progress=False)
     rng = np.random.default_rng(seed)
     if partition == "iid":
@@ -72,7 +83,7 @@ def fedforge_run(engine: str, *, num_clients: int, per_round, rounds: int, batch
     model = build_model("mlp", data.input_shape, data.num_classes, seed=seed)
     result = simulate(model, FederatedData(data.train, parts, data.test), rounds=rounds, clients_per_round=per_round,
                       client=ClientConfig(batch_size=batch_size, lr=0.01), engine=make_engine(engine), seed=seed)
-    whole = time.perf_counter() - start
+    whole, whole_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     records = result.history.records[1:]
     examples = sum(sum(len(parts[c]) for c in r.clients) for r in records)
     train_seconds = sum(r.train_seconds for r in records)
@@ -82,6 +93,7 @@ def fedforge_run(engine: str, *, num_clients: int, per_round, rounds: int, batch
         "evaluation": statistics.median(r.seconds - r.train_seconds for r in records),
         "examples_per_round": examples / len(records),
         "whole": whole,
+        "whole_cpu": whole_cpu,
         "gflops": 6 * count_parameters(model) * examples / train_seconds / 1e9,
         "accuracy": result.history.final.test_accuracy,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -173,22 +185,123 @@ def w3() -> list[str]:
     return rows
 
 
+def _tasks_case(name: str):
+    """W4's cases: (model, FederatedData, ClientConfig, clients per round), on synthetic data."""
+    from torch import nn
+
+    from fedforge.data import TensorData
+    from fedforge.tasks import LANGUAGE_MODEL, REGRESSION, make_task
+
+    g = torch.Generator().manual_seed(0)
+    if name == "regression":  # 100 clients of 40-160 rows of 10 features
+        x = torch.randn(16_100, 10, generator=g)
+        data = TensorData(x, x @ torch.randn(10, generator=g) + 0.1 * torch.randn(16_100, generator=g))
+        sizes = np.random.default_rng(0).integers(40, 161, 100)
+        task, model, per_round, batch = REGRESSION.with_optimizer("adam"), build_model("tabular-mlp", (10,), 1), 20, 16
+    elif name in ("mlp", "cnn"):  # 20 clients of 300 images
+        y = torch.randint(0, 10, (6000,), generator=g)
+        x = torch.randn(6000, 1, 28, 28, generator=g)
+        x[torch.arange(6000), 0, y, y] += 3.0
+        data, sizes = TensorData(x, y), [300] * 20
+        task, model = make_task("classification", optimizer="adam"), build_model(name, (1, 28, 28), 10)
+        per_round, batch = (10, 32) if name == "mlp" else (4, 32)
+    else:  # 20 clients of 40 sequences of 80 characters (LEAF's Shakespeare shapes)
+        tokens = torch.randint(0, 80, (800, 81), generator=g)
+        data, sizes = TensorData(tokens[:, :-1], tokens[:, 1:]), [40] * 20
+        task, per_round, batch = LANGUAGE_MODEL.with_optimizer("adam"), 5, 10
+        model = (build_model("char-lstm", (80,), 80) if name == "char-lstm"
+                 else nn.Sequential(nn.Embedding(80, 32), nn.Linear(32, 80)))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    parts = [np.arange(a, b) for a, b in zip(bounds, bounds[1:])]
+    return model, FederatedData(data, parts, None), ClientConfig(batch_size=batch, lr=0.001, task=task), per_round
+
+
+def w4(rounds: int = 3, repeats: int = 3) -> list[str]:
+    rows = []
+    for name in ("regression", "mlp", "cnn", "embedding", "char-lstm"):
+        model, data, config, per_round = _tasks_case(name)
+        seconds: dict[str, list[float]] = {"sequential": [], "vectorized": []}
+        for _ in range(repeats):
+            for engine in seconds:
+                result = simulate(copy.deepcopy(model), data, rounds=rounds, clients_per_round=per_round, client=config,
+                                  engine=make_engine(engine), seed=0)
+                seconds[engine] += [r.train_seconds for r in result.history.records[1:]]
+        sequential, vectorized = statistics.median(seconds["sequential"]), statistics.median(seconds["vectorized"])
+        rows.append(f"W4 {name:<11} {config.task.name:<15} {config.task.optimizer.__name__:<5} {per_round:3d} "
+                    f"clients/round  sequential {sequential:7.3f} s  vectorized {vectorized:7.3f} s  "
+                    f"({sequential / vectorized:4.2f}x)")
+    return rows
+
+
+def w1_case(engine: str) -> dict:
+    r = fedforge_run(engine, num_clients=10, per_round=5, rounds=5, batch_size=32)
+    import fedforge
+
+    return {**r, "fedforge": fedforge.__file__}
+
+
+def w1_against(revision: str, repeats: int) -> list[str]:
+    """W1's whole runs here and at `revision` (a git worktree), alternating, each in a child process."""
+    repo = Path(__file__).resolve().parent.parent
+    folder = Path(tempfile.mkdtemp(prefix="fedforge-baseline-"))
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(folder), revision], check=True,
+                   capture_output=True)
+    try:
+        trees = {"baseline": folder / "src", "this": repo / "src"}
+        whole: dict[tuple[str, str], list[float]] = {}
+        cpu: dict[tuple[str, str], list[float]] = {}
+        for _ in range(repeats):
+            for engine in ("sequential", "vectorized"):
+                for tree, src in trees.items():
+                    out = subprocess.run([sys.executable, __file__, "--w1-case", engine], capture_output=True,
+                                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(src)}).stdout
+                    r = json.loads(out.strip().splitlines()[-1])
+                    if not r["fedforge"].startswith(str(src)):
+                        raise RuntimeError(f"the child imported {r['fedforge']}, not fedforge from {src}")
+                    whole.setdefault((engine, tree), []).append(r["whole"])
+                    cpu.setdefault((engine, tree), []).append(r["whole_cpu"])
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(folder)], check=False,
+                       capture_output=True)
+    # A shared machine's noise comes in bursts that only lengthen runs: the fastest run and the
+    # CPU seconds (which exclude time the process waited for a core) are the steadier measures.
+    rows = []
+    for engine in ("sequential", "vectorized"):
+        for what, times in (("wall", whole), ("cpu", cpu)):
+            old, new = times[engine, "baseline"], times[engine, "this"]
+            runs = " ".join(f"{t:.2f}" for t in old) + " | " + " ".join(f"{t:.2f}" for t in new)
+            rows.append(f"W1 {engine:<10} whole run, {what:>4} s: {revision} median {statistics.median(old):5.2f} "
+                        f"min {min(old):5.2f}; this checkout median {statistics.median(new):5.2f} min {min(new):5.2f}; "
+                        f"ratio of medians {statistics.median(new) / statistics.median(old):4.2f}, of minima "
+                        f"{min(new) / min(old):4.2f} (runs {runs})")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["w1", "w2", "w3"])
+    parser.add_argument("--only", choices=["w1", "w2", "w3", "w4"])
+    parser.add_argument("--baseline", metavar="REV", help="also time W1 at git revision REV, alternating")
+    parser.add_argument("--repeats", type=int, default=3, help="--baseline: runs of each engine per tree")
     parser.add_argument("--w3-case", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--w1-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.w3_case:
         print(json.dumps(w3_case(args.w3_case)))
+        return
+    if args.w1_case:
+        print(json.dumps(w1_case(args.w1_case)))
         return
     load_dataset(DATASET, progress=False)  # the first load decodes and caches; every run below is warm
     peak = matmul_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"float32 matmul 2048x2048: {peak:.1f} GFLOP/s")
-    for name, workload in (("w1", lambda: w1(peak)), ("w2", lambda: w2(peak)), ("w3", w3)):
+    for name, workload in (("w1", lambda: w1(peak)), ("w2", lambda: w2(peak)), ("w3", w3), ("w4", w4)):
         if args.only in (None, name):
             for row in workload():
                 print(row, flush=True)
+            if name == "w1" and args.baseline:
+                for row in w1_against(args.baseline, args.repeats):
+                    print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,18 @@ def fedforge(capsys, *argv):
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "cifar"],
-     "unknown dataset 'cifar' (choose from: mnist, fashion-mnist, synthetic, digits, diabetes)"),
+     "unknown dataset 'cifar' (choose from: mnist, fashion-mnist, synthetic, digits, diabetes, shakespeare, or "
+     "csv:PATH, parquet:PATH, hf:PATH)"),
     (["--model", "resnet"],
-     "unknown model 'resnet' (choose from: mlp, 2nn, cnn, simple-cnn, logreg, or package.module:factory)"),
-    (["--partition", "zipf"], "unknown partition 'zipf' (choose from: iid, dirichlet, shards, quantity)"),
+     "unknown model 'resnet' (choose from: mlp, 2nn, cnn, simple-cnn, logreg, tabular-mlp, char-lstm, or "
+     "package.module:factory)"),
+    (["--partition", "zipf"], "unknown partition 'zipf' (choose from: iid, dirichlet, shards, quantity, natural)"),
     (["--clients-per-round", "11"], "clients_per_round must be between 1 and num_clients=10, got 11"),
     (["--lr", "0"], "lr must be > 0, got 0.0"),
     (["--lr", "-0.5"], "lr must be > 0, got -0.5"),
     (["--rounds", "0"], "rounds must be >= 1, got 0"),
     (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
-    (["--engine", "gpu"], "unknown engine 'gpu' (choose from: auto, sequential, vectorized)"),
+    (["--engine", "gpu"], "unknown engine 'gpu' (choose from: auto, sequential, vectorized, ray)"),
     (["--max-memory", "lots"], "max_memory must be auto or a size like 512MiB or 2GB, got 'lots'"),
     (["--max-memory", "0MB"], "max_memory must be auto or a size like 512MiB or 2GB, got '0MB'"),
     (["--dataset", "fashion-mnist", "--num-clients", "70000", "--clients-per-round", "5"],
@@ -42,6 +44,48 @@ def test_bad_flags(capsys, tmp_path, argv, message):
     assert code == 2
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def _write_tables(tmp_path):
+    (tmp_path / "heart.csv").write_text("age,chol,sick\n" + "".join(f"{40 + i},{180 + 3 * i},{i % 2}\n"
+                                                                    for i in range(20)))
+    (tmp_path / "cities.csv").write_text("age,city,sick\n50,paris,0\n60,rome,1\n70,oslo,0\n")
+    (tmp_path / "notes.txt").write_text("not a table\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "csv:{tmp}/heart.csv", "--target", "disease"],
+     "{tmp}/heart.csv has no column 'disease' (its columns: age, chol, sick)"),
+    (["--dataset", "csv:{tmp}/cities.csv", "--target", "sick"],
+     "{tmp}/cities.csv: column(s) 'city' are not numbers (e.g. 'paris' on line 2); encode them as numbers first"),
+    (["--dataset", "parquet:{tmp}/notes.txt", "--target", "sick"], "{tmp}/notes.txt is not a Parquet file"),
+    (["--dataset", "csv:{tmp}/nothing.csv", "--target", "sick"], "{tmp}/nothing.csv does not exist"),
+    (["--dataset", "hf:{tmp}", "--target", "sick"], "{tmp} is not a Hugging Face dataset"),
+    (["--dataset", "csv:{tmp}/heart.csv"],
+     "dataset 'csv:{tmp}/heart.csv' needs a target, the column to predict (--target COLUMN)"),
+    (["--target", "sick"], "target 'sick' is for csv:, parquet: and hf: datasets only, not 'mnist'"),
+    (["--dataset", "csv:"], "dataset 'csv:' names no file: give csv:PATH"),
+])
+def test_bad_table_datasets(capsys, tmp_path, argv, message):
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("datasets")
+    _write_tables(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, out, err = fedforge(capsys, "run", "-q", "--out-dir", str(tmp_path / "runs"), *argv)
+    assert code == 2
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_csv_dataset_runs_and_partitions(capsys, tmp_path):
+    _write_tables(tmp_path)
+    flags = ["--dataset", f"csv:{tmp_path}/heart.csv", "--target", "sick", "--num-clients", "5"]
+    code, out, err = fedforge(capsys, "run", "-q", "--model", "tabular-mlp", "--clients-per-round", "2",
+                              "--rounds", "1", "--out-dir", str(tmp_path / "runs"), *flags)
+    assert code == 0 and "final test accuracy" in out and "outputs in" in out
+    assert [p.name.split("-2")[0] for p in (tmp_path / "runs").iterdir()] == ["csv-heart-tabular-mlp-fedavg"]
+    code, out, err = fedforge(capsys, "partition", "-q", *flags)
+    assert code == 0 and out.splitlines()[0].split()[:2] == ["client", "examples"]
 
 
 @pytest.mark.parametrize("text, message", [

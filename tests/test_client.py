@@ -48,7 +48,8 @@ MODELS = {
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-@pytest.mark.parametrize("epochs, momentum, weight_decay", [(1, 0.0, 0.0), (3, 0.9, 0.0), (2, 0.0, 0.01), (2, 0.5, 0.01)])
+@pytest.mark.parametrize("epochs, momentum, weight_decay",
+                         [(1, 0.0, 0.0), (3, 0.9, 0.0), (2, 0.0, 0.01), (2, 0.5, 0.01)])
 def test_train_client_equals_a_plain_torch_loop(model_name, epochs, momentum, weight_decay):
     data = blobs(70)  # 70 = 2 full batches of 32 and one of 6
     config = ClientConfig(local_epochs=epochs, batch_size=32, lr=0.05, momentum=momentum, weight_decay=weight_decay)
@@ -164,3 +165,84 @@ def test_initial_loss_is_the_global_models_loss_on_the_clients_data():
     with torch.no_grad():
         expected = F.cross_entropy(torch.func.functional_call(model, state, (data.x,)), data.y).item()
     assert update.initial_loss == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer, options", [
+    (torch.optim.Adam, {}),  # fedforge's functional rule
+    (torch.optim.AdamW, {"weight_decay": 0.1}),
+    (torch.optim.RMSprop, {"momentum": 0.5}),  # torch.optim itself, its state carried as tensors
+])
+def test_a_kept_optimizer_state_continues_where_the_last_round_left_off(optimizer, options):
+    """Two rounds of one client with its optimizer kept equal one torch.optim optimizer over both
+    rounds' batches; starting fresh in the second round does not."""
+    import dataclasses
+
+    from fedforge.tasks import CLASSIFICATION
+
+    data = blobs(70)
+    task = dataclasses.replace(CLASSIFICATION, optimizer=optimizer, optimizer_options=options,
+                               keep_optimizer_state=True)
+    config = ClientConfig(batch_size=16, lr=0.01, task=task)
+    torch.manual_seed(0)
+    model = MODELS["tanh (autograd)"]()
+    reference = copy.deepcopy(model)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer_state = fresh = None
+    for round_ in range(2):
+        update = train_client(copy.deepcopy(model), state, data, config, client_id=0,
+                              generator=torch.Generator().manual_seed(round_), optimizer_state=optimizer_state)
+        if round_ == 1:  # the same round with a fresh optimizer
+            fresh = train_client(copy.deepcopy(model), state, data, config, client_id=0,
+                                 generator=torch.Generator().manual_seed(round_))
+        state = {k: state[k] + update.delta[k] for k in state}
+        optimizer_state = update.optimizer_state
+    assert optimizer_state is not None and optimizer_state.step.item() == 10
+
+    opt = optimizer(reference.parameters(), **{"lr": 0.01, "weight_decay": 0.0, **options})
+    for round_ in range(2):
+        for order in epoch_orders(70, 1, torch.Generator().manual_seed(round_)):
+            for s in range(0, 70, 16):
+                idx = order[s:s + 16]
+                opt.zero_grad()
+                F.cross_entropy(reference(data.x[idx]), data.y[idx]).backward()
+                opt.step()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(state[name], value)
+    assert not torch.allclose(fresh.delta["0.weight"], update.delta["0.weight"])
+
+
+def test_the_optimizer_state_is_only_returned_when_kept():
+    update = train_client(nn.Linear(8, 4), nn.Linear(8, 4).state_dict(), blobs(20), ClientConfig(momentum=0.9),
+                          client_id=0, generator=torch.Generator())
+    assert update.optimizer_state is None
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"betas": (0.9, 1.5)}, "task classification: Adam: Invalid beta parameter at index 1: 1.5"),
+    ({"nesterov": True}, "task classification: Adam: "),
+])
+def test_bad_optimizer_options_are_one_line(options, message):
+    from fedforge.tasks import CLASSIFICATION
+
+    task = CLASSIFICATION.with_optimizer("adam", **options)
+    with pytest.raises(ConfigError, match=message):
+        ClientConfig(task=task)
+
+
+def test_the_shared_types_are_still_importable_from_client():
+    from fedforge import client, contract, optim
+
+    assert client.ClientConfig is contract.ClientConfig and client.ClientUpdate is contract.ClientUpdate
+    assert client.LocalTerms is optim.LocalTerms and client.sgd is optim.sgd and client.State is optim.State
+
+
+def test_keeping_the_optimizer_state_is_a_task_setting_and_a_flag():
+    import dataclasses
+
+    from fedforge.config import Config
+    from fedforge.tasks import CLASSIFICATION
+
+    assert Config(keep_optimizer_state=True, optimizer="adam").client_config().task.keep_optimizer_state
+    assert not Config().client_config().task.keep_optimizer_state
+    with pytest.raises(ConfigError, match="task mine: keep_optimizer_state is for the built-in training"):
+        dataclasses.replace(CLASSIFICATION, name="mine", train=lambda *a: None, keep_optimizer_state=True)

@@ -23,6 +23,18 @@ def test_parameter_counts_and_output(name, parameters):
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
+def test_char_lstm_is_leafs_shakespeare_model():
+    model = build_model("char-lstm", (80,), 80)
+    # Embedding 80x8, LSTM 8->256 and 256->256, linear 256->80. LEAF's TensorFlow BasicLSTMCell has
+    # one bias per layer where PyTorch's LSTM has two: 817,872 parameters there.
+    assert count_parameters(model) == 80 * 8 + (4 * 256 * (8 + 256) + 2 * 4 * 256) \
+        + (4 * 256 * (256 + 256) + 2 * 4 * 256) + 256 * 80 + 80 == 819_920
+    for dtype in (torch.int32, torch.int64):
+        assert model(torch.zeros(3, 80, dtype=dtype)).shape == (3, 80, 80)
+    with pytest.raises(ConfigError, match=r"model 'char-lstm' needs sequences of symbol ids \(length,\), got shape"):
+        build_model("char-lstm", (1, 28, 28), 10)
+
+
 def test_init_depends_on_seed_only_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)
@@ -86,7 +98,7 @@ def test_a_user_model_factory_runs_from_the_command_line(user_models, capsys):
 
 @pytest.mark.parametrize("model, message", [
     ("no_such_module:make", "cannot import model factory 'no_such_module:make': ModuleNotFoundError"),
-    ("my_models:missing", "model factory 'my_models:missing': my_models has no callable 'missing'"),
+    ("my_models:missing", "model factory 'my_models:missing': my_models has no 'missing'"),
     ("my_models:not_a_module", "model factory 'my_models:not_a_module' returned str, not a torch.nn.Module"),
     ("my_models:broken", "model factory 'my_models:broken' failed: RuntimeError: no GPU here"),
 ])

@@ -7,6 +7,7 @@ training), `engines` (where clients run), `strategies` (how updates are aggregat
 """
 
 from . import data, engines, models, strategies
+from .app import ClientApp
 from .client import ClientConfig, ClientPlan, ClientUpdate, train_client
 from .config import Config
 from .data import Dataset, TensorData, load_dataset
@@ -24,7 +25,8 @@ from .tasks import CLASSIFICATION, LANGUAGE_MODEL, REGRESSION, TASKS, Task, make
 __version__ = "0.1.0"
 
 __all__ = [
-    "CLASSIFICATION", "LANGUAGE_MODEL", "REGRESSION", "STRATEGIES", "TASKS", "AutoEngine", "ClientConfig", "ClientPlan", "ClientTask", "ClientUpdate", "Config",
+    "CLASSIFICATION", "LANGUAGE_MODEL", "REGRESSION", "STRATEGIES", "TASKS", "AutoEngine", "ClientApp",
+    "ClientConfig", "ClientPlan", "ClientTask", "ClientUpdate", "Config",
     "ConfigError", "DataError", "Dataset", "DivergenceError", "Engine", "Evaluation", "FedAvg", "FederatedData",
     "FedforgeError", "History", "RoundRecord", "RunInfo", "Scenario", "SequentialEngine", "ServerState",
     "SimulationResult", "Strategy", "Task", "TensorData", "VectorizedEngine", "build_model", "data", "engines",

@@ -67,6 +67,8 @@ def _config(args: argparse.Namespace, keys: Sequence[str]) -> Config:
 
 
 _CONFIG_KEYS = [f.name for f in dataclasses.fields(Config)]
+# compare's own --target is the accuracy to reach: there a dataset's target column is set in --config.
+_COMPARE_KEYS = [k for k in _CONFIG_KEYS if k != "target"]
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -102,7 +104,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 PARTITION_KEYS = ("dataset", "data_dir", "download", "num_clients", "partition", "alpha", "shards_per_client",
-                  "sigma", "client_test_fraction", "seed", "synthetic_alpha", "synthetic_beta")
+                  "sigma", "client_test_fraction", "seed", "synthetic_alpha", "synthetic_beta", "target", "task")
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
@@ -125,7 +127,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     from .compare import compare, variants_from_file, write_comparison
 
-    base = _config(args, _CONFIG_KEYS)
+    base = _config(args, _COMPARE_KEYS)
     variants = {name: {"strategy": name} for name in args.strategies or []}
     if args.runs:
         variants.update(variants_from_file(args.runs))
@@ -173,9 +175,15 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
     if not args.root_cert and not args.insecure:
         raise ConfigError("give --root-cert (the CA that signed the server's certificate), or --insecure")
-    if bool(args.partition_of) == bool(args.data):
-        raise ConfigError("give either --data DIR (this client's own data) or --partition-of DATASET:INDEX/N")
-    data = PartitionOf.parse(args.partition_of) if args.partition_of else LocalData(args.data)
+    if sum(map(bool, (args.partition_of, args.data, args.app))) != 1:
+        raise ConfigError("give one of --app package.module:object (your own code), --data DIR (this client's own "
+                          "data) or --partition-of DATASET:INDEX/N")
+    if args.app:
+        from .app import load_app
+
+        data = load_app(args.app)
+    else:
+        data = PartitionOf.parse(args.partition_of) if args.partition_of else LocalData(args.data)
     secret = read_secret(args.token_file)
     if args.insecure:
         log.warning("plaintext mode (--insecure): this client's secret and updates cross the network unencrypted")
@@ -231,12 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--config", help="TOML file of the base settings; flags override it")
     comp.add_argument("--strategies", nargs="+", metavar="STRATEGY", help="one run per strategy, e.g. fedavg fedprox")
     comp.add_argument("--runs", metavar="FILE", help="TOML file of named runs: [label] then the settings it changes")
-    comp.add_argument("--target", type=float, help="report the round each run first reaches this test accuracy")
+    comp.add_argument("--target", type=float, help="report the round each run first reaches this value of the "
+                      "task's test metric (accuracy, r2, ...; at most, for perplexity) (a csv:, parquet: or hf: "
+                      "dataset's target column: set target in --config)")
     comp.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
     comp.add_argument("--resume", action="store_true", help="continue the runs already in OUT_DIR/NAME from their last "
                       "completed round (finished ones are reported as they are); needs --name")
     comp.add_argument("-q", "--quiet", action="store_true", help="(runs never show progress bars)")
-    _add_config_flags(comp)
+    _add_config_flags(comp, _COMPARE_KEYS)
     comp.set_defaults(handler=_cmd_compare)
 
     srv = sub.add_parser("server", help="run an experiment with clients that connect over the network")
@@ -267,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--token-file", required=True, help="this client's secret (fedforge enroll)")
     cli.add_argument("--data", metavar="DIR", help="this client's own data: DIR/train.npz (x, y) or the IDX "
                                                    "pair train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]")
+    cli.add_argument("--app", metavar="PACKAGE.MODULE:OBJECT", help="your own code: a fedforge.ClientApp giving this "
+                     "client's data (and optionally its task and model), imported from the current folder or the "
+                     "installed packages")
     cli.add_argument("--partition-of", metavar="DATASET:INDEX/N",
                      help="demos and tests: train on part INDEX of the run's N-way partition of DATASET")
     cli.add_argument("--root-cert", help="CA certificate that signed the server's certificate (PEM)")

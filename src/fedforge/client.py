@@ -1,122 +1,24 @@
-"""One client's local training: global state + its data + hyperparameters -> ClientUpdate."""
+"""One client's local training: global state + its data + hyperparameters -> ClientUpdate.
+
+The types a client is given and returns live in `contract` (re-exported here), the optimizer
+rules in `optim`.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import fastmlp
+from .contract import ClientConfig, ClientPlan, ClientUpdate
 from .data.datasets import TensorData, call_model, gather
 from .errors import ConfigError, DivergenceError
 from .evaluation import evaluate
 from .fastmlp import MLPLayout
-from .tasks import CLASSIFICATION, Task
-
-State = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """Local training hyperparameters, shared by every client of a run, and the task they train
-    (its loss, metrics and optimizer; the tutorial's classification with SGD by default)."""
-
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.01
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    task: Task = CLASSIFICATION
-
-    def __post_init__(self):
-        if self.local_epochs < 1:
-            raise ConfigError(f"local_epochs must be >= 1, got {self.local_epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.momentum and self.task.optimizer is not None:
-            raise ConfigError(f"momentum is SGD's; {self.task.optimizer.__name__} takes its own options")
-
-
-@dataclass(frozen=True)
-class ClientPlan:
-    """What one selected client is asked to do this round, beyond the run's ClientConfig.
-
-    Strategies shape the local objective (FedProx's proximal term, SCAFFOLD's correction);
-    the simulation shapes the amount of work (heterogeneous epochs, stragglers).
-
-    Attributes:
-        epochs: local epochs for this client (None: the config's).
-        max_steps: stop after this many SGD steps (a straggler's partial work).
-        proximal_mu: adds mu/2 * ||w - w_global||^2 to the loss (Li et al. 2020, FedProx).
-        correction: a tensor per parameter (SCAFFOLD: c - c_i) that every step also moves
-            the parameter by: p <- p - lr * correction, after the momentum update and outside
-            the momentum buffer (as in Flower's NIID-Bench baseline). With plain SGD this is
-            adding it to the gradient; with momentum rho, feeding it through the buffer would
-            scale it by up to 1 / (1 - rho) twice (its estimate, (x - y_i) / (K lr), already
-            carries that factor) and over-correct.
-        measure_initial_loss: also report the global model's loss on the client's data
-            before training (q-FedAvg needs it).
-    """
-
-    epochs: int | None = None
-    max_steps: int | None = None
-    proximal_mu: float = 0.0
-    correction: State | None = None
-    measure_initial_loss: bool = False
-
-    def num_steps(self, num_examples: int, config: ClientConfig) -> int:
-        epochs = self.epochs or config.local_epochs
-        steps = epochs * math.ceil(num_examples / config.batch_size)
-        return steps if self.max_steps is None else min(steps, self.max_steps)
-
-    def local_terms(self, config: ClientConfig, global_state: State, names) -> LocalTerms:
-        """The plan's extra terms for the parameters `names` (see LocalTerms)."""
-        decay = config.weight_decay + self.proximal_mu
-        offset = {n: -self.proximal_mu * global_state[n] for n in names} if self.proximal_mu else None
-        correction = {n: self.correction[n] for n in names} if self.correction is not None else None
-        return LocalTerms(decay, offset, correction)
-
-
-@dataclass(frozen=True)
-class LocalTerms:
-    """What a client's SGD step adds to the plain loss gradient g of a parameter p.
-
-    buf <- momentum * buf + g + decay * p + offset;  p <- p - lr * buf - lr * correction.
-    decay = weight_decay + mu and offset = -mu * w_global make FedProx's proximal gradient
-    mu (p - w_global); correction is SCAFFOLD's c - c_i. offset/correction are None when zero.
-    """
-
-    decay: float
-    offset: State | None = None
-    correction: State | None = None
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """What a client sends back: the change to every state entry and how it was obtained.
-
-    `delta` covers parameters and buffers (e.g. BatchNorm statistics), each in its own dtype.
-    `metrics` are the task's training metrics by name (`loss` among them), measured on the
-    examples seen while training; `train_accuracy` is the classification task's `accuracy`.
-    """
-
-    client_id: int
-    delta: State
-    num_examples: int
-    num_steps: int
-    train_loss: float
-    train_accuracy: float | None
-    initial_loss: float | None = None
-    metrics: Mapping[str, float] = field(default_factory=dict)
+from .optim import LocalTerms, OptimizerState, State, sgd
 
 
 def epoch_orders(num_examples: int, epochs: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -125,40 +27,6 @@ def epoch_orders(num_examples: int, epochs: int, generator: torch.Generator) -> 
     Every engine draws batches from this, so they see the same batches in the same order.
     """
     return [torch.randperm(num_examples, generator=generator) for _ in range(epochs)]
-
-
-def sgd(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor] | None,
-    *,
-    lr: float,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    offsets: list[torch.Tensor] | None = None,
-    corrections: list[torch.Tensor] | None = None,
-) -> list[torch.Tensor] | None:
-    """One step of `torch.optim.SGD` (no dampening, no Nesterov) on `params`, in place.
-
-    The gradient used is grads + weight_decay * params + offsets; after the step, params move
-    by -lr * corrections as well (see LocalTerms). Returns the momentum buffers to pass to the
-    next step (None without momentum).
-    """
-    if weight_decay:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    if offsets is not None:
-        grads = torch._foreach_add(grads, offsets)
-    if momentum:
-        if momentum_buffers is None:
-            momentum_buffers = [g.detach().clone() for g in grads]
-        else:
-            torch._foreach_mul_(momentum_buffers, momentum)
-            torch._foreach_add_(momentum_buffers, grads)
-        grads = momentum_buffers
-    torch._foreach_add_(params, grads, alpha=-lr)
-    if corrections is not None:
-        torch._foreach_add_(params, corrections, alpha=-lr)
-    return momentum_buffers
 
 
 def all_finite(tensors) -> bool:
@@ -178,32 +46,34 @@ def load_state(module: nn.Module, state: State) -> None:
 
 
 Step = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+Final = Callable[[], State]
 
 
-def _autograd_steps(
-    module: nn.Module, global_state: State, config: ClientConfig, plan: ClientPlan
-) -> tuple[Step, Callable[[], State]]:
-    """Steps through autograd with the task's loss: works for any module. fedforge's SGD
-    (exact, with the plan's terms folded in) or the task's torch.optim optimizer, the plan's
-    proximal term added to the gradients and its correction applied after each step."""
+def _autograd_steps(module: nn.Module, global_state: State, config: ClientConfig, plan: ClientPlan,
+                    optimizer_state: OptimizerState | None) -> tuple[Step, Final, Callable[[], OptimizerState]]:
+    """Steps through autograd with the task's loss: works for any module. The config's optimizer
+    rule (`optim`, with the plan's terms), or else the task's torch.optim optimizer itself, the
+    plan's proximal term added to the gradients and its correction applied after each step."""
     task = config.task
     load_state(module, global_state)
     module.train()
     names, params = zip(*module.named_parameters())
     params = list(params)
-    if task.optimizer is None:
-        terms = plan.local_terms(config, global_state, names)
-        offsets = [terms.offset[n] for n in names] if terms.offset else None
-        corrections = [terms.correction[n] for n in names] if terms.correction else None
-        momentum_buffers = None
+    rule = config.rule
+    if rule is not None:
+        terms = plan.local_terms(global_state, names)
+        named = dict(zip(names, params))
+        state = optimizer_state.clone() if optimizer_state is not None else rule.init(named)
 
         def update(grads):
-            nonlocal momentum_buffers
-            momentum_buffers = sgd(params, grads, momentum_buffers, lr=config.lr, momentum=config.momentum,
-                                   weight_decay=terms.decay, offsets=offsets, corrections=corrections)
+            rule.step(named, dict(zip(names, grads)), state, terms)
+
+        def final_optimizer_state():
+            return state
     else:
-        options = {"lr": config.lr, "weight_decay": config.weight_decay, **task.optimizer_options}
-        optimizer = task.optimizer(params, **options)  # fresh every round
+        optimizer = task.optimizer(params, **config.optimizer_options)
+        if optimizer_state is not None:
+            _load_torch_state(optimizer, optimizer_state, names)
         anchors = [global_state[n] for n in names] if plan.proximal_mu else None
         corrections = [plan.correction[n] for n in names] if plan.correction is not None else None
 
@@ -216,6 +86,9 @@ def _autograd_steps(
             if corrections is not None:  # SCAFFOLD, outside the optimizer's state
                 torch._foreach_add_(params, corrections, alpha=-config.lr)
 
+        def final_optimizer_state():
+            return _torch_state(optimizer, names)
+
     def step(xb, yb):
         outputs = call_model(module, xb)
         loss = task.checked_loss(outputs, yb)
@@ -224,23 +97,49 @@ def _autograd_steps(
             update(grads)
             return task.metric_sums(outputs.detach(), yb)
 
-    return step, lambda: {k: v.detach() for k, v in module.state_dict().items()}
+    return step, lambda: {k: v.detach() for k, v in module.state_dict().items()}, final_optimizer_state
 
 
-def _mlp_steps(
-    layout: MLPLayout, global_state: State, config: ClientConfig, plan: ClientPlan
-) -> tuple[Step, Callable[[], State]]:
-    """SGD steps by the hand-derived Linear/ReLU kernel (same math, no autograd graph)."""
+def _torch_state(optimizer: torch.optim.Optimizer, names) -> OptimizerState:
+    """A torch.optim optimizer's per-parameter state as an OptimizerState (its tensors by name)."""
+    step, slots = torch.zeros((), dtype=torch.float64), {}
+    for index, per_param in optimizer.state_dict()["state"].items():
+        for key, value in per_param.items():
+            if key == "step":
+                step = torch.as_tensor(value, dtype=torch.float64).clone()
+            elif isinstance(value, torch.Tensor):
+                slots.setdefault(key, {})[names[index]] = value.detach().clone()
+            elif value is not None:
+                raise ConfigError(f"{type(optimizer).__name__} keeps {key!r} ({type(value).__name__}) in its state, "
+                                  f"which fedforge cannot carry between rounds")
+    return OptimizerState(step, slots)
+
+
+def _load_torch_state(optimizer: torch.optim.Optimizer, state: OptimizerState, names) -> None:
+    """Give a fresh torch.optim optimizer the state `_torch_state` took from last round's (copied)."""
+    per_param = {}
+    for index, name in enumerate(names):
+        entry = {key: tensors[name].clone() for key, tensors in state.slots.items() if name in tensors}
+        if entry:
+            per_param[index] = {"step": state.step.to(torch.float32), **entry}
+    optimizer.load_state_dict({**optimizer.state_dict(), "state": per_param})
+
+
+def _mlp_steps(layout: MLPLayout, global_state: State, config: ClientConfig, plan: ClientPlan,
+               optimizer_state: OptimizerState | None) -> tuple[Step, Final, Callable[[], OptimizerState]]:
+    """SGD steps by the hand-derived Linear/ReLU kernel (the same rule, no autograd graph)."""
+    rule = config.rule
     params = {k: v.detach().clone() for k, v in global_state.items()}
-    buffers = {k: torch.zeros_like(v) for k, v in params.items()} if config.momentum else None
-    terms = plan.local_terms(config, global_state, params)
+    state = optimizer_state.clone() if optimizer_state is not None else rule.init(params)
+    terms = plan.local_terms(global_state, params)
 
     def step(xb, yb):
-        loss, correct = fastmlp.sgd_step(layout, params, buffers, xb, yb, 1.0 / len(yb), lr=config.lr,
-                                         momentum=config.momentum, terms=terms)
+        state.step.add_(1)
+        loss, correct = fastmlp.sgd_step(layout, params, state.slots.get("momentum_buffer"), xb, yb, 1.0 / len(yb),
+                                         rule=rule, terms=terms)
         return {"loss": loss, "accuracy": correct}
 
-    return step, lambda: params
+    return step, lambda: params, lambda: state
 
 
 def client_batches(x, y, config: ClientConfig, plan: ClientPlan,
@@ -271,6 +170,7 @@ def train_client(
     generator: torch.Generator,
     plan: ClientPlan = ClientPlan(),
     fast_mlp: bool = True,
+    optimizer_state: OptimizerState | None = None,
 ) -> ClientUpdate:
     """Train `module`, loaded with `global_state`, on `data` as `config` and `plan` say.
 
@@ -278,6 +178,8 @@ def train_client(
     the last batch of an epoch may be smaller, as with a DataLoader. Linear/ReLU stacks training
     the tutorial's classification with SGD take the `fastmlp` kernel unless `fast_mlp` is False
     (it computes the same thing); anything else goes through autograd with `config.task`.
+    `optimizer_state` is where the client's optimizer left off last round (None: fresh); the
+    update carries the new one when the task keeps it (`Task.keep_optimizer_state`).
 
     Raises:
         DivergenceError: the training loss or the weights became NaN or infinite.
@@ -289,10 +191,11 @@ def train_client(
     layout = fastmlp.mlp_layout(module) if fast_mlp and task.is_tutorial_classification else None
     x = layout.inputs(data.x) if layout else None
     if layout is not None and x is not None:
-        step, final_state = _mlp_steps(layout, global_state, config, plan)
+        step, final_state, final_optimizer_state = _mlp_steps(layout, global_state, config, plan, optimizer_state)
     else:
         x = data.x
-        step, final_state = _autograd_steps(module, global_state, config, plan)
+        step, final_state, final_optimizer_state = _autograd_steps(module, global_state, config, plan,
+                                                                   optimizer_state)
     sums: dict[str, torch.Tensor] = {}
     steps = units = 0
     for xb, yb in client_batches(x, data.y, config, plan, generator):
@@ -305,6 +208,7 @@ def train_client(
         client_id, {name: new_state[name] - value for name, value in global_state.items()},
         num_examples=len(data), num_steps=steps, metrics=task.summarize({k: v.item() for k, v in sums.items()}, units),
         config=config, initial_loss=initial_loss,
+        optimizer_state=final_optimizer_state() if task.keep_optimizer_state else None,
     )
 
 
@@ -339,6 +243,7 @@ def _own_loop(module: nn.Module, global_state: State, data: TensorData, config: 
 def finish_update(
     client_id: int, delta: State, *, num_examples: int, num_steps: int, metrics: Mapping[str, float],
     config: ClientConfig, finite: bool | None = None, initial_loss: float | None = None,
+    optimizer_state: OptimizerState | None = None,
 ) -> ClientUpdate:
     """The ClientUpdate of a finished client, after checking that its training did not diverge.
 
@@ -356,4 +261,9 @@ def finish_update(
     return ClientUpdate(
         client_id=client_id, delta=delta, num_examples=num_examples, num_steps=num_steps,
         train_loss=mean_loss, train_accuracy=metrics.get("accuracy"), initial_loss=initial_loss, metrics=metrics,
+        optimizer_state=optimizer_state,
     )
+
+
+__all__ = ["ClientConfig", "ClientPlan", "ClientUpdate", "LocalTerms", "OptimizerState", "State", "all_finite",
+           "client_batches", "epoch_orders", "finish_update", "sgd", "train_client"]

@@ -21,7 +21,9 @@ from .client import ClientConfig
 from .data.bundled import BUNDLED
 from .data.datasets import DATASETS
 from .data.partition import PARTITIONS
-from .engines import ENGINES
+from .data.tabular import parse_source
+from .engines import ENGINES, IN_PROCESS_ENGINES
+from .engines.ray import check_options as check_ray_options
 from .errors import ConfigError
 from .models import MODELS, model_factory
 from .scenarios import ATTACKS, Scenario, parse_epochs_dist
@@ -41,11 +43,15 @@ class Config:
     out_dir: str = _opt("runs", "folder that holds the run folders")
     seed: int = _opt(0, "seed of every random choice (partition, init, selection, batches)")
     dataset: str = _opt("mnist", "dataset (synthetic: FedProx's synthetic(alpha, beta), one client per device; "
-                        "digits, diabetes: scikit-learn's, offline)", (*DATASETS, "synthetic", *BUNDLED))
+                        "digits, diabetes: scikit-learn's, offline; shakespeare: LEAF's next-character task, with "
+                        "--task language-model --model char-lstm), or csv:PATH, parquet:PATH (a table) or hf:PATH "
+                        "(a Hugging Face dataset: a save_to_disk folder or Parquet), each with --target",
+                        (*DATASETS, "synthetic", *BUNDLED, "shakespeare"))
     synthetic_alpha: float = _opt(1.0, "synthetic: how much the devices' models differ")
     synthetic_beta: float = _opt(1.0, "synthetic: how much the devices' data differ")
     data_dir: str | None = _opt(None, "folder with the dataset files (searched first)")
     download: bool = _opt(True, "download the dataset when it is not found")
+    target: str | None = _opt(None, "csv:, parquet:, hf: datasets: the column to predict (the others are inputs)")
     num_clients: int = _opt(10, "number of clients the training set is split across")
     partition: str = _opt("iid", "how the data is split across clients (synthetic: always by device)", PARTITIONS)
     alpha: float = _opt(0.5, "Dirichlet concentration for partition=dirichlet (smaller: more skew)")
@@ -55,9 +61,12 @@ class Config:
     model: str = _opt("mlp", "model: a built-in, or package.module:factory, a function (input_shape, num_classes) "
                       "-> torch.nn.Module of your own", MODELS)
     task: str = _opt("classification", "what clients learn: classification (cross-entropy; accuracy), regression "
-                     "(MSE; mse, mae, r2), language-model (next-token cross-entropy; perplexity)", TASKS)
+                     "(MSE; mse, mae, r2), language-model (next-token cross-entropy; perplexity), or "
+                     "package.module:object, a fedforge.Task of your own", TASKS)
     optimizer: str = _opt("sgd", "client optimizer: sgd (lr, momentum, weight_decay), adam or adamw (lr, "
-                          "weight_decay), fresh each round", OPTIMIZERS)
+                          "weight_decay), fresh each round unless keep_optimizer_state", OPTIMIZERS)
+    keep_optimizer_state: bool = _opt(False, "keep each client's optimizer state (momentum, Adam's moments) from "
+                                      "one of its rounds to its next")
     rounds: int = _opt(5, "number of federated rounds")
     clients_per_round: int | float = _opt(5, "clients selected per round: a count, or a fraction like 0.1")
     local_epochs: int = _opt(1, "local epochs per round")
@@ -84,10 +93,19 @@ class Config:
     attack: str | None = _opt(None, "what malicious clients do", ATTACKS)
     malicious_fraction: float = _opt(0.0, "share of clients that are malicious")
     attack_scale: float = _opt(1.0, "scale of the attack (sign_flip, scale: factor; gaussian: std)")
-    engine: str = _opt("auto", "where clients run (auto: vectorized for Linear/ReLU models and on CUDA, "
-                       "else sequential)", ENGINES)
+    engine: str = _opt("auto", "where clients run (auto: vectorized for dense models, e.g. Linear/ReLU, and "
+                       "on CUDA; sequential for convolutions on the CPU, recurrent layers and what vectorized "
+                       "cannot batch)", ENGINES)
     max_memory: str = _opt("auto", "working memory for clients trained together (vectorized engine; "
                            "auto: 64MiB on the CPU, 1GiB on CUDA)")
+    ray_address: str | None = _opt(None, "engine ray: the cluster to join, host:port of its head (`ray start "
+                                   "--head`) or ray://host:port (default: a new local Ray)")
+    ray_workers: int = _opt(2, "engine ray: long-lived workers (Ray actors), each loading the data once")
+    ray_cpus_per_worker: float = _opt(1.0, "engine ray: CPUs Ray reserves for each worker (fractions allowed)")
+    ray_gpus_per_worker: float = _opt(0.0, "engine ray: GPUs reserved for each worker (fractions allowed; above 0 it "
+                                      "trains on CUDA)")
+    ray_engine: str = _opt("auto", "engine ray: the in-process engine each worker trains its clients with",
+                           IN_PROCESS_ENGINES)
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
     eval_batch_size: int = _opt(1024, "batch size for evaluation (does not change results)")
     eval_train: bool = _opt(False, "also evaluate the global model on all training data every round")
@@ -98,8 +116,18 @@ class Config:
             value = getattr(self, f.name)
             if f.name == "model":
                 model_factory(value)  # a built-in, or a user's factory that can be imported
+            elif f.name == "task":
+                make_task(value)  # a built-in, or a user's Task that can be imported
+            elif f.name == "dataset":
+                _check_dataset(value, choices)
             elif choices and value is not None and value not in choices:
                 raise ConfigError(f"unknown {f.name} {value!r} (choose from: {', '.join(choices)})")
+        if parse_source(self.dataset):
+            if not self.target:
+                raise ConfigError(f"dataset {self.dataset!r} needs a target, the column to predict (--target COLUMN)")
+        elif self.target is not None:
+            raise ConfigError(f"target {self.target!r} is for csv:, parquet: and hf: datasets only, not "
+                              f"{self.dataset!r}")
         positive = ("num_clients", "rounds", "shards_per_client", "eval_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -110,6 +138,9 @@ class Config:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
         if not 0 <= self.client_test_fraction < 1:
             raise ConfigError(f"client_test_fraction must be in [0, 1), got {self.client_test_fraction}")
+        if self.dataset == "shakespeare" and self.task in TASKS and self.task != "language-model":
+            raise ConfigError(f"dataset shakespeare is next-character prediction: it needs task language-model, got "
+                              f"{self.task!r}")
         self.strategy_object()  # validates the strategy's hyperparameters
         self.scenario()
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -125,6 +156,7 @@ class Config:
             )
         self.client_config()  # validates the client hyperparameters
         self.max_memory_bytes()
+        check_ray_options(self.ray_workers, self.ray_cpus_per_worker, self.ray_gpus_per_worker, self.ray_engine)
 
     def strategy_object(self):
         """The strategy, built from its hyperparameters in this config (server_lr, q, trim_beta, ...)."""
@@ -146,7 +178,7 @@ class Config:
         return ClientConfig(
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
             momentum=self.momentum, weight_decay=self.weight_decay,
-            task=make_task(self.task, optimizer=self.optimizer),
+            task=_kept(make_task(self.task, optimizer=self.optimizer), self.keep_optimizer_state),
         )
 
     @classmethod
@@ -166,6 +198,20 @@ class Config:
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+def _kept(task, keep: bool):
+    """`task`, keeping its clients' optimizer state between rounds if `keep` (or if it does already)."""
+    return dataclasses.replace(task, keep_optimizer_state=True) if keep and not task.keep_optimizer_state else task
+
+
+def _check_dataset(name: str, choices: tuple[str, ...]) -> None:
+    source = parse_source(name)
+    if source is None and name not in choices:
+        raise ConfigError(f"unknown dataset {name!r} (choose from: {', '.join(choices)}, or csv:PATH, parquet:PATH, "
+                          f"hf:PATH)")
+    if source is not None and not source[1]:
+        raise ConfigError(f"dataset {name!r} names no file: give {source[0]}:PATH")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

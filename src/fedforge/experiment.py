@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +21,16 @@ from .config import Config
 from .data.bundled import BUNDLED, load_bundled
 from .data.datasets import Dataset, load_dataset
 from .data.partition import partition, split_holdout
+from .data.shakespeare import load_shakespeare
 from .data.synthetic import synthetic
+from .data.tabular import load_file_dataset, parse_source, source_label
 from .engines import make_engine
 from .errors import ConfigError
 from .history import History, RoundRecord
 from .models import build_model
 from .report import headline, plot_history, round_line, write_history, write_model
 from .simulation import FederatedData, clients_per_round_count, simulate
-from .strategies import RunInfo, ServerState
+from .strategies import CombinedUpdate, RunInfo, ServerState
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,7 +42,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_name(config: Config) -> str:
-    return config.name or f"{config.dataset}-{config.model}-{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """`config.name`, or dataset-model-strategy-time made fit for a folder (csv:data/heart.csv -> csv-heart,
+    my_models:net -> my_models_net)."""
+    if config.name:
+        return config.name
+    model = re.sub(r"[^\w.-]", "_", config.model)
+    return f"{source_label(config.dataset)}-{model}-{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedData]:
@@ -49,8 +58,12 @@ def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedDa
             rng=_seeding.numpy_rng(config.seed, _seeding.DATASET),
         )
         return dataset, FederatedData(dataset.train, train_parts, dataset.test)
-    if config.dataset in BUNDLED:
+    if parse_source(config.dataset):
+        dataset = load_file_dataset(config.dataset, target=config.target, task=config.task)
+    elif config.dataset in BUNDLED:
         dataset = load_bundled(config.dataset)
+    elif config.dataset == "shakespeare":
+        dataset = load_shakespeare(config.data_dir, download=config.download, progress=progress)
     else:
         dataset = load_dataset(config.dataset, config.data_dir, download=config.download, progress=progress)
     return dataset, federate(config, dataset)
@@ -58,14 +71,21 @@ def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedDa
 
 def federate(config: Config, dataset: Dataset) -> FederatedData:
     """Split `dataset` across clients as `config` says, from `config.seed`. A continuous target
-    is cut into 10 quantile bins, the labels of the label-skewed partitions (dirichlet, shards)."""
+    is cut into 10 quantile bins, the labels of the label-skewed partitions (dirichlet, shards).
+    The natural partition is the dataset's own groups (shakespeare: one client per role)."""
+    if config.partition == "natural" and dataset.groups is None:
+        raise ConfigError(f"dataset {config.dataset} has no natural partition (no groups such as shakespeare's "
+                          f"speaking roles); choose another partition")
     labels = dataset.train.y.cpu().numpy()
+    if labels.ndim != 1 and config.partition in ("dirichlet", "shards"):
+        raise ConfigError(f"partition {config.partition} splits by label, and dataset {config.dataset} has no one "
+                          f"label per example (targets of shape {labels.shape[1:]} each)")
     if np.issubdtype(labels.dtype, np.floating):
         labels = np.searchsorted(np.quantile(labels, np.linspace(0, 1, 11)[1:-1]), labels, side="right")
     parts = partition(
         config.partition, labels, config.num_clients,
         rng=_seeding.numpy_rng(config.seed, _seeding.PARTITION),
-        alpha=config.alpha, shards_per_client=config.shards_per_client, sigma=config.sigma,
+        alpha=config.alpha, shards_per_client=config.shards_per_client, sigma=config.sigma, groups=dataset.groups,
     )
     client_test = None
     if config.client_test_fraction > 0:
@@ -73,6 +93,24 @@ def federate(config: Config, dataset: Dataset) -> FederatedData:
             parts, config.client_test_fraction, rng=_seeding.numpy_rng(config.seed, _seeding.CLIENT_TEST_SPLIT)
         )
     return FederatedData(dataset.train, parts, dataset.test, client_test)
+
+
+def federated_data(config: Config) -> FederatedData:
+    """The clients' data of the run `config` describes: what each Ray worker loads for itself."""
+    return load(config, progress=False)[1]
+
+
+def make_run_engine(config: Config):
+    """The engine `config` names. The Ray engine's workers load the data themselves, from `config`
+    (the same lookup as here, on their own node), so that no training data travels."""
+    if config.engine != "ray":
+        return make_engine(config.engine, max_memory=config.max_memory_bytes())
+    from .engines.ray import RayEngine
+
+    return RayEngine(functools.partial(federated_data, config), seed=config.seed, scenario=config.scenario(),
+                     workers=config.ray_workers, cpus_per_worker=config.ray_cpus_per_worker,
+                     gpus_per_worker=config.ray_gpus_per_worker, engine=config.ray_engine,
+                     max_memory=config.max_memory_bytes(), address=config.ray_address)
 
 
 @dataclass
@@ -133,7 +171,8 @@ def check_output(config: Config) -> Path:
 
 # Settings that say where, how or how long a run executes, not what its rounds compute.
 EXECUTION_KEYS = frozenset({"name", "out_dir", "rounds", "engine", "max_memory", "device", "eval_batch_size",
-                            "data_dir", "download"})
+                            "data_dir", "download", "ray_address", "ray_workers", "ray_cpus_per_worker",
+                            "ray_gpus_per_worker", "ray_engine"})
 
 
 def check_resumable(run_dir: str | Path, config: Config) -> None:
@@ -171,6 +210,7 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     primary = config.client_config().task.primary
     records: list[RoundRecord] = list(start[1].records) if start else []
     last: list[ServerState] = [start[0]] if start else []
+    run_engine = engine or make_run_engine(config)
     bar = tqdm(total=config.rounds * k, unit="client", disable=None if progress else True, leave=False)
 
     def on_round(record: RoundRecord, state: ServerState) -> None:
@@ -187,17 +227,19 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
         simulate(
             model, data, rounds=config.rounds, clients_per_round=k, client=config.client_config(),
             strategy=config.strategy_object(), scenario=config.scenario(),
-            engine=engine or make_engine(config.engine, max_memory=config.max_memory_bytes()), seed=config.seed,
-            eval_batch_size=config.eval_batch_size, eval_train=config.eval_train,
-            on_client=lambda update: bar.update(1), on_round=on_round,
+            engine=run_engine, seed=config.seed, eval_batch_size=config.eval_batch_size, eval_train=config.eval_train,
+            on_client=lambda update: bar.update(len(update.client_ids) if isinstance(update, CombinedUpdate) else 1),
+            on_round=on_round,
             resume=(start[0], start[1].records) if start else None,
         )
     finally:
         bar.close()
+        if engine is None and hasattr(run_engine, "close"):  # the Ray engine's workers hold their CPUs until closed
+            run_engine.close()
         if records:
             plot_history(History(records), run_dir / "accuracy.png", title=config.name, metric=primary)
     return RunOutcome(run_dir, History(records), last[0] if last else None)
 
 
-__all__ = ["RunOutcome", "check_output", "federate", "load", "load_checkpoint", "resolve_device", "run_experiment",
-           "save_checkpoint"]
+__all__ = ["RunOutcome", "check_output", "federate", "federated_data", "load", "load_checkpoint", "make_run_engine",
+           "resolve_device", "run_experiment", "save_checkpoint"]

@@ -4,20 +4,19 @@ The built-in `mlp`, `2nn` and `logreg` are such stacks. For them an SGD step is 
 matrix products with no autograd graph, each weight updated in place by one fused
 `addmm_`/`baddbmm_`: about half the time of autograd + optimizer at the tutorial's batch size
 of 32. The same step trains C clients together when every tensor has a leading client
-dimension. The result equals `torch.optim.SGD` on the same batches up to float32 round-off
-(tested).
+dimension. The update is fedforge's SGD rule itself (`optim.sgd_step`), handed the gradient as
+its factors (`Gradient`); the result equals `torch.optim.SGD` on the same batches up to float32
+round-off (tested).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .client import LocalTerms
+from .optim import LocalTerms, Rule, sgd_step as sgd_rule
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ def _affine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 @dataclass(frozen=True)
 class _WeightGrad:
-    """A weight's gradient g^T inp (per client), kept as its two factors."""
+    """A weight's gradient g^T inp (per client), kept as its two factors (an `optim.Gradient`)."""
 
     g: torch.Tensor
     inp: torch.Tensor
@@ -88,7 +87,9 @@ class _WeightGrad:
             out.baddbmm_(self.g.transpose(1, 2), self.inp, beta=beta, alpha=alpha)
 
     def added(self, base: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
-        """beta * base + alpha * grad as a new tensor, stacked over the clients (base broadcasts)."""
+        """beta * base + alpha * grad as a new tensor (stacked over the clients: base broadcasts)."""
+        if self.g.dim() == 2:
+            return torch.addmm(base, self.g.t(), self.inp, beta=beta, alpha=alpha)
         return torch.baddbmm(base, self.g.transpose(1, 2), self.inp, beta=beta, alpha=alpha)
 
 
@@ -113,14 +114,14 @@ def sgd_step(
     y: torch.Tensor,
     weight: float | torch.Tensor,
     *,
-    lr: float,
-    momentum: float = 0.0,
-    terms: LocalTerms | None = None,
+    rule: Rule,
+    terms: LocalTerms = LocalTerms(0.0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One `torch.optim.SGD` step on the weighted cross-entropy, updating `params` in place.
+    """One step of fedforge's SGD `rule` (lr, momentum, weight decay) on the weighted cross-entropy,
+    updating `params` in place.
 
-    `terms` adds weight decay, FedProx's proximal gradient and SCAFFOLD's correction, as
-    `client.LocalTerms` defines them.
+    `terms` adds FedProx's proximal gradient and SCAFFOLD's correction, as `optim.LocalTerms`
+    defines them.
 
     Shapes: one client is x (B, features), y (B,), params as in the model; C clients add a
     leading C to every tensor (x (C, B, features), weight (C, B), params and the terms' tensors).
@@ -157,6 +158,7 @@ def sgd_step(
         weight = weight.unsqueeze(-1)
     else:
         loss_sum, correct = -picked.sum(-1), hits.sum(-1)
+    decay = rule.decay(terms)
     # d(sum weight * cross-entropy) / d logits = weight * (softmax - onehot)
     g = logp.exp_()
     g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0))
@@ -169,56 +171,21 @@ def sgd_step(
             g_below = g @ params[w_name]
             if layout.relu[i - 1]:  # zero where the ReLU was off, in one op
                 g_below = torch.ops.aten.threshold_backward(g_below, inp, 0)
-        update = _update_shared if shared else _update
-        update(params, momentum_buffers, terms, w_name, _WeightGrad(g, inp), lr=lr, momentum=momentum)
+        _update(params, momentum_buffers, rule, decay, terms, w_name, _WeightGrad(g, inp), shared)
         if b_name:
-            update(params, momentum_buffers, terms, b_name, _BiasGrad(g), lr=lr, momentum=momentum)
+            _update(params, momentum_buffers, rule, decay, terms, b_name, _BiasGrad(g), shared)
         if g_below is not None:
             g = g_below
     return loss_sum, correct
 
 
-def _update(params, momentum_buffers, terms, name, grad, *, lr, momentum) -> None:
-    """Apply one parameter's SGD update in place; `grad` is a _WeightGrad or _BiasGrad."""
-    p = params[name]
-    decay = terms.decay if terms else 0.0
-    offset = terms.offset if terms else None
-    if momentum:
-        # buf <- momentum * buf + grad + decay * p + offset;  p <- p - lr * buf
-        buf = momentum_buffers[name]
-        grad.add_to(buf, momentum, 1.0)
-        if decay:
-            buf.add_(p, alpha=decay)
-        if offset is not None:
-            buf.add_(offset[name])
-        p.add_(buf, alpha=-lr)
-    else:
-        # p <- (1 - lr * decay) p - lr * grad - lr * offset, the first two fused
-        grad.add_to(p, 1.0 - lr * decay, -lr)
-        if offset is not None:
-            p.add_(offset[name], alpha=-lr)
-    if terms is not None and terms.correction is not None:
-        p.add_(terms.correction[name], alpha=-lr)
-
-
-def _update_shared(params, momentum_buffers, terms, name, grad, *, lr, momentum) -> None:
-    """The first step from shared params: `_update`'s arithmetic, written to new stacked tensors."""
-    p = params[name]
-    decay = terms.decay if terms else 0.0
-    offset = terms.offset if terms else None
-    if momentum:
-        # buf <- grad + decay * p + offset (the buffer started at zero);  p <- p - lr * buf
-        base = p if decay else torch.zeros((), dtype=p.dtype, device=p.device)
-        buf = grad.added(base, decay, 1.0)
-        if offset is not None:
-            buf.add_(offset[name])
+def _update(params, momentum_buffers, rule, decay, terms, name, grad, shared) -> None:
+    """Apply fedforge's SGD rule to one parameter; `grad` is a _WeightGrad or _BiasGrad. From shared
+    params (`shared`) the rule writes new stacked tensors, and the momentum buffer starts there."""
+    p, buf = sgd_rule(
+        params[name], grad, None if shared or not rule.momentum else momentum_buffers[name], lr=rule.lr,
+        momentum=rule.momentum, decay=decay, offset=terms.offset[name] if terms.offset else None,
+        correction=terms.correction[name] if terms.correction else None, in_place=not shared)
+    params[name] = p
+    if rule.momentum:
         momentum_buffers[name] = buf
-        new = torch.add(p, buf, alpha=-lr)
-    else:
-        # p <- (1 - lr * decay) p - lr * grad - lr * offset, the first two fused
-        new = grad.added(p, 1.0 - lr * decay, -lr)
-        if offset is not None:
-            new.add_(offset[name], alpha=-lr)
-    if terms is not None and terms.correction is not None:
-        new.add_(terms.correction[name], alpha=-lr)
-    params[name] = new

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from . import _seeding
+from ._imports import is_reference, load_object
 from .errors import ConfigError
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
@@ -64,6 +62,37 @@ def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(_numel(input_shape), num_classes))
 
 
+def tabular_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """For rows of standardized features (csv:, parquet: datasets): two hidden layers of 64 with
+    ReLU; `num_classes` outputs (one for regression)."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(_numel(input_shape), 64), nn.ReLU(),
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, num_classes),
+    )
+
+
+class CharLSTM(nn.Module):
+    """LEAF's Shakespeare model (Caldas et al. 2018, models/shakespeare/stacked_lstm.py): an
+    embedding of 8, two LSTM layers of 256 and a linear layer to the vocabulary, applied at every
+    position: (batch, time) symbol ids -> (batch, time, vocabulary) next-symbol logits. (LEAF's
+    scores the last position only; the language-model task scores all.)"""
+
+    def __init__(self, vocab_size: int, embedding_dim: int = 8, hidden_size: int = 256, num_layers: int = 2):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.lstm = nn.LSTM(embedding_dim, hidden_size, num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.embedding(x))[0])
+
+
+def char_lstm(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """LEAF's Shakespeare char-LSTM (`CharLSTM`) over sequences of `input_shape` = (length,)
+    symbol ids (int32 or int64); `num_classes` is the vocabulary size."""
+    return CharLSTM(num_classes)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -71,7 +100,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-MODELS: dict[str, ModelFactory] = {"mlp": mlp, "2nn": two_nn, "cnn": cnn, "simple-cnn": simple_cnn, "logreg": logreg}
+MODELS: dict[str, ModelFactory] = {"mlp": mlp, "2nn": two_nn, "cnn": cnn, "simple-cnn": simple_cnn, "logreg": logreg,
+                                   "tabular-mlp": tabular_mlp, "char-lstm": char_lstm}
 
 
 def model_factory(name: str) -> ModelFactory:
@@ -80,20 +110,11 @@ def model_factory(name: str) -> ModelFactory:
     installed packages."""
     if name in MODELS:
         return MODELS[name]
-    module_name, _, attribute = name.partition(":")
-    if not module_name or not attribute:
+    if not is_reference(name):
         raise ConfigError(f"unknown model {name!r} (choose from: {', '.join(MODELS)}, or package.module:factory)")
-    if os.getcwd() not in sys.path:  # as `python -m` would: the user's own modules are in the current folder
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - the user's module: any error means it cannot be used
-        raise ConfigError(f"cannot import model factory {name!r}: {type(e).__name__}: {e}") from None
-    factory = module
-    for part in attribute.split("."):
-        factory = getattr(factory, part, None)
+    factory = load_object(name, "model factory")
     if not callable(factory):
-        raise ConfigError(f"model factory {name!r}: {module_name} has no callable {attribute!r}")
+        raise ConfigError(f"model factory {name!r} is a {type(factory).__name__}, not a callable")
     return factory
 
 
@@ -105,6 +126,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, se
     factory = model_factory(name)
     if name in ("cnn", "simple-cnn") and len(input_shape) != 3:
         raise ConfigError(f"model {name!r} needs image input (channels, height, width), got shape {input_shape}")
+    if name == "char-lstm" and len(input_shape) != 1:
+        raise ConfigError(f"model {name!r} needs sequences of symbol ids (length,), got shape {input_shape}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seeding.derive_seed(seed, _seeding.MODEL_INIT))
         if name in MODELS:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import _seeding
-from .client import ClientConfig, ClientUpdate
+from .contract import ClientConfig, ClientUpdate, OptimizerState
 from .data.datasets import TensorData
 from .engines import ClientTask, Engine, SequentialEngine
 from .engines.base import RoundFailed
@@ -75,6 +75,28 @@ def select_clients(num_clients: int, k: int, generator: torch.Generator) -> list
     return sorted(torch.randperm(num_clients, generator=generator)[:k].tolist())
 
 
+def client_pool(train: TensorData, partition: Sequence[np.ndarray], scenario: Scenario, seed: int
+                ) -> tuple[TensorData, list[int]]:
+    """Every client's training examples side by side, and where each client's rows start: client c
+    holds rows starts[c]:starts[c + 1]. Malicious clients' labels are flipped here when the
+    scenario's attack is label_flip (the pool is fedforge's own copy: no user data is touched).
+
+    The round loop trains from it; engines whose workers load the data themselves (Ray) rebuild
+    it with this function, so that their clients train on the same examples.
+    """
+    for cid, idx in enumerate(partition):
+        if len(idx) == 0:
+            raise ConfigError(f"client {cid} has no training examples; use fewer clients")
+    # One gather puts every client's examples side by side; each client's data is a view.
+    pool = train.subset(np.concatenate(list(partition)))
+    starts = np.concatenate([[0], np.cumsum([len(idx) for idx in partition])]).tolist()
+    if scenario.attack == "label_flip":
+        num_classes = int(train.y.max()) + 1
+        for c in malicious_clients(scenario, len(partition), seed):
+            pool.y[starts[c]:starts[c + 1]] = flip_labels(pool.y[starts[c]:starts[c + 1]], num_classes)
+    return pool, starts
+
+
 class _Tally:
     """Passes updates through, keeping their example-weighted training metrics."""
 
@@ -96,6 +118,14 @@ class _Tally:
 
     def means(self) -> dict[str, float]:
         return {name: total / self.examples for name, total in self.sums.items()} if self.examples else {}
+
+
+def _keep_optimizer_states(updates: Iterable[ClientUpdate], kept: dict) -> Iterator[ClientUpdate]:
+    """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
+    for update in updates:
+        if update.optimizer_state is not None:
+            kept[update.client_id] = update.optimizer_state
+        yield update
 
 
 def simulate(
@@ -147,18 +177,14 @@ def simulate(
                    test=client.task.data(data.test) if data.test is not None else None)
     device = data.train.device
     model = model.to(device)
-    for cid, idx in enumerate(data.partition):
-        if len(idx) == 0:
-            raise ConfigError(f"client {cid} has no training examples; use fewer clients")
-    # One gather puts every client's examples side by side; each client's data is a view.
-    pool = data.train.subset(np.concatenate(list(data.partition)))
-    starts = np.concatenate([[0], np.cumsum([len(idx) for idx in data.partition])]).tolist()
+    pool, starts = client_pool(data.train, data.partition, scenario, seed)
     clients = [pool.rows(a, b) for a, b in zip(starts, starts[1:])]
     malicious = malicious_clients(scenario, data.num_clients, seed)
-    if scenario.attack == "label_flip":
-        num_classes = int(data.train.y.max()) + 1
-        for c in malicious:  # the pool is fedforge's own copy: poisoning it touches no user data
-            pool.y[starts[c]:starts[c + 1]] = flip_labels(pool.y[starts[c]:starts[c + 1]], num_classes)
+    # A linear strategy needs only the round's weighted mean, so an engine may send partial sums;
+    # not of the clients whose own update a later stage transforms (the scenario's update attacks)
+    # or whose optimizer state must come back.
+    linear = getattr(strategy, "linear", False) and not client.task.keep_optimizer_state
+    transformed = malicious if scenario.attack not in (None, "label_flip") else frozenset()
 
     def attacked(updates: Iterable[ClientUpdate], round_: int) -> Iterator[ClientUpdate]:
         """The scenario's transform stage: malicious clients' updates as their attack makes them."""
@@ -199,10 +225,16 @@ def simulate(
             metrics=named,
         )
 
+    # Each client's optimizer state between its rounds, when the task keeps it: it stays here, with
+    # the simulated clients, and the next task of the client carries it back.
+    optimizer_states: dict[int, OptimizerState] = {}
     started = time.perf_counter()
     run = RunInfo(num_clients=data.num_clients, client_lr=client.lr, client_momentum=client.momentum)
     if resume is not None:
         state, records = resume[0], list(resume[1])
+        if client.task.keep_optimizer_state:
+            log.warning("resuming: the clients' optimizer states are not in the checkpoint, so they start fresh "
+                        "(this run differs from an uninterrupted one)")
         if state.run is None:  # a checkpoint written before states carried their run
             state = replace(state, run=run)
     else:
@@ -222,13 +254,16 @@ def simulate(
             tasks = [
                 ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c), pool,
                            starts[c], replace(strategy.plan(state, c), epochs=work[c].epochs,
-                                              max_steps=work[c].max_steps))
+                                              max_steps=work[c].max_steps), optimizer_states.get(c),
+                           summable=linear and c not in transformed)
                 for c in selected if c not in dropped
             ]
-            updates = attacked(engine.run(model, state.params, tasks, client), r)
+            kept: dict[int, OptimizerState] = {}
+            updates = attacked(_keep_optimizer_states(engine.run(model, state.params, tasks, client), kept), r)
             tally = _Tally(on_client)
             try:
                 state = strategy.aggregate(state, tally.tap(updates))
+                optimizer_states.update(kept)  # only a round that counts moves the clients' optimizers on
                 break
             except RoundFailed as e:
                 log.warning("round %d, attempt %d failed (%s); retrying with a new selection", r, attempt + 1, e)

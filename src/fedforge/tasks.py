@@ -24,12 +24,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._imports import is_reference, load_object
 from .data.datasets import TensorData, leaves
 from .errors import ConfigError, DataError
 
 Sums = dict[str, torch.Tensor]
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer] | None] = {
-    "sgd": None,  # fedforge's own SGD rule: exact across engines, and the fast kernels' (client.sgd)
+    "sgd": None,  # fedforge's own SGD rule: exact across engines, and the fast kernels' (optim.sgd_step)
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
 }
@@ -62,8 +63,13 @@ class Task:
         summarize: (sums over all batches, units) -> {metric: value}; default: each sum / units.
         primary: the metric plots and comparisons show; `higher_is_better` for it.
         optimizer: None for fedforge's SGD (momentum and weight decay from ClientConfig), or a
-            `torch.optim.Optimizer` class, built fresh each round with lr (and weight_decay) from
-            ClientConfig and `optimizer_options`.
+            `torch.optim.Optimizer` class, with lr (and weight_decay) from ClientConfig and
+            `optimizer_options`. Adam and AdamW (without amsgrad or maximize) run as fedforge's
+            functional rules (`fedforge.optim`) on every engine; others as torch.optim itself,
+            on the sequential engine.
+        keep_optimizer_state: keep each client's optimizer state (SGD's momentum buffer, Adam's
+            moments and step count) from one of its rounds to its next, instead of starting
+            fresh every round.
         train: the escape hatch, a training loop of your own (gradient accumulation, mixed
             precision, a library's trainer): `train(module, batches, config)` trains `module` in
             place on `batches`, an iterable of (inputs, targets) in the client's batch order
@@ -90,12 +96,16 @@ class Task:
     train: Callable[..., Mapping[str, float] | None] | None = None
     target: int | str | Sequence[int | str] = -1
     inputs: int | str | Sequence[int | str] | None = None
+    keep_optimizer_state: bool = False
 
     def __post_init__(self):
         if self.optimizer is not None and not (isinstance(self.optimizer, type)
                                                and issubclass(self.optimizer, torch.optim.Optimizer)):
             raise ConfigError(f"task {self.name}: optimizer must be a torch.optim.Optimizer class, "
                               f"got {self.optimizer!r}")
+        if self.keep_optimizer_state and self.train is not None:
+            raise ConfigError(f"task {self.name}: keep_optimizer_state is for the built-in training; a loop of one's "
+                              "own keeps (or not) its optimizer itself")
 
     def checked_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.loss(outputs, target)
@@ -181,10 +191,23 @@ TASKS = {task.name: task for task in (CLASSIFICATION, REGRESSION, LANGUAGE_MODEL
 
 
 def make_task(name: str, *, optimizer: str = "sgd") -> Task:
-    """The built-in task called `name`, training with `optimizer`."""
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r} (choose from: {', '.join(TASKS)})")
-    return TASKS[name] if optimizer == "sgd" else TASKS[name].with_optimizer(optimizer)
+    """The built-in task called `name`, or the user's `package.module:object` (a Task, or a
+    function of no arguments returning one), training with `optimizer` ("sgd" leaves a user's
+    task with the optimizer it names itself)."""
+    if name in TASKS:
+        task = TASKS[name]
+    elif is_reference(name):
+        task = load_object(name, "task")
+        if callable(task) and not isinstance(task, Task):
+            try:
+                task = task()
+            except Exception as e:  # noqa: BLE001 - the user's function: say which and why, in one line
+                raise ConfigError(f"task {name!r} failed: {type(e).__name__}: {e}") from None
+        if not isinstance(task, Task):
+            raise ConfigError(f"task {name!r} is a {type(task).__name__}, not a fedforge.Task")
+    else:
+        raise ConfigError(f"unknown task {name!r} (choose from: {', '.join(TASKS)}, or package.module:object)")
+    return task if optimizer == "sgd" else task.with_optimizer(optimizer)
 
 
 __all__ = ["CLASSIFICATION", "LANGUAGE_MODEL", "OPTIMIZERS", "REGRESSION", "TASKS", "Task", "make_task"]

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedforge.data import dirichlet, iid, label_histogram, partition, quantity, shards, split_holdout
+from fedforge.data import dirichlet, iid, label_histogram, natural, partition, quantity, shards, split_holdout
 from fedforge.errors import ConfigError
 
 
@@ -115,6 +115,47 @@ def test_same_seed_same_partition(name):
     c = partition(name, labels, 7, rng=np.random.default_rng(43))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_natural_one_client_per_group_in_order():
+    groups = np.array([2, 0, 2, 7, 0, 2])
+    parts = natural(groups, 3)
+    assert [p.tolist() for p in parts] == [[1, 4], [0, 2, 5], [3]]
+    assert all(p.dtype == np.int64 for p in parts)
+    assert [p.tolist() for p in partition("natural", np.zeros(6), 3, rng=np.random.default_rng(0), groups=groups)] \
+        == [p.tolist() for p in parts]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), num_groups=st.integers(1, 20), seed=st.integers(0, 2**32 - 1))
+def test_natural_disjoint_cover_of_whole_groups(n, num_groups, seed):
+    groups = np.random.default_rng(seed).integers(0, num_groups, n) * 3 - 5  # any ids, not only 0..k-1
+    parts = natural(groups, len(np.unique(groups)))
+    assert_disjoint_cover(parts, n)
+    assert all(len(np.unique(groups[p])) == 1 for p in parts)
+    assert [groups[p][0] for p in parts] == sorted(np.unique(groups).tolist())
+
+
+@pytest.mark.parametrize("clients, groups, message", [
+    (2, np.array([0, 1, 2]), "num_clients must be 3, the number of groups in the data, got 2"),
+    (4, np.array([0, 1, 2]), "num_clients must be 3"),
+    (1, np.zeros((2, 2)), r"groups must give one id per example, got shape \(2, 2\)"),
+])
+def test_natural_refuses_another_number_of_clients(clients, groups, message):
+    with pytest.raises(ConfigError, match=message):
+        natural(groups, clients)
+
+
+def test_label_histogram_of_sequences_counts_each_last_label():
+    targets = np.array([[5, 1], [5, 0], [2, 1]])  # next-symbol targets: one example's last is its label
+    assert label_histogram(targets, [np.array([0, 1]), np.array([2])], 3).tolist() == [[1, 1, 0], [0, 1, 0]]
+
+
+def test_natural_needs_groups():
+    with pytest.raises(ConfigError, match="the natural partition needs each example's group"):
+        partition("natural", np.zeros(4), 2, rng=np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="3 group ids for 4 examples"):
+        partition("natural", np.zeros(4), 2, rng=np.random.default_rng(0), groups=np.array([0, 1, 1]))
 
 
 def test_unknown_partition():

@@ -158,7 +158,7 @@ def test_enroll_command(tmp_path):
     (["server", "--tokens", "t.json"], "give --tls-cert and --tls-key, or --insecure"),
     (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "a:1/2"],
      "give --root-cert"),
-    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--insecure"], "give either --data"),
+    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--insecure"], "give one of --app"),
     (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:5/2",
       "--insecure"], "--partition-of must look like fashion-mnist:3/10 (index < count)"),
     (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:1/2",
@@ -207,5 +207,62 @@ def test_a_regression_with_adam_over_the_network_equals_the_simulation(cluster, 
     assert all(c.wait(30) == 0 for c in clients)
     assert "final test r2" in server.text()
     networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
+    assert fedforge(["run", "-q", *flags, "--out-dir", str(tmp_path / "sim"), "--name", "sim"]) == 0
+    assert_same_model(networked, torch.load(tmp_path / "sim" / "sim" / "model.pt"))
+
+
+CUSTOM_APP = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fedforge as ff
+from fedforge.experiment import load
+
+
+def huber(outputs, target):
+    return F.smooth_l1_loss(outputs.reshape(target.shape), target)
+
+
+def sums(outputs, target):
+    outputs = outputs.reshape(target.shape)
+    return {"loss": F.smooth_l1_loss(outputs, target, reduction="sum"), "abs_error": (outputs - target).abs().sum()}
+
+
+TASK = ff.Task("huber", huber, sums, optimizer=torch.optim.Adam, optimizer_options={"betas": (0.8, 0.9)},
+               target="target")
+
+
+def model(input_shape, num_classes):
+    return nn.Sequential(nn.Linear(input_shape[0], 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def data(client_id, config):  # this client's own rows, as a dict naming the target
+    federated = load(config, progress=False)[1]
+    part = federated.train.subset(federated.partition[client_id])
+    return {"features": part.x.numpy(), "target": part.y.numpy()}
+
+
+APP = ff.ClientApp(data=data, task=TASK, model=model)
+"""
+
+
+def test_a_custom_task_from_the_clients_app_equals_the_simulation(cluster, tmp_path, monkeypatch):
+    """`fedforge client --app`: the client's own loss, metric, optimizer options, model and data
+    code; the server imports only the task and model it evaluates. Same weights as simulating."""
+    pytest.importorskip("sklearn")
+    (tmp_path / "custom_app.py").write_text(CUSTOM_APP)
+    flags = ["--dataset", "diabetes", "--task", "custom_app:TASK", "--model", "custom_app:model", "--num-clients",
+             "3", "--clients-per-round", "3", "--batch-size", "16", "--rounds", "3", "--lr", "0.05"]
+    server, port = cluster.server("--insecure", "--min-clients", "3", *flags)
+    clients = [cluster.start(f"app-{i}", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
+                                          "--server", f"127.0.0.1:{port}", "--client-id", str(i), "--token-file",
+                                          f"client-{i}.token", "--app", "custom_app:APP"]) for i in range(3)]
+    assert server.wait(60) == 0, server.text()
+    assert all(c.wait(30) == 0 for c in clients), [c.text() for c in clients]
+    history = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())
+    assert history["rounds"][-1]["metrics"]["test_abs_error"] > 0
+    networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
+    monkeypatch.chdir(tmp_path)
     assert fedforge(["run", "-q", *flags, "--out-dir", str(tmp_path / "sim"), "--name", "sim"]) == 0
     assert_same_model(networked, torch.load(tmp_path / "sim" / "sim" / "model.pt"))

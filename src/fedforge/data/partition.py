@@ -119,11 +119,30 @@ def quantity(
     return [part.astype(np.int64) for part in np.split(rng.permutation(num_examples), np.cumsum(sizes)[:-1])]
 
 
+def natural(groups: np.ndarray, num_clients: int) -> Partition:
+    """One client per group of the data (a speaker, a writer, a patient): client c holds, in
+    their order, the examples of the c-th smallest group id. No randomness: the data's own split.
+
+    `num_clients` must equal the number of groups; groups are never merged or split, so that a
+    client is one real party of the data.
+    """
+    groups = np.asarray(groups)
+    if groups.ndim != 1:
+        raise ConfigError(f"natural partition: groups must give one id per example, got shape {groups.shape}")
+    ids, inverse = np.unique(groups, return_inverse=True)
+    if num_clients != len(ids):
+        raise ConfigError(f"natural partition gives one client per group: num_clients must be {len(ids)}, the "
+                          f"number of groups in the data, got {num_clients}")
+    order = np.argsort(inverse, kind="stable")
+    return [part.astype(np.int64) for part in np.split(order, np.cumsum(np.bincount(inverse))[:-1])]
+
+
 PARTITIONS: dict[str, str] = {
     "iid": "equal random split (the tutorial)",
     "dirichlet": "label skew, Dirichlet(alpha) class proportions per client",
     "shards": "sorted by label, shards_per_client shards each (McMahan et al. 2017)",
     "quantity": "IID labels, lognormal(0, sigma) client sizes",
+    "natural": "one client per group of the data (shakespeare: per speaking role); num_clients = the groups",
 }
 
 
@@ -136,18 +155,29 @@ def partition(
     alpha: float = 0.5,
     shards_per_client: int = 2,
     sigma: float = 1.0,
+    groups: np.ndarray | None = None,
 ) -> Partition:
-    """Dispatch to the partitioner called `name`, passing the options it uses."""
+    """Dispatch to the partitioner called `name`, passing the options it uses (`groups`: each
+    example's group id, for the natural partition)."""
     labels = np.asarray(labels)
     schemes: dict[str, Callable[[], Partition]] = {
         "iid": lambda: iid(len(labels), num_clients, rng=rng),
         "dirichlet": lambda: dirichlet(labels, num_clients, alpha=alpha, rng=rng),
         "shards": lambda: shards(labels, num_clients, rng=rng, shards_per_client=shards_per_client),
         "quantity": lambda: quantity(len(labels), num_clients, rng=rng, sigma=sigma),
+        "natural": lambda: natural(_groups(groups, len(labels)), num_clients),
     }
     if name not in schemes:
         raise ConfigError(f"unknown partition {name!r} (choose from: {', '.join(schemes)})")
     return schemes[name]()
+
+
+def _groups(groups: np.ndarray | None, num_examples: int) -> np.ndarray:
+    if groups is None:
+        raise ConfigError("the natural partition needs each example's group (a speaker, a writer); this data has none")
+    if len(groups) != num_examples:
+        raise ConfigError(f"natural partition: {len(groups)} group ids for {num_examples} examples")
+    return groups
 
 
 def split_holdout(parts: Sequence[np.ndarray], fraction: float, *, rng: np.random.Generator) -> tuple[Partition, Partition]:
@@ -164,6 +194,9 @@ def split_holdout(parts: Sequence[np.ndarray], fraction: float, *, rng: np.rando
 
 
 def label_histogram(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
-    """Counts of each label per client, shape (num_clients, num_classes)."""
+    """Counts of each label per client, shape (num_clients, num_classes). A sequence target counts
+    its last element, one per example (for shakespeare, LEAF's label: the character after the 80)."""
     labels = np.asarray(labels)
+    if labels.ndim > 1:
+        labels = labels.reshape(len(labels), -1)[:, -1]
     return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])

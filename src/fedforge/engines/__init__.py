@@ -2,22 +2,46 @@
 
 from __future__ import annotations
 
-from .. import fastmlp
+from torch import nn
+
+from ..contract import ClientConfig
 from ..errors import ConfigError
 from .base import ClientTask, Engine
 from .sequential import SequentialEngine
-from .vectorized import DEFAULT_MAX_MEMORY, VectorizedEngine
+from .vectorized import DEFAULT_MAX_MEMORY, VectorizedEngine, batched_kernel
 
-ENGINES = ("auto", "sequential", "vectorized")
+IN_PROCESS_ENGINES = ("auto", "sequential", "vectorized")
+ENGINES = (*IN_PROCESS_ENGINES, "ray")  # ray: the optional extra fedforge[ray] (engines/ray.py)
+
+# Layers that a vmapped step computes as fast as one client at a time or faster on the CPU:
+# dense and elementwise. Convolutions are slower vmapped there; recurrent layers have no
+# batching rule, so vmap runs them client by client, slower still (see AutoEngine).
+_DENSE = (nn.Linear, nn.Embedding, nn.Flatten, nn.Unflatten, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.Tanh,
+          nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus)
+_RECURRENT = (nn.RNNBase,)
 
 
 class AutoEngine:
-    """The faster engine for each model, measured on this project's machines.
+    """The faster engine for each model and task, measured on this project's machines.
 
-    Linear/ReLU models go to the vectorized engine's batched kernel (2x the sequential engine
-    on the tutorial's experiment); other models go to the vectorized engine on CUDA, where
-    `vmap` batches them well, and to the sequential engine on the CPU, where a `vmap`ped
-    convolution is slower than one client at a time (76 s vs 51 s per round on NIID-Bench's CNN).
+    Measured on a shared 2-core CPU (torch 2.13, `benchmarks/engines.py` W1 and W4, three runs
+    each; seconds of training per round, sequential vs vectorized):
+
+    - the tutorial's classification with SGD on a Linear/ReLU stack: the vectorized engine's
+      hand-derived kernel (0.20 vs 0.36 s per round on the tutorial's experiment, W1);
+    - other tasks, or Adam/AdamW, on models of dense and elementwise layers (Linear, Embedding,
+      activations): vectorized, through torch.func (tabular-mlp regression with Adam, 20
+      clients a round: 1.8-2.4x faster; mlp classification with Adam: 1.7-2.3x;
+      Embedding+Linear language model: 1.1-1.2x);
+    - convolutions: sequential on the CPU, where a vmapped convolution is no faster than one
+      client at a time (cnn with Adam, 4 clients a round: 0.8-1.04x; NIID-Bench's CNN with
+      SGD: 76 vs 51 s per round) and holds every active client's activations at once;
+    - recurrent layers (LSTM, GRU, RNN): sequential, on any device, as vmap has no batching
+      rule for them and runs them client by client (char-lstm: 0.17-0.20x);
+    - on CUDA, everything else the vectorized engine can batch goes to it (not re-measured
+      with the torch.func path: no GPU was at hand);
+    - what the vectorized engine cannot batch (buffers, a task's own loop, optimizers other
+      than SGD, Adam and AdamW): sequential, without the vectorized engine's notice.
     """
 
     name = "auto"
@@ -26,28 +50,36 @@ class AutoEngine:
         self.vectorized = VectorizedEngine(max_memory=max_memory)
         self.sequential = SequentialEngine()
 
-    def choose(self, model, tasks, config=None) -> Engine:
-        if config is not None and not config.task.is_tutorial_classification:
-            return self.sequential  # the batched kernels train classification with SGD only
-        layout = fastmlp.mlp_layout(model)
-        if layout is not None and tasks and layout.inputs(tasks[0].data.rows(0, 1).x) is not None:
+    def choose(self, model: nn.Module, tasks, config: ClientConfig | None = None) -> Engine:
+        if not tasks:
+            return self.sequential
+        kernel = batched_kernel(model, tasks[0].data, config or ClientConfig())
+        if kernel == "fastmlp":
             return self.vectorized
-        on_cuda = any(p.is_cuda for p in model.parameters())
-        return self.vectorized if on_cuda else self.sequential
+        if kernel is None or any(isinstance(m, _RECURRENT) for m in model.modules()):
+            return self.sequential
+        if any(p.is_cuda for p in model.parameters()):
+            return self.vectorized
+        dense = all(isinstance(m, _DENSE) for m in model.modules() if next(m.children(), None) is None)
+        return self.vectorized if dense else self.sequential
 
     def run(self, model, global_state, tasks, config):
         return self.choose(model, tasks, config).run(model, global_state, tasks, config)
 
 
 def make_engine(name: str, *, max_memory: int | None = None) -> Engine:
-    """The engine called `name`: "sequential", "vectorized", or "auto" (see AutoEngine)."""
+    """The in-process engine called `name`: "sequential", "vectorized", or "auto" (see AutoEngine)."""
     if name == "sequential":
         return SequentialEngine()
     if name == "vectorized":
         return VectorizedEngine(max_memory=max_memory)
     if name == "auto":
         return AutoEngine(max_memory=max_memory)
+    if name == "ray":  # its workers load the run's data themselves: it needs to know how
+        raise ConfigError("engine ray is built from the run's data loader: RayEngine(data, seed=...) "
+                          "(fedforge.engines.ray), or from a Config by fedforge.experiment.make_run_engine")
     raise ConfigError(f"unknown engine {name!r} (choose from: {', '.join(ENGINES)})")
 
 
-__all__ = ["DEFAULT_MAX_MEMORY", "ENGINES", "AutoEngine", "ClientTask", "Engine", "SequentialEngine", "VectorizedEngine", "make_engine"]
+__all__ = ["DEFAULT_MAX_MEMORY", "ENGINES", "IN_PROCESS_ENGINES", "AutoEngine", "ClientTask", "Engine",
+           "SequentialEngine", "VectorizedEngine", "make_engine"]

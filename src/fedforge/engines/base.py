@@ -8,7 +8,7 @@ from typing import Protocol
 
 from torch import nn
 
-from ..client import ClientConfig, ClientPlan, ClientUpdate, State
+from ..contract import ClientConfig, ClientPlan, ClientUpdate, OptimizerState, State
 from ..data.datasets import TensorData
 
 
@@ -19,6 +19,12 @@ class ClientTask:
 
     When `source` is given, `data` is `source[start:start + len(data)]`: engines that train
     many clients at once gather their batches from `source` directly instead of copying.
+    `optimizer_state` is where the client's optimizer left off in its last round, when its task
+    keeps it (`Task.keep_optimizer_state`; None: fresh); engines never change it in place.
+    `summable` says that the round loop needs this client's update only as part of the round's
+    weighted mean (the strategy is linear, and no later stage transforms the update on its own):
+    an engine may then send it folded with others into one `CombinedUpdate` (the Ray engine does,
+    one per worker); in-process engines ignore it.
     """
 
     client_id: int
@@ -27,6 +33,8 @@ class ClientTask:
     source: TensorData | None = None
     start: int = 0
     plan: ClientPlan = ClientPlan()
+    optimizer_state: OptimizerState | None = None
+    summable: bool = False
 
 
 class RoundFailed(Exception):

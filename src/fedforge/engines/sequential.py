@@ -8,7 +8,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from ..client import ClientConfig, ClientUpdate, State, train_client
+from ..client import train_client
+from ..contract import ClientConfig, ClientUpdate, State
 from .base import ClientTask
 
 
@@ -34,4 +35,5 @@ class SequentialEngine:
             yield train_client(
                 module, global_state, task.data, config, client_id=task.client_id,
                 generator=torch.Generator().manual_seed(task.seed), plan=task.plan,
+                optimizer_state=task.optimizer_state,
             )

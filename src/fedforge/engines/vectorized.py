@@ -1,35 +1,47 @@
 """Train the selected clients of a round together, as one batched computation.
 
 Every client keeps its own batches (the same `epoch_orders` stream as the sequential engine),
-its own parameters and its own momentum: parameters are stacked along a leading client
-dimension. Clients run different numbers of local steps when their datasets differ in size;
-they are sorted by step count, so the clients still training at step t are a prefix of the
-stack, and a step updates the views `params[:active]` in place. A client's last, short batch
-is padded, its padding weighted 0. Nothing is truncated: each client does exactly the steps
+its own parameters and its own optimizer state: they are stacked along a leading client
+dimension, and the optimizer rules (`optim`) update the stack elementwise. Clients run
+different numbers of local steps when their datasets differ in size; they are sorted by step
+count, so the clients still training at step t are a prefix of the stack, and a step updates
+the views `params[:active]` in place. Nothing is truncated: each client does exactly the steps
 it does in the sequential engine, on the same examples.
 
-Linear/ReLU stacks use the hand-derived `fastmlp` kernel (batched matrix products); other
-models use `torch.func` (`vmap` of `grad` of `functional_call`). Models with buffers or
-operations `vmap` cannot batch fall back to the sequential engine, with a one-line notice.
+Two kernels:
+
+- Linear/ReLU stacks training the tutorial's classification with fedforge's SGD: the
+  hand-derived `fastmlp` kernel (batched matrix products). A client's last, short batch is
+  padded and its padding weighted 0, which is exact for this loss.
+- Any other model and task: `torch.func` (`vmap` of `grad` of `functional_call`) with the task's
+  own loss and metric sums, and SGD, Adam or AdamW. A task's loss is a mean over its batch, so
+  padding would change it: at each step the active clients are split into runs of equal batch
+  size (the stack is sorted so that these are contiguous), one `vmap` per run, and a run of
+  one client is computed unbatched.
+
+Models with buffers, operations `vmap` cannot batch (e.g. random ones), a task's own training
+loop and optimizers other than the rules fall back to the sequential engine, with a one-line
+notice.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .. import fastmlp
-from ..client import ClientConfig, ClientUpdate, LocalTerms, State, epoch_orders, finish_update, sgd
-from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args
+from ..client import epoch_orders, finish_update
+from ..contract import ClientConfig, ClientUpdate
+from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args, tree_map
 from ..evaluation import evaluate
+from ..optim import LocalTerms, OptimizerState, State
 from .base import ClientTask
 from .sequential import SequentialEngine
 
@@ -47,25 +59,31 @@ class Schedule:
     """Every batch of C clients, as row indices into one shared source.
 
     rows[c, t] are the B source rows of the batch client c (in stacked order) trains on at step
-    t; weight[c, t] is 1 / (that batch's size) for real rows and 0 for padding. At step t the
-    first active[t] clients of the stack are still training.
+    t, its first sizes[c, t] real and the rest padding; weight[c, t] is 1 / sizes[c, t] for real
+    rows and 0 for padding. At step t the first active[t] clients of the stack are still training.
     """
 
     rows: torch.Tensor  # (C, T, B) int64
     weight: torch.Tensor  # (C, T, B) float32
+    sizes: np.ndarray  # (C, T) int64, 0 once a client is done
     active: list[int]  # (T,)
     stack_order: list[int]  # stack position -> index into the tasks
     steps: list[int]  # per task
 
 
 def build_schedule(tasks: Sequence[ClientTask], starts: Sequence[int], config: ClientConfig) -> Schedule:
-    """The batches each task's client would see in the sequential engine, stacked."""
+    """The batches each task's client would see in the sequential engine, stacked.
+
+    The stack is sorted by step count (longest first), then by dataset size, so that clients
+    whose batches have equal sizes at every step sit side by side.
+    """
     B = config.batch_size
     steps = [task.plan.num_steps(len(task.data), config) for task in tasks]
-    stack_order = sorted(range(len(tasks)), key=lambda i: -steps[i])
+    stack_order = sorted(range(len(tasks)), key=lambda i: (-steps[i], len(tasks[i].data)))
     T = max(steps)
     rows = torch.zeros(len(tasks), T, B, dtype=torch.long)
     weight = torch.zeros(len(tasks), T, B)
+    sizes = torch.zeros(len(tasks), T, dtype=torch.long)
     for position, i in enumerate(stack_order):
         n, epochs = len(tasks[i].data), tasks[i].plan.epochs or config.local_epochs
         batches = math.ceil(n / B)
@@ -74,10 +92,11 @@ def build_schedule(tasks: Sequence[ClientTask], starts: Sequence[int], config: C
         padded = padded.view(epochs * batches, B)[: steps[i]]
         valid = padded >= 0
         rows[position, : steps[i]] = torch.where(valid, padded, 0) + starts[i]
-        weight[position, : steps[i]] = valid / valid.sum(1, keepdim=True)
+        sizes[position, : steps[i]] = valid.sum(1)
+        weight[position, : steps[i]] = valid / sizes[position, : steps[i], None]
     by_steps = np.sort(steps)
     active = (len(steps) - np.searchsorted(by_steps, np.arange(T), side="right")).tolist()
-    return Schedule(rows, weight, active, stack_order, steps)
+    return Schedule(rows, weight, sizes.numpy(), active, stack_order, steps)
 
 
 def _shared_source(tasks: Sequence[ClientTask]) -> tuple[TensorData, list[int]]:
@@ -98,9 +117,9 @@ class VectorizedEngine:
 
     Args:
         max_memory: bytes of working memory for one chunk of clients (stacked parameters,
-            momentum, activations, batch schedule); None: DEFAULT_MAX_MEMORY for the data's
-            device. Rounds with more clients are processed chunk by chunk, so memory does not
-            grow with the number of clients per round.
+            optimizer state, activations, batch schedule); None: DEFAULT_MAX_MEMORY for the
+            data's device. Rounds with more clients are processed chunk by chunk, so memory
+            does not grow with the number of clients per round.
     """
 
     name = "vectorized"
@@ -120,10 +139,7 @@ class VectorizedEngine:
         kernel = None
         if self._fallback is None:
             try:
-                if not config.task.is_tutorial_classification:
-                    raise _Unsupported(f"its kernels train classification with SGD, not {config.task.name} with "
-                                       f"{getattr(config.task.optimizer, '__name__', 'SGD')}")
-                kernel = _kernel_for(model, tasks[0].data)
+                kernel = kernel_for(model, tasks[0].data, config)
             except _Unsupported as e:
                 self._fall_back(e)
         if kernel is None:
@@ -150,12 +166,14 @@ class VectorizedEngine:
     def chunk_size(self, model: nn.Module, tasks: Sequence[ClientTask], config: ClientConfig) -> int:
         """How many clients fit in `max_memory` at once (at least one)."""
         param_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-        copies = 3 if config.momentum else 2  # params, momentum, transient gradients
+        rule = config.rule
+        copies = 2 + (len(rule.slots) if rule is not None else 0)  # params, transient gradients, optimizer state
         example = tasks[0].data.rows(0, 1).x
         activations = self._activation_bytes(model, example) + sum(t.numel() * t.element_size()
                                                                    for t in leaves(example))
         steps = max(config.local_epochs * math.ceil(len(t.data) / config.batch_size) for t in tasks)
-        per_client = copies * param_bytes + 3 * config.batch_size * activations + 12 * steps * config.batch_size
+        schedule = steps * (12 * config.batch_size + 8)  # rows, weights, sizes
+        per_client = copies * param_bytes + 3 * config.batch_size * activations + schedule
         budget = self.max_memory or DEFAULT_MAX_MEMORY.get(tasks[0].data.device.type, DEFAULT_MAX_MEMORY["cuda"])
         return max(1, min(len(tasks), budget // per_client))
 
@@ -167,8 +185,9 @@ class VectorizedEngine:
 
             def hook(_module, _inputs, output):
                 nonlocal total
-                if isinstance(output, torch.Tensor):
-                    total += output.numel() * output.element_size()
+                for t in output if isinstance(output, tuple) else (output,):
+                    if isinstance(t, torch.Tensor):
+                        total += t.numel() * t.element_size()
 
             handles = [m.register_forward_hook(hook) for m in model.modules()]
             training = model.training
@@ -184,13 +203,31 @@ class VectorizedEngine:
         return self._per_example_activations[key]
 
 
-def _kernel_for(model: nn.Module, data: TensorData):
+def kernel_for(model: nn.Module, data: TensorData, config: ClientConfig) -> Callable:
+    """The batched kernel that trains `model` on such data as `config` says; `_Unsupported` if none does."""
+    task, rule = config.task, config.rule
+    if task.train is not None:
+        raise _Unsupported(f"task {task.name} trains with a loop of its own")
+    if rule is None:
+        options = f" with {dict(task.optimizer_options)}" if task.optimizer_options else ""
+        raise _Unsupported(f"{task.optimizer.__name__}{options} is not one of fedforge's optimizer rules (sgd, adam, "
+                           f"adamw)")
     layout = fastmlp.mlp_layout(model)
-    if layout is not None and layout.inputs(data.rows(0, 1).x) is not None:
+    if task.is_tutorial_classification and layout is not None and layout.inputs(data.rows(0, 1).x) is not None:
         return _mlp_chunk
     if any(True for _ in model.buffers()):
         raise _Unsupported("it has buffers, e.g. BatchNorm statistics")
     return _func_chunk
+
+
+def batched_kernel(model: nn.Module, data: TensorData, config: ClientConfig) -> str | None:
+    """Which kernel the engine trains `model` with: "fastmlp", "torch.func", or None when it falls
+    back to the sequential engine from the start (an operation `vmap` refuses shows only when run)."""
+    try:
+        kernel = kernel_for(model, data, config)
+    except _Unsupported:
+        return None
+    return "fastmlp" if kernel is _mlp_chunk else "torch.func"
 
 
 def _stack(state: State, count: int) -> State:
@@ -200,7 +237,7 @@ def _stack(state: State, count: int) -> State:
 def _stacked_terms(tasks: Sequence[ClientTask], schedule: Schedule, global_state: State,
                    config: ClientConfig) -> LocalTerms:
     """The chunk's LocalTerms: one decay, and each client's offset/correction stacked in schedule order."""
-    terms = [task.plan.local_terms(config, global_state, global_state) for task in tasks]
+    terms = [task.plan.local_terms(global_state, global_state) for task in tasks]
     decay = terms[0].decay
     if any(t.decay != decay for t in terms):
         raise _Mixed()
@@ -220,109 +257,166 @@ class _Mixed(Exception):
     """Clients of one chunk differ in their proximal term: they cannot share a batched step."""
 
 
-def _updates(
-    model: nn.Module, tasks: Sequence[ClientTask], schedule: Schedule, params: State, global_state: State,
-    loss_sum: torch.Tensor, correct: torch.Tensor, config: ClientConfig,
-) -> Iterator[ClientUpdate]:
-    """One ClientUpdate per task, in the tasks' order (the order the sequential engine yields).
-
-    The stacked parameters become the stacked deltas in place; each update's delta is a view
-    of its row, so no per-client copy is made and the chunk's memory is all there is.
-    """
-    finite = torch.ones(len(tasks), dtype=torch.bool, device=loss_sum.device)
-    for k, v in params.items():
-        v.sub_(global_state[k])
-        if v.is_floating_point():
-            finite &= torch.isfinite(v.flatten(1).sum(1))  # see client.all_finite
-    seen = (schedule.weight > 0).sum((1, 2)).tolist()
-    finite_list, losses, hits = finite.tolist(), loss_sum.tolist(), correct.tolist()
-    position = {task_index: pos for pos, task_index in enumerate(schedule.stack_order)}
-    for i, task in enumerate(tasks):
-        pos = position[i]
-        initial_loss = evaluate(model, global_state, task.data).loss if task.plan.measure_initial_loss else None
-        yield finish_update(task.client_id, {k: v[pos] for k, v in params.items()}, num_examples=len(task.data),
-                            num_steps=schedule.steps[i],
-                            metrics=config.task.summarize({"loss": losses[pos], "accuracy": hits[pos]}, seen[pos]),
-                            config=config, finite=finite_list[pos], initial_loss=initial_loss)
+def _pick(lo: int, hi: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The stacked clients lo..hi as views; a single client unbatched (faster than a batch of one)."""
+    return (lambda v: v[lo]) if hi - lo == 1 else (lambda v: v[lo:hi])
 
 
-def _run_steps(model, tasks, global_state, config, step, *, shared_start=False) -> Iterator[ClientUpdate]:
-    """Drive `step(source, views, buffer_views, term_views, rows, weight)` over a chunk's schedule.
+def _terms_view(terms: LocalTerms, pick) -> LocalTerms:
+    return LocalTerms(terms.decay, *({k: pick(v) for k, v in term.items()} if term else None
+                                     for term in (terms.offset, terms.correction)))
+
+
+# A step: (t, active, params, optimizer state, terms) -> [(first, last + 1, {metric: per-client sums})].
+Step = Callable[[int, int, State, OptimizerState, LocalTerms], list[tuple[int, int, dict[str, torch.Tensor]]]]
+
+
+@dataclass
+class _Trained:
+    """A chunk after its last step: stacked parameters and optimizer state, per-client metric sums."""
+
+    params: State
+    state: OptimizerState
+    sums: dict[str, torch.Tensor]
+
+
+def _run_steps(tasks: Sequence[ClientTask], global_state: State, config: ClientConfig, schedule: Schedule,
+               step: Step, *, shared_start: bool = False) -> _Trained:
+    """Drive `step` over a chunk's schedule, on views of the clients still training.
 
     With `shared_start` (the step accepts shared params, see `fastmlp.sgd_step`) the first step
-    starts every client from the one global state and stacks the clients' parameters itself.
+    starts every client from the one global state and stacks the clients' parameters and
+    optimizer state itself (only when every client starts its optimizer fresh).
     """
-    source, starts = _shared_source(tasks)
-    device = source.device
-    schedule = build_schedule(tasks, starts, config)
-    terms = _stacked_terms(tasks, schedule, global_state, config)
-    rows, weight = schedule.rows.to(device), schedule.weight.to(device)
+    rule = config.rule
     C = len(tasks)
-    shared = shared_start and C > 1 and bool(schedule.active) and schedule.active[0] == C
+    device = next(iter(global_state.values())).device
+    carried = [tasks[i].optimizer_state for i in schedule.stack_order]
+    terms = _stacked_terms(tasks, schedule, global_state, config)
+    shared = (shared_start and C > 1 and bool(schedule.active) and schedule.active[0] == C
+              and all(s is None for s in carried))
     if shared:  # the first step replaces these entries with the stacked clients'
-        params, buffers = dict(global_state), ({} if config.momentum else None)
+        params = dict(global_state)
+        state = OptimizerState(torch.zeros(C, dtype=torch.float64, device=device), {s: {} for s in rule.slots})
     else:
         params = _stack(global_state, C)
-        buffers = {k: torch.zeros_like(v) for k, v in params.items()} if config.momentum else None
-    loss_sum = torch.zeros(C, device=device)
-    correct = torch.zeros(C, dtype=torch.long, device=device)
-    views = buffer_views = term_views = None
+        state = rule.stacked(carried, global_state)
+    sums: dict[str, torch.Tensor] = {}
+    views = state_view = term_views = None
     current = 0
     for t, active in enumerate(schedule.active):
         if active != current:  # re-slice only when a client finishes
             current = active
-            # A single client runs unbatched (2-D): faster than a batch of one.
-            pick = (lambda v: v[0]) if active == 1 else (lambda v: v[:active])
-            term_views = LocalTerms(terms.decay, *({k: pick(v) for k, v in term.items()} if term else None
-                                                   for term in (terms.offset, terms.correction)))
+            pick = _pick(0, active)
+            term_views = _terms_view(terms, pick)
             if shared and t == 0:
-                views, buffer_views = params, buffers
+                views, state_view = params, state
                 current = None  # slice the stacked tensors the first step makes
             else:
-                views = {k: pick(v) for k, v in params.items()}
-                buffer_views = {k: pick(v) for k, v in buffers.items()} if buffers else None
-        r, w = (rows[0, t], weight[0, t]) if active == 1 else (rows[:active, t], weight[:active, t])
-        batch_loss, batch_correct = step(source, views, buffer_views, term_views, r, w)
-        loss_sum[:active] += batch_loss
-        correct[:active] += batch_correct
-    return _updates(model, tasks, schedule, params, global_state, loss_sum, correct, config)
+                views, state_view = {k: pick(v) for k, v in params.items()}, state.view(pick)
+        for lo, hi, batch_sums in step(t, active, views, state_view, term_views):
+            for name, value in batch_sums.items():
+                if name not in sums:
+                    sums[name] = torch.zeros(C, dtype=value.dtype, device=value.device)
+                sums[name][lo:hi] += value
+    return _Trained(params, state, sums)
+
+
+def _updates(model: nn.Module, tasks: Sequence[ClientTask], schedule: Schedule, trained: _Trained, units: list,
+             global_state: State, config: ClientConfig) -> Iterator[ClientUpdate]:
+    """One ClientUpdate per task, in the tasks' order (the order the sequential engine yields).
+
+    The stacked parameters become the stacked deltas in place; each update's delta is a view
+    of its row, so no per-client copy is made and the chunk's memory is all there is. A kept
+    optimizer state is copied out of the stack, which is then freed with the chunk.
+    """
+    params = trained.params
+    finite = torch.ones(len(tasks), dtype=torch.bool, device=next(iter(params.values())).device)
+    for k, v in params.items():
+        v.sub_(global_state[k])
+        if v.is_floating_point():
+            finite &= torch.isfinite(v.flatten(1).sum(1))  # see client.all_finite
+    finite_list = finite.tolist()
+    sums = {name: v.tolist() for name, v in trained.sums.items()}
+    position = {task_index: pos for pos, task_index in enumerate(schedule.stack_order)}
+    task = config.task
+    for i, client in enumerate(tasks):
+        pos = position[i]
+        initial_loss = (evaluate(model, global_state, client.data, task=task).loss
+                        if client.plan.measure_initial_loss else None)
+        yield finish_update(client.client_id, {k: v[pos] for k, v in params.items()}, num_examples=len(client.data),
+                            num_steps=schedule.steps[i],
+                            metrics=task.summarize({k: v[pos] for k, v in sums.items()}, units[pos]),
+                            config=config, finite=finite_list[pos], initial_loss=initial_loss,
+                            optimizer_state=trained.state.client(pos) if task.keep_optimizer_state else None)
 
 
 def _mlp_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
     layout = fastmlp.mlp_layout(model)
+    source, starts = _shared_source(tasks)
+    schedule = build_schedule(tasks, starts, config)
+    rows, weight = schedule.rows.to(source.device), schedule.weight.to(source.device)
+    inputs = layout.inputs(source.x)
 
-    def step(source, views, buffer_views, term_views, r, w):
-        x, y = gather(layout.inputs(source.x), r), gather(source.y, r)
-        return fastmlp.sgd_step(layout, views, buffer_views, x, y, w, lr=config.lr, momentum=config.momentum,
-                                terms=term_views)
+    def step(t, active, views, state, terms):
+        r, w = (rows[0, t], weight[0, t]) if active == 1 else (rows[:active, t], weight[:active, t])
+        state.step.add_(1)
+        loss, correct = fastmlp.sgd_step(layout, views, state.slots.get("momentum_buffer"), gather(inputs, r),
+                                         gather(source.y, r), w, rule=config.rule, terms=terms)
+        return [(0, active, {"loss": loss, "accuracy": correct})]
 
-    return _run_steps(model, tasks, global_state, config, step, shared_start=True)
+    trained = _run_steps(tasks, global_state, config, schedule, step, shared_start=True)
+    return _updates(model, tasks, schedule, trained, schedule.sizes.sum(1).tolist(), global_state, config)
+
+
+def _runs(sizes: np.ndarray) -> list[tuple[int, int]]:
+    """The maximal runs lo..hi of equal values in `sizes`."""
+    cuts = np.flatnonzero(sizes[1:] != sizes[:-1]) + 1
+    bounds = [0, *cuts.tolist(), len(sizes)]
+    return list(zip(bounds, bounds[1:]))
 
 
 def _func_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
-    def loss(params, x, y, w):
-        logits = functional_call(model, params, *model_args(x))
-        losses = F.cross_entropy(logits, y, reduction="none")
-        valid = w > 0
-        metrics = ((losses.detach() * valid).sum(), ((logits.argmax(-1) == y) & valid).sum())
-        return (losses * w).sum(), metrics
+    task, rule = config.task, config.rule
+    source, starts = _shared_source(tasks)
+    schedule = build_schedule(tasks, starts, config)
+    rows = schedule.rows.to(source.device)
+    units = [0] * len(tasks)
 
-    batched_grad = vmap(grad(loss, has_aux=True))
-    single_grad = grad(loss, has_aux=True)
+    def loss(params, x, y):
+        args, kwargs = model_args(x)
+        outputs = functional_call(model, params, args, kwargs)
+        return task.checked_loss(outputs, y), task.metric_sums(outputs.detach(), y)
+
+    one = grad(loss, has_aux=True)
+    many = vmap(one)
     model.train()
 
-    def step(source, views, buffer_views, term_views, r, w):
-        fn = single_grad if r.dim() == 1 else batched_grad
-        grads, metrics = fn(views, gather(source.x, r), gather(source.y, r), w)
-        names = list(views)
-        sgd([views[k] for k in names], [grads[k] for k in names],
-            [buffer_views[k] for k in names] if buffer_views else None,
-            lr=config.lr, momentum=config.momentum, weight_decay=term_views.decay,
-            offsets=[term_views.offset[k] for k in names] if term_views.offset else None,
-            corrections=[term_views.correction[k] for k in names] if term_views.correction else None)
-        return metrics
+    def step(t, active, views, state, terms):
+        done = []
+        for lo, hi in _runs(schedule.sizes[:active, t]):
+            r = rows[lo:hi, t, :schedule.sizes[lo, t]]
+            x, y = gather(source.x, r), gather(source.y, r)
+            if hi - lo == 1:  # one client: unbatched
+                x, y = tree_map(lambda v: v[0], x), tree_map(lambda v: v[0], y)
+            if (lo, hi) == (0, active):  # every active client (unbatched already when it is one)
+                run_params, run_state, run_terms = views, state, terms
+            else:
+                pick = _pick(lo, hi)
+                run_params, run_state, run_terms = ({k: pick(v) for k, v in views.items()}, state.view(pick),
+                                                    _terms_view(terms, pick))
+            grads, sums = (one if hi - lo == 1 else many)(run_params, x, y)
+            rule.step(run_params, grads, run_state, run_terms)
+            if hi - lo == 1:
+                units[lo] += task.units(y)
+            else:
+                for j in range(hi - lo):
+                    units[lo + j] += task.units(tree_map(lambda v: v[j], y))
+            done.append((lo, hi, sums))
+        return done
 
     try:
-        return _run_steps(model, tasks, global_state, config, step)
+        trained = _run_steps(tasks, global_state, config, schedule, step)
     except (RuntimeError, NotImplementedError) as e:
         raise _Unsupported(str(e).splitlines()[0]) from e
+    return _updates(model, tasks, schedule, trained, units, global_state, config)

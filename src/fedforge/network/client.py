@@ -6,6 +6,7 @@ a networked round computes what the simulation computes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import queue
@@ -18,6 +19,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from ..app import ClientApp
 from ..client import ClientPlan, ClientUpdate
 from ..config import Config
 from ..data.datasets import TensorData, leaves
@@ -107,23 +109,54 @@ class ServerFailed(Exception):
 EXIT_DONE, EXIT_REFUSED, EXIT_GAVE_UP, EXIT_SERVER_FAILED = 0, 1, 2, 3
 
 
-class _Trainer:
-    """The run's model and this client's data, set up once from the server's settings."""
+def as_app(source: PartitionOf | LocalData | ClientApp) -> ClientApp:
+    """Every way a client gets its data, as a ClientApp (the built-in sources bring only data)."""
+    if isinstance(source, ClientApp):
+        return source
+    return ClientApp(data=lambda client_id, config: source.load(config))
 
-    def __init__(self, config: Config, data: TensorData):
+
+class _Trainer:
+    """The run's model, task and this client's data, set up once from the server's settings
+    and the client's app."""
+
+    def __init__(self, config: Config, app: ClientApp, client_id: int):
         self.config = config
-        self.data = data
-        self.model = build_model(config.model, tuple(leaves(data.x)[0].shape[1:]), _num_classes(config), seed=config.seed)
+        client = config.client_config()
+        self.client = client if app.task is None else dataclasses.replace(client, task=app.task)
+        self.data = self.client.task.data(app.data(client_id, config))
+        input_shape, num_classes = tuple(leaves(self.data.x)[0].shape[1:]), _num_classes(config)
+        if app.model is None:
+            self.model = build_model(config.model, input_shape, num_classes, seed=config.seed)
+        else:
+            self.model = app.model(input_shape, num_classes)
         self.engine = SequentialEngine()
+        # Where this client's optimizer left off, when its task keeps it; and the task it last
+        # trained with the state it started from, so that a task sent again (after a reconnect)
+        # starts where it did the first time.
+        self.optimizer_state = None
+        self._last: tuple[int, object] | None = None
+
+    def _check_model(self, global_state) -> None:
+        mine = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in global_state.items()}
+        if mine != theirs:
+            different = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
+            raise ConfigError(f"this client's model does not match the server's ({len(mine)} vs {len(theirs)} "
+                              f"tensors; e.g. {different})")
 
     def train(self, client_id: int, task: Message) -> ClientUpdate:
         h = task.header
         global_state = {k[len("global/"):]: v for k, v in task.tensors.items() if k.startswith("global/")}
+        self._check_model(global_state)
         correction = {k[len("correction/"):]: v for k, v in task.tensors.items() if k.startswith("correction/")}
         plan = ClientPlan(epochs=h.get("epochs"), max_steps=h.get("max_steps"), proximal_mu=h.get("proximal_mu", 0.0),
                           correction=correction or None, measure_initial_loss=bool(h.get("measure_initial_loss")))
-        task_ = ClientTask(client_id, self.data, int(h["seed"]), plan=plan)
-        return next(iter(self.engine.run(self.model, global_state, [task_], self.config.client_config())))
+        start = self._last[1] if self._last is not None and self._last[0] == h["task"] else self.optimizer_state
+        task_ = ClientTask(client_id, self.data, int(h["seed"]), plan=plan, optimizer_state=start)
+        update = next(iter(self.engine.run(self.model, global_state, [task_], self.client)))
+        self._last, self.optimizer_state = (h["task"], start), update.optimizer_state
+        return update
 
 
 def _num_classes(config: Config) -> int:
@@ -157,7 +190,8 @@ def _channel(server: str, root_cert: bytes | None, max_message_bytes: int) -> gr
 
 
 def run_client(
-    server: str, client_id: int, secret: str, partition: PartitionOf | LocalData, *, root_cert: bytes | None,
+    server: str, client_id: int, secret: str, source: PartitionOf | LocalData | ClientApp, *,
+    root_cert: bytes | None,
     compression: str | None = None, max_message_bytes: int = 256 << 20, max_backoff: float = 30.0,
     give_up_after: float | None = None, retry_on_server_failure: bool = False,
 ) -> int:
@@ -171,6 +205,7 @@ def run_client(
     `give_up_after` seconds without a connection (None: never). With `retry_on_server_failure`
     a failed run is waited out the same way (the server may come back with --resume).
     """
+    app = as_app(source)
     trainer: _Trainer | None = None
     backoff, last_contact = 0.5, time.monotonic()
     metadata = ((CLIENT_ID_KEY, str(client_id)), (SECRET_KEY, secret))
@@ -197,7 +232,7 @@ def run_client(
                     raise ServerFailed(str(message.header.get("reason", "no reason given")))
                 if message.kind == Kind.WELCOME and trainer is None:
                     config = Config.from_dict(message.header["config"], source="server settings")
-                    trainer = _Trainer(config, partition.load(config))
+                    trainer = _Trainer(config, app, client_id)
                     log.info("client %d: joined (%d examples)", client_id, len(trainer.data))
                 elif message.kind == Kind.TASK and trainer is not None:
                     update = trainer.train(client_id, message)
@@ -223,4 +258,4 @@ def run_client(
         backoff = min(2 * backoff, max_backoff)
 
 
-__all__ = ["LocalData", "PartitionOf", "run_client", "update_message"]
+__all__ = ["LocalData", "PartitionOf", "as_app", "run_client", "update_message"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .adaptive import FedAdagrad, FedAdam, FedYogi, adaptive
-from .base import NO_PLAN, RunInfo, RunningMean, ServerState, Strategy, StrategyBase, weighted_mean_delta
+from .base import (NO_PLAN, CombinedUpdate, RunInfo, RunningMean, ServerState, Strategy, StrategyBase,
+                   combine_updates, weighted_mean_delta)
 from .fedavg import FedAvg, FedAvgM, FedProx, fedavg, fedavgm
 from .fednova import FedNova, fednova
 from .qfedavg import QFedAvg, qfedavg
@@ -32,8 +33,9 @@ def make_strategy(name: str, /, **options) -> Strategy:
 
 
 __all__ = [
-    "NO_PLAN", "STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedNova", "FedProx", "FedYogi",
-    "Krum", "Median", "MultiKrum", "QFedAvg", "RunInfo", "RunningMean", "Scaffold", "ServerState", "Strategy",
-    "StrategyBase", "TrimmedMean", "adaptive", "fedavg", "fedavgm", "fednova", "krum_scores", "make_strategy",
-    "median", "multikrum_select", "qfedavg", "scaffold", "trimmed_mean", "weighted_mean_delta",
+    "NO_PLAN", "STRATEGIES", "CombinedUpdate", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedNova", "FedProx",
+    "FedYogi", "Krum", "Median", "MultiKrum", "QFedAvg", "RunInfo", "RunningMean", "Scaffold", "ServerState",
+    "Strategy", "StrategyBase", "TrimmedMean", "adaptive", "combine_updates", "fedavg", "fedavgm", "fednova",
+    "krum_scores", "make_strategy", "median", "multikrum_select", "qfedavg", "scaffold", "trimmed_mean",
+    "weighted_mean_delta",
 ]

@@ -30,6 +30,7 @@ class _Adaptive(StrategyBase):
     beta2: float = 0.99
     tau: float = 1e-3
     rule = "adam"
+    linear = True
 
     def __post_init__(self):
         check_server_lr(self.server_lr)

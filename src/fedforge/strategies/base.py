@@ -62,6 +62,7 @@ class ServerState:
 
 class Strategy(Protocol):
     name: str
+    linear: bool  # aggregate is apply_mean of the weighted mean delta (see StrategyBase); absent: False
 
     def init(self, params: State, run: RunInfo) -> ServerState:
         """The server state before round 1 of a run with facts `run`."""
@@ -77,7 +78,17 @@ NO_PLAN = ClientPlan()
 
 
 class StrategyBase:
-    """`init` that copies the model, and `plan` that asks nothing special."""
+    """`init` that copies the model, and `plan` that asks nothing special.
+
+    `linear` says whether `aggregate` depends on the round's updates only through their
+    example-weighted mean delta (and on whether any arrived): then `aggregate(state, updates)` is
+    `apply_mean(state, weighted mean delta)`, and an engine may hand it partial sums of several
+    clients (`combine_updates`) instead of every update, e.g. one per Ray worker. FedAvg and the
+    server-optimizer family are linear; strategies that look at each update (robust aggregators,
+    SCAFFOLD's controls, q-FedAvg's losses, FedNova's step counts) are not, the default.
+    """
+
+    linear = False
 
     def init(self, params: State, run: RunInfo) -> ServerState:
         return ServerState({k: v.detach().clone() for k, v in params.items()}, run=run)
@@ -121,11 +132,54 @@ class RunningMean:
         self.total_weight += weight
         self.count += 1
 
-    def mean(self, like: State) -> State:
-        """The weighted mean, each entry cast to the dtype of the same entry in `like`."""
+    def mean(self, like: State | None = None) -> State:
+        """The weighted mean, each entry cast to the dtype of the same entry in `like`; without
+        `like`, in the sum's own dtypes (float64 for integer entries): a partial mean that another
+        RunningMean folds in unrounded (`combine_updates`)."""
         if self._sum is None or self.total_weight == 0:
             raise ValueError("mean of no updates (or of zero total weight)")
+        if like is None:
+            return {k: s / self.total_weight for k, s in self._sum.items()}
         return {k: cast_like(s / self.total_weight, like[k]) for k, s in self._sum.items()}
+
+
+@dataclass(frozen=True)
+class CombinedUpdate(ClientUpdate):
+    """Several clients' updates as one, for a strategy that aggregates linearly (`StrategyBase.linear`).
+
+    `delta` is their example-weighted mean delta (unrounded: integer entries in float64),
+    `num_examples` and `num_steps` their totals, `metrics` their example-weighted training
+    metrics: `RunningMean.add(delta, num_examples)` and the round loop's tally of training
+    metrics fold it exactly as they would fold the updates it stands for. `client_id` is -1 (no
+    one client); `client_ids` are the clients it stands for.
+    """
+
+    client_ids: tuple[int, ...] = ()
+
+
+def combine_updates(updates: Iterable[ClientUpdate]) -> CombinedUpdate | None:
+    """The updates as one CombinedUpdate (None when there are none): what an engine that trains
+    clients far from the server (Ray) sends back instead of each update when the round loop allows
+    it (`ClientTask.summable`), so that one model-sized message travels per worker, not per client."""
+    acc = RunningMean()
+    examples = steps = 0
+    sums: dict[str, float] = {}
+    ids: list[int] = []
+    for update in updates:
+        acc.add(update.delta, float(update.num_examples))
+        examples += update.num_examples
+        steps += update.num_steps
+        ids.extend(getattr(update, "client_ids", None) or (update.client_id,))
+        # The same metrics, with the same weights, as the round loop's tally takes from each update.
+        metrics = update.metrics or {"loss": update.train_loss, "accuracy": update.train_accuracy}
+        for name, value in metrics.items():
+            if value is not None:
+                sums[name] = sums.get(name, 0.0) + value * update.num_examples
+    if acc.count == 0:
+        return None
+    metrics = {name: total / examples for name, total in sums.items()} if examples else {}
+    return CombinedUpdate(-1, acc.mean(), examples, steps, metrics.get("loss", float("nan")),
+                          metrics.get("accuracy"), metrics=metrics, client_ids=tuple(ids))
 
 
 def weighted_mean_delta(updates: Iterable[ClientUpdate], like: State) -> tuple[State | None, int]:

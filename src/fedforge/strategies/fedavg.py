@@ -39,6 +39,7 @@ class FedAvg(StrategyBase):
 
     server_lr: float = 1.0
     name = "fedavg"
+    linear = True
 
     def __post_init__(self):
         check_server_lr(self.server_lr)
@@ -58,6 +59,7 @@ class FedAvgM(StrategyBase):
     server_lr: float = 1.0
     server_momentum: float = 0.9
     name = "fedavgm"
+    linear = True
 
     def __post_init__(self):
         check_server_lr(self.server_lr)
@@ -79,6 +81,7 @@ class FedProx(StrategyBase):
     proximal_mu: float = 0.01
     server_lr: float = 1.0
     name = "fedprox"
+    linear = True
 
     def __post_init__(self):
         check_server_lr(self.server_lr)

@@ -1,0 +1,35 @@
+"""The user's own code named on the command line as `package.module:object`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from .errors import ConfigError
+
+
+def is_reference(name: str) -> bool:
+    """Whether `name` looks like `package.module:object` rather than a built-in's name."""
+    module_name, _, attribute = name.partition(":")
+    return bool(module_name and attribute)
+
+
+def load_object(name: str, what: str):
+    """The object `package.module:object` (dotted attributes allowed), imported from the current
+    folder (as `python -m` would) or the installed packages; ConfigError in one line otherwise."""
+    module_name, _, attribute = name.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"{what} {name!r} must look like package.module:object")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - the user's module: any error means it cannot be used
+        raise ConfigError(f"cannot import {what} {name!r}: {type(e).__name__}: {e}") from None
+    found = module
+    for part in attribute.split("."):
+        found = getattr(found, part, None)
+    if found is None:
+        raise ConfigError(f"{what} {name!r}: {module_name} has no {attribute!r}")
+    return found

@@ -1,0 +1,61 @@
+"""A deployment client's own code: its data, and the task and model it trains.
+
+`fedforge client --app package.module:object` runs it: `object` is a ClientApp. The server
+needs none of it beyond the model it aggregates and evaluates (its `--model`, `--task`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ._imports import load_object
+from .errors import ConfigError
+from .tasks import Task
+
+
+@dataclass(frozen=True)
+class ClientApp:
+    """What a client of a deployment brings.
+
+    Attributes:
+        data: (client_id, config) -> this client's training data: anything `Task.data` takes
+            (a tuple or dict of tensors or arrays, a torch.utils.data.Dataset, a TensorData).
+            `config` is the server's run settings (a fedforge.Config).
+        task: the task the client trains (default: the server's `--task`); its own training
+            loop, loss, metrics and optimizer run here.
+        model: a factory (input_shape, num_classes) -> nn.Module (default: the server's
+            `--model`); its state must have the names and shapes of the server's model, whose
+            weights it receives every round.
+    """
+
+    data: Callable[[int, Any], Any]
+    task: Task | None = None
+    model: Callable[[tuple[int, ...], int], nn.Module] | None = None
+
+    def __post_init__(self):
+        if not callable(self.data):
+            raise ConfigError(f"ClientApp.data must be a function (client_id, config) -> data, got {self.data!r}")
+        if self.task is not None and not isinstance(self.task, Task):
+            raise ConfigError(f"ClientApp.task must be a fedforge.Task, got {type(self.task).__name__}")
+        if self.model is not None and not callable(self.model):
+            raise ConfigError(f"ClientApp.model must be a factory (input_shape, num_classes) -> nn.Module")
+
+
+def load_app(name: str) -> ClientApp:
+    """The ClientApp `package.module:object` (or a function of no arguments returning one)."""
+    app = load_object(name, "client app")
+    if callable(app) and not isinstance(app, ClientApp):
+        try:
+            app = app()
+        except Exception as e:  # noqa: BLE001 - the user's function: say which and why, in one line
+            raise ConfigError(f"client app {name!r} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(app, ClientApp):
+        raise ConfigError(f"client app {name!r} is a {type(app).__name__}, not a fedforge.ClientApp")
+    return app
+
+
+__all__ = ["ClientApp", "load_app"]

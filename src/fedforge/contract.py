@@ -1,0 +1,129 @@
+"""The client contract: what a client is asked to do, and what it sends back.
+
+Strategies, scenarios, engines, the round loop and the network all speak these types; the
+training itself is `client.train_client`, and the optimizer rules are in `optim`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .optim import LocalTerms, OptimizerState, Rule, State, rule_for
+from .tasks import CLASSIFICATION, Task
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Local training hyperparameters, shared by every client of a run, and the task they train
+    (its loss, metrics and optimizer; the tutorial's classification with SGD by default)."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    task: Task = CLASSIFICATION
+
+    def __post_init__(self):
+        if self.local_epochs < 1:
+            raise ConfigError(f"local_epochs must be >= 1, got {self.local_epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.momentum and self.task.optimizer is not None:
+            raise ConfigError(f"momentum is SGD's; {self.task.optimizer.__name__} takes its own options")
+        if self.task.optimizer is not None:  # its options, checked once by the optimizer itself
+            try:
+                self.task.optimizer([torch.zeros(1, requires_grad=True)], **self.optimizer_options)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"task {self.task.name}: {self.task.optimizer.__name__}: "
+                                  f"{str(e).splitlines()[0]}") from None
+
+    @property
+    def optimizer_options(self) -> dict[str, Any]:
+        """What the task's torch.optim optimizer is built with: lr and weight_decay from here, then
+        the task's `optimizer_options`."""
+        return {"lr": self.lr, "weight_decay": self.weight_decay, **self.task.optimizer_options}
+
+    @property
+    def rule(self) -> Rule | None:
+        """The optimizer rule the clients train with (`optim`), or None when the task's optimizer is
+        one only torch.optim computes (it then runs as torch.optim, on the sequential engine)."""
+        return rule_for(self.task.optimizer, self.task.optimizer_options, lr=self.lr, momentum=self.momentum,
+                        weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What one selected client is asked to do this round, beyond the run's ClientConfig.
+
+    Strategies shape the local objective (FedProx's proximal term, SCAFFOLD's correction);
+    the simulation shapes the amount of work (heterogeneous epochs, stragglers).
+
+    Attributes:
+        epochs: local epochs for this client (None: the config's).
+        max_steps: stop after this many optimizer steps (a straggler's partial work).
+        proximal_mu: adds mu/2 * ||w - w_global||^2 to the loss (Li et al. 2020, FedProx).
+        correction: a tensor per parameter (SCAFFOLD: c - c_i) that every step also moves
+            the parameter by: p <- p - lr * correction, after the optimizer's update and outside
+            its state (as in Flower's NIID-Bench baseline). With plain SGD this is adding it to
+            the gradient; with momentum rho, feeding it through the buffer would scale it by up
+            to 1 / (1 - rho) twice (its estimate, (x - y_i) / (K lr), already carries that
+            factor) and over-correct.
+        measure_initial_loss: also report the global model's loss on the client's data
+            before training (q-FedAvg needs it).
+    """
+
+    epochs: int | None = None
+    max_steps: int | None = None
+    proximal_mu: float = 0.0
+    correction: State | None = None
+    measure_initial_loss: bool = False
+
+    def num_steps(self, num_examples: int, config: ClientConfig) -> int:
+        epochs = self.epochs or config.local_epochs
+        steps = epochs * math.ceil(num_examples / config.batch_size)
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+    def local_terms(self, global_state: State, names) -> LocalTerms:
+        """The plan's extra terms for the parameters `names` (see LocalTerms)."""
+        offset = {n: -self.proximal_mu * global_state[n] for n in names} if self.proximal_mu else None
+        correction = {n: self.correction[n] for n in names} if self.correction is not None else None
+        return LocalTerms(self.proximal_mu, offset, correction)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back: the change to every state entry and how it was obtained.
+
+    `delta` covers parameters and buffers (e.g. BatchNorm statistics), each in its own dtype.
+    `metrics` are the task's training metrics by name (`loss` among them), measured on the
+    examples seen while training; `train_accuracy` is the classification task's `accuracy`.
+    `optimizer_state` is the client's optimizer state after training when its task keeps it
+    between rounds (`Task.keep_optimizer_state`), else None: the round loop hands it back to
+    the client's next task; strategies ignore it.
+    """
+
+    client_id: int
+    delta: State
+    num_examples: int
+    num_steps: int
+    train_loss: float
+    train_accuracy: float | None
+    initial_loss: float | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    optimizer_state: OptimizerState | None = None
+
+
+__all__ = ["ClientConfig", "ClientPlan", "ClientUpdate", "LocalTerms", "OptimizerState", "State"]

@@ -1,0 +1,427 @@
+"""The Ray engine: the selected clients train on long-lived Ray actors, on one machine or a cluster.
+
+Each worker (a Ray actor) loads the run's data itself, once, with the function it was given (the
+CLI's: fedforge's own lookup of `--dataset`, so every node needs the files where that lookup finds
+them), rebuilds the clients' pool exactly as the round loop does (`simulation.client_pool`:
+partition, layout, label_flip poisoning) and keeps it for the whole run. Per round only this
+travels: the global weights, put in the object store once and read by every worker; each
+client's task (its id, batch seed, plan, and optimizer state if its task keeps one); and the
+answers. Each worker trains its share of the selected clients with its in-process engine (auto,
+vectorized, sequential, bounded by max_memory as in process) and answers with one
+`CombinedUpdate` for the clients the round loop lets it sum (`ClientTask.summable`: the strategy
+is linear, `StrategyBase.linear`) and with the own update of every other client.
+
+Faults are Ray's: a worker that dies (its process killed, its node lost) is restarted by Ray
+(`max_restarts`), reloads its data, and the work it was doing is run again (`max_task_retries`).
+A worker's work is a pure function of what it is sent, so the retry trains the same clients to
+the same updates and the run equals an uninterrupted one. Answers are handed on in task order
+whichever worker finishes first: a run does not depend on timing, and equals the in-process
+engines' run to rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import socket
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..contract import ClientConfig, ClientPlan, ClientUpdate, OptimizerState, State
+from ..data.datasets import TensorData, leaves
+from ..errors import ConfigError, FedforgeError
+from ..scenarios import Scenario
+from ..strategies.base import combine_updates
+from . import IN_PROCESS_ENGINES
+from .base import ClientTask
+
+if TYPE_CHECKING:
+    from ..simulation import FederatedData
+
+log = logging.getLogger("fedforge")
+
+INSTALL_HINT = "pip install 'fedforge[ray]'"
+DEFAULT_MAX_RESTARTS = 3
+CONNECT_TIMEOUT_S = 10.0
+PLACEMENT_NOTICE_S = 60.0  # loading the data takes a while too: only then say what is awaited
+
+
+def import_ray():
+    """The `ray` module, or a one-line ConfigError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(f"engine ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One client's task as it travels to a worker: no data, only where the worker finds it."""
+
+    client_id: int
+    start: int
+    size: int
+    seed: int
+    plan: ClientPlan
+    optimizer_state: OptimizerState | None
+    summable: bool
+
+
+def _moved(value, device):
+    """`value` (a plan, an optimizer state, an update, a dict of tensors, or None) with its tensors on `device`."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    if isinstance(value, ClientPlan):
+        return replace(value, correction=_moved(value.correction, device))
+    if isinstance(value, OptimizerState):
+        return OptimizerState(value.step.to(device), {s: _moved(t, device) for s, t in value.slots.items()})
+    if isinstance(value, ClientUpdate):
+        return replace(value, delta=_moved(value.delta, device), optimizer_state=_moved(value.optimizer_state, device))
+    raise TypeError(f"cannot move a {type(value).__name__}")
+
+
+def data_digest(pool: TensorData) -> str:
+    """What a worker's pool must match the driver's on: every target, the inputs' shapes and dtypes,
+    and a strided sample of the inputs (hashing all of them would take a second per 200 MB)."""
+    h = hashlib.sha256()
+    step = max(1, len(pool) // 64)
+    for part, tensors in (("x", leaves(pool.x)), ("y", leaves(pool.y))):
+        for t in tensors:
+            t = t.detach().cpu()
+            h.update(f"{part} {tuple(t.shape)} {t.dtype};".encode())
+            sample = t if part == "y" else t[::step]
+            h.update(sample.contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def shares(costs: Sequence[float], workers: int) -> list[range]:
+    """`workers` consecutive ranges of the tasks with about equal total cost each (some may be
+    empty): consecutive, so that the answers, handed on worker by worker, keep the task order."""
+    total = float(sum(costs))
+    bounds, done, start = [], 0.0, 0
+    for i, cost in enumerate(costs):
+        done += cost
+        # Close a share once it holds its part of the total (tasks never split).
+        while len(bounds) < workers - 1 and done >= total * (len(bounds) + 1) / workers:
+            bounds.append(i + 1)
+    bounds += [len(costs)] * (workers - 1 - len(bounds))
+    ranges = []
+    for stop in [*bounds, len(costs)]:
+        ranges.append(range(start, stop))
+        start = stop
+    return ranges
+
+
+class _Worker:
+    """One Ray actor: the run's clients' data, loaded once, and an in-process engine that trains them.
+
+    Errors while loading are kept and raised by every call, so that the driver reports them in one
+    line instead of Ray restarting a worker that can never start.
+    """
+
+    def __init__(self, data: Callable[[], FederatedData], scenario: Scenario, seed: int, engine: str,
+                 max_memory: int | None, device: str, threads: int):
+        from . import make_engine
+
+        torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.scenario, self.seed = scenario, seed
+        self.engine = make_engine(engine, max_memory=max_memory)
+        self.error: str | None = None
+        self.data = None
+        self.pool: tuple[TensorData, list[int], str] | None = None
+        self.model: tuple[int, nn.Module] | None = None
+        try:
+            self.data = data()
+        except Exception as e:  # noqa: BLE001 - reported to the driver as one line, whatever it is
+            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    def ready(self) -> dict[str, Any]:
+        import ray
+
+        return {"error": self.error, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "clients": self.data.num_clients if self.data is not None else 0}
+
+    def _pool(self, config: ClientConfig) -> tuple[TensorData, list[int], str]:
+        """The clients' pool, built on the first call (it needs the task's data layout) and kept."""
+        if self.pool is None:
+            from ..simulation import client_pool
+
+            data = self.data
+            pool, starts = client_pool(config.task.data(data.train).to(self.device), data.partition, self.scenario,
+                                       self.seed)
+            self.pool = pool, starts, data_digest(pool)
+            self.data = None  # the pool is a copy: keep one
+        return self.pool
+
+    def _module(self, model: list) -> nn.Module:
+        token, ref = model
+        if self.model is None or self.model[0] != token:
+            import ray
+
+            self.model = token, ray.get(ref).to(self.device)
+        return self.model[1]
+
+    def train(self, global_state: State, model: list, jobs: Sequence[_Job], config: ClientConfig,
+              digest: str) -> list[ClientUpdate]:
+        """Train `jobs`' clients from `global_state`: one CombinedUpdate for the summable ones (first),
+        then each other client's update, in job order; tensors on the CPU."""
+        if self.error is not None:
+            raise ConfigError(f"a Ray worker cannot load the run's data: {self.error}")
+        pool, starts, mine = self._pool(config)
+        if mine != digest:
+            raise ConfigError(f"a Ray worker loaded other data than the driver (digest {mine}, driver's {digest}): "
+                              f"every node must find the same dataset (same files, or --data-dir on shared storage)")
+        module = self._module(model)
+        state = _moved(global_state, self.device)
+        tasks = []
+        for job in jobs:
+            a, b = starts[job.client_id], starts[job.client_id + 1]
+            if (a, b - a) != (job.start, job.size):
+                raise ConfigError(f"a Ray worker's client {job.client_id} holds rows {a}:{b}, the driver's "
+                                  f"{job.start}:{job.start + job.size}: the worker loaded other data")
+            tasks.append(ClientTask(job.client_id, pool.rows(a, b), job.seed, pool, a, _moved(job.plan, self.device),
+                                    _moved(job.optimizer_state, self.device), job.summable))
+        summable = {job.client_id: job.summable for job in jobs}
+        own: list[ClientUpdate] = []
+
+        def summed(updates: Iterator[ClientUpdate]) -> Iterator[ClientUpdate]:
+            # Running sum: the worker holds one model-sized buffer for all its summable clients.
+            for update in updates:
+                if summable[update.client_id]:
+                    yield update
+                else:
+                    own.append(_moved(update, "cpu"))
+
+        combined = combine_updates(summed(self.engine.run(module, state, tasks, config)))
+        return ([_moved(combined, "cpu")] if combined is not None else []) + own
+
+
+def _reachable(address: str, timeout: float) -> None:
+    """ConfigError unless a gRPC server, as Ray's head is, answers at `address` (host:port,
+    ray://host:port, or a bare host on Ray's port 6379) within `timeout` seconds: ray.init itself
+    waits for minutes on an address that does not answer as Ray (measured with Ray 2.60)."""
+    if address == "auto":
+        return
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    default = 10001 if address.startswith("ray://") else 6379
+    try:
+        port_number = int(port) if port else default
+    except ValueError:
+        raise ConfigError(f"ray_address must look like host:port or ray://host:port, got {address!r}") from None
+    host = host.strip("[]") or "127.0.0.1"
+    started = time.monotonic()
+    try:
+        socket.create_connection((host, port_number), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} within {timeout:g} s "
+                          f"({e.strerror or type(e).__name__}): is `ray start --head` running there?") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # a plaintext handshake cannot tell; Ray's own connection will
+    import grpc
+
+    channel = grpc.insecure_channel(f"{host}:{port_number}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=max(0.1, timeout - (time.monotonic() - started)))
+    except grpc.FutureTimeoutError:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} within {timeout:g} s (something listens "
+                          f"there, but not as Ray does): is `ray start --head` running there?") from None
+    finally:
+        channel.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _close(ray, actors: list, started: bool) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception:  # noqa: BLE001 - already gone, or Ray already shut down
+            pass
+    actors.clear()
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+class RayEngine:
+    """Trains each round's clients on `workers` long-lived Ray actors that load the data themselves.
+
+    Args:
+        data: called once in every worker (and again when Ray restarts one): the run's
+            FederatedData, the same as the driver's (e.g. `functools.partial(load_data, config)`);
+            it must be picklable, and what it reads must be found on every node.
+        seed, scenario: the run's (simulate's): the workers rebuild the pool with them.
+        workers: how many actors; cpus_per_worker, gpus_per_worker: what Ray reserves for each
+            (fractions allowed; a worker trains on CUDA when it has a GPU share, else on the CPU).
+        engine: the in-process engine each worker trains with; max_memory: its budget.
+        address: the Ray cluster to connect to ("host:port", "ray://host:port", "auto"), checked
+            for an answer within `connect_timeout` seconds; a process already connected to Ray
+            (`ray.init`) keeps its connection. None: that one, else a new local Ray.
+        max_restarts: how often Ray restarts a worker that dies, and retries its work.
+        connect_timeout: seconds to wait for `address` to answer.
+
+    Use it as a context manager, or call `close()`: the actors hold their CPUs until then.
+    """
+
+    name = "ray"
+
+    def __init__(self, data: Callable[[], FederatedData], *, seed: int, scenario: Scenario = Scenario(),
+                 workers: int = 2, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, engine: str = "auto",
+                 max_memory: int | None = None, address: str | None = None,
+                 max_restarts: int = DEFAULT_MAX_RESTARTS, connect_timeout: float = CONNECT_TIMEOUT_S):
+        check_options(workers, cpus_per_worker, gpus_per_worker, engine)
+        if max_restarts < 0:
+            raise ConfigError(f"max_restarts must be >= 0, got {max_restarts}")
+        ray = import_ray()
+        self.workers, self.max_restarts = workers, max_restarts
+        self._started = False
+        if address:
+            _reachable(address, connect_timeout)
+        if not ray.is_initialized():
+            # The user's own modules (--model pkg.mod:factory, --task) import in the workers as here.
+            path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                         runtime_env={"env_vars": {"PYTHONPATH": path}})
+            except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
+                where = f"the Ray cluster at {address!r}" if address else "a local Ray"
+                # A cluster started by `ray start` takes tokens by default; its clients must say so themselves.
+                hint = ("; if the cluster takes tokens (Ray's default), set RAY_AUTH_MODE=token here, with its "
+                        "token in ~/.ray/auth_token or RAY_AUTH_TOKEN" if address and "RAY_AUTH_MODE" not in os.environ
+                        else "")
+                raise ConfigError(f"cannot start or connect to {where}: {_first_line(e)}{hint}") from None
+            self._started = True
+        self._ray = ray
+        self._actors: list = []
+        self._finalizer = weakref.finalize(self, _close, ray, self._actors, self._started)
+        # What the cluster can never hold is refused now; what others hold for the moment is waited for.
+        total = ray.cluster_resources()
+        for resource, each in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
+            if each and workers * each > total.get(resource, 0) + 1e-9:
+                self.close()
+                raise ConfigError(f"{workers} Ray workers of {each:g} {resource} each need {workers * each:g} "
+                                  f"{resource}, and the cluster has {total.get(resource, 0):g}: use fewer "
+                                  f"--ray-workers or less per worker")
+        device = "cuda" if gpus_per_worker > 0 else "cpu"
+        actor = ray.remote(_Worker).options(
+            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_restarts,
+            max_task_retries=max_restarts, max_concurrency=1)
+        threads = max(1, int(cpus_per_worker))
+        self._actors.extend(actor.remote(data, scenario, seed, engine, max_memory, device, threads)
+                            for _ in range(workers))
+        try:
+            ready = [a.ready.remote() for a in self._actors]
+            if len(ray.wait(ready, num_returns=len(ready), timeout=PLACEMENT_NOTICE_S)[0]) < len(ready):
+                log.warning("waiting for Ray to place %d workers of %g CPU and %g GPU (free now: %s)", workers,
+                            cpus_per_worker, gpus_per_worker, ray.available_resources())
+            self.placement = ray.get(ready)
+        except Exception as e:  # noqa: BLE001 - a worker that cannot even start
+            self.close()
+            raise ConfigError(f"a Ray worker cannot start: {_first_line(e)}") from None
+        errors = [p["error"] for p in self.placement if p["error"]]
+        if errors:
+            self.close()
+            raise ConfigError(f"a Ray worker cannot load the run's data: {errors[0]}")
+        self._digests: dict[int, tuple[TensorData, str]] = {}
+        self._model: tuple[nn.Module, list] | None = None
+        self._model_token = 0
+
+    @property
+    def actors(self) -> list:
+        """The workers' actor handles (for tests and tools: `ray.kill(engine.actors[0], no_restart=False)`)."""
+        return list(self._actors)
+
+    def close(self) -> None:
+        """Kill the workers (and stop the local Ray this engine started)."""
+        self._finalizer()
+
+    def __enter__(self) -> RayEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _digest(self, source: TensorData) -> str:
+        # Once per pool (the round loop builds one per run): hashing the targets takes milliseconds.
+        kept = self._digests.get(id(source))
+        if kept is None or kept[0] is not source:
+            kept = self._digests[id(source)] = (source, data_digest(source))
+        return kept[1]
+
+    def _module_ref(self, model: nn.Module) -> list:
+        # In a list, so that Ray hands the reference over unresolved: a worker fetches the model once.
+        if self._model is None or self._model[0] is not model:
+            self._model_token += 1
+            self._model = model, [self._model_token, self._ray.put(copy.deepcopy(model).cpu())]
+        return self._model[1]
+
+    def run(self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
+            ) -> Iterator[ClientUpdate]:
+        if not tasks:
+            return
+        if not self._actors:
+            raise FedforgeError("the Ray engine is closed")
+        source = tasks[0].source
+        if source is None or any(task.source is not source for task in tasks):
+            raise ValueError("the Ray engine trains clients from the data its workers load: every task needs the "
+                             "round loop's pool as its source")
+        ray = self._ray
+        digest = self._digest(source)
+        jobs = [_Job(t.client_id, t.start, len(t.data), t.seed, _moved(t.plan, "cpu"),
+                     _moved(t.optimizer_state, "cpu"), t.summable) for t in tasks]
+        state = ray.put({k: v.detach().cpu() for k, v in global_state.items()})  # once, read by every worker
+        module = self._module_ref(model)
+        costs = [t.plan.num_steps(len(t.data), config) for t in tasks]
+        pending = [(i, self._actors[i].train.remote(state, module, [jobs[j] for j in share], config, digest))
+                   for i, share in enumerate(shares(costs, len(self._actors))) if len(share)]
+        device = next(iter(global_state.values())).device
+        for worker, ref in pending:
+            for update in self._answer(worker, ref):
+                yield _moved(update, device)
+
+    def _answer(self, worker: int, ref) -> list[ClientUpdate]:
+        """A worker's answers; Ray's own errors turned into one line (a client's, e.g. divergence, as it is)."""
+        ray = self._ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, FedforgeError):
+                raise e.cause from None
+            raise FedforgeError(f"Ray worker {worker} failed: {_first_line(e.cause or e)}") from None
+        except ray.exceptions.RayError as e:
+            raise FedforgeError(f"Ray worker {worker} died more often than its {self.max_restarts} restarts allow "
+                                f"({type(e).__name__}); the completed rounds are saved: continue with --resume"
+                                ) from None
+
+
+def check_options(workers: int, cpus_per_worker: float, gpus_per_worker: float, engine: str) -> None:
+    """One-line ConfigErrors for settings of the Ray engine that cannot work."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"ray_workers must be an integer >= 1, got {workers!r}")
+    if not cpus_per_worker > 0:
+        raise ConfigError(f"ray_cpus_per_worker must be > 0, got {cpus_per_worker}")
+    if not gpus_per_worker >= 0:
+        raise ConfigError(f"ray_gpus_per_worker must be >= 0, got {gpus_per_worker}")
+    if engine not in IN_PROCESS_ENGINES:
+        raise ConfigError(f"ray_engine must be one of {', '.join(IN_PROCESS_ENGINES)} (the engine each Ray worker "
+                          f"trains with), got {engine!r}")
+
+
+__all__ = ["RayEngine", "check_options", "data_digest", "import_ray", "shares"]

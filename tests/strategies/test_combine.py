@@ -1,0 +1,157 @@
+"""Partial sums (CombinedUpdate): a linear strategy, and the round loop's tally, take them as the updates they stand for."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fedforge import ClientConfig, FederatedData, simulate
+from fedforge.contract import ClientUpdate
+from fedforge.data import dirichlet
+from fedforge.engines import SequentialEngine
+from fedforge.scenarios import Scenario
+from fedforge.simulation import _Tally
+from fedforge.strategies import (STRATEGIES, CombinedUpdate, RunInfo, RunningMean, combine_updates, make_strategy,
+                                 weighted_mean_delta)
+from helpers import blobs
+
+LIKE = {"w": torch.zeros(3), "n": torch.zeros((), dtype=torch.long)}
+
+
+def update(cid, w, n, loss, accuracy=None, steps=1, batches=0, **metrics):
+    return ClientUpdate(cid, {"w": torch.tensor(w, dtype=torch.float32), "n": torch.tensor(batches)}, n, steps, loss,
+                        accuracy, metrics=metrics)
+
+
+def test_two_updates_by_hand():
+    a = update(1, [1.0, 0.0, 2.0], 1, loss=0.5, accuracy=1.0, steps=2, batches=1)
+    b = update(2, [4.0, 3.0, -1.0], 3, loss=1.0, accuracy=0.0, steps=3, batches=2)
+    c = combine_updates([a, b])
+    assert isinstance(c, CombinedUpdate) and c.client_id == -1 and c.client_ids == (1, 2)
+    assert (c.num_examples, c.num_steps) == (4, 5)
+    torch.testing.assert_close(c.delta["w"], torch.tensor([13 / 4, 9 / 4, -1 / 4]))
+    # An integer buffer's mean stays unrounded (1.75, not 2), so the server's mean of means is exact.
+    assert c.delta["n"].dtype == torch.float64 and c.delta["n"].item() == 1.75
+    assert c.metrics == {"loss": (0.5 + 3.0) / 4, "accuracy": 1 / 4}
+    assert (c.train_loss, c.train_accuracy) == (c.metrics["loss"], c.metrics["accuracy"])
+    assert combine_updates([]) is None
+
+
+def test_a_metric_some_clients_lack_counts_as_the_tally_counts_it():
+    a, b = update(1, [1.0, 0, 0], 2, loss=1.0), update(2, [0, 1.0, 0], 2, loss=3.0, accuracy=0.5)
+    tally_of_each, tally_of_one = _Tally(None), _Tally(None)
+    list(tally_of_each.tap([a, b]))
+    list(tally_of_one.tap([combine_updates([a, b])]))
+    assert tally_of_one.means() == pytest.approx(tally_of_each.means())  # accuracy: 0.5 * 2 / 4, as the tally says
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 500), st.floats(0, 5), st.floats(0, 1), st.integers(0, 9)),
+                min_size=1, max_size=12),
+       st.data())
+def test_the_mean_of_partial_sums_is_the_mean_of_the_updates(clients, data):
+    g = torch.Generator().manual_seed(len(clients))
+    updates = [ClientUpdate(i, {"w": torch.randn(3, generator=g), "n": torch.tensor(batches)}, n, 1, loss, accuracy)
+               for i, (n, loss, accuracy, batches) in enumerate(clients)]
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(updates)), max_size=4)))
+    groups = [updates[a:b] for a, b in zip([0, *cuts], [*cuts, len(updates)])]
+    combined = [c for c in map(combine_updates, groups) if c is not None]
+    mean_each, count = weighted_mean_delta(updates, LIKE)
+    mean_combined, _ = weighted_mean_delta(combined, LIKE)
+    torch.testing.assert_close(mean_combined, mean_each)
+    tallies = _Tally(None), _Tally(None)
+    list(tallies[0].tap(updates))
+    list(tallies[1].tap(combined))
+    assert tallies[1].examples == tallies[0].examples
+    assert tallies[1].means() == pytest.approx(tallies[0].means(), rel=1e-12)
+    assert sorted(i for c in combined for i in c.client_ids) == list(range(count))
+
+
+def test_linear_strategies_are_those_with_apply_mean_and_aggregate_partial_sums_alike():
+    run = RunInfo(num_clients=10, client_lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    updates = [ClientUpdate(i, {"w": torch.randn(3, generator=g), "n": torch.tensor(i)}, 10 + 7 * i, 3, 1.0, None)
+               for i in range(5)]
+    params = {"w": torch.randn(3, generator=g), "n": torch.tensor(4)}
+    for name in STRATEGIES:
+        strategy = make_strategy(name)
+        assert strategy.linear == hasattr(strategy, "apply_mean"), name
+        if not strategy.linear:
+            continue
+        state = strategy.init(params, run)
+        for _ in range(2):  # twice: the server optimizers' own state must move alike too
+            each = strategy.aggregate(state, updates)
+            combined = strategy.aggregate(state, [combine_updates(updates[:2]), combine_updates(updates[2:])])
+            torch.testing.assert_close(combined.params, each.params, msg=name)
+            state = each
+
+
+class CombiningEngine:
+    """The sequential engine, answering like the Ray engine: one CombinedUpdate for the summable tasks, then the rest."""
+
+    name = "combining"
+
+    def __init__(self):
+        self.engine = SequentialEngine()
+        self.summable: list[list[int]] = []
+
+    def run(self, model, global_state, tasks, config):
+        self.summable.append([t.client_id for t in tasks if t.summable])
+        updates = list(self.engine.run(model, global_state, tasks, config))
+        combined = combine_updates(u for u, t in zip(updates, tasks) if t.summable)
+        yield from ([combined] if combined else []) + [u for u, t in zip(updates, tasks) if not t.summable]
+
+
+def problem():
+    train = blobs(400, seed=1)
+    return FederatedData(train, dirichlet(train.y.numpy(), 8, alpha=0.5, rng=np.random.default_rng(0)),
+                         blobs(100, seed=2))
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("strategy, scenario, summed", [
+    ("fedavg", Scenario(), "all"),
+    ("fedadam", Scenario(straggler_fraction=0.5, dropout=0.2), "all"),
+    ("fedavg", Scenario(attack="label_flip", malicious_fraction=0.25), "all"),
+    # The attacked clients' own updates are transformed by the round loop: never summed.
+    ("fedavg", Scenario(attack="sign_flip", malicious_fraction=0.25, attack_scale=3.0), "honest"),
+    ("krum", Scenario(), "none"),
+    ("scaffold", Scenario(), "none"),
+])
+def test_the_round_loop_gives_the_same_run_with_partial_sums(strategy, scenario, summed):
+    def go(engine):
+        kwargs = {"krum_f": 1} if strategy == "krum" else {}
+        return simulate(model(), problem(), rounds=3, clients_per_round=5, client=ClientConfig(batch_size=16, lr=0.1),
+                        strategy=make_strategy(strategy, **kwargs), engine=engine, scenario=scenario, seed=3)
+
+    engine = CombiningEngine()
+    combined, each = go(engine), go(SequentialEngine())
+    torch.testing.assert_close(combined.state.params, each.state.params)
+    for a, b in zip(combined.history.records, each.history.records):
+        assert a.clients == b.clients and a.dropped == b.dropped
+        assert (a.train_loss is None) == (b.train_loss is None)
+        if a.train_loss is not None:
+            # Round 1 trains from the same model: its tally equals to float64 rounding. Later rounds start from
+            # models equal to float32 rounding (a mean of partial means is summed in another order).
+            tolerance = 1e-9 if a.round == 1 else 1e-5
+            assert math.isclose(a.train_loss, b.train_loss, rel_tol=tolerance)
+            assert math.isclose(a.train_accuracy, b.train_accuracy, rel_tol=tolerance)
+    assert any(engine.summable) if summed != "none" else not any(engine.summable)
+    if summed == "honest":
+        from fedforge.scenarios import malicious_clients
+
+        bad = malicious_clients(scenario, 8, 3)
+        assert all(c not in bad for ids in engine.summable for c in ids)
+        selected = {c for r in each.history.records for c in r.clients} - set(
+            c for r in each.history.records for c in r.dropped)
+        assert bad & selected  # the test would prove nothing if no attacker was ever selected
