@@ -25,6 +25,9 @@ from .data.tabular import parse_source
 from .engines import ENGINES, IN_PROCESS_ENGINES
 from .engines.ray import check_options as check_ray_options
 from .errors import ConfigError
+from .privacy.accountant import METHODS
+from .privacy.mechanism import MODES
+from .privacy.run import SAMPLINGS, DifferentialPrivacy
 from .models import MODELS, model_factory
 from .scenarios import ATTACKS, Scenario, parse_epochs_dist
 from .strategies import STRATEGIES, make_strategy
@@ -86,6 +89,20 @@ class Config:
     trim_beta: float = _opt(0.1, "trimmed_mean: share trimmed at each end")
     krum_f: int = _opt(1, "krum/multikrum: number of Byzantine clients tolerated")
     multikrum_m: int = _opt(0, "multikrum: updates averaged (0: clients per round - krum_f)")
+    sampling: str = _opt("fixed", "client sampling: fixed (clients_per_round each round) or poisson (each client "
+                         "joins with probability clients_per_round / num_clients; what DP accounting assumes)",
+                         SAMPLINGS)
+    dp: str | None = _opt(None, "differential privacy: client (clients clip, the server adds noise), central (the "
+                          "server clips and noises) or local (each client noises its own update)", MODES)
+    clip: float = _opt(1.0, "dp: the bound C on each client's update norm (the first C with adaptive_clip)")
+    noise_multiplier: float | None = _opt(None, "dp: noise std over C (default: calibrated for target_epsilon)")
+    target_epsilon: float | None = _opt(None, "dp: the privacy budget; the run stops before a round would pass it")
+    delta: float = _opt(1e-5, "dp: delta of the (epsilon, delta) guarantee; < 1/num_clients")
+    adaptive_clip: bool = _opt(False, "dp: C follows clip_quantile of the update norms (Andrew et al. 2021)")
+    clip_quantile: float = _opt(0.5, "dp, adaptive_clip: the share of updates meant to be left unclipped")
+    clip_lr: float = _opt(0.2, "dp, adaptive_clip: step of the geometric update of C")
+    accountant: str | None = _opt(None, "dp: pld or rdp (default: pld; rdp for fixed-size sampling, the only "
+                                  "analysis dp-accounting has for it)", METHODS)
     local_epochs_dist: str | None = _opt(None, "per-client local epochs each round, e.g. uniform:1:5")
     straggler_fraction: float = _opt(0.0, "share of selected clients that do only part of their work")
     drop_stragglers: bool = _opt(False, "stragglers send nothing instead of their partial work")
@@ -155,6 +172,12 @@ class Config:
                 f"clients_per_round must be between 1 and num_clients={self.num_clients}, got {self.clients_per_round}"
             )
         self.client_config()  # validates the client hyperparameters
+        privacy = self.privacy()
+        if privacy is not None:
+            privacy.check(self.strategy_object(), self.num_clients)
+        elif self.target_epsilon is not None or self.noise_multiplier is not None:
+            raise ConfigError("target_epsilon and noise_multiplier are for differential privacy: add --dp client "
+                              "(or central, local)")
         self.max_memory_bytes()
         check_ray_options(self.ray_workers, self.ray_cpus_per_worker, self.ray_gpus_per_worker, self.ray_engine)
 
@@ -162,6 +185,15 @@ class Config:
         """The strategy, built from its hyperparameters in this config (server_lr, q, trim_beta, ...)."""
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return make_strategy(self.strategy, **options)
+
+    def privacy(self) -> DifferentialPrivacy | None:
+        """The run's differential privacy settings, or None without --dp."""
+        if self.dp is None:
+            return None
+        return DifferentialPrivacy(mode=self.dp, clip=self.clip, noise_multiplier=self.noise_multiplier,
+                                   target_epsilon=self.target_epsilon, delta=self.delta, adaptive=self.adaptive_clip,
+                                   target_quantile=self.clip_quantile, clip_lr=self.clip_lr,
+                                   accountant=self.accountant)
 
     def scenario(self) -> Scenario:
         return Scenario(

@@ -81,6 +81,9 @@ class ClientPlan:
             the gradient; with momentum rho, feeding it through the buffer would scale it by up
             to 1 / (1 - rho) twice (its estimate, (x - y_i) / (K lr), already carries that
             factor) and over-correct.
+        clip, noise_multiplier: differential privacy done by the client (`fedforge.privacy`):
+            clip the update's norm to `clip` before sending it and, under local DP, add noise
+            of std noise_multiplier * clip from the client's own random source.
         measure_initial_loss: also report the global model's loss on the client's data
             before training (q-FedAvg needs it).
     """
@@ -90,6 +93,8 @@ class ClientPlan:
     proximal_mu: float = 0.0
     correction: State | None = None
     measure_initial_loss: bool = False
+    clip: float | None = None
+    noise_multiplier: float = 0.0
 
     def num_steps(self, num_examples: int, config: ClientConfig) -> int:
         epochs = self.epochs or config.local_epochs

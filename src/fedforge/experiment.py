@@ -129,6 +129,7 @@ def save_checkpoint(run_dir: Path, state: ServerState, history: History) -> None
     buffer = io.BytesIO()
     torch.save({"params": {k: v.cpu() for k, v in state.params.items()}, "round": state.round,
                 "extras": state.extras, "run": dataclasses.asdict(state.run) if state.run else None,
+                "privacy": state.privacy,
                 "history": history.to_json()}, buffer)
     payload = buffer.getbuffer()
     with atomic_write(run_dir / "checkpoint.pt", "wb") as f:
@@ -154,7 +155,8 @@ def load_checkpoint(run_dir: str | Path, device) -> tuple[ServerState, History]:
         # Our own file, written by save_checkpoint: it holds tensors, numbers and dicts only.
         saved = torch.load(io.BytesIO(memoryview(data)[start:]), map_location=device, weights_only=True)
         run = RunInfo(**saved["run"]) if saved.get("run") else None
-        state = ServerState({k: v.to(device) for k, v in saved["params"].items()}, saved["round"], saved["extras"], run)
+        state = ServerState({k: v.to(device) for k, v in saved["params"].items()}, saved["round"], saved["extras"], run,
+                            saved.get("privacy"))
         return state, History.from_json(saved["history"])
     except Exception as e:  # noqa: BLE001 - a file that passed its checksum but not the loader
         raise ConfigError(f"cannot resume: {path} cannot be read ({type(e).__name__})") from None
@@ -187,15 +189,19 @@ def check_resumable(run_dir: str | Path, config: Config) -> None:
 
 
 def run_experiment(config: Config, *, progress: bool = True, verbose: bool = True, engine=None,
-                   resume: bool = False) -> RunOutcome:
+                   resume: bool = False, secure_noise: bool = False) -> RunOutcome:
     """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`.
 
     History, model and a checkpoint are rewritten (atomically) after every round, so whatever
     stops the run (Ctrl-C, divergence, a crash) leaves the completed rounds on disk, and
     `resume=True` continues the run in `out_dir/name` from its last completed round. The plot
     is drawn at the end or on the way out. `engine` replaces the one `config` names (the
-    server passes its network engine).
+    server passes its network engine). `secure_noise`: differential privacy's noise from the OS's
+    cryptographic source rather than the seed (the server's).
     """
+    privacy = config.privacy()
+    if privacy is not None and secure_noise:
+        privacy = dataclasses.replace(privacy, secure_noise=True)
     device = resolve_device(config.device)
     dataset, data = load(config, progress=progress)
     dataset, data = dataset.to(device), data.to(device)
@@ -231,6 +237,7 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
             on_client=lambda update: bar.update(len(update.client_ids) if isinstance(update, CombinedUpdate) else 1),
             on_round=on_round,
             resume=(start[0], start[1].records) if start else None,
+            privacy=privacy, sampling=config.sampling,
         )
     finally:
         bar.close()

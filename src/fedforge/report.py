@@ -33,7 +33,12 @@ def plot_history(history: History, path: str | os.PathLike, *, title: str | None
     plt = pyplot()
 
     rounds = history.column("round")
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    private = any("epsilon" in r.metrics for r in history.records)
+    fig, axes = plt.subplots(1, 3 if private else 2, figsize=(15 if private else 10, 4))
+    acc_ax, loss_ax = axes[0], axes[1]
+    if private:  # differential privacy: the epsilon spent by the end of each round
+        axes[2].plot(rounds, history.column("epsilon"), marker="o", color="tab:red", label="epsilon spent")
+        axes[2].set(xlabel="round", ylabel="epsilon", title="privacy spent")
     acc_ax.plot(rounds, history.column(f"test_{metric}"), marker="o", label="test")
     loss_ax.plot(rounds, history.column("test_loss"), marker="o", label="test")
     train = [(r.round, r.train_loss) for r in history.records if r.train_loss is not None]
@@ -41,7 +46,7 @@ def plot_history(history: History, path: str | os.PathLike, *, title: str | None
         loss_ax.plot(*zip(*train), marker=".", linestyle="--", label="train (clients)")
     acc_ax.set(xlabel="round", ylabel=metric, title=f"test {metric}")
     loss_ax.set(xlabel="round", ylabel="loss", title="loss")
-    for ax in (acc_ax, loss_ax):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
@@ -89,6 +94,8 @@ def round_line(record: RoundRecord, rounds: int) -> str:
         parts.append(f"train loss {record.train_loss:.4f}")
     if record.federated_accuracy is not None:
         parts.append(f"federated accuracy {record.federated_accuracy:.4f}")
+    if "epsilon" in record.metrics:
+        parts.append(f"epsilon {record.metrics['epsilon']:.3f}")
     if record.round:
         parts.append(f"{record.seconds:.2f} s")
     return "  ".join(parts)

@@ -60,7 +60,9 @@ def serve(
         hub.wait_for_clients(min_clients)
         engine = NetworkEngine(hub, round_timeout=round_timeout, min_fit_clients=min_fit_clients,
                                max_client_examples=max_client_examples)
-        outcome = run_experiment(config, progress=progress, engine=engine, resume=resume)
+        # Differential privacy's noise from the OS's cryptographic source: a deployment's noise must not
+        # be replayable from the run's seed (which config.toml records).
+        outcome = run_experiment(config, progress=progress, engine=engine, resume=resume, secure_noise=True)
         final = Message(Kind.SHUTDOWN, {"status": "done"})
         return outcome
     except BaseException as e:

@@ -20,6 +20,8 @@ from .errors import ConfigError, FedforgeError
 from .evaluation import evaluate
 from .history import History, RoundRecord
 from .scenarios import Scenario, attack_update, client_work, flip_labels, malicious_clients
+from .privacy.run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
+from .privacy.sampling import poisson_sample
 from .strategies import FedAvg, RunInfo, ServerState, Strategy
 
 log = logging.getLogger("fedforge")
@@ -145,6 +147,8 @@ def simulate(
     on_round: Callable[[RoundRecord, ServerState], None] | None = None,
     resume: tuple[ServerState, Sequence[RoundRecord]] | None = None,
     max_round_attempts: int = 10,
+    privacy: DifferentialPrivacy | None = None,
+    sampling: str = "fixed",
 ) -> SimulationResult:
     """Run federated training of `model` over `data` for `rounds` rounds.
 
@@ -160,13 +164,19 @@ def simulate(
         scenario: unequal work, stragglers, dropouts and attacks (none by default).
         eval_train: also evaluate the global model on all clients' training data every round
             (the global objective that FedProx's paper plots).
-        on_client: called with each client update as it arrives.
+        on_client: called with each client update as it arrives (a CombinedUpdate stands for several
+            clients when the engine sums them, as the Ray engine does for a linear strategy).
         on_round: called after every round (and after the initial evaluation, round 0).
         resume: the state and records of the rounds already completed, to continue a run
             (every random choice derives from the seed and the round, so the continuation is
             the same as an uninterrupted run).
         max_round_attempts: how often a round whose engine raises RoundFailed (too few clients
             reported) is retried with a new selection before the run gives up.
+        privacy: user-level differential privacy: a stage between the clients and the strategy
+            (clip, noise the sum, the strategy's server optimizer on the noised mean), with an
+            accountant; the run stops before a round would pass its epsilon budget.
+        sampling: "fixed" (`clients_per_round` clients each round) or "poisson" (each client
+            joins a round with probability clients_per_round / num_clients).
     """
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
@@ -183,7 +193,8 @@ def simulate(
     # A linear strategy needs only the round's weighted mean, so an engine may send partial sums;
     # not of the clients whose own update a later stage transforms (the scenario's update attacks)
     # or whose optimizer state must come back.
-    linear = getattr(strategy, "linear", False) and not client.task.keep_optimizer_state
+    # The privacy stage clips each client's update: it needs them one by one.
+    linear = getattr(strategy, "linear", False) and not client.task.keep_optimizer_state and privacy is None
     transformed = malicious if scenario.attack not in (None, "label_flip") else frozenset()
 
     def attacked(updates: Iterable[ClientUpdate], round_: int) -> Iterator[ClientUpdate]:
@@ -230,6 +241,13 @@ def simulate(
     optimizer_states: dict[int, OptimizerState] = {}
     started = time.perf_counter()
     run = RunInfo(num_clients=data.num_clients, client_lr=client.lr, client_momentum=client.momentum)
+    dp = None
+    if privacy is not None:
+        privacy.check(strategy, data.num_clients)
+        dp = PrivacyRun(privacy, sampling_for(sampling, data.num_clients, k), rounds=rounds, seed=seed,
+                        saved=resume[0].privacy if resume is not None else None)
+    elif sampling not in SAMPLINGS:
+        raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     if resume is not None:
         state, records = resume[0], list(resume[1])
         if client.task.keep_optimizer_state:
@@ -240,21 +258,32 @@ def simulate(
     else:
         state = strategy.init({k_: v.detach() for k_, v in model.state_dict().items()}, run)
         records = [measure(state, (), None, started, started)]
+        if dp is not None:
+            records[-1].metrics.update(dp.metrics())
         if on_round is not None:
             on_round(records[-1], state)
     while state.round < rounds:
         started = time.perf_counter()
         r = state.round + 1
+        if dp is not None and dp.exhausted():
+            log.warning("stopping before round %d: it would spend more than the privacy budget (epsilon %.4g spent "
+                        "of %.4g)", r, dp.epsilon(), privacy.target_epsilon)
+            break
         for attempt in range(max_round_attempts):
             # A retried round draws a new selection; the first draw is the simulation's.
             keys = (_seeding.SELECTION, r) if attempt == 0 else (_seeding.SELECTION, r, attempt)
-            # select -> plan (the strategy's terms, the scenario's work) -> run -> transform -> aggregate
-            selected = select_clients(data.num_clients, k, _seeding.generator(seed, *keys))
+            # select -> plan (the strategy's terms, the scenario's work) -> run -> transform
+            # (attacks; privacy) -> aggregate
+            if sampling == "poisson":
+                selected = poisson_sample(data.num_clients, k / data.num_clients, _seeding.generator(seed, *keys))
+            else:
+                selected = select_clients(data.num_clients, k, _seeding.generator(seed, *keys))
             work, dropped = client_work(scenario, selected, [len(clients[c]) for c in selected], client, seed, r)
             tasks = [
                 ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c), pool,
                            starts[c], replace(strategy.plan(state, c), epochs=work[c].epochs,
-                                              max_steps=work[c].max_steps), optimizer_states.get(c),
+                                              max_steps=work[c].max_steps, **(dp.client_plan() if dp else {})),
+                           optimizer_states.get(c),
                            summable=linear and c not in transformed)
                 for c in selected if c not in dropped
             ]
@@ -262,7 +291,13 @@ def simulate(
             updates = attacked(_keep_optimizer_states(engine.run(model, state.params, tasks, client), kept), r)
             tally = _Tally(on_client)
             try:
-                state = strategy.aggregate(state, tally.tap(updates))
+                if dp is None:
+                    state = strategy.aggregate(state, tally.tap(updates))
+                else:
+                    if dp.settings.mode != "central" and not getattr(engine, "clients_privatize", False):
+                        # Engines that run clients here (not over the network): do what they would.
+                        updates = dp.on_clients(updates, r)
+                    state = dp.aggregate(strategy, state, tally.tap(updates), r)
                 optimizer_states.update(kept)  # only a round that counts moves the clients' optimizers on
                 break
             except RoundFailed as e:
@@ -270,6 +305,8 @@ def simulate(
         else:
             raise FedforgeError(f"round {r} failed {max_round_attempts} times: too few clients report")
         records.append(measure(state, tuple(selected), tally, started, time.perf_counter(), dropped))
+        if dp is not None:
+            records[-1].metrics.update(dp.metrics())
         if on_round is not None:
             on_round(records[-1], state)
     return SimulationResult(History(records), state)

@@ -266,3 +266,19 @@ def test_a_custom_task_from_the_clients_app_equals_the_simulation(cluster, tmp_p
     monkeypatch.chdir(tmp_path)
     assert fedforge(["run", "-q", *flags, "--out-dir", str(tmp_path / "sim"), "--name", "sim"]) == 0
     assert_same_model(networked, torch.load(tmp_path / "sim" / "sim" / "model.pt"))
+
+
+def test_client_side_clipping_over_the_network_spends_the_simulations_epsilon(cluster, tmp_path):
+    """--dp client in deployment: the clients clip, the server adds noise from the OS's source (so
+    the weights differ from the seeded simulation's) and spends exactly the simulation's epsilon."""
+    flags = ["--rounds", "2", "--dp", "client", "--target-epsilon", "3", "--delta", "0.01", "--clip", "0.5"]
+    server, port = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags)
+    clients = [cluster.client(i, port) for i in range(3)]
+    assert server.wait(60) == 0, server.text()
+    assert all(c.wait(30) == 0 for c in clients)
+    networked = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())["rounds"]
+    simulated_model(tmp_path, *flags)
+    simulated = json.loads((tmp_path / "sim" / "sim" / "history.json").read_text())["rounds"]
+    assert [r["metrics"]["epsilon"] for r in networked] == [r["metrics"]["epsilon"] for r in simulated]
+    assert 0 < networked[-1]["metrics"]["epsilon"] <= 3
+    assert networked[-1]["test_loss"] != simulated[-1]["test_loss"]  # the server's noise is not the seed's

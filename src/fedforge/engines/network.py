@@ -31,7 +31,8 @@ MAX_METRICS = 32  # named metrics in one update
 def task_message(task_id: int, task: ClientTask, global_state: State) -> Message:
     plan = task.plan
     header = {"task": task_id, "seed": task.seed, "epochs": plan.epochs, "max_steps": plan.max_steps,
-              "proximal_mu": plan.proximal_mu, "measure_initial_loss": plan.measure_initial_loss}
+              "proximal_mu": plan.proximal_mu, "measure_initial_loss": plan.measure_initial_loss,
+              "clip": plan.clip, "noise_multiplier": plan.noise_multiplier}
     tensors = {f"global/{k}": v for k, v in global_state.items()}
     if plan.correction is not None:
         tensors.update({f"correction/{k}": v for k, v in plan.correction.items()})
@@ -93,6 +94,7 @@ class NetworkEngine:
     """
 
     name = "network"
+    clients_privatize = True  # under differential privacy the clients clip (and noise) before sending
 
     def __init__(self, hub: Hub, *, round_timeout: float, min_fit_clients: int,
                  max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES):

@@ -26,6 +26,8 @@ from ..data.datasets import TensorData, leaves
 from ..engines import ClientTask, SequentialEngine
 from ..errors import ConfigError
 from ..models import build_model
+from ..privacy.mechanism import PrivacyConfig, secure_generator
+from ..privacy.stage import privatize_update
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .wire import Kind, Message, WireError, decode, encode
 
@@ -150,12 +152,22 @@ class _Trainer:
         global_state = {k[len("global/"):]: v for k, v in task.tensors.items() if k.startswith("global/")}
         self._check_model(global_state)
         correction = {k[len("correction/"):]: v for k, v in task.tensors.items() if k.startswith("correction/")}
+        clip, noise = h.get("clip"), h.get("noise_multiplier") or 0.0
+        if clip is not None and not (type(clip) in (int, float) and 0 < clip < 1e30):
+            raise ConfigError(f"the server asked for a clip bound of {clip!r}: not a number > 0")
+        if not (type(noise) in (int, float) and 0 <= noise < 1e6):
+            raise ConfigError(f"the server asked for a noise multiplier of {noise!r}: not a number >= 0")
         plan = ClientPlan(epochs=h.get("epochs"), max_steps=h.get("max_steps"), proximal_mu=h.get("proximal_mu", 0.0),
-                          correction=correction or None, measure_initial_loss=bool(h.get("measure_initial_loss")))
+                          correction=correction or None, measure_initial_loss=bool(h.get("measure_initial_loss")),
+                          clip=clip, noise_multiplier=noise)
         start = self._last[1] if self._last is not None and self._last[0] == h["task"] else self.optimizer_state
         task_ = ClientTask(client_id, self.data, int(h["seed"]), plan=plan, optimizer_state=start)
         update = next(iter(self.engine.run(self.model, global_state, [task_], self.client)))
         self._last, self.optimizer_state = (h["task"], start), update.optimizer_state
+        if plan.clip is not None:  # differential privacy: this client's part, before anything leaves it
+            mode = "local" if plan.noise_multiplier else "client"
+            mechanism = PrivacyConfig(plan.noise_multiplier, 1.0, mode=mode, clip=plan.clip)
+            update = privatize_update(update, mechanism, plan.clip, secure_generator())
         return update
 
 

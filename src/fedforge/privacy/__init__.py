@@ -11,10 +11,11 @@ from __future__ import annotations
 from .accountant import Accountant, calibrate, check_delta, check_epsilon, round_event
 from .mechanism import PrivacyConfig, adapt_clip, add_noise, clip_delta, gaussian_noise, l2_norm, secure_generator
 from .sampling import FixedSizeSampling, PoissonSampling, Sampling, poisson_sample
+from .run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
 from .stage import SUPPORTED_STRATEGIES, PrivacyState, PrivacyStats, check_strategy, privatize, privatize_update
 
 __all__ = [
-    "SUPPORTED_STRATEGIES", "Accountant", "FixedSizeSampling", "PoissonSampling", "PrivacyConfig", "PrivacyState",
+    "SAMPLINGS", "SUPPORTED_STRATEGIES", "Accountant", "DifferentialPrivacy", "PrivacyRun", "sampling_for", "FixedSizeSampling", "PoissonSampling", "PrivacyConfig", "PrivacyState",
     "PrivacyStats", "Sampling", "adapt_clip", "add_noise", "calibrate", "check_delta", "check_epsilon",
     "check_strategy", "clip_delta", "gaussian_noise", "l2_norm", "poisson_sample", "privatize",
     "privatize_update", "round_event", "secure_generator",

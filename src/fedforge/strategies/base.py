@@ -38,13 +38,15 @@ class ServerState:
 
     `params` is the global model's full state (parameters and buffers); `extras` holds a
     strategy's own state by name (momentum, second moments, control variates, ...); `run` the
-    facts of the run it was initialised with.
+    facts of the run it was initialised with; `privacy` the privacy stage's (the accountant, the
+    clip bound), in a run with differential privacy.
     """
 
     params: State
     round: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     run: RunInfo | None = None
+    privacy: dict[str, Any] | None = None
 
     def unchanged(self) -> ServerState:
         """The state after a round in which no update arrived: same model, next round."""
@@ -52,7 +54,7 @@ class ServerState:
 
     def next(self, params: State, extras: dict[str, Any] | None = None) -> ServerState:
         """The state of the next round: new `params`, and new `extras` when given."""
-        return ServerState(params, self.round + 1, self.extras if extras is None else extras, self.run)
+        return replace(self, params=params, round=self.round + 1, extras=self.extras if extras is None else extras)
 
     def run_info(self, strategy: str) -> RunInfo:
         if self.run is None:
