@@ -6,6 +6,7 @@ import dataclasses
 import http.server
 import threading
 
+import pytest
 import torch
 
 from fedforge.data import TensorData
@@ -62,3 +63,14 @@ def blobs(num_examples: int, num_classes: int = 4, dim: int = 8, seed: int = 0) 
     y = torch.randint(0, num_classes, (num_examples,), generator=g)
     x = centres[y] + torch.randn(num_examples, dim, generator=g)
     return TensorData(x, y)
+
+
+def assert_same_run(a, b):
+    """Two simulations of one experiment (on two engines) agree: same clients, weights up to
+    float round-off, the same training accuracy and loss per round."""
+    assert a.history.column("clients") == b.history.column("clients")
+    for name, value in a.state.params.items():
+        torch.testing.assert_close(b.state.params[name], value)
+    for x, y in zip(a.history.records[1:], b.history.records[1:]):
+        assert x.train_accuracy == y.train_accuracy
+        assert x.train_loss == pytest.approx(y.train_loss, rel=1e-5)

@@ -33,3 +33,17 @@ def load_object(name: str, what: str):
     if found is None:
         raise ConfigError(f"{what} {name!r}: {module_name} has no {attribute!r}")
     return found
+
+
+def load_instance(name: str, what: str, cls: type):
+    """The `cls` instance `package.module:object` names, or that a function of no arguments
+    there returns (built on demand: a user's factory)."""
+    found = load_object(name, what)
+    if callable(found) and not isinstance(found, cls):
+        try:
+            found = found()
+        except Exception as e:  # noqa: BLE001 - the user's function: say which and why, in one line
+            raise ConfigError(f"{what} {name!r} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(found, cls):
+        raise ConfigError(f"{what} {name!r} is a {type(found).__name__}, not a fedforge.{cls.__name__}")
+    return found

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ._imports import load_object
+from ._imports import load_instance
 from .errors import ConfigError
 from .tasks import Task
 
@@ -42,20 +42,12 @@ class ClientApp:
         if self.task is not None and not isinstance(self.task, Task):
             raise ConfigError(f"ClientApp.task must be a fedforge.Task, got {type(self.task).__name__}")
         if self.model is not None and not callable(self.model):
-            raise ConfigError(f"ClientApp.model must be a factory (input_shape, num_classes) -> nn.Module")
+            raise ConfigError("ClientApp.model must be a factory (input_shape, num_classes) -> nn.Module")
 
 
 def load_app(name: str) -> ClientApp:
     """The ClientApp `package.module:object` (or a function of no arguments returning one)."""
-    app = load_object(name, "client app")
-    if callable(app) and not isinstance(app, ClientApp):
-        try:
-            app = app()
-        except Exception as e:  # noqa: BLE001 - the user's function: say which and why, in one line
-            raise ConfigError(f"client app {name!r} failed: {type(e).__name__}: {e}") from None
-    if not isinstance(app, ClientApp):
-        raise ConfigError(f"client app {name!r} is a {type(app).__name__}, not a fedforge.ClientApp")
-    return app
+    return load_instance(name, "client app", ClientApp)
 
 
 __all__ = ["ClientApp", "load_app"]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._imports import is_reference, load_object
+from ._imports import is_reference, load_instance
 from .data.datasets import TensorData, leaves
 from .errors import ConfigError, DataError
 
@@ -197,14 +197,7 @@ def make_task(name: str, *, optimizer: str = "sgd") -> Task:
     if name in TASKS:
         task = TASKS[name]
     elif is_reference(name):
-        task = load_object(name, "task")
-        if callable(task) and not isinstance(task, Task):
-            try:
-                task = task()
-            except Exception as e:  # noqa: BLE001 - the user's function: say which and why, in one line
-                raise ConfigError(f"task {name!r} failed: {type(e).__name__}: {e}") from None
-        if not isinstance(task, Task):
-            raise ConfigError(f"task {name!r} is a {type(task).__name__}, not a fedforge.Task")
+        task = load_instance(name, "task", Task)
     else:
         raise ConfigError(f"unknown task {name!r} (choose from: {', '.join(TASKS)}, or package.module:object)")
     return task if optimizer == "sgd" else task.with_optimizer(optimizer)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import blobs
+from helpers import assert_same_run as assert_same, blobs
 from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.data import TensorData
 from fedforge.engines import AutoEngine, ClientTask, SequentialEngine, VectorizedEngine
@@ -99,18 +99,6 @@ def run_both(case, config, *, rounds=2, clients_per_round=3, caplog=None, **kwar
                                     **kwargs))
     assert not [r.getMessage() for r in caplog.records if "cannot batch" in r.getMessage()]
     return results
-
-
-def assert_same(sequential, vectorized):
-    assert sequential.history.column("clients") == vectorized.history.column("clients")
-    for name, value in sequential.state.params.items():
-        torch.testing.assert_close(vectorized.state.params[name], value)
-    for a, b in zip(sequential.history.records[1:], vectorized.history.records[1:]):
-        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
-        assert a.train_accuracy == b.train_accuracy
-        assert a.metrics.keys() == b.metrics.keys()
-        for name, value in a.metrics.items():
-            assert b.metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), name
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import blobs
+from helpers import assert_same_run as assert_same, blobs
 from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.client import epoch_orders
 from fedforge.data import TensorData, quantity
@@ -44,15 +44,6 @@ def run_both(model_fn, data, partition, *, rounds=2, clients_per_round=3, strate
                                 clients_per_round=clients_per_round, client=config, engine=engine, seed=1,
                                 strategy=strategy, scenario=scenario))
     return results
-
-
-def assert_same(sequential, vectorized):
-    assert sequential.history.column("clients") == vectorized.history.column("clients")
-    for name, value in sequential.state.params.items():
-        torch.testing.assert_close(vectorized.state.params[name], value)
-    for a, b in zip(sequential.history.records[1:], vectorized.history.records[1:]):
-        assert a.train_accuracy == b.train_accuracy
-        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
 
 
 EQUAL = [np.arange(i * 40, (i + 1) * 40) for i in range(5)]
