@@ -1,4 +1,4 @@
-"""Partial sums (CombinedUpdate): a linear strategy, and the round loop's tally, take them as the updates they stand for."""
+"""Partial sums (CombinedUpdate): linear strategies and the tally of metrics take them as the updates they stand for."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from fedforge.data import dirichlet
 from fedforge.engines import SequentialEngine
 from fedforge.scenarios import Scenario
 from fedforge.simulation import _Tally
-from fedforge.strategies import (STRATEGIES, CombinedUpdate, RunInfo, RunningMean, combine_updates, make_strategy,
+from fedforge.strategies import (STRATEGIES, CombinedUpdate, RunInfo, combine_updates, make_strategy,
                                  weighted_mean_delta)
 from helpers import blobs
 
@@ -93,7 +93,8 @@ def test_linear_strategies_are_those_with_apply_mean_and_aggregate_partial_sums_
 
 
 class CombiningEngine:
-    """The sequential engine, answering like the Ray engine: one CombinedUpdate for the summable tasks, then the rest."""
+    """The sequential engine answering as the Ray engine does: one CombinedUpdate for the summable tasks, then the
+    others' own updates."""
 
     name = "combining"
 

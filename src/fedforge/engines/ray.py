@@ -147,7 +147,7 @@ class _Worker:
         try:
             self.data = data()
         except Exception as e:  # noqa: BLE001 - reported to the driver as one line, whatever it is
-            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.error = f"{type(e).__name__}: {_first_line(e)}"
 
     def ready(self) -> dict[str, Any]:
         import ray

@@ -1,0 +1,144 @@
+"""The Ray engine against the in-process one: same clients, same batches, same final weights; faults; errors.
+
+One local Ray for the module (2 CPUs); workers take half a CPU each so that three fit.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import sys
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from fedforge.cli import main  # noqa: E402
+from fedforge.engines import AutoEngine  # noqa: E402
+from fedforge.engines.ray import RayEngine, shares  # noqa: E402
+from fedforge.errors import ConfigError  # noqa: E402
+from fedforge.privacy.run import DifferentialPrivacy  # noqa: E402
+from fedforge.scenarios import Scenario  # noqa: E402
+from ray_problem import SEED, WORKER_ENV, Net, assert_same_run, blobs_data, failing_data, run  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env=WORKER_ENV)
+    yield
+    ray.shutdown()
+
+
+@functools.cache
+def in_process(strategy, scenario=Scenario()):
+    return run(AutoEngine(), strategy, scenario)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_same_run_as_in_process(workers):
+    # One engine serves the four runs: its workers load the data once, whatever the strategy.
+    with RayEngine(blobs_data, seed=SEED, workers=workers, cpus_per_worker=0.5) as engine:
+        assert len({p["pid"] for p in engine.placement}) == workers
+        for strategy in ("fedavg", "fedadam", "scaffold", "krum"):
+            assert_same_run(run(engine, strategy), in_process(strategy))
+        # An update attack: the attackers' own updates come back one by one, the honest ones summed.
+        sign_flip = Scenario(attack="sign_flip", malicious_fraction=0.25, attack_scale=3.0)
+        assert_same_run(run(engine, "fedavg", sign_flip), in_process("fedavg", sign_flip))
+        # The workers check their pool against the driver's: here theirs lacks label_flip's poisoned labels.
+        with pytest.raises(ConfigError, match=r"^a Ray worker loaded other data than the driver .*same dataset"):
+            run(engine, scenario=Scenario(attack="label_flip", malicious_fraction=0.25), rounds=1)
+        assert_same_run(run(engine, rounds=1), run(AutoEngine(), rounds=1))  # and the engine still works
+
+
+def test_scenarios_work_unchanged():
+    scenario = Scenario(straggler_fraction=0.3, dropout=0.2, attack="label_flip", malicious_fraction=0.25)
+    with RayEngine(blobs_data, seed=SEED, scenario=scenario, workers=2, cpus_per_worker=0.5) as engine:
+        assert_same_run(run(engine, "fedavg", scenario), in_process("fedavg", scenario))
+        assert_same_run(run(engine, "krum", scenario), in_process("krum", scenario))
+        # Differential privacy: the round loop clips and noises each update, so they come back one by one.
+        privacy = DifferentialPrivacy(mode="client", clip=0.5, noise_multiplier=0.3, delta=1e-3)
+        assert_same_run(run(engine, "fedadam", scenario, privacy=privacy),
+                        run(AutoEngine(), "fedadam", scenario, privacy=privacy))
+
+
+def test_a_worker_killed_mid_round_is_restarted_and_the_run_is_unchanged(tmp_path):
+    trap = tmp_path / "trap"
+    with RayEngine(blobs_data, seed=SEED, workers=2, cpus_per_worker=0.5) as engine:
+        pids = [p["pid"] for p in engine.placement]
+
+        def on_round(record, state):
+            if record.round == 1:
+                trap.touch()  # round 2: the first worker to train dies in its forward pass
+            if record.round == 2:
+                assert not trap.exists()
+                ray.kill(engine.actors[1], no_restart=False)  # and between rounds, by Ray's own hand
+
+        killed = run(engine, "fedadam", rounds=4, model=Net(str(trap)), on_round=on_round)
+        now = [ray.get(actor.ready.remote())["pid"] for actor in engine.actors]
+    assert now[1] != pids[1]  # restarted (the trap's worker too: the trap is gone, so its process died)
+    assert [r.round for r in killed.history.records] == [0, 1, 2, 3, 4]
+    assert_same_run(killed, run(AutoEngine(), "fedadam", rounds=4))
+
+
+def test_resume_continues_on_the_ray_engine_as_if_uninterrupted(tmp_path, capsys):
+    base = ["run", "-q", "--dataset", "synthetic", "--num-clients", "6", "--clients-per-round", "3", "--model",
+            "logreg", "--out-dir", str(tmp_path)]
+    ray_flags = ["--engine", "ray", "--ray-workers", "2", "--ray-cpus-per-worker", "0.5"]
+    assert main([*base, "--name", "stopped", "--rounds", "2"]) == 0  # the engine may change on resume
+    assert main(["run", "-q", "--resume", str(tmp_path / "stopped"), "--rounds", "4", *ray_flags]) == 0
+    assert main([*base, "--name", "whole", "--rounds", "4"]) == 0
+    resumed, whole = (torch.load(tmp_path / name / "model.pt") for name in ("stopped", "whole"))
+    torch.testing.assert_close(resumed, whole)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ray-workers", "0"], "ray_workers must be an integer >= 1, got 0"),
+    (["--ray-cpus-per-worker", "0"], "ray_cpus_per_worker must be > 0, got 0.0"),
+    (["--ray-workers", "5"], "5 Ray workers of 1 CPU each need 5 CPU, and the cluster has 2: use fewer "
+                             "--ray-workers or less per worker"),
+    (["--ray-address", "127.0.0.1:1"], "cannot reach the Ray cluster at '127.0.0.1:1' within 10 s (Connection "
+                                       "refused): is `ray start --head` running there?"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, capsys, flags, message):
+    argv = ["run", "-q", "--dataset", "synthetic", "--num-clients", "4", "--clients-per-round", "2", "--model",
+            "logreg", "--out-dir", str(tmp_path), "--engine", "ray", *flags]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"fedforge: error: {message}"]
+
+
+def test_ray_missing_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    argv = ["run", "-q", "--dataset", "synthetic", "--num-clients", "4", "--clients-per-round", "2", "--model",
+            "logreg", "--out-dir", str(tmp_path), "--engine", "ray"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fedforge: error: engine ray needs Ray, which is not installed: pip install 'fedforge[ray]'"]
+
+
+def test_an_address_that_does_not_answer_as_ray_fails_within_the_bound():
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, says nothing
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=rf"^cannot reach the Ray cluster at '{address}' within 0.5 s "
+                                              rf"\(something listens there, but not as Ray does\)"):
+            RayEngine(blobs_data, seed=SEED, address=address, connect_timeout=0.5)
+        assert time.monotonic() - started < 5
+
+
+def test_a_worker_that_cannot_load_the_data_says_why():
+    with pytest.raises(ConfigError, match=r"^a Ray worker cannot load the run's data: DataError: fashion-mnist not "
+                                          r"found in /nowhere$"):
+        RayEngine(failing_data, seed=SEED, workers=1, cpus_per_worker=0.5)
+
+
+@pytest.mark.parametrize("costs, workers, expected", [
+    ([1, 1, 1, 1], 2, [(0, 2), (2, 4)]),
+    ([5, 1, 1, 1, 1, 1], 2, [(0, 1), (1, 6)]),
+    ([1, 1], 3, [(0, 1), (1, 2), (2, 2)]),
+    ([3, 3, 3], 1, [(0, 3)]),
+])
+def test_shares_are_consecutive_and_balanced(costs, workers, expected):
+    assert [(r.start, r.stop) for r in shares(costs, workers)] == expected
