@@ -15,8 +15,8 @@ from .run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
 from .stage import SUPPORTED_STRATEGIES, PrivacyState, PrivacyStats, check_strategy, privatize, privatize_update
 
 __all__ = [
-    "SAMPLINGS", "SUPPORTED_STRATEGIES", "Accountant", "DifferentialPrivacy", "PrivacyRun", "sampling_for", "FixedSizeSampling", "PoissonSampling", "PrivacyConfig", "PrivacyState",
-    "PrivacyStats", "Sampling", "adapt_clip", "add_noise", "calibrate", "check_delta", "check_epsilon",
-    "check_strategy", "clip_delta", "gaussian_noise", "l2_norm", "poisson_sample", "privatize",
-    "privatize_update", "round_event", "secure_generator",
+    "SAMPLINGS", "SUPPORTED_STRATEGIES", "Accountant", "DifferentialPrivacy", "FixedSizeSampling", "PoissonSampling",
+    "PrivacyConfig", "PrivacyRun", "PrivacyState", "PrivacyStats", "Sampling", "adapt_clip", "add_noise", "calibrate",
+    "check_delta", "check_epsilon", "check_strategy", "clip_delta", "gaussian_noise", "l2_norm", "poisson_sample",
+    "privatize", "privatize_update", "round_event", "sampling_for", "secure_generator",
 ]

@@ -113,8 +113,8 @@ class PrivacyConfig:
 
 def l2_norm(delta: State) -> float:
     """The L2 norm of all floating-point entries together, as one vector (in float64)."""
-    squares = [v.detach().double().square().sum() for v in delta.values() if v.is_floating_point()]
-    return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
+    norms = [torch.linalg.vector_norm(v.detach(), dtype=torch.float64) for v in delta.values() if v.is_floating_point()]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def clip_delta(delta: State, clip: float) -> tuple[State, float]:

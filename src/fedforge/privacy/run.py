@@ -162,7 +162,8 @@ class PrivacyRun:
     def metrics(self) -> dict[str, float]:
         """For the round's record: epsilon spent so far (at the run's delta) and the clip bound."""
         stats = getattr(self, "last", None)
-        values = {"epsilon": self.epsilon(), "clip": stats.clip if stats else self.clip.clip}
+        values = {"epsilon": self.epsilon(), "clip": stats.clip if stats else self.clip.clip,
+                  "noise_multiplier": self.noise_multiplier}
         if stats is not None and stats.unclipped_estimate is not None:
             values["unclipped"] = stats.unclipped_estimate
         return values
