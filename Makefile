@@ -28,7 +28,7 @@ run: install data
 	$(BIN)/fedforge run --dataset fashion-mnist --name tutorial-fashion-mnist
 
 test: install data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: install data
 	$(BIN)/python benchmarks/tutorial_vs_fedforge.py
