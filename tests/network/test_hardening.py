@@ -194,7 +194,8 @@ def test_a_huge_secret_is_refused_before_it_is_read(cluster, tmp_path):
     with pytest.raises(grpc.RpcError):
         open_session(port, 0, "x" * (100 << 20))
     time.sleep(1)
-    assert peak_rss_mb(server.popen.pid) - before < 30
+    # Far below the secret's 100 MB (gRPC's transport buffers vary with the machine's load).
+    assert peak_rss_mb(server.popen.pid) - before < 60
     welcome, _ = open_session(port, 0, secret(tmp_path, 0))
     assert welcome.kind == Kind.WELCOME
 
@@ -245,7 +246,8 @@ def test_a_full_disk_stops_the_server_with_one_line_and_clients_learn_it_failed(
     waiter = cluster.client(3, port, "--retry-on-server-failure", "--give-up-after", "3", name="waiter", part=0)
     history = small_disk / "net" / "history.json"
     deadline = time.monotonic() + 60
-    while not (history.exists() and len(json.loads(history.read_text())["rounds"]) >= 3):
+    # Round 3 in the history: round 2's checkpoint is on disk (it is written before round 3 runs).
+    while not (history.exists() and len(json.loads(history.read_text())["rounds"]) >= 4):
         assert time.monotonic() < deadline, server.text()
         time.sleep(0.02)
     with (small_disk / "filler").open("wb") as f:  # the disk fills up mid-run
