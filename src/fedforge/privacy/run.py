@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from .accountant import METHODS, Accountant, calibrate, check_delta, check_epsilon
 from .mechanism import MODES, PrivacyConfig, secure_generator
 from .sampling import FixedSizeSampling, PoissonSampling, Sampling
-from .stage import PrivacyState, check_strategy, privatize, privatize_update
+from .stage import PrivacyState, PrivacyStats, check_strategy, privatize, privatize_update
 
 log = logging.getLogger("fedforge")
 SAMPLINGS = ("fixed", "poisson")
@@ -116,6 +116,7 @@ class PrivacyRun:
                                        clip_lr=settings.clip_lr)
         if saved is None:
             self.clip = PrivacyState.initial(self.mechanism)
+        self.last: PrivacyStats | None = None  # the last round's stats, for its record
 
     @property
     def noise_multiplier(self) -> float:
@@ -161,7 +162,7 @@ class PrivacyRun:
 
     def metrics(self) -> dict[str, float]:
         """For the round's record: epsilon spent so far (at the run's delta) and the clip bound."""
-        stats = getattr(self, "last", None)
+        stats = self.last
         values = {"epsilon": self.epsilon(), "clip": stats.clip if stats else self.clip.clip,
                   "noise_multiplier": self.noise_multiplier}
         if stats is not None and stats.unclipped_estimate is not None:
