@@ -141,6 +141,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secure_aggregation(args: argparse.Namespace):
+    from .secagg import SecureAggregation
+
+    if not args.secure_aggregation:
+        given = [flag for flag, value in (("--secagg-threshold", args.secagg_threshold),
+                                          ("--secagg-neighbours", args.secagg_neighbours),
+                                          ("--secagg-clip", args.secagg_clip),
+                                          ("--secagg-max-examples", args.secagg_max_examples)) if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} without --secure-aggregation")
+        return None
+    threshold = args.secagg_threshold or "0.5"
+    try:
+        threshold = int(threshold) if threshold.isdigit() else float(threshold)
+    except ValueError:
+        raise ConfigError(f"--secagg-threshold must be a count or a fraction, got {threshold!r}") from None
+    defaults = SecureAggregation()
+    return SecureAggregation(threshold=threshold, neighbours=args.secagg_neighbours,
+                             clip=defaults.clip if args.secagg_clip is None else args.secagg_clip,
+                             max_examples=args.secagg_max_examples or defaults.max_examples)
+
+
 def _cmd_server(args: argparse.Namespace) -> int:
     from .network.auth import load_tokens
     from .server import serve
@@ -160,7 +182,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         min_fit_clients=args.min_fit_clients, round_timeout=args.round_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), resume=bool(args.resume), progress=not args.quiet,
         on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
-        keepalive=args.keepalive, max_client_examples=args.max_client_examples,
+        keepalive=args.keepalive, max_client_examples=args.max_client_examples, secure=_secure_aggregation(args),
     )
     from .report import headline
 
@@ -265,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-message-mb", type=float, default=256.0, help="largest update accepted")
     srv.add_argument("--max-client-examples", type=int, default=10_000_000, help="largest example count an update "
                      "may claim (it weighs the average); the step count must also match it (default: 10000000)")
+    srv.add_argument("--secure-aggregation", action="store_true", help="sum each round's updates under secure "
+                     "aggregation (SecAgg+): the server learns only the sum (docs/secure-aggregation.md)")
+    srv.add_argument("--secagg-threshold", metavar="T", help="shares that rebuild a client's secrets: a fraction of "
+                     "its neighbours and itself (default 0.5: a majority) or a count; a round completes while T of "
+                     "each client's holders survive")
+    srv.add_argument("--secagg-neighbours", type=int, metavar="K", help="neighbours each client pairs with (default: "
+                     "every other client up to 64 per round, 2*ceil(2*log2 n) above)")
+    srv.add_argument("--secagg-clip", type=float, metavar="C", help="bound on each update's L2 norm, the fixed "
+                     "point's range (default 10; --dp's clip under differential privacy)")
+    srv.add_argument("--secagg-max-examples", type=int, metavar="N", help="largest example count an update weighs "
+                     "(larger ones are capped; default 65536); with the clip it sets the fixed point's precision")
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
     srv.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     srv.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")

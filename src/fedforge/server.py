@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .experiment import check_output, load_checkpoint, run_experiment, run_name
 from .network.hub import DEFAULT_KEEPALIVE, Hub
 from .network.wire import Kind, Message
+from .secagg import SecureAggregation
 from .simulation import clients_per_round_count
 
 log = logging.getLogger("fedforge.server")
@@ -25,11 +26,12 @@ def serve(
     config, *, address: str, tokens: dict[int, str], tls: tuple[bytes, bytes] | None, min_clients: int,
     min_fit_clients: int | None, round_timeout: float, max_message_bytes: int, resume: bool = False,
     progress: bool = True, on_listening=None, keepalive: float = DEFAULT_KEEPALIVE,
-    max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES,
+    max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES, secure: SecureAggregation | None = None,
 ):
     """Run `config` with the clients that connect to `address`; returns the run's outcome.
 
     `min_fit_clients` (the quorum of a round) defaults to half the clients per round, rounded up.
+    With `secure`, every round is summed under secure aggregation: the server sees no update.
     """
     per_round = clients_per_round_count(config.clients_per_round, config.num_clients)
     if min_fit_clients is None:
@@ -45,6 +47,8 @@ def serve(
         raise ConfigError(f"round_timeout must be > 0 seconds, got {round_timeout}")
     if max_client_examples < 1:
         raise ConfigError(f"max_client_examples must be >= 1, got {max_client_examples}")
+    if secure is not None:
+        secure.check(config, per_round)
     config = config.replace(name=run_name(config))
     run_dir = check_output(config)
     if resume:
@@ -59,7 +63,7 @@ def serve(
         log.info("waiting for %d clients", min_clients)
         hub.wait_for_clients(min_clients)
         engine = NetworkEngine(hub, round_timeout=round_timeout, min_fit_clients=min_fit_clients,
-                               max_client_examples=max_client_examples)
+                               max_client_examples=max_client_examples, secure=secure)
         # Differential privacy's noise from the OS's cryptographic source: a deployment's noise must not
         # be replayable from the run's seed (which config.toml records).
         outcome = run_experiment(config, progress=progress, engine=engine, resume=resume, secure_noise=True)

@@ -14,11 +14,17 @@ import queue
 import time
 from collections.abc import Iterator, Sequence
 
+import numpy as np
+import torch
 from torch import nn
 
 from ..client import ClientConfig, ClientUpdate, State, all_finite
 from ..network.hub import Event, EventKind, Hub, Session
 from ..network.wire import Kind, Message, WireError, decode, encode
+from ..secagg import SecureAggregation
+from ..secagg.protocol import ProtocolError, SecAggFailed, ServerRound
+from ..secagg.quantize import QuantizationError
+from ..strategies.base import CombinedUpdate
 from .base import ClientTask, RoundFailed
 
 log = logging.getLogger("fedforge.server")
@@ -28,11 +34,15 @@ MAX_METRIC = 1e15  # a finite loss past this is refused as implausible (and woul
 MAX_METRICS = 32  # named metrics in one update
 
 
-def task_message(task_id: int, task: ClientTask, global_state: State) -> Message:
+def task_message(task_id: int, task: ClientTask, global_state: State, secagg: dict | None = None) -> Message:
+    """The TASK for `task`; with `secagg` (a round's settings for this client) it opens the secure
+    aggregation protocol, and the client answers with its keys, not its update."""
     plan = task.plan
     header = {"task": task_id, "seed": task.seed, "epochs": plan.epochs, "max_steps": plan.max_steps,
               "proximal_mu": plan.proximal_mu, "measure_initial_loss": plan.measure_initial_loss,
               "clip": plan.clip, "noise_multiplier": plan.noise_multiplier}
+    if secagg is not None:
+        header["secagg"] = secagg
     tensors = {f"global/{k}": v for k, v in global_state.items()}
     if plan.correction is not None:
         tensors.update({f"correction/{k}": v for k, v in plan.correction.items()})
@@ -97,11 +107,12 @@ class NetworkEngine:
     clients_privatize = True  # under differential privacy the clients clip (and noise) before sending
 
     def __init__(self, hub: Hub, *, round_timeout: float, min_fit_clients: int,
-                 max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES):
+                 max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES, secure: SecureAggregation | None = None):
         self.hub = hub
         self.round_timeout = round_timeout
         self.min_fit_clients = min_fit_clients
         self.max_client_examples = max_client_examples
+        self.secure = secure
         self._task_id = 0
 
     def run(self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
@@ -112,6 +123,8 @@ class NetworkEngine:
         self._task_id += 1
         task_id = self._task_id
         global_cpu = {k: v.detach().cpu() for k, v in global_state.items()}
+        if self.secure is not None:
+            return iter([self._secure_round(task_id, global_state, global_cpu, tasks)])
         by_client = {task.client_id: task for task in tasks}
         holders: dict[int, Session] = {}  # the session each pending task was sent to
         messages: dict[int, bytes] = {}
@@ -176,3 +189,138 @@ class NetworkEngine:
         except ValueError as e:
             log.warning("task %d: refused the update of client %d: %s", task_id, client_id, e)
             return None
+
+    # -- secure aggregation: the round as the protocol's four exchanges ---------------------------
+    def _secure_round(self, task_id: int, global_state: State, global_cpu: State, tasks: Sequence[ClientTask]
+                      ) -> CombinedUpdate:
+        """The round's clients, their update summed under secure aggregation (secagg/protocol.py):
+        one CombinedUpdate, the strategy's only view of the round. RoundFailed, with nothing
+        unmasked, when too few clients are left at any stage."""
+        sessions = {}
+        for task in tasks:
+            if (session := self.hub.current(task.client_id)) is not None:
+                sessions[task.client_id] = session
+            else:
+                log.warning("task %d: client %d is not connected; it will not report", task_id, task.client_id)
+        by_client = {task.client_id: task for task in tasks}
+        floats = [k for k, v in global_state.items() if v.is_floating_point()]
+        size = sum(global_state[k].numel() for k in floats)
+        try:
+            quantizer = self.secure.quantizer(len(sessions), tasks[0].plan.clip if tasks else None)
+            protocol = ServerRound(task_id, sorted(sessions), threshold=self.secure.threshold,
+                                   neighbours=self.secure.neighbours, clip=quantizer.clip,
+                                   max_weight=quantizer.max_weight)
+        except (SecAggFailed, QuantizationError) as e:
+            raise RoundFailed(f"secure aggregation among {len(sessions)} connected clients: {e}") from None
+
+        def exchange(clients, kind: Kind, body, answer: Kind, accept) -> None:
+            sent = {c: (sessions[c], Message(kind, {"task": task_id, **body(c)})) for c in clients}
+            for c, message in self._exchange(task_id, sent, answer).items():
+                try:
+                    accept(c, message)
+                except ProtocolError as e:
+                    log.warning("task %d: refused the %s of client %d: %s", task_id, answer.name, c, e)
+
+        # 1. the task and the round's settings -> each client's public keys (it then trains)
+        first = {c: (s, task_message(task_id, by_client[c], global_cpu, protocol.setup(c).to_header()))
+                 for c, s in sessions.items()}
+        for c, message in self._exchange(task_id, first, Kind.SA_KEYS).items():
+            try:
+                protocol.on_keys(c, message.header)
+            except ProtocolError as e:
+                log.warning("task %d: refused the keys of client %d: %s", task_id, c, e)
+        self._secure_quorum(task_id, protocol, len(protocol.keys), "sent keys")
+        # 2. neighbours' keys -> sealed shares and commitments
+        exchange(list(protocol.keys), Kind.SA_NEIGHBOUR_KEYS, protocol.neighbour_keys, Kind.SA_SHARES,
+                 lambda c, m: protocol.on_shares(c, m.header))
+        self._secure_quorum(task_id, protocol, len(protocol.sealed), "shared their secrets")
+        # 3. the shares addressed to each -> masked inputs
+        length = quantizer.length(size)
+        exchange(list(protocol.sealed), Kind.SA_INPUT, protocol.input_request, Kind.SA_MASKED,
+                 lambda c, m: protocol.on_input(c, _words(m), length))
+        self._secure_quorum(task_id, protocol, len(protocol.inputs), "sent masked inputs")
+        # 4. who survived and who dropped -> the shares that unmask the sum
+        exchange(sorted(protocol.inputs), Kind.SA_UNMASK, protocol.unmask_request, Kind.SA_UNMASKED,
+                 lambda c, m: protocol.on_unmasked(c, m.header))
+        try:
+            summed = quantizer.decode(protocol.result(), len(protocol.inputs))
+        except SecAggFailed as e:
+            raise RoundFailed(f"secure aggregation: {e}; nothing was unmasked") from None
+        except QuantizationError as e:
+            raise RoundFailed(f"the unmasked sum is out of range ({e}): a client sent an input past its bounds; "
+                              f"the round is discarded") from None
+        bound = quantizer.error_bound(summed.count, summed.weight)
+        log.info("task %d: the sum of %d masked updates (%d dropped; weighted mean exact to %.2g per coordinate)",
+                 task_id, summed.count, len(tasks) - summed.count, bound)
+        self.last_error_bound = bound
+        mean = torch.from_numpy(summed.weighted_delta / summed.weight)
+        delta, offset = {}, 0
+        for k, v in global_state.items():
+            if v.is_floating_point():
+                delta[k] = mean[offset:offset + v.numel()].reshape(v.shape).to(v.dtype).to(v.device)
+                offset += v.numel()
+            else:  # integer entries (buffers) are not summed: a zero delta
+                delta[k] = torch.zeros(v.shape, dtype=torch.float64, device=v.device)
+        return CombinedUpdate(-1, delta, summed.weight, 0, summed.loss, None, metrics={"loss": summed.loss},
+                              client_ids=tuple(sorted(protocol.inputs)), unclipped=summed.unclipped)
+
+    def _secure_quorum(self, task_id: int, protocol: ServerRound, count: int, stage: str) -> None:
+        need = max(protocol.threshold, self.min_fit_clients)
+        if count < need:
+            raise RoundFailed(f"secure aggregation: {count} clients {stage}, the round needs {need} (threshold "
+                              f"{protocol.threshold}, quorum {self.min_fit_clients}); nothing was unmasked")
+
+    def _exchange(self, task_id: int, outgoing: dict[int, tuple[Session, Message]], answer: Kind
+                  ) -> dict[int, Message]:
+        """Send each client its message; collect one answer of kind `answer` from each, until all
+        have answered or round_timeout. A client that disconnects, sends anything else, or answers
+        in another client's name is out of the round (logged)."""
+        pending: dict[int, Session] = {}
+        for c, (session, message) in outgoing.items():
+            if self.hub.send(session, encode(message)):
+                pending[c] = session
+            else:
+                log.warning("task %d: client %d disconnected; dropped from the round", task_id, c)
+        answers: dict[int, Message] = {}
+        deadline = time.monotonic() + self.round_timeout
+        while pending and (remaining := deadline - time.monotonic()) > 0:
+            try:
+                event = self.hub.events.get(timeout=remaining)
+            except queue.Empty:
+                break
+            c = event.session.client_id
+            if pending.get(c) is not event.session:
+                if event.kind == EventKind.MESSAGE:
+                    log.warning("task %d: discarded a message from client %d: late, out of the round or from an old "
+                                "session", task_id, c)
+                continue
+            if event.kind == EventKind.CONNECTED:
+                continue
+            del pending[c]
+            if event.kind == EventKind.CLOSED:
+                log.warning("task %d: client %d disconnected before its %s; dropped from the round", task_id, c,
+                            answer.name)
+                continue
+            try:
+                message = decode(event.data, max_bytes=self.hub.max_message_bytes)
+            except WireError as e:
+                log.warning("task %d: refused a message from client %d: %s", task_id, c, e)
+                continue
+            h = message.header
+            if message.kind != answer or h.get("task") != task_id or h.get("client") != c:
+                log.warning("task %d: refused a %s from client %d (for task %r, as client %r) where its %s was due",
+                            task_id, message.kind.name, c, h.get("task"), h.get("client"), answer.name)
+                continue
+            answers[c] = message
+        if pending:
+            log.warning("task %d: no %s from %s within %.0f s", task_id, answer.name, sorted(pending),
+                        self.round_timeout)
+        return answers
+
+
+def _words(message: Message) -> np.ndarray:
+    """The masked input in a SA_MASKED message: one 1-D int32 tensor, read as uint32 words."""
+    tensor = message.tensors.get("masked")
+    if len(message.tensors) != 1 or tensor is None or tensor.dtype != torch.int32 or tensor.dim() != 1:
+        raise ProtocolError("a masked input is one 1-D int32 tensor named 'masked'")
+    return tensor.numpy().view(np.uint32)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 
 from ..app import ClientApp
@@ -28,6 +29,8 @@ from ..errors import ConfigError
 from ..models import build_model
 from ..privacy.mechanism import PrivacyConfig, secure_generator
 from ..privacy.stage import privatize_update
+from ..secagg.protocol import ClientRound, ProtocolError, Setup
+from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .wire import Kind, Message, WireError, decode, encode
 
@@ -147,7 +150,9 @@ class _Trainer:
             raise ConfigError(f"this client's model does not match the server's ({len(mine)} vs {len(theirs)} "
                               f"tensors; e.g. {different})")
 
-    def train(self, client_id: int, task: Message) -> ClientUpdate:
+    def train(self, client_id: int, task: Message, *, privatize: bool = True) -> ClientUpdate:
+        """This client's update for `task`; with `privatize`, clipped (and noised) as differential
+        privacy asks (secure aggregation clips the update itself, as it quantizes it)."""
         h = task.header
         global_state = {k[len("global/"):]: v for k, v in task.tensors.items() if k.startswith("global/")}
         self._check_model(global_state)
@@ -164,7 +169,7 @@ class _Trainer:
         task_ = ClientTask(client_id, self.data, int(h["seed"]), plan=plan, optimizer_state=start)
         update = next(iter(self.engine.run(self.model, global_state, [task_], self.client)))
         self._last, self.optimizer_state = (h["task"], start), update.optimizer_state
-        if plan.clip is not None:  # differential privacy: this client's part, before anything leaves it
+        if plan.clip is not None and privatize:  # differential privacy: this client's part, before anything leaves it
             mode = "local" if plan.noise_multiplier else "client"
             mechanism = PrivacyConfig(plan.noise_multiplier, 1.0, mode=mode, clip=plan.clip)
             update = privatize_update(update, mechanism, plan.clip, secure_generator())
@@ -178,6 +183,53 @@ def _num_classes(config: Config) -> int:
     if config.task == "regression":
         return 1
     return DATASETS[config.dataset].num_classes if config.dataset in DATASETS else 10
+
+
+class _SecureRound:
+    """This client's part in one round of secure aggregation: the protocol (secagg/protocol.py)
+    and the quantized update it masks. Its answers name the task and this client."""
+
+    def __init__(self, client_id: int, task: Message):
+        self.task_id = task.header["task"]
+        self.setup = Setup.from_header(task.header.get("secagg"), client_id)
+        self.protocol = ClientRound(client_id, self.setup)
+        self.input: np.ndarray | None = None
+
+    def answer(self, kind: Kind, header: dict, tensors: dict | None = None) -> bytes:
+        return encode(Message(kind, {"task": self.task_id, "client": self.protocol.id, **header}, tensors or {}))
+
+    def quantize(self, update: ClientUpdate, order: list[str]) -> None:
+        """The update as the round's fixed point: its float entries in the global model's order,
+        clipped to the round's bound, weighted by its example count (capped at the round's bound;
+        1 under differential privacy)."""
+        flat = torch.cat([update.delta[k].detach().reshape(-1).cpu().double() for k in order
+                          if update.delta[k].is_floating_point()])
+        norm, clip = float(torch.linalg.vector_norm(flat)), self.setup.clip
+        if norm > clip:
+            flat = flat * (clip / norm)
+            flat.clamp_(-clip, clip)
+        weight = min(update.num_examples, self.setup.max_weight)
+        if weight < update.num_examples and self.setup.max_weight > 1:
+            log.warning("client %d: %d examples weigh as %d, the round's bound", self.protocol.id,
+                        update.num_examples, weight)
+        quantizer = Quantizer(self.setup.clients, clip, self.setup.max_weight)
+        self.input = quantizer.encode(flat.numpy(), weight, norm <= clip, update.train_loss)
+
+    def respond(self, message: Message) -> bytes:
+        h = message.header
+        if message.kind == Kind.SA_NEIGHBOUR_KEYS:
+            return self.answer(Kind.SA_SHARES, self.protocol.shares(h))
+        if message.kind == Kind.SA_INPUT:
+            if self.input is None:
+                raise ProtocolError("no update to mask")
+            masked = self.protocol.masked_input(h, self.input)
+            return self.answer(Kind.SA_MASKED, {}, {"masked": torch.from_numpy(masked.view(np.int32))})
+        if message.kind == Kind.SA_UNMASK:
+            return self.answer(Kind.SA_UNMASKED, self.protocol.unmask(h))
+        raise ProtocolError(f"unexpected {message.kind.name}")
+
+
+_SECAGG_REQUESTS = (Kind.SA_NEIGHBOUR_KEYS, Kind.SA_INPUT, Kind.SA_UNMASK)
 
 
 def update_message(task_id: int, update: ClientUpdate) -> Message:
@@ -219,6 +271,7 @@ def run_client(
     """
     app = as_app(source)
     trainer: _Trainer | None = None
+    secure: _SecureRound | None = None  # the secure aggregation round under way
     backoff, last_contact = 0.5, time.monotonic()
     metadata = ((CLIENT_ID_KEY, str(client_id)), (SECRET_KEY, secret))
     while True:
@@ -246,6 +299,24 @@ def run_client(
                     config = Config.from_dict(message.header["config"], source="server settings")
                     trainer = _Trainer(config, app, client_id)
                     log.info("client %d: joined (%d examples)", client_id, len(trainer.data))
+                elif message.kind == Kind.TASK and trainer is not None and "secagg" in message.header:
+                    secure = None
+                    try:
+                        secure = _SecureRound(client_id, message)
+                        outbox.put(secure.answer(Kind.SA_KEYS, secure.protocol.keys()))
+                        order = [k[len("global/"):] for k in message.tensors if k.startswith("global/")]
+                        secure.quantize(trainer.train(client_id, message, privatize=False), order)
+                    except (ProtocolError, QuantizationError) as e:
+                        log.warning("client %d: left secure aggregation round %r: %s", client_id,
+                                    message.header.get("task"), e)
+                        secure = None
+                elif message.kind in _SECAGG_REQUESTS and secure is not None \
+                        and message.header.get("task") == secure.task_id:
+                    try:
+                        outbox.put(secure.respond(message))
+                    except (ProtocolError, QuantizationError) as e:
+                        log.warning("client %d: left secure aggregation round %r: %s", client_id, secure.task_id, e)
+                        secure = None
                 elif message.kind == Kind.TASK and trainer is not None:
                     update = trainer.train(client_id, message)
                     outbox.put(encode(update_message(message.header["task"], update), compression=compression))

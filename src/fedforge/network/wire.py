@@ -44,6 +44,14 @@ class Kind(IntEnum):
     TASK = 4  # server -> client: train the global model, with a plan
     UPDATE = 5  # client -> server: the trained delta
     SHUTDOWN = 6  # server -> client: the run is over
+    # Secure aggregation (secagg/protocol.py): a TASK with a "secagg" entry opens a round's protocol.
+    SA_KEYS = 7  # client -> server: its public keys
+    SA_NEIGHBOUR_KEYS = 8  # server -> client: its neighbours' public keys
+    SA_SHARES = 9  # client -> server: its sealed shares and commitments
+    SA_INPUT = 10  # server -> client: the shares addressed to it; send the masked input
+    SA_MASKED = 11  # client -> server: the masked input
+    SA_UNMASK = 12  # server -> client: who survived and who dropped
+    SA_UNMASKED = 13  # client -> server: the shares that unmask the sum
 
 
 class WireError(ValueError):

@@ -121,7 +121,9 @@ def privatize(updates: Iterable[ClientUpdate], like: State, state: PrivacyState,
     Args:
         updates: central mode: raw updates; client mode: updates clipped by the clients with
             `state.clip` (clipped again here: a no-op for an honest client, a bound for the
-            others); local mode: clipped and noised updates, summed as they are.
+            others), or a secure aggregation's sum of them (a CombinedUpdate of weight 1 per
+            client, counting its unclipped ones: taken as it is, the server cannot clip inside
+            it); local mode: clipped and noised updates, summed as they are.
         like: the global model's state (keys, shapes, dtypes, devices of the mean).
         state: the clip bound for this round.
         generator: the noise stream (simulation: seeded per round; deployment:
@@ -137,6 +139,15 @@ def privatize(updates: Iterable[ClientUpdate], like: State, state: PrivacyState,
     for update in updates:
         if update.delta.keys() != like.keys():
             raise ValueError(f"update entries {sorted(update.delta)} differ from the model's {sorted(like)}")
+        if getattr(update, "client_ids", None):  # a secure aggregation's sum of updates its clients clipped
+            if config.mode != "client":
+                raise ValueError(f"a sum of updates cannot be privatized in {config.mode} mode")
+            delta = {k: v * update.num_examples for k, v in update.delta.items()}  # each weighs 1: the sum
+            unclipped += update.unclipped or 0
+            for k, acc in total.items():
+                acc.add_(delta[k].to(acc.dtype))
+            count += len(update.client_ids)
+            continue
         if config.mode == "local":
             delta = update.delta
         else:

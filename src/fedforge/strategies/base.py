@@ -153,10 +153,13 @@ class CombinedUpdate(ClientUpdate):
     `num_examples` and `num_steps` their totals, `metrics` their example-weighted training
     metrics: `RunningMean.add(delta, num_examples)` and the round loop's tally of training
     metrics fold it exactly as they would fold the updates it stands for. `client_id` is -1 (no
-    one client); `client_ids` are the clients it stands for.
+    one client); `client_ids` are the clients it stands for. A secure aggregation's sum also
+    says how many of its clients' updates were within the clip bound before they clipped them
+    (`unclipped`, adaptive clipping's count).
     """
 
     client_ids: tuple[int, ...] = ()
+    unclipped: int | None = None
 
 
 def combine_updates(updates: Iterable[ClientUpdate]) -> CombinedUpdate | None:
