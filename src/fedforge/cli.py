@@ -183,6 +183,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         max_message_bytes=int(args.max_message_mb * 2**20), resume=bool(args.resume), progress=not args.quiet,
         on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
         keepalive=args.keepalive, max_client_examples=args.max_client_examples, secure=_secure_aggregation(args),
+        min_available_clients=args.min_available_clients,
     )
     from .report import headline
 
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--min-clients", type=int, default=2, help="clients to wait for before round 1")
     srv.add_argument("--min-fit-clients", type=int, help="updates a round needs, else it is retried with a "
                                                           "new selection (default: half the clients per round)")
+    srv.add_argument("--min-available-clients", type=int, help="clients each round waits for (up to --round-timeout) "
+                     "before it selects (default: the quorum, --min-fit-clients)")
     srv.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for updates")
     srv.add_argument("--keepalive", type=float, default=20.0, help="seconds without traffic before the server pings a "
                      "client; a client that leaves a ping unanswered for half that long is dropped (default: 20)")

@@ -27,6 +27,7 @@ def serve(
     min_fit_clients: int | None, round_timeout: float, max_message_bytes: int, resume: bool = False,
     progress: bool = True, on_listening=None, keepalive: float = DEFAULT_KEEPALIVE,
     max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES, secure: SecureAggregation | None = None,
+    min_available_clients: int | None = None,
 ):
     """Run `config` with the clients that connect to `address`; returns the run's outcome.
 
@@ -39,6 +40,9 @@ def serve(
     if not 1 <= min_fit_clients <= per_round:
         raise ConfigError(f"min_fit_clients must be between 1 and the {per_round} clients per round, "
                           f"got {min_fit_clients}")
+    if min_available_clients is not None and not min_fit_clients <= min_available_clients <= per_round:
+        raise ConfigError(f"min_available_clients must be between the quorum ({min_fit_clients}) and the {per_round} "
+                          f"clients per round, got {min_available_clients}")
     if min_clients < 1:
         raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
     if not keepalive >= 1:
@@ -63,7 +67,8 @@ def serve(
         log.info("waiting for %d clients", min_clients)
         hub.wait_for_clients(min_clients)
         engine = NetworkEngine(hub, round_timeout=round_timeout, min_fit_clients=min_fit_clients,
-                               max_client_examples=max_client_examples, secure=secure)
+                               max_client_examples=max_client_examples, secure=secure,
+                               min_available_clients=min_available_clients)
         # Differential privacy's noise from the OS's cryptographic source: a deployment's noise must not
         # be replayable from the run's seed (which config.toml records).
         outcome = run_experiment(config, progress=progress, engine=engine, resume=resume, secure_noise=True)

@@ -288,9 +288,10 @@ def simulate(
                 for c in selected if c not in dropped
             ]
             kept: dict[int, OptimizerState] = {}
-            updates = attacked(_keep_optimizer_states(engine.run(model, state.params, tasks, client), kept), r)
             tally = _Tally(on_client)
             try:
+                # Inside the try: an engine may find the round failed before it yields anything (the network's).
+                updates = attacked(_keep_optimizer_states(engine.run(model, state.params, tasks, client), kept), r)
                 if dp is None:
                     state = strategy.aggregate(state, tally.tap(updates))
                 else:

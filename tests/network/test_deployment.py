@@ -163,6 +163,20 @@ def test_enroll_command(tmp_path):
       "--insecure"], "--partition-of must look like fashion-mnist:3/10 (index < count)"),
     (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:1/2",
       "--insecure"], "token file t not found"),
+    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--strategy", "krum"],
+     "secure aggregation cannot serve strategy 'krum': Krum compares updates with each other"),
+    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--strategy", "scaffold"],
+     "secure aggregation cannot serve strategy 'scaffold'"),
+    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--dp", "central", "--noise-multiplier",
+      "1"], "secure aggregation with dp central"),
+    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-threshold", "0.3"],
+     "secagg threshold must be a count >= 2 or a fraction in [0.5, 1), got 0.3"),
+    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-threshold", "2"],
+     "threshold 2 of 5 holders: it must be more than half of them"),
+    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-max-examples", "1000000000"],
+     "can wrap a 32-bit ring"),
+    (["server", "--tokens", "t.json", "--insecure", "--secagg-clip", "3"],
+     "--secagg-clip without --secure-aggregation"),
 ])
 def test_deployment_flags_errors(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)

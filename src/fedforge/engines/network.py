@@ -94,7 +94,9 @@ def update_from(message: Message, task: ClientTask, config: ClientConfig, global
 class NetworkEngine:
     """Sends each selected client its task over the network and collects the updates.
 
-    A round ends when every selected client has answered, or at `round_timeout`. Clients that
+    A round starts once `min_available_clients` are connected (default: the quorum), or after
+    `round_timeout` with the quorum. It ends when every selected client has answered, or at
+    `round_timeout`. Clients that
     are not connected, disconnect, or send an update that is refused count as not reporting;
     fewer than `min_fit_clients` updates fail the round (RoundFailed), and the round loop
     retries it with a new selection. A client that reconnects while it owes an update (its
@@ -107,18 +109,22 @@ class NetworkEngine:
     clients_privatize = True  # under differential privacy the clients clip (and noise) before sending
 
     def __init__(self, hub: Hub, *, round_timeout: float, min_fit_clients: int,
-                 max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES, secure: SecureAggregation | None = None):
+                 max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES, secure: SecureAggregation | None = None,
+                 min_available_clients: int | None = None):
         self.hub = hub
         self.round_timeout = round_timeout
         self.min_fit_clients = min_fit_clients
+        self.min_available_clients = max(min_fit_clients, min_available_clients or 0)
         self.max_client_examples = max_client_examples
         self.secure = secure
         self._task_id = 0
 
     def run(self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
             ) -> Iterator[ClientUpdate]:
-        # After an outage (a round retried for want of clients) wait for enough of them to be back.
-        if not self.hub.wait_for_clients(self.min_fit_clients, timeout=self.round_timeout):
+        # Wait for min_available clients (after an outage, for enough of them to be back); past
+        # round_timeout the round goes on with those connected, if they make the quorum.
+        if not self.hub.wait_for_clients(self.min_available_clients, timeout=self.round_timeout) and \
+                not self.hub.wait_for_clients(self.min_fit_clients, timeout=0):
             raise RoundFailed(f"fewer than {self.min_fit_clients} clients connected for {self.round_timeout:.0f} s")
         self._task_id += 1
         task_id = self._task_id

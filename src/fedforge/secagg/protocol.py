@@ -330,9 +330,17 @@ class ServerRound:
                      self.max_weight)
 
     def on_keys(self, client_id: int, header: dict) -> None:
+        if client_id not in self.graph or client_id in self.keys:
+            raise ProtocolError("keys from a client that is not a participant, or a second time")
         c, s = _bytes(header.get("c"), KEY_BYTES, "c key"), _bytes(header.get("s"), KEY_BYTES, "s key")
         if c == s or any(c in pair or s in pair for pair in self.keys.values()):
             raise ProtocolError("a public key used twice")
+        probe = new_key()
+        for key in (c, s):  # a low-order point would make every neighbour's key agreement fail
+            try:
+                agree(probe, key, b"check")
+            except CryptoError as e:
+                raise ProtocolError(str(e)) from None
         self.keys[client_id] = (c, s)
 
     def neighbour_keys(self, client_id: int) -> dict:
@@ -341,7 +349,9 @@ class ServerRound:
         return {"keys": {str(j): [b64(self.keys[j][0]), b64(self.keys[j][1])] for j in live}}
 
     def on_shares(self, client_id: int, header: dict) -> None:
-        expected = set(self._sent_keys.get(client_id, ()))
+        if client_id not in self._sent_keys or client_id in self.sealed:
+            raise ProtocolError("shares from a client that was not sent its neighbours' keys, or a second time")
+        expected = set(self._sent_keys[client_id])
         sealed = _by_id(header.get("shares"), expected, "shares")
         if set(sealed) != expected:
             raise ProtocolError(f"shares for {len(sealed)} of its {len(expected)} neighbours")
@@ -366,8 +376,8 @@ class ServerRound:
         return {"shares": {str(j): self.sealed[j][client_id] for j in dealers}}
 
     def on_input(self, client_id: int, vector: np.ndarray, length: int) -> None:
-        if client_id not in self._forwarded:
-            raise ProtocolError("an input without the shares it masks with")
+        if client_id not in self._forwarded or client_id in self.inputs:
+            raise ProtocolError("an input without the shares it masks with, or a second one")
         if vector.dtype != np.uint32 or vector.shape != (length,):
             raise ProtocolError(f"the masked input must be {length} 32-bit words, got {vector.shape} {vector.dtype}")
         self.inputs[client_id] = vector
@@ -382,6 +392,8 @@ class ServerRound:
         return {"survivors": sorted(survivors), "dropped": sorted(dropped)}
 
     def on_unmasked(self, client_id: int, header: dict) -> None:
+        if client_id not in self._asked or client_id in self.responded:
+            raise ProtocolError("shares to unmask from a client that was not asked, or a second time")
         survivors, dropped = self._asked[client_id]
         b = _by_id(header.get("b"), survivors | {client_id}, "b shares")
         s = _by_id(header.get("s"), dropped, "s shares")
