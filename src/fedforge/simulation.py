@@ -77,25 +77,30 @@ def select_clients(num_clients: int, k: int, generator: torch.Generator) -> list
     return sorted(torch.randperm(num_clients, generator=generator)[:k].tolist())
 
 
-def client_pool(train: TensorData, partition: Sequence[np.ndarray], scenario: Scenario, seed: int
-                ) -> tuple[TensorData, list[int]]:
+def client_pool(train: TensorData, partition: Sequence[np.ndarray], scenario: Scenario, seed: int,
+                clients: range | None = None) -> tuple[TensorData, list[int]]:
     """Every client's training examples side by side, and where each client's rows start: client c
     holds rows starts[c]:starts[c + 1]. Malicious clients' labels are flipped here when the
     scenario's attack is label_flip (the pool is fedforge's own copy: no user data is touched).
 
     The round loop trains from it; engines whose workers load the data themselves (Ray) rebuild
-    it with this function, so that their clients train on the same examples.
+    it with this function, so that their clients train on the same examples. With `clients` (a
+    range of client ids) the pool holds only theirs, client c at rows starts[c - clients.start]:
+    starts[c - clients.start + 1]: a Ray worker keeps only the clients it trains.
     """
     for cid, idx in enumerate(partition):
         if len(idx) == 0:
             raise ConfigError(f"client {cid} has no training examples; use fewer clients")
+    chosen = range(len(partition)) if clients is None else clients
     # One gather puts every client's examples side by side; each client's data is a view.
-    pool = train.subset(np.concatenate(list(partition)))
-    starts = np.concatenate([[0], np.cumsum([len(idx) for idx in partition])]).tolist()
+    pool = train.subset(np.concatenate([partition[c] for c in chosen]))
+    starts = np.concatenate([[0], np.cumsum([len(partition[c]) for c in chosen])]).tolist()
     if scenario.attack == "label_flip":
         num_classes = int(train.y.max()) + 1
         for c in malicious_clients(scenario, len(partition), seed):
-            pool.y[starts[c]:starts[c + 1]] = flip_labels(pool.y[starts[c]:starts[c + 1]], num_classes)
+            if c in chosen:
+                i = c - chosen.start
+                pool.y[starts[i]:starts[i + 1]] = flip_labels(pool.y[starts[i]:starts[i + 1]], num_classes)
     return pool, starts
 
 

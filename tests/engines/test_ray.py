@@ -41,6 +41,15 @@ def test_same_run_as_in_process(workers):
     # One engine serves the four runs: its workers load the data once, whatever the strategy.
     with RayEngine(blobs_data, seed=SEED, workers=workers, cpus_per_worker=0.5) as engine:
         assert len({p["pid"] for p in engine.placement}) == workers
+        # Each worker holds its own clients only: consecutive shares that together are every client and row.
+        data = blobs_data()
+        clients = [p["clients"] for p in engine.placement]
+        rows = [p["rows"] for p in engine.placement]
+        assert clients[0][0] == 0 and clients[-1][1] == data.num_clients and rows[-1][1] == len(data.train)
+        assert all(a[1] == b[0] for a, b in zip(clients, clients[1:])) and all(a[1] == b[0] for a, b in
+                                                                              zip(rows, rows[1:]))
+        if workers > 1:
+            assert max(b - a for a, b in rows) < 0.75 * len(data.train)
         for strategy in ("fedavg", "fedadam", "scaffold", "krum"):
             assert_same_run(run(engine, strategy), in_process(strategy))
         # An update attack: the attackers' own updates come back one by one, the honest ones summed.

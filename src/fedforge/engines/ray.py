@@ -2,25 +2,28 @@
 
 Each worker (a Ray actor) loads the run's data itself, once, with the function it was given (the
 CLI's: fedforge's own lookup of `--dataset`, so every node needs the files where that lookup finds
-them), rebuilds the clients' pool exactly as the round loop does (`simulation.client_pool`:
-partition, layout, label_flip poisoning) and keeps it for the whole run. Per round only this
+them), and keeps, for the whole run, the pool of the clients it trains: a fixed share of them
+(consecutive ids, about 1/workers of the examples), rebuilt exactly as the round loop builds its
+pool (`simulation.client_pool`: partition, layout, label_flip poisoning). The run's clients live
+split across the workers, so a worker's memory shrinks as workers are added. Per round only this
 travels: the global weights, put in the object store once and read by every worker; each
-client's task (its id, batch seed, plan, and optimizer state if its task keeps one); and the
-answers. Each worker trains its share of the selected clients with its in-process engine (auto,
-vectorized, sequential, bounded by max_memory as in process) and answers with one
-`CombinedUpdate` for the clients the round loop lets it sum (`ClientTask.summable`: the strategy
-is linear, `StrategyBase.linear`) and with the own update of every other client.
+selected client's task (its id, batch seed, plan, and optimizer state if its task keeps one), to
+the worker that holds it; and the answers. Each worker trains its selected clients with its
+in-process engine (auto, vectorized, sequential, bounded by max_memory as in process) and answers
+with one `CombinedUpdate` for the clients the round loop lets it sum (`ClientTask.summable`: the
+strategy is linear, `StrategyBase.linear`) and with the own update of every other client.
 
 Faults are Ray's: a worker that dies (its process killed, its node lost) is restarted by Ray
 (`max_restarts`), reloads its data, and the work it was doing is run again (`max_task_retries`).
 A worker's work is a pure function of what it is sent, so the retry trains the same clients to
-the same updates and the run equals an uninterrupted one. Answers are handed on in task order
-whichever worker finishes first: a run does not depend on timing, and equals the in-process
-engines' run to rounding.
+the same updates and the run equals an uninterrupted one. Answers are handed on in a fixed order
+whichever worker finishes first (each worker's partial sum, then every other update in task
+order): a run does not depend on timing, and equals the in-process engines' run to rounding.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import logging
@@ -133,7 +136,7 @@ class _Worker:
     """
 
     def __init__(self, data: Callable[[], FederatedData], scenario: Scenario, seed: int, engine: str,
-                 max_memory: int | None, device: str, threads: int):
+                 max_memory: int | None, device: str, threads: int, index: int, workers: int):
         from . import make_engine
 
         torch.set_num_threads(threads)
@@ -144,8 +147,14 @@ class _Worker:
         self.data = None
         self.pool: tuple[TensorData, list[int], str] | None = None
         self.model: tuple[int, nn.Module] | None = None
+        self.clients, self.rows = range(0), (0, 0)
         try:
             self.data = data()
+            # The clients this worker trains, every round: consecutive ids with about a 1/workers share
+            # of the examples. It keeps only their rows (the run's pool lives split across the workers).
+            sizes = [len(p) for p in self.data.partition]
+            self.clients = shares(sizes, workers)[index]
+            self.rows = (sum(sizes[:self.clients.start]), sum(sizes[:self.clients.stop]))
         except Exception as e:  # noqa: BLE001 - reported to the driver as one line, whatever it is
             self.error = f"{type(e).__name__}: {_first_line(e)}"
 
@@ -153,18 +162,18 @@ class _Worker:
         import ray
 
         return {"error": self.error, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "clients": self.data.num_clients if self.data is not None else 0}
+                "clients": [self.clients.start, self.clients.stop], "rows": list(self.rows)}
 
     def _pool(self, config: ClientConfig) -> tuple[TensorData, list[int], str]:
-        """The clients' pool, built on the first call (it needs the task's data layout) and kept."""
+        """This worker's clients' pool, built on the first call (it needs the task's data layout) and kept."""
         if self.pool is None:
             from ..simulation import client_pool
 
             data = self.data
             pool, starts = client_pool(config.task.data(data.train).to(self.device), data.partition, self.scenario,
-                                       self.seed)
+                                       self.seed, clients=self.clients)
             self.pool = pool, starts, data_digest(pool)
-            self.data = None  # the pool is a copy: keep one
+            self.data = None  # the pool is a copy of this worker's part: keep only that
         return self.pool
 
     def _module(self, model: list) -> nn.Module:
@@ -181,6 +190,8 @@ class _Worker:
         then each other client's update, in job order; tensors on the CPU."""
         if self.error is not None:
             raise ConfigError(f"a Ray worker cannot load the run's data: {self.error}")
+        if not jobs:
+            return []
         pool, starts, mine = self._pool(config)
         if mine != digest:
             raise ConfigError(f"a Ray worker loaded other data than the driver (digest {mine}, driver's {digest}): "
@@ -189,10 +200,14 @@ class _Worker:
         state = _moved(global_state, self.device)
         tasks = []
         for job in jobs:
-            a, b = starts[job.client_id], starts[job.client_id + 1]
-            if (a, b - a) != (job.start, job.size):
-                raise ConfigError(f"a Ray worker's client {job.client_id} holds rows {a}:{b}, the driver's "
-                                  f"{job.start}:{job.start + job.size}: the worker loaded other data")
+            if job.client_id not in self.clients:
+                raise ValueError(f"client {job.client_id} was sent to the worker of clients {self.clients}")
+            i = job.client_id - self.clients.start
+            a, b = starts[i], starts[i + 1]
+            if (a + self.rows[0], b - a) != (job.start, job.size):
+                raise ConfigError(f"a Ray worker's client {job.client_id} holds rows {a + self.rows[0]}:"
+                                  f"{b + self.rows[0]}, the driver's {job.start}:{job.start + job.size}: the worker "
+                                  f"loaded other data")
             tasks.append(ClientTask(job.client_id, pool.rows(a, b), job.seed, pool, a, _moved(job.plan, self.device),
                                     _moved(job.optimizer_state, self.device), job.summable))
         summable = {job.client_id: job.summable for job in jobs}
@@ -324,8 +339,8 @@ class RayEngine:
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_restarts,
             max_task_retries=max_restarts, max_concurrency=1)
         threads = max(1, int(cpus_per_worker))
-        self._actors.extend(actor.remote(data, scenario, seed, engine, max_memory, device, threads)
-                            for _ in range(workers))
+        self._actors.extend(actor.remote(data, scenario, seed, engine, max_memory, device, threads, i, workers)
+                            for i in range(workers))
         try:
             ready = [a.ready.remote() for a in self._actors]
             if len(ray.wait(ready, num_returns=len(ready), timeout=PLACEMENT_NOTICE_S)[0]) < len(ready):
@@ -339,7 +354,10 @@ class RayEngine:
         if errors:
             self.close()
             raise ConfigError(f"a Ray worker cannot load the run's data: {errors[0]}")
-        self._digests: dict[int, tuple[TensorData, str]] = {}
+        self._digests: dict[tuple[int, int], tuple[TensorData, str]] = {}
+        # The worker that trains each client: worker i holds clients [lo, hi) and their rows (Ray
+        # restarts a worker with the same share, so the split holds for the whole run).
+        self._bounds = [p["clients"][1] for p in self.placement]
         self._model: tuple[nn.Module, list] | None = None
         self._model_token = 0
 
@@ -358,11 +376,14 @@ class RayEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _digest(self, source: TensorData) -> str:
-        # Once per pool (the round loop builds one per run): hashing the targets takes milliseconds.
-        kept = self._digests.get(id(source))
+    def _digest(self, source: TensorData, worker: int) -> str:
+        """The digest of `worker`'s part of the round loop's pool, as the worker computes it on its own."""
+        # Once per pool and worker (the round loop builds one pool per run): it takes milliseconds.
+        key = (id(source), worker)
+        kept = self._digests.get(key)
         if kept is None or kept[0] is not source:
-            kept = self._digests[id(source)] = (source, data_digest(source))
+            a, b = self.placement[worker]["rows"]
+            kept = self._digests[key] = (source, data_digest(source.rows(a, b)))
         return kept[1]
 
     def _module_ref(self, model: nn.Module) -> list:
@@ -383,18 +404,29 @@ class RayEngine:
             raise ValueError("the Ray engine trains clients from the data its workers load: every task needs the "
                              "round loop's pool as its source")
         ray = self._ray
-        digest = self._digest(source)
         jobs = [_Job(t.client_id, t.start, len(t.data), t.seed, _moved(t.plan, "cpu"),
                      _moved(t.optimizer_state, "cpu"), t.summable) for t in tasks]
         state = ray.put({k: v.detach().cpu() for k, v in global_state.items()})  # once, read by every worker
         module = self._module_ref(model)
-        costs = [t.plan.num_steps(len(t.data), config) for t in tasks]
-        pending = [(i, self._actors[i].train.remote(state, module, [jobs[j] for j in share], config, digest))
-                   for i, share in enumerate(shares(costs, len(self._actors))) if len(share)]
+        by_worker: dict[int, list[int]] = {}  # worker -> its tasks' positions, in task order
+        for j, task in enumerate(tasks):
+            by_worker.setdefault(bisect.bisect_right(self._bounds, task.client_id), []).append(j)
+        pending = [(i, positions, self._actors[i].train.remote(state, module, [jobs[j] for j in positions], config,
+                                                                 self._digest(source, i)))
+                   for i, positions in sorted(by_worker.items())]
+        # Each worker's sum of its summable clients, then every other update in task order (as the
+        # in-process engines hand them on), whichever worker finishes first.
         device = next(iter(global_state.values())).device
-        for worker, ref in pending:
-            for update in self._answer(worker, ref):
+        own: dict[int, ClientUpdate] = {}
+        for worker, positions, ref in pending:
+            answers = self._answer(worker, ref)
+            unsummed = [j for j in positions if not jobs[j].summable]
+            summed = len(answers) - len(unsummed)  # 1 when the worker had summable clients, else 0
+            for update in answers[:summed]:
                 yield _moved(update, device)
+            own.update(zip(unsummed, answers[summed:]))
+        for j in sorted(own):
+            yield _moved(own[j], device)
 
     def _answer(self, worker: int, ref) -> list[ClientUpdate]:
         """A worker's answers; Ray's own errors turned into one line (a client's, e.g. divergence, as it is)."""
