@@ -61,6 +61,31 @@ def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | Non
             )
 
 
+def _add_tracking_flags(parser: argparse.ArgumentParser, *, compare: bool = False) -> None:
+    where = "DIR/NAME/LABEL, a folder per run of the comparison NAME" if compare else "DIR/NAME"
+    experiment = "the experiment NAME, a run per label" if compare else "the experiment fedforge, a run named NAME"
+    parser.add_argument("--tensorboard", metavar="DIR", help=f"log to TensorBoard in {where}: each round's numbers "
+                        "(those of history.json) as scalars, the clients' training metrics as histograms "
+                        "(tensorboard --logdir DIR; pip install 'fedforge[tracking]')")
+    parser.add_argument("--mlflow", nargs="?", const="", metavar="URI", help=f"log to MLflow, in {experiment}: the "
+                        "settings as parameters, each round's numbers as metrics (step: the round), model.pt and "
+                        "accuracy.png as artifacts; URI default: sqlite:///OUT_DIR/mlflow.db, artifacts in "
+                        "OUT_DIR/mlartifacts (pip install 'fedforge[tracking]'; its UI needs the full mlflow "
+                        "package: mlflow ui --backend-store-uri URI)")
+
+
+def _trackers(args: argparse.Namespace, out_dir: str, comparison: str | None = None) -> list:
+    """The trackers --tensorboard and --mlflow ask for; a comparison's runs grouped under its name."""
+    from .tracking import MLflowTracker, TensorBoardTracker, default_mlflow_uri
+
+    trackers = []
+    if args.tensorboard is not None:
+        trackers.append(TensorBoardTracker(Path(args.tensorboard, comparison or "")))
+    if args.mlflow is not None:
+        trackers.append(MLflowTracker(args.mlflow or default_mlflow_uri(out_dir), experiment=comparison or "fedforge"))
+    return trackers
+
+
 def _config(args: argparse.Namespace, keys: Sequence[str]) -> Config:
     overrides = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     return Config.load(args.config, overrides)
@@ -96,7 +121,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .report import headline
 
     config = _run_config(args)
-    outcome = run_experiment(config, progress=not args.quiet, resume=bool(args.resume))
+    outcome = run_experiment(config, progress=not args.quiet, resume=bool(args.resume),
+                             trackers=_trackers(args, config.out_dir))
     final = outcome.history.final
     print(f"final {headline(final, config.client_config().task.primary)} after {final.round} rounds; "
           f"outputs in {outcome.run_dir}")
@@ -135,7 +161,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("--resume needs --name: the comparison whose runs to continue")
     name = base.name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(base.out_dir) / name
-    runs = compare(base.replace(name=None), variants, out_dir=out_dir, jobs=args.jobs, resume=args.resume)
+    runs = compare(base.replace(name=None), variants, out_dir=out_dir, jobs=args.jobs, resume=args.resume,
+                   trackers=_trackers(args, base.out_dir, comparison=name))
     print(write_comparison(runs, out_dir, target=args.target, title=name))
     print(f"outputs in {out_dir}: comparison.md, comparison.csv, comparison.png, and a folder per run")
     return 0
@@ -163,6 +190,18 @@ def _secure_aggregation(args: argparse.Namespace):
                              max_examples=args.secagg_max_examples or defaults.max_examples)
 
 
+def _dashboard(args: argparse.Namespace):
+    from .network.auth import read_secret
+    from .network.dashboard import DashboardSettings
+
+    if args.dashboard is None:
+        if args.dashboard_address or args.dashboard_token_file:
+            raise ConfigError("--dashboard-address and --dashboard-token-file need --dashboard PORT")
+        return None
+    token = read_secret(args.dashboard_token_file) if args.dashboard_token_file else None
+    return DashboardSettings(args.dashboard, args.dashboard_address or "127.0.0.1", token)
+
+
 def _cmd_server(args: argparse.Namespace) -> int:
     from .network.auth import load_tokens
     from .server import serve
@@ -183,7 +222,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
         max_message_bytes=int(args.max_message_mb * 2**20), resume=bool(args.resume), progress=not args.quiet,
         on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
         keepalive=args.keepalive, max_client_examples=args.max_client_examples, secure=_secure_aggregation(args),
-        min_available_clients=args.min_available_clients,
+        min_available_clients=args.min_available_clients, trackers=_trackers(args, config.out_dir),
+        dashboard=_dashboard(args), on_dashboard=lambda url: print(f"fedforge server: dashboard at {url}", flush=True),
     )
     from .report import headline
 
@@ -237,6 +277,32 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .history import History
+    from .network.dashboard import report_page
+    from .report import round_line
+
+    run_dir = Path(args.run_dir)
+    if args.out and not args.html:
+        raise ConfigError("--out needs --html")
+    if args.html:
+        from ._io import atomic_write
+
+        out = Path(args.out or run_dir / "dashboard.html")
+        page = report_page(run_dir)
+        with atomic_write(out, "wb") as f:
+            f.write(page.encode())
+        print(f"dashboard of {run_dir} written to {out}")
+        return 0
+    try:
+        history = History.from_json((run_dir / "history.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir} holds no history.json: not a run's folder, or no round completed") from None
+    for record in history.records:
+        print(round_line(record, history.final.round))
+    return 0
+
+
 def _read(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -254,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round "
                                                          "(flags may change e.g. --rounds)")
+    _add_tracking_flags(run)
     _add_config_flags(run)
     run.set_defaults(handler=_cmd_run)
 
@@ -269,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--resume", action="store_true", help="continue the runs already in OUT_DIR/NAME from their last "
                       "completed round (finished ones are reported as they are); needs --name")
     comp.add_argument("-q", "--quiet", action="store_true", help="(runs never show progress bars)")
+    _add_tracking_flags(comp, compare=True)
     _add_config_flags(comp, _COMPARE_KEYS)
     comp.set_defaults(handler=_cmd_compare)
 
@@ -304,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
     srv.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     srv.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    srv.add_argument("--dashboard", type=int, metavar="PORT", help="serve a live dashboard (clients, the round, "
+                     "accuracy and loss, refusals) at http://127.0.0.1:PORT/ (0: any free port)")
+    srv.add_argument("--dashboard-address", metavar="HOST", help="listen for the dashboard on HOST instead of "
+                     "127.0.0.1; any other than loopback only with --tls-cert/--tls-key and --dashboard-token-file")
+    srv.add_argument("--dashboard-token-file", metavar="FILE", help="a token (16+ characters) every dashboard request "
+                     "must carry: Authorization: Bearer TOKEN, or open https://HOST:PORT/?token=TOKEN")
+    _add_tracking_flags(srv)
     _add_config_flags(srv)
     srv.set_defaults(handler=_cmd_server)
 
@@ -348,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_config_flags(part, PARTITION_KEYS)
     part.set_defaults(handler=_cmd_partition)
+
+    rep = sub.add_parser("report", help="a finished run's rounds, or with --html its dashboard as one HTML file")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (OUT_DIR/NAME)")
+    rep.add_argument("--html", action="store_true", help="write the dashboard page with the run's history inside "
+                     "(static: it fetches nothing)")
+    rep.add_argument("--out", metavar="FILE", help="where to write it (default: RUN_DIR/dashboard.html)")
+    rep.set_defaults(handler=_cmd_report)
     return parser
 
 

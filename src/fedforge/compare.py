@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .config import Config, read_toml
 from .errors import ConfigError, DivergenceError
 from .history import History
 from .report import pyplot, save_figure
+from .tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ def _resumable(config: Config) -> bool:
     return (Path(config.out_dir) / config.name / "checkpoint.pt").exists()
 
 
-def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], threads: int, resume: bool):
+def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], threads: int, resume: bool,
+             trackers: Sequence[Tracker] = ()):
     """Run one variant; a run that diverges is reported with the rounds it completed.
 
     With `resume`, a variant that already has a checkpoint continues from it (a finished one
@@ -90,7 +93,8 @@ def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], thread
         earlier = sum(r.seconds for r in load_checkpoint(Path(config.out_dir) / label, "cpu")[1].records)
     started = time.perf_counter()
     try:
-        history = run_experiment(config, progress=False, verbose=False, resume=resume).history.to_json()
+        history = run_experiment(config, progress=False, verbose=False, resume=resume,
+                                 trackers=trackers).history.to_json()
         diverged = None
     except DivergenceError as e:  # e.g. FedAvg under attack: the collapse is the result
         history = (Path(config.out_dir) / label / "history.json").read_text()
@@ -100,7 +104,7 @@ def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], thread
 
 def compare(
     base: Config, variants: dict[str, dict[str, Any]], *, out_dir: str | os.PathLike, jobs: int = 1,
-    resume: bool = False,
+    resume: bool = False, trackers: Sequence[Tracker] = (),
 ) -> list[ComparedRun]:
     """Run every variant (base settings + its overrides) and return them in the given order.
 
@@ -108,6 +112,8 @@ def compare(
     that many worker processes, each with its share of the CPU threads. With `resume`, runs
     that `out_dir` already holds continue from their last completed round (a comparison cut
     short, or one run at a time in separate sessions); their settings must be the variant's.
+    Every run is tracked by each of `trackers` (frozen values: they travel to the worker processes),
+    as its own tracked run named after its label.
     """
     from .experiment import check_resumable
 
@@ -119,12 +125,16 @@ def compare(
         config = _variant(base_values, label, overrides)
         if resume and _resumable(config):
             check_resumable(Path(out_dir) / label, config)
+    for tracker in trackers:  # here, once: not by worker processes racing to make the same MLflow store
+        tracker.prepare()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs == 1:
-        results = [_run_one(base_values, label, o, torch.get_num_threads(), resume) for label, o in variants.items()]
+        results = [_run_one(base_values, label, o, torch.get_num_threads(), resume, trackers)
+                   for label, o in variants.items()]
     else:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_run_one, base_values, label, o, threads, resume) for label, o in variants.items()]
+            futures = [pool.submit(_run_one, base_values, label, o, threads, resume, trackers)
+                       for label, o in variants.items()]
             results = [f.result() for f in futures]
     return [
         ComparedRun(label, _variant(base_values, label, variants[label]), History.from_json(history), wall, diverged)

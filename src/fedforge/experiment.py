@@ -8,6 +8,7 @@ import hashlib
 import io
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .models import build_model
 from .report import headline, plot_history, round_line, write_history, write_model
 from .simulation import FederatedData, clients_per_round_count, simulate
 from .strategies import CombinedUpdate, RunInfo, ServerState
+from .tracking import Tracker, client_metrics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -189,7 +191,7 @@ def check_resumable(run_dir: str | Path, config: Config) -> None:
 
 
 def run_experiment(config: Config, *, progress: bool = True, verbose: bool = True, engine=None,
-                   resume: bool = False, secure_noise: bool = False) -> RunOutcome:
+                   resume: bool = False, secure_noise: bool = False, trackers: Sequence[Tracker] = ()) -> RunOutcome:
     """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`.
 
     History, model and a checkpoint are rewritten (atomically) after every round, so whatever
@@ -197,8 +199,11 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     `resume=True` continues the run in `out_dir/name` from its last completed round. The plot
     is drawn at the end or on the way out. `engine` replaces the one `config` names (the
     server passes its network engine). `secure_noise`: differential privacy's noise from the OS's
-    cryptographic source rather than the seed (the server's).
+    cryptographic source rather than the seed (the server's). `trackers` (TensorBoard, MLflow) are
+    sent every round's record and the clients' training metrics, and the outputs at the end.
     """
+    for tracker in trackers:  # a missing library: say so before the data loads
+        tracker.prepare()
     privacy = config.privacy()
     if privacy is not None and secure_noise:
         privacy = dataclasses.replace(privacy, secure_noise=True)
@@ -217,7 +222,10 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     records: list[RoundRecord] = list(start[1].records) if start else []
     last: list[ServerState] = [start[0]] if start else []
     run_engine = engine or make_run_engine(config)
+    error: BaseException | None = None
     bar = tqdm(total=config.rounds * k, unit="client", disable=None if progress else True, leave=False)
+    tracked = [tracker.start(config, run_dir) for tracker in trackers]
+    clients: dict[int, dict[str, float]] = {}  # the round's clients' training metrics, for the trackers
 
     def on_round(record: RoundRecord, state: ServerState) -> None:
         records.append(record)
@@ -228,23 +236,36 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
         bar.set_postfix(round=record.round, test=headline(record, primary))
         if verbose:
             tqdm.write(round_line(record, config.rounds))
+        # The record's selection only: clients of an attempt that failed and was retried are left out.
+        for run in tracked:
+            run.round(record, {c: clients[c] for c in record.clients if c in clients})
+        clients.clear()
+
+    def on_client(update) -> None:
+        bar.update(len(update.client_ids) if isinstance(update, CombinedUpdate) else 1)
+        if tracked and (metrics := client_metrics(update)) is not None:
+            clients[update.client_id] = metrics
 
     try:
         simulate(
             model, data, rounds=config.rounds, clients_per_round=k, client=config.client_config(),
             strategy=config.strategy_object(), scenario=config.scenario(),
             engine=run_engine, seed=config.seed, eval_batch_size=config.eval_batch_size, eval_train=config.eval_train,
-            on_client=lambda update: bar.update(len(update.client_ids) if isinstance(update, CombinedUpdate) else 1),
-            on_round=on_round,
+            on_client=on_client, on_round=on_round,
             resume=(start[0], start[1].records) if start else None,
             privacy=privacy, sampling=config.sampling,
         )
+    except BaseException as e:
+        error = e
+        raise
     finally:
         bar.close()
         if engine is None and hasattr(run_engine, "close"):  # the Ray engine's workers hold their CPUs until closed
             run_engine.close()
         if records:
             plot_history(History(records), run_dir / "accuracy.png", title=config.name, metric=primary)
+        for run in tracked:  # after the plot: it is one of their artifacts
+            run.finish(error)
     return RunOutcome(run_dir, History(records), last[0] if last else None)
 
 

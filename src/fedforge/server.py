@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 from .engines.network import DEFAULT_MAX_CLIENT_EXAMPLES, NetworkEngine
 from .errors import ConfigError
 from .experiment import check_output, load_checkpoint, run_experiment, run_name
+from .network.dashboard import Dashboard, DashboardSettings
 from .network.hub import DEFAULT_KEEPALIVE, Hub
 from .network.wire import Kind, Message
 from .secagg import SecureAggregation
 from .simulation import clients_per_round_count
+from .tracking import Tracker
 
 log = logging.getLogger("fedforge.server")
 
@@ -27,12 +30,15 @@ def serve(
     min_fit_clients: int | None, round_timeout: float, max_message_bytes: int, resume: bool = False,
     progress: bool = True, on_listening=None, keepalive: float = DEFAULT_KEEPALIVE,
     max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES, secure: SecureAggregation | None = None,
-    min_available_clients: int | None = None,
+    min_available_clients: int | None = None, trackers: Sequence[Tracker] = (),
+    dashboard: DashboardSettings | None = None, on_dashboard=None,
 ):
     """Run `config` with the clients that connect to `address`; returns the run's outcome.
 
     `min_fit_clients` (the quorum of a round) defaults to half the clients per round, rounded up.
     With `secure`, every round is summed under secure aggregation: the server sees no update.
+    `trackers` (TensorBoard, MLflow) log the run as `run_experiment`'s do, with each round's bytes.
+    `dashboard`: serve the live dashboard there (network/dashboard.py); `on_dashboard(url)` once it listens.
     """
     per_round = clients_per_round_count(config.clients_per_round, config.num_clients)
     if min_fit_clients is None:
@@ -53,10 +59,13 @@ def serve(
         raise ConfigError(f"max_client_examples must be >= 1, got {max_client_examples}")
     if secure is not None:
         secure.check(config, per_round)
+    board = Dashboard(dashboard, tls=tls) if dashboard is not None else None  # unsafe settings: refused here
     config = config.replace(name=run_name(config))
     run_dir = check_output(config)
     if resume:
         load_checkpoint(run_dir, "cpu")  # damaged or missing: say so now, not once clients have come
+    for tracker in trackers:  # a missing library, likewise
+        tracker.prepare()
     settings = {k: v for k, v in config.__dict__.items() if v is not None}
     hub = Hub(tokens, welcome={"config": settings}, max_message_bytes=max_message_bytes, keepalive=keepalive)
     port = hub.start(address, tls)
@@ -64,14 +73,20 @@ def serve(
     try:
         if on_listening is not None:
             on_listening(port)
+        if board is not None:
+            url = board.start(config, hub.clients, history=run_dir / "history.json" if resume else None)
+            if on_dashboard is not None:
+                on_dashboard(url)
         log.info("waiting for %d clients", min_clients)
         hub.wait_for_clients(min_clients)
         engine = NetworkEngine(hub, round_timeout=round_timeout, min_fit_clients=min_fit_clients,
                                max_client_examples=max_client_examples, secure=secure,
-                               min_available_clients=min_available_clients)
+                               min_available_clients=min_available_clients,
+                               watcher=board.state if board is not None else None)
         # Differential privacy's noise from the OS's cryptographic source: a deployment's noise must not
         # be replayable from the run's seed (which config.toml records).
-        outcome = run_experiment(config, progress=progress, engine=engine, resume=resume, secure_noise=True)
+        outcome = run_experiment(config, progress=progress, engine=engine, resume=resume, secure_noise=True,
+                                 trackers=[*trackers, board.tracker] if board is not None else trackers)
         final = Message(Kind.SHUTDOWN, {"status": "done"})
         return outcome
     except BaseException as e:
@@ -80,3 +95,5 @@ def serve(
         raise
     finally:
         hub.stop(final)
+        if board is not None:
+            board.stop()

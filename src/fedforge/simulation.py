@@ -127,6 +127,13 @@ class _Tally:
         return {name: total / self.examples for name, total in self.sums.items()} if self.examples else {}
 
 
+def _traffic(engine) -> dict[str, int]:
+    """The message bytes an engine that counts them (the network's) has received and sent so far."""
+    if not hasattr(engine, "bytes_up"):
+        return {}
+    return {"bytes_up": engine.bytes_up, "bytes_down": engine.bytes_down}
+
+
 def _keep_optimizer_states(updates: Iterable[ClientUpdate], kept: dict) -> Iterator[ClientUpdate]:
     """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
     for update in updates:
@@ -270,6 +277,7 @@ def simulate(
     while state.round < rounds:
         started = time.perf_counter()
         r = state.round + 1
+        traffic = _traffic(engine)
         if dp is not None and dp.exhausted():
             log.warning("stopping before round %d: it would spend more than the privacy budget (epsilon %.4g spent "
                         "of %.4g)", r, dp.epsilon(), privacy.target_epsilon)
@@ -313,6 +321,8 @@ def simulate(
         records.append(measure(state, tuple(selected), tally, started, time.perf_counter(), dropped))
         if dp is not None:
             records[-1].metrics.update(dp.metrics())
+        # The round's traffic, its failed attempts' included.
+        records[-1].metrics.update({name: total - traffic[name] for name, total in _traffic(engine).items()})
         if on_round is not None:
             on_round(records[-1], state)
     return SimulationResult(History(records), state)

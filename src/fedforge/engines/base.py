@@ -52,3 +52,17 @@ class Engine(Protocol):
         Updates are yielded one by one so the server can fold each into a running sum.
         """
         ...
+
+
+class RoundWatcher:
+    """What an engine tells an onlooker (the server's dashboard) as a round goes: the clients a
+    task went to, each update that arrived, each one refused and why. Does nothing itself."""
+
+    def task(self, task_id: int, client_ids: Sequence[int]) -> None:
+        """A new task (a round, or a retry of one) was sent to `client_ids`."""
+
+    def arrived(self, task_id: int, client_id: int) -> None:
+        """`client_id`'s update for `task_id` passed its checks."""
+
+    def refused(self, task_id: int, client_id: int, reason: str) -> None:
+        """`client_id`'s answer to `task_id` was refused, for `reason`."""

@@ -5,6 +5,8 @@ only where clients train differs. Every update is checked against the task it an
 reaches a strategy: its entries, shapes and dtypes are the global model's, its values finite, its
 metrics finite and in range, and its example and step counts consistent with the work the task
 asked for (so a client cannot take over a weighted average by claiming 10**30 examples).
+The engine counts the message bytes it sends to clients and receives from them (`bytes_down`,
+`bytes_up`; gRPC's framing, TLS and keepalive pings aside): the round loop records each round's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..secagg import SecureAggregation
 from ..secagg.protocol import ProtocolError, SecAggFailed, ServerRound
 from ..secagg.quantize import QuantizationError
 from ..strategies.base import CombinedUpdate
-from .base import ClientTask, RoundFailed
+from .base import ClientTask, RoundFailed, RoundWatcher
 
 log = logging.getLogger("fedforge.server")
 
@@ -110,14 +112,17 @@ class NetworkEngine:
 
     def __init__(self, hub: Hub, *, round_timeout: float, min_fit_clients: int,
                  max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES, secure: SecureAggregation | None = None,
-                 min_available_clients: int | None = None):
+                 min_available_clients: int | None = None, watcher: RoundWatcher | None = None):
         self.hub = hub
+        self.watcher = watcher or RoundWatcher()  # the server's dashboard, when it has one
         self.round_timeout = round_timeout
         self.min_fit_clients = min_fit_clients
         self.min_available_clients = max(min_fit_clients, min_available_clients or 0)
         self.max_client_examples = max_client_examples
         self.secure = secure
         self._task_id = 0
+        self.bytes_up = 0  # message bytes received from clients, in all rounds
+        self.bytes_down = 0  # message bytes sent to clients
 
     def run(self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
             ) -> Iterator[ClientUpdate]:
@@ -128,6 +133,7 @@ class NetworkEngine:
             raise RoundFailed(f"fewer than {self.min_fit_clients} clients connected for {self.round_timeout:.0f} s")
         self._task_id += 1
         task_id = self._task_id
+        self.watcher.task(task_id, [task.client_id for task in tasks])
         global_cpu = {k: v.detach().cpu() for k, v in global_state.items()}
         if self.secure is not None:
             return iter([self._secure_round(task_id, global_state, global_cpu, tasks)])
@@ -137,7 +143,7 @@ class NetworkEngine:
         for task in tasks:
             data = encode(task_message(task_id, task, global_cpu))
             session = self.hub.current(task.client_id)
-            if session is not None and self.hub.send(session, data):
+            if session is not None and self._send(session, data):
                 holders[task.client_id], messages[task.client_id] = session, data
             else:
                 log.warning("task %d: client %d is not connected; it will not report", task_id, task.client_id)
@@ -145,14 +151,14 @@ class NetworkEngine:
         deadline = time.monotonic() + self.round_timeout
         while holders and (remaining := deadline - time.monotonic()) > 0:
             try:
-                event = self.hub.events.get(timeout=remaining)
+                event = self._next_event(remaining)
             except queue.Empty:
                 break
             client_id = event.session.client_id
             holder = holders.get(client_id)
             if event.kind == EventKind.CONNECTED:
-                if holder is not None and event.session is not holder and self.hub.send(event.session,
-                                                                                         messages[client_id]):
+                if holder is not None and event.session is not holder and self._send(event.session,
+                                                                                      messages[client_id]):
                     log.info("task %d: client %d reconnected; its task is sent again", task_id, client_id)
                     holders[client_id] = event.session
                 continue
@@ -170,12 +176,27 @@ class NetworkEngine:
                 del holders[client_id]
                 if update is not None:
                     updates[client_id] = update
+                    self.watcher.arrived(task_id, client_id)
         if holders:
             log.warning("task %d: no update from %s within %.0f s", task_id, sorted(holders), self.round_timeout)
         if len(updates) < self.min_fit_clients:
             raise RoundFailed(f"{len(updates)} updates arrived, the quorum is {self.min_fit_clients}")
         log.info("task %d: %d of %d updates", task_id, len(updates), len(tasks))
         return (updates[t.client_id] for t in tasks if t.client_id in updates)
+
+    def _send(self, session: Session, data: bytes) -> bool:
+        """hub.send, counting the bytes sent."""
+        sent = self.hub.send(session, data)
+        if sent:
+            self.bytes_down += len(data)
+        return sent
+
+    def _next_event(self, timeout: float) -> Event:
+        """The hub's next event (queue.Empty after `timeout`), counting the bytes of a message."""
+        event = self.hub.events.get(timeout=timeout)
+        if event.data is not None:
+            self.bytes_up += len(event.data)
+        return event
 
     def _accept(self, event: Event, task_id: int, task: ClientTask, config: ClientConfig, global_state: State
                 ) -> ClientUpdate | None | bool:
@@ -185,6 +206,7 @@ class NetworkEngine:
             message = decode(event.data, max_bytes=self.hub.max_message_bytes)
         except WireError as e:
             log.warning("task %d: refused a message from client %d: %s", task_id, client_id, e)
+            self.watcher.refused(task_id, client_id, str(e))
             return None
         if message.kind != Kind.UPDATE or message.header.get("task") != task_id:
             log.warning("task %d: discarded a %s from client %d for task %r: late or not an update", task_id,
@@ -194,6 +216,7 @@ class NetworkEngine:
             return update_from(message, task, config, global_state, max_examples=self.max_client_examples)
         except ValueError as e:
             log.warning("task %d: refused the update of client %d: %s", task_id, client_id, e)
+            self.watcher.refused(task_id, client_id, str(e))
             return None
 
     # -- secure aggregation: the round as the protocol's four exchanges ---------------------------
@@ -244,6 +267,8 @@ class NetworkEngine:
         length = quantizer.length(size)
         exchange(list(protocol.sealed), Kind.SA_INPUT, protocol.input_request, Kind.SA_MASKED,
                  lambda c, m: protocol.on_input(c, _words(m), length))
+        for c in sorted(protocol.inputs):  # a masked update counts as arrived
+            self.watcher.arrived(task_id, c)
         self._secure_quorum(task_id, protocol, len(protocol.inputs), "sent masked inputs")
         # 4. who survived and who dropped -> the shares that unmask the sum
         exchange(sorted(protocol.inputs), Kind.SA_UNMASK, protocol.unmask_request, Kind.SA_UNMASKED,
@@ -283,7 +308,7 @@ class NetworkEngine:
         in another client's name is out of the round (logged)."""
         pending: dict[int, Session] = {}
         for c, (session, message) in outgoing.items():
-            if self.hub.send(session, encode(message)):
+            if self._send(session, encode(message)):
                 pending[c] = session
             else:
                 log.warning("task %d: client %d disconnected; dropped from the round", task_id, c)
@@ -291,7 +316,7 @@ class NetworkEngine:
         deadline = time.monotonic() + self.round_timeout
         while pending and (remaining := deadline - time.monotonic()) > 0:
             try:
-                event = self.hub.events.get(timeout=remaining)
+                event = self._next_event(remaining)
             except queue.Empty:
                 break
             c = event.session.client_id

@@ -119,6 +119,8 @@ class Session:
     outbox: asyncio.Queue = field(repr=False)
     owed: int = 0  # messages the client may send: tasks sent to this session and not yet answered
     open: bool = True
+    connected_at: float = field(default_factory=time.time)  # wall-clock seconds, for the dashboard
+    last_seen: float = field(default_factory=time.time)  # its last message, or connected_at
 
 
 class EventKind(enum.Enum):
@@ -198,6 +200,11 @@ class Hub:
         with self.changed:
             return self.sessions.get(client_id)
 
+    def clients(self) -> list[Session]:
+        """The connected clients' sessions, by client id (a copy: the dashboard reads it from its own thread)."""
+        with self.changed:
+            return [self.sessions[c] for c in sorted(self.sessions)]
+
     def send(self, session: Session, data: bytes, *, expect_answer: bool = True) -> bool:
         """Queue `data` for `session`; False when that session is closed."""
         with self.changed:
@@ -274,6 +281,7 @@ class Hub:
                 with self.changed:
                     asked = session.owed > 0
                     session.owed -= asked
+                    session.last_seen = time.time()
                 if not asked:
                     log.warning("client %d sent a message it was not asked for; its session is closed",
                                 session.client_id)

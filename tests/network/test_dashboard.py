@@ -1,0 +1,341 @@
+"""The server's live dashboard: its JSON during a real 3-client deployment on 127.0.0.1, what it
+refuses (paths, methods, requests without the token, unsafe addresses), the static report page,
+and the page itself in headless Chromium (skipped where no chromium binary is installed)."""
+
+import json
+import logging
+import queue
+import re
+import ssl
+import http.client
+import time
+import types
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from browser import CHROMIUM, Browser
+from cluster import BASE, Cluster
+from fedforge.cli import main as fedforge
+from fedforge.config import Config
+from fedforge.contract import ClientPlan
+from fedforge.engines.network import NetworkEngine
+from fedforge.experiment import run_experiment
+from fedforge.errors import ConfigError
+from fedforge.history import History, RoundRecord
+from fedforge.network.certs import make_certificates
+from fedforge.network.dashboard import Dashboard, DashboardSettings, report_page
+from fedforge.network.hub import Event, EventKind, Session
+from fedforge.network.wire import Kind, Message, decode, encode
+from fedforge.report import write_history
+
+TOKEN = "a-dashboard-token-0123456789"
+
+
+def get(url: str, **headers) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def state(url: str) -> dict:
+    status, body = get(url + "api/state")
+    assert status == 200
+    return json.loads(body)
+
+
+def wait_until(url: str, condition, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition(now := state(url)):
+            return now
+        time.sleep(0.1)
+    raise AssertionError(f"not reached in {timeout} s: {json.dumps(now)[:2000]}")
+
+
+def last_round(s: dict) -> int:
+    return s["rounds"][-1]["round"] if s["rounds"] else -1
+
+
+def secrets(tmp) -> list[str]:
+    """What must never be shown: every client's secret and the hashes in the server's tokens file."""
+    hashes = [c["sha256"] for c in json.loads((tmp / "tokens.json").read_text())["clients"].values()]
+    return hashes + [(tmp / f"client-{i}.token").read_text().strip() for i in range(4)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dashboard", "0", "--dashboard-address", "0.0.0.0"], "not a loopback address, only with TLS"),
+    (["--dashboard", "0", "--dashboard-address", "example.org", "--dashboard-token-file", "token"],
+     "not a loopback address, only with TLS"),
+    (["--dashboard-address", "127.0.0.1"], "need --dashboard PORT"),
+    (["--dashboard", "0", "--dashboard-token-file", "short"], "at least 16 printable ASCII characters"),
+    (["--dashboard", "70000"], "between 0 and 65535"),
+])
+def test_unsafe_dashboard_settings_are_refused_in_one_line(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.json").write_text('{"clients": {}}')
+    (tmp_path / "token").write_text(TOKEN)
+    (tmp_path / "short").write_text("1234")
+    assert fedforge(["server", "--tokens", "t.json", "--insecure", "--address", "127.0.0.1:0", *flags]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedforge: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
+
+
+def fake_sessions():
+    now = time.time()
+    return [types.SimpleNamespace(client_id=i, peer=f"ipv4:10.0.0.{i}:5000", connected_at=now, last_seen=now)
+            for i in range(2)]
+
+
+def test_a_token_is_required_when_given_and_off_loopback_https(tmp_path):
+    config = Config.load(None, {"name": "t", "dataset": "synthetic"})
+    board = Dashboard(DashboardSettings(0, "127.0.0.1", TOKEN), tls=None)
+    url = board.start(config, fake_sessions)
+    try:
+        board.tracker.round(RoundRecord(0, (), 0.5, 0.25), {})
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            assert get(url, **headers) == (401, "") and get(url + "api/state", **headers) == (401, "")
+        assert get(url + "nothing")[0] == 401  # nothing is told without the token, not even what is there
+        status, body = get(url + "api/state", Authorization=f"Bearer {TOKEN}")
+        assert status == 200 and json.loads(body)["rounds"][0]["loss"] == 0.5 and TOKEN not in body
+        status, page = get(url + f"?token={TOKEN}")
+        assert status == 200 and TOKEN not in page  # the page's script reads it from its own address
+    finally:
+        board.stop()
+
+    paths = make_certificates(tmp_path, ["127.0.0.1"])
+    tls = (paths["key"].read_bytes(), paths["cert"].read_bytes())
+    with pytest.raises(ConfigError, match="only with TLS"):  # TLS without a token is not enough
+        Dashboard(DashboardSettings(0, "0.0.0.0"), tls=tls)
+    board = Dashboard(DashboardSettings(0, "0.0.0.0", TOKEN), tls=tls)
+    url = board.start(config, fake_sessions)
+    try:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        assert url.startswith("https://0.0.0.0:")
+        context = ssl.create_default_context(cafile=str(paths["ca"]))
+        local = f"https://127.0.0.1:{port}/api/state"
+        for headers, expected in (({}, 401), ({"Authorization": f"Bearer {TOKEN}"}, 200)):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(local, headers=headers), context=context,
+                                            timeout=10) as response:
+                    status = response.status
+            except urllib.error.HTTPError as e:
+                status = e.code
+            assert status == expected
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):  # no plaintext
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=10).read()
+    finally:
+        board.stop()
+
+
+class AnsweringHub:
+    """A hub without sockets for the network engine: clients 0 and 1 answer each task with a zero
+    update, client 2 with NaN (refused)."""
+
+    max_message_bytes = 1 << 20
+
+    def __init__(self, config: Config):
+        self.config = config.client_config()
+        self.events = queue.Queue()
+        now = time.time()
+        self.sessions = {c: Session(c, f"ipv4:127.0.0.1:{5000 + c}", outbox=None, connected_at=now - 60,
+                                    last_seen=now) for c in range(3)}
+
+    def wait_for_clients(self, count, timeout=None):
+        return True
+
+    def current(self, client_id):
+        return self.sessions[client_id]
+
+    def clients(self):
+        return list(self.sessions.values())
+
+    def send(self, session, data, *, expect_answer=True):
+        task = decode(data)
+        h = task.header
+        delta = {f"delta/{k[len('global/'):]}": torch.zeros_like(v) for k, v in task.tensors.items()
+                 if k.startswith("global/")}
+        if session.client_id == 2:
+            delta = {k: torch.full_like(v, float("nan")) for k, v in delta.items()}
+        steps = ClientPlan(epochs=h["epochs"], max_steps=h["max_steps"]).num_steps(10, self.config)
+        header = {"task": h["task"], "num_examples": 10, "num_steps": steps, "train_loss": 1.0}
+        self.events.put(Event(session, EventKind.MESSAGE, encode(Message(Kind.UPDATE, header, delta))))
+        return True
+
+
+def test_arrivals_refusals_and_epsilon_reach_the_state(tmp_path):
+    """The engine's RoundWatcher calls, the round loop's records (with epsilon under differential
+    privacy) and the server logger's warnings, as /api/state shows them."""
+    config = Config(dataset="synthetic", num_clients=3, clients_per_round=3, model="logreg", batch_size=10,
+                    rounds=2, out_dir=str(tmp_path), name="net", dp="client", target_epsilon=3.0, delta=0.01,
+                    clip=0.5)
+    hub = AnsweringHub(config)
+    board = Dashboard(DashboardSettings(0), tls=None)
+    url = board.start(config, hub.clients)
+    try:
+        assert state(url)["status"] == "waiting for clients"
+        engine = NetworkEngine(hub, round_timeout=30, min_fit_clients=2, watcher=board.state)
+        run_experiment(config, progress=False, verbose=False, engine=engine, trackers=[board.tracker])
+        now = state(url)
+    finally:
+        board.stop()
+    assert now["status"] == "finished" and [r["round"] for r in now["rounds"]] == [0, 1, 2]
+    assert now["rounds"][0]["epsilon"] == 0 < now["rounds"][1]["epsilon"] < now["rounds"][2]["epsilon"] <= 3
+    assert [(c["id"], c["address"]) for c in now["clients"]] == [(0, "127.0.0.1:5000"), (1, "127.0.0.1:5001"),
+                                                                 (2, "127.0.0.1:5002")]
+    task = now["task"]
+    assert (task["id"], task["round"], task["done"], task["expected"], task["arrived"]) == (2, 2, True, [0, 1, 2],
+                                                                                           [0, 1])
+    assert task["refused"] == [{"client": 2, "reason": "it holds NaN or infinite values"}]
+    assert [line["message"] for line in now["log"]] == [f"task {t}: refused the update of client 2: it holds NaN or "
+                                                        f"infinite values" for t in (1, 2)]
+    logging.getLogger("fedforge.server").warning("after the run")  # the dashboard no longer listens to the log
+    assert len(board.state.snapshot()["log"]) == 2
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """One server with --dashboard and three clients for the module, and a fourth that gives a wrong
+    secret; rounds of about half a second (40 local epochs) so that a round can be seen to move,
+    killed at the end."""
+    tmp = tmp_path_factory.mktemp("dashboard")
+    cluster = Cluster(tmp)
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--dashboard", "0", "--rounds", "200",
+                                  "--local-epochs", "40", *BASE)
+    url = server.wait_for(r"fedforge server: dashboard at (http://127\.0\.0\.1:\d+/)").group(1)
+    for i in range(3):
+        cluster.client(i, port)
+    cluster.client(2, port, token="client-3.token", name="wrong-secret")  # refused: the log shows it
+    yield types.SimpleNamespace(url=url, tmp=tmp, server=server)
+    cluster.close()
+
+
+def test_the_state_shows_the_clients_and_the_rounds_moving(deployment):
+    url = deployment.url
+    first = wait_until(url, lambda s: len(s["clients"]) == 3 and last_round(s) >= 1, timeout=60)
+    assert [c["id"] for c in first["clients"]] == [0, 1, 2]
+    assert all(re.fullmatch(r"127\.0\.0\.1:\d+", c["address"]) for c in first["clients"])
+    assert all(c["connected_at"] <= c["last_seen"] <= first["now"] + 1 for c in first["clients"])
+    assert first["run"]["name"] == "net" and first["run"]["rounds"] == 200 and first["status"] == "training"
+    later = wait_until(url, lambda s: last_round(s) > last_round(first))
+    assert [r["round"] for r in later["rounds"]] == list(range(last_round(later) + 1))
+    assert all(0 <= r["metric"] <= 1 and r["loss"] > 0 for r in later["rounds"])  # accuracy and loss each round
+    task = later["task"]
+    assert task["round"] >= last_round(later) and task["expected"] == [0, 1, 2]
+    assert set(task["arrived"]) <= {0, 1, 2} and task["refused"] == []
+
+
+def test_nothing_secret_and_nothing_unknown(deployment):
+    url = deployment.url
+    now = wait_until(url, lambda s: len(s["clients"]) == 3 and s["log"], timeout=60)
+    assert any(re.fullmatch(r"refused ipv4:127\.0\.0\.1:\d+: wrong secret for client 2", line["message"])
+               for line in now["log"])
+    _, page = get(url)
+    assert not re.search(r"\b(src|href)=", page)  # everything inline: the page loads nothing else
+    status, body = get(url + "api/state")
+    for secret in secrets(deployment.tmp):
+        assert secret not in body and secret not in page
+
+    def numbers(value):  # the longest list of numbers anywhere in the state: no tensor hides there
+        if isinstance(value, dict):
+            return max(map(numbers, value.values()), default=0)
+        if isinstance(value, list):
+            own = len(value) if value and all(isinstance(v, (int, float)) for v in value) else 0
+            return max([own, *map(numbers, value)])
+        return 0
+
+    assert numbers(json.loads(body)) <= 3
+    for path in ("favicon.ico", "api/state/", "api", "..%2f", "index.html", "api/state.json"):
+        assert get(url + path)[0] == 404, path
+    for method in ("POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "BREW"):
+        assert urllib_status(url + "api/state", method) == 404, method
+
+
+def urllib_status(url: str, method: str) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+# What the page shows at this moment: its client rows and each chart's points, as its script drew them.
+PAGE_NOW = """(() => {
+  const chart = (name) => document.getElementById("chart-" + name);
+  return {clients: [...document.querySelectorAll("#clients-body tr")].map((row) => row.dataset.client),
+          count: document.getElementById("client-count")?.textContent,
+          points: Number(chart("metric")?.dataset.points || 0), values: chart("metric")?.dataset.values,
+          loss_points: Number(chart("loss")?.dataset.points || 0), static: document.body?.className,
+          epsilon: document.getElementById("epsilon")?.textContent, mark: window.testMark || null};
+})()"""
+
+
+def watch(browser: Browser, condition, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition(now := browser.evaluate(PAGE_NOW)):
+            return now
+        time.sleep(0.1)
+    raise AssertionError(f"the page did not get there in {timeout} s: {now}")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary (Debian: apt-get install chromium; make test installs it where apt is here)")
+    browser = Browser(tmp_path / "profile", "--window-size=1200,900")
+    yield browser
+    browser.close()
+
+
+def test_the_page_in_headless_chromium(browser, deployment, tmp_path):
+    """A real browser loads the page once and sees 3 clients, then the charts grow by a round while
+    the page stays loaded (the mark set on its window survives: no reload)."""
+    browser.open(deployment.url)
+    first = watch(browser, lambda p: p["clients"] == ["0", "1", "2"] and p["points"] >= 2, timeout=60)
+    assert first["count"] == "3" and first["loss_points"] == first["points"]
+    browser.evaluate("window.testMark = 'still the same page'")
+    later = watch(browser, lambda p: p["points"] > first["points"])
+    assert later["mark"] == "still the same page" and later["clients"] == ["0", "1", "2"]
+    assert later["values"] != first["values"] and later["loss_points"] == later["points"]
+    # The static report of the same run: the same page and charts, from the history inside it.
+    report = deployment.tmp / "report.html"
+    assert fedforge(["report", str(deployment.tmp / "runs" / "net"), "--html", "--out", str(report)]) == 0
+    embedded = json.loads(report.read_text().split('id="data">')[1].split("</script>")[0])
+    browser.open(report.as_uri())
+    static = watch(browser, lambda p: p["points"] > 0)
+    assert static["points"] == len(embedded["rounds"]) >= later["points"]
+    assert static["static"] == "static" and static["clients"] == []
+    assert first["epsilon"] == static["epsilon"] == "not private"
+    # Under differential privacy the page shows the epsilon spent by the last round.
+    write_history(tmp_path / "private", History([RoundRecord(r, (0, 1), 1.0, 0.5, metrics={"epsilon": 0.75 * r})
+                                                 for r in range(3)]))
+    (tmp_path / "private.html").write_text(report_page(tmp_path / "private"))
+    browser.open((tmp_path / "private.html").as_uri())
+    assert watch(browser, lambda p: p["points"] == 3)["epsilon"] == "1.500"
+
+
+def test_report_html_holds_the_history(deployment, capsys):
+    run_dir = deployment.tmp / "runs" / "net"
+    wait_until(deployment.url, lambda s: last_round(s) >= 2)
+    assert fedforge(["report", str(run_dir), "--html"]) == 0
+    assert "written to" in capsys.readouterr().out
+    html = (run_dir / "dashboard.html").read_text()
+    embedded = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1))
+    history = json.loads((run_dir / "history.json").read_text())["rounds"]
+    assert embedded["static"] is True and embedded["clients"] == [] and embedded["run"]["name"] == "net"
+    assert [r["round"] for r in embedded["rounds"]] == [r["round"] for r in history[:len(embedded["rounds"])]]
+    assert [r["metric"] for r in embedded["rounds"]] == [r["test_accuracy"] for r in history[:len(embedded["rounds"])]]
+    assert embedded["status"] == f"{embedded['rounds'][-1]['round']} of 200 rounds recorded"  # still running
+    assert "api/state" in html and 'fetch("api/state"' in html  # the same page; its script fetches only when live
+    for secret in secrets(deployment.tmp):
+        assert secret not in html
+    assert fedforge(["report", str(deployment.tmp)]) == 2  # no history.json there
+    capsys.readouterr()
+    assert fedforge(["report", str(run_dir)]) == 0  # without --html: a line per round
+    assert capsys.readouterr().out.startswith("initial model   test accuracy")
