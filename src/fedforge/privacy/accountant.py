@@ -29,18 +29,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from types import SimpleNamespace
 from typing import Any
 
 from ..errors import ConfigError
 from .sampling import FixedSizeSampling, PoissonSampling, Sampling
 
-try:
-    from dp_accounting import dp_event
-    from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
-    from dp_accounting.privacy_accountant import NeighboringRelation
-    from dp_accounting.rdp import rdp_privacy_accountant
-except ImportError:  # the `dp` extra is optional: fail when an accountant is asked for
-    dp_event = None
+
+@lru_cache(maxsize=1)
+def _dp() -> SimpleNamespace:
+    """dp-accounting's modules, imported when an accountant is first needed: importing them takes
+    about a second, which every fedforge process (each deployment client among them) would pay."""
+    try:
+        from dp_accounting import dp_event
+        from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
+        from dp_accounting.privacy_accountant import NeighboringRelation
+        from dp_accounting.rdp import rdp_privacy_accountant
+    except ImportError:  # the `dp` extra is optional: fail when an accountant is asked for
+        raise ConfigError("differential privacy needs dp-accounting: pip install 'fedforge[dp]'") from None
+    return SimpleNamespace(dp_event=dp_event, pld=pld_privacy_accountant, pld_distribution=privacy_loss_distribution,
+                           NeighboringRelation=NeighboringRelation, rdp=rdp_privacy_accountant)
+
 
 METHODS = ("pld", "rdp")
 # Calibration stops below this noise multiplier: PLDs of so little noise take minutes to
@@ -49,8 +58,7 @@ MIN_CALIBRATED_NOISE = 0.3
 
 
 def _require_dp_accounting() -> None:
-    if dp_event is None:
-        raise ConfigError("differential privacy needs dp-accounting: pip install 'fedforge[dp]'")
+    _dp()
 
 
 def check_delta(delta: float, num_clients: int | None = None) -> None:
@@ -74,7 +82,7 @@ def _check_rounds(rounds: int, least: int) -> None:
 
 def round_event(sampling: Sampling, noise_multiplier: float, *, local: bool = False) -> Any:
     """The dp-accounting event of one round (see the module docstring for each case)."""
-    _require_dp_accounting()
+    dp_event = _dp().dp_event
     if local:
         return dp_event.GaussianDpEvent(noise_multiplier / 2)
     if isinstance(sampling, PoissonSampling):
@@ -84,11 +92,12 @@ def round_event(sampling: Sampling, noise_multiplier: float, *, local: bool = Fa
 
 
 def _library_accountant(method: str, sampling: Sampling, local: bool) -> Any:
+    dp = _dp()
     if method == "pld":
-        return pld_privacy_accountant.PLDAccountant()
+        return dp.pld.PLDAccountant()
     if isinstance(sampling, FixedSizeSampling) and not local:
-        return rdp_privacy_accountant.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
-    return rdp_privacy_accountant.RdpAccountant()
+        return dp.rdp.RdpAccountant(neighboring_relation=dp.NeighboringRelation.REPLACE_ONE)
+    return dp.rdp.RdpAccountant()
 
 
 @lru_cache(maxsize=8)
@@ -97,7 +106,7 @@ def _poisson_round_pld(q: float, noise_multiplier: float) -> Any:
     # (its default discretisation 1e-4, add-or-remove). Building it is the costly part (0.5-1 s
     # for z ~ 1), so a run builds it once and each epsilon only self-composes it: 2-4x faster
     # per round than a fresh PLDAccountant, and equal to it within 1e-10 relative.
-    return privacy_loss_distribution.from_gaussian_mechanism(
+    return _dp().pld_distribution.from_gaussian_mechanism(
         standard_deviation=noise_multiplier, sampling_prob=q, value_discretization_interval=1e-4)
 
 
@@ -108,7 +117,7 @@ def _epsilon(sampling: Sampling, noise_multiplier: float, method: str, local: bo
     # number after the round.
     if method == "pld" and isinstance(sampling, PoissonSampling) and not local:
         return float(_poisson_round_pld(sampling.q, noise_multiplier).self_compose(rounds).get_epsilon_for_delta(delta))
-    event = dp_event.SelfComposedDpEvent(round_event(sampling, noise_multiplier, local=local), rounds)
+    event = _dp().dp_event.SelfComposedDpEvent(round_event(sampling, noise_multiplier, local=local), rounds)
     return float(_library_accountant(method, sampling, local).compose(event).get_epsilon(delta))
 
 
