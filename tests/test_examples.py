@@ -46,9 +46,9 @@ def test_huggingface_dataset():
 
 
 def test_shakespeare_char_lstm():
-    out = subprocess.run([sys.executable, str(EXAMPLES / "shakespeare_char_lstm.py"), "--rounds", "2"],
+    out = subprocess.run([sys.executable, str(EXAMPLES / "shakespeare_char_lstm.py"), "--rounds", "1"],
                          capture_output=True, text=True, timeout=180, check=True).stdout
     assert re.search(r"^10 roles of 16 keep test examples", out, re.M)
     perplexity = [float(x) for x in re.findall(r"perplexity +([\d.]+)", out)]
-    # Untrained: about uniform over the 80 symbols; two rounds of two roles each bring it below a third.
-    assert len(perplexity) == 3 and perplexity[0] > 60 and perplexity[2] < perplexity[1] < perplexity[0] / 3
+    # Untrained: about uniform over the 80 symbols; one round of two roles brings it below a third.
+    assert len(perplexity) == 2 and perplexity[0] > 60 and perplexity[1] < perplexity[0] / 3

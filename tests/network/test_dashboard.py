@@ -200,13 +200,13 @@ def test_arrivals_refusals_and_epsilon_reach_the_state(tmp_path):
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    """One server with --dashboard and three clients for the module, and a fourth that gives a wrong
-    secret; rounds of about half a second (40 local epochs) so that a round can be seen to move,
+    """One server with --dashboard (and --tensorboard) and three clients for the module, and a fourth
+    that gives a wrong secret; rounds of about half a second (40 local epochs) so that a round can be seen to move,
     killed at the end."""
     tmp = tmp_path_factory.mktemp("dashboard")
     cluster = Cluster(tmp)
     server, port = cluster.server("--insecure", "--min-clients", "3", "--dashboard", "0", "--rounds", "200",
-                                  "--local-epochs", "40", *BASE)
+                                  "--local-epochs", "40", "--tensorboard", "tb", *BASE)
     url = server.wait_for(r"fedforge server: dashboard at (http://127\.0\.0\.1:\d+/)").group(1)
     for i in range(3):
         cluster.client(i, port)
@@ -339,3 +339,16 @@ def test_report_html_holds_the_history(deployment, capsys):
     capsys.readouterr()
     assert fedforge(["report", str(run_dir)]) == 0  # without --html: a line per round
     assert capsys.readouterr().out.startswith("initial model   test accuracy")
+
+
+def test_the_server_tracks_its_rounds_in_tensorboard(deployment):
+    """fedforge server --tensorboard: each round's record, bytes included, as the run goes."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    wait_until(deployment.url, lambda s: last_round(s) >= 2)
+    accumulator = event_accumulator.EventAccumulator(str(deployment.tmp / "tb" / "net"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    history = json.loads((deployment.tmp / "runs" / "net" / "history.json").read_text())["rounds"]
+    tracked = {e.step: e.value for e in accumulator.Scalars("test_accuracy")}
+    assert len(tracked) >= 3 and all(tracked[r["round"]] == pytest.approx(r["test_accuracy"]) for r in history
+                                     if r["round"] in tracked)
+    assert all(e.value > 0 for e in accumulator.Scalars("bytes_up"))

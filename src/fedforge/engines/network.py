@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -148,12 +148,7 @@ class NetworkEngine:
             else:
                 log.warning("task %d: client %d is not connected; it will not report", task_id, task.client_id)
         updates: dict[int, ClientUpdate] = {}
-        deadline = time.monotonic() + self.round_timeout
-        while holders and (remaining := deadline - time.monotonic()) > 0:
-            try:
-                event = self._next_event(remaining)
-            except queue.Empty:
-                break
+        for event in self._events(time.monotonic() + self.round_timeout, lambda: bool(holders)):
             client_id = event.session.client_id
             holder = holders.get(client_id)
             if event.kind == EventKind.CONNECTED:
@@ -191,12 +186,17 @@ class NetworkEngine:
             self.bytes_down += len(data)
         return sent
 
-    def _next_event(self, timeout: float) -> Event:
-        """The hub's next event (queue.Empty after `timeout`), counting the bytes of a message."""
-        event = self.hub.events.get(timeout=timeout)
-        if event.data is not None:
-            self.bytes_up += len(event.data)
-        return event
+    def _events(self, deadline: float, waiting: Callable[[], bool]) -> Iterator[Event]:
+        """The hub's events while `waiting()` and until `deadline` (time.monotonic()), counting the
+        bytes of messages."""
+        while waiting() and (remaining := deadline - time.monotonic()) > 0:
+            try:
+                event = self.hub.events.get(timeout=remaining)
+            except queue.Empty:
+                return
+            if event.data is not None:
+                self.bytes_up += len(event.data)
+            yield event
 
     def _accept(self, event: Event, task_id: int, task: ClientTask, config: ClientConfig, global_state: State
                 ) -> ClientUpdate | None | bool:
@@ -249,6 +249,7 @@ class NetworkEngine:
                     accept(c, message)
                 except ProtocolError as e:
                     log.warning("task %d: refused the %s of client %d: %s", task_id, answer.name, c, e)
+                    self.watcher.refused(task_id, c, f"{answer.name}: {e}")
 
         # 1. the task and the round's settings -> each client's public keys (it then trains)
         first = {c: (s, task_message(task_id, by_client[c], global_cpu, protocol.setup(c).to_header()))
@@ -258,6 +259,7 @@ class NetworkEngine:
                 protocol.on_keys(c, message.header)
             except ProtocolError as e:
                 log.warning("task %d: refused the keys of client %d: %s", task_id, c, e)
+                self.watcher.refused(task_id, c, f"keys: {e}")
         self._secure_quorum(task_id, protocol, len(protocol.keys), "sent keys")
         # 2. neighbours' keys -> sealed shares and commitments
         exchange(list(protocol.keys), Kind.SA_NEIGHBOUR_KEYS, protocol.neighbour_keys, Kind.SA_SHARES,
@@ -313,12 +315,7 @@ class NetworkEngine:
             else:
                 log.warning("task %d: client %d disconnected; dropped from the round", task_id, c)
         answers: dict[int, Message] = {}
-        deadline = time.monotonic() + self.round_timeout
-        while pending and (remaining := deadline - time.monotonic()) > 0:
-            try:
-                event = self._next_event(remaining)
-            except queue.Empty:
-                break
+        for event in self._events(time.monotonic() + self.round_timeout, lambda: bool(pending)):
             c = event.session.client_id
             if pending.get(c) is not event.session:
                 if event.kind == EventKind.MESSAGE:
@@ -336,11 +333,13 @@ class NetworkEngine:
                 message = decode(event.data, max_bytes=self.hub.max_message_bytes)
             except WireError as e:
                 log.warning("task %d: refused a message from client %d: %s", task_id, c, e)
+                self.watcher.refused(task_id, c, str(e))
                 continue
             h = message.header
             if message.kind != answer or h.get("task") != task_id or h.get("client") != c:
                 log.warning("task %d: refused a %s from client %d (for task %r, as client %r) where its %s was due",
                             task_id, message.kind.name, c, h.get("task"), h.get("client"), answer.name)
+                self.watcher.refused(task_id, c, f"a {message.kind.name} where its {answer.name} was due")
                 continue
             answers[c] = message
         if pending:
