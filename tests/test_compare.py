@@ -3,7 +3,7 @@ import json
 import pytest
 
 from fedforge.cli import main
-from fedforge.compare import ComparedRun, compare, comparison_table
+from fedforge.compare import ComparedRun, compare, comparison_table, variants_from_file
 from fedforge.config import Config
 from fedforge.errors import ConfigError
 from fedforge.history import History, RoundRecord
@@ -101,3 +101,12 @@ def test_other_tasks_are_compared_by_their_primary_metric(tmp_path):
                            train_accuracy=None, metrics={"test_perplexity": p}) for r, p in enumerate([80, 40, 20])]
     run = ComparedRun("lm", Config(task="language-model"), History(records), 1.0)
     assert (run.metric, run.best, run.rounds_to(50), run.rounds_to(10)) == ("perplexity", 20, 1, None)
+
+
+def test_a_dotted_label_in_the_runs_file_is_one_line(tmp_path):
+    path = tmp_path / "runs.toml"
+    path.write_text('[lr0.1]\nlr = 0.1\n["lr0.2"]\nlr = 0.2\n')
+    with pytest.raises(ConfigError, match=r'\[lr0\.1\] is read as a table inside \'lr0\'; quote .*\["lr0\.1"\]'):
+        variants_from_file(path)
+    path.write_text('["lr0.1"]\nlr = 0.1\n')
+    assert variants_from_file(path) == {"lr0.1": {"lr": 0.1}}

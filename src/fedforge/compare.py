@@ -65,6 +65,10 @@ def variants_from_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     for label, overrides in tables.items():
         if not isinstance(overrides, dict):
             raise ConfigError(f"{path}: {label!r} must be a table of settings, like [{label}]")
+        for key, value in overrides.items():
+            if isinstance(value, dict):  # TOML reads [lr0.1] as table "1" inside table "lr0"
+                raise ConfigError(f'{path}: [{label}.{key}] is read as a table inside {label!r}; quote a label that '
+                                  f'holds a dot: ["{label}.{key}"]')
     return tables
 
 
