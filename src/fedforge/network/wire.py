@@ -161,7 +161,15 @@ def _check_numbers(value: Any) -> None:
 def _parse_int(text: str) -> int:
     # Python refuses to convert more than 4,300 digits (ValueError); anything past 19 is out of range.
     _expect(len(text.lstrip("-")) <= 19, "header integer out of range")
-    return int(text)
+    value = int(text)
+    _expect(-MAX_INT - 1 <= value <= MAX_INT, "header integer out of range")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)  # 1e400 is inf
+    _expect(math.isfinite(value), "header number is not finite")
+    return value
 
 
 def decode(data: bytes, *, max_bytes: int | None = None) -> Message:
@@ -185,11 +193,11 @@ def _decode(data: bytes, max_bytes: int | None) -> Message:
     _expect(head_len <= MAX_HEADER_BYTES and start + head_len <= len(data), "header length out of range")
     try:
         header = json.loads(bytes(data[start:start + head_len]).decode("utf-8"),
-                            parse_int=_parse_int, parse_constant=_refuse_constant)
+                            parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise WireError(f"header is not JSON ({type(e).__name__})") from None
+    # Every number was checked as it was parsed (_parse_int, _parse_float, _refuse_constant).
     _expect(isinstance(header, dict), "header is not a JSON object")
-    _check_numbers(header)
     payload = memoryview(data)[start + head_len:]
     tensors: dict[str, torch.Tensor] = {}
     entries = header.pop("tensors", [])

@@ -137,7 +137,7 @@ def _bytes(value, length: int, what: str) -> bytes:
     if not isinstance(value, str) or len(value) != 4 * math.ceil(length / 3):
         raise ProtocolError(f"{what} is not {length} bytes in base64")
     try:
-        data = base64.b64decode(value, validate=True)
+        data = binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError):
         raise ProtocolError(f"{what} is not base64") from None
     if len(data) != length:
