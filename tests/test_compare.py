@@ -110,3 +110,19 @@ def test_a_dotted_label_in_the_runs_file_is_one_line(tmp_path):
         variants_from_file(path)
     path.write_text('["lr0.1"]\nlr = 0.1\n')
     assert variants_from_file(path) == {"lr0.1": {"lr": 0.1}}
+
+
+def test_runs_may_complete_the_shared_settings(tmp_path, capsys):
+    """A noise multiplier shared by runs that each turn differential privacy on in the runs file;
+    a shared setting a run does not complete is still one line."""
+    runs = tmp_path / "runs.toml"
+    runs.write_text('[tight]\ndp = "client"\nclip = 0.2\n[loose]\ndp = "client"\nclip = 2.0\n')
+    flags = ["--dataset", "synthetic", "--num-clients", "6", "--clients-per-round", "3", "--model", "logreg",
+             "--rounds", "1", "--batch-size", "10", "--delta", "0.01", "--out-dir", str(tmp_path), "--name", "c"]
+    assert main(["compare", *flags, "--noise-multiplier", "1.0", "--runs", str(runs)]) == 0
+    for label, clip in (("tight", 0.2), ("loose", 2.0)):
+        record = json.loads((tmp_path / "c" / label / "history.json").read_text())["rounds"][-1]
+        assert record["metrics"]["noise_multiplier"] == 1.0 and record["metrics"]["clip"] == clip
+    capsys.readouterr()
+    assert main(["compare", *flags, "--noise-multiplier", "1.0", "--strategies", "fedavg"]) == 2
+    assert "noise_multiplier are for differential privacy: add --dp client" in capsys.readouterr().err

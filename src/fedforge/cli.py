@@ -153,16 +153,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     from .compare import compare, variants_from_file, write_comparison
 
-    base = _config(args, _COMPARE_KEYS)
+    # The shared settings, checked key by key; as a whole only within each run, which may complete
+    # them (a --noise-multiplier for runs that each set dp in the runs file).
+    overrides = {k: getattr(args, k) for k in _COMPARE_KEYS if hasattr(args, k)}
+    base = {**(checked_settings(read_toml(args.config), args.config) if args.config else {}),
+            **checked_settings(overrides, "command line")}
     variants = {name: {"strategy": name} for name in args.strategies or []}
     if args.runs:
         variants.update(variants_from_file(args.runs))
-    if args.resume and not base.name:
+    if args.resume and not base.get("name"):
         raise ConfigError("--resume needs --name: the comparison whose runs to continue")
-    name = base.name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(base.out_dir) / name
-    runs = compare(base.replace(name=None), variants, out_dir=out_dir, jobs=args.jobs, resume=args.resume,
-                   trackers=_trackers(args, base.out_dir, comparison=name))
+    name = base.pop("name", None) or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = base.get("out_dir", Config.__dataclass_fields__["out_dir"].default)
+    out_dir = Path(root) / name
+    runs = compare(base, variants, out_dir=out_dir, jobs=args.jobs, resume=args.resume,
+                   trackers=_trackers(args, root, comparison=name))
     print(write_comparison(runs, out_dir, target=args.target, title=name))
     print(f"outputs in {out_dir}: comparison.md, comparison.csv, comparison.png, and a folder per run")
     return 0

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +107,13 @@ def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], thread
 
 
 def compare(
-    base: Config, variants: dict[str, dict[str, Any]], *, out_dir: str | os.PathLike, jobs: int = 1,
+    base: Config | Mapping[str, Any], variants: dict[str, dict[str, Any]], *, out_dir: str | os.PathLike, jobs: int = 1,
     resume: bool = False, trackers: Sequence[Tracker] = (),
 ) -> list[ComparedRun]:
     """Run every variant (base settings + its overrides) and return them in the given order.
+
+    `base` may be a Config, or settings that only each variant completes (a noise multiplier
+    shared by runs that each turn differential privacy on): every variant is checked as a whole.
 
     Each run writes its usual outputs to `out_dir/<label>/`. With jobs > 1 the runs go to
     that many worker processes, each with its share of the CPU threads. With `resume`, runs
@@ -123,7 +126,8 @@ def compare(
 
     if not variants:
         raise ConfigError("nothing to compare: give --strategies or --runs")
-    base_values = {k: v for k, v in base.__dict__.items() if v is not None}
+    base_values = {k: v for k, v in (base.items() if isinstance(base, Mapping) else base.__dict__.items())
+                   if v is not None}
     base_values["out_dir"] = str(out_dir)
     for label, overrides in variants.items():  # validate everything before running anything
         config = _variant(base_values, label, overrides)
