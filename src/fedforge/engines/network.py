@@ -242,38 +242,36 @@ class NetworkEngine:
         except (SecAggFailed, QuantizationError) as e:
             raise RoundFailed(f"secure aggregation among {len(sessions)} connected clients: {e}") from None
 
-        def exchange(clients, kind: Kind, body, answer: Kind, accept) -> None:
-            sent = {c: (sessions[c], Message(kind, {"task": task_id, **body(c)})) for c in clients}
-            for c, message in self._exchange(task_id, sent, answer).items():
+        def exchange(clients, message: Callable[[int], Message], answer: Kind, accept) -> None:
+            sent = {c: (sessions[c], message(c)) for c in clients}
+            for c, reply in self._exchange(task_id, sent, answer).items():
                 try:
-                    accept(c, message)
+                    accept(c, reply)
                 except ProtocolError as e:
                     log.warning("task %d: refused the %s of client %d: %s", task_id, answer.name, c, e)
                     self.watcher.refused(task_id, c, f"{answer.name}: {e}")
 
+        def request(kind: Kind, body: Callable[[int], dict]) -> Callable[[int], Message]:
+            return lambda c: Message(kind, {"task": task_id, **body(c)})
+
         # 1. the task and the round's settings -> each client's public keys (it then trains)
-        first = {c: (s, task_message(task_id, by_client[c], global_cpu, protocol.setup(c).to_header()))
-                 for c, s in sessions.items()}
-        for c, message in self._exchange(task_id, first, Kind.SA_KEYS).items():
-            try:
-                protocol.on_keys(c, message.header)
-            except ProtocolError as e:
-                log.warning("task %d: refused the keys of client %d: %s", task_id, c, e)
-                self.watcher.refused(task_id, c, f"keys: {e}")
+        exchange(sorted(sessions), lambda c: task_message(task_id, by_client[c], global_cpu,
+                                                          protocol.setup(c).to_header()),
+                 Kind.SA_KEYS, lambda c, m: protocol.on_keys(c, m.header))
         self._secure_quorum(task_id, protocol, len(protocol.keys), "sent keys")
         # 2. neighbours' keys -> sealed shares and commitments
-        exchange(list(protocol.keys), Kind.SA_NEIGHBOUR_KEYS, protocol.neighbour_keys, Kind.SA_SHARES,
+        exchange(list(protocol.keys), request(Kind.SA_NEIGHBOUR_KEYS, protocol.neighbour_keys), Kind.SA_SHARES,
                  lambda c, m: protocol.on_shares(c, m.header))
         self._secure_quorum(task_id, protocol, len(protocol.sealed), "shared their secrets")
         # 3. the shares addressed to each -> masked inputs
         length = quantizer.length(size)
-        exchange(list(protocol.sealed), Kind.SA_INPUT, protocol.input_request, Kind.SA_MASKED,
+        exchange(list(protocol.sealed), request(Kind.SA_INPUT, protocol.input_request), Kind.SA_MASKED,
                  lambda c, m: protocol.on_input(c, _words(m), length))
         for c in sorted(protocol.inputs):  # a masked update counts as arrived
             self.watcher.arrived(task_id, c)
         self._secure_quorum(task_id, protocol, len(protocol.inputs), "sent masked inputs")
         # 4. who survived and who dropped -> the shares that unmask the sum
-        exchange(sorted(protocol.inputs), Kind.SA_UNMASK, protocol.unmask_request, Kind.SA_UNMASKED,
+        exchange(sorted(protocol.inputs), request(Kind.SA_UNMASK, protocol.unmask_request), Kind.SA_UNMASKED,
                  lambda c, m: protocol.on_unmasked(c, m.header))
         try:
             summed = quantizer.decode(protocol.result(), len(protocol.inputs))

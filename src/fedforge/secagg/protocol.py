@@ -79,10 +79,12 @@ def threshold_for(spec: float | int, holders: int) -> int:
     """t for a secret split among `holders` (a client and its neighbours): a count, or a fraction
     f of the holders (t = floor(f * holders) + 1, at most `holders`). t must exceed half the
     holders: below that, a server that lies about who dropped could collect both of a client's
-    secrets from different halves of its neighbours."""
+    secrets from different halves of its neighbours; and a count past the holders could never be met."""
     t = spec if type(spec) is int else min(holders, math.floor(spec * holders) + 1)
     if not 2 * t > holders:
         raise ProtocolError(f"threshold {t} of {holders} holders: it must be more than half of them")
+    if t > holders:
+        raise ProtocolError(f"threshold {t} exceeds the {holders} holders of each secret")
     return t
 
 
@@ -117,6 +119,11 @@ def _aad(round_id: int, sender: int, recipient: int) -> bytes:
 
 def _mask_key(own, peer_public: bytes, round_id: int) -> bytes:
     return agree(own, peer_public, b"mask" + _round_bytes(round_id))
+
+
+def _share_key(own, peer_public: bytes, round_id: int) -> bytes:
+    """The key of the channel two clients' shares travel on, through the server."""
+    return agree(own, peer_public, b"share" + _round_bytes(round_id))
 
 
 def _share_commitment(round_id: int, dealer: int, holder: int, which: bytes, share: bytes) -> bytes:
@@ -246,7 +253,7 @@ class ClientRound:
             commitments[str(j)] = [b64(_share_commitment(r, self.id, j, b"b", b)),
                                    b64(_share_commitment(r, self.id, j, b"s", s))]
             if j != self.id:
-                key = agree(self._c, self._keys[j][0], b"share" + _round_bytes(r))
+                key = _share_key(self._c, self._keys[j][0], r)
                 sealed[str(j)] = b64(seal(key, b + s, _aad(r, self.id, j)))
         return {"shares": sealed, "commitments": commitments,
                 "seed": b64(_seed_commitment(r, self.id, self._seed))}
@@ -261,7 +268,7 @@ class ClientRound:
             raise ProtocolError(f"shares from {len(sealed)} neighbours, fewer than the threshold {t} needs")
         for j, text in sealed.items():
             try:
-                key = agree(self._c, self._keys[j][0], b"share" + _round_bytes(r))
+                key = _share_key(self._c, self._keys[j][0], r)
                 pair = open_sealed(key, _bytes(text, SEALED_BYTES, "a sealed share"), _aad(r, j, self.id))
                 self._held[j] = (pair[:FIELD_BYTES], pair[FIELD_BYTES:])
             except (CryptoError, ProtocolError) as e:  # j still masks with this client: keep the pair
@@ -309,8 +316,6 @@ class ServerRound:
             self.threshold = threshold_for(threshold, degree + 1)
         except ProtocolError as e:
             raise SecAggFailed(str(e)) from None
-        if self.threshold > degree + 1:
-            raise SecAggFailed(f"threshold {self.threshold} exceeds the {degree + 1} holders of each secret")
         self.clip, self.max_weight = clip, max_weight
         self.keys: dict[int, tuple[bytes, bytes]] = {}  # U1
         self._sent_keys: dict[int, tuple[int, ...]] = {}
