@@ -148,33 +148,33 @@ def flower_spec(path: str) -> str:
     return path
 
 
-def measure_flower(python: str, rounds: int, spec: str) -> dict:
-    """Flower's simulation of W2 in its own environment, measured as the fedforge cases are."""
-    child = subprocess.Popen([python, str(Path(__file__).with_name("flower_w2.py")), spec, str(rounds)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _child(argv: list[str], what: str) -> tuple[dict, MemoryPeak]:
+    """Run `argv`, sampling the memory of it and its descendants; its last line of output as JSON."""
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = MemoryPeak(child.pid)
     stdout, stderr = child.communicate()
     peak.stop()
     if child.returncode != 0:
-        raise SystemExit(f"flower failed:\n{stderr[-3000:]}")
-    result = json.loads(stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{what} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1]), peak
+
+
+def _peak_fields(peak: MemoryPeak) -> dict:
+    return {"peak_rss_gib": peak.rss / 2**30, "peak_anon_gib": peak.anon / 2**30, "processes": peak.processes}
+
+
+def measure_flower(python: str, rounds: int, spec: str) -> dict:
+    """Flower's simulation of W2 in its own environment, measured as the fedforge cases are."""
+    result, peak = _child([python, str(Path(__file__).with_name("flower_w2.py")), spec, str(rounds)], "flower")
     seconds = result["round_seconds"]
     return {"per_round": statistics.median(seconds[1:]), "training": float("nan"), "first_round": seconds[0],
-            "start": float("nan"), "accuracy": result["accuracy"], "peak_rss_gib": peak.rss / 2**30,
-            "peak_anon_gib": peak.anon / 2**30, "processes": peak.processes}
+            "start": float("nan"), "accuracy": result["accuracy"], **_peak_fields(peak)}
 
 
 def measure(workload: str, engine: str, rounds: int, out: str) -> dict:
-    child = subprocess.Popen([sys.executable, __file__, "--case", workload, engine, str(rounds), out],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = MemoryPeak(child.pid)
-    stdout, stderr = child.communicate()
-    peak.stop()
-    if child.returncode != 0:
-        raise SystemExit(f"{workload} {engine} failed:\n{stderr[-3000:]}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    return {**result, "peak_rss_gib": peak.rss / 2**30, "peak_anon_gib": peak.anon / 2**30,
-            "processes": peak.processes}
+    result, peak = _child([sys.executable, __file__, "--case", workload, engine, str(rounds), out],
+                          f"{workload} {engine}")
+    return {**result, **_peak_fields(peak)}
 
 
 def main() -> None:

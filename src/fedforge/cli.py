@@ -10,7 +10,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Config, checked_settings, field_types, read_toml
+from .config import Config, field_types, settings
 from .errors import ConfigError, DivergenceError, FedforgeError, OutputError
 
 log = logging.getLogger("fedforge")
@@ -109,7 +109,7 @@ def _run_config(args: argparse.Namespace) -> Config:
     if not args.resume:
         return _config(args, _CONFIG_KEYS)
     run_dir = Path(args.resume)
-    changes = checked_settings(read_toml(args.config), args.config) if args.config else {}
+    changes = settings(args.config)
     config = Config.load(run_dir / "config.toml", {**changes, **_overrides(args)})
     config = config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
     check_resumable(run_dir, config)
@@ -155,9 +155,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     # The shared settings, checked key by key; as a whole only within each run, which may complete
     # them (a --noise-multiplier for runs that each set dp in the runs file).
-    overrides = {k: getattr(args, k) for k in _COMPARE_KEYS if hasattr(args, k)}
-    base = {**(checked_settings(read_toml(args.config), args.config) if args.config else {}),
-            **checked_settings(overrides, "command line")}
+    base = settings(args.config, {k: getattr(args, k) for k in _COMPARE_KEYS if hasattr(args, k)})
     variants = {name: {"strategy": name} for name in args.strategies or []}
     if args.runs:
         variants.update(variants_from_file(args.runs))

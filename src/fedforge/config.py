@@ -221,8 +221,7 @@ class Config:
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
         """Settings from the TOML file at `path` (if any), then `overrides` on top."""
-        values = checked_settings(read_toml(path), str(path)) if path is not None else {}
-        return cls(**{**values, **checked_settings(overrides or {}, "command line")})
+        return cls(**settings(path, overrides))
 
     def to_toml(self) -> str:
         """The fully resolved settings as TOML (unset optional values are left out)."""
@@ -267,6 +266,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"config file {path}: {e.strerror}") from None
+
+
+def settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings in the TOML file at `path` (if any) with `overrides` on top, each checked
+    (known key, right type), not yet as a whole (`Config(**settings(...))` does that)."""
+    values = checked_settings(read_toml(path), str(path)) if path is not None else {}
+    return {**values, **checked_settings(overrides or {}, "command line")}
 
 
 def checked_settings(values: dict[str, Any], source: str) -> dict[str, Any]:
