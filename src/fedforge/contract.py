@@ -130,5 +130,9 @@ class ClientUpdate:
     metrics: Mapping[str, float] = field(default_factory=dict)
     optimizer_state: OptimizerState | None = None
 
+    def training_metrics(self) -> Mapping[str, float | None]:
+        """The training metrics by name: `metrics`, or loss and accuracy for an update without them."""
+        return self.metrics or {"loss": self.train_loss, "accuracy": self.train_accuracy}
+
 
 __all__ = ["ClientConfig", "ClientPlan", "ClientUpdate", "LocalTerms", "OptimizerState", "State"]

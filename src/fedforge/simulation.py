@@ -115,7 +115,7 @@ class _Tally:
     def tap(self, updates: Iterable[ClientUpdate]) -> Iterator[ClientUpdate]:
         for update in updates:
             self.examples += update.num_examples
-            metrics = update.metrics or {"loss": update.train_loss, "accuracy": update.train_accuracy}
+            metrics = update.training_metrics()
             for name, value in metrics.items():
                 if value is not None:
                     self.sums[name] = self.sums.get(name, 0.0) + value * update.num_examples

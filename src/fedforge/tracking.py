@@ -60,7 +60,7 @@ def client_metrics(update: ClientUpdate) -> dict[str, float] | None:
     which stands for several clients and holds only their mean."""
     if isinstance(update, CombinedUpdate):
         return None
-    metrics = update.metrics or {"loss": update.train_loss, "accuracy": update.train_accuracy}
+    metrics = update.training_metrics()
     return {name: v for name, v in metrics.items() if v is not None and math.isfinite(v)}
 
 

@@ -176,7 +176,7 @@ def combine_updates(updates: Iterable[ClientUpdate]) -> CombinedUpdate | None:
         steps += update.num_steps
         ids.extend(getattr(update, "client_ids", None) or (update.client_id,))
         # The same metrics, with the same weights, as the round loop's tally takes from each update.
-        metrics = update.metrics or {"loss": update.train_loss, "accuracy": update.train_accuracy}
+        metrics = update.training_metrics()
         for name, value in metrics.items():
             if value is not None:
                 sums[name] = sums.get(name, 0.0) + value * update.num_examples
