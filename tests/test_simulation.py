@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import blobs
+from helpers import assert_same_run, blobs
 from fedforge import ClientConfig, FederatedData, History, select_clients, simulate
 from fedforge.data import dirichlet, iid
 from fedforge.errors import ConfigError
@@ -107,3 +107,45 @@ def test_bad_arguments(kwargs, message):
     args = {"rounds": 1, "clients_per_round": 2, **kwargs}
     with pytest.raises(ConfigError, match=message):
         simulate(make_model(), small_problem(), **args)
+
+
+class EagerEngine:
+    """An engine that trains when `run` is called (as one whose workers are elsewhere starts them):
+    the round loop begins each next round before it evaluates and records the one just done."""
+
+    name = "eager"
+    works_ahead = True
+
+    def __init__(self, fail=None):
+        self.events, self.fail, self.round = [], fail or {}, 0
+
+    def run(self, model, global_state, tasks, config):
+        from fedforge.engines import SequentialEngine
+
+        self.round += 1
+        self.events.append(("run", self.round))
+        if self.round in self.fail:
+            raise self.fail.pop(self.round)
+        return iter(list(SequentialEngine().run(model, global_state, tasks, config)))
+
+
+def test_an_engine_that_works_ahead_starts_the_next_round_before_this_one_is_recorded():
+    engine = EagerEngine()
+    ahead = run(seed=3, engine=engine, on_round=lambda record, state: engine.events.append(("recorded", record.round)))
+    assert_same_run(run(seed=3), ahead)
+    assert engine.events == [("recorded", 0), ("run", 1), ("run", 2), ("recorded", 1), ("run", 3), ("recorded", 2),
+                             ("recorded", 3)]
+    # Each round's seconds are its own: from the previous round's record to its own.
+    assert all(r.seconds >= r.train_seconds > 0 for r in ahead.history.records[1:])
+
+
+def test_an_error_of_a_round_begun_ahead_comes_after_the_round_before_is_recorded():
+    from fedforge.engines.base import RoundFailed
+
+    recorded = []
+    engine = EagerEngine(fail={4: RuntimeError("worker lost"), 2: RoundFailed("too few")})  # by call
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run(seed=3, engine=engine, on_round=lambda record, state: recorded.append(record.round))
+    # Round 2's first attempt failed as it was begun (ahead, while round 1 was measured): it was
+    # retried with a new selection; the error of round 3's (begun ahead) waited for round 2's record.
+    assert recorded == [0, 1, 2]

@@ -134,6 +134,31 @@ def _traffic(engine) -> dict[str, int]:
     return {"bytes_up": engine.bytes_up, "bytes_down": engine.bytes_down}
 
 
+@dataclass(frozen=True)
+class _Begun:
+    """A round's attempt handed to the engine: who was selected, who dropped out, and the updates to come."""
+
+    selected: Sequence[int]
+    dropped: Sequence[int]
+    updates: Iterator[ClientUpdate]
+
+
+def _running(engine: Engine, model: nn.Module, params, tasks: Sequence[ClientTask], config: ClientConfig
+             ) -> Iterator[ClientUpdate]:
+    """`engine.run(...)`; an error it raises at once (an engine that starts its work when called)
+    is raised when the updates are read, in the round they belong to."""
+    try:
+        return engine.run(model, params, tasks, config)
+    except Exception as e:  # noqa: BLE001 - re-raised as it is, where the round reads its updates
+        error = e
+
+        def failed() -> Iterator[ClientUpdate]:
+            raise error
+            yield  # a generator
+
+        return failed()
+
+
 def _keep_optimizer_states(updates: Iterable[ClientUpdate], kept: dict) -> Iterator[ClientUpdate]:
     """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
     for update in updates:
@@ -274,6 +299,27 @@ def simulate(
             records[-1].metrics.update(dp.metrics())
         if on_round is not None:
             on_round(records[-1], state)
+    ahead: _Begun | None = None  # the next round's first attempt, begun while this one was measured
+
+    def begin(r: int, attempt: int) -> _Begun:
+        """Round r's selection and tasks (select -> plan), handed to the engine."""
+        # A retried round draws a new selection; the first draw is the simulation's.
+        keys = (_seeding.SELECTION, r) if attempt == 0 else (_seeding.SELECTION, r, attempt)
+        if sampling == "poisson":
+            selected = poisson_sample(data.num_clients, k / data.num_clients, _seeding.generator(seed, *keys))
+        else:
+            selected = select_clients(data.num_clients, k, _seeding.generator(seed, *keys))
+        work, dropped = client_work(scenario, selected, [len(clients[c]) for c in selected], client, seed, r)
+        tasks = [
+            ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c), pool,
+                       starts[c], replace(strategy.plan(state, c), epochs=work[c].epochs,
+                                          max_steps=work[c].max_steps, **(dp.client_plan() if dp else {})),
+                       optimizer_states.get(c),
+                       summable=linear and c not in transformed)
+            for c in selected if c not in dropped
+        ]
+        return _Begun(selected, dropped, _running(engine, model, state.params, tasks, client))
+
     while state.round < rounds:
         started = time.perf_counter()
         r = state.round + 1
@@ -283,28 +329,13 @@ def simulate(
                         "of %.4g)", r, dp.epsilon(), privacy.target_epsilon)
             break
         for attempt in range(max_round_attempts):
-            # A retried round draws a new selection; the first draw is the simulation's.
-            keys = (_seeding.SELECTION, r) if attempt == 0 else (_seeding.SELECTION, r, attempt)
             # select -> plan (the strategy's terms, the scenario's work) -> run -> transform
             # (attacks; privacy) -> aggregate
-            if sampling == "poisson":
-                selected = poisson_sample(data.num_clients, k / data.num_clients, _seeding.generator(seed, *keys))
-            else:
-                selected = select_clients(data.num_clients, k, _seeding.generator(seed, *keys))
-            work, dropped = client_work(scenario, selected, [len(clients[c]) for c in selected], client, seed, r)
-            tasks = [
-                ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c), pool,
-                           starts[c], replace(strategy.plan(state, c), epochs=work[c].epochs,
-                                              max_steps=work[c].max_steps, **(dp.client_plan() if dp else {})),
-                           optimizer_states.get(c),
-                           summable=linear and c not in transformed)
-                for c in selected if c not in dropped
-            ]
+            this, ahead = (ahead, None) if attempt == 0 and ahead is not None else (begin(r, attempt), None)
             kept: dict[int, OptimizerState] = {}
             tally = _Tally(on_client)
             try:
-                # Inside the try: an engine may find the round failed before it yields anything (the network's).
-                updates = attacked(_keep_optimizer_states(engine.run(model, state.params, tasks, client), kept), r)
+                updates = attacked(_keep_optimizer_states(this.updates, kept), r)
                 if dp is None:
                     state = strategy.aggregate(state, tally.tap(updates))
                 else:
@@ -318,7 +349,14 @@ def simulate(
                 log.warning("round %d, attempt %d failed (%s); retrying with a new selection", r, attempt + 1, e)
         else:
             raise FedforgeError(f"round {r} failed {max_round_attempts} times: too few clients report")
-        records.append(measure(state, tuple(selected), tally, started, time.perf_counter(), dropped))
+        trained = time.perf_counter()
+        if getattr(engine, "works_ahead", False) and state.round < rounds and not (dp is not None and dp.exhausted()):
+            # Its workers train the next round while this one is evaluated and recorded here.
+            try:
+                ahead = begin(state.round + 1, 0)
+            except Exception:  # noqa: BLE001 - raised again when that round begins, after this one is recorded
+                ahead = None
+        records.append(measure(state, tuple(this.selected), tally, started, trained, this.dropped))
         if dp is not None:
             records[-1].metrics.update(dp.metrics())
         # The round's traffic, its failed attempts' included.

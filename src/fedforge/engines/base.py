@@ -42,6 +42,15 @@ class RoundFailed(Exception):
 
 
 class Engine(Protocol):
+    """Runs the selected clients' training.
+
+    An engine whose `run` only hands the work to workers elsewhere and returns at once may say so
+    with a class attribute `works_ahead = True` (the Ray engine does): the round loop then begins
+    each next round (its selection and tasks, and `run`) before it evaluates and records the round
+    just aggregated, so that the workers train while the server evaluates. An error `run` raises
+    then surfaces when that round's updates are read, after the round before is recorded.
+    """
+
     name: str
 
     def run(
