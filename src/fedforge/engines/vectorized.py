@@ -81,22 +81,24 @@ def build_schedule(tasks: Sequence[ClientTask], starts: Sequence[int], config: C
     steps = [task.plan.num_steps(len(task.data), config) for task in tasks]
     stack_order = sorted(range(len(tasks)), key=lambda i: (-steps[i], len(tasks[i].data)))
     T = max(steps)
-    rows = torch.zeros(len(tasks), T, B, dtype=torch.long)
-    weight = torch.zeros(len(tasks), T, B)
-    sizes = torch.zeros(len(tasks), T, dtype=torch.long)
+    # In NumPy: a few small arrays per client, where each torch call would cost microseconds more.
+    rows = np.full((len(tasks), T * B), -1, dtype=np.int64)  # -1: padding, and the steps after the last
     for position, i in enumerate(stack_order):
         n, epochs = len(tasks[i].data), tasks[i].plan.epochs or config.local_epochs
         batches = math.ceil(n / B)
-        padded = torch.full((epochs, batches * B), -1, dtype=torch.long)
-        padded[:, :n] = torch.stack(epoch_orders(n, epochs, torch.Generator().manual_seed(tasks[i].seed)))
-        padded = padded.view(epochs * batches, B)[: steps[i]]
-        valid = padded >= 0
-        rows[position, : steps[i]] = torch.where(valid, padded, 0) + starts[i]
-        sizes[position, : steps[i]] = valid.sum(1)
-        weight[position, : steps[i]] = valid / sizes[position, : steps[i], None]
+        padded = np.full((epochs, batches * B), -1, dtype=np.int64)
+        padded[:, :n] = torch.stack(epoch_orders(n, epochs, torch.Generator().manual_seed(tasks[i].seed))).numpy()
+        padded = padded.reshape(-1)[: steps[i] * B]
+        rows[position, : padded.size] = np.where(padded >= 0, padded + starts[i], -1)
+    rows = rows.reshape(len(tasks), T, B)
+    valid = rows >= 0
+    sizes = valid.sum(2)
+    weight = valid.astype(np.float32) / np.maximum(sizes, 1)[:, :, None].astype(np.float32)
+    # Padding reads the client's first row (weighted 0): a real row, in its client's place.
+    rows = np.where(valid, rows, np.asarray(starts, dtype=np.int64)[stack_order][:, None, None])
     by_steps = np.sort(steps)
     active = (len(steps) - np.searchsorted(by_steps, np.arange(T), side="right")).tolist()
-    return Schedule(rows, weight, sizes.numpy(), active, stack_order, steps)
+    return Schedule(torch.from_numpy(rows), torch.from_numpy(weight), sizes, active, stack_order, steps)
 
 
 def _shared_source(tasks: Sequence[ClientTask]) -> tuple[TensorData, list[int]]:
