@@ -164,7 +164,7 @@ def test_enroll_command(tmp_path):
     (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:1/2",
       "--insecure"], "token file t not found"),
     (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--strategy", "krum"],
-     "secure aggregation cannot serve strategy 'krum': Krum compares updates with each other"),
+     "secure aggregation cannot serve strategy 'krum': Krum compares the updates with each other"),
     (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--strategy", "scaffold"],
      "secure aggregation cannot serve strategy 'scaffold'"),
     (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--dp", "central", "--noise-multiplier",

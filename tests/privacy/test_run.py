@@ -76,7 +76,7 @@ def test_resume_continues_the_accountant_and_the_clip_bound_exactly(tmp_path):
     (["--dp", "client", "--target-epsilon", "1", "--delta", "0.2"], "delta must be < 1/num_clients = 0.1, got 0.2"),
     (["--dp", "client", "--noise-multiplier", "1", "--clip", "0"], "clip bound must be > 0, got 0.0"),
     (["--dp", "client", "--noise-multiplier", "1", "--strategy", "krum"],
-     "differential privacy cannot serve strategy 'krum': Krum compares raw updates with each other"),
+     "differential privacy cannot serve strategy 'krum': Krum compares the updates with each other"),
     (["--dp", "client"], "differential privacy needs a target epsilon (--target-epsilon) or a noise multiplier"),
     (["--target-epsilon", "1"], "target_epsilon and noise_multiplier are for differential privacy: add --dp"),
 ])

@@ -17,8 +17,9 @@ from fedforge.data import dirichlet
 from fedforge.engines import SequentialEngine
 from fedforge.scenarios import Scenario
 from fedforge.simulation import _Tally
-from fedforge.strategies import (STRATEGIES, CombinedUpdate, RunInfo, combine_updates, make_strategy,
-                                 weighted_mean_delta)
+from fedforge.errors import ConfigError
+from fedforge.strategies import (LINEAR_STRATEGIES, STRATEGIES, CombinedUpdate, RunInfo, StrategyBase, check_linear,
+                                 combine_updates, make_strategy, weighted_mean_delta)
 from helpers import blobs
 
 LIKE = {"w": torch.zeros(3), "n": torch.zeros((), dtype=torch.long)}
@@ -90,6 +91,34 @@ def test_linear_strategies_are_those_with_apply_mean_and_aggregate_partial_sums_
             combined = strategy.aggregate(state, [combine_updates(updates[:2]), combine_updates(updates[2:])])
             torch.testing.assert_close(combined.params, each.params, msg=name)
             state = each
+
+
+def test_what_serves_linear_strategies_only_refuses_the_others_with_their_own_reason():
+    assert LINEAR_STRATEGIES == ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox")
+    for name, cls in STRATEGIES.items():
+        if cls.linear:
+            check_linear(name, "it")
+            check_linear(make_strategy(name), "it")
+            continue
+        # Every strategy that is not linear says why, in its own words.
+        assert cls.needs_each_update != StrategyBase.needs_each_update, name
+        for strategy in (name, make_strategy(name)):
+            with pytest.raises(ConfigError, match=rf"^it cannot serve strategy '{name}': {cls.needs_each_update} "
+                                                  rf"\(use one of fedavg, fedavgm, ") as e:
+                check_linear(strategy, "it")
+            assert "\n" not in str(e.value)
+
+    class Mine(StrategyBase):  # the user's own: linear without a step from the mean, and not linear
+        name = "mine"
+        linear = True
+
+    with pytest.raises(ConfigError, match="strategy 'mine': it does not reduce the updates to one weighted mean"):
+        check_linear(Mine(), "it")
+    Mine.linear = False
+    with pytest.raises(ConfigError, match="strategy 'mine': it looks at each update, not only at their weighted mean"):
+        check_linear(Mine(), "it")
+    with pytest.raises(ConfigError, match="strategy 'unknown': it does not reduce"):
+        check_linear("unknown", "it")
 
 
 class CombiningEngine:

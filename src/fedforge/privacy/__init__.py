@@ -12,10 +12,10 @@ from .accountant import Accountant, calibrate, check_delta, check_epsilon, round
 from .mechanism import PrivacyConfig, adapt_clip, add_noise, clip_delta, gaussian_noise, l2_norm, secure_generator
 from .sampling import FixedSizeSampling, PoissonSampling, Sampling, poisson_sample
 from .run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
-from .stage import SUPPORTED_STRATEGIES, PrivacyState, PrivacyStats, check_strategy, privatize, privatize_update
+from .stage import PrivacyState, PrivacyStats, check_strategy, privatize, privatize_update
 
 __all__ = [
-    "SAMPLINGS", "SUPPORTED_STRATEGIES", "Accountant", "DifferentialPrivacy", "FixedSizeSampling", "PoissonSampling",
+    "SAMPLINGS", "Accountant", "DifferentialPrivacy", "FixedSizeSampling", "PoissonSampling",
     "PrivacyConfig", "PrivacyRun", "PrivacyState", "PrivacyStats", "Sampling", "adapt_clip", "add_noise", "calibrate",
     "check_delta", "check_epsilon", "check_strategy", "clip_delta", "gaussian_noise", "l2_norm", "poisson_sample",
     "privatize", "privatize_update", "round_event", "sampling_for", "secure_generator",

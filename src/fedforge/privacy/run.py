@@ -78,8 +78,7 @@ class DifferentialPrivacy:
 
     def check(self, strategy, num_clients: int) -> None:
         """What can be checked against the run before it starts (a strategy DP can serve, delta)."""
-        if not getattr(strategy, "linear", False) or not hasattr(strategy, "apply_mean"):
-            check_strategy(strategy.name)
+        check_strategy(strategy)
         check_delta(self.delta, num_clients)
 
 

@@ -3,7 +3,7 @@
 A transformation of the round's updates (as pfl-research's postprocessors), not a strategy
 wrapper: `privatize` turns the updates into the noised mean delta, and a strategy that is one
 weighted mean plus a server optimizer (FedAvg, FedAvgM, FedProx, FedAdagrad/Adam/Yogi) applies
-its optimizer to that mean. Strategies that need every raw update are refused (`check_strategy`).
+its optimizer to that mean. Strategies that need every raw update are refused (`check_strategy`: `Strategy.linear`).
 
 Client side, `privatize_update` is what a client (or an engine on its behalf) does to its update
 before sending it: nothing ("central"), clip ("client"), or clip and noise ("local").
@@ -19,32 +19,19 @@ import torch
 
 from ..client import ClientUpdate
 from ..errors import ConfigError
+from ..strategies import Strategy, check_linear
 from .mechanism import PrivacyConfig, State, adapt_clip, add_noise, clip_delta
 
-# Strategies whose server step is a function of the mean delta alone.
-SUPPORTED_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi")
-_REFUSED = {
-    "median": "a coordinate-wise median of raw updates has no bounded-sensitivity noised form here",
-    "trimmed_mean": "trimming needs every raw update",
-    "krum": "Krum compares raw updates with each other",
-    "multikrum": "Multi-Krum compares raw updates with each other",
-    "qfedavg": "q-FedAvg weights each update by its client's loss, which the clip bound does not cover",
-    "scaffold": "SCAFFOLD's control variates are per-client and unclipped",
-    "fednova": "FedNova reweights each update by its client's step count, which the clip bound does not cover",
-}
 # In "client" mode the server sees updates already clipped to C: one that arrives with a norm
 # this close to C is taken as clipped (an unclipped norm in [C(1 - tol), C] is miscounted: the
 # quantile estimate is off by at most the fraction of norms in that band).
 _CLIPPED_RTOL = 1e-3
 
 
-def check_strategy(name: str) -> None:
-    """A one-line ConfigError unless strategy `name` can be run with differential privacy."""
-    if name in SUPPORTED_STRATEGIES:
-        return
-    reason = _REFUSED.get(name, "it does not reduce the updates to one mean delta")
-    raise ConfigError(f"differential privacy cannot serve strategy {name!r}: {reason} "
-                      f"(use one of {', '.join(SUPPORTED_STRATEGIES)})")
+def check_strategy(strategy: Strategy | str) -> None:
+    """A one-line ConfigError unless `strategy` (or the built-in one of that name) can be run with
+    differential privacy: its server step is a function of the mean delta alone."""
+    check_linear(strategy, "differential privacy")
 
 
 @dataclass(frozen=True)

@@ -10,20 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..strategies import check_linear
 from .protocol import ProtocolError, SecAggFailed, degree_for, threshold_for
 from .quantize import QuantizationError, Quantizer
-
-# Strategies that need each client's own update, and why (the one-line refusal at start-up).
-_NEEDS_EACH_UPDATE = {
-    "median": "the coordinate-wise median needs every update",
-    "trimmed_mean": "trimming needs every update",
-    "krum": "Krum compares updates with each other",
-    "multikrum": "Multi-Krum compares updates with each other",
-    "qfedavg": "q-FedAvg weights each update by its client's loss",
-    "scaffold": "SCAFFOLD needs each client's control variate",
-    "fednova": "FedNova reweights each update by its client's step count",
-}
-
 
 @dataclass(frozen=True)
 class SecureAggregation:
@@ -64,11 +53,7 @@ class SecureAggregation:
         """Refuse, in one line, what secure aggregation cannot serve: a strategy that needs each
         update, differential privacy the server would apply to raw updates, a ring the round's sum
         could wrap, a threshold the round's neighbourhoods cannot meet."""
-        strategy = config.strategy_object()
-        if not getattr(strategy, "linear", False):
-            reason = _NEEDS_EACH_UPDATE.get(config.strategy, "it needs more than the sum of the updates")
-            raise ConfigError(f"secure aggregation cannot serve strategy {config.strategy!r}: {reason} (use fedavg, "
-                              f"fedavgm, fedprox, fedadagrad, fedadam or fedyogi)")
+        check_linear(config.strategy_object(), "secure aggregation")
         if config.dp == "central":
             raise ConfigError("secure aggregation with dp central: the server would have to clip updates it cannot "
                               "see; use --dp client (the clients clip, the server noises the sum)")

@@ -18,6 +18,22 @@ STRATEGIES = {
                 TrimmedMean, Krum, MultiKrum)
 }
 
+# The strategies whose aggregate needs only the updates' weighted mean (`StrategyBase.linear`).
+LINEAR_STRATEGIES = tuple(name for name, cls in STRATEGIES.items() if cls.linear)
+
+
+def check_linear(strategy: Strategy | str, what: str) -> None:
+    """A one-line ConfigError unless `strategy` (or the built-in strategy of that name) is linear
+    with the mean's step of its own (`apply_mean`): `what` (e.g. "differential privacy") serves
+    only such strategies. The reason given is the strategy's own (`needs_each_update`)."""
+    found = STRATEGIES.get(strategy) if isinstance(strategy, str) else strategy
+    name = strategy if isinstance(strategy, str) else strategy.name
+    if found is not None and getattr(found, "linear", False) and hasattr(found, "apply_mean"):
+        return
+    reason = (getattr(found, "needs_each_update", None) if found is not None and not getattr(found, "linear", False)
+              else None) or "it does not reduce the updates to one weighted mean (linear, with apply_mean)"
+    raise ConfigError(f"{what} cannot serve strategy {name!r}: {reason} (use one of {', '.join(LINEAR_STRATEGIES)})")
+
 
 def make_strategy(name: str, /, **options) -> Strategy:
     """The strategy called `name`, built from the hyperparameters it accepts (others are ignored).
@@ -33,9 +49,9 @@ def make_strategy(name: str, /, **options) -> Strategy:
 
 
 __all__ = [
-    "NO_PLAN", "STRATEGIES", "CombinedUpdate", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedNova", "FedProx",
-    "FedYogi", "Krum", "Median", "MultiKrum", "QFedAvg", "RunInfo", "RunningMean", "Scaffold", "ServerState",
-    "Strategy", "StrategyBase", "TrimmedMean", "adaptive", "combine_updates", "fedavg", "fedavgm", "fednova",
-    "krum_scores", "make_strategy", "median", "multikrum_select", "qfedavg", "scaffold", "trimmed_mean",
-    "weighted_mean_delta",
+    "LINEAR_STRATEGIES", "NO_PLAN", "STRATEGIES", "CombinedUpdate", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM",
+    "FedNova", "FedProx", "FedYogi", "Krum", "Median", "MultiKrum", "QFedAvg", "RunInfo", "RunningMean", "Scaffold",
+    "ServerState", "Strategy", "StrategyBase", "TrimmedMean", "adaptive", "check_linear", "combine_updates", "fedavg",
+    "fedavgm", "fednova", "krum_scores", "make_strategy", "median", "multikrum_select", "qfedavg", "scaffold",
+    "trimmed_mean", "weighted_mean_delta",
 ]

@@ -87,10 +87,13 @@ class StrategyBase:
     `apply_mean(state, weighted mean delta)`, and an engine may hand it partial sums of several
     clients (`combine_updates`) instead of every update, e.g. one per Ray worker. FedAvg and the
     server-optimizer family are linear; strategies that look at each update (robust aggregators,
-    SCAFFOLD's controls, q-FedAvg's losses, FedNova's step counts) are not, the default.
+    SCAFFOLD's controls, q-FedAvg's losses, FedNova's step counts) are not, the default. Those
+    say why in `needs_each_update`: the reason given when something that serves linear
+    strategies only (differential privacy, secure aggregation) refuses them (`check_linear`).
     """
 
     linear = False
+    needs_each_update = "it looks at each update, not only at their weighted mean"
 
     def init(self, params: State, run: RunInfo) -> ServerState:
         return ServerState({k: v.detach().clone() for k, v in params.items()}, run=run)

@@ -48,6 +48,7 @@ class FedNova(StrategyBase):
 
     server_lr: float = 1.0
     name = "fednova"
+    needs_each_update = "FedNova reweights each update by its client's step count"
 
     def __post_init__(self):
         check_server_lr(self.server_lr)

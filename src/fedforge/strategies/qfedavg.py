@@ -50,6 +50,7 @@ class QFedAvg(StrategyBase):
 
     q: float = 1.0
     name = "qfedavg"
+    needs_each_update = "q-FedAvg weights each update by its client's loss"
 
     def __post_init__(self):
         if self.q < 0:

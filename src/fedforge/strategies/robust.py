@@ -63,6 +63,7 @@ def _robust_step(state: ServerState, updates: Iterable[ClientUpdate], reduce) ->
 @dataclass(frozen=True)
 class Median(StrategyBase):
     name = "median"
+    needs_each_update = "the coordinate-wise median needs every update"
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         return _robust_step(state, updates, lambda s: {k: median(v) for k, v in s.items()})
@@ -72,6 +73,7 @@ class Median(StrategyBase):
 class TrimmedMean(StrategyBase):
     trim_beta: float = 0.1
     name = "trimmed_mean"
+    needs_each_update = "trimming needs every update"
 
     def __post_init__(self):
         if not 0 <= self.trim_beta < 0.5:
@@ -93,6 +95,7 @@ class Krum(StrategyBase):
 
     krum_f: int = 1
     name = "krum"
+    needs_each_update = "Krum compares the updates with each other"
 
     def __post_init__(self):
         if self.krum_f < 0:
@@ -109,6 +112,7 @@ class MultiKrum(StrategyBase):
     krum_f: int = 1
     multikrum_m: int = 0
     name = "multikrum"
+    needs_each_update = "Multi-Krum compares the updates with each other"
 
     def __post_init__(self):
         if self.krum_f < 0 or self.multikrum_m < 0:

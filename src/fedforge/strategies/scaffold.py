@@ -47,6 +47,7 @@ class Scaffold(StrategyBase):
 
     server_lr: float = 1.0
     name = "scaffold"
+    needs_each_update = "SCAFFOLD needs each client's control variate"
 
     def __post_init__(self):
         check_server_lr(self.server_lr)
