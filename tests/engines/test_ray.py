@@ -6,6 +6,7 @@ One local Ray for the module (2 CPUs); workers take half a CPU each so that thre
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import sys
 import time
@@ -38,8 +39,11 @@ def in_process(strategy, scenario=Scenario()):
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_same_run_as_in_process(workers):
+    threads = torch.get_num_threads()
     # One engine serves the four runs: its workers load the data once, whatever the strategy.
     with RayEngine(blobs_data, seed=SEED, workers=workers, cpus_per_worker=0.5) as engine:
+        # This process computes with the CPUs its workers (all on this machine) leave, at least one.
+        assert torch.get_num_threads() == min(threads, max(1, int(len(os.sched_getaffinity(0)) - 0.5 * workers)))
         assert len({p["pid"] for p in engine.placement}) == workers
         # Each worker holds its own clients only: consecutive shares that together are every client and row.
         data = blobs_data()
@@ -59,6 +63,7 @@ def test_same_run_as_in_process(workers):
         with pytest.raises(ConfigError, match=r"^a Ray worker loaded other data than the driver .*same dataset"):
             run(engine, scenario=Scenario(attack="label_flip", malicious_fraction=0.25), rounds=1)
         assert_same_run(run(engine, rounds=1), run(AutoEngine(), rounds=1))  # and the engine still works
+    assert torch.get_num_threads() == threads  # as before the engine
 
 
 def test_scenarios_work_unchanged():

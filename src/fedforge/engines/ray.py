@@ -284,7 +284,9 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _close(ray, actors: list, started: bool) -> None:
+def _close(ray, actors: list, started: bool, threads: list) -> None:
+    if threads:  # the driver's torch threads as they were before the engine (see RayEngine)
+        torch.set_num_threads(threads.pop())
     for actor in actors:
         try:
             ray.kill(actor)
@@ -346,7 +348,8 @@ class RayEngine:
             self._started = True
         self._ray = ray
         self._actors: list = []
-        self._finalizer = weakref.finalize(self, _close, ray, self._actors, self._started)
+        self._threads: list[int] = []
+        self._finalizer = weakref.finalize(self, _close, ray, self._actors, self._started, self._threads)
         # What the cluster can never hold is refused now; what others hold for the moment is waited for.
         total = ray.cluster_resources()
         for resource, each in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
@@ -379,8 +382,21 @@ class RayEngine:
         # The worker that trains each client: worker i holds clients [lo, hi) and their rows (Ray
         # restarts a worker with the same share, so the split holds for the whole run).
         self._bounds = [p["clients"][1] for p in self.placement]
+        self._share_cpus(ray, cpus_per_worker)
         self._model: tuple[nn.Module, list] | None = None
         self._model_token = 0
+
+    def _share_cpus(self, ray, cpus_per_worker: float) -> None:
+        """Leave the workers on this machine their CPUs: this process (the driver: it evaluates and
+        aggregates while they train the next round) computes with the CPUs they leave, at least one:
+        more threads than free CPUs wait for each other at every parallel operation."""
+        here = ray.get_runtime_context().get_node_id()
+        taken = sum(cpus_per_worker for p in self.placement if p["node"] == here)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, int(cpus - taken))
+        if threads < torch.get_num_threads():
+            self._threads.append(torch.get_num_threads())  # restored by close()
+            torch.set_num_threads(threads)
 
     @property
     def actors(self) -> list:
@@ -388,7 +404,8 @@ class RayEngine:
         return list(self._actors)
 
     def close(self) -> None:
-        """Kill the workers (and stop the local Ray this engine started)."""
+        """Kill the workers (and stop the local Ray this engine started); this process's torch threads
+        are again what they were before the engine (it computes with the CPUs the workers leave)."""
         self._finalizer()
 
     def __enter__(self) -> RayEngine:
