@@ -15,7 +15,9 @@ per process that maps them) and of its anonymous part (tensors, Python heaps: wh
 holds of its own). The two engines' final weights are compared too (they train the same clients on
 the same batches). With `--flower PYTHON`, W2 also runs on Flower's own simulation (flower_w2.py, in
 an environment of its own: `pip install 'flwr[simulation]==1.42.0' torch==2.13.0`), with the same
-clients; its rounds are timed between its centralized evaluations.
+clients, in turn with the engines (so that a busy spell of the machine falls on both alike); its
+rounds are timed between its centralized evaluations, and the ratio is given for each pair of
+neighbouring runs as well as for the medians.
 
     python benchmarks/ray_scale.py                 # W2 and W3, both engines, 3 runs each
     python benchmarks/ray_scale.py --only w2 --rounds 5 --repeats 1
@@ -200,33 +202,32 @@ def main() -> None:
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for workload in [args.only] if args.only else list(WORKLOADS):
-            engines = args.engines.split(",")
+            engines = args.engines.split(",") + (["flower"] if args.flower and workload == "w2" else [])
+            spec = flower_spec(str(Path(tmp) / "w2.npz")) if "flower" in engines else None
             runs: dict[str, list[dict]] = {engine: [] for engine in engines}
             for repeat in range(args.repeats):
-                # Alternate, so that a busy spell of the machine falls on every engine alike.
+                # Alternate, so that a busy spell of the machine falls on every engine (and Flower) alike.
                 for engine in engines if repeat % 2 == 0 else engines[::-1]:
                     load = os.getloadavg()[0]
-                    r = measure(workload, engine, args.rounds, str(Path(tmp) / f"{workload}-{engine}.pt"))
+                    if engine == "flower":
+                        r = measure_flower(args.flower, args.rounds, spec)
+                    else:
+                        r = measure(workload, engine, args.rounds, str(Path(tmp) / f"{workload}-{engine}.pt"))
                     runs[engine].append(r)
                     print(row(workload, engine, r) + f"  {load:4.1f}", flush=True)
             medians = {e: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for e, rs in runs.items()}
             for engine, r in medians.items():
                 print(row(workload, engine, r) + "  median")
-            if args.flower and workload == "w2":
-                flower = []
-                for repeat in range(args.repeats):
-                    load = os.getloadavg()[0]
-                    flower.append(measure_flower(args.flower, args.rounds, flower_spec(str(Path(tmp) / "w2.npz"))))
-                    print(row(workload, "flower", flower[-1]) + f"  {load:4.1f}", flush=True)
-                medians["flower"] = {k: statistics.median(r[k] for r in flower) for k in flower[0]}
-                print(row(workload, "flower", medians["flower"]) + "  median")
+            if "flower" in medians and "ray" in medians:
                 f, ray = medians["flower"], medians["ray"]
                 print(f"W2   flower/ray: {f['per_round'] / ray['per_round']:.1f}x per round, "
                       f"{f['peak_rss_gib'] / ray['peak_rss_gib']:.2f}x peak RSS, "
-                      f"{f['peak_anon_gib'] / ray['peak_anon_gib']:.2f}x peak anon", flush=True)
+                      f"{f['peak_anon_gib'] / ray['peak_anon_gib']:.2f}x peak anon; run by run: "
+                      + ", ".join(f"{a['per_round'] / b['per_round']:.1f}x"
+                                  for a, b in zip(runs["flower"], runs["ray"])), flush=True)
             if "ray" not in runs:
                 continue
-            for base in (e for e in engines if e != "ray"):
+            for base in (e for e in engines if e not in ("ray", "flower")):
                 a, b = (torch.load(str(Path(tmp) / f"{workload}-{e}.pt")) for e in (base, "ray"))
                 difference = max(float((a[k] - b[k]).abs().max()) for k in a)
                 ray, auto = medians["ray"], medians[base]
