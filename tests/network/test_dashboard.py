@@ -168,6 +168,21 @@ class AnsweringHub:
         return True
 
 
+def test_an_ipv6_loopback_address_serves_and_other_ipv6_addresses_need_tls():
+    config = Config.load(None, {"name": "t", "dataset": "synthetic"})
+    board = Dashboard(DashboardSettings(0, "::1"), tls=None)
+    url = board.start(config, fake_sessions)
+    try:
+        assert url.startswith("http://[::1]:")
+        board.tracker.round(RoundRecord(0, (), 0.5, 0.25), {})
+        assert state(url)["rounds"][0]["loss"] == 0.5 and get(url)[0] == 200
+    finally:
+        board.stop()
+    for address in ("::", "2001:db8::1"):
+        with pytest.raises(ConfigError, match=f"may listen on {address}, which is not a loopback address"):
+            Dashboard(DashboardSettings(0, address), tls=None)
+
+
 def test_arrivals_refusals_and_epsilon_reach_the_state(tmp_path):
     """The engine's RoundWatcher calls, the round loop's records (with epsilon under differential
     privacy) and the server logger's warnings, as /api/state shows them."""
