@@ -212,3 +212,42 @@ def test_an_own_loop_that_returns_nothing_is_measured_and_fedprox_is_refused():
     with pytest.raises(ConfigError, match="task mine trains with a loop of its own: the strategy's proximal term"):
         train_client(copy.deepcopy(model), start, data, ClientConfig(task=own_loop_task()), client_id=0,
                      generator=torch.Generator(), plan=ClientPlan(proximal_mu=0.1))
+
+
+HUBER_MODULE = '''
+import torch.nn.functional as F
+from fedforge.tasks import Task
+
+def huber(targets):
+    return Task("huber", loss=lambda out, y: F.huber_loss(out.squeeze(1), y),
+                metric_sums=lambda out, y: {"loss": F.huber_loss(out.squeeze(1), y, reduction="sum"),
+                                            "within_1": ((out.squeeze(1) - y).abs() < 1).sum()},
+                primary="within_1", higher_is_better=True, targets=targets)
+
+NUMBERS = huber("numbers")
+UNSAID = huber(None)
+'''
+
+
+def test_a_task_of_your_own_on_a_csv_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "huber_task.py").write_text(HUBER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = regression_data(400)
+    rows = ["a,b,c,d,e,y"] + [",".join(f"{v:.6f}" for v in [*x.tolist(), y.item()]) for x, y in zip(data.x, data.y)]
+    (tmp_path / "table.csv").write_text("\n".join(rows) + "\n")
+    flags = ["run", "-q", "--dataset", f"csv:{tmp_path / 'table.csv'}", "--target", "y", "--model", "logreg",
+             "--num-clients", "4", "--clients-per-round", "4", "--rounds", "5", "--local-epochs", "3",
+             "--batch-size", "10", "--lr", "0.05", "--out-dir", str(tmp_path / "runs")]
+    assert main([*flags, "--task", "huber_task:NUMBERS", "--name", "h"]) == 0
+    history = json.loads((tmp_path / "runs" / "h" / "history.json").read_text())["rounds"]
+    # The target column came as numbers (one output, float targets): the loss falls, within_1 rises.
+    assert history[-1]["test_loss"] < history[0]["test_loss"] / 2
+    assert history[-1]["metrics"]["test_within_1"] > history[0]["metrics"]["test_within_1"]
+    capsys.readouterr()
+    assert main([*flags, "--task", "huber_task:UNSAID", "--name", "u"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("task huber: dataset csv:" + str(tmp_path / "table.csv") + " needs to know how to prepare "
+                        "its target column for it: give the task targets='classes', 'numbers' or 'tokens'"), err
+    assert "\n" not in err
+    with pytest.raises(ConfigError, match="targets must be one of classes, numbers, tokens, got 'labels'"):
+        Task("bad", loss=F.mse_loss, metric_sums=lambda out, y: {}, targets="labels")

@@ -32,6 +32,7 @@ from .models import build_model
 from .report import headline, plot_history, round_line, write_history, write_model
 from .simulation import FederatedData, clients_per_round_count, simulate
 from .strategies import CombinedUpdate, RunInfo, ServerState
+from .tasks import TARGETS, make_task
 from .tracking import Tracker, client_metrics
 
 
@@ -52,6 +53,15 @@ def run_name(config: Config) -> str:
     return f"{source_label(config.dataset)}-{model}-{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _prepared_for(config: Config) -> str:
+    """The built-in task whose targets a file dataset's target column becomes for `config`'s task."""
+    task = make_task(config.task)
+    if task.targets is None:
+        raise ConfigError(f"task {task.name}: dataset {config.dataset} needs to know how to prepare its target "
+                          f"column for it: give the task targets='classes', 'numbers' or 'tokens'")
+    return TARGETS[task.targets]
+
+
 def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedData]:
     """The dataset `config` names, split across its clients."""
     if config.dataset == "synthetic":
@@ -61,7 +71,7 @@ def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedDa
         )
         return dataset, FederatedData(dataset.train, train_parts, dataset.test)
     if parse_source(config.dataset):
-        dataset = load_file_dataset(config.dataset, target=config.target, task=config.task)
+        dataset = load_file_dataset(config.dataset, target=config.target, task=_prepared_for(config))
     elif config.dataset in BUNDLED:
         dataset = load_bundled(config.dataset)
     elif config.dataset == "shakespeare":

@@ -36,6 +36,10 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer] | None] = {
 }
 
 
+# How a file dataset's target column can be prepared (Task.targets), and the built-in task that does it.
+TARGETS = {"classes": "classification", "numbers": "regression", "tokens": "language-model"}
+
+
 def _rows(target) -> int:
     """The examples in a batch: the rows of its target (of its first tensor, when several)."""
     return len(leaves(target)[0])
@@ -82,6 +86,10 @@ class Task:
             several parts (a list); default the tuple's last.
         inputs: the parts fed to the model (default: all the others; several go as a tuple or
             dict, one alone).
+        targets: how a table's (csv:, parquet:) or a Hugging Face dataset's (hf:) target column
+            is prepared for this task: "classes" (class ids 0..k-1, k outputs), "numbers"
+            (float32 values, one output) or "tokens" (token sequences); the built-in tasks say
+            theirs, a task of your own must to train on such a dataset.
     """
 
     name: str
@@ -97,8 +105,11 @@ class Task:
     target: int | str | Sequence[int | str] = -1
     inputs: int | str | Sequence[int | str] | None = None
     keep_optimizer_state: bool = False
+    targets: str | None = None
 
     def __post_init__(self):
+        if self.targets is not None and self.targets not in TARGETS:
+            raise ConfigError(f"task {self.name}: targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
         if self.optimizer is not None and not (isinstance(self.optimizer, type)
                                                and issubclass(self.optimizer, torch.optim.Optimizer)):
             raise ConfigError(f"task {self.name}: optimizer must be a torch.optim.Optimizer class, "
@@ -182,11 +193,11 @@ def _language_summary(sums: Mapping[str, float], units: float) -> dict[str, floa
 
 
 CLASSIFICATION = Task("classification", _cross_entropy, _classification_sums, primary="accuracy",
-                      higher_is_better=True)
+                      higher_is_better=True, targets="classes")
 REGRESSION = Task("regression", _mse, _regression_sums, units=_numel, summarize=_regression_summary, primary="r2",
-                  higher_is_better=True)
+                  higher_is_better=True, targets="numbers")
 LANGUAGE_MODEL = Task("language-model", _next_token, _language_sums, units=_numel, summarize=_language_summary,
-                      primary="perplexity")
+                      primary="perplexity", targets="tokens")
 TASKS = {task.name: task for task in (CLASSIFICATION, REGRESSION, LANGUAGE_MODEL)}
 
 
@@ -203,4 +214,4 @@ def make_task(name: str, *, optimizer: str = "sgd") -> Task:
     return task if optimizer == "sgd" else task.with_optimizer(optimizer)
 
 
-__all__ = ["CLASSIFICATION", "LANGUAGE_MODEL", "OPTIMIZERS", "REGRESSION", "TASKS", "Task", "make_task"]
+__all__ = ["CLASSIFICATION", "LANGUAGE_MODEL", "OPTIMIZERS", "REGRESSION", "TARGETS", "TASKS", "Task", "make_task"]
