@@ -118,6 +118,21 @@ def test_mlflow_file_store_is_refused_in_one_line(tmp_path, capsys):
     assert err.startswith(f"fedforge: error: MLflow store {tmp_path / 'mlruns'}: ") and err.count("\n") == 1
 
 
+def test_tracking_set_in_a_config_file_and_a_flag_over_it(tmp_path):
+    (tmp_path / "run.toml").write_text(f'tensorboard = "{tmp_path / "tb"}"\nmlflow = "default"\n')
+    argv = ["run", "--config", str(tmp_path / "run.toml"), *BASE, "--out-dir", str(tmp_path / "runs")]
+    assert fedforge([*argv, "--name", "file", "--rounds", "1"]) == 0
+    assert [step for step, _ in scalar(events(tmp_path / "tb" / "file"), "test_accuracy")] == [0, 1]
+    store = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [run] = store.search_runs([store.get_experiment_by_name("fedforge").experiment_id])
+    assert run.info.run_name == "file"
+    # A flag wins over the file; where or whether a run is tracked is not what its rounds compute,
+    # so a run continues (--resume) with other tracking.
+    assert fedforge(["run", "-q", "--resume", str(tmp_path / "runs" / "file"), "--rounds", "2",
+                     "--tensorboard", str(tmp_path / "tb2")]) == 0
+    assert [step for step, _ in scalar(events(tmp_path / "tb2" / "file"), "test_accuracy")] == [2]
+
+
 class LoopbackHub:
     """The hub's side of NetworkEngine with the clients in this process: a task is answered at once by
     the deployment client's own code. Records the size of every message both ways."""

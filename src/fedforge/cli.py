@@ -44,7 +44,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | Non
     """One flag per Config field; defaults are suppressed so only given flags override the file."""
     types_ = field_types()
     for f in dataclasses.fields(Config):
-        if keys is not None and f.name not in keys:
+        if (keys is not None and f.name not in keys) or f.name in _TRACKING_KEYS:  # flags of their own
             continue
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata["help"]
@@ -61,28 +61,37 @@ def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | Non
             )
 
 
+_TRACKING_KEYS = ("tensorboard", "mlflow")
+
+
 def _add_tracking_flags(parser: argparse.ArgumentParser, *, compare: bool = False) -> None:
+    """--tensorboard and --mlflow: Config's settings of the same names (a config file may give them)."""
     where = "DIR/NAME/LABEL, a folder per run of the comparison NAME" if compare else "DIR/NAME"
     experiment = "the experiment NAME, a run per label" if compare else "the experiment fedforge, a run named NAME"
-    parser.add_argument("--tensorboard", metavar="DIR", help=f"log to TensorBoard in {where}: each round's numbers "
+    parser.add_argument("--tensorboard", metavar="DIR", default=argparse.SUPPRESS,
+                        help=f"log to TensorBoard in {where}: each round's numbers "
                         "(those of history.json) as scalars, the clients' training metrics as histograms "
                         "(tensorboard --logdir DIR; pip install 'fedforge[tracking]')")
-    parser.add_argument("--mlflow", nargs="?", const="", metavar="URI", help=f"log to MLflow, in {experiment}: the "
+    parser.add_argument("--mlflow", nargs="?", const="default", metavar="URI", default=argparse.SUPPRESS,
+                        help=f"log to MLflow, in {experiment}: the "
                         "settings as parameters, each round's numbers as metrics (step: the round), model.pt and "
                         "accuracy.png as artifacts; URI default: sqlite:///OUT_DIR/mlflow.db, artifacts in "
                         "OUT_DIR/mlartifacts (pip install 'fedforge[tracking]'; its UI needs the full mlflow "
                         "package: mlflow ui --backend-store-uri URI)")
 
 
-def _trackers(args: argparse.Namespace, out_dir: str, comparison: str | None = None) -> list:
-    """The trackers --tensorboard and --mlflow ask for; a comparison's runs grouped under its name."""
+def _trackers(settings: Config | dict, out_dir: str, comparison: str | None = None) -> list:
+    """The trackers the settings' tensorboard and mlflow ask for; a comparison's runs grouped under its name."""
     from .tracking import MLflowTracker, TensorBoardTracker, default_mlflow_uri
 
+    tensorboard, mlflow = ((settings.get(k) if isinstance(settings, dict) else getattr(settings, k))
+                           for k in _TRACKING_KEYS)
     trackers = []
-    if args.tensorboard is not None:
-        trackers.append(TensorBoardTracker(Path(args.tensorboard, comparison or "")))
-    if args.mlflow is not None:
-        trackers.append(MLflowTracker(args.mlflow or default_mlflow_uri(out_dir), experiment=comparison or "fedforge"))
+    if tensorboard is not None:
+        trackers.append(TensorBoardTracker(Path(tensorboard, comparison or "")))
+    if mlflow is not None:
+        uri = default_mlflow_uri(out_dir) if mlflow in ("", "default") else mlflow
+        trackers.append(MLflowTracker(uri, experiment=comparison or "fedforge"))
     return trackers
 
 
@@ -122,7 +131,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _run_config(args)
     outcome = run_experiment(config, progress=not args.quiet, resume=bool(args.resume),
-                             trackers=_trackers(args, config.out_dir))
+                             trackers=_trackers(config, config.out_dir))
     final = outcome.history.final
     print(f"final {headline(final, config.client_config().task.primary)} after {final.round} rounds; "
           f"outputs in {outcome.run_dir}")
@@ -165,7 +174,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     root = base.get("out_dir", Config.__dataclass_fields__["out_dir"].default)
     out_dir = Path(root) / name
     runs = compare(base, variants, out_dir=out_dir, jobs=args.jobs, resume=args.resume,
-                   trackers=_trackers(args, root, comparison=name))
+                   trackers=_trackers(base, root, comparison=name))
     print(write_comparison(runs, out_dir, target=args.target, title=name))
     print(f"outputs in {out_dir}: comparison.md, comparison.csv, comparison.png, and a folder per run")
     return 0
@@ -225,7 +234,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         max_message_bytes=int(args.max_message_mb * 2**20), resume=bool(args.resume), progress=not args.quiet,
         on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
         keepalive=args.keepalive, max_client_examples=args.max_client_examples, secure=_secure_aggregation(args),
-        min_available_clients=args.min_available_clients, trackers=_trackers(args, config.out_dir),
+        min_available_clients=args.min_available_clients, trackers=_trackers(config, config.out_dir),
         dashboard=_dashboard(args), on_dashboard=lambda url: print(f"fedforge server: dashboard at {url}", flush=True),
     )
     from .report import headline

@@ -126,6 +126,9 @@ class Config:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
     eval_batch_size: int = _opt(1024, "batch size for evaluation (does not change results)")
     eval_train: bool = _opt(False, "also evaluate the global model on all training data every round")
+    tensorboard: str | None = _opt(None, "log to TensorBoard in this folder (a run's in FOLDER/NAME; --tensorboard)")
+    mlflow: str | None = _opt(None, "log to MLflow, in the store at this URI; \"default\": sqlite:///OUT_DIR/mlflow.db "
+                              "(--mlflow [URI])")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

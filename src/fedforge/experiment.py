@@ -186,7 +186,7 @@ def check_output(config: Config) -> Path:
 # Settings that say where, how or how long a run executes, not what its rounds compute.
 EXECUTION_KEYS = frozenset({"name", "out_dir", "rounds", "engine", "max_memory", "device", "eval_batch_size",
                             "data_dir", "download", "ray_address", "ray_workers", "ray_cpus_per_worker",
-                            "ray_gpus_per_worker", "ray_engine"})
+                            "ray_gpus_per_worker", "ray_engine", "tensorboard", "mlflow"})
 
 
 def check_resumable(run_dir: str | Path, config: Config) -> None:
