@@ -18,7 +18,7 @@ ray = pytest.importorskip("ray")
 
 from fedforge.cli import main  # noqa: E402
 from fedforge.engines import AutoEngine  # noqa: E402
-from fedforge.engines.ray import RayEngine, shares  # noqa: E402
+from fedforge.engines.ray import RayEngine, assign, holdings, shares  # noqa: E402
 from fedforge.errors import ConfigError  # noqa: E402
 from fedforge.privacy.run import DifferentialPrivacy  # noqa: E402
 from fedforge.scenarios import Scenario  # noqa: E402
@@ -45,13 +45,14 @@ def test_same_run_as_in_process(workers):
         # This process computes with the CPUs its workers (all on this machine) leave, at least one.
         assert torch.get_num_threads() == min(threads, max(1, int(len(os.sched_getaffinity(0)) - 0.5 * workers)))
         assert len({p["pid"] for p in engine.placement}) == workers
-        # Each worker holds its own clients only: consecutive shares that together are every client and row.
+        # Each worker holds its own clients only: consecutive ranges that together are every client and
+        # row, each reaching a little into its neighbour's (those clients go to either).
         data = blobs_data()
         clients = [p["clients"] for p in engine.placement]
         rows = [p["rows"] for p in engine.placement]
         assert clients[0][0] == 0 and clients[-1][1] == data.num_clients and rows[-1][1] == len(data.train)
-        assert all(a[1] == b[0] for a, b in zip(clients, clients[1:])) and all(a[1] == b[0] for a, b in
-                                                                              zip(rows, rows[1:]))
+        assert all(b[0] < a[1] < b[1] for a, b in zip(clients, clients[1:]))
+        assert all(b[0] < a[1] < b[1] for a, b in zip(rows, rows[1:]))
         if workers > 1:
             assert max(b - a for a, b in rows) < 0.75 * len(data.train)
         for strategy in ("fedavg", "fedadam", "scaffold", "krum"):
@@ -156,3 +157,21 @@ def test_a_worker_that_cannot_load_the_data_says_why():
 ])
 def test_shares_are_consecutive_and_balanced(costs, workers, expected):
     assert [(r.start, r.stop) for r in shares(costs, workers)] == expected
+
+
+def test_workers_hold_their_share_and_a_margin_of_their_neighbours():
+    assert [(r.start, r.stop) for r in holdings([1] * 100, 2)] == [(0, 55), (45, 100)]
+    assert [(r.start, r.stop) for r in holdings([1] * 90, 3)] == [(0, 33), (27, 63), (57, 90)]
+    assert [(r.start, r.stop) for r in holdings([1] * 5, 1)] == [(0, 5)]
+    assert [(r.start, r.stop) for r in holdings([1, 1], 3)] == [(0, 2), (0, 2), (2, 2)]  # at least one; none empty
+
+
+def test_shared_clients_even_out_the_work():
+    # Tasks 0-1 can only go to worker 0 and task 4 to worker 1; 2 and 3 to either.
+    candidates = [[0], [0], [0, 1], [0, 1], [1]]
+    assert assign(candidates, [5, 5, 4, 3, 1], 2) == [0, 0, 1, 1, 1]
+    assert assign(candidates, [1, 1, 4, 3, 9], 2) == [0, 0, 0, 0, 1]
+    # Equal costs: the lower task first; equal loads: the lower worker.
+    assert assign(candidates, [1, 1, 3, 3, 2], 2) == [0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="task 0: no worker holds its client"):
+        assign([[]], [1], 2)
