@@ -331,7 +331,7 @@ def simulate(
         for attempt in range(max_round_attempts):
             # select -> plan (the strategy's terms, the scenario's work) -> run -> transform
             # (attacks; privacy) -> aggregate
-            this, ahead = (ahead, None) if attempt == 0 and ahead is not None else (begin(r, attempt), None)
+            this, ahead = ahead or begin(r, attempt), None  # only a first attempt is begun ahead
             kept: dict[int, OptimizerState] = {}
             tally = _Tally(on_client)
             try:

@@ -26,12 +26,13 @@ def check_linear(strategy: Strategy | str, what: str) -> None:
     """A one-line ConfigError unless `strategy` (or the built-in strategy of that name) is linear
     with the mean's step of its own (`apply_mean`): `what` (e.g. "differential privacy") serves
     only such strategies. The reason given is the strategy's own (`needs_each_update`)."""
-    found = STRATEGIES.get(strategy) if isinstance(strategy, str) else strategy
+    found = STRATEGIES.get(strategy) if isinstance(strategy, str) else strategy  # None: no such built-in
     name = strategy if isinstance(strategy, str) else strategy.name
-    if found is not None and getattr(found, "linear", False) and hasattr(found, "apply_mean"):
+    linear = getattr(found, "linear", False)
+    if linear and hasattr(found, "apply_mean"):
         return
-    reason = (getattr(found, "needs_each_update", None) if found is not None and not getattr(found, "linear", False)
-              else None) or "it does not reduce the updates to one weighted mean (linear, with apply_mean)"
+    reason = (None if linear else getattr(found, "needs_each_update", None)) or \
+        "it does not reduce the updates to one weighted mean (linear, with apply_mean)"
     raise ConfigError(f"{what} cannot serve strategy {name!r}: {reason} (use one of {', '.join(LINEAR_STRATEGIES)})")
 
 
