@@ -15,7 +15,8 @@ from fedforge.engines import ClientTask, SequentialEngine, VectorizedEngine
 from fedforge.engines.vectorized import DEFAULT_MAX_MEMORY, build_schedule
 from fedforge.models import build_model
 from fedforge.scenarios import Scenario
-from fedforge.strategies import FedProx, QFedAvg, Scaffold
+from fedforge.errors import DivergenceError
+from fedforge.strategies import CombinedUpdate, FedProx, QFedAvg, Scaffold, combine_updates
 
 
 def images(n, seed):
@@ -113,6 +114,39 @@ def test_chunks_bound_memory_and_change_nothing():
         for name in state:
             torch.testing.assert_close(a.delta[name], c.delta[name])
             torch.testing.assert_close(b.delta[name], c.delta[name])
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "tanh"])
+def test_combine_sums_summable_chunks_as_combine_updates_would(model_name):
+    data = images(300, seed=1)
+    partition = quantity(300, 12, rng=np.random.default_rng(0), sigma=1.0)
+    model = (build_model("mlp", (1, 28, 28), 10, seed=0) if model_name == "mlp" else  # fastmlp / torch.func
+             seeded(nn.Flatten, lambda: nn.Linear(784, 16), nn.Tanh, lambda: nn.Linear(16, 10))())
+    config, state = ClientConfig(batch_size=8, lr=0.05), {k: v.clone() for k, v in model.state_dict().items()}
+    tasks = [ClientTask(c, data.subset(p), seed=c, summable=True) for c, p in enumerate(partition)]
+    engine = VectorizedEngine(max_memory=2 * 1024 * 1024, combine=True)
+    chunks = -(-len(tasks) // engine.chunk_size(model, tasks, config))
+    combined = list(engine.run(model, state, tasks, config))
+    assert chunks > 1 and len(combined) == chunks and all(isinstance(u, CombinedUpdate) for u in combined)
+    mine, reference = combine_updates(combined), combine_updates(SequentialEngine().run(model, state, tasks, config))
+    assert mine.client_ids == reference.client_ids == tuple(range(len(tasks)))
+    assert (mine.num_examples, mine.num_steps) == (reference.num_examples, reference.num_steps)
+    assert mine.metrics == pytest.approx(reference.metrics)
+    for name in state:
+        torch.testing.assert_close(mine.delta[name], reference.delta[name])
+    # A client the round loop must see on its own keeps its chunk client by client.
+    size = engine.chunk_size(model, tasks, config)
+    alone = [ClientTask(0, data.subset(partition[0]), seed=0), *tasks[1:]]
+    out = list(engine.run(model, state, alone, config))
+    assert [u.client_id for u in out[:size]] == list(range(size))
+    assert all(isinstance(u, CombinedUpdate) for u in out[size:])
+    # A diverged client is still named, as without combining.
+    huge = TensorData(data.x * 1e38, data.y)
+    diverging = [ClientTask(c, (huge if c == 5 else data).subset(p), seed=c, summable=True)
+                 for c, p in enumerate(partition)]
+    for each in (VectorizedEngine(), VectorizedEngine(combine=True)):
+        with pytest.raises(DivergenceError, match=r"client 5 diverged"):
+            list(each.run(model, state, diverging, config))
 
 
 def test_schedule_holds_each_clients_sequential_batches():

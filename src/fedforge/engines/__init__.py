@@ -46,8 +46,8 @@ class AutoEngine:
 
     name = "auto"
 
-    def __init__(self, *, max_memory: int | None = None):
-        self.vectorized = VectorizedEngine(max_memory=max_memory)
+    def __init__(self, *, max_memory: int | None = None, combine: bool = False):
+        self.vectorized = VectorizedEngine(max_memory=max_memory, combine=combine)
         self.sequential = SequentialEngine()
 
     def choose(self, model: nn.Module, tasks, config: ClientConfig | None = None) -> Engine:
@@ -67,14 +67,15 @@ class AutoEngine:
         return self.choose(model, tasks, config).run(model, global_state, tasks, config)
 
 
-def make_engine(name: str, *, max_memory: int | None = None) -> Engine:
-    """The in-process engine called `name`: "sequential", "vectorized", or "auto" (see AutoEngine)."""
+def make_engine(name: str, *, max_memory: int | None = None, combine: bool = False) -> Engine:
+    """The in-process engine called `name`: "sequential", "vectorized", or "auto" (see AutoEngine).
+    `combine`: see VectorizedEngine (the sequential engine hands back each update)."""
     if name == "sequential":
         return SequentialEngine()
     if name == "vectorized":
-        return VectorizedEngine(max_memory=max_memory)
+        return VectorizedEngine(max_memory=max_memory, combine=combine)
     if name == "auto":
-        return AutoEngine(max_memory=max_memory)
+        return AutoEngine(max_memory=max_memory, combine=combine)
     if name == "ray":  # its workers load the run's data themselves: it needs to know how
         raise ConfigError("engine ray is built from the run's data loader: RayEngine(data, seed=...) "
                           "(fedforge.engines.ray), or from a Config by fedforge.experiment.make_run_engine")

@@ -24,7 +24,8 @@ class ClientTask:
     `summable` says that the round loop needs this client's update only as part of the round's
     weighted mean (the strategy is linear, and no later stage transforms the update on its own):
     an engine may then send it folded with others into one `CombinedUpdate` (the Ray engine does,
-    one per worker); in-process engines ignore it.
+    one per worker, its workers' vectorized engines summing each chunk in one pass:
+    `VectorizedEngine(combine=True)`); in-process engines ignore it by default.
     """
 
     client_id: int

@@ -199,7 +199,7 @@ class _Worker:
         torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.scenario, self.seed = scenario, seed
-        self.engine = make_engine(engine, max_memory=max_memory)
+        self.engine = make_engine(engine, max_memory=max_memory, combine=True)
         self.error: str | None = None
         self.data = None
         self.pool: tuple[TensorData, list[int], str] | None = None
@@ -273,8 +273,8 @@ class _Worker:
 
         def summed(updates: Iterator[ClientUpdate]) -> Iterator[ClientUpdate]:
             # Running sum: the worker holds one model-sized buffer for all its summable clients.
-            for update in updates:
-                if summable[update.client_id]:
+            for update in updates:  # a CombinedUpdate (client -1): the engine summed summable clients
+                if update.client_id < 0 or summable[update.client_id]:
                     yield update
                 else:
                     own.append(_sent(update))

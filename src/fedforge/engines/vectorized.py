@@ -41,6 +41,7 @@ from ..client import epoch_orders, finish_update
 from ..contract import ClientConfig, ClientUpdate
 from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args, tree_map
 from ..evaluation import evaluate
+from ..strategies.base import CombinedUpdate
 from ..optim import LocalTerms, OptimizerState, State
 from .base import ClientTask
 from .sequential import SequentialEngine
@@ -122,14 +123,18 @@ class VectorizedEngine:
             optimizer state, activations, batch schedule); None: DEFAULT_MAX_MEMORY for the
             data's device. Rounds with more clients are processed chunk by chunk, so memory
             does not grow with the number of clients per round.
+        combine: hand a chunk whose clients are all `ClientTask.summable` back as one
+            CombinedUpdate, summed in one pass (what a Ray worker sends anyway); by default each
+            client's update, which the round loop's per-client metrics and trackers see.
     """
 
     name = "vectorized"
 
-    def __init__(self, max_memory: int | None = None):
+    def __init__(self, max_memory: int | None = None, *, combine: bool = False):
         if max_memory is not None and max_memory <= 0:
             raise ValueError(f"max_memory must be > 0, got {max_memory}")
         self.max_memory = max_memory
+        self.combine = combine
         self._fallback: SequentialEngine | None = None
         self._per_example_activations: dict[int, int] = {}
 
@@ -149,16 +154,23 @@ class VectorizedEngine:
             return
         size = self.chunk_size(model, tasks, config)
         for first in range(0, len(tasks), size):
+            chunk = tasks[first:first + size]
             try:
                 # Trains the whole chunk now; the updates are then handed out one by one.
-                updates = kernel(model, global_state, tasks[first:first + size], config)
+                trained = kernel(model, global_state, chunk, config)
             except _Mixed:
-                updates = SequentialEngine().run(model, global_state, tasks[first:first + size], config)
+                yield from SequentialEngine().run(model, global_state, chunk, config)
+                continue
             except _Unsupported as e:
                 self._fall_back(e)
                 yield from self._fallback.run(model, global_state, tasks[first:], config)
                 return
-            yield from updates
+            summable = self.combine and all(t.summable and not t.plan.measure_initial_loss for t in chunk)
+            combined = _combined(chunk, trained, global_state, config) if summable else None
+            if combined is not None:
+                yield combined
+            else:
+                yield from _updates(model, chunk, trained, global_state, config)
 
     def _fall_back(self, reason: Exception) -> None:
         log.warning("the vectorized engine cannot batch this model or task (%s); "
@@ -324,14 +336,59 @@ def _run_steps(tasks: Sequence[ClientTask], global_state: State, config: ClientC
     return _Trained(params, state, sums)
 
 
-def _updates(model: nn.Module, tasks: Sequence[ClientTask], schedule: Schedule, trained: _Trained, units: list,
-             global_state: State, config: ClientConfig) -> Iterator[ClientUpdate]:
+@dataclass
+class _Chunk:
+    """What a kernel returns: a trained chunk, and each client's units of its metrics (stacked order)."""
+
+    schedule: Schedule
+    trained: _Trained
+    units: list
+
+
+def _combined(tasks: Sequence[ClientTask], chunk: _Chunk, global_state: State,
+              config: ClientConfig) -> CombinedUpdate | None:
+    """The chunk's updates as the one CombinedUpdate `combine_updates` would make of them, in one
+    pass over the stacked parameters (a weighted sum of the rows, less the global state) instead of
+    one per client for the deltas, one for the finite check and one per client for the sum.
+
+    None when a client's loss or parameters are not finite: then the updates go one by one and the
+    diverged client is named (a non-finite row makes the weighted sum non-finite).
+    """
+    schedule, params = chunk.schedule, chunk.trained.params
+    if not all(v.is_floating_point() for v in params.values()):
+        return None
+    sums = {name: v.tolist() for name, v in chunk.trained.sums.items()}
+    examples = [len(tasks[i].data) for i in schedule.stack_order]
+    total = sum(examples)
+    metrics: dict[str, float] = {}
+    for pos, n in enumerate(examples):
+        for name, value in config.task.summarize({k: v[pos] for k, v in sums.items()}, chunk.units[pos]).items():
+            if value is not None:
+                metrics[name] = metrics.get(name, 0.0) + value * n
+    metrics = {name: value / total for name, value in metrics.items()}
+    if not (total and math.isfinite(metrics.get("loss", math.nan))):
+        return None
+    device = next(iter(params.values())).device
+    share = torch.tensor(examples, dtype=torch.float64, device=device).div_(total)
+    mean = {}
+    for k, v in params.items():
+        row = (share.to(v.dtype) @ v.reshape(len(v), -1)).view_as(global_state[k]).sub_(global_state[k])
+        if not torch.isfinite(row.sum()):
+            return None
+        mean[k] = row
+    return CombinedUpdate(-1, mean, total, sum(schedule.steps), metrics["loss"], metrics.get("accuracy"),
+                          metrics=metrics, client_ids=tuple(t.client_id for t in tasks))
+
+
+def _updates(model: nn.Module, tasks: Sequence[ClientTask], chunk: _Chunk, global_state: State,
+             config: ClientConfig) -> Iterator[ClientUpdate]:
     """One ClientUpdate per task, in the tasks' order (the order the sequential engine yields).
 
     The stacked parameters become the stacked deltas in place; each update's delta is a view
     of its row, so no per-client copy is made and the chunk's memory is all there is. A kept
     optimizer state is copied out of the stack, which is then freed with the chunk.
     """
+    schedule, trained, units = chunk.schedule, chunk.trained, chunk.units
     params = trained.params
     finite = torch.ones(len(tasks), dtype=torch.bool, device=next(iter(params.values())).device)
     for k, v in params.items():
@@ -368,7 +425,7 @@ def _mlp_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
         return [(0, active, {"loss": loss, "accuracy": correct})]
 
     trained = _run_steps(tasks, global_state, config, schedule, step, shared_start=True)
-    return _updates(model, tasks, schedule, trained, schedule.sizes.sum(1).tolist(), global_state, config)
+    return _Chunk(schedule, trained, schedule.sizes.sum(1).tolist())
 
 
 def _runs(sizes: np.ndarray) -> list[tuple[int, int]]:
@@ -421,4 +478,4 @@ def _func_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
         trained = _run_steps(tasks, global_state, config, schedule, step)
     except (RuntimeError, NotImplementedError) as e:
         raise _Unsupported(str(e).splitlines()[0]) from e
-    return _updates(model, tasks, schedule, trained, units, global_state, config)
+    return _Chunk(schedule, trained, units)
