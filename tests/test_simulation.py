@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from helpers import assert_same_run, blobs
-from fedforge import ClientConfig, FederatedData, History, select_clients, simulate
+from fedforge import ClientConfig, FederatedData, History, _seeding, select_clients, simulate
 from fedforge.data import dirichlet, iid
 from fedforge.errors import ConfigError
 
@@ -23,6 +23,18 @@ def test_selection_is_uniform():
     for _ in range(2000):
         counts[select_clients(10, 5, g)] += 1
     assert np.all(np.abs(counts / 2000 - 0.5) < 0.05)
+
+
+@pytest.mark.parametrize("seed, keys", [(0, (4, 1)), (2**40 + 3, (4, 2)), (2**63 - 1, (3, 9, 2)), (7, ()),
+                                        (5, (2**33, 1, 2, 3))])
+def test_seeds_derived_at_once_are_numpys_seed_sequence_ones(seed, keys):
+    each = [*np.random.default_rng(seed % 1000).integers(0, 2**32, 40).tolist(), 0, 1, 2**32 - 1]
+    expected = [(lambda s: (int(s[0]) << 31 ^ int(s[1])) & (2**63 - 1))(
+        np.random.SeedSequence([seed, *keys, x]).generate_state(2, np.uint32)) for x in each]
+    assert _seeding.derive_seeds(seed, *keys, each=each) == expected
+    assert [_seeding.derive_seed(seed, *keys, x) for x in each] == expected
+    assert _seeding.derive_seeds(seed, *keys, each=[2**33, 3]) == [
+        _seeding.derive_seed(seed, *keys, 2**33), _seeding.derive_seed(seed, *keys, 3)]
 
 
 def small_problem(num_clients=6, partition="iid", test_fraction=None):

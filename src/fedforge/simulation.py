@@ -310,13 +310,14 @@ def simulate(
         else:
             selected = select_clients(data.num_clients, k, _seeding.generator(seed, *keys))
         work, dropped = client_work(scenario, selected, [len(clients[c]) for c in selected], client, seed, r)
+        kept = [c for c in selected if c not in dropped]
+        seeds = _seeding.derive_seeds(seed, _seeding.CLIENT_BATCHES, r, each=kept)
         tasks = [
-            ClientTask(c, clients[c], _seeding.derive_seed(seed, _seeding.CLIENT_BATCHES, r, c), pool,
-                       starts[c], replace(strategy.plan(state, c), epochs=work[c].epochs,
-                                          max_steps=work[c].max_steps, **(dp.client_plan() if dp else {})),
-                       optimizer_states.get(c),
-                       summable=linear and c not in transformed)
-            for c in selected if c not in dropped
+            ClientTask(c, clients[c], batch_seed, pool, starts[c],
+                       replace(strategy.plan(state, c), epochs=work[c].epochs, max_steps=work[c].max_steps,
+                               **(dp.client_plan() if dp else {})),
+                       optimizer_states.get(c), summable=linear and c not in transformed)
+            for c, batch_seed in zip(kept, seeds)
         ]
         return _Begun(selected, dropped, _running(engine, model, state.params, tasks, client))
 
