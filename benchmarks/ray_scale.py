@@ -61,7 +61,7 @@ def case(workload: str, engine: str, rounds: int, out: str) -> dict:
                     **WORKLOADS[workload])
     dataset, data = load(config, progress=False)
     model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
-    run_engine = make_run_engine(config)
+    run_engine = make_run_engine(config, combine=True)  # as `fedforge run` without trackers
     ready = time.perf_counter() - started
     try:
         result = simulate(model, data, rounds=rounds, clients_per_round=config.clients_per_round,

@@ -112,11 +112,13 @@ def federated_data(config: Config) -> FederatedData:
     return load(config, progress=False)[1]
 
 
-def make_run_engine(config: Config):
+def make_run_engine(config: Config, *, combine: bool = False):
     """The engine `config` names. The Ray engine's workers load the data themselves, from `config`
-    (the same lookup as here, on their own node), so that no training data travels."""
+    (the same lookup as here, on their own node), so that no training data travels. `combine`: an
+    in-process engine sums a chunk of clients in one pass when the round loop needs only their sum
+    (`VectorizedEngine`; a Ray worker always does)."""
     if config.engine != "ray":
-        return make_engine(config.engine, max_memory=config.max_memory_bytes())
+        return make_engine(config.engine, max_memory=config.max_memory_bytes(), combine=combine)
     from .engines.ray import RayEngine
 
     return RayEngine(functools.partial(federated_data, config), seed=config.seed, scenario=config.scenario(),
@@ -231,7 +233,8 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     primary = config.client_config().task.primary
     records: list[RoundRecord] = list(start[1].records) if start else []
     last: list[ServerState] = [start[0]] if start else []
-    run_engine = engine or make_run_engine(config)
+    # Without trackers nothing here needs each client's update when the round loop sums them.
+    run_engine = engine or make_run_engine(config, combine=not trackers)
     error: BaseException | None = None
     bar = tqdm(total=config.rounds * k, unit="client", disable=None if progress else True, leave=False)
     tracked = [tracker.start(config, run_dir) for tracker in trackers]

@@ -149,6 +149,52 @@ def test_combine_sums_summable_chunks_as_combine_updates_would(model_name):
             list(each.run(model, state, diverging, config))
 
 
+class ClientsTracker:
+    """A tracker of our own protocol (tracking.Tracker) that keeps what it is sent."""
+
+    def __init__(self):
+        self.clients = []
+
+    def prepare(self):
+        pass
+
+    def start(self, config, run_dir):
+        return self
+
+    def round(self, record, clients):
+        self.clients.append(dict(clients))
+
+    def finish(self, error):
+        pass
+
+
+def test_fedforge_run_sums_each_chunk_unless_a_tracker_wants_each_client(tmp_path, monkeypatch):
+    from fedforge.config import Config
+    from fedforge.experiment import run_experiment
+
+    handed = []
+    run = VectorizedEngine.run
+
+    def spied(self, *args):
+        for update in run(self, *args):
+            handed.append(type(update).__name__)
+            yield update
+
+    monkeypatch.setattr(VectorizedEngine, "run", spied)
+    config = Config(dataset="synthetic", num_clients=6, clients_per_round=4, model="mlp", batch_size=10, rounds=2,
+                    out_dir=str(tmp_path))
+    summed = run_experiment(config.replace(name="summed"), progress=False, verbose=False)
+    assert handed == ["CombinedUpdate"] * 2  # one chunk a round
+    handed.clear()
+    tracker = ClientsTracker()
+    each = run_experiment(config.replace(name="each"), progress=False, verbose=False, trackers=[tracker])
+    assert handed == ["ClientUpdate"] * 8
+    assert [sorted(c) for c in tracker.clients] == [[], *[sorted(r.clients) for r in each.history.records[1:]]]
+    for a, b in zip(summed.history.records[1:], each.history.records[1:]):  # round 0: the initial model
+        assert a.clients == b.clients and a.test_loss == pytest.approx(b.test_loss, rel=1e-5)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-6)
+
+
 def test_schedule_holds_each_clients_sequential_batches():
     data = blobs(50)
     sizes = [7, 20, 1, 22]
