@@ -24,8 +24,9 @@ class ClientTask:
     `summable` says that the round loop needs this client's update only as part of the round's
     weighted mean (the strategy is linear, and no later stage transforms the update on its own):
     an engine may then send it folded with others into one `CombinedUpdate` (the Ray engine does,
-    one per worker, its workers' vectorized engines summing each chunk in one pass:
-    `VectorizedEngine(combine=True)`); in-process engines ignore it by default.
+    one per worker; `VectorizedEngine(combine=True)` sums each chunk of them in one pass, in
+    Ray's workers and in `fedforge run` when no tracker asks for each client); other engines, and
+    the vectorized engine by default, hand back each update.
     """
 
     client_id: int

@@ -41,8 +41,8 @@ from ..client import epoch_orders, finish_update
 from ..contract import ClientConfig, ClientUpdate
 from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args, tree_map
 from ..evaluation import evaluate
-from ..strategies.base import CombinedUpdate
 from ..optim import LocalTerms, OptimizerState, State
+from ..strategies.base import CombinedUpdate
 from .base import ClientTask
 from .sequential import SequentialEngine
 
@@ -156,7 +156,7 @@ class VectorizedEngine:
         for first in range(0, len(tasks), size):
             chunk = tasks[first:first + size]
             try:
-                # Trains the whole chunk now; the updates are then handed out one by one.
+                # Trains the whole chunk now; its updates (or their sum) are then handed out.
                 trained = kernel(model, global_state, chunk, config)
             except _Mixed:
                 yield from SequentialEngine().run(model, global_state, chunk, config)
@@ -410,7 +410,7 @@ def _updates(model: nn.Module, tasks: Sequence[ClientTask], chunk: _Chunk, globa
                             optimizer_state=trained.state.client(pos) if task.keep_optimizer_state else None)
 
 
-def _mlp_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
+def _mlp_chunk(model, global_state, tasks, config) -> _Chunk:
     layout = fastmlp.mlp_layout(model)
     source, starts = _shared_source(tasks)
     schedule = build_schedule(tasks, starts, config)
@@ -435,7 +435,7 @@ def _runs(sizes: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
-def _func_chunk(model, global_state, tasks, config) -> Iterator[ClientUpdate]:
+def _func_chunk(model, global_state, tasks, config) -> _Chunk:
     task, rule = config.task, config.rule
     source, starts = _shared_source(tasks)
     schedule = build_schedule(tasks, starts, config)
