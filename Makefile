@@ -9,13 +9,11 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install data browser run test bench clean
 
-# --no-compile: Python compiles what is imported, when it is first imported; compiling every file
-# of torch, Ray and MLflow at install took 55 of the install's 107 s (measured on a fresh venv).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --no-compile $(TORCH)
-	$(BIN)/pip install -q --no-compile -e '.[test]'
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
