@@ -48,7 +48,7 @@ from ..contract import ClientConfig, ClientPlan, ClientUpdate, OptimizerState, S
 from ..data.datasets import TensorData, leaves
 from ..errors import ConfigError, FedforgeError
 from ..scenarios import Scenario
-from ..strategies.base import combine_updates
+from ..strategies.base import CombinedUpdate, combine_updates
 from . import IN_PROCESS_ENGINES
 from .base import ClientTask
 
@@ -273,8 +273,8 @@ class _Worker:
 
         def summed(updates: Iterator[ClientUpdate]) -> Iterator[ClientUpdate]:
             # Running sum: the worker holds one model-sized buffer for all its summable clients.
-            for update in updates:  # a CombinedUpdate (client -1): the engine summed summable clients
-                if update.client_id < 0 or summable[update.client_id]:
+            for update in updates:  # a CombinedUpdate: the engine summed summable clients itself
+                if isinstance(update, CombinedUpdate) or summable[update.client_id]:
                     yield update
                 else:
                     own.append(_sent(update))

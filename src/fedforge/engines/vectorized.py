@@ -42,7 +42,7 @@ from ..contract import ClientConfig, ClientUpdate
 from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args, tree_map
 from ..evaluation import evaluate
 from ..optim import LocalTerms, OptimizerState, State
-from ..strategies.base import CombinedUpdate
+from ..strategies.base import CombinedUpdate, example_weighted
 from .base import ClientTask
 from .sequential import SequentialEngine
 
@@ -360,12 +360,8 @@ def _combined(tasks: Sequence[ClientTask], chunk: _Chunk, global_state: State,
     sums = {name: v.tolist() for name, v in chunk.trained.sums.items()}
     examples = [len(tasks[i].data) for i in schedule.stack_order]
     total = sum(examples)
-    metrics: dict[str, float] = {}
-    for pos, n in enumerate(examples):
-        for name, value in config.task.summarize({k: v[pos] for k, v in sums.items()}, chunk.units[pos]).items():
-            if value is not None:
-                metrics[name] = metrics.get(name, 0.0) + value * n
-    metrics = {name: value / total for name, value in metrics.items()}
+    metrics = example_weighted((config.task.summarize({k: v[pos] for k, v in sums.items()}, chunk.units[pos]), n)
+                               for pos, n in enumerate(examples))
     if not (total and math.isfinite(metrics.get("loss", math.nan))):
         return None
     device = next(iter(params.values())).device

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -165,27 +165,38 @@ class CombinedUpdate(ClientUpdate):
     unclipped: int | None = None
 
 
+def example_weighted(metrics: Iterable[tuple[Mapping[str, float | None], int]]) -> dict[str, float]:
+    """Each metric's mean over clients weighted by their examples, from (a client's training
+    metrics, its examples): the same metrics, with the same weights, as the round loop's tally
+    takes from each update (a metric a client has as None adds nothing; the weights are all the
+    clients' examples)."""
+    sums: dict[str, float] = {}
+    examples = 0
+    for values, n in metrics:
+        examples += n
+        for name, value in values.items():
+            if value is not None:
+                sums[name] = sums.get(name, 0.0) + value * n
+    return {name: total / examples for name, total in sums.items()} if examples else {}
+
+
 def combine_updates(updates: Iterable[ClientUpdate]) -> CombinedUpdate | None:
     """The updates as one CombinedUpdate (None when there are none): what an engine that trains
     clients far from the server (Ray) sends back instead of each update when the round loop allows
     it (`ClientTask.summable`), so that one model-sized message travels per worker, not per client."""
     acc = RunningMean()
     examples = steps = 0
-    sums: dict[str, float] = {}
+    weighted: list[tuple[Mapping[str, float | None], int]] = []
     ids: list[int] = []
     for update in updates:
         acc.add(update.delta, float(update.num_examples))
         examples += update.num_examples
         steps += update.num_steps
         ids.extend(getattr(update, "client_ids", None) or (update.client_id,))
-        # The same metrics, with the same weights, as the round loop's tally takes from each update.
-        metrics = update.training_metrics()
-        for name, value in metrics.items():
-            if value is not None:
-                sums[name] = sums.get(name, 0.0) + value * update.num_examples
+        weighted.append((update.training_metrics(), update.num_examples))
     if acc.count == 0:
         return None
-    metrics = {name: total / examples for name, total in sums.items()} if examples else {}
+    metrics = example_weighted(weighted)
     return CombinedUpdate(-1, acc.mean(), examples, steps, metrics.get("loss", float("nan")),
                           metrics.get("accuracy"), metrics=metrics, client_ids=tuple(ids))
 
