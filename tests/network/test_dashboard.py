@@ -6,7 +6,10 @@ import json
 import logging
 import queue
 import re
+import select
+import socket
 import ssl
+import threading
 import http.client
 import time
 import types
@@ -26,6 +29,7 @@ from fedforge.experiment import run_experiment
 from fedforge.errors import ConfigError
 from fedforge.history import History, RoundRecord
 from fedforge.network.certs import make_certificates
+from fedforge.network import httpd
 from fedforge.network.dashboard import Dashboard, DashboardSettings, report_page
 from fedforge.network.hub import Event, EventKind, Session
 from fedforge.network.wire import Kind, Message, decode, encode
@@ -367,3 +371,181 @@ def test_the_server_tracks_its_rounds_in_tensorboard(deployment):
     assert len(tracked) >= 3 and all(tracked[r["round"]] == pytest.approx(r["test_accuracy"]) for r in history
                                      if r["round"] in tracked)
     assert all(e.value > 0 for e in accumulator.Scalars("bytes_up"))
+
+
+# -- slow connections (slow loris) ---------------------------------------------------------------
+
+DEADLINE = httpd.DEADLINE  # seconds from accept to the end of the answer: the request, TLS included
+
+
+class SlowClients:
+    """`count` connections to 127.0.0.1:`port` (opened one after another), each sending one byte of
+    `payload` every `every` seconds on a thread of its own; it records when each was closed by the
+    server and what it was told."""
+
+    def __init__(self, port: int, count: int, payload: bytes, every: float = 3.0):
+        self.payload, self.every = payload, every
+        self.sockets, self.opened = [], []
+        for _ in range(count):
+            self.sockets.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            self.opened.append(time.monotonic())
+        self.closed: list[float | None] = [None] * count
+        self.told = [b""] * count
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._dribble, daemon=True)
+        self._thread.start()
+
+    def _dribble(self) -> None:
+        sent = [0] * len(self.sockets)
+        due = [0.0] * len(self.sockets)
+        while not self._stop.is_set() and None in self.closed:
+            open_ = [i for i, c in enumerate(self.closed) if c is None]
+            readable, _, _ = select.select([self.sockets[i] for i in open_], [], [], 0.05)
+            now = time.monotonic()
+            for i in open_:
+                s = self.sockets[i]
+                try:
+                    if s in readable:
+                        data = s.recv(4096)
+                        self.told[i] += data
+                        if not data:
+                            self.closed[i] = now
+                            continue
+                    if now >= due[i] and sent[i] < len(self.payload):
+                        s.send(self.payload[sent[i]:sent[i] + 1])
+                        sent[i], due[i] = sent[i] + 1, now + self.every
+                except OSError:  # reset by the server
+                    self.closed[i] = now
+
+    def wait_closed(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while None in self.closed and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for s in self.sockets:
+            s.close()
+
+
+def timed_get(url: str, context: ssl.SSLContext | None = None, **headers) -> tuple[float, int, bytes]:
+    """The seconds a GET took, its status and its body; a connection closed unanswered fails the test."""
+    start = time.monotonic()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60,
+                                    context=context) as response:
+            return time.monotonic() - start, response.status, response.read()
+    except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as e:
+        raise AssertionError(f"GET {url} was not answered after {time.monotonic() - start:.1f} s: {e!r}") from None
+
+
+def closed_after(slow: SlowClients) -> list[float]:
+    return [round(c - o, 2) for o, c in zip(slow.opened, slow.closed)]
+
+
+def test_slow_connections_are_closed_at_the_deadline_while_real_requests_are_served():
+    """32 connections from 127.0.0.1 that send a request one byte every 3 s (the same address as the
+    real client): GET /api/state and GET / are still answered within seconds while they are held, and
+    each is answered 408 and closed once DEADLINE seconds have passed since it connected (never
+    earlier, and not by a per-read timeout: a byte comes every 3 s)."""
+    config = Config.load(None, {"name": "t", "dataset": "synthetic"})
+    board = Dashboard(DashboardSettings(0), tls=None)
+    url = board.start(config, fake_sessions)
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    slow = SlowClients(port, 32, b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    try:
+        latencies = []
+        while time.monotonic() < slow.opened[-1] + DEADLINE - 2 and len(latencies) < 10:
+            for path in ("api/state", ""):
+                seconds, status, body = timed_get(url + path)
+                assert status == 200 and body
+                latencies.append(seconds)
+            time.sleep(0.2)
+        assert slow.closed == [None] * 32 and len(latencies) >= 2  # all still held while those were answered
+        assert max(latencies) < 5, latencies
+        slow.wait_closed(DEADLINE + 60)
+        after = closed_after(slow)
+        assert all(DEADLINE - 0.5 <= a <= DEADLINE + 30 for a in after), after
+        assert all(t.startswith(b"HTTP/1.0 408 ") for t in slow.told), set(slow.told)
+    finally:
+        slow.close()
+        board.stop()
+
+
+def test_one_address_holds_at_most_its_share_and_the_newest_request_is_served():
+    """100 slow connections from 127.0.0.1: the oldest beyond the per-address limit are closed at once
+    (503), a real request from the same address is still answered, the rest end at the deadline (408)."""
+    config = Config.load(None, {"name": "t", "dataset": "synthetic"})
+    board = Dashboard(DashboardSettings(0), tls=None)
+    url = board.start(config, fake_sessions)
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    limit = httpd.MAX_PER_ADDRESS
+    slow = SlowClients(port, 100, b"GET / HTTP/1.1\r\n\r\n")
+    try:
+        seconds, status, _ = timed_get(url + "api/state")
+        assert status == 200 and seconds < 5
+        slow.wait_closed(DEADLINE + 60)
+        evicted = [i for i, t in enumerate(slow.told) if t.startswith(b"HTTP/1.0 503 ")]
+        expired = [i for i, t in enumerate(slow.told) if t.startswith(b"HTTP/1.0 408 ")]
+        assert len(evicted) + len(expired) == 100 and len(expired) <= limit and evicted == list(range(len(evicted)))
+        after = closed_after(slow)
+        assert all(after[i] < DEADLINE - 1 for i in evicted) and all(after[i] >= DEADLINE - 0.5 for i in expired)
+    finally:
+        slow.close()
+        board.stop()
+
+
+def test_a_slow_tls_handshake_is_under_the_same_deadline(tmp_path):
+    """32 connections dribbling a real TLS ClientHello one byte every 3 s to an HTTPS dashboard:
+    a real HTTPS request is answered meanwhile, and each is closed at the deadline."""
+    paths = make_certificates(tmp_path, ["127.0.0.1"])
+    config = Config.load(None, {"name": "t", "dataset": "synthetic"})
+    board = Dashboard(DashboardSettings(0, "0.0.0.0", TOKEN),
+                      tls=(paths["key"].read_bytes(), paths["cert"].read_bytes()))
+    url = board.start(config, fake_sessions)
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_side=False,
+                                                  server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        hello.do_handshake()
+    slow = SlowClients(port, 32, outgoing.read())
+    try:
+        context = ssl.create_default_context(cafile=str(paths["ca"]))
+        seconds, status, body = timed_get(f"https://127.0.0.1:{port}/api/state", context,
+                                          Authorization=f"Bearer {TOKEN}")
+        assert status == 200 and json.loads(body)["run"]["name"] == "t" and seconds < 5
+        assert slow.closed == [None] * 32
+        slow.wait_closed(DEADLINE + 60)
+        after = closed_after(slow)
+        assert all(DEADLINE - 0.5 <= a <= DEADLINE + 30 for a in after), after
+        assert slow.told == [b""] * 32  # no plaintext answer inside a TLS handshake
+    finally:
+        slow.close()
+        board.stop()
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\n" + b"X-Long: " + b"b" * 17000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
+    (b"GET /\r\n\r\n", 400),
+    (b"GET / SPDY/3\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),
+])
+def test_oversized_or_malformed_requests_get_one_status_and_are_closed(request_bytes, status):
+    config = Config.load(None, {"name": "t", "dataset": "synthetic"})
+    board = Dashboard(DashboardSettings(0), tls=None)
+    url = board.start(config, fake_sessions)
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(request_bytes)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(f"HTTP/1.0 {status} ".encode()), answer[:200]
+        assert get(url + "api/state")[0] == 200  # and the server goes on
+    finally:
+        board.stop()
