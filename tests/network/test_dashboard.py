@@ -554,3 +554,9 @@ def test_oversized_or_malformed_requests_get_one_status_and_are_closed(loopback_
             answer += chunk
     assert answer.startswith(f"HTTP/1.0 {status} ".encode()), answer[:200]
     assert get(url + "api/state")[0] == 200  # and the server goes on
+
+
+def test_the_per_address_limit_counts_an_ipv6_64_as_one_address():
+    key = httpd._key
+    assert key("2001:db8::1") == key("2001:db8::ffff:1") == key("2001:db8::1%eth0") != key("2001:db8:0:1::1")
+    assert key("::ffff:127.0.0.1") == key("127.0.0.1") == "127.0.0.1" != key("127.0.0.2")

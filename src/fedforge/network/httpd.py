@@ -121,8 +121,8 @@ class Server:
     `handle`, over TLS when `context` is given; `start` runs it on a daemon thread, `stop` ends it."""
 
     def __init__(self, address: tuple[str, int], handle: Callable[[Request], Response], *,
-                 context: ssl.SSLContext | None = None, server_name: str = "fedforge"):
-        self._handle, self._context, self._name = handle, context, server_name
+                 context: ssl.SSLContext | None = None):
+        self._handle, self._context = handle, context
         listener = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
         try:  # no SO_REUSEADDR: a port in use is an error, never shared
             listener.bind(address)
@@ -163,14 +163,14 @@ class Server:
                 oldest = next(iter(self._connections.values()), None)
                 timeout = None if oldest is None else max(0.0, oldest.accepted + DEADLINE - time.monotonic())
                 accept = False
-                for key, mask in self._selector.select(timeout):
+                for key, _ in self._selector.select(timeout):
                     if key.data == "accept":
                         accept = True
                     elif key.data == "wake":
                         self._wake_read.recv(64)
                     elif key.data.sock in self._connections:  # not closed by an earlier event of this turn
                         try:
-                            self._step(key.data, mask)
+                            self._step(key.data)
                         except Exception:  # a bug here must not end the loop that serves everyone
                             log.exception("dashboard: serving %s failed", key.data.peer)
                             if key.data.sock in self._connections:
@@ -238,7 +238,8 @@ class Server:
         self._wake_read.close()
 
     # -- one connection --------------------------------------------------------------------------
-    def _step(self, connection: _Connection, mask: int) -> None:
+    def _step(self, connection: _Connection) -> None:
+        """Take `connection` as far as it can go now: handshake, request, answer, drain."""
         if connection.stage == "handshake":
             try:
                 connection.sock.do_handshake()
@@ -298,16 +299,9 @@ class Server:
 
     def _answer(self, connection: _Connection, response: Response, *, head_only: bool = False) -> None:
         connection.inbox = b""
-        connection.outbox = memoryview(self._encode(response, head_only=head_only))
+        connection.outbox = memoryview(_encode(response, head_only=head_only))
         connection.stage = "answer"
         self._write(connection)
-
-    def _encode(self, response: Response, *, head_only: bool = False) -> bytes:
-        status = HTTPStatus(response.status)
-        headers = {"Server": self._name, "Date": formatdate(usegmt=True), "Connection": "close",
-                   **response.headers, "Content-Length": str(len(response.body))}
-        head = f"HTTP/1.0 {status.value} {status.phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        return (head + "\r\n").encode("latin-1") + (b"" if head_only else response.body)
 
     def _write(self, connection: _Connection) -> None:
         while connection.outbox:
@@ -338,7 +332,7 @@ class Server:
         """Close `connection`; tell it `status` first where it waits for an answer (best effort: never blocks)."""
         if status is not None and connection.stage == "request":
             try:
-                connection.sock.send(self._encode(_status(status)))
+                connection.sock.send(_encode(_status(status)))
             except OSError:
                 pass
         log.debug("dashboard: %s %s", connection.peer, why)
@@ -348,6 +342,14 @@ class Server:
         self._per_key[connection.key] -= 1
         if not self._per_key[connection.key]:
             del self._per_key[connection.key]
+
+
+def _encode(response: Response, *, head_only: bool = False) -> bytes:
+    status = HTTPStatus(response.status)
+    headers = {"Server": "fedforge", "Date": formatdate(usegmt=True), "Connection": "close",
+               **response.headers, "Content-Length": str(len(response.body))}
+    head = f"HTTP/1.0 {status.value} {status.phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (head + "\r\n").encode("latin-1") + (b"" if head_only else response.body)
 
 
 def _status(status: HTTPStatus) -> Response:
