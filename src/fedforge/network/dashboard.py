@@ -1,7 +1,7 @@
 """The deployment server's live dashboard: one read-only page, served by the server process itself.
 
-`fedforge server --dashboard PORT` serves, with the standard library's HTTP server on a thread
-of its own, two things and nothing else (any other path or method: 404):
+`fedforge server --dashboard PORT` serves, with the standard library only (httpd.py: one thread, a
+`selectors` loop), two things and nothing else (any other path or method: 404):
 
     GET /            the page: HTML, CSS and JavaScript inline (it loads nothing else, so it works
                      offline), which fetches /api/state every second and redraws without reloading
@@ -17,8 +17,12 @@ times and a few numbers per round: never a secret, a token or a tensor.
 Binding: 127.0.0.1 (plain HTTP) unless told otherwise; an address that is not loopback only with
 HTTPS (the server's own certificate and key) and a token, which every request must carry (`Authorization:
 Bearer TOKEN`, or `?token=TOKEN`, which the page passes on to its requests); a request without it
-gets 401 and no detail. Request lines and headers are bounded by http.server, bodies are never
-read, a connection is closed after one request or 10 s, and at most 32 are served at a time.
+gets 401 and no detail. Slow or idle connections cannot lock it (httpd.py has the details): each
+connection gets one request and is closed 10 s after its accept at the latest, TLS handshake
+included (408 if its request is not complete by then, however steadily its bytes come); at most
+64 are held from one address and 256 in all, a new one over either limit closing the oldest (503),
+so a real request is answered even from the address of a flood (on loopback, every client's); a
+request line is at most 8 KiB (414), the head 16 KiB and 100 header lines (431); bodies are never read.
 
 `report_page(run_dir)`: the same page for a finished run, its history embedded, nothing fetched.
 """
@@ -33,7 +37,6 @@ import json
 import logging
 import math
 import os
-import socket
 import ssl
 import tempfile
 import threading
@@ -41,19 +44,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ConfigError
 from ..history import History, RoundRecord
+from .httpd import Request, Response, Server
 
 log = logging.getLogger("fedforge.dashboard")
 
 MAX_LOG_LINES = 200  # warnings kept for the page
 MAX_LINE = 500  # characters of one
-MAX_CONNECTIONS = 32
-SOCKET_TIMEOUT = 10.0  # seconds a connection may take to send its request
 
 
 @dataclass(frozen=True)
@@ -214,8 +215,7 @@ class Dashboard:
         self.tracker = _RoundTracker(self.state)
         self._context = None if _loopback(settings.address) else _tls_context(*tls)  # check: tls is given
         self._tap = _LogTap(self.state)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: Server | None = None
 
     def start(self, config, clients: Callable[[], Sequence], *, history: Path | None = None) -> str:
         """Listen for the run `config` (resolved and named), with `clients` giving the connected
@@ -225,28 +225,22 @@ class Dashboard:
         if history is not None and history.exists():
             for record in History.from_json(history.read_text()).records:
                 self.state.record(record)
-        host = self.settings.address
-        server_class = _Server6 if ":" in host else _Server
+        host, token = self.settings.address, self.settings.token
         try:
-            self._server = server_class((host, self.settings.port), _Handler)
+            self._server = Server((host, self.settings.port), lambda request: _answer(self.state, token, request),
+                                  context=self._context)
         except OSError as e:
             raise ConfigError(f"cannot serve the dashboard on {host}:{self.settings.port}: "
                               f"{e.strerror or e}") from None
-        self._server.state, self._server.token, self._server.context = self.state, self.settings.token, self._context
         logging.getLogger("fedforge.server").addHandler(self._tap)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="fedforge-dashboard", daemon=True)
-        self._thread.start()
-        port = self._server.server_address[1]
+        self._server.start()
         shown = f"[{host}]" if ":" in host else host
-        return f"{'https' if self._context else 'http'}://{shown}:{port}/"
+        return f"{'https' if self._context else 'http'}://{shown}:{self._server.port}/"
 
     def stop(self) -> None:
         logging.getLogger("fedforge.server").removeHandler(self._tap)
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(5)
+            self._server.stop()
             self._server = None
 
 
@@ -266,95 +260,31 @@ def _tls_context(key: bytes, cert: bytes) -> ssl.SSLContext:
     return context
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = False  # a port in use is an error, never shared
-    allow_reuse_port = False
-    state: DashboardState
-    token: str | None
-    context: ssl.SSLContext | None
-
-    def __init__(self, *args, **kwargs):
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        super().__init__(*args, **kwargs)
-
-    def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):  # too many at once: closed unanswered
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def get_request(self):
-        sock, address = super().get_request()
-        if self.context is not None:  # the handshake on the request's thread, not this accepting one
-            sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, address
-
-    def handle_error(self, request, client_address) -> None:
-        log.debug("dashboard: a request from %s failed", client_address[0], exc_info=True)
+def _answer(state: DashboardState, token: str | None, request: Request) -> Response:
+    """The answer to one request (on the server's loop thread): the page, the state, 401 or 404."""
+    url = urlsplit(request.target)
+    if not _authorized(token, request.headers.get("authorization", ""), url.query):
+        return _response(401, b"", "text/plain", {"WWW-Authenticate": "Bearer"})
+    if request.method == "GET" and url.path == "/":
+        return _response(200, PAGE.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": CSP})
+    if request.method == "GET" and url.path == "/api/state":
+        return _response(200, json.dumps(state.snapshot(), allow_nan=False).encode(), "application/json")
+    return _response(404, b"not found\n", "text/plain")  # any other path or method
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+def _authorized(token: str | None, authorization: str, query: str) -> bool:
+    if token is None:
+        return True
+    given = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else None
+    if given is None:
+        given = (parse_qs(query).get("token") or [""])[0]
+    return hmac.compare_digest(given.encode(), token.encode())
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "fedforge"
-    sys_version = ""
-    protocol_version = "HTTP/1.0"  # one request per connection
-    timeout = SOCKET_TIMEOUT
-
-    def setup(self) -> None:
-        super().setup()
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        url = urlsplit(self.path)
-        if not self._authorized(url.query):
-            self._send(401, b"", "text/plain", {"WWW-Authenticate": "Bearer"})
-        elif url.path == "/":
-            self._send(200, PAGE.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": CSP})
-        elif url.path == "/api/state":
-            body = json.dumps(self.server.state.snapshot(), allow_nan=False).encode()
-            self._send(200, body, "application/json")
-        else:
-            self._send(404, b"not found\n", "text/plain")
-
-    def __getattr__(self, name: str):
-        if name.startswith("do_"):  # any other method: the same 404 as an unknown path
-            return lambda: self._send(404, b"not found\n", "text/plain")
-        raise AttributeError(name)
-
-    def _authorized(self, query: str) -> bool:
-        token = self.server.token
-        if token is None:
-            return True
-        given = self.headers.get("Authorization", "")
-        given = given[len("Bearer "):] if given.startswith("Bearer ") else None
-        if given is None:
-            given = (parse_qs(query).get("token") or [""])[0]
-        return hmac.compare_digest(given.encode(), token.encode())
-
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
-        self.send_response(status)
-        for name, value in {"Content-Type": content_type, "Content-Length": str(len(body)),
-                            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-                            "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY", **(headers or {})}.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
-        log.debug("dashboard: %s " + format, self.address_string(), *args)
+def _response(status: int, body: bytes, content_type: str, headers: dict | None = None) -> Response:
+    return Response(status, body, {"Content-Type": content_type, "Cache-Control": "no-store",
+                                   "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                                   "X-Frame-Options": "DENY", **(headers or {})})
 
 
 # -- the page ------------------------------------------------------------------------------------
