@@ -80,7 +80,9 @@ def test_a_server_that_asks_for_no_noise_or_no_clip_gets_what_it_asks(scripted):
 
 @pytest.mark.parametrize(("plan", "message"), [
     ({"clip": 1e30, "noise_multiplier": 1.0}, "the server asked for a clip bound of 1e+30"),
+    ({"clip": 0.0, "noise_multiplier": 1.0}, "the server asked for a clip bound of 0.0"),
     ({"clip": 1.0, "noise_multiplier": -1.0}, "the server asked for a noise multiplier of -1.0"),
+    ({"clip": 1.0, "noise_multiplier": 1e6}, "the server asked for a noise multiplier of 1000000.0"),
 ])
 def test_a_clip_bound_or_noise_multiplier_out_of_range_is_refused(scripted, plan, message):
     hub, client = scripted
