@@ -91,8 +91,8 @@ def main():
                     print(f"task {message.header['task']}", flush=True)
                     mode = modes.pop(0) if modes else "hang"
                     if mode == "norm":
-                        torch.save({k[len("global/"):]: v for k, v in message.tensors.items() if k.startswith("global/")},
-                                   f"stub-{client_id}-task-{message.header['task']}.pt")
+                        model = {k[len("global/"):]: v for k, v in message.tensors.items() if k.startswith("global/")}
+                        torch.save(model, f"stub-{client_id}-task-{message.header['task']}.pt")
                     if mode == "reconnect":
                         break
                     if mode == "hang":

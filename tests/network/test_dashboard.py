@@ -217,8 +217,7 @@ def test_arrivals_refusals_and_epsilon_reach_the_state(tmp_path):
 def test_an_update_the_privacy_stage_clipped_reaches_the_log(tmp_path):
     """Under --dp local, the server's privacy stage clips an update of norm 10^6 to what an honest
     one stays within; its warning is on the page with the server's refusals."""
-    from fedforge.privacy import PrivacyConfig, PrivacyState, privatize
-    from fedforge.privacy.mechanism import local_bound
+    from fedforge.privacy import PrivacyConfig, PrivacyState, local_bound, privatize
 
     config = Config(dataset="synthetic", num_clients=3, clients_per_round=3, model="logreg", batch_size=10,
                     rounds=1, out_dir=str(tmp_path), name="net")

@@ -306,7 +306,7 @@ def test_an_update_of_norm_a_million_moves_the_model_by_at_most_an_honest_client
     client: C), so each round moves the model by at most the bound of three honest updates (plus,
     in client mode, the server's noise), counts it in `over_bound` and logs it; the honest
     clients' updates are never clipped."""
-    from fedforge.privacy.mechanism import local_bound
+    from fedforge.privacy import local_bound
 
     z, clip, m = 0.5, 0.5, 3
     flags = ["--rounds", "2", "--dp", mode, "--noise-multiplier", str(z), "--clip", str(clip), "--delta", "0.01"]

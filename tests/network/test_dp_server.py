@@ -16,8 +16,7 @@ from fedforge.models import build_model
 from fedforge.network.auth import load_tokens
 from fedforge.network.hub import EventKind, Hub
 from fedforge.network.wire import Kind, Message, decode, encode
-from fedforge.privacy import l2_norm
-from fedforge.privacy.mechanism import local_bound
+from fedforge.privacy import l2_norm, local_bound
 
 CONFIG = Config(dataset="synthetic", num_clients=3, clients_per_round=3, model="logreg", batch_size=10, name="net")
 

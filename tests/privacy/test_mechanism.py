@@ -6,9 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from fedforge.errors import ConfigError
-from fedforge.privacy import PrivacyConfig, add_noise, clip_delta, l2_norm, secure_generator
+from fedforge.privacy import HONEST_TAIL, PrivacyConfig, add_noise, clip_delta, l2_norm, local_bound, secure_generator
 
 
 def test_clip_hand_computed():
@@ -86,10 +87,6 @@ def test_clip_of_zero_norm_and_no_float_entries():
 
 @pytest.mark.parametrize("size", [1, 610, 100_000])
 def test_local_bound_is_the_chi_square_tail_it_documents(size):
-    from scipy import stats
-
-    from fedforge.privacy.mechanism import HONEST_TAIL, local_bound
-
     z, clip = 0.7, 2.0
     bound = local_bound(clip, z, size)
     # The noise's norm past bound - C: the exact chi-square tail is below e^-x = 1e-9 (Laurent-Massart) ...
@@ -102,8 +99,6 @@ def test_local_bound_is_the_chi_square_tail_it_documents(size):
 
 
 def test_honest_local_updates_stay_within_a_looser_local_bound_as_often_as_it_says():
-    from fedforge.privacy.mechanism import local_bound
-
     # Clipped to C, noised with std z C: at x = 2 the bound may be passed with probability <= e^-2 = 0.135.
     z, clip, size, draws = 0.5, 1.0, 50, 20_000
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,8 @@ from scipy import stats
 
 from fedforge.client import ClientUpdate
 from fedforge.errors import ConfigError
-from fedforge.privacy import PrivacyConfig, PrivacyState, check_strategy, clip_delta, l2_norm, privatize
+from fedforge.privacy import (PrivacyConfig, PrivacyState, check_strategy, clip_delta, l2_norm, local_bound,
+                              privatize)
 from fedforge.privacy.stage import privatize_update
 
 
@@ -154,8 +155,6 @@ def test_the_server_clips_an_update_above_what_an_honest_client_sends():
     """Local mode: a hostile client's update of norm 10^6 moves the sum by at most `local_bound`
     (not 10^6); client mode: one its client did not clip moves it by at most C. Honest updates
     pass untouched, and only the hostile one is counted."""
-    from fedforge.privacy.mechanism import local_bound
-
     z, clip, m, size = 0.5, 1.0, 3.0, 610
     like = {"w": torch.zeros(size), "n": torch.tensor(0)}
     raw = [update(i, w=torch.ones(size) * 10, n=torch.tensor(3)) for i in range(2)]
