@@ -6,9 +6,11 @@ Each MODE answers one task: "hang" (never answer), "shape" (a delta of the wrong
 "oversized" (a message past --max-message-mb), "late" (an update for another task), "many" (a
 claim of 10**18 examples with a large delta), "huge" (10**400 examples, bytes written by hand
 past the encoder's checks), "steps" (a step count its task does not give), "loss" (a training
-loss of 1e308), "zero" (a well-formed update of zeros), "twice" (that update, sent two times), "reconnect" (open a new session and
-leave the old one open and silent). It prints "task N" when a task arrives, so a test can kill
-it mid-round.
+loss of 1e308), "zero" (a well-formed update of zeros), "twice" (that update, sent two times), "norm" (a
+well-formed update of L2 norm 10**6, neither clipped nor noised; the global model of its task is
+saved as stub-CLIENT_ID-task-N.pt, so a test can see how far each round moved it), "reconnect"
+(open a new session and leave the old one open and silent). It prints "task N" when a task
+arrives, so a test can kill it mid-round.
 """
 
 import queue
@@ -47,6 +49,9 @@ def bad_update(mode, task, config):
         header["num_steps"] = steps + 1
     elif mode == "loss":
         header["train_loss"] = 1e308
+    elif mode == "norm":
+        size = sum(v.numel() for v in delta.values())
+        delta = {k: torch.full_like(v, 1e6 / size**0.5) for k, v in delta.items()}
     data = encode(Message(Kind.UPDATE, header, {f"delta/{k}": v for k, v in delta.items()}))
     if mode == "huge":
         data = _with_header_number(data, "num_examples", "1" + "0" * 400)
@@ -85,6 +90,9 @@ def main():
                 elif message.kind == Kind.TASK:
                     print(f"task {message.header['task']}", flush=True)
                     mode = modes.pop(0) if modes else "hang"
+                    if mode == "norm":
+                        model = {k[len("global/"):]: v for k, v in message.tensors.items() if k.startswith("global/")}
+                        torch.save(model, f"stub-{client_id}-task-{message.header['task']}.pt")
                     if mode == "reconnect":
                         break
                     if mode == "hang":

@@ -23,6 +23,7 @@ import torch
 from browser import CHROMIUM, Browser
 from cluster import BASE, Cluster
 from fedforge.cli import main as fedforge
+from fedforge.client import ClientUpdate
 from fedforge.config import Config
 from fedforge.contract import ClientPlan
 from fedforge.engines.network import NetworkEngine
@@ -216,6 +217,27 @@ def test_arrivals_refusals_and_epsilon_reach_the_state(tmp_path):
                                                         f"infinite values" for t in (1, 2)]
     logging.getLogger("fedforge.server").warning("after the run")  # the dashboard no longer listens to the log
     assert len(board.state.snapshot()["log"]) == 2
+
+
+def test_an_update_the_privacy_stage_clipped_reaches_the_log(tmp_path):
+    """Under --dp local, the server's privacy stage clips an update of norm 10^6 to what an honest
+    one stays within; its warning is on the page with the server's refusals."""
+    from fedforge.privacy import PrivacyConfig, PrivacyState, local_bound, privatize
+
+    config = Config(dataset="synthetic", num_clients=3, clients_per_round=3, model="logreg", batch_size=10,
+                    rounds=1, out_dir=str(tmp_path), name="net")
+    mechanism = PrivacyConfig(noise_multiplier=0.5, expected_clients=3, mode="local", clip=0.5)
+    hostile = ClientUpdate(2, {"w": torch.full((100,), 1e5)}, 10, 1, 1.0, None)
+    board = Dashboard(DashboardSettings(0), tls=None)
+    url = board.start(config, list)
+    try:
+        privatize([hostile], {"w": torch.zeros(100)}, PrivacyState(0.5), mechanism, torch.Generator())
+        now = state(url)
+    finally:
+        board.stop()
+    assert [line["message"] for line in now["log"]] == [
+        f"client 2 sent an update of norm 1e+06, above the {local_bound(0.5, 0.5, 100):.4g} an honest client's stays "
+        f"within under --dp local: clipped to it"]
 
 
 @pytest.fixture(scope="module")

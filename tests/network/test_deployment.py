@@ -294,5 +294,35 @@ def test_client_side_clipping_over_the_network_spends_the_simulations_epsilon(cl
     simulated_model(tmp_path, *flags)
     simulated = json.loads((tmp_path / "sim" / "sim" / "history.json").read_text())["rounds"]
     assert [r["metrics"]["epsilon"] for r in networked] == [r["metrics"]["epsilon"] for r in simulated]
+    assert all(r["metrics"]["over_bound"] == 0 for r in networked if r["round"] > 0)  # no honest update clipped
     assert 0 < networked[-1]["metrics"]["epsilon"] <= 3
     assert networked[-1]["test_loss"] != simulated[-1]["test_loss"]  # the server's noise is not the seed's
+
+
+@pytest.mark.parametrize("mode", ["local", "client"])
+def test_an_update_of_norm_a_million_moves_the_model_by_at_most_an_honest_clients_bound(cluster, tmp_path, mode):
+    """A hostile client sends a well-formed update of norm 10^6, neither clipped nor noised, in each
+    round. The server clips it to what an honest client's stays within (local: `local_bound`;
+    client: C), so each round moves the model by at most the bound of three honest updates (plus,
+    in client mode, the server's noise), counts it in `over_bound` and logs it; the honest
+    clients' updates are never clipped."""
+    from fedforge.privacy import local_bound
+
+    z, clip, m = 0.5, 0.5, 3
+    flags = ["--rounds", "2", "--dp", mode, "--noise-multiplier", str(z), "--clip", str(clip), "--delta", "0.01"]
+    server, port = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags)
+    honest = [cluster.client(i, port) for i in range(2)]
+    cluster.stub(2, port, "norm,norm")
+    assert server.wait(120) == 0, server.text()
+    assert all(c.wait(60) == 0 for c in honest)
+    models = [torch.load(tmp_path / f"stub-2-task-{t}.pt") for t in (1, 2)]
+    models.append(torch.load(tmp_path / "runs" / "net" / "model.pt"))
+    size = sum(v.numel() for v in models[0].values())
+    noise = local_bound(clip, z, size) - clip  # what the norm of N(0, (zC)^2 I_d) stays within (but w.p. 1e-9)
+    bound = local_bound(clip, z, size) if mode == "local" else (m * clip + noise) / m
+    for before, after in zip(models, models[1:]):
+        moved = torch.cat([(after[k] - before[k]).flatten() for k in before]).norm().item()
+        assert 0 < moved <= bound, (moved, bound)
+    rounds = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())["rounds"]
+    assert [r["metrics"]["over_bound"] for r in rounds if r["round"] > 0] == [1, 1]  # the stub's, no honest one
+    assert server.text().count("client 2 sent an update of norm 1e+06, above the") == 2

@@ -6,9 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from fedforge.errors import ConfigError
-from fedforge.privacy import PrivacyConfig, add_noise, clip_delta, l2_norm, secure_generator
+from fedforge.privacy import HONEST_TAIL, PrivacyConfig, add_noise, clip_delta, l2_norm, local_bound, secure_generator
 
 
 def test_clip_hand_computed():
@@ -82,3 +83,28 @@ def test_clip_of_zero_norm_and_no_float_entries():
     assert norm == 0.0 and torch.equal(zero["w"], torch.zeros(3))
     assert l2_norm({"n": torch.tensor(3)}) == 0.0
     assert math.isfinite(l2_norm({"w": torch.full((10,), 1e30)}))  # float64 accumulation
+
+
+@pytest.mark.parametrize("size", [1, 610, 100_000])
+def test_local_bound_is_the_chi_square_tail_it_documents(size):
+    z, clip = 0.7, 2.0
+    bound = local_bound(clip, z, size)
+    # The noise's norm past bound - C: the exact chi-square tail is below e^-x = 1e-9 (Laurent-Massart) ...
+    assert HONEST_TAIL == pytest.approx(math.log(1e9))
+    tail = stats.chi2.sf(((bound / clip - 1) / z) ** 2, size)
+    assert tail <= 1e-9
+    # ... and the bound is close to the exact 1e-9 quantile, so a hostile update gains little over an honest one.
+    exact = clip * (1 + z * math.sqrt(stats.chi2.isf(1e-9, size)))
+    assert bound / exact < (1.6 if size == 1 else 1.02)
+
+
+def test_honest_local_updates_stay_within_a_looser_local_bound_as_often_as_it_says():
+    # Clipped to C, noised with std z C: at x = 2 the bound may be passed with probability <= e^-2 = 0.135.
+    z, clip, size, draws = 0.5, 1.0, 50, 20_000
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(draws, size, generator=g, dtype=torch.float64)
+    clipped = raw / raw.norm(dim=1, keepdim=True) * clip
+    noised = clipped + torch.randn(draws, size, generator=g, dtype=torch.float64) * z * clip
+    over = float((noised.norm(dim=1) > local_bound(clip, z, size, tail=2.0)).double().mean())
+    assert over <= math.exp(-2)
+    assert float((noised.norm(dim=1) > local_bound(clip, z, size)).sum()) == 0

@@ -37,6 +37,14 @@ def test_the_global_model_moves_by_at_most_the_clip_bound(tmp_path, mode):
     assert moved(f"dp-{mode}", dp=mode, clip=0.25, noise_multiplier=1e-6) <= 0.25 * (1 + 1e-4)
 
 
+def test_the_server_clips_no_honest_local_update(tmp_path):
+    """--dp local: the server's bound on each update (`local_bound`, passed by an honest update
+    with probability 1e-9) leaves every honest update as it is, so the run is what it was without it."""
+    outcome = _run(tmp_path, "local", rounds=3, dp="local", noise_multiplier=0.5, clip=0.5)
+    records = [r for r in outcome.history.records if r.round > 0]
+    assert len(records) == 3 and all(r.metrics["over_bound"] == 0 for r in records)
+
+
 def test_the_run_stops_before_it_would_pass_its_budget(tmp_path):
     outcome = _run(tmp_path, "budget", rounds=50, dp="client", noise_multiplier=1.0, target_epsilon=2.0,
                    sampling="poisson", clip=0.5)

@@ -8,7 +8,8 @@ from scipy import stats
 
 from fedforge.client import ClientUpdate
 from fedforge.errors import ConfigError
-from fedforge.privacy import PrivacyConfig, PrivacyState, check_strategy, clip_delta, l2_norm, privatize
+from fedforge.privacy import (PrivacyConfig, PrivacyState, check_strategy, clip_delta, l2_norm, local_bound,
+                              privatize)
 from fedforge.privacy.stage import privatize_update
 
 
@@ -148,3 +149,25 @@ def test_same_noise_on_every_device():
         results.append((mean["w"].cpu(), state))
     torch.testing.assert_close(results[0][0], results[1][0])
     assert results[0][1].clip == pytest.approx(results[1][1].clip)
+
+
+def test_the_server_clips_an_update_above_what_an_honest_client_sends():
+    """Local mode: a hostile client's update of norm 10^6 moves the sum by at most `local_bound`
+    (not 10^6); client mode: one its client did not clip moves it by at most C. Honest updates
+    pass untouched, and only the hostile one is counted."""
+    z, clip, m, size = 0.5, 1.0, 3.0, 610
+    like = {"w": torch.zeros(size), "n": torch.tensor(0)}
+    raw = [update(i, w=torch.ones(size) * 10, n=torch.tensor(3)) for i in range(2)]
+    hostile = update(2, w=torch.full((size,), 1e6 / math.sqrt(size)), n=torch.tensor(0))
+    for mode, bound in [("local", local_bound(clip, z, size)), ("client", clip)]:
+        config = PrivacyConfig(noise_multiplier=z if mode == "local" else 0.0, expected_clients=m, mode=mode,
+                               clip=clip)
+        honest = [privatize_update(u, config, clip, torch.Generator().manual_seed(i)) for i, u in enumerate(raw)]
+        assert all(l2_norm(u.delta) <= bound for u in honest)
+        alone, _, honest_info = privatize(honest, like, PrivacyState(clip), config, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(alone["w"], sum(u.delta["w"] for u in honest) / m)  # nothing honest is clipped
+        mean, _, info = privatize([*honest, hostile], like, PrivacyState(clip), config,
+                                  torch.Generator().manual_seed(0))
+        assert l2_norm({"w": mean["w"] - alone["w"]}) <= bound / m
+        assert l2_norm({"w": mean["w"] - alone["w"]}) == pytest.approx(bound / m, rel=1e-5)
+        assert honest_info.over_bound == 0 and info.over_bound == 1 and info.num_updates == 3

@@ -11,7 +11,8 @@ The state is fed by the server as the run goes: the connected clients from the h
 connected since, last message), the current round from the network engine (a RoundWatcher: the
 clients it was sent to, the updates that arrived, those refused and why), each completed round's
 record from the round loop (through the tracker interface run_experiment already has) and the
-warnings of the "fedforge.server" logger (refusals, disconnections). It holds names, counts,
+warnings of the "fedforge.server" and "fedforge.privacy" loggers (refusals, disconnections, updates
+clipped for passing what an honest client's stays within). It holds names, counts,
 times and a few numbers per round: never a secret, a token or a tensor.
 
 Binding: 127.0.0.1 (plain HTTP) unless told otherwise; an address that is not loopback only with
@@ -52,6 +53,7 @@ from ..history import History, RoundRecord
 from .httpd import Request, Response, Server
 
 log = logging.getLogger("fedforge.dashboard")
+TAPPED = ("fedforge.server", "fedforge.privacy")  # the loggers whose warnings the page shows
 
 MAX_LOG_LINES = 200  # warnings kept for the page
 MAX_LINE = 500  # characters of one
@@ -232,13 +234,15 @@ class Dashboard:
         except OSError as e:
             raise ConfigError(f"cannot serve the dashboard on {host}:{self.settings.port}: "
                               f"{e.strerror or e}") from None
-        logging.getLogger("fedforge.server").addHandler(self._tap)
+        for name in TAPPED:
+            logging.getLogger(name).addHandler(self._tap)
         self._server.start()
         shown = f"[{host}]" if ":" in host else host
         return f"{'https' if self._context else 'http'}://{shown}:{self._server.port}/"
 
     def stop(self) -> None:
-        logging.getLogger("fedforge.server").removeHandler(self._tap)
+        for name in TAPPED:
+            logging.getLogger(name).removeHandler(self._tap)
         if self._server is not None:
             self._server.stop()
             self._server = None

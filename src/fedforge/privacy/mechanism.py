@@ -35,6 +35,8 @@ State = dict[str, torch.Tensor]
 MODES = ("central", "client", "local")
 # A clipped delta is scaled to just under C, so that rounding never takes its norm above C.
 _CLIP_MARGIN = 1e-6
+# x of `local_bound`: an honest local-DP update is over the bound with probability at most e^-x = 1e-9.
+HONEST_TAIL = 9 * math.log(10)
 
 
 def _finite(x) -> bool:
@@ -127,6 +129,18 @@ def clip_delta(delta: State, clip: float) -> tuple[State, float]:
         return dict(delta), norm
     factor = clip / norm * (1 - _CLIP_MARGIN)
     return {k: v * factor if v.is_floating_point() else v for k, v in delta.items()}, norm
+
+
+def local_bound(clip: float, noise_multiplier: float, size: int, tail: float = HONEST_TAIL) -> float:
+    """The norm an honest local-DP update stays within but with probability e^-tail (1e-9 by default).
+
+    Such an update is a delta clipped to C plus noise N(0, (zC)^2 I_d), d = `size` (the model's
+    float entries), so its norm is at most C + ||noise||, and ||noise||^2 / (zC)^2 is chi-square
+    with d degrees of freedom, which passes d + 2 sqrt(d x) + 2x with probability at most e^-x
+    (Laurent and Massart 2000, Lemma 1). The bound is C (1 + z sqrt(d + 2 sqrt(d x) + 2x)): the
+    server clips a local-DP update to it, so that one client moves the noised sum by no more than
+    an honest client could (and not, say, by a norm of 10^6)."""
+    return clip * (1 + noise_multiplier * math.sqrt(size + 2 * math.sqrt(size * tail) + 2 * tail))
 
 
 def gaussian_noise(like: State, std: float, generator: torch.Generator) -> State:

@@ -160,10 +160,14 @@ class PrivacyRun:
         return replace(strategy.apply_mean(state, mean), privacy=self.state())
 
     def metrics(self) -> dict[str, float]:
-        """For the round's record: epsilon spent so far (at the run's delta) and the clip bound."""
+        """For the round's record: epsilon spent so far (at the run's delta), the clip bound and, in
+        client and local modes, how many updates the server clipped for arriving above what an
+        honest client's stays within (`over_bound`)."""
         stats = self.last
         values = {"epsilon": self.epsilon(), "clip": stats.clip if stats else self.clip.clip,
                   "noise_multiplier": self.noise_multiplier}
+        if stats is not None and self.settings.mode != "central":
+            values["over_bound"] = float(stats.over_bound)
         if stats is not None and stats.unclipped_estimate is not None:
             values["unclipped"] = stats.unclipped_estimate
         return values

@@ -7,10 +7,15 @@ its optimizer to that mean. Strategies that need every raw update are refused (`
 
 Client side, `privatize_update` is what a client (or an engine on its behalf) does to its update
 before sending it: nothing ("central"), clip ("client"), or clip and noise ("local").
+
+Server side, `privatize` does not trust that the clients did their part: an update above what an
+honest client's stays within (client mode: C; local mode: `local_bound`) is clipped to that bound,
+counted (`PrivacyStats.over_bound`, the round's `over_bound` in history) and logged.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,7 +25,9 @@ import torch
 from ..client import ClientUpdate
 from ..errors import ConfigError
 from ..strategies import Strategy, check_linear
-from .mechanism import PrivacyConfig, State, adapt_clip, add_noise, clip_delta
+from .mechanism import PrivacyConfig, State, adapt_clip, add_noise, clip_delta, local_bound
+
+log = logging.getLogger("fedforge.privacy")
 
 # In "client" mode the server sees updates already clipped to C: one that arrives with a norm
 # this close to C is taken as clipped (an unclipped norm in [C(1 - tol), C] is miscounted: the
@@ -67,6 +74,8 @@ class PrivacyStats:
         unclipped_estimate: the noised fraction of unclipped updates (adaptive clipping only;
             private, the estimate that moved C).
         next_clip: the clip bound of the next round.
+        over_bound: how many updates arrived above what an honest client's stays within (client
+            mode: C; local mode: `local_bound`) and were clipped to it (0 in central mode).
     """
 
     clip: float
@@ -74,6 +83,7 @@ class PrivacyStats:
     num_updates: int
     unclipped_estimate: float | None
     next_clip: float
+    over_bound: int = 0
 
 
 def privatize_update(update: ClientUpdate, config: PrivacyConfig, clip: float,
@@ -110,7 +120,8 @@ def privatize(updates: Iterable[ClientUpdate], like: State, state: PrivacyState,
             `state.clip` (clipped again here: a no-op for an honest client, a bound for the
             others), or a secure aggregation's sum of them (a CombinedUpdate of weight 1 per
             client, counting its unclipped ones: taken as it is, the server cannot clip inside
-            it); local mode: clipped and noised updates, summed as they are.
+            it); local mode: clipped and noised updates, each clipped here to `local_bound`
+            (a no-op for an honest client but with probability 1e-9, the bound for the others).
         like: the global model's state (keys, shapes, dtypes, devices of the mean).
         state: the clip bound for this round.
         generator: the noise stream (simulation: seeded per round; deployment:
@@ -120,6 +131,10 @@ def privatize(updates: Iterable[ClientUpdate], like: State, state: PrivacyState,
         The mean delta for the strategy's server optimizer, the next state, and the round's stats.
     """
     clip = state.clip
+    size = sum(v.numel() for v in like.values() if v.is_floating_point())
+    # What an honest client's update stays within: it clipped to C, and in local mode it added noise.
+    bound = local_bound(clip, config.noise_multiplier, size) if config.mode == "local" else clip
+    over_bound = 0
     # Running sum: the stage holds one model-sized buffer, never every client's update.
     total = {k: torch.zeros_like(v) for k, v in like.items() if v.is_floating_point()}
     count = unclipped = 0
@@ -135,12 +150,15 @@ def privatize(updates: Iterable[ClientUpdate], like: State, state: PrivacyState,
                 acc.add_(delta[k].to(acc.dtype))
             count += len(update.client_ids)
             continue
-        if config.mode == "local":
-            delta = update.delta
-        else:
-            delta, norm = clip_delta(update.delta, clip)
-            # Client mode: the client clipped already, so `norm` is what arrived; a clipped delta has norm ~C.
-            unclipped += norm < clip * (1 - _CLIPPED_RTOL) if config.mode == "client" else norm <= clip
+        delta, norm = clip_delta(update.delta, bound)
+        if config.mode == "client":  # the client clipped already, so `norm` is what arrived; a clipped one is ~C
+            unclipped += norm < clip * (1 - _CLIPPED_RTOL)
+        elif config.mode == "central":
+            unclipped += norm <= clip
+        if config.mode != "central" and norm > bound:
+            over_bound += 1
+            log.warning("client %d sent an update of norm %.4g, above the %.4g an honest client's stays within under "
+                        "--dp %s: clipped to it", update.client_id, norm, bound, config.mode)
         for k, acc in total.items():
             acc.add_(delta[k].to(acc.dtype))
         count += 1
@@ -150,4 +168,5 @@ def privatize(updates: Iterable[ClientUpdate], like: State, state: PrivacyState,
     next_clip, estimate = clip, None
     if config.adaptive:
         next_clip, estimate = adapt_clip(clip, unclipped, count, config, generator)
-    return mean, PrivacyState(next_clip), PrivacyStats(clip, noise_std, count, estimate, next_clip)
+    return mean, PrivacyState(next_clip), PrivacyStats(clip, noise_std, count, estimate, next_clip,
+                                                                over_bound)
