@@ -254,21 +254,22 @@ def test_a_hostile_client_is_named_and_put_out_and_every_round_completes(tmp_pat
 
 
 def test_no_client_weighs_past_the_cap(tmp_path):
-    """--secagg-max-examples 20: client 3 weighs its update as 850 examples (past the cap, which
-    the honest client applies to itself). The weight it declares is refused, by name; the round
-    sums the three others, each weighing at most the cap."""
+    """--secagg-max-examples 500 over synthetic:4 (103, 497, 958 and 1,962 examples): client 3
+    weighs its update as 850 examples instead of the cap it owes (before, the sum's range check
+    let it through with 850 of a weight of 1,950: 43.6 %). The weight it declares beside its
+    masked input is refused, by name; the round sums the three others (103 + 497 + 500)."""
     enroll_all(tmp_path, 4)
     srv, port = server(tmp_path, "--num-clients", "4", "--clients-per-round", "4", "--rounds", "1",
                        "--min-clients", "4", "--min-available-clients", "4", "--min-fit-clients", "3",
-                       "--secure-aggregation", "--secagg-max-examples", "20", "--round-timeout", "60")
+                       "--secure-aggregation", "--secagg-max-examples", "500", "--round-timeout", "60")
     proc = clients(tmp_path, port, range(4), "synthetic:4", "--hostile", "3=heavy:1", name="clients")
     try:
         assert srv.wait(120) == 0, srv.text() + proc.text()
         log = srv.text()
         assert "client 3: weighs as 850 examples in task 1" in proc.text()
-        assert "task 1: refused the SA_MASKED of client 3: its weight 850 is not between 1 and the round's cap 20" \
+        assert "task 1: refused the SA_MASKED of client 3: its weight 850 is not between 1 and the round's cap 500" \
             in log
-        assert "task 1: the sum of 3 masked updates (1 dropped; weight 60, at most 20 each;" in log
+        assert "task 1: the sum of 3 masked updates (1 dropped; weight 1100, at most 500 each;" in log
     finally:
         srv.kill()
         proc.kill()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fedforge.secagg.crypto import agree, expand, new_key, private_bytes, public_bytes
-from fedforge.secagg.protocol import (COMPLETE_UP_TO, SEALED_BYTES, ClientRound, ProtocolError, SecAggFailed,
+from fedforge.secagg.protocol import (COMPLETE_UP_TO, SEALED_BYTES, ClientRound, Floor, ProtocolError, SecAggFailed,
                                       ServerRound, Setup, b64, degree_for, neighbour_graph, threshold_for)
 from fedforge.secagg.quantize import Quantizer
 
@@ -720,3 +720,22 @@ def test_a_dealer_committing_to_another_seed_is_named_for_the_retry():
     with pytest.raises(SecAggFailed, match="client 2 dealt shares") as failed:
         r.server.result()
     assert list(failed.value.culprits) == [2]
+
+
+@pytest.mark.parametrize("floor, changes, reason", [
+    (Floor(), dict(clients=2, neighbours=[1], threshold=2), "2 participants, below this client's floor of 3"),
+    (Floor(neighbours=3), dict(neighbours=[1, 2], threshold=2), "2 neighbours, below this client's floor of 3"),
+    (Floor(threshold=4), dict(), "3 threshold, below this client's floor of 4"),
+])
+def test_a_client_declines_a_round_below_its_floor(floor, changes, reason):
+    """A server's 2-client round (whose other member may be its own key) is declined by default,
+    and any round below the client's own floor, with the reason."""
+    with pytest.raises(ProtocolError, match=reason):
+        floor.check(Setup.from_header(_header(**changes), 0))
+    floor.check(Setup.from_header(_header(clients=5, neighbours=[1, 2, 3, 4], threshold=4), 0))
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, True, None, 200_000])
+def test_a_floor_refuses_bad_settings(value):
+    with pytest.raises(ValueError, match="must be a count >= 2"):
+        Floor(clients=value)

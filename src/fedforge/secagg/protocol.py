@@ -6,27 +6,36 @@ state machines, with no network in them: `ClientRound` (one per client and round
 The stages, for the participants P of a round and each client i's neighbours N(i) (every other
 participant for small rounds, a random Harary graph of degree k for large ones):
 
-1. keys: i sends two X25519 public keys, c_i (the channel for shares) and s_i (masks). U1: those who did.
+1. keys: i sends X25519 public keys: one channel key c_ij per neighbour j (the channel its shares
+   travel on with j) and s_i (masks). U1: those who did.
 2. shares: the server sends i the keys of N(i) in U1. i picks a self-mask seed b_i, splits b_i and
    its mask private key among N(i) in U1 and itself with threshold t (Shamir), seals each
-   neighbour's pair of shares for it (ChaCha20-Poly1305 under the c-key agreement), and commits to
-   every share and to b_i (SHA-256). U2: those whose shares arrived.
-3. input: the server forwards to i the sealed shares addressed to it by N(i) in U2. i sends
-   y_i = x_i + PRG(b_i) + sum_{j in N(i) and U2, j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij) (mod 2^32),
-   x_i its quantized input (quantize.py). U3: those whose input arrived.
+   neighbour's pair of shares for it (ChaCha20-Poly1305 under the pair's c-key agreement), and
+   commits to every share and to b_i (SHA-256). U2: those whose shares arrived.
+3. input: the server forwards to i the sealed shares addressed to it by N(i) in U2, with their
+   dealers' commitments to them. i opens and checks each; it reports a dealer j whose shares do
+   not open or match, revealing its private c_ij, and does not mask with j. It sends
+   y_i = x_i + PRG(b_i) + sum_{j it masks with, j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij) (mod 2^32),
+   x_i its quantized input (quantize.py), with its weight w_i beside it (at most the round's cap).
+   The server opens each reported share with the revealed key: a bad one puts its dealer out of
+   the round, a good one the reporter (a false report); either is then treated as dropped.
+   U3: those whose input arrived and who are not out.
 4. unmask: the server tells i which of its neighbours in U2 are in U3 (survivors) and which are
    not (dropped). i reveals its shares of the survivors' b_j (and of its own b_i) and of the
    dropped ones' mask keys; never both for one client, and only once. The server checks each
    share against its dealer's commitment (a wrong share is refused and logged, the others
    suffice), rebuilds each survivor's b_j and each dropped client's mask key (checked against
-   its seed commitment and its public key), and removes their masks from sum_{U3} y_i.
+   its seed commitment and its public key), and removes their masks from sum_{U3} y_i. A dealer
+   whose shares give back another seed than it committed to fails the round, named
+   (`SecAggFailed.culprits`), for the retry to go on without it.
 
 Below t live holders for any secret the round fails (`SecAggFailed`) with nothing unmasked:
 the server has then fewer than t shares of it, which reveal nothing. The server learns the sum
-of the survivors' inputs and no single input, unless it colludes with t - 1 clients. Threat model
-(docs/secure-aggregation.md): an honest-but-curious server that relays faithfully; clients may
-be hostile, and everything they send is checked, but under masking nobody can check that a
-client's input is a well-clipped update (the sum's range is checked after unmasking).
+of the survivors' inputs (and their weights) and no single input, unless it colludes with t - 1
+clients. Threat model (docs/secure-aggregation.md): an honest-but-curious server that relays
+faithfully; clients may be hostile, and everything they send is checked, but under masking
+nobody can check that a client's input is a well-clipped update (the sum's range is checked
+after unmasking).
 """
 
 from __future__ import annotations
@@ -490,8 +499,8 @@ class ServerRound:
             return holder, f"it reported client {dealer}'s shares with a channel key that is not its own"
         r = self.round_id
         try:
-            pair = open_sealed(_share_key(key, self.keys[dealer][0][holder], r),
-                               _bytes(self.sealed[dealer][holder], SEALED_BYTES, "a sealed share"), _aad(r, dealer, holder))
+            sealed = _bytes(self.sealed[dealer][holder], SEALED_BYTES, "a sealed share")
+            pair = open_sealed(_share_key(key, self.keys[dealer][0][holder], r), sealed, _aad(r, dealer, holder))
         except (CryptoError, ProtocolError):
             return dealer, f"its shares for client {holder} do not open"
         b, s = pair[:FIELD_BYTES], pair[FIELD_BYTES:]
