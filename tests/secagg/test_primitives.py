@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fedforge.secagg import crypto
-from fedforge.secagg.crypto import CryptoError
+from fedforge.secagg.crypto import _SMALL_ORDER, CryptoError, agree, new_key, public_bytes, small_order
 from fedforge.secagg.quantize import COUNTERS, LOSS_BOUND, RING_MAX, QuantizationError, Quantizer
 from fedforge.secagg.shamir import FIELD_BYTES, PRIME, SECRET_BYTES, ShareError, combine, split
 
@@ -312,3 +312,23 @@ def test_quantizer_decode_refuses_what_count_inputs_cannot_reach():
         q.decode(total, 0, 10)
     with pytest.raises(QuantizationError):
         q.decode(total, 11, 10)
+
+
+def test_small_order_is_what_the_key_agreement_refuses():
+    """Every key on the small-order list, with bit 255 clear or set, makes X25519 refuse (the
+    all-zero secret); random keys, and keys one off each listed one, do not, and are not listed."""
+    key = new_key()
+    for listed in _SMALL_ORDER:
+        for public in (listed, listed[:31] + bytes([listed[31] | 0x80])):
+            assert small_order(public)
+            with pytest.raises(CryptoError, match="low order"):
+                agree(key, public, b"test")
+        near = bytes([listed[0] ^ 0x02]) + listed[1:]
+        if near not in _SMALL_ORDER:
+            agree(key, near, b"test")
+            assert not small_order(near)
+    for _ in range(200):
+        public = public_bytes(new_key())
+        assert not small_order(public)
+        agree(key, public, b"test")
+    assert not small_order(bytes(31))

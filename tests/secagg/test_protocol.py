@@ -610,7 +610,7 @@ def test_on_unmasked_refuses_bad_answers(attack):
     assert 0 not in r.server.responded and not r.server.refused_shares
 
 
-@pytest.mark.parametrize("public", [bytes(32), b"\x01" + bytes(31)])
+@pytest.mark.parametrize("public", [bytes(32), b"\x01" + bytes(31), bytes(31) + b"\x80", b"\xed" + b"\xff" * 31])
 def test_a_low_order_public_key_is_refused(public):
     srv = ServerRound(1, [0, 1, 2], threshold=0.5, neighbours=None, clip=1.0, max_weight=100)
     good = ClientRound(0, Setup.from_header(srv.setup(0).to_header(), 0)).keys()
