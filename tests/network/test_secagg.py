@@ -293,3 +293,18 @@ def test_a_client_declines_a_round_below_its_floor(tmp_path):
     finally:
         srv.kill()
         proc.kill()
+
+
+def test_the_dashboard_names_a_client_put_out_and_why():
+    """What the engine learns against a client (a report upheld, a seed it did not commit to)
+    reaches the dashboard's task, once, with the reason, and leaves the client out of the retry."""
+    from fedforge.engines.network import NetworkEngine
+    from fedforge.network.dashboard import DashboardState
+
+    board = DashboardState()
+    engine = NetworkEngine(None, round_timeout=1, min_fit_clients=1, secure=SecureAggregation(), watcher=board)
+    board.task(7, [0, 1, 2])
+    for _ in range(2):
+        engine._culprits(7, {2: "its shares for client 0 do not open"}, "out of the round (treated as dropped)")
+    assert board.snapshot()["task"]["refused"] == [{"client": 2, "reason": "its shares for client 0 do not open"}]
+    assert engine._left_out == {2: "its shares for client 0 do not open"}
