@@ -245,7 +245,7 @@ def test_a_hostile_client_is_named_and_put_out_and_every_round_completes(tmp_pat
         assert "round 4, attempt 1 failed (secure aggregation: client 1 dealt shares" in log
         assert "task 5: client 1 is left out of this attempt" in log and "task 5: client 3 is left out" in log
         assert "task 5: the sum of 3 masked updates" in log
-        assert "too few clients" not in log
+        assert "failed 10 times" not in log
     finally:
         srv.kill()
         proc.kill()
@@ -277,7 +277,8 @@ def test_no_client_weighs_past_the_cap(tmp_path):
 
 def test_a_client_declines_a_round_below_its_floor(tmp_path):
     """Two clients per round: each client (default floor: 3 participants) declines the round and
-    says why, in its log and to the server; nothing of its update is sent."""
+    says why, in its log and to the server; nothing of its update is sent. Every attempt declined,
+    the server gives up with the last attempt's reason."""
     enroll_all(tmp_path, 2)
     srv, port = server(tmp_path, "--num-clients", "2", "--clients-per-round", "2", "--rounds", "1",
                        "--min-clients", "2", "--min-available-clients", "2", "--secure-aggregation",
@@ -289,7 +290,9 @@ def test_a_client_declines_a_round_below_its_floor(tmp_path):
         srv.wait_for(r"round 1, attempt 1 failed \(secure aggregation: 0 clients sent keys", timeout=240)
         proc.wait_for(r"client 0: left secure aggregation round 1: the round has 2 participants, below this "
                       r"client's floor of 3: too small to hide its update", timeout=240)
+        assert srv.wait(240) == 2  # each attempt declined: the run gives up, saying why (fedforge: error: ...)
         assert "SA_SHARES" not in srv.text() and "SA_MASKED" not in srv.text()
+        assert "round 1 failed 10 times; the last attempt: secure aggregation: 0 clients sent keys" in srv.text()
     finally:
         srv.kill()
         proc.kill()
