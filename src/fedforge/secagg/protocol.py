@@ -403,10 +403,10 @@ class ServerRound:
         if "refused" in header:  # the client declines the round (below its floor): it says why
             raise ProtocolError(f"it declines the round: {str(header['refused'])[:300]!r}")
         neighbours = set(self.graph[client_id])
-        c = _by_id(header.get("c"), neighbours, "c keys")
-        if set(c) != neighbours:
-            raise ProtocolError(f"c keys for {len(c)} of its {len(neighbours)} neighbours")
-        c = {j: _bytes(text, KEY_BYTES, "a c key") for j, text in c.items()}
+        texts = _by_id(header.get("c"), neighbours, "c keys")
+        if set(texts) != neighbours:
+            raise ProtocolError(f"c keys for {len(texts)} of its {len(neighbours)} neighbours")
+        c = {j: _bytes(text, KEY_BYTES, "a c key") for j, text in texts.items()}
         s = _bytes(header.get("s"), KEY_BYTES, "s key")
         mine = {s, *c.values()}
         if len(mine) != len(c) + 1 or mine & self._public:
