@@ -739,3 +739,22 @@ def test_a_client_declines_a_round_below_its_floor(floor, changes, reason):
 def test_a_floor_refuses_bad_settings(value):
     with pytest.raises(ValueError, match="must be a count >= 2"):
         Floor(clients=value)
+
+
+def test_a_dealer_of_too_few_good_shares_fails_the_attempt_named():
+    """Client 3 seals good shares for 4 and 5 only (t = 4 of 6): 0, 1 and 2 report it and it is
+    out, but its mask key, which 4 and 5 mask with, cannot be rebuilt from 2 shares: the attempt
+    fails, and 3 is among those proven out (the engine leaves them out of the retry)."""
+    r = Round(range(6), seed=25)
+
+    def change(header):
+        header["shares"] = {j: b64(os.urandom(SEALED_BYTES)) if int(j) < 3 else v
+                            for j, v in header["shares"].items()}
+        return header
+
+    _dealing(r, 3, change)
+    r.input()
+    r.unmask()
+    assert list(r.server.excluded) == [3] and "do not open" in r.server.excluded[3]
+    with pytest.raises(SecAggFailed, match="dropped client 3's mask key: 2 verified shares, the threshold is 4"):
+        r.server.result()
