@@ -27,9 +27,10 @@ protocol's keys, shares, masking and unmasking shares, and quantizing the update
 
 Reading it: the issue's goals are up x f32 <= 1.2 (Bonawitz et al. report 1.73x at 2^10 clients and 2^20 values) and a
 secure server round at most 3x the plain one at 100 clients (loop CPU s/p; engine CPU s/p isolates the networked part).
-A secure upload is the masked vector (parameters + 3 counters, 4 bytes each) plus, per neighbour, a sealed pair of
-shares, two commitments and an unmasking share: it grows with the neighbours, so with n up to 64 clients and with
-log n above. Absolute seconds are this machine's; with all clients on the same cores, wall time is mostly training.
+A secure upload is the masked vector (parameters + 2 counters, 4 bytes each) plus, per neighbour, a channel key, a
+sealed pair of shares, two commitments and an unmasking share: it grows with the neighbours, so with n up to 64
+clients and with log n above. Absolute seconds are this machine's; with all clients on the same cores, wall time is
+mostly training.
 
     python benchmarks/secagg.py                 # n = 10 50 100, 2 rounds each
     python benchmarks/secagg.py --quick         # n = 5 10, 1 round (a smoke run)

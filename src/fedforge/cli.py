@@ -250,6 +250,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
     if not args.root_cert and not args.insecure:
         raise ConfigError("give --root-cert (the CA that signed the server's certificate), or --insecure")
+    floor = _secagg_floor(args)
     if sum(map(bool, (args.partition_of, args.data, args.app))) != 1:
         raise ConfigError("give one of --app package.module:object (your own code), --data DIR (this client's own "
                           "data) or --partition-of DATASET:INDEX/N")
@@ -266,8 +267,17 @@ def _cmd_client(args: argparse.Namespace) -> int:
         args.server, args.client_id, secret, data,
         root_cert=_read(args.root_cert) if args.root_cert else None, compression=args.compress,
         max_message_bytes=int(args.max_message_mb * 2**20), give_up_after=args.give_up_after,
-        retry_on_server_failure=args.retry_on_server_failure,
+        retry_on_server_failure=args.retry_on_server_failure, secagg_floor=floor,
     )
+
+
+def _secagg_floor(args: argparse.Namespace):
+    from .secagg.protocol import Floor
+
+    try:
+        return Floor(args.secagg_min_clients, args.secagg_min_neighbours, args.secagg_min_threshold)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("the secure round floor's ", "--secagg-min-")) from None
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -415,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "exiting with status 3")
     cli.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; give 1 when "
                                                  "several clients share a machine)")
+    cli.add_argument("--secagg-min-clients", type=int, default=3, metavar="N", help="decline a secure aggregation "
+                     "round of fewer participants (default 3: with 2, the other may be the server's own key)")
+    cli.add_argument("--secagg-min-neighbours", type=int, default=2, metavar="K",
+                     help="decline a secure aggregation round in which this client masks with fewer neighbours "
+                          "(default 2)")
+    cli.add_argument("--secagg-min-threshold", type=int, default=2, metavar="T",
+                     help="decline a secure aggregation round whose threshold is below T (default 2)")
     cli.set_defaults(handler=_cmd_client)
 
     enr = sub.add_parser("enroll", help="issue a secret for a client id")

@@ -329,6 +329,7 @@ def simulate(
             log.warning("stopping before round %d: it would spend more than the privacy budget (epsilon %.4g spent "
                         "of %.4g)", r, dp.epsilon(), privacy.target_epsilon)
             break
+        failure: RoundFailed | None = None
         for attempt in range(max_round_attempts):
             # select -> plan (the strategy's terms, the scenario's work) -> run -> transform
             # (attacks; privacy) -> aggregate
@@ -348,8 +349,9 @@ def simulate(
                 break
             except RoundFailed as e:
                 log.warning("round %d, attempt %d failed (%s); retrying with a new selection", r, attempt + 1, e)
+                failure = e
         else:
-            raise FedforgeError(f"round {r} failed {max_round_attempts} times: too few clients report")
+            raise FedforgeError(f"round {r} failed {max_round_attempts} times; the last attempt: {failure}")
         trained = time.perf_counter()
         if getattr(engine, "works_ahead", False) and state.round < rounds and not (dp is not None and dp.exhausted()):
             # Its workers train the next round while this one is evaluated and recorded here.

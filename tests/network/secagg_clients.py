@@ -8,7 +8,10 @@ it dies at once, as a machine that loses power) when its first client reaches ST
 "keys" (it has sent its public keys), "shares" (it has sent its shares) or "upload" (it has sent
 its masked input). `--hostile ID=MODE:TASK` makes client ID misbehave in task TASK: "badshare"
 (reveals an altered share when unmasking), "other" (sends its shares in another client's name),
-"malformed" (a masked input one word short), "twice" (sends its masked input two times).
+"malformed" (a masked input one word short), "twice" (sends its masked input two times), "garbage"
+(seals shares nobody can open), "replay" (sends the sealed shares of its previous task again),
+"seed" (commits to a seed other than the one it shares), "liar" (reports a neighbour's good
+shares as unopenable), "heavy" (weighs its update as 850 examples, past any cap). TASK "*": every task.
 """
 
 import argparse
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import fedforge.network.client as client_module
 from fedforge.network.client import PartitionOf, _SecureRound, run_client
+from fedforge.secagg.quantize import Quantizer
 from fedforge.network.wire import Kind, Message, decode, encode
 
 STAGES = {"keys": Kind.SA_NEIGHBOUR_KEYS, "shares": Kind.SA_INPUT, "upload": Kind.SA_UNMASK}
@@ -39,10 +43,24 @@ class Outbox(queue.Queue):
             super().put(item, *args, **kwargs)
 
 
-def tamper(data: bytes, mode: str, client_id: int) -> bytes:
+previous = {}  # client -> the sealed shares it sent in its previous task
+
+
+def tamper(data: bytes, mode: str, client_id: int, secure) -> bytes:
     message = decode(data)
     header, tensors = dict(message.header), dict(message.tensors)
-    if mode == "badshare":
+    if mode == "garbage":
+        header["shares"] = {j: base64.b64encode(os.urandom(len(base64.b64decode(v)))).decode()
+                            for j, v in header["shares"].items()}
+    elif mode == "replay":
+        header["shares"], previous[client_id] = previous.get(client_id, header["shares"]), header["shares"]
+    elif mode == "seed":
+        header["seed"] = base64.b64encode(os.urandom(32)).decode()
+    elif mode == "liar":
+        good = sorted(secure.protocol._held)[0]
+        header["complaints"] = {str(good): base64.b64encode(
+            secure.protocol._c[good].private_bytes_raw()).decode()}
+    elif mode == "badshare":
         other = next(k for k in header["b"] if k != str(client_id))
         share = bytearray(base64.b64decode(header["b"][other]))
         share[-1] ^= 1
@@ -69,10 +87,25 @@ def main():
     for spec in args.hostile:
         who, what = spec.split("=")
         mode, task = what.split(":")
-        hostile[int(who)] = (mode, int(task))
+        hostile[int(who)] = (mode, task if task == "*" else int(task))
     when = {"badshare": Kind.SA_UNMASK, "other": Kind.SA_NEIGHBOUR_KEYS, "malformed": Kind.SA_INPUT,
-            "twice": Kind.SA_INPUT}
-    respond = _SecureRound.respond
+            "twice": Kind.SA_INPUT, "garbage": Kind.SA_NEIGHBOUR_KEYS, "replay": Kind.SA_NEIGHBOUR_KEYS,
+            "seed": Kind.SA_NEIGHBOUR_KEYS, "liar": Kind.SA_INPUT, "heavy": None}
+    respond, quantize = _SecureRound.respond, _SecureRound.quantize
+
+    def heavy(self, update, order):
+        """Weigh the update as 850 examples whatever the round's cap (the honest client caps it)."""
+        if hostile.get(self.protocol.id, (None,))[0] != "heavy":
+            return quantize(self, update, order)
+        import torch
+        flat = torch.cat([update.delta[k].detach().reshape(-1).double() for k in order
+                          if update.delta[k].is_floating_point()])
+        flat = flat * min(1.0, self.setup.clip / max(float(torch.linalg.vector_norm(flat)), 1e-12))
+        q = Quantizer(self.setup.clients, self.setup.clip, self.setup.max_weight)
+        lax = types.SimpleNamespace(max_weight=10 ** 9, clip=q.clip, scale=q.scale, loss_scale=q.loss_scale)
+        self.input = Quantizer.encode(lax, flat.numpy(), 850, True, update.train_loss)
+        self.weight = 850
+        print(f"client {self.protocol.id}: weighs as 850 examples in task {self.task_id}", flush=True)
 
     def patched(self, message):
         task = message.header.get("task")
@@ -81,15 +114,15 @@ def main():
             os._exit(0)
         data = respond(self, message)
         mode, at = hostile.get(self.protocol.id, (None, None))
-        if task == at and message.kind == when[mode]:
+        if at in (task, "*") and message.kind == when[mode]:
             print(f"client {self.protocol.id}: {mode} in task {task}", flush=True)
             if mode == "twice":
                 local.twice = True
             else:
-                data = tamper(data, mode, self.protocol.id)
+                data = tamper(data, mode, self.protocol.id, self)
         return data
 
-    _SecureRound.respond = patched
+    _SecureRound.respond, _SecureRound.quantize = patched, heavy
     client_module.queue = types.SimpleNamespace(Queue=Outbox, Empty=queue.Empty)
     threads = []
     for client_id in map(int, args.ids.split(",")):

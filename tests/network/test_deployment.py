@@ -163,6 +163,8 @@ def test_enroll_command(tmp_path):
       "--insecure"], "--partition-of must look like fashion-mnist:3/10 (index < count)"),
     (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:1/2",
       "--insecure"], "token file t not found"),
+    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:1/2",
+      "--insecure", "--secagg-min-clients", "1"], "--secagg-min-clients must be a count >= 2, got 1"),
     (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--strategy", "krum"],
      "secure aggregation cannot serve strategy 'krum': Krum compares the updates with each other"),
     (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--strategy", "scaffold"],

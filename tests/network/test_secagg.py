@@ -216,3 +216,98 @@ def test_hostile_clients_are_refused_and_dp_spends_the_simulations_epsilon(tmp_p
     simulated = json.loads((out / "sim" / "history.json").read_text())["rounds"]
     assert [r["metrics"]["epsilon"] for r in networked] == [r["metrics"]["epsilon"] for r in simulated]
     assert networked[-1]["metrics"]["epsilon"] > 0 and networked[-1]["test_loss"] < networked[0]["test_loss"] - 0.5
+
+
+def test_a_hostile_client_is_named_and_put_out_and_every_round_completes(tmp_path):
+    """Five clients, every one in each round (t = 3 of 5). Client 4 seals shares nobody can open
+    (task 1); client 3 replays its sealed shares of the task before (from task 2 on); client 2
+    reports a neighbour's good shares as unopenable (task 3); client 1 commits to a seed it does
+    not share (task 4). Each is named, with why, and put out: the first three within their round
+    (as dropouts), the fourth at unmasking, when the attempt fails and its retry goes on without it."""
+    enroll_all(tmp_path, 5)
+    srv, port = server(tmp_path, "--num-clients", "5", "--clients-per-round", "5", "--rounds", "4",
+                       "--min-clients", "5", "--min-available-clients", "5", "--min-fit-clients", "3",
+                       "--secure-aggregation", "--round-timeout", "60")
+    proc = clients(tmp_path, port, range(5), "synthetic:5", "--hostile", "4=garbage:1", "3=replay:*", "2=liar:3",
+                   "1=seed:4", name="clients")
+    try:
+        assert srv.wait(240) == 0, srv.text() + proc.text()
+        log = srv.text()
+        assert "task 1: client 4 is out of the round (treated as dropped): its shares for client" in log
+        assert "task 1: the sum of 4 masked updates" in log
+        assert "task 2: client 3 is out of the round (treated as dropped): its shares for client" in log
+        assert "task 2: the sum of 4 masked updates" in log
+        assert ("task 3: refused the SA_MASKED of client 2: it reported client 0's shares, which open and match "
+                "their commitments") in log
+        assert "task 3: the sum of 3 masked updates" in log
+        assert ("task 4: client 1 is left out of the retry: it dealt shares that do not give back the seed it "
+                "committed to") in log
+        assert "round 4, attempt 1 failed (secure aggregation: client 1 dealt shares" in log
+        assert "task 5: client 1 is left out of this attempt" in log and "task 5: client 3 is left out" in log
+        assert "task 5: the sum of 3 masked updates" in log
+        assert "failed 10 times" not in log
+    finally:
+        srv.kill()
+        proc.kill()
+    history = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())["rounds"]
+    assert len(history) == 5 and history[-1]["test_loss"] < history[0]["test_loss"]  # round 0 and the four
+
+
+def test_no_client_weighs_past_the_cap(tmp_path):
+    """--secagg-max-examples 500 over synthetic:4 (103, 497, 958 and 1,962 examples): client 3
+    weighs its update as 850 examples instead of the cap it owes (before, the sum's range check
+    let it through with 850 of a weight of 1,950: 43.6 %). The weight it declares beside its
+    masked input is refused, by name; the round sums the three others (103 + 497 + 500)."""
+    enroll_all(tmp_path, 4)
+    srv, port = server(tmp_path, "--num-clients", "4", "--clients-per-round", "4", "--rounds", "1",
+                       "--min-clients", "4", "--min-available-clients", "4", "--min-fit-clients", "3",
+                       "--secure-aggregation", "--secagg-max-examples", "500", "--round-timeout", "60")
+    proc = clients(tmp_path, port, range(4), "synthetic:4", "--hostile", "3=heavy:1", name="clients")
+    try:
+        assert srv.wait(120) == 0, srv.text() + proc.text()
+        log = srv.text()
+        assert "client 3: weighs as 850 examples in task 1" in proc.text()
+        assert "task 1: refused the SA_MASKED of client 3: its weight 850 is not between 1 and the round's cap 500" \
+            in log
+        assert "task 1: the sum of 3 masked updates (1 dropped; weight 1100, at most 500 each;" in log
+    finally:
+        srv.kill()
+        proc.kill()
+
+
+def test_a_client_declines_a_round_below_its_floor(tmp_path):
+    """Two clients per round: each client (default floor: 3 participants) declines the round and
+    says why, in its log and to the server; nothing of its update is sent. Every attempt declined,
+    the server gives up with the last attempt's reason."""
+    enroll_all(tmp_path, 2)
+    srv, port = server(tmp_path, "--num-clients", "2", "--clients-per-round", "2", "--rounds", "1",
+                       "--min-clients", "2", "--min-available-clients", "2", "--secure-aggregation",
+                       "--round-timeout", "60")
+    proc = clients(tmp_path, port, range(2), "synthetic:2", name="clients")
+    try:
+        srv.wait_for(r"task 1: refused the SA_KEYS of client 1: it declines the round: .the round has 2 "
+                     r"participants, below this client.s floor of 3", timeout=240)
+        srv.wait_for(r"round 1, attempt 1 failed \(secure aggregation: 0 clients sent keys", timeout=240)
+        proc.wait_for(r"client 0: left secure aggregation round 1: the round has 2 participants, below this "
+                      r"client's floor of 3: too small to hide its update", timeout=240)
+        assert srv.wait(240) == 2  # each attempt declined: the run gives up, saying why (fedforge: error: ...)
+        assert "SA_SHARES" not in srv.text() and "SA_MASKED" not in srv.text()
+        assert "round 1 failed 10 times; the last attempt: secure aggregation: 0 clients sent keys" in srv.text()
+    finally:
+        srv.kill()
+        proc.kill()
+
+
+def test_the_dashboard_names_a_client_put_out_and_why():
+    """What the engine learns against a client (a report upheld, a seed it did not commit to)
+    reaches the dashboard's task, once, with the reason, and leaves the client out of the retry."""
+    from fedforge.engines.network import NetworkEngine
+    from fedforge.network.dashboard import DashboardState
+
+    board = DashboardState()
+    engine = NetworkEngine(None, round_timeout=1, min_fit_clients=1, secure=SecureAggregation(), watcher=board)
+    board.task(7, [0, 1, 2])
+    for _ in range(2):
+        engine._culprits(7, {2: "its shares for client 0 do not open"}, "out of the round (treated as dropped)")
+    assert board.snapshot()["task"]["refused"] == [{"client": 2, "reason": "its shares for client 0 do not open"}]
+    assert engine._left_out == {2: "its shares for client 0 do not open"}

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fedforge.secagg import crypto
-from fedforge.secagg.crypto import CryptoError
+from fedforge.secagg.crypto import _SMALL_ORDER, CryptoError, agree, new_key, public_bytes, small_order
 from fedforge.secagg.quantize import COUNTERS, LOSS_BOUND, RING_MAX, QuantizationError, Quantizer
 from fedforge.secagg.shamir import FIELD_BYTES, PRIME, SECRET_BYTES, ShareError, combine, split
 
@@ -186,7 +186,7 @@ def test_quantizer_sum_decodes_within_error_bound(case):
     total = np.zeros_like(inputs[0])
     for x in inputs:
         total += x  # mod 2^32, as the masked sum is
-    got = q.decode(total, count)
+    got = q.decode(total, count, sum(weights))
     total_weight = sum(weights)
     assert got.weight == total_weight
     assert got.unclipped == sum(unclipped)
@@ -208,7 +208,7 @@ def test_quantizer_extreme_sum_does_not_wrap(clients, clip, max_weight, sign):
     total = np.zeros_like(x)
     for _ in range(clients):
         total += x
-    got = q.decode(total, clients)
+    got = q.decode(total, clients, clients * max_weight)
     total_weight = clients * max_weight
     assert got.weight == total_weight and got.unclipped == clients
     assert np.all(np.sign(got.weighted_delta) == sign)
@@ -221,7 +221,7 @@ def test_quantizer_extreme_sum_does_not_wrap(clients, clip, max_weight, sign):
 def test_quantizer_error_bound_is_reached():
     q = Quantizer(3, 1.0, 10)
     half_step = 0.5 / q.scale  # rounds to 0 (to even): off by exactly the bound
-    got = q.decode(q.encode(np.array([half_step, 0.25]), 1, True, 0.0), 1)
+    got = q.decode(q.encode(np.array([half_step, 0.25]), 1, True, 0.0), 1, 1)
     assert q.error_bound(1, 1) == pytest.approx(half_step, rel=1e-12)
     assert abs(got.weighted_delta[0] - half_step) == pytest.approx(q.error_bound(1, 1), rel=1e-6)
 
@@ -231,10 +231,10 @@ def test_quantizer_counters():
     inputs = [q.encode(np.zeros(3), 10, True, 2.0), q.encode(np.zeros(3), 30, False, 6.0),
               q.encode(np.zeros(3), 60, True, float("nan")), q.encode(np.zeros(3), 1, False, -1e9)]
     total = sum(inputs[:2])
-    got = q.decode(total, 2)
+    got = q.decode(total, 2, 40)
     assert (got.weight, got.unclipped, got.count) == (40, 1, 2)
     assert got.loss == pytest.approx((10 * 2.0 + 30 * 6.0) / 40, abs=2 / (2 * q.loss_scale * 40))
-    got = q.decode(inputs[2] + inputs[3], 2)  # a NaN loss counts as LOSS_BOUND, others are clamped
+    got = q.decode(inputs[2] + inputs[3], 2, 61)  # a NaN loss counts as LOSS_BOUND, others are clamped
     assert got.weight == 61 and got.unclipped == 1
     assert got.loss == pytest.approx((60 * LOSS_BOUND - LOSS_BOUND) / 61, abs=2 / (2 * q.loss_scale * 61))
     assert np.all(got.weighted_delta == 0)
@@ -256,7 +256,7 @@ def test_quantizer_accepts_the_largest_weight_that_fits(clients):
     total = np.zeros_like(x)
     for _ in range(clients):
         total += x
-    assert q.decode(total, clients).weight == clients * max_weight
+    assert q.decode(total, clients, clients * max_weight).weight == clients * max_weight
 
 
 @pytest.mark.parametrize("kwargs", [dict(clients=0, clip=1.0, max_weight=1), dict(clients=2.0, clip=1.0, max_weight=1),
@@ -290,22 +290,45 @@ def test_quantizer_decode_refuses_what_count_inputs_cannot_reach():
     rng = np.random.default_rng(1)
     inputs = [q.encode(rng.uniform(-1, 1, 20), w, True, 0.5) for w in range(1, 5)]
     total = sum(inputs)
-    assert q.decode(total, 4).weight == 10
+    assert q.decode(total, 4, 10).weight == 10
     for change in (2 ** 30, -2 ** 30):
         with pytest.raises(QuantizationError, match="past what"):
-            q.decode(_changed(total, 3, change), 4)
+            q.decode(_changed(total, 3, change), 4, 10)
     reach = 10 * q.clip * q.scale  # the most a coordinate of 4 inputs of total weight 10 can be, give or take 4
     for sign in (1, -1):
         edge = total.copy()
         edge[3] = np.uint32(sign * int(reach) % 2 ** 32)
-        assert q.decode(edge, 4).weighted_delta[3] == pytest.approx(sign * 10 * q.clip, rel=1e-6)
+        assert q.decode(edge, 4, 10).weighted_delta[3] == pytest.approx(sign * 10 * q.clip, rel=1e-6)
         edge[3] = np.uint32(sign * (int(reach) + 5) % 2 ** 32)
         with pytest.raises(QuantizationError, match="past what"):
-            q.decode(edge, 4)
-    for word, change in ((-3, 2 ** 30), (-3, -9), (-2, 5), (-2, -5)):  # the weight, the unclipped count
+            q.decode(edge, 4, 10)
+    for word, change in ((-2, 5), (-2, -5)):  # the unclipped count
         with pytest.raises(QuantizationError, match="counters"):
-            q.decode(_changed(total, word, change), 4)
+            q.decode(_changed(total, word, change), 4, 10)
+    for weight in (3, 401):  # declared weights fewer than one per input, or past the cap of each
+        with pytest.raises(QuantizationError, match="counters"):
+            q.decode(total, 4, weight)
     with pytest.raises(QuantizationError):
-        q.decode(total, 0)
+        q.decode(total, 0, 10)
     with pytest.raises(QuantizationError):
-        q.decode(total, 11)
+        q.decode(total, 11, 10)
+
+
+def test_small_order_is_what_the_key_agreement_refuses():
+    """Every key on the small-order list, with bit 255 clear or set, makes X25519 refuse (the
+    all-zero secret); random keys, and keys one off each listed one, do not, and are not listed."""
+    key = new_key()
+    for listed in _SMALL_ORDER:
+        for public in (listed, listed[:31] + bytes([listed[31] | 0x80])):
+            assert small_order(public)
+            with pytest.raises(CryptoError, match="low order"):
+                agree(key, public, b"test")
+        near = bytes([listed[0] ^ 0x02]) + listed[1:]
+        if near not in _SMALL_ORDER:
+            agree(key, near, b"test")
+            assert not small_order(near)
+    for _ in range(200):
+        public = public_bytes(new_key())
+        assert not small_order(public)
+        agree(key, public, b"test")
+    assert not small_order(bytes(31))

@@ -12,8 +12,8 @@ import random
 import numpy as np
 import pytest
 
-from fedforge.secagg.crypto import agree, expand, new_key, public_bytes
-from fedforge.secagg.protocol import (COMPLETE_UP_TO, SEALED_BYTES, ClientRound, ProtocolError, SecAggFailed,
+from fedforge.secagg.crypto import agree, expand, new_key, private_bytes, public_bytes
+from fedforge.secagg.protocol import (COMPLETE_UP_TO, SEALED_BYTES, ClientRound, Floor, ProtocolError, SecAggFailed,
                                       ServerRound, Setup, b64, degree_for, neighbour_graph, threshold_for)
 from fedforge.secagg.quantize import Quantizer
 
@@ -23,7 +23,7 @@ STAGES = ("keys", "shares", "input", "unmask")  # a client dropped at a stage se
 class Round:
     """A server and its clients, each stage run for the clients still in, minus those dropped."""
 
-    def __init__(self, ids, *, length=64, threshold=0.5, neighbours=None, seed=0, inputs=None):
+    def __init__(self, ids, *, length=64, threshold=0.5, neighbours=None, seed=0, inputs=None, weights=None):
         self.ids, self.length = list(ids), length
         self.server = ServerRound(7, self.ids, threshold=threshold, neighbours=neighbours, clip=1.0, max_weight=100,
                                   rng=random.Random(seed))
@@ -31,6 +31,7 @@ class Round:
         rng = np.random.default_rng(seed)
         self.inputs = inputs or {i: rng.integers(0, 2 ** 32, length, dtype=np.uint32) for i in self.ids}
         self.masked: dict[int, np.ndarray] = {}
+        self.weights = weights or dict.fromkeys(self.ids, 1)  # what each declares beside its input
 
     def keys(self, drop=()):
         for i in self.ids:
@@ -47,8 +48,13 @@ class Round:
         for i in sorted(self.server.sealed):
             header = self.server.input_request(i)
             if i not in drop:
-                self.masked[i] = self.clients[i].masked_input(header, self.inputs[i])
-                self.server.on_input(i, self.masked[i], self.length)
+                self.masked[i], complaints = self.clients[i].masked_input(header, self.inputs[i])
+                complaints["weight"] = self.weights[i]
+                if i in self.server.excluded:  # reported by a neighbour that sent its input first
+                    with pytest.raises(ProtocolError, match="out of the round"):
+                        self.server.on_input(i, self.masked[i], self.length, complaints)
+                    continue
+                self.server.on_input(i, self.masked[i], self.length, complaints)
 
     def unmask(self, drop=(), tamper=None):
         for i in sorted(self.server.inputs):
@@ -95,8 +101,9 @@ def test_sparse_ids_and_quantized_inputs_decode():
     rng = np.random.default_rng(3)
     deltas = {i: rng.uniform(-1, 1, 30) for i in ids}
     weights = {i: int(w) for i, w in zip(ids, rng.integers(1, 101, len(ids)))}
-    r = Round(ids, length=q.length(30), inputs={i: q.encode(deltas[i], weights[i], i % 2 == 0, 0.5) for i in ids})
-    got = q.decode(r.run(), len(ids))
+    r = Round(ids, length=q.length(30), inputs={i: q.encode(deltas[i], weights[i], i % 2 == 0, 0.5) for i in ids},
+              weights=weights)
+    got = q.decode(r.run(), len(ids), sum(r.server.weights.values()))
     total_weight = sum(weights.values())
     assert got.weight == total_weight and got.unclipped == 3
     exact = sum(weights[i] * deltas[i] for i in ids) / total_weight
@@ -383,35 +390,44 @@ def test_on_shares_refuses_bad_messages(keyed, attack):
     assert 0 not in r.server.sealed
 
 
-def test_on_keys_refuses_bad_keys(keyed):
-    r, _ = keyed
-    c, s = r.server.keys[1]
-    with pytest.raises(ProtocolError):
-        r.server.on_keys(99, {"c": b64(c), "s": b64(os.urandom(32))})  # another client's key
-    with pytest.raises(ProtocolError):
-        r.server.on_keys(99, {"c": b64(c)[:-4], "s": b64(s)})
-    same = b64(os.urandom(32))
-    with pytest.raises(ProtocolError):
-        r.server.on_keys(99, {"c": same, "s": same})
-    with pytest.raises(ProtocolError):
-        r.server.on_keys(99, {"c": same})
-    assert 99 not in r.server.keys
+def test_on_keys_refuses_bad_keys():
+    r = Round(range(6), seed=3)
+    r.keys(drop={0})
+    good = r.clients[0].keys()
+    c1, s1 = r.server.keys[1]
+    one = next(iter(good["c"]))
+    attacks = [{**good, "s": b64(s1)},  # another client's key
+               {**good, "c": {**good["c"], one: b64(c1[0])}},
+               {**good, "c": {**good["c"], one: good["c"][one][:-4]}},
+               {**good, "c": {**good["c"], one: good["s"]}},  # one key twice
+               {**good, "c": dict(list(good["c"].items())[1:])},  # a neighbour without a channel key
+               {**good, "c": {**good["c"], "0": good["c"][one]}},  # a key for itself
+               {"c": good["c"]}, {"s": good["s"]}, {**good, "c": good["s"]}]
+    for attack in attacks:
+        with pytest.raises(ProtocolError):
+            r.server.on_keys(0, attack)
+        assert 0 not in r.server.keys
+    r.server.on_keys(0, good)
+    assert 0 in r.server.keys
 
 
 def test_on_input_refuses_wrong_length_or_dtype():
     r = Round(range(4), length=20)
     r.keys()
     r.shares()
-    masked = r.clients[0].masked_input(r.server.input_request(0), r.inputs[0])
+    masked, _ = r.clients[0].masked_input(r.server.input_request(0), r.inputs[0])
     for vector in (masked[:-1], np.concatenate([masked, masked[:1]]), masked.astype(np.int32),
                    masked.astype(np.int64), masked.astype(np.uint64), masked.astype(np.float32),
                    masked.reshape(4, 5), masked.astype(np.uint16)):
         with pytest.raises(ProtocolError):
-            r.server.on_input(0, vector, 20)
+            r.server.on_input(0, vector, 20, {"weight": 1})
+    for weight in (None, 0, 101, 1.0, True, "1"):  # the round's cap is 100
+        with pytest.raises(ProtocolError, match="weight"):
+            r.server.on_input(0, masked, 20, {"weight": weight})
     assert 0 not in r.server.inputs
     with pytest.raises(ProtocolError):  # never sent the shares it would mask with
-        r.server.on_input(1, r.inputs[1], 20)
-    r.server.on_input(0, masked, 20)
+        r.server.on_input(1, r.inputs[1], 20, {"weight": 1})
+    r.server.on_input(0, masked, 20, {"weight": 100})
     assert 0 in r.server.inputs
 
 
@@ -594,12 +610,12 @@ def test_on_unmasked_refuses_bad_answers(attack):
     assert 0 not in r.server.responded and not r.server.refused_shares
 
 
-@pytest.mark.parametrize("public", [bytes(32), b"\x01" + bytes(31)])
+@pytest.mark.parametrize("public", [bytes(32), b"\x01" + bytes(31), bytes(31) + b"\x80", b"\xed" + b"\xff" * 31])
 def test_a_low_order_public_key_is_refused(public):
     srv = ServerRound(1, [0, 1, 2], threshold=0.5, neighbours=None, clip=1.0, max_weight=100)
-    good = ClientRound(1, Setup.from_header(srv.setup(1).to_header(), 1)).keys()
+    good = ClientRound(0, Setup.from_header(srv.setup(0).to_header(), 0)).keys()
     with pytest.raises(ProtocolError, match="low order"):
-        srv.on_keys(0, {"c": b64(public), "s": good["s"]})
+        srv.on_keys(0, {"c": {**good["c"], "2": b64(public)}, "s": good["s"]})
     with pytest.raises(ProtocolError, match="low order"):
         srv.on_keys(0, {"c": good["c"], "s": b64(public)})
 
@@ -616,3 +632,129 @@ def test_messages_from_clients_the_server_did_not_ask_are_refused():
         srv.on_shares(0, {"shares": {}, "commitments": {"0": [z, z]}, "seed": z})
     with pytest.raises(ProtocolError, match="was not asked"):
         srv.on_unmasked(1, {"b": {}, "s": {}})
+
+
+# -- one hostile client does not stop the round ---------------------------------------------------
+def _dealing(r, hostile, change):
+    """Stage 2 with client `hostile`'s answer changed by `change(header)`."""
+    r.keys()
+    for i in sorted(r.server.keys):
+        header = r.clients[i].shares(r.server.neighbour_keys(i))
+        r.server.on_shares(i, change(header) if i == hostile else header)
+
+
+@pytest.mark.parametrize("how", ["garbage", "uncommitted", "replayed"])
+def test_a_dealer_of_bad_shares_is_named_and_the_round_completes_without_it(how, caplog):
+    """Client 3 seals shares nobody can open (random bytes; shares that do not match its
+    commitments; its shares of an earlier round, replayed): each neighbour reports it with the
+    pair's channel key, the server opens the shares itself, puts 3 out (as a dropout) and sums
+    the other five exactly."""
+    earlier = Round(range(6), seed=21)
+    earlier.keys()
+    old = {i: earlier.clients[i].shares(earlier.server.neighbour_keys(i)) for i in earlier.ids}
+    r = Round(range(6), seed=22)
+
+    def change(header):
+        if how == "garbage":
+            header["shares"] = {j: b64(os.urandom(SEALED_BYTES)) for j in header["shares"]}
+        elif how == "uncommitted":
+            header["commitments"] = {j: [b64(os.urandom(32))] * 2 for j in header["commitments"]}
+        else:
+            header["shares"] = old[3]["shares"]
+        return header
+
+    _dealing(r, 3, change)
+    with caplog.at_level(logging.WARNING, logger="fedforge.secagg"):
+        r.input()
+        r.unmask()
+        total = r.server.result()
+    assert set(r.server.excluded) == {3} and "shares for client" in r.server.excluded[3]
+    assert sorted(r.server.inputs) == [0, 1, 2, 4, 5]
+    assert np.array_equal(total, r.expected())
+
+
+def test_a_false_report_puts_the_reporter_out_and_the_round_completes():
+    """Client 2 reports client 4's good shares (as if they did not open): the server opens them
+    with the key 2 reveals, finds them good, and puts 2 out; 4 stays; the round completes."""
+    r = Round(range(6), seed=23)
+    r.keys()
+    r.shares()
+    for i in sorted(r.server.sealed):
+        header = r.server.input_request(i)
+        r.masked[i], complaints = r.clients[i].masked_input(header, r.inputs[i])
+        if i == 2:
+            complaints = {"complaints": {"4": b64(private_bytes(r.clients[2]._c[4]))}, "weight": 1}
+            with pytest.raises(ProtocolError, match="open and match"):
+                r.server.on_input(i, r.masked[i], r.length, {**complaints, "weight": 1})
+            with pytest.raises(ProtocolError, match="out of the round"):  # and once out, it stays out
+                r.server.on_input(i, r.masked[i], r.length, {"weight": 1})
+            continue
+        r.server.on_input(i, r.masked[i], r.length, {**complaints, "weight": 1})
+    assert list(r.server.excluded) == [2] and 4 in r.server.inputs
+    r.unmask()
+    assert np.array_equal(r.server.result(), r.expected())
+
+
+def test_a_report_with_another_key_puts_the_reporter_out():
+    r = Round(range(6), seed=24)
+    r.keys()
+    r.shares()
+    r.server.input_request(2)
+    masked, _ = r.clients[2].masked_input(r.server.input_request(2), r.inputs[2])
+    for key in (private_bytes(new_key()), private_bytes(r.clients[2]._c[5])):
+        with pytest.raises(ProtocolError, match="not its own"):
+            r.server.on_input(2, masked, r.length, {"complaints": {"4": b64(key)}, "weight": 1})
+        r.server.excluded.clear()
+
+
+def test_a_dealer_committing_to_another_seed_is_named_for_the_retry():
+    r = Round(range(6))
+
+    def change(header):
+        header["seed"] = b64(os.urandom(32))
+        return header
+
+    _dealing(r, 2, change)
+    r.input()
+    r.unmask()
+    with pytest.raises(SecAggFailed, match="client 2 dealt shares") as failed:
+        r.server.result()
+    assert list(failed.value.culprits) == [2]
+
+
+@pytest.mark.parametrize("floor, changes, reason", [
+    (Floor(), dict(clients=2, neighbours=[1], threshold=2), "2 participants, below this client's floor of 3"),
+    (Floor(neighbours=3), dict(neighbours=[1, 2], threshold=2), "2 neighbours, below this client's floor of 3"),
+    (Floor(threshold=4), dict(), "3 threshold, below this client's floor of 4"),
+])
+def test_a_client_declines_a_round_below_its_floor(floor, changes, reason):
+    """A server's 2-client round (whose other member may be its own key) is declined by default,
+    and any round below the client's own floor, with the reason."""
+    with pytest.raises(ProtocolError, match=reason):
+        floor.check(Setup.from_header(_header(**changes), 0))
+    floor.check(Setup.from_header(_header(clients=5, neighbours=[1, 2, 3, 4], threshold=4), 0))
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, True, None, 200_000])
+def test_a_floor_refuses_bad_settings(value):
+    with pytest.raises(ValueError, match="must be a count >= 2"):
+        Floor(clients=value)
+
+
+def test_a_dealer_of_too_few_good_shares_fails_the_attempt_named():
+    """Client 3 seals good shares for 4 and 5 only (t = 4 of 6): 0, 1 and 2 report it and it is
+    out, but its mask key, which 4 and 5 mask with, cannot be rebuilt from 2 shares: the attempt
+    fails, and 3 is among those proven out (the engine leaves them out of the retry)."""
+    r = Round(range(6), seed=25)
+
+    def change(header):
+        header["shares"] = {j: b64(os.urandom(SEALED_BYTES)) if int(j) < 3 else v
+                            for j, v in header["shares"].items()}
+        return header
+
+    _dealing(r, 3, change)
+    r.input()
+    r.unmask()
+    assert list(r.server.excluded) == [3] and "do not open" in r.server.excluded[3]
+    with pytest.raises(SecAggFailed, match="dropped client 3's mask key: 2 verified shares, the threshold is 4"):
+        r.server.result()

@@ -121,6 +121,7 @@ class NetworkEngine:
         self.max_client_examples = max_client_examples
         self.secure = secure
         self._task_id = 0
+        self._left_out: dict[int, str] = {}  # clients a failed secure attempt proved misbehaving: out of the retries
         self.bytes_up = 0  # message bytes received from clients, in all rounds
         self.bytes_down = 0  # message bytes sent to clients
 
@@ -227,7 +228,11 @@ class NetworkEngine:
         unmasked, when too few clients are left at any stage."""
         sessions = {}
         for task in tasks:
-            if (session := self.hub.current(task.client_id)) is not None:
+            if task.client_id in self._left_out:
+                log.warning("task %d: client %d is left out of this attempt: %s", task_id, task.client_id,
+                            self._left_out[task.client_id])
+                self.watcher.refused(task_id, task.client_id, f"left out: {self._left_out[task.client_id]}")
+            elif (session := self.hub.current(task.client_id)) is not None:
                 sessions[task.client_id] = session
             else:
                 log.warning("task %d: client %d is not connected; it will not report", task_id, task.client_id)
@@ -266,23 +271,28 @@ class NetworkEngine:
         # 3. the shares addressed to each -> masked inputs
         length = quantizer.length(size)
         exchange(list(protocol.sealed), request(Kind.SA_INPUT, protocol.input_request), Kind.SA_MASKED,
-                 lambda c, m: protocol.on_input(c, _words(m), length))
+                 lambda c, m: protocol.on_input(c, _words(m), length, m.header))
+        self._culprits(task_id, protocol.excluded, "out of the round (treated as dropped)")
         for c in sorted(protocol.inputs):  # a masked update counts as arrived
             self.watcher.arrived(task_id, c)
         self._secure_quorum(task_id, protocol, len(protocol.inputs), "sent masked inputs")
         # 4. who survived and who dropped -> the shares that unmask the sum
         exchange(sorted(protocol.inputs), request(Kind.SA_UNMASK, protocol.unmask_request), Kind.SA_UNMASKED,
                  lambda c, m: protocol.on_unmasked(c, m.header))
+        self._culprits(task_id, protocol.excluded, "left out of a retry of this round")
         try:
-            summed = quantizer.decode(protocol.result(), len(protocol.inputs))
+            summed = quantizer.decode(protocol.result(), len(protocol.inputs), sum(protocol.weights.values()))
         except SecAggFailed as e:
+            self._culprits(task_id, e.culprits, "left out of the retry")
             raise RoundFailed(f"secure aggregation: {e}; nothing was unmasked") from None
         except QuantizationError as e:
             raise RoundFailed(f"the unmasked sum is out of range ({e}): a client sent an input past its bounds; "
                               f"the round is discarded") from None
+        self._left_out.clear()  # the round is done: the next one gives every client a fresh chance
         bound = quantizer.error_bound(summed.count, summed.weight)
-        log.info("task %d: the sum of %d masked updates (%d dropped; weighted mean exact to %.2g per coordinate)",
-                 task_id, summed.count, len(tasks) - summed.count, bound)
+        log.info("task %d: the sum of %d masked updates (%d dropped; weight %d, at most %d each; weighted mean exact "
+                 "to %.2g per coordinate)", task_id, summed.count, len(tasks) - summed.count, summed.weight,
+                 quantizer.max_weight, bound)
         self.last_error_bound = bound
         mean = torch.from_numpy(summed.weighted_delta / summed.weight)
         delta, offset = {}, 0
@@ -294,6 +304,14 @@ class NetworkEngine:
                 delta[k] = torch.zeros(v.shape, dtype=torch.float64, device=v.device)
         return CombinedUpdate(-1, delta, summed.weight, 0, summed.loss, None, metrics={"loss": summed.loss},
                               client_ids=tuple(sorted(protocol.inputs)), unclipped=summed.unclipped)
+
+    def _culprits(self, task_id: int, culprits: dict[int, str], outcome: str) -> None:
+        """Log and show each client proven misbehaving, once, and leave it out of retries of this round."""
+        for c, why in culprits.items():
+            if self._left_out.get(c) != why:
+                self._left_out[c] = why
+                log.warning("task %d: client %d is %s: %s", task_id, c, outcome, why)
+                self.watcher.refused(task_id, c, why)
 
     def _secure_quorum(self, task_id: int, protocol: ServerRound, count: int, stage: str) -> None:
         need = max(protocol.threshold, self.min_fit_clients)

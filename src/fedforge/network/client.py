@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..models import build_model
 from ..privacy.mechanism import PrivacyConfig, secure_generator
 from ..privacy.stage import privatize_update
-from ..secagg.protocol import ClientRound, ProtocolError, Setup
+from ..secagg.protocol import ClientRound, Floor, ProtocolError, Setup
 from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .wire import Kind, Message, WireError, decode, encode
@@ -189,11 +189,13 @@ class _SecureRound:
     """This client's part in one round of secure aggregation: the protocol (secagg/protocol.py)
     and the quantized update it masks. Its answers name the task and this client."""
 
-    def __init__(self, client_id: int, task: Message):
+    def __init__(self, client_id: int, task: Message, floor: Floor):
         self.task_id = task.header["task"]
         self.setup = Setup.from_header(task.header.get("secagg"), client_id)
+        floor.check(self.setup)
         self.protocol = ClientRound(client_id, self.setup)
         self.input: np.ndarray | None = None
+        self.weight = 0  # the weight it declares beside its masked input
 
     def answer(self, kind: Kind, header: dict, tensors: dict | None = None) -> bytes:
         return encode(Message(kind, {"task": self.task_id, "client": self.protocol.id, **header}, tensors or {}))
@@ -213,7 +215,7 @@ class _SecureRound:
             log.warning("client %d: %d examples weigh as %d, the round's bound", self.protocol.id,
                         update.num_examples, weight)
         quantizer = Quantizer(self.setup.clients, clip, self.setup.max_weight)
-        self.input = quantizer.encode(flat.numpy(), weight, norm <= clip, update.train_loss)
+        self.input, self.weight = quantizer.encode(flat.numpy(), weight, norm <= clip, update.train_loss), weight
 
     def respond(self, message: Message) -> bytes:
         h = message.header
@@ -222,8 +224,9 @@ class _SecureRound:
         if message.kind == Kind.SA_INPUT:
             if self.input is None:
                 raise ProtocolError("no update to mask")
-            masked = self.protocol.masked_input(h, self.input)
-            return self.answer(Kind.SA_MASKED, {}, {"masked": torch.from_numpy(masked.view(np.int32))})
+            masked, complaints = self.protocol.masked_input(h, self.input)
+            return self.answer(Kind.SA_MASKED, {**complaints, "weight": self.weight},
+                               {"masked": torch.from_numpy(masked.view(np.int32))})
         if message.kind == Kind.SA_UNMASK:
             return self.answer(Kind.SA_UNMASKED, self.protocol.unmask(h))
         raise ProtocolError(f"unexpected {message.kind.name}")
@@ -257,7 +260,7 @@ def run_client(
     server: str, client_id: int, secret: str, source: PartitionOf | LocalData | ClientApp, *,
     root_cert: bytes | None,
     compression: str | None = None, max_message_bytes: int = 256 << 20, max_backoff: float = 30.0,
-    give_up_after: float | None = None, retry_on_server_failure: bool = False,
+    give_up_after: float | None = None, retry_on_server_failure: bool = False, secagg_floor: Floor = Floor(),
 ) -> int:
     """Serve the federation until it shuts down; returns the exit status: 0 the run finished,
     1 refused (wrong secret, replaced by another process with this id), 2 no server for
@@ -267,7 +270,8 @@ def run_client(
     for now (too many failed attempts from this address), the client reconnects with exponential
     backoff and jitter, up to `max_backoff` seconds between tries; it gives up after
     `give_up_after` seconds without a connection (None: never). With `retry_on_server_failure`
-    a failed run is waited out the same way (the server may come back with --resume).
+    a failed run is waited out the same way (the server may come back with --resume). A secure
+    aggregation round below `secagg_floor` is declined (the client tells the server why).
     """
     app = as_app(source)
     trainer: _Trainer | None = None
@@ -302,13 +306,16 @@ def run_client(
                 elif message.kind == Kind.TASK and trainer is not None and "secagg" in message.header:
                     secure = None
                     try:
-                        secure = _SecureRound(client_id, message)
+                        secure = _SecureRound(client_id, message, secagg_floor)
                         outbox.put(secure.answer(Kind.SA_KEYS, secure.protocol.keys()))
                         order = [k[len("global/"):] for k in message.tensors if k.startswith("global/")]
                         secure.quantize(trainer.train(client_id, message, privatize=False), order)
                     except (ProtocolError, QuantizationError) as e:
                         log.warning("client %d: left secure aggregation round %r: %s", client_id,
                                     message.header.get("task"), e)
+                        if secure is None and type(message.header.get("task")) is int:  # it declined the round
+                            outbox.put(encode(Message(Kind.SA_KEYS, {"task": message.header["task"],
+                                                                     "client": client_id, "refused": str(e)})))
                         secure = None
                 elif message.kind in _SECAGG_REQUESTS and secure is not None \
                         and message.header.get("task") == secure.task_id:

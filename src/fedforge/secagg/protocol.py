@@ -6,27 +6,36 @@ state machines, with no network in them: `ClientRound` (one per client and round
 The stages, for the participants P of a round and each client i's neighbours N(i) (every other
 participant for small rounds, a random Harary graph of degree k for large ones):
 
-1. keys: i sends two X25519 public keys, c_i (the channel for shares) and s_i (masks). U1: those who did.
+1. keys: i sends X25519 public keys: one channel key c_ij per neighbour j (the channel its shares
+   travel on with j) and s_i (masks). U1: those who did.
 2. shares: the server sends i the keys of N(i) in U1. i picks a self-mask seed b_i, splits b_i and
    its mask private key among N(i) in U1 and itself with threshold t (Shamir), seals each
-   neighbour's pair of shares for it (ChaCha20-Poly1305 under the c-key agreement), and commits to
-   every share and to b_i (SHA-256). U2: those whose shares arrived.
-3. input: the server forwards to i the sealed shares addressed to it by N(i) in U2. i sends
-   y_i = x_i + PRG(b_i) + sum_{j in N(i) and U2, j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij) (mod 2^32),
-   x_i its quantized input (quantize.py). U3: those whose input arrived.
+   neighbour's pair of shares for it (ChaCha20-Poly1305 under the pair's c-key agreement), and
+   commits to every share and to b_i (SHA-256). U2: those whose shares arrived.
+3. input: the server forwards to i the sealed shares addressed to it by N(i) in U2, with their
+   dealers' commitments to them. i opens and checks each; it reports a dealer j whose shares do
+   not open or match, revealing its private c_ij, and does not mask with j. It sends
+   y_i = x_i + PRG(b_i) + sum_{j it masks with, j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij) (mod 2^32),
+   x_i its quantized input (quantize.py), with its weight w_i beside it (at most the round's cap).
+   The server opens each reported share with the revealed key: a bad one puts its dealer out of
+   the round, a good one the reporter (a false report); either is then treated as dropped.
+   U3: those whose input arrived and who are not out.
 4. unmask: the server tells i which of its neighbours in U2 are in U3 (survivors) and which are
    not (dropped). i reveals its shares of the survivors' b_j (and of its own b_i) and of the
    dropped ones' mask keys; never both for one client, and only once. The server checks each
    share against its dealer's commitment (a wrong share is refused and logged, the others
    suffice), rebuilds each survivor's b_j and each dropped client's mask key (checked against
-   its seed commitment and its public key), and removes their masks from sum_{U3} y_i.
+   its seed commitment and its public key), and removes their masks from sum_{U3} y_i. A dealer
+   whose shares give back another seed than it committed to fails the round, named
+   (`SecAggFailed.culprits`), for the retry to go on without it.
 
 Below t live holders for any secret the round fails (`SecAggFailed`) with nothing unmasked:
 the server has then fewer than t shares of it, which reveal nothing. The server learns the sum
-of the survivors' inputs and no single input, unless it colludes with t - 1 clients. Threat model
-(docs/secure-aggregation.md): an honest-but-curious server that relays faithfully; clients may
-be hostile, and everything they send is checked, but under masking nobody can check that a
-client's input is a well-clipped update (the sum's range is checked after unmasking).
+of the survivors' inputs (and their weights) and no single input, unless it colludes with t - 1
+clients. Threat model (docs/secure-aggregation.md): an honest-but-curious server that relays
+faithfully; clients may be hostile, and everything they send is checked, but under masking
+nobody can check that a client's input is a well-clipped update (the sum's range is checked
+after unmasking).
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .crypto import (KEY_BYTES, NONCE_BYTES, TAG_BYTES, CryptoError, agree, commitment, expand, new_key,
-                     open_sealed, private_bytes, private_from_bytes, public_bytes, seal)
+                     open_sealed, private_bytes, private_from_bytes, public_bytes, seal, small_order)
 from .shamir import FIELD_BYTES, SECRET_BYTES, ShareError, combine, split
 
 log = logging.getLogger("fedforge.secagg")
@@ -58,7 +67,12 @@ class ProtocolError(ValueError):
 
 
 class SecAggFailed(Exception):
-    """The round cannot be unmasked (too few live holders, a dealer's inconsistent shares)."""
+    """The round cannot be unmasked (too few live holders, a dealer's inconsistent shares).
+    `culprits`: the clients the failure is proven against (id -> why), to leave out of a retry."""
+
+    def __init__(self, reason: str, culprits: Mapping[int, str] | None = None):
+        super().__init__(reason)
+        self.culprits = dict(culprits or {})
 
 
 # -- parameters -------------------------------------------------------------------------------
@@ -107,6 +121,13 @@ def neighbour_graph(ids: Sequence[int], degree: int, rng: random.Random) -> dict
 def _x(client_id: int) -> int:
     """A client's point on the sharing polynomials (never 0, where the secret is)."""
     return client_id + 1
+
+
+def _committed(pair) -> tuple[bytes, bytes] | None:
+    """A dealer's commitments to one holder's two shares, from their base64 pair."""
+    if not (isinstance(pair, list) and len(pair) == 2):
+        return None
+    return _bytes(pair[0], DIGEST_BYTES, "a commitment"), _bytes(pair[1], DIGEST_BYTES, "a commitment")
 
 
 def _round_bytes(round_id: int) -> bytes:
@@ -210,6 +231,33 @@ class Setup:
         return cls(round_id, tuple(neighbours), t, clients, float(clip), max_weight)
 
 
+@dataclass(frozen=True)
+class Floor:
+    """The smallest round a client joins (its own settings, never the server's): below it the
+    masks hide too little. With 2 participants the other one may be the server's own key, and
+    the sum then gives this client's update back exactly; with 1 neighbour, or a threshold of 1,
+    the same holds for the pair or the one holder."""
+
+    clients: int = 3
+    neighbours: int = 2
+    threshold: int = 2
+
+    def __post_init__(self):
+        for name in ("clients", "neighbours", "threshold"):
+            value = getattr(self, name)
+            if not (type(value) is int and 2 <= value <= 100_000):
+                raise ValueError(f"the secure round floor's {name} must be a count >= 2, got {value!r}")
+
+    def check(self, setup: Setup) -> None:
+        """ProtocolError with the reason when `setup` is below this floor."""
+        for name, have, need in (("participants", setup.clients, self.clients),
+                                 ("neighbours", len(setup.neighbours), self.neighbours),
+                                 ("threshold", setup.threshold, self.threshold)):
+            if have < need:
+                raise ProtocolError(f"the round has {have} {name}, below this client's floor of {need}: too small "
+                                    f"to hide its update (the server could recover it)")
+
+
 # -- the client -------------------------------------------------------------------------------
 class ClientRound:
     """One client's side of one round. Each method answers one of the server's messages, at most
@@ -217,11 +265,14 @@ class ClientRound:
 
     def __init__(self, client_id: int, setup: Setup):
         self.id, self.setup = client_id, setup
-        self._c, self._s, self._seed = new_key(), new_key(), os.urandom(SECRET_BYTES)
+        # one channel key per neighbour: revealing one (to prove a neighbour's shares do not
+        # open) exposes that pair's channel only
+        self._c = {j: new_key() for j in setup.neighbours}
+        self._s, self._seed = new_key(), os.urandom(SECRET_BYTES)
         self._stage = 0
         self._keys: dict[int, tuple[bytes, bytes]] = {}  # neighbours' (c, s) public keys
         self._own: tuple[bytes, bytes] | None = None  # this client's shares of its own secrets
-        self._held: dict[int, tuple[bytes, bytes] | None] = {}  # shares from neighbours (None: did not open)
+        self._held: dict[int, tuple[bytes, bytes]] = {}  # neighbours' shares that opened: those it masks with
 
     def _advance(self, stage: int) -> None:
         if self._stage != stage:
@@ -230,7 +281,7 @@ class ClientRound:
 
     def keys(self) -> dict:
         self._advance(0)
-        return {"c": b64(public_bytes(self._c)), "s": b64(public_bytes(self._s))}
+        return {"c": {str(j): b64(public_bytes(k)) for j, k in self._c.items()}, "s": b64(public_bytes(self._s))}
 
     def shares(self, header: dict) -> dict:
         self._advance(1)
@@ -253,36 +304,44 @@ class ClientRound:
             commitments[str(j)] = [b64(_share_commitment(r, self.id, j, b"b", b)),
                                    b64(_share_commitment(r, self.id, j, b"s", s))]
             if j != self.id:
-                key = _share_key(self._c, self._keys[j][0], r)
+                key = _share_key(self._c[j], self._keys[j][0], r)
                 sealed[str(j)] = b64(seal(key, b + s, _aad(r, self.id, j)))
         return {"shares": sealed, "commitments": commitments,
                 "seed": b64(_seed_commitment(r, self.id, self._seed))}
 
-    def masked_input(self, header: dict, vector: np.ndarray) -> np.ndarray:
-        """`vector` (this client's quantized input) masked, for the neighbours whose shares the
-        server forwarded (those are the ones that mask with this client too)."""
+    def masked_input(self, header: dict, vector: np.ndarray) -> tuple[np.ndarray, dict]:
+        """`vector` (this client's quantized input) masked for the neighbours whose shares the
+        server forwarded, opened and matched their dealer's commitments; and the complaints
+        about the others (`{"complaints": {j: this pair's channel private key}}`): with that key
+        the server opens j's sealed shares itself and finds out which of the two is lying."""
         self._advance(2)
         sealed = _by_id(header.get("shares"), self._keys, "shares")
+        commitments = _by_id(header.get("commitments"), self._keys, "commitments")
         t, r = self.setup.threshold, self.setup.round_id
         if len(sealed) + 1 < t:
             raise ProtocolError(f"shares from {len(sealed)} neighbours, fewer than the threshold {t} needs")
+        complaints = {}
         for j, text in sealed.items():
             try:
-                key = _share_key(self._c, self._keys[j][0], r)
+                key = _share_key(self._c[j], self._keys[j][0], r)
                 pair = open_sealed(key, _bytes(text, SEALED_BYTES, "a sealed share"), _aad(r, j, self.id))
-                self._held[j] = (pair[:FIELD_BYTES], pair[FIELD_BYTES:])
-            except (CryptoError, ProtocolError) as e:  # j still masks with this client: keep the pair
-                log.warning("client %d: the shares of client %d are refused: %s", self.id, j, e)
-                self._held[j] = None
+                b, s = pair[:FIELD_BYTES], pair[FIELD_BYTES:]
+                if _committed(commitments.get(j)) != (_share_commitment(r, j, self.id, b"b", b),
+                                                       _share_commitment(r, j, self.id, b"s", s)):
+                    raise ProtocolError("they do not match their commitments")
+                self._held[j] = (b, s)
+            except (CryptoError, ProtocolError) as e:  # this client does not mask with j: it reports j
+                log.warning("client %d: the shares of client %d are refused: %s; reported", self.id, j, e)
+                complaints[str(j)] = b64(private_bytes(self._c[j]))
         masked = vector.astype(np.uint32, copy=True)
         masked += expand(self._seed, len(masked))
-        for j in sorted(sealed):
+        for j in sorted(self._held):
             mask = expand(_mask_key(self._s, self._keys[j][1], r), len(masked))
             if self.id < j:
                 masked += mask
             else:
                 masked -= mask
-        return masked
+        return masked, {"complaints": complaints}
 
     def unmask(self, header: dict) -> dict:
         self._advance(3)
@@ -293,8 +352,8 @@ class ClientRound:
         if len(survivors) + 1 < self.setup.threshold:
             raise ProtocolError(f"{len(survivors) + 1} survivors, fewer than the threshold {self.setup.threshold}")
         b = {str(self.id): b64(self._own[0])}
-        b.update({str(j): b64(self._held[j][0]) for j in survivors if self._held[j] is not None})
-        s = {str(j): b64(self._held[j][1]) for j in dropped if self._held[j] is not None}
+        b.update({str(j): b64(self._held[j][0]) for j in survivors})
+        s = {str(j): b64(self._held[j][1]) for j in dropped}
         return {"b": b, "s": s}
 
 
@@ -317,18 +376,22 @@ class ServerRound:
         except ProtocolError as e:
             raise SecAggFailed(str(e)) from None
         self.clip, self.max_weight = clip, max_weight
-        self.keys: dict[int, tuple[bytes, bytes]] = {}  # U1
+        self.keys: dict[int, tuple[dict[int, bytes], bytes]] = {}  # U1: (a channel key per neighbour, mask key)
+        self._public: set[bytes] = set()
         self._sent_keys: dict[int, tuple[int, ...]] = {}
         self.sealed: dict[int, dict[int, str]] = {}  # U2: dealer -> holder -> sealed shares (base64)
         self._commitments: dict[int, dict[int, tuple[bytes, bytes]]] = {}
         self._seed_commitments: dict[int, bytes] = {}
-        self._forwarded: dict[int, tuple[int, ...]] = {}  # i -> the neighbours i masks with
+        self._forwarded: dict[int, tuple[int, ...]] = {}  # i -> the neighbours whose shares i was sent
+        self._masks: dict[int, frozenset[int]] = {}  # i -> the neighbours i masks with (those it did not report)
         self.inputs: dict[int, np.ndarray] = {}  # U3
+        self.weights: dict[int, int] = {}  # the weight each input declares, at most max_weight
         self._asked: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
         self._b: dict[int, dict[int, bytes]] = {}  # dealer -> x -> verified share of its seed
         self._s: dict[int, dict[int, bytes]] = {}  # dealer -> x -> verified share of its mask key
         self.responded: set[int] = set()  # U4
         self.refused_shares: list[tuple[int, int]] = []  # (holder, dealer) of shares that failed their commitment
+        self.excluded: dict[int, str] = {}  # clients put out of the round for what is proven against them, and why
 
     def setup(self, client_id: int) -> Setup:
         return Setup(self.round_id, self.graph[client_id], self.threshold, len(self.participants), self.clip,
@@ -337,21 +400,26 @@ class ServerRound:
     def on_keys(self, client_id: int, header: dict) -> None:
         if client_id not in self.graph or client_id in self.keys:
             raise ProtocolError("keys from a client that is not a participant, or a second time")
-        c, s = _bytes(header.get("c"), KEY_BYTES, "c key"), _bytes(header.get("s"), KEY_BYTES, "s key")
-        if c == s or any(c in pair or s in pair for pair in self.keys.values()):
+        if "refused" in header:  # the client declines the round (below its floor): it says why
+            raise ProtocolError(f"it declines the round: {str(header['refused'])[:300]!r}")
+        neighbours = set(self.graph[client_id])
+        texts = _by_id(header.get("c"), neighbours, "c keys")
+        if set(texts) != neighbours:
+            raise ProtocolError(f"c keys for {len(texts)} of its {len(neighbours)} neighbours")
+        c = {j: _bytes(text, KEY_BYTES, "a c key") for j, text in texts.items()}
+        s = _bytes(header.get("s"), KEY_BYTES, "s key")
+        mine = {s, *c.values()}
+        if len(mine) != len(c) + 1 or mine & self._public:
             raise ProtocolError("a public key used twice")
-        probe = new_key()
-        for key in (c, s):  # a low-order point would make every neighbour's key agreement fail
-            try:
-                agree(probe, key, b"check")
-            except CryptoError as e:
-                raise ProtocolError(str(e)) from None
+        if any(small_order(key) for key in mine):  # a neighbour's key agreement with it would fail
+            raise ProtocolError("a public key of low order")
+        self._public |= mine
         self.keys[client_id] = (c, s)
 
     def neighbour_keys(self, client_id: int) -> dict:
         live = tuple(j for j in self.graph[client_id] if j in self.keys)
         self._sent_keys[client_id] = live
-        return {"keys": {str(j): [b64(self.keys[j][0]), b64(self.keys[j][1])] for j in live}}
+        return {"keys": {str(j): [b64(self.keys[j][0][client_id]), b64(self.keys[j][1])] for j in live}}
 
     def on_shares(self, client_id: int, header: dict) -> None:
         if client_id not in self._sent_keys or client_id in self.sealed:
@@ -378,20 +446,70 @@ class ServerRound:
     def input_request(self, client_id: int) -> dict:
         dealers = tuple(j for j in self.graph[client_id] if j in self.sealed)
         self._forwarded[client_id] = dealers
-        return {"shares": {str(j): self.sealed[j][client_id] for j in dealers}}
+        return {"shares": {str(j): self.sealed[j][client_id] for j in dealers},
+                "commitments": {str(j): [b64(d) for d in self._commitments[j][client_id]] for j in dealers}}
 
-    def on_input(self, client_id: int, vector: np.ndarray, length: int) -> None:
+    def on_input(self, client_id: int, vector: np.ndarray, length: int, header: dict | None = None) -> None:
+        """The masked input of `client_id` and its complaints (`header`): each names a neighbour
+        whose shares did not open or match their commitments, with the pair's channel private
+        key. The server opens those shares itself: when they are bad the dealer is out of the
+        round (`excluded`; treated as dropped: its input is not summed, its mask key is rebuilt
+        for the neighbours that mask with it), when they are good the complaint was false and
+        the accuser is out (ProtocolError)."""
+        if client_id in self.excluded:
+            raise ProtocolError(f"it is out of the round: {self.excluded[client_id]}")
         if client_id not in self._forwarded or client_id in self.inputs:
             raise ProtocolError("an input without the shares it masks with, or a second one")
         if vector.dtype != np.uint32 or vector.shape != (length,):
             raise ProtocolError(f"the masked input must be {length} 32-bit words, got {vector.shape} {vector.dtype}")
+        header = header or {}
+        weight = header.get("weight")
+        if not (type(weight) is int and 1 <= weight <= self.max_weight):
+            raise ProtocolError(f"its weight {weight!r} is not between 1 and the round's cap {self.max_weight}")
+        complaints = _by_id(header.get("complaints", {}), self._forwarded[client_id], "complaints")
+        culprits = {}
+        for dealer, text in complaints.items():
+            culprit, why = self._judge(client_id, dealer, _bytes(text, KEY_BYTES, "a channel key"))
+            if culprit == client_id:
+                self.excluded[client_id] = why
+                raise ProtocolError(why)
+            culprits[dealer] = why
+        for dealer, why in culprits.items():
+            self.excluded.setdefault(dealer, why)
+            self.inputs.pop(dealer, None)
+            self.weights.pop(dealer, None)
+        self._masks[client_id] = frozenset(self._forwarded[client_id]) - set(complaints)
         self.inputs[client_id] = vector
+        self.weights[client_id] = weight
+
+    def _judge(self, holder: int, dealer: int, private: bytes) -> tuple[int, str]:
+        """Who is lying, `holder` that reports `dealer`'s shares, revealing its channel key for the
+        pair, or `dealer`: (the culprit, why)."""
+        if self.excluded.get(dealer):
+            return dealer, self.excluded[dealer]
+        try:
+            key = private_from_bytes(private)
+        except (CryptoError, ValueError):
+            return holder, f"it reported client {dealer}'s shares with a channel key that is not one"
+        if public_bytes(key) != self.keys[holder][0][dealer]:
+            return holder, f"it reported client {dealer}'s shares with a channel key that is not its own"
+        r = self.round_id
+        try:
+            sealed = _bytes(self.sealed[dealer][holder], SEALED_BYTES, "a sealed share")
+            pair = open_sealed(_share_key(key, self.keys[dealer][0][holder], r), sealed, _aad(r, dealer, holder))
+        except (CryptoError, ProtocolError):
+            return dealer, f"its shares for client {holder} do not open"
+        b, s = pair[:FIELD_BYTES], pair[FIELD_BYTES:]
+        if self._commitments[dealer][holder] != (_share_commitment(r, dealer, holder, b"b", b),
+                                                 _share_commitment(r, dealer, holder, b"s", s)):
+            return dealer, f"its shares for client {holder} do not match its commitments"
+        return holder, f"it reported client {dealer}'s shares, which open and match their commitments"
 
     def enough_inputs(self) -> bool:
         return len(self.inputs) >= self.threshold
 
     def unmask_request(self, client_id: int) -> dict:
-        mine = set(self._forwarded[client_id])
+        mine = set(self._masks[client_id])
         survivors, dropped = mine & set(self.inputs), mine - set(self.inputs)
         self._asked[client_id] = (frozenset(survivors), frozenset(dropped))
         return {"survivors": sorted(survivors), "dropped": sorted(dropped)}
@@ -409,7 +527,9 @@ class ServerRound:
             if _share_commitment(self.round_id, dealer, client_id, which, share) != expected:
                 log.warning("round %d: client %d's share of client %d's %s does not match its commitment; refused",
                             self.round_id, client_id, dealer, "self-mask seed" if which == b"b" else "mask key")
-                self.refused_shares.append((client_id, dealer))
+                self.refused_shares.append((client_id, dealer))  # it had checked that share: it lies now
+                self.excluded.setdefault(client_id, f"it revealed a share of client {dealer}'s secrets that is not "
+                                                    "the one it was dealt")
                 continue
             into.setdefault(dealer, {})[_x(client_id)] = share
         self.responded.add(client_id)
@@ -429,10 +549,12 @@ class ServerRound:
                 raise SecAggFailed(f"client {i}'s self-mask: {len(shares)} verified shares, the threshold is {t}")
             seed = _combine(shares, t, f"client {i}'s self-mask")
             if _seed_commitment(r, i, seed) != self._seed_commitments[i]:
-                raise SecAggFailed(f"client {i} dealt shares that do not give back the seed it committed to")
+                why = "it dealt shares that do not give back the seed it committed to"
+                raise SecAggFailed(f"client {i} dealt shares that do not give back the seed it committed to",
+                                   {i: why})
             total -= expand(seed, len(total))
         for j in sorted(set(self.sealed) - set(self.inputs)):  # shared, then sent no (accepted) input
-            partners = [i for i in self.inputs if j in self._forwarded[i]]
+            partners = [i for i in self.inputs if j in self._masks[i]]
             if not partners:
                 continue
             shares = self._s.get(j, {})
@@ -441,7 +563,8 @@ class ServerRound:
                                    f"is {t}")
             key = private_from_bytes(_combine(shares, t, f"client {j}'s mask key"))
             if public_bytes(key) != self.keys[j][1]:
-                raise SecAggFailed(f"client {j} dealt shares that do not give back its mask key")
+                raise SecAggFailed(f"client {j} dealt shares that do not give back its mask key",
+                                   {j: "it dealt shares that do not give back its mask key"})
             for i in partners:
                 mask = expand(_mask_key(key, self.keys[i][1], r), len(total))
                 if i < j:

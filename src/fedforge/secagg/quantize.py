@@ -2,10 +2,13 @@
 
 A client's input is one vector of uint32 words: its example-weighted, clipped update
 `round(w * delta * scale)` (every float entry of the model, in the global state's order), then
-three counters: its weight w (its example count, at most `max_weight`; 1 under differential
-privacy, where every update counts once), whether its update was within the clip bound before
-clipping (adaptive clipping's bit), and its weighted training loss `round(w * loss * loss_scale)`.
-Negative numbers wrap (two's complement), so the masked sum mod 2^32 read as int32 is the sum.
+two counters: whether its update was within the clip bound before clipping (adaptive clipping's
+bit), and its weighted training loss `round(w * loss * loss_scale)`. Its weight w (its example
+count, at most `max_weight`; 1 under differential privacy, where every update counts once) is not
+in the sum: the client declares it beside its masked input and the server refuses one past
+`max_weight`, so that no client's share of the round's weight passes the cap (a counter inside
+the sum could only be range-checked in total). Negative numbers wrap (two's complement), so the
+masked sum mod 2^32 read as int32 is the sum.
 
 The scales are the largest that cannot wrap: n clients with |delta_j| <= clip (an L2 bound on the
 whole delta bounds each coordinate) and w <= max_weight sum to at most n * max_weight * clip in
@@ -23,7 +26,7 @@ import numpy as np
 
 RING_BITS = 32
 RING_MAX = (1 << (RING_BITS - 1)) - 1  # the largest sum a coordinate may reach, read as int32
-COUNTERS = 3  # weight, unclipped, weighted loss
+COUNTERS = 2  # unclipped, weighted loss
 LOSS_BOUND = 1e4  # training losses are clamped to [-LOSS_BOUND, LOSS_BOUND] for the round's mean
 
 
@@ -73,16 +76,17 @@ class Quantizer:
             raise QuantizationError(f"a coordinate of {peak:.6g} is past the clip bound {self.clip:g}")
         q = np.rint(np.clip(delta, -self.clip, self.clip) * (weight * self.scale)).astype(np.int64)
         loss = float(np.clip(loss, -LOSS_BOUND, LOSS_BOUND)) if np.isfinite(loss) else LOSS_BOUND
-        counters = np.array([weight, int(unclipped), round(weight * loss * self.loss_scale)], dtype=np.int64)
+        counters = np.array([int(unclipped), round(weight * loss * self.loss_scale)], dtype=np.int64)
         return np.concatenate([q, counters]).astype(np.uint32)
 
-    def decode(self, total: np.ndarray, count: int) -> Sum:
-        """The sum of `count` clients' inputs, from its words mod 2^32. QuantizationError when it
-        cannot be a sum of `count` inputs within the bounds (a client sent words past them)."""
+    def decode(self, total: np.ndarray, count: int, weight: int) -> Sum:
+        """The sum of `count` clients' inputs, from its words mod 2^32, `weight` the sum of the
+        weights they declared. QuantizationError when it cannot be a sum of `count` inputs within
+        the bounds (a client sent words past them)."""
         if not 1 <= count <= self.clients:
             raise QuantizationError(f"a sum of {count} inputs, the ring is set for at most {self.clients}")
         signed = np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.int64)
-        q, (weight, unclipped, loss) = signed[:-COUNTERS], signed[-COUNTERS:].tolist()
+        q, (unclipped, loss) = signed[:-COUNTERS], signed[-COUNTERS:].tolist()
         if not (count <= weight <= count * self.max_weight and 0 <= unclipped <= count):
             raise QuantizationError(f"counters out of range for {count} inputs (total weight {weight}, "
                                     f"{unclipped} unclipped)")
