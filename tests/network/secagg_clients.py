@@ -69,6 +69,10 @@ def tamper(data: bytes, mode: str, client_id: int, secure) -> bytes:
         header["client"] = client_id + 1
     elif mode == "malformed":
         tensors["masked"] = tensors["masked"][:-1]
+    elif mode == "range":  # words past any sum of clipped inputs: an update coordinate and both counters
+        masked = tensors["masked"].clone()
+        masked[[0, -2, -1]] += 1 << 30
+        tensors["masked"] = masked
     return encode(Message(message.kind, header, tensors))
 
 
@@ -90,7 +94,7 @@ def main():
         hostile[int(who)] = (mode, task if task == "*" else int(task))
     when = {"badshare": Kind.SA_UNMASK, "other": Kind.SA_NEIGHBOUR_KEYS, "malformed": Kind.SA_INPUT,
             "twice": Kind.SA_INPUT, "garbage": Kind.SA_NEIGHBOUR_KEYS, "replay": Kind.SA_NEIGHBOUR_KEYS,
-            "seed": Kind.SA_NEIGHBOUR_KEYS, "liar": Kind.SA_INPUT, "heavy": None}
+            "seed": Kind.SA_NEIGHBOUR_KEYS, "liar": Kind.SA_INPUT, "heavy": None, "range": Kind.SA_INPUT}
     respond, quantize = _SecureRound.respond, _SecureRound.quantize
 
     def heavy(self, update, order):

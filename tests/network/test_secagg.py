@@ -223,13 +223,15 @@ def test_a_hostile_client_is_named_and_put_out_and_every_round_completes(tmp_pat
     (task 1); client 3 replays its sealed shares of the task before (from task 2 on); client 2
     reports a neighbour's good shares as unopenable (task 3); client 1 commits to a seed it does
     not share (task 4). Each is named, with why, and put out: the first three within their round
-    (as dropouts), the fourth at unmasking, when the attempt fails and its retry goes on without it."""
+    (as dropouts), the fourth at unmasking, when the attempt fails and its retry goes on without it.
+    Client 0 sends words past its bounds (task 2): masking hides whose they are, so the sum's words
+    past any clipped inputs' reach are clamped to it, said in the log, and the round completes."""
     enroll_all(tmp_path, 5)
     srv, port = server(tmp_path, "--num-clients", "5", "--clients-per-round", "5", "--rounds", "4",
                        "--min-clients", "5", "--min-available-clients", "5", "--min-fit-clients", "3",
                        "--secure-aggregation", "--round-timeout", "60")
     proc = clients(tmp_path, port, range(5), "synthetic:5", "--hostile", "4=garbage:1", "3=replay:*", "2=liar:3",
-                   "1=seed:4", name="clients")
+                   "1=seed:4", "0=range:2", name="clients")
     try:
         assert srv.wait(240) == 0, srv.text() + proc.text()
         log = srv.text()
@@ -237,6 +239,8 @@ def test_a_hostile_client_is_named_and_put_out_and_every_round_completes(tmp_pat
         assert "task 1: the sum of 4 masked updates" in log
         assert "task 2: client 3 is out of the round (treated as dropped): its shares for client" in log
         assert "task 2: the sum of 4 masked updates" in log
+        assert ("task 2: 3 words of the unmasked sum were past what 4 clipped inputs can reach: a client sent words "
+                "past its bounds (masking hides which); clamped") in log
         assert ("task 3: refused the SA_MASKED of client 2: it reported client 0's shares, which open and match "
                 "their commitments") in log
         assert "task 3: the sum of 3 masked updates" in log

@@ -286,8 +286,11 @@ class NetworkEngine:
             self._culprits(task_id, e.culprits, "left out of the retry")
             raise RoundFailed(f"secure aggregation: {e}; nothing was unmasked") from None
         except QuantizationError as e:
-            raise RoundFailed(f"the unmasked sum is out of range ({e}): a client sent an input past its bounds; "
-                              f"the round is discarded") from None
+            raise RoundFailed(f"secure aggregation: {e}; the round is discarded") from None
+        if summed.clamped:
+            log.warning("task %d: %d words of the unmasked sum were past what %d clipped inputs can reach: a client "
+                        "sent words past its bounds (masking hides which); clamped to that reach, no further than an "
+                        "input within the bounds moves the sum", task_id, summed.clamped, summed.count)
         self._left_out.clear()  # the round is done: the next one gives every client a fresh chance
         bound = quantizer.error_bound(summed.count, summed.weight)
         log.info("task %d: the sum of %d masked updates (%d dropped; weight %d, at most %d each; weighted mean exact "

@@ -81,19 +81,25 @@ class Quantizer:
 
     def decode(self, total: np.ndarray, count: int, weight: int) -> Sum:
         """The sum of `count` clients' inputs, from its words mod 2^32, `weight` the sum of the
-        weights they declared. QuantizationError when it cannot be a sum of `count` inputs within
-        the bounds (a client sent words past them)."""
+        weights they declared. A coordinate or counter past what `count` inputs within the bounds
+        can reach (a client sent words past them; masking hides which) is clamped to that reach
+        and counted in `Sum.clamped`: it moves the sum no further than an input inside the bounds
+        can, so the round goes on. QuantizationError for a count or declared weights the round
+        cannot have."""
         if not 1 <= count <= self.clients:
             raise QuantizationError(f"a sum of {count} inputs, the ring is set for at most {self.clients}")
+        if not count <= weight <= count * self.max_weight:
+            raise QuantizationError(f"declared weights out of range for {count} inputs (total weight {weight})")
         signed = np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.int64)
         q, (unclipped, loss) = signed[:-COUNTERS], signed[-COUNTERS:].tolist()
-        if not (count <= weight <= count * self.max_weight and 0 <= unclipped <= count):
-            raise QuantizationError(f"counters out of range for {count} inputs (total weight {weight}, "
-                                    f"{unclipped} unclipped)")
-        peak = int(np.abs(q).max()) if q.size else 0
-        if peak > weight * self.clip * self.scale + count:
-            raise QuantizationError(f"a coordinate of the sum is past what {count} clipped inputs can reach")
-        return Sum(q.astype(np.float64) / self.scale, weight, unclipped, loss / self.loss_scale / weight, count)
+        reach = int(weight * self.clip * self.scale) + count
+        loss_reach = int(weight * LOSS_BOUND * self.loss_scale) + count
+        clamped = int(np.count_nonzero(np.abs(q) > reach)) + int(not 0 <= unclipped <= count) \
+            + int(abs(loss) > loss_reach)
+        q = np.clip(q, -reach, reach)
+        unclipped, loss = min(max(unclipped, 0), count), min(max(loss, -loss_reach), loss_reach)
+        return Sum(q.astype(np.float64) / self.scale, weight, unclipped, loss / self.loss_scale / weight, count,
+                   clamped)
 
     def error_bound(self, count: int, total_weight: int) -> float:
         """The most each coordinate of the weighted mean can differ from the exact one."""
@@ -109,3 +115,4 @@ class Sum:
     unclipped: int
     loss: float  # the weighted mean training loss (each clamped to +-LOSS_BOUND)
     count: int
+    clamped: int = 0  # coordinates and counters past the inputs' reach, clamped to it (a client sent words past them)
