@@ -32,6 +32,7 @@ from ..privacy.stage import privatize_update
 from ..secagg.protocol import ClientRound, ProtocolError, Setup
 from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
+from .inputs import InputSummary
 from .wire import Kind, Message, WireError, decode, encode
 
 log = logging.getLogger("fedforge.client")
@@ -232,11 +233,34 @@ class _SecureRound:
 _SECAGG_REQUESTS = (Kind.SA_NEIGHBOUR_KEYS, Kind.SA_INPUT, Kind.SA_UNMASK)
 
 
-def update_message(task_id: int, update: ClientUpdate) -> Message:
+def update_message(task_id: int, update: ClientUpdate, *, inputs_differ: bool = False) -> Message:
+    """The UPDATE answering task `task_id`; `inputs_differ` (one flag, never the statistics): this
+    client's inputs differ markedly from the server's test inputs (`compare_inputs`)."""
     header = {"task": task_id, "num_examples": update.num_examples, "num_steps": update.num_steps,
               "train_loss": update.train_loss, "train_accuracy": update.train_accuracy,
               "initial_loss": update.initial_loss, "metrics": dict(update.metrics)}
+    if inputs_differ:
+        header["inputs_differ"] = True
     return Message(Kind.UPDATE, header, {f"delta/{k}": v for k, v in update.delta.items()})
+
+
+def compare_inputs(summary, data: TensorData, client_id: int) -> bool:
+    """Whether this client's training inputs differ markedly from the server's test inputs
+    (`summary`, its welcome's `test_inputs`: network/inputs.py); warns on the console when they do."""
+    if summary is None:
+        return False
+    try:
+        theirs = InputSummary.from_header(summary)
+    except ValueError as e:
+        log.warning("client %d: ignored the server's summary of its test inputs: %s", client_id, e)
+        return False
+    mine = InputSummary.of(data.x)
+    reason = "they are not one tensor of floats, the server's are" if mine is None else theirs.differs(mine)
+    if reason is not None:
+        log.warning("client %d: this client's training inputs differ markedly from the test inputs the server "
+                    "evaluates on: %s. Are they prepared as the server's (range, shape)? The server is told so.",
+                    client_id, reason)
+    return reason is not None
 
 
 def _channel(server: str, root_cert: bytes | None, max_message_bytes: int) -> grpc.Channel:
@@ -271,6 +295,7 @@ def run_client(
     """
     app = as_app(source)
     trainer: _Trainer | None = None
+    inputs_differ = False  # from the server's test inputs, once welcomed
     secure: _SecureRound | None = None  # the secure aggregation round under way
     backoff, last_contact = 0.5, time.monotonic()
     metadata = ((CLIENT_ID_KEY, str(client_id)), (SECRET_KEY, secret))
@@ -298,6 +323,7 @@ def run_client(
                 if message.kind == Kind.WELCOME and trainer is None:
                     config = Config.from_dict(message.header["config"], source="server settings")
                     trainer = _Trainer(config, app, client_id)
+                    inputs_differ = compare_inputs(message.header.get("test_inputs"), trainer.data, client_id)
                     log.info("client %d: joined (%d examples)", client_id, len(trainer.data))
                 elif message.kind == Kind.TASK and trainer is not None and "secagg" in message.header:
                     secure = None
@@ -319,7 +345,8 @@ def run_client(
                         secure = None
                 elif message.kind == Kind.TASK and trainer is not None:
                     update = trainer.train(client_id, message)
-                    outbox.put(encode(update_message(message.header["task"], update), compression=compression))
+                    outbox.put(encode(update_message(message.header["task"], update, inputs_differ=inputs_differ),
+                                      compression=compression))
         except Refused as e:
             log.error("client %d: refused by the server: %s", client_id, e)
             return EXIT_REFUSED

@@ -1,0 +1,82 @@
+"""What a deployment says when the parts do not fit: data prepared unlike the server's test data,
+a model that does not fit the data, a server that cannot be reached."""
+
+import json
+import re
+import sys
+import urllib.request
+
+import pytest
+
+from fedforge.network.inputs import InputSummary
+
+# A client whose own code scales the pixels to [0, 1] (as x / 255 does), while the server's
+# built-in digits are in [-1, 1].
+UNIT_RANGE_APP = """
+import fedforge as ff
+from fedforge.experiment import load
+
+
+def data(client_id, config):
+    federated = load(config, progress=False)[1]
+    part = federated.train.subset(federated.partition[client_id])
+    return part.x * 0.5 + 0.5, part.y
+
+
+APP = ff.ClientApp(data=data)
+"""
+
+DIGITS = ["--dataset", "digits", "--num-clients", "3", "--clients-per-round", "3", "--model", "logreg",
+          "--batch-size", "32"]
+
+
+def test_a_client_whose_inputs_differ_from_the_servers_test_inputs_says_so(cluster, tmp_path):
+    """The client warns on its console and flags its updates; the server warns once per such
+    client, on its console and on the dashboard; the clients prepared like the server say nothing."""
+    pytest.importorskip("sklearn")
+    (tmp_path / "unit_range_app.py").write_text(UNIT_RANGE_APP)
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "40", "--dashboard", "0", *DIGITS)
+    url = server.wait_for(r"dashboard at (\S+)").group(1)
+    odd = cluster.start("app-0", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
+                                  "--server", f"127.0.0.1:{port}", "--client-id", "0", "--token-file",
+                                  "client-0.token", "--app", "unit_range_app:APP"])
+    fine = [cluster.client(i, port, dataset="digits") for i in (1, 2)]
+    odd.wait_for(r"client 0: this client's training inputs differ markedly .*their mean is", timeout=120)
+    warning = "client 0 says its training inputs differ markedly from the server's test inputs"
+    server.wait_for(re.escape(warning), timeout=120)
+    for _ in range(600):
+        with urllib.request.urlopen(url + "api/state", timeout=30) as response:
+            log = json.loads(response.read())["log"]
+        if any(warning in entry["message"] for entry in log):
+            break
+    else:
+        raise AssertionError(f"the dashboard's log has no {warning!r}: {log}")
+    server.wait_for(r"round 5/40", timeout=120)  # several updates of client 0 have come since
+    assert server.text().count(warning) == 1
+    assert "client 1 says" not in server.text() and "client 2 says" not in server.text()
+    assert all("differ markedly" not in c.text() for c in fine)
+
+
+@pytest.mark.parametrize("header, reason", [
+    ({"shape": [1, 8, 8], "mean": 0.0}, "not a dict of shape, mean and std"),
+    ({"shape": [1] * 9, "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
+    ({"shape": [0], "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
+    ({"shape": [2**40], "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
+    ({"shape": "1,8,8", "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
+    ({"shape": [True], "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
+    ({"shape": [64], "mean": float("nan"), "std": 1.0}, "its mean is not a number"),
+    ({"shape": [64], "mean": 1e300, "std": 1.0}, "its mean is not a number"),
+    ({"shape": [64], "mean": 0.0, "std": -1.0}, "its std is not a number"),
+    ({"shape": [64], "mean": 0.0, "std": "1"}, "its std is not a number"),
+])
+def test_a_hostile_servers_summary_is_refused_with_its_reason(header, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        InputSummary.from_header(header)
+
+
+def test_what_differs_markedly():
+    server = InputSummary((1, 8, 8), -0.4, 0.75)
+    assert server.differs(InputSummary((1, 8, 8), -0.1, 0.7)) is None  # 0.4 standard deviations apart
+    assert "mean" in server.differs(InputSummary((1, 8, 8), 0.3, 0.375))  # [0, 1] instead of [-1, 1]
+    assert "standard deviation" in server.differs(InputSummary((1, 8, 8), -0.4, 2.0))
+    assert "shape" in server.differs(InputSummary((64,), -0.4, 0.75))
