@@ -57,6 +57,43 @@ def test_a_client_whose_inputs_differ_from_the_servers_test_inputs_says_so(clust
     assert all("differ markedly" not in c.text() for c in fine)
 
 
+# The server's logreg has the same tensors (a Linear of 64 inputs after a layer without weights),
+# but this model forgets to flatten the 1x8x8 images.
+UNFLATTENED_APP = """
+from torch import nn
+
+import fedforge as ff
+from fedforge.experiment import load
+
+
+def data(client_id, config):
+    return load(config, progress=False)[1].train
+
+
+def model(input_shape, num_classes):
+    return nn.Sequential(nn.Identity(), nn.Linear(64, num_classes))
+
+
+APP = ff.ClientApp(data=data, model=model)
+"""
+
+
+def test_a_clients_model_that_does_not_fit_its_data_is_one_line(cluster, tmp_path):
+    pytest.importorskip("sklearn")
+    (tmp_path / "unflattened_app.py").write_text(UNFLATTENED_APP)
+    server, port = cluster.server("--insecure", "--min-clients", "1", "--dataset", "digits", "--num-clients", "1",
+                                  "--clients-per-round", "1", "--model", "logreg")
+    client = cluster.start("app", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
+                                   "--server", f"127.0.0.1:{port}", "--client-id", "0", "--token-file",
+                                   "client-0.token", "--app", "unflattened_app:APP"])
+    assert client.wait(120) == 2, client.text()
+    errors = [line for line in client.text().splitlines() if "error" in line.lower()]
+    assert errors == ["fedforge: error: model unflattened_app:model does not fit the data: on a batch of inputs of "
+                      "shape (2, 1, 8, 8) it fails with RuntimeError: mat1 and mat2 shapes cannot be multiplied "
+                      "(16x8 and 64x10)"], client.text()
+    assert "Traceback" not in client.text()
+
+
 @pytest.mark.parametrize("header, reason", [
     ({"shape": [1, 8, 8], "mean": 0.0}, "not a dict of shape, mean and std"),
     ({"shape": [1] * 9, "mean": 0.0, "std": 1.0}, "at most 8 sizes"),

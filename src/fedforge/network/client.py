@@ -26,7 +26,7 @@ from ..config import Config
 from ..data.datasets import TensorData, leaves
 from ..engines import ClientTask, SequentialEngine
 from ..errors import ConfigError
-from ..models import build_model
+from ..models import build_model, check_fits
 from ..privacy.mechanism import PrivacyConfig, secure_generator
 from ..privacy.stage import privatize_update
 from ..secagg.protocol import ClientRound, ProtocolError, Setup
@@ -136,6 +136,7 @@ class _Trainer:
             self.model = build_model(config.model, input_shape, num_classes, seed=config.seed)
         else:
             self.model = app.model(input_shape, num_classes)
+        check_fits(self.model, self.data.x, config.model if app.model is None else _qualified(app.model))
         self.engine = SequentialEngine()
         # Where this client's optimizer left off, when its task keeps it; and the task it last
         # trained with the state it started from, so that a task sent again (after a reconnect)
@@ -175,6 +176,11 @@ class _Trainer:
             mechanism = PrivacyConfig(plan.noise_multiplier, 1.0, mode=mode, clip=plan.clip)
             update = privatize_update(update, mechanism, plan.clip, secure_generator())
         return update
+
+
+def _qualified(factory) -> str:
+    """A client app's model factory by its module and name, as errors show it."""
+    return f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__name__)}"
 
 
 def _num_classes(config: Config) -> int:
