@@ -4,10 +4,14 @@ a model that does not fit the data, a server that cannot be reached."""
 import json
 import re
 import sys
+import time
 import urllib.request
 
 import pytest
 
+from cluster import free_port
+from fedforge.cli import build_parser
+from fedforge.network.client import DEFAULT_GIVE_UP_AFTER
 from fedforge.network.inputs import InputSummary
 
 # A client whose own code scales the pixels to [0, 1] (as x / 255 does), while the server's
@@ -117,3 +121,68 @@ def test_what_differs_markedly():
     assert "mean" in server.differs(InputSummary((1, 8, 8), 0.3, 0.375))  # [0, 1] instead of [-1, 1]
     assert "standard deviation" in server.differs(InputSummary((1, 8, 8), -0.4, 2.0))
     assert "shape" in server.differs(InputSummary((64,), -0.4, 0.75))
+
+
+def knock(cluster, name, server, *flags):
+    """A client of `server` that gives up after 5 s without one."""
+    return cluster.start(name, [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--server", server,
+                                "--client-id", "0", "--token-file", "client-0.token", "--partition-of",
+                                "synthetic:0/3", "--give-up-after", "5", *flags])
+
+
+def test_a_client_that_cannot_connect_says_why_and_gives_up(cluster, tmp_path):
+    cluster.fedforge("certs", "--out", "certs")
+    cluster.fedforge("certs", "--out", "other")  # another CA
+    plain, plain_port = cluster.server("--insecure", "--min-clients", "3", "--dataset", "synthetic", "--num-clients",
+                                       "3", "--clients-per-round", "3", name="plain")
+    tls, tls_port = cluster.server("--tls-cert", "certs/server.pem", "--tls-key", "certs/server.key", "--min-clients",
+                                   "3", "--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3",
+                                   name="tls")
+    closed = f"127.0.0.1:{free_port()}"
+    cases = {
+        "refused": (knock(cluster, "refused", closed, "--insecure"),
+                    f"cannot connect to {closed}: connection refused (is the server running, on that port?)"),
+        "unresolved": (knock(cluster, "unresolved", "nonexistent.invalid:1", "--insecure"),
+                       "cannot connect to nonexistent.invalid:1: its name could not be resolved"),
+        "tls-to-plain": (knock(cluster, "tls-to-plain", f"127.0.0.1:{plain_port}", "--root-cert", "certs/ca.pem"),
+                         f"cannot connect to 127.0.0.1:{plain_port}: TLS handshake failed: is the server using TLS?"),
+        "plain-to-tls": (knock(cluster, "plain-to-tls", f"127.0.0.1:{tls_port}", "--insecure"),
+                         f"cannot connect to 127.0.0.1:{tls_port}: the server closed the connection at once: is it "
+                         f"using TLS? (then --root-cert, not --insecure)"),
+        "other-ca": (knock(cluster, "other-ca", f"127.0.0.1:{tls_port}", "--root-cert", "other/ca.pem"),
+                     f"cannot connect to 127.0.0.1:{tls_port}: TLS handshake failed: the server's certificate is not "
+                     f"one --root-cert vouches for"),
+    }
+    assert all(client.wait(180) == 2 for client, _ in cases.values()), [c.text() for c, _ in cases.values()]
+    # Neither server's console shows gRPC's C-core lines (I1207 12:00:00.000 ... ssl_transport_security.cc:...]
+    # Handshake failed ...), and fedforge's own lines are there.
+    for server in (plain, tls):
+        assert not re.search(r"^[IWEF]\d{4} |Handshake failed|\.cc:\d+\]", server.text(), re.M), server.text()
+        assert "waiting for 3 clients" in server.text()
+    for name, (client, words) in cases.items():
+        assert words in client.text(), (name, client.text())
+        assert "no server for 5 s; giving up" in client.text()
+        assert "UNAVAILABLE" not in client.text() and not re.search(r"^[IWEF]\d{4} ", client.text(), re.M)
+
+
+def test_the_time_without_a_server_counts_from_the_connections_end(cluster, tmp_path):
+    """A client connected (idle, never selected) for longer than --give-up-after that then loses
+    its server keeps trying for --give-up-after seconds from that moment."""
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--dataset", "synthetic", "--num-clients",
+                                  "3", "--clients-per-round", "3")
+    client = knock(cluster, "idle", f"127.0.0.1:{port}", "--insecure")
+    client.wait_for("joined", timeout=120)
+    time.sleep(7)  # what is tested is time connected: longer than the client's 5 s
+    server.kill()
+    assert client.wait(120) == 2, client.text()
+    lost = client.text().index("connection lost")
+    assert "connection refused" in client.text()[lost:], client.text()
+
+
+def test_give_up_after_has_a_finite_default_shown_in_help(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["client", "--server", "h:1", "--client-id", "0", "--token-file", "t"]).give_up_after \
+        == DEFAULT_GIVE_UP_AFTER == 600
+    with pytest.raises(SystemExit):
+        parser.parse_args(["client", "--help"])
+    assert "default: 600; inf: never" in " ".join(capsys.readouterr().out.split())

@@ -269,6 +269,40 @@ def compare_inputs(summary, data: TensorData, client_id: int) -> bool:
     return reason is not None
 
 
+DEFAULT_GIVE_UP_AFTER = 600.0  # seconds without a server before a client exits with status 2
+
+
+def connection_failure(error: grpc.RpcError, server: str, *, tls: bool, connected: bool) -> str:
+    """What failed, in words, from gRPC's error: `connected` when this connection had brought
+    messages before it broke; otherwise why it could not be made (refused, a name not resolved,
+    a TLS handshake that failed)."""
+    code = error.code() if callable(getattr(error, "code", None)) else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    details = error.details() if callable(getattr(error, "details", None)) else None
+    last = details.rpartition("last error: ")[2][:200] if isinstance(details, str) else ""  # gRPC's own words
+    text = last.lower()
+    if connected:
+        return f"connection lost ({name})"
+    if "connection refused" in text:
+        return f"cannot connect to {server}: connection refused (is the server running, on that port?)"
+    if "resolv" in text or "domain name not found" in text or "name or service not known" in text:
+        return f"cannot connect to {server}: its name could not be resolved"
+    if "wrong_version_number" in text:  # an answer that is not TLS
+        return f"cannot connect to {server}: TLS handshake failed: is the server using TLS? (without it, --insecure)"
+    if any(sign in text for sign in ("certificate_verify_failed", "certificate verify failed", "signature failure",
+                                     "unable to get local issuer", "hostname", "subject alt")):
+        return (f"cannot connect to {server}: TLS handshake failed: the server's certificate is not one --root-cert "
+                f"vouches for (signed by another CA, or for another host name)")
+    if "handshake" in text or "ssl" in text:
+        return f"cannot connect to {server}: TLS handshake failed ({last})"
+    if not tls and ("socket closed" in text or "connection reset" in text):
+        return (f"cannot connect to {server}: the server closed the connection at once: is it using TLS? "
+                f"(then --root-cert, not --insecure)")
+    if "timed out" in text or "timeout" in text or name == "DEADLINE_EXCEEDED":
+        return f"cannot connect to {server}: no answer (timed out)"
+    return f"cannot connect to {server} ({name}{': ' + last if last else ''})"
+
+
 def _channel(server: str, root_cert: bytes | None, max_message_bytes: int) -> grpc.Channel:
     # Our own loop does the backing off: gRPC's (up to 120 s, shared by every channel to the same
     # server through the global subchannel pool) would otherwise keep a reconnect waiting.
@@ -287,7 +321,7 @@ def run_client(
     server: str, client_id: int, secret: str, source: PartitionOf | LocalData | ClientApp, *,
     root_cert: bytes | None,
     compression: str | None = None, max_message_bytes: int = 256 << 20, max_backoff: float = 30.0,
-    give_up_after: float | None = None, retry_on_server_failure: bool = False,
+    give_up_after: float | None = DEFAULT_GIVE_UP_AFTER, retry_on_server_failure: bool = False,
 ) -> int:
     """Serve the federation until it shuts down; returns the exit status: 0 the run finished,
     1 refused (wrong secret, replaced by another process with this id), 2 no server for
@@ -296,7 +330,8 @@ def run_client(
     When the connection breaks (the server restarts, the network drops) or the server refuses
     for now (too many failed attempts from this address), the client reconnects with exponential
     backoff and jitter, up to `max_backoff` seconds between tries; it gives up after
-    `give_up_after` seconds without a connection (None: never). With `retry_on_server_failure`
+    `give_up_after` seconds without a connection (None or math.inf: never); each failure is logged
+    in words (`connection_failure`). With `retry_on_server_failure`
     a failed run is waited out the same way (the server may come back with --resume).
     """
     app = as_app(source)
@@ -307,12 +342,13 @@ def run_client(
     metadata = ((CLIENT_ID_KEY, str(client_id)), (SECRET_KEY, secret))
     while True:
         outbox: queue.Queue = queue.Queue()
+        received = False  # whether this connection brought any message
         channel = _channel(server, root_cert, max_message_bytes)
         try:
             stub = channel.stream_stream(METHOD)
             for raw in stub(iter(outbox.get, None), metadata=metadata):
                 message = decode(raw, max_bytes=4 * max_message_bytes)
-                last_contact = time.monotonic()
+                last_contact, received = time.monotonic(), True
                 if message.kind == Kind.REJECT:
                     reason = str(message.header.get("reason", "no reason given"))
                     if message.header.get("retry") is not True:
@@ -361,12 +397,16 @@ def run_client(
                 log.error("client %d: the server's run failed: %s", client_id, e)
                 return EXIT_SERVER_FAILED
             log.warning("client %d: the server's run failed (%s); waiting for it to come back", client_id, e)
-        except (grpc.RpcError, WireError) as e:
-            detail = e.code().name if isinstance(e, grpc.RpcError) else str(e)
-            log.warning("client %d: connection lost (%s); retrying in %.1f s", client_id, detail, backoff)
+        except grpc.RpcError as e:
+            log.warning("client %d: %s; retrying in %.1f s", client_id,
+                        connection_failure(e, server, tls=root_cert is not None, connected=received), backoff)
+        except WireError as e:
+            log.warning("client %d: connection lost (%s); retrying in %.1f s", client_id, e, backoff)
         finally:
             outbox.put(None)
             channel.close()
+            if received:  # the time without a server counts from the connection's end
+                last_contact = time.monotonic()
         if give_up_after is not None and time.monotonic() - last_contact > give_up_after:
             log.error("client %d: no server for %.0f s; giving up", client_id, give_up_after)
             return EXIT_GAVE_UP
@@ -374,4 +414,5 @@ def run_client(
         backoff = min(2 * backoff, max_backoff)
 
 
-__all__ = ["LocalData", "PartitionOf", "as_app", "run_client", "update_message"]
+__all__ = ["DEFAULT_GIVE_UP_AFTER", "LocalData", "PartitionOf", "as_app", "connection_failure", "run_client",
+           "update_message"]
