@@ -264,7 +264,8 @@ def compare_inputs(summary, data: TensorData, client_id: int) -> bool:
     reason = "they are not one tensor of floats, the server's are" if mine is None else theirs.differs(mine)
     if reason is not None:
         log.warning("client %d: this client's training inputs differ markedly from the test inputs the server "
-                    "evaluates on: %s. Are they prepared as the server's (range, shape)? The server is told so.",
+                    "evaluates on: %s. Are they prepared as the server's (range, shape)? This client's updates tell the "
+                    "server so (one flag).",
                     client_id, reason)
     return reason is not None
 
