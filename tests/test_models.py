@@ -73,6 +73,16 @@ def not_a_module(input_shape, num_classes):
 
 def broken(input_shape, num_classes):
     raise RuntimeError("no GPU here")
+
+def narrow(input_shape, num_classes):  # for inputs of 100 features, not the data's 60
+    return nn.Sequential(nn.Flatten(), nn.Linear(100, num_classes))
+
+class Buggy(nn.Linear):
+    def forward(self, x):
+        return undefined_name(x)  # noqa: F821 - a bug in the model's code, not a mismatch with the data
+
+def buggy(input_shape, num_classes):
+    return Buggy(60, num_classes)
 '''
 
 
@@ -101,6 +111,8 @@ def test_a_user_model_factory_runs_from_the_command_line(user_models, capsys):
     ("my_models:missing", "model factory 'my_models:missing': my_models has no 'missing'"),
     ("my_models:not_a_module", "model factory 'my_models:not_a_module' returned str, not a torch.nn.Module"),
     ("my_models:broken", "model factory 'my_models:broken' failed: RuntimeError: no GPU here"),
+    ("my_models:narrow", "model my_models:narrow does not fit the data: on a batch of inputs of shape (2, 60) it "
+                         "fails with RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x60 and 100x10)"),
 ])
 def test_a_bad_model_factory_is_one_line(user_models, capsys, model, message):
     from fedforge.cli import main
@@ -109,3 +121,11 @@ def test_a_bad_model_factory_is_one_line(user_models, capsys, model, message):
                  "--model", model, "--out-dir", "runs"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_a_bug_in_the_models_own_code_keeps_its_traceback(user_models):
+    from fedforge.cli import main
+
+    with pytest.raises(NameError, match="undefined_name"):
+        main(["run", "-q", "--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3",
+              "--model", "my_models:buggy", "--out-dir", "runs"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -250,6 +251,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
     if not args.root_cert and not args.insecure:
         raise ConfigError("give --root-cert (the CA that signed the server's certificate), or --insecure")
+    if not args.give_up_after > 0:
+        raise ConfigError(f"--give-up-after must be a number of seconds > 0 (inf: never), got {args.give_up_after}")
     floor = _secagg_floor(args)
     if sum(map(bool, (args.partition_of, args.data, args.app))) != 1:
         raise ConfigError("give one of --app package.module:object (your own code), --data DIR (this client's own "
@@ -419,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--insecure", action="store_true", help="plaintext, no TLS: for testing only")
     cli.add_argument("--compress", choices=["fp16", "int8"], help="compress updates (lossy)")
     cli.add_argument("--max-message-mb", type=float, default=256.0)
-    cli.add_argument("--give-up-after", type=float, help="exit after this many seconds without a server")
+    cli.add_argument("--give-up-after", type=float, default=600.0, metavar="SECONDS",
+                     help="exit with status 2 after this many seconds without a server (default: %(default)g; "
+                          "inf: never)")
     cli.add_argument("--retry-on-server-failure", action="store_true", help="when the server reports that its run "
                      "failed, keep reconnecting (for a server that will be restarted with --resume) instead of "
                      "exiting with status 3")
@@ -463,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's C core logs to stderr on its own (a client that knocks with the wrong TLS setting puts
+    # a handshake line on the server's console); fedforge logs what matters itself. Set before grpc
+    # is imported; GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings them back.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

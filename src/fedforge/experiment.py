@@ -28,7 +28,7 @@ from .data.tabular import load_file_dataset, parse_source, source_label
 from .engines import make_engine
 from .errors import ConfigError
 from .history import History, RoundRecord
-from .models import build_model
+from .models import build_model, check_fits
 from .report import headline, plot_history, round_line, write_history, write_model
 from .simulation import FederatedData, clients_per_round_count, simulate
 from .strategies import CombinedUpdate, RunInfo, ServerState
@@ -224,6 +224,7 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     dataset, data = dataset.to(device), data.to(device)
     k = clients_per_round_count(config.clients_per_round, data.num_clients)
     model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
+    check_fits(model, dataset.train.x, config.model)
     config = config.replace(name=run_name(config))
     run_dir = check_output(config)
     start = load_checkpoint(run_dir, device) if resume else None

@@ -141,5 +141,36 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, se
     return model
 
 
+def check_fits(model: nn.Module, x, name: str) -> None:
+    """Feed `model` the first two rows of inputs `x` as training and evaluation do (model(x),
+    model(*x), model(**x)); one that cannot take them is a ConfigError naming the model, the
+    batch's shape and the error's first line, not a traceback from inside the round loop. Its
+    state is left as it was (eval mode, no gradient). Errors that are not about the data
+    (a NameError in the model's code) are raised as they are."""
+    from .data.datasets import call_model, tree_map
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batch = tree_map(lambda t: t[:2].to(device), x)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise ConfigError(f"model {name} does not fit the data: on a batch of inputs of shape {_shapes(batch)} "
+                          f"it fails with {type(e).__name__}: {first}") from None
+    finally:
+        model.train(training)
+
+
+def _shapes(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return str(tuple(batch.shape))
+    if isinstance(batch, tuple):
+        return "(" + ", ".join(str(tuple(t.shape)) for t in batch) + ")"
+    return "{" + ", ".join(f"{k}: {tuple(t.shape)}" for k, t in batch.items()) + "}"
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 from .engines.network import DEFAULT_MAX_CLIENT_EXAMPLES, NetworkEngine
 from .errors import ConfigError
-from .experiment import check_output, load_checkpoint, run_experiment, run_name
+from .experiment import check_output, load, load_checkpoint, run_experiment, run_name
 from .network.dashboard import Dashboard, DashboardSettings
 from .network.hub import DEFAULT_KEEPALIVE, Hub
+from .network.inputs import InputSummary
 from .network.wire import Kind, Message
 from .secagg import SecureAggregation
 from .simulation import clients_per_round_count
@@ -67,7 +68,10 @@ def serve(
     for tracker in trackers:  # a missing library, likewise
         tracker.prepare()
     settings = {k: v for k, v in config.__dict__.items() if v is not None}
-    hub = Hub(tokens, welcome={"config": settings}, max_message_bytes=max_message_bytes, keepalive=keepalive)
+    welcome = {"config": settings}
+    if (inputs := evaluated_inputs(config, progress=progress)) is not None:
+        welcome["test_inputs"] = inputs.to_header()
+    hub = Hub(tokens, welcome=welcome, max_message_bytes=max_message_bytes, keepalive=keepalive)
     port = hub.start(address, tls)
     final = Message(Kind.SHUTDOWN, {"status": "failed", "reason": "the server stopped"})
     try:
@@ -97,3 +101,13 @@ def serve(
         hub.stop(final)
         if board is not None:
             board.stop()
+
+
+def evaluated_inputs(config, *, progress: bool = False) -> InputSummary | None:
+    """The shape, mean and spread of the inputs the server evaluates on (its test split), which its
+    welcome tells clients so that one whose data are prepared otherwise can say so
+    (network/inputs.py); None where they are not one tensor of floats, and for the synthetic
+    dataset, whose clients' inputs are shifted by design."""
+    if config.dataset == "synthetic":
+        return None
+    return InputSummary.of(load(config, progress=progress)[0].test.x)

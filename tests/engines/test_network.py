@@ -38,6 +38,8 @@ def test_a_consistent_update_is_accepted():
     ({"train_loss": "0.5"}, {}, "train_loss '0.5' is not a number in"),
     ({"train_accuracy": 1.5}, {}, "train_accuracy 1.5 is not a number in [0, 1]"),
     ({"initial_loss": -1e20}, {}, "initial_loss -1e+20 is not a number in"),
+    ({"inputs_differ": "yes"}, {}, "inputs_differ 'yes' is not true or false"),
+    ({"inputs_differ": 1}, {}, "inputs_differ 1 is not true or false"),
 ])
 def test_counts_and_metrics_must_fit_the_task(header, plan, reason):
     with pytest.raises(ValueError, match=reason.replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):

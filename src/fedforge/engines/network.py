@@ -82,6 +82,8 @@ def update_from(message: Message, task: ClientTask, config: ClientConfig, global
     loss = _number(h, "train_loss", -MAX_METRIC, MAX_METRIC)
     accuracy = _number(h, "train_accuracy", 0.0, 1.0, optional=True)
     initial = _number(h, "initial_loss", -MAX_METRIC, MAX_METRIC, optional=True)
+    if type(h.get("inputs_differ", False)) is not bool:
+        raise ValueError(f"inputs_differ {h.get('inputs_differ')!r} is not true or false")
     metrics = h.get("metrics", {})
     if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS or \
             not all(isinstance(k, str) and 0 < len(k) <= 64 for k in metrics):
@@ -122,6 +124,7 @@ class NetworkEngine:
         self.secure = secure
         self._task_id = 0
         self._left_out: dict[int, str] = {}  # clients a failed secure attempt proved misbehaving: out of the retries
+        self._inputs_differ: set[int] = set()  # clients that said their inputs differ from the test inputs
         self.bytes_up = 0  # message bytes received from clients, in all rounds
         self.bytes_down = 0  # message bytes sent to clients
 
@@ -214,11 +217,21 @@ class NetworkEngine:
                         message.kind.name, client_id, message.header.get("task"))
             return False
         try:
-            return update_from(message, task, config, global_state, max_examples=self.max_client_examples)
+            update = update_from(message, task, config, global_state, max_examples=self.max_client_examples)
+            self._note_inputs(client_id, message.header.get("inputs_differ") is True)
+            return update
         except ValueError as e:
             log.warning("task %d: refused the update of client %d: %s", task_id, client_id, e)
             self.watcher.refused(task_id, client_id, str(e))
             return None
+
+    def _note_inputs(self, client_id: int, differ: bool) -> None:
+        """One warning per client (on the console and the dashboard's log) whose update says its
+        training inputs differ markedly from the server's test inputs (network/inputs.py)."""
+        if differ and client_id not in self._inputs_differ:
+            self._inputs_differ.add(client_id)
+            log.warning("client %d says its training inputs differ markedly from the server's test inputs (shape, "
+                        "mean or spread): the test metrics may not reflect its data", client_id)
 
     # -- secure aggregation: the round as the protocol's four exchanges ---------------------------
     def _secure_round(self, task_id: int, global_state: State, global_cpu: State, tasks: Sequence[ClientTask]

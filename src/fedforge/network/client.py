@@ -26,12 +26,13 @@ from ..config import Config
 from ..data.datasets import TensorData, leaves
 from ..engines import ClientTask, SequentialEngine
 from ..errors import ConfigError
-from ..models import build_model
+from ..models import build_model, check_fits
 from ..privacy.mechanism import PrivacyConfig, secure_generator
 from ..privacy.stage import privatize_update
 from ..secagg.protocol import ClientRound, Floor, ProtocolError, Setup
 from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
+from .inputs import InputSummary
 from .wire import Kind, Message, WireError, decode, encode
 
 log = logging.getLogger("fedforge.client")
@@ -135,6 +136,7 @@ class _Trainer:
             self.model = build_model(config.model, input_shape, num_classes, seed=config.seed)
         else:
             self.model = app.model(input_shape, num_classes)
+        check_fits(self.model, self.data.x, config.model if app.model is None else _qualified(app.model))
         self.engine = SequentialEngine()
         # Where this client's optimizer left off, when its task keeps it; and the task it last
         # trained with the state it started from, so that a task sent again (after a reconnect)
@@ -174,6 +176,11 @@ class _Trainer:
             mechanism = PrivacyConfig(plan.noise_multiplier, 1.0, mode=mode, clip=plan.clip)
             update = privatize_update(update, mechanism, plan.clip, secure_generator())
         return update
+
+
+def _qualified(factory) -> str:
+    """A client app's model factory by its module and name, as errors show it."""
+    return f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__name__)}"
 
 
 def _num_classes(config: Config) -> int:
@@ -235,11 +242,69 @@ class _SecureRound:
 _SECAGG_REQUESTS = (Kind.SA_NEIGHBOUR_KEYS, Kind.SA_INPUT, Kind.SA_UNMASK)
 
 
-def update_message(task_id: int, update: ClientUpdate) -> Message:
+def update_message(task_id: int, update: ClientUpdate, *, inputs_differ: bool = False) -> Message:
+    """The UPDATE answering task `task_id`; `inputs_differ` (one flag, never the statistics): this
+    client's inputs differ markedly from the server's test inputs (`compare_inputs`)."""
     header = {"task": task_id, "num_examples": update.num_examples, "num_steps": update.num_steps,
               "train_loss": update.train_loss, "train_accuracy": update.train_accuracy,
               "initial_loss": update.initial_loss, "metrics": dict(update.metrics)}
+    if inputs_differ:
+        header["inputs_differ"] = True
     return Message(Kind.UPDATE, header, {f"delta/{k}": v for k, v in update.delta.items()})
+
+
+def compare_inputs(summary, data: TensorData, client_id: int) -> bool:
+    """Whether this client's training inputs differ markedly from the server's test inputs
+    (`summary`, its welcome's `test_inputs`: network/inputs.py); warns on the console when they do."""
+    if summary is None:
+        return False
+    try:
+        theirs = InputSummary.from_header(summary)
+    except ValueError as e:
+        log.warning("client %d: ignored the server's summary of its test inputs: %s", client_id, e)
+        return False
+    mine = InputSummary.of(data.x)
+    reason = "they are not one tensor of floats, the server's are" if mine is None else theirs.differs(mine)
+    if reason is not None:
+        log.warning("client %d: this client's training inputs differ markedly from the test inputs the server "
+                    "evaluates on: %s. Are they prepared as the server's (range, shape)? This client's updates tell the "
+                    "server so (one flag).",
+                    client_id, reason)
+    return reason is not None
+
+
+DEFAULT_GIVE_UP_AFTER = 600.0  # seconds without a server before a client exits with status 2
+
+
+def connection_failure(error: grpc.RpcError, server: str, *, tls: bool, connected: bool) -> str:
+    """What failed, in words, from gRPC's error: `connected` when this connection had brought
+    messages before it broke; otherwise why it could not be made (refused, a name not resolved,
+    a TLS handshake that failed)."""
+    code = error.code() if callable(getattr(error, "code", None)) else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    details = error.details() if callable(getattr(error, "details", None)) else None
+    last = details.rpartition("last error: ")[2][:200] if isinstance(details, str) else ""  # gRPC's own words
+    text = last.lower()
+    if connected:
+        return f"connection lost ({name})"
+    if "connection refused" in text:
+        return f"cannot connect to {server}: connection refused (is the server running, on that port?)"
+    if "resolv" in text or "domain name not found" in text or "name or service not known" in text:
+        return f"cannot connect to {server}: its name could not be resolved"
+    if "wrong_version_number" in text:  # an answer that is not TLS
+        return f"cannot connect to {server}: TLS handshake failed: is the server using TLS? (without it, --insecure)"
+    if any(sign in text for sign in ("certificate_verify_failed", "certificate verify failed", "signature failure",
+                                     "unable to get local issuer", "hostname", "subject alt")):
+        return (f"cannot connect to {server}: TLS handshake failed: the server's certificate is not one --root-cert "
+                f"vouches for (signed by another CA, or for another host name)")
+    if "handshake" in text or "ssl" in text:
+        return f"cannot connect to {server}: TLS handshake failed ({last})"
+    if not tls and ("socket closed" in text or "connection reset" in text):
+        return (f"cannot connect to {server}: the server closed the connection at once: is it using TLS? "
+                f"(then --root-cert, not --insecure)")
+    if "timed out" in text or "timeout" in text or name == "DEADLINE_EXCEEDED":
+        return f"cannot connect to {server}: no answer (timed out)"
+    return f"cannot connect to {server} ({name}{': ' + last if last else ''})"
 
 
 def _channel(server: str, root_cert: bytes | None, max_message_bytes: int) -> grpc.Channel:
@@ -260,7 +325,8 @@ def run_client(
     server: str, client_id: int, secret: str, source: PartitionOf | LocalData | ClientApp, *,
     root_cert: bytes | None,
     compression: str | None = None, max_message_bytes: int = 256 << 20, max_backoff: float = 30.0,
-    give_up_after: float | None = None, retry_on_server_failure: bool = False, secagg_floor: Floor = Floor(),
+    give_up_after: float | None = DEFAULT_GIVE_UP_AFTER, retry_on_server_failure: bool = False,
+    secagg_floor: Floor = Floor(),
 ) -> int:
     """Serve the federation until it shuts down; returns the exit status: 0 the run finished,
     1 refused (wrong secret, replaced by another process with this id), 2 no server for
@@ -269,23 +335,26 @@ def run_client(
     When the connection breaks (the server restarts, the network drops) or the server refuses
     for now (too many failed attempts from this address), the client reconnects with exponential
     backoff and jitter, up to `max_backoff` seconds between tries; it gives up after
-    `give_up_after` seconds without a connection (None: never). With `retry_on_server_failure`
-    a failed run is waited out the same way (the server may come back with --resume). A secure
-    aggregation round below `secagg_floor` is declined (the client tells the server why).
+    `give_up_after` seconds without a connection (None or math.inf: never); each failure is logged
+    in words (`connection_failure`). With `retry_on_server_failure` a failed run is waited out the
+    same way (the server may come back with --resume). A secure aggregation round below
+    `secagg_floor` is declined (the client tells the server why).
     """
     app = as_app(source)
     trainer: _Trainer | None = None
+    inputs_differ = False  # from the server's test inputs, once welcomed
     secure: _SecureRound | None = None  # the secure aggregation round under way
     backoff, last_contact = 0.5, time.monotonic()
     metadata = ((CLIENT_ID_KEY, str(client_id)), (SECRET_KEY, secret))
     while True:
         outbox: queue.Queue = queue.Queue()
+        received = False  # whether this connection brought any message
         channel = _channel(server, root_cert, max_message_bytes)
         try:
             stub = channel.stream_stream(METHOD)
             for raw in stub(iter(outbox.get, None), metadata=metadata):
                 message = decode(raw, max_bytes=4 * max_message_bytes)
-                last_contact = time.monotonic()
+                last_contact, received = time.monotonic(), True
                 if message.kind == Kind.REJECT:
                     reason = str(message.header.get("reason", "no reason given"))
                     if message.header.get("retry") is not True:
@@ -302,6 +371,7 @@ def run_client(
                 if message.kind == Kind.WELCOME and trainer is None:
                     config = Config.from_dict(message.header["config"], source="server settings")
                     trainer = _Trainer(config, app, client_id)
+                    inputs_differ = compare_inputs(message.header.get("test_inputs"), trainer.data, client_id)
                     log.info("client %d: joined (%d examples)", client_id, len(trainer.data))
                 elif message.kind == Kind.TASK and trainer is not None and "secagg" in message.header:
                     secure = None
@@ -326,7 +396,8 @@ def run_client(
                         secure = None
                 elif message.kind == Kind.TASK and trainer is not None:
                     update = trainer.train(client_id, message)
-                    outbox.put(encode(update_message(message.header["task"], update), compression=compression))
+                    outbox.put(encode(update_message(message.header["task"], update, inputs_differ=inputs_differ),
+                                      compression=compression))
         except Refused as e:
             log.error("client %d: refused by the server: %s", client_id, e)
             return EXIT_REFUSED
@@ -335,12 +406,16 @@ def run_client(
                 log.error("client %d: the server's run failed: %s", client_id, e)
                 return EXIT_SERVER_FAILED
             log.warning("client %d: the server's run failed (%s); waiting for it to come back", client_id, e)
-        except (grpc.RpcError, WireError) as e:
-            detail = e.code().name if isinstance(e, grpc.RpcError) else str(e)
-            log.warning("client %d: connection lost (%s); retrying in %.1f s", client_id, detail, backoff)
+        except grpc.RpcError as e:
+            log.warning("client %d: %s; retrying in %.1f s", client_id,
+                        connection_failure(e, server, tls=root_cert is not None, connected=received), backoff)
+        except WireError as e:
+            log.warning("client %d: connection lost (%s); retrying in %.1f s", client_id, e, backoff)
         finally:
             outbox.put(None)
             channel.close()
+            if received:  # the time without a server counts from the connection's end
+                last_contact = time.monotonic()
         if give_up_after is not None and time.monotonic() - last_contact > give_up_after:
             log.error("client %d: no server for %.0f s; giving up", client_id, give_up_after)
             return EXIT_GAVE_UP
@@ -348,4 +423,5 @@ def run_client(
         backoff = min(2 * backoff, max_backoff)
 
 
-__all__ = ["LocalData", "PartitionOf", "as_app", "run_client", "update_message"]
+__all__ = ["DEFAULT_GIVE_UP_AFTER", "LocalData", "PartitionOf", "as_app", "connection_failure", "run_client",
+           "update_message"]
