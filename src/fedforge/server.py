@@ -1,9 +1,10 @@
 """`fedforge server`: run an experiment whose clients connect over the network.
 
 Everything that can be checked without clients is checked before the server listens: the
-settings, the output folder (writable), and on `--resume` the checkpoint (its checksum). When the
-run ends, every connected client is told how: finished, or failed with the reason (a full disk,
-an interrupt), so a client never takes a failed run for a finished one.
+settings, the data and the model, the output folder (writable), and on `--resume` every value of
+the checkpoint (checkpoint.check_checkpoint). When the run ends, every connected client is told
+how: finished, or failed with the reason (a full disk, an interrupt), so a client never takes a
+failed run for a finished one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 from .engines.network import DEFAULT_MAX_CLIENT_EXAMPLES, NetworkEngine
 from .errors import ConfigError
-from .experiment import check_output, load_checkpoint, run_experiment, run_name
+from .experiment import prepare, run_experiment
 from .network.dashboard import Dashboard, DashboardSettings
 from .network.hub import DEFAULT_KEEPALIVE, Hub
 from .network.wire import Kind, Message
@@ -60,12 +61,12 @@ def serve(
     if secure is not None:
         secure.check(config, per_round)
     board = Dashboard(dashboard, tls=tls) if dashboard is not None else None  # unsafe settings: refused here
-    config = config.replace(name=run_name(config))
-    run_dir = check_output(config)
-    if resume:
-        load_checkpoint(run_dir, "cpu")  # damaged or missing: say so now, not once clients have come
-    for tracker in trackers:  # a missing library, likewise
+    for tracker in trackers:  # a missing library: say so before the data loads
         tracker.prepare()
+    # The data, the model, the output folder and on resume every value of the checkpoint: a
+    # mistake is one line now, not once clients have come.
+    prepared = prepare(config, resume=resume, progress=progress)
+    config, run_dir = prepared.config, prepared.run_dir
     settings = {k: v for k, v in config.__dict__.items() if v is not None}
     hub = Hub(tokens, welcome={"config": settings}, max_message_bytes=max_message_bytes, keepalive=keepalive)
     port = hub.start(address, tls)
@@ -86,7 +87,8 @@ def serve(
         # Differential privacy's noise from the OS's cryptographic source: a deployment's noise must not
         # be replayable from the run's seed (which config.toml records).
         outcome = run_experiment(config, progress=progress, engine=engine, resume=resume, secure_noise=True,
-                                 trackers=[*trackers, board.tracker] if board is not None else trackers)
+                                 trackers=[*trackers, board.tracker] if board is not None else trackers,
+                                 prepared=prepared)
         final = Message(Kind.SHUTDOWN, {"status": "done"})
         return outcome
     except BaseException as e:
