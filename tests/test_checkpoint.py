@@ -229,3 +229,44 @@ def test_an_untouched_private_run_resumes_to_its_budget_stop(capsys, private):
     code, _, err = fedforge(capsys, "run", "--resume", str(private))
     assert code == 0, err
     assert len(json.loads((private / "history.json").read_text())["rounds"]) == rounds  # the budget stops it again
+
+
+def test_a_signed_checkpoint_is_resumed_only_with_its_key(capsys, tmp_path):
+    key, other = tmp_path / "key", tmp_path / "other"
+    key.write_text("k" * 32)
+    other.write_text("o" * 32)
+    assert fedforge(capsys, "run", *BASE, "--rounds", "2", "--out-dir", str(tmp_path), "--name", "s",
+                    "--checkpoint-key-file", str(key))[0] == 0
+    path = tmp_path / "s" / "checkpoint.pt"
+    signed = path.read_bytes()
+    assert signed.startswith(b"fedforge checkpoint 2 hmac\n")
+
+    def resume(*flags):
+        code, _, err = fedforge(capsys, "run", "--resume", str(tmp_path / "s"), "--rounds", "3", *flags)
+        return code, err
+
+    code, err = resume()
+    assert code == 2 and one_error(err).endswith(f"{path} is signed with a key: give its --checkpoint-key-file")
+    code, err = resume("--checkpoint-key-file", str(other))
+    assert code == 2 and one_error(err).endswith(f"{path} fails its signature: written with another key, or edited")
+    # Write access alone: an edit with the SHA-256 recomputed, signed or unsigned, is refused.
+    rewrite(path, _set("round", 1))
+    code, err = resume("--checkpoint-key-file", str(key))
+    assert code == 2 and "fails its signature" in one_error(err)
+    path.write_bytes(b"fedforge checkpoint 2\n" + signed[len(b"fedforge checkpoint 2 hmac\n"):])
+    rewrite(path, lambda payload: None)
+    code, err = resume("--checkpoint-key-file", str(key))
+    assert code == 2 and one_error(err).endswith(f"{path} is not signed, and a checkpoint key was given: it was not "
+                                                 "written with that key (replaced, or a run started without it)")
+    path.write_bytes(signed)
+    code, err = resume("--checkpoint-key-file", str(key))
+    assert code == 0, err
+    assert [r["round"] for r in json.loads((tmp_path / "s" / "history.json").read_text())["rounds"]] == [0, 1, 2, 3]
+    assert path.read_bytes().startswith(b"fedforge checkpoint 2 hmac\n")
+
+
+def test_a_short_checkpoint_key_is_refused(capsys, tmp_path):
+    (tmp_path / "key").write_text("short")
+    code, _, err = fedforge(capsys, "run", *BASE, "--out-dir", str(tmp_path), "--checkpoint-key-file",
+                            str(tmp_path / "key"))
+    assert code == 2 and err.strip().startswith(f"fedforge: error: checkpoint key file {tmp_path}/key holds 5 bytes")

@@ -13,13 +13,17 @@ and the run folder's history.json record as spent). A mismatch is one ConfigErro
 
 What it protects: a checkpoint damaged, copied from another run, or edited inconsistently with
 the run folder. What it cannot: the SHA-256 has no key, so whoever can write the run folder can
-forge a checkpoint, config.toml and history.json that agree with each other (docs/privacy.md).
+forge a checkpoint, config.toml and history.json that agree with each other, unless the run is
+given a key kept outside the folder (`--checkpoint-key-file`): then the checkpoint is signed
+(HMAC-SHA256) and a forgery needs the key. A signed checkpoint of the same run from an earlier
+round, with history.json put back to match, is still taken (docs/privacy.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import io
 import logging
 import math
@@ -38,8 +42,11 @@ from .strategies import RunInfo, ServerState
 log = logging.getLogger("fedforge")
 
 CHECKPOINT_MAGIC = b"fedforge checkpoint 2\n"
+# The same, signed: an HMAC-SHA256 keyed by a secret kept outside the run folder instead of the SHA-256.
+KEYED_MAGIC = b"fedforge checkpoint 2 hmac\n"
 # Written before checkpoints carried their run's settings: read, checked against everything but those.
 OLD_MAGIC = b"fedforge checkpoint 1\n"
+MAGICS = (CHECKPOINT_MAGIC, KEYED_MAGIC, OLD_MAGIC)
 
 # Settings that say where, how or how long a run executes, not what its rounds compute.
 EXECUTION_KEYS = frozenset({"name", "out_dir", "rounds", "engine", "max_memory", "device", "eval_batch_size",
@@ -68,9 +75,26 @@ class Checkpoint:
     settings: dict[str, Any] | None  # None: written by an older fedforge (OLD_MAGIC)
 
 
-def save_checkpoint(run_dir: Path, state: ServerState, history: History, config: Config) -> None:
+def read_key(path: str | Path) -> bytes:
+    """The checkpoint key in the file at `path` (--checkpoint-key-file): its bytes, at least 16."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"checkpoint key file {path}: {e.strerror}") from None
+    if len(key) < 16:
+        raise ConfigError(f"checkpoint key file {path} holds {len(key)} bytes; a key needs at least 16 "
+                          f"(e.g. python -c 'import secrets; print(secrets.token_hex(32))' > {path})")
+    return key
+
+
+def _digest(payload, key: bytes | None) -> bytes:
+    return hmac.new(key, payload, hashlib.sha256).digest() if key is not None else hashlib.sha256(payload).digest()
+
+
+def save_checkpoint(run_dir: Path, state: ServerState, history: History, config: Config, *,
+                    key: bytes | None = None) -> None:
     """Everything needed to continue after `state.round`, atomically: CHECKPOINT_MAGIC, the
-    SHA-256 of the rest, then torch.save's bytes."""
+    SHA-256 of the rest, then torch.save's bytes; with `key`, KEYED_MAGIC and an HMAC-SHA256."""
     buffer = io.BytesIO()
     torch.save({"params": {k: v.cpu() for k, v in state.params.items()}, "round": state.round,
                 "extras": state.extras, "run": dataclasses.asdict(state.run) if state.run else None,
@@ -78,12 +102,13 @@ def save_checkpoint(run_dir: Path, state: ServerState, history: History, config:
                buffer)
     payload = buffer.getbuffer()
     with atomic_write(run_dir / "checkpoint.pt", "wb") as f:
-        f.write(CHECKPOINT_MAGIC + hashlib.sha256(payload).digest())
+        f.write((KEYED_MAGIC if key is not None else CHECKPOINT_MAGIC) + _digest(payload, key))
         f.write(payload)
 
 
-def load_checkpoint(run_dir: str | Path, device) -> Checkpoint:
-    """The checkpoint in `run_dir`; ConfigError when the file is missing, damaged or not one of ours."""
+def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) -> Checkpoint:
+    """The checkpoint in `run_dir`; ConfigError when the file is missing, damaged or not one of
+    ours, and when it is signed (KEYED_MAGIC) unless by `key`, or unsigned although `key` is given."""
     path = Path(run_dir) / "checkpoint.pt"
     try:
         data = path.read_bytes()
@@ -91,10 +116,17 @@ def load_checkpoint(run_dir: str | Path, device) -> Checkpoint:
         raise ConfigError(f"cannot resume: {path} does not exist") from None
     except OSError as e:
         raise ConfigError(f"cannot resume: cannot read {path}: {e.strerror}") from None
-    magic = data[:len(CHECKPOINT_MAGIC)]
-    start = len(CHECKPOINT_MAGIC) + 32
-    if magic not in (CHECKPOINT_MAGIC, OLD_MAGIC) or len(data) < start or \
-            hashlib.sha256(memoryview(data)[start:]).digest() != data[len(CHECKPOINT_MAGIC):start]:
+    magic = next((m for m in MAGICS if data.startswith(m)), b"")
+    start = len(magic) + 32
+    if magic == KEYED_MAGIC and key is None:
+        raise ConfigError(f"cannot resume: {path} is signed with a key: give its --checkpoint-key-file")
+    if magic in (CHECKPOINT_MAGIC, OLD_MAGIC) and key is not None:
+        raise ConfigError(f"cannot resume: {path} is not signed, and a checkpoint key was given: it was not written "
+                          f"with that key (replaced, or a run started without it)")
+    if not magic or len(data) < start or \
+            not hmac.compare_digest(_digest(memoryview(data)[start:], key), data[len(magic):start]):
+        if magic == KEYED_MAGIC:
+            raise ConfigError(f"cannot resume: {path} fails its signature: written with another key, or edited")
         raise ConfigError(f"cannot resume: {path} is damaged ({len(data)} bytes that fail their checksum: "
                           f"truncated or overwritten)")
     try:
@@ -106,8 +138,8 @@ def load_checkpoint(run_dir: str | Path, device) -> Checkpoint:
         run = RunInfo(**saved["run"]) if saved.get("run") is not None else None
         state = ServerState(dict(saved["params"]), saved["round"], saved["extras"], run, saved.get("privacy"))
         history = History.from_json(saved["history"])
-        settings = saved["settings"] if magic == CHECKPOINT_MAGIC else None
-        if magic == CHECKPOINT_MAGIC and not isinstance(settings, dict):
+        settings = saved["settings"] if magic != OLD_MAGIC else None
+        if magic != OLD_MAGIC and not isinstance(settings, dict):
             raise TypeError("settings")
     except ConfigError as e:
         raise ConfigError(f"cannot resume: {path}: {e}") from None
@@ -287,5 +319,5 @@ def _check_outputs(run_dir: Path, history: History) -> None:
                               f"checkpoint, or one of the two was edited")
 
 
-__all__ = ["CHECKPOINT_MAGIC", "EXECUTION_KEYS", "Checkpoint", "check_checkpoint", "load_checkpoint",
-           "result_settings", "save_checkpoint", "setting_differences"]
+__all__ = ["CHECKPOINT_MAGIC", "EXECUTION_KEYS", "KEYED_MAGIC", "Checkpoint", "check_checkpoint", "load_checkpoint",
+           "read_key", "result_settings", "save_checkpoint", "setting_differences"]

@@ -165,10 +165,12 @@ class Prepared:
     start: Checkpoint | None
 
 
-def prepare(config: Config, *, resume: bool = False, progress: bool = True) -> Prepared:
+def prepare(config: Config, *, resume: bool = False, progress: bool = True,
+            checkpoint_key: bytes | None = None) -> Prepared:
     """Everything a run needs before its first round: the data loaded, the model built, the
     output folder checked writable and, with `resume`, the checkpoint read and every value of it
-    checked against this run (checkpoint.check_checkpoint). The server calls it before it listens."""
+    checked against this run (checkpoint.check_checkpoint), signed by `checkpoint_key` when given.
+    The server calls it before it listens."""
     device = resolve_device(config.device)
     config = config.replace(name=run_name(config))
     run_dir = check_output(config)
@@ -178,7 +180,7 @@ def prepare(config: Config, *, resume: bool = False, progress: bool = True) -> P
     model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
     start = None
     if resume:
-        start = load_checkpoint(run_dir, device)
+        start = load_checkpoint(run_dir, device, key=checkpoint_key)
         run = RunInfo(num_clients=data.num_clients, client_lr=config.lr, client_momentum=config.momentum)
         fresh = config.strategy_object().init({k_: v.detach().to(device) for k_, v in model.state_dict().items()},
                                               run)
@@ -188,7 +190,7 @@ def prepare(config: Config, *, resume: bool = False, progress: bool = True) -> P
 
 def run_experiment(config: Config, *, progress: bool = True, verbose: bool = True, engine=None,
                    resume: bool = False, secure_noise: bool = False, trackers: Sequence[Tracker] = (),
-                   prepared: Prepared | None = None) -> RunOutcome:
+                   prepared: Prepared | None = None, checkpoint_key: bytes | None = None) -> RunOutcome:
     """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`.
 
     History, model and a checkpoint are rewritten (atomically) after every round, so whatever
@@ -199,13 +201,15 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     cryptographic source rather than the seed (the server's). `trackers` (TensorBoard, MLflow) are
     sent every round's record and the clients' training metrics, and the outputs at the end.
     `prepared`: `prepare(config, resume=resume)`'s result when the caller has it already.
+    `checkpoint_key`: sign the checkpoints with it (HMAC-SHA256), and resume only one so signed:
+    a secret kept outside the run folder, so that writing there is not enough to forge one.
     """
     for tracker in trackers:  # a missing library: say so before the data loads
         tracker.prepare()
     privacy = config.privacy()
     if privacy is not None and secure_noise:
         privacy = dataclasses.replace(privacy, secure_noise=True)
-    prepared = prepared or prepare(config, resume=resume, progress=progress)
+    prepared = prepared or prepare(config, resume=resume, progress=progress, checkpoint_key=checkpoint_key)
     config, run_dir, data, model, k = (prepared.config, prepared.run_dir, prepared.data, prepared.model,
                                        prepared.clients_per_round)
     start = (prepared.start.state, prepared.start.history) if prepared.start else None
@@ -227,7 +231,7 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
         last[:] = [state]
         # The checkpoint first: the outputs (history.json, model.pt) are never ahead of it, so a
         # resume never continues from before a round whose model was published.
-        save_checkpoint(run_dir, state, History(records), config)
+        save_checkpoint(run_dir, state, History(records), config, key=checkpoint_key)
         write_history(run_dir, History(records))
         write_model(run_dir, state.params)
         bar.set_postfix(round=record.round, test=headline(record, primary))

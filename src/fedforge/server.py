@@ -32,7 +32,7 @@ def serve(
     progress: bool = True, on_listening=None, keepalive: float = DEFAULT_KEEPALIVE,
     max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES, secure: SecureAggregation | None = None,
     min_available_clients: int | None = None, trackers: Sequence[Tracker] = (),
-    dashboard: DashboardSettings | None = None, on_dashboard=None,
+    dashboard: DashboardSettings | None = None, on_dashboard=None, checkpoint_key: bytes | None = None,
 ):
     """Run `config` with the clients that connect to `address`; returns the run's outcome.
 
@@ -40,6 +40,7 @@ def serve(
     With `secure`, every round is summed under secure aggregation: the server sees no update.
     `trackers` (TensorBoard, MLflow) log the run as `run_experiment`'s do, with each round's bytes.
     `dashboard`: serve the live dashboard there (network/dashboard.py); `on_dashboard(url)` once it listens.
+    `checkpoint_key`: checkpoints signed with it, as `run_experiment`'s.
     """
     per_round = clients_per_round_count(config.clients_per_round, config.num_clients)
     if min_fit_clients is None:
@@ -65,7 +66,7 @@ def serve(
         tracker.prepare()
     # The data, the model, the output folder and on resume every value of the checkpoint: a
     # mistake is one line now, not once clients have come.
-    prepared = prepare(config, resume=resume, progress=progress)
+    prepared = prepare(config, resume=resume, progress=progress, checkpoint_key=checkpoint_key)
     config, run_dir = prepared.config, prepared.run_dir
     settings = {k: v for k, v in config.__dict__.items() if v is not None}
     hub = Hub(tokens, welcome={"config": settings}, max_message_bytes=max_message_bytes, keepalive=keepalive)
@@ -88,7 +89,7 @@ def serve(
         # be replayable from the run's seed (which config.toml records).
         outcome = run_experiment(config, progress=progress, engine=engine, resume=resume, secure_noise=True,
                                  trackers=[*trackers, board.tracker] if board is not None else trackers,
-                                 prepared=prepared)
+                                 prepared=prepared, checkpoint_key=checkpoint_key)
         final = Message(Kind.SHUTDOWN, {"status": "done"})
         return outcome
     except BaseException as e:
