@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -270,3 +271,44 @@ def test_a_short_checkpoint_key_is_refused(capsys, tmp_path):
     code, _, err = fedforge(capsys, "run", *BASE, "--out-dir", str(tmp_path), "--checkpoint-key-file",
                             str(tmp_path / "key"))
     assert code == 2 and err.strip().startswith(f"fedforge: error: checkpoint key file {tmp_path}/key holds 5 bytes")
+
+
+def _as_old(path) -> None:
+    """The checkpoint as fedforge wrote it before checkpoints carried their settings (format 1)."""
+    data = path.read_bytes()
+    head = data.index(b"\n") + 1
+    path.write_bytes(b"fedforge checkpoint 1\n" + data[head:])
+    rewrite(path, lambda payload: payload.pop("settings"))
+
+
+def test_an_older_fedforges_checkpoint_resumes_with_a_warning_and_its_values_checked(capsys, caplog, run_dir):
+    _as_old(run_dir / "checkpoint.pt")
+    with caplog.at_level(logging.WARNING, logger="fedforge"):
+        code, _, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
+    assert code == 0, err
+    assert "written by an older fedforge: it does not record its run's settings" in caplog.text
+    assert [r["round"] for r in json.loads((run_dir / "history.json").read_text())["rounds"]] == [0, 1, 2, 3]
+    _as_old(run_dir / "checkpoint.pt")
+    rewrite(run_dir / "checkpoint.pt", _set("round", -1))
+    code, _, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
+    assert code == 2 and "its round -1 is not a round" in err.strip().splitlines()[-1]
+
+
+def test_config_toml_edited_to_another_setting_is_refused(capsys, run_dir):
+    path = run_dir / "config.toml"
+    path.write_text(path.read_text().replace("seed = 0\n", "seed = 1\n"))
+    code, _, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
+    assert code == 2
+    assert one_error(err) == (f"fedforge: error: cannot resume: {run_dir}/checkpoint.pt: it was written by a run "
+                              f"with other settings (seed 0 there, 1 here)")
+
+
+def test_a_checkpoint_holds_the_global_state_and_no_clients_update(run_dir):
+    data = (run_dir / "checkpoint.pt").read_bytes()
+    payload = torch.load(io.BytesIO(data[data.index(b"\n") + 1 + 32:]), weights_only=True)
+    assert set(payload) == {"params", "round", "extras", "run", "privacy", "history", "settings"}
+    model = torch.load(run_dir / "model.pt", weights_only=True)
+    assert payload["params"].keys() == model.keys()
+    assert all(torch.equal(payload["params"][k], model[k]) for k in model)  # the global model, as published
+    assert set(payload["extras"]) == {"velocity"}  # FedAvgM's server momentum: one tensor per weight
+    assert payload["extras"]["velocity"].keys() == model.keys()
