@@ -119,6 +119,7 @@ EDITS = {
     "a round past the history": (_set("round", 3), "its history holds rounds [0, 1, 2], not 0 to its round 3"),
     "another run's facts": (_set("run", {"num_clients": 5, "client_lr": 0.01, "client_momentum": 0.0}),
                             "its run's facts RunInfo(num_clients=5"),
+    "settings that are not plain values": (_set("settings", {"seed": torch.zeros(3)}), "cannot be read (TypeError)"),
     "a privacy state in a run without privacy": (_set("privacy", {"accountant": {}}),
                                                  "it holds a privacy accountant, and this run has no differential "
                                                  "privacy"),
@@ -132,7 +133,7 @@ def test_every_value_of_a_checkpoint_is_checked_in_one_line(capsys, run_dir, edi
     code, out, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
     assert code == 2, out + err
     assert message in one_error(err)
-    assert one_error(err).startswith(f"fedforge: error: cannot resume: {run_dir}/checkpoint.pt: ")
+    assert one_error(err).startswith(f"fedforge: error: cannot resume: {run_dir}/checkpoint.pt")
 
 
 def test_a_checkpoint_past_the_runs_rounds_is_refused_not_skipped(capsys, run_dir):

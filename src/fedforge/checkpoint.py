@@ -139,7 +139,8 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
         state = ServerState(dict(saved["params"]), saved["round"], saved["extras"], run, saved.get("privacy"))
         history = History.from_json(saved["history"])
         settings = saved["settings"] if magic != OLD_MAGIC else None
-        if magic != OLD_MAGIC and not isinstance(settings, dict):
+        if magic != OLD_MAGIC and not (isinstance(settings, dict) and all(
+                isinstance(k, str) and (v is None or type(v) in (bool, int, float, str)) for k, v in settings.items())):
             raise TypeError("settings")
     except ConfigError as e:
         raise ConfigError(f"cannot resume: {path}: {e}") from None

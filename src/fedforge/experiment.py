@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from . import _seeding
 from ._io import atomic_write
-from .checkpoint import Checkpoint, check_checkpoint, load_checkpoint, result_settings, save_checkpoint, setting_differences
+from .checkpoint import (Checkpoint, check_checkpoint, load_checkpoint, result_settings, save_checkpoint,
+                         setting_differences)
 from .config import Config
 from .data.bundled import BUNDLED, load_bundled
 from .data.datasets import Dataset, load_dataset
@@ -157,8 +158,6 @@ class Prepared:
 
     config: Config
     run_dir: Path
-    device: torch.device
-    dataset: Dataset
     data: FederatedData
     model: torch.nn.Module
     clients_per_round: int
@@ -185,7 +184,7 @@ def prepare(config: Config, *, resume: bool = False, progress: bool = True,
         fresh = config.strategy_object().init({k_: v.detach().to(device) for k_, v in model.state_dict().items()},
                                               run)
         check_checkpoint(start, run_dir, config, fresh=fresh, clients_per_round=k)
-    return Prepared(config, run_dir, device, dataset, data, model, k, start)
+    return Prepared(config, run_dir, data, model, k, start)
 
 
 def run_experiment(config: Config, *, progress: bool = True, verbose: bool = True, engine=None,
