@@ -313,3 +313,15 @@ def test_a_checkpoint_holds_the_global_state_and_no_clients_update(run_dir):
     assert all(torch.equal(payload["params"][k], model[k]) for k in model)  # the global model, as published
     assert set(payload["extras"]) == {"velocity"}  # FedAvgM's server momentum: one tensor per weight
     assert payload["extras"]["velocity"].keys() == model.keys()
+
+
+def test_the_server_refuses_an_accountant_that_would_spend_less_before_it_listens(private, tmp_path):
+    (tmp_path / "tokens.json").write_text('{"clients": {}}')
+    change, message = PRIVACY_EDITS["the accountant's rounds set to 0"]
+    rewrite(private / "checkpoint.pt", change)
+    proc = subprocess.run([sys.executable, "-m", "fedforge", "server", "-q", "--threads", "1", "--tokens",
+                           str(tmp_path / "tokens.json"), "--insecure", "--address", "127.0.0.1:0",
+                           "--resume", str(private)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "listening" not in proc.stdout and "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
