@@ -126,13 +126,19 @@ def _run_config(args: argparse.Namespace) -> Config:
     return config
 
 
+def _checkpoint_key(args: argparse.Namespace) -> bytes | None:
+    from .checkpoint import read_key
+
+    return read_key(args.checkpoint_key_file) if args.checkpoint_key_file else None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .experiment import run_experiment
     from .report import headline
 
     config = _run_config(args)
     outcome = run_experiment(config, progress=not args.quiet, resume=bool(args.resume),
-                             trackers=_trackers(config, config.out_dir))
+                             trackers=_trackers(config, config.out_dir), checkpoint_key=_checkpoint_key(args))
     final = outcome.history.final
     print(f"final {headline(final, config.client_config().task.primary)} after {final.round} rounds; "
           f"outputs in {outcome.run_dir}")
@@ -237,6 +243,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         keepalive=args.keepalive, max_client_examples=args.max_client_examples, secure=_secure_aggregation(args),
         min_available_clients=args.min_available_clients, trackers=_trackers(config, config.out_dir),
         dashboard=_dashboard(args), on_dashboard=lambda url: print(f"fedforge server: dashboard at {url}", flush=True),
+        checkpoint_key=_checkpoint_key(args),
     )
     from .report import headline
 
@@ -336,6 +343,10 @@ def _read(path: str) -> bytes:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
 
 
+_KEY_HELP = ("sign the run's checkpoints with the secret in FILE (HMAC-SHA256; kept outside the run folder), "
+             "and resume only a checkpoint signed with it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedforge", description="Federated learning simulations and deployments.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -345,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round "
                                                          "(flags may change e.g. --rounds)")
+    run.add_argument("--checkpoint-key-file", metavar="FILE", help=_KEY_HELP)
     _add_tracking_flags(run)
     _add_config_flags(run)
     run.set_defaults(handler=_cmd_run)
@@ -395,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--secagg-max-examples", type=int, metavar="N", help="largest example count an update weighs "
                      "(larger ones are capped; default 65536); with the clip it sets the fixed point's precision")
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
+    srv.add_argument("--checkpoint-key-file", metavar="FILE", help=_KEY_HELP)
     srv.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     srv.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     srv.add_argument("--dashboard", type=int, metavar="PORT", help="serve a live dashboard (clients, the round, "

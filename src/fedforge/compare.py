@@ -94,7 +94,7 @@ def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], thread
     resume = resume and _resumable(config)
     earlier = 0.0
     if resume:
-        earlier = sum(r.seconds for r in load_checkpoint(Path(config.out_dir) / label, "cpu")[1].records)
+        earlier = sum(r.seconds for r in load_checkpoint(Path(config.out_dir) / label, "cpu").history.records)
     started = time.perf_counter()
     try:
         history = run_experiment(config, progress=False, verbose=False, resume=resume,

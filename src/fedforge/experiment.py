@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import io
 import re
 import time
 from collections.abc import Sequence
@@ -18,6 +16,8 @@ from tqdm.auto import tqdm
 
 from . import _seeding
 from ._io import atomic_write
+from .checkpoint import (Checkpoint, check_checkpoint, load_checkpoint, result_settings, save_checkpoint,
+                         setting_differences)
 from .config import Config
 from .data.bundled import BUNDLED, load_bundled
 from .data.datasets import Dataset, load_dataset
@@ -134,48 +134,6 @@ class RunOutcome:
     state: ServerState | None
 
 
-CHECKPOINT_MAGIC = b"fedforge checkpoint 1\n"
-
-
-def save_checkpoint(run_dir: Path, state: ServerState, history: History) -> None:
-    """Everything needed to continue after `state.round`: written atomically after every round,
-    as CHECKPOINT_MAGIC, the SHA-256 of the rest, then torch.save's bytes."""
-    buffer = io.BytesIO()
-    torch.save({"params": {k: v.cpu() for k, v in state.params.items()}, "round": state.round,
-                "extras": state.extras, "run": dataclasses.asdict(state.run) if state.run else None,
-                "privacy": state.privacy,
-                "history": history.to_json()}, buffer)
-    payload = buffer.getbuffer()
-    with atomic_write(run_dir / "checkpoint.pt", "wb") as f:
-        f.write(CHECKPOINT_MAGIC + hashlib.sha256(payload).digest())
-        f.write(payload)
-
-
-def load_checkpoint(run_dir: str | Path, device) -> tuple[ServerState, History]:
-    """The state and history saved in `run_dir`; ConfigError when the file is missing or damaged."""
-    path = Path(run_dir) / "checkpoint.pt"
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"cannot resume: {path} does not exist") from None
-    except OSError as e:
-        raise ConfigError(f"cannot resume: cannot read {path}: {e.strerror}") from None
-    start = len(CHECKPOINT_MAGIC) + 32
-    if data[:len(CHECKPOINT_MAGIC)] != CHECKPOINT_MAGIC or len(data) < start or \
-            hashlib.sha256(memoryview(data)[start:]).digest() != data[len(CHECKPOINT_MAGIC):start]:
-        raise ConfigError(f"cannot resume: {path} is damaged ({len(data)} bytes that fail their checksum: "
-                          f"truncated or overwritten)")
-    try:
-        # Our own file, written by save_checkpoint: it holds tensors, numbers and dicts only.
-        saved = torch.load(io.BytesIO(memoryview(data)[start:]), map_location=device, weights_only=True)
-        run = RunInfo(**saved["run"]) if saved.get("run") else None
-        state = ServerState({k: v.to(device) for k, v in saved["params"].items()}, saved["round"], saved["extras"], run,
-                            saved.get("privacy"))
-        return state, History.from_json(saved["history"])
-    except Exception as e:  # noqa: BLE001 - a file that passed its checksum but not the loader
-        raise ConfigError(f"cannot resume: {path} cannot be read ({type(e).__name__})") from None
-
-
 def check_output(config: Config) -> Path:
     """The run's folder `out_dir/name`, made if missing and checked writable (OutputError if not)."""
     run_dir = Path(config.out_dir) / config.name
@@ -185,25 +143,54 @@ def check_output(config: Config) -> Path:
     return run_dir
 
 
-# Settings that say where, how or how long a run executes, not what its rounds compute.
-EXECUTION_KEYS = frozenset({"name", "out_dir", "rounds", "engine", "max_memory", "device", "eval_batch_size",
-                            "data_dir", "download", "ray_address", "ray_workers", "ray_cpus_per_worker",
-                            "ray_gpus_per_worker", "ray_engine", "tensorboard", "mlflow"})
-
-
 def check_resumable(run_dir: str | Path, config: Config) -> None:
     """Raise ConfigError unless the run in `run_dir` was made with `config`'s settings
     (EXECUTION_KEYS aside: a run may be continued on another engine or for more rounds)."""
     saved = Config.load(Path(run_dir) / "config.toml")
-    differences = [f"{f.name} {getattr(saved, f.name)!r} there, {getattr(config, f.name)!r} here"
-                   for f in dataclasses.fields(Config)
-                   if f.name not in EXECUTION_KEYS and getattr(saved, f.name) != getattr(config, f.name)]
-    if differences:
+    if differences := setting_differences(result_settings(saved), config):
         raise ConfigError(f"cannot resume {run_dir}: it was run with other settings ({'; '.join(differences)})")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A run ready to start: its settings (named), folder, data, model, and with resume the
+    checkpoint it continues from, checked whole (`prepare`)."""
+
+    config: Config
+    run_dir: Path
+    data: FederatedData
+    model: torch.nn.Module
+    clients_per_round: int
+    start: Checkpoint | None
+
+
+def prepare(config: Config, *, resume: bool = False, progress: bool = True,
+            checkpoint_key: bytes | None = None) -> Prepared:
+    """Everything a run needs before its first round: the data loaded, the model built, the
+    output folder checked writable and, with `resume`, the checkpoint read and every value of it
+    checked against this run (checkpoint.check_checkpoint), signed by `checkpoint_key` when given.
+    The server calls it before it listens."""
+    device = resolve_device(config.device)
+    config = config.replace(name=run_name(config))
+    run_dir = check_output(config)
+    dataset, data = load(config, progress=progress)
+    dataset, data = dataset.to(device), data.to(device)
+    k = clients_per_round_count(config.clients_per_round, data.num_clients)
+    model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
+    check_fits(model, dataset.train.x, config.model)
+    start = None
+    if resume:
+        start = load_checkpoint(run_dir, device, key=checkpoint_key)
+        run = RunInfo(num_clients=data.num_clients, client_lr=config.lr, client_momentum=config.momentum)
+        fresh = config.strategy_object().init({k_: v.detach().to(device) for k_, v in model.state_dict().items()},
+                                              run)
+        check_checkpoint(start, run_dir, config, fresh=fresh, clients_per_round=k)
+    return Prepared(config, run_dir, data, model, k, start)
+
+
 def run_experiment(config: Config, *, progress: bool = True, verbose: bool = True, engine=None,
-                   resume: bool = False, secure_noise: bool = False, trackers: Sequence[Tracker] = ()) -> RunOutcome:
+                   resume: bool = False, secure_noise: bool = False, trackers: Sequence[Tracker] = (),
+                   prepared: Prepared | None = None, checkpoint_key: bytes | None = None) -> RunOutcome:
     """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`.
 
     History, model and a checkpoint are rewritten (atomically) after every round, so whatever
@@ -213,21 +200,19 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     server passes its network engine). `secure_noise`: differential privacy's noise from the OS's
     cryptographic source rather than the seed (the server's). `trackers` (TensorBoard, MLflow) are
     sent every round's record and the clients' training metrics, and the outputs at the end.
+    `prepared`: `prepare(config, resume=resume)`'s result when the caller has it already.
+    `checkpoint_key`: sign the checkpoints with it (HMAC-SHA256), and resume only one so signed:
+    a secret kept outside the run folder, so that writing there is not enough to forge one.
     """
     for tracker in trackers:  # a missing library: say so before the data loads
         tracker.prepare()
     privacy = config.privacy()
     if privacy is not None and secure_noise:
         privacy = dataclasses.replace(privacy, secure_noise=True)
-    device = resolve_device(config.device)
-    dataset, data = load(config, progress=progress)
-    dataset, data = dataset.to(device), data.to(device)
-    k = clients_per_round_count(config.clients_per_round, data.num_clients)
-    model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
-    check_fits(model, dataset.train.x, config.model)
-    config = config.replace(name=run_name(config))
-    run_dir = check_output(config)
-    start = load_checkpoint(run_dir, device) if resume else None
+    prepared = prepared or prepare(config, resume=resume, progress=progress, checkpoint_key=checkpoint_key)
+    config, run_dir, data, model, k = (prepared.config, prepared.run_dir, prepared.data, prepared.model,
+                                       prepared.clients_per_round)
+    start = (prepared.start.state, prepared.start.history) if prepared.start else None
     with atomic_write(run_dir / "config.toml") as f:
         f.write(config.to_toml())
 
@@ -244,9 +229,11 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     def on_round(record: RoundRecord, state: ServerState) -> None:
         records.append(record)
         last[:] = [state]
+        # The checkpoint first: the outputs (history.json, model.pt) are never ahead of it, so a
+        # resume never continues from before a round whose model was published.
+        save_checkpoint(run_dir, state, History(records), config, key=checkpoint_key)
         write_history(run_dir, History(records))
         write_model(run_dir, state.params)
-        save_checkpoint(run_dir, state, History(records))
         bar.set_postfix(round=record.round, test=headline(record, primary))
         if verbose:
             tqdm.write(round_line(record, config.rounds))
@@ -283,5 +270,5 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     return RunOutcome(run_dir, History(records), last[0] if last else None)
 
 
-__all__ = ["RunOutcome", "check_output", "federate", "federated_data", "load", "load_checkpoint", "make_run_engine",
-           "resolve_device", "run_experiment", "save_checkpoint"]
+__all__ = ["Prepared", "RunOutcome", "check_output", "federate", "federated_data", "load", "load_checkpoint",
+           "make_run_engine", "prepare", "resolve_device", "run_experiment", "save_checkpoint"]

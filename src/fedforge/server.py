@@ -1,9 +1,10 @@
 """`fedforge server`: run an experiment whose clients connect over the network.
 
 Everything that can be checked without clients is checked before the server listens: the
-settings, the output folder (writable), and on `--resume` the checkpoint (its checksum). When the
-run ends, every connected client is told how: finished, or failed with the reason (a full disk,
-an interrupt), so a client never takes a failed run for a finished one.
+settings, the data and the model, the output folder (writable), and on `--resume` every value of
+the checkpoint (checkpoint.check_checkpoint). When the run ends, every connected client is told
+how: finished, or failed with the reason (a full disk, an interrupt), so a client never takes a
+failed run for a finished one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 from .engines.network import DEFAULT_MAX_CLIENT_EXAMPLES, NetworkEngine
 from .errors import ConfigError
-from .experiment import check_output, load, load_checkpoint, run_experiment, run_name
+from .experiment import prepare, run_experiment
 from .network.dashboard import Dashboard, DashboardSettings
 from .network.hub import DEFAULT_KEEPALIVE, Hub
 from .network.inputs import InputSummary
@@ -32,7 +33,7 @@ def serve(
     progress: bool = True, on_listening=None, keepalive: float = DEFAULT_KEEPALIVE,
     max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES, secure: SecureAggregation | None = None,
     min_available_clients: int | None = None, trackers: Sequence[Tracker] = (),
-    dashboard: DashboardSettings | None = None, on_dashboard=None,
+    dashboard: DashboardSettings | None = None, on_dashboard=None, checkpoint_key: bytes | None = None,
 ):
     """Run `config` with the clients that connect to `address`; returns the run's outcome.
 
@@ -40,6 +41,7 @@ def serve(
     With `secure`, every round is summed under secure aggregation: the server sees no update.
     `trackers` (TensorBoard, MLflow) log the run as `run_experiment`'s do, with each round's bytes.
     `dashboard`: serve the live dashboard there (network/dashboard.py); `on_dashboard(url)` once it listens.
+    `checkpoint_key`: checkpoints signed with it, as `run_experiment`'s.
     """
     per_round = clients_per_round_count(config.clients_per_round, config.num_clients)
     if min_fit_clients is None:
@@ -61,15 +63,15 @@ def serve(
     if secure is not None:
         secure.check(config, per_round)
     board = Dashboard(dashboard, tls=tls) if dashboard is not None else None  # unsafe settings: refused here
-    config = config.replace(name=run_name(config))
-    run_dir = check_output(config)
-    if resume:
-        load_checkpoint(run_dir, "cpu")  # damaged or missing: say so now, not once clients have come
-    for tracker in trackers:  # a missing library, likewise
+    for tracker in trackers:  # a missing library: say so before the data loads
         tracker.prepare()
+    # The data, the model, the output folder and on resume every value of the checkpoint: a
+    # mistake is one line now, not once clients have come.
+    prepared = prepare(config, resume=resume, progress=progress, checkpoint_key=checkpoint_key)
+    config, run_dir = prepared.config, prepared.run_dir
     settings = {k: v for k, v in config.__dict__.items() if v is not None}
     welcome = {"config": settings}
-    if (inputs := evaluated_inputs(config, progress=progress)) is not None:
+    if (inputs := evaluated_inputs(config, prepared.data)) is not None:
         welcome["test_inputs"] = inputs.to_header()
     hub = Hub(tokens, welcome=welcome, max_message_bytes=max_message_bytes, keepalive=keepalive)
     port = hub.start(address, tls)
@@ -90,7 +92,8 @@ def serve(
         # Differential privacy's noise from the OS's cryptographic source: a deployment's noise must not
         # be replayable from the run's seed (which config.toml records).
         outcome = run_experiment(config, progress=progress, engine=engine, resume=resume, secure_noise=True,
-                                 trackers=[*trackers, board.tracker] if board is not None else trackers)
+                                 trackers=[*trackers, board.tracker] if board is not None else trackers,
+                                 prepared=prepared, checkpoint_key=checkpoint_key)
         final = Message(Kind.SHUTDOWN, {"status": "done"})
         return outcome
     except BaseException as e:
@@ -103,11 +106,11 @@ def serve(
             board.stop()
 
 
-def evaluated_inputs(config, *, progress: bool = False) -> InputSummary | None:
+def evaluated_inputs(config, data) -> InputSummary | None:
     """The shape, mean and spread of the inputs the server evaluates on (its test split), which its
     welcome tells clients so that one whose data are prepared otherwise can say so
     (network/inputs.py); None where they are not one tensor of floats, and for the synthetic
     dataset, whose clients' inputs are shifted by design."""
     if config.dataset == "synthetic":
         return None
-    return InputSummary.of(load(config, progress=progress)[0].test.x)
+    return InputSummary.of(data.test.x) if data.test is not None else None

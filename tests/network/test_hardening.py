@@ -264,7 +264,8 @@ def test_a_full_disk_stops_the_server_with_one_line_and_clients_learn_it_failed(
     assert all("the server's run failed: cannot write" in c.text() for c in clients)
     assert waiter.wait(30) == 2 and "waiting for it to come back" in waiter.text()
     (small_disk / "filler").unlink()
-    state, saved = load_checkpoint(small_disk / "net", "cpu")  # the last good one, whole
+    checkpoint = load_checkpoint(small_disk / "net", "cpu")  # the last good one, whole
+    state, saved = checkpoint.state, checkpoint.history
     assert state.round >= 2 and saved.final.round == state.round
     assert not [p for p in (small_disk / "net").iterdir() if p.name.endswith(".tmp")]
 

@@ -1,0 +1,324 @@
+"""A run's checkpoint: written after every round, read back and checked whole before a resume.
+
+The file is CHECKPOINT_MAGIC, the SHA-256 of the rest, then torch.save's bytes of plain values
+(tensors, numbers, strings, dicts): the server state (weights, round, the strategy's extras, the
+run's facts, the privacy stage's accountant and clip bound), the history so far, and the settings
+that define the run's result (`result_settings`), its identity.
+
+`check_checkpoint` holds every value of a checkpoint against the run that is to continue from
+it, before anything runs (before the server listens): its settings, round, history, weights'
+names, shapes and types, the strategy's extras, the run's facts, and with differential privacy
+the accountant (its rounds, sampling, noise, and the epsilon that the checkpoint's own history
+and the run folder's history.json record as spent). A mismatch is one ConfigError line.
+
+What it protects: a checkpoint damaged, copied from another run, or edited inconsistently with
+the run folder. What it cannot: the SHA-256 has no key, so whoever can write the run folder can
+forge a checkpoint, config.toml and history.json that agree with each other, unless the run is
+given a key kept outside the folder (`--checkpoint-key-file`): then the checkpoint is signed
+(HMAC-SHA256) and a forgery needs the key. A signed checkpoint of the same run from an earlier
+round, with history.json put back to match, is still taken (docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import io
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import atomic_write
+from .config import Config
+from .errors import ConfigError
+from .history import History
+from .strategies import RunInfo, ServerState
+
+log = logging.getLogger("fedforge")
+
+CHECKPOINT_MAGIC = b"fedforge checkpoint 2\n"
+# The same, signed: an HMAC-SHA256 keyed by a secret kept outside the run folder instead of the SHA-256.
+KEYED_MAGIC = b"fedforge checkpoint 2 hmac\n"
+# Written before checkpoints carried their run's settings: read, checked against everything but those.
+OLD_MAGIC = b"fedforge checkpoint 1\n"
+MAGICS = (CHECKPOINT_MAGIC, KEYED_MAGIC, OLD_MAGIC)
+
+# Settings that say where, how or how long a run executes, not what its rounds compute.
+EXECUTION_KEYS = frozenset({"name", "out_dir", "rounds", "engine", "max_memory", "device", "eval_batch_size",
+                            "data_dir", "download", "ray_address", "ray_workers", "ray_cpus_per_worker",
+                            "ray_gpus_per_worker", "ray_engine", "tensorboard", "mlflow"})
+
+
+def result_settings(config: Config) -> dict[str, Any]:
+    """The settings that define what a run's rounds compute (all but EXECUTION_KEYS): its identity."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(Config) if f.name not in EXECUTION_KEYS}
+
+
+def setting_differences(saved: dict[str, Any], config: Config) -> list[str]:
+    """'name saved there, value here' for each result-defining setting that differs."""
+    mine = result_settings(config)
+    # 1 and 1.0 clients per round differ: a count, and a fraction (all clients).
+    return [f"{name} {saved.get(name)!r} there, {value!r} here" for name, value in mine.items()
+            if name not in saved or saved[name] != value
+            or name == "clients_per_round" and type(saved[name]) is not type(value)]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    state: ServerState
+    history: History
+    settings: dict[str, Any] | None  # None: written by an older fedforge (OLD_MAGIC)
+
+
+def read_key(path: str | Path) -> bytes:
+    """The checkpoint key in the file at `path` (--checkpoint-key-file): its bytes, at least 16."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"checkpoint key file {path}: {e.strerror}") from None
+    if len(key) < 16:
+        raise ConfigError(f"checkpoint key file {path} holds {len(key)} bytes; a key needs at least 16 "
+                          f"(e.g. python -c 'import secrets; print(secrets.token_hex(32))' > {path})")
+    return key
+
+
+def _digest(payload, key: bytes | None) -> bytes:
+    return hmac.new(key, payload, hashlib.sha256).digest() if key is not None else hashlib.sha256(payload).digest()
+
+
+def save_checkpoint(run_dir: Path, state: ServerState, history: History, config: Config, *,
+                    key: bytes | None = None) -> None:
+    """Everything needed to continue after `state.round`, atomically: CHECKPOINT_MAGIC, the
+    SHA-256 of the rest, then torch.save's bytes; with `key`, KEYED_MAGIC and an HMAC-SHA256."""
+    buffer = io.BytesIO()
+    torch.save({"params": {k: v.cpu() for k, v in state.params.items()}, "round": state.round,
+                "extras": state.extras, "run": dataclasses.asdict(state.run) if state.run else None,
+                "privacy": state.privacy, "history": history.to_json(), "settings": result_settings(config)},
+               buffer)
+    payload = buffer.getbuffer()
+    with atomic_write(run_dir / "checkpoint.pt", "wb") as f:
+        f.write((KEYED_MAGIC if key is not None else CHECKPOINT_MAGIC) + _digest(payload, key))
+        f.write(payload)
+
+
+def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) -> Checkpoint:
+    """The checkpoint in `run_dir`; ConfigError when the file is missing, damaged or not one of
+    ours, and when it is signed (KEYED_MAGIC) unless by `key`, or unsigned although `key` is given."""
+    path = Path(run_dir) / "checkpoint.pt"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"cannot resume: {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot resume: cannot read {path}: {e.strerror}") from None
+    magic = next((m for m in MAGICS if data.startswith(m)), b"")
+    start = len(magic) + 32
+    if magic == KEYED_MAGIC and key is None:
+        raise ConfigError(f"cannot resume: {path} is signed with a key: give its --checkpoint-key-file")
+    if magic in (CHECKPOINT_MAGIC, OLD_MAGIC) and key is not None:
+        raise ConfigError(f"cannot resume: {path} is not signed, and a checkpoint key was given: it was not written "
+                          f"with that key (replaced, or a run started without it)")
+    if not magic or len(data) < start or \
+            not hmac.compare_digest(_digest(memoryview(data)[start:], key), data[len(magic):start]):
+        if magic == KEYED_MAGIC:
+            raise ConfigError(f"cannot resume: {path} fails its signature: written with another key, or edited")
+        raise ConfigError(f"cannot resume: {path} is damaged ({len(data)} bytes that fail their checksum: "
+                          f"truncated or overwritten)")
+    try:
+        # Our own format: tensors, numbers, strings and dicts only (weights_only refuses anything else).
+        saved = torch.load(io.BytesIO(memoryview(data)[start:]), map_location=device, weights_only=True)
+        if not isinstance(saved, dict) or not isinstance(saved["params"], dict) or \
+                not isinstance(saved["extras"], dict) or not isinstance(saved["history"], str):
+            raise TypeError("not the checkpoint's layout")
+        run = RunInfo(**saved["run"]) if saved.get("run") is not None else None
+        state = ServerState(dict(saved["params"]), saved["round"], saved["extras"], run, saved.get("privacy"))
+        history = History.from_json(saved["history"])
+        settings = saved["settings"] if magic != OLD_MAGIC else None
+        if magic != OLD_MAGIC and not (isinstance(settings, dict) and all(
+                isinstance(k, str) and (v is None or type(v) in (bool, int, float, str)) for k, v in settings.items())):
+            raise TypeError("settings")
+    except ConfigError as e:
+        raise ConfigError(f"cannot resume: {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a file that passed its checksum but not the loader
+        raise ConfigError(f"cannot resume: {path} cannot be read ({type(e).__name__})") from None
+    return Checkpoint(state, history, settings)
+
+
+def check_checkpoint(checkpoint: Checkpoint, run_dir: str | Path, config: Config, *, fresh: ServerState,
+                     clients_per_round: int) -> None:
+    """Raise ConfigError (one line) unless `checkpoint` can continue the run of `config` in
+    `run_dir`. `fresh` is the state that run starts from (strategy.init: the weights' names,
+    shapes and types, the extras' layout, the run's facts)."""
+    path = Path(run_dir) / "checkpoint.pt"
+    try:
+        _check(checkpoint, Path(run_dir), config, fresh, clients_per_round)
+    except ConfigError as e:
+        raise ConfigError(f"cannot resume: {path}: {e}") from None
+
+
+def _check(checkpoint: Checkpoint, run_dir: Path, config: Config, fresh: ServerState, k: int) -> None:
+    state, records = checkpoint.state, checkpoint.history.records
+    if checkpoint.settings is None:
+        log.warning("resuming from a checkpoint written by an older fedforge: it does not record its run's settings, "
+                    "so only config.toml's are compared")
+    elif differences := setting_differences(checkpoint.settings, config):
+        raise ConfigError(f"it was written by a run with other settings ({'; '.join(differences)})")
+    r = state.round
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        raise ConfigError(f"its round {r!r} is not a round (an integer >= 0)")
+    if r > config.rounds:
+        raise ConfigError(f"it is at round {r}, past the run's {config.rounds} rounds (give --rounds {r} or more)")
+    _check_history(records, r, fresh.run.num_clients if fresh.run else None)
+    _check_state(state.params, fresh.params, "weights", exact=True)
+    if state.run is not None and state.run != fresh.run:
+        raise ConfigError(f"its run's facts {state.run} are not this run's {fresh.run}")
+    _check_extras(state.extras, fresh, fresh.run.num_clients if fresh.run else 0)
+    _check_privacy(state.privacy, r, records, config, fresh, k)
+    _check_outputs(run_dir, checkpoint.history)
+
+
+def _check_history(records, r: int, num_clients: int | None) -> None:
+    rounds = [record.round for record in records]
+    if rounds != list(range(r + 1)):
+        shown = f"{rounds[:3]}...{rounds[-1:]}" if len(rounds) > 6 else rounds
+        raise ConfigError(f"its history holds rounds {shown}, not 0 to its round {r}")
+    for record in records:
+        ids = (*record.clients, *record.dropped)
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < (num_clients or 2**63) for c in ids):
+            raise ConfigError(f"its history's round {record.round} names clients that are not this run's")
+        numbers = {name: getattr(record, name) for name in ("test_loss", "test_accuracy", "train_loss",
+                                                             "train_accuracy", "federated_loss",
+                                                             "federated_accuracy", "global_train_loss",
+                                                             "seconds", "train_seconds")}
+        if not isinstance(record.metrics, dict):
+            raise ConfigError(f"its history's round {record.round} has metrics that are not a table")
+        numbers.update(record.metrics)
+        for name, value in numbers.items():
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ConfigError(f"its history's round {record.round} has {name} {value!r}, not a number")
+
+
+def _check_tensor(value, like: torch.Tensor, where: str) -> None:
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        raise ConfigError(f"{where} is not a dense tensor")
+    if value.shape != like.shape or value.dtype != like.dtype:
+        raise ConfigError(f"{where} is {value.dtype} of shape {tuple(value.shape)}, this run's model has "
+                          f"{like.dtype} of shape {tuple(like.shape)}")
+
+
+def _check_state(saved, params: dict[str, torch.Tensor], where: str, *, exact: bool,
+                 names: frozenset[str] | None = None) -> None:
+    """`saved` holds tensors named and shaped as `params`' (all of them if `exact`, else those in `names`)."""
+    if not isinstance(saved, dict) or not all(isinstance(name, str) for name in saved):
+        raise ConfigError(f"its {where} are not a table of tensors")
+    expected = set(params) if exact else set(names if names is not None else saved)
+    if unknown := sorted(set(saved) - set(params)):
+        raise ConfigError(f"its {where} hold {', '.join(unknown[:3])}, which this run's model does not have "
+                          f"(another model or dataset)")
+    if missing := sorted(expected - set(saved)):
+        raise ConfigError(f"its {where} lack {', '.join(missing[:3])}")
+    if extra := sorted(set(saved) - expected):
+        raise ConfigError(f"its {where} hold {', '.join(extra[:3])}, which this run's strategy does not keep")
+    for name, value in saved.items():
+        _check_tensor(value, params[name], f"{name} in its {where}")
+
+
+def _check_extras(extras: dict[str, Any], fresh: ServerState, num_clients: int) -> None:
+    """The strategy's extras: the keys its fresh state has (and only tables of per-weight tensors
+    or per-client tables of them besides, like FedAvgM's velocity after its first round)."""
+    missing = set(fresh.extras) - set(extras)
+    if missing:
+        raise ConfigError(f"its strategy state lacks {', '.join(sorted(missing))}")
+    for key, value in extras.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"its strategy state has a key {key!r} that is not a name")
+        like = fresh.extras.get(key)
+        where = f"strategy state {key!r}"
+        if isinstance(like, dict) and like:
+            _check_state(value, fresh.params, where, exact=False, names=frozenset(like))
+        elif isinstance(value, dict) and value and all(isinstance(c, int) and not isinstance(c, bool)
+                                                        for c in value):
+            for c, state in value.items():  # per client (SCAFFOLD's controls)
+                if not 0 <= c < num_clients:
+                    raise ConfigError(f"its {where} names client {c}, not one of this run's {num_clients}")
+                _check_state(state, fresh.params, f"{where}[{c}]", exact=False)
+        elif isinstance(value, dict):
+            _check_state(value, fresh.params, where, exact=False)
+        elif value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ConfigError(f"its {where} is {type(value).__name__}, not what this run's strategy keeps")
+
+
+def _recorded(records, name: str) -> float | None:
+    value = records[-1].metrics.get(name) if records else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _check_privacy(saved, r: int, records, config: Config, fresh: ServerState, k: int) -> None:
+    """With differential privacy: the accountant continues the run's (its rounds, sampling and
+    noise), and spends at least what the history records as spent."""
+    privacy = config.privacy()
+    if privacy is None:
+        if saved is not None:
+            raise ConfigError("it holds a privacy accountant, and this run has no differential privacy")
+        return
+    if saved is None:
+        if r > 0:
+            raise ConfigError(f"it holds no privacy accountant after {r} rounds of a run with differential privacy")
+        return
+    from .privacy.accountant import Accountant
+    from .privacy.run import sampling_for
+    from .privacy.stage import PrivacyState
+
+    if not isinstance(saved, dict) or not isinstance(saved.get("accountant"), dict):
+        raise ConfigError("its privacy state is not a table with an accountant")
+    accountant = Accountant.from_state(saved["accountant"])
+    clip = PrivacyState.from_dict(saved.get("stage")).clip
+    if not math.isfinite(clip) or (not privacy.adaptive and clip != privacy.clip):
+        raise ConfigError(f"its clip bound {clip} is not this run's ({privacy.clip})")
+    if accountant.rounds != r:
+        raise ConfigError(f"its privacy accountant counts {accountant.rounds} rounds spent, and it is at round {r}")
+    expected = Accountant(sampling_for(config.sampling, fresh.run.num_clients, k), accountant.noise_multiplier,
+                          privacy.accountant, local=privacy.mode == "local", rounds=r)
+    if expected.state() != accountant.state():
+        raise ConfigError(f"its privacy accountant {accountant.state()} is not this run's {expected.state()}")
+    z = privacy.noise_multiplier if privacy.noise_multiplier is not None else _recorded(records, "noise_multiplier")
+    if z is not None and accountant.noise_multiplier != z:
+        raise ConfigError(f"its privacy accountant has noise multiplier {accountant.noise_multiplier}, the run "
+                          f"{z}")
+    spent = accountant.epsilon(privacy.delta)
+    recorded = _recorded(records, "epsilon")
+    if recorded is not None and spent < recorded * (1 - 1e-9):
+        raise ConfigError(f"its privacy accountant has spent epsilon {spent:.6g}, less than the {recorded:.6g} its "
+                          f"history records: resuming would lower the epsilon spent")
+
+
+def _check_outputs(run_dir: Path, history: History) -> None:
+    """The run folder's history.json (when there is one) agrees with the checkpoint's history: same
+    rounds as far as it goes, none past the checkpoint's (the checkpoint is written first)."""
+    path = run_dir / "history.json"
+    try:
+        written = History.from_json(path.read_text())
+    except FileNotFoundError:
+        return
+    except Exception as e:  # noqa: BLE001 - a file of the run folder, whatever it holds
+        raise ConfigError(f"the run's {path.name} cannot be read ({type(e).__name__})") from None
+    mine = history.records
+    if len(written.records) > len(mine):
+        last = written.records[-1]
+        raise ConfigError(f"the run's history.json records {len(written.records) - 1} rounds, the checkpoint "
+                          f"{len(mine) - 1}: it is not the run's last checkpoint"
+                          + (f" (resuming would lower the epsilon spent, {last.metrics['epsilon']:.6g})"
+                             if isinstance(last.metrics.get("epsilon"), (int, float)) else ""))
+    for ours, theirs in zip(mine, written.records):
+        if ours != theirs:
+            raise ConfigError(f"its round {ours.round} differs from the run's history.json: it is another run's "
+                              f"checkpoint, or one of the two was edited")
+
+
+__all__ = ["CHECKPOINT_MAGIC", "EXECUTION_KEYS", "KEYED_MAGIC", "Checkpoint", "check_checkpoint", "load_checkpoint",
+           "read_key", "result_settings", "save_checkpoint", "setting_differences"]
