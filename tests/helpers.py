@@ -70,11 +70,13 @@ def wait_for_line(path: Path, pattern: str, timeout: float = PROCESS_S,
     `proc` (the process writing the log) exits without having written it."""
     path = Path(path)
 
+    def text():
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def found():
-        text = path.read_text(errors="replace") if path.exists() else ""
-        if match := re.search(pattern, text):
+        if match := re.search(pattern, text()):
             return match
-        if proc is not None and proc.poll() is not None and not re.search(pattern, path.read_text(errors="replace")):
+        if proc is not None and proc.poll() is not None and not re.search(pattern, text()):  # read after the exit
             raise AssertionError(f"{path.name}: the process exited ({proc.returncode}) before it logged {pattern!r}\n"
                                  f"{tail(path)}")
         return None
@@ -91,6 +93,7 @@ def wait_exit(proc: subprocess.Popen, timeout: float = PROCESS_S, log: Path | No
         name = log.name if log else " ".join(map(str, proc.args))[:200]
         raise AssertionError(f"waited {limit:g} s for {name} to exit; it still runs"
                              + (f"\n{tail(log)}" if log else "")) from None
+
 
 @dataclasses.dataclass
 class Served:
