@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from cluster import HERE, Proc
-from helpers import PROCESS_S, bound, wait_for
+from helpers import PROCESS_S, wait_for
+from helpers import bound as wait_bound  # `bound` is the fixed point's error bound below
 from fedforge.config import Config
 from fedforge.experiment import load
 from fedforge.models import build_model
@@ -65,7 +66,7 @@ def test_clients_killed_at_every_stage_and_below_the_threshold(tmp_path):
         for name, (ids, plan) in schedules.items():
             current[name] = clients(tmp_path, port, ids, "synthetic:10", "--die", plan.pop(0), name=f"{name}-0")
             procs.append(current[name])
-        deadline = time.monotonic() + bound(600)
+        deadline = time.monotonic() + wait_bound(600)
         while srv.popen.poll() is None and time.monotonic() < deadline:
             for name, (ids, plan) in schedules.items():
                 if current[name].popen.poll() is not None and plan:
@@ -139,7 +140,7 @@ def test_the_server_sees_no_update_and_unmasks_their_exact_sum(tmp_path, monkeyp
     assert ports, "the server stopped before it listened"
     proc = clients(tmp_path, ports[0], range(5), "synthetic:5", name="clients")
     try:
-        thread.join(bound(PROCESS_S))
+        thread.join(wait_bound(PROCESS_S))
         assert outcome, proc.text()
     finally:
         proc.kill()
@@ -213,7 +214,7 @@ def test_hostile_clients_are_refused_and_dp_spends_the_simulations_epsilon(tmp_p
     out = tmp_path / "sim"
     subprocess.run([sys.executable, "-m", "fedforge", "run", "-q", *SETTINGS, "--num-clients", "6",
                     "--clients-per-round", "6", "--rounds", "4", *dp, "--out-dir", str(out), "--name", "sim"],
-                   check=True, capture_output=True, timeout=bound(PROCESS_S))
+                   check=True, capture_output=True, timeout=wait_bound(PROCESS_S))
     simulated = json.loads((out / "sim" / "history.json").read_text())["rounds"]
     assert [r["metrics"]["epsilon"] for r in networked] == [r["metrics"]["epsilon"] for r in simulated]
     assert networked[-1]["metrics"]["epsilon"] > 0 and networked[-1]["test_loss"] < networked[0]["test_loss"] - 0.5
