@@ -33,7 +33,7 @@ if not TIMEOUT_SCALE > 0:  # also refuses nan
     raise pytest.UsageError(f"FEDFORGE_TEST_TIMEOUT_SCALE must be a number > 0, got {_scale!r}")
 
 # A process's run (a server's few rounds, a client, an example script), or a line it logs. Beside two
-# busy loops and six other test runs on 2 cores a server once logged nothing in 300 s (alone: 20 s).
+# busy loops and six other test runs on 2 cores a server once logged nothing in 300 s (its test alone: 25 s).
 PROCESS_S = 600
 
 
