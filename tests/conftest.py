@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 
 from fedforge.data import load_dataset
 from helpers import FileServer
+
+# One torch thread here and in the processes the tests start (a fedforge process's --threads aside):
+# the tests' models are small, and on a shared machine more threads only contend for the cores.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,15 +1,101 @@
-"""Helpers shared by the tests: a small learnable problem, and a real HTTP server."""
+"""Helpers shared by the tests: a small learnable problem, a real HTTP server, and waits on events."""
 
 from __future__ import annotations
 
 import dataclasses
 import http.server
+import os
+import re
+import subprocess
 import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
 
 from fedforge.data import TensorData
+
+T = TypeVar("T")
+
+# Waits in the tests follow events (a process's exit, a line in a log, a file) and return as soon as
+# the event happens; a bound only says when to call the event lost. The bounds are several times what
+# an idle 2-core machine needs, so that on a loaded one a slow test is slow, not failed;
+# FEDFORGE_TEST_TIMEOUT_SCALE multiplies every one of them for a machine slower still.
+_scale = os.environ.get("FEDFORGE_TEST_TIMEOUT_SCALE", "1")
+try:
+    TIMEOUT_SCALE = float(_scale)
+except ValueError:
+    TIMEOUT_SCALE = float("nan")
+if not TIMEOUT_SCALE > 0:  # also refuses nan
+    raise pytest.UsageError(f"FEDFORGE_TEST_TIMEOUT_SCALE must be a number > 0, got {_scale!r}")
+
+# A process's run (a server's few rounds, a client, an example script), or a line it logs. Beside two
+# busy loops and six other test runs on 2 cores a server once logged nothing in 300 s (its test alone: 25 s).
+PROCESS_S = 600
+
+
+def bound(seconds: float) -> float:
+    """A wait's bound in seconds: `seconds` on this machine, times FEDFORGE_TEST_TIMEOUT_SCALE."""
+    return seconds * TIMEOUT_SCALE
+
+
+def tail(path: Path, lines: int = 80) -> str:
+    """The last `lines` lines of a log, for a failure's message."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        return f"({path}: {e.strerror})"
+    kept = text.splitlines()[-lines:]
+    return f"--- last {len(kept)} lines of {path} ---\n" + "\n".join(kept)
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, log: Path | None = None,
+              interval: float = 0.05) -> T:
+    """Poll `predicate` until it returns something true, and return that; past `bound(timeout)`
+    seconds fail saying what was awaited (and the tail of `log`)."""
+    limit = bound(timeout)
+    deadline = time.monotonic() + limit
+    while True:
+        if value := predicate():
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {limit:g} s for {what}" + (f"\n{tail(log)}" if log else ""))
+        time.sleep(interval)
+
+
+def wait_for_line(path: Path, pattern: str, timeout: float = PROCESS_S,
+                  proc: subprocess.Popen | None = None) -> re.Match:
+    """The first match of `pattern` in the log at `path`, once it is written. Fails at once if
+    `proc` (the process writing the log) exits without having written it."""
+    path = Path(path)
+
+    def text():
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def found():
+        if match := re.search(pattern, text()):
+            return match
+        if proc is not None and proc.poll() is not None and not re.search(pattern, text()):  # read after the exit
+            raise AssertionError(f"{path.name}: the process exited ({proc.returncode}) before it logged {pattern!r}\n"
+                                 f"{tail(path)}")
+        return None
+
+    return wait_for(found, timeout, f"{pattern!r} in {path.name}", path)
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float = PROCESS_S, log: Path | None = None) -> int:
+    """The exit status of `proc`; past `bound(timeout)` seconds fail with the tail of its `log`."""
+    limit = bound(timeout)
+    try:
+        return proc.wait(limit)
+    except subprocess.TimeoutExpired:
+        name = log.name if log else " ".join(map(str, proc.args))[:200]
+        raise AssertionError(f"waited {limit:g} s for {name} to exit; it still runs"
+                             + (f"\n{tail(log)}" if log else "")) from None
+
 
 @dataclasses.dataclass
 class Served:

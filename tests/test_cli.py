@@ -9,6 +9,7 @@ import pytest
 
 from fedforge.cli import main
 from fedforge.data import FASHION_MNIST
+from helpers import PROCESS_S, bound
 
 
 def fedforge(capsys, *argv):
@@ -121,6 +122,6 @@ def test_diverging_run_stops_with_a_message(capsys, tmp_path):
 
 def test_real_process_exit_status_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedforge", "run", "--rounds", "-1"],
-                          capture_output=True, text=True, cwd=tmp_path)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=bound(PROCESS_S))
     assert proc.returncode == 2
     assert proc.stderr == "fedforge: error: rounds must be >= 1, got -1\n"

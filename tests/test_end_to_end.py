@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -13,6 +12,7 @@ from fedforge import evaluate
 from fedforge.cli import main
 from fedforge.config import Config
 from fedforge.models import build_model
+from helpers import PROCESS_S, bound, wait_for
 
 
 def test_tutorial_experiment_on_fashion_mnist(tmp_path, fashion, capsys):
@@ -73,13 +73,11 @@ def test_ctrl_c_saves_the_completed_rounds(tmp_path, fashion):
          "--clients-per-round", "1", "--rounds", "1000", "--out-dir", str(tmp_path), "--name", "stop"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     history = tmp_path / "stop" / "history.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if history.exists() and len(json.loads(history.read_text())["rounds"]) >= 3:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: proc.poll() is not None or (history.exists() and len(json.loads(history.read_text())["rounds"])
+                                                  >= 3), PROCESS_S, "round 2 in history.json")
+    assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=bound(PROCESS_S))
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     rounds = json.loads(history.read_text())["rounds"]

@@ -9,6 +9,7 @@ import pytest
 
 from fedforge.cli import main
 from fedforge.history import History, RoundRecord
+from helpers import PROCESS_S, bound
 
 BASE = ["--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3", "--model", "logreg", "-q"]
 
@@ -73,7 +74,7 @@ def test_the_server_checks_the_checkpoint_before_it_listens(run_dir, tmp_path):
     (run_dir / "checkpoint.pt").write_bytes(b"garbage")
     proc = subprocess.run([sys.executable, "-m", "fedforge", "server", "--tokens", str(tmp_path / "tokens.json"),
                            "--insecure", "--address", "127.0.0.1:0", "--resume", str(run_dir)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=bound(PROCESS_S))
     assert proc.returncode == 2
     assert "listening" not in proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith(f"fedforge: error: cannot resume: {run_dir}/checkpoint.pt "

@@ -177,7 +177,7 @@ def test_network_rounds_record_and_track_their_bytes(tmp_path):
     config = Config(dataset="synthetic", num_clients=3, clients_per_round=3, model="logreg", batch_size=10, rounds=2,
                     out_dir=str(tmp_path), name="net")
     hub = LoopbackHub(config)
-    engine = NetworkEngine(hub, round_timeout=30, min_fit_clients=3)
+    engine = NetworkEngine(hub, round_timeout=300, min_fit_clients=3)
     run_experiment(config, progress=False, verbose=False, engine=engine, trackers=[TensorBoardTracker(tmp_path / "tb")])
     rounds = history(tmp_path / "net")
     assert "bytes_up" not in rounds[0]["metrics"]  # the initial model: nothing sent

@@ -140,7 +140,9 @@ def test_an_address_that_does_not_answer_as_ray_fails_within_the_bound():
         with pytest.raises(ConfigError, match=rf"^cannot reach the Ray cluster at '{address}' within 0.5 s "
                                               rf"\(something listens there, but not as Ray does\)"):
             RayEngine(blobs_data, seed=SEED, address=address, connect_timeout=0.5)
-        assert time.monotonic() - started < 5
+        # Without the bound ray.init waits for minutes; 60 s leaves a loaded machine room for the
+        # bound's own work (importing grpc, a channel) and still tells a bound from no bound.
+        assert time.monotonic() - started < 60
 
 
 def test_a_worker_that_cannot_load_the_data_says_why():

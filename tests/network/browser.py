@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import time
 
+from helpers import PROCESS_S, bound
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -41,13 +43,14 @@ class Browser:
         self._next_id = 0
         self._session = None
 
-    def send(self, method: str, params: dict | None = None, *, timeout: float = 30) -> dict:
+    def send(self, method: str, params: dict | None = None, *, timeout: float = PROCESS_S) -> dict:
         """Run one protocol command (in the open page, once there is one); its result."""
         self._next_id += 1
         message = {"id": self._next_id, "method": method, "params": params or {}}
         if self._session is not None:
             message["sessionId"] = self._session
         os.write(self._commands, json.dumps(message).encode() + b"\0")
+        timeout = bound(timeout)
         deadline = time.monotonic() + timeout
         while True:
             while b"\0" in self._buffer:

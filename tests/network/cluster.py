@@ -6,10 +6,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from fedforge.network.auth import enroll, write_secret
+from helpers import PROCESS_S, bound, wait_exit, wait_for_line
 
 HERE = Path(__file__).parent
 BASE = ["--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3", "--model", "logreg",
@@ -32,22 +32,11 @@ class Proc:
     def text(self) -> str:
         return self.log.read_text()
 
-    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if match := re.search(pattern, self.text()):
-                return match
-            if self.popen.poll() is not None and not re.search(pattern, self.text()):
-                raise AssertionError(f"{self.log.name} exited ({self.popen.returncode}) before {pattern!r}:\n"
-                                     f"{self.text()}")
-            time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not in {self.log.name} after {timeout} s:\n{self.text()}")
+    def wait_for(self, pattern: str, timeout: float = PROCESS_S) -> re.Match:
+        return wait_for_line(self.log, pattern, timeout, self.popen)
 
-    def wait(self, timeout: float = 60) -> int:
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.log.name} still running after {timeout} s:\n{self.text()}") from None
+    def wait(self, timeout: float = PROCESS_S) -> int:
+        return wait_exit(self.popen, timeout, self.log)
 
     def kill(self):
         if self.popen.poll() is None:
@@ -63,7 +52,8 @@ class Cluster:
             write_secret(tmp / f"client-{i}.token", enroll(tmp / "tokens.json", i))
 
     def fedforge(self, *argv):
-        subprocess.run([sys.executable, "-m", "fedforge", *argv], cwd=self.tmp, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "fedforge", *argv], cwd=self.tmp, check=True, capture_output=True,
+                       timeout=bound(PROCESS_S))
 
     def start(self, name, argv) -> Proc:
         proc = Proc(argv, self.tmp / f"{name}.log", self.tmp)

@@ -22,6 +22,7 @@ import torch
 
 from browser import CHROMIUM, Browser
 from cluster import BASE, Cluster
+from helpers import PROCESS_S, bound
 from fedforge.cli import main as fedforge
 from fedforge.client import ClientUpdate
 from fedforge.config import Config
@@ -42,7 +43,7 @@ TOKEN = "a-dashboard-token-0123456789"
 
 def get(url: str, **headers) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=bound(60)) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -54,7 +55,8 @@ def state(url: str) -> dict:
     return json.loads(body)
 
 
-def wait_until(url: str, condition, timeout: float = 30) -> dict:
+def wait_until(url: str, condition, timeout: float = PROCESS_S) -> dict:
+    timeout = bound(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition(now := state(url)):
@@ -128,13 +130,13 @@ def test_a_token_is_required_when_given_and_off_loopback_https(tmp_path):
         for headers, expected in (({}, 401), ({"Authorization": f"Bearer {TOKEN}"}, 200)):
             try:
                 with urllib.request.urlopen(urllib.request.Request(local, headers=headers), context=context,
-                                            timeout=10) as response:
+                                            timeout=bound(60)) as response:
                     status = response.status
             except urllib.error.HTTPError as e:
                 status = e.code
             assert status == expected
         with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):  # no plaintext
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=10).read()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=bound(60)).read()
     finally:
         board.stop()
 
@@ -200,7 +202,7 @@ def test_arrivals_refusals_and_epsilon_reach_the_state(tmp_path):
     url = board.start(config, hub.clients)
     try:
         assert state(url)["status"] == "waiting for clients"
-        engine = NetworkEngine(hub, round_timeout=30, min_fit_clients=2, watcher=board.state)
+        engine = NetworkEngine(hub, round_timeout=300, min_fit_clients=2, watcher=board.state)
         run_experiment(config, progress=False, verbose=False, engine=engine, trackers=[board.tracker])
         now = state(url)
     finally:
@@ -259,7 +261,7 @@ def deployment(tmp_path_factory):
 
 def test_the_state_shows_the_clients_and_the_rounds_moving(deployment):
     url = deployment.url
-    first = wait_until(url, lambda s: len(s["clients"]) == 3 and last_round(s) >= 1, timeout=60)
+    first = wait_until(url, lambda s: len(s["clients"]) == 3 and last_round(s) >= 1)
     assert [c["id"] for c in first["clients"]] == [0, 1, 2]
     assert all(re.fullmatch(r"127\.0\.0\.1:\d+", c["address"]) for c in first["clients"])
     assert all(c["connected_at"] <= c["last_seen"] <= first["now"] + 1 for c in first["clients"])
@@ -274,7 +276,7 @@ def test_the_state_shows_the_clients_and_the_rounds_moving(deployment):
 
 def test_nothing_secret_and_nothing_unknown(deployment):
     url = deployment.url
-    now = wait_until(url, lambda s: len(s["clients"]) == 3 and s["log"], timeout=60)
+    now = wait_until(url, lambda s: len(s["clients"]) == 3 and s["log"])
     assert any(re.fullmatch(r"refused ipv4:127\.0\.0\.1:\d+: wrong secret for client 2", line["message"])
                for line in now["log"])
     _, page = get(url)
@@ -300,7 +302,7 @@ def test_nothing_secret_and_nothing_unknown(deployment):
 
 def urllib_status(url: str, method: str) -> int:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=bound(60)) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -317,7 +319,8 @@ PAGE_NOW = """(() => {
 })()"""
 
 
-def watch(browser: Browser, condition, timeout: float = 30) -> dict:
+def watch(browser: Browser, condition, timeout: float = PROCESS_S) -> dict:
+    timeout = bound(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition(now := browser.evaluate(PAGE_NOW)):
@@ -339,7 +342,7 @@ def test_the_page_in_headless_chromium(browser, deployment, tmp_path):
     """A real browser loads the page once and sees 3 clients, then the charts grow by a round while
     the page stays loaded (the mark set on its window survives: no reload)."""
     browser.open(deployment.url)
-    first = watch(browser, lambda p: p["clients"] == ["0", "1", "2"] and p["points"] >= 2, timeout=60)
+    first = watch(browser, lambda p: p["clients"] == ["0", "1", "2"] and p["points"] >= 2)
     assert first["count"] == "3" and first["loss_points"] == first["points"]
     browser.evaluate("window.testMark = 'still the same page'")
     later = watch(browser, lambda p: p["points"] > first["points"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cluster import BASE, free_port
+from helpers import bound, wait_for
 from fedforge.cli import main as fedforge
 
 
@@ -28,8 +29,8 @@ def test_all_alive_equals_the_simulation(cluster, tmp_path, strategy):
     flags = ["--rounds", "3", "--strategy", strategy]
     server, port = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags)
     clients = [cluster.client(i, port) for i in range(3)]
-    assert server.wait(60) == 0, server.text()
-    assert all(c.wait(30) == 0 for c in clients)
+    assert server.wait() == 0, server.text()
+    assert all(c.wait() == 0 for c in clients)
     assert "plaintext mode" in server.text() and all("plaintext mode" in c.text() for c in clients)
     networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
     assert_same_model(networked, simulated_model(tmp_path, *flags))
@@ -38,18 +39,18 @@ def test_all_alive_equals_the_simulation(cluster, tmp_path, strategy):
 def test_refusals_are_logged_and_training_continues(cluster, tmp_path):
     modes = ["shape", "nan", "oversized", "many", "huge", "steps", "loss", "late"]
     server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds",
-                                  str(len(modes)), "--max-message-mb", "0.05", "--round-timeout", "4", *BASE)
+                                  str(len(modes)), "--max-message-mb", "0.05", "--round-timeout", str(bound(30)), *BASE)
     first = cluster.client(0, port)
     cluster.client(1, port)
     server.wait_for("client 0 connected")
     server.wait_for("client 1 connected")
     wrong_secret = cluster.client(2, port, token="client-3.token", name="wrong-secret")
     unknown = cluster.client(9, port, token="client-3.token", name="unknown", part=2)
-    assert wrong_secret.wait(30) == 1 and unknown.wait(30) == 1
+    assert wrong_secret.wait() == 1 and unknown.wait() == 1
     cluster.client(0, port, name="second")  # the same id again: the newer session wins
-    assert first.wait(30) == 1
+    assert first.wait() == 1
     evil = cluster.stub(2, port, ",".join(modes))
-    assert server.wait(90) == 0, server.text()
+    assert server.wait() == 0, server.text()
     log = server.text()
     assert "wrong secret for client 2" in log and "unknown client id 9" in log  # the log tells them apart,
     for refused in (wrong_secret, unknown):  # the answer does not
@@ -78,42 +79,45 @@ def test_tls_with_the_right_and_a_wrong_root_certificate(cluster, tmp_path):
                                   "--min-clients", "3", "--rounds", "2", *BASE)
     impostor = cluster.client(3, port, "--root-cert", "other/ca.pem", "--give-up-after", "2", name="wrong-ca", part=0)
     clients = [cluster.client(i, port, "--root-cert", "certs/ca.pem") for i in range(3)]
-    assert impostor.wait(60) == 2  # never got through the TLS handshake
+    assert impostor.wait() == 2  # never got through the TLS handshake
     assert "TLS handshake failed: the server's certificate is not one --root-cert vouches for" in impostor.text()
-    assert server.wait(60) == 0, server.text()
-    assert all(c.wait(30) == 0 for c in clients)
+    assert server.wait() == 0, server.text()
+    assert all(c.wait() == 0 for c in clients)
     assert "plaintext" not in server.text()
 
 
 def test_killing_a_client_mid_round_does_not_hang_the_round(cluster, tmp_path):
     server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "3",
-                                  "--round-timeout", "120", *BASE)
+                                  "--round-timeout", "600", *BASE)
     clients = [cluster.client(0, port), cluster.client(1, port)]
     stuck = cluster.stub(2, port, "hang")
     stuck.wait_for("task 1")
     started = time.monotonic()
     stuck.kill()  # kill -9 while it holds round 1's task
-    assert server.wait(60) == 0, server.text()
-    assert time.monotonic() - started < 30  # far from the 120 s round timeout
-    assert "client 2 disconnected mid-round; dropped from the round" in server.text()
-    assert all(c.wait(30) == 0 for c in clients)
+    server.wait_for("client 2 disconnected mid-round; dropped from the round")
+    # Dropped on its disconnect: well before the round timeout (600 s), whatever the machine's load.
+    assert time.monotonic() - started < 300
+    assert server.wait() == 0, server.text()
+    assert all(c.wait() == 0 for c in clients)
 
 
 def test_a_frozen_client_is_dropped_by_keepalive(cluster, tmp_path):
     """A client that stops answering without closing its connection (SIGSTOP: a frozen machine,
     a cut cable) is noticed by the keep-alive ping and dropped, long before the round timeout."""
     server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "2",
-                                  "--round-timeout", "120", "--keepalive", "2", *BASE)
+                                  "--round-timeout", "600", "--keepalive", "5", *BASE)
     clients = [cluster.client(0, port), cluster.client(1, port)]
     frozen = cluster.stub(2, port, "hang")
     frozen.wait_for("task 1")
     started = time.monotonic()
     frozen.popen.send_signal(signal.SIGSTOP)  # the process lives on, its connection stays open
-    assert server.wait(60) == 0, server.text()
-    assert time.monotonic() - started < 30  # keep-alive (2 s + 1 s), not the 120 s round timeout
-    assert "client 2 disconnected mid-round; dropped from the round" in server.text()
+    server.wait_for("client 2 disconnected mid-round; dropped from the round")
+    # By the keep-alive (a ping after 5 s, unanswered for 2.5 s), not the round timeout (600 s):
+    # the margin is for a loaded machine, where the live clients get 2.5 s to answer a ping (not 1 s).
+    assert time.monotonic() - started < 300
+    assert server.wait() == 0, server.text()
     assert frozen.popen.poll() is None  # nothing closed it: the server noticed on its own
-    assert all(c.wait(30) == 0 for c in clients)
+    assert all(c.wait() == 0 for c in clients)
 
 
 def test_server_killed_after_round_2_resumes_to_the_same_result(cluster, tmp_path):
@@ -122,17 +126,14 @@ def test_server_killed_after_round_2_resumes_to_the_same_result(cluster, tmp_pat
     server, _ = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags, port=port)
     clients = [cluster.client(i, port) for i in range(3)]
     history = tmp_path / "runs" / "net" / "history.json"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if history.exists() and len(json.loads(history.read_text())["rounds"]) >= 3:
-            break
-        time.sleep(0.02)
+    wait_for(lambda: history.exists() and len(json.loads(history.read_text())["rounds"]) >= 3, 300,
+             "round 2 in history.json", server.log, interval=0.02)
     server.kill()  # kill -9 after round 2
     done = len(json.loads(history.read_text())["rounds"]) - 1
     assert 2 <= done < 5
     resumed, _ = cluster.server("--insecure", "--min-clients", "3", "--resume", "runs/net", port=port, name="resumed")
-    assert resumed.wait(90) == 0, resumed.text()
-    assert all(c.wait(30) == 0 for c in clients)
+    assert resumed.wait() == 0, resumed.text()
+    assert all(c.wait() == 0 for c in clients)
     assert any("connection lost" in c.text() for c in clients)  # they reconnected on their own
     rounds = json.loads(history.read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4, 5]
@@ -204,9 +205,9 @@ def test_a_client_with_its_own_data_folder(cluster, tmp_path):
     own = cluster.start("own-data", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
                                      "--server", f"127.0.0.1:{port}", "--client-id", "2", "--token-file",
                                      "client-2.token", "--data", "mine"])
-    assert server.wait(60) == 0, server.text()
-    assert own.wait(30) == 0 and "joined (%d examples)" % len(part) in own.text()
-    assert all(c.wait(30) == 0 for c in clients)
+    assert server.wait() == 0, server.text()
+    assert own.wait() == 0 and "joined (%d examples)" % len(part) in own.text()
+    assert all(c.wait() == 0 for c in clients)
     networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
     assert_same_model(networked, simulated_model(tmp_path, "--rounds", "2"))
 
@@ -219,8 +220,8 @@ def test_a_regression_with_adam_over_the_network_equals_the_simulation(cluster, 
              "--clients-per-round", "3", "--batch-size", "16", "--rounds", "3", "--model", "mlp"]
     server, port = cluster.server("--insecure", "--min-clients", "3", *flags)
     clients = [cluster.client(i, port, dataset="diabetes") for i in range(3)]
-    assert server.wait(60) == 0, server.text()
-    assert all(c.wait(30) == 0 for c in clients)
+    assert server.wait() == 0, server.text()
+    assert all(c.wait() == 0 for c in clients)
     assert "final test r2" in server.text()
     networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
     assert fedforge(["run", "-q", *flags, "--out-dir", str(tmp_path / "sim"), "--name", "sim"]) == 0
@@ -274,8 +275,8 @@ def test_a_custom_task_from_the_clients_app_equals_the_simulation(cluster, tmp_p
     clients = [cluster.start(f"app-{i}", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
                                           "--server", f"127.0.0.1:{port}", "--client-id", str(i), "--token-file",
                                           f"client-{i}.token", "--app", "custom_app:APP"]) for i in range(3)]
-    assert server.wait(60) == 0, server.text()
-    assert all(c.wait(30) == 0 for c in clients), [c.text() for c in clients]
+    assert server.wait() == 0, server.text()
+    assert all(c.wait() == 0 for c in clients), [c.text() for c in clients]
     history = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())
     assert history["rounds"][-1]["metrics"]["test_abs_error"] > 0
     networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
@@ -290,8 +291,8 @@ def test_client_side_clipping_over_the_network_spends_the_simulations_epsilon(cl
     flags = ["--rounds", "2", "--dp", "client", "--target-epsilon", "3", "--delta", "0.01", "--clip", "0.5"]
     server, port = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags)
     clients = [cluster.client(i, port) for i in range(3)]
-    assert server.wait(60) == 0, server.text()
-    assert all(c.wait(30) == 0 for c in clients)
+    assert server.wait() == 0, server.text()
+    assert all(c.wait() == 0 for c in clients)
     networked = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())["rounds"]
     simulated_model(tmp_path, *flags)
     simulated = json.loads((tmp_path / "sim" / "sim" / "history.json").read_text())["rounds"]

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from cluster import BASE
+from helpers import wait_for
 from fedforge.experiment import load_checkpoint
 from fedforge.network.hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, AddressGuard
 from fedforge.network.wire import Kind, decode
@@ -26,7 +27,7 @@ from proxy import Proxy
 from test_deployment import assert_same_model, simulated_model
 
 
-def open_session(port: int, client_id=None, secret=None, *, timeout: float = 10):
+def open_session(port: int, client_id=None, secret=None, *, timeout: float = 120):
     """Open a session as a client does and read the server's first answer: (message, seconds)."""
     metadata = []
     if client_id is not None:
@@ -80,8 +81,8 @@ def test_a_stale_disconnect_does_not_drop_the_new_session(cluster, tmp_path):
     first.wait_for("connection lost")
     server.wait_for(r"client 0 connected[^\n]*\n(.|\n)*client 0 connected")
     clients = [first] + [cluster.client(i, port) for i in (1, 2)]
-    assert server.wait(60) == 0, server.text()
-    assert all(c.wait(30) == 0 for c in clients)
+    assert server.wait() == 0, server.text()
+    assert all(c.wait() == 0 for c in clients)
     assert "mid-round" not in server.text()
     assert_same_model(torch.load(tmp_path / "runs" / "net" / "model.pt"), simulated_model(tmp_path, *flags))
     proxy.close()
@@ -99,8 +100,8 @@ def test_a_half_open_connection_is_replaced_by_the_client_s_new_session(cluster,
     first.wait_for("connection lost")
     server.wait_for("client 0: a new session from .* replaces the one from")
     clients = [first] + [cluster.client(i, port) for i in (1, 2)]
-    assert server.wait(60) == 0, server.text()
-    assert all(c.wait(30) == 0 for c in clients)
+    assert server.wait() == 0, server.text()
+    assert all(c.wait() == 0 for c in clients)
     assert_same_model(torch.load(tmp_path / "runs" / "net" / "model.pt"), simulated_model(tmp_path, *flags))
     proxy.close()
 
@@ -108,11 +109,11 @@ def test_a_half_open_connection_is_replaced_by_the_client_s_new_session(cluster,
 def test_a_task_held_by_a_replaced_session_is_sent_again(cluster, tmp_path):
     """A client that reconnects while it owes an update gets its task again on the new session,
     and its answer counts: the round has every update."""
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "1", "--round-timeout", "60",
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "1", "--round-timeout", "300",
                                   *BASE)
     cluster.client(0, port), cluster.client(1, port)
     stub = cluster.stub(2, port, "reconnect,zero")
-    assert server.wait(60) == 0, server.text()
+    assert server.wait() == 0, server.text()
     assert "task 1: client 2 reconnected; its task is sent again" in server.text()
     assert "task 1: 3 of 3 updates" in server.text()
     assert stub.text().count("task 1") == 2  # asked twice: the answer on its new session counted
@@ -137,7 +138,7 @@ def test_a_client_that_sends_more_than_it_was_asked_for_loses_its_session(cluste
                                   *BASE)
     cluster.client(0, port), cluster.client(1, port)
     stub = cluster.stub(2, port, "twice")
-    assert server.wait(60) == 0, server.text()
+    assert server.wait() == 0, server.text()
     assert "client 2 sent a message it was not asked for; its session is closed" in server.text()
     assert "task 1: 3 of 3 updates" in server.text()  # its first answer counted
     stub.kill()
@@ -162,24 +163,27 @@ def test_idle_unauthenticated_streams_and_sockets_do_not_lock_clients_out(cluste
 
     sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
     try:
-        calls = [c.stream_stream(METHOD)(silent(), timeout=5) for c in channels]
-        over_one = [shared.stream_stream(METHOD)(silent(), timeout=5) for _ in range(100)]
-        big = huge.stream_stream(METHOD)(iter([b"\0" * (60 << 20)]), timeout=30)
+        # The strangers hold on for 60 s (the handshakes for the server's 20 s): a client locked out
+        # until they give up would wait that long. Welcomed "at once" is a bound below both that
+        # leaves a loaded machine its margin (an idle one answers in milliseconds).
+        calls = [c.stream_stream(METHOD)(silent(), timeout=60) for c in channels]
+        over_one = [shared.stream_stream(METHOD)(silent(), timeout=60) for _ in range(100)]
+        big = huge.stream_stream(METHOD)(iter([b"\0" * (60 << 20)]), timeout=120)
         welcome, seconds = open_session(port, 0, secret(tmp_path, 0))
-        assert welcome.kind == Kind.WELCOME and seconds < 1.0
+        assert welcome.kind == Kind.WELCOME and seconds < 10
         assert [answer(call) for call in calls] == ["refused"] * 100
         assert answer(big) == "refused"
         # One connection gets a few streams at a time; any that waited past their deadline for a slot
         # never reached the server at all.
         over_one = [answer(call) for call in over_one]
         assert set(over_one) <= {"refused", "DEADLINE_EXCEEDED"} and "refused" in over_one
-        time.sleep(1)
-        assert peak_rss_mb(server.popen.pid) - before < 30  # 60 MB were sent; none of it was kept
+        # 60 MB were sent; none of it was kept (the peak once it stops growing).
+        assert settled_peak_rss_mb(server.popen.pid) - before < 30
         clients = [cluster.client(i, port) for i in range(3)]
         welcome, seconds = open_session(port, 3, secret(tmp_path, 3))
-        assert welcome.kind == Kind.WELCOME and seconds < 1.0
-        assert server.wait(60) == 0, server.text()
-        assert all(c.wait(30) == 0 for c in clients)
+        assert welcome.kind == Kind.WELCOME and seconds < 10
+        assert server.wait() == 0, server.text()
+        assert all(c.wait() == 0 for c in clients)
     finally:
         never.set()
         for s in sockets:
@@ -193,9 +197,8 @@ def test_a_huge_secret_is_refused_before_it_is_read(cluster, tmp_path):
     before = settled_peak_rss_mb(server.popen.pid)
     with pytest.raises(grpc.RpcError):
         open_session(port, 0, "x" * (100 << 20))
-    time.sleep(1)
     # Far below the secret's 100 MB (gRPC's transport buffers vary with the machine's load).
-    assert peak_rss_mb(server.popen.pid) - before < 60
+    assert settled_peak_rss_mb(server.popen.pid) - before < 60
     welcome, _ = open_session(port, 0, secret(tmp_path, 0))
     assert welcome.kind == Kind.WELCOME
 
@@ -245,24 +248,22 @@ def test_a_full_disk_stops_the_server_with_one_line_and_clients_learn_it_failed(
     clients = [cluster.client(i, port) for i in range(3)]
     waiter = cluster.client(3, port, "--retry-on-server-failure", "--give-up-after", "3", name="waiter", part=0)
     history = small_disk / "net" / "history.json"
-    deadline = time.monotonic() + 60
     # Round 3 in the history: round 2's checkpoint is on disk (it is written before round 3 runs).
-    while not (history.exists() and len(json.loads(history.read_text())["rounds"]) >= 4):
-        assert time.monotonic() < deadline, server.text()
-        time.sleep(0.02)
+    wait_for(lambda: history.exists() and len(json.loads(history.read_text())["rounds"]) >= 4, 300,
+             "round 3 in history.json", server.log, interval=0.02)
     with (small_disk / "filler").open("wb") as f:  # the disk fills up mid-run
         with pytest.raises(OSError):
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
-    assert server.wait(60) == 1, server.text()
+    assert server.wait() == 1, server.text()
     errors = [line for line in server.text().splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and re.fullmatch(rf"fedforge: error: cannot write {small_disk}/net/\S+: No space left on "
                                              "device", errors[0]), server.text()
     assert "Traceback" not in server.text()
-    assert all(c.wait(30) == 3 for c in clients)
+    assert all(c.wait() == 3 for c in clients)
     assert all("the server's run failed: cannot write" in c.text() for c in clients)
-    assert waiter.wait(30) == 2 and "waiting for it to come back" in waiter.text()
+    assert waiter.wait() == 2 and "waiting for it to come back" in waiter.text()
     (small_disk / "filler").unlink()
     checkpoint = load_checkpoint(small_disk / "net", "cpu")  # the last good one, whole
     state, saved = checkpoint.state, checkpoint.history
@@ -275,7 +276,7 @@ def test_a_read_only_output_folder_is_refused_before_listening(cluster, tmp_path
     proc = cluster.start("server", [sys.executable, "-m", "fedforge", "server", "-q", "--tokens", "tokens.json",
                                     "--insecure", "--address", "127.0.0.1:0", "--out-dir", str(small_disk),
                                     "--name", "net", *BASE])
-    assert proc.wait(60) == 1
+    assert proc.wait() == 1
     assert proc.text().splitlines()[-1] == (f"fedforge: error: cannot write {small_disk}/net/.write-check: "
                                             "Read-only file system")
     assert "listening" not in proc.text()
