@@ -316,8 +316,8 @@ def test_an_update_of_norm_a_million_moves_the_model_by_at_most_an_honest_client
     server, port = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags)
     honest = [cluster.client(i, port) for i in range(2)]
     cluster.stub(2, port, "norm,norm")
-    assert server.wait(120) == 0, server.text()
-    assert all(c.wait(60) == 0 for c in honest)
+    assert server.wait() == 0, server.text()
+    assert all(c.wait() == 0 for c in honest)
     models = [torch.load(tmp_path / f"stub-2-task-{t}.pt") for t in (1, 2)]
     models.append(torch.load(tmp_path / "runs" / "net" / "model.pt"))
     size = sum(v.numel() for v in models[0].values())

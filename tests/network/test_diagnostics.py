@@ -90,7 +90,7 @@ def test_a_clients_model_that_does_not_fit_its_data_is_one_line(cluster, tmp_pat
     client = cluster.start("app", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
                                    "--server", f"127.0.0.1:{port}", "--client-id", "0", "--token-file",
                                    "client-0.token", "--app", "unflattened_app:APP"])
-    assert client.wait(120) == 2, client.text()
+    assert client.wait() == 2, client.text()
     errors = [line for line in client.text().splitlines() if "error" in line.lower()]
     assert errors == ["fedforge: error: model unflattened_app:model does not fit the data: on a batch of inputs of "
                       "shape (2, 1, 8, 8) it fails with RuntimeError: mat1 and mat2 shapes cannot be multiplied "
@@ -153,7 +153,7 @@ def test_a_client_that_cannot_connect_says_why_and_gives_up(cluster, tmp_path):
                      f"cannot connect to 127.0.0.1:{tls_port}: TLS handshake failed: the server's certificate is not "
                      f"one --root-cert vouches for"),
     }
-    assert all(client.wait(180) == 2 for client, _ in cases.values()), [c.text() for c, _ in cases.values()]
+    assert all(client.wait() == 2 for client, _ in cases.values()), [c.text() for c, _ in cases.values()]
     # Neither server's console shows gRPC's C-core lines (I1207 12:00:00.000 ... ssl_transport_security.cc:...]
     # Handshake failed ...), and fedforge's own lines are there.
     for server in (plain, tls):
@@ -174,7 +174,7 @@ def test_the_time_without_a_server_counts_from_the_connections_end(cluster, tmp_
     client.wait_for("joined", timeout=120)
     time.sleep(7)  # what is tested is time connected: longer than the client's 5 s
     server.kill()
-    assert client.wait(120) == 2, client.text()
+    assert client.wait() == 2, client.text()
     lost = client.text().index("connection lost")
     assert "connection refused" in client.text()[lost:], client.text()
 
