@@ -17,6 +17,7 @@ from .errors import ConfigError
 from .experiment import check_output, load_checkpoint, run_experiment, run_name
 from .network.dashboard import Dashboard, DashboardSettings
 from .network.hub import DEFAULT_KEEPALIVE, Hub
+from .network.welcome import welcome_header
 from .network.wire import Kind, Message
 from .secagg import SecureAggregation
 from .simulation import clients_per_round_count
@@ -66,8 +67,7 @@ def serve(
         load_checkpoint(run_dir, "cpu")  # damaged or missing: say so now, not once clients have come
     for tracker in trackers:  # a missing library, likewise
         tracker.prepare()
-    settings = {k: v for k, v in config.__dict__.items() if v is not None}
-    hub = Hub(tokens, welcome={"config": settings}, max_message_bytes=max_message_bytes, keepalive=keepalive)
+    hub = Hub(tokens, welcome=welcome_header(config), max_message_bytes=max_message_bytes, keepalive=keepalive)
     port = hub.start(address, tls)
     final = Message(Kind.SHUTDOWN, {"status": "failed", "reason": "the server stopped"})
     try:
