@@ -424,8 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--compress", choices=["fp16", "int8"], help="compress updates (lossy)")
     cli.add_argument("--max-message-mb", type=float, default=256.0, help="largest message accepted from the server, "
                      "in MiB (default: 256)")
-    cli.add_argument("--model", metavar="NAME", help="the model this client trains, instead of the server's: a built-in "
-                     "or package.module:factory of your own")
+    cli.add_argument("--model", metavar="NAME", help="the model this client trains, instead of the server's: a "
+                     "built-in or package.module:factory of your own")
     cli.add_argument("--task", metavar="NAME", help="the task this client trains, instead of the server's: a built-in "
                      "or package.module:object of your own")
     cli.add_argument("--allow", metavar="PACKAGE.MODULE:OBJECT", action="append", default=[], help="code the server "

@@ -279,5 +279,5 @@ def finish_update(
     )
 
 
-__all__ = ["ClientConfig", "ClientPlan", "ClientUpdate", "LocalTerms", "OptimizerState", "OutOfTime", "State", "all_finite",
-           "client_batches", "epoch_orders", "finish_update", "sgd", "train_client"]
+__all__ = ["ClientConfig", "ClientPlan", "ClientUpdate", "LocalTerms", "OptimizerState", "OutOfTime", "State",
+           "all_finite", "client_batches", "epoch_orders", "finish_update", "sgd", "train_client"]

@@ -16,7 +16,7 @@ from concurrent import futures
 
 import grpc
 
-from fedforge.network.hub import SERVICE
+from fedforge.network.hub import DEFAULT_KEEPALIVE, SERVICE, server_options
 from fedforge.network.wire import Kind, Message, decode, encode
 
 
@@ -27,8 +27,8 @@ class FakeServer:
         self.replies: list[Message] = []
         self.sessions = 0
         self.closed = threading.Event()
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
-            ("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)])
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                                   options=server_options(256 << 20, DEFAULT_KEEPALIVE))
         handler = grpc.stream_stream_rpc_method_handler(self._session)  # raw bytes both ways
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {"Session": handler})])
         self.port = self._server.add_insecure_port("127.0.0.1:0")
@@ -38,8 +38,11 @@ class FakeServer:
         incoming: queue.Queue = queue.Queue()
 
         def read():
-            for raw in requests:
-                incoming.put(raw)
+            try:
+                for raw in requests:
+                    incoming.put(raw)
+            except grpc.RpcError:  # the client went away
+                pass
             incoming.put(None)
 
         threading.Thread(target=read, daemon=True).start()

@@ -18,15 +18,15 @@ from fedforge.experiment import load
 from fedforge.models import build_model
 from fedforge.network.auth import read_secret
 from fedforge.network.hub import CLIENT_ID_KEY, METHOD, SECRET_KEY
-from fedforge.network.welcome import SETTINGS, welcome_header
 from fedforge.network.wire import Kind, Message, decode
 
-CONFIG = Config(dataset="synthetic", num_clients=3, clients_per_round=3, model="logreg", batch_size=10)
+SETTINGS = {"seed": 0, "dataset": "synthetic", "num_clients": 3, "clients_per_round": 3, "model": "logreg",
+            "batch_size": 10}
+CONFIG = Config(**SETTINGS)
 
 
 def welcome(**changes) -> Message:
-    settings = welcome_header(CONFIG)["config"]
-    return Message(Kind.WELCOME, {"config": {**settings, **changes}})
+    return Message(Kind.WELCOME, {"config": {**SETTINGS, **changes}})
 
 
 def global_state() -> dict[str, torch.Tensor]:
@@ -198,6 +198,8 @@ SECRETS = {"mlflow": "http://alice:hunter2@mlflow.internal:5000", "tensorboard":
 
 
 def test_the_welcome_holds_only_the_listed_settings():
+    from fedforge.network.welcome import SETTINGS, welcome_header
+
     settings = welcome_header(Config(**{**CONFIG.__dict__, **SECRETS}))
     assert set(settings) == {"config"} and set(settings["config"]) <= set(SETTINGS)
     text = json.dumps(settings)
@@ -205,6 +207,8 @@ def test_the_welcome_holds_only_the_listed_settings():
 
 
 def test_a_real_server_sends_an_enrolled_client_only_the_listed_settings(cluster, tmp_path):
+    from fedforge.network.welcome import SETTINGS
+
     (tmp_path / "tb").mkdir()
     server, port = cluster.server("--insecure", "--min-clients", "2", *BASE, "--tensorboard", str(tmp_path / "tb"),
                                   "--data-dir", str(tmp_path / "secret-data"))

@@ -137,7 +137,7 @@ def _integer(h: dict, key: str, low: int, high: int, *, optional: bool = False, 
         return None
     if type(value) is not int or not low <= value <= high:
         where = f" (this client's {limit})" if limit and type(value) is int and value > high else ""
-        raise Unacceptable(f"{key} {_text(value, 40)} is not an integer in [{low}, {high}]{where}")
+        raise Unacceptable(f"{key} {_text(repr(value), 40)} is not an integer in [{low}, {high}]{where}")
     return value
 
 
@@ -146,7 +146,7 @@ def _number(h: dict, key: str, low: float, high: float, *, optional: bool = Fals
     if value is None and optional:
         return None
     if type(value) not in (int, float) or not low <= value <= high:
-        raise Unacceptable(f"{key} {_text(value, 40)} is not a number in [{low:g}, {high:g}]")
+        raise Unacceptable(f"{key} {_text(repr(value), 40)} is not a number in [{low:g}, {high:g}]")
     return float(value)
 
 
@@ -196,8 +196,9 @@ class _Trainer:
         seed = _integer(h, "seed", 0, MAX_INT)
         epochs = _integer(h, "epochs", 1, limits.max_epochs, optional=True, limit="--max-epochs")
         max_steps = _integer(h, "max_steps", 1, MAX_INT, optional=True)
-        if type(h.get("measure_initial_loss", False)) is not bool:
-            raise Unacceptable(f"measure_initial_loss {_text(h['measure_initial_loss'], 40)} is not true or false")
+        initial_loss = h.get("measure_initial_loss", False)
+        if type(initial_loss) is not bool:
+            raise Unacceptable(f"measure_initial_loss {_text(repr(initial_loss), 40)} is not true or false")
         state = self.model.state_dict()
         names = {f"global/{k}" for k in state} | {f"correction/{k}" for k, _ in self.model.named_parameters()}
         unknown = sorted(set(task.tensors) - names)
@@ -213,8 +214,9 @@ class _Trainer:
                                        f"{tuple(state[k].shape)} {state[k].dtype}")
             if not all_finite(tensors.values()):
                 raise Unacceptable(f"its {kind} tensors hold NaN or infinite values")
-        plan = ClientPlan(epochs=epochs, max_steps=max_steps, proximal_mu=_number(h, "proximal_mu", 0, 1e6, default=0.0),
-                          correction=correction or None, measure_initial_loss=h.get("measure_initial_loss", False),
+        plan = ClientPlan(epochs=epochs, max_steps=max_steps,
+                          proximal_mu=_number(h, "proximal_mu", 0, 1e6, default=0.0),
+                          correction=correction or None, measure_initial_loss=initial_loss,
                           clip=_number(h, "clip", 1e-30, 1e30, optional=True),
                           noise_multiplier=_number(h, "noise_multiplier", 0, 1e6, default=0.0))
         steps = plan.num_steps(len(self.data), self.client)
