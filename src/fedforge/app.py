@@ -24,7 +24,9 @@ class ClientApp:
     Attributes:
         data: (client_id, config) -> this client's training data: anything `Task.data` takes
             (a tuple or dict of tensors or arrays, a torch.utils.data.Dataset, a TensorData).
-            `config` is the server's run settings (a fedforge.Config).
+            `config` is the settings the server sends its clients (a fedforge.Config of
+            network/welcome.py's SETTINGS; a model or task the server names that this client
+            does not import is left at its default there).
         task: the task the client trains (default: the server's `--task`); its own training
             loop, loss, metrics and optimizer run here.
         model: a factory (input_shape, num_classes) -> nn.Module (default: the server's

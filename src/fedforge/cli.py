@@ -254,7 +254,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     from .network.auth import read_secret
+    from .models import model_factory
     from .network.client import LocalData, PartitionOf, run_client
+    from .network.welcome import ClientLimits, References
+    from .tasks import make_task
 
     if not args.root_cert and not args.insecure:
         raise ConfigError("give --root-cert (the CA that signed the server's certificate), or --insecure")
@@ -270,6 +273,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
         data = load_app(args.app)
     else:
         data = PartitionOf.parse(args.partition_of) if args.partition_of else LocalData(args.data)
+    if not args.max_message_mb > 0:
+        raise ConfigError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
+    if args.model is not None:  # the operator's own code: imported now, so that a typo is one line here
+        model_factory(args.model)
+    if args.task is not None:
+        make_task(args.task)
     secret = read_secret(args.token_file)
     if args.insecure:
         log.warning("plaintext mode (--insecure): this client's secret and updates cross the network unencrypted")
@@ -278,6 +287,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
         root_cert=_read(args.root_cert) if args.root_cert else None, compression=args.compress,
         max_message_bytes=int(args.max_message_mb * 2**20), give_up_after=args.give_up_after,
         retry_on_server_failure=args.retry_on_server_failure, secagg_floor=floor,
+        limits=ClientLimits(max_epochs=args.max_epochs, max_steps=args.max_steps, max_batch_size=args.max_batch_size,
+                            max_round_seconds=args.max_round_seconds),
+        references=References(model=args.model, task=args.task, allow=frozenset(args.allow)),
     )
 
 
@@ -420,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(srv)
     srv.set_defaults(handler=_cmd_server)
 
+    from .network.welcome import ClientLimits
+
     cli = sub.add_parser("client", help="train for a server, keeping the data here")
     cli.add_argument("--server", required=True, help="host:port of the server")
     cli.add_argument("--client-id", type=int, required=True)
@@ -434,7 +448,24 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--root-cert", help="CA certificate that signed the server's certificate (PEM)")
     cli.add_argument("--insecure", action="store_true", help="plaintext, no TLS: for testing only")
     cli.add_argument("--compress", choices=["fp16", "int8"], help="compress updates (lossy)")
-    cli.add_argument("--max-message-mb", type=float, default=256.0)
+    cli.add_argument("--max-message-mb", type=float, default=256.0, help="largest message accepted from the server, "
+                     "in MiB (default: 256)")
+    cli.add_argument("--model", metavar="NAME", help="the model this client trains, instead of the server's: a "
+                     "built-in or package.module:factory of your own")
+    cli.add_argument("--task", metavar="NAME", help="the task this client trains, instead of the server's: a built-in "
+                     "or package.module:object of your own")
+    cli.add_argument("--allow", metavar="PACKAGE.MODULE:OBJECT", action="append", default=[], help="code the server "
+                     "may name as its model or task, which this client then imports and runs (repeatable; by "
+                     "default a client imports only its own --app, --model and --task)")
+    cli.add_argument("--max-epochs", type=int, default=ClientLimits.max_epochs, help="most local epochs a server "
+                     "may ask for (default: %(default)s)")
+    cli.add_argument("--max-steps", type=int, default=ClientLimits.max_steps, help="most optimizer steps a server "
+                     "may ask for in one round (default: %(default)s)")
+    cli.add_argument("--max-batch-size", type=int, default=ClientLimits.max_batch_size, help="largest batch size a "
+                     "server may ask for (default: %(default)s)")
+    cli.add_argument("--max-round-seconds", type=float, default=ClientLimits.max_round_seconds, help="seconds of "
+                     "training one round may take; past them the client leaves that round and sends nothing "
+                     "(default: %(default)s)")
     cli.add_argument("--give-up-after", type=float, default=600.0, metavar="SECONDS",
                      help="exit with status 2 after this many seconds without a server (default: %(default)g; "
                           "inf: never)")

@@ -7,6 +7,7 @@ rules in `optim`.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -21,12 +22,19 @@ from .fastmlp import MLPLayout
 from .optim import LocalTerms, OptimizerState, State, sgd
 
 
-def epoch_orders(num_examples: int, epochs: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """One random permutation of the client's examples per local epoch.
+def epoch_orders(num_examples: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One random permutation of the client's examples per local epoch, each drawn when it is
+    reached (so memory does not grow with the number of epochs, and a client that stops after
+    `max_steps` draws no more).
 
     Every engine draws batches from this, so they see the same batches in the same order.
     """
-    return [torch.randperm(num_examples, generator=generator) for _ in range(epochs)]
+    for _ in range(epochs):
+        yield torch.randperm(num_examples, generator=generator)
+
+
+class OutOfTime(Exception):
+    """Local training passed its deadline (a deployment client's `--max-round-seconds`)."""
 
 
 def all_finite(tensors) -> bool:
@@ -143,10 +151,11 @@ def _mlp_steps(layout: MLPLayout, global_state: State, config: ClientConfig, pla
 
 
 def client_batches(x, y, config: ClientConfig, plan: ClientPlan,
-                   generator: torch.Generator) -> Iterator[tuple]:
+                   generator: torch.Generator, *, deadline: float | None = None) -> Iterator[tuple]:
     """A client's batches of (inputs, targets) in the order every engine uses (`epoch_orders`),
     at most `plan.num_steps` of them; the last batch of an epoch may be smaller. `x` and `y`
-    are tensors, or tuples or dicts of them (see TensorData)."""
+    are tensors, or tuples or dicts of them (see TensorData). Past `deadline` (a
+    `time.monotonic()` value) it raises OutOfTime instead of giving the next batch."""
     data = TensorData(x, y)
     max_steps = plan.num_steps(len(data), config)
     steps = 0
@@ -155,6 +164,8 @@ def client_batches(x, y, config: ClientConfig, plan: ClientPlan,
         for start in range(0, len(order), config.batch_size):
             if steps == max_steps:
                 return
+            if deadline is not None and time.monotonic() > deadline:
+                raise OutOfTime(f"{steps} of {max_steps} steps done")
             batch = order[start:start + config.batch_size]
             steps += 1
             yield gather(x, batch), gather(y, batch)
@@ -171,6 +182,7 @@ def train_client(
     plan: ClientPlan = ClientPlan(),
     fast_mlp: bool = True,
     optimizer_state: OptimizerState | None = None,
+    deadline: float | None = None,
 ) -> ClientUpdate:
     """Train `module`, loaded with `global_state`, on `data` as `config` and `plan` say.
 
@@ -183,11 +195,12 @@ def train_client(
 
     Raises:
         DivergenceError: the training loss or the weights became NaN or infinite.
+        OutOfTime: training passed `deadline` (a `time.monotonic()` value; None: none).
     """
     task = config.task
     initial_loss = evaluate(module, global_state, data, task=task).loss if plan.measure_initial_loss else None
     if task.train is not None:
-        return _own_loop(module, global_state, data, config, plan, client_id, generator, initial_loss)
+        return _own_loop(module, global_state, data, config, plan, client_id, generator, initial_loss, deadline)
     layout = fastmlp.mlp_layout(module) if fast_mlp and task.is_tutorial_classification else None
     x = layout.inputs(data.x) if layout else None
     if layout is not None and x is not None:
@@ -198,7 +211,7 @@ def train_client(
                                                                    optimizer_state)
     sums: dict[str, torch.Tensor] = {}
     steps = units = 0
-    for xb, yb in client_batches(x, data.y, config, plan, generator):
+    for xb, yb in client_batches(x, data.y, config, plan, generator, deadline=deadline):
         for name, value in step(xb, yb).items():
             sums[name] = sums[name] + value if name in sums else value
         steps += 1
@@ -213,7 +226,8 @@ def train_client(
 
 
 def _own_loop(module: nn.Module, global_state: State, data: TensorData, config: ClientConfig, plan: ClientPlan,
-              client_id: int, generator: torch.Generator, initial_loss: float | None) -> ClientUpdate:
+              client_id: int, generator: torch.Generator, initial_loss: float | None,
+              deadline: float | None) -> ClientUpdate:
     """The task's own training function (the escape hatch) on the batches the client is given."""
     task = config.task
     if plan.proximal_mu or plan.correction is not None:
@@ -223,7 +237,7 @@ def _own_loop(module: nn.Module, global_state: State, data: TensorData, config: 
 
     def batches():
         nonlocal steps
-        for batch in client_batches(data.x, data.y, config, plan, generator):
+        for batch in client_batches(data.x, data.y, config, plan, generator, deadline=deadline):
             steps += 1
             yield batch
 
@@ -265,5 +279,5 @@ def finish_update(
     )
 
 
-__all__ = ["ClientConfig", "ClientPlan", "ClientUpdate", "LocalTerms", "OptimizerState", "State", "all_finite",
-           "client_batches", "epoch_orders", "finish_update", "sgd", "train_client"]
+__all__ = ["ClientConfig", "ClientPlan", "ClientUpdate", "LocalTerms", "OptimizerState", "OutOfTime", "State",
+           "all_finite", "client_batches", "epoch_orders", "finish_update", "sgd", "train_client"]

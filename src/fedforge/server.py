@@ -19,6 +19,7 @@ from .experiment import prepare, run_experiment
 from .network.dashboard import Dashboard, DashboardSettings
 from .network.hub import DEFAULT_KEEPALIVE, Hub
 from .network.inputs import InputSummary
+from .network.welcome import welcome_header
 from .network.wire import Kind, Message
 from .secagg import SecureAggregation
 from .simulation import clients_per_round_count
@@ -69,8 +70,7 @@ def serve(
     # mistake is one line now, not once clients have come.
     prepared = prepare(config, resume=resume, progress=progress, checkpoint_key=checkpoint_key)
     config, run_dir = prepared.config, prepared.run_dir
-    settings = {k: v for k, v in config.__dict__.items() if v is not None}
-    welcome = {"config": settings}
+    welcome = welcome_header(config)
     if (inputs := evaluated_inputs(config, prepared.data)) is not None:
         welcome["test_inputs"] = inputs.to_header()
     hub = Hub(tokens, welcome=welcome, max_message_bytes=max_message_bytes, keepalive=keepalive)

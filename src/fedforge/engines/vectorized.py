@@ -88,7 +88,7 @@ def build_schedule(tasks: Sequence[ClientTask], starts: Sequence[int], config: C
         n, epochs = len(tasks[i].data), tasks[i].plan.epochs or config.local_epochs
         batches = math.ceil(n / B)
         padded = np.full((epochs, batches * B), -1, dtype=np.int64)
-        padded[:, :n] = torch.stack(epoch_orders(n, epochs, torch.Generator().manual_seed(tasks[i].seed))).numpy()
+        padded[:, :n] = torch.stack(list(epoch_orders(n, epochs, torch.Generator().manual_seed(tasks[i].seed)))).numpy()
         padded = padded.reshape(-1)[: steps[i] * B]
         rows[position, : padded.size] = np.where(padded >= 0, padded + starts[i], -1)
     rows = rows.reshape(len(tasks), T, B)

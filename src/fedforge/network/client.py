@@ -1,11 +1,20 @@
 """The client side of a deployment: connect, authenticate, train when asked, reconnect.
 
-A client keeps its data; only model updates travel. It trains with the sequential engine, so
-a networked round computes what the simulation computes.
+A client keeps its data; only model updates travel. It trains as the sequential engine does
+(`train_client`), so a networked round computes what the simulation computes.
+
+Every message from the server is checked before it is used, as the server checks its clients':
+its size (at most `max_message_bytes`), its wire format, every header field and tensor of a
+task, and what a task asks against this client's own ClientLimits (epochs, steps, batch size,
+seconds of training). A message that fails is one logged line and the client leaves the run as
+it does when the server's run failed (status 3, or with `retry_on_server_failure` it reconnects
+later). The client imports no code that the server names unless its operator allowed it
+(welcome.References).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -15,16 +24,16 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import torch
 
 from ..app import ClientApp
-from ..client import ClientPlan, ClientUpdate
+from ..client import ClientPlan, ClientUpdate, OutOfTime, all_finite, train_client
 from ..config import Config
 from ..data.datasets import TensorData, leaves
-from ..engines import ClientTask, SequentialEngine
 from ..errors import ConfigError
 from ..models import build_model, check_fits
 from ..privacy.mechanism import PrivacyConfig, secure_generator
@@ -33,7 +42,8 @@ from ..secagg.protocol import ClientRound, Floor, ProtocolError, Setup
 from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .inputs import InputSummary
-from .wire import Kind, Message, WireError, decode, encode
+from .welcome import ClientLimits, References, Unacceptable, Welcome, check_welcome
+from .wire import MAX_INT, Kind, Message, WireError, decode, encode
 
 log = logging.getLogger("fedforge.client")
 
@@ -115,6 +125,32 @@ class ServerFailed(Exception):
 EXIT_DONE, EXIT_REFUSED, EXIT_GAVE_UP, EXIT_SERVER_FAILED = 0, 1, 2, 3
 
 
+def _text(value: Any, limit: int = 300) -> str:
+    """A server's words, fit for one log line: printable, at most `limit` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    clipped = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return clipped + "..." if len(text) > limit else clipped
+
+
+def _integer(h: dict, key: str, low: int, high: int, *, optional: bool = False, limit: str = "") -> int | None:
+    value = h.get(key)
+    if value is None and optional:
+        return None
+    if type(value) is not int or not low <= value <= high:
+        where = f" (this client's {limit})" if limit and type(value) is int and value > high else ""
+        raise Unacceptable(f"{key} {_text(repr(value), 40)} is not an integer in [{low}, {high}]{where}")
+    return value
+
+
+def _number(h: dict, key: str, low: float, high: float, *, optional: bool = False, default=None) -> float | None:
+    value = h.get(key, default)
+    if value is None and optional:
+        return None
+    if type(value) not in (int, float) or not low <= value <= high:
+        raise Unacceptable(f"{key} {_text(repr(value), 40)} is not a number in [{low:g}, {high:g}]")
+    return float(value)
+
+
 def as_app(source: PartitionOf | LocalData | ClientApp) -> ClientApp:
     """Every way a client gets its data, as a ClientApp (the built-in sources bring only data)."""
     if isinstance(source, ClientApp):
@@ -126,8 +162,10 @@ class _Trainer:
     """The run's model, task and this client's data, set up once from the server's settings
     and the client's app."""
 
-    def __init__(self, config: Config, app: ClientApp, client_id: int):
-        self.config = config
+    def __init__(self, welcome: Welcome, app: ClientApp, client_id: int, limits: ClientLimits):
+        config = self.config = welcome.config
+        limits.check_config(config)
+        self.limits = limits
         client = config.client_config()
         self.client = client if app.task is None else dataclasses.replace(client, task=app.task)
         self.data = self.client.task.data(app.data(client_id, config))
@@ -137,7 +175,7 @@ class _Trainer:
         else:
             self.model = app.model(input_shape, num_classes)
         check_fits(self.model, self.data.x, config.model if app.model is None else _qualified(app.model))
-        self.engine = SequentialEngine()
+        self.scratch = copy.deepcopy(self.model)  # trained in place, as the sequential engine's copy
         # Where this client's optimizer left off, when its task keeps it; and the task it last
         # trained with the state it started from, so that a task sent again (after a reconnect)
         # starts where it did the first time.
@@ -152,25 +190,54 @@ class _Trainer:
             raise ConfigError(f"this client's model does not match the server's ({len(mine)} vs {len(theirs)} "
                               f"tensors; e.g. {different})")
 
-    def train(self, client_id: int, task: Message, *, privatize: bool = True) -> ClientUpdate:
-        """This client's update for `task`; with `privatize`, clipped (and noised) as differential
-        privacy asks (secure aggregation clips the update itself, as it quantizes it)."""
-        h = task.header
+    def check(self, task: Message) -> tuple[int, int, ClientPlan]:
+        """The task's id, seed and plan, once every header field and tensor of `task` is checked
+        (and what it asks is within this client's limits); Unacceptable otherwise."""
+        h, limits = task.header, self.limits
+        task_id = _integer(h, "task", 0, MAX_INT)
+        seed = _integer(h, "seed", 0, MAX_INT)
+        epochs = _integer(h, "epochs", 1, limits.max_epochs, optional=True, limit="--max-epochs")
+        max_steps = _integer(h, "max_steps", 1, MAX_INT, optional=True)
+        initial_loss = h.get("measure_initial_loss", False)
+        if type(initial_loss) is not bool:
+            raise Unacceptable(f"measure_initial_loss {_text(repr(initial_loss), 40)} is not true or false")
+        state = self.model.state_dict()
+        names = {f"global/{k}" for k in state} | {f"correction/{k}" for k, _ in self.model.named_parameters()}
+        unknown = sorted(set(task.tensors) - names)
+        if unknown:
+            raise Unacceptable(f"tensors {_text(unknown[:3])} are not of this client's model")
         global_state = {k[len("global/"):]: v for k, v in task.tensors.items() if k.startswith("global/")}
         self._check_model(global_state)
         correction = {k[len("correction/"):]: v for k, v in task.tensors.items() if k.startswith("correction/")}
-        clip, noise = h.get("clip"), h.get("noise_multiplier") or 0.0
-        if clip is not None and not (type(clip) in (int, float) and 0 < clip < 1e30):
-            raise ConfigError(f"the server asked for a clip bound of {clip!r}: not a number > 0")
-        if not (type(noise) in (int, float) and 0 <= noise < 1e6):
-            raise ConfigError(f"the server asked for a noise multiplier of {noise!r}: not a number >= 0")
-        plan = ClientPlan(epochs=h.get("epochs"), max_steps=h.get("max_steps"), proximal_mu=h.get("proximal_mu", 0.0),
-                          correction=correction or None, measure_initial_loss=bool(h.get("measure_initial_loss")),
-                          clip=clip, noise_multiplier=noise)
-        start = self._last[1] if self._last is not None and self._last[0] == h["task"] else self.optimizer_state
-        task_ = ClientTask(client_id, self.data, int(h["seed"]), plan=plan, optimizer_state=start)
-        update = next(iter(self.engine.run(self.model, global_state, [task_], self.client)))
-        self._last, self.optimizer_state = (h["task"], start), update.optimizer_state
+        for kind, tensors in (("global", global_state), ("correction", correction)):
+            for k, v in tensors.items():
+                if v.dtype != state[k].dtype or v.shape != state[k].shape:
+                    raise Unacceptable(f"{kind}/{k} is {tuple(v.shape)} {v.dtype}, the model's "
+                                       f"{tuple(state[k].shape)} {state[k].dtype}")
+            if not all_finite(tensors.values()):
+                raise Unacceptable(f"its {kind} tensors hold NaN or infinite values")
+        plan = ClientPlan(epochs=epochs, max_steps=max_steps,
+                          proximal_mu=_number(h, "proximal_mu", 0, 1e6, default=0.0),
+                          correction=correction or None, measure_initial_loss=initial_loss,
+                          clip=_number(h, "clip", 1e-30, 1e30, optional=True),
+                          noise_multiplier=_number(h, "noise_multiplier", 0, 1e6, default=0.0))
+        steps = plan.num_steps(len(self.data), self.client)
+        if steps > limits.max_steps:
+            raise Unacceptable(f"task {task_id} asks for {steps} steps, above this client's --max-steps "
+                               f"{limits.max_steps}")
+        return task_id, seed, plan
+
+    def train(self, client_id: int, task: Message, *, privatize: bool = True) -> ClientUpdate:
+        """This client's update for `task`; with `privatize`, clipped (and noised) as differential
+        privacy asks (secure aggregation clips the update itself, as it quantizes it). Raises
+        Unacceptable for a task this client refuses, OutOfTime past its --max-round-seconds."""
+        task_id, seed, plan = self.check(task)
+        global_state = {k[len("global/"):]: v for k, v in task.tensors.items() if k.startswith("global/")}
+        start = self._last[1] if self._last is not None and self._last[0] == task_id else self.optimizer_state
+        update = train_client(self.scratch, global_state, self.data, self.client, client_id=client_id,
+                              generator=torch.Generator().manual_seed(seed), plan=plan, optimizer_state=start,
+                              deadline=time.monotonic() + self.limits.max_round_seconds)
+        self._last, self.optimizer_state = (task_id, start), update.optimizer_state
         if plan.clip is not None and privatize:  # differential privacy: this client's part, before anything leaves it
             mode = "local" if plan.noise_multiplier else "client"
             mechanism = PrivacyConfig(plan.noise_multiplier, 1.0, mode=mode, clip=plan.clip)
@@ -309,8 +376,10 @@ def connection_failure(error: grpc.RpcError, server: str, *, tls: bool, connecte
 
 def _channel(server: str, root_cert: bytes | None, max_message_bytes: int) -> grpc.Channel:
     # Our own loop does the backing off: gRPC's (up to 120 s, shared by every channel to the same
-    # server through the global subchannel pool) would otherwise keep a reconnect waiting.
-    options = channel_options(max_message_bytes) + [
+    # server through the global subchannel pool) would otherwise keep a reconnect waiting. gRPC
+    # refuses a message from the server past max_message_bytes before it is held whole.
+    options = [o for o in channel_options(max_message_bytes) if o[0] != "grpc.max_receive_message_length"] + [
+        ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
@@ -321,26 +390,56 @@ def _channel(server: str, root_cert: bytes | None, max_message_bytes: int) -> gr
     return grpc.secure_channel(server, grpc.ssl_channel_credentials(root_certificates=root_cert), options=options)
 
 
+_SERVER_KINDS = (Kind.WELCOME, Kind.REJECT, Kind.TASK, Kind.SHUTDOWN, *_SECAGG_REQUESTS)
+
+
+def _stream(call, max_message_bytes: int):
+    """The server's messages on `call`; one past max_message_bytes (refused by gRPC) as Unacceptable."""
+    try:
+        yield from call
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in str(e.details()):
+            raise Unacceptable(f"a message larger than --max-message-mb ({max_message_bytes} bytes)") from None
+        raise
+
+
+def _received(raw: bytes, max_message_bytes: int) -> Message:
+    """The message in `raw`, or Unacceptable: malformed, too large, or a kind only clients send."""
+    try:
+        message = decode(raw, max_bytes=max_message_bytes)
+    except WireError as e:
+        raise Unacceptable(f"a malformed message: {e}") from None
+    if message.kind not in _SERVER_KINDS:
+        raise Unacceptable(f"a {message.kind.name} message, which only clients send")
+    if message.kind in (Kind.REJECT, Kind.SHUTDOWN, Kind.WELCOME) and message.tensors:
+        raise Unacceptable(f"a {message.kind.name} message with tensors")
+    return message
+
+
 def run_client(
     server: str, client_id: int, secret: str, source: PartitionOf | LocalData | ClientApp, *,
     root_cert: bytes | None,
     compression: str | None = None, max_message_bytes: int = 256 << 20, max_backoff: float = 30.0,
     give_up_after: float | None = DEFAULT_GIVE_UP_AFTER, retry_on_server_failure: bool = False,
-    secagg_floor: Floor = Floor(),
+    secagg_floor: Floor = Floor(), limits: ClientLimits = ClientLimits(),
+    references: References = References(),
 ) -> int:
     """Serve the federation until it shuts down; returns the exit status: 0 the run finished,
     1 refused (wrong secret, replaced by another process with this id), 2 no server for
-    `give_up_after` seconds, 3 the server's run failed.
+    `give_up_after` seconds, 3 the server's run failed, or the server sent a message this client
+    refuses (malformed, over `max_message_bytes`, beyond `limits`, or naming code `references`
+    does not allow: one logged line).
 
     When the connection breaks (the server restarts, the network drops) or the server refuses
     for now (too many failed attempts from this address), the client reconnects with exponential
     backoff and jitter, up to `max_backoff` seconds between tries; it gives up after
     `give_up_after` seconds without a connection (None or math.inf: never); each failure is logged
-    in words (`connection_failure`). With `retry_on_server_failure` a failed run is waited out the
-    same way (the server may come back with --resume). A secure aggregation round below
-    `secagg_floor` is declined (the client tells the server why).
+    in words (`connection_failure`). With `retry_on_server_failure` a failed run, or a refused
+    message, is waited out the same way (the server may come back with --resume). A secure
+    aggregation round below `secagg_floor` is declined (the client tells the server why).
     """
     app = as_app(source)
+    references = dataclasses.replace(references, own_model=app.model is not None, own_task=app.task is not None)
     trainer: _Trainer | None = None
     inputs_differ = False  # from the server's test inputs, once welcomed
     secure: _SecureRound | None = None  # the secure aggregation round under way
@@ -352,11 +451,11 @@ def run_client(
         channel = _channel(server, root_cert, max_message_bytes)
         try:
             stub = channel.stream_stream(METHOD)
-            for raw in stub(iter(outbox.get, None), metadata=metadata):
-                message = decode(raw, max_bytes=4 * max_message_bytes)
+            for raw in _stream(stub(iter(outbox.get, None), metadata=metadata), max_message_bytes):
+                message = _received(raw, max_message_bytes)
                 last_contact, received = time.monotonic(), True
                 if message.kind == Kind.REJECT:
-                    reason = str(message.header.get("reason", "no reason given"))
+                    reason = _text(message.header.get("reason", "no reason given"))
                     if message.header.get("retry") is not True:
                         raise Refused(reason)
                     log.warning("client %d: the server says: %s", client_id, reason)
@@ -367,20 +466,23 @@ def run_client(
                     if message.header.get("status") == "done":
                         log.info("client %d: the server finished the run", client_id)
                         return EXIT_DONE
-                    raise ServerFailed(str(message.header.get("reason", "no reason given")))
-                if message.kind == Kind.WELCOME and trainer is None:
-                    config = Config.from_dict(message.header["config"], source="server settings")
-                    trainer = _Trainer(config, app, client_id)
-                    inputs_differ = compare_inputs(message.header.get("test_inputs"), trainer.data, client_id)
-                    log.info("client %d: joined (%d examples)", client_id, len(trainer.data))
-                elif message.kind == Kind.TASK and trainer is not None and "secagg" in message.header:
+                    raise ServerFailed(_text(message.header.get("reason", "no reason given")))
+                if message.kind == Kind.WELCOME:
+                    if trainer is None:  # else a reconnect's welcome: the run this client joined goes on
+                        trainer = _Trainer(check_welcome(message.header, references), app, client_id, limits)
+                        inputs_differ = compare_inputs(message.header.get("test_inputs"), trainer.data, client_id)
+                        log.info("client %d: joined (%d examples)", client_id, len(trainer.data))
+                elif message.kind == Kind.TASK and trainer is None:
+                    raise Unacceptable("a TASK before its welcome")
+                elif message.kind == Kind.TASK and "secagg" in message.header:
+                    trainer.check(message)
                     secure = None
                     try:
                         secure = _SecureRound(client_id, message, secagg_floor)
                         outbox.put(secure.answer(Kind.SA_KEYS, secure.protocol.keys()))
                         order = [k[len("global/"):] for k in message.tensors if k.startswith("global/")]
                         secure.quantize(trainer.train(client_id, message, privatize=False), order)
-                    except (ProtocolError, QuantizationError) as e:
+                    except (ProtocolError, QuantizationError, OutOfTime) as e:
                         log.warning("client %d: left secure aggregation round %r: %s", client_id,
                                     message.header.get("task"), e)
                         if secure is None and type(message.header.get("task")) is int:  # it declined the round
@@ -394,23 +496,27 @@ def run_client(
                     except (ProtocolError, QuantizationError) as e:
                         log.warning("client %d: left secure aggregation round %r: %s", client_id, secure.task_id, e)
                         secure = None
-                elif message.kind == Kind.TASK and trainer is not None:
-                    update = trainer.train(client_id, message)
+                elif message.kind == Kind.TASK:
+                    try:
+                        update = trainer.train(client_id, message)
+                    except OutOfTime as e:
+                        log.warning("client %d: left task %d after --max-round-seconds %g (%s); it sends nothing",
+                                    client_id, message.header["task"], limits.max_round_seconds, e)
+                        continue
                     outbox.put(encode(update_message(message.header["task"], update, inputs_differ=inputs_differ),
                                       compression=compression))
         except Refused as e:
             log.error("client %d: refused by the server: %s", client_id, e)
             return EXIT_REFUSED
-        except ServerFailed as e:
+        except (ServerFailed, Unacceptable) as e:
+            what = "the server's run failed" if isinstance(e, ServerFailed) else "refused a message from the server"
             if not retry_on_server_failure:
-                log.error("client %d: the server's run failed: %s", client_id, e)
+                log.error("client %d: %s: %s", client_id, what, e)
                 return EXIT_SERVER_FAILED
-            log.warning("client %d: the server's run failed (%s); waiting for it to come back", client_id, e)
+            log.warning("client %d: %s (%s); waiting for it to come back", client_id, what, e)
         except grpc.RpcError as e:
             log.warning("client %d: %s; retrying in %.1f s", client_id,
                         connection_failure(e, server, tls=root_cert is not None, connected=received), backoff)
-        except WireError as e:
-            log.warning("client %d: connection lost (%s); retrying in %.1f s", client_id, e, backoff)
         finally:
             outbox.put(None)
             channel.close()
@@ -423,5 +529,5 @@ def run_client(
         backoff = min(2 * backoff, max_backoff)
 
 
-__all__ = ["DEFAULT_GIVE_UP_AFTER", "LocalData", "PartitionOf", "as_app", "connection_failure", "run_client",
-           "update_message"]
+__all__ = ["DEFAULT_GIVE_UP_AFTER", "ClientLimits", "LocalData", "PartitionOf", "References", "as_app",
+           "connection_failure", "run_client", "update_message"]
