@@ -243,10 +243,12 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_stops_the_server_with_one_line_and_clients_learn_it_failed(cluster, tmp_path, small_disk):
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "400", *BASE, "--out-dir",
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "5000", *BASE, "--out-dir",
                                   str(small_disk))
     clients = [cluster.client(i, port) for i in range(3)]
+    server.wait_for(r"\(3 connected\)")  # the run's three, before the waiter could take one's place
     waiter = cluster.client(3, port, "--retry-on-server-failure", "--give-up-after", "3", name="waiter", part=0)
+    server.wait_for(r"\(4 connected\)")
     history = small_disk / "net" / "history.json"
     # Round 3 in the history: round 2's checkpoint is on disk (it is written before round 3 runs).
     wait_for(lambda: history.exists() and len(json.loads(history.read_text())["rounds"]) >= 4, 300,
