@@ -221,6 +221,7 @@ class _Trainer:
                           correction=correction or None, measure_initial_loss=initial_loss,
                           clip=_number(h, "clip", 1e-30, 1e30, optional=True),
                           noise_multiplier=_number(h, "noise_multiplier", 0, 1e6, default=0.0))
+        limits.check_privacy(task_id, plan.clip, plan.noise_multiplier, "secagg" in h)
         steps = plan.num_steps(len(self.data), self.client)
         if steps > limits.max_steps:
             raise Unacceptable(f"task {task_id} asks for {steps} steps, above this client's --max-steps "
