@@ -11,10 +11,12 @@ import torch
 from fedforge.client import ClientPlan
 from fedforge.config import Config
 from fedforge.engines.base import ClientTask
+from fedforge.errors import ConfigError
 from fedforge.engines.network import task_message
 from fedforge.models import build_model
 from fedforge.network.auth import load_tokens
 from fedforge.network.hub import EventKind, Hub
+from fedforge.network.welcome import ClientLimits
 from fedforge.network.wire import Kind, Message, decode, encode
 from fedforge.privacy import l2_norm, local_bound
 from fedforge.secagg.protocol import ServerRound
@@ -135,3 +137,9 @@ def test_a_task_at_or_above_the_noise_floor_is_trained_and_noised(scripted):
         assert l2_norm(a) <= local_bound(clip, z, size) and l2_norm(b) <= local_bound(clip, z, size)
         difference = torch.cat([(a[k] - b[k]).flatten() for k in a])
         assert float(difference.std()) == pytest.approx(z * clip * 2**0.5, rel=0.15)
+
+
+@pytest.mark.parametrize("floor", [0, 0.0, -1.0, float("nan"), float("inf"), 2e6, True, "1"])
+def test_a_noise_floor_out_of_range_is_one_line(floor):
+    with pytest.raises(ConfigError, match=re.escape(f"dp-min-noise must be a number in (0, 1e6], got {floor!r}")):
+        ClientLimits(min_noise=floor)

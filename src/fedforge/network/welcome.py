@@ -58,7 +58,7 @@ class ClientLimits:
                 raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if not (isinstance(self.max_round_seconds, (int, float)) and 0 < self.max_round_seconds < math.inf):
             raise ConfigError(f"max-round-seconds must be a number > 0, got {self.max_round_seconds!r}")
-        if self.min_noise is not None and not (isinstance(self.min_noise, (int, float)) and 0 < self.min_noise <= 1e6):
+        if self.min_noise is not None and not (type(self.min_noise) in (int, float) and 0 < self.min_noise <= 1e6):
             raise ConfigError(f"dp-min-noise must be a number in (0, 1e6], got {self.min_noise!r}")
 
     def check_privacy(self, task_id: int, clip: float | None, noise_multiplier: float, secure: bool) -> None:
