@@ -480,7 +480,8 @@ def run_client(
                     secure = None
                     try:
                         secure = _SecureRound(client_id, message, secagg_floor)
-                        outbox.put(secure.answer(Kind.SA_KEYS, secure.protocol.keys()))
+                        flag = {"inputs_differ": True} if inputs_differ else {}  # as an UPDATE's header
+                        outbox.put(secure.answer(Kind.SA_KEYS, {**secure.protocol.keys(), **flag}))
                         order = [k[len("global/"):] for k in message.tensors if k.startswith("global/")]
                         secure.quantize(trainer.train(client_id, message, privatize=False), order)
                     except (ProtocolError, QuantizationError, OutOfTime) as e:
