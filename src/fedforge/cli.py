@@ -288,7 +288,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         max_message_bytes=int(args.max_message_mb * 2**20), give_up_after=args.give_up_after,
         retry_on_server_failure=args.retry_on_server_failure, secagg_floor=floor,
         limits=ClientLimits(max_epochs=args.max_epochs, max_steps=args.max_steps, max_batch_size=args.max_batch_size,
-                            max_round_seconds=args.max_round_seconds),
+                            max_round_seconds=args.max_round_seconds, min_noise=args.dp_min_noise),
         references=References(model=args.model, task=args.task, allow=frozenset(args.allow)),
     )
 
@@ -466,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--max-round-seconds", type=float, default=ClientLimits.max_round_seconds, help="seconds of "
                      "training one round may take; past them the client leaves that round and sends nothing "
                      "(default: %(default)s)")
+    cli.add_argument("--dp-min-noise", type=float, metavar="Z", help="local differential privacy this client "
+                     "insists on: refuse (exit status 3, sending nothing) a task asking for a noise multiplier below "
+                     "Z, for no clip bound, or opening a secure aggregation round (default: none; the client "
+                     "applies whatever clip and noise the server asks for)")
     cli.add_argument("--give-up-after", type=float, default=600.0, metavar="SECONDS",
                      help="exit with status 2 after this many seconds without a server (default: %(default)g; "
                           "inf: never)")

@@ -11,7 +11,8 @@ its masked input). `--hostile ID=MODE:TASK` makes client ID misbehave in task TA
 "malformed" (a masked input one word short), "twice" (sends its masked input two times), "garbage"
 (seals shares nobody can open), "replay" (sends the sealed shares of its previous task again),
 "seed" (commits to a seed other than the one it shares), "liar" (reports a neighbour's good
-shares as unopenable), "heavy" (weighs its update as 850 examples, past any cap). TASK "*": every task.
+shares as unopenable), "heavy" (weighs its update as 850 examples, past any cap), "differ" (its
+keys carry an inputs_differ flag that is not a bool). TASK "*": every task.
 """
 
 import argparse
@@ -94,8 +95,16 @@ def main():
         hostile[int(who)] = (mode, task if task == "*" else int(task))
     when = {"badshare": Kind.SA_UNMASK, "other": Kind.SA_NEIGHBOUR_KEYS, "malformed": Kind.SA_INPUT,
             "twice": Kind.SA_INPUT, "garbage": Kind.SA_NEIGHBOUR_KEYS, "replay": Kind.SA_NEIGHBOUR_KEYS,
-            "seed": Kind.SA_NEIGHBOUR_KEYS, "liar": Kind.SA_INPUT, "heavy": None, "range": Kind.SA_INPUT}
-    respond, quantize = _SecureRound.respond, _SecureRound.quantize
+            "seed": Kind.SA_NEIGHBOUR_KEYS, "liar": Kind.SA_INPUT, "heavy": None, "range": Kind.SA_INPUT, "differ": None}
+    respond, quantize, answer = _SecureRound.respond, _SecureRound.quantize, _SecureRound.answer
+
+    def differ(self, kind, header, tensors=None):
+        """Keys whose inputs_differ flag is a string (the honest client sends true or nothing)."""
+        mode, at = hostile.get(self.protocol.id, (None, None))
+        if mode == "differ" and kind == Kind.SA_KEYS and at in (self.task_id, "*"):
+            print(f"client {self.protocol.id}: differ in task {self.task_id}", flush=True)
+            header = {**header, "inputs_differ": "yes"}
+        return answer(self, kind, header, tensors)
 
     def heavy(self, update, order):
         """Weigh the update as 850 examples whatever the round's cap (the honest client caps it)."""
@@ -126,7 +135,7 @@ def main():
                 data = tamper(data, mode, self.protocol.id, self)
         return data
 
-    _SecureRound.respond, _SecureRound.quantize = patched, heavy
+    _SecureRound.respond, _SecureRound.quantize, _SecureRound.answer = patched, heavy, differ
     client_module.queue = types.SimpleNamespace(Queue=Outbox, Empty=queue.Empty)
     threads = []
     for client_id in map(int, args.ids.split(",")):

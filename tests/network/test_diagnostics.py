@@ -34,12 +34,15 @@ DIGITS = ["--dataset", "digits", "--num-clients", "3", "--clients-per-round", "3
           "--batch-size", "32"]
 
 
-def test_a_client_whose_inputs_differ_from_the_servers_test_inputs_says_so(cluster, tmp_path):
-    """The client warns on its console and flags its updates; the server warns once per such
-    client, on its console and on the dashboard; the clients prepared like the server say nothing."""
+@pytest.mark.parametrize("secure", [(), ("--secure-aggregation",)], ids=["plain", "secure-aggregation"])
+def test_a_client_whose_inputs_differ_from_the_servers_test_inputs_says_so(cluster, tmp_path, secure):
+    """The client warns on its console and flags its updates (under secure aggregation, which
+    sends no update, its keys); the server warns once per such client, on its console and on the
+    dashboard; the clients prepared like the server say nothing."""
     pytest.importorskip("sklearn")
     (tmp_path / "unit_range_app.py").write_text(UNIT_RANGE_APP)
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "40", "--dashboard", "0", *DIGITS)
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "40", "--dashboard", "0", *DIGITS,
+                                  *secure)
     url = server.wait_for(r"dashboard at (\S+)").group(1)
     odd = cluster.start("app-0", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
                                   "--server", f"127.0.0.1:{port}", "--client-id", "0", "--token-file",

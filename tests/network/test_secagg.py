@@ -186,7 +186,8 @@ def test_the_server_sees_no_update_and_unmasks_their_exact_sum(tmp_path, monkeyp
 def test_hostile_clients_are_refused_and_dp_spends_the_simulations_epsilon(tmp_path):
     """Six clients under --dp client: one reveals a wrong share (refused: the others rebuild the
     secret), one sends its shares in another client's name, one a malformed masked input, one its
-    masked input twice: each is refused and logged and every round completes. The server noises
+    masked input twice, one keys whose inputs_differ flag is not a bool: each is refused and logged
+    and every round completes. The server noises
     the unmasked sum, and the accountant spends what the simulation's does."""
     enroll_all(tmp_path, 6)
     dp = ["--dp", "client", "--noise-multiplier", "0.3", "--clip", "0.5", "--delta", "0.01"]
@@ -194,12 +195,13 @@ def test_hostile_clients_are_refused_and_dp_spends_the_simulations_epsilon(tmp_p
                        "--min-clients", "6", "--min-available-clients", "6", "--secure-aggregation",
                        "--round-timeout", "300", *dp)
     proc = clients(tmp_path, port, range(6), "synthetic:6", "--hostile", "5=badshare:1", "4=other:2",
-                   "3=malformed:3", "2=twice:4", name="clients")
+                   "3=malformed:3", "2=twice:4", "0=differ:1", name="clients")
     try:
         assert srv.wait() == 0, srv.text() + proc.text()
         log = srv.text()
         assert "round 1: client 5's share of client" in log and "does not match its commitment; refused" in log
-        assert "task 1: the sum of 6 masked updates" in log
+        assert "task 1: refused the SA_KEYS of client 0: inputs_differ 'yes' is not true or false" in log
+        assert "task 1: the sum of 5 masked updates" in log
         assert "task 2: refused a SA_SHARES from client 4 (for task 2, as client 5)" in log
         assert "task 2: the sum of 5 masked updates" in log
         assert "task 3: refused the SA_MASKED of client 3: the masked input must be" in log

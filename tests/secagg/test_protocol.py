@@ -411,6 +411,19 @@ def test_on_keys_refuses_bad_keys():
     assert 0 in r.server.keys
 
 
+@pytest.mark.parametrize("flag", ["yes", 1, 0, None, [True], {"a": 1}])
+def test_on_keys_refuses_an_inputs_differ_flag_that_is_not_a_bool(flag):
+    """The one diagnostic flag a client's keys may carry (its inputs differ from the server's test
+    inputs, network/inputs.py): true, false or absent; anything else refuses its keys."""
+    r = Round(range(4), seed=1)
+    with pytest.raises(ProtocolError, match="inputs_differ .* is not true or false"):
+        r.server.on_keys(0, {**r.clients[0].keys(), "inputs_differ": flag})
+    assert 0 not in r.server.keys
+    r.server.on_keys(1, {**r.clients[1].keys(), "inputs_differ": True})
+    r.server.on_keys(2, {**r.clients[2].keys(), "inputs_differ": False})
+    assert {1, 2} <= set(r.server.keys)
+
+
 def test_on_input_refuses_wrong_length_or_dtype():
     r = Round(range(4), length=20)
     r.keys()

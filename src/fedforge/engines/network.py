@@ -226,8 +226,9 @@ class NetworkEngine:
             return None
 
     def _note_inputs(self, client_id: int, differ: bool) -> None:
-        """One warning per client (on the console and the dashboard's log) whose update says its
-        training inputs differ markedly from the server's test inputs (network/inputs.py)."""
+        """One warning per client (on the console and the dashboard's log) whose update (under
+        secure aggregation, its keys) says its training inputs differ markedly from the server's
+        test inputs (network/inputs.py)."""
         if differ and client_id not in self._inputs_differ:
             self._inputs_differ.add(client_id)
             log.warning("client %d says its training inputs differ markedly from the server's test inputs (shape, "
@@ -272,10 +273,13 @@ class NetworkEngine:
         def request(kind: Kind, body: Callable[[int], dict]) -> Callable[[int], Message]:
             return lambda c: Message(kind, {"task": task_id, **body(c)})
 
+        def keys(c: int, m: Message) -> None:
+            protocol.on_keys(c, m.header)  # inputs_differ included: true, false or absent
+            self._note_inputs(c, m.header.get("inputs_differ") is True)
+
         # 1. the task and the round's settings -> each client's public keys (it then trains)
         exchange(sorted(sessions), lambda c: task_message(task_id, by_client[c], global_cpu,
-                                                          protocol.setup(c).to_header()),
-                 Kind.SA_KEYS, lambda c, m: protocol.on_keys(c, m.header))
+                                                          protocol.setup(c).to_header()), Kind.SA_KEYS, keys)
         self._secure_quorum(task_id, protocol, len(protocol.keys), "sent keys")
         # 2. neighbours' keys -> sealed shares and commitments
         exchange(list(protocol.keys), request(Kind.SA_NEIGHBOUR_KEYS, protocol.neighbour_keys), Kind.SA_SHARES,

@@ -221,6 +221,7 @@ class _Trainer:
                           correction=correction or None, measure_initial_loss=initial_loss,
                           clip=_number(h, "clip", 1e-30, 1e30, optional=True),
                           noise_multiplier=_number(h, "noise_multiplier", 0, 1e6, default=0.0))
+        limits.check_privacy(task_id, plan.clip, plan.noise_multiplier, "secagg" in h)
         steps = plan.num_steps(len(self.data), self.client)
         if steps > limits.max_steps:
             raise Unacceptable(f"task {task_id} asks for {steps} steps, above this client's --max-steps "
@@ -479,7 +480,8 @@ def run_client(
                     secure = None
                     try:
                         secure = _SecureRound(client_id, message, secagg_floor)
-                        outbox.put(secure.answer(Kind.SA_KEYS, secure.protocol.keys()))
+                        flag = {"inputs_differ": True} if inputs_differ else {}  # as an UPDATE's header
+                        outbox.put(secure.answer(Kind.SA_KEYS, {**secure.protocol.keys(), **flag}))
                         order = [k[len("global/"):] for k in message.tensors if k.startswith("global/")]
                         secure.quantize(trainer.train(client_id, message, privatize=False), order)
                     except (ProtocolError, QuantizationError, OutOfTime) as e:

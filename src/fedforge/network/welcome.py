@@ -41,12 +41,15 @@ class Unacceptable(Exception):
 class ClientLimits:
     """The most a server may ask of this client: local epochs (the run's and a task's), optimizer
     steps in one task, batch size, and seconds of training for one task (past them the client
-    leaves that round, sends nothing and waits for the next task)."""
+    leaves that round, sends nothing and waits for the next task); and the least it protects its
+    updates with: `min_noise`, a floor on local differential privacy's noise multiplier (None:
+    the client applies whatever clip and noise each task asks for)."""
 
     max_epochs: int = 1000
     max_steps: int = 1_000_000
     max_batch_size: int = 65_536
     max_round_seconds: float = 3600.0
+    min_noise: float | None = None
 
     def __post_init__(self):
         for name in ("max_epochs", "max_steps", "max_batch_size"):
@@ -55,6 +58,25 @@ class ClientLimits:
                 raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if not (isinstance(self.max_round_seconds, (int, float)) and 0 < self.max_round_seconds < math.inf):
             raise ConfigError(f"max-round-seconds must be a number > 0, got {self.max_round_seconds!r}")
+        if self.min_noise is not None and not (type(self.min_noise) in (int, float) and 0 < self.min_noise <= 1e6):
+            raise ConfigError(f"dp-min-noise must be a number in (0, 1e6], got {self.min_noise!r}")
+
+    def check_privacy(self, task_id: int, clip: float | None, noise_multiplier: float, secure: bool) -> None:
+        """Unacceptable when task `task_id` would have this client's update leave with less noise
+        than its floor: a noise multiplier below it, no clip bound (nothing to scale the noise to),
+        or a secure aggregation round (the client clips and masks its update, it adds no noise)."""
+        floor = self.min_noise
+        if floor is None:
+            return
+        if secure:
+            raise Unacceptable(f"task {task_id} opens a secure aggregation round, in which this client adds no "
+                               f"noise of its own (--dp-min-noise {floor:g})")
+        if clip is None:
+            raise Unacceptable(f"task {task_id} asks for no clip bound, and this client's --dp-min-noise {floor:g} "
+                               f"needs one")
+        if noise_multiplier < floor:
+            raise Unacceptable(f"task {task_id} asks for noise multiplier {noise_multiplier!r}, below this "
+                               f"client's --dp-min-noise {floor:g}")
 
     def check_config(self, config: Config) -> None:
         if config.local_epochs > self.max_epochs:

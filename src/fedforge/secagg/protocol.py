@@ -402,6 +402,9 @@ class ServerRound:
             raise ProtocolError("keys from a client that is not a participant, or a second time")
         if "refused" in header:  # the client declines the round (below its floor): it says why
             raise ProtocolError(f"it declines the round: {str(header['refused'])[:300]!r}")
+        differ = header.get("inputs_differ", False)  # a diagnostic the engine reads (network/inputs.py)
+        if type(differ) is not bool:
+            raise ProtocolError(f"inputs_differ {str(differ)[:40]!r} is not true or false")
         neighbours = set(self.graph[client_id])
         texts = _by_id(header.get("c"), neighbours, "c keys")
         if set(texts) != neighbours:
