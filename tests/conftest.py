@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,6 +15,11 @@ from helpers import FileServer
 # the tests' models are small, and on a shared machine more threads only contend for the cores.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+
+# Ctrl-C as a terminal delivers it, here and in the processes the tests start, even when the suite
+# was started in the background (where a shell without job control ignores SIGINT, which the
+# tests of Ctrl-C would then never see).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -142,10 +142,12 @@ class LoopbackHub:
     def __init__(self, config):
         from fedforge.network.client import PartitionOf, _Trainer, as_app
         from fedforge.network.hub import Session
+        from fedforge.network.welcome import ClientLimits, Welcome
 
         self.events = queue.Queue()
         self.sent, self.received = [], []
-        self.trainers = {c: _Trainer(config, as_app(PartitionOf("synthetic", c, 3)), c) for c in range(3)}
+        welcome = Welcome(config, config.model, config.task)
+        self.trainers = {c: _Trainer(welcome, as_app(PartitionOf("synthetic", c, 3)), c, ClientLimits()) for c in range(3)}
         self.sessions = {c: Session(c, "loopback", outbox=None) for c in range(3)}
 
     def wait_for_clients(self, count, timeout=None):

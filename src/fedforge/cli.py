@@ -235,6 +235,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         tls = (_read(args.tls_key), _read(args.tls_cert))
     else:
         log.warning("plaintext mode (--insecure): updates and secrets cross the network unencrypted")
+    _check_message_mb(args.max_message_mb)
     outcome = serve(
         config, address=args.address, tokens=load_tokens(args.tokens), tls=tls, min_clients=args.min_clients,
         min_fit_clients=args.min_fit_clients, round_timeout=args.round_timeout,
@@ -273,8 +274,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         data = load_app(args.app)
     else:
         data = PartitionOf.parse(args.partition_of) if args.partition_of else LocalData(args.data)
-    if not args.max_message_mb > 0:
-        raise ConfigError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
+    _check_message_mb(args.max_message_mb)
     if args.model is not None:  # the operator's own code: imported now, so that a typo is one line here
         model_factory(args.model)
     if args.task is not None:
@@ -293,11 +293,17 @@ def _cmd_client(args: argparse.Namespace) -> int:
     )
 
 
+def _check_message_mb(value: float) -> None:
+    if not 0 < value < 2048:  # gRPC's limits are 32-bit byte counts
+        raise ConfigError(f"--max-message-mb must be > 0 and < 2048, got {value}")
+
+
 def _secagg_floor(args: argparse.Namespace):
     from .secagg.protocol import Floor
 
     try:
-        return Floor(args.secagg_min_clients, args.secagg_min_neighbours, args.secagg_min_threshold)
+        return Floor(args.secagg_min_clients, args.secagg_min_neighbours, args.secagg_min_threshold,
+                     args.secagg_max_neighbours)
     except ValueError as e:
         raise ConfigError(str(e).replace("the secure round floor's ", "--secagg-min-")) from None
 
@@ -485,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 2)")
     cli.add_argument("--secagg-min-threshold", type=int, default=2, metavar="T",
                      help="decline a secure aggregation round whose threshold is below T (default 2)")
+    cli.add_argument("--secagg-max-neighbours", type=int, default=1000, metavar="K",
+                     help="decline a secure aggregation round that gives this client more than K neighbours (each "
+                          "costs a key agreement, shares and a mask; default 1000)")
     cli.set_defaults(handler=_cmd_client)
 
     enr = sub.add_parser("enroll", help="issue a secret for a client id")

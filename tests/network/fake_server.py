@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -27,6 +28,7 @@ class FakeServer:
         self.replies: list[Message] = []
         self.sessions = 0
         self.closed = threading.Event()
+        self._stopped = threading.Event()  # set on exit: every handler returns, so no worker outlives the test
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
                                    options=server_options(256 << 20, DEFAULT_KEEPALIVE))
         handler = grpc.stream_stream_rpc_method_handler(self._session)  # raw bytes both ways
@@ -45,6 +47,17 @@ class FakeServer:
                 pass
             incoming.put(None)
 
+        def get(timeout: float):
+            """The client's next message (None: it closed the stream, or the server stopped)."""
+            deadline = time.monotonic() + timeout
+            while not self._stopped.is_set():
+                try:
+                    return incoming.get(timeout=min(0.2, max(deadline - time.monotonic(), 0.001)))
+                except queue.Empty:
+                    if time.monotonic() >= deadline:
+                        raise
+            return None
+
         threading.Thread(target=read, daemon=True).start()
         for item in self.script:
             if callable(item):
@@ -53,13 +66,13 @@ class FakeServer:
             yield item if isinstance(item, bytes) else encode(item)
             if isinstance(item, Message) and item.kind == Kind.TASK:
                 try:
-                    raw = incoming.get(timeout=self.reply_timeout)
+                    raw = get(self.reply_timeout)
                 except queue.Empty:
                     continue
                 if raw is None:
                     break
                 self.replies.append(decode(raw))
-        while incoming.get() is not None:  # until the client closes the stream
+        while get(float("inf")) is not None:  # until the client closes the stream (or the server stops)
             pass
         self.closed.set()
 
@@ -68,4 +81,5 @@ class FakeServer:
         return self
 
     def __exit__(self, *exc):
-        self._server.stop(grace=None)
+        self._stopped.set()
+        self._server.stop(grace=None).wait(10)

@@ -93,6 +93,17 @@ def test_a_malformed_message_is_one_line_and_status_3(cluster, message, reason):
         refused(partition_client(cluster, server), reason)
 
 
+def test_a_task_whose_training_diverges_is_one_line_and_status_3(cluster):
+    """A learning rate of 1e38 in the welcome makes the client's training diverge: the server's
+    task, not this client's settings, so one line and status 3 (before: status 1, "refused")."""
+    with FakeServer([welcome(lr=1e38), task(), DONE]) as server:
+        proc = partition_client(cluster, server)
+        assert proc.wait() == 3, proc.text()
+    text = proc.text()
+    assert "Traceback" not in text and "the server's task cannot be trained: " in text, text
+    assert not server.replies
+
+
 def test_a_task_before_the_welcome_is_refused(cluster):
     with FakeServer([task()]) as server:
         refused(partition_client(cluster, server), "a TASK before its welcome")

@@ -168,8 +168,12 @@ def rounds(draw):
     seed = draw(st.integers(0, 2 ** 32 - 1))
     rng = np.random.default_rng(seed)
     deltas = rng.uniform(-clip, clip, (count, 17))
+    deltas *= np.minimum(1.0, clip / np.linalg.norm(deltas, axis=1, keepdims=True))  # clipped in L2, as clients do
+    deltas[0] = 0
     deltas[0, 0] = clip  # the extremes are inputs too
-    deltas[-1, 1] = -clip
+    if count > 1:
+        deltas[-1] = 0
+        deltas[-1, 1] = -clip
     weights = [draw(st.integers(1, max_weight)) for _ in range(count)]
     unclipped = [draw(st.booleans()) for _ in range(count)]
     losses = rng.uniform(-10, 50, count)
@@ -204,15 +208,17 @@ def test_quantizer_sum_decodes_within_error_bound(case):
 @given(st.integers(1, 20), st.floats(1e-3, 1e3), st.integers(1, 100_000), st.sampled_from([1.0, -1.0]))
 def test_quantizer_extreme_sum_does_not_wrap(clients, clip, max_weight, sign):
     q = Quantizer(clients, clip, max_weight)
-    x = q.encode(np.full(5, sign * clip), max_weight, True, sign * LOSS_BOUND * 10)
+    extreme = np.zeros(5)
+    extreme[0] = sign * clip  # the largest coordinate an input clipped to L2 norm `clip` has
+    x = q.encode(extreme, max_weight, True, sign * LOSS_BOUND * 10)
     total = np.zeros_like(x)
     for _ in range(clients):
         total += x
     got = q.decode(total, clients, clients * max_weight)
     total_weight = clients * max_weight
     assert got.weight == total_weight and got.unclipped == clients
-    assert np.all(np.sign(got.weighted_delta) == sign)
-    assert np.abs(got.weighted_delta / total_weight - sign * clip).max() <= q.error_bound(clients, total_weight) * (
+    assert np.sign(got.weighted_delta[0]) == sign and not got.projected
+    assert np.abs(got.weighted_delta / total_weight - extreme).max() <= q.error_bound(clients, total_weight) * (
         1 + 1e-6)
     assert abs(got.loss - sign * LOSS_BOUND) <= clients / (2 * q.loss_scale * total_weight) * (1 + 1e-6)
     assert np.all(np.abs(total.view(np.int32)[:-COUNTERS].astype(np.int64)) <= RING_MAX)
@@ -291,7 +297,7 @@ def test_quantizer_decode_clamps_what_count_inputs_cannot_reach():
     input within the bounds could move it. Declared weights the round cannot have are refused."""
     q = Quantizer(10, 1.0, 100)
     rng = np.random.default_rng(1)
-    inputs = [q.encode(rng.uniform(-1, 1, 20), w, True, 0.5) for w in range(1, 5)]
+    inputs = [q.encode(d / np.linalg.norm(d), w, True, 0.5) for d, w in zip(rng.uniform(-1, 1, (4, 20)), range(1, 5))]
     total = sum(inputs)
     honest = q.decode(total, 4, 10)
     assert honest.weight == 10 and honest.clamped == 0
@@ -299,9 +305,10 @@ def test_quantizer_decode_clamps_what_count_inputs_cannot_reach():
     for change in (2 ** 30, -2 ** 30):
         out = q.decode(_changed(total, 3, change), 4, 10)
         assert out.clamped == 1 and abs(out.weighted_delta[3]) <= (reach + 4) / q.scale
-        assert np.array_equal(np.delete(out.weighted_delta, 3), np.delete(honest.weighted_delta, 3))
+        assert out.projected and np.linalg.norm(out.weighted_delta - honest.weighted_delta) <= 2 * (10 * q.clip + 1e-3)
+    zeros = sum(q.encode(np.zeros(20), w, True, 0.5) for w in range(1, 5))  # a sum of 0: its edge is in the ball
     for sign in (1, -1):
-        edge = total.copy()
+        edge = zeros.copy()
         edge[3] = np.uint32(sign * int(reach) % 2 ** 32)
         at_edge = q.decode(edge, 4, 10)
         assert at_edge.clamped == 0 and at_edge.weighted_delta[3] == pytest.approx(sign * 10 * q.clip, rel=1e-6)
@@ -316,6 +323,30 @@ def test_quantizer_decode_clamps_what_count_inputs_cannot_reach():
     for weight in (3, 401):  # declared weights fewer than one per input, or past the cap of each
         with pytest.raises(QuantizationError, match="declared weights"):
             q.decode(total, 4, weight)
+    assert not honest.projected and np.linalg.norm(honest.weighted_delta) <= 10 * q.clip
+
+
+def test_a_sum_past_the_inputs_l2_reach_is_scaled_down_to_it():
+    """Every coordinate within the per-coordinate reach, but the sum's L2 norm past Σw · clip
+    (which no sum of clipped inputs passes): scaled down to it, so a client that sent words past
+    its bounds moves the sum by at most 2 Σw · clip in L2. Honest sums are untouched."""
+    q = Quantizer(10, 1.0, 100)
+    rng = np.random.default_rng(2)
+    size = 400
+    inputs = []
+    for w in range(1, 5):
+        delta = rng.normal(size=size)
+        inputs.append(q.encode(delta / np.linalg.norm(delta), w, True, 0.5))  # norm exactly the clip
+    total = sum(inputs)
+    honest = q.decode(total, 4, 10)
+    assert not honest.projected and honest.clamped == 0
+    hostile = total.copy()
+    hostile[:size] += np.uint32(int(0.5 * q.scale))  # half the clip on every coordinate: norm 10 past the ball
+    out = q.decode(hostile, 4, 10)
+    assert out.projected and out.clamped == 0
+    ball = 10 * q.clip + 4 * 0.5 * np.sqrt(size) / q.scale
+    assert np.linalg.norm(out.weighted_delta) == pytest.approx(ball, rel=1e-9)
+    assert np.linalg.norm(out.weighted_delta - honest.weighted_delta) <= 2 * ball
 
 
 def test_small_order_is_what_the_key_agreement_refuses():

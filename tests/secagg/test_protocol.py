@@ -99,7 +99,7 @@ def test_sparse_ids_and_quantized_inputs_decode():
     ids = [5, 17, 10 ** 9, 3, 42, 2 ** 40]
     q = Quantizer(len(ids), 1.0, 100)
     rng = np.random.default_rng(3)
-    deltas = {i: rng.uniform(-1, 1, 30) for i in ids}
+    deltas = {i: d / np.linalg.norm(d) for i, d in zip(ids, rng.uniform(-1, 1, (len(ids), 30)))}  # clipped to 1
     weights = {i: int(w) for i, w in zip(ids, rng.integers(1, 101, len(ids)))}
     r = Round(ids, length=q.length(30), inputs={i: q.encode(deltas[i], weights[i], i % 2 == 0, 0.5) for i in ids},
               weights=weights)
@@ -771,3 +771,44 @@ def test_a_dealer_of_too_few_good_shares_fails_the_attempt_named():
     assert list(r.server.excluded) == [3] and "do not open" in r.server.excluded[3]
     with pytest.raises(SecAggFailed, match="dropped client 3's mask key: 2 verified shares, the threshold is 4"):
         r.server.result()
+
+
+def test_a_client_declines_more_neighbours_than_its_cap():
+    """A server's round of 100,000 neighbours would cost the client minutes of key agreements,
+    shares and masks: past its cap (default 1000) the round is declined."""
+    floor = Floor(max_neighbours=4)
+    floor.check(Setup.from_header(_header(), 0))
+    with pytest.raises(ProtocolError, match="gives this client 5 neighbours, more than its cap of 4"):
+        floor.check(Setup.from_header(_header(neighbours=[1, 2, 3, 4, 5], threshold=4), 0))
+
+
+def test_small_order_keys_from_the_server_are_a_protocol_error_not_a_crash():
+    """A server that relays a small-order key (32 zero bytes) as a neighbour's: the client refuses
+    the round in one line (before, its key agreement raised out of the protocol)."""
+    r = Round(range(4), seed=3)
+    r.keys()
+    header = r.server.neighbour_keys(0)
+    first = next(iter(header["keys"]))
+    header["keys"][first] = [b64(bytes(32)), header["keys"][first][1]]
+    with pytest.raises(ProtocolError, match=f"keys of client {first} are of small order"):
+        r.clients[0].shares(header)
+
+
+def test_a_client_masks_only_with_as_many_neighbours_as_its_floor():
+    """A server that forwards a client bad shares from all but one neighbour would leave its input
+    under its self-mask and one pairwise mask: with a floor of 2 neighbours the client refuses to
+    send it (it still reports the dealers); without a floor it masks with the one left."""
+    for floor, refuses in ((2, True), (0, False)):
+        r = Round(range(5), seed=4)
+        r.clients[0] = ClientRound(0, r.clients[0].setup, min_neighbours=floor)
+        r.keys()
+        r.shares()
+        header = r.server.input_request(0)
+        header["shares"] = {j: b64(os.urandom(SEALED_BYTES)) if j != min(header["shares"]) else v
+                            for j, v in header["shares"].items()}
+        if refuses:
+            with pytest.raises(ProtocolError, match="the shares of only 1 neighbours opened, below this client's floor"):
+                r.clients[0].masked_input(header, r.inputs[0])
+        else:
+            _, complaints = r.clients[0].masked_input(header, r.inputs[0])
+            assert len(complaints["complaints"]) == 3

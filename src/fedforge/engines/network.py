@@ -306,8 +306,11 @@ class NetworkEngine:
             raise RoundFailed(f"secure aggregation: {e}; the round is discarded") from None
         if summed.clamped:
             log.warning("task %d: %d words of the unmasked sum were past what %d clipped inputs can reach: a client "
-                        "sent words past its bounds (masking hides which); clamped to that reach, no further than an "
-                        "input within the bounds moves the sum", task_id, summed.clamped, summed.count)
+                        "sent words past its bounds (masking hides which); clamped to that reach", task_id,
+                        summed.clamped, summed.count)
+        if summed.projected:
+            log.warning("task %d: the unmasked sum's L2 norm was past what %d clipped inputs can reach: a client sent "
+                        "an input past its bounds (masking hides which); scaled down to it", task_id, summed.count)
         self._left_out.clear()  # the round is done: the next one gives every client a fresh chance
         bound = quantizer.error_bound(summed.count, summed.weight)
         log.info("task %d: the sum of %d masked updates (%d dropped; weight %d, at most %d each; weighted mean exact "

@@ -34,7 +34,7 @@ from ..app import ClientApp
 from ..client import ClientPlan, ClientUpdate, OutOfTime, all_finite, train_client
 from ..config import Config
 from ..data.datasets import TensorData, leaves
-from ..errors import ConfigError
+from ..errors import ConfigError, DivergenceError
 from ..models import build_model, check_fits
 from ..privacy.mechanism import PrivacyConfig, secure_generator
 from ..privacy.stage import privatize_update
@@ -268,7 +268,7 @@ class _SecureRound:
         self.task_id = task.header["task"]
         self.setup = Setup.from_header(task.header.get("secagg"), client_id)
         floor.check(self.setup)
-        self.protocol = ClientRound(client_id, self.setup)
+        self.protocol = ClientRound(client_id, self.setup, min_neighbours=floor.neighbours)
         self.input: np.ndarray | None = None
         self.weight = 0  # the weight it declares beside its masked input
 
@@ -510,8 +510,10 @@ def run_client(
         except Refused as e:
             log.error("client %d: refused by the server: %s", client_id, e)
             return EXIT_REFUSED
-        except (ServerFailed, Unacceptable) as e:
-            what = "the server's run failed" if isinstance(e, ServerFailed) else "refused a message from the server"
+        except (ServerFailed, Unacceptable, DivergenceError, WireError) as e:
+            # DivergenceError, WireError: training the server's task diverged, or gave an update that cannot be sent
+            what = {ServerFailed: "the server's run failed", Unacceptable: "refused a message from the server"}.get(
+                type(e), "the server's task cannot be trained")
             if not retry_on_server_failure:
                 log.error("client %d: %s: %s", client_id, what, e)
                 return EXIT_SERVER_FAILED

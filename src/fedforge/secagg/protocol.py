@@ -241,21 +241,26 @@ class Floor:
     clients: int = 3
     neighbours: int = 2
     threshold: int = 2
+    max_neighbours: int = 1000  # each costs a key agreement, shares and a mask: a server's 100,000 would take minutes
 
     def __post_init__(self):
-        for name in ("clients", "neighbours", "threshold"):
+        for name in ("clients", "neighbours", "threshold", "max_neighbours"):
             value = getattr(self, name)
             if not (type(value) is int and 2 <= value <= 100_000):
                 raise ValueError(f"the secure round floor's {name} must be a count >= 2, got {value!r}")
 
     def check(self, setup: Setup) -> None:
-        """ProtocolError with the reason when `setup` is below this floor."""
+        """ProtocolError with the reason when `setup` is below this floor (or gives this client
+        more neighbours than `max_neighbours`)."""
         for name, have, need in (("participants", setup.clients, self.clients),
                                  ("neighbours", len(setup.neighbours), self.neighbours),
                                  ("threshold", setup.threshold, self.threshold)):
             if have < need:
                 raise ProtocolError(f"the round has {have} {name}, below this client's floor of {need}: too small "
                                     f"to hide its update (the server could recover it)")
+        if len(setup.neighbours) > self.max_neighbours:
+            raise ProtocolError(f"the round gives this client {len(setup.neighbours)} neighbours, more than its cap of "
+                                f"{self.max_neighbours}")
 
 
 # -- the client -------------------------------------------------------------------------------
@@ -263,8 +268,11 @@ class ClientRound:
     """One client's side of one round. Each method answers one of the server's messages, at most
     once, in order; anything else raises ProtocolError (the client then sends nothing more)."""
 
-    def __init__(self, client_id: int, setup: Setup):
-        self.id, self.setup = client_id, setup
+    def __init__(self, client_id: int, setup: Setup, *, min_neighbours: int = 0):
+        """`min_neighbours`: mask only with at least that many neighbours whose shares opened and
+        matched (the client's floor): a server that forwards it bad shares cannot leave its input
+        under its self-mask alone, which the server could then remove with its neighbours' shares."""
+        self.id, self.setup, self.min_neighbours = client_id, setup, min_neighbours
         # one channel key per neighbour: revealing one (to prove a neighbour's shares do not
         # open) exposes that pair's channel only
         self._c = {j: new_key() for j in setup.neighbours}
@@ -293,6 +301,8 @@ class ClientRound:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise ProtocolError(f"keys of client {j} are not a pair")
             self._keys[j] = (_bytes(pair[0], KEY_BYTES, "a c key"), _bytes(pair[1], KEY_BYTES, "an s key"))
+            if any(small_order(key) for key in self._keys[j]):  # no key agreement with them: a server's forgery
+                raise ProtocolError(f"keys of client {j} are of small order")
         holders = sorted(keys) + [self.id]
         b_shares = split(self._seed, t, [_x(j) for j in holders])
         s_shares = split(private_bytes(self._s), t, [_x(j) for j in holders])
@@ -333,6 +343,9 @@ class ClientRound:
             except (CryptoError, ProtocolError) as e:  # this client does not mask with j: it reports j
                 log.warning("client %d: the shares of client %d are refused: %s; reported", self.id, j, e)
                 complaints[str(j)] = b64(private_bytes(self._c[j]))
+        if len(self._held) < self.min_neighbours:
+            raise ProtocolError(f"the shares of only {len(self._held)} neighbours opened, below this client's floor of "
+                                f"{self.min_neighbours}: too few masks to hide its update")
         masked = vector.astype(np.uint32, copy=True)
         masked += expand(self._seed, len(masked))
         for j in sorted(self._held):

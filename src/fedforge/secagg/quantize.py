@@ -20,6 +20,7 @@ off by at most `error_bound(count, total_weight)` = count / (2 * scale * total_w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,9 +84,10 @@ class Quantizer:
         """The sum of `count` clients' inputs, from its words mod 2^32, `weight` the sum of the
         weights they declared. A coordinate or counter past what `count` inputs within the bounds
         can reach (a client sent words past them; masking hides which) is clamped to that reach
-        and counted in `Sum.clamped`: it moves the sum no further than an input inside the bounds
-        can, so the round goes on. QuantizationError for a count or declared weights the round
-        cannot have."""
+        and counted in `Sum.clamped`, and a sum whose L2 norm is past Σw · clip (the most the
+        clipped inputs' sum can have) is scaled down to it (`Sum.projected`): the round goes on,
+        and whatever a client sent, the sum stays within 2 Σw · clip of the honest clients' sum in
+        L2. QuantizationError for a count or declared weights the round cannot have."""
         if not 1 <= count <= self.clients:
             raise QuantizationError(f"a sum of {count} inputs, the ring is set for at most {self.clients}")
         if not count <= weight <= count * self.max_weight:
@@ -96,10 +98,16 @@ class Quantizer:
         loss_reach = int(weight * LOSS_BOUND * self.loss_scale) + count
         clamped = int(np.count_nonzero(np.abs(q) > reach)) + int(not 0 <= unclipped <= count) \
             + int(abs(loss) > loss_reach)
-        q = np.clip(q, -reach, reach)
+        total_delta = np.clip(q, -reach, reach).astype(np.float64) / self.scale
+        # Honest inputs have L2 norms of at most w_i * clip (and half a step of rounding in each
+        # coordinate), so their sum lies in that ball: a sum outside it is brought back to it.
+        norm = float(np.linalg.norm(total_delta))
+        ball = weight * self.clip + count * 0.5 * math.sqrt(total_delta.size) / self.scale
+        projected = norm > ball
+        if projected:
+            total_delta *= ball / norm
         unclipped, loss = min(max(unclipped, 0), count), min(max(loss, -loss_reach), loss_reach)
-        return Sum(q.astype(np.float64) / self.scale, weight, unclipped, loss / self.loss_scale / weight, count,
-                   clamped)
+        return Sum(total_delta, weight, unclipped, loss / self.loss_scale / weight, count, clamped, projected)
 
     def error_bound(self, count: int, total_weight: int) -> float:
         """The most each coordinate of the weighted mean can differ from the exact one."""
@@ -116,3 +124,4 @@ class Sum:
     loss: float  # the weighted mean training loss (each clamped to +-LOSS_BOUND)
     count: int
     clamped: int = 0  # coordinates and counters past the inputs' reach, clamped to it (a client sent words past them)
+    projected: bool = False  # the sum's L2 norm was past what the inputs can reach: scaled down to it
