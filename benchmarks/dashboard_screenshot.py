@@ -29,8 +29,19 @@ def main(out: Path) -> None:
         cluster = Cluster(Path(folder))
         browser = None
         try:
-            server, port = cluster.server("--insecure", "--min-clients", "3", "--dashboard", "0", "--rounds", "40",
-                                          "--local-epochs", "40", *BASE, name="screenshot")
+            server, port = cluster.server(
+                "--insecure",
+                "--min-clients",
+                "3",
+                "--dashboard",
+                "0",
+                "--rounds",
+                "40",
+                "--local-epochs",
+                "40",
+                *BASE,
+                name="screenshot",
+            )
             url = server.wait_for(r"dashboard at (\S+)").group(1)
             for i in range(3):
                 cluster.client(i, port)

@@ -70,8 +70,17 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def fedforge_run(engine: str, *, num_clients: int, per_round, rounds: int, batch_size: int,
-                 partition: str = "iid", alpha: float = 0.3, seed: int = 0) -> dict:
+def fedforge_run(
+    engine: str,
+    *,
+    num_clients: int,
+    per_round,
+    rounds: int,
+    batch_size: int,
+    partition: str = "iid",
+    alpha: float = 0.3,
+    seed: int = 0,
+) -> dict:
     """One whole run from loading the data to the last evaluation."""
     start, cpu_start = time.perf_counter(), time.process_time()
     data = load_dataset(DATASET, progress=False)
@@ -81,8 +90,15 @@ def fedforge_run(engine: str, *, num_clients: int, per_round, rounds: int, batch
     else:
         parts = dirichlet(data.train.y.numpy(), num_clients, alpha=alpha, rng=rng)
     model = build_model("mlp", data.input_shape, data.num_classes, seed=seed)
-    result = simulate(model, FederatedData(data.train, parts, data.test), rounds=rounds, clients_per_round=per_round,
-                      client=ClientConfig(batch_size=batch_size, lr=0.01), engine=make_engine(engine), seed=seed)
+    result = simulate(
+        model,
+        FederatedData(data.train, parts, data.test),
+        rounds=rounds,
+        clients_per_round=per_round,
+        client=ClientConfig(batch_size=batch_size, lr=0.01),
+        engine=make_engine(engine),
+        seed=seed,
+    )
     whole, whole_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     records = result.history.records[1:]
     examples = sum(sum(len(parts[c]) for c in r.clients) for r in records)
@@ -107,25 +123,31 @@ def w1(peak: float) -> list[str]:
     whole = time.perf_counter() - start
     params = count_parameters(build_model("mlp", (1, 28, 28), 10))
     gflops = 6 * params * 5 * 6000 * 5 / sum(seconds) / 1e9  # includes its evaluation: an upper bound
-    rows.append(f"W1 tutorial loop   {statistics.median(seconds):8.3f} s/round  {whole:6.2f} s whole run  "
-                f"<= {gflops:5.1f} GFLOP/s ({gflops / peak:4.0%} of matmul)  acc {accuracy:.4f}")
+    rows.append(
+        f"W1 tutorial loop   {statistics.median(seconds):8.3f} s/round  {whole:6.2f} s whole run  "
+        f"<= {gflops:5.1f} GFLOP/s ({gflops / peak:4.0%} of matmul)  acc {accuracy:.4f}"
+    )
     for engine in ("sequential", "vectorized"):
         r = fedforge_run(engine, num_clients=10, per_round=5, rounds=5, batch_size=32)
-        rows.append(f"W1 {engine:<15} {r['per_round']:8.3f} s/round  {r['whole']:6.2f} s whole run  "
-                    f"   {r['gflops']:5.1f} GFLOP/s ({r['gflops'] / peak:4.0%} of matmul)  acc {r['accuracy']:.4f}")
+        rows.append(
+            f"W1 {engine:<15} {r['per_round']:8.3f} s/round  {r['whole']:6.2f} s whole run  "
+            f"   {r['gflops']:5.1f} GFLOP/s ({r['gflops'] / peak:4.0%} of matmul)  acc {r['accuracy']:.4f}"
+        )
     return rows
 
 
-def torch_loop_run(*, num_clients: int, per_round: int, rounds: int, batch_size: int, alpha: float = 0.3,
-                   seed: int = 0) -> dict:
+def torch_loop_run(
+    *, num_clients: int, per_round: int, rounds: int, batch_size: int, alpha: float = 0.3, seed: int = 0
+) -> dict:
     """One client after another as a Flower client trains: a copy of the global model,
     torch.optim.SGD and a shuffled DataLoader over the client's tensors; example-weighted average."""
     data = load_dataset(DATASET, progress=False)
     parts = dirichlet(data.train.y.numpy(), num_clients, alpha=alpha, rng=np.random.default_rng(seed))
     random.seed(seed)
     torch.manual_seed(seed)
-    loaders = [DataLoader(TensorDataset(data.train.x[p], data.train.y[p]), batch_size=batch_size, shuffle=True)
-               for p in parts]
+    loaders = [
+        DataLoader(TensorDataset(data.train.x[p], data.train.y[p]), batch_size=batch_size, shuffle=True) for p in parts
+    ]
     global_model = build_model("mlp", data.input_shape, data.num_classes, seed=seed)
     seconds = []
     for _ in range(rounds):
@@ -150,23 +172,31 @@ def torch_loop_run(*, num_clients: int, per_round: int, rounds: int, batch_size:
 
 def w2(peak: float, rounds: int = 3) -> list[str]:
     setting = dict(num_clients=1000, per_round=100, rounds=rounds, batch_size=10)
-    results = {engine: fedforge_run(engine, partition="dirichlet", alpha=0.3, **setting)
-               for engine in ("sequential", "vectorized")}
+    results = {
+        engine: fedforge_run(engine, partition="dirichlet", alpha=0.3, **setting)
+        for engine in ("sequential", "vectorized")
+    }
     loop = torch_loop_run(**setting)
     rows = [f"W2 {engine:<15} {r['per_round']:8.3f} s/round  acc {r['accuracy']:.4f}" for engine, r in results.items()]
-    rows.append(f"W2 per-client loop {loop['per_round']:8.3f} s/round  acc {loop['accuracy']:.4f}  "
-                f"(torch.optim + DataLoader per client)")
+    rows.append(
+        f"W2 per-client loop {loop['per_round']:8.3f} s/round  acc {loop['accuracy']:.4f}  "
+        f"(torch.optim + DataLoader per client)"
+    )
     sequential, vectorized = results["sequential"]["per_round"], results["vectorized"]["per_round"]
-    rows.append(f"W2 vectorized is {sequential / vectorized:.1f}x faster per round than sequential "
-                f"({results['sequential']['training'] / results['vectorized']['training']:.1f}x in training alone), "
-                f"{loop['per_round'] / vectorized:.1f}x faster than the per-client loop")
+    rows.append(
+        f"W2 vectorized is {sequential / vectorized:.1f}x faster per round than sequential "
+        f"({results['sequential']['training'] / results['vectorized']['training']:.1f}x in training alone), "
+        f"{loop['per_round'] / vectorized:.1f}x faster than the per-client loop"
+    )
     params = count_parameters(build_model("mlp", (1, 28, 28), 10))
     train_floor = 6 * params * results["vectorized"]["examples_per_round"] / (peak * 1e9)
     eval_floor = 2 * params * TEST_EXAMPLES / (peak * 1e9)
-    rows.append(f"W2 bound: at the matmul rate a round's training takes {train_floor:.3f} s and its evaluation "
-                f"{eval_floor:.3f} s (measured: {results['vectorized']['evaluation']:.3f} s), so no engine can be "
-                f"more than {sequential / (train_floor + eval_floor):.1f}x faster per round than sequential here "
-                f"({results['sequential']['training'] / train_floor:.1f}x in training alone)")
+    rows.append(
+        f"W2 bound: at the matmul rate a round's training takes {train_floor:.3f} s and its evaluation "
+        f"{eval_floor:.3f} s (measured: {results['vectorized']['evaluation']:.3f} s), so no engine can be "
+        f"more than {sequential / (train_floor + eval_floor):.1f}x faster per round than sequential here "
+        f"({results['sequential']['training'] / train_floor:.1f}x in training alone)"
+    )
     return rows
 
 
@@ -177,11 +207,14 @@ def w3_case(per_round: int) -> dict:
 def w3() -> list[str]:
     rows = []
     for per_round in (1000, 10_000):
-        out = subprocess.run([sys.executable, __file__, "--w3-case", str(per_round)], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--w3-case", str(per_round)], capture_output=True, text=True, check=True
+        ).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        rows.append(f"W3 vectorized, {per_round:>6} clients/round {r['per_round']:8.3f} s/round  "
-                    f"peak RSS {r['peak_rss_gib']:.2f} GiB")
+        rows.append(
+            f"W3 vectorized, {per_round:>6} clients/round {r['per_round']:8.3f} s/round  "
+            f"peak RSS {r['peak_rss_gib']:.2f} GiB"
+        )
     return rows
 
 
@@ -209,8 +242,11 @@ def _tasks_case(name: str):
         tokens = torch.randint(0, 80, (800, 81), generator=g)
         data, sizes = TensorData(tokens[:, :-1], tokens[:, 1:]), [40] * 20
         task, per_round, batch = LANGUAGE_MODEL.with_optimizer("adam"), 5, 10
-        model = (build_model("char-lstm", (80,), 80) if name == "char-lstm"
-                 else nn.Sequential(nn.Embedding(80, 32), nn.Linear(32, 80)))
+        model = (
+            build_model("char-lstm", (80,), 80)
+            if name == "char-lstm"
+            else nn.Sequential(nn.Embedding(80, 32), nn.Linear(32, 80))
+        )
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     parts = [np.arange(a, b) for a, b in zip(bounds, bounds[1:])]
     return model, FederatedData(data, parts, None), ClientConfig(batch_size=batch, lr=0.001, task=task), per_round
@@ -223,13 +259,22 @@ def w4(rounds: int = 3, repeats: int = 3) -> list[str]:
         seconds: dict[str, list[float]] = {"sequential": [], "vectorized": []}
         for _ in range(repeats):
             for engine in seconds:
-                result = simulate(copy.deepcopy(model), data, rounds=rounds, clients_per_round=per_round, client=config,
-                                  engine=make_engine(engine), seed=0)
+                result = simulate(
+                    copy.deepcopy(model),
+                    data,
+                    rounds=rounds,
+                    clients_per_round=per_round,
+                    client=config,
+                    engine=make_engine(engine),
+                    seed=0,
+                )
                 seconds[engine] += [r.train_seconds for r in result.history.records[1:]]
         sequential, vectorized = statistics.median(seconds["sequential"]), statistics.median(seconds["vectorized"])
-        rows.append(f"W4 {name:<11} {config.task.name:<15} {config.task.optimizer.__name__:<5} {per_round:3d} "
-                    f"clients/round  sequential {sequential:7.3f} s  vectorized {vectorized:7.3f} s  "
-                    f"({sequential / vectorized:4.2f}x)")
+        rows.append(
+            f"W4 {name:<11} {config.task.name:<15} {config.task.optimizer.__name__:<5} {per_round:3d} "
+            f"clients/round  sequential {sequential:7.3f} s  vectorized {vectorized:7.3f} s  "
+            f"({sequential / vectorized:4.2f}x)"
+        )
     return rows
 
 
@@ -244,8 +289,9 @@ def w1_against(revision: str, repeats: int) -> list[str]:
     """W1's whole runs here and at `revision` (a git worktree), alternating, each in a child process."""
     repo = Path(__file__).resolve().parent.parent
     folder = Path(tempfile.mkdtemp(prefix="fedforge-baseline-"))
-    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(folder), revision], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "worktree", "add", "--detach", str(folder), revision], check=True, capture_output=True
+    )
     try:
         trees = {"baseline": folder / "src", "this": repo / "src"}
         whole: dict[tuple[str, str], list[float]] = {}
@@ -253,16 +299,22 @@ def w1_against(revision: str, repeats: int) -> list[str]:
         for _ in range(repeats):
             for engine in ("sequential", "vectorized"):
                 for tree, src in trees.items():
-                    out = subprocess.run([sys.executable, __file__, "--w1-case", engine], capture_output=True,
-                                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(src)}).stdout
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--w1-case", engine],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                        env={**os.environ, "PYTHONPATH": str(src)},
+                    ).stdout
                     r = json.loads(out.strip().splitlines()[-1])
                     if not r["fedforge"].startswith(str(src)):
                         raise RuntimeError(f"the child imported {r['fedforge']}, not fedforge from {src}")
                     whole.setdefault((engine, tree), []).append(r["whole"])
                     cpu.setdefault((engine, tree), []).append(r["whole_cpu"])
     finally:
-        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(folder)], check=False,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(repo), "worktree", "remove", "--force", str(folder)], check=False, capture_output=True
+        )
     # A shared machine's noise comes in bursts that only lengthen runs: the fastest run and the
     # CPU seconds (which exclude time the process waited for a core) are the steadier measures.
     rows = []
@@ -270,10 +322,12 @@ def w1_against(revision: str, repeats: int) -> list[str]:
         for what, times in (("wall", whole), ("cpu", cpu)):
             old, new = times[engine, "baseline"], times[engine, "this"]
             runs = " ".join(f"{t:.2f}" for t in old) + " | " + " ".join(f"{t:.2f}" for t in new)
-            rows.append(f"W1 {engine:<10} whole run, {what:>4} s: {revision} median {statistics.median(old):5.2f} "
-                        f"min {min(old):5.2f}; this checkout median {statistics.median(new):5.2f} min {min(new):5.2f}; "
-                        f"ratio of medians {statistics.median(new) / statistics.median(old):4.2f}, of minima "
-                        f"{min(new) / min(old):4.2f} (runs {runs})")
+            rows.append(
+                f"W1 {engine:<10} whole run, {what:>4} s: {revision} median {statistics.median(old):5.2f} "
+                f"min {min(old):5.2f}; this checkout median {statistics.median(new):5.2f} min {min(new):5.2f}; "
+                f"ratio of medians {statistics.median(new) / statistics.median(old):4.2f}, of minima "
+                f"{min(new) / min(old):4.2f} (runs {runs})"
+            )
     return rows
 
 
@@ -293,8 +347,7 @@ def main() -> None:
         return
     load_dataset(DATASET, progress=False)  # the first load decodes and caches; every run below is warm
     peak = matmul_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"float32 matmul 2048x2048: {peak:.1f} GFLOP/s")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 matmul 2048x2048: {peak:.1f} GFLOP/s")
     for name, workload in (("w1", lambda: w1(peak)), ("w2", lambda: w2(peak)), ("w3", w3), ("w4", w4)):
         if args.only in (None, name):
             for row in workload():

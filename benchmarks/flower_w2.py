@@ -51,9 +51,14 @@ def data() -> dict:
         def labels(name, n):
             return torch.from_numpy(idx(name, 8, (n,)).astype(np.int64))
 
-        _DATA.update(x=images("train-images-idx3-ubyte.gz", 60000), y=labels("train-labels-idx1-ubyte.gz", 60000),
-                     test_x=images("t10k-images-idx3-ubyte.gz", 10000),
-                     test_y=labels("t10k-labels-idx1-ubyte.gz", 10000), order=spec["order"], starts=spec["starts"])
+        _DATA.update(
+            x=images("train-images-idx3-ubyte.gz", 60000),
+            y=labels("train-labels-idx1-ubyte.gz", 60000),
+            test_x=images("t10k-images-idx3-ubyte.gz", 10000),
+            test_y=labels("t10k-labels-idx1-ubyte.gz", 10000),
+            order=spec["order"],
+            starts=spec["starts"],
+        )
     return _DATA
 
 
@@ -72,7 +77,7 @@ class Client(NumPyClient):
 
     def fit(self, parameters, config):
         d = data()
-        rows = torch.from_numpy(np.array(d["order"][d["starts"][self.cid]:d["starts"][self.cid + 1]]))
+        rows = torch.from_numpy(np.array(d["order"][d["starts"][self.cid] : d["starts"][self.cid + 1]]))
         model = mlp()
         set_weights(model, parameters)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -106,8 +111,14 @@ def evaluate(server_round, parameters, config):
 
 def server_fn(context: Context) -> ServerAppComponents:
     initial = ndarrays_to_parameters([v.numpy() for v in mlp().state_dict().values()])
-    strategy = FedAvg(fraction_fit=0.1, fraction_evaluate=0.0, min_fit_clients=100, min_available_clients=1000,
-                      evaluate_fn=evaluate, initial_parameters=initial)
+    strategy = FedAvg(
+        fraction_fit=0.1,
+        fraction_evaluate=0.0,
+        min_fit_clients=100,
+        min_available_clients=1000,
+        evaluate_fn=evaluate,
+        initial_parameters=initial,
+    )
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=int(os.environ["FLOWER_W2_ROUNDS"])))
 
 
@@ -115,13 +126,19 @@ def main() -> None:
     spec, rounds = sys.argv[1], sys.argv[2]
     # Inherited by Ray's processes, which import this module by name.
     here = str(Path(__file__).resolve().parent)
-    os.environ.update(FLOWER_W2_SPEC=spec, FLOWER_W2_ROUNDS=rounds,
-                      PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
+    os.environ.update(
+        FLOWER_W2_SPEC=spec,
+        FLOWER_W2_ROUNDS=rounds,
+        PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p),
+    )
     import flower_w2
 
-    run_simulation(server_app=ServerApp(server_fn=flower_w2.server_fn),
-                   client_app=ClientApp(client_fn=flower_w2.client_fn), num_supernodes=len(np.load(spec)["starts"]) - 1,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}})
+    run_simulation(
+        server_app=ServerApp(server_fn=flower_w2.server_fn),
+        client_app=ClientApp(client_fn=flower_w2.client_fn),
+        num_supernodes=len(np.load(spec)["starts"]) - 1,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
     marks, accuracy = flower_w2.marks, flower_w2.accuracy
     print(json.dumps({"round_seconds": np.diff(marks).tolist(), "accuracy": accuracy[-1] if accuracy else None}))
 

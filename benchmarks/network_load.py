@@ -36,10 +36,14 @@ from fedforge.models import build_model
 
 def client_group(port: int, ids: list[int], secrets: dict[int, str], count: int, compression: str | None) -> None:
     torch.set_num_threads(1)
-    threads = [threading.Thread(target=run_client, args=(f"127.0.0.1:{port}", i, secrets[i],
-                                                        PartitionOf("fashion-mnist", i, count)),
-                                kwargs={"root_cert": None, "compression": compression, "give_up_after": 60})
-               for i in ids]
+    threads = [
+        threading.Thread(
+            target=run_client,
+            args=(f"127.0.0.1:{port}", i, secrets[i], PartitionOf("fashion-mnist", i, count)),
+            kwargs={"root_cert": None, "compression": compression, "give_up_after": 60},
+        )
+        for i in ids
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -51,15 +55,47 @@ def networked(args, workdir: Path, compression: str | None) -> list[dict]:
     secrets = {i: enroll(tokens, i) for i in range(args.clients)}
     name = f"net-{compression or 'exact'}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "fedforge", "server", "-q", "--insecure", "--threads", "1", "--tokens", str(tokens),
-         "--address", "127.0.0.1:0", "--dataset", "fashion-mnist", "--num-clients", str(args.clients),
-         "--clients-per-round", str(args.per_round), "--rounds", str(args.rounds), "--min-clients",
-         str(args.clients), "--out-dir", str(workdir), "--name", name],
-        stdout=subprocess.PIPE, stderr=(workdir / f"{name}.log").open("w"), text=True)
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "server",
+            "-q",
+            "--insecure",
+            "--threads",
+            "1",
+            "--tokens",
+            str(tokens),
+            "--address",
+            "127.0.0.1:0",
+            "--dataset",
+            "fashion-mnist",
+            "--num-clients",
+            str(args.clients),
+            "--clients-per-round",
+            str(args.per_round),
+            "--rounds",
+            str(args.rounds),
+            "--min-clients",
+            str(args.clients),
+            "--out-dir",
+            str(workdir),
+            "--name",
+            name,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=(workdir / f"{name}.log").open("w"),
+        text=True,
+    )
     port = int(next(line for line in server.stdout if "listening on port" in line).split()[-1])
     context = multiprocessing.get_context("spawn")
-    groups = [context.Process(target=client_group, args=(port, list(range(g, args.clients, args.groups)), secrets,
-                                                         args.clients, compression)) for g in range(args.groups)]
+    groups = [
+        context.Process(
+            target=client_group,
+            args=(port, list(range(g, args.clients, args.groups)), secrets, args.clients, compression),
+        )
+        for g in range(args.groups)
+    ]
     for g in groups:
         g.start()
     server.wait()
@@ -80,8 +116,10 @@ def message_bytes(compression: str | None) -> tuple[int, int, float]:
     task = encode(task_message(1, ClientTask(0, None, 0, plan=ClientPlan()), state))
     update = encode(update_message(1, ClientUpdate(0, delta, 600, 19, 0.5, 0.8)), compression=compression)
     back = decode(update).tensors
-    error = torch.cat([(back[f"delta/{k}"] - v).flatten() for k, v in delta.items()]).norm() / \
-        torch.cat([v.flatten() for v in delta.values()]).norm()
+    error = (
+        torch.cat([(back[f"delta/{k}"] - v).flatten() for k, v in delta.items()]).norm()
+        / torch.cat([v.flatten() for v in delta.values()]).norm()
+    )
     return len(task), len(update), float(error)
 
 
@@ -94,17 +132,37 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        config = Config(dataset="fashion-mnist", num_clients=args.clients, clients_per_round=args.per_round,
-                        rounds=args.rounds, out_dir=str(workdir), name="sim")
+        config = Config(
+            dataset="fashion-mnist",
+            num_clients=args.clients,
+            clients_per_round=args.per_round,
+            rounds=args.rounds,
+            out_dir=str(workdir),
+            name="sim",
+        )
         simulated = run_experiment(config, progress=False, verbose=False).history.records[1:]
-        rows = [("simulation (auto engine)", statistics.median(r.seconds for r in simulated),
-                 simulated[-1].test_accuracy, None)]
+        rows = [
+            (
+                "simulation (auto engine)",
+                statistics.median(r.seconds for r in simulated),
+                simulated[-1].test_accuracy,
+                None,
+            )
+        ]
         for compression in (None, "int8"):
             history = networked(args, workdir, compression)[1:]
-            rows.append((f"network, {compression or 'exact'} updates", statistics.median(r["seconds"] for r in history),
-                         history[-1]["test_accuracy"], compression))
-    print(f"{args.clients} clients ({args.groups} processes), {args.per_round} per round, {args.rounds} rounds, "
-          f"MLP on Fashion-MNIST, 127.0.0.1")
+            rows.append(
+                (
+                    f"network, {compression or 'exact'} updates",
+                    statistics.median(r["seconds"] for r in history),
+                    history[-1]["test_accuracy"],
+                    compression,
+                )
+            )
+    print(
+        f"{args.clients} clients ({args.groups} processes), {args.per_round} per round, {args.rounds} rounds, "
+        f"MLP on Fashion-MNIST, 127.0.0.1"
+    )
     print(f"{'':<30}{'s/round':>9}{'accuracy':>10}{'down KB':>9}{'up KB':>8}{'update error':>14}")
     for label, seconds, accuracy, compression in rows:
         if label.startswith("network"):

@@ -42,11 +42,17 @@ CONFIG = ClientConfig()  # the tutorial's: 1 epoch, batch 32
 
 def zero_update(task: Message) -> bytes:
     h = task.header
-    delta = {f"delta/{k[len('global/'):]}": torch.zeros_like(v) for k, v in task.tensors.items()
-             if k.startswith("global/")}
+    delta = {
+        f"delta/{k[len('global/') :]}": torch.zeros_like(v) for k, v in task.tensors.items() if k.startswith("global/")
+    }
     steps = ClientPlan(epochs=h["epochs"], max_steps=h["max_steps"]).num_steps(EXAMPLES, CONFIG)
-    return encode(Message(Kind.UPDATE, {"task": h["task"], "num_examples": EXAMPLES, "num_steps": steps,
-                                        "train_loss": 1.0, "train_accuracy": 0.5}, delta))
+    return encode(
+        Message(
+            Kind.UPDATE,
+            {"task": h["task"], "num_examples": EXAMPLES, "num_steps": steps, "train_loss": 1.0, "train_accuracy": 0.5},
+            delta,
+        )
+    )
 
 
 async def light_client(port: int, client_id: int, secret: str, welcomed: list[float]) -> None:
@@ -81,8 +87,9 @@ def client_group(port: int, secrets: dict[int, str], out: multiprocessing.Queue)
 def attacker(port: int, stop) -> None:
     """100 sockets that never speak and 100 streams that never authenticate, re-opened when refused."""
     sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
-    channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(100)]
+    channels = [
+        grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(100)
+    ]
 
     def silent():
         stop.wait()
@@ -110,8 +117,9 @@ def probe(port: int, client_id: int, secret: str, stop: threading.Event, waits: 
     while not stop.wait(0.5):
         started = time.monotonic()
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            call = channel.stream_stream(METHOD)(iter(()), metadata=((CLIENT_ID_KEY, str(client_id)),
-                                                                   (SECRET_KEY, secret)), timeout=30)
+            call = channel.stream_stream(METHOD)(
+                iter(()), metadata=((CLIENT_ID_KEY, str(client_id)), (SECRET_KEY, secret)), timeout=30
+            )
             try:
                 if decode(next(call)).kind == Kind.WELCOME:
                     waits.append(time.monotonic() - started)
@@ -136,11 +144,40 @@ def run(args, workdir: Path, with_attacker: bool) -> dict:
     secrets = {i: enroll(tokens, i) for i in range(args.clients + 1)}  # the last one is the probe's
     name = f"scale-{'attacked' if with_attacker else 'quiet'}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "fedforge", "server", "-q", "--insecure", "--threads", "1", "--tokens", str(tokens),
-         "--address", "127.0.0.1:0", "--dataset", "fashion-mnist", "--num-clients", str(args.clients),
-         "--clients-per-round", str(args.per_round), "--rounds", str(args.rounds), "--min-clients",
-         str(args.clients), "--round-timeout", "120", "--out-dir", str(workdir), "--name", name],
-        stdout=subprocess.PIPE, stderr=(workdir / f"{name}.log").open("w"), text=True)
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "server",
+            "-q",
+            "--insecure",
+            "--threads",
+            "1",
+            "--tokens",
+            str(tokens),
+            "--address",
+            "127.0.0.1:0",
+            "--dataset",
+            "fashion-mnist",
+            "--num-clients",
+            str(args.clients),
+            "--clients-per-round",
+            str(args.per_round),
+            "--rounds",
+            str(args.rounds),
+            "--min-clients",
+            str(args.clients),
+            "--round-timeout",
+            "120",
+            "--out-dir",
+            str(workdir),
+            "--name",
+            name,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=(workdir / f"{name}.log").open("w"),
+        text=True,
+    )
     port = int(next(line for line in server.stdout if "listening on port" in line).split()[-1])
     context = multiprocessing.get_context("spawn")
     stop, waits, attack_stop = threading.Event(), [], context.Event()
@@ -151,8 +188,10 @@ def run(args, workdir: Path, with_attacker: bool) -> dict:
         h.start()
     out = context.Queue()
     ids = list(range(args.clients))
-    groups = [context.Process(target=client_group, args=(port, {i: secrets[i] for i in ids[g::args.groups]}, out))
-              for g in range(args.groups)]
+    groups = [
+        context.Process(target=client_group, args=(port, {i: secrets[i] for i in ids[g :: args.groups]}, out))
+        for g in range(args.groups)
+    ]
     for g in groups:
         g.start()
     connect = max(out.get(timeout=300)[1] for _ in groups)
@@ -174,8 +213,7 @@ def run(args, workdir: Path, with_attacker: bool) -> dict:
     if server.returncode != 0 or not history.exists():
         raise SystemExit(f"the run failed:\n{(workdir / f'{name}.log').read_text()[-3000:]}")
     rounds = json.loads(history.read_text())["rounds"][1:]
-    return {"connect": connect, "peak": peak, "round": statistics.median(r["seconds"] for r in rounds),
-            "waits": waits}
+    return {"connect": connect, "peak": peak, "round": statistics.median(r["seconds"] for r in rounds), "waits": waits}
 
 
 def main() -> None:
@@ -185,16 +223,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--groups", type=int, default=4)
     args = parser.parse_args()
-    print(f"{args.clients} lightweight clients in {args.groups} processes, {args.per_round} updates per round, "
-          f"{args.rounds} rounds, MLP on Fashion-MNIST, 127.0.0.1")
+    print(
+        f"{args.clients} lightweight clients in {args.groups} processes, {args.per_round} updates per round, "
+        f"{args.rounds} rounds, MLP on Fashion-MNIST, 127.0.0.1"
+    )
     print(f"{'':<34}{'connect s':>10}{'peak MB':>9}{'s/round':>9}{'probe max s':>13}{'probe median s':>16}")
     with tempfile.TemporaryDirectory() as tmp:
         for with_attacker in (False, True):
             r = run(args, Path(tmp), with_attacker)
             label = "with 200 idle unauthenticated" if with_attacker else "alone"
             waits = r["waits"] or [float("nan")]
-            print(f"{label:<34}{r['connect']:>10.1f}{r['peak']:>9.0f}{r['round']:>9.2f}{max(waits):>13.3f}"
-                  f"{statistics.median(waits):>16.3f}")
+            print(
+                f"{label:<34}{r['connect']:>10.1f}{r['peak']:>9.0f}{r['round']:>9.2f}{max(waits):>13.3f}"
+                f"{statistics.median(waits):>16.3f}"
+            )
     print("probe: an enrolled client never selected, reconnecting every 0.5 s: seconds until it is welcomed")
 
 

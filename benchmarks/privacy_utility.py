@@ -34,8 +34,22 @@ CHECKPOINTS = (10, 20, 30)  # rounds whose accuracy the table shows besides the 
 def run_compare(runs: Path, out_dir: Path, name: str, jobs: int, seed: int | None) -> None:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "fedforge", "compare", "--config", str(BASE), "--runs", str(runs),
-           "--jobs", str(jobs), "--out-dir", str(out_dir), "--name", name]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedforge",
+        "compare",
+        "--config",
+        str(BASE),
+        "--runs",
+        str(runs),
+        "--jobs",
+        str(jobs),
+        "--out-dir",
+        str(out_dir),
+        "--name",
+        name,
+    ]
     if seed is not None:  # else base.toml's seed (0)
         cmd += ["--seed", str(seed)]
     print("+", " ".join(cmd), flush=True)
@@ -47,8 +61,11 @@ def wall_seconds(comparison: Path) -> dict[str, float]:
     path = comparison / "comparison.md"
     if not path.exists():
         return {}
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in path.read_text().splitlines()
-            if line.startswith("|")]
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in path.read_text().splitlines()
+        if line.startswith("|")
+    ]
     if not rows or "wall s" not in rows[0]:
         return {}
     col = rows[0].index("wall s")
@@ -77,18 +94,35 @@ def summarize(run_dir: Path) -> dict:
 
 def table(results: dict[str, dict], walls: dict[str, float]) -> str:
     base = results.get("no-dp", {}).get("accuracy", [None])[-1]
-    head = ["run", "z", "C", "epsilon spent (delta 1e-5)", "rounds"] + [f"acc. r{r}" for r in CHECKPOINTS] + \
-        ["final acc.", "best acc.", "vs no-dp (points)", "round s (sum)", "wall s"]
+    head = (
+        ["run", "z", "C", "epsilon spent (delta 1e-5)", "rounds"]
+        + [f"acc. r{r}" for r in CHECKPOINTS]
+        + ["final acc.", "best acc.", "vs no-dp (points)", "round s (sum)", "wall s"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, s in results.items():
         acc, eps = s["accuracy"], s["epsilon"][-1]
         at = [f"{acc[r]:.4f}" if r < len(acc) else "-" for r in CHECKPOINTS]
         gap = f"{100 * (acc[-1] - base):+.2f}" if base is not None and label != "no-dp" else "-"
-        lines.append("| " + " | ".join([
-            label, f"{s['z']:.4f}" if s["z"] else "-", f"{s['clip']:g}" if s["clip"] else "-",
-            (f"{eps:.3f}" if eps < 1e3 else f"{eps:.2g} (none)") if eps is not None else "- (no DP)", str(s["rounds"]), *at,
-            f"{acc[-1]:.4f}", f"{max(acc):.4f}", gap, f"{s['round_seconds']:.0f}",
-            f"{walls[label]:.0f}" if label in walls else "-"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    label,
+                    f"{s['z']:.4f}" if s["z"] else "-",
+                    f"{s['clip']:g}" if s["clip"] else "-",
+                    (f"{eps:.3f}" if eps < 1e3 else f"{eps:.2g} (none)") if eps is not None else "- (no DP)",
+                    str(s["rounds"]),
+                    *at,
+                    f"{acc[-1]:.4f}",
+                    f"{max(acc):.4f}",
+                    gap,
+                    f"{s['round_seconds']:.0f}",
+                    f"{walls[label]:.0f}" if label in walls else "-",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -102,13 +136,17 @@ def plot(results: dict[str, dict], path: Path) -> None:
     zoom = acc_ax.inset_axes([0.42, 0.36, 0.55, 0.34])  # the last half of the run, where the curves meet
     for label, s in results.items():
         name = label if s["z"] is None else f"{label} (z={s['z']:.2f}, C={s['clip']:g})"
-        line, = acc_ax.plot(range(len(s["accuracy"])), s["accuracy"], marker=".", label=name)
+        (line,) = acc_ax.plot(range(len(s["accuracy"])), s["accuracy"], marker=".", label=name)
         half = len(s["accuracy"]) // 2
         zoom.plot(range(half, len(s["accuracy"])), s["accuracy"][half:], marker=".", color=line.get_color())
         if s["z"] is not None:
             eps_ax.plot(range(1, len(s["epsilon"])), s["epsilon"][1:], marker=".", color=line.get_color(), label=label)
-    acc_ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 0.9),
-               title="Fashion-MNIST, 10,000 clients, Poisson q = 0.1, MLP, FedAvgM")
+    acc_ax.set(
+        xlabel="round",
+        ylabel="test accuracy",
+        ylim=(0, 0.9),
+        title="Fashion-MNIST, 10,000 clients, Poisson q = 0.1, MLP, FedAvgM",
+    )
     eps_ax.set(xlabel="round", ylabel="epsilon spent (delta = 1e-5)", title="privacy spent (PLD accountant)")
     eps_ax.set_yscale("log")
     zoom.grid(alpha=0.3)
@@ -128,8 +166,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seed", type=int, help="another seed than base.toml's 0 (partition, init, selection, noise)")
     parser.add_argument("--skip-run", action="store_true", help="only read runs already in OUT_DIR/NAME")
-    parser.add_argument("--ablation", action="store_true",
-                        help="also the clip-only diagnostic (experiments/privacy/clip-only.toml, in OUT_DIR/NAME-clip-only)")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also the clip-only diagnostic (experiments/privacy/clip-only.toml, in OUT_DIR/NAME-clip-only)",
+    )
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "privacy.png")
     args = parser.parse_args()
     comparisons = [(RUNS, args.out_dir / args.name)]
@@ -141,8 +182,10 @@ def main() -> None:
     order = ["no-dp", "eps-8", "eps-4", "eps-1"]
     results, walls = {}, {}
     for _, comparison in comparisons:
-        labels = sorted((p.name for p in comparison.iterdir() if (p / "history.json").exists()),
-                        key=lambda n: (order.index(n) if n in order else len(order), n))
+        labels = sorted(
+            (p.name for p in comparison.iterdir() if (p / "history.json").exists()),
+            key=lambda n: (order.index(n) if n in order else len(order), n),
+        )
         results.update({label: summarize(comparison / label) for label in labels})
         walls.update(wall_seconds(comparison))
     print(table(results, walls))

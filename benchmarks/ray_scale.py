@@ -56,26 +56,49 @@ def case(workload: str, engine: str, rounds: int, out: str) -> dict:
         torch.set_num_threads(1)
         engine = "auto"
     started = time.perf_counter()
-    config = Config(dataset="fashion-mnist", download=False, model="mlp", rounds=rounds, local_epochs=1, batch_size=10,
-                    lr=0.01, engine=engine, ray_workers=2, ray_cpus_per_worker=1.0, ray_engine="auto", seed=0,
-                    **WORKLOADS[workload])
+    config = Config(
+        dataset="fashion-mnist",
+        download=False,
+        model="mlp",
+        rounds=rounds,
+        local_epochs=1,
+        batch_size=10,
+        lr=0.01,
+        engine=engine,
+        ray_workers=2,
+        ray_cpus_per_worker=1.0,
+        ray_engine="auto",
+        seed=0,
+        **WORKLOADS[workload],
+    )
     dataset, data = load(config, progress=False)
     model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
     run_engine = make_run_engine(config, combine=True)  # as `fedforge run` without trackers
     ready = time.perf_counter() - started
     try:
-        result = simulate(model, data, rounds=rounds, clients_per_round=config.clients_per_round,
-                          client=config.client_config(), strategy=config.strategy_object(),
-                          scenario=config.scenario(), engine=run_engine, seed=config.seed)
+        result = simulate(
+            model,
+            data,
+            rounds=rounds,
+            clients_per_round=config.clients_per_round,
+            client=config.client_config(),
+            strategy=config.strategy_object(),
+            scenario=config.scenario(),
+            engine=run_engine,
+            seed=config.seed,
+        )
     finally:
         if hasattr(run_engine, "close"):
             run_engine.close()
     torch.save(result.state.params, out)
     records = result.history.records[1:]
-    return {"start": ready, "first_round": records[0].seconds,
-            "per_round": statistics.median(r.seconds for r in records[1:]),
-            "training": statistics.median(r.train_seconds for r in records[1:]),
-            "accuracy": result.history.final.test_accuracy}
+    return {
+        "start": ready,
+        "first_round": records[0].seconds,
+        "per_round": statistics.median(r.seconds for r in records[1:]),
+        "training": statistics.median(r.train_seconds for r in records[1:]),
+        "accuracy": result.history.final.test_accuracy,
+    }
 
 
 def _descendants(root: int) -> list[int]:
@@ -145,8 +168,14 @@ def flower_spec(path: str) -> str:
     config = Config(dataset="fashion-mnist", download=False, seed=0, **WORKLOADS["w2"])
     _, data = load(config, progress=False)
     spec = DATASETS["fashion-mnist"]
-    np.savez(path, order=np.concatenate(data.partition), starts=np.cumsum([0, *map(len, data.partition)]),
-             folder=str(locate(spec, download_missing=False, progress=False)), mean=spec.mean, std=spec.std)
+    np.savez(
+        path,
+        order=np.concatenate(data.partition),
+        starts=np.cumsum([0, *map(len, data.partition)]),
+        folder=str(locate(spec, download_missing=False, progress=False)),
+        mean=spec.mean,
+        std=spec.std,
+    )
     return path
 
 
@@ -169,13 +198,20 @@ def measure_flower(python: str, rounds: int, spec: str) -> dict:
     """Flower's simulation of W2 in its own environment, measured as the fedforge cases are."""
     result, peak = _child([python, str(Path(__file__).with_name("flower_w2.py")), spec, str(rounds)], "flower")
     seconds = result["round_seconds"]
-    return {"per_round": statistics.median(seconds[1:]), "training": float("nan"), "first_round": seconds[0],
-            "start": float("nan"), "accuracy": result["accuracy"], **_peak_fields(peak)}
+    return {
+        "per_round": statistics.median(seconds[1:]),
+        "training": float("nan"),
+        "first_round": seconds[0],
+        "start": float("nan"),
+        "accuracy": result["accuracy"],
+        **_peak_fields(peak),
+    }
 
 
 def measure(workload: str, engine: str, rounds: int, out: str) -> dict:
-    result, peak = _child([sys.executable, __file__, "--case", workload, engine, str(rounds), out],
-                          f"{workload} {engine}")
+    result, peak = _child(
+        [sys.executable, __file__, "--case", workload, engine, str(rounds), out], f"{workload} {engine}"
+    )
     return {**result, **_peak_fields(peak)}
 
 
@@ -185,8 +221,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each case, alternating the engines")
     parser.add_argument("--engines", default="auto,ray", help="auto, ray, auto:1 (in process on one thread)")
-    parser.add_argument("--flower", metavar="PYTHON", help="also W2 on Flower's simulation, run by this Python (an "
-                        "environment with flwr[simulation] and torch)")
+    parser.add_argument(
+        "--flower",
+        metavar="PYTHON",
+        help="also W2 on Flower's simulation, run by this Python (an environment with flwr[simulation] and torch)",
+    )
     parser.add_argument("--case", nargs=4, metavar=("WORKLOAD", "ENGINE", "ROUNDS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -195,10 +234,14 @@ def main() -> None:
         return
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads in process; ray: 2 workers x 1 CPU, engine "
-          f"auto in each; {args.rounds} rounds, medians of the rounds after the first; {args.repeats} runs each")
-    header = (f"{'':4} {'engine':6} {'s/round':>8} {'train':>7} {'round 1':>8} {'start':>7} {'peak RSS':>9} "
-              f"{'peak anon':>9} {'procs':>5}  accuracy  load")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads in process; ray: 2 workers x 1 CPU, engine "
+        f"auto in each; {args.rounds} rounds, medians of the rounds after the first; {args.repeats} runs each"
+    )
+    header = (
+        f"{'':4} {'engine':6} {'s/round':>8} {'train':>7} {'round 1':>8} {'start':>7} {'peak RSS':>9} "
+        f"{'peak anon':>9} {'procs':>5}  accuracy  load"
+    )
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for workload in [args.only] if args.only else list(WORKLOADS):
@@ -220,27 +263,34 @@ def main() -> None:
                 print(row(workload, engine, r) + "  median")
             if "flower" in medians and "ray" in medians:
                 f, ray = medians["flower"], medians["ray"]
-                print(f"W2   flower/ray: {f['per_round'] / ray['per_round']:.1f}x per round, "
-                      f"{f['peak_rss_gib'] / ray['peak_rss_gib']:.2f}x peak RSS, "
-                      f"{f['peak_anon_gib'] / ray['peak_anon_gib']:.2f}x peak anon; run by run: "
-                      + ", ".join(f"{a['per_round'] / b['per_round']:.1f}x"
-                                  for a, b in zip(runs["flower"], runs["ray"])), flush=True)
+                print(
+                    f"W2   flower/ray: {f['per_round'] / ray['per_round']:.1f}x per round, "
+                    f"{f['peak_rss_gib'] / ray['peak_rss_gib']:.2f}x peak RSS, "
+                    f"{f['peak_anon_gib'] / ray['peak_anon_gib']:.2f}x peak anon; run by run: "
+                    + ", ".join(f"{a['per_round'] / b['per_round']:.1f}x" for a, b in zip(runs["flower"], runs["ray"])),
+                    flush=True,
+                )
             if "ray" not in runs:
                 continue
             for base in (e for e in engines if e not in ("ray", "flower")):
                 a, b = (torch.load(str(Path(tmp) / f"{workload}-{e}.pt")) for e in (base, "ray"))
                 difference = max(float((a[k] - b[k]).abs().max()) for k in a)
                 ray, auto = medians["ray"], medians[base]
-                print(f"{workload.upper():4} ray/{base}: {ray['per_round'] / auto['per_round']:.2f}x per round, "
-                      f"{ray['peak_rss_gib'] / auto['peak_rss_gib']:.2f}x peak RSS, "
-                      f"{ray['peak_anon_gib'] / auto['peak_anon_gib']:.2f}x peak anon; final weights differ by at "
-                      f"most {difference:.1e}", flush=True)
+                print(
+                    f"{workload.upper():4} ray/{base}: {ray['per_round'] / auto['per_round']:.2f}x per round, "
+                    f"{ray['peak_rss_gib'] / auto['peak_rss_gib']:.2f}x peak RSS, "
+                    f"{ray['peak_anon_gib'] / auto['peak_anon_gib']:.2f}x peak anon; final weights differ by at "
+                    f"most {difference:.1e}",
+                    flush=True,
+                )
 
 
 def row(workload: str, engine: str, r: dict) -> str:
-    return (f"{workload.upper():4} {engine:6} {r['per_round']:8.3f} {r['training']:7.3f} {r['first_round']:8.3f} "
-            f"{r['start']:7.2f} {r['peak_rss_gib']:7.2f} G {r['peak_anon_gib']:7.2f} G {r['processes']:5.0f}  "
-            f"{r['accuracy']:.4f}")
+    return (
+        f"{workload.upper():4} {engine:6} {r['per_round']:8.3f} {r['training']:7.3f} {r['first_round']:8.3f} "
+        f"{r['start']:7.2f} {r['peak_rss_gib']:7.2f} G {r['peak_anon_gib']:7.2f} G {r['processes']:5.0f}  "
+        f"{r['accuracy']:.4f}"
+    )
 
 
 if __name__ == "__main__":

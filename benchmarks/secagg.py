@@ -125,9 +125,14 @@ def client_group(port: int, secrets: dict[int, str], count: int, settings: dict,
 
     def one(i: int) -> None:
         try:
-            codes[i] = net_client.run_client(f"127.0.0.1:{port}", i, secrets[i],
-                                             net_client.PartitionOf("fashion-mnist", i, count), root_cert=None,
-                                             give_up_after=60)
+            codes[i] = net_client.run_client(
+                f"127.0.0.1:{port}",
+                i,
+                secrets[i],
+                net_client.PartitionOf("fashion-mnist", i, count),
+                root_cert=None,
+                give_up_after=60,
+            )
         except Exception as e:  # reported, not lost in a thread
             codes[i] = f"{type(e).__name__}: {e}"
 
@@ -167,9 +172,16 @@ class Meter:
             return
         with self._lock:
             self.round += 1
-        self._open = {"attempts": 1, "engine": 0.0, "engine_wall": 0.0, "stages": defaultdict(float),
-                      "parts": self.timers.snapshot(),
-                      "loop": time.thread_time(), "proc": time.process_time(), "wall": time.perf_counter()}
+        self._open = {
+            "attempts": 1,
+            "engine": 0.0,
+            "engine_wall": 0.0,
+            "stages": defaultdict(float),
+            "parts": self.timers.snapshot(),
+            "loop": time.thread_time(),
+            "proc": time.process_time(),
+            "wall": time.perf_counter(),
+        }
         if self.profiler is not None:
             self.profiler.enable()
 
@@ -180,10 +192,18 @@ class Meter:
         if self.profiler is not None:
             self.profiler.disable()
         o, parts = self._open, self.timers.snapshot()
-        self.rounds.append({"loop": time.thread_time() - o["loop"], "proc": time.process_time() - o["proc"],
-                            "wall": time.perf_counter() - o["wall"], "engine": o["engine"],
-                            "engine_wall": o["engine_wall"], "attempts": o["attempts"], "stages": o["stages"],
-                            "parts": {k: parts.get(k, 0.0) - o["parts"].get(k, 0.0) for k in SERVER_PARTS}})
+        self.rounds.append(
+            {
+                "loop": time.thread_time() - o["loop"],
+                "proc": time.process_time() - o["proc"],
+                "wall": time.perf_counter() - o["wall"],
+                "engine": o["engine"],
+                "engine_wall": o["engine_wall"],
+                "attempts": o["attempts"],
+                "stages": o["stages"],
+                "parts": {k: parts.get(k, 0.0) - o["parts"].get(k, 0.0) for k in SERVER_PARTS},
+            }
+        )
         self._open = None
 
 
@@ -229,8 +249,16 @@ def instrument_server() -> Timers:
     timers.wrap(network_engine, "encode", "wire")
     timers.wrap(network_engine, "decode", "wire")
     timers.wrap(network_engine, "update_from", "check")
-    for name in ("setup", "on_keys", "neighbour_keys", "on_shares", "input_request", "on_input", "unmask_request",
-                 "on_unmasked"):
+    for name in (
+        "setup",
+        "on_keys",
+        "neighbour_keys",
+        "on_shares",
+        "input_request",
+        "on_input",
+        "unmask_request",
+        "on_unmasked",
+    ):
         timers.wrap(ServerRound, name, "protocol")
     timers.wrap(ServerRound, "result", "unmask")
     timers.wrap(Quantizer, "decode", "unmask")
@@ -242,8 +270,18 @@ def instrument_server() -> Timers:
 
 def deployment(n: int, mode: str, args, workdir: Path, timers: Timers, profile: bool) -> dict:
     name = f"{mode}-{n}" + ("-profiled" if profile else "")
-    config = Config(dataset="fashion-mnist", model="mlp", num_clients=n, clients_per_round=n, local_epochs=1,
-                    batch_size=32, lr=0.01, rounds=args.rounds, out_dir=str(workdir), name=name)
+    config = Config(
+        dataset="fashion-mnist",
+        model="mlp",
+        num_clients=n,
+        clients_per_round=n,
+        local_epochs=1,
+        batch_size=32,
+        lr=0.01,
+        rounds=args.rounds,
+        out_dir=str(workdir),
+        name=name,
+    )
     secure = SecureAggregation() if mode == "secure" else None
     if secure is not None:
         secure.check(config, n)
@@ -275,8 +313,12 @@ def deployment(n: int, mode: str, args, workdir: Path, timers: Timers, profile: 
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     ids = list(range(n))
-    groups = [context.Process(target=client_group, args=(port, {i: secrets[i] for i in ids[g::args.groups]}, n,
-                                                         settings, out)) for g in range(min(args.groups, n))]
+    groups = [
+        context.Process(
+            target=client_group, args=(port, {i: secrets[i] for i in ids[g :: args.groups]}, n, settings, out)
+        )
+        for g in range(min(args.groups, n))
+    ]
     final = Message(Kind.SHUTDOWN, {"status": "failed", "reason": "the benchmark stopped"})
     reports = []
     started = time.perf_counter()
@@ -322,12 +364,19 @@ def deployment(n: int, mode: str, args, workdir: Path, timers: Timers, profile: 
         return sum(r[key] for r in rounds) / per_round
 
     return {
-        "n": n, "mode": mode, "connect": connected,
-        "up": sum(meter.up.values()) / (n * per_round), "down": sum(meter.down.values()) / (n * per_round),
+        "n": n,
+        "mode": mode,
+        "connect": connected,
+        "up": sum(meter.up.values()) / (n * per_round),
+        "down": sum(meter.down.values()) / (n * per_round),
         "up_min": min(sum(v for (r, c), v in meter.up.items() if c == i) for i in range(n)) / per_round,
         "up_max": max(sum(v for (r, c), v in meter.up.items() if c == i) for i in range(n)) / per_round,
-        "loop": mean("loop"), "engine": mean("engine"), "engine_wall": mean("engine_wall"), "proc": mean("proc"),
-        "wall": mean("wall"), "by_round": [(r["loop"], r["engine"]) for r in rounds],
+        "loop": mean("loop"),
+        "engine": mean("engine"),
+        "engine_wall": mean("engine_wall"),
+        "proc": mean("proc"),
+        "wall": mean("wall"),
+        "by_round": [(r["loop"], r["engine"]) for r in rounds],
         "parts": {k: sum(r["parts"][k] for r in rounds) / per_round for k in SERVER_PARTS},
         "stages": {k: sum(r["stages"][k] for r in rounds) / per_round for k in STAGES},
         "client": {k: client_cpu.get(k, 0.0) / (n * per_round) for k in CLIENT_PARTS},
@@ -341,8 +390,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--groups", type=int, default=2, help="processes the clients run in (as threads)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: n = 5 10, 1 round")
-    parser.add_argument("--profile", action="store_true", help="then one more secure run at the largest n, its round "
-                        "loop under cProfile (CPU time); print its top functions")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then one more secure run at the largest n, its round "
+        "loop under cProfile (CPU time); print its top functions",
+    )
     parser.add_argument("--round-timeout", type=float, default=600.0)
     parser.add_argument("--connect-timeout", type=float, default=300.0)
     args = parser.parse_args()
@@ -352,9 +405,12 @@ def main() -> None:
     timers = instrument_server()
     params = sum(v.numel() for v in build_model("mlp", (1, 28, 28), 10).state_dict().values() if v.is_floating_point())
     f32 = 4 * params
-    print(f"MLP on Fashion-MNIST, {params:,} float32 parameters (float32 update {f32:,} B); n clients = n per round, "
-          f"E=1, B=32, {args.rounds} round(s); server in this process, clients as threads in {args.groups} processes; "
-          f"127.0.0.1, plaintext gRPC", flush=True)
+    print(
+        f"MLP on Fashion-MNIST, {params:,} float32 parameters (float32 update {f32:,} B); n clients = n per round, "
+        f"E=1, B=32, {args.rounds} round(s); server in this process, clients as threads in {args.groups} processes; "
+        f"127.0.0.1, plaintext gRPC",
+        flush=True,
+    )
     results: dict[tuple[int, str], dict] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -362,31 +418,46 @@ def main() -> None:
             for mode in MODES:
                 t0 = time.perf_counter()
                 r = results[n, mode] = deployment(n, mode, args, Path(tmp), timers, profile=False)
-                print(f"  {mode} n={n}: {time.perf_counter() - t0:.0f} s (clients connected in {r['connect']:.1f} s; "
-                      f"{r['wall']:.2f} s/round; loop/engine CPU s by round: "
-                      f"{', '.join(f'{a:.3f}/{b:.3f}' for a, b in r['by_round'])})", flush=True)
+                print(
+                    f"  {mode} n={n}: {time.perf_counter() - t0:.0f} s (clients connected in {r['connect']:.1f} s; "
+                    f"{r['wall']:.2f} s/round; loop/engine CPU s by round: "
+                    f"{', '.join(f'{a:.3f}/{b:.3f}' for a, b in r['by_round'])})",
+                    flush=True,
+                )
         total = time.perf_counter() - started
         profiled = None
         if args.profile:  # a run of its own: the profiler's overhead would distort the table's seconds
             profiled = deployment(max(args.clients), "secure", args, Path(tmp), timers, profile=True)
 
     print()
-    print("| n | mode | up B/client | x f32 | x plain | down B/client | loop CPU s | engine CPU s | proc CPU s "
-          "| wall s | loop CPU s/p | engine CPU s/p | proc CPU s/p | wall s/p |")
+    print(
+        "| n | mode | up B/client | x f32 | x plain | down B/client | loop CPU s | engine CPU s | proc CPU s "
+        "| wall s | loop CPU s/p | engine CPU s/p | proc CPU s/p | wall s/p |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.clients:
         p = results[n, "plain"]
         for mode in MODES:
             r = results[n, mode]
-            ratios = (f"{r['loop'] / p['loop']:.2f} | {r['engine'] / p['engine']:.2f} | {r['proc'] / p['proc']:.2f} | "
-                      f"{r['wall'] / p['wall']:.2f}") if mode == "secure" else " | | | "
-            print(f"| {n} | {mode} | {r['up']:,.0f} | {r['up'] / f32:.4f} | {r['up'] / p['up']:.4f} | "
-                  f"{r['down']:,.0f} | {r['loop']:.3f} | {r['engine']:.3f} | {r['proc']:.3f} | {r['wall']:.2f} | "
-                  f"{ratios} |")
+            ratios = (
+                (
+                    f"{r['loop'] / p['loop']:.2f} | {r['engine'] / p['engine']:.2f} | {r['proc'] / p['proc']:.2f} | "
+                    f"{r['wall'] / p['wall']:.2f}"
+                )
+                if mode == "secure"
+                else " | | | "
+            )
+            print(
+                f"| {n} | {mode} | {r['up']:,.0f} | {r['up'] / f32:.4f} | {r['up'] / p['up']:.4f} | "
+                f"{r['down']:,.0f} | {r['loop']:.3f} | {r['engine']:.3f} | {r['proc']:.3f} | {r['wall']:.2f} | "
+                f"{ratios} |"
+            )
 
     print()
-    print("Server round-loop CPU s/round by part (wire: encode/decode; check: validating plain updates; protocol: "
-          "ServerRound's stages; unmask: rebuilding secrets, removing masks, decoding the sum):")
+    print(
+        "Server round-loop CPU s/round by part (wire: encode/decode; check: validating plain updates; protocol: "
+        "ServerRound's stages; unmask: rebuilding secrets, removing masks, decoding the sum):"
+    )
     print()
     print("| n | mode | " + " | ".join(SERVER_PARTS) + " | other |")
     print("|---:|---|" + "---:|" * (len(SERVER_PARTS) + 1))
@@ -395,8 +466,10 @@ def main() -> None:
         print(f"| {n} | {mode} | " + " | ".join(f"{r['parts'][k]:.3f}" for k in SERVER_PARTS) + f" | {other:.3f} |")
 
     print()
-    print("Wall s/round: the engine (tasks out to updates in: training included) and, secure, its four exchanges "
-          "by the answer awaited (keys; shares: the clients train first; masked inputs; unmasking shares):")
+    print(
+        "Wall s/round: the engine (tasks out to updates in: training included) and, secure, its four exchanges "
+        "by the answer awaited (keys; shares: the clients train first; masked inputs; unmasking shares):"
+    )
     print()
     print("| n | mode | round | engine | keys | shares | masked | unmasking |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -416,23 +489,38 @@ def main() -> None:
     print()
     masked = 4 * (params + COUNTERS)
     ns = args.clients
-    print("Growth with n (secure): bytes up per client " + ", ".join(
-        f"{results[n, 'secure']['up']:,.0f} at n={n}" for n in ns) + " (plain: " + ", ".join(
-        f"{results[n, 'plain']['up']:,.0f}" for n in ns) + f"); beyond the masked vector ({masked:,} B): " + ", ".join(
-        f"{(results[n, 'secure']['up'] - masked) / degree_for(n, None):,.0f} B per neighbour x {degree_for(n, None)}"
-        for n in ns) + ".")
-    print("Client-side secure aggregation CPU per client and round: " + ", ".join(
-        f"{results[n, 'secure']['client']['secagg'] * 1e3:.1f} ms at n={n} ({degree_for(n, None)} neighbours)"
-        for n in ns) + "; its training: " + ", ".join(
-        f"{results[n, 'secure']['client']['train'] * 1e3:.0f} ms" for n in ns) + " (the data per client is 60,000/n).")
+    print(
+        "Growth with n (secure): bytes up per client "
+        + ", ".join(f"{results[n, 'secure']['up']:,.0f} at n={n}" for n in ns)
+        + " (plain: "
+        + ", ".join(f"{results[n, 'plain']['up']:,.0f}" for n in ns)
+        + f"); beyond the masked vector ({masked:,} B): "
+        + ", ".join(
+            f"{(results[n, 'secure']['up'] - masked) / degree_for(n, None):,.0f} B per neighbour x {degree_for(n, None)}"
+            for n in ns
+        )
+        + "."
+    )
+    print(
+        "Client-side secure aggregation CPU per client and round: "
+        + ", ".join(
+            f"{results[n, 'secure']['client']['secagg'] * 1e3:.1f} ms at n={n} ({degree_for(n, None)} neighbours)"
+            for n in ns
+        )
+        + "; its training: "
+        + ", ".join(f"{results[n, 'secure']['client']['train'] * 1e3:.0f} ms" for n in ns)
+        + " (the data per client is 60,000/n)."
+    )
     print(f"Whole benchmark: {total:.0f} s.")
 
     if profiled is not None:
         text = io.StringIO()
         pstats.Stats(profiled["profile"], stream=text).sort_stats("tottime").print_stats(25)
-        print(f"\ncProfile of the secure round loop at n={profiled['n']}, a separate run of {args.rounds} round(s) "
-              f"(CPU seconds, profiler overhead included: {profiled['loop']:.3f} loop CPU s/round profiled), by own "
-              f"time:")
+        print(
+            f"\ncProfile of the secure round loop at n={profiled['n']}, a separate run of {args.rounds} round(s) "
+            f"(CPU seconds, profiler overhead included: {profiled['loop']:.3f} loop CPU s/round profiled), by own "
+            f"time:"
+        )
         print(text.getvalue())
 
 

@@ -63,8 +63,9 @@ def tutorial(dataset: str, rounds: int, seed: int) -> tuple[list[float], float]:
     indices = list(range(len(train)))
     random.shuffle(indices)
     size = len(train) // 10
-    loaders = [DataLoader(Subset(train, indices[i * size:(i + 1) * size]), batch_size=32, shuffle=True)
-               for i in range(10)]
+    loaders = [
+        DataLoader(Subset(train, indices[i * size : (i + 1) * size]), batch_size=32, shuffle=True) for i in range(10)
+    ]
     test_loader = DataLoader(test, batch_size=128)
     global_model = build_model("mlp", (1, 28, 28), 10, seed=seed)
     seconds, accuracy = [], 0.0
@@ -99,9 +100,15 @@ def fedforge_run(dataset: str, rounds: int, seed: int, engine: str = "sequential
     data = load_dataset(dataset, progress=False)
     parts = iid(len(data.train), 10, rng=np.random.default_rng(seed))
     model = build_model("mlp", data.input_shape, data.num_classes, seed=seed)
-    result = simulate(model, FederatedData(data.train, parts, data.test), rounds=rounds, clients_per_round=5,
-                      client=ClientConfig(local_epochs=1, batch_size=32, lr=0.01), engine=make_engine(engine),
-                      seed=seed)
+    result = simulate(
+        model,
+        FederatedData(data.train, parts, data.test),
+        rounds=rounds,
+        clients_per_round=5,
+        client=ClientConfig(local_epochs=1, batch_size=32, lr=0.01),
+        engine=make_engine(engine),
+        seed=seed,
+    )
     records = result.history.records[1:]
     return [r.seconds for r in records], records[-1].test_accuracy
 
@@ -113,8 +120,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"{args.dataset}, 10 clients, 5 per round, E=1, B=32, lr 0.01, MLP; {args.rounds} rounds x "
-          f"{args.repeats} repeats; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"{args.dataset}, 10 clients, 5 per round, E=1, B=32, lr 0.01, MLP; {args.rounds} rounds x "
+        f"{args.repeats} repeats; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     sides = {
         "tutorial loop": tutorial,
         "fedforge (sequential)": fedforge_run,
@@ -132,8 +141,10 @@ def main() -> None:
     reference = "tutorial loop"
     for name in list(sides)[1:]:
         ratio = statistics.median(seconds[reference]) / statistics.median(seconds[name])
-        print(f"{name}: {ratio:.1f}x faster per round than the tutorial loop (medians); accuracy "
-              f"{100 * (accuracy[name] - accuracy[reference]):+.2f} points")
+        print(
+            f"{name}: {ratio:.1f}x faster per round than the tutorial loop (medians); accuracy "
+            f"{100 * (accuracy[name] - accuracy[reference]):+.2f} points"
+        )
 
 
 if __name__ == "__main__":

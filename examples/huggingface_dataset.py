@@ -27,10 +27,16 @@ import fedforge as ff
 def digits_dataset() -> datasets.DatasetDict:
     """The digits as a Hugging Face DatasetDict (train, test): pixels scaled to [-1, 1], ClassLabel labels."""
     bunch = load_digits()
-    features = datasets.Features({"pixels": datasets.List(datasets.Value("float32"), length=64),
-                                  "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
-    table = datasets.Dataset.from_dict({"pixels": (bunch.data / 8.0 - 1.0).astype(np.float32).tolist(),
-                                        "label": bunch.target.tolist()}, features=features)
+    features = datasets.Features(
+        {
+            "pixels": datasets.List(datasets.Value("float32"), length=64),
+            "label": datasets.ClassLabel(names=[str(d) for d in range(10)]),
+        }
+    )
+    table = datasets.Dataset.from_dict(
+        {"pixels": (bunch.data / 8.0 - 1.0).astype(np.float32).tolist(), "label": bunch.target.tolist()},
+        features=features,
+    )
     return table.train_test_split(test_size=0.2, seed=0)
 
 
@@ -39,9 +45,19 @@ def main(rounds: int) -> ff.History:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "digits"
         digits_dataset().save_to_disk(str(folder))
-        config = ff.Config(dataset=f"hf:{folder}", target="label", model="tabular-mlp", num_clients=10,
-                           clients_per_round=5, rounds=rounds, local_epochs=5, batch_size=16, lr=0.1,
-                           out_dir=str(Path(tmp) / "runs"), name="hf-digits")
+        config = ff.Config(
+            dataset=f"hf:{folder}",
+            target="label",
+            model="tabular-mlp",
+            num_clients=10,
+            clients_per_round=5,
+            rounds=rounds,
+            local_epochs=5,
+            batch_size=16,
+            lr=0.1,
+            out_dir=str(Path(tmp) / "runs"),
+            name="hf-digits",
+        )
         return ff.run_experiment(config, progress=False).history  # prints a line per round
 
 

@@ -44,11 +44,19 @@ def main(rounds: int) -> ff.SimulationResult:
     task = dataclasses.replace(CLASSIFICATION, name="classification, my loop", train=my_loop)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    return ff.simulate(model, data, rounds=rounds, clients_per_round=5, seed=0,
-                       client=ff.ClientConfig(local_epochs=2, batch_size=16, lr=0.05, task=task),
-                       on_round=lambda record, state: print(f"round {record.round:>2}  test accuracy "
-                                                            f"{record.test_accuracy:.4f}  train loss "
-                                                            f"{record.train_loss or float('nan'):.4f}"))
+    return ff.simulate(
+        model,
+        data,
+        rounds=rounds,
+        clients_per_round=5,
+        seed=0,
+        client=ff.ClientConfig(local_epochs=2, batch_size=16, lr=0.05, task=task),
+        on_round=lambda record, state: print(
+            f"round {record.round:>2}  test accuracy "
+            f"{record.test_accuracy:.4f}  train loss "
+            f"{record.train_loss or float('nan'):.4f}"
+        ),
+    )
 
 
 if __name__ == "__main__":

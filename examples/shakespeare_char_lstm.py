@@ -35,8 +35,10 @@ def main(rounds: int, threads: int) -> ff.SimulationResult:
     roles = parse_roles(TEXT.read_text())
     dataset = to_dataset(roles)
     speakers = kept_roles(roles)
-    print(f"{len(speakers)} roles of {len(roles)} keep test examples: {len(dataset.train)} training and "
-          f"{len(dataset.test)} test examples of 80 characters")
+    print(
+        f"{len(speakers)} roles of {len(roles)} keep test examples: {len(dataset.train)} training and "
+        f"{len(dataset.test)} test examples of 80 characters"
+    )
     data = ff.FederatedData(dataset.train, natural(dataset.groups, len(speakers)), dataset.test)
     model = build_model("char-lstm", dataset.input_shape, dataset.num_classes, seed=0)
     config = ff.ClientConfig(local_epochs=1, batch_size=10, lr=0.8, task=make_task("language-model"))
@@ -44,8 +46,11 @@ def main(rounds: int, threads: int) -> ff.SimulationResult:
     def report(record, state):
         m = record.metrics
         clients = ", ".join(speakers[c] for c in record.clients) or "none yet"
-        print(f"round {record.round}  test loss {record.test_loss:.3f}  perplexity {m['test_perplexity']:6.2f}  "
-              f"token accuracy {m['test_token_accuracy']:.3f}  ({clients})", flush=True)
+        print(
+            f"round {record.round}  test loss {record.test_loss:.3f}  perplexity {m['test_perplexity']:6.2f}  "
+            f"token accuracy {m['test_token_accuracy']:.3f}  ({clients})",
+            flush=True,
+        )
 
     return ff.simulate(model, data, rounds=rounds, clients_per_round=2, client=config, on_round=report)
 

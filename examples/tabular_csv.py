@@ -33,10 +33,36 @@ def main(rounds: int, out_dir: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "diabetes.csv"
         write_csv(path)
-        argv = ["run", "-q", "--dataset", f"csv:{path}", "--target", "progression", "--task", "regression",
-                "--model", "tabular-mlp", "--optimizer", "adam", "--lr", "0.05", "--local-epochs", "5",
-                "--batch-size", "16", "--num-clients", "5", "--clients-per-round", "5", "--rounds", str(rounds),
-                "--out-dir", out_dir, "--name", "diabetes-csv"]
+        argv = [
+            "run",
+            "-q",
+            "--dataset",
+            f"csv:{path}",
+            "--target",
+            "progression",
+            "--task",
+            "regression",
+            "--model",
+            "tabular-mlp",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.05",
+            "--local-epochs",
+            "5",
+            "--batch-size",
+            "16",
+            "--num-clients",
+            "5",
+            "--clients-per-round",
+            "5",
+            "--rounds",
+            str(rounds),
+            "--out-dir",
+            out_dir,
+            "--name",
+            "diabetes-csv",
+        ]
         print("fedforge " + " ".join(argv))
         return fedforge(argv)
 

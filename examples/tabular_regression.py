@@ -30,8 +30,9 @@ def main(rounds: int) -> ff.SimulationResult:
 
     def report(record, state):
         m = record.metrics
-        print(f"round {record.round:>2}  test mse {m['test_mse']:8.1f}  mae {m['test_mae']:5.1f}  "
-              f"r2 {m['test_r2']:6.3f}")
+        print(
+            f"round {record.round:>2}  test mse {m['test_mse']:8.1f}  mae {m['test_mae']:5.1f}  r2 {m['test_r2']:6.3f}"
+        )
 
     return ff.simulate(model, data, rounds=rounds, clients_per_round=5, client=config, on_round=report)
 

@@ -52,8 +52,9 @@ def tail(path: Path, lines: int = 80) -> str:
     return f"--- last {len(kept)} lines of {path} ---\n" + "\n".join(kept)
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, log: Path | None = None,
-              interval: float = 0.05) -> T:
+def wait_for(
+    predicate: Callable[[], T], timeout: float, what: str, log: Path | None = None, interval: float = 0.05
+) -> T:
     """Poll `predicate` until it returns something true, and return that; past `bound(timeout)`
     seconds fail saying what was awaited (and the tail of `log`)."""
     limit = bound(timeout)
@@ -66,8 +67,9 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, log: Path | 
         time.sleep(interval)
 
 
-def wait_for_line(path: Path, pattern: str, timeout: float = PROCESS_S,
-                  proc: subprocess.Popen | None = None) -> re.Match:
+def wait_for_line(
+    path: Path, pattern: str, timeout: float = PROCESS_S, proc: subprocess.Popen | None = None
+) -> re.Match:
     """The first match of `pattern` in the log at `path`, once it is written. Fails at once if
     `proc` (the process writing the log) exits without having written it."""
     path = Path(path)
@@ -79,8 +81,9 @@ def wait_for_line(path: Path, pattern: str, timeout: float = PROCESS_S,
         if match := re.search(pattern, text()):
             return match
         if proc is not None and proc.poll() is not None and not re.search(pattern, text()):  # read after the exit
-            raise AssertionError(f"{path.name}: the process exited ({proc.returncode}) before it logged {pattern!r}\n"
-                                 f"{tail(path)}")
+            raise AssertionError(
+                f"{path.name}: the process exited ({proc.returncode}) before it logged {pattern!r}\n{tail(path)}"
+            )
         return None
 
     return wait_for(found, timeout, f"{pattern!r} in {path.name}", path)
@@ -93,8 +96,9 @@ def wait_exit(proc: subprocess.Popen, timeout: float = PROCESS_S, log: Path | No
         return proc.wait(limit)
     except subprocess.TimeoutExpired:
         name = log.name if log else " ".join(map(str, proc.args))[:200]
-        raise AssertionError(f"waited {limit:g} s for {name} to exit; it still runs"
-                             + (f"\n{tail(log)}" if log else "")) from None
+        raise AssertionError(
+            f"waited {limit:g} s for {name} to exit; it still runs" + (f"\n{tail(log)}" if log else "")
+        ) from None
 
 
 @dataclasses.dataclass

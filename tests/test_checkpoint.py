@@ -23,9 +23,27 @@ from fedforge.cli import main
 
 BASE = ["--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3", "--model", "logreg", "-q"]
 # A private run that stops at its budget after a few rounds (fixed-size sampling: RDP, fast).
-DP = ["--dataset", "synthetic", "--num-clients", "30", "--clients-per-round", "10", "--model", "logreg", "-q",
-      "--dp", "central", "--noise-multiplier", "3.0", "--target-epsilon", "3", "--delta", "1e-3",
-      "--rounds", "50"]
+DP = [
+    "--dataset",
+    "synthetic",
+    "--num-clients",
+    "30",
+    "--clients-per-round",
+    "10",
+    "--model",
+    "logreg",
+    "-q",
+    "--dp",
+    "central",
+    "--noise-multiplier",
+    "3.0",
+    "--target-epsilon",
+    "3",
+    "--delta",
+    "1e-3",
+    "--rounds",
+    "50",
+]
 
 
 def fedforge(capsys, *argv):
@@ -38,7 +56,7 @@ def rewrite(path, change) -> None:
     """Edit the checkpoint's payload with `change(payload)` and recompute its SHA-256."""
     data = path.read_bytes()
     head = data.index(b"\n") + 1
-    payload = torch.load(io.BytesIO(data[head + 32:]), weights_only=True)
+    payload = torch.load(io.BytesIO(data[head + 32 :]), weights_only=True)
     change(payload)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -53,20 +71,42 @@ def one_error(err: str) -> str:
 
 @pytest.fixture
 def run_dir(tmp_path, capsys):
-    assert fedforge(capsys, "run", *BASE, "--rounds", "2", "--strategy", "fedavgm", "--out-dir", str(tmp_path),
-                    "--name", "r")[0] == 0
+    assert (
+        fedforge(
+            capsys, "run", *BASE, "--rounds", "2", "--strategy", "fedavgm", "--out-dir", str(tmp_path), "--name", "r"
+        )[0]
+        == 0
+    )
     return tmp_path / "r"
 
 
 def test_another_runs_checkpoint_is_refused_by_its_settings(capsys, run_dir, tmp_path):
-    assert fedforge(capsys, "run", *BASE, "--rounds", "2", "--strategy", "fedavgm", "--seed", "1",
-                    "--out-dir", str(tmp_path), "--name", "seed1")[0] == 0
+    assert (
+        fedforge(
+            capsys,
+            "run",
+            *BASE,
+            "--rounds",
+            "2",
+            "--strategy",
+            "fedavgm",
+            "--seed",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "seed1",
+        )[0]
+        == 0
+    )
     (run_dir / "checkpoint.pt").write_bytes((tmp_path / "seed1" / "checkpoint.pt").read_bytes())
     history = (run_dir / "history.json").read_text()
     code, _, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
     assert code == 2
-    assert one_error(err) == (f"fedforge: error: cannot resume: {run_dir}/checkpoint.pt: it was written by a run "
-                              f"with other settings (seed 1 there, 0 here)")
+    assert one_error(err) == (
+        f"fedforge: error: cannot resume: {run_dir}/checkpoint.pt: it was written by a run "
+        f"with other settings (seed 1 there, 0 here)"
+    )
     assert (run_dir / "history.json").read_text() == history  # nothing ran
 
 
@@ -78,19 +118,22 @@ def test_a_checkpoint_whose_history_is_not_the_runs_is_refused(capsys, run_dir):
 
     rewrite(run_dir / "checkpoint.pt", edit)
     code, _, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
-    assert code == 2 and one_error(err).endswith("its round 1 differs from the run's history.json: it is another "
-                                                 "run's checkpoint, or one of the two was edited")
+    assert code == 2 and one_error(err).endswith(
+        "its round 1 differs from the run's history.json: it is another run's checkpoint, or one of the two was edited"
+    )
 
 
 def _set(key, value):
     def edit(payload):
         payload[key] = value
+
     return edit
 
 
 def _weight(name, value):
     def edit(payload):
         payload["params"][name] = value
+
     return edit
 
 
@@ -103,26 +146,37 @@ def _drop_weight(payload):
 
 
 EDITS = {
-    "a weight of another shape": (_weight("1.weight", torch.zeros(10, 7)),
-                                  "1.weight in its weights is torch.float32 of shape (10, 7), this run's model has "
-                                  "torch.float32 of shape (10, 60)"),
-    "a weight of another type": (_weight("1.bias", torch.zeros(10, dtype=torch.int64)),
-                                 "1.bias in its weights is torch.int64 of shape (10,)"),
+    "a weight of another shape": (
+        _weight("1.weight", torch.zeros(10, 7)),
+        "1.weight in its weights is torch.float32 of shape (10, 7), this run's model has "
+        "torch.float32 of shape (10, 60)",
+    ),
+    "a weight of another type": (
+        _weight("1.bias", torch.zeros(10, dtype=torch.int64)),
+        "1.bias in its weights is torch.int64 of shape (10,)",
+    ),
     "a weight missing": (_drop_weight, "its weights lack 1.bias"),
     "a weight that is not a tensor": (_weight("1.bias", 3.0), "1.bias in its weights is not a dense tensor"),
-    "a foreign weight": (_weight("conv.weight", torch.zeros(1)), "its weights hold conv.weight, which this run's "
-                                                                 "model does not have"),
-    "the strategy's state of another shape": (_velocity, "1.weight in its strategy state 'velocity' is "
-                                                         "torch.float32 of shape (3, 3)"),
+    "a foreign weight": (
+        _weight("conv.weight", torch.zeros(1)),
+        "its weights hold conv.weight, which this run's model does not have",
+    ),
+    "the strategy's state of another shape": (
+        _velocity,
+        "1.weight in its strategy state 'velocity' is torch.float32 of shape (3, 3)",
+    ),
     "a negative round": (_set("round", -1), "its round -1 is not a round (an integer >= 0)"),
     "a round that is not a number": (_set("round", "2"), "its round '2' is not a round"),
     "a round past the history": (_set("round", 3), "its history holds rounds [0, 1, 2], not 0 to its round 3"),
-    "another run's facts": (_set("run", {"num_clients": 5, "client_lr": 0.01, "client_momentum": 0.0}),
-                            "its run's facts RunInfo(num_clients=5"),
+    "another run's facts": (
+        _set("run", {"num_clients": 5, "client_lr": 0.01, "client_momentum": 0.0}),
+        "its run's facts RunInfo(num_clients=5",
+    ),
     "settings that are not plain values": (_set("settings", {"seed": torch.zeros(3)}), "cannot be read (TypeError)"),
-    "a privacy state in a run without privacy": (_set("privacy", {"accountant": {}}),
-                                                 "it holds a privacy accountant, and this run has no differential "
-                                                 "privacy"),
+    "a privacy state in a run without privacy": (
+        _set("privacy", {"accountant": {}}),
+        "it holds a privacy accountant, and this run has no differential privacy",
+    ),
 }
 
 
@@ -156,9 +210,29 @@ def test_the_server_checks_every_value_before_it_listens(run_dir, tmp_path, edit
     rewrite(run_dir / "checkpoint.pt", change)
     port = _free_port()
     # No client ever comes: the server must exit on its own, having never listened.
-    proc = subprocess.run([sys.executable, "-m", "fedforge", "server", "-q", "--threads", "1", "--tokens",
-                           str(tmp_path / "tokens.json"), "--insecure", "--address", f"127.0.0.1:{port}",
-                           "--resume", str(run_dir), "--rounds", "3"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "server",
+            "-q",
+            "--threads",
+            "1",
+            "--tokens",
+            str(tmp_path / "tokens.json"),
+            "--insecure",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--resume",
+            str(run_dir),
+            "--rounds",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "listening" not in proc.stdout and "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
@@ -186,6 +260,7 @@ def private(dp_run, tmp_path):
 def _accountant(**values):
     def edit(payload):
         payload["privacy"]["accountant"].update(values)
+
     return edit
 
 
@@ -202,13 +277,18 @@ def _rewound(payload):
 
 
 PRIVACY_EDITS = {
-    "the accountant's rounds set to 0": (_accountant(rounds=0), "its privacy accountant counts 0 rounds spent, and "
-                                                                "it is at round"),
-    "more noise in the accountant": (_accountant(noise_multiplier=5.0), "its privacy accountant has noise multiplier "
-                                                                        "5.0, the run 3.0"),
-    "another sampling in the accountant": (_accountant(sampling={"kind": "fixed", "num_clients": 300,
-                                                                 "clients_per_round": 10}),
-                                           "is not this run's"),
+    "the accountant's rounds set to 0": (
+        _accountant(rounds=0),
+        "its privacy accountant counts 0 rounds spent, and it is at round",
+    ),
+    "more noise in the accountant": (
+        _accountant(noise_multiplier=5.0),
+        "its privacy accountant has noise multiplier 5.0, the run 3.0",
+    ),
+    "another sampling in the accountant": (
+        _accountant(sampling={"kind": "fixed", "num_clients": 300, "clients_per_round": 10}),
+        "is not this run's",
+    ),
     "no accountant": (_no_privacy, "it holds no privacy accountant after"),
     "the whole checkpoint rewound to round 0": (_rewound, "the run's history.json records"),
 }
@@ -237,8 +317,22 @@ def test_a_signed_checkpoint_is_resumed_only_with_its_key(capsys, tmp_path):
     key, other = tmp_path / "key", tmp_path / "other"
     key.write_text("k" * 32)
     other.write_text("o" * 32)
-    assert fedforge(capsys, "run", *BASE, "--rounds", "2", "--out-dir", str(tmp_path), "--name", "s",
-                    "--checkpoint-key-file", str(key))[0] == 0
+    assert (
+        fedforge(
+            capsys,
+            "run",
+            *BASE,
+            "--rounds",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "s",
+            "--checkpoint-key-file",
+            str(key),
+        )[0]
+        == 0
+    )
     path = tmp_path / "s" / "checkpoint.pt"
     signed = path.read_bytes()
     assert signed.startswith(b"fedforge checkpoint 2 hmac\n")
@@ -255,11 +349,13 @@ def test_a_signed_checkpoint_is_resumed_only_with_its_key(capsys, tmp_path):
     rewrite(path, _set("round", 1))
     code, err = resume("--checkpoint-key-file", str(key))
     assert code == 2 and "fails its signature" in one_error(err)
-    path.write_bytes(b"fedforge checkpoint 2\n" + signed[len(b"fedforge checkpoint 2 hmac\n"):])
+    path.write_bytes(b"fedforge checkpoint 2\n" + signed[len(b"fedforge checkpoint 2 hmac\n") :])
     rewrite(path, lambda payload: None)
     code, err = resume("--checkpoint-key-file", str(key))
-    assert code == 2 and one_error(err).endswith(f"{path} is not signed, and a checkpoint key was given: it was not "
-                                                 "written with that key (replaced, or a run started without it)")
+    assert code == 2 and one_error(err).endswith(
+        f"{path} is not signed, and a checkpoint key was given: it was not "
+        "written with that key (replaced, or a run started without it)"
+    )
     path.write_bytes(signed)
     code, err = resume("--checkpoint-key-file", str(key))
     assert code == 0, err
@@ -269,8 +365,9 @@ def test_a_signed_checkpoint_is_resumed_only_with_its_key(capsys, tmp_path):
 
 def test_a_short_checkpoint_key_is_refused(capsys, tmp_path):
     (tmp_path / "key").write_text("short")
-    code, _, err = fedforge(capsys, "run", *BASE, "--out-dir", str(tmp_path), "--checkpoint-key-file",
-                            str(tmp_path / "key"))
+    code, _, err = fedforge(
+        capsys, "run", *BASE, "--out-dir", str(tmp_path), "--checkpoint-key-file", str(tmp_path / "key")
+    )
     assert code == 2 and err.strip().startswith(f"fedforge: error: checkpoint key file {tmp_path}/key holds 5 bytes")
 
 
@@ -300,13 +397,15 @@ def test_config_toml_edited_to_another_setting_is_refused(capsys, run_dir):
     path.write_text(path.read_text().replace("seed = 0\n", "seed = 1\n"))
     code, _, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
     assert code == 2
-    assert one_error(err) == (f"fedforge: error: cannot resume: {run_dir}/checkpoint.pt: it was written by a run "
-                              f"with other settings (seed 0 there, 1 here)")
+    assert one_error(err) == (
+        f"fedforge: error: cannot resume: {run_dir}/checkpoint.pt: it was written by a run "
+        f"with other settings (seed 0 there, 1 here)"
+    )
 
 
 def test_a_checkpoint_holds_the_global_state_and_no_clients_update(run_dir):
     data = (run_dir / "checkpoint.pt").read_bytes()
-    payload = torch.load(io.BytesIO(data[data.index(b"\n") + 1 + 32:]), weights_only=True)
+    payload = torch.load(io.BytesIO(data[data.index(b"\n") + 1 + 32 :]), weights_only=True)
     assert set(payload) == {"params", "round", "extras", "run", "privacy", "history", "settings"}
     model = torch.load(run_dir / "model.pt", weights_only=True)
     assert payload["params"].keys() == model.keys()
@@ -319,9 +418,27 @@ def test_the_server_refuses_an_accountant_that_would_spend_less_before_it_listen
     (tmp_path / "tokens.json").write_text('{"clients": {}}')
     change, message = PRIVACY_EDITS["the accountant's rounds set to 0"]
     rewrite(private / "checkpoint.pt", change)
-    proc = subprocess.run([sys.executable, "-m", "fedforge", "server", "-q", "--threads", "1", "--tokens",
-                           str(tmp_path / "tokens.json"), "--insecure", "--address", "127.0.0.1:0",
-                           "--resume", str(private)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "server",
+            "-q",
+            "--threads",
+            "1",
+            "--tokens",
+            str(tmp_path / "tokens.json"),
+            "--insecure",
+            "--address",
+            "127.0.0.1:0",
+            "--resume",
+            str(private),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "listening" not in proc.stdout and "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]

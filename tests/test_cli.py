@@ -21,25 +21,34 @@ def fedforge(capsys, *argv):
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--dataset", "cifar"],
-     "unknown dataset 'cifar' (choose from: mnist, fashion-mnist, synthetic, digits, diabetes, shakespeare, or "
-     "csv:PATH, parquet:PATH, hf:PATH)"),
-    (["--model", "resnet"],
-     "unknown model 'resnet' (choose from: mlp, 2nn, cnn, simple-cnn, logreg, tabular-mlp, char-lstm, or "
-     "package.module:factory)"),
-    (["--partition", "zipf"], "unknown partition 'zipf' (choose from: iid, dirichlet, shards, quantity, natural)"),
-    (["--clients-per-round", "11"], "clients_per_round must be between 1 and num_clients=10, got 11"),
-    (["--lr", "0"], "lr must be > 0, got 0.0"),
-    (["--lr", "-0.5"], "lr must be > 0, got -0.5"),
-    (["--rounds", "0"], "rounds must be >= 1, got 0"),
-    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
-    (["--engine", "gpu"], "unknown engine 'gpu' (choose from: auto, sequential, vectorized, ray)"),
-    (["--max-memory", "lots"], "max_memory must be auto or a size like 512MiB or 2GB, got 'lots'"),
-    (["--max-memory", "0MB"], "max_memory must be auto or a size like 512MiB or 2GB, got '0MB'"),
-    (["--dataset", "fashion-mnist", "--num-clients", "70000", "--clients-per-round", "5"],
-     "num_clients=70000 is more than the 60000 training examples"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--dataset", "cifar"],
+            "unknown dataset 'cifar' (choose from: mnist, fashion-mnist, synthetic, digits, diabetes, shakespeare, or "
+            "csv:PATH, parquet:PATH, hf:PATH)",
+        ),
+        (
+            ["--model", "resnet"],
+            "unknown model 'resnet' (choose from: mlp, 2nn, cnn, simple-cnn, logreg, tabular-mlp, char-lstm, or "
+            "package.module:factory)",
+        ),
+        (["--partition", "zipf"], "unknown partition 'zipf' (choose from: iid, dirichlet, shards, quantity, natural)"),
+        (["--clients-per-round", "11"], "clients_per_round must be between 1 and num_clients=10, got 11"),
+        (["--lr", "0"], "lr must be > 0, got 0.0"),
+        (["--lr", "-0.5"], "lr must be > 0, got -0.5"),
+        (["--rounds", "0"], "rounds must be >= 1, got 0"),
+        (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+        (["--engine", "gpu"], "unknown engine 'gpu' (choose from: auto, sequential, vectorized, ray)"),
+        (["--max-memory", "lots"], "max_memory must be auto or a size like 512MiB or 2GB, got 'lots'"),
+        (["--max-memory", "0MB"], "max_memory must be auto or a size like 512MiB or 2GB, got '0MB'"),
+        (
+            ["--dataset", "fashion-mnist", "--num-clients", "70000", "--clients-per-round", "5"],
+            "num_clients=70000 is more than the 60000 training examples",
+        ),
+    ],
+)
 def test_bad_flags(capsys, tmp_path, argv, message):
     code, out, err = fedforge(capsys, "run", "--out-dir", str(tmp_path), *argv)
     assert code == 2
@@ -48,25 +57,35 @@ def test_bad_flags(capsys, tmp_path, argv, message):
 
 
 def _write_tables(tmp_path):
-    (tmp_path / "heart.csv").write_text("age,chol,sick\n" + "".join(f"{40 + i},{180 + 3 * i},{i % 2}\n"
-                                                                    for i in range(20)))
+    (tmp_path / "heart.csv").write_text(
+        "age,chol,sick\n" + "".join(f"{40 + i},{180 + 3 * i},{i % 2}\n" for i in range(20))
+    )
     (tmp_path / "cities.csv").write_text("age,city,sick\n50,paris,0\n60,rome,1\n70,oslo,0\n")
     (tmp_path / "notes.txt").write_text("not a table\n")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--dataset", "csv:{tmp}/heart.csv", "--target", "disease"],
-     "{tmp}/heart.csv has no column 'disease' (its columns: age, chol, sick)"),
-    (["--dataset", "csv:{tmp}/cities.csv", "--target", "sick"],
-     "{tmp}/cities.csv: column(s) 'city' are not numbers (e.g. 'paris' on line 2); encode them as numbers first"),
-    (["--dataset", "parquet:{tmp}/notes.txt", "--target", "sick"], "{tmp}/notes.txt is not a Parquet file"),
-    (["--dataset", "csv:{tmp}/nothing.csv", "--target", "sick"], "{tmp}/nothing.csv does not exist"),
-    (["--dataset", "hf:{tmp}", "--target", "sick"], "{tmp} is not a Hugging Face dataset"),
-    (["--dataset", "csv:{tmp}/heart.csv"],
-     "dataset 'csv:{tmp}/heart.csv' needs a target, the column to predict (--target COLUMN)"),
-    (["--target", "sick"], "target 'sick' is for csv:, parquet: and hf: datasets only, not 'mnist'"),
-    (["--dataset", "csv:"], "dataset 'csv:' names no file: give csv:PATH"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--dataset", "csv:{tmp}/heart.csv", "--target", "disease"],
+            "{tmp}/heart.csv has no column 'disease' (its columns: age, chol, sick)",
+        ),
+        (
+            ["--dataset", "csv:{tmp}/cities.csv", "--target", "sick"],
+            "{tmp}/cities.csv: column(s) 'city' are not numbers (e.g. 'paris' on line 2); encode them as numbers first",
+        ),
+        (["--dataset", "parquet:{tmp}/notes.txt", "--target", "sick"], "{tmp}/notes.txt is not a Parquet file"),
+        (["--dataset", "csv:{tmp}/nothing.csv", "--target", "sick"], "{tmp}/nothing.csv does not exist"),
+        (["--dataset", "hf:{tmp}", "--target", "sick"], "{tmp} is not a Hugging Face dataset"),
+        (
+            ["--dataset", "csv:{tmp}/heart.csv"],
+            "dataset 'csv:{tmp}/heart.csv' needs a target, the column to predict (--target COLUMN)",
+        ),
+        (["--target", "sick"], "target 'sick' is for csv:, parquet: and hf: datasets only, not 'mnist'"),
+        (["--dataset", "csv:"], "dataset 'csv:' names no file: give csv:PATH"),
+    ],
+)
 def test_bad_table_datasets(capsys, tmp_path, argv, message):
     pytest.importorskip("pyarrow")
     pytest.importorskip("datasets")
@@ -81,18 +100,33 @@ def test_bad_table_datasets(capsys, tmp_path, argv, message):
 def test_a_csv_dataset_runs_and_partitions(capsys, tmp_path):
     _write_tables(tmp_path)
     flags = ["--dataset", f"csv:{tmp_path}/heart.csv", "--target", "sick", "--num-clients", "5"]
-    code, out, err = fedforge(capsys, "run", "-q", "--model", "tabular-mlp", "--clients-per-round", "2",
-                              "--rounds", "1", "--out-dir", str(tmp_path / "runs"), *flags)
+    code, out, err = fedforge(
+        capsys,
+        "run",
+        "-q",
+        "--model",
+        "tabular-mlp",
+        "--clients-per-round",
+        "2",
+        "--rounds",
+        "1",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        *flags,
+    )
     assert code == 0 and "final test accuracy" in out and "outputs in" in out
     assert [p.name.split("-2")[0] for p in (tmp_path / "runs").iterdir()] == ["csv-heart-tabular-mlp-fedavg"]
     code, out, err = fedforge(capsys, "partition", "-q", *flags)
     assert code == 0 and out.splitlines()[0].split()[:2] == ["client", "examples"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("rounds = [", "malformed TOML"),
-    ("rouns = 3", "unknown key 'rouns'; did you mean 'rounds'?"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rounds = [", "malformed TOML"),
+        ("rouns = 3", "unknown key 'rouns'; did you mean 'rounds'?"),
+    ],
+)
 def test_bad_config_file(capsys, tmp_path, text, message):
     (tmp_path / "exp.toml").write_text(text)
     code, _, err = fedforge(capsys, "run", "--config", str(tmp_path / "exp.toml"))
@@ -106,14 +140,28 @@ def test_corrupt_dataset_file(capsys, tmp_path):
     raw = bytearray(labels.read_bytes())
     raw[len(raw) // 2] ^= 0x55
     labels.write_bytes(bytes(raw))
-    code, _, err = fedforge(capsys, "run", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path),
-                            "--out-dir", str(tmp_path / "runs"))
+    code, _, err = fedforge(
+        capsys, "run", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")
+    )
     assert code == 2 and str(labels) in err and "corrupt" in err and err.count("\n") == 1
 
 
 def test_diverging_run_stops_with_a_message(capsys, tmp_path):
-    code, out, err = fedforge(capsys, "run", "-q", "--dataset", "fashion-mnist", "--lr", "1e30", "--rounds", "3",
-                              "--out-dir", str(tmp_path), "--name", "nan")
+    code, out, err = fedforge(
+        capsys,
+        "run",
+        "-q",
+        "--dataset",
+        "fashion-mnist",
+        "--lr",
+        "1e30",
+        "--rounds",
+        "3",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "nan",
+    )
     assert code == 1
     assert "diverged" in err and "lower the learning rate" in err and err.count("\n") == 1
     assert "nan" not in out.replace("--name nan", "").lower().split("accuracy")[-1]
@@ -121,7 +169,12 @@ def test_diverging_run_stops_with_a_message(capsys, tmp_path):
 
 
 def test_real_process_exit_status_and_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedforge", "run", "--rounds", "-1"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=bound(PROCESS_S))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedforge", "run", "--rounds", "-1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=bound(PROCESS_S),
+    )
     assert proc.returncode == 2
     assert proc.stderr == "fedforge: error: rounds must be >= 1, got -1\n"

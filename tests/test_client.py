@@ -30,11 +30,10 @@ def test_sgd_matches_torch_optim(momentum, weight_decay):
 
 def reference_training(model, data, config, generator):
     """A plain torch.optim loop over the same batches: what train_client must equal."""
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     for order in epoch_orders(len(data), config.local_epochs, generator):
         for start in range(0, len(order), config.batch_size):
-            idx = order[start:start + config.batch_size]
+            idx = order[start : start + config.batch_size]
             opt.zero_grad()
             F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
             opt.step()
@@ -48,8 +47,9 @@ MODELS = {
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-@pytest.mark.parametrize("epochs, momentum, weight_decay",
-                         [(1, 0.0, 0.0), (3, 0.9, 0.0), (2, 0.0, 0.01), (2, 0.5, 0.01)])
+@pytest.mark.parametrize(
+    "epochs, momentum, weight_decay", [(1, 0.0, 0.0), (3, 0.9, 0.0), (2, 0.0, 0.01), (2, 0.5, 0.01)]
+)
 def test_train_client_equals_a_plain_torch_loop(model_name, epochs, momentum, weight_decay):
     data = blobs(70)  # 70 = 2 full batches of 32 and one of 6
     config = ClientConfig(local_epochs=epochs, batch_size=32, lr=0.05, momentum=momentum, weight_decay=weight_decay)
@@ -57,8 +57,9 @@ def test_train_client_equals_a_plain_torch_loop(model_name, epochs, momentum, we
     model = MODELS[model_name]()
     assert (fastmlp.mlp_layout(model) is not None) == ("fast" in model_name)
     start = copy.deepcopy(model.state_dict())
-    update = train_client(copy.deepcopy(model), start, data, config, client_id=3,
-                          generator=torch.Generator().manual_seed(9))
+    update = train_client(
+        copy.deepcopy(model), start, data, config, client_id=3, generator=torch.Generator().manual_seed(9)
+    )
     expected = reference_training(model, data, config, torch.Generator().manual_seed(9))
     assert update.client_id == 3 and update.num_examples == 70 and update.num_steps == 3 * epochs
     for name in expected:
@@ -70,23 +71,36 @@ def test_fast_kernel_and_autograd_agree_on_metrics():
     data = blobs(100)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    runs = [train_client(copy.deepcopy(model), state, data, ClientConfig(batch_size=10), client_id=0,
-                         generator=torch.Generator().manual_seed(1), fast_mlp=fast) for fast in (True, False)]
+    runs = [
+        train_client(
+            copy.deepcopy(model),
+            state,
+            data,
+            ClientConfig(batch_size=10),
+            client_id=0,
+            generator=torch.Generator().manual_seed(1),
+            fast_mlp=fast,
+        )
+        for fast in (True, False)
+    ]
     assert runs[0].train_accuracy == runs[1].train_accuracy
     assert runs[0].train_loss == pytest.approx(runs[1].train_loss, rel=1e-5)
     for name in state:
         torch.testing.assert_close(runs[0].delta[name], runs[1].delta[name])
 
 
-@pytest.mark.parametrize("model, fast", [
-    (nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), True),
-    (nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 2)), True),
-    (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU(), nn.Linear(4, 2)), False),
-    (nn.Sequential(nn.Linear(4, 4), nn.ReLU()), False),
-    (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), False),
-    (nn.Sequential(nn.Flatten(0), nn.Linear(4, 2)), False),
-    (nn.Linear(4, 2), False),
-])
+@pytest.mark.parametrize(
+    "model, fast",
+    [
+        (nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), True),
+        (nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 2)), True),
+        (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU(), nn.Linear(4, 2)), False),
+        (nn.Sequential(nn.Linear(4, 4), nn.ReLU()), False),
+        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), False),
+        (nn.Sequential(nn.Flatten(0), nn.Linear(4, 2)), False),
+        (nn.Linear(4, 2), False),
+    ],
+)
 def test_mlp_layout_recognises_only_linear_relu_stacks(model, fast):
     assert (fastmlp.mlp_layout(model) is not None) == fast
 
@@ -95,8 +109,9 @@ def test_batchnorm_buffers_are_in_the_delta():
     data = blobs(64)
     model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    update = train_client(model, state, data, ClientConfig(batch_size=16), client_id=0,
-                          generator=torch.Generator().manual_seed(0))
+    update = train_client(
+        model, state, data, ClientConfig(batch_size=16), client_id=0, generator=torch.Generator().manual_seed(0)
+    )
     assert update.delta["1.num_batches_tracked"].dtype == torch.long
     assert update.delta["1.num_batches_tracked"].item() == 4
     assert update.delta["1.running_mean"].abs().sum() > 0
@@ -106,15 +121,25 @@ def test_divergence_is_reported():
     data = blobs(64)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
     with pytest.raises(DivergenceError, match="client 7 diverged.*lower the learning rate"):
-        train_client(model, model.state_dict(), data, ClientConfig(lr=1e30, batch_size=4), client_id=7,
-                     generator=torch.Generator().manual_seed(0))
+        train_client(
+            model,
+            model.state_dict(),
+            data,
+            ClientConfig(lr=1e30, batch_size=4),
+            client_id=7,
+            generator=torch.Generator().manual_seed(0),
+        )
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"lr": 0.0}, "lr must be > 0, got 0.0"), ({"lr": -1}, "lr must be > 0"),
-     ({"local_epochs": 0}, "local_epochs must be >= 1"), ({"batch_size": 0}, "batch_size must be >= 1"),
-     ({"momentum": 1.0}, "momentum must be in")],
+    [
+        ({"lr": 0.0}, "lr must be > 0, got 0.0"),
+        ({"lr": -1}, "lr must be > 0"),
+        ({"local_epochs": 0}, "local_epochs must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"momentum": 1.0}, "momentum must be in"),
+    ],
 )
 def test_client_config_validation(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -132,8 +157,9 @@ def test_plan_terms_equal_a_plain_torch_loop(model_name):
     start = copy.deepcopy(model.state_dict())
     correction = {name: torch.randn_like(p) * 0.1 for name, p in model.named_parameters()}
     plan = ClientPlan(proximal_mu=0.3, correction=correction, max_steps=7)
-    update = train_client(copy.deepcopy(model), start, data, config, client_id=0,
-                          generator=torch.Generator().manual_seed(4), plan=plan)
+    update = train_client(
+        copy.deepcopy(model), start, data, config, client_id=0, generator=torch.Generator().manual_seed(4), plan=plan
+    )
     assert update.num_steps == 7
 
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5, weight_decay=0.01)
@@ -142,7 +168,7 @@ def test_plan_terms_equal_a_plain_torch_loop(model_name):
         for s in range(0, 70, 16):
             if steps == 7:
                 break
-            idx = order[s:s + 16]
+            idx = order[s : s + 16]
             opt.zero_grad()
             F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
             for name, p in model.named_parameters():
@@ -160,18 +186,28 @@ def test_initial_loss_is_the_global_models_loss_on_the_clients_data():
     data = blobs(50)
     model = nn.Sequential(nn.Linear(8, 4))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    update = train_client(model, state, data, ClientConfig(), client_id=0, generator=torch.Generator().manual_seed(0),
-                          plan=ClientPlan(measure_initial_loss=True))
+    update = train_client(
+        model,
+        state,
+        data,
+        ClientConfig(),
+        client_id=0,
+        generator=torch.Generator().manual_seed(0),
+        plan=ClientPlan(measure_initial_loss=True),
+    )
     with torch.no_grad():
         expected = F.cross_entropy(torch.func.functional_call(model, state, (data.x,)), data.y).item()
     assert update.initial_loss == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("optimizer, options", [
-    (torch.optim.Adam, {}),  # fedforge's functional rule
-    (torch.optim.AdamW, {"weight_decay": 0.1}),
-    (torch.optim.RMSprop, {"momentum": 0.5}),  # torch.optim itself, its state carried as tensors
-])
+@pytest.mark.parametrize(
+    "optimizer, options",
+    [
+        (torch.optim.Adam, {}),  # fedforge's functional rule
+        (torch.optim.AdamW, {"weight_decay": 0.1}),
+        (torch.optim.RMSprop, {"momentum": 0.5}),  # torch.optim itself, its state carried as tensors
+    ],
+)
 def test_a_kept_optimizer_state_continues_where_the_last_round_left_off(optimizer, options):
     """Two rounds of one client with its optimizer kept equal one torch.optim optimizer over both
     rounds' batches; starting fresh in the second round does not."""
@@ -180,8 +216,9 @@ def test_a_kept_optimizer_state_continues_where_the_last_round_left_off(optimize
     from fedforge.tasks import CLASSIFICATION
 
     data = blobs(70)
-    task = dataclasses.replace(CLASSIFICATION, optimizer=optimizer, optimizer_options=options,
-                               keep_optimizer_state=True)
+    task = dataclasses.replace(
+        CLASSIFICATION, optimizer=optimizer, optimizer_options=options, keep_optimizer_state=True
+    )
     config = ClientConfig(batch_size=16, lr=0.01, task=task)
     torch.manual_seed(0)
     model = MODELS["tanh (autograd)"]()
@@ -189,11 +226,19 @@ def test_a_kept_optimizer_state_continues_where_the_last_round_left_off(optimize
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer_state = fresh = None
     for round_ in range(2):
-        update = train_client(copy.deepcopy(model), state, data, config, client_id=0,
-                              generator=torch.Generator().manual_seed(round_), optimizer_state=optimizer_state)
+        update = train_client(
+            copy.deepcopy(model),
+            state,
+            data,
+            config,
+            client_id=0,
+            generator=torch.Generator().manual_seed(round_),
+            optimizer_state=optimizer_state,
+        )
         if round_ == 1:  # the same round with a fresh optimizer
-            fresh = train_client(copy.deepcopy(model), state, data, config, client_id=0,
-                                 generator=torch.Generator().manual_seed(round_))
+            fresh = train_client(
+                copy.deepcopy(model), state, data, config, client_id=0, generator=torch.Generator().manual_seed(round_)
+            )
         state = {k: state[k] + update.delta[k] for k in state}
         optimizer_state = update.optimizer_state
     assert optimizer_state is not None and optimizer_state.step.item() == 10
@@ -202,7 +247,7 @@ def test_a_kept_optimizer_state_continues_where_the_last_round_left_off(optimize
     for round_ in range(2):
         for order in epoch_orders(70, 1, torch.Generator().manual_seed(round_)):
             for s in range(0, 70, 16):
-                idx = order[s:s + 16]
+                idx = order[s : s + 16]
                 opt.zero_grad()
                 F.cross_entropy(reference(data.x[idx]), data.y[idx]).backward()
                 opt.step()
@@ -212,15 +257,24 @@ def test_a_kept_optimizer_state_continues_where_the_last_round_left_off(optimize
 
 
 def test_the_optimizer_state_is_only_returned_when_kept():
-    update = train_client(nn.Linear(8, 4), nn.Linear(8, 4).state_dict(), blobs(20), ClientConfig(momentum=0.9),
-                          client_id=0, generator=torch.Generator())
+    update = train_client(
+        nn.Linear(8, 4),
+        nn.Linear(8, 4).state_dict(),
+        blobs(20),
+        ClientConfig(momentum=0.9),
+        client_id=0,
+        generator=torch.Generator(),
+    )
     assert update.optimizer_state is None
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"betas": (0.9, 1.5)}, "task classification: Adam: Invalid beta parameter at index 1: 1.5"),
-    ({"nesterov": True}, "task classification: Adam: "),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"betas": (0.9, 1.5)}, "task classification: Adam: Invalid beta parameter at index 1: 1.5"),
+        ({"nesterov": True}, "task classification: Adam: "),
+    ],
+)
 def test_bad_optimizer_options_are_one_line(options, message):
     from fedforge.tasks import CLASSIFICATION
 

@@ -13,8 +13,12 @@ BASE = Config(dataset="synthetic", num_clients=6, clients_per_round=3, model="lo
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_runs_share_partition_seed_and_selected_clients(tmp_path, jobs):
-    runs = compare(BASE, {"fedavg": {"strategy": "fedavg"}, "fedprox": {"strategy": "fedprox", "proximal_mu": 1.0},
-                          "lr": {"lr": 0.1}}, out_dir=tmp_path, jobs=jobs)
+    runs = compare(
+        BASE,
+        {"fedavg": {"strategy": "fedavg"}, "fedprox": {"strategy": "fedprox", "proximal_mu": 1.0}, "lr": {"lr": 0.1}},
+        out_dir=tmp_path,
+        jobs=jobs,
+    )
     assert [r.label for r in runs] == ["fedavg", "fedprox", "lr"]
     clients = [r.history.column("clients") for r in runs]
     assert clients[0] == clients[1] == clients[2] and len(clients[0]) == 4
@@ -43,9 +47,32 @@ def test_bad_variant_is_refused_before_anything_runs(tmp_path):
 def test_compare_command(tmp_path, capsys):
     runs_file = tmp_path / "runs.toml"
     runs_file.write_text('[prox]\nstrategy = "fedprox"\nproximal_mu = 0.5\n')
-    code = main(["compare", "--dataset", "synthetic", "--num-clients", "6", "--clients-per-round", "3",
-                 "--model", "logreg", "--rounds", "2", "--strategies", "fedavg", "median", "--runs", str(runs_file),
-                 "--out-dir", str(tmp_path), "--name", "c", "--target", "0.5"])
+    code = main(
+        [
+            "compare",
+            "--dataset",
+            "synthetic",
+            "--num-clients",
+            "6",
+            "--clients-per-round",
+            "3",
+            "--model",
+            "logreg",
+            "--rounds",
+            "2",
+            "--strategies",
+            "fedavg",
+            "median",
+            "--runs",
+            str(runs_file),
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "c",
+            "--target",
+            "0.5",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "| fedavg |" in out and "| median |" in out and "| prox |" in out
@@ -77,7 +104,9 @@ def test_resume_continues_cut_short_runs_and_reports_finished_ones(tmp_path):
 
 def test_resume_refuses_a_run_made_with_other_settings(tmp_path):
     compare(BASE.replace(rounds=1), {"a": {}}, out_dir=tmp_path)
-    with pytest.raises(ConfigError, match=r"cannot resume .*a: it was run with other settings \(lr 0.01 there, 0.5 here\)"):
+    with pytest.raises(
+        ConfigError, match=r"cannot resume .*a: it was run with other settings \(lr 0.01 there, 0.5 here\)"
+    ):
         compare(BASE, {"a": {"lr": 0.5}}, out_dir=tmp_path, resume=True)
     compare(BASE, {"a": {"engine": "sequential"}}, out_dir=tmp_path, resume=True)  # how it runs may change
 
@@ -90,15 +119,34 @@ def test_compare_resume_needs_a_name(capsys):
 def test_other_tasks_are_compared_by_their_primary_metric(tmp_path):
     """A regression's table shows r2; a language model's perplexity is reached from above."""
     pytest.importorskip("sklearn")
-    base = Config(dataset="diabetes", task="regression", optimizer="adam", model="mlp", num_clients=3,
-                  clients_per_round=3, rounds=2, batch_size=16)
+    base = Config(
+        dataset="diabetes",
+        task="regression",
+        optimizer="adam",
+        model="mlp",
+        num_clients=3,
+        clients_per_round=3,
+        rounds=2,
+        batch_size=16,
+    )
     runs = compare(base, {"a": {}}, out_dir=tmp_path)
     table = comparison_table(runs)
     assert "final r2" in table.splitlines()[0]
-    assert float(table.splitlines()[2].split(" | ")[1]) == pytest.approx(runs[0].history.final.metric("test_r2"),
-                                                                         abs=1e-4)
-    records = [RoundRecord(round=r, clients=(), test_loss=None, test_accuracy=None, train_loss=None,
-                           train_accuracy=None, metrics={"test_perplexity": p}) for r, p in enumerate([80, 40, 20])]
+    assert float(table.splitlines()[2].split(" | ")[1]) == pytest.approx(
+        runs[0].history.final.metric("test_r2"), abs=1e-4
+    )
+    records = [
+        RoundRecord(
+            round=r,
+            clients=(),
+            test_loss=None,
+            test_accuracy=None,
+            train_loss=None,
+            train_accuracy=None,
+            metrics={"test_perplexity": p},
+        )
+        for r, p in enumerate([80, 40, 20])
+    ]
     run = ComparedRun("lm", Config(task="language-model"), History(records), 1.0)
     assert (run.metric, run.best, run.rounds_to(50), run.rounds_to(10)) == ("perplexity", 20, 1, None)
 
@@ -117,8 +165,26 @@ def test_runs_may_complete_the_shared_settings(tmp_path, capsys):
     a shared setting a run does not complete is still one line."""
     runs = tmp_path / "runs.toml"
     runs.write_text('[tight]\ndp = "client"\nclip = 0.2\n[loose]\ndp = "client"\nclip = 2.0\n')
-    flags = ["--dataset", "synthetic", "--num-clients", "6", "--clients-per-round", "3", "--model", "logreg",
-             "--rounds", "1", "--batch-size", "10", "--delta", "0.01", "--out-dir", str(tmp_path), "--name", "c"]
+    flags = [
+        "--dataset",
+        "synthetic",
+        "--num-clients",
+        "6",
+        "--clients-per-round",
+        "3",
+        "--model",
+        "logreg",
+        "--rounds",
+        "1",
+        "--batch-size",
+        "10",
+        "--delta",
+        "0.01",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "c",
+    ]
     assert main(["compare", *flags, "--noise-multiplier", "1.0", "--runs", str(runs)]) == 0
     for label, clip in (("tight", 0.2), ("loose", 2.0)):
         record = json.loads((tmp_path / "c" / label / "history.json").read_text())["rounds"][-1]

@@ -6,7 +6,14 @@ from fedforge.errors import ConfigError
 
 def test_defaults_are_the_tutorial():
     c = Config()
-    assert (c.dataset, c.num_clients, c.partition, c.model, c.rounds, c.clients_per_round) == ("mnist", 10, "iid", "mlp", 5, 5)
+    assert (c.dataset, c.num_clients, c.partition, c.model, c.rounds, c.clients_per_round) == (
+        "mnist",
+        10,
+        "iid",
+        "mlp",
+        5,
+        5,
+    )
     assert (c.local_epochs, c.batch_size, c.lr, c.momentum, c.strategy) == (1, 32, 0.01, 0.0, "fedavg")
 
 
@@ -24,15 +31,18 @@ def test_resolved_config_round_trips(tmp_path):
     assert Config.load(tmp_path / "c.toml") == c
 
 
-@pytest.mark.parametrize("text, message", [
-    ("rounds = ", "malformed TOML"),
-    ("lerning_rate = 0.1", "unknown key 'lerning_rate'"),
-    ("lrr = 0.1", "did you mean 'lr'"),
-    ('rounds = "five"', "rounds must be int, got 'five'"),
-    ("download = 1", "download must be bool"),
-    ("lr = true", "lr must be float or int"),
-    ("[data]\nnum_clients = 3", "unknown key 'data'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rounds = ", "malformed TOML"),
+        ("lerning_rate = 0.1", "unknown key 'lerning_rate'"),
+        ("lrr = 0.1", "did you mean 'lr'"),
+        ('rounds = "five"', "rounds must be int, got 'five'"),
+        ("download = 1", "download must be bool"),
+        ("lr = true", "lr must be float or int"),
+        ("[data]\nnum_clients = 3", "unknown key 'data'"),
+    ],
+)
 def test_bad_files(tmp_path, text, message):
     path = tmp_path / "exp.toml"
     path.write_text(text)
@@ -53,7 +63,9 @@ def test_cross_field_check_sees_the_merged_values(tmp_path):
         Config.load(path)
 
 
-@pytest.mark.parametrize("text, size", [("1GiB", 2**30), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9),
-                                        ("1.5 KiB", 1536), ("4096", 4096), ("auto", None)])
+@pytest.mark.parametrize(
+    "text, size",
+    [("1GiB", 2**30), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5 KiB", 1536), ("4096", 4096), ("auto", None)],
+)
 def test_sizes(text, size):
     assert Config(max_memory=text).max_memory_bytes() == size

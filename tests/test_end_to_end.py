@@ -20,7 +20,13 @@ def test_tutorial_experiment_on_fashion_mnist(tmp_path, fashion, capsys):
     out = capsys.readouterr().out
     run = tmp_path / "tutorial"
     assert sorted(p.name for p in run.iterdir()) == [
-        "accuracy.png", "checkpoint.pt", "config.toml", "history.csv", "history.json", "model.pt"]
+        "accuracy.png",
+        "checkpoint.pt",
+        "config.toml",
+        "history.csv",
+        "history.json",
+        "model.pt",
+    ]
     history = json.loads((run / "history.json").read_text())["rounds"]
     assert [r["round"] for r in history] == [0, 1, 2, 3, 4, 5]
     assert all(len(r["clients"]) == 5 for r in history[1:])
@@ -39,8 +45,23 @@ def test_tutorial_experiment_on_fashion_mnist(tmp_path, fashion, capsys):
 
 
 def small_run(tmp_path, name, *extra):
-    argv = ["run", "-q", "--dataset", "fashion-mnist", "--num-clients", "60", "--clients-per-round", "2",
-            "--rounds", "2", "--out-dir", str(tmp_path), "--name", name, *extra]
+    argv = [
+        "run",
+        "-q",
+        "--dataset",
+        "fashion-mnist",
+        "--num-clients",
+        "60",
+        "--clients-per-round",
+        "2",
+        "--rounds",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        name,
+        *extra,
+    ]
     assert main(argv) == 0
     return torch.load(tmp_path / name / "model.pt"), json.loads((tmp_path / name / "history.json").read_text())
 
@@ -55,10 +76,29 @@ def test_same_seed_same_weights_on_real_data(tmp_path, fashion):
 
 
 def test_config_file_and_flag_override(tmp_path, fashion):
-    (tmp_path / "exp.toml").write_text('dataset = "fashion-mnist"\nrounds = 1\nnum_clients = 60\n'
-                                       'clients_per_round = 0.05\npartition = "dirichlet"\nalpha = 0.3\n')
-    assert main(["run", "-q", "--config", str(tmp_path / "exp.toml"), "--rounds", "2",
-                 "--out-dir", str(tmp_path), "--name", "x", "--client-test-fraction", "0.1"]) == 0
+    (tmp_path / "exp.toml").write_text(
+        'dataset = "fashion-mnist"\nrounds = 1\nnum_clients = 60\n'
+        'clients_per_round = 0.05\npartition = "dirichlet"\nalpha = 0.3\n'
+    )
+    assert (
+        main(
+            [
+                "run",
+                "-q",
+                "--config",
+                str(tmp_path / "exp.toml"),
+                "--rounds",
+                "2",
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                "x",
+                "--client-test-fraction",
+                "0.1",
+            ]
+        )
+        == 0
+    )
     history = json.loads((tmp_path / "x" / "history.json").read_text())["rounds"]
     assert len(history) == 3 and len(history[1]["clients"]) == 3
     assert history[-1]["federated_accuracy"] is not None
@@ -69,12 +109,35 @@ def test_config_file_and_flag_override(tmp_path, fashion):
 def test_ctrl_c_saves_the_completed_rounds(tmp_path, fashion):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedforge", "run", "--dataset", "fashion-mnist", "--num-clients", "60",
-         "--clients-per-round", "1", "--rounds", "1000", "--out-dir", str(tmp_path), "--name", "stop"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "run",
+            "--dataset",
+            "fashion-mnist",
+            "--num-clients",
+            "60",
+            "--clients-per-round",
+            "1",
+            "--rounds",
+            "1000",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "stop",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     history = tmp_path / "stop" / "history.json"
-    wait_for(lambda: proc.poll() is not None or (history.exists() and len(json.loads(history.read_text())["rounds"])
-                                                  >= 3), PROCESS_S, "round 2 in history.json")
+    wait_for(
+        lambda: proc.poll() is not None or (history.exists() and len(json.loads(history.read_text())["rounds"]) >= 3),
+        PROCESS_S,
+        "round 2 in history.json",
+    )
     assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=bound(PROCESS_S))
@@ -89,8 +152,23 @@ def test_ctrl_c_saves_the_completed_rounds(tmp_path, fashion):
 
 def test_partition_command(tmp_path, fashion, capsys):
     plot = tmp_path / "p.png"
-    assert main(["partition", "-q", "--dataset", "fashion-mnist", "--partition", "dirichlet", "--alpha", "0.1",
-                 "--plot", str(plot)]) == 0
+    assert (
+        main(
+            [
+                "partition",
+                "-q",
+                "--dataset",
+                "fashion-mnist",
+                "--partition",
+                "dirichlet",
+                "--alpha",
+                "0.1",
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in lines[1:11]]
     assert [int(r[0]) for r in rows] == list(range(10))
@@ -100,8 +178,20 @@ def test_partition_command(tmp_path, fashion, capsys):
 
 
 def test_run_resume_continues_to_the_same_result(tmp_path, capsys):
-    common = ["run", "-q", "--dataset", "synthetic", "--num-clients", "6", "--clients-per-round", "3",
-              "--model", "logreg", "--out-dir", str(tmp_path)]
+    common = [
+        "run",
+        "-q",
+        "--dataset",
+        "synthetic",
+        "--num-clients",
+        "6",
+        "--clients-per-round",
+        "3",
+        "--model",
+        "logreg",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert main([*common, "--rounds", "5", "--name", "straight"]) == 0
     assert main([*common, "--rounds", "2", "--name", "pieces"]) == 0
     assert main(["run", "-q", "--resume", str(tmp_path / "pieces"), "--rounds", "5"]) == 0

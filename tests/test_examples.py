@@ -14,24 +14,39 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 def test_tabular_regression_with_adam():
     pytest.importorskip("sklearn")
-    out = subprocess.run([sys.executable, str(EXAMPLES / "tabular_regression.py"), "--rounds", "6"],
-                         capture_output=True, text=True, timeout=bound(600), check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "tabular_regression.py"), "--rounds", "6"],
+        capture_output=True,
+        text=True,
+        timeout=bound(600),
+        check=True,
+    ).stdout
     r2 = [float(x) for x in re.findall(r"r2\s+(-?[\d.]+)", out)]
     assert len(r2) == 7 and r2[0] < 0 < 0.3 < r2[-1]  # the initial model predicts about 0: R^2 far below zero
 
 
 def test_own_training_loop():
     pytest.importorskip("sklearn")
-    out = subprocess.run([sys.executable, str(EXAMPLES / "own_training_loop.py"), "--rounds", "4"],
-                         capture_output=True, text=True, timeout=bound(600), check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "own_training_loop.py"), "--rounds", "4"],
+        capture_output=True,
+        text=True,
+        timeout=bound(600),
+        check=True,
+    ).stdout
     accuracy = [float(x) for x in re.findall(r"test accuracy ([\d.]+)", out)]
     assert len(accuracy) == 5 and accuracy[0] < 0.2 and accuracy[-1] > 0.85
 
 
 def test_tabular_csv(tmp_path):
     pytest.importorskip("sklearn")
-    out = subprocess.run([sys.executable, str(EXAMPLES / "tabular_csv.py"), "--rounds", "4", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=bound(600), check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "tabular_csv.py"), "--rounds", "4", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=bound(600),
+        check=True,
+    ).stdout
     r2 = [float(x) for x in re.findall(r"^(?:initial|round).*test r2 (-?[\d.]+)", out, re.M)]
     assert len(r2) == 5 and r2[0] < 0 < 0.25 < r2[-1]  # the initial model predicts about 0: R^2 far below zero
     assert re.search(r"^final test r2 0\.[2-9]", out, re.M)
@@ -41,15 +56,25 @@ def test_tabular_csv(tmp_path):
 def test_huggingface_dataset():
     pytest.importorskip("sklearn")
     pytest.importorskip("datasets")
-    out = subprocess.run([sys.executable, str(EXAMPLES / "huggingface_dataset.py"), "--rounds", "5"],
-                         capture_output=True, text=True, timeout=bound(600), check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "huggingface_dataset.py"), "--rounds", "5"],
+        capture_output=True,
+        text=True,
+        timeout=bound(600),
+        check=True,
+    ).stdout
     accuracy = [float(x) for x in re.findall(r"test accuracy ([\d.]+)", out)]
     assert len(accuracy) == 6 and accuracy[0] < 0.2 and accuracy[-1] > 0.9
 
 
 def test_shakespeare_char_lstm():
-    out = subprocess.run([sys.executable, str(EXAMPLES / "shakespeare_char_lstm.py"), "--rounds", "1"],
-                         capture_output=True, text=True, timeout=bound(600), check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "shakespeare_char_lstm.py"), "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=bound(600),
+        check=True,
+    ).stdout
     assert re.search(r"^10 roles of 16 keep test examples", out, re.M)
     perplexity = [float(x) for x in re.findall(r"perplexity +([\d.]+)", out)]
     # Untrained: about uniform over the 80 symbols; one round of two roles brings it below a third.

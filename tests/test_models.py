@@ -27,8 +27,11 @@ def test_char_lstm_is_leafs_shakespeare_model():
     model = build_model("char-lstm", (80,), 80)
     # Embedding 80x8, LSTM 8->256 and 256->256, linear 256->80. LEAF's TensorFlow BasicLSTMCell has
     # one bias per layer where PyTorch's LSTM has two: 817,872 parameters there.
-    assert count_parameters(model) == 80 * 8 + (4 * 256 * (8 + 256) + 2 * 4 * 256) \
-        + (4 * 256 * (256 + 256) + 2 * 4 * 256) + 256 * 80 + 80 == 819_920
+    assert (
+        count_parameters(model)
+        == 80 * 8 + (4 * 256 * (8 + 256) + 2 * 4 * 256) + (4 * 256 * (256 + 256) + 2 * 4 * 256) + 256 * 80 + 80
+        == 819_920
+    )
     for dtype in (torch.int32, torch.int64):
         assert model(torch.zeros(3, 80, dtype=dtype)).shape == (3, 80, 80)
     with pytest.raises(ConfigError, match=r"model 'char-lstm' needs sequences of symbol ids \(length,\), got shape"):
@@ -53,14 +56,16 @@ def test_unknown_model():
         build_model("resnet", (1, 28, 28), 10)
 
 
-@pytest.mark.parametrize("name, fast", [("mlp", True), ("2nn", True), ("logreg", True), ("cnn", False), ("simple-cnn", False)])
+@pytest.mark.parametrize(
+    "name, fast", [("mlp", True), ("2nn", True), ("logreg", True), ("cnn", False), ("simple-cnn", False)]
+)
 def test_which_built_ins_take_the_fast_mlp_kernel(name, fast):
     from fedforge.fastmlp import mlp_layout
 
     assert (mlp_layout(build_model(name, (1, 28, 28), 10)) is not None) == fast
 
 
-USER_MODELS = '''
+USER_MODELS = """
 import torch
 from torch import nn
 
@@ -83,7 +88,7 @@ class Buggy(nn.Linear):
 
 def buggy(input_shape, num_classes):
     return Buggy(60, num_classes)
-'''
+"""
 
 
 @pytest.fixture
@@ -98,27 +103,68 @@ def user_models(tmp_path, monkeypatch):
 def test_a_user_model_factory_runs_from_the_command_line(user_models, capsys):
     from fedforge.cli import main
 
-    assert main(["run", "-q", "--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3",
-                 "--rounds", "2", "--model", "my_models:wide", "--out-dir", "runs", "--name", "mine"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "-q",
+                "--dataset",
+                "synthetic",
+                "--num-clients",
+                "3",
+                "--clients-per-round",
+                "3",
+                "--rounds",
+                "2",
+                "--model",
+                "my_models:wide",
+                "--out-dir",
+                "runs",
+                "--name",
+                "mine",
+            ]
+        )
+        == 0
+    )
     state = torch.load(user_models / "runs" / "mine" / "model.pt")
     assert [tuple(v.shape) for v in state.values()] == [(32, 60), (32,), (10, 32), (10,)]
     again = build_model("my_models:wide", (60,), 10, seed=0)  # seeded like a built-in
     assert torch.equal(again[1].weight, build_model("my_models:wide", (60,), 10, seed=0)[1].weight)
 
 
-@pytest.mark.parametrize("model, message", [
-    ("no_such_module:make", "cannot import model factory 'no_such_module:make': ModuleNotFoundError"),
-    ("my_models:missing", "model factory 'my_models:missing': my_models has no 'missing'"),
-    ("my_models:not_a_module", "model factory 'my_models:not_a_module' returned str, not a torch.nn.Module"),
-    ("my_models:broken", "model factory 'my_models:broken' failed: RuntimeError: no GPU here"),
-    ("my_models:narrow", "model my_models:narrow does not fit the data: on a batch of inputs of shape (2, 60) it "
-                         "fails with RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x60 and 100x10)"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("no_such_module:make", "cannot import model factory 'no_such_module:make': ModuleNotFoundError"),
+        ("my_models:missing", "model factory 'my_models:missing': my_models has no 'missing'"),
+        ("my_models:not_a_module", "model factory 'my_models:not_a_module' returned str, not a torch.nn.Module"),
+        ("my_models:broken", "model factory 'my_models:broken' failed: RuntimeError: no GPU here"),
+        (
+            "my_models:narrow",
+            "model my_models:narrow does not fit the data: on a batch of inputs of shape (2, 60) it "
+            "fails with RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x60 and 100x10)",
+        ),
+    ],
+)
 def test_a_bad_model_factory_is_one_line(user_models, capsys, model, message):
     from fedforge.cli import main
 
-    code = main(["run", "-q", "--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3",
-                 "--model", model, "--out-dir", "runs"])
+    code = main(
+        [
+            "run",
+            "-q",
+            "--dataset",
+            "synthetic",
+            "--num-clients",
+            "3",
+            "--clients-per-round",
+            "3",
+            "--model",
+            model,
+            "--out-dir",
+            "runs",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
 
@@ -127,5 +173,19 @@ def test_a_bug_in_the_models_own_code_keeps_its_traceback(user_models):
     from fedforge.cli import main
 
     with pytest.raises(NameError, match="undefined_name"):
-        main(["run", "-q", "--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3",
-              "--model", "my_models:buggy", "--out-dir", "runs"])
+        main(
+            [
+                "run",
+                "-q",
+                "--dataset",
+                "synthetic",
+                "--num-clients",
+                "3",
+                "--clients-per-round",
+                "3",
+                "--model",
+                "my_models:buggy",
+                "--out-dir",
+                "runs",
+            ]
+        )

@@ -32,16 +32,23 @@ def random_steps(params, steps, seed=0):
 PARAMS = [torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), torch.randn(3)]
 
 
-@pytest.mark.parametrize("optimizer, options", [
-    (torch.optim.Adam, {"lr": 0.01}),
-    (torch.optim.Adam, {"lr": 0.1, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.05}),
-    (torch.optim.AdamW, {"lr": 0.01}),
-    (torch.optim.AdamW, {"lr": 0.1, "betas": (0.5, 0.9), "eps": 1e-3, "weight_decay": 0.3}),
-])
+@pytest.mark.parametrize(
+    "optimizer, options",
+    [
+        (torch.optim.Adam, {"lr": 0.01}),
+        (torch.optim.Adam, {"lr": 0.1, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.05}),
+        (torch.optim.AdamW, {"lr": 0.01}),
+        (torch.optim.AdamW, {"lr": 0.1, "betas": (0.5, 0.9), "eps": 1e-3, "weight_decay": 0.3}),
+    ],
+)
 def test_functional_adam_and_adamw_equal_torch_optim(optimizer, options):
     grads = random_steps(PARAMS, 6)
-    rule = rule_for(optimizer, {k: v for k, v in options.items() if k not in ("lr", "weight_decay")},
-                    lr=options["lr"], weight_decay=options.get("weight_decay", 0.0))
+    rule = rule_for(
+        optimizer,
+        {k: v for k, v in options.items() if k not in ("lr", "weight_decay")},
+        lr=options["lr"],
+        weight_decay=options.get("weight_decay", 0.0),
+    )
     assert rule is not None and rule.name == optimizer.__name__.lower()
     ours, state = rule_steps(rule, PARAMS, grads)
     theirs = torch_steps(optimizer, PARAMS, grads, **{"weight_decay": 0.0, **options})
@@ -59,8 +66,15 @@ def test_functional_sgd_equals_torch_optim(momentum, weight_decay):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("rule", [Rule("sgd", lr=0.1, momentum=0.9, weight_decay=0.01), Rule("adam", lr=0.05),
-                                  Rule("adamw", lr=0.05, weight_decay=0.1)], ids=lambda r: r.name)
+@pytest.mark.parametrize(
+    "rule",
+    [
+        Rule("sgd", lr=0.1, momentum=0.9, weight_decay=0.01),
+        Rule("adam", lr=0.05),
+        Rule("adamw", lr=0.05, weight_decay=0.1),
+    ],
+    ids=lambda r: r.name,
+)
 def test_stacked_clients_step_as_each_would_alone(rule):
     """Three clients with their own terms and step counts (kept states) in one stacked step."""
     g = torch.Generator().manual_seed(2)
@@ -70,8 +84,9 @@ def test_stacked_clients_step_as_each_would_alone(rule):
     for c in range(clients):  # c earlier steps: different bias corrections per client
         state = rule.init(params[c])
         for _ in range(c):
-            rule.step(params[c], {k: torch.randn(v.shape, generator=g) for k, v in params[c].items()}, state,
-                      LocalTerms(0.0))
+            rule.step(
+                params[c], {k: torch.randn(v.shape, generator=g) for k, v in params[c].items()}, state, LocalTerms(0.0)
+            )
         states.append(state)
     grads = [{k: torch.randn(v.shape, generator=g) for k, v in p.items()} for p in params]
     offsets = [{k: torch.randn(v.shape, generator=g) for k, v in p.items()} for p in params]
@@ -100,11 +115,17 @@ def test_a_fresh_state_is_zeros_and_a_stack_of_fresh_states_too():
     assert isinstance(stacked, OptimizerState) and not stacked.step.any()
 
 
-@pytest.mark.parametrize("optimizer, options", [
-    (torch.optim.Adam, {"amsgrad": True}), (torch.optim.Adam, {"maximize": True}),
-    (torch.optim.AdamW, {"foreach": True}), (torch.optim.RMSprop, {}), (torch.optim.SGD, {}),
-    (torch.optim.Adam, {"lr": torch.tensor(0.01)}),
-])
+@pytest.mark.parametrize(
+    "optimizer, options",
+    [
+        (torch.optim.Adam, {"amsgrad": True}),
+        (torch.optim.Adam, {"maximize": True}),
+        (torch.optim.AdamW, {"foreach": True}),
+        (torch.optim.RMSprop, {}),
+        (torch.optim.SGD, {}),
+        (torch.optim.Adam, {"lr": torch.tensor(0.01)}),
+    ],
+)
 def test_what_no_rule_computes_is_left_to_torch_optim(optimizer, options):
     assert rule_for(optimizer, options, lr=0.1) is None
 

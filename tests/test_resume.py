@@ -26,18 +26,22 @@ def run_dir(tmp_path, capsys):
     return tmp_path / "r"
 
 
-@pytest.mark.parametrize("flags, changed", [
-    (["--lr", "0.5"], "lr 0.01 there, 0.5 here"),
-    (["--seed", "3"], "seed 0 there, 3 here"),
-    (["--strategy", "fedprox"], "strategy 'fedavg' there, 'fedprox' here"),
-    (["--num-clients", "4"], "num_clients 3 there, 4 here"),
-])
+@pytest.mark.parametrize(
+    "flags, changed",
+    [
+        (["--lr", "0.5"], "lr 0.01 there, 0.5 here"),
+        (["--seed", "3"], "seed 0 there, 3 here"),
+        (["--strategy", "fedprox"], "strategy 'fedavg' there, 'fedprox' here"),
+        (["--num-clients", "4"], "num_clients 3 there, 4 here"),
+    ],
+)
 def test_a_setting_that_changes_the_result_is_refused_by_name(capsys, run_dir, flags, changed):
     saved = (run_dir / "config.toml").read_text()
     code, _, err = fedforge(capsys, "run", "-q", "--resume", str(run_dir), "--rounds", "3", *flags)
     assert code == 2
-    assert err.strip().splitlines() == [f"fedforge: error: cannot resume {run_dir}: it was run with other "
-                                        f"settings ({changed})"]
+    assert err.strip().splitlines() == [
+        f"fedforge: error: cannot resume {run_dir}: it was run with other settings ({changed})"
+    ]
     assert (run_dir / "config.toml").read_text() == saved  # not rewritten
 
 
@@ -65,20 +69,40 @@ def test_a_damaged_checkpoint_is_named_in_one_line(capsys, run_dir, damage):
         path.write_bytes(data[:-10] + bytes([data[-10] ^ 1]) + data[-9:])
     code, _, err = fedforge(capsys, "run", "-q", "--resume", str(run_dir), "--rounds", "3")
     assert code == 2
-    assert err.strip().splitlines() == [f"fedforge: error: cannot resume: {path} is damaged ({path.stat().st_size} "
-                                        "bytes that fail their checksum: truncated or overwritten)"]
+    assert err.strip().splitlines() == [
+        f"fedforge: error: cannot resume: {path} is damaged ({path.stat().st_size} "
+        "bytes that fail their checksum: truncated or overwritten)"
+    ]
 
 
 def test_the_server_checks_the_checkpoint_before_it_listens(run_dir, tmp_path):
     (tmp_path / "tokens.json").write_text('{"clients": {}}')
     (run_dir / "checkpoint.pt").write_bytes(b"garbage")
-    proc = subprocess.run([sys.executable, "-m", "fedforge", "server", "--tokens", str(tmp_path / "tokens.json"),
-                           "--insecure", "--address", "127.0.0.1:0", "--resume", str(run_dir)],
-                          capture_output=True, text=True, timeout=bound(PROCESS_S))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "server",
+            "--tokens",
+            str(tmp_path / "tokens.json"),
+            "--insecure",
+            "--address",
+            "127.0.0.1:0",
+            "--resume",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=bound(PROCESS_S),
+    )
     assert proc.returncode == 2
     assert "listening" not in proc.stdout
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"fedforge: error: cannot resume: {run_dir}/checkpoint.pt "
-                                                          "is damaged")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"fedforge: error: cannot resume: {run_dir}/checkpoint.pt is damaged")
+    )
 
 
 def test_history_json_stays_json_when_a_number_is_not_finite():

@@ -29,15 +29,17 @@ def test_heterogeneous_epochs_and_stragglers():
     stragglers = [c for c, p in plans.items() if p.max_steps is not None]
     assert len(stragglers) == 10
     assert all(1 <= plans[c].max_steps <= plans[c].epochs * 10 for c in stragglers)
-    _, dropped = client_work(Scenario(straggler_fraction=0.5, drop_stragglers=True), selected, [100] * 20, config,
-                             seed=0, round_=1)
+    _, dropped = client_work(
+        Scenario(straggler_fraction=0.5, drop_stragglers=True), selected, [100] * 20, config, seed=0, round_=1
+    )
     assert len(dropped) == 10
 
 
 def test_dropout_rate():
     config = ClientConfig()
-    total = sum(len(client_work(Scenario(dropout=0.3), list(range(100)), [10] * 100, config, 0, r)[1])
-                for r in range(1, 21))
+    total = sum(
+        len(client_work(Scenario(dropout=0.3), list(range(100)), [10] * 100, config, 0, r)[1]) for r in range(1, 21)
+    )
     assert 0.25 < total / 2000 < 0.35
 
 
@@ -53,8 +55,14 @@ def model():
 
 def test_dropped_clients_send_nothing():
     reported = []
-    result = simulate(model(), small(), rounds=4, clients_per_round=6, scenario=Scenario(dropout=0.5),
-                      on_client=lambda u: reported.append(u.client_id))
+    result = simulate(
+        model(),
+        small(),
+        rounds=4,
+        clients_per_round=6,
+        scenario=Scenario(dropout=0.5),
+        on_client=lambda u: reported.append(u.client_id),
+    )
     dropped = [set(r.dropped) for r in result.history.records[1:]]
     assert sum(map(len, dropped)) > 0
     expected = [c for r in result.history.records[1:] for c in r.clients if c not in r.dropped]
@@ -71,32 +79,51 @@ def test_update_attacks():
     assert flipped.delta["w"].tolist() == [-10.0, 20.0] and flipped.delta["n"].item() == 2
     scaled = attack_update(update([1.0, -2.0]), Scenario(attack="scale", malicious_fraction=0.1, attack_scale=3), 0, 1)
     assert scaled.delta["w"].tolist() == [3.0, -6.0]
-    noise = attack_update(ClientUpdate(0, {"w": torch.zeros(10_000)}, 1, 1, 0, 0),
-                          Scenario(attack="gaussian", malicious_fraction=0.1, attack_scale=2.0), 0, 1)
+    noise = attack_update(
+        ClientUpdate(0, {"w": torch.zeros(10_000)}, 1, 1, 0, 0),
+        Scenario(attack="gaussian", malicious_fraction=0.1, attack_scale=2.0),
+        0,
+        1,
+    )
     assert noise.delta["w"].std().item() == pytest.approx(2.0, rel=0.05)
 
 
 def test_label_flip_poisons_training():
     honest = simulate(model(), small(), rounds=5, clients_per_round=10, client=ClientConfig(lr=0.1, batch_size=16))
-    poisoned = simulate(model(), small(), rounds=5, clients_per_round=10, client=ClientConfig(lr=0.1, batch_size=16),
-                        scenario=Scenario(attack="label_flip", malicious_fraction=1.0))
+    poisoned = simulate(
+        model(),
+        small(),
+        rounds=5,
+        clients_per_round=10,
+        client=ClientConfig(lr=0.1, batch_size=16),
+        scenario=Scenario(attack="label_flip", malicious_fraction=1.0),
+    )
     assert honest.history.final.test_accuracy > 0.9
     assert poisoned.history.final.test_accuracy < 0.3
     assert poisoned.history.final.train_accuracy > 0.9  # they learn their flipped labels well
 
 
 def test_sign_flip_attack_in_a_run():
-    result = simulate(model(), small(), rounds=3, clients_per_round=10, client=ClientConfig(lr=0.1, batch_size=16),
-                      scenario=Scenario(attack="sign_flip", malicious_fraction=0.3, attack_scale=10))
+    result = simulate(
+        model(),
+        small(),
+        rounds=3,
+        clients_per_round=10,
+        client=ClientConfig(lr=0.1, batch_size=16),
+        scenario=Scenario(attack="sign_flip", malicious_fraction=0.3, attack_scale=10),
+    )
     assert result.history.final.test_accuracy < 0.5
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"attack": "ddos"}, "unknown attack 'ddos'"),
-    ({"malicious_fraction": 0.2}, "needs an attack"),
-    ({"dropout": 1.5}, "dropout must be in"),
-    ({"local_epochs_range": (3, 1)}, "low <= high"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"attack": "ddos"}, "unknown attack 'ddos'"),
+        ({"malicious_fraction": 0.2}, "needs an attack"),
+        ({"dropout": 1.5}, "dropout must be in"),
+        ({"local_epochs_range": (3, 1)}, "low <= high"),
+    ],
+)
 def test_scenario_validation(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         Scenario(**kwargs)

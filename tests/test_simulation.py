@@ -25,16 +25,23 @@ def test_selection_is_uniform():
     assert np.all(np.abs(counts / 2000 - 0.5) < 0.05)
 
 
-@pytest.mark.parametrize("seed, keys", [(0, (4, 1)), (2**40 + 3, (4, 2)), (2**63 - 1, (3, 9, 2)), (7, ()),
-                                        (5, (2**33, 1, 2, 3))])
+@pytest.mark.parametrize(
+    "seed, keys", [(0, (4, 1)), (2**40 + 3, (4, 2)), (2**63 - 1, (3, 9, 2)), (7, ()), (5, (2**33, 1, 2, 3))]
+)
 def test_seeds_derived_at_once_are_numpys_seed_sequence_ones(seed, keys):
     each = [*np.random.default_rng(seed % 1000).integers(0, 2**32, 40).tolist(), 0, 1, 2**32 - 1]
-    expected = [(lambda s: (int(s[0]) << 31 ^ int(s[1])) & (2**63 - 1))(
-        np.random.SeedSequence([seed, *keys, x]).generate_state(2, np.uint32)) for x in each]
+    expected = [
+        (lambda s: (int(s[0]) << 31 ^ int(s[1])) & (2**63 - 1))(
+            np.random.SeedSequence([seed, *keys, x]).generate_state(2, np.uint32)
+        )
+        for x in each
+    ]
     assert _seeding.derive_seeds(seed, *keys, each=each) == expected
     assert [_seeding.derive_seed(seed, *keys, x) for x in each] == expected
     assert _seeding.derive_seeds(seed, *keys, each=[2**33, 3]) == [
-        _seeding.derive_seed(seed, *keys, 2**33), _seeding.derive_seed(seed, *keys, 3)]
+        _seeding.derive_seed(seed, *keys, 2**33),
+        _seeding.derive_seed(seed, *keys, 3),
+    ]
 
 
 def small_problem(num_clients=6, partition="iid", test_fraction=None):
@@ -47,7 +54,7 @@ def small_problem(num_clients=6, partition="iid", test_fraction=None):
     client_test = None
     if test_fraction:
         client_test = [p[: int(len(p) * test_fraction)] for p in parts]
-        parts = [p[int(len(p) * test_fraction):] for p in parts]
+        parts = [p[int(len(p) * test_fraction) :] for p in parts]
     return FederatedData(train, parts, test, client_test)
 
 
@@ -57,8 +64,15 @@ def make_model(seed=0):
 
 
 def run(seed, data=None, model_seed=0, **kwargs):
-    return simulate(make_model(model_seed), data or small_problem(partition="dirichlet"), rounds=3,
-                    clients_per_round=3, client=ClientConfig(batch_size=16, lr=0.1), seed=seed, **kwargs)
+    return simulate(
+        make_model(model_seed),
+        data or small_problem(partition="dirichlet"),
+        rounds=3,
+        clients_per_round=3,
+        client=ClientConfig(batch_size=16, lr=0.1),
+        seed=seed,
+        **kwargs,
+    )
 
 
 def test_same_seed_same_clients_and_identical_weights():
@@ -89,14 +103,25 @@ def test_model_passed_in_is_not_changed():
 
 def test_fraction_of_clients_and_callbacks():
     seen, rounds = [], []
-    simulate(make_model(), small_problem(num_clients=10), rounds=2, clients_per_round=0.3,
-             on_client=lambda u: seen.append(u.client_id), on_round=lambda r, s: rounds.append(r.round))
+    simulate(
+        make_model(),
+        small_problem(num_clients=10),
+        rounds=2,
+        clients_per_round=0.3,
+        on_client=lambda u: seen.append(u.client_id),
+        on_round=lambda r, s: rounds.append(r.round),
+    )
     assert len(seen) == 6 and rounds == [0, 1, 2]
 
 
 def test_federated_evaluation_on_client_holdout():
-    result = simulate(make_model(), small_problem(test_fraction=0.2), rounds=2, clients_per_round=3,
-                      client=ClientConfig(lr=0.1, batch_size=16))
+    result = simulate(
+        make_model(),
+        small_problem(test_fraction=0.2),
+        rounds=2,
+        clients_per_round=3,
+        client=ClientConfig(lr=0.1, batch_size=16),
+    )
     final = result.history.final
     assert final.federated_accuracy is not None and final.federated_accuracy > 0.8
     assert result.history.records[0].federated_loss > final.federated_loss
@@ -109,12 +134,15 @@ def test_batchnorm_model_runs_and_keeps_integer_buffer():
     assert tracked.dtype == torch.long and tracked.item() == 2 * 4  # 2 rounds x 100 examples / 25
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"rounds": 0}, "rounds must be >= 1"),
-    ({"clients_per_round": 7}, "clients_per_round=7 is more than num_clients=6"),
-    ({"clients_per_round": 0}, "clients_per_round must be >= 1"),
-    ({"clients_per_round": 1.5}, "fraction must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rounds": 0}, "rounds must be >= 1"),
+        ({"clients_per_round": 7}, "clients_per_round=7 is more than num_clients=6"),
+        ({"clients_per_round": 0}, "clients_per_round must be >= 1"),
+        ({"clients_per_round": 1.5}, "fraction must be in"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     args = {"rounds": 1, "clients_per_round": 2, **kwargs}
     with pytest.raises(ConfigError, match=message):
@@ -145,8 +173,15 @@ def test_an_engine_that_works_ahead_starts_the_next_round_before_this_one_is_rec
     engine = EagerEngine()
     ahead = run(seed=3, engine=engine, on_round=lambda record, state: engine.events.append(("recorded", record.round)))
     assert_same_run(run(seed=3), ahead)
-    assert engine.events == [("recorded", 0), ("run", 1), ("run", 2), ("recorded", 1), ("run", 3), ("recorded", 2),
-                             ("recorded", 3)]
+    assert engine.events == [
+        ("recorded", 0),
+        ("run", 1),
+        ("run", 2),
+        ("recorded", 1),
+        ("run", 3),
+        ("recorded", 2),
+        ("recorded", 3),
+    ]
     # Each round's seconds are its own: from the previous round's record to its own.
     assert all(r.seconds >= r.train_seconds > 0 for r in ahead.history.records[1:])
 

@@ -68,14 +68,21 @@ def test_adam_clients_equal_a_plain_torch_loop(optimizer, mu):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    update = train_client(copy.deepcopy(model), start, data, config, client_id=0,
-                          generator=torch.Generator().manual_seed(4), plan=ClientPlan(proximal_mu=mu))
+    update = train_client(
+        copy.deepcopy(model),
+        start,
+        data,
+        config,
+        client_id=0,
+        generator=torch.Generator().manual_seed(4),
+        plan=ClientPlan(proximal_mu=mu),
+    )
 
     reference = copy.deepcopy(model)
     opt = task.optimizer(reference.parameters(), lr=0.05, weight_decay=0.01)
     for order in epoch_orders(len(data), 2, torch.Generator().manual_seed(4)):
         for begin in range(0, len(order), 32):
-            idx = order[begin:begin + 32]
+            idx = order[begin : begin + 32]
             opt.zero_grad()
             loss = F.mse_loss(reference(data.x[idx]).squeeze(1), data.y[idx])
             loss = loss + mu / 2 * sum(((p - start[n]) ** 2).sum() for n, p in reference.named_parameters())
@@ -95,8 +102,11 @@ def test_regression_with_adam_learns_and_every_engine_agrees(caplog):
     runs = []
     with caplog.at_level(logging.WARNING, logger="fedforge"):
         for engine in (ff.SequentialEngine(), ff.VectorizedEngine(), ff.AutoEngine()):
-            runs.append(ff.simulate(copy.deepcopy(model), federated, rounds=5, clients_per_round=3, client=config,
-                                    engine=engine, seed=2))
+            runs.append(
+                ff.simulate(
+                    copy.deepcopy(model), federated, rounds=5, clients_per_round=3, client=config, engine=engine, seed=2
+                )
+            )
     assert not any("cannot batch" in r.getMessage() for r in caplog.records)  # vectorized, through torch.func
     for other in runs[1:]:
         for name, value in runs[0].state.params.items():
@@ -109,25 +119,46 @@ def test_regression_with_adam_learns_and_every_engine_agrees(caplog):
 
 def test_a_task_of_your_own_through_the_python_api():
     """A loss and metrics of one's own: here a Huber loss, and the share of predictions within 1."""
-    huber = Task("huber", loss=lambda out, y: F.huber_loss(out.squeeze(1), y),
-                 metric_sums=lambda out, y: {"loss": F.huber_loss(out.squeeze(1), y, reduction="sum"),
-                                             "within_1": ((out.squeeze(1) - y).abs() < 1).sum()},
-                 primary="within_1", higher_is_better=True)
+    huber = Task(
+        "huber",
+        loss=lambda out, y: F.huber_loss(out.squeeze(1), y),
+        metric_sums=lambda out, y: {
+            "loss": F.huber_loss(out.squeeze(1), y, reduction="sum"),
+            "within_1": ((out.squeeze(1) - y).abs() < 1).sum(),
+        },
+        primary="within_1",
+        higher_is_better=True,
+    )
     data = regression_data(200)
     federated = ff.FederatedData(data, np.array_split(np.arange(200), 4), regression_data(100, seed=1))
     torch.manual_seed(0)
-    result = ff.simulate(nn.Linear(5, 1), federated, rounds=6, clients_per_round=4, seed=0,
-                         client=ClientConfig(local_epochs=5, batch_size=10, lr=0.1, task=huber))
+    result = ff.simulate(
+        nn.Linear(5, 1),
+        federated,
+        rounds=6,
+        clients_per_round=4,
+        seed=0,
+        client=ClientConfig(local_epochs=5, batch_size=10, lr=0.1, task=huber),
+    )
     within = result.history.column("test_within_1")
     assert within[-1] > 0.8 > within[0]
 
 
 def test_a_loss_that_is_not_a_scalar_is_named():
     task = Task("bad", loss=lambda out, y: (out.squeeze(1) - y) ** 2, metric_sums=lambda out, y: {"loss": out.sum()})
-    with pytest.raises(ConfigError, match=r"task bad: the loss must be a scalar tensor \(the batch's mean\), got "
-                                          r"\(32,\)"):
-        train_client(nn.Linear(5, 1), {k: v.detach() for k, v in nn.Linear(5, 1).state_dict().items()},
-                     regression_data(40), ClientConfig(task=task), client_id=0, generator=torch.Generator())
+    with pytest.raises(
+        ConfigError,
+        match=r"task bad: the loss must be a scalar tensor \(the batch's mean\), got "
+        r"\(32,\)",
+    ):
+        train_client(
+            nn.Linear(5, 1),
+            {k: v.detach() for k, v in nn.Linear(5, 1).state_dict().items()},
+            regression_data(40),
+            ClientConfig(task=task),
+            client_id=0,
+            generator=torch.Generator(),
+        )
 
 
 def test_classification_is_still_the_default():
@@ -135,12 +166,18 @@ def test_classification_is_still_the_default():
     assert not make_task("classification", optimizer="adam").is_tutorial_classification
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs' (choose from: sgd, adam, adamw)"),
-    (["--task", "ranking"], "unknown task 'ranking' (choose from: classification, regression, language-model, or "
-                            "package.module:object)"),
-    (["--optimizer", "adam", "--momentum", "0.9"], "momentum is SGD's; Adam takes its own options"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs' (choose from: sgd, adam, adamw)"),
+        (
+            ["--task", "ranking"],
+            "unknown task 'ranking' (choose from: classification, regression, language-model, or "
+            "package.module:object)",
+        ),
+        (["--optimizer", "adam", "--momentum", "0.9"], "momentum is SGD's; Adam takes its own options"),
+    ],
+)
 def test_bad_task_flags_are_one_line(capsys, tmp_path, argv, message):
     assert main(["run", "-q", "--dataset", "synthetic", "--out-dir", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
@@ -149,9 +186,37 @@ def test_bad_task_flags_are_one_line(capsys, tmp_path, argv, message):
 
 def test_diabetes_regression_from_the_command_line(capsys, tmp_path):
     pytest.importorskip("sklearn")
-    assert main(["run", "--dataset", "diabetes", "--task", "regression", "--optimizer", "adam", "--lr", "0.01",
-                 "--num-clients", "5", "--clients-per-round", "5", "--rounds", "3", "--local-epochs", "2",
-                 "--batch-size", "16", "--out-dir", str(tmp_path), "--name", "d", "-q"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--dataset",
+                "diabetes",
+                "--task",
+                "regression",
+                "--optimizer",
+                "adam",
+                "--lr",
+                "0.01",
+                "--num-clients",
+                "5",
+                "--clients-per-round",
+                "5",
+                "--rounds",
+                "3",
+                "--local-epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                "d",
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "test r2" in out and "test mae" in out and "final test r2" in out
     rows = json.loads((tmp_path / "d" / "history.json").read_text())["rounds"]
@@ -189,10 +254,24 @@ def test_an_own_training_loop_equals_the_built_in_form(max_steps):
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     plan = ClientPlan(max_steps=max_steps)
-    ours = train_client(copy.deepcopy(model), start, data, ClientConfig(batch_size=16, lr=0.1, task=own_loop_task()),
-                        client_id=1, generator=torch.Generator().manual_seed(3), plan=plan)
-    built_in = train_client(copy.deepcopy(model), start, data, ClientConfig(batch_size=16, lr=0.1), client_id=1,
-                            generator=torch.Generator().manual_seed(3), plan=plan)
+    ours = train_client(
+        copy.deepcopy(model),
+        start,
+        data,
+        ClientConfig(batch_size=16, lr=0.1, task=own_loop_task()),
+        client_id=1,
+        generator=torch.Generator().manual_seed(3),
+        plan=plan,
+    )
+    built_in = train_client(
+        copy.deepcopy(model),
+        start,
+        data,
+        ClientConfig(batch_size=16, lr=0.1),
+        client_id=1,
+        generator=torch.Generator().manual_seed(3),
+        plan=plan,
+    )
     assert ours.num_steps == built_in.num_steps == (max_steps or 5)
     for name in start:
         torch.testing.assert_close(ours.delta[name], built_in.delta[name])
@@ -206,15 +285,23 @@ def test_an_own_loop_that_returns_nothing_is_measured_and_fedprox_is_refused():
     model = nn.Sequential(nn.Linear(8, 4))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     silent = own_loop_task(lambda module, batches, config: [None for _ in batches] and None)
-    update = train_client(copy.deepcopy(model), start, data, ClientConfig(task=silent), client_id=0,
-                          generator=torch.Generator())
+    update = train_client(
+        copy.deepcopy(model), start, data, ClientConfig(task=silent), client_id=0, generator=torch.Generator()
+    )
     assert set(update.metrics) == {"loss", "accuracy"} and update.num_steps == 2
     with pytest.raises(ConfigError, match="task mine trains with a loop of its own: the strategy's proximal term"):
-        train_client(copy.deepcopy(model), start, data, ClientConfig(task=own_loop_task()), client_id=0,
-                     generator=torch.Generator(), plan=ClientPlan(proximal_mu=0.1))
+        train_client(
+            copy.deepcopy(model),
+            start,
+            data,
+            ClientConfig(task=own_loop_task()),
+            client_id=0,
+            generator=torch.Generator(),
+            plan=ClientPlan(proximal_mu=0.1),
+        )
 
 
-HUBER_MODULE = '''
+HUBER_MODULE = """
 import torch.nn.functional as F
 from fedforge.tasks import Task
 
@@ -226,7 +313,7 @@ def huber(targets):
 
 NUMBERS = huber("numbers")
 UNSAID = huber(None)
-'''
+"""
 
 
 def test_a_task_of_your_own_on_a_csv_file(tmp_path, monkeypatch, capsys):
@@ -235,9 +322,30 @@ def test_a_task_of_your_own_on_a_csv_file(tmp_path, monkeypatch, capsys):
     data = regression_data(400)
     rows = ["a,b,c,d,e,y"] + [",".join(f"{v:.6f}" for v in [*x.tolist(), y.item()]) for x, y in zip(data.x, data.y)]
     (tmp_path / "table.csv").write_text("\n".join(rows) + "\n")
-    flags = ["run", "-q", "--dataset", f"csv:{tmp_path / 'table.csv'}", "--target", "y", "--model", "logreg",
-             "--num-clients", "4", "--clients-per-round", "4", "--rounds", "5", "--local-epochs", "3",
-             "--batch-size", "10", "--lr", "0.05", "--out-dir", str(tmp_path / "runs")]
+    flags = [
+        "run",
+        "-q",
+        "--dataset",
+        f"csv:{tmp_path / 'table.csv'}",
+        "--target",
+        "y",
+        "--model",
+        "logreg",
+        "--num-clients",
+        "4",
+        "--clients-per-round",
+        "4",
+        "--rounds",
+        "5",
+        "--local-epochs",
+        "3",
+        "--batch-size",
+        "10",
+        "--lr",
+        "0.05",
+        "--out-dir",
+        str(tmp_path / "runs"),
+    ]
     assert main([*flags, "--task", "huber_task:NUMBERS", "--name", "h"]) == 0
     history = json.loads((tmp_path / "runs" / "h" / "history.json").read_text())["rounds"]
     # The target column came as numbers (one output, float targets): the loss falls, within_1 rises.
@@ -246,8 +354,10 @@ def test_a_task_of_your_own_on_a_csv_file(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main([*flags, "--task", "huber_task:UNSAID", "--name", "u"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("task huber: dataset csv:" + str(tmp_path / "table.csv") + " needs to know how to prepare "
-                        "its target column for it: give the task targets='classes', 'numbers' or 'tokens'"), err
+    assert err.endswith(
+        "task huber: dataset csv:" + str(tmp_path / "table.csv") + " needs to know how to prepare "
+        "its target column for it: give the task targets='classes', 'numbers' or 'tokens'"
+    ), err
     assert "\n" not in err
     with pytest.raises(ConfigError, match="targets must be one of classes, numbers, tokens, got 'labels'"):
         Task("bad", loss=F.mse_loss, metric_sums=lambda out, y: {}, targets="labels")

@@ -14,8 +14,21 @@ pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-BASE = ["-q", "--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3", "--model", "logreg",
-        "--batch-size", "10", "--rounds", "2"]
+BASE = [
+    "-q",
+    "--dataset",
+    "synthetic",
+    "--num-clients",
+    "3",
+    "--clients-per-round",
+    "3",
+    "--model",
+    "logreg",
+    "--batch-size",
+    "10",
+    "--rounds",
+    "2",
+]
 
 
 def events(log_dir) -> EventAccumulator:
@@ -38,8 +51,24 @@ def tracked(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)  # MLflow's own default would put artifacts in ./mlruns: none must appear here
-        assert fedforge(["run", *BASE, "--lr", "0.05", "--out-dir", str(tmp / "runs"), "--name", "t",
-                         "--tensorboard", str(tmp / "tb"), "--mlflow"]) == 0
+        assert (
+            fedforge(
+                [
+                    "run",
+                    *BASE,
+                    "--lr",
+                    "0.05",
+                    "--out-dir",
+                    str(tmp / "runs"),
+                    "--name",
+                    "t",
+                    "--tensorboard",
+                    str(tmp / "tb"),
+                    "--mlflow",
+                ]
+            )
+            == 0
+        )
     assert not (tmp / "mlruns").exists()
     return tmp
 
@@ -77,26 +106,57 @@ def test_mlflow_store_has_the_settings_metrics_and_artifacts(tracked):
 
 def test_compare_tracks_each_run(tracked, tmp_path):
     store = f"sqlite:///{tracked / 'runs' / 'mlflow.db'}"  # the store the run made: no new one to create
-    assert fedforge(["compare", *BASE, "--rounds", "1", "--strategies", "fedavg", "fedprox", "--out-dir",
-                     str(tmp_path), "--name", "c", "--tensorboard", str(tmp_path / "tb"), "--mlflow", store]) == 0
+    assert (
+        fedforge(
+            [
+                "compare",
+                *BASE,
+                "--rounds",
+                "1",
+                "--strategies",
+                "fedavg",
+                "fedprox",
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                "c",
+                "--tensorboard",
+                str(tmp_path / "tb"),
+                "--mlflow",
+                store,
+            ]
+        )
+        == 0
+    )
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("c").experiment_id])
-    assert sorted((r.info.run_name, r.data.params["strategy"]) for r in runs) == [("fedavg", "fedavg"),
-                                                                                  ("fedprox", "fedprox")]
+    assert sorted((r.info.run_name, r.data.params["strategy"]) for r in runs) == [
+        ("fedavg", "fedavg"),
+        ("fedprox", "fedprox"),
+    ]
     for run in runs:
         rounds = history(tmp_path / "c" / run.info.run_name)
         logged = events(tmp_path / "tb" / "c" / run.info.run_name)
-        assert scalar(logged, "test_accuracy") == [(r["round"], pytest.approx(r["test_accuracy"], rel=1e-6))
-                                                   for r in rounds]
-        assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "test_accuracy")) == \
-            [(r["round"], r["test_accuracy"]) for r in rounds]
+        assert scalar(logged, "test_accuracy") == [
+            (r["round"], pytest.approx(r["test_accuracy"], rel=1e-6)) for r in rounds
+        ]
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "test_accuracy")) == [
+            (r["round"], r["test_accuracy"]) for r in rounds
+        ]
 
 
 @pytest.mark.parametrize("command", ["run", "server"])
-@pytest.mark.parametrize("flag, modules, message", [
-    ("--tensorboard=tb", ["torch.utils.tensorboard"], "TensorBoard tracking needs the tensorboard package"),
-    ("--mlflow", ["mlflow", "mlflow.exceptions", "mlflow.tracking"], "MLflow tracking needs the mlflow-skinny package"),
-])
+@pytest.mark.parametrize(
+    "flag, modules, message",
+    [
+        ("--tensorboard=tb", ["torch.utils.tensorboard"], "TensorBoard tracking needs the tensorboard package"),
+        (
+            "--mlflow",
+            ["mlflow", "mlflow.exceptions", "mlflow.tracking"],
+            "MLflow tracking needs the mlflow-skinny package",
+        ),
+    ],
+)
 def test_a_missing_library_is_one_line_before_the_run(tmp_path, capsys, monkeypatch, command, flag, modules, message):
     for module in modules:
         monkeypatch.setitem(sys.modules, module, None)  # `import` raises ImportError
@@ -128,8 +188,21 @@ def test_tracking_set_in_a_config_file_and_a_flag_over_it(tmp_path):
     assert run.info.run_name == "file"
     # A flag wins over the file; where or whether a run is tracked is not what its rounds compute,
     # so a run continues (--resume) with other tracking.
-    assert fedforge(["run", "-q", "--resume", str(tmp_path / "runs" / "file"), "--rounds", "2",
-                     "--tensorboard", str(tmp_path / "tb2")]) == 0
+    assert (
+        fedforge(
+            [
+                "run",
+                "-q",
+                "--resume",
+                str(tmp_path / "runs" / "file"),
+                "--rounds",
+                "2",
+                "--tensorboard",
+                str(tmp_path / "tb2"),
+            ]
+        )
+        == 0
+    )
     assert [step for step, _ in scalar(events(tmp_path / "tb2" / "file"), "test_accuracy")] == [2]
 
 
@@ -147,7 +220,9 @@ class LoopbackHub:
         self.events = queue.Queue()
         self.sent, self.received = [], []
         welcome = Welcome(config, config.model, config.task)
-        self.trainers = {c: _Trainer(welcome, as_app(PartitionOf("synthetic", c, 3)), c, ClientLimits()) for c in range(3)}
+        self.trainers = {
+            c: _Trainer(welcome, as_app(PartitionOf("synthetic", c, 3)), c, ClientLimits()) for c in range(3)
+        }
         self.sessions = {c: Session(c, "loopback", outbox=None) for c in range(3)}
 
     def wait_for_clients(self, count, timeout=None):
@@ -176,15 +251,24 @@ def test_network_rounds_record_and_track_their_bytes(tmp_path):
     from fedforge.experiment import run_experiment
     from fedforge.tracking import TensorBoardTracker
 
-    config = Config(dataset="synthetic", num_clients=3, clients_per_round=3, model="logreg", batch_size=10, rounds=2,
-                    out_dir=str(tmp_path), name="net")
+    config = Config(
+        dataset="synthetic",
+        num_clients=3,
+        clients_per_round=3,
+        model="logreg",
+        batch_size=10,
+        rounds=2,
+        out_dir=str(tmp_path),
+        name="net",
+    )
     hub = LoopbackHub(config)
     engine = NetworkEngine(hub, round_timeout=300, min_fit_clients=3)
     run_experiment(config, progress=False, verbose=False, engine=engine, trackers=[TensorBoardTracker(tmp_path / "tb")])
     rounds = history(tmp_path / "net")
     assert "bytes_up" not in rounds[0]["metrics"]  # the initial model: nothing sent
-    assert [(r["metrics"]["bytes_down"], r["metrics"]["bytes_up"]) for r in rounds[1:]] == \
-        [(sum(hub.sent[i:i + 3]), sum(hub.received[i:i + 3])) for i in (0, 3)]
+    assert [(r["metrics"]["bytes_down"], r["metrics"]["bytes_up"]) for r in rounds[1:]] == [
+        (sum(hub.sent[i : i + 3]), sum(hub.received[i : i + 3])) for i in (0, 3)
+    ]
     assert min(hub.received) > 610 * 4  # each update holds the model's 610 float32 numbers
     logged = events(tmp_path / "tb" / "net")
     assert scalar(logged, "bytes_up") == [(r["round"], r["metrics"]["bytes_up"]) for r in rounds[1:]]

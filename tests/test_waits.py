@@ -33,8 +33,11 @@ def test_a_line_is_awaited_until_it_is_written(tmp_path):
 def test_a_process_that_exits_without_the_line_fails_at_once_with_its_log(tmp_path):
     proc, log = start(tmp_path, "print('fedforge: error: no such thing')\nraise SystemExit(2)")
     started = time.monotonic()
-    with pytest.raises(AssertionError, match=r"(?s)exited \(2\) before it logged 'listening'.*"
-                                             r"fedforge: error: no such thing"):
+    with pytest.raises(
+        AssertionError,
+        match=r"(?s)exited \(2\) before it logged 'listening'.*"
+        r"fedforge: error: no such thing",
+    ):
         wait_for_line(log, "listening", proc=proc)
     assert time.monotonic() - started < bound(120)  # not the whole PROCESS_S bound: the exit is the event
 
@@ -43,8 +46,11 @@ def test_a_process_past_its_bound_fails_with_the_tail_of_its_log(tmp_path):
     proc, log = start(tmp_path, "import time\nprint('round 1 of 3')\ntime.sleep(3600)")
     try:
         wait_for_line(log, "round 1", proc=proc)
-        with pytest.raises(AssertionError, match=r"(?s)waited [\d.]+ s for proc\.log to exit; it still runs.*"
-                                                 r"round 1 of 3"):
+        with pytest.raises(
+            AssertionError,
+            match=r"(?s)waited [\d.]+ s for proc\.log to exit; it still runs.*"
+            r"round 1 of 3",
+        ):
             wait_exit(proc, 0.2, log)
     finally:
         proc.kill()
@@ -53,8 +59,10 @@ def test_a_process_past_its_bound_fails_with_the_tail_of_its_log(tmp_path):
 
 def test_a_predicate_is_polled_until_true_and_its_value_returned():
     calls = []
-    assert wait_for(lambda: calls.append(1) or (len(calls) if len(calls) >= 3 else 0), 60, "three calls",
-                    interval=0.01) == 3
+    assert (
+        wait_for(lambda: calls.append(1) or (len(calls) if len(calls) >= 3 else 0), 60, "three calls", interval=0.01)
+        == 3
+    )
     with pytest.raises(AssertionError, match=r"^waited [\d.]+ s for something that never happens$"):
         wait_for(lambda: False, 0.1, "something that never happens", interval=0.01)
 

@@ -49,9 +49,26 @@ OLD_MAGIC = b"fedforge checkpoint 1\n"
 MAGICS = (CHECKPOINT_MAGIC, KEYED_MAGIC, OLD_MAGIC)
 
 # Settings that say where, how or how long a run executes, not what its rounds compute.
-EXECUTION_KEYS = frozenset({"name", "out_dir", "rounds", "engine", "max_memory", "device", "eval_batch_size",
-                            "data_dir", "download", "ray_address", "ray_workers", "ray_cpus_per_worker",
-                            "ray_gpus_per_worker", "ray_engine", "tensorboard", "mlflow"})
+EXECUTION_KEYS = frozenset(
+    {
+        "name",
+        "out_dir",
+        "rounds",
+        "engine",
+        "max_memory",
+        "device",
+        "eval_batch_size",
+        "data_dir",
+        "download",
+        "ray_address",
+        "ray_workers",
+        "ray_cpus_per_worker",
+        "ray_gpus_per_worker",
+        "ray_engine",
+        "tensorboard",
+        "mlflow",
+    }
+)
 
 
 def result_settings(config: Config) -> dict[str, Any]:
@@ -63,9 +80,14 @@ def setting_differences(saved: dict[str, Any], config: Config) -> list[str]:
     """'name saved there, value here' for each result-defining setting that differs."""
     mine = result_settings(config)
     # 1 and 1.0 clients per round differ: a count, and a fraction (all clients).
-    return [f"{name} {saved.get(name)!r} there, {value!r} here" for name, value in mine.items()
-            if name not in saved or saved[name] != value
-            or name == "clients_per_round" and type(saved[name]) is not type(value)]
+    return [
+        f"{name} {saved.get(name)!r} there, {value!r} here"
+        for name, value in mine.items()
+        if name not in saved
+        or saved[name] != value
+        or name == "clients_per_round"
+        and type(saved[name]) is not type(value)
+    ]
 
 
 @dataclass(frozen=True)
@@ -82,8 +104,10 @@ def read_key(path: str | Path) -> bytes:
     except OSError as e:
         raise ConfigError(f"checkpoint key file {path}: {e.strerror}") from None
     if len(key) < 16:
-        raise ConfigError(f"checkpoint key file {path} holds {len(key)} bytes; a key needs at least 16 "
-                          f"(e.g. python -c 'import secrets; print(secrets.token_hex(32))' > {path})")
+        raise ConfigError(
+            f"checkpoint key file {path} holds {len(key)} bytes; a key needs at least 16 "
+            f"(e.g. python -c 'import secrets; print(secrets.token_hex(32))' > {path})"
+        )
     return key
 
 
@@ -91,15 +115,24 @@ def _digest(payload, key: bytes | None) -> bytes:
     return hmac.new(key, payload, hashlib.sha256).digest() if key is not None else hashlib.sha256(payload).digest()
 
 
-def save_checkpoint(run_dir: Path, state: ServerState, history: History, config: Config, *,
-                    key: bytes | None = None) -> None:
+def save_checkpoint(
+    run_dir: Path, state: ServerState, history: History, config: Config, *, key: bytes | None = None
+) -> None:
     """Everything needed to continue after `state.round`, atomically: CHECKPOINT_MAGIC, the
     SHA-256 of the rest, then torch.save's bytes; with `key`, KEYED_MAGIC and an HMAC-SHA256."""
     buffer = io.BytesIO()
-    torch.save({"params": {k: v.cpu() for k, v in state.params.items()}, "round": state.round,
-                "extras": state.extras, "run": dataclasses.asdict(state.run) if state.run else None,
-                "privacy": state.privacy, "history": history.to_json(), "settings": result_settings(config)},
-               buffer)
+    torch.save(
+        {
+            "params": {k: v.cpu() for k, v in state.params.items()},
+            "round": state.round,
+            "extras": state.extras,
+            "run": dataclasses.asdict(state.run) if state.run else None,
+            "privacy": state.privacy,
+            "history": history.to_json(),
+            "settings": result_settings(config),
+        },
+        buffer,
+    )
     payload = buffer.getbuffer()
     with atomic_write(run_dir / "checkpoint.pt", "wb") as f:
         f.write((KEYED_MAGIC if key is not None else CHECKPOINT_MAGIC) + _digest(payload, key))
@@ -121,26 +154,40 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
     if magic == KEYED_MAGIC and key is None:
         raise ConfigError(f"cannot resume: {path} is signed with a key: give its --checkpoint-key-file")
     if magic in (CHECKPOINT_MAGIC, OLD_MAGIC) and key is not None:
-        raise ConfigError(f"cannot resume: {path} is not signed, and a checkpoint key was given: it was not written "
-                          f"with that key (replaced, or a run started without it)")
-    if not magic or len(data) < start or \
-            not hmac.compare_digest(_digest(memoryview(data)[start:], key), data[len(magic):start]):
+        raise ConfigError(
+            f"cannot resume: {path} is not signed, and a checkpoint key was given: it was not written "
+            f"with that key (replaced, or a run started without it)"
+        )
+    if (
+        not magic
+        or len(data) < start
+        or not hmac.compare_digest(_digest(memoryview(data)[start:], key), data[len(magic) : start])
+    ):
         if magic == KEYED_MAGIC:
             raise ConfigError(f"cannot resume: {path} fails its signature: written with another key, or edited")
-        raise ConfigError(f"cannot resume: {path} is damaged ({len(data)} bytes that fail their checksum: "
-                          f"truncated or overwritten)")
+        raise ConfigError(
+            f"cannot resume: {path} is damaged ({len(data)} bytes that fail their checksum: truncated or overwritten)"
+        )
     try:
         # Our own format: tensors, numbers, strings and dicts only (weights_only refuses anything else).
         saved = torch.load(io.BytesIO(memoryview(data)[start:]), map_location=device, weights_only=True)
-        if not isinstance(saved, dict) or not isinstance(saved["params"], dict) or \
-                not isinstance(saved["extras"], dict) or not isinstance(saved["history"], str):
+        if (
+            not isinstance(saved, dict)
+            or not isinstance(saved["params"], dict)
+            or not isinstance(saved["extras"], dict)
+            or not isinstance(saved["history"], str)
+        ):
             raise TypeError("not the checkpoint's layout")
         run = RunInfo(**saved["run"]) if saved.get("run") is not None else None
         state = ServerState(dict(saved["params"]), saved["round"], saved["extras"], run, saved.get("privacy"))
         history = History.from_json(saved["history"])
         settings = saved["settings"] if magic != OLD_MAGIC else None
-        if magic != OLD_MAGIC and not (isinstance(settings, dict) and all(
-                isinstance(k, str) and (v is None or type(v) in (bool, int, float, str)) for k, v in settings.items())):
+        if magic != OLD_MAGIC and not (
+            isinstance(settings, dict)
+            and all(
+                isinstance(k, str) and (v is None or type(v) in (bool, int, float, str)) for k, v in settings.items()
+            )
+        ):
             raise TypeError("settings")
     except ConfigError as e:
         raise ConfigError(f"cannot resume: {path}: {e}") from None
@@ -149,8 +196,9 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
     return Checkpoint(state, history, settings)
 
 
-def check_checkpoint(checkpoint: Checkpoint, run_dir: str | Path, config: Config, *, fresh: ServerState,
-                     clients_per_round: int) -> None:
+def check_checkpoint(
+    checkpoint: Checkpoint, run_dir: str | Path, config: Config, *, fresh: ServerState, clients_per_round: int
+) -> None:
     """Raise ConfigError (one line) unless `checkpoint` can continue the run of `config` in
     `run_dir`. `fresh` is the state that run starts from (strategy.init: the weights' names,
     shapes and types, the extras' layout, the run's facts)."""
@@ -164,8 +212,10 @@ def check_checkpoint(checkpoint: Checkpoint, run_dir: str | Path, config: Config
 def _check(checkpoint: Checkpoint, run_dir: Path, config: Config, fresh: ServerState, k: int) -> None:
     state, records = checkpoint.state, checkpoint.history.records
     if checkpoint.settings is None:
-        log.warning("resuming from a checkpoint written by an older fedforge: it does not record its run's settings, "
-                    "so only config.toml's are compared")
+        log.warning(
+            "resuming from a checkpoint written by an older fedforge: it does not record its run's settings, "
+            "so only config.toml's are compared"
+        )
     elif differences := setting_differences(checkpoint.settings, config):
         raise ConfigError(f"it was written by a run with other settings ({'; '.join(differences)})")
     r = state.round
@@ -191,10 +241,20 @@ def _check_history(records, r: int, num_clients: int | None) -> None:
         ids = (*record.clients, *record.dropped)
         if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < (num_clients or 2**63) for c in ids):
             raise ConfigError(f"its history's round {record.round} names clients that are not this run's")
-        numbers = {name: getattr(record, name) for name in ("test_loss", "test_accuracy", "train_loss",
-                                                             "train_accuracy", "federated_loss",
-                                                             "federated_accuracy", "global_train_loss",
-                                                             "seconds", "train_seconds")}
+        numbers = {
+            name: getattr(record, name)
+            for name in (
+                "test_loss",
+                "test_accuracy",
+                "train_loss",
+                "train_accuracy",
+                "federated_loss",
+                "federated_accuracy",
+                "global_train_loss",
+                "seconds",
+                "train_seconds",
+            )
+        }
         if not isinstance(record.metrics, dict):
             raise ConfigError(f"its history's round {record.round} has metrics that are not a table")
         numbers.update(record.metrics)
@@ -207,19 +267,24 @@ def _check_tensor(value, like: torch.Tensor, where: str) -> None:
     if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
         raise ConfigError(f"{where} is not a dense tensor")
     if value.shape != like.shape or value.dtype != like.dtype:
-        raise ConfigError(f"{where} is {value.dtype} of shape {tuple(value.shape)}, this run's model has "
-                          f"{like.dtype} of shape {tuple(like.shape)}")
+        raise ConfigError(
+            f"{where} is {value.dtype} of shape {tuple(value.shape)}, this run's model has "
+            f"{like.dtype} of shape {tuple(like.shape)}"
+        )
 
 
-def _check_state(saved, params: dict[str, torch.Tensor], where: str, *, exact: bool,
-                 names: frozenset[str] | None = None) -> None:
+def _check_state(
+    saved, params: dict[str, torch.Tensor], where: str, *, exact: bool, names: frozenset[str] | None = None
+) -> None:
     """`saved` holds tensors named and shaped as `params`' (all of them if `exact`, else those in `names`)."""
     if not isinstance(saved, dict) or not all(isinstance(name, str) for name in saved):
         raise ConfigError(f"its {where} are not a table of tensors")
     expected = set(params) if exact else set(names if names is not None else saved)
     if unknown := sorted(set(saved) - set(params)):
-        raise ConfigError(f"its {where} hold {', '.join(unknown[:3])}, which this run's model does not have "
-                          f"(another model or dataset)")
+        raise ConfigError(
+            f"its {where} hold {', '.join(unknown[:3])}, which this run's model does not have "
+            f"(another model or dataset)"
+        )
     if missing := sorted(expected - set(saved)):
         raise ConfigError(f"its {where} lack {', '.join(missing[:3])}")
     if extra := sorted(set(saved) - expected):
@@ -241,8 +306,7 @@ def _check_extras(extras: dict[str, Any], fresh: ServerState, num_clients: int) 
         where = f"strategy state {key!r}"
         if isinstance(like, dict) and like:
             _check_state(value, fresh.params, where, exact=False, names=frozenset(like))
-        elif isinstance(value, dict) and value and all(isinstance(c, int) and not isinstance(c, bool)
-                                                        for c in value):
+        elif isinstance(value, dict) and value and all(isinstance(c, int) and not isinstance(c, bool) for c in value):
             for c, state in value.items():  # per client (SCAFFOLD's controls)
                 if not 0 <= c < num_clients:
                     raise ConfigError(f"its {where} names client {c}, not one of this run's {num_clients}")
@@ -282,19 +346,25 @@ def _check_privacy(saved, r: int, records, config: Config, fresh: ServerState, k
         raise ConfigError(f"its clip bound {clip} is not this run's ({privacy.clip})")
     if accountant.rounds != r:
         raise ConfigError(f"its privacy accountant counts {accountant.rounds} rounds spent, and it is at round {r}")
-    expected = Accountant(sampling_for(config.sampling, fresh.run.num_clients, k), accountant.noise_multiplier,
-                          privacy.accountant, local=privacy.mode == "local", rounds=r)
+    expected = Accountant(
+        sampling_for(config.sampling, fresh.run.num_clients, k),
+        accountant.noise_multiplier,
+        privacy.accountant,
+        local=privacy.mode == "local",
+        rounds=r,
+    )
     if expected.state() != accountant.state():
         raise ConfigError(f"its privacy accountant {accountant.state()} is not this run's {expected.state()}")
     z = privacy.noise_multiplier if privacy.noise_multiplier is not None else _recorded(records, "noise_multiplier")
     if z is not None and accountant.noise_multiplier != z:
-        raise ConfigError(f"its privacy accountant has noise multiplier {accountant.noise_multiplier}, the run "
-                          f"{z}")
+        raise ConfigError(f"its privacy accountant has noise multiplier {accountant.noise_multiplier}, the run {z}")
     spent = accountant.epsilon(privacy.delta)
     recorded = _recorded(records, "epsilon")
     if recorded is not None and spent < recorded * (1 - 1e-9):
-        raise ConfigError(f"its privacy accountant has spent epsilon {spent:.6g}, less than the {recorded:.6g} its "
-                          f"history records: resuming would lower the epsilon spent")
+        raise ConfigError(
+            f"its privacy accountant has spent epsilon {spent:.6g}, less than the {recorded:.6g} its "
+            f"history records: resuming would lower the epsilon spent"
+        )
 
 
 def _check_outputs(run_dir: Path, history: History) -> None:
@@ -310,15 +380,32 @@ def _check_outputs(run_dir: Path, history: History) -> None:
     mine = history.records
     if len(written.records) > len(mine):
         last = written.records[-1]
-        raise ConfigError(f"the run's history.json records {len(written.records) - 1} rounds, the checkpoint "
-                          f"{len(mine) - 1}: it is not the run's last checkpoint"
-                          + (f" (resuming would lower the epsilon spent, {last.metrics['epsilon']:.6g})"
-                             if isinstance(last.metrics.get("epsilon"), (int, float)) else ""))
+        raise ConfigError(
+            f"the run's history.json records {len(written.records) - 1} rounds, the checkpoint "
+            f"{len(mine) - 1}: it is not the run's last checkpoint"
+            + (
+                f" (resuming would lower the epsilon spent, {last.metrics['epsilon']:.6g})"
+                if isinstance(last.metrics.get("epsilon"), (int, float))
+                else ""
+            )
+        )
     for ours, theirs in zip(mine, written.records):
         if ours != theirs:
-            raise ConfigError(f"its round {ours.round} differs from the run's history.json: it is another run's "
-                              f"checkpoint, or one of the two was edited")
+            raise ConfigError(
+                f"its round {ours.round} differs from the run's history.json: it is another run's "
+                f"checkpoint, or one of the two was edited"
+            )
 
 
-__all__ = ["CHECKPOINT_MAGIC", "EXECUTION_KEYS", "KEYED_MAGIC", "Checkpoint", "check_checkpoint", "load_checkpoint",
-           "read_key", "result_settings", "save_checkpoint", "setting_differences"]
+__all__ = [
+    "CHECKPOINT_MAGIC",
+    "EXECUTION_KEYS",
+    "KEYED_MAGIC",
+    "Checkpoint",
+    "check_checkpoint",
+    "load_checkpoint",
+    "read_key",
+    "result_settings",
+    "save_checkpoint",
+    "setting_differences",
+]

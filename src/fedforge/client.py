@@ -57,8 +57,13 @@ Step = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 Final = Callable[[], State]
 
 
-def _autograd_steps(module: nn.Module, global_state: State, config: ClientConfig, plan: ClientPlan,
-                    optimizer_state: OptimizerState | None) -> tuple[Step, Final, Callable[[], OptimizerState]]:
+def _autograd_steps(
+    module: nn.Module,
+    global_state: State,
+    config: ClientConfig,
+    plan: ClientPlan,
+    optimizer_state: OptimizerState | None,
+) -> tuple[Step, Final, Callable[[], OptimizerState]]:
     """Steps through autograd with the task's loss: works for any module. The config's optimizer
     rule (`optim`, with the plan's terms), or else the task's torch.optim optimizer itself, the
     plan's proximal term added to the gradients and its correction applied after each step."""
@@ -118,8 +123,10 @@ def _torch_state(optimizer: torch.optim.Optimizer, names) -> OptimizerState:
             elif isinstance(value, torch.Tensor):
                 slots.setdefault(key, {})[names[index]] = value.detach().clone()
             elif value is not None:
-                raise ConfigError(f"{type(optimizer).__name__} keeps {key!r} ({type(value).__name__}) in its state, "
-                                  f"which fedforge cannot carry between rounds")
+                raise ConfigError(
+                    f"{type(optimizer).__name__} keeps {key!r} ({type(value).__name__}) in its state, "
+                    f"which fedforge cannot carry between rounds"
+                )
     return OptimizerState(step, slots)
 
 
@@ -133,8 +140,13 @@ def _load_torch_state(optimizer: torch.optim.Optimizer, state: OptimizerState, n
     optimizer.load_state_dict({**optimizer.state_dict(), "state": per_param})
 
 
-def _mlp_steps(layout: MLPLayout, global_state: State, config: ClientConfig, plan: ClientPlan,
-               optimizer_state: OptimizerState | None) -> tuple[Step, Final, Callable[[], OptimizerState]]:
+def _mlp_steps(
+    layout: MLPLayout,
+    global_state: State,
+    config: ClientConfig,
+    plan: ClientPlan,
+    optimizer_state: OptimizerState | None,
+) -> tuple[Step, Final, Callable[[], OptimizerState]]:
     """SGD steps by the hand-derived Linear/ReLU kernel (the same rule, no autograd graph)."""
     rule = config.rule
     params = {k: v.detach().clone() for k, v in global_state.items()}
@@ -143,15 +155,17 @@ def _mlp_steps(layout: MLPLayout, global_state: State, config: ClientConfig, pla
 
     def step(xb, yb):
         state.step.add_(1)
-        loss, correct = fastmlp.sgd_step(layout, params, state.slots.get("momentum_buffer"), xb, yb, 1.0 / len(yb),
-                                         rule=rule, terms=terms)
+        loss, correct = fastmlp.sgd_step(
+            layout, params, state.slots.get("momentum_buffer"), xb, yb, 1.0 / len(yb), rule=rule, terms=terms
+        )
         return {"loss": loss, "accuracy": correct}
 
     return step, lambda: params, lambda: state
 
 
-def client_batches(x, y, config: ClientConfig, plan: ClientPlan,
-                   generator: torch.Generator, *, deadline: float | None = None) -> Iterator[tuple]:
+def client_batches(
+    x, y, config: ClientConfig, plan: ClientPlan, generator: torch.Generator, *, deadline: float | None = None
+) -> Iterator[tuple]:
     """A client's batches of (inputs, targets) in the order every engine uses (`epoch_orders`),
     at most `plan.num_steps` of them; the last batch of an epoch may be smaller. `x` and `y`
     are tensors, or tuples or dicts of them (see TensorData). Past `deadline` (a
@@ -166,7 +180,7 @@ def client_batches(x, y, config: ClientConfig, plan: ClientPlan,
                 return
             if deadline is not None and time.monotonic() > deadline:
                 raise OutOfTime(f"{steps} of {max_steps} steps done")
-            batch = order[start:start + config.batch_size]
+            batch = order[start : start + config.batch_size]
             steps += 1
             yield gather(x, batch), gather(y, batch)
 
@@ -207,8 +221,7 @@ def train_client(
         step, final_state, final_optimizer_state = _mlp_steps(layout, global_state, config, plan, optimizer_state)
     else:
         x = data.x
-        step, final_state, final_optimizer_state = _autograd_steps(module, global_state, config, plan,
-                                                                   optimizer_state)
+        step, final_state, final_optimizer_state = _autograd_steps(module, global_state, config, plan, optimizer_state)
     sums: dict[str, torch.Tensor] = {}
     steps = units = 0
     for xb, yb in client_batches(x, data.y, config, plan, generator, deadline=deadline):
@@ -218,21 +231,35 @@ def train_client(
         units += task.units(yb)
     new_state = final_state()
     return finish_update(
-        client_id, {name: new_state[name] - value for name, value in global_state.items()},
-        num_examples=len(data), num_steps=steps, metrics=task.summarize({k: v.item() for k, v in sums.items()}, units),
-        config=config, initial_loss=initial_loss,
+        client_id,
+        {name: new_state[name] - value for name, value in global_state.items()},
+        num_examples=len(data),
+        num_steps=steps,
+        metrics=task.summarize({k: v.item() for k, v in sums.items()}, units),
+        config=config,
+        initial_loss=initial_loss,
         optimizer_state=final_optimizer_state() if task.keep_optimizer_state else None,
     )
 
 
-def _own_loop(module: nn.Module, global_state: State, data: TensorData, config: ClientConfig, plan: ClientPlan,
-              client_id: int, generator: torch.Generator, initial_loss: float | None,
-              deadline: float | None) -> ClientUpdate:
+def _own_loop(
+    module: nn.Module,
+    global_state: State,
+    data: TensorData,
+    config: ClientConfig,
+    plan: ClientPlan,
+    client_id: int,
+    generator: torch.Generator,
+    initial_loss: float | None,
+    deadline: float | None,
+) -> ClientUpdate:
     """The task's own training function (the escape hatch) on the batches the client is given."""
     task = config.task
     if plan.proximal_mu or plan.correction is not None:
-        raise ConfigError(f"task {task.name} trains with a loop of its own: the strategy's proximal term or "
-                          "correction (FedProx, SCAFFOLD) cannot reach inside it")
+        raise ConfigError(
+            f"task {task.name} trains with a loop of its own: the strategy's proximal term or "
+            "correction (FedProx, SCAFFOLD) cannot reach inside it"
+        )
     steps = 0
 
     def batches():
@@ -247,16 +274,32 @@ def _own_loop(module: nn.Module, global_state: State, data: TensorData, config: 
     if metrics is None:
         metrics = evaluate(module, {k: v.detach() for k, v in module.state_dict().items()}, data, task=task).metrics
     if "loss" not in metrics:
-        raise ConfigError(f"task {task.name}: its training function must return the training loss as "
-                          f"{{'loss': ...}} (or None), got {sorted(metrics)}")
+        raise ConfigError(
+            f"task {task.name}: its training function must return the training loss as "
+            f"{{'loss': ...}} (or None), got {sorted(metrics)}"
+        )
     delta = {name: value.detach() - global_state[name] for name, value in module.state_dict().items()}
-    return finish_update(client_id, delta, num_examples=len(data), num_steps=steps,
-                         metrics={k: float(v) for k, v in metrics.items()}, config=config, initial_loss=initial_loss)
+    return finish_update(
+        client_id,
+        delta,
+        num_examples=len(data),
+        num_steps=steps,
+        metrics={k: float(v) for k, v in metrics.items()},
+        config=config,
+        initial_loss=initial_loss,
+    )
 
 
 def finish_update(
-    client_id: int, delta: State, *, num_examples: int, num_steps: int, metrics: Mapping[str, float],
-    config: ClientConfig, finite: bool | None = None, initial_loss: float | None = None,
+    client_id: int,
+    delta: State,
+    *,
+    num_examples: int,
+    num_steps: int,
+    metrics: Mapping[str, float],
+    config: ClientConfig,
+    finite: bool | None = None,
+    initial_loss: float | None = None,
     optimizer_state: OptimizerState | None = None,
 ) -> ClientUpdate:
     """The ClientUpdate of a finished client, after checking that its training did not diverge.
@@ -273,11 +316,30 @@ def finish_update(
             f" lower the learning rate (lr={config.lr})"
         )
     return ClientUpdate(
-        client_id=client_id, delta=delta, num_examples=num_examples, num_steps=num_steps,
-        train_loss=mean_loss, train_accuracy=metrics.get("accuracy"), initial_loss=initial_loss, metrics=metrics,
+        client_id=client_id,
+        delta=delta,
+        num_examples=num_examples,
+        num_steps=num_steps,
+        train_loss=mean_loss,
+        train_accuracy=metrics.get("accuracy"),
+        initial_loss=initial_loss,
+        metrics=metrics,
         optimizer_state=optimizer_state,
     )
 
 
-__all__ = ["ClientConfig", "ClientPlan", "ClientUpdate", "LocalTerms", "OptimizerState", "OutOfTime", "State",
-           "all_finite", "client_batches", "epoch_orders", "finish_update", "sgd", "train_client"]
+__all__ = [
+    "ClientConfig",
+    "ClientPlan",
+    "ClientUpdate",
+    "LocalTerms",
+    "OptimizerState",
+    "OutOfTime",
+    "State",
+    "all_finite",
+    "client_batches",
+    "epoch_orders",
+    "finish_update",
+    "sgd",
+    "train_client",
+]

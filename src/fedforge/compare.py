@@ -55,8 +55,14 @@ class ComparedRun:
     def rounds_to(self, target: float) -> int | None:
         """The first round whose test metric reached `target` (at least, or at most for a metric
         that is better lower), or None."""
-        return next((r.round for r in self.history.records
-                     if (v := r.metric(f"test_{self.metric}")) is not None and self._better(v, target)), None)
+        return next(
+            (
+                r.round
+                for r in self.history.records
+                if (v := r.metric(f"test_{self.metric}")) is not None and self._better(v, target)
+            ),
+            None,
+        )
 
 
 def variants_from_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -67,8 +73,10 @@ def variants_from_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{path}: {label!r} must be a table of settings, like [{label}]")
         for key, value in overrides.items():
             if isinstance(value, dict):  # TOML reads [lr0.1] as table "1" inside table "lr0"
-                raise ConfigError(f'{path}: [{label}.{key}] is read as a table inside {label!r}; quote a label that '
-                                  f'holds a dot: ["{label}.{key}"]')
+                raise ConfigError(
+                    f"{path}: [{label}.{key}] is read as a table inside {label!r}; quote a label that "
+                    f'holds a dot: ["{label}.{key}"]'
+                )
     return tables
 
 
@@ -80,8 +88,14 @@ def _resumable(config: Config) -> bool:
     return (Path(config.out_dir) / config.name / "checkpoint.pt").exists()
 
 
-def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], threads: int, resume: bool,
-             trackers: Sequence[Tracker] = ()):
+def _run_one(
+    base: dict[str, Any],
+    label: str,
+    overrides: dict[str, Any],
+    threads: int,
+    resume: bool,
+    trackers: Sequence[Tracker] = (),
+):
     """Run one variant; a run that diverges is reported with the rounds it completed.
 
     With `resume`, a variant that already has a checkpoint continues from it (a finished one
@@ -97,8 +111,9 @@ def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], thread
         earlier = sum(r.seconds for r in load_checkpoint(Path(config.out_dir) / label, "cpu").history.records)
     started = time.perf_counter()
     try:
-        history = run_experiment(config, progress=False, verbose=False, resume=resume,
-                                 trackers=trackers).history.to_json()
+        history = run_experiment(
+            config, progress=False, verbose=False, resume=resume, trackers=trackers
+        ).history.to_json()
         diverged = None
     except DivergenceError as e:  # e.g. FedAvg under attack: the collapse is the result
         history = (Path(config.out_dir) / label / "history.json").read_text()
@@ -107,8 +122,13 @@ def _run_one(base: dict[str, Any], label: str, overrides: dict[str, Any], thread
 
 
 def compare(
-    base: Config | Mapping[str, Any], variants: dict[str, dict[str, Any]], *, out_dir: str | os.PathLike, jobs: int = 1,
-    resume: bool = False, trackers: Sequence[Tracker] = (),
+    base: Config | Mapping[str, Any],
+    variants: dict[str, dict[str, Any]],
+    *,
+    out_dir: str | os.PathLike,
+    jobs: int = 1,
+    resume: bool = False,
+    trackers: Sequence[Tracker] = (),
 ) -> list[ComparedRun]:
     """Run every variant (base settings + its overrides) and return them in the given order.
 
@@ -126,8 +146,9 @@ def compare(
 
     if not variants:
         raise ConfigError("nothing to compare: give --strategies or --runs")
-    base_values = {k: v for k, v in (base.items() if isinstance(base, Mapping) else base.__dict__.items())
-                   if v is not None}
+    base_values = {
+        k: v for k, v in (base.items() if isinstance(base, Mapping) else base.__dict__.items()) if v is not None
+    }
     base_values["out_dir"] = str(out_dir)
     for label, overrides in variants.items():  # validate everything before running anything
         config = _variant(base_values, label, overrides)
@@ -137,12 +158,14 @@ def compare(
         tracker.prepare()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs == 1:
-        results = [_run_one(base_values, label, o, torch.get_num_threads(), resume, trackers)
-                   for label, o in variants.items()]
+        results = [
+            _run_one(base_values, label, o, torch.get_num_threads(), resume, trackers) for label, o in variants.items()
+        ]
     else:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_run_one, base_values, label, o, threads, resume, trackers)
-                       for label, o in variants.items()]
+            futures = [
+                pool.submit(_run_one, base_values, label, o, threads, resume, trackers) for label, o in variants.items()
+            ]
             results = [f.result() for f in futures]
     return [
         ComparedRun(label, _variant(base_values, label, variants[label]), History.from_json(history), wall, diverged)
@@ -184,8 +207,11 @@ def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: 
         key = "global_train_loss" if records[-1].global_train_loss is not None else "train_loss"
         points = [(r.round, getattr(r, key)) for r in records if getattr(r, key) is not None]
         loss_ax.plot(*zip(*points), label=run.label)
-    loss_name = "global model on training data" if runs[0].history.final.global_train_loss is not None \
+    loss_name = (
+        "global model on training data"
+        if runs[0].history.final.global_train_loss is not None
         else "clients' training loss"
+    )
     metric = f"test {runs[0].metric.replace('_', ' ')}"
     acc_ax.set(xlabel="round", ylabel=metric, title=metric)
     loss_ax.set(xlabel="round", ylabel="loss", title=f"training loss ({loss_name})", yscale="log")
@@ -210,8 +236,17 @@ def write_comparison(runs: list[ComparedRun], out_dir: str | os.PathLike, *, tar
     writer.writerow(["run", "round", *columns, "test_loss", "train_loss", "global_train_loss", "seconds"])
     for run in runs:
         for r in run.history.records:
-            writer.writerow([run.label, r.round, *(r.metric(c) for c in columns), r.test_loss, r.train_loss,
-                             r.global_train_loss, r.seconds])
+            writer.writerow(
+                [
+                    run.label,
+                    r.round,
+                    *(r.metric(c) for c in columns),
+                    r.test_loss,
+                    r.train_loss,
+                    r.global_train_loss,
+                    r.seconds,
+                ]
+            )
     with atomic_write(out_dir / "comparison.csv") as f:
         f.write(buffer.getvalue())
     plot_comparison(runs, out_dir / "comparison.png", title=title)

@@ -45,11 +45,14 @@ class Config:
     name: str | None = _opt(None, "run name: outputs go to OUT_DIR/NAME (default: dataset-model-strategy-time)")
     out_dir: str = _opt("runs", "folder that holds the run folders")
     seed: int = _opt(0, "seed of every random choice (partition, init, selection, batches)")
-    dataset: str = _opt("mnist", "dataset (synthetic: FedProx's synthetic(alpha, beta), one client per device; "
-                        "digits, diabetes: scikit-learn's, offline; shakespeare: LEAF's next-character task, with "
-                        "--task language-model --model char-lstm), or csv:PATH, parquet:PATH (a table) or hf:PATH "
-                        "(a Hugging Face dataset: a save_to_disk folder or Parquet), each with --target",
-                        (*DATASETS, "synthetic", *BUNDLED, "shakespeare"))
+    dataset: str = _opt(
+        "mnist",
+        "dataset (synthetic: FedProx's synthetic(alpha, beta), one client per device; "
+        "digits, diabetes: scikit-learn's, offline; shakespeare: LEAF's next-character task, with "
+        "--task language-model --model char-lstm), or csv:PATH, parquet:PATH (a table) or hf:PATH "
+        "(a Hugging Face dataset: a save_to_disk folder or Parquet), each with --target",
+        (*DATASETS, "synthetic", *BUNDLED, "shakespeare"),
+    )
     synthetic_alpha: float = _opt(1.0, "synthetic: how much the devices' models differ")
     synthetic_beta: float = _opt(1.0, "synthetic: how much the devices' data differ")
     data_dir: str | None = _opt(None, "folder with the dataset files (searched first)")
@@ -61,15 +64,28 @@ class Config:
     shards_per_client: int = _opt(2, "shards per client for partition=shards")
     sigma: float = _opt(1.0, "lognormal sigma of client sizes for partition=quantity")
     client_test_fraction: float = _opt(0.0, "fraction of each client's data held out for federated evaluation")
-    model: str = _opt("mlp", "model: a built-in, or package.module:factory, a function (input_shape, num_classes) "
-                      "-> torch.nn.Module of your own", MODELS)
-    task: str = _opt("classification", "what clients learn: classification (cross-entropy; accuracy), regression "
-                     "(MSE; mse, mae, r2), language-model (next-token cross-entropy; perplexity), or "
-                     "package.module:object, a fedforge.Task of your own", TASKS)
-    optimizer: str = _opt("sgd", "client optimizer: sgd (lr, momentum, weight_decay), adam or adamw (lr, "
-                          "weight_decay), fresh each round unless keep_optimizer_state", OPTIMIZERS)
-    keep_optimizer_state: bool = _opt(False, "keep each client's optimizer state (momentum, Adam's moments) from "
-                                      "one of its rounds to its next")
+    model: str = _opt(
+        "mlp",
+        "model: a built-in, or package.module:factory, a function (input_shape, num_classes) "
+        "-> torch.nn.Module of your own",
+        MODELS,
+    )
+    task: str = _opt(
+        "classification",
+        "what clients learn: classification (cross-entropy; accuracy), regression "
+        "(MSE; mse, mae, r2), language-model (next-token cross-entropy; perplexity), or "
+        "package.module:object, a fedforge.Task of your own",
+        TASKS,
+    )
+    optimizer: str = _opt(
+        "sgd",
+        "client optimizer: sgd (lr, momentum, weight_decay), adam or adamw (lr, "
+        "weight_decay), fresh each round unless keep_optimizer_state",
+        OPTIMIZERS,
+    )
+    keep_optimizer_state: bool = _opt(
+        False, "keep each client's optimizer state (momentum, Adam's moments) from one of its rounds to its next"
+    )
     rounds: int = _opt(5, "number of federated rounds")
     clients_per_round: int | float = _opt(5, "clients selected per round: a count, or a fraction like 0.1")
     local_epochs: int = _opt(1, "local epochs per round")
@@ -78,8 +94,9 @@ class Config:
     momentum: float = _opt(0.0, "client SGD momentum")
     weight_decay: float = _opt(0.0, "client SGD weight decay")
     strategy: str = _opt("fedavg", "server strategy", STRATEGIES)
-    server_lr: float | None = _opt(None, "server learning rate (default: the strategy's: 1.0, or 0.01 for "
-                                   "fedadagrad, fedadam and fedyogi)")
+    server_lr: float | None = _opt(
+        None, "server learning rate (default: the strategy's: 1.0, or 0.01 for fedadagrad, fedadam and fedyogi)"
+    )
     server_momentum: float = _opt(0.9, "fedavgm: server momentum")
     beta1: float = _opt(0.9, "fedadagrad/fedadam/fedyogi: first-moment decay")
     beta2: float = _opt(0.99, "fedadam/fedyogi: second-moment decay")
@@ -89,11 +106,18 @@ class Config:
     trim_beta: float = _opt(0.1, "trimmed_mean: share trimmed at each end")
     krum_f: int = _opt(1, "krum/multikrum: number of Byzantine clients tolerated")
     multikrum_m: int = _opt(0, "multikrum: updates averaged (0: clients per round - krum_f)")
-    sampling: str = _opt("fixed", "client sampling: fixed (clients_per_round each round) or poisson (each client "
-                         "joins with probability clients_per_round / num_clients; what DP accounting assumes)",
-                         SAMPLINGS)
-    dp: str | None = _opt(None, "differential privacy: client (clients clip, the server adds noise), central (the "
-                          "server clips and noises) or local (each client noises its own update)", MODES)
+    sampling: str = _opt(
+        "fixed",
+        "client sampling: fixed (clients_per_round each round) or poisson (each client "
+        "joins with probability clients_per_round / num_clients; what DP accounting assumes)",
+        SAMPLINGS,
+    )
+    dp: str | None = _opt(
+        None,
+        "differential privacy: client (clients clip, the server adds noise), central (the "
+        "server clips and noises) or local (each client noises its own update)",
+        MODES,
+    )
     clip: float = _opt(1.0, "dp: the bound C on each client's update norm (the first C with adaptive_clip)")
     noise_multiplier: float | None = _opt(None, "dp: noise std over C (default: calibrated for target_epsilon)")
     target_epsilon: float | None = _opt(None, "dp: the privacy budget; the run stops before a round would pass it")
@@ -101,8 +125,11 @@ class Config:
     adaptive_clip: bool = _opt(False, "dp: C follows clip_quantile of the update norms (Andrew et al. 2021)")
     clip_quantile: float = _opt(0.5, "dp, adaptive_clip: the share of updates meant to be left unclipped")
     clip_lr: float = _opt(0.2, "dp, adaptive_clip: step of the geometric update of C")
-    accountant: str | None = _opt(None, "dp: pld or rdp (default: pld; rdp for fixed-size sampling, the only "
-                                  "analysis dp-accounting has for it)", METHODS)
+    accountant: str | None = _opt(
+        None,
+        "dp: pld or rdp (default: pld; rdp for fixed-size sampling, the only analysis dp-accounting has for it)",
+        METHODS,
+    )
     local_epochs_dist: str | None = _opt(None, "per-client local epochs each round, e.g. uniform:1:5")
     straggler_fraction: float = _opt(0.0, "share of selected clients that do only part of their work")
     drop_stragglers: bool = _opt(False, "stragglers send nothing instead of their partial work")
@@ -110,25 +137,36 @@ class Config:
     attack: str | None = _opt(None, "what malicious clients do", ATTACKS)
     malicious_fraction: float = _opt(0.0, "share of clients that are malicious")
     attack_scale: float = _opt(1.0, "scale of the attack (sign_flip, scale: factor; gaussian: std)")
-    engine: str = _opt("auto", "where clients run (auto: vectorized for dense models, e.g. Linear/ReLU, and "
-                       "on CUDA; sequential for convolutions on the CPU, recurrent layers and what vectorized "
-                       "cannot batch)", ENGINES)
-    max_memory: str = _opt("auto", "working memory for clients trained together (vectorized engine; "
-                           "auto: 64MiB on the CPU, 1GiB on CUDA)")
-    ray_address: str | None = _opt(None, "engine ray: the cluster to join, host:port of its head (`ray start "
-                                   "--head`) or ray://host:port (default: a new local Ray)")
+    engine: str = _opt(
+        "auto",
+        "where clients run (auto: vectorized for dense models, e.g. Linear/ReLU, and "
+        "on CUDA; sequential for convolutions on the CPU, recurrent layers and what vectorized "
+        "cannot batch)",
+        ENGINES,
+    )
+    max_memory: str = _opt(
+        "auto", "working memory for clients trained together (vectorized engine; auto: 64MiB on the CPU, 1GiB on CUDA)"
+    )
+    ray_address: str | None = _opt(
+        None,
+        "engine ray: the cluster to join, host:port of its head (`ray start "
+        "--head`) or ray://host:port (default: a new local Ray)",
+    )
     ray_workers: int = _opt(2, "engine ray: long-lived workers (Ray actors), each loading the data once")
     ray_cpus_per_worker: float = _opt(1.0, "engine ray: CPUs Ray reserves for each worker (fractions allowed)")
-    ray_gpus_per_worker: float = _opt(0.0, "engine ray: GPUs reserved for each worker (fractions allowed; above 0 it "
-                                      "trains on CUDA)")
-    ray_engine: str = _opt("auto", "engine ray: the in-process engine each worker trains its clients with",
-                           IN_PROCESS_ENGINES)
+    ray_gpus_per_worker: float = _opt(
+        0.0, "engine ray: GPUs reserved for each worker (fractions allowed; above 0 it trains on CUDA)"
+    )
+    ray_engine: str = _opt(
+        "auto", "engine ray: the in-process engine each worker trains its clients with", IN_PROCESS_ENGINES
+    )
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
     eval_batch_size: int = _opt(1024, "batch size for evaluation (does not change results)")
     eval_train: bool = _opt(False, "also evaluate the global model on all training data every round")
     tensorboard: str | None = _opt(None, "log to TensorBoard in this folder (a run's in FOLDER/NAME; --tensorboard)")
-    mlflow: str | None = _opt(None, "log to MLflow, in the store at this URI; \"default\": sqlite:///OUT_DIR/mlflow.db "
-                              "(--mlflow [URI])")
+    mlflow: str | None = _opt(
+        None, 'log to MLflow, in the store at this URI; "default": sqlite:///OUT_DIR/mlflow.db (--mlflow [URI])'
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -146,8 +184,9 @@ class Config:
             if not self.target:
                 raise ConfigError(f"dataset {self.dataset!r} needs a target, the column to predict (--target COLUMN)")
         elif self.target is not None:
-            raise ConfigError(f"target {self.target!r} is for csv:, parquet: and hf: datasets only, not "
-                              f"{self.dataset!r}")
+            raise ConfigError(
+                f"target {self.target!r} is for csv:, parquet: and hf: datasets only, not {self.dataset!r}"
+            )
         positive = ("num_clients", "rounds", "shards_per_client", "eval_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -159,8 +198,9 @@ class Config:
         if not 0 <= self.client_test_fraction < 1:
             raise ConfigError(f"client_test_fraction must be in [0, 1), got {self.client_test_fraction}")
         if self.dataset == "shakespeare" and self.task in TASKS and self.task != "language-model":
-            raise ConfigError(f"dataset shakespeare is next-character prediction: it needs task language-model, got "
-                              f"{self.task!r}")
+            raise ConfigError(
+                f"dataset shakespeare is next-character prediction: it needs task language-model, got {self.task!r}"
+            )
         self.strategy_object()  # validates the strategy's hyperparameters
         self.scenario()
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -179,8 +219,9 @@ class Config:
         if privacy is not None:
             privacy.check(self.strategy_object(), self.num_clients)
         elif self.target_epsilon is not None or self.noise_multiplier is not None:
-            raise ConfigError("target_epsilon and noise_multiplier are for differential privacy: add --dp client "
-                              "(or central, local)")
+            raise ConfigError(
+                "target_epsilon and noise_multiplier are for differential privacy: add --dp client (or central, local)"
+            )
         self.max_memory_bytes()
         check_ray_options(self.ray_workers, self.ray_cpus_per_worker, self.ray_gpus_per_worker, self.ray_engine)
 
@@ -193,16 +234,27 @@ class Config:
         """The run's differential privacy settings, or None without --dp."""
         if self.dp is None:
             return None
-        return DifferentialPrivacy(mode=self.dp, clip=self.clip, noise_multiplier=self.noise_multiplier,
-                                   target_epsilon=self.target_epsilon, delta=self.delta, adaptive=self.adaptive_clip,
-                                   target_quantile=self.clip_quantile, clip_lr=self.clip_lr,
-                                   accountant=self.accountant)
+        return DifferentialPrivacy(
+            mode=self.dp,
+            clip=self.clip,
+            noise_multiplier=self.noise_multiplier,
+            target_epsilon=self.target_epsilon,
+            delta=self.delta,
+            adaptive=self.adaptive_clip,
+            target_quantile=self.clip_quantile,
+            clip_lr=self.clip_lr,
+            accountant=self.accountant,
+        )
 
     def scenario(self) -> Scenario:
         return Scenario(
-            local_epochs_range=parse_epochs_dist(self.local_epochs_dist), straggler_fraction=self.straggler_fraction,
-            drop_stragglers=self.drop_stragglers, dropout=self.dropout, attack=self.attack,
-            malicious_fraction=self.malicious_fraction, attack_scale=self.attack_scale,
+            local_epochs_range=parse_epochs_dist(self.local_epochs_dist),
+            straggler_fraction=self.straggler_fraction,
+            drop_stragglers=self.drop_stragglers,
+            dropout=self.dropout,
+            attack=self.attack,
+            malicious_fraction=self.malicious_fraction,
+            attack_scale=self.attack_scale,
         )
 
     def max_memory_bytes(self) -> int | None:
@@ -211,8 +263,11 @@ class Config:
 
     def client_config(self) -> ClientConfig:
         return ClientConfig(
-            local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
-            momentum=self.momentum, weight_decay=self.weight_decay,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
             task=_kept(make_task(self.task, optimizer=self.optimizer), self.keep_optimizer_state),
         )
 
@@ -242,8 +297,9 @@ def _kept(task, keep: bool):
 def _check_dataset(name: str, choices: tuple[str, ...]) -> None:
     source = parse_source(name)
     if source is None and name not in choices:
-        raise ConfigError(f"unknown dataset {name!r} (choose from: {', '.join(choices)}, or csv:PATH, parquet:PATH, "
-                          f"hf:PATH)")
+        raise ConfigError(
+            f"unknown dataset {name!r} (choose from: {', '.join(choices)}, or csv:PATH, parquet:PATH, hf:PATH)"
+        )
     if source is not None and not source[1]:
         raise ConfigError(f"dataset {name!r} names no file: give {source[0]}:PATH")
 

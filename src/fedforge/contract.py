@@ -47,8 +47,9 @@ class ClientConfig:
             try:
                 self.task.optimizer([torch.zeros(1, requires_grad=True)], **self.optimizer_options)
             except (TypeError, ValueError) as e:
-                raise ConfigError(f"task {self.task.name}: {self.task.optimizer.__name__}: "
-                                  f"{str(e).splitlines()[0]}") from None
+                raise ConfigError(
+                    f"task {self.task.name}: {self.task.optimizer.__name__}: {str(e).splitlines()[0]}"
+                ) from None
 
     @property
     def optimizer_options(self) -> dict[str, Any]:
@@ -60,8 +61,13 @@ class ClientConfig:
     def rule(self) -> Rule | None:
         """The optimizer rule the clients train with (`optim`), or None when the task's optimizer is
         one only torch.optim computes (it then runs as torch.optim, on the sequential engine)."""
-        return rule_for(self.task.optimizer, self.task.optimizer_options, lr=self.lr, momentum=self.momentum,
-                        weight_decay=self.weight_decay)
+        return rule_for(
+            self.task.optimizer,
+            self.task.optimizer_options,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,14 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, state: dict[str, torch.Tensor], data: TensorData, *, batch_size: int = 1024,
-             task: Task = CLASSIFICATION) -> Evaluation:
+def evaluate(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    data: TensorData,
+    *,
+    batch_size: int = 1024,
+    task: Task = CLASSIFICATION,
+) -> Evaluation:
     """`task`'s mean loss and metrics of `module` with `state` over all of `data`."""
     if len(data) == 0:
         return Evaluation(float("nan"), float("nan"), 0)

@@ -16,8 +16,14 @@ from tqdm.auto import tqdm
 
 from . import _seeding
 from ._io import atomic_write
-from .checkpoint import (Checkpoint, check_checkpoint, load_checkpoint, result_settings, save_checkpoint,
-                         setting_differences)
+from .checkpoint import (
+    Checkpoint,
+    check_checkpoint,
+    load_checkpoint,
+    result_settings,
+    save_checkpoint,
+    setting_differences,
+)
 from .config import Config
 from .data.bundled import BUNDLED, load_bundled
 from .data.datasets import Dataset, load_dataset
@@ -57,8 +63,10 @@ def _prepared_for(config: Config) -> str:
     """The built-in task whose targets a file dataset's target column becomes for `config`'s task."""
     task = make_task(config.task)
     if task.targets is None:
-        raise ConfigError(f"task {task.name}: dataset {config.dataset} needs to know how to prepare its target "
-                          f"column for it: give the task targets='classes', 'numbers' or 'tokens'")
+        raise ConfigError(
+            f"task {task.name}: dataset {config.dataset} needs to know how to prepare its target "
+            f"column for it: give the task targets='classes', 'numbers' or 'tokens'"
+        )
     return TARGETS[task.targets]
 
 
@@ -66,7 +74,9 @@ def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedDa
     """The dataset `config` names, split across its clients."""
     if config.dataset == "synthetic":
         dataset, train_parts, _ = synthetic(
-            config.synthetic_alpha, config.synthetic_beta, num_devices=config.num_clients,
+            config.synthetic_alpha,
+            config.synthetic_beta,
+            num_devices=config.num_clients,
             rng=_seeding.numpy_rng(config.seed, _seeding.DATASET),
         )
         return dataset, FederatedData(dataset.train, train_parts, dataset.test)
@@ -86,18 +96,27 @@ def federate(config: Config, dataset: Dataset) -> FederatedData:
     is cut into 10 quantile bins, the labels of the label-skewed partitions (dirichlet, shards).
     The natural partition is the dataset's own groups (shakespeare: one client per role)."""
     if config.partition == "natural" and dataset.groups is None:
-        raise ConfigError(f"dataset {config.dataset} has no natural partition (no groups such as shakespeare's "
-                          f"speaking roles); choose another partition")
+        raise ConfigError(
+            f"dataset {config.dataset} has no natural partition (no groups such as shakespeare's "
+            f"speaking roles); choose another partition"
+        )
     labels = dataset.train.y.cpu().numpy()
     if labels.ndim != 1 and config.partition in ("dirichlet", "shards"):
-        raise ConfigError(f"partition {config.partition} splits by label, and dataset {config.dataset} has no one "
-                          f"label per example (targets of shape {labels.shape[1:]} each)")
+        raise ConfigError(
+            f"partition {config.partition} splits by label, and dataset {config.dataset} has no one "
+            f"label per example (targets of shape {labels.shape[1:]} each)"
+        )
     if np.issubdtype(labels.dtype, np.floating):
         labels = np.searchsorted(np.quantile(labels, np.linspace(0, 1, 11)[1:-1]), labels, side="right")
     parts = partition(
-        config.partition, labels, config.num_clients,
+        config.partition,
+        labels,
+        config.num_clients,
         rng=_seeding.numpy_rng(config.seed, _seeding.PARTITION),
-        alpha=config.alpha, shards_per_client=config.shards_per_client, sigma=config.sigma, groups=dataset.groups,
+        alpha=config.alpha,
+        shards_per_client=config.shards_per_client,
+        sigma=config.sigma,
+        groups=dataset.groups,
     )
     client_test = None
     if config.client_test_fraction > 0:
@@ -121,10 +140,17 @@ def make_run_engine(config: Config, *, combine: bool = False):
         return make_engine(config.engine, max_memory=config.max_memory_bytes(), combine=combine)
     from .engines.ray import RayEngine
 
-    return RayEngine(functools.partial(federated_data, config), seed=config.seed, scenario=config.scenario(),
-                     workers=config.ray_workers, cpus_per_worker=config.ray_cpus_per_worker,
-                     gpus_per_worker=config.ray_gpus_per_worker, engine=config.ray_engine,
-                     max_memory=config.max_memory_bytes(), address=config.ray_address)
+    return RayEngine(
+        functools.partial(federated_data, config),
+        seed=config.seed,
+        scenario=config.scenario(),
+        workers=config.ray_workers,
+        cpus_per_worker=config.ray_cpus_per_worker,
+        gpus_per_worker=config.ray_gpus_per_worker,
+        engine=config.ray_engine,
+        max_memory=config.max_memory_bytes(),
+        address=config.ray_address,
+    )
 
 
 @dataclass
@@ -164,8 +190,9 @@ class Prepared:
     start: Checkpoint | None
 
 
-def prepare(config: Config, *, resume: bool = False, progress: bool = True,
-            checkpoint_key: bytes | None = None) -> Prepared:
+def prepare(
+    config: Config, *, resume: bool = False, progress: bool = True, checkpoint_key: bytes | None = None
+) -> Prepared:
     """Everything a run needs before its first round: the data loaded, the model built, the
     output folder checked writable and, with `resume`, the checkpoint read and every value of it
     checked against this run (checkpoint.check_checkpoint), signed by `checkpoint_key` when given.
@@ -182,15 +209,23 @@ def prepare(config: Config, *, resume: bool = False, progress: bool = True,
     if resume:
         start = load_checkpoint(run_dir, device, key=checkpoint_key)
         run = RunInfo(num_clients=data.num_clients, client_lr=config.lr, client_momentum=config.momentum)
-        fresh = config.strategy_object().init({k_: v.detach().to(device) for k_, v in model.state_dict().items()},
-                                              run)
+        fresh = config.strategy_object().init({k_: v.detach().to(device) for k_, v in model.state_dict().items()}, run)
         check_checkpoint(start, run_dir, config, fresh=fresh, clients_per_round=k)
     return Prepared(config, run_dir, data, model, k, start)
 
 
-def run_experiment(config: Config, *, progress: bool = True, verbose: bool = True, engine=None,
-                   resume: bool = False, secure_noise: bool = False, trackers: Sequence[Tracker] = (),
-                   prepared: Prepared | None = None, checkpoint_key: bytes | None = None) -> RunOutcome:
+def run_experiment(
+    config: Config,
+    *,
+    progress: bool = True,
+    verbose: bool = True,
+    engine=None,
+    resume: bool = False,
+    secure_noise: bool = False,
+    trackers: Sequence[Tracker] = (),
+    prepared: Prepared | None = None,
+    checkpoint_key: bytes | None = None,
+) -> RunOutcome:
     """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`.
 
     History, model and a checkpoint are rewritten (atomically) after every round, so whatever
@@ -210,8 +245,13 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     if privacy is not None and secure_noise:
         privacy = dataclasses.replace(privacy, secure_noise=True)
     prepared = prepared or prepare(config, resume=resume, progress=progress, checkpoint_key=checkpoint_key)
-    config, run_dir, data, model, k = (prepared.config, prepared.run_dir, prepared.data, prepared.model,
-                                       prepared.clients_per_round)
+    config, run_dir, data, model, k = (
+        prepared.config,
+        prepared.run_dir,
+        prepared.data,
+        prepared.model,
+        prepared.clients_per_round,
+    )
     start = (prepared.start.state, prepared.start.history) if prepared.start else None
     with atomic_write(run_dir / "config.toml") as f:
         f.write(config.to_toml())
@@ -249,12 +289,22 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
 
     try:
         simulate(
-            model, data, rounds=config.rounds, clients_per_round=k, client=config.client_config(),
-            strategy=config.strategy_object(), scenario=config.scenario(),
-            engine=run_engine, seed=config.seed, eval_batch_size=config.eval_batch_size, eval_train=config.eval_train,
-            on_client=on_client, on_round=on_round,
+            model,
+            data,
+            rounds=config.rounds,
+            clients_per_round=k,
+            client=config.client_config(),
+            strategy=config.strategy_object(),
+            scenario=config.scenario(),
+            engine=run_engine,
+            seed=config.seed,
+            eval_batch_size=config.eval_batch_size,
+            eval_train=config.eval_train,
+            on_client=on_client,
+            on_round=on_round,
             resume=(start[0], start[1].records) if start else None,
-            privacy=privacy, sampling=config.sampling,
+            privacy=privacy,
+            sampling=config.sampling,
         )
     except BaseException as e:
         error = e
@@ -270,5 +320,17 @@ def run_experiment(config: Config, *, progress: bool = True, verbose: bool = Tru
     return RunOutcome(run_dir, History(records), last[0] if last else None)
 
 
-__all__ = ["Prepared", "RunOutcome", "check_output", "federate", "federated_data", "load", "load_checkpoint",
-           "make_run_engine", "prepare", "resolve_device", "run_experiment", "save_checkpoint"]
+__all__ = [
+    "Prepared",
+    "RunOutcome",
+    "check_output",
+    "federate",
+    "federated_data",
+    "load",
+    "load_checkpoint",
+    "make_run_engine",
+    "prepare",
+    "resolve_device",
+    "run_experiment",
+    "save_checkpoint",
+]

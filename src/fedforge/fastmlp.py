@@ -183,9 +183,16 @@ def _update(params, momentum_buffers, rule, decay, terms, name, grad, shared) ->
     """Apply fedforge's SGD rule to one parameter; `grad` is a _WeightGrad or _BiasGrad. From shared
     params (`shared`) the rule writes new stacked tensors, and the momentum buffer starts there."""
     p, buf = sgd_rule(
-        params[name], grad, None if shared or not rule.momentum else momentum_buffers[name], lr=rule.lr,
-        momentum=rule.momentum, decay=decay, offset=terms.offset[name] if terms.offset else None,
-        correction=terms.correction[name] if terms.correction else None, in_place=not shared)
+        params[name],
+        grad,
+        None if shared or not rule.momentum else momentum_buffers[name],
+        lr=rule.lr,
+        momentum=rule.momentum,
+        decay=decay,
+        offset=terms.offset[name] if terms.offset else None,
+        correction=terms.correction[name] if terms.correction else None,
+        in_place=not shared,
+    )
     params[name] = p
     if rule.momentum:
         momentum_buffers[name] = buf

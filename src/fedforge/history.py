@@ -48,6 +48,7 @@ class History:
 
     def to_json(self) -> str:
         """Strict JSON: a non-finite number (a diverged loss) is written as null."""
+
         def strict(value):
             if isinstance(value, dict):
                 return {k: strict(v) for k, v in value.items()}
@@ -59,8 +60,12 @@ class History:
     @classmethod
     def from_json(cls, text: str) -> History:
         rows = json.loads(text)["rounds"]
-        return cls([RoundRecord(**{**row, "clients": tuple(row["clients"]), "dropped": tuple(row.get("dropped", ()))})
-                    for row in rows])
+        return cls(
+            [
+                RoundRecord(**{**row, "clients": tuple(row["clients"]), "dropped": tuple(row.get("dropped", ()))})
+                for row in rows
+            ]
+        )
 
     def to_csv(self) -> str:
         """One row per round: the record's fields, then a column per task metric."""

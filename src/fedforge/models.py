@@ -17,16 +17,24 @@ ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
 def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The tutorial's MLP: 784-128-64-10 with ReLU."""
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(_numel(input_shape), 128), nn.ReLU(),
-        nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, num_classes),
+        nn.Flatten(),
+        nn.Linear(_numel(input_shape), 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
     )
 
 
 def two_nn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """McMahan et al. 2017's "2NN": two hidden layers of 200 units with ReLU."""
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(_numel(input_shape), 200), nn.ReLU(),
-        nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, num_classes),
+        nn.Flatten(),
+        nn.Linear(_numel(input_shape), 200),
+        nn.ReLU(),
+        nn.Linear(200, 200),
+        nn.ReLU(),
+        nn.Linear(200, num_classes),
     )
 
 
@@ -34,9 +42,15 @@ def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """McMahan et al. 2017's CNN: conv5x5(32) - pool - conv5x5(64) - pool - fc 512 - softmax."""
     channels, height, width = input_shape
     return nn.Sequential(
-        nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * (height // 4) * (width // 4), 512), nn.ReLU(),
+        nn.Conv2d(channels, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * (height // 4) * (width // 4), 512),
+        nn.ReLU(),
         nn.Linear(512, num_classes),
     )
 
@@ -50,10 +64,18 @@ def simple_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         return ((n - 4) // 2 - 4) // 2
 
     return nn.Sequential(
-        nn.Conv2d(channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * side(height) * side(width), 120), nn.ReLU(),
-        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
+        nn.Conv2d(channels, 6, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * side(height) * side(width), 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
     )
 
 
@@ -66,8 +88,12 @@ def tabular_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """For rows of standardized features (csv:, parquet: datasets): two hidden layers of 64 with
     ReLU; `num_classes` outputs (one for regression)."""
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(_numel(input_shape), 64), nn.ReLU(),
-        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, num_classes),
+        nn.Flatten(),
+        nn.Linear(_numel(input_shape), 64),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
     )
 
 
@@ -100,8 +126,15 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-MODELS: dict[str, ModelFactory] = {"mlp": mlp, "2nn": two_nn, "cnn": cnn, "simple-cnn": simple_cnn, "logreg": logreg,
-                                   "tabular-mlp": tabular_mlp, "char-lstm": char_lstm}
+MODELS: dict[str, ModelFactory] = {
+    "mlp": mlp,
+    "2nn": two_nn,
+    "cnn": cnn,
+    "simple-cnn": simple_cnn,
+    "logreg": logreg,
+    "tabular-mlp": tabular_mlp,
+    "char-lstm": char_lstm,
+}
 
 
 def model_factory(name: str) -> ModelFactory:
@@ -158,8 +191,10 @@ def check_fits(model: nn.Module, x, name: str) -> None:
             call_model(model, batch)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         first = next((line for line in str(e).splitlines() if line.strip()), "")
-        raise ConfigError(f"model {name} does not fit the data: on a batch of inputs of shape {_shapes(batch)} "
-                          f"it fails with {type(e).__name__}: {first}") from None
+        raise ConfigError(
+            f"model {name} does not fit the data: on a batch of inputs of shape {_shapes(batch)} "
+            f"it fails with {type(e).__name__}: {first}"
+        ) from None
     finally:
         model.train(training)
 

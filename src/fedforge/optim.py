@@ -97,9 +97,18 @@ class Dense:
         return torch.add(base * beta if beta != 1 else base, self.g, alpha=alpha)
 
 
-def sgd_step(p: torch.Tensor, grad: Gradient, buf: torch.Tensor | None, *, lr: float, momentum: float = 0.0,
-             decay: float = 0.0, offset: torch.Tensor | None = None, correction: torch.Tensor | None = None,
-             in_place: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sgd_step(
+    p: torch.Tensor,
+    grad: Gradient,
+    buf: torch.Tensor | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    decay: float = 0.0,
+    offset: torch.Tensor | None = None,
+    correction: torch.Tensor | None = None,
+    in_place: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fedforge's SGD rule for one parameter: `torch.optim.SGD` (no dampening, no Nesterov) with LocalTerms.
 
         buf <- momentum * buf + g + decay * p + offset;  p <- p - lr * buf - lr * correction
@@ -157,9 +166,16 @@ def sgd(
     """
     buffers = []
     for i, (p, g) in enumerate(zip(params, grads)):
-        _, buf = sgd_step(p, Dense(g), momentum_buffers[i] if momentum_buffers is not None else None, lr=lr,
-                          momentum=momentum, decay=weight_decay, offset=offsets[i] if offsets is not None else None,
-                          correction=corrections[i] if corrections is not None else None)
+        _, buf = sgd_step(
+            p,
+            Dense(g),
+            momentum_buffers[i] if momentum_buffers is not None else None,
+            lr=lr,
+            momentum=momentum,
+            decay=weight_decay,
+            offset=offsets[i] if offsets is not None else None,
+            correction=corrections[i] if corrections is not None else None,
+        )
         buffers.append(buf)
     return buffers if momentum else None
 
@@ -175,10 +191,21 @@ def bias_corrections(step: torch.Tensor, *, lr: float, betas: tuple[float, float
     return lr / (1 - betas[0] ** step), (1 - betas[1] ** step).sqrt()
 
 
-def adam_step(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-              corrections: tuple[torch.Tensor, torch.Tensor], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-              eps: float = 1e-8, decoupled_decay: float = 0.0, decay: float = 0.0,
-              offset: torch.Tensor | None = None, correction: torch.Tensor | None = None) -> None:
+def adam_step(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    corrections: tuple[torch.Tensor, torch.Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    decoupled_decay: float = 0.0,
+    decay: float = 0.0,
+    offset: torch.Tensor | None = None,
+    correction: torch.Tensor | None = None,
+) -> None:
     """The Adam rule for one parameter, in place: `torch.optim.Adam`'s single-tensor algorithm
     (Kingma & Ba 2015), AdamW's with `decoupled_decay` (Loshchilov & Hutter 2019), with LocalTerms.
 
@@ -246,8 +273,10 @@ class Rule:
         with `clients`, one per client, stacked, for `params` that are not."""
         some = next(iter(params.values()))
         shape = () if clients is None else (clients,)
-        slots = {s: {k: torch.zeros(*shape, *v.shape, dtype=v.dtype, device=v.device) for k, v in params.items()}
-                 for s in self.slots}
+        slots = {
+            s: {k: torch.zeros(*shape, *v.shape, dtype=v.dtype, device=v.device) for k, v in params.items()}
+            for s in self.slots
+        }
         return OptimizerState(torch.zeros(shape, dtype=torch.float64, device=some.device), slots)
 
     def stacked(self, states: Sequence[OptimizerState | None], params: State) -> OptimizerState:
@@ -256,9 +285,10 @@ class Rule:
             return self.init(params, len(states))
         fresh = self.init(params)
         states = [s or fresh for s in states]
-        return OptimizerState(torch.stack([s.step for s in states]),
-                              {slot: {k: torch.stack([s.slots[slot][k] for s in states]) for k in params}
-                               for slot in self.slots})
+        return OptimizerState(
+            torch.stack([s.step for s in states]),
+            {slot: {k: torch.stack([s.slots[slot][k] for s in states]) for k in params} for slot in self.slots},
+        )
 
     def step(self, params: State, grads: State, state: OptimizerState, terms: LocalTerms) -> None:
         """One step of every parameter in `params`, in place (stacked clients or one alike)."""
@@ -270,23 +300,50 @@ class Rule:
             correction = terms.correction[name] if terms.correction is not None else None
             if self.name == "sgd":
                 buf = state.slots["momentum_buffer"][name] if self.momentum else None
-                sgd_step(p, Dense(grads[name]), buf, lr=self.lr, momentum=self.momentum, decay=decay, offset=offset,
-                         correction=correction)
+                sgd_step(
+                    p,
+                    Dense(grads[name]),
+                    buf,
+                    lr=self.lr,
+                    momentum=self.momentum,
+                    decay=decay,
+                    offset=offset,
+                    correction=correction,
+                )
             else:
-                adam_step(p, grads[name], state.slots["exp_avg"][name], state.slots["exp_avg_sq"][name], corrections,
-                          lr=self.lr, betas=self.betas, eps=self.eps,
-                          decoupled_decay=self.weight_decay if self.name == "adamw" else 0.0,
-                          decay=decay, offset=offset, correction=correction)
+                adam_step(
+                    p,
+                    grads[name],
+                    state.slots["exp_avg"][name],
+                    state.slots["exp_avg_sq"][name],
+                    corrections,
+                    lr=self.lr,
+                    betas=self.betas,
+                    eps=self.eps,
+                    decoupled_decay=self.weight_decay if self.name == "adamw" else 0.0,
+                    decay=decay,
+                    offset=offset,
+                    correction=correction,
+                )
 
 
 @functools.cache
 def _defaults(optimizer: type) -> dict[str, Any]:
-    return {name: p.default for name, p in inspect.signature(optimizer.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        name: p.default
+        for name, p in inspect.signature(optimizer.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
-def rule_for(optimizer: type[torch.optim.Optimizer] | None, options: Mapping[str, Any], *, lr: float,
-             momentum: float = 0.0, weight_decay: float = 0.0) -> Rule | None:
+def rule_for(
+    optimizer: type[torch.optim.Optimizer] | None,
+    options: Mapping[str, Any],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> Rule | None:
     """The rule that computes what `optimizer(params, lr=lr, weight_decay=weight_decay, **options)`
     computes (None: fedforge's SGD with `momentum`), or None when no rule here does."""
     if optimizer is None:
@@ -296,16 +353,35 @@ def rule_for(optimizer: type[torch.optim.Optimizer] | None, options: Mapping[str
         return None
     settings = {**_defaults(optimizer), "lr": lr, "weight_decay": weight_decay, **options}
     # Implementation choices that change the arithmetic, or options no rule here has, go to torch.optim.
-    if (set(options) - {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"}
-            or settings["amsgrad"] or settings["maximize"]):
+    if (
+        set(options) - {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"}
+        or settings["amsgrad"]
+        or settings["maximize"]
+    ):
         return None
     betas = settings["betas"]
     numbers_ = [settings["lr"], settings["eps"], settings["weight_decay"], *betas]
     if len(betas) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in numbers_):
         return None  # e.g. a tensor learning rate
-    return Rule(name, lr=float(settings["lr"]), weight_decay=float(settings["weight_decay"]),
-                betas=(float(betas[0]), float(betas[1])), eps=float(settings["eps"]))
+    return Rule(
+        name,
+        lr=float(settings["lr"]),
+        weight_decay=float(settings["weight_decay"]),
+        betas=(float(betas[0]), float(betas[1])),
+        eps=float(settings["eps"]),
+    )
 
 
-__all__ = ["RULES", "Dense", "Gradient", "LocalTerms", "OptimizerState", "Rule", "adam_step", "bias_corrections",
-           "rule_for", "sgd", "sgd_step"]
+__all__ = [
+    "RULES",
+    "Dense",
+    "Gradient",
+    "LocalTerms",
+    "OptimizerState",
+    "Rule",
+    "adam_step",
+    "bias_corrections",
+    "rule_for",
+    "sgd",
+    "sgd_step",
+]

@@ -27,8 +27,9 @@ def write_model(run_dir: str | os.PathLike, state: dict[str, torch.Tensor]) -> N
         torch.save({k: v.detach().cpu() for k, v in state.items()}, f)
 
 
-def plot_history(history: History, path: str | os.PathLike, *, title: str | None = None,
-                 metric: str = "accuracy") -> None:
+def plot_history(
+    history: History, path: str | os.PathLike, *, title: str | None = None, metric: str = "accuracy"
+) -> None:
     """The task's test `metric` (accuracy for classification) and loss per round, side by side, as a PNG."""
     plt = pyplot()
 
@@ -88,8 +89,9 @@ def round_line(record: RoundRecord, rounds: int) -> str:
         parts.append(f"test accuracy {record.test_accuracy:.4f}")
     if record.test_loss is not None:
         parts.append(f"test loss {record.test_loss:.4f}")
-    parts += [f"{name.replace('_', ' ')} {value:.4g}" for name, value in record.metrics.items()
-              if name.startswith("test_")]
+    parts += [
+        f"{name.replace('_', ' ')} {value:.4g}" for name, value in record.metrics.items() if name.startswith("test_")
+    ]
     if record.train_loss is not None:
         parts.append(f"train loss {record.train_loss:.4f}")
     if record.federated_accuracy is not None:
@@ -109,8 +111,10 @@ def partition_table(histogram: np.ndarray) -> str:
     for client, row in enumerate(histogram):
         lines.append(f"{client:>6} {int(row.sum()):>8}  " + " ".join(f"{int(v):>5}" for v in row))
     sizes = histogram.sum(1)
-    lines.append(f"{len(sizes)} clients, {int(sizes.sum())} examples; size min {sizes.min()}, "
-                 f"median {int(np.median(sizes))}, max {sizes.max()}")
+    lines.append(
+        f"{len(sizes)} clients, {int(sizes.sum())} examples; size min {sizes.min()}, "
+        f"median {int(np.median(sizes))}, max {sizes.max()}"
+    )
     return "\n".join(lines)
 
 

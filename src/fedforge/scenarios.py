@@ -62,7 +62,7 @@ class Scenario:
 
 
 def parse_epochs_dist(text: str | None) -> tuple[int, int] | None:
-    """"uniform:1:5" -> (1, 5); None -> None."""
+    """ "uniform:1:5" -> (1, 5); None -> None."""
     if text is None:
         return None
     match = re.fullmatch(r"uniform:(\d+):(\d+)", text.strip())
@@ -90,8 +90,9 @@ def client_work(
     straggler_rng = _seeding.numpy_rng(seed, _seeding.STRAGGLERS, round_)
     dropout_rng = _seeding.numpy_rng(seed, _seeding.DROPOUT, round_)
     k = len(selected)
-    stragglers = set(np.asarray(selected)[straggler_rng.permutation(k)[: int(round(scenario.straggler_fraction * k))]]
-                     .tolist())
+    stragglers = set(
+        np.asarray(selected)[straggler_rng.permutation(k)[: int(round(scenario.straggler_fraction * k))]].tolist()
+    )
     for client, size in zip(selected, sizes):
         plan = ClientPlan()
         if scenario.local_epochs_range is not None:
@@ -121,8 +122,10 @@ def attack_update(update: ClientUpdate, scenario: Scenario, seed: int, round_: i
         delta = {k: s * v if v.is_floating_point() else v for k, v in update.delta.items()}
     elif scenario.attack == "gaussian":
         g = _seeding.generator(seed, _seeding.ATTACK_NOISE, round_, update.client_id)
-        delta = {k: s * torch.randn(v.shape, generator=g).to(v) if v.is_floating_point() else v
-                 for k, v in update.delta.items()}
+        delta = {
+            k: s * torch.randn(v.shape, generator=g).to(v) if v.is_floating_point() else v
+            for k, v in update.delta.items()
+        }
     else:
         return update
     return replace(update, delta=delta)

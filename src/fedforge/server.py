@@ -29,12 +29,26 @@ log = logging.getLogger("fedforge.server")
 
 
 def serve(
-    config, *, address: str, tokens: dict[int, str], tls: tuple[bytes, bytes] | None, min_clients: int,
-    min_fit_clients: int | None, round_timeout: float, max_message_bytes: int, resume: bool = False,
-    progress: bool = True, on_listening=None, keepalive: float = DEFAULT_KEEPALIVE,
-    max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES, secure: SecureAggregation | None = None,
-    min_available_clients: int | None = None, trackers: Sequence[Tracker] = (),
-    dashboard: DashboardSettings | None = None, on_dashboard=None, checkpoint_key: bytes | None = None,
+    config,
+    *,
+    address: str,
+    tokens: dict[int, str],
+    tls: tuple[bytes, bytes] | None,
+    min_clients: int,
+    min_fit_clients: int | None,
+    round_timeout: float,
+    max_message_bytes: int,
+    resume: bool = False,
+    progress: bool = True,
+    on_listening=None,
+    keepalive: float = DEFAULT_KEEPALIVE,
+    max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES,
+    secure: SecureAggregation | None = None,
+    min_available_clients: int | None = None,
+    trackers: Sequence[Tracker] = (),
+    dashboard: DashboardSettings | None = None,
+    on_dashboard=None,
+    checkpoint_key: bytes | None = None,
 ):
     """Run `config` with the clients that connect to `address`; returns the run's outcome.
 
@@ -48,11 +62,14 @@ def serve(
     if min_fit_clients is None:
         min_fit_clients = math.ceil(per_round / 2)
     if not 1 <= min_fit_clients <= per_round:
-        raise ConfigError(f"min_fit_clients must be between 1 and the {per_round} clients per round, "
-                          f"got {min_fit_clients}")
+        raise ConfigError(
+            f"min_fit_clients must be between 1 and the {per_round} clients per round, got {min_fit_clients}"
+        )
     if min_available_clients is not None and not min_fit_clients <= min_available_clients <= per_round:
-        raise ConfigError(f"min_available_clients must be between the quorum ({min_fit_clients}) and the {per_round} "
-                          f"clients per round, got {min_available_clients}")
+        raise ConfigError(
+            f"min_available_clients must be between the quorum ({min_fit_clients}) and the {per_round} "
+            f"clients per round, got {min_available_clients}"
+        )
     if min_clients < 1:
         raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
     if not keepalive >= 1:
@@ -85,15 +102,27 @@ def serve(
                 on_dashboard(url)
         log.info("waiting for %d clients", min_clients)
         hub.wait_for_clients(min_clients)
-        engine = NetworkEngine(hub, round_timeout=round_timeout, min_fit_clients=min_fit_clients,
-                               max_client_examples=max_client_examples, secure=secure,
-                               min_available_clients=min_available_clients,
-                               watcher=board.state if board is not None else None)
+        engine = NetworkEngine(
+            hub,
+            round_timeout=round_timeout,
+            min_fit_clients=min_fit_clients,
+            max_client_examples=max_client_examples,
+            secure=secure,
+            min_available_clients=min_available_clients,
+            watcher=board.state if board is not None else None,
+        )
         # Differential privacy's noise from the OS's cryptographic source: a deployment's noise must not
         # be replayable from the run's seed (which config.toml records).
-        outcome = run_experiment(config, progress=progress, engine=engine, resume=resume, secure_noise=True,
-                                 trackers=[*trackers, board.tracker] if board is not None else trackers,
-                                 prepared=prepared, checkpoint_key=checkpoint_key)
+        outcome = run_experiment(
+            config,
+            progress=progress,
+            engine=engine,
+            resume=resume,
+            secure_noise=True,
+            trackers=[*trackers, board.tracker] if board is not None else trackers,
+            prepared=prepared,
+            checkpoint_key=checkpoint_key,
+        )
         final = Message(Kind.SHUTDOWN, {"status": "done"})
         return outcome
     except BaseException as e:

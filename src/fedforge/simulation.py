@@ -77,8 +77,9 @@ def select_clients(num_clients: int, k: int, generator: torch.Generator) -> list
     return sorted(torch.randperm(num_clients, generator=generator)[:k].tolist())
 
 
-def client_pool(train: TensorData, partition: Sequence[np.ndarray], scenario: Scenario, seed: int,
-                clients: range | None = None) -> tuple[TensorData, list[int]]:
+def client_pool(
+    train: TensorData, partition: Sequence[np.ndarray], scenario: Scenario, seed: int, clients: range | None = None
+) -> tuple[TensorData, list[int]]:
     """Every client's training examples side by side, and where each client's rows start: client c
     holds rows starts[c]:starts[c + 1]. Malicious clients' labels are flipped here when the
     scenario's attack is label_flip (the pool is fedforge's own copy: no user data is touched).
@@ -100,7 +101,7 @@ def client_pool(train: TensorData, partition: Sequence[np.ndarray], scenario: Sc
         for c in malicious_clients(scenario, len(partition), seed):
             if c in chosen:
                 i = c - chosen.start
-                pool.y[starts[i]:starts[i + 1]] = flip_labels(pool.y[starts[i]:starts[i + 1]], num_classes)
+                pool.y[starts[i] : starts[i + 1]] = flip_labels(pool.y[starts[i] : starts[i + 1]], num_classes)
     return pool, starts
 
 
@@ -143,8 +144,9 @@ class _Begun:
     updates: Iterator[ClientUpdate]
 
 
-def _running(engine: Engine, model: nn.Module, params, tasks: Sequence[ClientTask], config: ClientConfig
-             ) -> Iterator[ClientUpdate]:
+def _running(
+    engine: Engine, model: nn.Module, params, tasks: Sequence[ClientTask], config: ClientConfig
+) -> Iterator[ClientUpdate]:
     """`engine.run(...)`; an error it raises at once (an engine that starts its work when called)
     is raised when the updates are read, in the round they belong to."""
     try:
@@ -220,8 +222,9 @@ def simulate(
     k = clients_per_round_count(clients_per_round, data.num_clients)
     strategy = strategy or FedAvg()
     engine = engine or SequentialEngine()
-    data = replace(data, train=client.task.data(data.train),
-                   test=client.task.data(data.test) if data.test is not None else None)
+    data = replace(
+        data, train=client.task.data(data.train), test=client.task.data(data.test) if data.test is not None else None
+    )
     device = data.train.device
     model = model.to(device)
     pool, starts = client_pool(data.train, data.partition, scenario, seed)
@@ -243,8 +246,14 @@ def simulate(
     if data.client_test is not None and sum(map(len, data.client_test)):
         federated_test = data.train.subset(np.concatenate(list(data.client_test)))
 
-    def measure(state: ServerState, clients_: tuple[int, ...], tally: _Tally | None, started: float,
-                trained: float, dropped: tuple[int, ...] = ()) -> RoundRecord:
+    def measure(
+        state: ServerState,
+        clients_: tuple[int, ...],
+        tally: _Tally | None,
+        started: float,
+        trained: float,
+        dropped: tuple[int, ...] = (),
+    ) -> RoundRecord:
         def on(test_data):
             return evaluate(model, state.params, test_data, batch_size=eval_batch_size, task=client.task)
 
@@ -253,10 +262,17 @@ def simulate(
         on_train = on(pool) if eval_train else None
         train = tally.means() if tally else {}
         # The task's metrics beyond loss and accuracy (which have fields of their own), by name.
-        named = {f"{where}_{name}": value
-                 for where, metrics in (("train", train), ("test", test and test.metrics),
-                                        ("federated", fed and fed.metrics)) if metrics
-                 for name, value in metrics.items() if name not in ("loss", "accuracy")}
+        named = {
+            f"{where}_{name}": value
+            for where, metrics in (
+                ("train", train),
+                ("test", test and test.metrics),
+                ("federated", fed and fed.metrics),
+            )
+            if metrics
+            for name, value in metrics.items()
+            if name not in ("loss", "accuracy")
+        }
         return RoundRecord(
             round=state.round,
             clients=clients_,
@@ -281,15 +297,22 @@ def simulate(
     dp = None
     if privacy is not None:
         privacy.check(strategy, data.num_clients)
-        dp = PrivacyRun(privacy, sampling_for(sampling, data.num_clients, k), rounds=rounds, seed=seed,
-                        saved=resume[0].privacy if resume is not None else None)
+        dp = PrivacyRun(
+            privacy,
+            sampling_for(sampling, data.num_clients, k),
+            rounds=rounds,
+            seed=seed,
+            saved=resume[0].privacy if resume is not None else None,
+        )
     elif sampling not in SAMPLINGS:
         raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     if resume is not None:
         state, records = resume[0], list(resume[1])
         if client.task.keep_optimizer_state:
-            log.warning("resuming: the clients' optimizer states are not in the checkpoint, so they start fresh "
-                        "(this run differs from an uninterrupted one)")
+            log.warning(
+                "resuming: the clients' optimizer states are not in the checkpoint, so they start fresh "
+                "(this run differs from an uninterrupted one)"
+            )
         if state.run is None:  # a checkpoint written before states carried their run
             state = replace(state, run=run)
     else:
@@ -313,10 +336,21 @@ def simulate(
         kept = [c for c in selected if c not in dropped]
         seeds = _seeding.derive_seeds(seed, _seeding.CLIENT_BATCHES, r, each=kept)
         tasks = [
-            ClientTask(c, clients[c], batch_seed, pool, starts[c],
-                       replace(strategy.plan(state, c), epochs=work[c].epochs, max_steps=work[c].max_steps,
-                               **(dp.client_plan() if dp else {})),
-                       optimizer_states.get(c), summable=linear and c not in transformed)
+            ClientTask(
+                c,
+                clients[c],
+                batch_seed,
+                pool,
+                starts[c],
+                replace(
+                    strategy.plan(state, c),
+                    epochs=work[c].epochs,
+                    max_steps=work[c].max_steps,
+                    **(dp.client_plan() if dp else {}),
+                ),
+                optimizer_states.get(c),
+                summable=linear and c not in transformed,
+            )
             for c, batch_seed in zip(kept, seeds)
         ]
         return _Begun(selected, dropped, _running(engine, model, state.params, tasks, client))
@@ -326,8 +360,12 @@ def simulate(
         r = state.round + 1
         traffic = _traffic(engine)
         if dp is not None and dp.exhausted():
-            log.warning("stopping before round %d: it would spend more than the privacy budget (epsilon %.4g spent "
-                        "of %.4g)", r, dp.epsilon(), privacy.target_epsilon)
+            log.warning(
+                "stopping before round %d: it would spend more than the privacy budget (epsilon %.4g spent of %.4g)",
+                r,
+                dp.epsilon(),
+                privacy.target_epsilon,
+            )
             break
         failure: RoundFailed | None = None
         for attempt in range(max_round_attempts):

@@ -110,13 +110,17 @@ class Task:
     def __post_init__(self):
         if self.targets is not None and self.targets not in TARGETS:
             raise ConfigError(f"task {self.name}: targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
-        if self.optimizer is not None and not (isinstance(self.optimizer, type)
-                                               and issubclass(self.optimizer, torch.optim.Optimizer)):
-            raise ConfigError(f"task {self.name}: optimizer must be a torch.optim.Optimizer class, "
-                              f"got {self.optimizer!r}")
+        if self.optimizer is not None and not (
+            isinstance(self.optimizer, type) and issubclass(self.optimizer, torch.optim.Optimizer)
+        ):
+            raise ConfigError(
+                f"task {self.name}: optimizer must be a torch.optim.Optimizer class, got {self.optimizer!r}"
+            )
         if self.keep_optimizer_state and self.train is not None:
-            raise ConfigError(f"task {self.name}: keep_optimizer_state is for the built-in training; a loop of one's "
-                              "own keeps (or not) its optimizer itself")
+            raise ConfigError(
+                f"task {self.name}: keep_optimizer_state is for the built-in training; a loop of one's "
+                "own keeps (or not) its optimizer itself"
+            )
 
     def checked_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.loss(outputs, target)
@@ -135,8 +139,10 @@ class Task:
             return TensorData.from_batch(data, target=self.target, inputs=self.inputs)
         if isinstance(data, torch.utils.data.Dataset):
             return TensorData.from_dataset(data, target=self.target, inputs=self.inputs)
-        raise DataError(f"task {self.name}: cannot use {type(data).__name__} as data (give a tuple or dict of "
-                        f"tensors, a torch.utils.data.Dataset or a TensorData)")
+        raise DataError(
+            f"task {self.name}: cannot use {type(data).__name__} as data (give a tuple or dict of "
+            f"tensors, a torch.utils.data.Dataset or a TensorData)"
+        )
 
     def with_optimizer(self, name: str, **options) -> Task:
         """This task training with the optimizer called `name` (see OPTIMIZERS)."""
@@ -174,8 +180,12 @@ def _numel(target: torch.Tensor) -> int:
 
 def _regression_summary(sums: Mapping[str, float], units: float) -> dict[str, float]:
     total = sums["target2"] - sums["target"] ** 2 / units
-    return {"loss": sums["loss"] / units, "mse": sums["loss"] / units, "mae": sums["mae"] / units,
-            "r2": 1 - sums["loss"] / total if total > 0 else float("nan")}
+    return {
+        "loss": sums["loss"] / units,
+        "mse": sums["loss"] / units,
+        "mae": sums["mae"] / units,
+        "r2": 1 - sums["loss"] / total if total > 0 else float("nan"),
+    }
 
 
 def _next_token(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -192,12 +202,28 @@ def _language_summary(sums: Mapping[str, float], units: float) -> dict[str, floa
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": sums["token_accuracy"] / units}
 
 
-CLASSIFICATION = Task("classification", _cross_entropy, _classification_sums, primary="accuracy",
-                      higher_is_better=True, targets="classes")
-REGRESSION = Task("regression", _mse, _regression_sums, units=_numel, summarize=_regression_summary, primary="r2",
-                  higher_is_better=True, targets="numbers")
-LANGUAGE_MODEL = Task("language-model", _next_token, _language_sums, units=_numel, summarize=_language_summary,
-                      primary="perplexity", targets="tokens")
+CLASSIFICATION = Task(
+    "classification", _cross_entropy, _classification_sums, primary="accuracy", higher_is_better=True, targets="classes"
+)
+REGRESSION = Task(
+    "regression",
+    _mse,
+    _regression_sums,
+    units=_numel,
+    summarize=_regression_summary,
+    primary="r2",
+    higher_is_better=True,
+    targets="numbers",
+)
+LANGUAGE_MODEL = Task(
+    "language-model",
+    _next_token,
+    _language_sums,
+    units=_numel,
+    summarize=_language_summary,
+    primary="perplexity",
+    targets="tokens",
+)
 TASKS = {task.name: task for task in (CLASSIFICATION, REGRESSION, LANGUAGE_MODEL)}
 
 

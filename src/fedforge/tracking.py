@@ -28,8 +28,17 @@ from .strategies import CombinedUpdate
 INSTALL = "pip install 'fedforge[tracking]'"
 
 # The RoundRecord's numeric fields; record.metrics holds the rest (test_r2, epsilon, bytes_up, ...).
-FIELDS = ("test_loss", "test_accuracy", "train_loss", "train_accuracy", "federated_loss", "federated_accuracy",
-          "global_train_loss", "seconds", "train_seconds")
+FIELDS = (
+    "test_loss",
+    "test_accuracy",
+    "train_loss",
+    "train_accuracy",
+    "federated_loss",
+    "federated_accuracy",
+    "global_train_loss",
+    "seconds",
+    "train_seconds",
+)
 ARTIFACTS = ("model.pt", "accuracy.png")
 
 
@@ -132,7 +141,7 @@ class MLflowTracker:
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise ConfigError(f"MLflow tracking needs the mlflow-skinny package: {INSTALL}") from None
-        db = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
+        db = Path(self.uri[len("sqlite:///") :]) if self.uri.startswith("sqlite:///") else None
         try:
             if db is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)
@@ -167,18 +176,20 @@ class _MLflowRun:
 
         self.client = client
         self.run_dir = run_dir
-        self.run_id = client.create_run(experiment_id, run_name=config.name,
-                                        tags={"fedforge.run_dir": str(Path(run_dir).resolve())}).info.run_id
+        self.run_id = client.create_run(
+            experiment_id, run_name=config.name, tags={"fedforge.run_dir": str(Path(run_dir).resolve())}
+        ).info.run_id
         params = [Param(k, str(v)) for k, v in dataclasses.asdict(config).items() if v is not None]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
-            client.log_batch(self.run_id, params=params[i:i + 100])
+            client.log_batch(self.run_id, params=params[i : i + 100])
 
     def round(self, record: RoundRecord, clients: Mapping[int, Mapping[str, float]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(name, value, now, record.round)
-                                                    for name, value in scalars(record).items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(name, value, now, record.round) for name, value in scalars(record).items()]
+        )
 
     def finish(self, error: BaseException | None) -> None:
         for name in ARTIFACTS:
@@ -188,5 +199,12 @@ class _MLflowRun:
         self.client.set_terminated(self.run_id, status)
 
 
-__all__ = ["MLflowTracker", "TensorBoardTracker", "TrackedRun", "Tracker", "client_metrics", "default_mlflow_uri",
-           "scalars"]
+__all__ = [
+    "MLflowTracker",
+    "TensorBoardTracker",
+    "TrackedRun",
+    "Tracker",
+    "client_metrics",
+    "default_mlflow_uri",
+    "scalars",
+]

@@ -17,9 +17,12 @@ def test_search_order(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDFORGE_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert search_dirs("mnist", tmp_path / "explicit") == [
-        tmp_path / "explicit" / "mnist", tmp_path / "explicit",
-        tmp_path / "env" / "mnist", tmp_path / "env",
-        tmp_path / "home" / ".cache" / "fedforge" / "mnist", Path("/usr/share/datasets/mnist"),
+        tmp_path / "explicit" / "mnist",
+        tmp_path / "explicit",
+        tmp_path / "env" / "mnist",
+        tmp_path / "env",
+        tmp_path / "home" / ".cache" / "fedforge" / "mnist",
+        Path("/usr/share/datasets/mnist"),
     ]
 
 

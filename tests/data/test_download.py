@@ -112,8 +112,11 @@ def test_offline_error_names_the_places_searched(tmp_path, monkeypatch):
         locate(spec, tmp_path / "data", progress=False)
     message = str(error.value)
     assert "\n" not in message
-    for place in (tmp_path / "data" / "mnist", tmp_path / "home" / ".cache" / "fedforge" / "mnist",
-                  "/usr/share/datasets/mnist"):
+    for place in (
+        tmp_path / "data" / "mnist",
+        tmp_path / "home" / ".cache" / "fedforge" / "mnist",
+        "/usr/share/datasets/mnist",
+    ):
         assert str(place) in message
     assert "download failed" in message and "refused" in message.lower()
 

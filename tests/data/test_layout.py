@@ -54,8 +54,15 @@ class OneInput(nn.Module):
 
 def _run(model, train, *, task=ff.CLASSIFICATION, engine=None):
     parts = [np.arange(i, N, 4) for i in range(4)]
-    result = ff.simulate(model, FederatedData(train, parts, train), rounds=2, clients_per_round=2,
-                         client=ff.ClientConfig(batch_size=16, lr=0.1, task=task), engine=engine, seed=3)
+    result = ff.simulate(
+        model,
+        FederatedData(train, parts, train),
+        rounds=2,
+        clients_per_round=2,
+        client=ff.ClientConfig(batch_size=16, lr=0.1, task=task),
+        engine=engine,
+        seed=3,
+    )
     return result.state.params
 
 
@@ -93,8 +100,9 @@ def test_a_dict_target_reaches_the_loss():
     # The odd examples weigh nothing: changing their labels changes nothing.
     other, _ = _same_init(Named())
     flipped = torch.where(keep > 0, y, (y + 1) % CLASSES)
-    torch.testing.assert_close(_run(other, {"features": a, "extra": b, "label": flipped, "weight": keep}, task=task),
-                               trained)
+    torch.testing.assert_close(
+        _run(other, {"features": a, "extra": b, "label": flipped, "weight": keep}, task=task), trained
+    )
     assert not torch.equal(trained["linear.weight"], Named().linear.weight)
 
 
@@ -102,8 +110,9 @@ def test_vectorized_engine_gives_the_sequential_result_on_tuple_inputs():
     a, b, y = _data()
     one, _ = _same_init(TwoInputs())
     other, _ = _same_init(TwoInputs())
-    torch.testing.assert_close(_run(one, (a, b, y), engine=ff.VectorizedEngine()),
-                               _run(other, (a, b, y), engine=ff.SequentialEngine()))
+    torch.testing.assert_close(
+        _run(one, (a, b, y), engine=ff.VectorizedEngine()), _run(other, (a, b, y), engine=ff.SequentialEngine())
+    )
 
 
 class Pairs(torch.utils.data.Dataset):
@@ -137,13 +146,16 @@ class Ragged(torch.utils.data.Dataset):
         return torch.zeros(i + 1), 0
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"features": torch.zeros(4, 2), "labels": torch.zeros(4)}, "no part 'label' (it has: 'features', 'labels')"),
-    ((torch.zeros(4, 2), torch.zeros(5)), "share their first dimension"),
-    ((torch.zeros(4, 2), [1, 2]), "must be a tensor"),
-    (Ragged(), "fixed shapes"),
-    ("not data", "cannot use str as data"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"features": torch.zeros(4, 2), "labels": torch.zeros(4)}, "no part 'label' (it has: 'features', 'labels')"),
+        ((torch.zeros(4, 2), torch.zeros(5)), "share their first dimension"),
+        ((torch.zeros(4, 2), [1, 2]), "must be a tensor"),
+        (Ragged(), "fixed shapes"),
+        ("not data", "cannot use str as data"),
+    ],
+)
 def test_data_that_does_not_fit_is_refused_in_one_line(data, message):
     task = dataclasses.replace(ff.CLASSIFICATION, target="label") if isinstance(data, dict) else ff.CLASSIFICATION
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:

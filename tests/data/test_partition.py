@@ -15,9 +15,11 @@ def assert_disjoint_cover(parts, n):
 
 
 def labels_strategy():
-    return st.integers(20, 400).flatmap(
-        lambda n: st.tuples(st.just(n), st.integers(2, 10), st.integers(0, 2**32 - 1))
-    ).map(lambda t: (np.random.default_rng(t[2]).integers(0, t[1], t[0]), t[1], t[2]))
+    return (
+        st.integers(20, 400)
+        .flatmap(lambda n: st.tuples(st.just(n), st.integers(2, 10), st.integers(0, 2**32 - 1)))
+        .map(lambda t: (np.random.default_rng(t[2]).integers(0, t[1], t[0]), t[1], t[2]))
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -122,8 +124,9 @@ def test_natural_one_client_per_group_in_order():
     parts = natural(groups, 3)
     assert [p.tolist() for p in parts] == [[1, 4], [0, 2, 5], [3]]
     assert all(p.dtype == np.int64 for p in parts)
-    assert [p.tolist() for p in partition("natural", np.zeros(6), 3, rng=np.random.default_rng(0), groups=groups)] \
-        == [p.tolist() for p in parts]
+    assert [p.tolist() for p in partition("natural", np.zeros(6), 3, rng=np.random.default_rng(0), groups=groups)] == [
+        p.tolist() for p in parts
+    ]
 
 
 @settings(max_examples=40, deadline=None)
@@ -136,11 +139,14 @@ def test_natural_disjoint_cover_of_whole_groups(n, num_groups, seed):
     assert [groups[p][0] for p in parts] == sorted(np.unique(groups).tolist())
 
 
-@pytest.mark.parametrize("clients, groups, message", [
-    (2, np.array([0, 1, 2]), "num_clients must be 3, the number of groups in the data, got 2"),
-    (4, np.array([0, 1, 2]), "num_clients must be 3"),
-    (1, np.zeros((2, 2)), r"groups must give one id per example, got shape \(2, 2\)"),
-])
+@pytest.mark.parametrize(
+    "clients, groups, message",
+    [
+        (2, np.array([0, 1, 2]), "num_clients must be 3, the number of groups in the data, got 2"),
+        (4, np.array([0, 1, 2]), "num_clients must be 3"),
+        (1, np.zeros((2, 2)), r"groups must give one id per example, got shape \(2, 2\)"),
+    ],
+)
 def test_natural_refuses_another_number_of_clients(clients, groups, message):
     with pytest.raises(ConfigError, match=message):
         natural(groups, clients)

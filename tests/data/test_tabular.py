@@ -68,8 +68,9 @@ def test_csv_classification_by_hand(tmp_path):
     torch.testing.assert_close(dataset.train.x[:, 0], torch.tensor((size[train] - mean) / std, dtype=torch.float32))
     torch.testing.assert_close(dataset.test.x[:, 0], torch.tensor((size[test] - mean) / std, dtype=torch.float32))
     assert dataset.train.x[:, 1].abs().max() == 0 and dataset.test.x[:, 1].abs().max() == 0
-    torch.testing.assert_close(dataset.train.x[:, 2], torch.tensor((2.5 * size[train] - 2.5 * mean) / (2.5 * std),
-                                                                   dtype=torch.float32))
+    torch.testing.assert_close(
+        dataset.train.x[:, 2], torch.tensor((2.5 * size[train] - 2.5 * mean) / (2.5 * std), dtype=torch.float32)
+    )
 
 
 def test_a_constant_column_is_not_blown_up_by_rounding(tmp_path):
@@ -81,8 +82,9 @@ def test_a_constant_column_is_not_blown_up_by_rounding(tmp_path):
 
 def test_integer_labels_become_0_to_k_minus_1_in_order(tmp_path):
     rows = [(i, [9, 3, 5][i % 3]) for i in range(9)]
-    dataset = load_file_dataset(f"csv:{write_csv(tmp_path / 'd.csv', rows, 'x,label')}", target="label",
-                                task="classification")
+    dataset = load_file_dataset(
+        f"csv:{write_csv(tmp_path / 'd.csv', rows, 'x,label')}", target="label", task="classification"
+    )
     assert dataset.num_classes == 3
     train, _ = split_indices(9)
     assert dataset.train.y.tolist() == [[2, 0, 1][i % 3] for i in train]  # 3 -> 0, 5 -> 1, 9 -> 2
@@ -134,22 +136,28 @@ def test_parquet_file_and_folder_equal_the_csv(tmp_path):
         assert dataset.num_classes == 3
 
 
-@pytest.mark.parametrize("text, target, message", [
-    ("", "y", "is empty (expected a header row naming the columns)"),
-    ("a,b,y\n", "y", "has a header but no rows"),
-    ("a,b,label\n1,2,3\n", "y", "has no column 'y' (its columns: a, b, label)"),
-    ("a,color,city,y\n1,red,paris,0\n2,blue,rome,1\n", "y",
-     "column(s) 'color', 'city' are not numbers (e.g. 'red' on line 2); encode them as numbers first"),
-    ("a,b,y\n1,2,0\n3,4\n", "y", "line 3: 2 fields, but the header has 3"),
-    ("a,b,y\n1,2,0\n3,,1\n", "y", "line 3: column 'b' has a missing value (''); fill or drop such rows first"),
-    ("a,b,y\n1,2,0\n3,NaN,1\n", "y", "line 3: column 'b' has a missing or infinite value ('NaN')"),
-    ("a,b,y\n1,2,0\n3,4,\n", "y", "line 3: the target column 'y' has a missing value ('')"),
-    ("a,a,y\n1,2,0\n", "y", "column 'a' appears twice in the header"),
-    ("y\n1\n2\n", "y", "has only the target column 'y': no features to learn from"),
-    ("a,y\n1,0\n2,1\n", "y", "has 2 row(s): too few for an 80/20 train/test split"),
-    ("a,y\n1,0.5\n2,1\n3,0\n", "y", "target column 'y' has value 0.5, not a class label"),
-    ("a,y\n1,4\n2,4\n3,4\n", "y", "target column 'y' has a single value (4.0): nothing to classify"),
-])
+@pytest.mark.parametrize(
+    "text, target, message",
+    [
+        ("", "y", "is empty (expected a header row naming the columns)"),
+        ("a,b,y\n", "y", "has a header but no rows"),
+        ("a,b,label\n1,2,3\n", "y", "has no column 'y' (its columns: a, b, label)"),
+        (
+            "a,color,city,y\n1,red,paris,0\n2,blue,rome,1\n",
+            "y",
+            "column(s) 'color', 'city' are not numbers (e.g. 'red' on line 2); encode them as numbers first",
+        ),
+        ("a,b,y\n1,2,0\n3,4\n", "y", "line 3: 2 fields, but the header has 3"),
+        ("a,b,y\n1,2,0\n3,,1\n", "y", "line 3: column 'b' has a missing value (''); fill or drop such rows first"),
+        ("a,b,y\n1,2,0\n3,NaN,1\n", "y", "line 3: column 'b' has a missing or infinite value ('NaN')"),
+        ("a,b,y\n1,2,0\n3,4,\n", "y", "line 3: the target column 'y' has a missing value ('')"),
+        ("a,a,y\n1,2,0\n", "y", "column 'a' appears twice in the header"),
+        ("y\n1\n2\n", "y", "has only the target column 'y': no features to learn from"),
+        ("a,y\n1,0\n2,1\n", "y", "has 2 row(s): too few for an 80/20 train/test split"),
+        ("a,y\n1,0.5\n2,1\n3,0\n", "y", "target column 'y' has value 0.5, not a class label"),
+        ("a,y\n1,4\n2,4\n3,4\n", "y", "target column 'y' has a single value (4.0): nothing to classify"),
+    ],
+)
 def test_bad_csv_files(tmp_path, text, target, message):
     path = tmp_path / "bad.csv"
     path.write_text(text)
@@ -220,11 +228,14 @@ def test_paths_that_are_not_datasets(tmp_path):
         assert message in one_line(error), name
 
 
-@pytest.mark.parametrize("table, message", [
-    ({"a": [1.0, None, 3.0], "y": [0, 1, 0]}, "column 'a' has 1 missing value(s) (the first in row 2)"),
-    ({"a": [1.0, float("nan"), 3.0], "y": [0, 1, 0]}, "column 'a' has a missing or infinite value (nan) in row 2"),
-    ({"a": [1, 2, 3], "b": ["x", "y", "z"], "y": [0, 1, 0]}, "column(s) 'b' are not numbers (string)"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ({"a": [1.0, None, 3.0], "y": [0, 1, 0]}, "column 'a' has 1 missing value(s) (the first in row 2)"),
+        ({"a": [1.0, float("nan"), 3.0], "y": [0, 1, 0]}, "column 'a' has a missing or infinite value (nan) in row 2"),
+        ({"a": [1, 2, 3], "b": ["x", "y", "z"], "y": [0, 1, 0]}, "column(s) 'b' are not numbers (string)"),
+    ],
+)
 def test_bad_parquet_files(tmp_path, table, message):
     pq.write_table(pa.table(table), tmp_path / "bad.parquet")
     with pytest.raises(DataError) as error:
@@ -245,8 +256,11 @@ def test_config_target_rules():
         Config(target="y")
     with pytest.raises(ConfigError, match="dataset 'parquet:' names no file: give parquet:PATH"):
         Config(dataset="parquet:", target="y")
-    with pytest.raises(ConfigError, match=r"unknown dataset 'cifar' \(choose from: .*, or csv:PATH, parquet:PATH, "
-                                          r"hf:PATH\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown dataset 'cifar' \(choose from: .*, or csv:PATH, parquet:PATH, "
+        r"hf:PATH\)",
+    ):
         Config(dataset="cifar")
 
 
@@ -259,18 +273,26 @@ def test_tabular_mlp_shapes():
 
 def test_experiment_load_and_partition(tmp_path):
     path = write_csv(tmp_path / "zoo.csv", [(float(i), 1.0, 4 + i % 2, i) for i in range(40)])
-    config = Config(dataset=f"csv:{path}", target="kind", num_clients=4, clients_per_round=2, partition="shards",
-                    shards_per_client=2)
+    config = Config(
+        dataset=f"csv:{path}",
+        target="kind",
+        num_clients=4,
+        clients_per_round=2,
+        partition="shards",
+        shards_per_client=2,
+    )
     dataset, data = load(config)
     assert dataset.num_classes == 2 and data.num_clients == 4 and sum(map(len, data.partition)) == 32
     assert run_name(config).startswith("csv-zoo-mlp-fedavg-")
     assert run_name(config.replace(model="fedforge.models:tabular_mlp")).startswith(
-        "csv-zoo-fedforge.models_tabular_mlp-fedavg-")
+        "csv-zoo-fedforge.models_tabular_mlp-fedavg-"
+    )
     regression = load(config.replace(target="price", task="regression", partition="dirichlet"))[0]
     assert regression.num_classes == 1 and len(federate(config.replace(target="price"), regression).partition) == 4
 
 
 # Hugging Face datasets --------------------------------------------------------------------------------------------
+
 
 def _hf():
     return pytest.importorskip("datasets")
@@ -279,10 +301,21 @@ def _hf():
 def digits_like(n=20):
     """n rows: 4 pixels (a fixed-length list), a scalar feature, a ClassLabel of 3 classes."""
     hf = _hf()
-    features = hf.Features({"pixels": hf.List(hf.Value("float32"), length=4), "weight": hf.Value("int32"),
-                            "label": hf.ClassLabel(names=["a", "b", "c", "d"])})
-    return hf.Dataset.from_dict({"pixels": [[i, i + 0.5, -i, 1.0] for i in range(n)], "weight": list(range(n)),
-                                 "label": [i % 3 for i in range(n)]}, features=features)
+    features = hf.Features(
+        {
+            "pixels": hf.List(hf.Value("float32"), length=4),
+            "weight": hf.Value("int32"),
+            "label": hf.ClassLabel(names=["a", "b", "c", "d"]),
+        }
+    )
+    return hf.Dataset.from_dict(
+        {
+            "pixels": [[i, i + 0.5, -i, 1.0] for i in range(n)],
+            "weight": list(range(n)),
+            "label": [i % 3 for i in range(n)],
+        },
+        features=features,
+    )
 
 
 def test_hf_dataset_dict_one_input_column(tmp_path):
@@ -315,8 +348,9 @@ def test_hf_several_inputs_are_a_dict(tmp_path):
 
 def test_hf_regression(tmp_path):
     hf = _hf()
-    hf.Dataset.from_dict({"x": [[float(i), 1.0] for i in range(10)], "y": [0.5 * i for i in range(10)]}
-                         ).save_to_disk(str(tmp_path / "d"))
+    hf.Dataset.from_dict({"x": [[float(i), 1.0] for i in range(10)], "y": [0.5 * i for i in range(10)]}).save_to_disk(
+        str(tmp_path / "d")
+    )
     dataset = load_file_dataset(f"hf:{tmp_path / 'd'}", target="y", task="regression")
     train, _ = split_indices(10)
     assert dataset.num_classes == 1 and dataset.train.y.dtype == torch.float32
@@ -325,8 +359,9 @@ def test_hf_regression(tmp_path):
 
 def test_hf_string_labels_become_class_ids(tmp_path):
     hf = _hf()
-    hf.Dataset.from_dict({"x": [[float(i), 1.0] for i in range(10)],
-                          "kind": ["bee", "ant"] * 5}).save_to_disk(str(tmp_path / "d"))
+    hf.Dataset.from_dict({"x": [[float(i), 1.0] for i in range(10)], "kind": ["bee", "ant"] * 5}).save_to_disk(
+        str(tmp_path / "d")
+    )
     dataset = load_file_dataset(f"hf:{tmp_path / 'd'}", target="kind", task="classification")
     train, _ = split_indices(10)
     assert dataset.num_classes == 2 and dataset.train.y.tolist() == [1 - i % 2 for i in train]
@@ -335,9 +370,10 @@ def test_hf_string_labels_become_class_ids(tmp_path):
 def test_hf_language_model_targets(tmp_path):
     hf = _hf()
     ids = [[(i + t) % 7 for t in range(5)] for i in range(10)]
-    hf.DatasetDict(train=hf.Dataset.from_dict({"input_ids": ids[:8], "labels": [s[1:] + [0] for s in ids[:8]]}),
-                   test=hf.Dataset.from_dict({"input_ids": ids[8:], "labels": [s[1:] + [0] for s in ids[8:]]})
-                   ).save_to_disk(str(tmp_path / "d"))
+    hf.DatasetDict(
+        train=hf.Dataset.from_dict({"input_ids": ids[:8], "labels": [s[1:] + [0] for s in ids[:8]]}),
+        test=hf.Dataset.from_dict({"input_ids": ids[8:], "labels": [s[1:] + [0] for s in ids[8:]]}),
+    ).save_to_disk(str(tmp_path / "d"))
     dataset = load_file_dataset(f"hf:{tmp_path / 'd'}", target="labels", task="language-model")
     assert dataset.num_classes == 7 and dataset.train.x.shape == (8, 5) and dataset.train.y.dtype == torch.int64
 
@@ -354,16 +390,23 @@ def test_hf_parquet(tmp_path):
     assert len(dataset.train) == 12 and len(dataset.test) == 8
 
 
-@pytest.mark.parametrize("columns, message", [
-    ({"text": ["a b", "c", "d e f"], "label": [0, 1, 0]},
-     "column 'text' holds text; tokenize and pad it first (fixed-length lists of token ids), or drop it"),
-    ({"input_ids": [[1, 2], [3], [4, 5, 6]], "label": [0, 1, 0]},
-     "column 'input_ids' holds lists of different lengths (1 to 3); pad them to one length first"),
-    ({"x": [1.0, None, 3.0], "label": [0, 1, 0]}, "column 'x' has 1 missing value(s)"),
-    ({"x": [1.0, 2.0, 3.0], "y": [0, 1, 0]}, "has no column 'label' (its columns: x, y)"),
-    ({"label": [0, 1, 0]}, "has only the target column 'label': no inputs to learn from"),
-    ({"x": [1.0, 2.0, 3.0], "label": [0.5, 1.0, 0.0]}, "target column 'label' has value 0.5, not a class label"),
-])
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        (
+            {"text": ["a b", "c", "d e f"], "label": [0, 1, 0]},
+            "column 'text' holds text; tokenize and pad it first (fixed-length lists of token ids), or drop it",
+        ),
+        (
+            {"input_ids": [[1, 2], [3], [4, 5, 6]], "label": [0, 1, 0]},
+            "column 'input_ids' holds lists of different lengths (1 to 3); pad them to one length first",
+        ),
+        ({"x": [1.0, None, 3.0], "label": [0, 1, 0]}, "column 'x' has 1 missing value(s)"),
+        ({"x": [1.0, 2.0, 3.0], "y": [0, 1, 0]}, "has no column 'label' (its columns: x, y)"),
+        ({"label": [0, 1, 0]}, "has only the target column 'label': no inputs to learn from"),
+        ({"x": [1.0, 2.0, 3.0], "label": [0.5, 1.0, 0.0]}, "target column 'label' has value 0.5, not a class label"),
+    ],
+)
 def test_bad_hf_columns(tmp_path, columns, message):
     _hf().Dataset.from_dict(columns).save_to_disk(str(tmp_path / "d"))
     with pytest.raises(DataError) as error:
@@ -407,8 +450,17 @@ def test_hf_end_to_end(tmp_path):
     x = rng.normal(size=(300, 6)).astype(np.float32)
     label = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
     hf.Dataset.from_dict({"features": x.tolist(), "label": label.tolist()}).save_to_disk(str(tmp_path / "d"))
-    config = Config(dataset=f"hf:{tmp_path / 'd'}", target="label", model="tabular-mlp", rounds=4, lr=0.1,
-                    local_epochs=2, batch_size=8, out_dir=str(tmp_path / "runs"), name="hf")
+    config = Config(
+        dataset=f"hf:{tmp_path / 'd'}",
+        target="label",
+        model="tabular-mlp",
+        rounds=4,
+        lr=0.1,
+        local_epochs=2,
+        batch_size=8,
+        out_dir=str(tmp_path / "runs"),
+        name="hf",
+    )
     history = run_experiment(config, progress=False, verbose=False).history
     assert history.final.test_accuracy > 0.85 and not math.isnan(history.final.test_loss)
 
@@ -435,14 +487,21 @@ def test_hf_tokenized_columns_end_to_end(tmp_path):
     mask = (np.arange(10) < lengths[:, None]).astype(np.int64)
     ids = rng.integers(1, 20, size=(300, 10)) * mask  # 0 pads
     label = ((ids >= 10) * mask).sum(1) * 2 > lengths  # most tokens in 10..19
-    hf.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(),
-                          "label": label.astype(int).tolist()}).save_to_disk(str(tmp_path / "d"))
+    hf.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "label": label.astype(int).tolist()}
+    ).save_to_disk(str(tmp_path / "d"))
     config = Config(dataset=f"hf:{tmp_path / 'd'}", target="label", num_clients=5, clients_per_round=5)
     dataset, data = load(config)
     assert set(dataset.train.x) == {"input_ids", "attention_mask"} and dataset.train.x["input_ids"].dtype == torch.int64
     torch.manual_seed(0)
-    result = ff.simulate(BagOfTokens(20, dataset.num_classes), data, rounds=8, clients_per_round=5,
-                         client=ff.ClientConfig(local_epochs=2, batch_size=16, lr=0.05,
-                                                task=ff.make_task("classification", optimizer="adam")))
+    result = ff.simulate(
+        BagOfTokens(20, dataset.num_classes),
+        data,
+        rounds=8,
+        clients_per_round=5,
+        client=ff.ClientConfig(
+            local_epochs=2, batch_size=16, lr=0.05, task=ff.make_task("classification", optimizer="adam")
+        ),
+    )
     accuracy = [r.test_accuracy for r in result.history.records]
     assert accuracy[-1] > 0.8 and accuracy[-1] > accuracy[0] + 0.2

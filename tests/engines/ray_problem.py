@@ -61,9 +61,18 @@ class Net(nn.Module):
 
 def run(engine, strategy="fedavg", scenario=Scenario(), rounds=3, model=None, **kwargs):
     options = {"krum_f": 1} if strategy == "krum" else {}
-    return simulate(model or Net(), blobs_data(), rounds=rounds, clients_per_round=6, client=CLIENT,
-                    strategy=make_strategy(strategy, **options), engine=engine, scenario=scenario, seed=SEED,
-                    **kwargs)
+    return simulate(
+        model or Net(),
+        blobs_data(),
+        rounds=rounds,
+        clients_per_round=6,
+        client=CLIENT,
+        strategy=make_strategy(strategy, **options),
+        engine=engine,
+        scenario=scenario,
+        seed=SEED,
+        **kwargs,
+    )
 
 
 def assert_same_run(a, b):

@@ -28,8 +28,16 @@ def build(act):
 
 def run(engine, device, act=nn.ReLU, strategy=None):
     data = FederatedData(blobs(160), UNEQUAL, blobs(100, seed=1)).to(device)
-    return simulate(build(act).to(device), data, rounds=3, clients_per_round=4, engine=engine, seed=1,
-                    client=ClientConfig(batch_size=8, lr=0.05, momentum=0.5), strategy=strategy)
+    return simulate(
+        build(act).to(device),
+        data,
+        rounds=3,
+        clients_per_round=4,
+        engine=engine,
+        seed=1,
+        client=ClientConfig(batch_size=8, lr=0.05, momentum=0.5),
+        strategy=strategy,
+    )
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh], ids=["kernel", "torch.func"])
@@ -50,8 +58,24 @@ def test_cuda_run_equals_the_cpu_run():
 
 
 def test_run_command_on_cuda(tmp_path):
-    code = main(["run", "-q", "--dataset", "synthetic", "--model", "logreg", "--rounds", "2", "--device", "cuda",
-                 "--out-dir", str(tmp_path), "--name", "gpu"])
+    code = main(
+        [
+            "run",
+            "-q",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "logreg",
+            "--rounds",
+            "2",
+            "--device",
+            "cuda",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "gpu",
+        ]
+    )
     assert code == 0
     rounds = json.loads((tmp_path / "gpu" / "history.json").read_text())["rounds"]
     assert len(rounds) == 3 and rounds[-1]["test_accuracy"] > 0.3

@@ -26,21 +26,28 @@ def test_a_consistent_update_is_accepted():
     assert (update.client_id, update.num_examples, update.num_steps) == (4, 25, 6)  # 2 epochs of 3 batches
 
 
-@pytest.mark.parametrize("header, plan, reason", [
-    ({"num_examples": 10**18, "num_steps": 2 * 10**17}, {}, "num_examples 1000000000000000000 is not between 1 and"),
-    ({"num_examples": 0, "num_steps": 0}, {}, "num_examples 0 is not between"),
-    ({"num_examples": 25.0}, {}, "num_examples 25.0 is not between"),
-    ({"num_examples": True}, {}, "num_examples True is not between"),
-    ({"num_steps": 7}, {}, "num_steps 7 is not the 6 steps its task asks of 25 examples"),
-    ({"num_steps": 6}, {"max_steps": 4}, "num_steps 6 is not the 4 steps"),  # a straggler's partial work
-    ({"num_steps": 6}, {"epochs": 1}, "num_steps 6 is not the 3 steps"),
-    ({"train_loss": 1e308}, {}, "train_loss 1e+308 is not a number in"),
-    ({"train_loss": "0.5"}, {}, "train_loss '0.5' is not a number in"),
-    ({"train_accuracy": 1.5}, {}, "train_accuracy 1.5 is not a number in [0, 1]"),
-    ({"initial_loss": -1e20}, {}, "initial_loss -1e+20 is not a number in"),
-    ({"inputs_differ": "yes"}, {}, "inputs_differ 'yes' is not true or false"),
-    ({"inputs_differ": 1}, {}, "inputs_differ 1 is not true or false"),
-])
+@pytest.mark.parametrize(
+    "header, plan, reason",
+    [
+        (
+            {"num_examples": 10**18, "num_steps": 2 * 10**17},
+            {},
+            "num_examples 1000000000000000000 is not between 1 and",
+        ),
+        ({"num_examples": 0, "num_steps": 0}, {}, "num_examples 0 is not between"),
+        ({"num_examples": 25.0}, {}, "num_examples 25.0 is not between"),
+        ({"num_examples": True}, {}, "num_examples True is not between"),
+        ({"num_steps": 7}, {}, "num_steps 7 is not the 6 steps its task asks of 25 examples"),
+        ({"num_steps": 6}, {"max_steps": 4}, "num_steps 6 is not the 4 steps"),  # a straggler's partial work
+        ({"num_steps": 6}, {"epochs": 1}, "num_steps 6 is not the 3 steps"),
+        ({"train_loss": 1e308}, {}, "train_loss 1e+308 is not a number in"),
+        ({"train_loss": "0.5"}, {}, "train_loss '0.5' is not a number in"),
+        ({"train_accuracy": 1.5}, {}, "train_accuracy 1.5 is not a number in [0, 1]"),
+        ({"initial_loss": -1e20}, {}, "initial_loss -1e+20 is not a number in"),
+        ({"inputs_differ": "yes"}, {}, "inputs_differ 'yes' is not true or false"),
+        ({"inputs_differ": 1}, {}, "inputs_differ 1 is not true or false"),
+    ],
+)
 def test_counts_and_metrics_must_fit_the_task(header, plan, reason):
     with pytest.raises(ValueError, match=reason.replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):
         update_from(message(**header), task(**plan), CONFIG, GLOBAL)

@@ -74,8 +74,9 @@ def test_scenarios_work_unchanged():
         assert_same_run(run(engine, "krum", scenario), in_process("krum", scenario))
         # Differential privacy: the round loop clips and noises each update, so they come back one by one.
         privacy = DifferentialPrivacy(mode="client", clip=0.5, noise_multiplier=0.3, delta=1e-3)
-        assert_same_run(run(engine, "fedadam", scenario, privacy=privacy),
-                        run(AutoEngine(), "fedadam", scenario, privacy=privacy))
+        assert_same_run(
+            run(engine, "fedadam", scenario, privacy=privacy), run(AutoEngine(), "fedadam", scenario, privacy=privacy)
+        )
 
 
 def test_a_worker_killed_mid_round_is_restarted_and_the_run_is_unchanged(tmp_path):
@@ -98,8 +99,20 @@ def test_a_worker_killed_mid_round_is_restarted_and_the_run_is_unchanged(tmp_pat
 
 
 def test_resume_continues_on_the_ray_engine_as_if_uninterrupted(tmp_path, capsys):
-    base = ["run", "-q", "--dataset", "synthetic", "--num-clients", "6", "--clients-per-round", "3", "--model",
-            "logreg", "--out-dir", str(tmp_path)]
+    base = [
+        "run",
+        "-q",
+        "--dataset",
+        "synthetic",
+        "--num-clients",
+        "6",
+        "--clients-per-round",
+        "3",
+        "--model",
+        "logreg",
+        "--out-dir",
+        str(tmp_path),
+    ]
     ray_flags = ["--engine", "ray", "--ray-workers", "2", "--ray-cpus-per-worker", "0.5"]
     assert main([*base, "--name", "stopped", "--rounds", "2"]) == 0  # the engine may change on resume
     assert main(["run", "-q", "--resume", str(tmp_path / "stopped"), "--rounds", "4", *ray_flags]) == 0
@@ -109,36 +122,77 @@ def test_resume_continues_on_the_ray_engine_as_if_uninterrupted(tmp_path, capsys
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--ray-workers", "0"], "ray_workers must be an integer >= 1, got 0"),
-    (["--ray-cpus-per-worker", "0"], "ray_cpus_per_worker must be > 0, got 0.0"),
-    (["--ray-workers", "5"], "5 Ray workers of 1 CPU each need 5 CPU, and the cluster has 2: use fewer "
-                             "--ray-workers or less per worker"),
-    (["--ray-address", "127.0.0.1:1"], "cannot reach the Ray cluster at '127.0.0.1:1' within 10 s (Connection "
-                                       "refused): is `ray start --head` running there?"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ray-workers", "0"], "ray_workers must be an integer >= 1, got 0"),
+        (["--ray-cpus-per-worker", "0"], "ray_cpus_per_worker must be > 0, got 0.0"),
+        (
+            ["--ray-workers", "5"],
+            "5 Ray workers of 1 CPU each need 5 CPU, and the cluster has 2: use fewer --ray-workers or less per worker",
+        ),
+        (
+            ["--ray-address", "127.0.0.1:1"],
+            "cannot reach the Ray cluster at '127.0.0.1:1' within 10 s (Connection "
+            "refused): is `ray start --head` running there?",
+        ),
+    ],
+)
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, flags, message):
-    argv = ["run", "-q", "--dataset", "synthetic", "--num-clients", "4", "--clients-per-round", "2", "--model",
-            "logreg", "--out-dir", str(tmp_path), "--engine", "ray", *flags]
+    argv = [
+        "run",
+        "-q",
+        "--dataset",
+        "synthetic",
+        "--num-clients",
+        "4",
+        "--clients-per-round",
+        "2",
+        "--model",
+        "logreg",
+        "--out-dir",
+        str(tmp_path),
+        "--engine",
+        "ray",
+        *flags,
+    ]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"fedforge: error: {message}"]
 
 
 def test_ray_missing_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    argv = ["run", "-q", "--dataset", "synthetic", "--num-clients", "4", "--clients-per-round", "2", "--model",
-            "logreg", "--out-dir", str(tmp_path), "--engine", "ray"]
+    argv = [
+        "run",
+        "-q",
+        "--dataset",
+        "synthetic",
+        "--num-clients",
+        "4",
+        "--clients-per-round",
+        "2",
+        "--model",
+        "logreg",
+        "--out-dir",
+        str(tmp_path),
+        "--engine",
+        "ray",
+    ]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "fedforge: error: engine ray needs Ray, which is not installed: pip install 'fedforge[ray]'"]
+        "fedforge: error: engine ray needs Ray, which is not installed: pip install 'fedforge[ray]'"
+    ]
 
 
 def test_an_address_that_does_not_answer_as_ray_fails_within_the_bound():
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, says nothing
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
-        with pytest.raises(ConfigError, match=rf"^cannot reach the Ray cluster at '{address}' within 0.5 s "
-                                              rf"\(something listens there, but not as Ray does\)"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^cannot reach the Ray cluster at '{address}' within 0.5 s "
+            rf"\(something listens there, but not as Ray does\)",
+        ):
             RayEngine(blobs_data, seed=SEED, address=address, connect_timeout=0.5)
         # Without the bound ray.init waits for minutes; 60 s leaves a loaded machine room for the
         # bound's own work (importing grpc, a channel) and still tells a bound from no bound.
@@ -146,17 +200,23 @@ def test_an_address_that_does_not_answer_as_ray_fails_within_the_bound():
 
 
 def test_a_worker_that_cannot_load_the_data_says_why():
-    with pytest.raises(ConfigError, match=r"^a Ray worker cannot load the run's data: DataError: fashion-mnist not "
-                                          r"found in /nowhere$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^a Ray worker cannot load the run's data: DataError: fashion-mnist not "
+        r"found in /nowhere$",
+    ):
         RayEngine(failing_data, seed=SEED, workers=1, cpus_per_worker=0.5)
 
 
-@pytest.mark.parametrize("costs, workers, expected", [
-    ([1, 1, 1, 1], 2, [(0, 2), (2, 4)]),
-    ([5, 1, 1, 1, 1, 1], 2, [(0, 1), (1, 6)]),
-    ([1, 1], 3, [(0, 1), (1, 2), (2, 2)]),
-    ([3, 3, 3], 1, [(0, 3)]),
-])
+@pytest.mark.parametrize(
+    "costs, workers, expected",
+    [
+        ([1, 1, 1, 1], 2, [(0, 2), (2, 4)]),
+        ([5, 1, 1, 1, 1, 1], 2, [(0, 1), (1, 6)]),
+        ([1, 1], 3, [(0, 1), (1, 2), (2, 2)]),
+        ([3, 3, 3], 1, [(0, 3)]),
+    ],
+)
 def test_shares_are_consecutive_and_balanced(costs, workers, expected):
     assert [(r.start, r.stop) for r in shares(costs, workers)] == expected
 

@@ -56,18 +56,31 @@ def seeded(factory):
     def build():
         torch.manual_seed(0)
         return factory()
+
     return build
 
 
 CASES = {
-    "classification (tanh)": (CLASSIFICATION, lambda: blobs(160, dim=8),
-                              seeded(lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)))),
-    "classification (relu)": (CLASSIFICATION, lambda: blobs(160, dim=8),
-                              seeded(lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))),
-    "regression": (REGRESSION, regression_data,
-                   seeded(lambda: nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1)))),
-    "language-model (embedding)": (LANGUAGE_MODEL, token_data,
-                                   seeded(lambda: nn.Sequential(nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB)))),
+    "classification (tanh)": (
+        CLASSIFICATION,
+        lambda: blobs(160, dim=8),
+        seeded(lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))),
+    ),
+    "classification (relu)": (
+        CLASSIFICATION,
+        lambda: blobs(160, dim=8),
+        seeded(lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))),
+    ),
+    "regression": (
+        REGRESSION,
+        regression_data,
+        seeded(lambda: nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))),
+    ),
+    "language-model (embedding)": (
+        LANGUAGE_MODEL,
+        token_data,
+        seeded(lambda: nn.Sequential(nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB))),
+    ),
     "language-model (lstm)": (LANGUAGE_MODEL, token_data, seeded(TinyLSTM)),
 }
 
@@ -94,9 +107,18 @@ def run_both(case, config, *, rounds=2, clients_per_round=3, caplog=None, **kwar
     results = []
     with caplog.at_level(logging.WARNING, logger="fedforge"):
         for engine in (SequentialEngine(), VectorizedEngine(**kwargs.pop("engine_options", {}))):
-            results.append(simulate(build(), FederatedData(data, UNEQUAL, data), rounds=rounds,
-                                    clients_per_round=clients_per_round, client=config, engine=engine, seed=1,
-                                    **kwargs))
+            results.append(
+                simulate(
+                    build(),
+                    FederatedData(data, UNEQUAL, data),
+                    rounds=rounds,
+                    clients_per_round=clients_per_round,
+                    client=config,
+                    engine=engine,
+                    seed=1,
+                    **kwargs,
+                )
+            )
     assert not [r.getMessage() for r in caplog.records if "cannot batch" in r.getMessage()]
     return results
 
@@ -108,44 +130,71 @@ def test_every_task_and_optimizer_agrees_across_engines(case, optimizer, caplog)
     assert_same(*run_both(case, config_for(task, optimizer, local_epochs=2), clients_per_round=4, caplog=caplog))
 
 
-@pytest.mark.parametrize("strategy, scenario", [
-    (FedProx(proximal_mu=0.5), Scenario()),
-    (Scaffold(), Scenario()),
-    (None, Scenario(local_epochs_range=(1, 3), straggler_fraction=0.5)),
-    (FedProx(proximal_mu=0.1), Scenario(straggler_fraction=0.6, dropout=0.2)),
-], ids=["fedprox", "scaffold", "epochs+stragglers", "fedprox+stragglers+dropout"])
-@pytest.mark.parametrize("case, optimizer", [("regression", "adam"), ("language-model (embedding)", "adamw"),
-                                             ("classification (relu)", "adam")])
+@pytest.mark.parametrize(
+    "strategy, scenario",
+    [
+        (FedProx(proximal_mu=0.5), Scenario()),
+        (Scaffold(), Scenario()),
+        (None, Scenario(local_epochs_range=(1, 3), straggler_fraction=0.5)),
+        (FedProx(proximal_mu=0.1), Scenario(straggler_fraction=0.6, dropout=0.2)),
+    ],
+    ids=["fedprox", "scaffold", "epochs+stragglers", "fedprox+stragglers+dropout"],
+)
+@pytest.mark.parametrize(
+    "case, optimizer",
+    [("regression", "adam"), ("language-model (embedding)", "adamw"), ("classification (relu)", "adam")],
+)
 def test_strategies_and_scenarios_with_adam_agree_across_engines(case, optimizer, strategy, scenario, caplog):
     config = config_for(CASES[case][0], optimizer, weight_decay=0.01)
-    assert_same(*run_both(case, config, rounds=3, clients_per_round=4, strategy=strategy, scenario=scenario,
-                          caplog=caplog))
+    assert_same(
+        *run_both(case, config, rounds=3, clients_per_round=4, strategy=strategy, scenario=scenario, caplog=caplog)
+    )
 
 
-@pytest.mark.parametrize("case, optimizer", [
-    ("classification (relu)", "sgd+momentum+decay"),  # the fastmlp kernel's momentum buffers
-    ("classification (tanh)", "sgd+momentum+decay"),
-    ("regression", "adam"),
-    ("language-model (embedding)", "adamw"),
-])
+@pytest.mark.parametrize(
+    "case, optimizer",
+    [
+        ("classification (relu)", "sgd+momentum+decay"),  # the fastmlp kernel's momentum buffers
+        ("classification (tanh)", "sgd+momentum+decay"),
+        ("regression", "adam"),
+        ("language-model (embedding)", "adamw"),
+    ],
+)
 def test_optimizer_state_kept_between_rounds_agrees_across_engines(case, optimizer, caplog):
     """4 of 5 clients a round for 4 rounds: most clients come back, some after a round away."""
     task = CASES[case][0]
-    kept = run_both(case, config_for(task, optimizer, keep=True), rounds=4, clients_per_round=4, caplog=caplog,
-                    scenario=Scenario(straggler_fraction=0.5))
+    kept = run_both(
+        case,
+        config_for(task, optimizer, keep=True),
+        rounds=4,
+        clients_per_round=4,
+        caplog=caplog,
+        scenario=Scenario(straggler_fraction=0.5),
+    )
     assert_same(*kept)
-    fresh = run_both(case, config_for(task, optimizer), rounds=4, clients_per_round=4, caplog=caplog,
-                     scenario=Scenario(straggler_fraction=0.5))
+    fresh = run_both(
+        case,
+        config_for(task, optimizer),
+        rounds=4,
+        clients_per_round=4,
+        caplog=caplog,
+        scenario=Scenario(straggler_fraction=0.5),
+    )
     assert not all(torch.equal(kept[0].state.params[k], fresh[0].state.params[k]) for k in fresh[0].state.params)
 
 
 def test_kept_states_pass_through_chunks(caplog):
     """A budget of a few clients per chunk: the carried states are stacked chunk by chunk."""
     config = config_for(REGRESSION, "adam", keep=True)
-    sequential, vectorized = run_both("regression", config, rounds=3, clients_per_round=5, caplog=caplog,
-                                      engine_options={"max_memory": 60_000})
-    assert VectorizedEngine(max_memory=60_000).chunk_size(
-        CASES["regression"][2](), [ClientTask(0, regression_data(40), 0)], config) < 5
+    sequential, vectorized = run_both(
+        "regression", config, rounds=3, clients_per_round=5, caplog=caplog, engine_options={"max_memory": 60_000}
+    )
+    assert (
+        VectorizedEngine(max_memory=60_000).chunk_size(
+            CASES["regression"][2](), [ClientTask(0, regression_data(40), 0)], config
+        )
+        < 5
+    )
     assert_same(sequential, vectorized)
 
 
@@ -166,26 +215,47 @@ def test_tuple_and_dict_inputs_with_adam(caplog):
     results = []
     with caplog.at_level(logging.WARNING, logger="fedforge"):
         for engine in (SequentialEngine(), VectorizedEngine()):
-            results.append(simulate(Named(), FederatedData(dict_data, UNEQUAL, dict_data), rounds=2,
-                                    clients_per_round=3, client=config, engine=engine, seed=1))
+            results.append(
+                simulate(
+                    Named(),
+                    FederatedData(dict_data, UNEQUAL, dict_data),
+                    rounds=2,
+                    clients_per_round=3,
+                    client=config,
+                    engine=engine,
+                    seed=1,
+                )
+            )
     assert not [r for r in caplog.records if "cannot batch" in r.getMessage()]
     assert_same(*results)
 
 
 def fallback_notices(config, build, data, caplog):
     with caplog.at_level(logging.WARNING, logger="fedforge"):
-        sequential, vectorized = (simulate(build(), FederatedData(data, UNEQUAL, data), rounds=2, clients_per_round=3,
-                                           client=config, engine=engine, seed=1)
-                                  for engine in (SequentialEngine(), VectorizedEngine()))
+        sequential, vectorized = (
+            simulate(
+                build(),
+                FederatedData(data, UNEQUAL, data),
+                rounds=2,
+                clients_per_round=3,
+                client=config,
+                engine=engine,
+                seed=1,
+            )
+            for engine in (SequentialEngine(), VectorizedEngine())
+        )
     for name, value in sequential.state.params.items():
         assert torch.equal(vectorized.state.params[name], value)
     return [r.getMessage() for r in caplog.records if "cannot batch" in r.getMessage()]
 
 
-@pytest.mark.parametrize("optimizer, options, says", [
-    (torch.optim.RMSprop, {}, "RMSprop is not one of fedforge's optimizer rules"),
-    (torch.optim.Adam, {"amsgrad": True}, "Adam with {'amsgrad': True} is not one of fedforge's optimizer rules"),
-])
+@pytest.mark.parametrize(
+    "optimizer, options, says",
+    [
+        (torch.optim.RMSprop, {}, "RMSprop is not one of fedforge's optimizer rules"),
+        (torch.optim.Adam, {"amsgrad": True}, "Adam with {'amsgrad': True} is not one of fedforge's optimizer rules"),
+    ],
+)
 def test_an_optimizer_no_rule_computes_falls_back_with_a_notice(optimizer, options, says, caplog):
     task = dataclasses.replace(REGRESSION, optimizer=optimizer, optimizer_options=options)
     _, data, build = CASES["regression"]

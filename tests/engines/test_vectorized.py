@@ -30,20 +30,31 @@ def images(n, seed):
 
 def seeded(*layers):
     """A model factory whose every call gives the same initial weights."""
+
     def build():
         torch.manual_seed(0)
         return nn.Sequential(*[layer() for layer in layers])
+
     return build
 
 
-def run_both(model_fn, data, partition, *, rounds=2, clients_per_round=3, strategy=None, scenario=Scenario(),
-             **client):
+def run_both(model_fn, data, partition, *, rounds=2, clients_per_round=3, strategy=None, scenario=Scenario(), **client):
     config = ClientConfig(**{"batch_size": 8, "lr": 0.05, **client})
     results = []
     for engine in (SequentialEngine(), VectorizedEngine()):
-        results.append(simulate(model_fn(), FederatedData(data, partition, None), rounds=rounds,
-                                clients_per_round=clients_per_round, client=config, engine=engine, seed=1,
-                                strategy=strategy, scenario=scenario))
+        results.append(
+            simulate(
+                model_fn(),
+                FederatedData(data, partition, None),
+                rounds=rounds,
+                clients_per_round=clients_per_round,
+                client=config,
+                engine=engine,
+                seed=1,
+                strategy=strategy,
+                scenario=scenario,
+            )
+        )
     return results
 
 
@@ -55,13 +66,23 @@ UNEQUAL = [np.arange(0, 3), np.arange(3, 20), np.arange(20, 61), np.arange(61, 6
 @pytest.mark.parametrize("partition", [EQUAL, UNEQUAL], ids=["equal", "unequal"])
 def test_built_in_models(name, partition):
     data = images(200, seed=0)
-    results = run_both(lambda: build_model(name, (1, 28, 28), 10, seed=0), data, partition,
-                       local_epochs=2, momentum=0.9, lr=0.01)
+    results = run_both(
+        lambda: build_model(name, (1, 28, 28), 10, seed=0), data, partition, local_epochs=2, momentum=0.9, lr=0.01
+    )
     assert_same(*results)
 
 
-@pytest.mark.parametrize("client", [{}, {"local_epochs": 3}, {"momentum": 0.5, "weight_decay": 0.01},
-                                    {"weight_decay": 0.1}, {"batch_size": 1}, {"batch_size": 500}])
+@pytest.mark.parametrize(
+    "client",
+    [
+        {},
+        {"local_epochs": 3},
+        {"momentum": 0.5, "weight_decay": 0.01},
+        {"weight_decay": 0.1},
+        {"batch_size": 1},
+        {"batch_size": 500},
+    ],
+)
 def test_hyperparameters_on_unequal_clients(client):
     data = blobs(160, dim=8)
     model = seeded(lambda: nn.Linear(8, 16), nn.ReLU, lambda: nn.Linear(16, 4))
@@ -120,8 +141,12 @@ def test_chunks_bound_memory_and_change_nothing():
 def test_combine_sums_summable_chunks_as_combine_updates_would(model_name):
     data = images(300, seed=1)
     partition = quantity(300, 12, rng=np.random.default_rng(0), sigma=1.0)
-    model = (build_model("mlp", (1, 28, 28), 10, seed=0) if model_name == "mlp" else  # fastmlp / torch.func
-             seeded(nn.Flatten, lambda: nn.Linear(784, 16), nn.Tanh, lambda: nn.Linear(16, 10))())
+    model = (
+        build_model("mlp", (1, 28, 28), 10, seed=0)
+        if model_name == "mlp"
+        # fastmlp / torch.func
+        else seeded(nn.Flatten, lambda: nn.Linear(784, 16), nn.Tanh, lambda: nn.Linear(16, 10))()
+    )
     config, state = ClientConfig(batch_size=8, lr=0.05), {k: v.clone() for k, v in model.state_dict().items()}
     tasks = [ClientTask(c, data.subset(p), seed=c, summable=True) for c, p in enumerate(partition)]
     engine = VectorizedEngine(max_memory=2 * 1024 * 1024, combine=True)
@@ -142,8 +167,9 @@ def test_combine_sums_summable_chunks_as_combine_updates_would(model_name):
     assert all(isinstance(u, CombinedUpdate) for u in out[size:])
     # A diverged client is still named, as without combining.
     huge = TensorData(data.x * 1e38, data.y)
-    diverging = [ClientTask(c, (huge if c == 5 else data).subset(p), seed=c, summable=True)
-                 for c, p in enumerate(partition)]
+    diverging = [
+        ClientTask(c, (huge if c == 5 else data).subset(p), seed=c, summable=True) for c, p in enumerate(partition)
+    ]
     for each in (VectorizedEngine(), VectorizedEngine(combine=True)):
         with pytest.raises(DivergenceError, match=r"client 5 diverged"):
             list(each.run(model, state, diverging, config))
@@ -181,8 +207,15 @@ def test_fedforge_run_sums_each_chunk_unless_a_tracker_wants_each_client(tmp_pat
             yield update
 
     monkeypatch.setattr(VectorizedEngine, "run", spied)
-    config = Config(dataset="synthetic", num_clients=6, clients_per_round=4, model="mlp", batch_size=10, rounds=2,
-                    out_dir=str(tmp_path))
+    config = Config(
+        dataset="synthetic",
+        num_clients=6,
+        clients_per_round=4,
+        model="mlp",
+        batch_size=10,
+        rounds=2,
+        out_dir=str(tmp_path),
+    )
     summed = run_experiment(config.replace(name="summed"), progress=False, verbose=False)
     assert handed == ["CombinedUpdate"] * 2  # one chunk a round
     handed.clear()
@@ -199,8 +232,10 @@ def test_schedule_holds_each_clients_sequential_batches():
     data = blobs(50)
     sizes = [7, 20, 1, 22]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    tasks = [ClientTask(c, TensorData(data.x[s:s + n], data.y[s:s + n]), seed=100 + c)
-             for c, (s, n) in enumerate(zip(starts, sizes))]
+    tasks = [
+        ClientTask(c, TensorData(data.x[s : s + n], data.y[s : s + n]), seed=100 + c)
+        for c, (s, n) in enumerate(zip(starts, sizes))
+    ]
     config = ClientConfig(batch_size=4, local_epochs=2)
     schedule = build_schedule(tasks, starts.tolist(), config)
     assert schedule.steps == [4, 10, 2, 12]
@@ -209,12 +244,12 @@ def test_schedule_holds_each_clients_sequential_batches():
         n, start = sizes[i], starts[i]
         expected = []  # the sequential engine's batches: one permutation per epoch, cut in 4s
         for order in epoch_orders(n, 2, torch.Generator().manual_seed(100 + i)):
-            expected += [order[k:k + 4] + start for k in range(0, n, 4)]
+            expected += [order[k : k + 4] + start for k in range(0, n, 4)]
         for t, batch in enumerate(expected):
             real = schedule.weight[position, t] > 0
             assert torch.equal(schedule.rows[position, t][real], batch)
             torch.testing.assert_close(schedule.weight[position, t][real], torch.full((len(batch),), 1 / len(batch)))
-        assert (schedule.weight[position, len(expected):] == 0).all()
+        assert (schedule.weight[position, len(expected) :] == 0).all()
 
 
 def test_operation_vmap_cannot_batch_falls_back_at_run_time(caplog):
@@ -222,27 +257,38 @@ def test_operation_vmap_cannot_batch_falls_back_at_run_time(caplog):
     data = blobs(200, dim=8)
     model = seeded(lambda: nn.Linear(8, 16), lambda: nn.Dropout(0.2), nn.ReLU, lambda: nn.Linear(16, 4))()
     with caplog.at_level(logging.WARNING, logger="fedforge"):
-        result = simulate(model, FederatedData(data, EQUAL, data), rounds=2, clients_per_round=3,
-                          client=ClientConfig(batch_size=8, lr=0.05), engine=VectorizedEngine())
+        result = simulate(
+            model,
+            FederatedData(data, EQUAL, data),
+            rounds=2,
+            clients_per_round=3,
+            client=ClientConfig(batch_size=8, lr=0.05),
+            engine=VectorizedEngine(),
+        )
     assert any("cannot batch" in r.getMessage() and "random" in r.getMessage() for r in caplog.records)
     assert [len(r.clients) for r in result.history.records] == [0, 3, 3]
     assert result.history.final.test_accuracy > 0.5
 
 
-@pytest.mark.parametrize("strategy, scenario", [
-    (FedProx(proximal_mu=0.5), Scenario()),
-    (Scaffold(), Scenario()),
-    (QFedAvg(q=0.5), Scenario()),
-    (None, Scenario(local_epochs_range=(1, 3), straggler_fraction=0.5)),
-    (FedProx(proximal_mu=0.1), Scenario(straggler_fraction=0.6, dropout=0.2)),
-], ids=["fedprox", "scaffold", "qfedavg", "epochs+stragglers", "fedprox+stragglers+dropout"])
+@pytest.mark.parametrize(
+    "strategy, scenario",
+    [
+        (FedProx(proximal_mu=0.5), Scenario()),
+        (Scaffold(), Scenario()),
+        (QFedAvg(q=0.5), Scenario()),
+        (None, Scenario(local_epochs_range=(1, 3), straggler_fraction=0.5)),
+        (FedProx(proximal_mu=0.1), Scenario(straggler_fraction=0.6, dropout=0.2)),
+    ],
+    ids=["fedprox", "scaffold", "qfedavg", "epochs+stragglers", "fedprox+stragglers+dropout"],
+)
 @pytest.mark.parametrize("model", ["mlp (kernel)", "tanh (torch.func)"])
 def test_strategies_and_scenarios_agree_across_engines(strategy, scenario, model):
     data = blobs(160, dim=8)
     act = nn.ReLU if model.startswith("mlp") else nn.Tanh
     build = seeded(lambda: nn.Linear(8, 16), act, lambda: nn.Linear(16, 4))
-    sequential, vectorized = run_both(build, data, UNEQUAL, rounds=3, clients_per_round=4, strategy=strategy,
-                                      scenario=scenario, momentum=0.5)
+    sequential, vectorized = run_both(
+        build, data, UNEQUAL, rounds=3, clients_per_round=4, strategy=strategy, scenario=scenario, momentum=0.5
+    )
     assert sequential.history.column("dropped") == vectorized.history.column("dropped")
     assert_same(sequential, vectorized)
 

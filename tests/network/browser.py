@@ -33,10 +33,23 @@ class Browser:
         commands_read, answers_write = _above_4(commands_read), _above_4(answers_write)
         # The shell puts the pipes where Chromium looks for them (fds 3 and 4), then becomes Chromium.
         self.proc = subprocess.Popen(
-            ["bash", "-c", f'exec "$0" "$@" 3<&{commands_read} 4>&{answers_write} {commands_read}<&- '
-                         f'{answers_write}>&-', CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-             "--remote-debugging-pipe", f"--user-data-dir={profile}", "--no-first-run", *flags],
-            pass_fds=(commands_read, answers_write), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "bash",
+                "-c",
+                f'exec "$0" "$@" 3<&{commands_read} 4>&{answers_write} {commands_read}<&- {answers_write}>&-',
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--remote-debugging-pipe",
+                f"--user-data-dir={profile}",
+                "--no-first-run",
+                *flags,
+            ],
+            pass_fds=(commands_read, answers_write),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(commands_read)
         os.close(answers_write)
         self._buffer = b""

@@ -12,8 +12,18 @@ from fedforge.network.auth import enroll, write_secret
 from helpers import PROCESS_S, bound, wait_exit, wait_for_line
 
 HERE = Path(__file__).parent
-BASE = ["--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3", "--model", "logreg",
-        "--batch-size", "10"]
+BASE = [
+    "--dataset",
+    "synthetic",
+    "--num-clients",
+    "3",
+    "--clients-per-round",
+    "3",
+    "--model",
+    "logreg",
+    "--batch-size",
+    "10",
+]
 
 
 def free_port() -> int:
@@ -52,8 +62,13 @@ class Cluster:
             write_secret(tmp / f"client-{i}.token", enroll(tmp / "tokens.json", i))
 
     def fedforge(self, *argv):
-        subprocess.run([sys.executable, "-m", "fedforge", *argv], cwd=self.tmp, check=True, capture_output=True,
-                       timeout=bound(PROCESS_S))
+        subprocess.run(
+            [sys.executable, "-m", "fedforge", *argv],
+            cwd=self.tmp,
+            check=True,
+            capture_output=True,
+            timeout=bound(PROCESS_S),
+        )
 
     def start(self, name, argv) -> Proc:
         proc = Proc(argv, self.tmp / f"{name}.log", self.tmp)
@@ -61,21 +76,59 @@ class Cluster:
         return proc
 
     def server(self, *flags, port=0, name="server") -> tuple[Proc, int]:
-        proc = self.start(name, [sys.executable, "-m", "fedforge", "server", "-q", "--threads", "1", "--tokens", "tokens.json",
-                                 "--address", f"127.0.0.1:{port}", "--out-dir", "runs", "--name", "net", *flags])
+        proc = self.start(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "fedforge",
+                "server",
+                "-q",
+                "--threads",
+                "1",
+                "--tokens",
+                "tokens.json",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--out-dir",
+                "runs",
+                "--name",
+                "net",
+                *flags,
+            ],
+        )
         return proc, int(proc.wait_for(r"listening on port (\d+)").group(1))
 
     def client(self, i, port, *flags, token=None, name=None, part=None, dataset="synthetic") -> Proc:
         security = [] if "--root-cert" in flags else ["--insecure"]
         part = i if part is None else part
-        return self.start(name or f"client-{i}", [
-            sys.executable, "-m", "fedforge", "client", "--threads", "1", "--server", f"127.0.0.1:{port}",
-            "--client-id", str(i),
-            "--token-file", token or f"client-{i}.token", "--partition-of", f"{dataset}:{part}/3", *security, *flags])
+        return self.start(
+            name or f"client-{i}",
+            [
+                sys.executable,
+                "-m",
+                "fedforge",
+                "client",
+                "--threads",
+                "1",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--client-id",
+                str(i),
+                "--token-file",
+                token or f"client-{i}.token",
+                "--partition-of",
+                f"{dataset}:{part}/3",
+                *security,
+                *flags,
+            ],
+        )
 
     def stub(self, i, port, modes, name=None) -> Proc:
-        return self.start(name or f"stub-{i}", [sys.executable, str(HERE / "stub_client.py"), str(port), str(i),
-                                                f"client-{i}.token", modes])
+        return self.start(
+            name or f"stub-{i}",
+            [sys.executable, str(HERE / "stub_client.py"), str(port), str(i), f"client-{i}.token", modes],
+        )
 
     def close(self):
         for proc in self.procs:

@@ -29,8 +29,9 @@ class FakeServer:
         self.sessions = 0
         self.closed = threading.Event()
         self._stopped = threading.Event()  # set on exit: every handler returns, so no worker outlives the test
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                                   options=server_options(256 << 20, DEFAULT_KEEPALIVE))
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4), options=server_options(256 << 20, DEFAULT_KEEPALIVE)
+        )
         handler = grpc.stream_stream_rpc_method_handler(self._session)  # raw bytes both ways
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {"Session": handler})])
         self.port = self._server.add_insecure_port("127.0.0.1:0")

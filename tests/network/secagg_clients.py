@@ -51,16 +51,16 @@ def tamper(data: bytes, mode: str, client_id: int, secure) -> bytes:
     message = decode(data)
     header, tensors = dict(message.header), dict(message.tensors)
     if mode == "garbage":
-        header["shares"] = {j: base64.b64encode(os.urandom(len(base64.b64decode(v)))).decode()
-                            for j, v in header["shares"].items()}
+        header["shares"] = {
+            j: base64.b64encode(os.urandom(len(base64.b64decode(v)))).decode() for j, v in header["shares"].items()
+        }
     elif mode == "replay":
         header["shares"], previous[client_id] = previous.get(client_id, header["shares"]), header["shares"]
     elif mode == "seed":
         header["seed"] = base64.b64encode(os.urandom(32)).decode()
     elif mode == "liar":
         good = sorted(secure.protocol._held)[0]
-        header["complaints"] = {str(good): base64.b64encode(
-            secure.protocol._c[good].private_bytes_raw()).decode()}
+        header["complaints"] = {str(good): base64.b64encode(secure.protocol._c[good].private_bytes_raw()).decode()}
     elif mode == "badshare":
         other = next(k for k in header["b"] if k != str(client_id))
         share = bytearray(base64.b64decode(header["b"][other]))
@@ -93,9 +93,19 @@ def main():
         who, what = spec.split("=")
         mode, task = what.split(":")
         hostile[int(who)] = (mode, task if task == "*" else int(task))
-    when = {"badshare": Kind.SA_UNMASK, "other": Kind.SA_NEIGHBOUR_KEYS, "malformed": Kind.SA_INPUT,
-            "twice": Kind.SA_INPUT, "garbage": Kind.SA_NEIGHBOUR_KEYS, "replay": Kind.SA_NEIGHBOUR_KEYS,
-            "seed": Kind.SA_NEIGHBOUR_KEYS, "liar": Kind.SA_INPUT, "heavy": None, "range": Kind.SA_INPUT, "differ": None}
+    when = {
+        "badshare": Kind.SA_UNMASK,
+        "other": Kind.SA_NEIGHBOUR_KEYS,
+        "malformed": Kind.SA_INPUT,
+        "twice": Kind.SA_INPUT,
+        "garbage": Kind.SA_NEIGHBOUR_KEYS,
+        "replay": Kind.SA_NEIGHBOUR_KEYS,
+        "seed": Kind.SA_NEIGHBOUR_KEYS,
+        "liar": Kind.SA_INPUT,
+        "heavy": None,
+        "range": Kind.SA_INPUT,
+        "differ": None,
+    }
     respond, quantize, answer = _SecureRound.respond, _SecureRound.quantize, _SecureRound.answer
 
     def differ(self, kind, header, tensors=None):
@@ -111,11 +121,13 @@ def main():
         if hostile.get(self.protocol.id, (None,))[0] != "heavy":
             return quantize(self, update, order)
         import torch
-        flat = torch.cat([update.delta[k].detach().reshape(-1).double() for k in order
-                          if update.delta[k].is_floating_point()])
+
+        flat = torch.cat(
+            [update.delta[k].detach().reshape(-1).double() for k in order if update.delta[k].is_floating_point()]
+        )
         flat = flat * min(1.0, self.setup.clip / max(float(torch.linalg.vector_norm(flat)), 1e-12))
         q = Quantizer(self.setup.clients, self.setup.clip, self.setup.max_weight)
-        lax = types.SimpleNamespace(max_weight=10 ** 9, clip=q.clip, scale=q.scale, loss_scale=q.loss_scale)
+        lax = types.SimpleNamespace(max_weight=10**9, clip=q.clip, scale=q.scale, loss_scale=q.loss_scale)
         self.input = Quantizer.encode(lax, flat.numpy(), 850, True, update.train_loss)
         self.weight = 850
         print(f"client {self.protocol.id}: weighs as 850 examples in task {self.task_id}", flush=True)
@@ -141,8 +153,14 @@ def main():
     for client_id in map(int, args.ids.split(",")):
         secret = Path(f"client-{client_id}.token").read_text().strip()
         source = PartitionOf(dataset, client_id, int(count))
-        threads.append(threading.Thread(target=run_client, args=(f"127.0.0.1:{args.port}", client_id, secret, source),
-                                        kwargs={"root_cert": None, "give_up_after": 60}, daemon=True))
+        threads.append(
+            threading.Thread(
+                target=run_client,
+                args=(f"127.0.0.1:{args.port}", client_id, secret, source),
+                kwargs={"root_cert": None, "give_up_after": 60},
+                daemon=True,
+            )
+        )
         threads[-1].start()
     for thread in threads:
         thread.join()

@@ -28,7 +28,7 @@ from fedforge.network.wire import Kind, Message, decode, encode
 
 def bad_update(mode, task, config):
     h = task.header
-    delta = {k[len("global/"):]: torch.zeros_like(v) for k, v in task.tensors.items() if k.startswith("global/")}
+    delta = {k[len("global/") :]: torch.zeros_like(v) for k, v in task.tensors.items() if k.startswith("global/")}
     steps = ClientPlan(epochs=h["epochs"], max_steps=h["max_steps"]).num_steps(10, config)
     header = {"task": h["task"], "num_examples": 10, "num_steps": steps, "train_loss": 1.0, "train_accuracy": 0.5}
     if mode == "shape":
@@ -65,10 +65,10 @@ def _with_header_number(data: bytes, key: str, digits: str) -> bytes:
 
     start = 4 + 5
     (length,) = struct.unpack(">I", data[5:9])
-    header = json.loads(data[start:start + length])
+    header = json.loads(data[start : start + length])
     header[key] = 0
     head = json.dumps(header).replace(f'"{key}": 0', f'"{key}": {digits}').encode()
-    return data[:4] + struct.pack(">BI", data[4], len(head)) + head + data[start + length:]
+    return data[:4] + struct.pack(">BI", data[4], len(head)) + head + data[start + length :]
 
 
 def main():
@@ -80,8 +80,11 @@ def main():
         while True:
             # Sessions left behind stay open and silent, as a connection broken on this side only.
             outbox = queue.Queue()
-            calls.append(grpc.insecure_channel(f"127.0.0.1:{port}").stream_stream(METHOD)(
-                iter(outbox.get, None), metadata=metadata))
+            calls.append(
+                grpc.insecure_channel(f"127.0.0.1:{port}").stream_stream(METHOD)(
+                    iter(outbox.get, None), metadata=metadata
+                )
+            )
             for raw in calls[-1]:
                 message = decode(raw)
                 if message.kind == Kind.WELCOME:
@@ -91,7 +94,7 @@ def main():
                     print(f"task {message.header['task']}", flush=True)
                     mode = modes.pop(0) if modes else "hang"
                     if mode == "norm":
-                        model = {k[len("global/"):]: v for k, v in message.tensors.items() if k.startswith("global/")}
+                        model = {k[len("global/") :]: v for k, v in message.tensors.items() if k.startswith("global/")}
                         torch.save(model, f"stub-{client_id}-task-{message.header['task']}.pt")
                     if mode == "reconnect":
                         break

@@ -20,8 +20,14 @@ from fedforge.network.auth import read_secret
 from fedforge.network.hub import CLIENT_ID_KEY, METHOD, SECRET_KEY
 from fedforge.network.wire import Kind, Message, decode
 
-SETTINGS = {"seed": 0, "dataset": "synthetic", "num_clients": 3, "clients_per_round": 3, "model": "logreg",
-            "batch_size": 10}
+SETTINGS = {
+    "seed": 0,
+    "dataset": "synthetic",
+    "num_clients": 3,
+    "clients_per_round": 3,
+    "model": "logreg",
+    "batch_size": 10,
+}
 CONFIG = Config(**SETTINGS)
 
 
@@ -35,8 +41,17 @@ def global_state() -> dict[str, torch.Tensor]:
 
 
 def task(tensors=None, **changes) -> Message:
-    header = {"task": 1, "seed": 7, "epochs": None, "max_steps": None, "proximal_mu": 0.0,
-              "measure_initial_loss": False, "clip": None, "noise_multiplier": 0.0, **changes}
+    header = {
+        "task": 1,
+        "seed": 7,
+        "epochs": None,
+        "max_steps": None,
+        "proximal_mu": 0.0,
+        "measure_initial_loss": False,
+        "clip": None,
+        "noise_multiplier": 0.0,
+        **changes,
+    }
     header = {k: v for k, v in header.items() if v != "absent"}
     state = {f"global/{k}": v for k, v in global_state().items()}
     return Message(Kind.TASK, header, state if tensors is None else tensors(state))
@@ -46,9 +61,27 @@ DONE = Message(Kind.SHUTDOWN, {"status": "done"})
 
 
 def client(cluster, server: FakeServer, *flags, name="client"):
-    return cluster.start(name, [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
-                                "--server", f"127.0.0.1:{server.port}", "--client-id", "0", "--token-file",
-                                "client-0.token", "--give-up-after", "120", *flags])
+    return cluster.start(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "client",
+            "--threads",
+            "1",
+            "--insecure",
+            "--server",
+            f"127.0.0.1:{server.port}",
+            "--client-id",
+            "0",
+            "--token-file",
+            "client-0.token",
+            "--give-up-after",
+            "120",
+            *flags,
+        ],
+    )
 
 
 def partition_client(cluster, server, *flags, name="client"):
@@ -75,18 +108,21 @@ NAN = lambda state: {k: torch.full_like(v, float("nan")) for k, v in state.items
 EXTRA = lambda state: {**state, "global/evil": torch.zeros(3)}  # noqa: E731
 
 
-@pytest.mark.parametrize("message, reason", [
-    (task(seed="absent"), "seed None is not an integer"),
-    (task(epochs="ten"), "epochs 'ten' is not an integer"),
-    (task(epochs=-5), "epochs -5 is not an integer"),
-    (task(epochs=10**9), "epochs 1000000000 is not an integer in [1, 1000] (this client's --max-epochs)"),
-    (task(task="one"), "task 'one' is not an integer"),
-    (task(clip=-1.0), "clip -1.0 is not a number"),
-    (task(NAN), "its global tensors hold NaN or infinite values"),
-    (task(EXTRA), "tensors ['global/evil'] are not of this client's model"),
-    (Message(Kind.UPDATE, {"task": 1}), "a UPDATE message, which only clients send"),
-    (welcome(batch_size="ten"), "batch_size must be int, got 'ten'"),
-])
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        (task(seed="absent"), "seed None is not an integer"),
+        (task(epochs="ten"), "epochs 'ten' is not an integer"),
+        (task(epochs=-5), "epochs -5 is not an integer"),
+        (task(epochs=10**9), "epochs 1000000000 is not an integer in [1, 1000] (this client's --max-epochs)"),
+        (task(task="one"), "task 'one' is not an integer"),
+        (task(clip=-1.0), "clip -1.0 is not a number"),
+        (task(NAN), "its global tensors hold NaN or infinite values"),
+        (task(EXTRA), "tensors ['global/evil'] are not of this client's model"),
+        (Message(Kind.UPDATE, {"task": 1}), "a UPDATE message, which only clients send"),
+        (welcome(batch_size="ten"), "batch_size must be int, got 'ten'"),
+    ],
+)
 def test_a_malformed_message_is_one_line_and_status_3(cluster, message, reason):
     script = [message] if message.kind == Kind.WELCOME else [welcome(), message]
     with FakeServer(script) as server:
@@ -112,17 +148,23 @@ def test_a_task_before_the_welcome_is_refused(cluster):
 def test_with_retry_on_server_failure_a_refused_message_is_waited_out(cluster):
     with FakeServer([welcome(), task(epochs="ten")]) as server:
         proc = partition_client(cluster, server, "--retry-on-server-failure")
-        proc.wait_for(r"(?s)refused a message from the server \(epochs 'ten'.*waiting for it to come back.*"
-                      r"refused a message from the server \(epochs 'ten'", timeout=120)
+        proc.wait_for(
+            r"(?s)refused a message from the server \(epochs 'ten'.*waiting for it to come back.*"
+            r"refused a message from the server \(epochs 'ten'",
+            timeout=120,
+        )
         assert server.sessions >= 2 and proc.popen.poll() is None
         proc.kill()
 
 
-@pytest.mark.parametrize("flags, message, reason", [
-    (["--max-batch-size", "5"], welcome(), "batch_size 10 is above this client's --max-batch-size 5"),
-    (["--max-epochs", "2"], welcome(local_epochs=3), "local_epochs 3 is above this client's --max-epochs 2"),
-    (["--max-steps", "4"], task(epochs=2), "asks for"),
-])
+@pytest.mark.parametrize(
+    "flags, message, reason",
+    [
+        (["--max-batch-size", "5"], welcome(), "batch_size 10 is above this client's --max-batch-size 5"),
+        (["--max-epochs", "2"], welcome(local_epochs=3), "local_epochs 3 is above this client's --max-epochs 2"),
+        (["--max-steps", "4"], task(epochs=2), "asks for"),
+    ],
+)
 def test_the_clients_limits_bound_what_a_server_may_ask(cluster, flags, message, reason):
     script = [message] if message.kind == Kind.WELCOME else [welcome(), message]
     with FakeServer(script) as server:
@@ -136,8 +178,12 @@ def test_training_past_max_round_seconds_leaves_the_round_and_the_client_stays(c
     """1000 epochs of a few steps each, within the step limit, but not within 0.05 s: the
     client sends nothing for that task and takes the run's end as usual."""
     procs = []
-    script = [welcome(), task(epochs=1000), lambda: procs[0].wait_for("left task 1 after --max-round-seconds",
-                                                                      timeout=120), DONE]
+    script = [
+        welcome(),
+        task(epochs=1000),
+        lambda: procs[0].wait_for("left task 1 after --max-round-seconds", timeout=120),
+        DONE,
+    ]
     with FakeServer(script, reply_timeout=0.01) as server:
         procs.append(partition_client(cluster, server, "--max-round-seconds", "0.05"))
         assert procs[0].wait(120) == 0, procs[0].text()
@@ -152,7 +198,7 @@ def test_the_batch_order_is_drawn_epoch_by_epoch():
     batches = list(client_batches(x, y, config, ClientPlan(epochs=10**9, max_steps=3), generator))
     reference = torch.Generator().manual_seed(3)
     first = torch.randperm(50, generator=reference)
-    assert [b[1].tolist() for b in batches] == [first[i:i + 10].tolist() for i in (0, 10, 20)]
+    assert [b[1].tolist() for b in batches] == [first[i : i + 10].tolist() for i in (0, 10, 20)]
     assert torch.equal(generator.get_state(), reference.get_state())  # nothing more was drawn
 
 
@@ -168,13 +214,15 @@ def factory(input_shape, num_classes):
 """
 
 
-@pytest.mark.parametrize("what, name", [("model", "rt_marker:factory"), ("task", "rt_marker:factory"),
-                                        ("task", "os:getpid")])
+@pytest.mark.parametrize(
+    "what, name", [("model", "rt_marker:factory"), ("task", "rt_marker:factory"), ("task", "os:getpid")]
+)
 def test_code_the_server_names_is_refused_unless_allowed(cluster, tmp_path, what, name):
     (tmp_path / "rt_marker.py").write_text(MARKER)
     with FakeServer([welcome(**{what: name}), DONE]) as server:
-        refused(partition_client(cluster, server), f"the server names {what} {name!r}, code this client does "
-                                                   f"not import")
+        refused(
+            partition_client(cluster, server), f"the server names {what} {name!r}, code this client does not import"
+        )
     assert not (tmp_path / "imported.marker").exists()
 
 
@@ -200,12 +248,19 @@ def test_a_message_past_max_message_mb_is_refused(cluster):
     """--max-message-mb 1 and a 2 MiB welcome (it used to pass: the bound was 4x the flag)."""
     padded = Message(Kind.WELCOME, welcome().header, {"padding": torch.zeros(2 << 18)})
     with FakeServer([padded, DONE]) as server:
-        refused(partition_client(cluster, server, "--max-message-mb", "1"),
-                f"a message larger than --max-message-mb ({1 << 20} bytes)")
+        refused(
+            partition_client(cluster, server, "--max-message-mb", "1"),
+            f"a message larger than --max-message-mb ({1 << 20} bytes)",
+        )
 
 
-SECRETS = {"mlflow": "http://alice:hunter2@mlflow.internal:5000", "tensorboard": "/srv/secret-tb",
-           "data_dir": "/srv/secret-data", "out_dir": "/srv/secret-runs", "name": "secret-run-name"}
+SECRETS = {
+    "mlflow": "http://alice:hunter2@mlflow.internal:5000",
+    "tensorboard": "/srv/secret-tb",
+    "data_dir": "/srv/secret-data",
+    "out_dir": "/srv/secret-runs",
+    "name": "secret-run-name",
+}
 
 
 def test_the_welcome_holds_only_the_listed_settings():
@@ -221,8 +276,16 @@ def test_a_real_server_sends_an_enrolled_client_only_the_listed_settings(cluster
     from fedforge.network.welcome import SETTINGS
 
     (tmp_path / "tb").mkdir()
-    server, port = cluster.server("--insecure", "--min-clients", "2", *BASE, "--tensorboard", str(tmp_path / "tb"),
-                                  "--data-dir", str(tmp_path / "secret-data"))
+    server, port = cluster.server(
+        "--insecure",
+        "--min-clients",
+        "2",
+        *BASE,
+        "--tensorboard",
+        str(tmp_path / "tb"),
+        "--data-dir",
+        str(tmp_path / "secret-data"),
+    )
     outbox: queue.Queue = queue.Queue()
     metadata = ((CLIENT_ID_KEY, "0"), (SECRET_KEY, read_secret(tmp_path / "client-0.token")))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

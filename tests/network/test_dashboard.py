@@ -75,14 +75,19 @@ def secrets(tmp) -> list[str]:
     return hashes + [(tmp / f"client-{i}.token").read_text().strip() for i in range(4)]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--dashboard", "0", "--dashboard-address", "0.0.0.0"], "not a loopback address, only with TLS"),
-    (["--dashboard", "0", "--dashboard-address", "example.org", "--dashboard-token-file", "token"],
-     "not a loopback address, only with TLS"),
-    (["--dashboard-address", "127.0.0.1"], "need --dashboard PORT"),
-    (["--dashboard", "0", "--dashboard-token-file", "short"], "at least 16 printable ASCII characters"),
-    (["--dashboard", "70000"], "between 0 and 65535"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dashboard", "0", "--dashboard-address", "0.0.0.0"], "not a loopback address, only with TLS"),
+        (
+            ["--dashboard", "0", "--dashboard-address", "example.org", "--dashboard-token-file", "token"],
+            "not a loopback address, only with TLS",
+        ),
+        (["--dashboard-address", "127.0.0.1"], "need --dashboard PORT"),
+        (["--dashboard", "0", "--dashboard-token-file", "short"], "at least 16 printable ASCII characters"),
+        (["--dashboard", "70000"], "between 0 and 65535"),
+    ],
+)
 def test_unsafe_dashboard_settings_are_refused_in_one_line(tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "t.json").write_text('{"clients": {}}')
@@ -96,8 +101,10 @@ def test_unsafe_dashboard_settings_are_refused_in_one_line(tmp_path, monkeypatch
 
 def fake_sessions():
     now = time.time()
-    return [types.SimpleNamespace(client_id=i, peer=f"ipv4:10.0.0.{i}:5000", connected_at=now, last_seen=now)
-            for i in range(2)]
+    return [
+        types.SimpleNamespace(client_id=i, peer=f"ipv4:10.0.0.{i}:5000", connected_at=now, last_seen=now)
+        for i in range(2)
+    ]
 
 
 def test_a_token_is_required_when_given_and_off_loopback_https(tmp_path):
@@ -129,8 +136,9 @@ def test_a_token_is_required_when_given_and_off_loopback_https(tmp_path):
         local = f"https://127.0.0.1:{port}/api/state"
         for headers, expected in (({}, 401), ({"Authorization": f"Bearer {TOKEN}"}, 200)):
             try:
-                with urllib.request.urlopen(urllib.request.Request(local, headers=headers), context=context,
-                                            timeout=bound(60)) as response:
+                with urllib.request.urlopen(
+                    urllib.request.Request(local, headers=headers), context=context, timeout=bound(60)
+                ) as response:
                     status = response.status
             except urllib.error.HTTPError as e:
                 status = e.code
@@ -151,8 +159,10 @@ class AnsweringHub:
         self.config = config.client_config()
         self.events = queue.Queue()
         now = time.time()
-        self.sessions = {c: Session(c, f"ipv4:127.0.0.1:{5000 + c}", outbox=None, connected_at=now - 60,
-                                    last_seen=now) for c in range(3)}
+        self.sessions = {
+            c: Session(c, f"ipv4:127.0.0.1:{5000 + c}", outbox=None, connected_at=now - 60, last_seen=now)
+            for c in range(3)
+        }
 
     def wait_for_clients(self, count, timeout=None):
         return True
@@ -166,8 +176,11 @@ class AnsweringHub:
     def send(self, session, data, *, expect_answer=True):
         task = decode(data)
         h = task.header
-        delta = {f"delta/{k[len('global/'):]}": torch.zeros_like(v) for k, v in task.tensors.items()
-                 if k.startswith("global/")}
+        delta = {
+            f"delta/{k[len('global/') :]}": torch.zeros_like(v)
+            for k, v in task.tensors.items()
+            if k.startswith("global/")
+        }
         if session.client_id == 2:
             delta = {k: torch.full_like(v, float("nan")) for k, v in delta.items()}
         steps = ClientPlan(epochs=h["epochs"], max_steps=h["max_steps"]).num_steps(10, self.config)
@@ -194,9 +207,20 @@ def test_an_ipv6_loopback_address_serves_and_other_ipv6_addresses_need_tls():
 def test_arrivals_refusals_and_epsilon_reach_the_state(tmp_path):
     """The engine's RoundWatcher calls, the round loop's records (with epsilon under differential
     privacy) and the server logger's warnings, as /api/state shows them."""
-    config = Config(dataset="synthetic", num_clients=3, clients_per_round=3, model="logreg", batch_size=10,
-                    rounds=2, out_dir=str(tmp_path), name="net", dp="client", target_epsilon=3.0, delta=0.01,
-                    clip=0.5)
+    config = Config(
+        dataset="synthetic",
+        num_clients=3,
+        clients_per_round=3,
+        model="logreg",
+        batch_size=10,
+        rounds=2,
+        out_dir=str(tmp_path),
+        name="net",
+        dp="client",
+        target_epsilon=3.0,
+        delta=0.01,
+        clip=0.5,
+    )
     hub = AnsweringHub(config)
     board = Dashboard(DashboardSettings(0), tls=None)
     url = board.start(config, hub.clients)
@@ -209,14 +233,23 @@ def test_arrivals_refusals_and_epsilon_reach_the_state(tmp_path):
         board.stop()
     assert now["status"] == "finished" and [r["round"] for r in now["rounds"]] == [0, 1, 2]
     assert now["rounds"][0]["epsilon"] == 0 < now["rounds"][1]["epsilon"] < now["rounds"][2]["epsilon"] <= 3
-    assert [(c["id"], c["address"]) for c in now["clients"]] == [(0, "127.0.0.1:5000"), (1, "127.0.0.1:5001"),
-                                                                 (2, "127.0.0.1:5002")]
+    assert [(c["id"], c["address"]) for c in now["clients"]] == [
+        (0, "127.0.0.1:5000"),
+        (1, "127.0.0.1:5001"),
+        (2, "127.0.0.1:5002"),
+    ]
     task = now["task"]
-    assert (task["id"], task["round"], task["done"], task["expected"], task["arrived"]) == (2, 2, True, [0, 1, 2],
-                                                                                           [0, 1])
+    assert (task["id"], task["round"], task["done"], task["expected"], task["arrived"]) == (
+        2,
+        2,
+        True,
+        [0, 1, 2],
+        [0, 1],
+    )
     assert task["refused"] == [{"client": 2, "reason": "it holds NaN or infinite values"}]
-    assert [line["message"] for line in now["log"]] == [f"task {t}: refused the update of client 2: it holds NaN or "
-                                                        f"infinite values" for t in (1, 2)]
+    assert [line["message"] for line in now["log"]] == [
+        f"task {t}: refused the update of client 2: it holds NaN or infinite values" for t in (1, 2)
+    ]
     logging.getLogger("fedforge.server").warning("after the run")  # the dashboard no longer listens to the log
     assert len(board.state.snapshot()["log"]) == 2
 
@@ -226,8 +259,16 @@ def test_an_update_the_privacy_stage_clipped_reaches_the_log(tmp_path):
     one stays within; its warning is on the page with the server's refusals."""
     from fedforge.privacy import PrivacyConfig, PrivacyState, local_bound, privatize
 
-    config = Config(dataset="synthetic", num_clients=3, clients_per_round=3, model="logreg", batch_size=10,
-                    rounds=1, out_dir=str(tmp_path), name="net")
+    config = Config(
+        dataset="synthetic",
+        num_clients=3,
+        clients_per_round=3,
+        model="logreg",
+        batch_size=10,
+        rounds=1,
+        out_dir=str(tmp_path),
+        name="net",
+    )
     mechanism = PrivacyConfig(noise_multiplier=0.5, expected_clients=3, mode="local", clip=0.5)
     hostile = ClientUpdate(2, {"w": torch.full((100,), 1e5)}, 10, 1, 1.0, None)
     board = Dashboard(DashboardSettings(0), tls=None)
@@ -239,7 +280,8 @@ def test_an_update_the_privacy_stage_clipped_reaches_the_log(tmp_path):
         board.stop()
     assert [line["message"] for line in now["log"]] == [
         f"client 2 sent an update of norm 1e+06, above the {local_bound(0.5, 0.5, 100):.4g} an honest client's stays "
-        f"within under --dp local: clipped to it"]
+        f"within under --dp local: clipped to it"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -249,8 +291,20 @@ def deployment(tmp_path_factory):
     killed at the end."""
     tmp = tmp_path_factory.mktemp("dashboard")
     cluster = Cluster(tmp)
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--dashboard", "0", "--rounds", "200",
-                                  "--local-epochs", "40", "--tensorboard", "tb", *BASE)
+    server, port = cluster.server(
+        "--insecure",
+        "--min-clients",
+        "3",
+        "--dashboard",
+        "0",
+        "--rounds",
+        "200",
+        "--local-epochs",
+        "40",
+        "--tensorboard",
+        "tb",
+        *BASE,
+    )
     url = server.wait_for(r"fedforge server: dashboard at (http://127\.0\.0\.1:\d+/)").group(1)
     for i in range(3):
         cluster.client(i, port)
@@ -277,8 +331,10 @@ def test_the_state_shows_the_clients_and_the_rounds_moving(deployment):
 def test_nothing_secret_and_nothing_unknown(deployment):
     url = deployment.url
     now = wait_until(url, lambda s: len(s["clients"]) == 3 and s["log"])
-    assert any(re.fullmatch(r"refused ipv4:127\.0\.0\.1:\d+: wrong secret for client 2", line["message"])
-               for line in now["log"])
+    assert any(
+        re.fullmatch(r"refused ipv4:127\.0\.0\.1:\d+: wrong secret for client 2", line["message"])
+        for line in now["log"]
+    )
     _, page = get(url)
     assert not re.search(r"\b(src|href)=", page)  # everything inline: the page loads nothing else
     status, body = get(url + "api/state")
@@ -358,8 +414,10 @@ def test_the_page_in_headless_chromium(browser, deployment, tmp_path):
     assert static["static"] == "static" and static["clients"] == []
     assert first["epsilon"] == static["epsilon"] == "not private"
     # Under differential privacy the page shows the epsilon spent by the last round.
-    write_history(tmp_path / "private", History([RoundRecord(r, (0, 1), 1.0, 0.5, metrics={"epsilon": 0.75 * r})
-                                                 for r in range(3)]))
+    write_history(
+        tmp_path / "private",
+        History([RoundRecord(r, (0, 1), 1.0, 0.5, metrics={"epsilon": 0.75 * r}) for r in range(3)]),
+    )
     (tmp_path / "private.html").write_text(report_page(tmp_path / "private"))
     browser.open((tmp_path / "private.html").as_uri())
     assert watch(browser, lambda p: p["points"] == 3)["epsilon"] == "1.500"
@@ -374,8 +432,8 @@ def test_report_html_holds_the_history(deployment, capsys):
     embedded = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1))
     history = json.loads((run_dir / "history.json").read_text())["rounds"]
     assert embedded["static"] is True and embedded["clients"] == [] and embedded["run"]["name"] == "net"
-    assert [r["round"] for r in embedded["rounds"]] == [r["round"] for r in history[:len(embedded["rounds"])]]
-    assert [r["metric"] for r in embedded["rounds"]] == [r["test_accuracy"] for r in history[:len(embedded["rounds"])]]
+    assert [r["round"] for r in embedded["rounds"]] == [r["round"] for r in history[: len(embedded["rounds"])]]
+    assert [r["metric"] for r in embedded["rounds"]] == [r["test_accuracy"] for r in history[: len(embedded["rounds"])]]
     assert embedded["status"] == f"{embedded['rounds'][-1]['round']} of 200 rounds recorded"  # still running
     assert "api/state" in html and 'fetch("api/state"' in html  # the same page; its script fetches only when live
     for secret in secrets(deployment.tmp):
@@ -394,8 +452,9 @@ def test_the_server_tracks_its_rounds_in_tensorboard(deployment):
     accumulator.Reload()
     history = json.loads((deployment.tmp / "runs" / "net" / "history.json").read_text())["rounds"]
     tracked = {e.step: e.value for e in accumulator.Scalars("test_accuracy")}
-    assert len(tracked) >= 3 and all(tracked[r["round"]] == pytest.approx(r["test_accuracy"]) for r in history
-                                     if r["round"] in tracked)
+    assert len(tracked) >= 3 and all(
+        tracked[r["round"]] == pytest.approx(r["test_accuracy"]) for r in history if r["round"] in tracked
+    )
     assert all(e.value > 0 for e in accumulator.Scalars("bytes_up"))
 
 
@@ -439,7 +498,7 @@ class SlowClients:
                             self.closed[i] = now
                             continue
                     if now >= due[i] and sent[i] < len(self.payload):
-                        s.send(self.payload[sent[i]:sent[i] + 1])
+                        s.send(self.payload[sent[i] : sent[i] + 1])
                         sent[i], due[i] = sent[i] + 1, now + self.every
                 except OSError:  # reset by the server
                     self.closed[i] = now
@@ -461,8 +520,9 @@ def timed_get(url: str, context: ssl.SSLContext | None = None, **headers) -> tup
     fails the test."""
     start = time.monotonic()
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60,
-                                    context=context) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=60, context=context
+        ) as response:
             body = response.read()
             return time.monotonic() - start, time.monotonic(), response.status, body
     except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as e:
@@ -508,10 +568,13 @@ def test_slow_connections_are_closed_at_the_deadline_while_real_requests_are_ser
         slow.close()
 
 
-@pytest.mark.parametrize("count, sources, limit", [
-    (100, ["127.0.0.1"], httpd.MAX_PER_ADDRESS),  # one address, the real client's
-    (300, [f"127.0.0.{i}" for i in range(2, 7)], httpd.MAX_CONNECTIONS),  # 60 from each of five: under theirs
-])
+@pytest.mark.parametrize(
+    "count, sources, limit",
+    [
+        (100, ["127.0.0.1"], httpd.MAX_PER_ADDRESS),  # one address, the real client's
+        (300, [f"127.0.0.{i}" for i in range(2, 7)], httpd.MAX_CONNECTIONS),  # 60 from each of five: under theirs
+    ],
+)
 def test_the_oldest_beyond_the_limits_are_closed_and_a_new_request_is_served(loopback_board, count, sources, limit):
     """`count` slow connections: the oldest beyond the per-address or the total limit are closed at
     once (503), a real request from 127.0.0.1 is still answered, the rest end at the deadline (408)."""
@@ -537,19 +600,22 @@ def test_a_slow_tls_handshake_is_under_the_same_deadline(tmp_path):
     a real HTTPS request is answered meanwhile, and each is closed at the deadline."""
     paths = make_certificates(tmp_path, ["127.0.0.1"])
     config = Config.load(None, {"name": "t", "dataset": "synthetic"})
-    board = Dashboard(DashboardSettings(0, "0.0.0.0", TOKEN),
-                      tls=(paths["key"].read_bytes(), paths["cert"].read_bytes()))
+    board = Dashboard(
+        DashboardSettings(0, "0.0.0.0", TOKEN), tls=(paths["key"].read_bytes(), paths["cert"].read_bytes())
+    )
     url = board.start(config, fake_sessions)
     port = int(url.rsplit(":", 1)[1].strip("/"))
-    hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_side=False,
-                                                  server_hostname="127.0.0.1")
+    hello = ssl.create_default_context().wrap_bio(
+        ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_side=False, server_hostname="127.0.0.1"
+    )
     with pytest.raises(ssl.SSLWantReadError):
         hello.do_handshake()
     slow = SlowClients(port, 32, outgoing.read())
     try:
         context = ssl.create_default_context(cafile=str(paths["ca"]))
-        seconds, end, status, body = timed_get(f"https://127.0.0.1:{port}/api/state", context,
-                                               Authorization=f"Bearer {TOKEN}")
+        seconds, end, status, body = timed_get(
+            f"https://127.0.0.1:{port}/api/state", context, Authorization=f"Bearer {TOKEN}"
+        )
         assert status == 200 and json.loads(body)["run"]["name"] == "t" and seconds < 5
         slow.wait_closed(DEADLINE + 60)
         assert end < min(slow.closed)
@@ -561,15 +627,18 @@ def test_a_slow_tls_handshake_is_under_the_same_deadline(tmp_path):
         board.stop()
 
 
-@pytest.mark.parametrize("request_bytes, status", [
-    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
-    (b"GET / HTTP/1.1\r\n" + b"X-Long: " + b"b" * 17000 + b"\r\n\r\n", 431),
-    (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
-    (b"GET /\r\n\r\n", 400),
-    (b"GET / SPDY/3\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400),
-    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),
-])
+@pytest.mark.parametrize(
+    "request_bytes, status",
+    [
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\n" + b"X-Long: " + b"b" * 17000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
+        (b"GET /\r\n\r\n", 400),
+        (b"GET / SPDY/3\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),
+    ],
+)
 def test_oversized_or_malformed_requests_get_one_status_and_are_closed(loopback_board, request_bytes, status):
     url, port = loopback_board
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:

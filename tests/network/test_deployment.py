@@ -38,8 +38,20 @@ def test_all_alive_equals_the_simulation(cluster, tmp_path, strategy):
 
 def test_refusals_are_logged_and_training_continues(cluster, tmp_path):
     modes = ["shape", "nan", "oversized", "many", "huge", "steps", "loss", "late"]
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds",
-                                  str(len(modes)), "--max-message-mb", "0.05", "--round-timeout", str(bound(30)), *BASE)
+    server, port = cluster.server(
+        "--insecure",
+        "--min-clients",
+        "3",
+        "--min-fit-clients",
+        "2",
+        "--rounds",
+        str(len(modes)),
+        "--max-message-mb",
+        "0.05",
+        "--round-timeout",
+        str(bound(30)),
+        *BASE,
+    )
     first = cluster.client(0, port)
     cluster.client(1, port)
     server.wait_for("client 0 connected")
@@ -64,8 +76,10 @@ def test_refusals_are_logged_and_training_continues(cluster, tmp_path):
     assert "refused the update of client 2: num_steps" in log
     assert "refused the update of client 2: train_loss 1e+308 is not a number in" in log
     assert "discarded a UPDATE from client 2 for task" in log and "late or not an update" in log
-    history = json.loads((tmp_path / "runs" / "net" / "history.json").read_text(),
-                         parse_constant=lambda c: pytest.fail(f"history.json holds {c}: not JSON"))
+    history = json.loads(
+        (tmp_path / "runs" / "net" / "history.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"history.json holds {c}: not JSON"),
+    )
     assert [r["round"] for r in history["rounds"]] == list(range(len(modes) + 1))
     assert history["rounds"][-1]["test_accuracy"] > history["rounds"][0]["test_accuracy"]
     assert all(sorted(r["clients"]) == [0, 1, 2] for r in history["rounds"][1:])  # the stub was in every round
@@ -75,8 +89,9 @@ def test_refusals_are_logged_and_training_continues(cluster, tmp_path):
 def test_tls_with_the_right_and_a_wrong_root_certificate(cluster, tmp_path):
     cluster.fedforge("certs", "--out", "certs")
     cluster.fedforge("certs", "--out", "other")
-    server, port = cluster.server("--tls-cert", "certs/server.pem", "--tls-key", "certs/server.key",
-                                  "--min-clients", "3", "--rounds", "2", *BASE)
+    server, port = cluster.server(
+        "--tls-cert", "certs/server.pem", "--tls-key", "certs/server.key", "--min-clients", "3", "--rounds", "2", *BASE
+    )
     impostor = cluster.client(3, port, "--root-cert", "other/ca.pem", "--give-up-after", "2", name="wrong-ca", part=0)
     clients = [cluster.client(i, port, "--root-cert", "certs/ca.pem") for i in range(3)]
     assert impostor.wait() == 2  # never got through the TLS handshake
@@ -87,8 +102,9 @@ def test_tls_with_the_right_and_a_wrong_root_certificate(cluster, tmp_path):
 
 
 def test_killing_a_client_mid_round_does_not_hang_the_round(cluster, tmp_path):
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "3",
-                                  "--round-timeout", "600", *BASE)
+    server, port = cluster.server(
+        "--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "3", "--round-timeout", "600", *BASE
+    )
     clients = [cluster.client(0, port), cluster.client(1, port)]
     stuck = cluster.stub(2, port, "hang")
     stuck.wait_for("task 1")
@@ -104,8 +120,20 @@ def test_killing_a_client_mid_round_does_not_hang_the_round(cluster, tmp_path):
 def test_a_frozen_client_is_dropped_by_keepalive(cluster, tmp_path):
     """A client that stops answering without closing its connection (SIGSTOP: a frozen machine,
     a cut cable) is noticed by the keep-alive ping and dropped, long before the round timeout."""
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "2",
-                                  "--round-timeout", "600", "--keepalive", "5", *BASE)
+    server, port = cluster.server(
+        "--insecure",
+        "--min-clients",
+        "3",
+        "--min-fit-clients",
+        "2",
+        "--rounds",
+        "2",
+        "--round-timeout",
+        "600",
+        "--keepalive",
+        "5",
+        *BASE,
+    )
     clients = [cluster.client(0, port), cluster.client(1, port)]
     frozen = cluster.stub(2, port, "hang")
     frozen.wait_for("task 1")
@@ -126,8 +154,13 @@ def test_server_killed_after_round_2_resumes_to_the_same_result(cluster, tmp_pat
     server, _ = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags, port=port)
     clients = [cluster.client(i, port) for i in range(3)]
     history = tmp_path / "runs" / "net" / "history.json"
-    wait_for(lambda: history.exists() and len(json.loads(history.read_text())["rounds"]) >= 3, 300,
-             "round 2 in history.json", server.log, interval=0.02)
+    wait_for(
+        lambda: history.exists() and len(json.loads(history.read_text())["rounds"]) >= 3,
+        300,
+        "round 2 in history.json",
+        server.log,
+        interval=0.02,
+    )
     server.kill()  # kill -9 after round 2
     done = len(json.loads(history.read_text())["rounds"]) - 1
     assert 2 <= done < 5
@@ -144,8 +177,12 @@ def test_server_killed_after_round_2_resumes_to_the_same_result(cluster, tmp_pat
 
 
 def test_enroll_command(tmp_path):
-    assert fedforge(["enroll", "--tokens", str(tmp_path / "t.json"), "--client-id", "7",
-                     "--out", str(tmp_path / "7.token")]) == 0
+    assert (
+        fedforge(
+            ["enroll", "--tokens", str(tmp_path / "t.json"), "--client-id", "7", "--out", str(tmp_path / "7.token")]
+        )
+        == 0
+    )
     from fedforge.network.auth import load_tokens, read_secret, verify
 
     tokens = load_tokens(tmp_path / "t.json")
@@ -154,33 +191,111 @@ def test_enroll_command(tmp_path):
     assert (tmp_path / "7.token").stat().st_mode & 0o077 == 0  # readable by its owner only
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["server", "--tokens", "missing.json", "--insecure"], "token file missing.json not found"),
-    (["server", "--tokens", "t.json"], "give --tls-cert and --tls-key, or --insecure"),
-    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "a:1/2"],
-     "give --root-cert"),
-    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--insecure"], "give one of --app"),
-    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:5/2",
-      "--insecure"], "--partition-of must look like fashion-mnist:3/10 (index < count)"),
-    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:1/2",
-      "--insecure"], "token file t not found"),
-    (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "mnist:1/2",
-      "--insecure", "--secagg-min-clients", "1"], "--secagg-min-clients must be a count >= 2, got 1"),
-    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--strategy", "krum"],
-     "secure aggregation cannot serve strategy 'krum': Krum compares the updates with each other"),
-    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--strategy", "scaffold"],
-     "secure aggregation cannot serve strategy 'scaffold'"),
-    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--dp", "central", "--noise-multiplier",
-      "1"], "secure aggregation with dp central"),
-    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-threshold", "0.3"],
-     "secagg threshold must be a count >= 2 or a fraction in [0.5, 1), got 0.3"),
-    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-threshold", "2"],
-     "threshold 2 of 5 holders: it must be more than half of them"),
-    (["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-max-examples", "1000000000"],
-     "can wrap a 32-bit ring"),
-    (["server", "--tokens", "t.json", "--insecure", "--secagg-clip", "3"],
-     "--secagg-clip without --secure-aggregation"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["server", "--tokens", "missing.json", "--insecure"], "token file missing.json not found"),
+        (["server", "--tokens", "t.json"], "give --tls-cert and --tls-key, or --insecure"),
+        (
+            ["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--partition-of", "a:1/2"],
+            "give --root-cert",
+        ),
+        (["client", "--server", "x:1", "--client-id", "1", "--token-file", "t", "--insecure"], "give one of --app"),
+        (
+            [
+                "client",
+                "--server",
+                "x:1",
+                "--client-id",
+                "1",
+                "--token-file",
+                "t",
+                "--partition-of",
+                "mnist:5/2",
+                "--insecure",
+            ],
+            "--partition-of must look like fashion-mnist:3/10 (index < count)",
+        ),
+        (
+            [
+                "client",
+                "--server",
+                "x:1",
+                "--client-id",
+                "1",
+                "--token-file",
+                "t",
+                "--partition-of",
+                "mnist:1/2",
+                "--insecure",
+            ],
+            "token file t not found",
+        ),
+        (
+            [
+                "client",
+                "--server",
+                "x:1",
+                "--client-id",
+                "1",
+                "--token-file",
+                "t",
+                "--partition-of",
+                "mnist:1/2",
+                "--insecure",
+                "--secagg-min-clients",
+                "1",
+            ],
+            "--secagg-min-clients must be a count >= 2, got 1",
+        ),
+        (
+            ["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--strategy", "krum"],
+            "secure aggregation cannot serve strategy 'krum': Krum compares the updates with each other",
+        ),
+        (
+            ["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--strategy", "scaffold"],
+            "secure aggregation cannot serve strategy 'scaffold'",
+        ),
+        (
+            [
+                "server",
+                "--tokens",
+                "t.json",
+                "--insecure",
+                "--secure-aggregation",
+                "--dp",
+                "central",
+                "--noise-multiplier",
+                "1",
+            ],
+            "secure aggregation with dp central",
+        ),
+        (
+            ["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-threshold", "0.3"],
+            "secagg threshold must be a count >= 2 or a fraction in [0.5, 1), got 0.3",
+        ),
+        (
+            ["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-threshold", "2"],
+            "threshold 2 of 5 holders: it must be more than half of them",
+        ),
+        (
+            [
+                "server",
+                "--tokens",
+                "t.json",
+                "--insecure",
+                "--secure-aggregation",
+                "--secagg-max-examples",
+                "1000000000",
+            ],
+            "can wrap a 32-bit ring",
+        ),
+        (
+            ["server", "--tokens", "t.json", "--insecure", "--secagg-clip", "3"],
+            "--secagg-clip without --secure-aggregation",
+        ),
+    ],
+)
 def test_deployment_flags_errors(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "t.json").write_text('{"clients": {}}')
@@ -202,9 +317,26 @@ def test_a_client_with_its_own_data_folder(cluster, tmp_path):
     np.savez(tmp_path / "mine" / "train.npz", x=part.x.numpy(), y=part.y.numpy())
     server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "2", *BASE)
     clients = [cluster.client(i, port) for i in range(2)]
-    own = cluster.start("own-data", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
-                                     "--server", f"127.0.0.1:{port}", "--client-id", "2", "--token-file",
-                                     "client-2.token", "--data", "mine"])
+    own = cluster.start(
+        "own-data",
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "client",
+            "--threads",
+            "1",
+            "--insecure",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--client-id",
+            "2",
+            "--token-file",
+            "client-2.token",
+            "--data",
+            "mine",
+        ],
+    )
     assert server.wait() == 0, server.text()
     assert own.wait() == 0 and "joined (%d examples)" % len(part) in own.text()
     assert all(c.wait() == 0 for c in clients)
@@ -216,8 +348,24 @@ def test_a_regression_with_adam_over_the_network_equals_the_simulation(cluster, 
     """Another task (diabetes regression, Adam on the clients): the clients learn it from the
     server's settings, and the networked run ends at the simulation's weights."""
     pytest.importorskip("sklearn")
-    flags = ["--dataset", "diabetes", "--task", "regression", "--optimizer", "adam", "--num-clients", "3",
-             "--clients-per-round", "3", "--batch-size", "16", "--rounds", "3", "--model", "mlp"]
+    flags = [
+        "--dataset",
+        "diabetes",
+        "--task",
+        "regression",
+        "--optimizer",
+        "adam",
+        "--num-clients",
+        "3",
+        "--clients-per-round",
+        "3",
+        "--batch-size",
+        "16",
+        "--rounds",
+        "3",
+        "--model",
+        "mlp",
+    ]
     server, port = cluster.server("--insecure", "--min-clients", "3", *flags)
     clients = [cluster.client(i, port, dataset="diabetes") for i in range(3)]
     assert server.wait() == 0, server.text()
@@ -269,12 +417,48 @@ def test_a_custom_task_from_the_clients_app_equals_the_simulation(cluster, tmp_p
     code; the server imports only the task and model it evaluates. Same weights as simulating."""
     pytest.importorskip("sklearn")
     (tmp_path / "custom_app.py").write_text(CUSTOM_APP)
-    flags = ["--dataset", "diabetes", "--task", "custom_app:TASK", "--model", "custom_app:model", "--num-clients",
-             "3", "--clients-per-round", "3", "--batch-size", "16", "--rounds", "3", "--lr", "0.05"]
+    flags = [
+        "--dataset",
+        "diabetes",
+        "--task",
+        "custom_app:TASK",
+        "--model",
+        "custom_app:model",
+        "--num-clients",
+        "3",
+        "--clients-per-round",
+        "3",
+        "--batch-size",
+        "16",
+        "--rounds",
+        "3",
+        "--lr",
+        "0.05",
+    ]
     server, port = cluster.server("--insecure", "--min-clients", "3", *flags)
-    clients = [cluster.start(f"app-{i}", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
-                                          "--server", f"127.0.0.1:{port}", "--client-id", str(i), "--token-file",
-                                          f"client-{i}.token", "--app", "custom_app:APP"]) for i in range(3)]
+    clients = [
+        cluster.start(
+            f"app-{i}",
+            [
+                sys.executable,
+                "-m",
+                "fedforge",
+                "client",
+                "--threads",
+                "1",
+                "--insecure",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--client-id",
+                str(i),
+                "--token-file",
+                f"client-{i}.token",
+                "--app",
+                "custom_app:APP",
+            ],
+        )
+        for i in range(3)
+    ]
     assert server.wait() == 0, server.text()
     assert all(c.wait() == 0 for c in clients), [c.text() for c in clients]
     history = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())

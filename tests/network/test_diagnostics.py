@@ -30,8 +30,18 @@ def data(client_id, config):
 APP = ff.ClientApp(data=data)
 """
 
-DIGITS = ["--dataset", "digits", "--num-clients", "3", "--clients-per-round", "3", "--model", "logreg",
-          "--batch-size", "32"]
+DIGITS = [
+    "--dataset",
+    "digits",
+    "--num-clients",
+    "3",
+    "--clients-per-round",
+    "3",
+    "--model",
+    "logreg",
+    "--batch-size",
+    "32",
+]
 
 
 @pytest.mark.parametrize("secure", [(), ("--secure-aggregation",)], ids=["plain", "secure-aggregation"])
@@ -41,12 +51,30 @@ def test_a_client_whose_inputs_differ_from_the_servers_test_inputs_says_so(clust
     dashboard; the clients prepared like the server say nothing."""
     pytest.importorskip("sklearn")
     (tmp_path / "unit_range_app.py").write_text(UNIT_RANGE_APP)
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "40", "--dashboard", "0", *DIGITS,
-                                  *secure)
+    server, port = cluster.server(
+        "--insecure", "--min-clients", "3", "--rounds", "40", "--dashboard", "0", *DIGITS, *secure
+    )
     url = server.wait_for(r"dashboard at (\S+)").group(1)
-    odd = cluster.start("app-0", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
-                                  "--server", f"127.0.0.1:{port}", "--client-id", "0", "--token-file",
-                                  "client-0.token", "--app", "unit_range_app:APP"])
+    odd = cluster.start(
+        "app-0",
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "client",
+            "--threads",
+            "1",
+            "--insecure",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--client-id",
+            "0",
+            "--token-file",
+            "client-0.token",
+            "--app",
+            "unit_range_app:APP",
+        ],
+    )
     fine = [cluster.client(i, port, dataset="digits") for i in (1, 2)]
     odd.wait_for(r"client 0: this client's training inputs differ markedly .*their mean is", timeout=120)
     warning = "client 0 says its training inputs differ markedly from the server's test inputs"
@@ -88,31 +116,64 @@ APP = ff.ClientApp(data=data, model=model)
 def test_a_clients_model_that_does_not_fit_its_data_is_one_line(cluster, tmp_path):
     pytest.importorskip("sklearn")
     (tmp_path / "unflattened_app.py").write_text(UNFLATTENED_APP)
-    server, port = cluster.server("--insecure", "--min-clients", "1", "--dataset", "digits", "--num-clients", "1",
-                                  "--clients-per-round", "1", "--model", "logreg")
-    client = cluster.start("app", [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure",
-                                   "--server", f"127.0.0.1:{port}", "--client-id", "0", "--token-file",
-                                   "client-0.token", "--app", "unflattened_app:APP"])
+    server, port = cluster.server(
+        "--insecure",
+        "--min-clients",
+        "1",
+        "--dataset",
+        "digits",
+        "--num-clients",
+        "1",
+        "--clients-per-round",
+        "1",
+        "--model",
+        "logreg",
+    )
+    client = cluster.start(
+        "app",
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "client",
+            "--threads",
+            "1",
+            "--insecure",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--client-id",
+            "0",
+            "--token-file",
+            "client-0.token",
+            "--app",
+            "unflattened_app:APP",
+        ],
+    )
     assert client.wait() == 2, client.text()
     errors = [line for line in client.text().splitlines() if "error" in line.lower()]
-    assert errors == ["fedforge: error: model unflattened_app:model does not fit the data: on a batch of inputs of "
-                      "shape (2, 1, 8, 8) it fails with RuntimeError: mat1 and mat2 shapes cannot be multiplied "
-                      "(16x8 and 64x10)"], client.text()
+    assert errors == [
+        "fedforge: error: model unflattened_app:model does not fit the data: on a batch of inputs of "
+        "shape (2, 1, 8, 8) it fails with RuntimeError: mat1 and mat2 shapes cannot be multiplied "
+        "(16x8 and 64x10)"
+    ], client.text()
     assert "Traceback" not in client.text()
 
 
-@pytest.mark.parametrize("header, reason", [
-    ({"shape": [1, 8, 8], "mean": 0.0}, "not a dict of shape, mean and std"),
-    ({"shape": [1] * 9, "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
-    ({"shape": [0], "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
-    ({"shape": [2**40], "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
-    ({"shape": "1,8,8", "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
-    ({"shape": [True], "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
-    ({"shape": [64], "mean": float("nan"), "std": 1.0}, "its mean is not a number"),
-    ({"shape": [64], "mean": 1e300, "std": 1.0}, "its mean is not a number"),
-    ({"shape": [64], "mean": 0.0, "std": -1.0}, "its std is not a number"),
-    ({"shape": [64], "mean": 0.0, "std": "1"}, "its std is not a number"),
-])
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        ({"shape": [1, 8, 8], "mean": 0.0}, "not a dict of shape, mean and std"),
+        ({"shape": [1] * 9, "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
+        ({"shape": [0], "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
+        ({"shape": [2**40], "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
+        ({"shape": "1,8,8", "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
+        ({"shape": [True], "mean": 0.0, "std": 1.0}, "at most 8 sizes"),
+        ({"shape": [64], "mean": float("nan"), "std": 1.0}, "its mean is not a number"),
+        ({"shape": [64], "mean": 1e300, "std": 1.0}, "its mean is not a number"),
+        ({"shape": [64], "mean": 0.0, "std": -1.0}, "its std is not a number"),
+        ({"shape": [64], "mean": 0.0, "std": "1"}, "its std is not a number"),
+    ],
+)
 def test_a_hostile_servers_summary_is_refused_with_its_reason(header, reason):
     with pytest.raises(ValueError, match=re.escape(reason)):
         InputSummary.from_header(header)
@@ -128,33 +189,84 @@ def test_what_differs_markedly():
 
 def knock(cluster, name, server, *flags):
     """A client of `server` that gives up after 5 s without one."""
-    return cluster.start(name, [sys.executable, "-m", "fedforge", "client", "--threads", "1", "--server", server,
-                                "--client-id", "0", "--token-file", "client-0.token", "--partition-of",
-                                "synthetic:0/3", "--give-up-after", "5", *flags])
+    return cluster.start(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "client",
+            "--threads",
+            "1",
+            "--server",
+            server,
+            "--client-id",
+            "0",
+            "--token-file",
+            "client-0.token",
+            "--partition-of",
+            "synthetic:0/3",
+            "--give-up-after",
+            "5",
+            *flags,
+        ],
+    )
 
 
 def test_a_client_that_cannot_connect_says_why_and_gives_up(cluster, tmp_path):
     cluster.fedforge("certs", "--out", "certs")
     cluster.fedforge("certs", "--out", "other")  # another CA
-    plain, plain_port = cluster.server("--insecure", "--min-clients", "3", "--dataset", "synthetic", "--num-clients",
-                                       "3", "--clients-per-round", "3", name="plain")
-    tls, tls_port = cluster.server("--tls-cert", "certs/server.pem", "--tls-key", "certs/server.key", "--min-clients",
-                                   "3", "--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3",
-                                   name="tls")
+    plain, plain_port = cluster.server(
+        "--insecure",
+        "--min-clients",
+        "3",
+        "--dataset",
+        "synthetic",
+        "--num-clients",
+        "3",
+        "--clients-per-round",
+        "3",
+        name="plain",
+    )
+    tls, tls_port = cluster.server(
+        "--tls-cert",
+        "certs/server.pem",
+        "--tls-key",
+        "certs/server.key",
+        "--min-clients",
+        "3",
+        "--dataset",
+        "synthetic",
+        "--num-clients",
+        "3",
+        "--clients-per-round",
+        "3",
+        name="tls",
+    )
     closed = f"127.0.0.1:{free_port()}"
     cases = {
-        "refused": (knock(cluster, "refused", closed, "--insecure"),
-                    f"cannot connect to {closed}: connection refused (is the server running, on that port?)"),
-        "unresolved": (knock(cluster, "unresolved", "nonexistent.invalid:1", "--insecure"),
-                       "cannot connect to nonexistent.invalid:1: its name could not be resolved"),
-        "tls-to-plain": (knock(cluster, "tls-to-plain", f"127.0.0.1:{plain_port}", "--root-cert", "certs/ca.pem"),
-                         f"cannot connect to 127.0.0.1:{plain_port}: TLS handshake failed: is the server using TLS?"),
-        "plain-to-tls": (knock(cluster, "plain-to-tls", f"127.0.0.1:{tls_port}", "--insecure"),
-                         f"cannot connect to 127.0.0.1:{tls_port}: the server closed the connection at once: is it "
-                         f"using TLS? (then --root-cert, not --insecure)"),
-        "other-ca": (knock(cluster, "other-ca", f"127.0.0.1:{tls_port}", "--root-cert", "other/ca.pem"),
-                     f"cannot connect to 127.0.0.1:{tls_port}: TLS handshake failed: the server's certificate is not "
-                     f"one --root-cert vouches for"),
+        "refused": (
+            knock(cluster, "refused", closed, "--insecure"),
+            f"cannot connect to {closed}: connection refused (is the server running, on that port?)",
+        ),
+        "unresolved": (
+            knock(cluster, "unresolved", "nonexistent.invalid:1", "--insecure"),
+            "cannot connect to nonexistent.invalid:1: its name could not be resolved",
+        ),
+        "tls-to-plain": (
+            knock(cluster, "tls-to-plain", f"127.0.0.1:{plain_port}", "--root-cert", "certs/ca.pem"),
+            f"cannot connect to 127.0.0.1:{plain_port}: TLS handshake failed: is the server using TLS?",
+        ),
+        "plain-to-tls": (
+            knock(cluster, "plain-to-tls", f"127.0.0.1:{tls_port}", "--insecure"),
+            f"cannot connect to 127.0.0.1:{tls_port}: the server closed the connection at once: is it "
+            f"using TLS? (then --root-cert, not --insecure)",
+        ),
+        "other-ca": (
+            knock(cluster, "other-ca", f"127.0.0.1:{tls_port}", "--root-cert", "other/ca.pem"),
+            f"cannot connect to 127.0.0.1:{tls_port}: TLS handshake failed: the server's certificate is not "
+            f"one --root-cert vouches for",
+        ),
     }
     assert all(client.wait() == 2 for client, _ in cases.values()), [c.text() for c, _ in cases.values()]
     # Neither server's console shows gRPC's C-core lines (I1207 12:00:00.000 ... ssl_transport_security.cc:...]
@@ -171,8 +283,9 @@ def test_a_client_that_cannot_connect_says_why_and_gives_up(cluster, tmp_path):
 def test_the_time_without_a_server_counts_from_the_connections_end(cluster, tmp_path):
     """A client connected (idle, never selected) for longer than --give-up-after that then loses
     its server keeps trying for --give-up-after seconds from that moment."""
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--dataset", "synthetic", "--num-clients",
-                                  "3", "--clients-per-round", "3")
+    server, port = cluster.server(
+        "--insecure", "--min-clients", "3", "--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3"
+    )
     client = knock(cluster, "idle", f"127.0.0.1:{port}", "--insecure")
     client.wait_for("joined", timeout=120)
     time.sleep(7)  # what is tested is time connected: longer than the client's 5 s
@@ -184,8 +297,11 @@ def test_the_time_without_a_server_counts_from_the_connections_end(cluster, tmp_
 
 def test_give_up_after_has_a_finite_default_shown_in_help(capsys):
     parser = build_parser()
-    assert parser.parse_args(["client", "--server", "h:1", "--client-id", "0", "--token-file", "t"]).give_up_after \
-        == DEFAULT_GIVE_UP_AFTER == 600
+    assert (
+        parser.parse_args(["client", "--server", "h:1", "--client-id", "0", "--token-file", "t"]).give_up_after
+        == DEFAULT_GIVE_UP_AFTER
+        == 600
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["client", "--help"])
     assert "default: 600; inf: never" in " ".join(capsys.readouterr().out.split())

@@ -59,7 +59,7 @@ def answer(hub: Hub, task_id: int, secagg: dict | None = None, **plan) -> dict[s
         if event.kind == EventKind.MESSAGE:
             message = decode(event.data)
             assert message.kind == Kind.UPDATE and message.header["task"] == task_id
-            return {k[len("delta/"):]: v for k, v in message.tensors.items()}
+            return {k[len("delta/") :]: v for k, v in message.tensors.items()}
     raise AssertionError("no update from client 0 in 120 s")
 
 
@@ -87,12 +87,15 @@ def test_a_server_that_asks_for_no_noise_or_no_clip_gets_what_it_asks(scripted):
     assert l2_norm(answer(hub, 3)) > 10 * clip
 
 
-@pytest.mark.parametrize(("plan", "message"), [
-    ({"clip": 1e31, "noise_multiplier": 1.0}, "clip 1e+31 is not a number in [1e-30, 1e+30]"),
-    ({"clip": 0.0, "noise_multiplier": 1.0}, "clip 0.0 is not a number in [1e-30, 1e+30]"),
-    ({"clip": 1.0, "noise_multiplier": -1.0}, "noise_multiplier -1.0 is not a number in [0, 1e+06]"),
-    ({"clip": 1.0, "noise_multiplier": 1e7}, "noise_multiplier 10000000.0 is not a number in [0, 1e+06]"),
-])
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        ({"clip": 1e31, "noise_multiplier": 1.0}, "clip 1e+31 is not a number in [1e-30, 1e+30]"),
+        ({"clip": 0.0, "noise_multiplier": 1.0}, "clip 0.0 is not a number in [1e-30, 1e+30]"),
+        ({"clip": 1.0, "noise_multiplier": -1.0}, "noise_multiplier -1.0 is not a number in [0, 1e+06]"),
+        ({"clip": 1.0, "noise_multiplier": 1e7}, "noise_multiplier 10000000.0 is not a number in [0, 1e+06]"),
+    ],
+)
 def test_a_clip_bound_or_noise_multiplier_out_of_range_is_refused(scripted, plan, message):
     hub, client = scripted
     assert answer(hub, 1, **plan) is None
@@ -105,15 +108,27 @@ SECURE = ServerRound(9, [0, 1, 2], threshold=2, neighbours=2, clip=1.0, max_weig
 
 
 @pytest.mark.parametrize("client_flags", [FLOOR])
-@pytest.mark.parametrize(("plan", "secagg", "message"), [
-    ({"clip": 1.0, "noise_multiplier": 0.0}, None, "task 1 asks for noise multiplier 0.0, below this client's "
-                                                   "--dp-min-noise 1"),
-    ({"clip": 1.0, "noise_multiplier": 0.5}, None, "task 1 asks for noise multiplier 0.5, below this client's "
-                                                   "--dp-min-noise 1"),
-    ({}, None, "task 1 asks for no clip bound, and this client's --dp-min-noise 1 needs one"),
-    ({"clip": 1.0, "noise_multiplier": 1.0}, SECURE, "task 1 opens a secure aggregation round, in which this "
-                                                     "client adds no noise of its own (--dp-min-noise 1)"),
-])
+@pytest.mark.parametrize(
+    ("plan", "secagg", "message"),
+    [
+        (
+            {"clip": 1.0, "noise_multiplier": 0.0},
+            None,
+            "task 1 asks for noise multiplier 0.0, below this client's --dp-min-noise 1",
+        ),
+        (
+            {"clip": 1.0, "noise_multiplier": 0.5},
+            None,
+            "task 1 asks for noise multiplier 0.5, below this client's --dp-min-noise 1",
+        ),
+        ({}, None, "task 1 asks for no clip bound, and this client's --dp-min-noise 1 needs one"),
+        (
+            {"clip": 1.0, "noise_multiplier": 1.0},
+            SECURE,
+            "task 1 opens a secure aggregation round, in which this client adds no noise of its own (--dp-min-noise 1)",
+        ),
+    ],
+)
 def test_a_client_with_a_noise_floor_refuses_a_task_below_it_and_sends_nothing(scripted, plan, secagg, message):
     """Local DP against a hostile server: with --dp-min-noise the client's operator, not the
     server, sets the least noise its updates leave with. A task asking for less, for no clip

@@ -109,8 +109,7 @@ def test_a_half_open_connection_is_replaced_by_the_client_s_new_session(cluster,
 def test_a_task_held_by_a_replaced_session_is_sent_again(cluster, tmp_path):
     """A client that reconnects while it owes an update gets its task again on the new session,
     and its answer counts: the round has every update."""
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "1", "--round-timeout", "300",
-                                  *BASE)
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "1", "--round-timeout", "300", *BASE)
     cluster.client(0, port), cluster.client(1, port)
     stub = cluster.stub(2, port, "reconnect,zero")
     assert server.wait() == 0, server.text()
@@ -129,13 +128,15 @@ def answer(call) -> str:
         if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
             return "refused"
         return e.code().name
-    return "refused" if message.kind == Kind.REJECT and message.header["reason"] == "authentication failed" else \
-        message.kind.name
+    return (
+        "refused"
+        if message.kind == Kind.REJECT and message.header["reason"] == "authentication failed"
+        else message.kind.name
+    )
 
 
 def test_a_client_that_sends_more_than_it_was_asked_for_loses_its_session(cluster, tmp_path):
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "2",
-                                  *BASE)
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--min-fit-clients", "2", "--rounds", "2", *BASE)
     cluster.client(0, port), cluster.client(1, port)
     stub = cluster.stub(2, port, "twice")
     assert server.wait() == 0, server.text()
@@ -148,8 +149,7 @@ def test_idle_unauthenticated_streams_and_sockets_do_not_lock_clients_out(cluste
     """200 gRPC streams that never authenticate (over one connection and over many) and 200
     sockets that never finish a handshake, all at once: an enrolled client is still welcomed at
     once, and the server never buffers a stranger's 60 MB message."""
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "2", "--max-message-mb", "16",
-                                  *BASE)
+    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "2", "--max-message-mb", "16", *BASE)
     before = settled_peak_rss_mb(server.popen.pid)
     local = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
     shared = grpc.insecure_channel(f"127.0.0.1:{port}", options=local)
@@ -243,16 +243,22 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_stops_the_server_with_one_line_and_clients_learn_it_failed(cluster, tmp_path, small_disk):
-    server, port = cluster.server("--insecure", "--min-clients", "3", "--rounds", "5000", *BASE, "--out-dir",
-                                  str(small_disk))
+    server, port = cluster.server(
+        "--insecure", "--min-clients", "3", "--rounds", "5000", *BASE, "--out-dir", str(small_disk)
+    )
     clients = [cluster.client(i, port) for i in range(3)]
     server.wait_for(r"\(3 connected\)")  # the run's three, before the waiter could take one's place
     waiter = cluster.client(3, port, "--retry-on-server-failure", "--give-up-after", "3", name="waiter", part=0)
     server.wait_for(r"\(4 connected\)")
     history = small_disk / "net" / "history.json"
     # Round 3 in the history: round 2's checkpoint is on disk (it is written before round 3 runs).
-    wait_for(lambda: history.exists() and len(json.loads(history.read_text())["rounds"]) >= 4, 300,
-             "round 3 in history.json", server.log, interval=0.02)
+    wait_for(
+        lambda: history.exists() and len(json.loads(history.read_text())["rounds"]) >= 4,
+        300,
+        "round 3 in history.json",
+        server.log,
+        interval=0.02,
+    )
     with (small_disk / "filler").open("wb") as f:  # the disk fills up mid-run
         with pytest.raises(OSError):
             while True:
@@ -260,8 +266,11 @@ def test_a_full_disk_stops_the_server_with_one_line_and_clients_learn_it_failed(
                 f.flush()
     assert server.wait() == 1, server.text()
     errors = [line for line in server.text().splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and re.fullmatch(rf"fedforge: error: cannot write {small_disk}/net/\S+: No space left on "
-                                             "device", errors[0]), server.text()
+    assert len(errors) == 1 and re.fullmatch(
+        rf"fedforge: error: cannot write {small_disk}/net/\S+: No space left on "
+        "device",
+        errors[0],
+    ), server.text()
     assert "Traceback" not in server.text()
     assert all(c.wait() == 3 for c in clients)
     assert all("the server's run failed: cannot write" in c.text() for c in clients)
@@ -275,10 +284,28 @@ def test_a_full_disk_stops_the_server_with_one_line_and_clients_learn_it_failed(
 
 def test_a_read_only_output_folder_is_refused_before_listening(cluster, tmp_path, small_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    proc = cluster.start("server", [sys.executable, "-m", "fedforge", "server", "-q", "--tokens", "tokens.json",
-                                    "--insecure", "--address", "127.0.0.1:0", "--out-dir", str(small_disk),
-                                    "--name", "net", *BASE])
+    proc = cluster.start(
+        "server",
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "server",
+            "-q",
+            "--tokens",
+            "tokens.json",
+            "--insecure",
+            "--address",
+            "127.0.0.1:0",
+            "--out-dir",
+            str(small_disk),
+            "--name",
+            "net",
+            *BASE,
+        ],
+    )
     assert proc.wait() == 1
-    assert proc.text().splitlines()[-1] == (f"fedforge: error: cannot write {small_disk}/net/.write-check: "
-                                            "Read-only file system")
+    assert proc.text().splitlines()[-1] == (
+        f"fedforge: error: cannot write {small_disk}/net/.write-check: Read-only file system"
+    )
     assert "listening" not in proc.text()

@@ -37,14 +37,38 @@ def enroll_all(tmp: Path, count: int) -> None:
 
 
 def clients(tmp: Path, port: int, ids, partition: str, *flags, name: str) -> Proc:
-    return Proc([sys.executable, str(HERE / "secagg_clients.py"), str(port), ",".join(map(str, ids)), partition,
-                 *flags], tmp / f"{name}.log", tmp)
+    return Proc(
+        [sys.executable, str(HERE / "secagg_clients.py"), str(port), ",".join(map(str, ids)), partition, *flags],
+        tmp / f"{name}.log",
+        tmp,
+    )
 
 
 def server(tmp: Path, *flags) -> tuple[Proc, int]:
-    proc = Proc([sys.executable, "-m", "fedforge", "server", "-q", "--threads", "1", "--tokens", "tokens.json",
-                 "--address", "127.0.0.1:0", "--out-dir", "runs", "--name", "net", "--insecure", *SETTINGS, *flags],
-                tmp / "server.log", tmp)
+    proc = Proc(
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "server",
+            "-q",
+            "--threads",
+            "1",
+            "--tokens",
+            "tokens.json",
+            "--address",
+            "127.0.0.1:0",
+            "--out-dir",
+            "runs",
+            "--name",
+            "net",
+            "--insecure",
+            *SETTINGS,
+            *flags,
+        ],
+        tmp / "server.log",
+        tmp,
+    )
     return proc, int(proc.wait_for(r"listening on port (\d+)").group(1))
 
 
@@ -54,13 +78,30 @@ def test_clients_killed_at_every_stage_and_below_the_threshold(tmp_path):
     completes with the sum of those that uploaded. Then five killed after uploading: below the
     threshold, the round fails with nothing unmasked and is retried (they come back) to the end."""
     enroll_all(tmp_path, 10)
-    srv, port = server(tmp_path, "--num-clients", "10", "--clients-per-round", "10", "--rounds", "4",
-                       "--min-clients", "10", "--min-available-clients", "10", "--min-fit-clients", "5",
-                       "--secure-aggregation", "--round-timeout", "300")
+    srv, port = server(
+        tmp_path,
+        "--num-clients",
+        "10",
+        "--clients-per-round",
+        "10",
+        "--rounds",
+        "4",
+        "--min-clients",
+        "10",
+        "--min-available-clients",
+        "10",
+        "--min-fit-clients",
+        "5",
+        "--secure-aggregation",
+        "--round-timeout",
+        "300",
+    )
     procs = [clients(tmp_path, port, range(5), "synthetic:10", name="survivors")]
-    schedules = {"one": ([9], ["keys:1", "shares:2", "upload:3", "upload:4", None]),
-                 "three": ([6, 7, 8], ["shares:1", "upload:2", "keys:3", "upload:4", None]),
-                 "fifth": ([5], ["upload:4", None])}
+    schedules = {
+        "one": ([9], ["keys:1", "shares:2", "upload:3", "upload:4", None]),
+        "three": ([6, 7, 8], ["shares:1", "upload:2", "keys:3", "upload:4", None]),
+        "fifth": ([5], ["upload:4", None]),
+    }
     current = {}
     try:
         for name, (ids, plan) in schedules.items():
@@ -72,8 +113,14 @@ def test_clients_killed_at_every_stage_and_below_the_threshold(tmp_path):
                 if current[name].popen.poll() is not None and plan:
                     assert "dying at" in current[name].text(), current[name].text()
                     die = plan.pop(0)
-                    current[name] = clients(tmp_path, port, ids, "synthetic:10", *(["--die", die] if die else []),
-                                            name=f"{name}-{len(procs)}")
+                    current[name] = clients(
+                        tmp_path,
+                        port,
+                        ids,
+                        "synthetic:10",
+                        *(["--die", die] if die else []),
+                        name=f"{name}-{len(procs)}",
+                    )
                     procs.append(current[name])
             time.sleep(0.1)
         assert srv.wait() == 0, srv.text()
@@ -128,13 +175,35 @@ def test_the_server_sees_no_update_and_unmasks_their_exact_sum(tmp_path, monkeyp
 
     monkeypatch.setattr(Hub, "__init__", recording_hub)
     monkeypatch.setattr(ServerRound, "result", spied_result)
-    config = Config(dataset="synthetic", model="logreg", batch_size=10, num_clients=5, clients_per_round=5, rounds=1,
-                    out_dir=str(tmp_path / "runs"), name="net")
+    config = Config(
+        dataset="synthetic",
+        model="logreg",
+        batch_size=10,
+        num_clients=5,
+        clients_per_round=5,
+        rounds=1,
+        out_dir=str(tmp_path / "runs"),
+        name="net",
+    )
     ports, outcome = [], []
-    thread = threading.Thread(target=lambda: outcome.append(serve(
-        config, address="127.0.0.1:0", tokens=load_tokens(tmp_path / "tokens.json"), tls=None, min_clients=5,
-        min_fit_clients=None, round_timeout=300, max_message_bytes=1 << 24, progress=False,
-        on_listening=ports.append, secure=SecureAggregation())), daemon=True)
+    thread = threading.Thread(
+        target=lambda: outcome.append(
+            serve(
+                config,
+                address="127.0.0.1:0",
+                tokens=load_tokens(tmp_path / "tokens.json"),
+                tls=None,
+                min_clients=5,
+                min_fit_clients=None,
+                round_timeout=300,
+                max_message_bytes=1 << 24,
+                progress=False,
+                on_listening=ports.append,
+                secure=SecureAggregation(),
+            )
+        ),
+        daemon=True,
+    )
     thread.start()
     wait_for(lambda: ports or not thread.is_alive(), PROCESS_S, "the server to listen")
     assert ports, "the server stopped before it listened"
@@ -148,17 +217,28 @@ def test_the_server_sees_no_update_and_unmasks_their_exact_sum(tmp_path, monkeyp
     dataset, data = load(config, progress=False)
     model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
     updates = []
-    plain = simulate(model, data, rounds=1, clients_per_round=5, client=config.client_config(),
-                     strategy=config.strategy_object(), seed=config.seed, on_client=updates.append)
+    plain = simulate(
+        model,
+        data,
+        rounds=1,
+        clients_per_round=5,
+        client=config.client_config(),
+        strategy=config.strategy_object(),
+        seed=config.seed,
+        on_client=updates.append,
+    )
     assert len(updates) == 5
     quantizer = SecureAggregation().quantizer(5, None)
     flat = {u.client_id: torch.cat([v.reshape(-1) for v in u.delta.values()]).double() for u in updates}
-    quantized = {c: quantizer.encode(v.numpy(), updates[i].num_examples, True, updates[i].train_loss)
-                 for i, (c, v) in enumerate(flat.items())}
+    quantized = {
+        c: quantizer.encode(v.numpy(), updates[i].num_examples, True, updates[i].train_loss)
+        for i, (c, v) in enumerate(flat.items())
+    }
 
     received = [(c, decode(data_)) for c, data_ in hubs[0].events.received]
-    assert sorted(m.kind for _, m in received) == sorted([Kind.SA_KEYS, Kind.SA_SHARES, Kind.SA_MASKED,
-                                                          Kind.SA_UNMASKED] * 5)
+    assert sorted(m.kind for _, m in received) == sorted(
+        [Kind.SA_KEYS, Kind.SA_SHARES, Kind.SA_MASKED, Kind.SA_UNMASKED] * 5
+    )
     weights = {u.client_id: u.num_examples for u in updates}
     masked = []
     for _, message in received:
@@ -169,7 +249,7 @@ def test_the_server_sees_no_update_and_unmasks_their_exact_sum(tmp_path, monkeyp
             signed = torch.from_numpy(words.view(np.int32).astype(np.float64) / quantizer.scale)
             for c, q in quantized.items():  # no input in the clear, nor one coordinate in a hundred
                 assert np.mean(words == q) < 0.01
-                assert not torch.allclose(signed[:len(flat[c])] / weights[c], flat[c], atol=1e-2)
+                assert not torch.allclose(signed[: len(flat[c])] / weights[c], flat[c], atol=1e-2)
     assert len(masked) == 5
     total = sum(quantized.values())
     assert np.array_equal(sums[0], total)  # the unmasked sum is exactly the sum of the true inputs
@@ -191,11 +271,36 @@ def test_hostile_clients_are_refused_and_dp_spends_the_simulations_epsilon(tmp_p
     the unmasked sum, and the accountant spends what the simulation's does."""
     enroll_all(tmp_path, 6)
     dp = ["--dp", "client", "--noise-multiplier", "0.3", "--clip", "0.5", "--delta", "0.01"]
-    srv, port = server(tmp_path, "--num-clients", "6", "--clients-per-round", "6", "--rounds", "4",
-                       "--min-clients", "6", "--min-available-clients", "6", "--secure-aggregation",
-                       "--round-timeout", "300", *dp)
-    proc = clients(tmp_path, port, range(6), "synthetic:6", "--hostile", "5=badshare:1", "4=other:2",
-                   "3=malformed:3", "2=twice:4", "0=differ:1", name="clients")
+    srv, port = server(
+        tmp_path,
+        "--num-clients",
+        "6",
+        "--clients-per-round",
+        "6",
+        "--rounds",
+        "4",
+        "--min-clients",
+        "6",
+        "--min-available-clients",
+        "6",
+        "--secure-aggregation",
+        "--round-timeout",
+        "300",
+        *dp,
+    )
+    proc = clients(
+        tmp_path,
+        port,
+        range(6),
+        "synthetic:6",
+        "--hostile",
+        "5=badshare:1",
+        "4=other:2",
+        "3=malformed:3",
+        "2=twice:4",
+        "0=differ:1",
+        name="clients",
+    )
     try:
         assert srv.wait() == 0, srv.text() + proc.text()
         log = srv.text()
@@ -214,9 +319,30 @@ def test_hostile_clients_are_refused_and_dp_spends_the_simulations_epsilon(tmp_p
         proc.kill()
     networked = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())["rounds"]
     out = tmp_path / "sim"
-    subprocess.run([sys.executable, "-m", "fedforge", "run", "-q", *SETTINGS, "--num-clients", "6",
-                    "--clients-per-round", "6", "--rounds", "4", *dp, "--out-dir", str(out), "--name", "sim"],
-                   check=True, capture_output=True, timeout=wait_bound(PROCESS_S))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "run",
+            "-q",
+            *SETTINGS,
+            "--num-clients",
+            "6",
+            "--clients-per-round",
+            "6",
+            "--rounds",
+            "4",
+            *dp,
+            "--out-dir",
+            str(out),
+            "--name",
+            "sim",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=wait_bound(PROCESS_S),
+    )
     simulated = json.loads((out / "sim" / "history.json").read_text())["rounds"]
     assert [r["metrics"]["epsilon"] for r in networked] == [r["metrics"]["epsilon"] for r in simulated]
     assert networked[-1]["metrics"]["epsilon"] > 0 and networked[-1]["test_loss"] < networked[0]["test_loss"] - 0.5
@@ -231,11 +357,37 @@ def test_a_hostile_client_is_named_and_put_out_and_every_round_completes(tmp_pat
     Client 0 sends words past its bounds (task 2): masking hides whose they are, so the sum's words
     past any clipped inputs' reach are clamped to it, said in the log, and the round completes."""
     enroll_all(tmp_path, 5)
-    srv, port = server(tmp_path, "--num-clients", "5", "--clients-per-round", "5", "--rounds", "4",
-                       "--min-clients", "5", "--min-available-clients", "5", "--min-fit-clients", "3",
-                       "--secure-aggregation", "--round-timeout", "60")
-    proc = clients(tmp_path, port, range(5), "synthetic:5", "--hostile", "4=garbage:1", "3=replay:*", "2=liar:3",
-                   "1=seed:4", "0=range:2", name="clients")
+    srv, port = server(
+        tmp_path,
+        "--num-clients",
+        "5",
+        "--clients-per-round",
+        "5",
+        "--rounds",
+        "4",
+        "--min-clients",
+        "5",
+        "--min-available-clients",
+        "5",
+        "--min-fit-clients",
+        "3",
+        "--secure-aggregation",
+        "--round-timeout",
+        "60",
+    )
+    proc = clients(
+        tmp_path,
+        port,
+        range(5),
+        "synthetic:5",
+        "--hostile",
+        "4=garbage:1",
+        "3=replay:*",
+        "2=liar:3",
+        "1=seed:4",
+        "0=range:2",
+        name="clients",
+    )
     try:
         assert srv.wait() == 0, srv.text() + proc.text()
         log = srv.text()
@@ -243,13 +395,18 @@ def test_a_hostile_client_is_named_and_put_out_and_every_round_completes(tmp_pat
         assert "task 1: the sum of 4 masked updates" in log
         assert "task 2: client 3 is out of the round (treated as dropped): its shares for client" in log
         assert "task 2: the sum of 4 masked updates" in log
-        assert ("task 2: 3 words of the unmasked sum were past what 4 clipped inputs can reach: a client sent words "
-                "past its bounds (masking hides which); clamped") in log
-        assert ("task 3: refused the SA_MASKED of client 2: it reported client 0's shares, which open and match "
-                "their commitments") in log
+        assert (
+            "task 2: 3 words of the unmasked sum were past what 4 clipped inputs can reach: a client sent words "
+            "past its bounds (masking hides which); clamped"
+        ) in log
+        assert (
+            "task 3: refused the SA_MASKED of client 2: it reported client 0's shares, which open and match "
+            "their commitments"
+        ) in log
         assert "task 3: the sum of 3 masked updates" in log
-        assert ("task 4: client 1 is left out of the retry: it dealt shares that do not give back the seed it "
-                "committed to") in log
+        assert (
+            "task 4: client 1 is left out of the retry: it dealt shares that do not give back the seed it committed to"
+        ) in log
         assert "round 4, attempt 1 failed (secure aggregation: client 1 dealt shares" in log
         assert "task 5: client 1 is left out of this attempt" in log and "task 5: client 3 is left out" in log
         assert "task 5: the sum of 3 masked updates" in log
@@ -267,16 +424,34 @@ def test_no_client_weighs_past_the_cap(tmp_path):
     let it through with 850 of a weight of 1,950: 43.6 %). The weight it declares beside its
     masked input is refused, by name; the round sums the three others (103 + 497 + 500)."""
     enroll_all(tmp_path, 4)
-    srv, port = server(tmp_path, "--num-clients", "4", "--clients-per-round", "4", "--rounds", "1",
-                       "--min-clients", "4", "--min-available-clients", "4", "--min-fit-clients", "3",
-                       "--secure-aggregation", "--secagg-max-examples", "500", "--round-timeout", "60")
+    srv, port = server(
+        tmp_path,
+        "--num-clients",
+        "4",
+        "--clients-per-round",
+        "4",
+        "--rounds",
+        "1",
+        "--min-clients",
+        "4",
+        "--min-available-clients",
+        "4",
+        "--min-fit-clients",
+        "3",
+        "--secure-aggregation",
+        "--secagg-max-examples",
+        "500",
+        "--round-timeout",
+        "60",
+    )
     proc = clients(tmp_path, port, range(4), "synthetic:4", "--hostile", "3=heavy:1", name="clients")
     try:
         assert srv.wait() == 0, srv.text() + proc.text()
         log = srv.text()
         assert "client 3: weighs as 850 examples in task 1" in proc.text()
-        assert "task 1: refused the SA_MASKED of client 3: its weight 850 is not between 1 and the round's cap 500" \
-            in log
+        assert (
+            "task 1: refused the SA_MASKED of client 3: its weight 850 is not between 1 and the round's cap 500" in log
+        )
         assert "task 1: the sum of 3 masked updates (1 dropped; weight 1100, at most 500 each;" in log
     finally:
         srv.kill()
@@ -288,16 +463,35 @@ def test_a_client_declines_a_round_below_its_floor(tmp_path):
     says why, in its log and to the server; nothing of its update is sent. Every attempt declined,
     the server gives up with the last attempt's reason."""
     enroll_all(tmp_path, 2)
-    srv, port = server(tmp_path, "--num-clients", "2", "--clients-per-round", "2", "--rounds", "1",
-                       "--min-clients", "2", "--min-available-clients", "2", "--secure-aggregation",
-                       "--round-timeout", "60")
+    srv, port = server(
+        tmp_path,
+        "--num-clients",
+        "2",
+        "--clients-per-round",
+        "2",
+        "--rounds",
+        "1",
+        "--min-clients",
+        "2",
+        "--min-available-clients",
+        "2",
+        "--secure-aggregation",
+        "--round-timeout",
+        "60",
+    )
     proc = clients(tmp_path, port, range(2), "synthetic:2", name="clients")
     try:
-        srv.wait_for(r"task 1: refused the SA_KEYS of client 1: it declines the round: .the round has 2 "
-                     r"participants, below this client.s floor of 3", timeout=600)
+        srv.wait_for(
+            r"task 1: refused the SA_KEYS of client 1: it declines the round: .the round has 2 "
+            r"participants, below this client.s floor of 3",
+            timeout=600,
+        )
         srv.wait_for(r"round 1, attempt 1 failed \(secure aggregation: 0 clients sent keys", timeout=600)
-        proc.wait_for(r"client 0: left secure aggregation round 1: the round has 2 participants, below this "
-                      r"client's floor of 3: too small to hide its update", timeout=600)
+        proc.wait_for(
+            r"client 0: left secure aggregation round 1: the round has 2 participants, below this "
+            r"client's floor of 3: too small to hide its update",
+            timeout=600,
+        )
         assert srv.wait() == 2  # each attempt declined: the run gives up, saying why (fedforge: error: ...)
         assert "SA_SHARES" not in srv.text() and "SA_MASKED" not in srv.text()
         assert "round 1 failed 10 times; the last attempt: secure aggregation: 0 clients sent keys" in srv.text()

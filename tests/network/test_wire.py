@@ -20,8 +20,9 @@ def messages(draw):
         shape = draw(st.lists(st.integers(0, 4), max_size=3))
         dtype = draw(st.sampled_from(DTYPES))
         tensors[f"t{i}"] = (torch.rand(shape) * 100).to(dtype)
-    header = draw(st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
-                                  max_size=3))
+    header = draw(
+        st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5), max_size=3)
+    )
     header.pop("tensors", None)
     return Message(draw(st.sampled_from(list(Kind))), header, tensors)
 
@@ -47,8 +48,11 @@ def test_compression_error_is_bounded(compression, bound):
 
 
 def valid_bytes():
-    return encode(Message(Kind.UPDATE, {"round": 1, "client": 2}, {"a": torch.arange(6.0).reshape(2, 3),
-                                                                    "b": torch.tensor([1, 2])}))
+    return encode(
+        Message(
+            Kind.UPDATE, {"round": 1, "client": 2}, {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2])}
+        )
+    )
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -87,22 +91,29 @@ def header_with(entries, payload=b""):
     return MAGIC + struct.pack(">BI", int(Kind.UPDATE), len(head)) + head + payload
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"hello world", "bad magic"),
-    (MAGIC + struct.pack(">BI", 99, 0), "unknown message kind"),
-    (MAGIC + struct.pack(">BI", 5, 10**9), "header length"),
-    (MAGIC + struct.pack(">BI", 5, 3) + b"{x}", "not JSON"),
-    (MAGIC + struct.pack(">BI", 5, 2) + b"[]", "not a JSON object"),
-    (header_with([{"name": "w", "dtype": "object", "shape": [1], "nbytes": 8}]), "unknown dtype"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [2], "nbytes": 8}], b"\0" * 4), "payload too short"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 99}], b"\0" * 4), "nbytes"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [-1], "nbytes": 4}]), "bad shape"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 4}], b"\0" * 8), "bytes after"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 4}] * 2, b"\0" * 8), "twice"),
-    (header_with([{"name": "w", "dtype": "int64", "shape": [1], "nbytes": 2, "encoding": "fp16"}]), "non-float"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 1, "encoding": "int8",
-                   "scale": -1}], b"\0"), "int8 scale"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"hello world", "bad magic"),
+        (MAGIC + struct.pack(">BI", 99, 0), "unknown message kind"),
+        (MAGIC + struct.pack(">BI", 5, 10**9), "header length"),
+        (MAGIC + struct.pack(">BI", 5, 3) + b"{x}", "not JSON"),
+        (MAGIC + struct.pack(">BI", 5, 2) + b"[]", "not a JSON object"),
+        (header_with([{"name": "w", "dtype": "object", "shape": [1], "nbytes": 8}]), "unknown dtype"),
+        (header_with([{"name": "w", "dtype": "float32", "shape": [2], "nbytes": 8}], b"\0" * 4), "payload too short"),
+        (header_with([{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 99}], b"\0" * 4), "nbytes"),
+        (header_with([{"name": "w", "dtype": "float32", "shape": [-1], "nbytes": 4}]), "bad shape"),
+        (header_with([{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 4}], b"\0" * 8), "bytes after"),
+        (header_with([{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 4}] * 2, b"\0" * 8), "twice"),
+        (header_with([{"name": "w", "dtype": "int64", "shape": [1], "nbytes": 2, "encoding": "fp16"}]), "non-float"),
+        (
+            header_with(
+                [{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 1, "encoding": "int8", "scale": -1}], b"\0"
+            ),
+            "int8 scale",
+        ),
+    ],
+)
 def test_specific_refusals(data, reason):
     with pytest.raises(WireError, match=reason):
         decode(data)
@@ -133,33 +144,64 @@ def raw_header(text: str, payload: bytes = b"") -> bytes:
     return MAGIC + struct.pack(">BI", int(Kind.UPDATE), len(head)) + head + payload
 
 
-@pytest.mark.parametrize("data, reason", [
-    (raw_header('{"num_examples": ' + "9" * 5000 + "}"), "not JSON|out of range"),  # past Python's digit limit
-    (raw_header('{"num_examples": ' + "9" * 400 + "}"), "out of range"),
-    (raw_header('{"train_loss": 1e400}'), "not finite"),
-    (raw_header('{"train_loss": NaN}'), "not finite"),
-    (raw_header('{"train_loss": -Infinity}'), "not finite"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [0, 2**70], "nbytes": 0}]), "bad shape|out of range"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [0, 2**40, 2**40], "nbytes": 0}]), "bad shape"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 1, "encoding": "int8",
-                   "scale": 10**400}], b"\0"), "out of range|int8 scale"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 1, "encoding": "int8",
-                   "scale": "1"}], b"\0"), "int8 scale"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 1, "encoding": "int8",
-                   "scale": True}], b"\0"), "int8 scale"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 1, "encoding": "int8",
-                   "scale": 1e300}], b"\0"), "int8 scale"),
-    (header_with([{"name": "w", "dtype": "float32", "shape": [True], "nbytes": 4}], b"\0" * 4), "bad shape"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (raw_header('{"num_examples": ' + "9" * 5000 + "}"), "not JSON|out of range"),  # past Python's digit limit
+        (raw_header('{"num_examples": ' + "9" * 400 + "}"), "out of range"),
+        (raw_header('{"train_loss": 1e400}'), "not finite"),
+        (raw_header('{"train_loss": NaN}'), "not finite"),
+        (raw_header('{"train_loss": -Infinity}'), "not finite"),
+        (header_with([{"name": "w", "dtype": "float32", "shape": [0, 2**70], "nbytes": 0}]), "bad shape|out of range"),
+        (header_with([{"name": "w", "dtype": "float32", "shape": [0, 2**40, 2**40], "nbytes": 0}]), "bad shape"),
+        (
+            header_with(
+                [{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 1, "encoding": "int8", "scale": 10**400}],
+                b"\0",
+            ),
+            "out of range|int8 scale",
+        ),
+        (
+            header_with(
+                [{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 1, "encoding": "int8", "scale": "1"}], b"\0"
+            ),
+            "int8 scale",
+        ),
+        (
+            header_with(
+                [{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 1, "encoding": "int8", "scale": True}], b"\0"
+            ),
+            "int8 scale",
+        ),
+        (
+            header_with(
+                [{"name": "w", "dtype": "float32", "shape": [1], "nbytes": 1, "encoding": "int8", "scale": 1e300}],
+                b"\0",
+            ),
+            "int8 scale",
+        ),
+        (header_with([{"name": "w", "dtype": "float32", "shape": [True], "nbytes": 4}], b"\0" * 4), "bad shape"),
+    ],
+)
 def test_values_past_any_bound_are_refused(data, reason):
     with pytest.raises(WireError, match=reason):
         decode(data)
 
 
-huge_ints = st.integers(min_value=2**62, max_value=2**80) | st.integers(max_value=-(2**62), min_value=-(2**80)) | \
-    st.just(10**400) | st.just(10**4000)
-odd_scalars = huge_ints | st.floats(allow_nan=True, allow_infinity=True) | st.booleans() | st.none() | \
-    st.text(max_size=3) | st.lists(st.integers(), max_size=2)
+huge_ints = (
+    st.integers(min_value=2**62, max_value=2**80)
+    | st.integers(max_value=-(2**62), min_value=-(2**80))
+    | st.just(10**400)
+    | st.just(10**4000)
+)
+odd_scalars = (
+    huge_ints
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.booleans()
+    | st.none()
+    | st.text(max_size=3)
+    | st.lists(st.integers(), max_size=2)
+)
 
 
 @settings(max_examples=600, deadline=None)
@@ -169,9 +211,13 @@ def test_fuzzed_values_never_escape(data):
     shape = data.draw(st.lists(st.integers(0, 3) | huge_ints, min_size=1, max_size=4))
     if data.draw(st.booleans()):
         shape[data.draw(st.integers(0, len(shape) - 1))] = 0
-    entry = {"name": "w", "dtype": data.draw(st.sampled_from(["float32", "int64", "float16"])), "shape": shape,
-             "nbytes": data.draw(st.integers(0, 8) | huge_ints), "encoding": data.draw(
-                 st.sampled_from(["raw", "fp16", "int8"]))}
+    entry = {
+        "name": "w",
+        "dtype": data.draw(st.sampled_from(["float32", "int64", "float16"])),
+        "shape": shape,
+        "nbytes": data.draw(st.integers(0, 8) | huge_ints),
+        "encoding": data.draw(st.sampled_from(["raw", "fp16", "int8"])),
+    }
     if data.draw(st.booleans()):
         entry["scale"] = data.draw(odd_scalars | st.floats(1e-3, 10))
     header = {"tensors": [entry], "num_examples": data.draw(odd_scalars), "x": data.draw(odd_scalars)}

@@ -35,8 +35,7 @@ def test_fixed_size_epsilon_is_rdp_replace_one_with_twice_the_sensitivity():
     assert acc.method == "rdp"
     # Replacing one client moves the sum by up to 2C: multiplier z / 2 under REPLACE_ONE.
     event = dp_event.SampledWithoutReplacementDpEvent(1000, 100, dp_event.GaussianDpEvent(1.0))
-    assert acc.epsilon(DELTA) == direct(RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE), 50,
-                                        event)
+    assert acc.epsilon(DELTA) == direct(RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE), 50, event)
     with pytest.raises(ConfigError, match="no PLD for fixed-size sampling"):
         Accountant(FixedSizeSampling(1000, 100), 2.0, method="pld")
 
@@ -61,8 +60,9 @@ def test_pld_agrees_with_prv_accountant():
     from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
 
     mechanism = PoissonSubsampledGaussianMechanism(noise_multiplier=1.0, sampling_probability=0.1)
-    lower, _, upper = prv.PRVAccountant(prvs=[mechanism], max_self_compositions=[100], eps_error=0.01,
-                                        delta_error=1e-9).compute_epsilon(delta=DELTA, num_self_compositions=[100])
+    lower, _, upper = prv.PRVAccountant(
+        prvs=[mechanism], max_self_compositions=[100], eps_error=0.01, delta_error=1e-9
+    ).compute_epsilon(delta=DELTA, num_self_compositions=[100])
     ours = Accountant(POISSON, 1.0).epsilon_after(100, DELTA)
     # PRV gives a bracket of the true epsilon; PLD is a pessimistic estimate of it, within 1e-2.
     assert lower - 0.01 <= ours <= upper + 0.01
@@ -80,11 +80,14 @@ def test_rounds_spend_and_budget():
     assert not ten.would_exceed(ten.epsilon_after(11, DELTA), DELTA)
 
 
-@pytest.mark.parametrize("acc", [
-    Accountant(POISSON, 1.3, rounds=7),
-    Accountant(FixedSizeSampling(50, 5), 2.0, rounds=3),
-    Accountant(POISSON, 4.0, method="rdp", local=True, rounds=2),
-])
+@pytest.mark.parametrize(
+    "acc",
+    [
+        Accountant(POISSON, 1.3, rounds=7),
+        Accountant(FixedSizeSampling(50, 5), 2.0, rounds=3),
+        Accountant(POISSON, 4.0, method="rdp", local=True, rounds=2),
+    ],
+)
 def test_state_round_trip(acc):
     state = json.loads(json.dumps(acc.state()))
     back = Accountant.from_state(state)
@@ -103,11 +106,14 @@ def test_bad_state():
         Accountant.from_state(state)
 
 
-@pytest.mark.parametrize("sampling, target, rounds, method", [
-    (POISSON, 4.0, 50, "pld"),
-    (POISSON, 1.0, 20, "rdp"),
-    (FixedSizeSampling(1000, 100), 8.0, 30, None),
-])
+@pytest.mark.parametrize(
+    "sampling, target, rounds, method",
+    [
+        (POISSON, 4.0, 50, "pld"),
+        (POISSON, 1.0, 20, "rdp"),
+        (FixedSizeSampling(1000, 100), 8.0, 30, None),
+    ],
+)
 def test_calibration_meets_the_target_within_two_percent(sampling, target, rounds, method):
     z = calibrate(target, DELTA, sampling, rounds, method=method)
     eps = Accountant(sampling, z, method=method).epsilon_after(rounds, DELTA)
@@ -121,18 +127,21 @@ def test_calibration_refuses_a_target_that_needs_no_noise():
         calibrate(1000.0, DELTA, PoissonSampling(0.01, 1000), 1, method="rdp")
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: calibrate(0, DELTA, POISSON, 10), "target epsilon must be > 0, got 0"),
-    (lambda: calibrate(-1.0, DELTA, POISSON, 10), "target epsilon must be > 0, got -1.0"),
-    (lambda: calibrate(1.0, 0.0, POISSON, 10), "delta must be in \\(0, 1\\), got 0.0"),
-    (lambda: calibrate(1.0, 1.0, POISSON, 10), "delta must be in \\(0, 1\\), got 1.0"),
-    (lambda: calibrate(1.0, DELTA, POISSON, 0), "rounds must be an integer >= 1, got 0"),
-    (lambda: calibrate(1.0, DELTA, PoissonSampling(1.2, 10), 5), "sampling rate q must be in \\(0, 1\\], got 1.2"),
-    (lambda: Accountant(POISSON, 0.0), "noise_multiplier must be > 0"),
-    (lambda: Accountant(POISSON, 1.0, method="gdp"), "accountant must be one of pld, rdp, got 'gdp'"),
-    (lambda: Accountant(POISSON, 1.0).would_exceed(0, DELTA), "epsilon budget must be > 0, got 0"),
-    (lambda: check_delta(1e-3, num_clients=1000), "delta must be < 1/num_clients = 0.001, got 0.001"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: calibrate(0, DELTA, POISSON, 10), "target epsilon must be > 0, got 0"),
+        (lambda: calibrate(-1.0, DELTA, POISSON, 10), "target epsilon must be > 0, got -1.0"),
+        (lambda: calibrate(1.0, 0.0, POISSON, 10), "delta must be in \\(0, 1\\), got 0.0"),
+        (lambda: calibrate(1.0, 1.0, POISSON, 10), "delta must be in \\(0, 1\\), got 1.0"),
+        (lambda: calibrate(1.0, DELTA, POISSON, 0), "rounds must be an integer >= 1, got 0"),
+        (lambda: calibrate(1.0, DELTA, PoissonSampling(1.2, 10), 5), "sampling rate q must be in \\(0, 1\\], got 1.2"),
+        (lambda: Accountant(POISSON, 0.0), "noise_multiplier must be > 0"),
+        (lambda: Accountant(POISSON, 1.0, method="gdp"), "accountant must be one of pld, rdp, got 'gdp'"),
+        (lambda: Accountant(POISSON, 1.0).would_exceed(0, DELTA), "epsilon budget must be > 0, got 0"),
+        (lambda: check_delta(1e-3, num_clients=1000), "delta must be < 1/num_clients = 0.001, got 0.001"),
+    ],
+)
 def test_bad_input_is_one_line(call, message):
     with pytest.raises(ConfigError, match=message) as e:
         call()

@@ -24,8 +24,13 @@ def test_clip_hand_computed():
 
 
 @settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.integers(1, 50), min_size=1, max_size=4), scale=st.floats(1e-4, 1e6),
-       clip=st.floats(1e-3, 1e3), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31))
+@given(
+    sizes=st.lists(st.integers(1, 50), min_size=1, max_size=4),
+    scale=st.floats(1e-4, 1e6),
+    clip=st.floats(1e-3, 1e3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31),
+)
 def test_every_clipped_update_has_norm_at_most_the_bound(sizes, scale, clip, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     delta = {f"p{i}": torch.randn(n, generator=g, dtype=dtype) * scale for i, n in enumerate(sizes)}
@@ -59,19 +64,22 @@ def test_update_noise_multiplier_keeps_the_total():
     assert PrivacyConfig(noise_multiplier=1.0, expected_clients=100).update_noise_multiplier == 1.0
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"clip": 0.0}, "clip bound must be > 0, got 0.0"),
-    ({"clip": -1.0}, "clip bound must be > 0, got -1.0"),
-    ({"noise_multiplier": -0.5}, "noise_multiplier must be >= 0, got -0.5"),
-    ({"expected_clients": 0}, "expected_clients must be > 0, got 0"),
-    ({"mode": "server"}, "privacy mode must be one of central, client, local, got 'server'"),
-    ({"adaptive": True, "mode": "local"}, "adaptive clipping needs the server to count"),
-    ({"adaptive": True, "target_quantile": 1.0}, "target_quantile must be in \\(0, 1\\), got 1.0"),
-    ({"adaptive": True, "clip_lr": 0.0}, "clip_lr must be > 0, got 0.0"),
-    ({"adaptive": True, "count_stddev": -1.0}, "count_stddev must be > 0, got -1.0"),
-    # m = 10: sigma_b = 0.5 cannot carry z = 1 (z_update would be imaginary).
-    ({"adaptive": True, "expected_clients": 10}, "noise_multiplier 1.0 needs count_stddev > 0.5"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"clip": 0.0}, "clip bound must be > 0, got 0.0"),
+        ({"clip": -1.0}, "clip bound must be > 0, got -1.0"),
+        ({"noise_multiplier": -0.5}, "noise_multiplier must be >= 0, got -0.5"),
+        ({"expected_clients": 0}, "expected_clients must be > 0, got 0"),
+        ({"mode": "server"}, "privacy mode must be one of central, client, local, got 'server'"),
+        ({"adaptive": True, "mode": "local"}, "adaptive clipping needs the server to count"),
+        ({"adaptive": True, "target_quantile": 1.0}, "target_quantile must be in \\(0, 1\\), got 1.0"),
+        ({"adaptive": True, "clip_lr": 0.0}, "clip_lr must be > 0, got 0.0"),
+        ({"adaptive": True, "count_stddev": -1.0}, "count_stddev must be > 0, got -1.0"),
+        # m = 10: sigma_b = 0.5 cannot carry z = 1 (z_update would be imaginary).
+        ({"adaptive": True, "expected_clients": 10}, "noise_multiplier 1.0 needs count_stddev > 0.5"),
+    ],
+)
 def test_bad_config_is_one_line(options, message):
     with pytest.raises(ConfigError, match=message) as e:
         PrivacyConfig(**{"noise_multiplier": 1.0, "expected_clients": 100, **options})

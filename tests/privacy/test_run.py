@@ -10,8 +10,16 @@ from fedforge.config import Config
 from fedforge.experiment import run_experiment
 from fedforge.privacy import Accountant, PoissonSampling
 
-BASE = dict(dataset="synthetic", num_clients=30, clients_per_round=10, model="logreg", batch_size=10, lr=0.5,
-            local_epochs=3, delta=1e-3)
+BASE = dict(
+    dataset="synthetic",
+    num_clients=30,
+    clients_per_round=10,
+    model="logreg",
+    batch_size=10,
+    lr=0.5,
+    local_epochs=3,
+    delta=1e-3,
+)
 
 
 def _run(tmp_path, name, **settings):
@@ -46,8 +54,16 @@ def test_the_server_clips_no_honest_local_update(tmp_path):
 
 
 def test_the_run_stops_before_it_would_pass_its_budget(tmp_path):
-    outcome = _run(tmp_path, "budget", rounds=50, dp="client", noise_multiplier=1.0, target_epsilon=2.0,
-                   sampling="poisson", clip=0.5)
+    outcome = _run(
+        tmp_path,
+        "budget",
+        rounds=50,
+        dp="client",
+        noise_multiplier=1.0,
+        target_epsilon=2.0,
+        sampling="poisson",
+        clip=0.5,
+    )
     spent = [r.metrics["epsilon"] for r in outcome.history.records]
     done = outcome.history.final.round
     assert 1 <= done < 50 and spent[-1] <= 2.0
@@ -59,8 +75,7 @@ def test_the_run_stops_before_it_would_pass_its_budget(tmp_path):
 
 def test_poisson_sampling_varies_the_cohort_and_the_noise_is_calibrated(tmp_path):
     # RDP: PLD's calibration under Poisson sampling takes 9 s (test_accountant.py checks it).
-    outcome = _run(tmp_path, "poisson", rounds=4, dp="client", target_epsilon=4.0, sampling="poisson",
-                   accountant="rdp")
+    outcome = _run(tmp_path, "poisson", rounds=4, dp="client", target_epsilon=4.0, sampling="poisson", accountant="rdp")
     sizes = {len(r.clients) for r in outcome.history.records[1:]}
     assert len(sizes) > 1  # each client joins with probability 1/3: the cohort size varies
     z = outcome.state.privacy["accountant"]["noise_multiplier"]
@@ -81,17 +96,21 @@ def test_resume_continues_the_accountant_and_the_clip_bound_exactly(tmp_path):
     assert len(set(whole.history.column("clip"))) > 1  # adaptive: the bound moved
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--dp", "client", "--target-epsilon", "0"], "target epsilon must be > 0, got 0.0"),
-    (["--dp", "client", "--target-epsilon", "1", "--delta", "0.2"], "delta must be < 1/num_clients = 0.1, got 0.2"),
-    (["--dp", "client", "--noise-multiplier", "1", "--clip", "0"], "clip bound must be > 0, got 0.0"),
-    (["--dp", "client", "--noise-multiplier", "1", "--strategy", "krum"],
-     "differential privacy cannot serve strategy 'krum': Krum compares the updates with each other"),
-    (["--dp", "client"], "differential privacy needs a target epsilon (--target-epsilon) or a noise multiplier"),
-    (["--target-epsilon", "1"], "target_epsilon and noise_multiplier are for differential privacy: add --dp"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dp", "client", "--target-epsilon", "0"], "target epsilon must be > 0, got 0.0"),
+        (["--dp", "client", "--target-epsilon", "1", "--delta", "0.2"], "delta must be < 1/num_clients = 0.1, got 0.2"),
+        (["--dp", "client", "--noise-multiplier", "1", "--clip", "0"], "clip bound must be > 0, got 0.0"),
+        (
+            ["--dp", "client", "--noise-multiplier", "1", "--strategy", "krum"],
+            "differential privacy cannot serve strategy 'krum': Krum compares the updates with each other",
+        ),
+        (["--dp", "client"], "differential privacy needs a target epsilon (--target-epsilon) or a noise multiplier"),
+        (["--target-epsilon", "1"], "target_epsilon and noise_multiplier are for differential privacy: add --dp"),
+    ],
+)
 def test_bad_privacy_settings_are_one_line(tmp_path, capsys, flags, message):
-    assert main(["run", "-q", "--dataset", "synthetic", "--num-clients", "10", "--out-dir", str(tmp_path),
-                 *flags]) == 2
+    assert main(["run", "-q", "--dataset", "synthetic", "--num-clients", "10", "--out-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

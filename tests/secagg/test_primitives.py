@@ -43,7 +43,7 @@ def test_shamir_fewer_than_threshold_shares_refused(case):
     secret, xs, t, chosen = case
     shares = split(secret, t, xs)
     with pytest.raises(ShareError):
-        combine({x: shares[x] for x in chosen[:t - 1]}, t)
+        combine({x: shares[x] for x in chosen[: t - 1]}, t)
 
 
 @FEW
@@ -95,9 +95,9 @@ def test_expand_deterministic_sized_and_seed_dependent():
 
 def test_expand_looks_uniform():
     words = crypto.expand(b"\x07" * 32, 100_000).astype(np.float64)
-    std_of_mean = 2.0 ** 32 / np.sqrt(12) / np.sqrt(len(words))
-    assert abs(words.mean() - 2 ** 31) < 5 * std_of_mean
-    assert words.min() < 2 ** 32 * 0.001 and words.max() > 2 ** 32 * 0.999
+    std_of_mean = 2.0**32 / np.sqrt(12) / np.sqrt(len(words))
+    assert abs(words.mean() - 2**31) < 5 * std_of_mean
+    assert words.min() < 2**32 * 0.001 and words.max() > 2**32 * 0.999
     bits = np.unpackbits(crypto.expand(b"\x07" * 32, 100_000).view(np.uint8))
     assert abs(bits.mean() - 0.5) < 0.005
     assert len(np.unique(words)) > 99_000
@@ -148,7 +148,7 @@ def test_seal_round_trip_and_tampering():
     with pytest.raises(CryptoError):
         crypto.open_sealed(other, sealed, aad)
     with pytest.raises(CryptoError):
-        crypto.open_sealed(key, sealed[:crypto.NONCE_BYTES + crypto.TAG_BYTES - 1], aad)
+        crypto.open_sealed(key, sealed[: crypto.NONCE_BYTES + crypto.TAG_BYTES - 1], aad)
 
 
 def test_commitment_is_length_prefixed():
@@ -165,7 +165,7 @@ def rounds(draw):
     clip = draw(st.floats(1e-3, 1e3))
     max_weight = draw(st.integers(1, 100_000))
     count = draw(st.integers(1, clients))
-    seed = draw(st.integers(0, 2 ** 32 - 1))
+    seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     deltas = rng.uniform(-clip, clip, (count, 17))
     deltas *= np.minimum(1.0, clip / np.linalg.norm(deltas, axis=1, keepdims=True))  # clipped in L2, as clients do
@@ -219,7 +219,8 @@ def test_quantizer_extreme_sum_does_not_wrap(clients, clip, max_weight, sign):
     assert got.weight == total_weight and got.unclipped == clients
     assert np.sign(got.weighted_delta[0]) == sign and not got.projected
     assert np.abs(got.weighted_delta / total_weight - extreme).max() <= q.error_bound(clients, total_weight) * (
-        1 + 1e-6)
+        1 + 1e-6
+    )
     assert abs(got.loss - sign * LOSS_BOUND) <= clients / (2 * q.loss_scale * total_weight) * (1 + 1e-6)
     assert np.all(np.abs(total.view(np.int32)[:-COUNTERS].astype(np.int64)) <= RING_MAX)
 
@@ -234,8 +235,12 @@ def test_quantizer_error_bound_is_reached():
 
 def test_quantizer_counters():
     q = Quantizer(4, 1.0, 100)
-    inputs = [q.encode(np.zeros(3), 10, True, 2.0), q.encode(np.zeros(3), 30, False, 6.0),
-              q.encode(np.zeros(3), 60, True, float("nan")), q.encode(np.zeros(3), 1, False, -1e9)]
+    inputs = [
+        q.encode(np.zeros(3), 10, True, 2.0),
+        q.encode(np.zeros(3), 30, False, 6.0),
+        q.encode(np.zeros(3), 60, True, float("nan")),
+        q.encode(np.zeros(3), 1, False, -1e9),
+    ]
     total = sum(inputs[:2])
     got = q.decode(total, 2, 40)
     assert (got.weight, got.unclipped, got.count) == (40, 1, 2)
@@ -246,8 +251,10 @@ def test_quantizer_counters():
     assert np.all(got.weighted_delta == 0)
 
 
-@pytest.mark.parametrize("clients, max_weight", [(1, RING_MAX), (2, RING_MAX // 2), (1000, 2 ** 22),
-                                                 (1000, (RING_MAX - 1000) // 1000 + 1), (20, 2 ** 27)])
+@pytest.mark.parametrize(
+    "clients, max_weight",
+    [(1, RING_MAX), (2, RING_MAX // 2), (1000, 2**22), (1000, (RING_MAX - 1000) // 1000 + 1), (20, 2**27)],
+)
 def test_quantizer_refuses_a_weight_sum_that_could_wrap(clients, max_weight):
     assert clients * max_weight > RING_MAX - clients
     with pytest.raises(QuantizationError):
@@ -265,10 +272,18 @@ def test_quantizer_accepts_the_largest_weight_that_fits(clients):
     assert q.decode(total, clients, clients * max_weight).weight == clients * max_weight
 
 
-@pytest.mark.parametrize("kwargs", [dict(clients=0, clip=1.0, max_weight=1), dict(clients=2.0, clip=1.0, max_weight=1),
-                                    dict(clients=2, clip=0.0, max_weight=1), dict(clients=2, clip=-1.0, max_weight=1),
-                                    dict(clients=2, clip=float("nan"), max_weight=1),
-                                    dict(clients=2, clip=1.0, max_weight=0), dict(clients=2, clip=1.0, max_weight=1.5)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(clients=0, clip=1.0, max_weight=1),
+        dict(clients=2.0, clip=1.0, max_weight=1),
+        dict(clients=2, clip=0.0, max_weight=1),
+        dict(clients=2, clip=-1.0, max_weight=1),
+        dict(clients=2, clip=float("nan"), max_weight=1),
+        dict(clients=2, clip=1.0, max_weight=0),
+        dict(clients=2, clip=1.0, max_weight=1.5),
+    ],
+)
 def test_quantizer_refuses_bad_parameters(kwargs):
     with pytest.raises(QuantizationError):
         Quantizer(**kwargs)
@@ -287,7 +302,7 @@ def test_quantizer_refuses_inputs_past_its_bounds():
 
 def _changed(words: np.ndarray, index: int, change: int) -> np.ndarray:
     out = words.copy()
-    out[index] = np.uint32((int(out[index]) + change) % 2 ** 32)
+    out[index] = np.uint32((int(out[index]) + change) % 2**32)
     return out
 
 
@@ -302,23 +317,23 @@ def test_quantizer_decode_clamps_what_count_inputs_cannot_reach():
     honest = q.decode(total, 4, 10)
     assert honest.weight == 10 and honest.clamped == 0
     reach = 10 * q.clip * q.scale  # the most a coordinate of 4 inputs of total weight 10 can be, give or take 4
-    for change in (2 ** 30, -2 ** 30):
+    for change in (2**30, -(2**30)):
         out = q.decode(_changed(total, 3, change), 4, 10)
         assert out.clamped == 1 and abs(out.weighted_delta[3]) <= (reach + 4) / q.scale
         assert out.projected and np.linalg.norm(out.weighted_delta - honest.weighted_delta) <= 2 * (10 * q.clip + 1e-3)
     zeros = sum(q.encode(np.zeros(20), w, True, 0.5) for w in range(1, 5))  # a sum of 0: its edge is in the ball
     for sign in (1, -1):
         edge = zeros.copy()
-        edge[3] = np.uint32(sign * int(reach) % 2 ** 32)
+        edge[3] = np.uint32(sign * int(reach) % 2**32)
         at_edge = q.decode(edge, 4, 10)
         assert at_edge.clamped == 0 and at_edge.weighted_delta[3] == pytest.approx(sign * 10 * q.clip, rel=1e-6)
-        edge[3] = np.uint32(sign * (int(reach) + 5) % 2 ** 32)
+        edge[3] = np.uint32(sign * (int(reach) + 5) % 2**32)
         past = q.decode(edge, 4, 10)
         assert past.clamped == 1 and past.weighted_delta[3] == pytest.approx(sign * 10 * q.clip, rel=1e-6)
     for change, unclipped in ((5, 4), (-5, 0)):  # the unclipped count, clamped to [0, count]
         out = q.decode(_changed(total, -2, change), 4, 10)
         assert out.clamped == 1 and out.unclipped == unclipped
-    out = q.decode(_changed(total, -1, 2 ** 30), 4, 10)  # the loss counter
+    out = q.decode(_changed(total, -1, 2**30), 4, 10)  # the loss counter
     assert out.clamped == 1 and abs(out.loss) <= 1e4 * (1 + 1e-6)
     for weight in (3, 401):  # declared weights fewer than one per input, or past the cap of each
         with pytest.raises(QuantizationError, match="declared weights"):

@@ -13,8 +13,20 @@ import numpy as np
 import pytest
 
 from fedforge.secagg.crypto import agree, expand, new_key, private_bytes, public_bytes
-from fedforge.secagg.protocol import (COMPLETE_UP_TO, SEALED_BYTES, ClientRound, Floor, ProtocolError, SecAggFailed,
-                                      ServerRound, Setup, b64, degree_for, neighbour_graph, threshold_for)
+from fedforge.secagg.protocol import (
+    COMPLETE_UP_TO,
+    SEALED_BYTES,
+    ClientRound,
+    Floor,
+    ProtocolError,
+    SecAggFailed,
+    ServerRound,
+    Setup,
+    b64,
+    degree_for,
+    neighbour_graph,
+    threshold_for,
+)
 from fedforge.secagg.quantize import Quantizer
 
 STAGES = ("keys", "shares", "input", "unmask")  # a client dropped at a stage sends no answer to it
@@ -25,11 +37,12 @@ class Round:
 
     def __init__(self, ids, *, length=64, threshold=0.5, neighbours=None, seed=0, inputs=None, weights=None):
         self.ids, self.length = list(ids), length
-        self.server = ServerRound(7, self.ids, threshold=threshold, neighbours=neighbours, clip=1.0, max_weight=100,
-                                  rng=random.Random(seed))
+        self.server = ServerRound(
+            7, self.ids, threshold=threshold, neighbours=neighbours, clip=1.0, max_weight=100, rng=random.Random(seed)
+        )
         self.clients = {i: ClientRound(i, Setup.from_header(self.server.setup(i).to_header(), i)) for i in self.ids}
         rng = np.random.default_rng(seed)
-        self.inputs = inputs or {i: rng.integers(0, 2 ** 32, length, dtype=np.uint32) for i in self.ids}
+        self.inputs = inputs or {i: rng.integers(0, 2**32, length, dtype=np.uint32) for i in self.ids}
         self.masked: dict[int, np.ndarray] = {}
         self.weights = weights or dict.fromkeys(self.ids, 1)  # what each declares beside its input
 
@@ -96,13 +109,17 @@ def test_all_alive_gives_the_exact_sum(n):
 
 
 def test_sparse_ids_and_quantized_inputs_decode():
-    ids = [5, 17, 10 ** 9, 3, 42, 2 ** 40]
+    ids = [5, 17, 10**9, 3, 42, 2**40]
     q = Quantizer(len(ids), 1.0, 100)
     rng = np.random.default_rng(3)
     deltas = {i: d / np.linalg.norm(d) for i, d in zip(ids, rng.uniform(-1, 1, (len(ids), 30)))}  # clipped to 1
     weights = {i: int(w) for i, w in zip(ids, rng.integers(1, 101, len(ids)))}
-    r = Round(ids, length=q.length(30), inputs={i: q.encode(deltas[i], weights[i], i % 2 == 0, 0.5) for i in ids},
-              weights=weights)
+    r = Round(
+        ids,
+        length=q.length(30),
+        inputs={i: q.encode(deltas[i], weights[i], i % 2 == 0, 0.5) for i in ids},
+        weights=weights,
+    )
     got = q.decode(r.run(), len(ids), sum(r.server.weights.values()))
     total_weight = sum(weights.values())
     assert got.weight == total_weight and got.unclipped == 3
@@ -231,16 +248,30 @@ def test_neighbour_graph_is_fresh_and_regular():
         neighbour_graph(ids, 5, random.Random(1))
 
 
-@pytest.mark.parametrize("count, neighbours, degree", [(1, None, 0), (2, None, 1), (COMPLETE_UP_TO, None, 63),
-                                                       (65, None, 26), (100, None, 28), (10, 3, 4), (10, 4, 4),
-                                                       (10, 8, 8), (10, 9, 9), (10, 50, 9)])
+@pytest.mark.parametrize(
+    "count, neighbours, degree",
+    [
+        (1, None, 0),
+        (2, None, 1),
+        (COMPLETE_UP_TO, None, 63),
+        (65, None, 26),
+        (100, None, 28),
+        (10, 3, 4),
+        (10, 4, 4),
+        (10, 8, 8),
+        (10, 9, 9),
+        (10, 50, 9),
+    ],
+)
 def test_degree_for(count, neighbours, degree):
     assert degree_for(count, neighbours) == degree
 
 
 # -- parameters -------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec, holders, t", [(0.5, 10, 6), (0.5, 9, 5), (0.99, 10, 10), (6, 10, 6), (10, 10, 10),
-                                              (1, 1, 1), (0.5, 2, 2), (0.75, 29, 22)])
+@pytest.mark.parametrize(
+    "spec, holders, t",
+    [(0.5, 10, 6), (0.5, 9, 5), (0.99, 10, 10), (6, 10, 6), (10, 10, 10), (1, 1, 1), (0.5, 2, 2), (0.75, 29, 22)],
+)
 def test_threshold_for(spec, holders, t):
     assert threshold_for(spec, holders) == t
 
@@ -264,16 +295,43 @@ def test_setup_header_round_trip():
     assert Setup.from_header(_header(clip=2), 0).clip == 2.0
 
 
-@pytest.mark.parametrize("changes", [
-    dict(threshold=2), dict(threshold=1), dict(threshold=6), dict(threshold=0),  # 5 holders: t in 3..5
-    dict(neighbours=[1, 2, 0, 4]), dict(neighbours=[1, 2, 2, 4]), dict(neighbours=[]),
-    dict(neighbours=list(range(1, 11))), dict(neighbours=[1, 2, -3, 4]), dict(neighbours=[1, 2, "3", 4]),
-    dict(neighbours=[1, 2, 3.0, 4]), dict(neighbours="1234"), dict(neighbours=None),
-    dict(round="3"), dict(round=-1), dict(round=3.0), dict(round=None), dict(threshold=3.0), dict(threshold=True),
-    dict(threshold="3"), dict(clients=10.0), dict(clients=1), dict(clients="10"), dict(clients=True),
-    dict(clip=0), dict(clip=-1.0), dict(clip="1"), dict(clip=float("inf")), dict(clip=True),
-    dict(max_weight=0), dict(max_weight=100.0), dict(max_weight=None),
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(threshold=2),
+        dict(threshold=1),
+        dict(threshold=6),
+        dict(threshold=0),  # 5 holders: t in 3..5
+        dict(neighbours=[1, 2, 0, 4]),
+        dict(neighbours=[1, 2, 2, 4]),
+        dict(neighbours=[]),
+        dict(neighbours=list(range(1, 11))),
+        dict(neighbours=[1, 2, -3, 4]),
+        dict(neighbours=[1, 2, "3", 4]),
+        dict(neighbours=[1, 2, 3.0, 4]),
+        dict(neighbours="1234"),
+        dict(neighbours=None),
+        dict(round="3"),
+        dict(round=-1),
+        dict(round=3.0),
+        dict(round=None),
+        dict(threshold=3.0),
+        dict(threshold=True),
+        dict(threshold="3"),
+        dict(clients=10.0),
+        dict(clients=1),
+        dict(clients="10"),
+        dict(clients=True),
+        dict(clip=0),
+        dict(clip=-1.0),
+        dict(clip="1"),
+        dict(clip=float("inf")),
+        dict(clip=True),
+        dict(max_weight=0),
+        dict(max_weight=100.0),
+        dict(max_weight=None),
+    ],
+)
 def test_setup_refuses_bad_headers(changes):
     with pytest.raises(ProtocolError):
         Setup.from_header(_header(**changes), 0)
@@ -343,10 +401,27 @@ def test_keyed_fixture_is_accepted(keyed):
     assert np.array_equal(r.server.result(), r.expected())
 
 
-@pytest.mark.parametrize("attack", ["missing", "extra", "swapped", "outsider", "not-base64", "short", "long",
-                                    "not-a-string", "not-a-dict", "padded-id", "no-commitments",
-                                    "missing-commitment", "short-commitment", "commitment-not-a-pair", "no-seed",
-                                    "short-seed"])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "missing",
+        "extra",
+        "swapped",
+        "outsider",
+        "not-base64",
+        "short",
+        "long",
+        "not-a-string",
+        "not-a-dict",
+        "padded-id",
+        "no-commitments",
+        "missing-commitment",
+        "short-commitment",
+        "commitment-not-a-pair",
+        "no-seed",
+        "short-seed",
+    ],
+)
 def test_on_shares_refuses_bad_messages(keyed, attack):
     r, header = keyed
     bad = copy.deepcopy(header)
@@ -396,13 +471,17 @@ def test_on_keys_refuses_bad_keys():
     good = r.clients[0].keys()
     c1, s1 = r.server.keys[1]
     one = next(iter(good["c"]))
-    attacks = [{**good, "s": b64(s1)},  # another client's key
-               {**good, "c": {**good["c"], one: b64(c1[0])}},
-               {**good, "c": {**good["c"], one: good["c"][one][:-4]}},
-               {**good, "c": {**good["c"], one: good["s"]}},  # one key twice
-               {**good, "c": dict(list(good["c"].items())[1:])},  # a neighbour without a channel key
-               {**good, "c": {**good["c"], "0": good["c"][one]}},  # a key for itself
-               {"c": good["c"]}, {"s": good["s"]}, {**good, "c": good["s"]}]
+    attacks = [
+        {**good, "s": b64(s1)},  # another client's key
+        {**good, "c": {**good["c"], one: b64(c1[0])}},
+        {**good, "c": {**good["c"], one: good["c"][one][:-4]}},
+        {**good, "c": {**good["c"], one: good["s"]}},  # one key twice
+        {**good, "c": dict(list(good["c"].items())[1:])},  # a neighbour without a channel key
+        {**good, "c": {**good["c"], "0": good["c"][one]}},  # a key for itself
+        {"c": good["c"]},
+        {"s": good["s"]},
+        {**good, "c": good["s"]},
+    ]
     for attack in attacks:
         with pytest.raises(ProtocolError):
             r.server.on_keys(0, attack)
@@ -429,9 +508,16 @@ def test_on_input_refuses_wrong_length_or_dtype():
     r.keys()
     r.shares()
     masked, _ = r.clients[0].masked_input(r.server.input_request(0), r.inputs[0])
-    for vector in (masked[:-1], np.concatenate([masked, masked[:1]]), masked.astype(np.int32),
-                   masked.astype(np.int64), masked.astype(np.uint64), masked.astype(np.float32),
-                   masked.reshape(4, 5), masked.astype(np.uint16)):
+    for vector in (
+        masked[:-1],
+        np.concatenate([masked, masked[:1]]),
+        masked.astype(np.int32),
+        masked.astype(np.int64),
+        masked.astype(np.uint64),
+        masked.astype(np.float32),
+        masked.reshape(4, 5),
+        masked.astype(np.uint16),
+    ):
         with pytest.raises(ProtocolError):
             r.server.on_input(0, vector, 20, {"weight": 1})
     for weight in (None, 0, 101, 1.0, True, "1"):  # the round's cap is 100
@@ -477,15 +563,20 @@ def _at_unmask(n=6):
     return r
 
 
-@pytest.mark.parametrize("request_", [{"survivors": [1, 2, 3, 4], "dropped": [4]},
-                                      {"survivors": [1, 2, 3, 4, 5], "dropped": [1]},
-                                      {"survivors": [1, 2, 3, 4, 0], "dropped": []},
-                                      {"survivors": [1, 2, 3, 4, 4], "dropped": []},
-                                      {"survivors": [1, 2, 3, 4, 99], "dropped": []},
-                                      {"survivors": [1, 2], "dropped": [3, 4, 5]},
-                                      {"survivors": [1, 2, 3, "4"], "dropped": []},
-                                      {"survivors": [1, 2, 3, 4]},
-                                      {"survivors": "12345", "dropped": []}])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"survivors": [1, 2, 3, 4], "dropped": [4]},
+        {"survivors": [1, 2, 3, 4, 5], "dropped": [1]},
+        {"survivors": [1, 2, 3, 4, 0], "dropped": []},
+        {"survivors": [1, 2, 3, 4, 4], "dropped": []},
+        {"survivors": [1, 2, 3, 4, 99], "dropped": []},
+        {"survivors": [1, 2], "dropped": [3, 4, 5]},
+        {"survivors": [1, 2, 3, "4"], "dropped": []},
+        {"survivors": [1, 2, 3, 4]},
+        {"survivors": "12345", "dropped": []},
+    ],
+)
 def test_client_unmask_refuses_bad_requests(request_):
     r = _at_unmask()
     assert r.server.threshold == 4
@@ -735,11 +826,14 @@ def test_a_dealer_committing_to_another_seed_is_named_for_the_retry():
     assert list(failed.value.culprits) == [2]
 
 
-@pytest.mark.parametrize("floor, changes, reason", [
-    (Floor(), dict(clients=2, neighbours=[1], threshold=2), "2 participants, below this client's floor of 3"),
-    (Floor(neighbours=3), dict(neighbours=[1, 2], threshold=2), "2 neighbours, below this client's floor of 3"),
-    (Floor(threshold=4), dict(), "3 threshold, below this client's floor of 4"),
-])
+@pytest.mark.parametrize(
+    "floor, changes, reason",
+    [
+        (Floor(), dict(clients=2, neighbours=[1], threshold=2), "2 participants, below this client's floor of 3"),
+        (Floor(neighbours=3), dict(neighbours=[1, 2], threshold=2), "2 neighbours, below this client's floor of 3"),
+        (Floor(threshold=4), dict(), "3 threshold, below this client's floor of 4"),
+    ],
+)
 def test_a_client_declines_a_round_below_its_floor(floor, changes, reason):
     """A server's 2-client round (whose other member may be its own key) is declined by default,
     and any round below the client's own floor, with the reason."""
@@ -761,8 +855,7 @@ def test_a_dealer_of_too_few_good_shares_fails_the_attempt_named():
     r = Round(range(6), seed=25)
 
     def change(header):
-        header["shares"] = {j: b64(os.urandom(SEALED_BYTES)) if int(j) < 3 else v
-                            for j, v in header["shares"].items()}
+        header["shares"] = {j: b64(os.urandom(SEALED_BYTES)) if int(j) < 3 else v for j, v in header["shares"].items()}
         return header
 
     _dealing(r, 3, change)
@@ -804,10 +897,13 @@ def test_a_client_masks_only_with_as_many_neighbours_as_its_floor():
         r.keys()
         r.shares()
         header = r.server.input_request(0)
-        header["shares"] = {j: b64(os.urandom(SEALED_BYTES)) if j != min(header["shares"]) else v
-                            for j, v in header["shares"].items()}
+        header["shares"] = {
+            j: b64(os.urandom(SEALED_BYTES)) if j != min(header["shares"]) else v for j, v in header["shares"].items()
+        }
         if refuses:
-            with pytest.raises(ProtocolError, match="the shares of only 1 neighbours opened, below this client's floor"):
+            with pytest.raises(
+                ProtocolError, match="the shares of only 1 neighbours opened, below this client's floor"
+            ):
                 r.clients[0].masked_input(header, r.inputs[0])
         else:
             _, complaints = r.clients[0].masked_input(header, r.inputs[0])

@@ -18,16 +18,32 @@ from fedforge.engines import SequentialEngine
 from fedforge.scenarios import Scenario
 from fedforge.simulation import _Tally
 from fedforge.errors import ConfigError
-from fedforge.strategies import (LINEAR_STRATEGIES, STRATEGIES, CombinedUpdate, RunInfo, StrategyBase, check_linear,
-                                 combine_updates, make_strategy, weighted_mean_delta)
+from fedforge.strategies import (
+    LINEAR_STRATEGIES,
+    STRATEGIES,
+    CombinedUpdate,
+    RunInfo,
+    StrategyBase,
+    check_linear,
+    combine_updates,
+    make_strategy,
+    weighted_mean_delta,
+)
 from helpers import blobs
 
 LIKE = {"w": torch.zeros(3), "n": torch.zeros((), dtype=torch.long)}
 
 
 def update(cid, w, n, loss, accuracy=None, steps=1, batches=0, **metrics):
-    return ClientUpdate(cid, {"w": torch.tensor(w, dtype=torch.float32), "n": torch.tensor(batches)}, n, steps, loss,
-                        accuracy, metrics=metrics)
+    return ClientUpdate(
+        cid,
+        {"w": torch.tensor(w, dtype=torch.float32), "n": torch.tensor(batches)},
+        n,
+        steps,
+        loss,
+        accuracy,
+        metrics=metrics,
+    )
 
 
 def test_two_updates_by_hand():
@@ -53,13 +69,18 @@ def test_a_metric_some_clients_lack_counts_as_the_tally_counts_it():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 500), st.floats(0, 5), st.floats(0, 1), st.integers(0, 9)),
-                min_size=1, max_size=12),
-       st.data())
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 500), st.floats(0, 5), st.floats(0, 1), st.integers(0, 9)), min_size=1, max_size=12
+    ),
+    st.data(),
+)
 def test_the_mean_of_partial_sums_is_the_mean_of_the_updates(clients, data):
     g = torch.Generator().manual_seed(len(clients))
-    updates = [ClientUpdate(i, {"w": torch.randn(3, generator=g), "n": torch.tensor(batches)}, n, 1, loss, accuracy)
-               for i, (n, loss, accuracy, batches) in enumerate(clients)]
+    updates = [
+        ClientUpdate(i, {"w": torch.randn(3, generator=g), "n": torch.tensor(batches)}, n, 1, loss, accuracy)
+        for i, (n, loss, accuracy, batches) in enumerate(clients)
+    ]
     cuts = sorted(data.draw(st.lists(st.integers(0, len(updates)), max_size=4)))
     groups = [updates[a:b] for a, b in zip([0, *cuts], [*cuts, len(updates)])]
     combined = [c for c in map(combine_updates, groups) if c is not None]
@@ -77,8 +98,10 @@ def test_the_mean_of_partial_sums_is_the_mean_of_the_updates(clients, data):
 def test_linear_strategies_are_those_with_apply_mean_and_aggregate_partial_sums_alike():
     run = RunInfo(num_clients=10, client_lr=0.1)
     g = torch.Generator().manual_seed(0)
-    updates = [ClientUpdate(i, {"w": torch.randn(3, generator=g), "n": torch.tensor(i)}, 10 + 7 * i, 3, 1.0, None)
-               for i in range(5)]
+    updates = [
+        ClientUpdate(i, {"w": torch.randn(3, generator=g), "n": torch.tensor(i)}, 10 + 7 * i, 3, 1.0, None)
+        for i in range(5)
+    ]
     params = {"w": torch.randn(3, generator=g), "n": torch.tensor(4)}
     for name in STRATEGIES:
         strategy = make_strategy(name)
@@ -103,8 +126,11 @@ def test_what_serves_linear_strategies_only_refuses_the_others_with_their_own_re
         # Every strategy that is not linear says why, in its own words.
         assert cls.needs_each_update != StrategyBase.needs_each_update, name
         for strategy in (name, make_strategy(name)):
-            with pytest.raises(ConfigError, match=rf"^it cannot serve strategy '{name}': {cls.needs_each_update} "
-                                                  rf"\(use one of fedavg, fedavgm, ") as e:
+            with pytest.raises(
+                ConfigError,
+                match=rf"^it cannot serve strategy '{name}': {cls.needs_each_update} "
+                rf"\(use one of fedavg, fedavgm, ",
+            ) as e:
                 check_linear(strategy, "it")
             assert "\n" not in str(e.value)
 
@@ -140,8 +166,9 @@ class CombiningEngine:
 
 def problem():
     train = blobs(400, seed=1)
-    return FederatedData(train, dirichlet(train.y.numpy(), 8, alpha=0.5, rng=np.random.default_rng(0)),
-                         blobs(100, seed=2))
+    return FederatedData(
+        train, dirichlet(train.y.numpy(), 8, alpha=0.5, rng=np.random.default_rng(0)), blobs(100, seed=2)
+    )
 
 
 def model():
@@ -149,20 +176,32 @@ def model():
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
-@pytest.mark.parametrize("strategy, scenario, summed", [
-    ("fedavg", Scenario(), "all"),
-    ("fedadam", Scenario(straggler_fraction=0.5, dropout=0.2), "all"),
-    ("fedavg", Scenario(attack="label_flip", malicious_fraction=0.25), "all"),
-    # The attacked clients' own updates are transformed by the round loop: never summed.
-    ("fedavg", Scenario(attack="sign_flip", malicious_fraction=0.25, attack_scale=3.0), "honest"),
-    ("krum", Scenario(), "none"),
-    ("scaffold", Scenario(), "none"),
-])
+@pytest.mark.parametrize(
+    "strategy, scenario, summed",
+    [
+        ("fedavg", Scenario(), "all"),
+        ("fedadam", Scenario(straggler_fraction=0.5, dropout=0.2), "all"),
+        ("fedavg", Scenario(attack="label_flip", malicious_fraction=0.25), "all"),
+        # The attacked clients' own updates are transformed by the round loop: never summed.
+        ("fedavg", Scenario(attack="sign_flip", malicious_fraction=0.25, attack_scale=3.0), "honest"),
+        ("krum", Scenario(), "none"),
+        ("scaffold", Scenario(), "none"),
+    ],
+)
 def test_the_round_loop_gives_the_same_run_with_partial_sums(strategy, scenario, summed):
     def go(engine):
         kwargs = {"krum_f": 1} if strategy == "krum" else {}
-        return simulate(model(), problem(), rounds=3, clients_per_round=5, client=ClientConfig(batch_size=16, lr=0.1),
-                        strategy=make_strategy(strategy, **kwargs), engine=engine, scenario=scenario, seed=3)
+        return simulate(
+            model(),
+            problem(),
+            rounds=3,
+            clients_per_round=5,
+            client=ClientConfig(batch_size=16, lr=0.1),
+            strategy=make_strategy(strategy, **kwargs),
+            engine=engine,
+            scenario=scenario,
+            seed=3,
+        )
 
     engine = CombiningEngine()
     combined, each = go(engine), go(SequentialEngine())
@@ -183,5 +222,6 @@ def test_the_round_loop_gives_the_same_run_with_partial_sums(strategy, scenario,
         bad = malicious_clients(scenario, 8, 3)
         assert all(c not in bad for ids in engine.summable for c in ids)
         selected = {c for r in each.history.records for c in r.clients} - set(
-            c for r in each.history.records for c in r.dropped)
+            c for r in each.history.records for c in r.dropped
+        )
         assert bad & selected  # the test would prove nothing if no attacker was ever selected

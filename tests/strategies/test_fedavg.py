@@ -71,8 +71,11 @@ def test_updates_are_consumed_one_at_a_time():
 
 @settings(max_examples=50, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(1, 10_000), st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3)),
-             min_size=1, max_size=8)
+    st.lists(
+        st.tuples(st.integers(1, 10_000), st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3)),
+        min_size=1,
+        max_size=8,
+    )
 )
 def test_running_mean_equals_direct_weighted_mean(clients):
     acc = RunningMean()
@@ -100,8 +103,12 @@ def test_apply_mean_is_aggregate_given_the_mean(name):
 
     g = torch.Generator().manual_seed(1)
     params = {"w": torch.randn(3, 2, generator=g), "b": torch.randn(2, generator=g)}
-    updates = [ff.ClientUpdate(i, {k: torch.randn(v.shape, generator=g) for k, v in params.items()}, 10 * (i + 1), 1,
-                               0.5, None) for i in range(3)]
+    updates = [
+        ff.ClientUpdate(
+            i, {k: torch.randn(v.shape, generator=g) for k, v in params.items()}, 10 * (i + 1), 1, 0.5, None
+        )
+        for i in range(3)
+    ]
     strategy = ff.make_strategy(name)
     state = strategy.init(params, ff.RunInfo(num_clients=3, client_lr=0.1))
     for _ in range(2):  # twice: the server optimizer's state carries over

@@ -12,15 +12,40 @@ from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.client import ClientUpdate
 from fedforge.data import dirichlet
 from fedforge.strategies import (
-    FedAdagrad, FedAdam, FedAvg, FedAvgM, FedNova, FedProx, FedYogi, Krum, Median, MultiKrum, QFedAvg, RunInfo,
-    Scaffold, ServerState, TrimmedMean, fedavg, krum_scores, median, multikrum_select, trimmed_mean,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedNova,
+    FedProx,
+    FedYogi,
+    Krum,
+    Median,
+    MultiKrum,
+    QFedAvg,
+    RunInfo,
+    Scaffold,
+    ServerState,
+    TrimmedMean,
+    fedavg,
+    krum_scores,
+    median,
+    multikrum_select,
+    trimmed_mean,
 )
 from fedforge.strategies.fednova import normalizer
 
 
 def up(cid, n, delta, steps=1, loss=None):
-    return ClientUpdate(client_id=cid, delta={"w": torch.tensor(delta, dtype=torch.float64)}, num_examples=n,
-                        num_steps=steps, train_loss=0.0, train_accuracy=0.0, initial_loss=loss)
+    return ClientUpdate(
+        client_id=cid,
+        delta={"w": torch.tensor(delta, dtype=torch.float64)},
+        num_examples=n,
+        num_steps=steps,
+        train_loss=0.0,
+        train_accuracy=0.0,
+        initial_loss=loss,
+    )
 
 
 def w(state):
@@ -36,6 +61,7 @@ def start(strategy, value=0.0):
 
 # ---- hand-computed -------------------------------------------------------------------------
 
+
 def test_fedavgm_two_rounds():
     s = FedAvgM(server_lr=1.0, server_momentum=0.9)
     state = s.aggregate(start(s), [up(0, 1, [1.0]), up(1, 3, [3.0])])  # mean 2.5, v = 2.5
@@ -44,12 +70,15 @@ def test_fedavgm_two_rounds():
     assert w(state) == pytest.approx([5.75])
 
 
-@pytest.mark.parametrize("cls, expected", [
-    # m = 0.1 * 2 = 0.2; v0 = tau^2 = 0.01
-    (FedAdagrad, 0.1 * 0.2 / (math.sqrt(0.01 + 4) + 0.1)),              # v = 4.01
-    (FedAdam, 0.1 * 0.2 / (math.sqrt(0.99 * 0.01 + 0.01 * 4) + 0.1)),   # v = 0.0499
-    (FedYogi, 0.1 * 0.2 / (math.sqrt(0.01 + 0.01 * 4) + 0.1)),          # v = 0.01 - 0.01*4*sign(0.01-4) = 0.05
-])
+@pytest.mark.parametrize(
+    "cls, expected",
+    [
+        # m = 0.1 * 2 = 0.2; v0 = tau^2 = 0.01
+        (FedAdagrad, 0.1 * 0.2 / (math.sqrt(0.01 + 4) + 0.1)),  # v = 4.01
+        (FedAdam, 0.1 * 0.2 / (math.sqrt(0.99 * 0.01 + 0.01 * 4) + 0.1)),  # v = 0.0499
+        (FedYogi, 0.1 * 0.2 / (math.sqrt(0.01 + 0.01 * 4) + 0.1)),  # v = 0.01 - 0.01*4*sign(0.01-4) = 0.05
+    ],
+)
 def test_adaptive_first_round(cls, expected):
     s = cls(server_lr=0.1, beta1=0.9, beta2=0.99, tau=0.1)
     state = s.aggregate(start(s), [up(0, 1, [1.0]), up(1, 1, [3.0])])  # mean delta 2
@@ -99,7 +128,8 @@ def test_robust_reducers_hand_computed():
     updates = [ClientUpdate(i, {"w": p.double()}, 1, 1, 0.0, 0.0) for i, p in enumerate(points)]
     assert Krum(krum_f=0).aggregate(state, updates).params["w"].tolist() == [0.0, 0.0]
     assert MultiKrum(krum_f=0, multikrum_m=3).aggregate(state, updates).params["w"].tolist() == pytest.approx(
-        [0.1 / 3, 0.1 / 3])
+        [0.1 / 3, 0.1 / 3]
+    )
 
 
 def test_krum_needs_enough_clients():
@@ -108,6 +138,7 @@ def test_krum_needs_enough_clients():
 
 
 # ---- equivalences ---------------------------------------------------------------------------
+
 
 def problem():
     train, test = blobs(400, seed=1), blobs(100, seed=2)
@@ -121,8 +152,15 @@ def model():
 
 
 def run(strategy, rounds=3, **client):
-    return simulate(model(), problem(), rounds=rounds, clients_per_round=4, strategy=strategy, seed=3,
-                    client=ClientConfig(**{"batch_size": 16, "lr": 0.05, **client}))
+    return simulate(
+        model(),
+        problem(),
+        rounds=rounds,
+        clients_per_round=4,
+        strategy=strategy,
+        seed=3,
+        client=ClientConfig(**{"batch_size": 16, "lr": 0.05, **client}),
+    )
 
 
 def assert_same_weights(a, b):
@@ -149,9 +187,18 @@ def test_scaffold_first_round_is_fedavg():
 
 def test_fednova_with_equal_steps_is_fedavg():
     equal = FederatedData(blobs(240, seed=1), [np.arange(i * 40, (i + 1) * 40) for i in range(6)], blobs(50, seed=2))
-    runs = [simulate(model(), equal, rounds=3, clients_per_round=4, strategy=s, seed=3,
-                     client=ClientConfig(batch_size=16, lr=0.05, momentum=0.5))
-            for s in (FedNova(), FedAvg())]
+    runs = [
+        simulate(
+            model(),
+            equal,
+            rounds=3,
+            clients_per_round=4,
+            strategy=s,
+            seed=3,
+            client=ClientConfig(batch_size=16, lr=0.05, momentum=0.5),
+        )
+        for s in (FedNova(), FedAvg())
+    ]
     assert_same_weights(*runs)
 
 

@@ -6,8 +6,24 @@ from .partition import PARTITIONS, dirichlet, iid, label_histogram, natural, par
 from .shakespeare import load_shakespeare
 
 __all__ = [
-    "DATASETS", "FASHION_MNIST", "MNIST", "PARTITIONS", "Dataset", "IdxSpec", "TensorData",
-    "dirichlet", "iid", "label_histogram", "load_dataset", "load_shakespeare", "natural", "partition", "quantity",
+    "DATASETS",
+    "FASHION_MNIST",
+    "MNIST",
+    "PARTITIONS",
+    "Dataset",
+    "IdxSpec",
+    "TensorData",
+    "dirichlet",
+    "iid",
+    "label_histogram",
+    "load_dataset",
+    "load_shakespeare",
+    "natural",
+    "partition",
+    "quantity",
     "read_idx",
-    "search_dirs", "shards", "split_holdout", "write_idx",
+    "search_dirs",
+    "shards",
+    "split_holdout",
+    "write_idx",
 ]

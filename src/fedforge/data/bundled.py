@@ -38,8 +38,12 @@ def load_bundled(name: str) -> Dataset:
         bunch = datasets.load_digits()
         x = (bunch.data.reshape(-1, 1, 8, 8) / 8.0 - 1.0).astype(np.float32)  # pixels 0..16 -> [-1, 1]
         x_train, y_train, x_test, y_test = _split(x, bunch.target.astype(np.int64))
-        return Dataset(name, TensorData(torch.from_numpy(x_train), torch.from_numpy(y_train)),
-                       TensorData(torch.from_numpy(x_test), torch.from_numpy(y_test)), num_classes=10)
+        return Dataset(
+            name,
+            TensorData(torch.from_numpy(x_train), torch.from_numpy(y_train)),
+            TensorData(torch.from_numpy(x_test), torch.from_numpy(y_test)),
+            num_classes=10,
+        )
     bunch = datasets.load_diabetes()
     x_train, y_train, x_test, y_test = _split(bunch.data, bunch.target)
     mean, std = x_train.mean(0), x_train.std(0)
@@ -47,5 +51,9 @@ def load_bundled(name: str) -> Dataset:
     def features(x):
         return torch.from_numpy(((x - mean) / std).astype(np.float32))
 
-    return Dataset(name, TensorData(features(x_train), torch.from_numpy(y_train.astype(np.float32))),
-                   TensorData(features(x_test), torch.from_numpy(y_test.astype(np.float32))), num_classes=1)
+    return Dataset(
+        name,
+        TensorData(features(x_train), torch.from_numpy(y_train.astype(np.float32))),
+        TensorData(features(x_test), torch.from_numpy(y_test.astype(np.float32))),
+        num_classes=1,
+    )

@@ -93,8 +93,10 @@ class TensorData:
         object.__setattr__(self, "y", _checked_tree(self.y, "targets"))
         sizes = {len(t) for t in leaves(self.x) + leaves(self.y)}
         if len(sizes) != 1:
-            raise DataError(f"the tensors of a dataset must share their first dimension (one row per example); "
-                            f"got lengths {sorted(sizes)}")
+            raise DataError(
+                f"the tensors of a dataset must share their first dimension (one row per example); "
+                f"got lengths {sorted(sizes)}"
+            )
 
     @classmethod
     def from_batch(cls, batch, *, target: int | str | Sequence = -1, inputs=None) -> TensorData:
@@ -135,8 +137,10 @@ class TensorData:
         try:
             batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
         except (TypeError, RuntimeError) as e:
-            raise DataError(f"cannot stack the items of {type(dataset).__name__} into tensors "
-                            f"(items must have fixed shapes): {str(e).splitlines()[0]}") from None
+            raise DataError(
+                f"cannot stack the items of {type(dataset).__name__} into tensors "
+                f"(items must have fixed shapes): {str(e).splitlines()[0]}"
+            ) from None
         return cls.from_batch(batch, **layout)
 
     def __len__(self) -> int:
@@ -161,6 +165,7 @@ class TensorData:
 
 def concat(parts: Sequence[TensorData]) -> TensorData:
     """The examples of `parts` one after another (all laid out alike)."""
+
     def cat(trees):
         first = trees[0]
         if isinstance(first, torch.Tensor):
@@ -168,6 +173,7 @@ def concat(parts: Sequence[TensorData]) -> TensorData:
         if isinstance(first, tuple):
             return tuple(torch.cat(ts) for ts in zip(*trees))
         return {k: torch.cat([t[k] for t in trees]) for k in first}
+
     return TensorData(cat([p.x for p in parts]), cat([p.y for p in parts]))
 
 

@@ -36,8 +36,7 @@ def _fetch(url: str, dest: Path, md5: str, *, timeout: float, progress: bool) ->
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None else None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress,
-                      leave=False) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     digest.update(chunk)

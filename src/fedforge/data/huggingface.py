@@ -47,8 +47,10 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
     """The Hugging Face dataset at `path` (see the module's docstring), `target` its column to
     predict, prepared for `task` (a built-in task's name)."""
     if task not in ("classification", "regression", "language-model"):
-        raise ConfigError(f"a Hugging Face dataset's target is prepared for the built-in tasks (classification, "
-                          f"regression, language-model), not {task!r}")
+        raise ConfigError(
+            f"a Hugging Face dataset's target is prepared for the built-in tasks (classification, "
+            f"regression, language-model), not {task!r}"
+        )
     hf = _import_datasets()
     tables, features = _read(Path(path), hf)
     where = str(path)
@@ -60,8 +62,10 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
         raise DataError(f"{where} holds {size} bytes of data, more than fedforge reads ({MAX_BYTES})")
     for split, table in tables.items():
         if set(table.column_names) != set(columns):
-            raise DataError(f"{where}: split {split!r} has columns {', '.join(table.column_names)}, but "
-                            f"{next(iter(tables))!r} has {', '.join(columns)}")
+            raise DataError(
+                f"{where}: split {split!r} has columns {', '.join(table.column_names)}, but "
+                f"{next(iter(tables))!r} has {', '.join(columns)}"
+            )
         if table.num_rows == 0:
             raise DataError(f"{where}: split {split!r} has no rows")
     if target not in columns:
@@ -71,8 +75,14 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
         raise DataError(f"{where} has only the target column {target!r}: no inputs to learn from")
 
     xs = {split: {c: _tensor(array(table.column(c), c, where)) for c in inputs} for split, table in tables.items()}
-    ys, num_classes = _targets([table.column(target) for table in tables.values()], features.get(target), task=task,
-                               column=target, where=where, hf=hf)
+    ys, num_classes = _targets(
+        [table.column(target) for table in tables.values()],
+        features.get(target),
+        task=task,
+        column=target,
+        where=where,
+        hf=hf,
+    )
     parts = [TensorData(x if len(inputs) > 1 else x[inputs[0]], torch.from_numpy(y)) for x, y in zip(xs.values(), ys)]
     if len(parts) == 2:
         train, test = parts
@@ -93,21 +103,26 @@ def _read(path: Path, hf) -> tuple[dict, object]:
         try:
             loaded = hf.load_from_disk(str(path))
         except Exception as e:  # noqa: BLE001 - a damaged folder fails in many ways inside datasets
-            raise DataError(f"{path} cannot be loaded by datasets.load_from_disk ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise DataError(
+                f"{path} cannot be loaded by datasets.load_from_disk ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
         if isinstance(loaded, hf.DatasetDict):
             test = next((s for s in ("test", "validation") if s in loaded), None)
             if "train" not in loaded or test is None:
-                raise DataError(f"{path} has the splits {', '.join(loaded)}; fedforge needs 'train' and 'test' "
-                                f"(or 'validation')")
+                raise DataError(
+                    f"{path} has the splits {', '.join(loaded)}; fedforge needs 'train' and 'test' (or 'validation')"
+                )
             parts = {"train": loaded["train"], "test": loaded[test]}
         else:
             parts = {"all": loaded}
         features = next(iter(parts.values())).features
         return {split: d.with_format("arrow")[:] for split, d in parts.items()}, features
     if path.is_dir() and not any(path.rglob("*.parquet")):
-        raise DataError(f"{path} is not a Hugging Face dataset (no dataset_dict.json or state.json of save_to_disk, "
-                        f"and no .parquet files)")
+        raise DataError(
+            f"{path} is not a Hugging Face dataset (no dataset_dict.json or state.json of save_to_disk, "
+            f"and no .parquet files)"
+        )
     files = parquet_files(path)
     train = [f for f in files if f.name.startswith("train")]
     test = [f for f in files if f.name.startswith("test")]
@@ -124,25 +139,32 @@ def array(column, name: str, where: str) -> np.ndarray:
 
     values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     shape = [len(values)]
-    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) \
-            or pa.types.is_fixed_size_list(values.type):
+    while (
+        pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type)
+    ):
         if values.null_count:
-            raise DataError(f"{where}: column {name!r} has {values.null_count} missing value(s); fill or drop them "
-                            f"first")
+            raise DataError(
+                f"{where}: column {name!r} has {values.null_count} missing value(s); fill or drop them first"
+            )
         lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
         if len(lengths) and lengths.min() != lengths.max():
-            raise DataError(f"{where}: column {name!r} holds lists of different lengths ({lengths.min()} to "
-                            f"{lengths.max()}); pad them to one length first (e.g. a tokenizer's "
-                            f"padding='max_length')")
+            raise DataError(
+                f"{where}: column {name!r} holds lists of different lengths ({lengths.min()} to "
+                f"{lengths.max()}); pad them to one length first (e.g. a tokenizer's "
+                f"padding='max_length')"
+            )
         shape.append(int(lengths[0]) if len(lengths) else 0)
         values = values.flatten()
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        raise DataError(f"{where}: column {name!r} holds text; tokenize and pad it first (fixed-length lists of "
-                        f"token ids), or drop it (remove_columns)")
-    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
-            or pa.types.is_boolean(values.type)):
-        raise DataError(f"{where}: column {name!r} has type {values.type}, not numbers or fixed-length lists of "
-                        f"them; convert it first, or drop it (remove_columns)")
+        raise DataError(
+            f"{where}: column {name!r} holds text; tokenize and pad it first (fixed-length lists of "
+            f"token ids), or drop it (remove_columns)"
+        )
+    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or pa.types.is_boolean(values.type)):
+        raise DataError(
+            f"{where}: column {name!r} has type {values.type}, not numbers or fixed-length lists of "
+            f"them; convert it first, or drop it (remove_columns)"
+        )
     if values.null_count:
         raise DataError(f"{where}: column {name!r} has {values.null_count} missing value(s); fill or drop them first")
     result = values.to_numpy(zero_copy_only=False).reshape(shape)
@@ -164,27 +186,32 @@ def _targets(columns: list, feature, *, task: str, column: str, where: str, hf) 
             ids = [array(c, column, where).astype(np.int64) for c in columns]
             for values in ids:
                 if values.ndim != 1 or (len(values) and (values.min() < 0 or values.max() >= feature.num_classes)):
-                    raise DataError(f"{where}: target column {column!r} has ids outside its ClassLabel's "
-                                    f"0..{feature.num_classes - 1} (-1: a missing label)")
+                    raise DataError(
+                        f"{where}: target column {column!r} has ids outside its ClassLabel's "
+                        f"0..{feature.num_classes - 1} (-1: a missing label)"
+                    )
             return ids, feature.num_classes
         text = [pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in columns]
-        values = [np.asarray(c.to_pylist(), dtype=object) if t else array(c, column, where)
-                  for c, t in zip(columns, text)]
+        values = [
+            np.asarray(c.to_pylist(), dtype=object) if t else array(c, column, where) for c, t in zip(columns, text)
+        ]
         if any(v.ndim != 1 for v in values) or any(v is None for v in np.concatenate(values)):
             raise DataError(f"{where}: target column {column!r} must hold one class label per row, with none missing")
         labels, num_classes = targets(np.concatenate(values), task=task, column=column, where=where)
         return np.split(labels, np.cumsum([len(v) for v in values])[:-1]), num_classes
     if task == "regression":
         if any(pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in columns):
-            raise DataError(f"{where}: target column {column!r} holds text; regression needs numbers (or use --task "
-                            f"classification)")
+            raise DataError(
+                f"{where}: target column {column!r} holds text; regression needs numbers (or use --task classification)"
+            )
         values = [array(c, column, where).astype(np.float32) for c in columns]
         return values, math.prod(values[0].shape[1:])
     if task == "language-model":
         ids = [array(c, column, where) for c in columns]
         if any(v.dtype.kind not in "iu" or v.ndim < 2 for v in ids):
-            raise DataError(f"{where}: target column {column!r} must hold fixed-length lists of token ids for "
-                            f"task language-model")
+            raise DataError(
+                f"{where}: target column {column!r} must hold fixed-length lists of token ids for task language-model"
+            )
         return [v.astype(np.int64) for v in ids], int(max(v.max() for v in ids)) + 1
     raise AssertionError(task)  # load_hf checked it
 

@@ -73,9 +73,7 @@ def dirichlet(
     )
 
 
-def shards(
-    labels: np.ndarray, num_clients: int, *, rng: np.random.Generator, shards_per_client: int = 2
-) -> Partition:
+def shards(labels: np.ndarray, num_clients: int, *, rng: np.random.Generator, shards_per_client: int = 2) -> Partition:
     """Pathological non-IID of McMahan et al. 2017: sort by label, cut into equal shards,
     give each client `shards_per_client` shards at random."""
     labels = np.asarray(labels)
@@ -92,7 +90,7 @@ def shards(
     pieces = np.array_split(order, num_shards)
     owner = rng.permutation(num_shards)
     return [
-        np.concatenate([pieces[s] for s in owner[c * shards_per_client:(c + 1) * shards_per_client]]).astype(np.int64)
+        np.concatenate([pieces[s] for s in owner[c * shards_per_client : (c + 1) * shards_per_client]]).astype(np.int64)
         for c in range(num_clients)
     ]
 
@@ -131,8 +129,10 @@ def natural(groups: np.ndarray, num_clients: int) -> Partition:
         raise ConfigError(f"natural partition: groups must give one id per example, got shape {groups.shape}")
     ids, inverse = np.unique(groups, return_inverse=True)
     if num_clients != len(ids):
-        raise ConfigError(f"natural partition gives one client per group: num_clients must be {len(ids)}, the "
-                          f"number of groups in the data, got {num_clients}")
+        raise ConfigError(
+            f"natural partition gives one client per group: num_clients must be {len(ids)}, the "
+            f"number of groups in the data, got {num_clients}"
+        )
     order = np.argsort(inverse, kind="stable")
     return [part.astype(np.int64) for part in np.split(order, np.cumsum(np.bincount(inverse))[:-1])]
 
@@ -180,7 +180,9 @@ def _groups(groups: np.ndarray | None, num_examples: int) -> np.ndarray:
     return groups
 
 
-def split_holdout(parts: Sequence[np.ndarray], fraction: float, *, rng: np.random.Generator) -> tuple[Partition, Partition]:
+def split_holdout(
+    parts: Sequence[np.ndarray], fraction: float, *, rng: np.random.Generator
+) -> tuple[Partition, Partition]:
     """Split each client's indices into (train, test), the test part a `fraction` of it."""
     if not 0 <= fraction < 1:
         raise ConfigError(f"client_test_fraction must be in [0, 1), got {fraction}")

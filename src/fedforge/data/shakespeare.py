@@ -171,8 +171,9 @@ def role_texts(plays: list[tuple[str, dict[str, list[str]]]]) -> dict[str, str]:
             if len(lines) > 2:
                 speeches[role_name(play, role)].extend(lines)
     # LEAF writes a role's lines to a file, reads it back and makes its newlines spaces.
-    return {name: re.sub(" {2,}", " ", ("\n".join(lines) + "\n").replace("\n", " "))
-            for name, lines in speeches.items()}
+    return {
+        name: re.sub(" {2,}", " ", ("\n".join(lines) + "\n").replace("\n", " ")) for name, lines in speeches.items()
+    }
 
 
 def encode(text: str) -> np.ndarray:
@@ -196,8 +197,10 @@ def parse_roles(text: str) -> dict[str, np.ndarray]:
     """
     roles = {name: encode(t) for name, t in role_texts(split_into_plays(text)).items() if len(t) > SEQ_LEN}
     if not roles:
-        raise DataError(f"no play with a role of more than {SEQ_LEN} characters (a play starts at a line "
-                        f"{_AUTHOR!r}, a speech is a line '  NAME. text')")
+        raise DataError(
+            f"no play with a role of more than {SEQ_LEN} characters (a play starts at a line "
+            f"{_AUTHOR!r}, a speech is a line '  NAME. text')"
+        )
     return roles
 
 
@@ -214,12 +217,14 @@ def split_counts(num_examples: int, train_fraction: float = TRAIN_FRACTION) -> t
 
 def kept_roles(roles: Mapping[str, np.ndarray], train_fraction: float = TRAIN_FRACTION) -> list[str]:
     """The roles that keep both training and test examples: client g of `to_dataset` is the g-th."""
-    return [name for name, ids in roles.items()
-            if split_counts(len(ids) - SEQ_LEN, train_fraction)[1] < len(ids) - SEQ_LEN]
+    return [
+        name for name, ids in roles.items() if split_counts(len(ids) - SEQ_LEN, train_fraction)[1] < len(ids) - SEQ_LEN
+    ]
 
 
-def to_dataset(roles: Mapping[str, np.ndarray], *, train_fraction: float = TRAIN_FRACTION,
-               name: str = "shakespeare") -> Dataset:
+def to_dataset(
+    roles: Mapping[str, np.ndarray], *, train_fraction: float = TRAIN_FRACTION, name: str = "shakespeare"
+) -> Dataset:
     """LEAF's examples and train/test split of each role's symbol ids, as a language-model Dataset.
 
     x: (N, 80) int32 symbol ids; y: (N, 80) int64, the symbol after each of x's; `groups`: each
@@ -230,8 +235,10 @@ def to_dataset(roles: Mapping[str, np.ndarray], *, train_fraction: float = TRAIN
     kept = kept_roles(roles, train_fraction)
     if not kept:
         need = int((SEQ_LEN - 1) / (1 - train_fraction)) + SEQ_LEN
-        raise DataError(f"{name}: no role keeps a test example (with train_fraction {train_fraction} a role needs "
-                        f"about {need} characters)")
+        raise DataError(
+            f"{name}: no role keeps a test example (with train_fraction {train_fraction} a role needs "
+            f"about {need} characters)"
+        )
     counts = [split_counts(len(roles[r]) - SEQ_LEN, train_fraction) for r in kept]
     num_train = sum(train for train, _ in counts)
     num_test = sum(len(roles[r]) - SEQ_LEN - first for r, (_, first) in zip(kept, counts))
@@ -242,13 +249,17 @@ def to_dataset(roles: Mapping[str, np.ndarray], *, train_fraction: float = TRAIN
         # Row j of the windows is characters j..j+79: x is window j, y window j + 1.
         windows = np.lib.stride_tricks.sliding_window_view(roles[r], SEQ_LEN)
         n = len(windows) - 1
-        x_train[a:a + train], y_train[a:a + train] = windows[:train], windows[1:train + 1]
-        x_test[b:b + n - first], y_test[b:b + n - first] = windows[first:n], windows[first + 1:n + 1]
+        x_train[a : a + train], y_train[a : a + train] = windows[:train], windows[1 : train + 1]
+        x_test[b : b + n - first], y_test[b : b + n - first] = windows[first:n], windows[first + 1 : n + 1]
         a, b = a + train, b + n - first
     groups = np.repeat(np.arange(len(kept), dtype=np.int64), [train for train, _ in counts])
-    return Dataset(name=name, train=TensorData(torch.from_numpy(x_train), torch.from_numpy(y_train)),
-                   test=TensorData(torch.from_numpy(x_test), torch.from_numpy(y_test)),
-                   num_classes=VOCAB_SIZE, groups=groups)
+    return Dataset(
+        name=name,
+        train=TensorData(torch.from_numpy(x_train), torch.from_numpy(y_train)),
+        test=TensorData(torch.from_numpy(x_test), torch.from_numpy(y_test)),
+        num_classes=VOCAB_SIZE,
+        groups=groups,
+    )
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -266,8 +277,10 @@ def read_text(path: str | os.PathLike) -> str:
                 if len(members) != 1:
                     raise DataError(f"{path}: expected one .txt file in the archive, found {len(members)}")
                 if members[0].file_size > MAX_TEXT_BYTES:
-                    raise DataError(f"{path}: {members[0].filename} is {members[0].file_size} bytes, more than "
-                                    f"the {MAX_TEXT_BYTES} a Complete Works text has")
+                    raise DataError(
+                        f"{path}: {members[0].filename} is {members[0].file_size} bytes, more than "
+                        f"the {MAX_TEXT_BYTES} a Complete Works text has"
+                    )
                 data = archive.read(members[0])
         else:
             size = path.stat().st_size
@@ -306,15 +319,24 @@ def read_roles(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: {e}") from None
     try:
         with atomic_write(cache, "wb") as f:
-            np.savez(f, names=np.array(list(roles)), lengths=np.array([len(v) for v in roles.values()]),
-                     ids=np.concatenate(list(roles.values())))
+            np.savez(
+                f,
+                names=np.array(list(roles)),
+                lengths=np.array([len(v) for v in roles.values()]),
+                ids=np.concatenate(list(roles.values())),
+            )
     except OSError:
         pass
     return roles
 
 
-def locate_text(spec: TextSpec = SHAKESPEARE, data_dir: str | os.PathLike | None = None, *,
-                download_missing: bool = True, progress: bool = True) -> Path:
+def locate_text(
+    spec: TextSpec = SHAKESPEARE,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download_missing: bool = True,
+    progress: bool = True,
+) -> Path:
     """The first of `spec`'s archive or text files in `search_dirs(spec.name, data_dir)`, or the
     archive downloaded from its mirrors and checked against its MD5 when none is there."""
     searched = search_dirs(spec.name, data_dir)
@@ -334,8 +356,14 @@ def locate_text(spec: TextSpec = SHAKESPEARE, data_dir: str | os.PathLike | None
         raise DataError(f"{spec.title} not found in {places} and the download failed ({e}); {how}") from e
 
 
-def load_shakespeare(data_dir: str | os.PathLike | None = None, *, download: bool = True, progress: bool = True,
-                     train_fraction: float = TRAIN_FRACTION, spec: TextSpec = SHAKESPEARE) -> Dataset:
+def load_shakespeare(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    progress: bool = True,
+    train_fraction: float = TRAIN_FRACTION,
+    spec: TextSpec = SHAKESPEARE,
+) -> Dataset:
     """LEAF's Shakespeare as a language-model Dataset (see the module docstring), from the text
     found on disk or downloaded.
 
@@ -346,6 +374,23 @@ def load_shakespeare(data_dir: str | os.PathLike | None = None, *, download: boo
     return to_dataset(read_roles(path), train_fraction=train_fraction, name=spec.name)
 
 
-__all__ = ["ALL_LETTERS", "SEQ_LEN", "SHAKESPEARE", "TextSpec", "VOCAB_SIZE", "decode", "encode", "kept_roles",
-           "load_shakespeare", "locate_text", "parse_roles", "read_roles", "read_text", "role_name", "role_texts",
-           "split_counts", "split_into_plays", "to_dataset"]
+__all__ = [
+    "ALL_LETTERS",
+    "SEQ_LEN",
+    "SHAKESPEARE",
+    "TextSpec",
+    "VOCAB_SIZE",
+    "decode",
+    "encode",
+    "kept_roles",
+    "load_shakespeare",
+    "locate_text",
+    "parse_roles",
+    "read_roles",
+    "read_text",
+    "role_name",
+    "role_texts",
+    "split_counts",
+    "split_into_plays",
+    "to_dataset",
+]

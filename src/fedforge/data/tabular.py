@@ -88,11 +88,14 @@ def load_file_dataset(name: str, *, target: str, task: str) -> Dataset:
 
         return load_hf(path, target=target, task=task, name=source_label(name))
     if task == "language-model":
-        raise ConfigError(f"dataset {name!r}: task {task!r} needs token sequences; a table serves classification "
-                          f"or regression (use hf:PATH for tokenized data)")
+        raise ConfigError(
+            f"dataset {name!r}: task {task!r} needs token sequences; a table serves classification "
+            f"or regression (use hf:PATH for tokenized data)"
+        )
     if task not in ("classification", "regression"):
-        raise ConfigError(f"dataset {name!r} prepares its target for the built-in tasks (classification, "
-                          f"regression), not {task!r}")
+        raise ConfigError(
+            f"dataset {name!r} prepares its target for the built-in tasks (classification, regression), not {task!r}"
+        )
     if kind == "parquet":
         import_pyarrow()
     _check_path(path, "CSV file" if kind == "csv" else "Parquet file or folder", folder_ok=kind == "parquet")
@@ -127,28 +130,36 @@ def targets(values: np.ndarray, *, task: str, column: str, where: str) -> tuple[
     numbers = _as_numbers(values)
     if numbers is not None and not np.isfinite(numbers).all():
         row = int(np.argmax(~np.isfinite(numbers)))
-        raise DataError(f"{where}: target column {column!r} has a missing or infinite value ({numbers[row]}) in data "
-                        f"row {row + 1}")
+        raise DataError(
+            f"{where}: target column {column!r} has a missing or infinite value ({numbers[row]}) in data row {row + 1}"
+        )
     if task == "regression":
         if numbers is None:
-            raise DataError(f"{where}: target column {column!r} is not numbers (e.g. {_first_text(values)!r}); "
-                            f"regression needs numbers (or use --task classification)")
+            raise DataError(
+                f"{where}: target column {column!r} is not numbers (e.g. {_first_text(values)!r}); "
+                f"regression needs numbers (or use --task classification)"
+            )
         return numbers.astype(np.float32), 1
     if task != "classification":
         raise ConfigError(f"task {task!r} cannot use a table's target column {column!r}")
     if numbers is not None:
         fractional = numbers != np.round(numbers)
         if fractional.any():
-            raise DataError(f"{where}: target column {column!r} has value {float(numbers[fractional.argmax()])}, not a "
-                            f"class label (an integer or a string); use --task regression for a continuous target")
+            raise DataError(
+                f"{where}: target column {column!r} has value {float(numbers[fractional.argmax()])}, not a "
+                f"class label (an integer or a string); use --task regression for a continuous target"
+            )
         values = numbers
     classes, ids = np.unique(values, return_inverse=True)
     if len(classes) > MAX_CLASSES:
-        raise DataError(f"{where}: target column {column!r} has {len(classes)} distinct values, more than "
-                        f"{MAX_CLASSES} classes; use --task regression for a continuous target")
+        raise DataError(
+            f"{where}: target column {column!r} has {len(classes)} distinct values, more than "
+            f"{MAX_CLASSES} classes; use --task regression for a continuous target"
+        )
     if len(classes) < 2:
-        raise DataError(f"{where}: target column {column!r} has a single value ({classes[0].item()!r}): nothing to "
-                        f"classify")
+        raise DataError(
+            f"{where}: target column {column!r} has a single value ({classes[0].item()!r}): nothing to classify"
+        )
     return ids.astype(np.int64).reshape(-1), len(classes)
 
 
@@ -208,7 +219,7 @@ def read_csv(path: Path, target: str) -> tuple[list[str], np.ndarray, np.ndarray
                 raise DataError(f"{path} is empty (expected a header row naming the columns)")
             header = [h.strip() for h in header]
             t = _check_header(header, target, str(path))
-            names = header[:t] + header[t + 1:]
+            names = header[:t] + header[t + 1 :]
             rows: list[list[str]] = []
             lines: list[int] = []
             count = 0
@@ -216,12 +227,14 @@ def read_csv(path: Path, target: str) -> tuple[list[str], np.ndarray, np.ndarray
                 if not row:
                     continue  # a blank line
                 if len(row) != len(header):
-                    raise DataError(f"{path}, line {reader.line_num}: {len(row)} fields, but the header has "
-                                    f"{len(header)}")
+                    raise DataError(
+                        f"{path}, line {reader.line_num}: {len(row)} fields, but the header has {len(header)}"
+                    )
                 count += 1
                 if count * len(header) > MAX_CELLS:
-                    raise DataError(f"{path} has more than {MAX_CELLS} cells (rows x columns), more than fedforge "
-                                    f"reads")
+                    raise DataError(
+                        f"{path} has more than {MAX_CELLS} cells (rows x columns), more than fedforge reads"
+                    )
                 rows.append(row)
                 lines.append(reader.line_num)
                 if len(rows) == _CHUNK_ROWS:
@@ -246,7 +259,7 @@ def _parse_rows(rows, lines, t, names, target, labels, path) -> np.ndarray:
         if row[t].strip().lower() in _MISSING:
             raise DataError(f"{path}, line {line}: the target column {target!r} has a missing value ({row[t]!r})")
         labels.append(row[t].strip())
-    features = [row[:t] + row[t + 1:] for row in rows]
+    features = [row[:t] + row[t + 1 :] for row in rows]
     try:
         x = np.array(features, dtype=np.float64)
     except ValueError:
@@ -254,8 +267,10 @@ def _parse_rows(rows, lines, t, names, target, labels, path) -> np.ndarray:
     bad = ~np.isfinite(x)
     if bad.any():
         i, j = np.argwhere(bad)[0]
-        raise DataError(f"{path}, line {lines[i]}: column {names[j]!r} has a missing or infinite value "
-                        f"({features[i][j]!r}); fill or drop such rows first")
+        raise DataError(
+            f"{path}, line {lines[i]}: column {names[j]!r} has a missing or infinite value "
+            f"({features[i][j]!r}); fill or drop such rows first"
+        )
     return x
 
 
@@ -273,12 +288,15 @@ def _bad_fields(features, lines, names, path) -> DataError:
                 missing = missing or (name, lines[i], row[j])
     if text:
         line, value = next(iter(text.values()))
-        return DataError(f"{path}: column(s) {', '.join(map(repr, text))} are not numbers (e.g. {value!r} on line "
-                         f"{line}); encode them as numbers first (one-hot or category ids)")
+        return DataError(
+            f"{path}: column(s) {', '.join(map(repr, text))} are not numbers (e.g. {value!r} on line "
+            f"{line}); encode them as numbers first (one-hot or category ids)"
+        )
     if missing:
         name, line, value = missing
-        return DataError(f"{path}, line {line}: column {name!r} has a missing value ({value!r}); fill or drop such "
-                         f"rows first")
+        return DataError(
+            f"{path}, line {line}: column {name!r} has a missing value ({value!r}); fill or drop such rows first"
+        )
     return DataError(f"{path}: some fields are not numbers")
 
 
@@ -340,35 +358,66 @@ def _parquet_columns(table, target: str, where: str) -> tuple[list[str], np.ndar
     if table.num_rows == 0:
         raise DataError(f"{where} has columns but no rows")
     names = [c for c in header if c != target]
-    text = {c: str(table.column(c).type) for c in names
-            if not (pa.types.is_integer(table.column(c).type) or pa.types.is_floating(table.column(c).type)
-                    or pa.types.is_boolean(table.column(c).type))}
+    text = {
+        c: str(table.column(c).type)
+        for c in names
+        if not (
+            pa.types.is_integer(table.column(c).type)
+            or pa.types.is_floating(table.column(c).type)
+            or pa.types.is_boolean(table.column(c).type)
+        )
+    }
     if text:
-        raise DataError(f"{where}: column(s) {', '.join(map(repr, text))} are not numbers "
-                        f"({', '.join(dict.fromkeys(text.values()))}); encode them as numbers first "
-                        f"(one-hot or category ids)")
+        raise DataError(
+            f"{where}: column(s) {', '.join(map(repr, text))} are not numbers "
+            f"({', '.join(dict.fromkeys(text.values()))}); encode them as numbers first "
+            f"(one-hot or category ids)"
+        )
     for c in header:
         if table.column(c).null_count:
             row = int(np.argmax(table.column(c).is_null().to_numpy()))
-            raise DataError(f"{where}: column {c!r} has {table.column(c).null_count} missing value(s) (the first in "
-                            f"row {row + 1}); fill or drop such rows first")
+            raise DataError(
+                f"{where}: column {c!r} has {table.column(c).null_count} missing value(s) (the first in "
+                f"row {row + 1}); fill or drop such rows first"
+            )
     x = np.column_stack([table.column(c).to_numpy().astype(np.float64) for c in names])
     bad = ~np.isfinite(x)
     if bad.any():
         i, j = np.argwhere(bad)[0]
-        raise DataError(f"{where}: column {names[j]!r} has a missing or infinite value ({x[i, j]}) in row {i + 1}; "
-                        f"fill or drop such rows first")
+        raise DataError(
+            f"{where}: column {names[j]!r} has a missing or infinite value ({x[i, j]}) in row {i + 1}; "
+            f"fill or drop such rows first"
+        )
     column = table.column(target)
-    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type)
-            or pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    if not (
+        pa.types.is_integer(column.type)
+        or pa.types.is_floating(column.type)
+        or pa.types.is_boolean(column.type)
+        or pa.types.is_string(column.type)
+        or pa.types.is_large_string(column.type)
+    ):
         raise DataError(f"{where}: target column {target!r} has type {column.type}; expected numbers or strings")
     y = column.to_numpy()
     if y.dtype.kind == "f" and not np.isfinite(y).all():
-        raise DataError(f"{where}: target column {target!r} has a missing or infinite value in row "
-                        f"{int(np.argmax(~np.isfinite(y))) + 1}")
+        raise DataError(
+            f"{where}: target column {target!r} has a missing or infinite value in row "
+            f"{int(np.argmax(~np.isfinite(y))) + 1}"
+        )
     return names, x, y
 
 
-__all__ = ["MAX_BYTES", "MAX_CELLS", "MAX_CLASSES", "MAX_COLUMNS", "PREFIXES", "load_file_dataset",
-           "parse_source", "read_csv", "read_parquet", "source_label", "split_indices", "tabular_dataset",
-           "targets"]
+__all__ = [
+    "MAX_BYTES",
+    "MAX_CELLS",
+    "MAX_CLASSES",
+    "MAX_COLUMNS",
+    "PREFIXES",
+    "load_file_dataset",
+    "parse_source",
+    "read_csv",
+    "read_parquet",
+    "source_label",
+    "split_indices",
+    "tabular_dataset",
+    "targets",
+]

@@ -16,8 +16,21 @@ ENGINES = (*IN_PROCESS_ENGINES, "ray")  # ray: the optional extra fedforge[ray] 
 # Layers that a vmapped step computes as fast as one client at a time or faster on the CPU:
 # dense and elementwise. Convolutions are slower vmapped there; recurrent layers have no
 # batching rule, so vmap runs them client by client, slower still (see AutoEngine).
-_DENSE = (nn.Linear, nn.Embedding, nn.Flatten, nn.Unflatten, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.Tanh,
-          nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus)
+_DENSE = (
+    nn.Linear,
+    nn.Embedding,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Softplus,
+)
 _RECURRENT = (nn.RNNBase,)
 
 
@@ -77,10 +90,21 @@ def make_engine(name: str, *, max_memory: int | None = None, combine: bool = Fal
     if name == "auto":
         return AutoEngine(max_memory=max_memory, combine=combine)
     if name == "ray":  # its workers load the run's data themselves: it needs to know how
-        raise ConfigError("engine ray is built from the run's data loader: RayEngine(data, seed=...) "
-                          "(fedforge.engines.ray), or from a Config by fedforge.experiment.make_run_engine")
+        raise ConfigError(
+            "engine ray is built from the run's data loader: RayEngine(data, seed=...) "
+            "(fedforge.engines.ray), or from a Config by fedforge.experiment.make_run_engine"
+        )
     raise ConfigError(f"unknown engine {name!r} (choose from: {', '.join(ENGINES)})")
 
 
-__all__ = ["DEFAULT_MAX_MEMORY", "ENGINES", "IN_PROCESS_ENGINES", "AutoEngine", "ClientTask", "Engine",
-           "SequentialEngine", "VectorizedEngine", "make_engine"]
+__all__ = [
+    "DEFAULT_MAX_MEMORY",
+    "ENGINES",
+    "IN_PROCESS_ENGINES",
+    "AutoEngine",
+    "ClientTask",
+    "Engine",
+    "SequentialEngine",
+    "VectorizedEngine",
+    "make_engine",
+]

@@ -40,9 +40,16 @@ def task_message(task_id: int, task: ClientTask, global_state: State, secagg: di
     """The TASK for `task`; with `secagg` (a round's settings for this client) it opens the secure
     aggregation protocol, and the client answers with its keys, not its update."""
     plan = task.plan
-    header = {"task": task_id, "seed": task.seed, "epochs": plan.epochs, "max_steps": plan.max_steps,
-              "proximal_mu": plan.proximal_mu, "measure_initial_loss": plan.measure_initial_loss,
-              "clip": plan.clip, "noise_multiplier": plan.noise_multiplier}
+    header = {
+        "task": task_id,
+        "seed": task.seed,
+        "epochs": plan.epochs,
+        "max_steps": plan.max_steps,
+        "proximal_mu": plan.proximal_mu,
+        "measure_initial_loss": plan.measure_initial_loss,
+        "clip": plan.clip,
+        "noise_multiplier": plan.noise_multiplier,
+    }
     if secagg is not None:
         header["secagg"] = secagg
     tensors = {f"global/{k}": v for k, v in global_state.items()}
@@ -60,17 +67,24 @@ def _number(header: dict, key: str, low: float, high: float, *, optional: bool =
     return float(value)
 
 
-def update_from(message: Message, task: ClientTask, config: ClientConfig, global_state: State, *,
-                max_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES) -> ClientUpdate:
+def update_from(
+    message: Message,
+    task: ClientTask,
+    config: ClientConfig,
+    global_state: State,
+    *,
+    max_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES,
+) -> ClientUpdate:
     """The ClientUpdate in `message`, the answer to `task`, or ValueError with the reason it is refused."""
     h = message.header
-    delta = {k[len("delta/"):]: v for k, v in message.tensors.items() if k.startswith("delta/")}
+    delta = {k[len("delta/") :]: v for k, v in message.tensors.items() if k.startswith("delta/")}
     if delta.keys() != global_state.keys() or len(delta) != len(message.tensors):
         raise ValueError(f"entries {sorted(message.tensors)[:5]}... differ from the global model's")
     for k, v in delta.items():
         if v.shape != global_state[k].shape or v.dtype != global_state[k].dtype:
-            raise ValueError(f"{k}: {tuple(v.shape)} {v.dtype} instead of {tuple(global_state[k].shape)} "
-                             f"{global_state[k].dtype}")
+            raise ValueError(
+                f"{k}: {tuple(v.shape)} {v.dtype} instead of {tuple(global_state[k].shape)} {global_state[k].dtype}"
+            )
     if not all_finite(delta.values()):
         raise ValueError("it holds NaN or infinite values")
     n, steps = h.get("num_examples"), h.get("num_steps")
@@ -85,14 +99,25 @@ def update_from(message: Message, task: ClientTask, config: ClientConfig, global
     if type(h.get("inputs_differ", False)) is not bool:
         raise ValueError(f"inputs_differ {h.get('inputs_differ')!r} is not true or false")
     metrics = h.get("metrics", {})
-    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS or \
-            not all(isinstance(k, str) and 0 < len(k) <= 64 for k in metrics):
+    if (
+        not isinstance(metrics, dict)
+        or len(metrics) > MAX_METRICS
+        or not all(isinstance(k, str) and 0 < len(k) <= 64 for k in metrics)
+    ):
         raise ValueError(f"metrics must be at most {MAX_METRICS} named numbers")
     metrics = {k: _number(metrics, k, -MAX_METRIC, MAX_METRIC) for k in metrics}
     if metrics and metrics.get("loss") != loss:
         raise ValueError("metrics disagree with train_loss")
-    return ClientUpdate(task.client_id, {k: v.to(global_state[k].device) for k, v in delta.items()}, n, steps,
-                        loss, accuracy, initial, metrics)
+    return ClientUpdate(
+        task.client_id,
+        {k: v.to(global_state[k].device) for k, v in delta.items()},
+        n,
+        steps,
+        loss,
+        accuracy,
+        initial,
+        metrics,
+    )
 
 
 class NetworkEngine:
@@ -112,9 +137,17 @@ class NetworkEngine:
     name = "network"
     clients_privatize = True  # under differential privacy the clients clip (and noise) before sending
 
-    def __init__(self, hub: Hub, *, round_timeout: float, min_fit_clients: int,
-                 max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES, secure: SecureAggregation | None = None,
-                 min_available_clients: int | None = None, watcher: RoundWatcher | None = None):
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        round_timeout: float,
+        min_fit_clients: int,
+        max_client_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES,
+        secure: SecureAggregation | None = None,
+        min_available_clients: int | None = None,
+        watcher: RoundWatcher | None = None,
+    ):
         self.hub = hub
         self.watcher = watcher or RoundWatcher()  # the server's dashboard, when it has one
         self.round_timeout = round_timeout
@@ -128,12 +161,14 @@ class NetworkEngine:
         self.bytes_up = 0  # message bytes received from clients, in all rounds
         self.bytes_down = 0  # message bytes sent to clients
 
-    def run(self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
-            ) -> Iterator[ClientUpdate]:
+    def run(
+        self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
+    ) -> Iterator[ClientUpdate]:
         # Wait for min_available clients (after an outage, for enough of them to be back); past
         # round_timeout the round goes on with those connected, if they make the quorum.
-        if not self.hub.wait_for_clients(self.min_available_clients, timeout=self.round_timeout) and \
-                not self.hub.wait_for_clients(self.min_fit_clients, timeout=0):
+        if not self.hub.wait_for_clients(
+            self.min_available_clients, timeout=self.round_timeout
+        ) and not self.hub.wait_for_clients(self.min_fit_clients, timeout=0):
             raise RoundFailed(f"fewer than {self.min_fit_clients} clients connected for {self.round_timeout:.0f} s")
         self._task_id += 1
         task_id = self._task_id
@@ -156,15 +191,21 @@ class NetworkEngine:
             client_id = event.session.client_id
             holder = holders.get(client_id)
             if event.kind == EventKind.CONNECTED:
-                if holder is not None and event.session is not holder and self._send(event.session,
-                                                                                      messages[client_id]):
+                if (
+                    holder is not None
+                    and event.session is not holder
+                    and self._send(event.session, messages[client_id])
+                ):
                     log.info("task %d: client %d reconnected; its task is sent again", task_id, client_id)
                     holders[client_id] = event.session
                 continue
             if event.session is not holder:  # an older session's news, or a client without a task
                 if event.kind == EventKind.MESSAGE:
-                    log.warning("task %d: discarded a message from client %d: late, not selected or from an "
-                                "old session", task_id, client_id)
+                    log.warning(
+                        "task %d: discarded a message from client %d: late, not selected or from an old session",
+                        task_id,
+                        client_id,
+                    )
                 continue
             if event.kind == EventKind.CLOSED:
                 log.warning("task %d: client %d disconnected mid-round; dropped from the round", task_id, client_id)
@@ -202,8 +243,9 @@ class NetworkEngine:
                 self.bytes_up += len(event.data)
             yield event
 
-    def _accept(self, event: Event, task_id: int, task: ClientTask, config: ClientConfig, global_state: State
-                ) -> ClientUpdate | None | bool:
+    def _accept(
+        self, event: Event, task_id: int, task: ClientTask, config: ClientConfig, global_state: State
+    ) -> ClientUpdate | None | bool:
         """The update in `event`; None when it is refused; False when it answers another task."""
         client_id = task.client_id
         try:
@@ -213,8 +255,13 @@ class NetworkEngine:
             self.watcher.refused(task_id, client_id, str(e))
             return None
         if message.kind != Kind.UPDATE or message.header.get("task") != task_id:
-            log.warning("task %d: discarded a %s from client %d for task %r: late or not an update", task_id,
-                        message.kind.name, client_id, message.header.get("task"))
+            log.warning(
+                "task %d: discarded a %s from client %d for task %r: late or not an update",
+                task_id,
+                message.kind.name,
+                client_id,
+                message.header.get("task"),
+            )
             return False
         try:
             update = update_from(message, task, config, global_state, max_examples=self.max_client_examples)
@@ -231,20 +278,28 @@ class NetworkEngine:
         test inputs (network/inputs.py)."""
         if differ and client_id not in self._inputs_differ:
             self._inputs_differ.add(client_id)
-            log.warning("client %d says its training inputs differ markedly from the server's test inputs (shape, "
-                        "mean or spread): the test metrics may not reflect its data", client_id)
+            log.warning(
+                "client %d says its training inputs differ markedly from the server's test inputs (shape, "
+                "mean or spread): the test metrics may not reflect its data",
+                client_id,
+            )
 
     # -- secure aggregation: the round as the protocol's four exchanges ---------------------------
-    def _secure_round(self, task_id: int, global_state: State, global_cpu: State, tasks: Sequence[ClientTask]
-                      ) -> CombinedUpdate:
+    def _secure_round(
+        self, task_id: int, global_state: State, global_cpu: State, tasks: Sequence[ClientTask]
+    ) -> CombinedUpdate:
         """The round's clients, their update summed under secure aggregation (secagg/protocol.py):
         one CombinedUpdate, the strategy's only view of the round. RoundFailed, with nothing
         unmasked, when too few clients are left at any stage."""
         sessions = {}
         for task in tasks:
             if task.client_id in self._left_out:
-                log.warning("task %d: client %d is left out of this attempt: %s", task_id, task.client_id,
-                            self._left_out[task.client_id])
+                log.warning(
+                    "task %d: client %d is left out of this attempt: %s",
+                    task_id,
+                    task.client_id,
+                    self._left_out[task.client_id],
+                )
                 self.watcher.refused(task_id, task.client_id, f"left out: {self._left_out[task.client_id]}")
             elif (session := self.hub.current(task.client_id)) is not None:
                 sessions[task.client_id] = session
@@ -255,9 +310,14 @@ class NetworkEngine:
         size = sum(global_state[k].numel() for k in floats)
         try:
             quantizer = self.secure.quantizer(len(sessions), tasks[0].plan.clip if tasks else None)
-            protocol = ServerRound(task_id, sorted(sessions), threshold=self.secure.threshold,
-                                   neighbours=self.secure.neighbours, clip=quantizer.clip,
-                                   max_weight=quantizer.max_weight)
+            protocol = ServerRound(
+                task_id,
+                sorted(sessions),
+                threshold=self.secure.threshold,
+                neighbours=self.secure.neighbours,
+                clip=quantizer.clip,
+                max_weight=quantizer.max_weight,
+            )
         except (SecAggFailed, QuantizationError) as e:
             raise RoundFailed(f"secure aggregation among {len(sessions)} connected clients: {e}") from None
 
@@ -278,24 +338,40 @@ class NetworkEngine:
             self._note_inputs(c, m.header.get("inputs_differ") is True)
 
         # 1. the task and the round's settings -> each client's public keys (it then trains)
-        exchange(sorted(sessions), lambda c: task_message(task_id, by_client[c], global_cpu,
-                                                          protocol.setup(c).to_header()), Kind.SA_KEYS, keys)
+        exchange(
+            sorted(sessions),
+            lambda c: task_message(task_id, by_client[c], global_cpu, protocol.setup(c).to_header()),
+            Kind.SA_KEYS,
+            keys,
+        )
         self._secure_quorum(task_id, protocol, len(protocol.keys), "sent keys")
         # 2. neighbours' keys -> sealed shares and commitments
-        exchange(list(protocol.keys), request(Kind.SA_NEIGHBOUR_KEYS, protocol.neighbour_keys), Kind.SA_SHARES,
-                 lambda c, m: protocol.on_shares(c, m.header))
+        exchange(
+            list(protocol.keys),
+            request(Kind.SA_NEIGHBOUR_KEYS, protocol.neighbour_keys),
+            Kind.SA_SHARES,
+            lambda c, m: protocol.on_shares(c, m.header),
+        )
         self._secure_quorum(task_id, protocol, len(protocol.sealed), "shared their secrets")
         # 3. the shares addressed to each -> masked inputs
         length = quantizer.length(size)
-        exchange(list(protocol.sealed), request(Kind.SA_INPUT, protocol.input_request), Kind.SA_MASKED,
-                 lambda c, m: protocol.on_input(c, _words(m), length, m.header))
+        exchange(
+            list(protocol.sealed),
+            request(Kind.SA_INPUT, protocol.input_request),
+            Kind.SA_MASKED,
+            lambda c, m: protocol.on_input(c, _words(m), length, m.header),
+        )
         self._culprits(task_id, protocol.excluded, "out of the round (treated as dropped)")
         for c in sorted(protocol.inputs):  # a masked update counts as arrived
             self.watcher.arrived(task_id, c)
         self._secure_quorum(task_id, protocol, len(protocol.inputs), "sent masked inputs")
         # 4. who survived and who dropped -> the shares that unmask the sum
-        exchange(sorted(protocol.inputs), request(Kind.SA_UNMASK, protocol.unmask_request), Kind.SA_UNMASKED,
-                 lambda c, m: protocol.on_unmasked(c, m.header))
+        exchange(
+            sorted(protocol.inputs),
+            request(Kind.SA_UNMASK, protocol.unmask_request),
+            Kind.SA_UNMASKED,
+            lambda c, m: protocol.on_unmasked(c, m.header),
+        )
         self._culprits(task_id, protocol.excluded, "left out of a retry of this round")
         try:
             summed = quantizer.decode(protocol.result(), len(protocol.inputs), sum(protocol.weights.values()))
@@ -305,28 +381,52 @@ class NetworkEngine:
         except QuantizationError as e:
             raise RoundFailed(f"secure aggregation: {e}; the round is discarded") from None
         if summed.clamped:
-            log.warning("task %d: %d words of the unmasked sum were past what %d clipped inputs can reach: a client "
-                        "sent words past its bounds (masking hides which); clamped to that reach", task_id,
-                        summed.clamped, summed.count)
+            log.warning(
+                "task %d: %d words of the unmasked sum were past what %d clipped inputs can reach: a client "
+                "sent words past its bounds (masking hides which); clamped to that reach",
+                task_id,
+                summed.clamped,
+                summed.count,
+            )
         if summed.projected:
-            log.warning("task %d: the unmasked sum's L2 norm was past what %d clipped inputs can reach: a client sent "
-                        "an input past its bounds (masking hides which); scaled down to it", task_id, summed.count)
+            log.warning(
+                "task %d: the unmasked sum's L2 norm was past what %d clipped inputs can reach: a client sent "
+                "an input past its bounds (masking hides which); scaled down to it",
+                task_id,
+                summed.count,
+            )
         self._left_out.clear()  # the round is done: the next one gives every client a fresh chance
         bound = quantizer.error_bound(summed.count, summed.weight)
-        log.info("task %d: the sum of %d masked updates (%d dropped; weight %d, at most %d each; weighted mean exact "
-                 "to %.2g per coordinate)", task_id, summed.count, len(tasks) - summed.count, summed.weight,
-                 quantizer.max_weight, bound)
+        log.info(
+            "task %d: the sum of %d masked updates (%d dropped; weight %d, at most %d each; weighted mean exact "
+            "to %.2g per coordinate)",
+            task_id,
+            summed.count,
+            len(tasks) - summed.count,
+            summed.weight,
+            quantizer.max_weight,
+            bound,
+        )
         self.last_error_bound = bound
         mean = torch.from_numpy(summed.weighted_delta / summed.weight)
         delta, offset = {}, 0
         for k, v in global_state.items():
             if v.is_floating_point():
-                delta[k] = mean[offset:offset + v.numel()].reshape(v.shape).to(v.dtype).to(v.device)
+                delta[k] = mean[offset : offset + v.numel()].reshape(v.shape).to(v.dtype).to(v.device)
                 offset += v.numel()
             else:  # integer entries (buffers) are not summed: a zero delta
                 delta[k] = torch.zeros(v.shape, dtype=torch.float64, device=v.device)
-        return CombinedUpdate(-1, delta, summed.weight, 0, summed.loss, None, metrics={"loss": summed.loss},
-                              client_ids=tuple(sorted(protocol.inputs)), unclipped=summed.unclipped)
+        return CombinedUpdate(
+            -1,
+            delta,
+            summed.weight,
+            0,
+            summed.loss,
+            None,
+            metrics={"loss": summed.loss},
+            client_ids=tuple(sorted(protocol.inputs)),
+            unclipped=summed.unclipped,
+        )
 
     def _culprits(self, task_id: int, culprits: dict[int, str], outcome: str) -> None:
         """Log and show each client proven misbehaving, once, and leave it out of retries of this round."""
@@ -339,11 +439,12 @@ class NetworkEngine:
     def _secure_quorum(self, task_id: int, protocol: ServerRound, count: int, stage: str) -> None:
         need = max(protocol.threshold, self.min_fit_clients)
         if count < need:
-            raise RoundFailed(f"secure aggregation: {count} clients {stage}, the round needs {need} (threshold "
-                              f"{protocol.threshold}, quorum {self.min_fit_clients}); nothing was unmasked")
+            raise RoundFailed(
+                f"secure aggregation: {count} clients {stage}, the round needs {need} (threshold "
+                f"{protocol.threshold}, quorum {self.min_fit_clients}); nothing was unmasked"
+            )
 
-    def _exchange(self, task_id: int, outgoing: dict[int, tuple[Session, Message]], answer: Kind
-                  ) -> dict[int, Message]:
+    def _exchange(self, task_id: int, outgoing: dict[int, tuple[Session, Message]], answer: Kind) -> dict[int, Message]:
         """Send each client its message; collect one answer of kind `answer` from each, until all
         have answered or round_timeout. A client that disconnects, sends anything else, or answers
         in another client's name is out of the round (logged)."""
@@ -358,15 +459,19 @@ class NetworkEngine:
             c = event.session.client_id
             if pending.get(c) is not event.session:
                 if event.kind == EventKind.MESSAGE:
-                    log.warning("task %d: discarded a message from client %d: late, out of the round or from an old "
-                                "session", task_id, c)
+                    log.warning(
+                        "task %d: discarded a message from client %d: late, out of the round or from an old session",
+                        task_id,
+                        c,
+                    )
                 continue
             if event.kind == EventKind.CONNECTED:
                 continue
             del pending[c]
             if event.kind == EventKind.CLOSED:
-                log.warning("task %d: client %d disconnected before its %s; dropped from the round", task_id, c,
-                            answer.name)
+                log.warning(
+                    "task %d: client %d disconnected before its %s; dropped from the round", task_id, c, answer.name
+                )
                 continue
             try:
                 message = decode(event.data, max_bytes=self.hub.max_message_bytes)
@@ -376,14 +481,22 @@ class NetworkEngine:
                 continue
             h = message.header
             if message.kind != answer or h.get("task") != task_id or h.get("client") != c:
-                log.warning("task %d: refused a %s from client %d (for task %r, as client %r) where its %s was due",
-                            task_id, message.kind.name, c, h.get("task"), h.get("client"), answer.name)
+                log.warning(
+                    "task %d: refused a %s from client %d (for task %r, as client %r) where its %s was due",
+                    task_id,
+                    message.kind.name,
+                    c,
+                    h.get("task"),
+                    h.get("client"),
+                    answer.name,
+                )
                 self.watcher.refused(task_id, c, f"a {message.kind.name} where its {answer.name} was due")
                 continue
             answers[c] = message
         if pending:
-            log.warning("task %d: no %s from %s within %.0f s", task_id, answer.name, sorted(pending),
-                        self.round_timeout)
+            log.warning(
+                "task %d: no %s from %s within %.0f s", task_id, answer.name, sorted(pending), self.round_timeout
+            )
         return answers
 
 

@@ -106,6 +106,7 @@ def _mapped(value, leaf: Callable):
 def _sent(value):
     """`value` as it travels through Ray: its tensors as NumPy arrays on the CPU, which Ray's object
     store passes without pickling them (a model-sized dict of tensors takes ~2 ms longer each way)."""
+
     def leaf(t: torch.Tensor):
         t = t.detach().cpu()
         return t if t.dtype == torch.bfloat16 else t.numpy()  # NumPy has no bfloat16
@@ -192,8 +193,18 @@ class _Worker:
     line instead of Ray restarting a worker that can never start.
     """
 
-    def __init__(self, data: Callable[[], FederatedData], scenario: Scenario, seed: int, engine: str,
-                 max_memory: int | None, device: str, threads: int, index: int, workers: int):
+    def __init__(
+        self,
+        data: Callable[[], FederatedData],
+        scenario: Scenario,
+        seed: int,
+        engine: str,
+        max_memory: int | None,
+        device: str,
+        threads: int,
+        index: int,
+        workers: int,
+    ):
         from . import make_engine
 
         torch.set_num_threads(threads)
@@ -212,15 +223,20 @@ class _Worker:
             # (the run's pool lives split across the workers).
             sizes = [len(p) for p in self.data.partition]
             self.clients = holdings(sizes, workers)[index]
-            self.rows = (sum(sizes[:self.clients.start]), sum(sizes[:self.clients.stop]))
+            self.rows = (sum(sizes[: self.clients.start]), sum(sizes[: self.clients.stop]))
         except Exception as e:  # noqa: BLE001 - reported to the driver as one line, whatever it is
             self.error = f"{type(e).__name__}: {_first_line(e)}"
 
     def ready(self) -> dict[str, Any]:
         import ray
 
-        return {"error": self.error, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "clients": [self.clients.start, self.clients.stop], "rows": list(self.rows)}
+        return {
+            "error": self.error,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "clients": [self.clients.start, self.clients.stop],
+            "rows": list(self.rows),
+        }
 
     def _pool(self, config: ClientConfig) -> tuple[TensorData, list[int], str]:
         """This worker's clients' pool, built on the first call (it needs the task's data layout) and kept."""
@@ -228,8 +244,13 @@ class _Worker:
             from ..simulation import client_pool
 
             data = self.data
-            pool, starts = client_pool(config.task.data(data.train).to(self.device), data.partition, self.scenario,
-                                       self.seed, clients=self.clients)
+            pool, starts = client_pool(
+                config.task.data(data.train).to(self.device),
+                data.partition,
+                self.scenario,
+                self.seed,
+                clients=self.clients,
+            )
             self.pool = pool, starts, data_digest(pool)
             self.data = None  # the pool is a copy of this worker's part: keep only that
         return self.pool
@@ -242,8 +263,9 @@ class _Worker:
             self.model = token, ray.get(ref).to(self.device)
         return self.model[1]
 
-    def train(self, global_state: State, model: list, jobs: Sequence[_Job], config: ClientConfig,
-              digest: str) -> list[ClientUpdate]:
+    def train(
+        self, global_state: State, model: list, jobs: Sequence[_Job], config: ClientConfig, digest: str
+    ) -> list[ClientUpdate]:
         """Train `jobs`' clients from `global_state`: one CombinedUpdate for the summable ones (first),
         then each other client's update, in job order, as they travel (`_sent`)."""
         if self.error is not None:
@@ -252,8 +274,10 @@ class _Worker:
             return []
         pool, starts, mine = self._pool(config)
         if mine != digest:
-            raise ConfigError(f"a Ray worker loaded other data than the driver (digest {mine}, driver's {digest}): "
-                              f"every node must find the same dataset (same files, or --data-dir on shared storage)")
+            raise ConfigError(
+                f"a Ray worker loaded other data than the driver (digest {mine}, driver's {digest}): "
+                f"every node must find the same dataset (same files, or --data-dir on shared storage)"
+            )
         module = self._module(model)
         state = _received(global_state, self.device)
         tasks = []
@@ -263,11 +287,23 @@ class _Worker:
             i = job.client_id - self.clients.start
             a, b = starts[i], starts[i + 1]
             if (a + self.rows[0], b - a) != (job.start, job.size):
-                raise ConfigError(f"a Ray worker's client {job.client_id} holds rows {a + self.rows[0]}:"
-                                  f"{b + self.rows[0]}, the driver's {job.start}:{job.start + job.size}: the worker "
-                                  f"loaded other data")
-            tasks.append(ClientTask(job.client_id, pool.rows(a, b), job.seed, pool, a, _received(job.plan, self.device),
-                                    _received(job.optimizer_state, self.device), job.summable))
+                raise ConfigError(
+                    f"a Ray worker's client {job.client_id} holds rows {a + self.rows[0]}:"
+                    f"{b + self.rows[0]}, the driver's {job.start}:{job.start + job.size}: the worker "
+                    f"loaded other data"
+                )
+            tasks.append(
+                ClientTask(
+                    job.client_id,
+                    pool.rows(a, b),
+                    job.seed,
+                    pool,
+                    a,
+                    _received(job.plan, self.device),
+                    _received(job.optimizer_state, self.device),
+                    job.summable,
+                )
+            )
         summable = {job.client_id: job.summable for job in jobs}
         own: list[ClientUpdate] = []
 
@@ -301,8 +337,10 @@ def _reachable(address: str, timeout: float) -> None:
     try:
         socket.create_connection((host, port_number), timeout=timeout).close()
     except OSError as e:
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r} within {timeout:g} s "
-                          f"({e.strerror or type(e).__name__}): is `ray start --head` running there?") from None
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address!r} within {timeout:g} s "
+            f"({e.strerror or type(e).__name__}): is `ray start --head` running there?"
+        ) from None
     if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return  # a plaintext handshake cannot tell; Ray's own connection will
     import grpc
@@ -311,8 +349,10 @@ def _reachable(address: str, timeout: float) -> None:
     try:
         grpc.channel_ready_future(channel).result(timeout=max(0.1, timeout - (time.monotonic() - started)))
     except grpc.FutureTimeoutError:
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r} within {timeout:g} s (something listens "
-                          f"there, but not as Ray does): is `ray start --head` running there?") from None
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address!r} within {timeout:g} s (something listens "
+            f"there, but not as Ray does): is `ray start --head` running there?"
+        ) from None
     finally:
         channel.close()
 
@@ -358,10 +398,21 @@ class RayEngine:
     name = "ray"
     works_ahead = True  # run() only sends the work: the round loop begins the next round before evaluating
 
-    def __init__(self, data: Callable[[], FederatedData], *, seed: int, scenario: Scenario = Scenario(),
-                 workers: int = 2, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, engine: str = "auto",
-                 max_memory: int | None = None, address: str | None = None,
-                 max_restarts: int = DEFAULT_MAX_RESTARTS, connect_timeout: float = CONNECT_TIMEOUT_S):
+    def __init__(
+        self,
+        data: Callable[[], FederatedData],
+        *,
+        seed: int,
+        scenario: Scenario = Scenario(),
+        workers: int = 2,
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float = 0.0,
+        engine: str = "auto",
+        max_memory: int | None = None,
+        address: str | None = None,
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+    ):
         check_options(workers, cpus_per_worker, gpus_per_worker, engine)
         if max_restarts < 0:
             raise ConfigError(f"max_restarts must be >= 0, got {max_restarts}")
@@ -374,14 +425,21 @@ class RayEngine:
             # The user's own modules (--model pkg.mod:factory, --task) import in the workers as here.
             path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
             try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                         runtime_env={"env_vars": {"PYTHONPATH": path}})
+                ray.init(
+                    address=address,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    runtime_env={"env_vars": {"PYTHONPATH": path}},
+                )
             except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
                 where = f"the Ray cluster at {address!r}" if address else "a local Ray"
                 # A cluster started by `ray start` takes tokens by default; its clients must say so themselves.
-                hint = ("; if the cluster takes tokens (Ray's default), set RAY_AUTH_MODE=token here, with its "
-                        "token in ~/.ray/auth_token or RAY_AUTH_TOKEN" if address and "RAY_AUTH_MODE" not in os.environ
-                        else "")
+                hint = (
+                    "; if the cluster takes tokens (Ray's default), set RAY_AUTH_MODE=token here, with its "
+                    "token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+                    if address and "RAY_AUTH_MODE" not in os.environ
+                    else ""
+                )
                 raise ConfigError(f"cannot start or connect to {where}: {_first_line(e)}{hint}") from None
             self._started = True
         self._ray = ray
@@ -393,21 +451,33 @@ class RayEngine:
         for resource, each in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
             if each and workers * each > total.get(resource, 0) + 1e-9:
                 self.close()
-                raise ConfigError(f"{workers} Ray workers of {each:g} {resource} each need {workers * each:g} "
-                                  f"{resource}, and the cluster has {total.get(resource, 0):g}: use fewer "
-                                  f"--ray-workers or less per worker")
+                raise ConfigError(
+                    f"{workers} Ray workers of {each:g} {resource} each need {workers * each:g} "
+                    f"{resource}, and the cluster has {total.get(resource, 0):g}: use fewer "
+                    f"--ray-workers or less per worker"
+                )
         device = "cuda" if gpus_per_worker > 0 else "cpu"
         actor = ray.remote(_Worker).options(
-            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_restarts,
-            max_task_retries=max_restarts, max_concurrency=1)
+            num_cpus=cpus_per_worker,
+            num_gpus=gpus_per_worker,
+            max_restarts=max_restarts,
+            max_task_retries=max_restarts,
+            max_concurrency=1,
+        )
         threads = max(1, int(cpus_per_worker))
-        self._actors.extend(actor.remote(data, scenario, seed, engine, max_memory, device, threads, i, workers)
-                            for i in range(workers))
+        self._actors.extend(
+            actor.remote(data, scenario, seed, engine, max_memory, device, threads, i, workers) for i in range(workers)
+        )
         try:
             ready = [a.ready.remote() for a in self._actors]
             if len(ray.wait(ready, num_returns=len(ready), timeout=PLACEMENT_NOTICE_S)[0]) < len(ready):
-                log.warning("waiting for Ray to place %d workers of %g CPU and %g GPU (free now: %s)", workers,
-                            cpus_per_worker, gpus_per_worker, ray.available_resources())
+                log.warning(
+                    "waiting for Ray to place %d workers of %g CPU and %g GPU (free now: %s)",
+                    workers,
+                    cpus_per_worker,
+                    gpus_per_worker,
+                    ray.available_resources(),
+                )
             self.placement = ray.get(ready)
         except Exception as e:  # noqa: BLE001 - a worker that cannot even start
             self.close()
@@ -469,8 +539,9 @@ class RayEngine:
             self._model = model, [self._model_token, self._ray.put(copy.deepcopy(model).cpu())]
         return self._model[1]
 
-    def run(self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
-            ) -> Iterator[ClientUpdate]:
+    def run(
+        self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
+    ) -> Iterator[ClientUpdate]:
         """Send the tasks to the workers now; the iterator hands on their answers as they come."""
         if not tasks:
             return iter(())
@@ -478,11 +549,15 @@ class RayEngine:
             raise FedforgeError("the Ray engine is closed")
         source = tasks[0].source
         if source is None or any(task.source is not source for task in tasks):
-            raise ValueError("the Ray engine trains clients from the data its workers load: every task needs the "
-                             "round loop's pool as its source")
+            raise ValueError(
+                "the Ray engine trains clients from the data its workers load: every task needs the "
+                "round loop's pool as its source"
+            )
         ray = self._ray
-        jobs = [_Job(t.client_id, t.start, len(t.data), t.seed, _sent(t.plan), _sent(t.optimizer_state), t.summable)
-                for t in tasks]
+        jobs = [
+            _Job(t.client_id, t.start, len(t.data), t.seed, _sent(t.plan), _sent(t.optimizer_state), t.summable)
+            for t in tasks
+        ]
         state = ray.put(_sent(global_state))  # once, read by every worker
         module = self._module_ref(model)
         # Each task to a worker that holds its client, the shared ones where they even out the work.
@@ -491,9 +566,16 @@ class RayEngine:
         by_worker: dict[int, list[int]] = {}  # worker -> its tasks' positions, in task order
         for j, worker in enumerate(assign(candidates, costs, self.workers)):
             by_worker.setdefault(worker, []).append(j)
-        pending = [(i, positions, self._actors[i].train.remote(state, module, [jobs[j] for j in positions], config,
-                                                                 self._digest(source, i)))
-                   for i, positions in sorted(by_worker.items())]
+        pending = [
+            (
+                i,
+                positions,
+                self._actors[i].train.remote(
+                    state, module, [jobs[j] for j in positions], config, self._digest(source, i)
+                ),
+            )
+            for i, positions in sorted(by_worker.items())
+        ]
         return self._answers(pending, jobs, next(iter(global_state.values())).device)
 
     def _answers(self, pending: list, jobs: Sequence[_Job], device: torch.device) -> Iterator[ClientUpdate]:
@@ -520,9 +602,10 @@ class RayEngine:
                 raise e.cause from None
             raise FedforgeError(f"Ray worker {worker} failed: {_first_line(e.cause or e)}") from None
         except ray.exceptions.RayError as e:
-            raise FedforgeError(f"Ray worker {worker} died more often than its {self.max_restarts} restarts allow "
-                                f"({type(e).__name__}); the completed rounds are saved: continue with --resume"
-                                ) from None
+            raise FedforgeError(
+                f"Ray worker {worker} died more often than its {self.max_restarts} restarts allow "
+                f"({type(e).__name__}); the completed rounds are saved: continue with --resume"
+            ) from None
 
 
 def check_options(workers: int, cpus_per_worker: float, gpus_per_worker: float, engine: str) -> None:
@@ -534,8 +617,10 @@ def check_options(workers: int, cpus_per_worker: float, gpus_per_worker: float, 
     if not gpus_per_worker >= 0:
         raise ConfigError(f"ray_gpus_per_worker must be >= 0, got {gpus_per_worker}")
     if engine not in IN_PROCESS_ENGINES:
-        raise ConfigError(f"ray_engine must be one of {', '.join(IN_PROCESS_ENGINES)} (the engine each Ray worker "
-                          f"trains with), got {engine!r}")
+        raise ConfigError(
+            f"ray_engine must be one of {', '.join(IN_PROCESS_ENGINES)} (the engine each Ray worker "
+            f"trains with), got {engine!r}"
+        )
 
 
 __all__ = ["RayEngine", "assign", "check_options", "data_digest", "holdings", "import_ray", "shares"]

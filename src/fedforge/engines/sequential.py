@@ -33,7 +33,12 @@ class SequentialEngine:
         module = self._module(model)
         for task in tasks:
             yield train_client(
-                module, global_state, task.data, config, client_id=task.client_id,
-                generator=torch.Generator().manual_seed(task.seed), plan=task.plan,
+                module,
+                global_state,
+                task.data,
+                config,
+                client_id=task.client_id,
+                generator=torch.Generator().manual_seed(task.seed),
+                plan=task.plan,
                 optimizer_state=task.optimizer_state,
             )

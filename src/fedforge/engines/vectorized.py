@@ -154,7 +154,7 @@ class VectorizedEngine:
             return
         size = self.chunk_size(model, tasks, config)
         for first in range(0, len(tasks), size):
-            chunk = tasks[first:first + size]
+            chunk = tasks[first : first + size]
             try:
                 # Trains the whole chunk now; its updates (or their sum) are then handed out.
                 trained = kernel(model, global_state, chunk, config)
@@ -173,8 +173,9 @@ class VectorizedEngine:
                 yield from _updates(model, chunk, trained, global_state, config)
 
     def _fall_back(self, reason: Exception) -> None:
-        log.warning("the vectorized engine cannot batch this model or task (%s); "
-                    "training its clients sequentially", reason)
+        log.warning(
+            "the vectorized engine cannot batch this model or task (%s); training its clients sequentially", reason
+        )
         self._fallback = SequentialEngine()
 
     def chunk_size(self, model: nn.Module, tasks: Sequence[ClientTask], config: ClientConfig) -> int:
@@ -183,8 +184,9 @@ class VectorizedEngine:
         rule = config.rule
         copies = 2 + (len(rule.slots) if rule is not None else 0)  # params, transient gradients, optimizer state
         example = tasks[0].data.rows(0, 1).x
-        activations = self._activation_bytes(model, example) + sum(t.numel() * t.element_size()
-                                                                   for t in leaves(example))
+        activations = self._activation_bytes(model, example) + sum(
+            t.numel() * t.element_size() for t in leaves(example)
+        )
         steps = max(config.local_epochs * math.ceil(len(t.data) / config.batch_size) for t in tasks)
         schedule = steps * (12 * config.batch_size + 8)  # rows, weights, sizes
         per_client = copies * param_bytes + 3 * config.batch_size * activations + schedule
@@ -224,8 +226,9 @@ def kernel_for(model: nn.Module, data: TensorData, config: ClientConfig) -> Call
         raise _Unsupported(f"task {task.name} trains with a loop of its own")
     if rule is None:
         options = f" with {dict(task.optimizer_options)}" if task.optimizer_options else ""
-        raise _Unsupported(f"{task.optimizer.__name__}{options} is not one of fedforge's optimizer rules (sgd, adam, "
-                           f"adamw)")
+        raise _Unsupported(
+            f"{task.optimizer.__name__}{options} is not one of fedforge's optimizer rules (sgd, adam, adamw)"
+        )
     layout = fastmlp.mlp_layout(model)
     if task.is_tutorial_classification and layout is not None and layout.inputs(data.rows(0, 1).x) is not None:
         return _mlp_chunk
@@ -248,8 +251,9 @@ def _stack(state: State, count: int) -> State:
     return {k: v.unsqueeze(0).repeat(count, *([1] * v.dim())) for k, v in state.items()}
 
 
-def _stacked_terms(tasks: Sequence[ClientTask], schedule: Schedule, global_state: State,
-                   config: ClientConfig) -> LocalTerms:
+def _stacked_terms(
+    tasks: Sequence[ClientTask], schedule: Schedule, global_state: State, config: ClientConfig
+) -> LocalTerms:
     """The chunk's LocalTerms: one decay, and each client's offset/correction stacked in schedule order."""
     terms = [task.plan.local_terms(global_state, global_state) for task in tasks]
     decay = terms[0].decay
@@ -277,8 +281,10 @@ def _pick(lo: int, hi: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _terms_view(terms: LocalTerms, pick) -> LocalTerms:
-    return LocalTerms(terms.decay, *({k: pick(v) for k, v in term.items()} if term else None
-                                     for term in (terms.offset, terms.correction)))
+    return LocalTerms(
+        terms.decay,
+        *({k: pick(v) for k, v in term.items()} if term else None for term in (terms.offset, terms.correction)),
+    )
 
 
 # A step: (t, active, params, optimizer state, terms) -> [(first, last + 1, {metric: per-client sums})].
@@ -294,8 +300,15 @@ class _Trained:
     sums: dict[str, torch.Tensor]
 
 
-def _run_steps(tasks: Sequence[ClientTask], global_state: State, config: ClientConfig, schedule: Schedule,
-               step: Step, *, shared_start: bool = False) -> _Trained:
+def _run_steps(
+    tasks: Sequence[ClientTask],
+    global_state: State,
+    config: ClientConfig,
+    schedule: Schedule,
+    step: Step,
+    *,
+    shared_start: bool = False,
+) -> _Trained:
     """Drive `step` over a chunk's schedule, on views of the clients still training.
 
     With `shared_start` (the step accepts shared params, see `fastmlp.sgd_step`) the first step
@@ -307,8 +320,9 @@ def _run_steps(tasks: Sequence[ClientTask], global_state: State, config: ClientC
     device = next(iter(global_state.values())).device
     carried = [tasks[i].optimizer_state for i in schedule.stack_order]
     terms = _stacked_terms(tasks, schedule, global_state, config)
-    shared = (shared_start and C > 1 and bool(schedule.active) and schedule.active[0] == C
-              and all(s is None for s in carried))
+    shared = (
+        shared_start and C > 1 and bool(schedule.active) and schedule.active[0] == C and all(s is None for s in carried)
+    )
     if shared:  # the first step replaces these entries with the stacked clients'
         params = dict(global_state)
         state = OptimizerState(torch.zeros(C, dtype=torch.float64, device=device), {s: {} for s in rule.slots})
@@ -345,8 +359,9 @@ class _Chunk:
     units: list
 
 
-def _combined(tasks: Sequence[ClientTask], chunk: _Chunk, global_state: State,
-              config: ClientConfig) -> CombinedUpdate | None:
+def _combined(
+    tasks: Sequence[ClientTask], chunk: _Chunk, global_state: State, config: ClientConfig
+) -> CombinedUpdate | None:
     """The chunk's updates as the one CombinedUpdate `combine_updates` would make of them, in one
     pass over the stacked parameters (a weighted sum of the rows, less the global state) instead of
     one per client for the deltas, one for the finite check and one per client for the sum.
@@ -360,8 +375,10 @@ def _combined(tasks: Sequence[ClientTask], chunk: _Chunk, global_state: State,
     sums = {name: v.tolist() for name, v in chunk.trained.sums.items()}
     examples = [len(tasks[i].data) for i in schedule.stack_order]
     total = sum(examples)
-    metrics = example_weighted((config.task.summarize({k: v[pos] for k, v in sums.items()}, chunk.units[pos]), n)
-                               for pos, n in enumerate(examples))
+    metrics = example_weighted(
+        (config.task.summarize({k: v[pos] for k, v in sums.items()}, chunk.units[pos]), n)
+        for pos, n in enumerate(examples)
+    )
     if not (total and math.isfinite(metrics.get("loss", math.nan))):
         return None
     device = next(iter(params.values())).device
@@ -372,12 +389,21 @@ def _combined(tasks: Sequence[ClientTask], chunk: _Chunk, global_state: State,
         if not torch.isfinite(row.sum()):
             return None
         mean[k] = row
-    return CombinedUpdate(-1, mean, total, sum(schedule.steps), metrics["loss"], metrics.get("accuracy"),
-                          metrics=metrics, client_ids=tuple(t.client_id for t in tasks))
+    return CombinedUpdate(
+        -1,
+        mean,
+        total,
+        sum(schedule.steps),
+        metrics["loss"],
+        metrics.get("accuracy"),
+        metrics=metrics,
+        client_ids=tuple(t.client_id for t in tasks),
+    )
 
 
-def _updates(model: nn.Module, tasks: Sequence[ClientTask], chunk: _Chunk, global_state: State,
-             config: ClientConfig) -> Iterator[ClientUpdate]:
+def _updates(
+    model: nn.Module, tasks: Sequence[ClientTask], chunk: _Chunk, global_state: State, config: ClientConfig
+) -> Iterator[ClientUpdate]:
     """One ClientUpdate per task, in the tasks' order (the order the sequential engine yields).
 
     The stacked parameters become the stacked deltas in place; each update's delta is a view
@@ -397,13 +423,20 @@ def _updates(model: nn.Module, tasks: Sequence[ClientTask], chunk: _Chunk, globa
     task = config.task
     for i, client in enumerate(tasks):
         pos = position[i]
-        initial_loss = (evaluate(model, global_state, client.data, task=task).loss
-                        if client.plan.measure_initial_loss else None)
-        yield finish_update(client.client_id, {k: v[pos] for k, v in params.items()}, num_examples=len(client.data),
-                            num_steps=schedule.steps[i],
-                            metrics=task.summarize({k: v[pos] for k, v in sums.items()}, units[pos]),
-                            config=config, finite=finite_list[pos], initial_loss=initial_loss,
-                            optimizer_state=trained.state.client(pos) if task.keep_optimizer_state else None)
+        initial_loss = (
+            evaluate(model, global_state, client.data, task=task).loss if client.plan.measure_initial_loss else None
+        )
+        yield finish_update(
+            client.client_id,
+            {k: v[pos] for k, v in params.items()},
+            num_examples=len(client.data),
+            num_steps=schedule.steps[i],
+            metrics=task.summarize({k: v[pos] for k, v in sums.items()}, units[pos]),
+            config=config,
+            finite=finite_list[pos],
+            initial_loss=initial_loss,
+            optimizer_state=trained.state.client(pos) if task.keep_optimizer_state else None,
+        )
 
 
 def _mlp_chunk(model, global_state, tasks, config) -> _Chunk:
@@ -416,8 +449,16 @@ def _mlp_chunk(model, global_state, tasks, config) -> _Chunk:
     def step(t, active, views, state, terms):
         r, w = (rows[0, t], weight[0, t]) if active == 1 else (rows[:active, t], weight[:active, t])
         state.step.add_(1)
-        loss, correct = fastmlp.sgd_step(layout, views, state.slots.get("momentum_buffer"), gather(inputs, r),
-                                         gather(source.y, r), w, rule=config.rule, terms=terms)
+        loss, correct = fastmlp.sgd_step(
+            layout,
+            views,
+            state.slots.get("momentum_buffer"),
+            gather(inputs, r),
+            gather(source.y, r),
+            w,
+            rule=config.rule,
+            terms=terms,
+        )
         return [(0, active, {"loss": loss, "accuracy": correct})]
 
     trained = _run_steps(tasks, global_state, config, schedule, step, shared_start=True)
@@ -450,7 +491,7 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
     def step(t, active, views, state, terms):
         done = []
         for lo, hi in _runs(schedule.sizes[:active, t]):
-            r = rows[lo:hi, t, :schedule.sizes[lo, t]]
+            r = rows[lo:hi, t, : schedule.sizes[lo, t]]
             x, y = gather(source.x, r), gather(source.y, r)
             if hi - lo == 1:  # one client: unbatched
                 x, y = tree_map(lambda v: v[0], x), tree_map(lambda v: v[0], y)
@@ -458,8 +499,11 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
                 run_params, run_state, run_terms = views, state, terms
             else:
                 pick = _pick(lo, hi)
-                run_params, run_state, run_terms = ({k: pick(v) for k, v in views.items()}, state.view(pick),
-                                                    _terms_view(terms, pick))
+                run_params, run_state, run_terms = (
+                    {k: pick(v) for k, v in views.items()},
+                    state.view(pick),
+                    _terms_view(terms, pick),
+                )
             grads, sums = (one if hi - lo == 1 else many)(run_params, x, y)
             rule.step(run_params, grads, run_state, run_terms)
             if hi - lo == 1:

@@ -65,8 +65,10 @@ class PartitionOf:
 
     def load(self, config: Config) -> TensorData:
         if (config.dataset, config.num_clients) != (self.dataset, self.count):
-            raise ConfigError(f"this client holds part {self.index} of {self.dataset}/{self.count}, but the server "
-                              f"runs {config.dataset} over {config.num_clients} clients")
+            raise ConfigError(
+                f"this client holds part {self.index} of {self.dataset}/{self.count}, but the server "
+                f"runs {config.dataset} over {config.num_clients} clients"
+            )
         data = _federated(config)
         return data.train.subset(data.partition[self.index])
 
@@ -99,8 +101,10 @@ class LocalData:
                     raise ConfigError(f"{folder / 'train.npz'} must hold arrays named x and y")
                 x, y = arrays["x"], arrays["y"]
         else:
-            found = [[p for p in (folder / name, folder / f"{name}.gz") if p.exists()]
-                     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")]
+            found = [
+                [p for p in (folder / name, folder / f"{name}.gz") if p.exists()]
+                for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+            ]
             if not all(found):
                 raise ConfigError(f"{folder} holds neither train.npz nor train-images/train-labels IDX files")
             x, y = read_idx(found[0][0]), read_idx(found[1][0])
@@ -187,8 +191,10 @@ class _Trainer:
         theirs = {k: tuple(v.shape) for k, v in global_state.items()}
         if mine != theirs:
             different = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
-            raise ConfigError(f"this client's model does not match the server's ({len(mine)} vs {len(theirs)} "
-                              f"tensors; e.g. {different})")
+            raise ConfigError(
+                f"this client's model does not match the server's ({len(mine)} vs {len(theirs)} "
+                f"tensors; e.g. {different})"
+            )
 
     def check(self, task: Message) -> tuple[int, int, ClientPlan]:
         """The task's id, seed and plan, once every header field and tensor of `task` is checked
@@ -206,26 +212,33 @@ class _Trainer:
         unknown = sorted(set(task.tensors) - names)
         if unknown:
             raise Unacceptable(f"tensors {_text(unknown[:3])} are not of this client's model")
-        global_state = {k[len("global/"):]: v for k, v in task.tensors.items() if k.startswith("global/")}
+        global_state = {k[len("global/") :]: v for k, v in task.tensors.items() if k.startswith("global/")}
         self._check_model(global_state)
-        correction = {k[len("correction/"):]: v for k, v in task.tensors.items() if k.startswith("correction/")}
+        correction = {k[len("correction/") :]: v for k, v in task.tensors.items() if k.startswith("correction/")}
         for kind, tensors in (("global", global_state), ("correction", correction)):
             for k, v in tensors.items():
                 if v.dtype != state[k].dtype or v.shape != state[k].shape:
-                    raise Unacceptable(f"{kind}/{k} is {tuple(v.shape)} {v.dtype}, the model's "
-                                       f"{tuple(state[k].shape)} {state[k].dtype}")
+                    raise Unacceptable(
+                        f"{kind}/{k} is {tuple(v.shape)} {v.dtype}, the model's "
+                        f"{tuple(state[k].shape)} {state[k].dtype}"
+                    )
             if not all_finite(tensors.values()):
                 raise Unacceptable(f"its {kind} tensors hold NaN or infinite values")
-        plan = ClientPlan(epochs=epochs, max_steps=max_steps,
-                          proximal_mu=_number(h, "proximal_mu", 0, 1e6, default=0.0),
-                          correction=correction or None, measure_initial_loss=initial_loss,
-                          clip=_number(h, "clip", 1e-30, 1e30, optional=True),
-                          noise_multiplier=_number(h, "noise_multiplier", 0, 1e6, default=0.0))
+        plan = ClientPlan(
+            epochs=epochs,
+            max_steps=max_steps,
+            proximal_mu=_number(h, "proximal_mu", 0, 1e6, default=0.0),
+            correction=correction or None,
+            measure_initial_loss=initial_loss,
+            clip=_number(h, "clip", 1e-30, 1e30, optional=True),
+            noise_multiplier=_number(h, "noise_multiplier", 0, 1e6, default=0.0),
+        )
         limits.check_privacy(task_id, plan.clip, plan.noise_multiplier, "secagg" in h)
         steps = plan.num_steps(len(self.data), self.client)
         if steps > limits.max_steps:
-            raise Unacceptable(f"task {task_id} asks for {steps} steps, above this client's --max-steps "
-                               f"{limits.max_steps}")
+            raise Unacceptable(
+                f"task {task_id} asks for {steps} steps, above this client's --max-steps {limits.max_steps}"
+            )
         return task_id, seed, plan
 
     def train(self, client_id: int, task: Message, *, privatize: bool = True) -> ClientUpdate:
@@ -233,11 +246,19 @@ class _Trainer:
         privacy asks (secure aggregation clips the update itself, as it quantizes it). Raises
         Unacceptable for a task this client refuses, OutOfTime past its --max-round-seconds."""
         task_id, seed, plan = self.check(task)
-        global_state = {k[len("global/"):]: v for k, v in task.tensors.items() if k.startswith("global/")}
+        global_state = {k[len("global/") :]: v for k, v in task.tensors.items() if k.startswith("global/")}
         start = self._last[1] if self._last is not None and self._last[0] == task_id else self.optimizer_state
-        update = train_client(self.scratch, global_state, self.data, self.client, client_id=client_id,
-                              generator=torch.Generator().manual_seed(seed), plan=plan, optimizer_state=start,
-                              deadline=time.monotonic() + self.limits.max_round_seconds)
+        update = train_client(
+            self.scratch,
+            global_state,
+            self.data,
+            self.client,
+            client_id=client_id,
+            generator=torch.Generator().manual_seed(seed),
+            plan=plan,
+            optimizer_state=start,
+            deadline=time.monotonic() + self.limits.max_round_seconds,
+        )
         self._last, self.optimizer_state = (task_id, start), update.optimizer_state
         if plan.clip is not None and privatize:  # differential privacy: this client's part, before anything leaves it
             mode = "local" if plan.noise_multiplier else "client"
@@ -279,16 +300,18 @@ class _SecureRound:
         """The update as the round's fixed point: its float entries in the global model's order,
         clipped to the round's bound, weighted by its example count (capped at the round's bound;
         1 under differential privacy)."""
-        flat = torch.cat([update.delta[k].detach().reshape(-1).cpu().double() for k in order
-                          if update.delta[k].is_floating_point()])
+        flat = torch.cat(
+            [update.delta[k].detach().reshape(-1).cpu().double() for k in order if update.delta[k].is_floating_point()]
+        )
         norm, clip = float(torch.linalg.vector_norm(flat)), self.setup.clip
         if norm > clip:
             flat = flat * (clip / norm)
             flat.clamp_(-clip, clip)
         weight = min(update.num_examples, self.setup.max_weight)
         if weight < update.num_examples and self.setup.max_weight > 1:
-            log.warning("client %d: %d examples weigh as %d, the round's bound", self.protocol.id,
-                        update.num_examples, weight)
+            log.warning(
+                "client %d: %d examples weigh as %d, the round's bound", self.protocol.id, update.num_examples, weight
+            )
         quantizer = Quantizer(self.setup.clients, clip, self.setup.max_weight)
         self.input, self.weight = quantizer.encode(flat.numpy(), weight, norm <= clip, update.train_loss), weight
 
@@ -300,8 +323,11 @@ class _SecureRound:
             if self.input is None:
                 raise ProtocolError("no update to mask")
             masked, complaints = self.protocol.masked_input(h, self.input)
-            return self.answer(Kind.SA_MASKED, {**complaints, "weight": self.weight},
-                               {"masked": torch.from_numpy(masked.view(np.int32))})
+            return self.answer(
+                Kind.SA_MASKED,
+                {**complaints, "weight": self.weight},
+                {"masked": torch.from_numpy(masked.view(np.int32))},
+            )
         if message.kind == Kind.SA_UNMASK:
             return self.answer(Kind.SA_UNMASKED, self.protocol.unmask(h))
         raise ProtocolError(f"unexpected {message.kind.name}")
@@ -313,9 +339,15 @@ _SECAGG_REQUESTS = (Kind.SA_NEIGHBOUR_KEYS, Kind.SA_INPUT, Kind.SA_UNMASK)
 def update_message(task_id: int, update: ClientUpdate, *, inputs_differ: bool = False) -> Message:
     """The UPDATE answering task `task_id`; `inputs_differ` (one flag, never the statistics): this
     client's inputs differ markedly from the server's test inputs (`compare_inputs`)."""
-    header = {"task": task_id, "num_examples": update.num_examples, "num_steps": update.num_steps,
-              "train_loss": update.train_loss, "train_accuracy": update.train_accuracy,
-              "initial_loss": update.initial_loss, "metrics": dict(update.metrics)}
+    header = {
+        "task": task_id,
+        "num_examples": update.num_examples,
+        "num_steps": update.num_steps,
+        "train_loss": update.train_loss,
+        "train_accuracy": update.train_accuracy,
+        "initial_loss": update.initial_loss,
+        "metrics": dict(update.metrics),
+    }
     if inputs_differ:
         header["inputs_differ"] = True
     return Message(Kind.UPDATE, header, {f"delta/{k}": v for k, v in update.delta.items()})
@@ -334,10 +366,13 @@ def compare_inputs(summary, data: TensorData, client_id: int) -> bool:
     mine = InputSummary.of(data.x)
     reason = "they are not one tensor of floats, the server's are" if mine is None else theirs.differs(mine)
     if reason is not None:
-        log.warning("client %d: this client's training inputs differ markedly from the test inputs the server "
-                    "evaluates on: %s. Are they prepared as the server's (range, shape)? This client's updates tell the "
-                    "server so (one flag).",
-                    client_id, reason)
+        log.warning(
+            "client %d: this client's training inputs differ markedly from the test inputs the server "
+            "evaluates on: %s. Are they prepared as the server's (range, shape)? This client's updates tell the "
+            "server so (one flag).",
+            client_id,
+            reason,
+        )
     return reason is not None
 
 
@@ -361,15 +396,28 @@ def connection_failure(error: grpc.RpcError, server: str, *, tls: bool, connecte
         return f"cannot connect to {server}: its name could not be resolved"
     if "wrong_version_number" in text:  # an answer that is not TLS
         return f"cannot connect to {server}: TLS handshake failed: is the server using TLS? (without it, --insecure)"
-    if any(sign in text for sign in ("certificate_verify_failed", "certificate verify failed", "signature failure",
-                                     "unable to get local issuer", "hostname", "subject alt")):
-        return (f"cannot connect to {server}: TLS handshake failed: the server's certificate is not one --root-cert "
-                f"vouches for (signed by another CA, or for another host name)")
+    if any(
+        sign in text
+        for sign in (
+            "certificate_verify_failed",
+            "certificate verify failed",
+            "signature failure",
+            "unable to get local issuer",
+            "hostname",
+            "subject alt",
+        )
+    ):
+        return (
+            f"cannot connect to {server}: TLS handshake failed: the server's certificate is not one --root-cert "
+            f"vouches for (signed by another CA, or for another host name)"
+        )
     if "handshake" in text or "ssl" in text:
         return f"cannot connect to {server}: TLS handshake failed ({last})"
     if not tls and ("socket closed" in text or "connection reset" in text):
-        return (f"cannot connect to {server}: the server closed the connection at once: is it using TLS? "
-                f"(then --root-cert, not --insecure)")
+        return (
+            f"cannot connect to {server}: the server closed the connection at once: is it using TLS? "
+            f"(then --root-cert, not --insecure)"
+        )
     if "timed out" in text or "timeout" in text or name == "DEADLINE_EXCEEDED":
         return f"cannot connect to {server}: no answer (timed out)"
     return f"cannot connect to {server} ({name}{': ' + last if last else ''})"
@@ -418,11 +466,19 @@ def _received(raw: bytes, max_message_bytes: int) -> Message:
 
 
 def run_client(
-    server: str, client_id: int, secret: str, source: PartitionOf | LocalData | ClientApp, *,
+    server: str,
+    client_id: int,
+    secret: str,
+    source: PartitionOf | LocalData | ClientApp,
+    *,
     root_cert: bytes | None,
-    compression: str | None = None, max_message_bytes: int = 256 << 20, max_backoff: float = 30.0,
-    give_up_after: float | None = DEFAULT_GIVE_UP_AFTER, retry_on_server_failure: bool = False,
-    secagg_floor: Floor = Floor(), limits: ClientLimits = ClientLimits(),
+    compression: str | None = None,
+    max_message_bytes: int = 256 << 20,
+    max_backoff: float = 30.0,
+    give_up_after: float | None = DEFAULT_GIVE_UP_AFTER,
+    retry_on_server_failure: bool = False,
+    secagg_floor: Floor = Floor(),
+    limits: ClientLimits = ClientLimits(),
     references: References = References(),
 ) -> int:
     """Serve the federation until it shuts down; returns the exit status: 0 the run finished,
@@ -482,17 +538,27 @@ def run_client(
                         secure = _SecureRound(client_id, message, secagg_floor)
                         flag = {"inputs_differ": True} if inputs_differ else {}  # as an UPDATE's header
                         outbox.put(secure.answer(Kind.SA_KEYS, {**secure.protocol.keys(), **flag}))
-                        order = [k[len("global/"):] for k in message.tensors if k.startswith("global/")]
+                        order = [k[len("global/") :] for k in message.tensors if k.startswith("global/")]
                         secure.quantize(trainer.train(client_id, message, privatize=False), order)
                     except (ProtocolError, QuantizationError, OutOfTime) as e:
-                        log.warning("client %d: left secure aggregation round %r: %s", client_id,
-                                    message.header.get("task"), e)
+                        log.warning(
+                            "client %d: left secure aggregation round %r: %s", client_id, message.header.get("task"), e
+                        )
                         if secure is None and type(message.header.get("task")) is int:  # it declined the round
-                            outbox.put(encode(Message(Kind.SA_KEYS, {"task": message.header["task"],
-                                                                     "client": client_id, "refused": str(e)})))
+                            outbox.put(
+                                encode(
+                                    Message(
+                                        Kind.SA_KEYS,
+                                        {"task": message.header["task"], "client": client_id, "refused": str(e)},
+                                    )
+                                )
+                            )
                         secure = None
-                elif message.kind in _SECAGG_REQUESTS and secure is not None \
-                        and message.header.get("task") == secure.task_id:
+                elif (
+                    message.kind in _SECAGG_REQUESTS
+                    and secure is not None
+                    and message.header.get("task") == secure.task_id
+                ):
                     try:
                         outbox.put(secure.respond(message))
                     except (ProtocolError, QuantizationError) as e:
@@ -502,25 +568,39 @@ def run_client(
                     try:
                         update = trainer.train(client_id, message)
                     except OutOfTime as e:
-                        log.warning("client %d: left task %d after --max-round-seconds %g (%s); it sends nothing",
-                                    client_id, message.header["task"], limits.max_round_seconds, e)
+                        log.warning(
+                            "client %d: left task %d after --max-round-seconds %g (%s); it sends nothing",
+                            client_id,
+                            message.header["task"],
+                            limits.max_round_seconds,
+                            e,
+                        )
                         continue
-                    outbox.put(encode(update_message(message.header["task"], update, inputs_differ=inputs_differ),
-                                      compression=compression))
+                    outbox.put(
+                        encode(
+                            update_message(message.header["task"], update, inputs_differ=inputs_differ),
+                            compression=compression,
+                        )
+                    )
         except Refused as e:
             log.error("client %d: refused by the server: %s", client_id, e)
             return EXIT_REFUSED
         except (ServerFailed, Unacceptable, DivergenceError, WireError) as e:
             # DivergenceError, WireError: training the server's task diverged, or gave an update that cannot be sent
             what = {ServerFailed: "the server's run failed", Unacceptable: "refused a message from the server"}.get(
-                type(e), "the server's task cannot be trained")
+                type(e), "the server's task cannot be trained"
+            )
             if not retry_on_server_failure:
                 log.error("client %d: %s: %s", client_id, what, e)
                 return EXIT_SERVER_FAILED
             log.warning("client %d: %s (%s); waiting for it to come back", client_id, what, e)
         except grpc.RpcError as e:
-            log.warning("client %d: %s; retrying in %.1f s", client_id,
-                        connection_failure(e, server, tls=root_cert is not None, connected=received), backoff)
+            log.warning(
+                "client %d: %s; retrying in %.1f s",
+                client_id,
+                connection_failure(e, server, tls=root_cert is not None, connected=received),
+                backoff,
+            )
         finally:
             outbox.put(None)
             channel.close()
@@ -533,5 +613,14 @@ def run_client(
         backoff = min(2 * backoff, max_backoff)
 
 
-__all__ = ["DEFAULT_GIVE_UP_AFTER", "ClientLimits", "LocalData", "PartitionOf", "References", "as_app",
-           "connection_failure", "run_client", "update_message"]
+__all__ = [
+    "DEFAULT_GIVE_UP_AFTER",
+    "ClientLimits",
+    "LocalData",
+    "PartitionOf",
+    "References",
+    "as_app",
+    "connection_failure",
+    "run_client",
+    "update_message",
+]

@@ -71,12 +71,15 @@ class DashboardSettings:
         """ConfigError unless these settings are safe: off loopback only with TLS and a token."""
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--dashboard must be a port between 0 and 65535, got {self.port}")
-        if self.token is not None and not (len(self.token) >= 16 and self.token.isascii() and
-                                           self.token.isprintable() and " " not in self.token):
+        if self.token is not None and not (
+            len(self.token) >= 16 and self.token.isascii() and self.token.isprintable() and " " not in self.token
+        ):
             raise ConfigError("the dashboard token must be at least 16 printable ASCII characters without spaces")
         if not _loopback(self.address) and (tls is None or self.token is None):
-            raise ConfigError(f"the dashboard may listen on {self.address}, which is not a loopback address, only "
-                              f"with TLS (--tls-cert and --tls-key) and a token (--dashboard-token-file)")
+            raise ConfigError(
+                f"the dashboard may listen on {self.address}, which is not a loopback address, only "
+                f"with TLS (--tls-cert and --tls-key) and a token (--dashboard-token-file)"
+            )
 
 
 def _loopback(host: str) -> bool:
@@ -95,9 +98,15 @@ def _number(value) -> float | None:
 
 def round_row(record: RoundRecord, metric: str) -> dict:
     """What the page shows of a round: the task's test metric, the test loss, epsilon, counts."""
-    return {"round": record.round, "metric": _number(record.metric(f"test_{metric}")),
-            "loss": _number(record.test_loss), "epsilon": _number(record.metrics.get("epsilon")),
-            "clients": len(record.clients), "dropped": len(record.dropped), "seconds": _number(record.seconds)}
+    return {
+        "round": record.round,
+        "metric": _number(record.metric(f"test_{metric}")),
+        "loss": _number(record.test_loss),
+        "epsilon": _number(record.metrics.get("epsilon")),
+        "clients": len(record.clients),
+        "dropped": len(record.dropped),
+        "seconds": _number(record.seconds),
+    }
 
 
 def _address(peer: str) -> str:
@@ -128,9 +137,15 @@ class DashboardState:
         metric = config.client_config().task.primary
         with self._lock:
             self._metric = metric
-            self._run = {"name": config.name, "dataset": config.dataset, "model": config.model,
-                         "strategy": config.strategy, "rounds": config.rounds, "num_clients": config.num_clients,
-                         "metric": metric}
+            self._run = {
+                "name": config.name,
+                "dataset": config.dataset,
+                "model": config.model,
+                "strategy": config.strategy,
+                "rounds": config.rounds,
+                "num_clients": config.num_clients,
+                "metric": metric,
+            }
 
     def record(self, record: RoundRecord) -> None:
         with self._lock:
@@ -148,8 +163,14 @@ class DashboardState:
         with self._lock:
             last = self._rounds[-1]["round"] if self._rounds else 0
             self._status = "training"
-            self._task = {"id": task_id, "round": last + 1, "expected": sorted(client_ids), "arrived": [],
-                          "refused": [], "done": False}
+            self._task = {
+                "id": task_id,
+                "round": last + 1,
+                "expected": sorted(client_ids),
+                "arrived": [],
+                "refused": [],
+                "done": False,
+            }
 
     def arrived(self, task_id: int, client_id: int) -> None:
         with self._lock:
@@ -168,13 +189,26 @@ class DashboardState:
 
     def snapshot(self) -> dict:
         """The state as JSON-ready values: names, numbers, times (seconds since the epoch)."""
-        clients = [{"id": s.client_id, "address": _address(s.peer), "connected_at": s.connected_at,
-                    "last_seen": s.last_seen} for s in self.clients()]  # outside the lock: the hub has its own
+        clients = [
+            {"id": s.client_id, "address": _address(s.peer), "connected_at": s.connected_at, "last_seen": s.last_seen}
+            for s in self.clients()
+        ]  # outside the lock: the hub has its own
         with self._lock:
-            task = None if self._task is None else {**self._task, "arrived": list(self._task["arrived"]),
-                                                    "refused": list(self._task["refused"])}
-            return {"static": False, "now": time.time(), "status": self._status, "run": dict(self._run),
-                    "clients": clients, "task": task, "rounds": list(self._rounds), "log": list(self._log)}
+            task = (
+                None
+                if self._task is None
+                else {**self._task, "arrived": list(self._task["arrived"]), "refused": list(self._task["refused"])}
+            )
+            return {
+                "static": False,
+                "now": time.time(),
+                "status": self._status,
+                "run": dict(self._run),
+                "clients": clients,
+                "task": task,
+                "rounds": list(self._rounds),
+                "log": list(self._log),
+            }
 
 
 class _LogTap(logging.Handler):
@@ -229,11 +263,11 @@ class Dashboard:
                 self.state.record(record)
         host, token = self.settings.address, self.settings.token
         try:
-            self._server = Server((host, self.settings.port), lambda request: _answer(self.state, token, request),
-                                  context=self._context)
+            self._server = Server(
+                (host, self.settings.port), lambda request: _answer(self.state, token, request), context=self._context
+            )
         except OSError as e:
-            raise ConfigError(f"cannot serve the dashboard on {host}:{self.settings.port}: "
-                              f"{e.strerror or e}") from None
+            raise ConfigError(f"cannot serve the dashboard on {host}:{self.settings.port}: {e.strerror or e}") from None
         for name in TAPPED:
             logging.getLogger(name).addHandler(self._tap)
         self._server.start()
@@ -279,16 +313,25 @@ def _answer(state: DashboardState, token: str | None, request: Request) -> Respo
 def _authorized(token: str | None, authorization: str, query: str) -> bool:
     if token is None:
         return True
-    given = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else None
+    given = authorization[len("Bearer ") :] if authorization.startswith("Bearer ") else None
     if given is None:
         given = (parse_qs(query).get("token") or [""])[0]
     return hmac.compare_digest(given.encode(), token.encode())
 
 
 def _response(status: int, body: bytes, content_type: str, headers: dict | None = None) -> Response:
-    return Response(status, body, {"Content-Type": content_type, "Cache-Control": "no-store",
-                                   "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                                   "X-Frame-Options": "DENY", **(headers or {})})
+    return Response(
+        status,
+        body,
+        {
+            "Content-Type": content_type,
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "X-Frame-Options": "DENY",
+            **(headers or {}),
+        },
+    )
 
 
 # -- the page ------------------------------------------------------------------------------------
@@ -508,10 +551,12 @@ _BODY = """<header><h1>fedforge <span id="name"></span></h1><span class="sub" id
 
 
 def _page(data: str) -> str:
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>fedforge dashboard</title><style>{_STYLE}</style></head>\n<body>\n{_BODY}\n"
-            f'<script type="application/json" id="data">{data}</script>\n<script>{_SCRIPT}</script>\n</body></html>\n')
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>fedforge dashboard</title><style>{_STYLE}</style></head>\n<body>\n{_BODY}\n"
+        f'<script type="application/json" id="data">{data}</script>\n<script>{_SCRIPT}</script>\n</body></html>\n'
+    )
 
 
 def _sha256(text: str) -> str:
@@ -520,8 +565,10 @@ def _sha256(text: str) -> str:
 
 PAGE = _page("null")  # the live page: no state inside, it fetches api/state
 # Only this page's own script and style run; it talks to its own origin only.
-CSP = (f"default-src 'none'; script-src {_sha256(_SCRIPT)}; style-src {_sha256(_STYLE)}; connect-src 'self'; "
-       f"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    f"default-src 'none'; script-src {_sha256(_SCRIPT)}; style-src {_sha256(_STYLE)}; connect-src 'self'; "
+    f"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def embed(state: dict) -> str:

@@ -80,8 +80,12 @@ def parse_head(head: bytes) -> Request:
     if len(head) > MAX_HEAD or len(lines) - 1 > MAX_HEADERS:
         raise _Refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
     parts = lines[0].split(b" ")
-    if (len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1])
-            or not _VERSION.fullmatch(parts[2])):
+    if (
+        len(parts) != 3
+        or not _TOKEN.fullmatch(parts[0])
+        or not _TARGET.fullmatch(parts[1])
+        or not _VERSION.fullmatch(parts[2])
+    ):
         raise _Refused(HTTPStatus.BAD_REQUEST)
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -120,8 +124,9 @@ class Server:
     """Listens on `address` (host, port; port 0: any free one), answers each request with
     `handle`, over TLS when `context` is given; `start` runs it on a daemon thread, `stop` ends it."""
 
-    def __init__(self, address: tuple[str, int], handle: Callable[[Request], Response], *,
-                 context: ssl.SSLContext | None = None):
+    def __init__(
+        self, address: tuple[str, int], handle: Callable[[Request], Response], *, context: ssl.SSLContext | None = None
+    ):
         self._handle, self._context = handle, context
         listener = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
         try:  # no SO_REUSEADDR: a port in use is an error, never shared
@@ -227,8 +232,7 @@ class Server:
         for connection in list(self._connections.values()):
             if connection.accepted + DEADLINE > now:
                 break  # the rest are younger
-            self._close(connection, f"no complete request and answer within {DEADLINE:g} s",
-                        HTTPStatus.REQUEST_TIMEOUT)
+            self._close(connection, f"no complete request and answer within {DEADLINE:g} s", HTTPStatus.REQUEST_TIMEOUT)
 
     def _close_all(self) -> None:
         for connection in list(self._connections.values()):
@@ -292,7 +296,7 @@ class Server:
                 return self._answer(connection, _status(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE))
             return
         try:
-            request = parse_head(connection.inbox[:end.start()])
+            request = parse_head(connection.inbox[: end.start()])
         except _Refused as e:
             return self._answer(connection, _status(e.status))
         self._answer(connection, self._handle(request), head_only=request.method == "HEAD")
@@ -346,16 +350,34 @@ class Server:
 
 def _encode(response: Response, *, head_only: bool = False) -> bytes:
     status = HTTPStatus(response.status)
-    headers = {"Server": "fedforge", "Date": formatdate(usegmt=True), "Connection": "close",
-               **response.headers, "Content-Length": str(len(response.body))}
+    headers = {
+        "Server": "fedforge",
+        "Date": formatdate(usegmt=True),
+        "Connection": "close",
+        **response.headers,
+        "Content-Length": str(len(response.body)),
+    }
     head = f"HTTP/1.0 {status.value} {status.phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     return (head + "\r\n").encode("latin-1") + (b"" if head_only else response.body)
 
 
 def _status(status: HTTPStatus) -> Response:
-    return Response(status.value, f"{status.value} {status.phrase}\n".encode(),
-                    {"Content-Type": "text/plain", "X-Content-Type-Options": "nosniff"})
+    return Response(
+        status.value,
+        f"{status.value} {status.phrase}\n".encode(),
+        {"Content-Type": "text/plain", "X-Content-Type-Options": "nosniff"},
+    )
 
 
-__all__ = ["DEADLINE", "MAX_CONNECTIONS", "MAX_HEAD", "MAX_HEADERS", "MAX_PER_ADDRESS", "MAX_REQUEST_LINE",
-           "Request", "Response", "Server", "parse_head"]
+__all__ = [
+    "DEADLINE",
+    "MAX_CONNECTIONS",
+    "MAX_HEAD",
+    "MAX_HEADERS",
+    "MAX_PER_ADDRESS",
+    "MAX_REQUEST_LINE",
+    "Request",
+    "Response",
+    "Server",
+    "parse_head",
+]

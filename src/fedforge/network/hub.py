@@ -139,8 +139,15 @@ class Event:
 class Hub:
     """Connected clients: authenticates sessions, carries messages both ways."""
 
-    def __init__(self, tokens: dict[int, str], *, welcome: dict, max_message_bytes: int,
-                 keepalive: float = DEFAULT_KEEPALIVE, guard: AddressGuard | None = None):
+    def __init__(
+        self,
+        tokens: dict[int, str],
+        *,
+        welcome: dict,
+        max_message_bytes: int,
+        keepalive: float = DEFAULT_KEEPALIVE,
+        guard: AddressGuard | None = None,
+    ):
         self.tokens = tokens
         self.welcome = welcome
         self.max_message_bytes = max_message_bytes
@@ -161,9 +168,16 @@ class Hub:
 
     async def _start(self, address: str, tls: tuple[bytes, bytes] | None) -> int:
         self._server = grpc.aio.server(options=server_options(self.max_message_bytes, self.keepalive))
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-            "Session": grpc.stream_stream_rpc_method_handler(self._session),
-        }),))
+        self._server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE,
+                    {
+                        "Session": grpc.stream_stream_rpc_method_handler(self._session),
+                    },
+                ),
+            )
+        )
         if tls is None:
             port = self._server.add_insecure_port(address)
         else:
@@ -257,8 +271,9 @@ class Hub:
             self.events.put(Event(session, EventKind.CONNECTED))
             self.changed.notify_all()
         if old is not None:
-            log.info("client %d: a new session from %s replaces the one from %s", session.client_id, session.peer,
-                     old.peer)
+            log.info(
+                "client %d: a new session from %s replaces the one from %s", session.client_id, session.peer, old.peer
+            )
             old.outbox.put_nowait(encode(reject(f"replaced by a newer session of client {session.client_id}")))
             old.outbox.put_nowait(None)
         else:
@@ -283,8 +298,9 @@ class Hub:
                     session.owed -= asked
                     session.last_seen = time.time()
                 if not asked:
-                    log.warning("client %d sent a message it was not asked for; its session is closed",
-                                session.client_id)
+                    log.warning(
+                        "client %d sent a message it was not asked for; its session is closed", session.client_id
+                    )
                     break
                 self.events.put(Event(session, EventKind.MESSAGE, raw))
         except grpc.RpcError:

@@ -43,13 +43,18 @@ class InputSummary:
     @classmethod
     def of(cls, x) -> InputSummary | None:
         """The summary of inputs `x`; None unless they are one tensor of floats with rows."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 or x.numel() == 0 \
-                or x.dim() - 1 > MAX_DIMS:
+        if (
+            not isinstance(x, torch.Tensor)
+            or not x.is_floating_point()
+            or x.dim() == 0
+            or x.numel() == 0
+            or x.dim() - 1 > MAX_DIMS
+        ):
             return None
         rows = x.detach().reshape(len(x), -1)
         total = squares = 0.0
         for start in range(0, len(rows), _CHUNK):
-            chunk = rows[start:start + _CHUNK].double()
+            chunk = rows[start : start + _CHUNK].double()
             total += float(chunk.sum())
             squares += float(chunk.square().sum())
         mean = total / rows.numel()
@@ -67,8 +72,11 @@ class InputSummary:
         if not isinstance(value, dict) or set(value) != {"shape", "mean", "std"}:
             raise ValueError("not a dict of shape, mean and std")
         shape, mean, std = value["shape"], value["mean"], value["std"]
-        if not isinstance(shape, list) or len(shape) > MAX_DIMS or \
-                not all(type(n) is int and 1 <= n <= MAX_SIZE for n in shape):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(type(n) is int and 1 <= n <= MAX_SIZE for n in shape)
+        ):
             raise ValueError(f"its shape is not a list of at most {MAX_DIMS} sizes between 1 and {MAX_SIZE}")
         for name, number, low in (("mean", mean, -MAX_VALUE), ("std", std, 0.0)):
             if type(number) not in (int, float) or not low <= number <= MAX_VALUE:
@@ -80,11 +88,15 @@ class InputSummary:
         if mine.shape != self.shape:
             return f"one example's shape is {mine.shape}, the server's {self.shape}"
         if abs(mine.mean - self.mean) > MEAN_TOLERANCE * self.std:
-            return (f"their mean is {mine.mean:.3g}, the server's {self.mean:.3g} (more than {MEAN_TOLERANCE:g} of "
-                    f"the server's standard deviation {self.std:.3g} apart)")
+            return (
+                f"their mean is {mine.mean:.3g}, the server's {self.mean:.3g} (more than {MEAN_TOLERANCE:g} of "
+                f"the server's standard deviation {self.std:.3g} apart)"
+            )
         if not self.std / STD_RATIO <= mine.std <= self.std * STD_RATIO:
-            return (f"their standard deviation is {mine.std:.3g}, the server's {self.std:.3g} (more than "
-                    f"{STD_RATIO:g} times apart)")
+            return (
+                f"their standard deviation is {mine.std:.3g}, the server's {self.std:.3g} (more than "
+                f"{STD_RATIO:g} times apart)"
+            )
         return None
 
 

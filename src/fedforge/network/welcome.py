@@ -22,9 +22,27 @@ from .wire import MAX_INT
 # model and task, and its optimizer (and clients_per_round, which Config checks against
 # num_clients). Nothing else of the server's settings leaves the server.
 SETTINGS = (
-    "seed", "dataset", "synthetic_alpha", "synthetic_beta", "target", "num_clients", "clients_per_round", "partition",
-    "alpha", "shards_per_client", "sigma", "client_test_fraction", "model", "task", "optimizer",
-    "keep_optimizer_state", "local_epochs", "batch_size", "lr", "momentum", "weight_decay",
+    "seed",
+    "dataset",
+    "synthetic_alpha",
+    "synthetic_beta",
+    "target",
+    "num_clients",
+    "clients_per_round",
+    "partition",
+    "alpha",
+    "shards_per_client",
+    "sigma",
+    "client_test_fraction",
+    "model",
+    "task",
+    "optimizer",
+    "keep_optimizer_state",
+    "local_epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
 )
 
 
@@ -69,22 +87,29 @@ class ClientLimits:
         if floor is None:
             return
         if secure:
-            raise Unacceptable(f"task {task_id} opens a secure aggregation round, in which this client adds no "
-                               f"noise of its own (--dp-min-noise {floor:g})")
+            raise Unacceptable(
+                f"task {task_id} opens a secure aggregation round, in which this client adds no "
+                f"noise of its own (--dp-min-noise {floor:g})"
+            )
         if clip is None:
-            raise Unacceptable(f"task {task_id} asks for no clip bound, and this client's --dp-min-noise {floor:g} "
-                               f"needs one")
+            raise Unacceptable(
+                f"task {task_id} asks for no clip bound, and this client's --dp-min-noise {floor:g} needs one"
+            )
         if noise_multiplier < floor:
-            raise Unacceptable(f"task {task_id} asks for noise multiplier {noise_multiplier!r}, below this "
-                               f"client's --dp-min-noise {floor:g}")
+            raise Unacceptable(
+                f"task {task_id} asks for noise multiplier {noise_multiplier!r}, below this "
+                f"client's --dp-min-noise {floor:g}"
+            )
 
     def check_config(self, config: Config) -> None:
         if config.local_epochs > self.max_epochs:
-            raise Unacceptable(f"local_epochs {config.local_epochs} is above this client's --max-epochs "
-                               f"{self.max_epochs}")
+            raise Unacceptable(
+                f"local_epochs {config.local_epochs} is above this client's --max-epochs {self.max_epochs}"
+            )
         if config.batch_size > self.max_batch_size:
-            raise Unacceptable(f"batch_size {config.batch_size} is above this client's --max-batch-size "
-                               f"{self.max_batch_size}")
+            raise Unacceptable(
+                f"batch_size {config.batch_size} is above this client's --max-batch-size {self.max_batch_size}"
+            )
 
 
 @dataclass(frozen=True)
@@ -106,10 +131,15 @@ class References:
         mine = self.model if what == "model" else self.task
         if mine is not None:
             return mine
-        if is_reference(server_name) and server_name not in self.allow and \
-                not (self.own_model if what == "model" else self.own_task):
-            raise Unacceptable(f"the server names {what} {server_name!r}, code this client does not import "
-                               f"(to run it, give --allow {server_name}, or --{what} with your own)")
+        if (
+            is_reference(server_name)
+            and server_name not in self.allow
+            and not (self.own_model if what == "model" else self.own_task)
+        ):
+            raise Unacceptable(
+                f"the server names {what} {server_name!r}, code this client does not import "
+                f"(to run it, give --allow {server_name}, or --{what} with your own)"
+            )
         return server_name
 
     def importable(self, name: str) -> bool:
@@ -163,5 +193,13 @@ def check_welcome(header: dict, references: References) -> Welcome:
     return Welcome(**fields)
 
 
-__all__ = ["CHECKS", "SETTINGS", "ClientLimits", "References", "Unacceptable", "Welcome", "check_welcome",
-           "welcome_header"]
+__all__ = [
+    "CHECKS",
+    "SETTINGS",
+    "ClientLimits",
+    "References",
+    "Unacceptable",
+    "Welcome",
+    "check_welcome",
+    "welcome_header",
+]

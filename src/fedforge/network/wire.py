@@ -29,8 +29,15 @@ MAX_INT = (1 << 63) - 1
 MAX_SCALE = 1e30  # int8 scale: the largest value an int8 tensor may carry is 127 * MAX_SCALE
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
     "bool": torch.bool,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
@@ -112,8 +119,10 @@ def _decode_tensor(entry: Any, payload: memoryview, offset: int) -> tuple[str, t
     encoding, nbytes = entry.get("encoding", "raw"), entry.get("nbytes")
     _expect(isinstance(name, str) and 0 < len(name) <= 1000, "tensor name missing or too long")
     _expect(dtype in DTYPES, f"tensor {name!r}: unknown dtype {dtype!r}")
-    _expect(isinstance(shape, list) and len(shape) <= 16
-            and all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in shape), f"tensor {name!r}: bad shape")
+    _expect(
+        isinstance(shape, list) and len(shape) <= 16 and all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in shape),
+        f"tensor {name!r}: bad shape",
+    )
     numel = math.prod(shape)
     _expect(numel <= MAX_ELEMENTS, f"tensor {name!r}: too many elements")
     target = DTYPES[dtype]
@@ -127,8 +136,11 @@ def _decode_tensor(entry: Any, payload: memoryview, offset: int) -> tuple[str, t
     size = numel * sent.itemsize
     _expect(type(nbytes) is int and nbytes == size, f"tensor {name!r}: nbytes does not match its shape")
     _expect(offset + size <= len(payload), f"tensor {name!r}: payload too short")
-    raw = torch.frombuffer(bytearray(payload[offset:offset + size]), dtype=torch.uint8) if size else \
-        torch.empty(0, dtype=torch.uint8)
+    raw = (
+        torch.frombuffer(bytearray(payload[offset : offset + size]), dtype=torch.uint8)
+        if size
+        else torch.empty(0, dtype=torch.uint8)
+    )
     tensor = raw.view(sent).reshape(shape)
     if encoding == "fp16":
         tensor = tensor.to(target)
@@ -184,21 +196,26 @@ def decode(data: bytes, *, max_bytes: int | None = None) -> Message:
 
 def _decode(data: bytes, max_bytes: int | None) -> Message:
     _expect(isinstance(data, (bytes, bytearray, memoryview)), "message is not bytes")
-    _expect(max_bytes is None or len(data) <= max_bytes,
-            f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    _expect(
+        max_bytes is None or len(data) <= max_bytes, f"message of {len(data)} bytes exceeds the limit of {max_bytes}"
+    )
     _expect(len(data) >= len(MAGIC) + 5 and data[: len(MAGIC)] == MAGIC, "not a fedforge message (bad magic)")
-    kind_value, head_len = struct.unpack(">BI", data[len(MAGIC): len(MAGIC) + 5])
+    kind_value, head_len = struct.unpack(">BI", data[len(MAGIC) : len(MAGIC) + 5])
     _expect(kind_value in Kind._value2member_map_, f"unknown message kind {kind_value}")
     start = len(MAGIC) + 5
     _expect(head_len <= MAX_HEADER_BYTES and start + head_len <= len(data), "header length out of range")
     try:
-        header = json.loads(bytes(data[start:start + head_len]).decode("utf-8"),
-                            parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant)
+        header = json.loads(
+            bytes(data[start : start + head_len]).decode("utf-8"),
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_refuse_constant,
+        )
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise WireError(f"header is not JSON ({type(e).__name__})") from None
     # Every number was checked as it was parsed (_parse_int, _parse_float, _refuse_constant).
     _expect(isinstance(header, dict), "header is not a JSON object")
-    payload = memoryview(data)[start + head_len:]
+    payload = memoryview(data)[start + head_len :]
     tensors: dict[str, torch.Tensor] = {}
     entries = header.pop("tensors", [])
     _expect(isinstance(entries, list) and len(entries) <= MAX_TENSORS, "tensors entry is not a list")

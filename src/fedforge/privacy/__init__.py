@@ -9,15 +9,47 @@ with Google's dp-accounting (the optional `dp` extra).
 from __future__ import annotations
 
 from .accountant import Accountant, calibrate, check_delta, check_epsilon, round_event
-from .mechanism import (HONEST_TAIL, PrivacyConfig, adapt_clip, add_noise, clip_delta, gaussian_noise, l2_norm,
-                        local_bound, secure_generator)
+from .mechanism import (
+    HONEST_TAIL,
+    PrivacyConfig,
+    adapt_clip,
+    add_noise,
+    clip_delta,
+    gaussian_noise,
+    l2_norm,
+    local_bound,
+    secure_generator,
+)
 from .sampling import FixedSizeSampling, PoissonSampling, Sampling, poisson_sample
 from .run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
 from .stage import PrivacyState, PrivacyStats, check_strategy, privatize, privatize_update
 
 __all__ = [
-    "HONEST_TAIL", "SAMPLINGS", "Accountant", "DifferentialPrivacy", "FixedSizeSampling", "PoissonSampling",
-    "PrivacyConfig", "PrivacyRun", "PrivacyState", "PrivacyStats", "Sampling", "adapt_clip", "add_noise", "calibrate",
-    "check_delta", "check_epsilon", "check_strategy", "clip_delta", "gaussian_noise", "l2_norm", "local_bound",
-    "poisson_sample", "privatize", "privatize_update", "round_event", "sampling_for", "secure_generator",
+    "HONEST_TAIL",
+    "SAMPLINGS",
+    "Accountant",
+    "DifferentialPrivacy",
+    "FixedSizeSampling",
+    "PoissonSampling",
+    "PrivacyConfig",
+    "PrivacyRun",
+    "PrivacyState",
+    "PrivacyStats",
+    "Sampling",
+    "adapt_clip",
+    "add_noise",
+    "calibrate",
+    "check_delta",
+    "check_epsilon",
+    "check_strategy",
+    "clip_delta",
+    "gaussian_noise",
+    "l2_norm",
+    "local_bound",
+    "poisson_sample",
+    "privatize",
+    "privatize_update",
+    "round_event",
+    "sampling_for",
+    "secure_generator",
 ]

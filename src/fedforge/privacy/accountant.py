@@ -47,8 +47,13 @@ def _dp() -> SimpleNamespace:
         from dp_accounting.rdp import rdp_privacy_accountant
     except ImportError:  # the `dp` extra is optional: fail when an accountant is asked for
         raise ConfigError("differential privacy needs dp-accounting: pip install 'fedforge[dp]'") from None
-    return SimpleNamespace(dp_event=dp_event, pld=pld_privacy_accountant, pld_distribution=privacy_loss_distribution,
-                           NeighboringRelation=NeighboringRelation, rdp=rdp_privacy_accountant)
+    return SimpleNamespace(
+        dp_event=dp_event,
+        pld=pld_privacy_accountant,
+        pld_distribution=privacy_loss_distribution,
+        NeighboringRelation=NeighboringRelation,
+        rdp=rdp_privacy_accountant,
+    )
 
 
 METHODS = ("pld", "rdp")
@@ -88,7 +93,8 @@ def round_event(sampling: Sampling, noise_multiplier: float, *, local: bool = Fa
     if isinstance(sampling, PoissonSampling):
         return dp_event.PoissonSampledDpEvent(sampling.q, dp_event.GaussianDpEvent(noise_multiplier))
     return dp_event.SampledWithoutReplacementDpEvent(
-        sampling.num_clients, sampling.clients_per_round, dp_event.GaussianDpEvent(noise_multiplier / 2))
+        sampling.num_clients, sampling.clients_per_round, dp_event.GaussianDpEvent(noise_multiplier / 2)
+    )
 
 
 def _library_accountant(method: str, sampling: Sampling, local: bool) -> Any:
@@ -107,12 +113,12 @@ def _poisson_round_pld(q: float, noise_multiplier: float) -> Any:
     # for z ~ 1), so a run builds it once and each epsilon only self-composes it: 2-4x faster
     # per round than a fresh PLDAccountant, and equal to it within 1e-10 relative.
     return _dp().pld_distribution.from_gaussian_mechanism(
-        standard_deviation=noise_multiplier, sampling_prob=q, value_discretization_interval=1e-4)
+        standard_deviation=noise_multiplier, sampling_prob=q, value_discretization_interval=1e-4
+    )
 
 
 @lru_cache(maxsize=512)
-def _epsilon(sampling: Sampling, noise_multiplier: float, method: str, local: bool, rounds: int,
-             delta: float) -> float:
+def _epsilon(sampling: Sampling, noise_multiplier: float, method: str, local: bool, rounds: int, delta: float) -> float:
     # Cached: the round loop asks for epsilon(r + 1) in `would_exceed` and then for the same
     # number after the round.
     if method == "pld" and isinstance(sampling, PoissonSampling) and not local:
@@ -155,8 +161,9 @@ class Accountant:
         if self.method not in METHODS:
             raise ConfigError(f"accountant must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.method == "pld" and isinstance(self.sampling, FixedSizeSampling) and not self.local:
-            raise ConfigError("dp-accounting has no PLD for fixed-size sampling: use the rdp accountant "
-                              "or poisson sampling")
+            raise ConfigError(
+                "dp-accounting has no PLD for fixed-size sampling: use the rdp accountant or poisson sampling"
+            )
 
     def epsilon(self, delta: float) -> float:
         """Epsilon spent by the rounds so far, at `delta` (0 before the first round)."""
@@ -185,10 +192,18 @@ class Accountant:
         if isinstance(self.sampling, PoissonSampling):
             sampling = {"kind": "poisson", "q": self.sampling.q, "num_clients": self.sampling.num_clients}
         else:
-            sampling = {"kind": "fixed", "num_clients": self.sampling.num_clients,
-                        "clients_per_round": self.sampling.clients_per_round}
-        return {"sampling": sampling, "noise_multiplier": float(self.noise_multiplier), "method": self.method,
-                "local": self.local, "rounds": self.rounds}
+            sampling = {
+                "kind": "fixed",
+                "num_clients": self.sampling.num_clients,
+                "clients_per_round": self.sampling.clients_per_round,
+            }
+        return {
+            "sampling": sampling,
+            "noise_multiplier": float(self.noise_multiplier),
+            "method": self.method,
+            "local": self.local,
+            "rounds": self.rounds,
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Accountant:
@@ -206,8 +221,16 @@ class Accountant:
             raise ConfigError(f"accountant state is incomplete or malformed ({type(e).__name__}: {e})") from None
 
 
-def calibrate(target_epsilon: float, delta: float, sampling: Sampling, rounds: int, *, method: str | None = None,
-              local: bool = False, rtol: float = 0.01) -> float:
+def calibrate(
+    target_epsilon: float,
+    delta: float,
+    sampling: Sampling,
+    rounds: int,
+    *,
+    method: str | None = None,
+    local: bool = False,
+    rtol: float = 0.01,
+) -> float:
     """The smallest noise multiplier z whose epsilon after `rounds` rounds is <= target_epsilon.
 
     Bisection on log z over the same accountant the run uses (so the run's epsilon after its
@@ -237,8 +260,10 @@ def calibrate(target_epsilon: float, delta: float, sampling: Sampling, rounds: i
     else:
         while epsilon(lo) <= target_epsilon:
             if lo <= MIN_CALIBRATED_NOISE:
-                raise ConfigError(f"target epsilon {target_epsilon} needs a noise multiplier below "
-                                  f"{MIN_CALIBRATED_NOISE}, which protects nothing: choose a smaller target")
+                raise ConfigError(
+                    f"target epsilon {target_epsilon} needs a noise multiplier below "
+                    f"{MIN_CALIBRATED_NOISE}, which protects nothing: choose a smaller target"
+                )
             hi, lo = lo, max(lo / 2, MIN_CALIBRATED_NOISE)
     eps_hi = epsilon(hi)
     while eps_hi < (1 - rtol) * target_epsilon and hi / lo > 1 + 1e-9:

@@ -94,8 +94,10 @@ class PrivacyConfig:
         if self.count_stddev is not None and not (_finite(self.count_stddev) and self.count_stddev > 0):
             raise ConfigError(f"count_stddev must be > 0, got {self.count_stddev}")
         if self.noise_multiplier >= 2 * self.count_std:
-            raise ConfigError(f"noise_multiplier {self.noise_multiplier} needs count_stddev > "
-                              f"{self.noise_multiplier / 2} for adaptive clipping, got {self.count_std}")
+            raise ConfigError(
+                f"noise_multiplier {self.noise_multiplier} needs count_stddev > "
+                f"{self.noise_multiplier / 2} for adaptive clipping, got {self.count_std}"
+            )
 
     @property
     def count_std(self) -> float:
@@ -146,8 +148,11 @@ def local_bound(clip: float, noise_multiplier: float, size: int, tail: float = H
 def gaussian_noise(like: State, std: float, generator: torch.Generator) -> State:
     """Noise N(0, std^2) for each float entry of `like`, drawn on the CPU (so the same seed gives
     the same noise on every device and engine) and moved to the entry's device."""
-    return {k: (torch.randn(v.shape, generator=generator, dtype=v.dtype) * std).to(v.device)
-            for k, v in like.items() if v.is_floating_point()}
+    return {
+        k: (torch.randn(v.shape, generator=generator, dtype=v.dtype) * std).to(v.device)
+        for k, v in like.items()
+        if v.is_floating_point()
+    }
 
 
 def add_noise(tensors: State, std: float, generator: torch.Generator) -> State:
@@ -158,8 +163,9 @@ def add_noise(tensors: State, std: float, generator: torch.Generator) -> State:
     return {k: v + noise[k] if k in noise else v for k, v in tensors.items()}
 
 
-def adapt_clip(clip: float, unclipped: int, count: int, config: PrivacyConfig,
-               generator: torch.Generator) -> tuple[float, float]:
+def adapt_clip(
+    clip: float, unclipped: int, count: int, config: PrivacyConfig, generator: torch.Generator
+) -> tuple[float, float]:
     """Andrew et al. (2021), Algorithm 1: the next clip bound, and the noised estimate of the
     fraction of updates that were not clipped.
 

@@ -64,8 +64,10 @@ class DifferentialPrivacy:
         if self.mode not in MODES:
             raise ConfigError(f"dp must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.noise_multiplier is None and self.target_epsilon is None:
-            raise ConfigError("differential privacy needs a target epsilon (--target-epsilon) or a noise multiplier "
-                              "(--noise-multiplier)")
+            raise ConfigError(
+                "differential privacy needs a target epsilon (--target-epsilon) or a noise multiplier "
+                "(--noise-multiplier)"
+            )
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ConfigError(f"noise_multiplier must be > 0 for a privacy guarantee, got {self.noise_multiplier}")
         if self.target_epsilon is not None:
@@ -95,8 +97,15 @@ def sampling_for(kind: str, num_clients: int, clients_per_round: int) -> Samplin
 class PrivacyRun:
     """The privacy stage of one run, with what it carries between rounds (`state`)."""
 
-    def __init__(self, settings: DifferentialPrivacy, sampling: Sampling, *, rounds: int, seed: int,
-                 saved: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        settings: DifferentialPrivacy,
+        sampling: Sampling,
+        *,
+        rounds: int,
+        seed: int,
+        saved: dict[str, Any] | None = None,
+    ):
         self.settings, self.seed = settings, seed
         if saved is not None:  # a resumed run: the accountant and the clip bound continue exactly
             self.accountant = Accountant.from_state(saved["accountant"])
@@ -105,14 +114,31 @@ class PrivacyRun:
         else:
             z = settings.noise_multiplier
             if z is None:
-                z = calibrate(settings.target_epsilon, settings.delta, sampling, rounds, method=settings.accountant,
-                              local=settings.mode == "local")
-                log.info("noise multiplier %.4f: calibrated for epsilon %.4g at delta %g over %d rounds",
-                         z, settings.target_epsilon, settings.delta, rounds)
+                z = calibrate(
+                    settings.target_epsilon,
+                    settings.delta,
+                    sampling,
+                    rounds,
+                    method=settings.accountant,
+                    local=settings.mode == "local",
+                )
+                log.info(
+                    "noise multiplier %.4f: calibrated for epsilon %.4g at delta %g over %d rounds",
+                    z,
+                    settings.target_epsilon,
+                    settings.delta,
+                    rounds,
+                )
             self.accountant = Accountant(sampling, z, settings.accountant, local=settings.mode == "local")
-        self.mechanism = PrivacyConfig(z, sampling.expected_clients, mode=settings.mode, clip=settings.clip,
-                                       adaptive=settings.adaptive, target_quantile=settings.target_quantile,
-                                       clip_lr=settings.clip_lr)
+        self.mechanism = PrivacyConfig(
+            z,
+            sampling.expected_clients,
+            mode=settings.mode,
+            clip=settings.clip,
+            adaptive=settings.adaptive,
+            target_quantile=settings.target_quantile,
+            clip_lr=settings.clip_lr,
+        )
         if saved is None:
             self.clip = PrivacyState.initial(self.mechanism)
         self.last: PrivacyStats | None = None  # the last round's stats, for its record
@@ -140,21 +166,28 @@ class PrivacyRun:
         """What a client must know to do its part (`ClientPlan.clip`, `noise_multiplier`)."""
         if self.settings.mode == "central":
             return {}
-        return {"clip": self.clip.clip, "noise_multiplier": self.noise_multiplier if self.settings.mode == "local"
-                else 0.0}
+        return {
+            "clip": self.clip.clip,
+            "noise_multiplier": self.noise_multiplier if self.settings.mode == "local" else 0.0,
+        }
 
     def on_clients(self, updates: Iterable[ClientUpdate], round_: int) -> Iterator[ClientUpdate]:
         """What each client does before sending in client and local modes (clip; and noise, each
         from the client's own stream), for engines whose clients do not do it themselves."""
         for update in updates:
-            yield privatize_update(update, self.mechanism, self.clip.clip,
-                                   self._generator(_seeding.DP_LOCAL_NOISE, round_, update.client_id))
+            yield privatize_update(
+                update,
+                self.mechanism,
+                self.clip.clip,
+                self._generator(_seeding.DP_LOCAL_NOISE, round_, update.client_id),
+            )
 
     def aggregate(self, strategy, state, updates: Iterable[ClientUpdate], round_: int):
         """The next server state: the strategy's server optimizer applied to the noised mean of
         the round's updates; the accountant spends the round."""
-        mean, self.clip, stats = privatize(updates, state.params, self.clip, self.mechanism,
-                                           self._generator(_seeding.DP_NOISE, round_))
+        mean, self.clip, stats = privatize(
+            updates, state.params, self.clip, self.mechanism, self._generator(_seeding.DP_NOISE, round_)
+        )
         self.accountant = self.accountant.spend()
         self.last = stats
         return replace(strategy.apply_mean(state, mean), privacy=self.state())
@@ -164,8 +197,11 @@ class PrivacyRun:
         client and local modes, how many updates the server clipped for arriving above what an
         honest client's stays within (`over_bound`)."""
         stats = self.last
-        values = {"epsilon": self.epsilon(), "clip": stats.clip if stats else self.clip.clip,
-                  "noise_multiplier": self.noise_multiplier}
+        values = {
+            "epsilon": self.epsilon(),
+            "clip": stats.clip if stats else self.clip.clip,
+            "noise_multiplier": self.noise_multiplier,
+        }
         if stats is not None and self.settings.mode != "central":
             values["over_bound"] = float(stats.over_bound)
         if stats is not None and stats.unclipped_estimate is not None:

@@ -86,8 +86,9 @@ class PrivacyStats:
     over_bound: int = 0
 
 
-def privatize_update(update: ClientUpdate, config: PrivacyConfig, clip: float,
-                     generator: torch.Generator | None = None) -> ClientUpdate:
+def privatize_update(
+    update: ClientUpdate, config: PrivacyConfig, clip: float, generator: torch.Generator | None = None
+) -> ClientUpdate:
     """What a client sends under `config.mode`: central: its update as it is; client: clipped
     to `clip`; local: clipped and noised (std z * C, from `generator`, the client's own stream).
 
@@ -105,8 +106,9 @@ def privatize_update(update: ClientUpdate, config: PrivacyConfig, clip: float,
     return replace(update, delta=delta)
 
 
-def privatize(updates: Iterable[ClientUpdate], like: State, state: PrivacyState, config: PrivacyConfig,
-              generator: torch.Generator) -> tuple[State, PrivacyState, PrivacyStats]:
+def privatize(
+    updates: Iterable[ClientUpdate], like: State, state: PrivacyState, config: PrivacyConfig, generator: torch.Generator
+) -> tuple[State, PrivacyState, PrivacyStats]:
     """The round's noised mean delta (DP-FedAvg, McMahan et al. 2018), consuming `updates` once.
 
     mean = (sum_i clip(delta_i, C) + N(0, (z_update C)^2)) / m, with m the expected cohort size,
@@ -157,8 +159,14 @@ def privatize(updates: Iterable[ClientUpdate], like: State, state: PrivacyState,
             unclipped += norm <= clip
         if config.mode != "central" and norm > bound:
             over_bound += 1
-            log.warning("client %d sent an update of norm %.4g, above the %.4g an honest client's stays within under "
-                        "--dp %s: clipped to it", update.client_id, norm, bound, config.mode)
+            log.warning(
+                "client %d sent an update of norm %.4g, above the %.4g an honest client's stays within under "
+                "--dp %s: clipped to it",
+                update.client_id,
+                norm,
+                bound,
+                config.mode,
+            )
         for k, acc in total.items():
             acc.add_(delta[k].to(acc.dtype))
         count += 1
@@ -168,5 +176,4 @@ def privatize(updates: Iterable[ClientUpdate], like: State, state: PrivacyState,
     next_clip, estimate = clip, None
     if config.adaptive:
         next_clip, estimate = adapt_clip(clip, unclipped, count, config, generator)
-    return mean, PrivacyState(next_clip), PrivacyStats(clip, noise_std, count, estimate, next_clip,
-                                                                over_bound)
+    return mean, PrivacyState(next_clip), PrivacyStats(clip, noise_std, count, estimate, next_clip, over_bound)

@@ -14,6 +14,7 @@ from ..strategies import check_linear
 from .protocol import ProtocolError, SecAggFailed, degree_for, threshold_for
 from .quantize import QuantizationError, Quantizer
 
+
 @dataclass(frozen=True)
 class SecureAggregation:
     """Secure aggregation as a user asks for it.
@@ -55,11 +56,15 @@ class SecureAggregation:
         could wrap, a threshold the round's neighbourhoods cannot meet."""
         check_linear(config.strategy_object(), "secure aggregation")
         if config.dp == "central":
-            raise ConfigError("secure aggregation with dp central: the server would have to clip updates it cannot "
-                              "see; use --dp client (the clients clip, the server noises the sum)")
+            raise ConfigError(
+                "secure aggregation with dp central: the server would have to clip updates it cannot "
+                "see; use --dp client (the clients clip, the server noises the sum)"
+            )
         if config.dp == "local":
-            raise ConfigError("secure aggregation with dp local: use --dp client (the clients clip, the server noises "
-                              "the sum: the same guarantee for far less noise)")
+            raise ConfigError(
+                "secure aggregation with dp local: use --dp client (the clients clip, the server noises "
+                "the sum: the same guarantee for far less noise)"
+            )
         if clients_per_round < 2:
             raise ConfigError("secure aggregation needs at least 2 clients per round")
         try:

@@ -54,11 +54,18 @@ def private_from_bytes(data: bytes) -> X25519PrivateKey:
 # The X25519 public keys of small order, bit 255 ignored as X25519 ignores it (libsodium's list):
 # 0, 1, the two points of order 8, p - 1, p and p + 1 (p = 2^255 - 19). Any private key agrees
 # with one of these on the all-zero secret.
-_SMALL_ORDER = frozenset(bytes.fromhex(h) for h in (
-    "00" * 32, "01" + "00" * 31,
-    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
-    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
-    "ec" + "ff" * 30 + "7f", "ed" + "ff" * 30 + "7f", "ee" + "ff" * 30 + "7f"))
+_SMALL_ORDER = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "00" * 32,
+        "01" + "00" * 31,
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ec" + "ff" * 30 + "7f",
+        "ed" + "ff" * 30 + "7f",
+        "ee" + "ff" * 30 + "7f",
+    )
+)
 
 
 def small_order(public: bytes) -> bool:

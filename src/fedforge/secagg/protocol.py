@@ -51,8 +51,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .crypto import (KEY_BYTES, NONCE_BYTES, TAG_BYTES, CryptoError, agree, commitment, expand, new_key,
-                     open_sealed, private_bytes, private_from_bytes, public_bytes, seal, small_order)
+from .crypto import (
+    KEY_BYTES,
+    NONCE_BYTES,
+    TAG_BYTES,
+    CryptoError,
+    agree,
+    commitment,
+    expand,
+    new_key,
+    open_sealed,
+    private_bytes,
+    private_from_bytes,
+    public_bytes,
+    seal,
+    small_order,
+)
 from .shamir import FIELD_BYTES, SECRET_BYTES, ShareError, combine, split
 
 log = logging.getLogger("fedforge.secagg")
@@ -114,8 +128,9 @@ def neighbour_graph(ids: Sequence[int], degree: int, rng: random.Random) -> dict
     order = ids[:]
     rng.shuffle(order)
     n = len(order)
-    return {order[p]: tuple(sorted(order[(p + d) % n] for d in range(-degree // 2, degree // 2 + 1) if d))
-            for p in range(n)}
+    return {
+        order[p]: tuple(sorted(order[(p + d) % n] for d in range(-degree // 2, degree // 2 + 1) if d)) for p in range(n)
+    }
 
 
 def _x(client_id: int) -> int:
@@ -148,8 +163,9 @@ def _share_key(own, peer_public: bytes, round_id: int) -> bytes:
 
 
 def _share_commitment(round_id: int, dealer: int, holder: int, which: bytes, share: bytes) -> bytes:
-    return commitment(b"share", _round_bytes(round_id), dealer.to_bytes(8, "big"), holder.to_bytes(8, "big"), which,
-                      share)
+    return commitment(
+        b"share", _round_bytes(round_id), dealer.to_bytes(8, "big"), holder.to_bytes(8, "big"), which, share
+    )
 
 
 def _seed_commitment(round_id: int, dealer: int, seed: bytes) -> bytes:
@@ -175,8 +191,13 @@ def _bytes(value, length: int, what: str) -> bytes:
 
 def _ids(value, allowed: Iterable[int], what: str) -> list[int]:
     allowed = set(allowed)
-    if not isinstance(value, list) or len(value) > len(allowed) or not all(type(i) is int for i in value) \
-            or len(set(value)) != len(value) or not set(value) <= allowed:
+    if (
+        not isinstance(value, list)
+        or len(value) > len(allowed)
+        or not all(type(i) is int for i in value)
+        or len(set(value)) != len(value)
+        or not set(value) <= allowed
+    ):
         raise ProtocolError(f"{what} must list distinct clients among {len(allowed)} allowed")
     return value
 
@@ -206,8 +227,14 @@ class Setup:
     max_weight: int
 
     def to_header(self) -> dict:
-        return {"round": self.round_id, "neighbours": list(self.neighbours), "threshold": self.threshold,
-                "clients": self.clients, "clip": self.clip, "max_weight": self.max_weight}
+        return {
+            "round": self.round_id,
+            "neighbours": list(self.neighbours),
+            "threshold": self.threshold,
+            "clients": self.clients,
+            "clip": self.clip,
+            "max_weight": self.max_weight,
+        }
 
     @classmethod
     def from_header(cls, header, client_id: int, max_clients: int = 100_000) -> Setup:
@@ -218,9 +245,12 @@ class Setup:
         if not (type(clients) is int and 2 <= clients <= max_clients):
             raise ProtocolError(f"clients {clients!r} out of range")
         neighbours = header.get("neighbours")
-        if not (isinstance(neighbours, list) and 1 <= len(neighbours) < clients
-                and all(type(j) is int and 0 <= j < 1 << 60 and j != client_id for j in neighbours)
-                and len(set(neighbours)) == len(neighbours)):
+        if not (
+            isinstance(neighbours, list)
+            and 1 <= len(neighbours) < clients
+            and all(type(j) is int and 0 <= j < 1 << 60 and j != client_id for j in neighbours)
+            and len(set(neighbours)) == len(neighbours)
+        ):
             raise ProtocolError("neighbours must be distinct other clients")
         if not (type(round_id) is int and round_id >= 0):
             raise ProtocolError(f"round {round_id!r} is not a count")
@@ -252,15 +282,21 @@ class Floor:
     def check(self, setup: Setup) -> None:
         """ProtocolError with the reason when `setup` is below this floor (or gives this client
         more neighbours than `max_neighbours`)."""
-        for name, have, need in (("participants", setup.clients, self.clients),
-                                 ("neighbours", len(setup.neighbours), self.neighbours),
-                                 ("threshold", setup.threshold, self.threshold)):
+        for name, have, need in (
+            ("participants", setup.clients, self.clients),
+            ("neighbours", len(setup.neighbours), self.neighbours),
+            ("threshold", setup.threshold, self.threshold),
+        ):
             if have < need:
-                raise ProtocolError(f"the round has {have} {name}, below this client's floor of {need}: too small "
-                                    f"to hide its update (the server could recover it)")
+                raise ProtocolError(
+                    f"the round has {have} {name}, below this client's floor of {need}: too small "
+                    f"to hide its update (the server could recover it)"
+                )
         if len(setup.neighbours) > self.max_neighbours:
-            raise ProtocolError(f"the round gives this client {len(setup.neighbours)} neighbours, more than its cap of "
-                                f"{self.max_neighbours}")
+            raise ProtocolError(
+                f"the round gives this client {len(setup.neighbours)} neighbours, more than its cap of "
+                f"{self.max_neighbours}"
+            )
 
 
 # -- the client -------------------------------------------------------------------------------
@@ -311,13 +347,14 @@ class ClientRound:
         sealed, commitments = {}, {}
         for j in holders:
             b, s = b_shares[_x(j)], s_shares[_x(j)]
-            commitments[str(j)] = [b64(_share_commitment(r, self.id, j, b"b", b)),
-                                   b64(_share_commitment(r, self.id, j, b"s", s))]
+            commitments[str(j)] = [
+                b64(_share_commitment(r, self.id, j, b"b", b)),
+                b64(_share_commitment(r, self.id, j, b"s", s)),
+            ]
             if j != self.id:
                 key = _share_key(self._c[j], self._keys[j][0], r)
                 sealed[str(j)] = b64(seal(key, b + s, _aad(r, self.id, j)))
-        return {"shares": sealed, "commitments": commitments,
-                "seed": b64(_seed_commitment(r, self.id, self._seed))}
+        return {"shares": sealed, "commitments": commitments, "seed": b64(_seed_commitment(r, self.id, self._seed))}
 
     def masked_input(self, header: dict, vector: np.ndarray) -> tuple[np.ndarray, dict]:
         """`vector` (this client's quantized input) masked for the neighbours whose shares the
@@ -336,16 +373,20 @@ class ClientRound:
                 key = _share_key(self._c[j], self._keys[j][0], r)
                 pair = open_sealed(key, _bytes(text, SEALED_BYTES, "a sealed share"), _aad(r, j, self.id))
                 b, s = pair[:FIELD_BYTES], pair[FIELD_BYTES:]
-                if _committed(commitments.get(j)) != (_share_commitment(r, j, self.id, b"b", b),
-                                                       _share_commitment(r, j, self.id, b"s", s)):
+                if _committed(commitments.get(j)) != (
+                    _share_commitment(r, j, self.id, b"b", b),
+                    _share_commitment(r, j, self.id, b"s", s),
+                ):
                     raise ProtocolError("they do not match their commitments")
                 self._held[j] = (b, s)
             except (CryptoError, ProtocolError) as e:  # this client does not mask with j: it reports j
                 log.warning("client %d: the shares of client %d are refused: %s; reported", self.id, j, e)
                 complaints[str(j)] = b64(private_bytes(self._c[j]))
         if len(self._held) < self.min_neighbours:
-            raise ProtocolError(f"the shares of only {len(self._held)} neighbours opened, below this client's floor of "
-                                f"{self.min_neighbours}: too few masks to hide its update")
+            raise ProtocolError(
+                f"the shares of only {len(self._held)} neighbours opened, below this client's floor of "
+                f"{self.min_neighbours}: too few masks to hide its update"
+            )
         masked = vector.astype(np.uint32, copy=True)
         masked += expand(self._seed, len(masked))
         for j in sorted(self._held):
@@ -376,8 +417,17 @@ class ServerRound:
     from it (`on_*` raise ProtocolError for a message that is refused: the client is then out of
     the round), and the unmasked sum (`result`)."""
 
-    def __init__(self, round_id: int, participants: Sequence[int], *, threshold: float | int,
-                 neighbours: int | None, clip: float, max_weight: int, rng: random.Random | None = None):
+    def __init__(
+        self,
+        round_id: int,
+        participants: Sequence[int],
+        *,
+        threshold: float | int,
+        neighbours: int | None,
+        clip: float,
+        max_weight: int,
+        rng: random.Random | None = None,
+    ):
         self.round_id = round_id
         self.participants = tuple(participants)
         if len(self.participants) < 2:
@@ -407,8 +457,9 @@ class ServerRound:
         self.excluded: dict[int, str] = {}  # clients put out of the round for what is proven against them, and why
 
     def setup(self, client_id: int) -> Setup:
-        return Setup(self.round_id, self.graph[client_id], self.threshold, len(self.participants), self.clip,
-                     self.max_weight)
+        return Setup(
+            self.round_id, self.graph[client_id], self.threshold, len(self.participants), self.clip, self.max_weight
+        )
 
     def on_keys(self, client_id: int, header: dict) -> None:
         if client_id not in self.graph or client_id in self.keys:
@@ -462,8 +513,10 @@ class ServerRound:
     def input_request(self, client_id: int) -> dict:
         dealers = tuple(j for j in self.graph[client_id] if j in self.sealed)
         self._forwarded[client_id] = dealers
-        return {"shares": {str(j): self.sealed[j][client_id] for j in dealers},
-                "commitments": {str(j): [b64(d) for d in self._commitments[j][client_id]] for j in dealers}}
+        return {
+            "shares": {str(j): self.sealed[j][client_id] for j in dealers},
+            "commitments": {str(j): [b64(d) for d in self._commitments[j][client_id]] for j in dealers},
+        }
 
     def on_input(self, client_id: int, vector: np.ndarray, length: int, header: dict | None = None) -> None:
         """The masked input of `client_id` and its complaints (`header`): each names a neighbour
@@ -516,8 +569,10 @@ class ServerRound:
         except (CryptoError, ProtocolError):
             return dealer, f"its shares for client {holder} do not open"
         b, s = pair[:FIELD_BYTES], pair[FIELD_BYTES:]
-        if self._commitments[dealer][holder] != (_share_commitment(r, dealer, holder, b"b", b),
-                                                 _share_commitment(r, dealer, holder, b"s", s)):
+        if self._commitments[dealer][holder] != (
+            _share_commitment(r, dealer, holder, b"b", b),
+            _share_commitment(r, dealer, holder, b"s", s),
+        ):
             return dealer, f"its shares for client {holder} do not match its commitments"
         return holder, f"it reported client {dealer}'s shares, which open and match their commitments"
 
@@ -541,11 +596,17 @@ class ServerRound:
         for dealer, share, which, into in found:
             expected = self._commitments[dealer][client_id][0 if which == b"b" else 1]
             if _share_commitment(self.round_id, dealer, client_id, which, share) != expected:
-                log.warning("round %d: client %d's share of client %d's %s does not match its commitment; refused",
-                            self.round_id, client_id, dealer, "self-mask seed" if which == b"b" else "mask key")
+                log.warning(
+                    "round %d: client %d's share of client %d's %s does not match its commitment; refused",
+                    self.round_id,
+                    client_id,
+                    dealer,
+                    "self-mask seed" if which == b"b" else "mask key",
+                )
                 self.refused_shares.append((client_id, dealer))  # it had checked that share: it lies now
-                self.excluded.setdefault(client_id, f"it revealed a share of client {dealer}'s secrets that is not "
-                                                    "the one it was dealt")
+                self.excluded.setdefault(
+                    client_id, f"it revealed a share of client {dealer}'s secrets that is not the one it was dealt"
+                )
                 continue
             into.setdefault(dealer, {})[_x(client_id)] = share
         self.responded.add(client_id)
@@ -566,8 +627,7 @@ class ServerRound:
             seed = _combine(shares, t, f"client {i}'s self-mask")
             if _seed_commitment(r, i, seed) != self._seed_commitments[i]:
                 why = "it dealt shares that do not give back the seed it committed to"
-                raise SecAggFailed(f"client {i} dealt shares that do not give back the seed it committed to",
-                                   {i: why})
+                raise SecAggFailed(f"client {i} dealt shares that do not give back the seed it committed to", {i: why})
             total -= expand(seed, len(total))
         for j in sorted(set(self.sealed) - set(self.inputs)):  # shared, then sent no (accepted) input
             partners = [i for i in self.inputs if j in self._masks[i]]
@@ -575,12 +635,15 @@ class ServerRound:
                 continue
             shares = self._s.get(j, {})
             if len(shares) < t:
-                raise SecAggFailed(f"dropped client {j}'s mask key: {len(shares)} verified shares, the threshold "
-                                   f"is {t}")
+                raise SecAggFailed(
+                    f"dropped client {j}'s mask key: {len(shares)} verified shares, the threshold is {t}"
+                )
             key = private_from_bytes(_combine(shares, t, f"client {j}'s mask key"))
             if public_bytes(key) != self.keys[j][1]:
-                raise SecAggFailed(f"client {j} dealt shares that do not give back its mask key",
-                                   {j: "it dealt shares that do not give back its mask key"})
+                raise SecAggFailed(
+                    f"client {j} dealt shares that do not give back its mask key",
+                    {j: "it dealt shares that do not give back its mask key"},
+                )
             for i in partners:
                 mask = expand(_mask_key(key, self.keys[i][1], r), len(total))
                 if i < j:

@@ -53,7 +53,8 @@ class Quantizer:
         if self.clients * self.max_weight > RING_MAX - self.clients:
             raise QuantizationError(
                 f"the sum of {self.clients} weights of up to {self.max_weight} can wrap a {RING_BITS}-bit ring: "
-                f"lower the weight bound (secagg_max_examples) or the clients per round")
+                f"lower the weight bound (secagg_max_examples) or the clients per round"
+            )
 
     @property
     def scale(self) -> float:
@@ -96,8 +97,9 @@ class Quantizer:
         q, (unclipped, loss) = signed[:-COUNTERS], signed[-COUNTERS:].tolist()
         reach = int(weight * self.clip * self.scale) + count
         loss_reach = int(weight * LOSS_BOUND * self.loss_scale) + count
-        clamped = int(np.count_nonzero(np.abs(q) > reach)) + int(not 0 <= unclipped <= count) \
-            + int(abs(loss) > loss_reach)
+        clamped = (
+            int(np.count_nonzero(np.abs(q) > reach)) + int(not 0 <= unclipped <= count) + int(abs(loss) > loss_reach)
+        )
         total_delta = np.clip(q, -reach, reach).astype(np.float64) / self.scale
         # Honest inputs have L2 norms of at most w_i * clip (and half a step of rounding in each
         # coordinate), so their sum lies in that ball: a sum outside it is brought back to it.

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .adaptive import FedAdagrad, FedAdam, FedYogi, adaptive
-from .base import (NO_PLAN, CombinedUpdate, RunInfo, RunningMean, ServerState, Strategy, StrategyBase,
-                   combine_updates, weighted_mean_delta)
+from .base import (
+    NO_PLAN,
+    CombinedUpdate,
+    RunInfo,
+    RunningMean,
+    ServerState,
+    Strategy,
+    StrategyBase,
+    combine_updates,
+    weighted_mean_delta,
+)
 from .fedavg import FedAvg, FedAvgM, FedProx, fedavg, fedavgm
 from .fednova import FedNova, fednova
 from .qfedavg import QFedAvg, qfedavg
@@ -14,8 +23,21 @@ from .scaffold import Scaffold, scaffold
 
 STRATEGIES = {
     cls.name: cls
-    for cls in (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi, FedProx, Scaffold, FedNova, QFedAvg, Median,
-                TrimmedMean, Krum, MultiKrum)
+    for cls in (
+        FedAvg,
+        FedAvgM,
+        FedAdagrad,
+        FedAdam,
+        FedYogi,
+        FedProx,
+        Scaffold,
+        FedNova,
+        QFedAvg,
+        Median,
+        TrimmedMean,
+        Krum,
+        MultiKrum,
+    )
 }
 
 # The strategies whose aggregate needs only the updates' weighted mean (`StrategyBase.linear`).
@@ -31,8 +53,9 @@ def check_linear(strategy: Strategy | str, what: str) -> None:
     linear = getattr(found, "linear", False)
     if linear and hasattr(found, "apply_mean"):
         return
-    reason = (None if linear else getattr(found, "needs_each_update", None)) or \
-        "it does not reduce the updates to one weighted mean (linear, with apply_mean)"
+    reason = (
+        None if linear else getattr(found, "needs_each_update", None)
+    ) or "it does not reduce the updates to one weighted mean (linear, with apply_mean)"
     raise ConfigError(f"{what} cannot serve strategy {name!r}: {reason} (use one of {', '.join(LINEAR_STRATEGIES)})")
 
 
@@ -50,9 +73,40 @@ def make_strategy(name: str, /, **options) -> Strategy:
 
 
 __all__ = [
-    "LINEAR_STRATEGIES", "NO_PLAN", "STRATEGIES", "CombinedUpdate", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM",
-    "FedNova", "FedProx", "FedYogi", "Krum", "Median", "MultiKrum", "QFedAvg", "RunInfo", "RunningMean", "Scaffold",
-    "ServerState", "Strategy", "StrategyBase", "TrimmedMean", "adaptive", "check_linear", "combine_updates", "fedavg",
-    "fedavgm", "fednova", "krum_scores", "make_strategy", "median", "multikrum_select", "qfedavg", "scaffold",
-    "trimmed_mean", "weighted_mean_delta",
+    "LINEAR_STRATEGIES",
+    "NO_PLAN",
+    "STRATEGIES",
+    "CombinedUpdate",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedNova",
+    "FedProx",
+    "FedYogi",
+    "Krum",
+    "Median",
+    "MultiKrum",
+    "QFedAvg",
+    "RunInfo",
+    "RunningMean",
+    "Scaffold",
+    "ServerState",
+    "Strategy",
+    "StrategyBase",
+    "TrimmedMean",
+    "adaptive",
+    "check_linear",
+    "combine_updates",
+    "fedavg",
+    "fedavgm",
+    "fednova",
+    "krum_scores",
+    "make_strategy",
+    "median",
+    "multikrum_select",
+    "qfedavg",
+    "scaffold",
+    "trimmed_mean",
+    "weighted_mean_delta",
 ]

@@ -13,9 +13,16 @@ from .base import RunInfo, ServerState, StrategyBase, check_server_lr
 from .server_optimizers import adaptive_extras, mean_then_step, step_from_mean
 from .server_optimizers import adaptive as server_rule
 
+
 def adaptive(
-    state: ServerState, updates: Iterable[ClientUpdate], *, rule: str, server_lr: float, beta1: float = 0.9,
-    beta2: float = 0.99, tau: float = 1e-3,
+    state: ServerState,
+    updates: Iterable[ClientUpdate],
+    *,
+    rule: str,
+    server_lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
 ) -> ServerState:
     """One round of Algorithm 2 of Reddi et al. with the server update `rule` (see
     `server_optimizers.adaptive`): w <- w + server_lr * m / (sqrt(v) + tau). Before round 1,
@@ -45,13 +52,15 @@ class _Adaptive(StrategyBase):
         return replace(state, extras=adaptive_extras(state.params, self.tau))
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
-        return adaptive(state, updates, rule=self.rule, server_lr=self.server_lr, beta1=self.beta1,
-                        beta2=self.beta2, tau=self.tau)
+        return adaptive(
+            state, updates, rule=self.rule, server_lr=self.server_lr, beta1=self.beta1, beta2=self.beta2, tau=self.tau
+        )
 
     def apply_mean(self, state: ServerState, mean: State) -> ServerState:
         """The server step from a mean delta aggregated elsewhere (the privacy stage)."""
-        return step_from_mean(state, mean, server_rule(self.rule, beta1=self.beta1, beta2=self.beta2, tau=self.tau),
-                              self.server_lr)
+        return step_from_mean(
+            state, mean, server_rule(self.rule, beta1=self.beta1, beta2=self.beta2, tau=self.tau), self.server_lr
+        )
 
 
 @dataclass(frozen=True)

@@ -197,8 +197,16 @@ def combine_updates(updates: Iterable[ClientUpdate]) -> CombinedUpdate | None:
     if acc.count == 0:
         return None
     metrics = example_weighted(weighted)
-    return CombinedUpdate(-1, acc.mean(), examples, steps, metrics.get("loss", float("nan")),
-                          metrics.get("accuracy"), metrics=metrics, client_ids=tuple(ids))
+    return CombinedUpdate(
+        -1,
+        acc.mean(),
+        examples,
+        steps,
+        metrics.get("loss", float("nan")),
+        metrics.get("accuracy"),
+        metrics=metrics,
+        client_ids=tuple(ids),
+    )
 
 
 def weighted_mean_delta(updates: Iterable[ClientUpdate], like: State) -> tuple[State | None, int]:
@@ -224,8 +232,9 @@ def stack_deltas(updates: Iterable[ClientUpdate]) -> tuple[list[ClientUpdate], S
     updates = list(updates)
     if not updates:
         return updates, {}
-    stacked = {k: torch.stack([u.delta[k].to(_accumulator_dtype(u.delta[k])) for u in updates])
-               for k in updates[0].delta}
+    stacked = {
+        k: torch.stack([u.delta[k].to(_accumulator_dtype(u.delta[k])) for u in updates]) for k in updates[0].delta
+    }
     return updates, stacked
 
 

@@ -29,8 +29,9 @@ def fednova(
     tau_eff = 0.0
     for update in updates:
         a = normalizer(update.num_steps, momentum)
-        normalized.add({k: v / a if v.is_floating_point() else v for k, v in update.delta.items()},
-                       float(update.num_examples))
+        normalized.add(
+            {k: v / a if v.is_floating_point() else v for k, v in update.delta.items()}, float(update.num_examples)
+        )
         plain.add(update.delta, float(update.num_examples))
         tau_eff += a * update.num_examples
     if normalized.count == 0:

@@ -31,8 +31,10 @@ def qfedavg(state: ServerState, updates: Iterable[ClientUpdate], *, q: float, li
         F = max(update.initial_loss, 1e-10)
         floats = {k: v for k, v in update.delta.items() if v.is_floating_point()}
         norm2 = sum(float((L * v).pow(2).sum()) for v in floats.values())
-        numerator.add({k: F**q * L * v if v.is_floating_point() else v for k, v in update.delta.items()},
-                      float(update.num_examples))
+        numerator.add(
+            {k: F**q * L * v if v.is_floating_point() else v for k, v in update.delta.items()},
+            float(update.num_examples),
+        )
         plain.add(update.delta, float(update.num_examples))
         denominator += update.num_examples * (q * F ** (q - 1) * norm2 + L * F**q)
     if numerator.count == 0:

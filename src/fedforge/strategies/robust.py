@@ -31,7 +31,7 @@ def trimmed_mean(stacked: torch.Tensor, beta: float) -> torch.Tensor:
     k = math.floor(beta * n)
     if 2 * k >= n:
         raise ValueError(f"trimmed_mean with beta={beta} drops all {n} updates")
-    return stacked.sort(0).values[k:n - k].mean(0)
+    return stacked.sort(0).values[k : n - k].mean(0)
 
 
 def krum_scores(flat: torch.Tensor, f: int) -> torch.Tensor:

@@ -65,5 +65,4 @@ class Scaffold(StrategyBase):
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         run = state.run_info(self.name)
-        return scaffold(state, updates, server_lr=self.server_lr, client_lr=run.client_lr,
-                        num_clients=run.num_clients)
+        return scaffold(state, updates, server_lr=self.server_lr, client_lr=run.client_lr, num_clients=run.num_clients)

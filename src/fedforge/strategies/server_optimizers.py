@@ -46,8 +46,11 @@ def momentum(beta: float) -> Rule:
 
     def rule(mean: State, extras: dict[str, Any]) -> tuple[State, dict[str, Any]]:
         previous: State | None = extras.get("velocity")
-        velocity = {k: beta * previous[k] + v if previous is not None else v.clone() for k, v in mean.items()
-                    if v.is_floating_point()}
+        velocity = {
+            k: beta * previous[k] + v if previous is not None else v.clone()
+            for k, v in mean.items()
+            if v.is_floating_point()
+        }
         return {**mean, **velocity}, {"velocity": velocity}
 
     return rule
@@ -82,5 +85,7 @@ def adaptive(kind: str, *, beta1: float, beta2: float, tau: float) -> Rule:
 def adaptive_extras(params: State, tau: float) -> dict[str, Any]:
     """The adaptive rules' state before round 1: m = 0 and v = tau^2 (the paper's v_{-1})."""
     floats = {k: v for k, v in params.items() if v.is_floating_point()}
-    return {"m": {k: torch.zeros_like(v) for k, v in floats.items()},
-            "v": {k: torch.full_like(v, tau**2) for k, v in floats.items()}}
+    return {
+        "m": {k: torch.zeros_like(v) for k, v in floats.items()},
+        "v": {k: torch.full_like(v, tau**2) for k, v in floats.items()},
+    }
