@@ -30,8 +30,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tutorial_vs_fedforge import tutorial  # noqa: E402
+from tutorial_vs_fedforge import tutorial
 
-from fedforge import ClientConfig, FederatedData, simulate  # noqa: E402
-from fedforge.data import dirichlet, iid, load_dataset  # noqa: E402
-from fedforge.evaluation import evaluate  # noqa: E402
-from fedforge.engines import make_engine  # noqa: E402
-from fedforge.models import build_model, count_parameters  # noqa: E402
+from fedforge import ClientConfig, FederatedData, simulate
+from fedforge.data import dirichlet, iid, load_dataset
+from fedforge.engines import make_engine
+from fedforge.evaluation import evaluate
+from fedforge.models import build_model, count_parameters
 
 DATASET = "fashion-mnist"
 TEST_EXAMPLES = 10_000

@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
+from fedforge.client import ClientPlan, ClientUpdate
 from fedforge.config import Config
+from fedforge.engines import ClientTask
+from fedforge.engines.network import task_message
 from fedforge.experiment import run_experiment
+from fedforge.models import build_model
 from fedforge.network.auth import enroll
 from fedforge.network.client import PartitionOf, run_client, update_message
-from fedforge.engines.network import task_message
 from fedforge.network.wire import decode, encode
-from fedforge.client import ClientPlan, ClientUpdate
-from fedforge.engines import ClientTask
-from fedforge.models import build_model
 
 
 def client_group(port: int, ids: list[int], secrets: dict[int, str], count: int, compression: str | None) -> None:

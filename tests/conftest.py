@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from helpers import FileServer
 
 from fedforge.data import load_dataset
-from helpers import FileServer
 
 # One torch thread here and in the processes the tests start (a fedforge process's --threads aside):
 # the tests' models are small, and on a shared machine more threads only contend for the cores.

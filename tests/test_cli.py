@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import PROCESS_S, bound
 
 from fedforge.cli import main
 from fedforge.data import FASHION_MNIST
-from helpers import PROCESS_S, bound
 
 
 def fedforge(capsys, *argv):

@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import blobs
 from torch import nn
 
-from helpers import blobs
 from fedforge import fastmlp
 from fedforge.client import ClientConfig, ClientPlan, epoch_orders, sgd, train_client
 from fedforge.errors import ConfigError, DivergenceError

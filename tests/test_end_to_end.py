@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import torch
+from helpers import PROCESS_S, bound, wait_for
 
 from fedforge import evaluate
 from fedforge.cli import main
 from fedforge.config import Config
 from fedforge.models import build_model
-from helpers import PROCESS_S, bound, wait_for
 
 
 def test_tutorial_experiment_on_fashion_mnist(tmp_path, fashion, capsys):

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import bound
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

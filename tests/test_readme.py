@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import bound
 
 README = (Path(__file__).parent.parent / "README.md").read_text()

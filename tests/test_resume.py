@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import PROCESS_S, bound
 
 from fedforge.cli import main
 from fedforge.history import History, RoundRecord
-from helpers import PROCESS_S, bound
 
 BASE = ["--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3", "--model", "logreg", "-q"]
 

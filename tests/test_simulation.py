@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_run, blobs
 from torch import nn
 
-from helpers import assert_same_run, blobs
 from fedforge import ClientConfig, FederatedData, History, _seeding, select_clients, simulate
 from fedforge.data import dirichlet, iid
 from fedforge.errors import ConfigError

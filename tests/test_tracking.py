@@ -11,8 +11,8 @@ from fedforge.network.auth import enroll
 
 pytest.importorskip("torch.utils.tensorboard")
 pytest.importorskip("mlflow")
-from mlflow.tracking import MlflowClient  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 BASE = [
     "-q",

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import TIMEOUT_SCALE, bound, wait_exit, wait_for, wait_for_line
 
 HERE = Path(__file__).parent

@@ -25,7 +25,7 @@ def load_object(name: str, what: str):
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - the user's module: any error means it cannot be used
+    except Exception as e:
         raise ConfigError(f"cannot import {what} {name!r}: {type(e).__name__}: {e}") from None
     found = module
     for part in attribute.split("."):
@@ -42,7 +42,7 @@ def load_instance(name: str, what: str, cls: type):
     if callable(found) and not isinstance(found, cls):
         try:
             found = found()
-        except Exception as e:  # noqa: BLE001 - the user's function: say which and why, in one line
+        except Exception as e:
             raise ConfigError(f"{what} {name!r} failed: {type(e).__name__}: {e}") from None
     if not isinstance(found, cls):
         raise ConfigError(f"{what} {name!r} is a {type(found).__name__}, not a fedforge.{cls.__name__}")

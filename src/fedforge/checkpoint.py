@@ -85,8 +85,8 @@ def setting_differences(saved: dict[str, Any], config: Config) -> list[str]:
         for name, value in mine.items()
         if name not in saved
         or saved[name] != value
-        or name == "clients_per_round"
-        and type(saved[name]) is not type(value)
+        or (name == "clients_per_round"
+        and type(saved[name]) is not type(value))
     ]
 
 
@@ -191,7 +191,7 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
             raise TypeError("settings")
     except ConfigError as e:
         raise ConfigError(f"cannot resume: {path}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a file that passed its checksum but not the loader
+    except Exception as e:
         raise ConfigError(f"cannot resume: {path} cannot be read ({type(e).__name__})") from None
     return Checkpoint(state, history, settings)
 
@@ -375,7 +375,7 @@ def _check_outputs(run_dir: Path, history: History) -> None:
         written = History.from_json(path.read_text())
     except FileNotFoundError:
         return
-    except Exception as e:  # noqa: BLE001 - a file of the run folder, whatever it holds
+    except Exception as e:
         raise ConfigError(f"the run's {path.name} cannot be read ({type(e).__name__})") from None
     mine = history.records
     if len(written.records) > len(mine):

@@ -314,8 +314,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from .network.auth import read_secret
     from .models import model_factory
+    from .network.auth import read_secret
     from .network.client import LocalData, PartitionOf, run_client
     from .network.welcome import ClientLimits, References
     from .tasks import make_task

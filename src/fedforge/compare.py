@@ -10,10 +10,10 @@ import csv
 import io
 import os
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 

@@ -25,10 +25,10 @@ from .data.tabular import parse_source
 from .engines import ENGINES, IN_PROCESS_ENGINES
 from .engines.ray import check_options as check_ray_options
 from .errors import ConfigError
+from .models import MODELS, model_factory
 from .privacy.accountant import METHODS
 from .privacy.mechanism import MODES
 from .privacy.run import SAMPLINGS, DifferentialPrivacy
-from .models import MODELS, model_factory
 from .scenarios import ATTACKS, Scenario, parse_epochs_dist
 from .strategies import STRATEGIES, make_strategy
 from .tasks import OPTIMIZERS, TASKS, make_task
@@ -344,7 +344,7 @@ def checked_settings(values: dict[str, Any], source: str) -> dict[str, Any]:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{source}: unknown key {key!r}{hint}")
         accepted = _accepted(types_[key])
-        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+        if (isinstance(value, bool) and bool not in accepted) or not isinstance(value, accepted):
             names = " or ".join(sorted({t.__name__ for t in accepted}))
             raise ConfigError(f"{source}: {key} must be {names}, got {value!r}")
         out[key] = float(value) if types_[key] is float else value

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .optim import LocalTerms, Rule, sgd_step as sgd_rule
+from .optim import LocalTerms, Rule
+from .optim import sgd_step as sgd_rule
 
 
 @dataclass(frozen=True)

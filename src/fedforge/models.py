@@ -167,7 +167,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, se
             return factory(tuple(input_shape), num_classes)
         try:
             model = factory(tuple(input_shape), num_classes)
-        except Exception as e:  # noqa: BLE001 - the user's factory: say which and why, in one line
+        except Exception as e:
             raise ConfigError(f"model factory {name!r} failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")

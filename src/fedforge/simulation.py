@@ -19,9 +19,9 @@ from .engines.base import RoundFailed
 from .errors import ConfigError, FedforgeError
 from .evaluation import evaluate
 from .history import History, RoundRecord
-from .scenarios import Scenario, attack_update, client_work, flip_labels, malicious_clients
 from .privacy.run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
 from .privacy.sampling import poisson_sample
+from .scenarios import Scenario, attack_update, client_work, flip_labels, malicious_clients
 from .strategies import FedAvg, RunInfo, ServerState, Strategy
 
 log = logging.getLogger("fedforge")
@@ -151,7 +151,7 @@ def _running(
     is raised when the updates are read, in the round they belong to."""
     try:
         return engine.run(model, params, tasks, config)
-    except Exception as e:  # noqa: BLE001 - re-raised as it is, where the round reads its updates
+    except Exception as e:
         error = e
 
         def failed() -> Iterator[ClientUpdate]:
@@ -395,7 +395,7 @@ def simulate(
             # Its workers train the next round while this one is evaluated and recorded here.
             try:
                 ahead = begin(state.round + 1, 0)
-            except Exception:  # noqa: BLE001 - raised again when that round begins, after this one is recorded
+            except Exception:
                 ahead = None
         records.append(measure(state, tuple(this.selected), tally, started, trained, this.dropped))
         if dp is not None:

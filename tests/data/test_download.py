@@ -6,8 +6,8 @@ import socket
 
 import numpy as np
 import pytest
-
 from helpers import Served
+
 from fedforge.data import MNIST, load_dataset, read_idx, write_idx
 from fedforge.data.datasets import load_idx_dataset, locate
 from fedforge.data.download import download

@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import Served
 
 from fedforge.config import Config
 from fedforge.data.partition import natural
@@ -28,7 +29,6 @@ from fedforge.data.shakespeare import (
 )
 from fedforge.errors import ConfigError, DataError
 from fedforge.experiment import federate, load
-from helpers import Served
 
 WORDS = (
     "my lord,",

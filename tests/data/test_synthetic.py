@@ -12,7 +12,7 @@ def test_shape_sizes_and_split():
         assert n >= 50  # lognormal(4, 2) + 50
         assert len(tr) == int(0.9 * n)
     assert np.array_equal(np.concatenate(train), np.arange(len(data.train)))
-    assert 0 <= data.train.y.min() and data.train.y.max() < 10
+    assert data.train.y.min() >= 0 and data.train.y.max() < 10
 
 
 def test_seeded_and_heterogeneity_grows_with_alpha_beta():

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import blobs
 from torch import nn
 
-from helpers import blobs
 from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.cli import main
 from fedforge.engines import SequentialEngine, VectorizedEngine

@@ -16,13 +16,14 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from ray_problem import SEED, WORKER_ENV, Net, assert_same_run, blobs_data, failing_data, run  # noqa: E402
+
 from fedforge.cli import main  # noqa: E402
 from fedforge.engines import AutoEngine  # noqa: E402
 from fedforge.engines.ray import RayEngine, assign, holdings, shares  # noqa: E402
 from fedforge.errors import ConfigError  # noqa: E402
 from fedforge.privacy.run import DifferentialPrivacy  # noqa: E402
 from fedforge.scenarios import Scenario  # noqa: E402
-from ray_problem import SEED, WORKER_ENV, Net, assert_same_run, blobs_data, failing_data, run  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,10 +7,10 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from ray.cluster_utils import Cluster  # noqa: E402
+from ray_problem import SEED, WORKER_ENV, assert_same_run, blobs_data, run  # noqa: E402
 
 from fedforge.engines import AutoEngine  # noqa: E402
 from fedforge.engines.ray import RayEngine  # noqa: E402
-from ray_problem import SEED, WORKER_ENV, assert_same_run, blobs_data, run  # noqa: E402
 
 
 @pytest.fixture(scope="module")

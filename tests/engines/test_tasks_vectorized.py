@@ -11,9 +11,10 @@ import logging
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_run as assert_same
+from helpers import blobs
 from torch import nn
 
-from helpers import assert_same_run as assert_same, blobs
 from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.data import TensorData
 from fedforge.engines import AutoEngine, ClientTask, SequentialEngine, VectorizedEngine

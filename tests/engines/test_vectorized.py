@@ -5,17 +5,18 @@ import logging
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_run as assert_same
+from helpers import blobs
 from torch import nn
 
-from helpers import assert_same_run as assert_same, blobs
 from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.client import epoch_orders
 from fedforge.data import TensorData, quantity
 from fedforge.engines import ClientTask, SequentialEngine, VectorizedEngine
 from fedforge.engines.vectorized import DEFAULT_MAX_MEMORY, build_schedule
+from fedforge.errors import DivergenceError
 from fedforge.models import build_model
 from fedforge.scenarios import Scenario
-from fedforge.errors import DivergenceError
 from fedforge.strategies import CombinedUpdate, FedProx, QFedAvg, Scaffold, combine_updates
 
 

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedforge.network.auth import enroll, write_secret
 from helpers import PROCESS_S, bound, wait_exit, wait_for_line
+
+from fedforge.network.auth import enroll, write_secret
 
 HERE = Path(__file__).parent
 BASE = [

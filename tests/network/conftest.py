@@ -1,5 +1,4 @@
 import pytest
-
 from cluster import Cluster
 
 

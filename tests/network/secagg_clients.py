@@ -27,8 +27,8 @@ from pathlib import Path
 
 import fedforge.network.client as client_module
 from fedforge.network.client import PartitionOf, _SecureRound, run_client
-from fedforge.secagg.quantize import Quantizer
 from fedforge.network.wire import Kind, Message, decode, encode
+from fedforge.secagg.quantize import Quantizer
 
 STAGES = {"keys": Kind.SA_NEIGHBOUR_KEYS, "shares": Kind.SA_INPUT, "upload": Kind.SA_UNMASK}
 local = threading.local()

@@ -9,9 +9,9 @@ import sys
 import grpc
 import pytest
 import torch
-
 from cluster import BASE
 from fake_server import FakeServer
+
 from fedforge.client import ClientConfig, ClientPlan, client_batches
 from fedforge.config import Config
 from fedforge.experiment import load

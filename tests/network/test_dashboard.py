@@ -3,6 +3,7 @@ refuses (paths, methods, requests without the token, unsafe addresses, slow, too
 or malformed connections), the static report page, and the page itself in headless Chromium
 (skipped where no chromium binary is installed)."""
 
+import http.client
 import json
 import logging
 import queue
@@ -11,7 +12,6 @@ import select
 import socket
 import ssl
 import threading
-import http.client
 import time
 import types
 import urllib.error
@@ -19,20 +19,20 @@ import urllib.request
 
 import pytest
 import torch
-
 from browser import CHROMIUM, Browser
 from cluster import BASE, Cluster
 from helpers import PROCESS_S, bound
+
 from fedforge.cli import main as fedforge
 from fedforge.client import ClientUpdate
 from fedforge.config import Config
 from fedforge.contract import ClientPlan
 from fedforge.engines.network import NetworkEngine
-from fedforge.experiment import run_experiment
 from fedforge.errors import ConfigError
+from fedforge.experiment import run_experiment
 from fedforge.history import History, RoundRecord
-from fedforge.network.certs import make_certificates
 from fedforge.network import httpd
+from fedforge.network.certs import make_certificates
 from fedforge.network.dashboard import Dashboard, DashboardSettings, report_page
 from fedforge.network.hub import Event, EventKind, Session
 from fedforge.network.wire import Kind, Message, decode, encode

@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
-
 from cluster import BASE, free_port
 from helpers import bound, wait_for
+
 from fedforge.cli import main as fedforge
 
 
@@ -307,8 +307,8 @@ def test_a_client_with_its_own_data_folder(cluster, tmp_path):
     """--data DIR: the client's examples from its own train.npz, not from a demo partition."""
     import numpy as np
 
-    from fedforge.experiment import load
     from fedforge.config import Config
+    from fedforge.experiment import load
 
     config = Config(dataset="synthetic", num_clients=3, clients_per_round=3, model="logreg", batch_size=10)
     data = load(config, progress=False)[1]

@@ -8,8 +8,8 @@ import time
 import urllib.request
 
 import pytest
-
 from cluster import free_port
+
 from fedforge.cli import build_parser
 from fedforge.network.client import DEFAULT_GIVE_UP_AFTER
 from fedforge.network.inputs import InputSummary

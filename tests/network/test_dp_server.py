@@ -11,8 +11,8 @@ import torch
 from fedforge.client import ClientPlan
 from fedforge.config import Config
 from fedforge.engines.base import ClientTask
-from fedforge.errors import ConfigError
 from fedforge.engines.network import task_message
+from fedforge.errors import ConfigError
 from fedforge.models import build_model
 from fedforge.network.auth import load_tokens
 from fedforge.network.hub import EventKind, Hub

@@ -17,14 +17,14 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-
 from cluster import BASE
 from helpers import wait_for
+from proxy import Proxy
+from test_deployment import assert_same_model, simulated_model
+
 from fedforge.experiment import load_checkpoint
 from fedforge.network.hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, AddressGuard
 from fedforge.network.wire import Kind, decode
-from proxy import Proxy
-from test_deployment import assert_same_model, simulated_model
 
 
 def open_session(port: int, client_id=None, secret=None, *, timeout: float = 120):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from cluster import HERE, Proc
 from helpers import PROCESS_S, wait_for
 from helpers import bound as wait_bound  # `bound` is the fixed point's error bound below
+
 from fedforge.config import Config
 from fedforge.experiment import load
 from fedforge.models import build_model

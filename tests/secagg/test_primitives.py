@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedforge.secagg import crypto
 from fedforge.secagg.crypto import _SMALL_ORDER, CryptoError, agree, new_key, public_bytes, small_order

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import blobs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -15,9 +16,9 @@ from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.contract import ClientUpdate
 from fedforge.data import dirichlet
 from fedforge.engines import SequentialEngine
+from fedforge.errors import ConfigError
 from fedforge.scenarios import Scenario
 from fedforge.simulation import _Tally
-from fedforge.errors import ConfigError
 from fedforge.strategies import (
     LINEAR_STRATEGIES,
     STRATEGIES,
@@ -29,7 +30,6 @@ from fedforge.strategies import (
     make_strategy,
     weighted_mean_delta,
 )
-from helpers import blobs
 
 LIKE = {"w": torch.zeros(3), "n": torch.zeros((), dtype=torch.long)}
 

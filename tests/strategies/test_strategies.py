@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import blobs
 from torch import nn
 
-from helpers import blobs
 from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.client import ClientUpdate
 from fedforge.data import dirichlet

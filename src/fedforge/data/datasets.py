@@ -18,7 +18,6 @@ from ..errors import ConfigError, DataError
 from .download import download
 from .idx import read_idx
 
-
 Tree = Union[torch.Tensor, tuple, dict]  # a tensor, or a tuple or dict of tensors (one level)
 
 

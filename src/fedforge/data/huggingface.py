@@ -102,7 +102,7 @@ def _read(path: Path, hf) -> tuple[dict, object]:
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         try:
             loaded = hf.load_from_disk(str(path))
-        except Exception as e:  # noqa: BLE001 - a damaged folder fails in many ways inside datasets
+        except Exception as e:
             raise DataError(
                 f"{path} cannot be loaded by datasets.load_from_disk ({type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''})"

@@ -245,7 +245,7 @@ class NetworkEngine:
 
     def _accept(
         self, event: Event, task_id: int, task: ClientTask, config: ClientConfig, global_state: State
-    ) -> ClientUpdate | None | bool:
+    ) -> ClientUpdate | bool | None:
         """The update in `event`; None when it is refused; False when it answers another task."""
         client_id = task.client_id
         try:

@@ -224,7 +224,7 @@ class _Worker:
             sizes = [len(p) for p in self.data.partition]
             self.clients = holdings(sizes, workers)[index]
             self.rows = (sum(sizes[: self.clients.start]), sum(sizes[: self.clients.stop]))
-        except Exception as e:  # noqa: BLE001 - reported to the driver as one line, whatever it is
+        except Exception as e:
             self.error = f"{type(e).__name__}: {_first_line(e)}"
 
     def ready(self) -> dict[str, Any]:
@@ -368,7 +368,7 @@ def _close(ray, actors: list, started: bool, threads: list) -> None:
     for actor in actors:
         try:
             ray.kill(actor)
-        except Exception:  # noqa: BLE001 - already gone, or Ray already shut down
+        except Exception:
             pass
     actors.clear()
     if started and ray.is_initialized():
@@ -431,7 +431,7 @@ class RayEngine:
                     logging_level=logging.WARNING,
                     runtime_env={"env_vars": {"PYTHONPATH": path}},
                 )
-            except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
+            except Exception as e:
                 where = f"the Ray cluster at {address!r}" if address else "a local Ray"
                 # A cluster started by `ray start` takes tokens by default; its clients must say so themselves.
                 hint = (
@@ -479,7 +479,7 @@ class RayEngine:
                     ray.available_resources(),
                 )
             self.placement = ray.get(ready)
-        except Exception as e:  # noqa: BLE001 - a worker that cannot even start
+        except Exception as e:
             self.close()
             raise ConfigError(f"a Ray worker cannot start: {_first_line(e)}") from None
         errors = [p["error"] for p in self.placement if p["error"]]

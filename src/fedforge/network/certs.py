@@ -29,7 +29,7 @@ def _san(host: str) -> x509.GeneralName:
 def make_certificates(out_dir: str | os.PathLike, hosts: list[str], *, days: int = 365) -> dict[str, Path]:
     """Write ca.pem, server.pem and server.key (the key 0600) for `hosts`; returns their paths."""
     out = Path(out_dir)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()

@@ -190,7 +190,7 @@ def decode(data: bytes, *, max_bytes: int | None = None) -> Message:
         return _decode(data, max_bytes)
     except WireError:
         raise
-    except Exception as e:  # noqa: BLE001 - a malformed message must never escape as anything else
+    except Exception as e:
         raise WireError(f"malformed message ({type(e).__name__})") from None
 
 

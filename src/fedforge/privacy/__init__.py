@@ -20,8 +20,8 @@ from .mechanism import (
     local_bound,
     secure_generator,
 )
-from .sampling import FixedSizeSampling, PoissonSampling, Sampling, poisson_sample
 from .run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
+from .sampling import FixedSizeSampling, PoissonSampling, Sampling, poisson_sample
 from .stage import PrivacyState, PrivacyStats, check_strategy, privatize, privatize_update
 
 __all__ = [

@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 from ..client import ClientUpdate, State
 from ..errors import ConfigError
 from .base import RunInfo, ServerState, StrategyBase, check_server_lr
-from .server_optimizers import adaptive_extras, mean_then_step, step_from_mean
 from .server_optimizers import adaptive as server_rule
+from .server_optimizers import adaptive_extras, mean_then_step, step_from_mean
 
 
 def adaptive(
