@@ -23,7 +23,7 @@ from .data.datasets import DATASETS
 from .data.partition import PARTITIONS
 from .data.tabular import parse_source
 from .engines import ENGINES, IN_PROCESS_ENGINES
-from .engines.ray import check_options as check_ray_options
+from .engines.ray_options import check_options as check_ray_options
 from .errors import ConfigError
 from .models import MODELS, model_factory
 from .privacy.accountant import METHODS

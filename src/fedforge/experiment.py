@@ -31,7 +31,7 @@ from .data.partition import partition, split_holdout
 from .data.shakespeare import load_shakespeare
 from .data.synthetic import synthetic
 from .data.tabular import load_file_dataset, parse_source, source_label
-from .engines import make_engine
+from .engines import Engine, make_engine
 from .errors import ConfigError
 from .history import History, RoundRecord
 from .models import build_model, check_fits
@@ -131,7 +131,7 @@ def federated_data(config: Config) -> FederatedData:
     return load(config, progress=False)[1]
 
 
-def make_run_engine(config: Config, *, combine: bool = False):
+def make_run_engine(config: Config, *, combine: bool = False) -> Engine:
     """The engine `config` names. The Ray engine's workers load the data themselves, from `config`
     (the same lookup as here, on their own node), so that no training data travels. `combine`: an
     in-process engine sums a chunk of clients in one pass when the round loop needs only their sum
@@ -311,7 +311,7 @@ def run_experiment(
         raise
     finally:
         bar.close()
-        if engine is None and hasattr(run_engine, "close"):  # the Ray engine's workers hold their CPUs until closed
+        if engine is None:  # the Ray engine's workers hold their CPUs until closed
             run_engine.close()
         if records:
             plot_history(History(records), run_dir / "accuracy.png", title=config.name, metric=primary)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -14,10 +15,11 @@ from torch import nn
 from . import _seeding
 from .contract import ClientConfig, ClientUpdate, OptimizerState
 from .data.datasets import TensorData
+from .data.federated import FederatedData
 from .engines import ClientTask, Engine, SequentialEngine
-from .engines.base import RoundFailed
+from .engines.base import RoundFailed, Traffic, as_engine
 from .errors import ConfigError, FedforgeError
-from .evaluation import evaluate
+from .evaluation import Evaluation, evaluate
 from .history import History, RoundRecord
 from .privacy.run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
 from .privacy.sampling import poisson_sample
@@ -25,32 +27,6 @@ from .scenarios import Scenario, attack_update, client_work, flip_labels, malici
 from .strategies import FedAvg, RunInfo, ServerState, Strategy
 
 log = logging.getLogger("fedforge")
-
-
-@dataclass(frozen=True)
-class FederatedData:
-    """A training set split across clients, and the data the global model is tested on.
-
-    Args:
-        train: all training examples, in memory: a TensorData, or anything the task's
-            `Task.data` takes (a tuple or dict of tensors, a torch.utils.data.Dataset).
-        partition: each client's indices into `train`.
-        test: the centralized test set, or None to skip centralized evaluation.
-        client_test: each client's held-out indices into `train`, for federated evaluation.
-    """
-
-    train: TensorData
-    partition: Sequence[np.ndarray]
-    test: TensorData | None = None
-    client_test: Sequence[np.ndarray] | None = None
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.partition)
-
-    def to(self, device) -> FederatedData:
-        test = self.test.to(device) if self.test is not None else None
-        return FederatedData(self.train.to(device), self.partition, test, self.client_test)
 
 
 @dataclass(frozen=True)
@@ -105,6 +81,83 @@ def client_pool(
     return pool, starts
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """How a run goes, beyond what it trains: its length, selection, retries and evaluation, and
+    who hears of each update."""
+
+    rounds: int
+    sampling: str
+    max_round_attempts: int
+    eval_batch_size: int
+    eval_train: bool
+    on_client: Callable[[ClientUpdate], None] | None
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every stage of one run reads: its settings, checked, and what `_setup` builds from
+    them once (the clients' pool, who is malicious, the privacy stage)."""
+
+    model: nn.Module  # on the data's device
+    data: FederatedData  # train and test as the task's TensorData
+    client: ClientConfig
+    strategy: Strategy
+    engine: Engine
+    scenario: Scenario
+    seed: int
+    k: int  # clients a round (on average, under Poisson sampling)
+    pool: TensorData  # every client's training examples side by side (`client_pool`)
+    starts: list[int]  # client c's rows of `pool` start at starts[c]
+    clients: list[TensorData]  # each client's rows of `pool`
+    malicious: frozenset[int]
+    summable: bool  # the round needs only the weighted mean of the updates of clients not `transformed`
+    transformed: frozenset[int]  # clients whose own update the transform stage changes (update attacks)
+    federated_test: TensorData | None  # the clients' held-out examples side by side
+    dp: PrivacyRun | None
+    settings: _Settings
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A round's attempt before it runs: who was selected, who dropped out, and the others' tasks."""
+
+    selected: Sequence[int]
+    dropped: Sequence[int]
+    tasks: Sequence[ClientTask]
+
+
+@dataclass(frozen=True)
+class _Begun:
+    """A round's attempt handed to the engine: who was selected, who dropped out, and the updates to come."""
+
+    selected: Sequence[int]
+    dropped: Sequence[int]
+    updates: Iterator[ClientUpdate]
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """A round aggregated: the new state, its clients, their example-weighted training metrics and
+    new optimizer states, and when it ended."""
+
+    state: ServerState
+    selected: Sequence[int]
+    dropped: Sequence[int]
+    metrics: dict[str, float]
+    optimizer_states: dict[int, OptimizerState]
+    at: float
+
+
+@dataclass(frozen=True)
+class _Evaluated:
+    """The global model on the centralized test set, the clients' held-out examples, and all training data."""
+
+    test: Evaluation | None
+    federated: Evaluation | None
+    train: Evaluation | None
+
+
 class _Tally:
     """Passes updates through, keeping their example-weighted training metrics."""
 
@@ -128,47 +181,6 @@ class _Tally:
         return {name: total / self.examples for name, total in self.sums.items()} if self.examples else {}
 
 
-def _traffic(engine) -> dict[str, int]:
-    """The message bytes an engine that counts them (the network's) has received and sent so far."""
-    if not hasattr(engine, "bytes_up"):
-        return {}
-    return {"bytes_up": engine.bytes_up, "bytes_down": engine.bytes_down}
-
-
-@dataclass(frozen=True)
-class _Begun:
-    """A round's attempt handed to the engine: who was selected, who dropped out, and the updates to come."""
-
-    selected: Sequence[int]
-    dropped: Sequence[int]
-    updates: Iterator[ClientUpdate]
-
-
-def _running(
-    engine: Engine, model: nn.Module, params, tasks: Sequence[ClientTask], config: ClientConfig
-) -> Iterator[ClientUpdate]:
-    """`engine.run(...)`; an error it raises at once (an engine that starts its work when called)
-    is raised when the updates are read, in the round they belong to."""
-    try:
-        return engine.run(model, params, tasks, config)
-    except Exception as e:
-        error = e
-
-        def failed() -> Iterator[ClientUpdate]:
-            raise error
-            yield  # a generator
-
-        return failed()
-
-
-def _keep_optimizer_states(updates: Iterable[ClientUpdate], kept: dict) -> Iterator[ClientUpdate]:
-    """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
-    for update in updates:
-        if update.optimizer_state is not None:
-            kept[update.client_id] = update.optimizer_state
-        yield update
-
-
 def simulate(
     model: nn.Module,
     data: FederatedData,
@@ -189,219 +201,333 @@ def simulate(
     privacy: DifferentialPrivacy | None = None,
     sampling: str = "fixed",
 ) -> SimulationResult:
-    """Run federated training of `model` over `data` for `rounds` rounds.
-
-    Each round: select clients -> plan their work (the strategy's local terms, the scenario's
-    epochs, stragglers and dropouts) -> run them on `engine` -> transform the updates (the
-    scenario's attacks) -> aggregate (`strategy`) -> evaluate -> record. The selected clients,
-    each client's batches, and so the final weights depend only on `seed` (and the inputs),
-    not on the engine.
+    """Run federated training of `model` (its weights the initial global model; it is not changed)
+    over `data` for `rounds` rounds; the selected clients, their batches and so the final weights
+    depend only on `seed` and the inputs, not on the engine (`engine`: any `Engine`).
 
     Args:
-        model: its current weights are the initial global model; it is used, not changed.
         clients_per_round: a count, or a float in (0, 1] for a fraction of the clients.
         scenario: unequal work, stragglers, dropouts and attacks (none by default).
-        eval_train: also evaluate the global model on all clients' training data every round
-            (the global objective that FedProx's paper plots).
-        on_client: called with each client update as it arrives (a CombinedUpdate stands for several
+        eval_train: also evaluate the global model on all training data every round.
+        on_client: called with each update as it arrives (a CombinedUpdate stands for several
             clients when the engine sums them, as the Ray engine does for a linear strategy).
         on_round: called after every round (and after the initial evaluation, round 0).
-        resume: the state and records of the rounds already completed, to continue a run
-            (every random choice derives from the seed and the round, so the continuation is
-            the same as an uninterrupted run).
-        max_round_attempts: how often a round whose engine raises RoundFailed (too few clients
-            reported) is retried with a new selection before the run gives up.
-        privacy: user-level differential privacy: a stage between the clients and the strategy
-            (clip, noise the sum, the strategy's server optimizer on the noised mean), with an
-            accountant; the run stops before a round would pass its epsilon budget.
-        sampling: "fixed" (`clients_per_round` clients each round) or "poisson" (each client
-            joins a round with probability clients_per_round / num_clients).
+        resume: the state and records of the rounds completed, to continue a run exactly.
+        max_round_attempts: how often a round whose engine raises RoundFailed is retried with a
+            new selection before the run gives up.
+        privacy: user-level differential privacy, a stage between the clients and the strategy;
+            the run stops before a round would pass its epsilon budget.
+        sampling: "fixed" (`clients_per_round` each round) or "poisson" (each client joins a
+            round with probability clients_per_round / num_clients).
     """
-    if rounds < 1:
-        raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    settings = _Settings(rounds, sampling, max_round_attempts, eval_batch_size, eval_train, on_client)
+    run = _setup(model, data, client, strategy, engine, scenario, seed, clients_per_round, privacy, resume, settings)
+    state, records = _start(run, resume, on_round)
+    optimizer_states: dict[int, OptimizerState] = {}  # the clients' own, between their rounds (they stay here)
+    ahead: _Begun | None = None  # the next round's first attempt, begun while this one was evaluated
+    while state.round < rounds and not _out_of_budget(run, state.round + 1):
+        started, traffic = time.perf_counter(), run.engine.traffic()
+        trained = _train_round(run, state, ahead, optimizer_states)  # select, plan, run, transform, aggregate
+        state, optimizer_states = trained.state, {**optimizer_states, **trained.optimizer_states}
+        ahead = _begin_ahead(run, state, optimizer_states)
+        records.append(_record(run, state, _evaluate(run, state), trained, started, _traffic(run.engine, traffic)))
+        if on_round is not None:
+            on_round(records[-1], state)
+    return SimulationResult(History(records), state)
+
+
+def _setup(
+    model: nn.Module,
+    data: FederatedData,
+    client: ClientConfig,
+    strategy: Strategy | None,
+    engine: Engine | None,
+    scenario: Scenario,
+    seed: int,
+    clients_per_round: int | float,
+    privacy: DifferentialPrivacy | None,
+    resume: tuple[ServerState, Sequence[RoundRecord]] | None,
+    settings: _Settings,
+) -> _Run:
+    """Check the run's settings and build what its rounds share: the task's data on its device,
+    the clients' pool, the malicious clients, and the privacy stage."""
+    if settings.rounds < 1:
+        raise ConfigError(f"rounds must be >= 1, got {settings.rounds}")
     k = clients_per_round_count(clients_per_round, data.num_clients)
     strategy = strategy or FedAvg()
-    engine = engine or SequentialEngine()
     data = replace(
         data, train=client.task.data(data.train), test=client.task.data(data.test) if data.test is not None else None
     )
-    device = data.train.device
-    model = model.to(device)
     pool, starts = client_pool(data.train, data.partition, scenario, seed)
-    clients = [pool.rows(a, b) for a, b in zip(starts, starts[1:])]
     malicious = malicious_clients(scenario, data.num_clients, seed)
     # A linear strategy needs only the round's weighted mean, so an engine may send partial sums;
     # not of the clients whose own update a later stage transforms (the scenario's update attacks)
     # or whose optimizer state must come back.
     # The privacy stage clips each client's update: it needs them one by one.
     linear = getattr(strategy, "linear", False) and not client.task.keep_optimizer_state and privacy is None
-    transformed = malicious if scenario.attack not in (None, "label_flip") else frozenset()
-
-    def attacked(updates: Iterable[ClientUpdate], round_: int) -> Iterator[ClientUpdate]:
-        """The scenario's transform stage: malicious clients' updates as their attack makes them."""
-        for update in updates:
-            yield attack_update(update, scenario, seed, round_) if update.client_id in malicious else update
-
     federated_test = None
     if data.client_test is not None and sum(map(len, data.client_test)):
         federated_test = data.train.subset(np.concatenate(list(data.client_test)))
+    return _Run(
+        model=model.to(data.train.device),
+        data=data,
+        client=client,
+        strategy=strategy,
+        engine=as_engine(engine or SequentialEngine()),
+        scenario=scenario,
+        seed=seed,
+        k=k,
+        pool=pool,
+        starts=starts,
+        clients=[pool.rows(a, b) for a, b in itertools.pairwise(starts)],
+        malicious=malicious,
+        summable=linear,
+        transformed=malicious if scenario.attack not in (None, "label_flip") else frozenset(),
+        federated_test=federated_test,
+        dp=_privacy_run(privacy, strategy, data.num_clients, k, seed, resume, settings),
+        settings=settings,
+    )
 
-    def measure(
-        state: ServerState,
-        clients_: tuple[int, ...],
-        tally: _Tally | None,
-        started: float,
-        trained: float,
-        dropped: tuple[int, ...] = (),
-    ) -> RoundRecord:
-        def on(test_data):
-            return evaluate(model, state.params, test_data, batch_size=eval_batch_size, task=client.task)
 
-        test = on(data.test) if data.test is not None else None
-        fed = on(federated_test) if federated_test else None
-        on_train = on(pool) if eval_train else None
-        train = tally.means() if tally else {}
-        # The task's metrics beyond loss and accuracy (which have fields of their own), by name.
-        named = {
-            f"{where}_{name}": value
-            for where, metrics in (
-                ("train", train),
-                ("test", test and test.metrics),
-                ("federated", fed and fed.metrics),
-            )
-            if metrics
-            for name, value in metrics.items()
-            if name not in ("loss", "accuracy")
-        }
-        return RoundRecord(
-            round=state.round,
-            clients=clients_,
-            test_loss=test and test.loss,
-            test_accuracy=test and test.accuracy,
-            train_loss=train.get("loss"),
-            train_accuracy=train.get("accuracy"),
-            federated_loss=fed and fed.loss,
-            federated_accuracy=fed and fed.accuracy,
-            global_train_loss=on_train and on_train.loss,
-            seconds=time.perf_counter() - started,
-            train_seconds=trained - started,
-            dropped=dropped,
-            metrics=named,
-        )
+def _privacy_run(
+    privacy: DifferentialPrivacy | None,
+    strategy: Strategy,
+    num_clients: int,
+    k: int,
+    seed: int,
+    resume: tuple[ServerState, Sequence[RoundRecord]] | None,
+    settings: _Settings,
+) -> PrivacyRun | None:
+    """The run's privacy stage (None without differential privacy), where a resumed run's left off."""
+    if privacy is None:
+        if settings.sampling not in SAMPLINGS:
+            raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {settings.sampling!r}")
+        return None
+    privacy.check(strategy, num_clients)
+    return PrivacyRun(
+        privacy,
+        sampling_for(settings.sampling, num_clients, k),
+        rounds=settings.rounds,
+        seed=seed,
+        saved=resume[0].privacy if resume is not None else None,
+    )
 
-    # Each client's optimizer state between its rounds, when the task keeps it: it stays here, with
-    # the simulated clients, and the next task of the client carries it back.
-    optimizer_states: dict[int, OptimizerState] = {}
+
+def _start(
+    run: _Run,
+    resume: tuple[ServerState, Sequence[RoundRecord]] | None,
+    on_round: Callable[[RoundRecord, ServerState], None] | None,
+) -> tuple[ServerState, list[RoundRecord]]:
+    """The state and records the rounds go on from: a resumed run's, or the strategy's initial
+    state with the initial model's record (round 0), which `on_round` hears of."""
     started = time.perf_counter()
-    run = RunInfo(num_clients=data.num_clients, client_lr=client.lr, client_momentum=client.momentum)
-    dp = None
-    if privacy is not None:
-        privacy.check(strategy, data.num_clients)
-        dp = PrivacyRun(
-            privacy,
-            sampling_for(sampling, data.num_clients, k),
-            rounds=rounds,
-            seed=seed,
-            saved=resume[0].privacy if resume is not None else None,
-        )
-    elif sampling not in SAMPLINGS:
-        raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+    info = RunInfo(num_clients=run.data.num_clients, client_lr=run.client.lr, client_momentum=run.client.momentum)
     if resume is not None:
         state, records = resume[0], list(resume[1])
-        if client.task.keep_optimizer_state:
+        if run.client.task.keep_optimizer_state:
             log.warning(
                 "resuming: the clients' optimizer states are not in the checkpoint, so they start fresh "
                 "(this run differs from an uninterrupted one)"
             )
         if state.run is None:  # a checkpoint written before states carried their run
-            state = replace(state, run=run)
+            state = replace(state, run=info)
+        return state, records
+    state = run.strategy.init({name: v.detach() for name, v in run.model.state_dict().items()}, info)
+    record = _record(run, state, _evaluate(run, state), None, started, {})
+    if on_round is not None:
+        on_round(record, state)
+    return state, [record]
+
+
+def _out_of_budget(run: _Run, r: int) -> bool:
+    """Whether round r would spend more than the privacy budget: the run then stops before it."""
+    if run.dp is None or not run.dp.exhausted():
+        return False
+    log.warning(
+        "stopping before round %d: it would spend more than the privacy budget (epsilon %.4g spent of %.4g)",
+        r,
+        run.dp.epsilon(),
+        run.dp.settings.target_epsilon,
+    )
+    return True
+
+
+def _train_round(
+    run: _Run, state: ServerState, ahead: _Begun | None, optimizer_states: Mapping[int, OptimizerState]
+) -> _Trained:
+    """Round `state.round + 1`: select and plan -> run -> transform -> aggregate. An attempt whose
+    engine raises RoundFailed (too few clients reported) is retried with a new selection.
+
+    `ahead`: the round's first attempt, when it was begun while the round before was evaluated.
+    """
+    r = state.round + 1
+    failure: RoundFailed | None = None
+    for attempt in range(run.settings.max_round_attempts):
+        if attempt > 0 or ahead is None:  # only a first attempt is begun ahead
+            ahead = _run_clients(run, state, _select_and_plan(run, state, r, attempt, optimizer_states))
+        begun, ahead = ahead, None
+        kept: dict[int, OptimizerState] = {}
+        tally = _Tally(run.settings.on_client)
+        try:
+            aggregated = _aggregate(run, state, tally.tap(_transform(run, begun.updates, r, kept)), r)
+        except RoundFailed as e:
+            log.warning("round %d, attempt %d failed (%s); retrying with a new selection", r, attempt + 1, e)
+            failure = e
+            continue
+        # Only a round that counts moves the clients' optimizers on.
+        return _Trained(aggregated, begun.selected, begun.dropped, tally.means(), kept, time.perf_counter())
+    raise FedforgeError(f"round {r} failed {run.settings.max_round_attempts} times; the last attempt: {failure}")
+
+
+def _select_and_plan(
+    run: _Run, state: ServerState, r: int, attempt: int, optimizer_states: Mapping[int, OptimizerState]
+) -> _Planned:
+    """Round r's selection, who of it drops out, and the others' tasks: the strategy's plan (its
+    local terms), the scenario's work (epochs, steps), and what privacy asks of the clients."""
+    # A retried round draws a new selection; the first draw is the simulation's.
+    keys = (_seeding.SELECTION, r) if attempt == 0 else (_seeding.SELECTION, r, attempt)
+    n, generator = run.data.num_clients, _seeding.generator(run.seed, *keys)
+    if run.settings.sampling == "poisson":
+        selected = poisson_sample(n, run.k / n, generator)
     else:
-        state = strategy.init({k_: v.detach() for k_, v in model.state_dict().items()}, run)
-        records = [measure(state, (), None, started, started)]
-        if dp is not None:
-            records[-1].metrics.update(dp.metrics())
-        if on_round is not None:
-            on_round(records[-1], state)
-    ahead: _Begun | None = None  # the next round's first attempt, begun while this one was measured
+        selected = select_clients(n, run.k, generator)
+    sizes = [len(run.clients[c]) for c in selected]
+    work, dropped = client_work(run.scenario, selected, sizes, run.client, run.seed, r)
+    kept = [c for c in selected if c not in dropped]
+    seeds = _seeding.derive_seeds(run.seed, _seeding.CLIENT_BATCHES, r, each=kept)
+    tasks = [
+        ClientTask(
+            c,
+            run.clients[c],
+            batch_seed,
+            run.pool,
+            run.starts[c],
+            replace(
+                run.strategy.plan(state, c),
+                epochs=work[c].epochs,
+                max_steps=work[c].max_steps,
+                **(run.dp.client_plan() if run.dp else {}),
+            ),
+            optimizer_states.get(c),
+            summable=run.summable and c not in run.transformed,
+        )
+        for c, batch_seed in zip(kept, seeds, strict=True)
+    ]
+    return _Planned(selected, dropped, tasks)
 
-    def begin(r: int, attempt: int) -> _Begun:
-        """Round r's selection and tasks (select -> plan), handed to the engine."""
-        # A retried round draws a new selection; the first draw is the simulation's.
-        keys = (_seeding.SELECTION, r) if attempt == 0 else (_seeding.SELECTION, r, attempt)
-        if sampling == "poisson":
-            selected = poisson_sample(data.num_clients, k / data.num_clients, _seeding.generator(seed, *keys))
-        else:
-            selected = select_clients(data.num_clients, k, _seeding.generator(seed, *keys))
-        work, dropped = client_work(scenario, selected, [len(clients[c]) for c in selected], client, seed, r)
-        kept = [c for c in selected if c not in dropped]
-        seeds = _seeding.derive_seeds(seed, _seeding.CLIENT_BATCHES, r, each=kept)
-        tasks = [
-            ClientTask(
-                c,
-                clients[c],
-                batch_seed,
-                pool,
-                starts[c],
-                replace(
-                    strategy.plan(state, c),
-                    epochs=work[c].epochs,
-                    max_steps=work[c].max_steps,
-                    **(dp.client_plan() if dp else {}),
-                ),
-                optimizer_states.get(c),
-                summable=linear and c not in transformed,
-            )
-            for c, batch_seed in zip(kept, seeds)
-        ]
-        return _Begun(selected, dropped, _running(engine, model, state.params, tasks, client))
 
-    while state.round < rounds:
-        started = time.perf_counter()
+def _run_clients(run: _Run, state: ServerState, planned: _Planned) -> _Begun:
+    """The planned tasks handed to the engine. An error it raises at once (an engine that starts
+    its work when called) is raised when the updates are read, in the round they belong to."""
+    try:
+        updates = run.engine.run(run.model, state.params, planned.tasks, run.client)
+    except Exception as e:
+        updates = _raising(e)
+    return _Begun(planned.selected, planned.dropped, updates)
+
+
+def _transform(
+    run: _Run, updates: Iterable[ClientUpdate], r: int, kept: dict[int, OptimizerState]
+) -> Iterator[ClientUpdate]:
+    """Each update as the server receives it: its client's new optimizer state put in `kept`;
+    a malicious client's as its attack makes it; under differential privacy in client or local
+    mode, clipped (and noised) as the clients do before sending, when the engine's clients do not."""
+    updates = _keep_optimizer_states(updates, kept)
+    updates = (
+        attack_update(update, run.scenario, run.seed, r) if update.client_id in run.malicious else update
+        for update in updates
+    )
+    if run.dp is not None and run.dp.settings.mode != "central" and not run.engine.clients_privatize:
+        updates = run.dp.on_clients(updates, r)
+    return updates
+
+
+def _aggregate(run: _Run, state: ServerState, updates: Iterable[ClientUpdate], r: int) -> ServerState:
+    """The next state: under differential privacy the server's part first (clip, noise the sum,
+    the accountant spends the round), then the strategy."""
+    if run.dp is None:
+        return run.strategy.aggregate(state, updates)
+    return run.dp.aggregate(run.strategy, state, updates, r)
+
+
+def _begin_ahead(run: _Run, state: ServerState, optimizer_states: Mapping[int, OptimizerState]) -> _Begun | None:
+    """The next round's first attempt, begun now when the engine works ahead (`Engine.works_ahead`):
+    its workers train it while this round is evaluated and recorded here."""
+    if not run.engine.works_ahead or state.round >= run.settings.rounds or (run.dp is not None and run.dp.exhausted()):
+        return None
+    try:
         r = state.round + 1
-        traffic = _traffic(engine)
-        if dp is not None and dp.exhausted():
-            log.warning(
-                "stopping before round %d: it would spend more than the privacy budget (epsilon %.4g spent of %.4g)",
-                r,
-                dp.epsilon(),
-                privacy.target_epsilon,
-            )
-            break
-        failure: RoundFailed | None = None
-        for attempt in range(max_round_attempts):
-            # select -> plan (the strategy's terms, the scenario's work) -> run -> transform
-            # (attacks; privacy) -> aggregate
-            this, ahead = ahead or begin(r, attempt), None  # only a first attempt is begun ahead
-            kept: dict[int, OptimizerState] = {}
-            tally = _Tally(on_client)
-            try:
-                updates = attacked(_keep_optimizer_states(this.updates, kept), r)
-                if dp is None:
-                    state = strategy.aggregate(state, tally.tap(updates))
-                else:
-                    if dp.settings.mode != "central" and not getattr(engine, "clients_privatize", False):
-                        # Engines that run clients here (not over the network): do what they would.
-                        updates = dp.on_clients(updates, r)
-                    state = dp.aggregate(strategy, state, tally.tap(updates), r)
-                optimizer_states.update(kept)  # only a round that counts moves the clients' optimizers on
-                break
-            except RoundFailed as e:
-                log.warning("round %d, attempt %d failed (%s); retrying with a new selection", r, attempt + 1, e)
-                failure = e
-        else:
-            raise FedforgeError(f"round {r} failed {max_round_attempts} times; the last attempt: {failure}")
-        trained = time.perf_counter()
-        if getattr(engine, "works_ahead", False) and state.round < rounds and not (dp is not None and dp.exhausted()):
-            # Its workers train the next round while this one is evaluated and recorded here.
-            try:
-                ahead = begin(state.round + 1, 0)
-            except Exception:
-                ahead = None
-        records.append(measure(state, tuple(this.selected), tally, started, trained, this.dropped))
-        if dp is not None:
-            records[-1].metrics.update(dp.metrics())
-        # The round's traffic, its failed attempts' included.
-        records[-1].metrics.update({name: total - traffic[name] for name, total in _traffic(engine).items()})
-        if on_round is not None:
-            on_round(records[-1], state)
-    return SimulationResult(History(records), state)
+        return _run_clients(run, state, _select_and_plan(run, state, r, 0, optimizer_states))
+    except Exception:  # the round begins again in its turn, and raises then
+        return None
+
+
+def _evaluate(run: _Run, state: ServerState) -> _Evaluated:
+    """The global model on the test set, on the clients' held-out examples, and (eval_train) on all training data."""
+
+    def on(data: TensorData) -> Evaluation:
+        return evaluate(run.model, state.params, data, batch_size=run.settings.eval_batch_size, task=run.client.task)
+
+    return _Evaluated(
+        test=on(run.data.test) if run.data.test is not None else None,
+        federated=on(run.federated_test) if run.federated_test else None,
+        train=on(run.pool) if run.settings.eval_train else None,
+    )
+
+
+def _record(
+    run: _Run,
+    state: ServerState,
+    evaluated: _Evaluated,
+    trained: _Trained | None,
+    started: float,
+    traffic: dict[str, int],
+) -> RoundRecord:
+    """The round's record (round 0: the initial model's, `trained` None): its clients, the clients'
+    training metrics, the evaluations, its timing, and the privacy stage's and the engine's figures."""
+    test, fed, on_train = evaluated.test, evaluated.federated, evaluated.train
+    train = trained.metrics if trained else {}
+    # The task's metrics beyond loss and accuracy (which have fields of their own), by name.
+    named = {
+        f"{where}_{name}": value
+        for where, metrics in (("train", train), ("test", test and test.metrics), ("federated", fed and fed.metrics))
+        if metrics
+        for name, value in metrics.items()
+        if name not in ("loss", "accuracy")
+    }
+    return RoundRecord(
+        round=state.round,
+        clients=tuple(trained.selected) if trained else (),
+        test_loss=test and test.loss,
+        test_accuracy=test and test.accuracy,
+        train_loss=train.get("loss"),
+        train_accuracy=train.get("accuracy"),
+        federated_loss=fed and fed.loss,
+        federated_accuracy=fed and fed.accuracy,
+        global_train_loss=on_train and on_train.loss,
+        seconds=time.perf_counter() - started,
+        train_seconds=(trained.at if trained else started) - started,
+        dropped=trained.dropped if trained else (),
+        metrics={**named, **(run.dp.metrics() if run.dp else {}), **traffic},
+    )
+
+
+def _traffic(engine: Engine, before: Traffic | None) -> dict[str, int]:
+    """The message bytes the engine moved since `before` (none for an engine that sends no messages);
+    a round's failed attempts' included."""
+    after = engine.traffic()
+    return after.since(before) if after is not None and before is not None else {}
+
+
+def _keep_optimizer_states(updates: Iterable[ClientUpdate], kept: dict) -> Iterator[ClientUpdate]:
+    """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
+    for update in updates:
+        if update.optimizer_state is not None:
+            kept[update.client_id] = update.optimizer_state
+        yield update
+
+
+def _raising(error: Exception) -> Iterator[ClientUpdate]:
+    """Updates that are an error: `error` is raised when the first is read."""
+    raise error
+    yield  # a generator

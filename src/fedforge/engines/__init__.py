@@ -34,7 +34,7 @@ _DENSE = (
 _RECURRENT = (nn.RNNBase,)
 
 
-class AutoEngine:
+class AutoEngine(Engine):
     """The faster engine for each model and task, measured on this project's machines.
 
     Measured on a shared 2-core CPU (torch 2.13, `benchmarks/engines.py` W1 and W4, three runs

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 from torch import nn
 
@@ -43,18 +44,43 @@ class RoundFailed(Exception):
     """Too few clients reported this round; the round loop retries it with a new selection."""
 
 
-class Engine(Protocol):
-    """Runs the selected clients' training.
+@dataclass(frozen=True)
+class Traffic:
+    """The message bytes an engine has received from clients (`bytes_up`) and sent to them
+    (`bytes_down`) so far, in all rounds."""
 
-    An engine whose `run` only hands the work to workers elsewhere and returns at once may say so
-    with a class attribute `works_ahead = True` (the Ray engine does): the round loop then begins
-    each next round (its selection and tasks, and `run`) before it evaluates and records the round
-    just aggregated, so that the workers train while the server evaluates. An error `run` raises
-    then surfaces when that round's updates are read, after the round before is recorded.
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def since(self, before: Traffic) -> dict[str, int]:
+        """The bytes moved since `before`, as a round's record names them."""
+        return {"bytes_up": self.bytes_up - before.bytes_up, "bytes_down": self.bytes_down - before.bytes_down}
+
+
+class Engine(ABC):
+    """Runs the selected clients' training; the base of every engine, with what an engine can do
+    declared (and defaulted) here, so that the round loop reads it rather than probing for it.
+
+    Capabilities (class attributes; a subclass overrides what it does differently):
+
+    - `works_ahead`: `run` only hands the work to workers elsewhere and returns at once (the Ray
+      engine). The round loop then begins each next round (its selection and tasks, and `run`)
+      before it evaluates and records the round just aggregated, so that the workers train while
+      the server evaluates. An error `run` raises then surfaces when that round's updates are
+      read, after the round before is recorded.
+    - `clients_privatize`: under differential privacy the clients clip (and noise) their own
+      updates before they reach the engine (the network engine's clients do); otherwise the round
+      loop does it for them, as a stage after the engine.
+
+    `traffic()` says how many message bytes the engine moved (None: it sends no messages), and
+    `close()` releases what it holds (the Ray engine's workers).
     """
 
     name: str
+    works_ahead: bool = False
+    clients_privatize: bool = False
 
+    @abstractmethod
     def run(
         self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
     ) -> Iterator[ClientUpdate]:
@@ -62,7 +88,41 @@ class Engine(Protocol):
 
         Updates are yielded one by one so the server can fold each into a running sum.
         """
-        ...
+
+    def traffic(self) -> Traffic | None:
+        """The message bytes moved so far; None for an engine that sends none (the in-process ones)."""
+        return None
+
+    def close(self) -> None:
+        """Release what the engine holds; nothing by default."""
+        return None
+
+
+class _Adopted(Engine):
+    """A user's engine that does not subclass Engine (an object with `name` and `run`, as engines
+    were written before the base class), with the capabilities its class declares as attributes."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.name = getattr(engine, "name", type(engine).__name__)
+        # Read once here, so that the round loop never probes an engine.
+        self.works_ahead = bool(getattr(engine, "works_ahead", False))
+        self.clients_privatize = bool(getattr(engine, "clients_privatize", False))
+
+    def run(
+        self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
+    ) -> Iterator[ClientUpdate]:
+        return self.engine.run(model, global_state, tasks, config)
+
+
+def as_engine(engine: Any) -> Engine:
+    """`engine` itself when it is an Engine; else (any object with a `run` of Engine's signature)
+    adopted as one, with the `works_ahead` and `clients_privatize` its class declares."""
+    if isinstance(engine, Engine):
+        return engine
+    if not callable(getattr(engine, "run", None)):
+        raise TypeError(f"an engine needs a run(model, global_state, tasks, config) method, got {engine!r}")
+    return _Adopted(engine)
 
 
 class RoundWatcher:

@@ -5,8 +5,8 @@ only where clients train differs. Every update is checked against the task it an
 reaches a strategy: its entries, shapes and dtypes are the global model's, its values finite, its
 metrics finite and in range, and its example and step counts consistent with the work the task
 asked for (so a client cannot take over a weighted average by claiming 10**30 examples).
-The engine counts the message bytes it sends to clients and receives from them (`bytes_down`,
-`bytes_up`; gRPC's framing, TLS and keepalive pings aside): the round loop records each round's.
+The engine counts the message bytes it sends to clients and receives from them (`traffic()`:
+`bytes_down`, `bytes_up`; gRPC's framing, TLS and keepalive pings aside): the round loop records each round's.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..secagg import SecureAggregation
 from ..secagg.protocol import ProtocolError, SecAggFailed, ServerRound
 from ..secagg.quantize import QuantizationError
 from ..strategies.base import CombinedUpdate
-from .base import ClientTask, RoundFailed, RoundWatcher
+from .base import ClientTask, Engine, RoundFailed, RoundWatcher, Traffic
 
 log = logging.getLogger("fedforge.server")
 
@@ -120,7 +120,7 @@ def update_from(
     )
 
 
-class NetworkEngine:
+class NetworkEngine(Engine):
     """Sends each selected client its task over the network and collects the updates.
 
     A round starts once `min_available_clients` are connected (default: the quorum), or after
@@ -160,6 +160,10 @@ class NetworkEngine:
         self._inputs_differ: set[int] = set()  # clients that said their inputs differ from the test inputs
         self.bytes_up = 0  # message bytes received from clients, in all rounds
         self.bytes_down = 0  # message bytes sent to clients
+
+    def traffic(self) -> Traffic:
+        """The message bytes received from clients and sent to them so far, in all rounds."""
+        return Traffic(self.bytes_up, self.bytes_down)
 
     def run(
         self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig

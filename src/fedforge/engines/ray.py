@@ -38,7 +38,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,14 +46,12 @@ from torch import nn
 
 from ..contract import ClientConfig, ClientPlan, ClientUpdate, OptimizerState, State
 from ..data.datasets import TensorData, leaves
+from ..data.federated import FederatedData
 from ..errors import ConfigError, FedforgeError
 from ..scenarios import Scenario
 from ..strategies.base import CombinedUpdate, combine_updates
-from . import IN_PROCESS_ENGINES
-from .base import ClientTask
-
-if TYPE_CHECKING:
-    from ..simulation import FederatedData
+from .base import ClientTask, Engine
+from .ray_options import check_options
 
 log = logging.getLogger("fedforge")
 
@@ -375,7 +373,7 @@ def _close(ray, actors: list, started: bool, threads: list) -> None:
         ray.shutdown()
 
 
-class RayEngine:
+class RayEngine(Engine):
     """Trains each round's clients on `workers` long-lived Ray actors that load the data themselves.
 
     Args:
@@ -606,21 +604,6 @@ class RayEngine:
                 f"Ray worker {worker} died more often than its {self.max_restarts} restarts allow "
                 f"({type(e).__name__}); the completed rounds are saved: continue with --resume"
             ) from None
-
-
-def check_options(workers: int, cpus_per_worker: float, gpus_per_worker: float, engine: str) -> None:
-    """One-line ConfigErrors for settings of the Ray engine that cannot work."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"ray_workers must be an integer >= 1, got {workers!r}")
-    if not cpus_per_worker > 0:
-        raise ConfigError(f"ray_cpus_per_worker must be > 0, got {cpus_per_worker}")
-    if not gpus_per_worker >= 0:
-        raise ConfigError(f"ray_gpus_per_worker must be >= 0, got {gpus_per_worker}")
-    if engine not in IN_PROCESS_ENGINES:
-        raise ConfigError(
-            f"ray_engine must be one of {', '.join(IN_PROCESS_ENGINES)} (the engine each Ray worker "
-            f"trains with), got {engine!r}"
-        )
 
 
 __all__ = ["RayEngine", "assign", "check_options", "data_digest", "holdings", "import_ray", "shares"]

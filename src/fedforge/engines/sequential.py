@@ -10,10 +10,10 @@ from torch import nn
 
 from ..client import train_client
 from ..contract import ClientConfig, ClientUpdate, State
-from .base import ClientTask
+from .base import ClientTask, Engine
 
 
-class SequentialEngine:
+class SequentialEngine(Engine):
     """Trains the clients one at a time on a single scratch copy of the model."""
 
     name = "sequential"

@@ -43,7 +43,7 @@ from ..data.datasets import TensorData, call_model, concat, gather, leaves, mode
 from ..evaluation import evaluate
 from ..optim import LocalTerms, OptimizerState, State
 from ..strategies.base import CombinedUpdate, example_weighted
-from .base import ClientTask
+from .base import ClientTask, Engine
 from .sequential import SequentialEngine
 
 log = logging.getLogger("fedforge")
@@ -115,7 +115,7 @@ class _Unsupported(Exception):
     """The model cannot be trained by a batched kernel; the engine falls back."""
 
 
-class VectorizedEngine:
+class VectorizedEngine(Engine):
     """Trains many clients at once; results equal the sequential engine's up to float32 round-off.
 
     Args:
