@@ -1,0 +1,109 @@
+"""The Engine base: what an engine can do is declared there, with defaults, and read by the round loop."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_same_run, blobs
+from torch import nn
+
+from fedforge import ClientConfig, FederatedData, simulate
+from fedforge.data import iid
+from fedforge.engines import AutoEngine, Engine, SequentialEngine, VectorizedEngine
+from fedforge.engines.base import Traffic, as_engine
+from fedforge.engines.network import NetworkEngine
+from fedforge.engines.ray import RayEngine
+
+
+def problem():
+    train = blobs(300, seed=1)
+    return FederatedData(train, iid(len(train), 6, rng=np.random.default_rng(0)), blobs(100, seed=2))
+
+
+def run(engine=None, **kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    config = ClientConfig(batch_size=16, lr=0.1)
+    return simulate(model, problem(), rounds=2, clients_per_round=3, client=config, engine=engine, **kwargs)
+
+
+class Counting(Engine):
+    """The sequential engine, counting 10 bytes up and 1 down per client as if it sent messages."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.engine, self.up, self.down = SequentialEngine(), 0, 0
+
+    def run(self, model, global_state, tasks, config):
+        for update in self.engine.run(model, global_state, tasks, config):
+            self.up, self.down = self.up + 10, self.down + 1
+            yield update
+
+    def traffic(self):
+        return Traffic(self.up, self.down)
+
+
+class Plain:
+    """An engine as written before the base class: `name`, `run` and a declared capability."""
+
+    name = "plain"
+    works_ahead = True
+
+    def run(self, model, global_state, tasks, config):
+        return iter(list(SequentialEngine().run(model, global_state, tasks, config)))
+
+
+def test_every_engine_is_an_engine_and_declares_what_it_does():
+    for engine in (SequentialEngine, VectorizedEngine, AutoEngine, NetworkEngine, RayEngine):
+        assert issubclass(engine, Engine)
+    assert [e.works_ahead for e in (SequentialEngine, VectorizedEngine, AutoEngine, NetworkEngine, RayEngine)] == [
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert NetworkEngine.clients_privatize and not RayEngine.clients_privatize
+
+
+def test_the_base_declares_defaults_and_run_is_required():
+    engine = SequentialEngine()
+    assert (engine.works_ahead, engine.clients_privatize, engine.traffic()) == (False, False, None)
+    engine.close()  # nothing to release
+    with pytest.raises(TypeError, match="abstract"):
+        Engine()
+
+
+def test_an_engine_that_counts_traffic_has_each_rounds_bytes_recorded():
+    counted = run(Counting())
+    assert_same_run(run(), counted)
+    assert [r.metrics for r in counted.history.records] == [
+        {},
+        {"bytes_up": 30, "bytes_down": 3},
+        {"bytes_up": 30, "bytes_down": 3},
+    ]
+    assert all("bytes_up" not in r.metrics for r in run().history.records)  # an in-process engine sends none
+
+
+def test_an_engine_that_does_not_subclass_the_base_is_adopted_with_what_it_declares():
+    engine = as_engine(Plain())
+    assert isinstance(engine, Engine) and engine.name == "plain"
+    assert (engine.works_ahead, engine.clients_privatize, engine.traffic()) == (True, False, None)
+    sequential = SequentialEngine()
+    assert as_engine(sequential) is sequential
+    assert_same_run(run(), run(Plain()))
+    with pytest.raises(TypeError, match="run"):
+        as_engine(object())
+
+
+def test_traffic_since_is_the_difference():
+    assert Traffic(50, 7).since(Traffic(20, 2)) == {"bytes_up": 30, "bytes_down": 5}
+
+
+def test_the_settings_do_not_import_the_ray_engine():
+    code = "import sys, fedforge.config; print('fedforge.engines.ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
