@@ -88,8 +88,7 @@ def case(workload: str, engine: str, rounds: int, out: str) -> dict:
             seed=config.seed,
         )
     finally:
-        if hasattr(run_engine, "close"):
-            run_engine.close()
+        run_engine.close()
     torch.save(result.state.params, out)
     records = result.history.records[1:]
     return {
