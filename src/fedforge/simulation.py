@@ -1,4 +1,13 @@
-"""The round loop: select -> plan -> run clients -> transform -> aggregate -> evaluate -> record."""
+"""The round loop: select -> plan -> run clients -> transform -> aggregate -> evaluate -> record.
+
+`simulate` is the driver; each stage is a function of its own, in the order a round calls them:
+`_setup` (once: check the settings, build the clients' pool and the privacy stage), `_start`
+(round 0, or a resumed run's state), then per round `_train_round` (`_select_and_plan`,
+`_run_clients`, `_transform`, `_aggregate`, retried with a new selection when too few clients
+report), `_begin_ahead` (an engine that works ahead starts the next round now), `_evaluate` and
+`_record`. The stages read one frozen `_Run`; what changes from round to round (the server
+state, the clients' optimizer states) is passed from stage to stage.
+"""
 
 from __future__ import annotations
 
@@ -205,10 +214,14 @@ def simulate(
     over `data` for `rounds` rounds; the selected clients, their batches and so the final weights
     depend only on `seed` and the inputs, not on the engine (`engine`: any `Engine`).
 
+    Each round: select and plan -> run the clients -> transform (attacks, client-side privacy) ->
+    aggregate (server-side privacy, then the strategy) -> evaluate -> record; one function each.
+
     Args:
         clients_per_round: a count, or a float in (0, 1] for a fraction of the clients.
         scenario: unequal work, stragglers, dropouts and attacks (none by default).
-        eval_train: also evaluate the global model on all training data every round.
+        eval_train: also evaluate the global model on all training data every round (the
+            global objective that FedProx's paper plots).
         on_client: called with each update as it arrives (a CombinedUpdate stands for several
             clients when the engine sums them, as the Ray engine does for a linear strategy).
         on_round: called after every round (and after the initial evaluation, round 0).

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..contract import ClientConfig
 from ..errors import ConfigError
-from .base import ClientTask, Engine
+from .base import ClientTask, Engine, Traffic
 from .sequential import SequentialEngine
 from .vectorized import DEFAULT_MAX_MEMORY, VectorizedEngine, batched_kernel
 
@@ -105,6 +105,7 @@ __all__ = [
     "ClientTask",
     "Engine",
     "SequentialEngine",
+    "Traffic",
     "VectorizedEngine",
     "make_engine",
 ]

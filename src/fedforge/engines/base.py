@@ -61,7 +61,8 @@ class Engine(ABC):
     """Runs the selected clients' training; the base of every engine, with what an engine can do
     declared (and defaulted) here, so that the round loop reads it rather than probing for it.
 
-    Capabilities (class attributes; a subclass overrides what it does differently):
+    A subclass names itself (`name`, a class attribute) and implements `run`. Capabilities (class
+    attributes; a subclass overrides what it does differently):
 
     - `works_ahead`: `run` only hands the work to workers elsewhere and returns at once (the Ray
       engine). The round loop then begins each next round (its selection and tasks, and `run`)
