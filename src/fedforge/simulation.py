@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ class _Planned:
     """A round's attempt before it runs: who was selected, who dropped out, and the others' tasks."""
 
     selected: Sequence[int]
-    dropped: Sequence[int]
+    dropped: tuple[int, ...]
     tasks: Sequence[ClientTask]
 
 
@@ -141,7 +142,7 @@ class _Begun:
     """A round's attempt handed to the engine: who was selected, who dropped out, and the updates to come."""
 
     selected: Sequence[int]
-    dropped: Sequence[int]
+    dropped: tuple[int, ...]
     updates: Iterator[ClientUpdate]
 
 
@@ -152,7 +153,7 @@ class _Trained:
 
     state: ServerState
     selected: Sequence[int]
-    dropped: Sequence[int]
+    dropped: tuple[int, ...]
     metrics: dict[str, float]
     optimizer_states: dict[int, OptimizerState]
     at: float
@@ -279,7 +280,7 @@ def _setup(
     # The privacy stage clips each client's update: it needs them one by one.
     linear = getattr(strategy, "linear", False) and not client.task.keep_optimizer_state and privacy is None
     federated_test = None
-    if data.client_test is not None and sum(map(len, data.client_test)):
+    if data.client_test is not None and any(len(c) for c in data.client_test):
         federated_test = data.train.subset(np.concatenate(list(data.client_test)))
     return _Run(
         model=model.to(data.train.device),
@@ -408,6 +409,7 @@ def _select_and_plan(
     work, dropped = client_work(run.scenario, selected, sizes, run.client, run.seed, r)
     kept = [c for c in selected if c not in dropped]
     seeds = _seeding.derive_seeds(run.seed, _seeding.CLIENT_BATCHES, r, each=kept)
+    privacy: dict[str, Any] = run.dp.client_plan() if run.dp else {}  # clip and noise, for the clients to do
     tasks = [
         ClientTask(
             c,
@@ -419,7 +421,7 @@ def _select_and_plan(
                 run.strategy.plan(state, c),
                 epochs=work[c].epochs,
                 max_steps=work[c].max_steps,
-                **(run.dp.client_plan() if run.dp else {}),
+                **privacy,
             ),
             optimizer_states.get(c),
             summable=run.summable and c not in run.transformed,
@@ -511,13 +513,13 @@ def _record(
     return RoundRecord(
         round=state.round,
         clients=tuple(trained.selected) if trained else (),
-        test_loss=test and test.loss,
-        test_accuracy=test and test.accuracy,
+        test_loss=test.loss if test else None,
+        test_accuracy=test.accuracy if test else None,
         train_loss=train.get("loss"),
         train_accuracy=train.get("accuracy"),
-        federated_loss=fed and fed.loss,
-        federated_accuracy=fed and fed.accuracy,
-        global_train_loss=on_train and on_train.loss,
+        federated_loss=fed.loss if fed else None,
+        federated_accuracy=fed.accuracy if fed else None,
+        global_train_loss=on_train.loss if on_train else None,
         seconds=time.perf_counter() - started,
         train_seconds=(trained.at if trained else started) - started,
         dropped=trained.dropped if trained else (),
