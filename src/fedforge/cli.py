@@ -14,6 +14,9 @@ from pathlib import Path
 from .config import Config, field_types, settings
 from .errors import ConfigError, DivergenceError, FedforgeError, OutputError
 
+if typing.TYPE_CHECKING:
+    from .compare import RoundDone
+
 log = logging.getLogger("fedforge")
 
 EXIT_USAGE = 2
@@ -159,6 +162,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         checkpoint_key=_checkpoint_key(args),
     )
     final = outcome.history.final
+    print(f"engine: {outcome.engine}")  # which one trained the clients: auto's pick, or a fallback and why
     print(
         f"final {headline(final, config.client_config().task.primary)} after {final.round} rounds; "
         f"outputs in {outcome.run_dir}"
@@ -202,7 +206,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import time
 
-    from .compare import compare, variants_from_file, write_comparison
+    from .compare import compare, variant_configs, variants_from_file, write_comparison
 
     # The shared settings, checked key by key; as a whole only within each run, which may complete
     # them (a --noise-multiplier for runs that each set dp in the runs file).
@@ -215,17 +219,45 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     name = base.pop("name", None) or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     root = base.get("out_dir", Config.__dataclass_fields__["out_dir"].default)
     out_dir = Path(root) / name
-    runs = compare(
-        base,
-        variants,
-        out_dir=out_dir,
-        jobs=args.jobs,
-        resume=args.resume,
-        trackers=_trackers(base, root, comparison=name),
-    )
+    rounds = sum(c.rounds for c in variant_configs(base, variants, out_dir=out_dir).values())
+    with _RoundsShown(rounds, quiet=args.quiet) as shown:
+        runs = compare(
+            base,
+            variants,
+            out_dir=out_dir,
+            jobs=args.jobs,
+            resume=args.resume,
+            trackers=_trackers(base, root, comparison=name),
+            on_round=shown,
+        )
     print(write_comparison(runs, out_dir, target=args.target, title=name))
     print(f"outputs in {out_dir}: comparison.md, comparison.csv, comparison.png, and a folder per run")
     return 0
+
+
+class _RoundsShown:
+    """compare's progress: a line per finished round of each run, or on a terminal one bar over
+    every run's rounds (`rounds` in all) showing the latest; nothing when `quiet`."""
+
+    def __init__(self, rounds: int, *, quiet: bool):
+        from tqdm.auto import tqdm
+
+        self.quiet = quiet
+        self.bar = tqdm(total=rounds, unit="round", leave=False) if sys.stdout.isatty() and not quiet else None
+
+    def __call__(self, done: RoundDone) -> None:
+        if self.bar is not None:
+            self.bar.update(1 if done.record.round else 0)
+            self.bar.set_postfix_str(done.line())
+        elif not self.quiet:
+            print(done.line(), flush=True)
+
+    def __enter__(self) -> _RoundsShown:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _secure_aggregation(args: argparse.Namespace):
@@ -481,7 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the runs already in OUT_DIR/NAME from their last "
         "completed round (finished ones are reported as they are); needs --name",
     )
-    comp.add_argument("-q", "--quiet", action="store_true", help="(runs never show progress bars)")
+    comp.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress (a line per finished round, or a bar on a terminal)"
+    )
     _add_tracking_flags(comp, compare=True)
     _add_config_flags(comp, _COMPARE_KEYS)
     comp.set_defaults(handler=_cmd_compare)

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from .data.partition import partition, split_holdout
 from .data.shakespeare import load_shakespeare
 from .data.synthetic import synthetic
 from .data.tabular import load_file_dataset, parse_source, source_label
-from .engines import make_engine
+from .engines import EngineChoice, engine_choice, make_engine
 from .errors import ConfigError
 from .history import History, RoundRecord
 from .models import build_model, check_fits
@@ -155,9 +155,13 @@ def make_run_engine(config: Config, *, combine: bool = False):
 
 @dataclass
 class RunOutcome:
+    """A finished run: its folder, history, final state, and the engine that trained its clients
+    (`engine`: auto's pick, or the sequential engine the vectorized one fell back to, and why)."""
+
     run_dir: Path
     history: History
     state: ServerState | None
+    engine: EngineChoice | None = None
 
 
 def check_output(config: Config) -> Path:
@@ -225,6 +229,7 @@ def run_experiment(
     trackers: Sequence[Tracker] = (),
     prepared: Prepared | None = None,
     checkpoint_key: bytes | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
 ) -> RunOutcome:
     """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`.
 
@@ -238,6 +243,7 @@ def run_experiment(
     `prepared`: `prepare(config, resume=resume)`'s result when the caller has it already.
     `checkpoint_key`: sign the checkpoints with it (HMAC-SHA256), and resume only one so signed:
     a secret kept outside the run folder, so that writing there is not enough to forge one.
+    `on_round`: called with each round's record once it is saved (compare's progress lines).
     """
     for tracker in trackers:  # a missing library: say so before the data loads
         tracker.prepare()
@@ -266,7 +272,7 @@ def run_experiment(
     tracked = [tracker.start(config, run_dir) for tracker in trackers]
     clients: dict[int, dict[str, float]] = {}  # the round's clients' training metrics, for the trackers
 
-    def on_round(record: RoundRecord, state: ServerState) -> None:
+    def recorded(record: RoundRecord, state: ServerState) -> None:
         records.append(record)
         last[:] = [state]
         # The checkpoint first: the outputs (history.json, model.pt) are never ahead of it, so a
@@ -281,6 +287,8 @@ def run_experiment(
         for run in tracked:
             run.round(record, {c: clients[c] for c in record.clients if c in clients})
         clients.clear()
+        if on_round is not None:
+            on_round(record)
 
     def on_client(update) -> None:
         bar.update(len(update.client_ids) if isinstance(update, CombinedUpdate) else 1)
@@ -301,7 +309,7 @@ def run_experiment(
             eval_batch_size=config.eval_batch_size,
             eval_train=config.eval_train,
             on_client=on_client,
-            on_round=on_round,
+            on_round=recorded,
             resume=(start[0], start[1].records) if start else None,
             privacy=privacy,
             sampling=config.sampling,
@@ -317,7 +325,7 @@ def run_experiment(
             plot_history(History(records), run_dir / "accuracy.png", title=config.name, metric=primary)
         for run in tracked:  # after the plot: it is one of their artifacts
             run.finish(error)
-    return RunOutcome(run_dir, History(records), last[0] if last else None)
+    return RunOutcome(run_dir, History(records), last[0] if last else None, engine_choice(run_engine))
 
 
 __all__ = [
