@@ -11,6 +11,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import __version__
 from .config import Config, field_types, settings
 from .errors import ConfigError, DivergenceError, FedforgeError, OutputError
 
@@ -477,6 +478,7 @@ _KEY_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedforge", description="Federated learning simulations and deployments.")
+    parser.add_argument("--version", action="version", version=f"fedforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a federated experiment (defaults: the tutorial's)")
