@@ -304,3 +304,45 @@ def test_compare_simulations_reports_a_diverging_run_and_refuses_nothing_to_comp
     assert runs[1].history.final.round == 0 and "diverged in round 1" in ff.comparison_table(runs)
     with pytest.raises(ConfigError, match="nothing to compare"):
         ff.compare_simulations(model, data, {}, rounds=1, clients_per_round=1)
+
+
+def test_compare_shows_a_progress_bar_on_a_terminal(tmp_path):
+    """stdout a terminal: one bar (tqdm, on stderr) over every run's rounds instead of the lines."""
+    import os
+    import pty
+
+    main_end, terminal = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedforge",
+                "compare",
+                *("--dataset", "synthetic", "--num-clients", "6", "--clients-per-round", "3", "--model", "logreg"),
+                *("--rounds", "2", "--strategies", "fedavg", "median", "--out-dir", str(tmp_path), "--name", "c"),
+            ],
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=bound(PROCESS_S),
+        )
+        os.close(terminal)
+        out = b""
+        while chunk := _read_or_none(main_end):
+            out += chunk
+    finally:
+        os.close(main_end)
+    assert proc.returncode == 0, proc.stderr
+    text = out.decode()
+    assert "| fedavg |" in text and "round 1/2" not in text  # the table; no progress lines
+    assert "/4 [" in proc.stderr and "median: round 2/2" in proc.stderr  # 2 runs x 2 rounds, the latest shown
+
+
+def _read_or_none(fd: int) -> bytes | None:
+    import os
+
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # the terminal's other end is closed: all read
+        return None
