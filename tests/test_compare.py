@@ -304,6 +304,8 @@ def test_compare_simulations_reports_a_diverging_run_and_refuses_nothing_to_comp
     assert runs[1].history.final.round == 0 and "diverged in round 1" in ff.comparison_table(runs)
     with pytest.raises(ConfigError, match="nothing to compare"):
         ff.compare_simulations(model, data, {}, rounds=1, clients_per_round=1)
+    with pytest.raises(ConfigError, match="run 'a': on_round is compare_simulations' own"):
+        ff.compare_simulations(model, data, {"a": {"on_round": print}}, rounds=1, clients_per_round=1)
 
 
 def test_compare_shows_a_progress_bar_on_a_terminal(tmp_path):
