@@ -18,7 +18,7 @@ HEADER = """# The command line
 
 Every setting of `fedforge run` is also a key of its `--config` TOML file (`--local-epochs 2` is
 `local_epochs = 2`); a flag overrides the file. Bad input is one line naming the value and what is
-allowed, exit status 2.
+allowed, exit status 2. Every command also takes `-h`, `--help`.
 """
 
 
