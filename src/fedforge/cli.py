@@ -483,7 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a federated experiment (defaults: the tutorial's)")
     run.add_argument("--config", help="TOML file of settings; flags override it")
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars (shown only on a terminal: the run's clients, a dataset's download)",
+    )
     run.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -593,7 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
     srv.add_argument("--checkpoint-key-file", metavar="FILE", help=_KEY_HELP)
-    srv.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    srv.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars (shown only on a terminal: the run's clients, a dataset's download)",
+    )
     srv.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     srv.add_argument(
         "--dashboard",
@@ -772,7 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     part = sub.add_parser("partition", help="show how a partition splits the data across clients")
     part.add_argument("--config", help="TOML file of settings; flags override it")
     part.add_argument("--plot", help="write a per-client label histogram to this PNG")
-    part.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    part.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar for a dataset's download (shown only on a terminal)"
+    )
     _add_config_flags(part, PARTITION_KEYS)
     part.set_defaults(handler=_cmd_partition)
 
