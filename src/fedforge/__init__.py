@@ -10,7 +10,7 @@ from . import data, engines, models, strategies
 from .app import ClientApp
 from .client import ClientConfig, ClientPlan, ClientUpdate, train_client
 from .config import Config
-from .data import Dataset, TensorData, load_dataset
+from .data import Dataset, FederatedData, TensorData, load_dataset
 from .engines import AutoEngine, ClientTask, Engine, SequentialEngine, VectorizedEngine, make_engine
 from .errors import ConfigError, DataError, DivergenceError, FedforgeError
 from .evaluation import Evaluation, evaluate
@@ -18,7 +18,7 @@ from .experiment import run_experiment
 from .history import History, RoundRecord
 from .models import build_model
 from .scenarios import Scenario
-from .simulation import FederatedData, SimulationResult, select_clients, simulate
+from .simulation import SimulationResult, select_clients, simulate
 from .strategies import STRATEGIES, FedAvg, RunInfo, ServerState, Strategy, fedavg, make_strategy
 from .tasks import CLASSIFICATION, LANGUAGE_MODEL, REGRESSION, TASKS, Task, make_task
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fedforge as ff
+from fedforge.data import FederatedData
 from fedforge.data.datasets import TensorData
 from fedforge.errors import DataError
-from fedforge.simulation import FederatedData
 
 N, A, B, CLASSES = 120, 5, 3, 4
 

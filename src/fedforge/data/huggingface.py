@@ -2,7 +2,7 @@
 
 PATH is a folder written by `save_to_disk`: a DatasetDict with a `train` and a `test` split (or
 `validation` when there is no `test`), or a single Dataset, split 80/20 like the tables of
-tabular.py; or a Parquet file, or a folder of them (files named train* and test* are those
+tables.py; or a Parquet file, or a folder of them (files named train* and test* are those
 splits; otherwise all the files are one table, split 80/20).
 
 Columns become tensors as they are, not standardized (prepare them with `Dataset.map` first):
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from . import tables
 from .datasets import Dataset, TensorData
-from .tabular import MAX_BYTES, MAX_COLUMNS, parquet_files, read_parquet, split_indices, targets
+from .tables import parquet_files, read_parquet, split_indices, targets
 
 
 def _import_datasets():
@@ -52,19 +53,19 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
             f"regression, language-model), not {task!r}"
         )
     hf = _import_datasets()
-    tables, features = _read(Path(path), hf)
+    splits, features = _read(Path(path), hf)
     where = str(path)
-    columns = list(next(iter(tables.values())).column_names)
-    if len(columns) > MAX_COLUMNS:
-        raise DataError(f"{where} has {len(columns)} columns, more than fedforge reads ({MAX_COLUMNS})")
-    size = sum(table.nbytes for table in tables.values())
-    if size > MAX_BYTES:
-        raise DataError(f"{where} holds {size} bytes of data, more than fedforge reads ({MAX_BYTES})")
-    for split, table in tables.items():
+    columns = list(next(iter(splits.values())).column_names)
+    if len(columns) > tables.MAX_COLUMNS:
+        raise DataError(f"{where} has {len(columns)} columns, more than fedforge reads ({tables.MAX_COLUMNS})")
+    size = sum(table.nbytes for table in splits.values())
+    if size > tables.MAX_BYTES:
+        raise DataError(f"{where} holds {size} bytes of data, more than fedforge reads ({tables.MAX_BYTES})")
+    for split, table in splits.items():
         if set(table.column_names) != set(columns):
             raise DataError(
                 f"{where}: split {split!r} has columns {', '.join(table.column_names)}, but "
-                f"{next(iter(tables))!r} has {', '.join(columns)}"
+                f"{next(iter(splits))!r} has {', '.join(columns)}"
             )
         if table.num_rows == 0:
             raise DataError(f"{where}: split {split!r} has no rows")
@@ -74,9 +75,9 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
     if not inputs:
         raise DataError(f"{where} has only the target column {target!r}: no inputs to learn from")
 
-    xs = {split: {c: _tensor(array(table.column(c), c, where)) for c in inputs} for split, table in tables.items()}
+    xs = {split: {c: _tensor(array(table.column(c), c, where)) for c in inputs} for split, table in splits.items()}
     ys, num_classes = _targets(
-        [table.column(target) for table in tables.values()],
+        [table.column(target) for table in splits.values()],
         features.get(target),
         task=task,
         column=target,
