@@ -25,6 +25,8 @@ Limits: at most MAX_COLUMNS columns and MAX_BYTES of Arrow data. Needs `datasets
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,54 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
         train_rows, test_rows = split_indices(len(parts[0]))
         train, test = parts[0].subset(train_rows), parts[0].subset(test_rows)
     return Dataset(name or f"hf-{Path(path).stem}", train, test, num_classes=num_classes)
+
+
+def is_hf_dataset(data) -> bool:
+    """Whether `data` is a Hugging Face `datasets.Dataset` (datasets is not imported for it: whoever
+    holds one has imported it already)."""
+    hf = sys.modules.get("datasets")
+    return hf is not None and isinstance(data, hf.Dataset)
+
+
+def hf_tensors(
+    dataset, *, target: int | str | Sequence[int | str] = -1, inputs: int | str | Sequence[int | str] | None = None
+) -> TensorData:
+    """A `datasets.Dataset` in memory, its columns read once as tensors and split into inputs and
+    target as `TensorData.from_batch` splits a dict of them.
+
+    `target` and `inputs` name columns, or give their positions (a task's `target` and
+    `inputs`). The default target, -1, is the column "label" when there is one, else the last
+    column; the default inputs are all the other columns (one alone, several as a dict). The
+    columns are read in the dataset's format, torch when none is set (so that an `Image`
+    column becomes a uint8 tensor, channels first; a `with_transform` of yours runs as it is); 8-bit images are
+    scaled to float32 in [0, 1], as torchvision's ToTensor does, other numbers kept as they come.
+    """
+    batch = dataset[:] if dataset.format["type"] is not None else dataset.with_format("torch")[:]
+    columns = list(batch)
+
+    def named(key):
+        if isinstance(key, int) and not isinstance(key, bool):
+            if not -len(columns) <= key < len(columns):
+                raise DataError(f"the datasets.Dataset has no column {key} (it has: {', '.join(columns)})")
+            return columns[key]
+        return key
+
+    if target == -1 and "label" in columns:
+        target = "label"
+    target = [named(k) for k in target] if isinstance(target, (list, tuple)) else named(target)
+    if inputs is not None:
+        inputs = [named(k) for k in inputs] if isinstance(inputs, (list, tuple)) else named(inputs)
+    tensors = {}
+    for name, values in batch.items():
+        if isinstance(values, np.ndarray):
+            values = torch.from_numpy(values)
+        if not isinstance(values, torch.Tensor):
+            raise DataError(
+                f"column {name!r} of the datasets.Dataset is not one tensor (it holds {type(values).__name__}: "
+                f"text, or items of different shapes); tokenize, pad or resize it first, or drop it (remove_columns)"
+            )
+        tensors[name] = values.float() / 255 if values.dtype == torch.uint8 and values.dim() > 1 else values
+    return TensorData.from_batch(tensors, target=target, inputs=inputs)
 
 
 def _read(path: Path, hf) -> tuple[dict, object]:
@@ -217,4 +267,4 @@ def _targets(columns: list, feature, *, task: str, column: str, where: str, hf) 
     raise AssertionError(task)  # load_hf checked it
 
 
-__all__ = ["array", "load_hf"]
+__all__ = ["array", "hf_tensors", "is_hf_dataset", "load_hf"]
