@@ -174,7 +174,7 @@ def test_a_hugging_face_image_column_becomes_floats_in_0_1():
     torch.testing.assert_close(data.x, torch.from_numpy(images).float().unsqueeze(1) / 255)
     assert data.y.tolist() == [0, 1, 1, 0]
     text = hf.Dataset.from_dict({"text": ["a", "bb"], "label": [0, 1]})
-    with pytest.raises(DataError, match="column 'text' of the datasets.Dataset is not one tensor"):
+    with pytest.raises(DataError, match=r"column 'text' of the datasets\.Dataset is not one tensor"):
         ff.CLASSIFICATION.data(text)
 
 
