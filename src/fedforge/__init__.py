@@ -11,7 +11,7 @@ from .app import ClientApp
 from .client import ClientConfig, ClientPlan, ClientUpdate, train_client
 from .compare import ComparedRun, RoundDone, compare_simulations, comparison_table, plot_comparison, write_comparison
 from .config import Config
-from .data import Dataset, TensorData, load_dataset
+from .data import Dataset, FederatedData, TensorData, load_dataset
 from .engines import (
     AutoEngine,
     ClientTask,
@@ -28,7 +28,7 @@ from .experiment import run_experiment
 from .history import History, RoundRecord
 from .models import build_model
 from .scenarios import Scenario
-from .simulation import FederatedData, SimulationResult, select_clients, simulate
+from .simulation import SimulationResult, select_clients, simulate
 from .strategies import STRATEGIES, FedAvg, RunInfo, ServerState, Strategy, fedavg, make_strategy
 from .tasks import CLASSIFICATION, LANGUAGE_MODEL, REGRESSION, TASKS, Task, make_task
 

@@ -6,7 +6,7 @@ them), and keeps, for the whole run, the pool of the clients it trains: a fixed 
 (consecutive ids, about 1/workers of the examples, and a tenth more from each neighbour's share,
 so that a selected client there goes to whichever of its two workers has less work that round:
 `holdings`, `assign`), rebuilt exactly as the round loop builds its pool
-(`simulation.client_pool`: partition, layout, label_flip poisoning). The run's clients live
+(`data.client_pool`: partition, layout, label_flip poisoning). The run's clients live
 split across the workers, so a worker's memory shrinks as workers are added. Per round only this
 travels: the global weights, put in the object store once and read by every worker; each
 selected client's task (its id, batch seed, plan, and optimizer state if its task keeps one), to
@@ -38,7 +38,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,14 +46,12 @@ from torch import nn
 
 from ..contract import ClientConfig, ClientPlan, ClientUpdate, OptimizerState, State
 from ..data.datasets import TensorData, leaves
+from ..data.federated import FederatedData, client_pool
 from ..errors import ConfigError, FedforgeError
-from ..scenarios import Scenario
+from ..scenarios import Scenario, label_flipped
 from ..strategies.base import CombinedUpdate, combine_updates
 from . import IN_PROCESS_ENGINES
 from .base import ClientTask
-
-if TYPE_CHECKING:
-    from ..simulation import FederatedData
 
 log = logging.getLogger("fedforge")
 
@@ -241,14 +239,11 @@ class _Worker:
     def _pool(self, config: ClientConfig) -> tuple[TensorData, list[int], str]:
         """This worker's clients' pool, built on the first call (it needs the task's data layout) and kept."""
         if self.pool is None:
-            from ..simulation import client_pool
-
             data = self.data
             pool, starts = client_pool(
                 config.task.data(data.train).to(self.device),
                 data.partition,
-                self.scenario,
-                self.seed,
+                flipped=label_flipped(self.scenario, len(data.partition), self.seed),
                 clients=self.clients,
             )
             self.pool = pool, starts, data_digest(pool)
