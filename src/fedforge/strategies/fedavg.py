@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..client import ClientPlan, State
 from ..errors import ConfigError
 from ..reductions import Update
-from .base import ServerState, StrategyBase, check_server_lr
-from .server_optimizers import mean_then_step, plain, step_from_mean
+from .base import RunInfo, ServerState, StrategyBase, check_server_lr
+from .server_optimizers import initial_momentum, mean_then_step, plain, step_from_mean
 from .server_optimizers import momentum as server_momentum
 
 
@@ -64,6 +64,9 @@ class FedAvgM(StrategyBase):
         check_server_lr(self.server_lr)
         if not 0 <= self.server_momentum < 1:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
+
+    def init(self, params: State, run: RunInfo) -> ServerState:
+        return replace(super().init(params, run), strategy_state=initial_momentum(params))
 
     def aggregate(self, state: ServerState, updates: Iterable[Update]) -> ServerState:
         return fedavgm(state, updates, server_lr=self.server_lr, momentum=self.server_momentum)

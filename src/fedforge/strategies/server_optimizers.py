@@ -43,10 +43,11 @@ def plain(mean: State, kept: StrategyState | None) -> tuple[State, StrategyState
 
 
 def momentum(beta: float) -> Rule:
-    """FedAvgM (Hsu et al. 2019): v <- beta * v + mean delta; the step is v (v starts at 0)."""
+    """FedAvgM (Hsu et al. 2019): v <- beta * v + mean delta; the step is v (v starts at 0,
+    `initial_momentum`)."""
 
     def rule(mean: State, kept: StrategyState | None) -> tuple[State, StrategyState | None]:
-        previous = kept.velocity if isinstance(kept, Momentum) else None
+        previous = kept.velocity if isinstance(kept, Momentum) else None  # None: a bare ServerState, v = 0
         velocity = {
             k: beta * previous[k] + v if previous is not None else v.clone()
             for k, v in mean.items()
@@ -83,6 +84,11 @@ def adaptive(kind: str, *, beta1: float, beta2: float, tau: float) -> Rule:
         return step, Moments(m, v)
 
     return rule
+
+
+def initial_momentum(params: State) -> Momentum:
+    """Server momentum's state before round 1: v = 0 for each float entry."""
+    return Momentum({k: torch.zeros_like(v) for k, v in params.items() if v.is_floating_point()})
 
 
 def initial_moments(params: State, tau: float) -> Moments:
