@@ -40,6 +40,7 @@ def check_linear(strategy: Strategy | str, what: str) -> None:
     """A one-line ConfigError unless `strategy` (or the built-in strategy of that name) is a
     `LinearStrategy`: `what` (e.g. "differential privacy") serves only such strategies. The
     reason given is the strategy's own (`StrategyBase.needs_each_update`)."""
+    found: Strategy | None
     if isinstance(strategy, str):
         name, cls = strategy, STRATEGIES.get(strategy)  # None: no such built-in
         found = cls() if cls is not None else None

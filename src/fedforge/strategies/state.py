@@ -40,8 +40,9 @@ class StrategyState:
 
 def _kinds(cls: type) -> list[type]:
     """The dataclasses among `cls`'s subclasses, at any depth."""
-    found = []
-    for sub in cls.__subclasses__():
+    found: list[type] = []
+    subclasses: list[type] = cls.__subclasses__()
+    for sub in subclasses:
         if dataclasses.is_dataclass(sub):
             found.append(sub)
         found.extend(_kinds(sub))
