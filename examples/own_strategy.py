@@ -14,7 +14,8 @@ import numpy as np
 import fedforge as ff
 from fedforge.data import quantity
 from fedforge.data.bundled import load_bundled
-from fedforge.strategies.base import RunningMean, StrategyBase
+from fedforge.reductions import RunningMean
+from fedforge.strategies.base import StrategyBase
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ from .engines import EngineChoice, engine_choice, make_engine
 from .errors import ConfigError
 from .history import History, RoundRecord
 from .models import build_model, check_fits
+from .reductions import PartialSum
 from .report import headline, plot_history, round_line, write_history, write_model
 from .simulation import clients_per_round_count, simulate
-from .strategies import CombinedUpdate, RunInfo, ServerState
+from .strategies import RunInfo, ServerState
 from .tracking import Tracker, client_metrics
 
 
@@ -224,7 +225,7 @@ def run_experiment(
             on_round(record)
 
     def on_client(update) -> None:
-        bar.update(len(update.client_ids) if isinstance(update, CombinedUpdate) else 1)
+        bar.update(len(update.client_ids) if isinstance(update, PartialSum) else 1)
         if tracked and (metrics := client_metrics(update)) is not None:
             clients[update.client_id] = metrics
 

@@ -22,7 +22,7 @@ from .history import History, RoundRecord
 from .privacy.run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
 from .privacy.sampling import poisson_sample
 from .scenarios import Scenario, attack_update, client_work, label_flipped, malicious_clients
-from .strategies import FedAvg, RunInfo, ServerState, Strategy
+from .strategies import FedAvg, LinearStrategy, RunInfo, ServerState, Strategy
 
 log = logging.getLogger("fedforge")
 
@@ -110,7 +110,7 @@ def _running(
 def _keep_optimizer_states(updates: Iterable[ClientUpdate], kept: dict) -> Iterator[ClientUpdate]:
     """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
     for update in updates:
-        if update.optimizer_state is not None:
+        if isinstance(update, ClientUpdate) and update.optimizer_state is not None:
             kept[update.client_id] = update.optimizer_state
         yield update
 
@@ -149,7 +149,7 @@ def simulate(
         scenario: unequal work, stragglers, dropouts and attacks (none by default).
         eval_train: also evaluate the global model on all clients' training data every round
             (the global objective that FedProx's paper plots).
-        on_client: called with each client update as it arrives (a CombinedUpdate stands for several
+        on_client: called with each client update as it arrives (a PartialSum stands for several
             clients when the engine sums them, as the Ray engine does for a linear strategy).
         on_round: called after every round (and after the initial evaluation, round 0).
         resume: the state and records of the rounds already completed, to continue a run
@@ -180,13 +180,14 @@ def simulate(
     # not of the clients whose own update a later stage transforms (the scenario's update attacks)
     # or whose optimizer state must come back.
     # The privacy stage clips each client's update: it needs them one by one.
-    linear = getattr(strategy, "linear", False) and not client.task.keep_optimizer_state and privacy is None
+    linear = isinstance(strategy, LinearStrategy) and not client.task.keep_optimizer_state and privacy is None
     transformed = malicious if scenario.attack not in (None, "label_flip") else frozenset()
 
     def attacked(updates: Iterable[ClientUpdate], round_: int) -> Iterator[ClientUpdate]:
         """The scenario's transform stage: malicious clients' updates as their attack makes them."""
         for update in updates:
-            yield attack_update(update, scenario, seed, round_) if update.client_id in malicious else update
+            attacker = isinstance(update, ClientUpdate) and update.client_id in malicious
+            yield attack_update(update, scenario, seed, round_) if attacker else update
 
     federated_test = None
     if data.client_test is not None and sum(map(len, data.client_test)):

@@ -12,8 +12,8 @@ travels: the global weights, put in the object store once and read by every work
 selected client's task (its id, batch seed, plan, and optimizer state if its task keeps one), to
 a worker that holds it; and the answers. Each worker trains its selected clients with its
 in-process engine (auto, vectorized, sequential, bounded by max_memory as in process) and answers
-with one `CombinedUpdate` for the clients the round loop lets it sum (`ClientTask.summable`: the
-strategy is linear, `StrategyBase.linear`) and with the own update of every other client. Tensors
+with one `PartialSum` for the clients the round loop lets it sum (`ClientTask.summable`: the
+strategy is a `LinearStrategy`) and with the own update of every other client. Tensors
 travel as NumPy arrays (`_sent`), which Ray's object store passes without pickling. `run` only
 sends the work (`works_ahead`): the round loop begins the next round before it evaluates the last,
 so the workers train while the driver evaluates.
@@ -48,8 +48,8 @@ from ..contract import ClientConfig, ClientPlan, ClientUpdate, OptimizerState, S
 from ..data.datasets import TensorData, leaves
 from ..data.federated import FederatedData, client_pool
 from ..errors import ConfigError, FedforgeError
+from ..reductions import PartialSum, Update, combine_updates
 from ..scenarios import Scenario, label_flipped
-from ..strategies.base import CombinedUpdate, combine_updates
 from . import IN_PROCESS_ENGINES
 from .base import ClientTask
 
@@ -98,6 +98,8 @@ def _mapped(value, leaf: Callable):
         return OptimizerState(leaf(value.step), {s: _mapped(t, leaf) for s, t in value.slots.items()})
     if isinstance(value, ClientUpdate):
         return replace(value, delta=_mapped(value.delta, leaf), optimizer_state=_mapped(value.optimizer_state, leaf))
+    if isinstance(value, PartialSum):
+        return replace(value, mean_delta=_mapped(value.mean_delta, leaf))
     raise TypeError(f"cannot move a {type(value).__name__}")
 
 
@@ -260,8 +262,8 @@ class _Worker:
 
     def train(
         self, global_state: State, model: list, jobs: Sequence[_Job], config: ClientConfig, digest: str
-    ) -> list[ClientUpdate]:
-        """Train `jobs`' clients from `global_state`: one CombinedUpdate for the summable ones (first),
+    ) -> list[Update]:
+        """Train `jobs`' clients from `global_state`: one PartialSum for the summable ones (first),
         then each other client's update, in job order, as they travel (`_sent`)."""
         if self.error is not None:
             raise ConfigError(f"a Ray worker cannot load the run's data: {self.error}")
@@ -300,12 +302,12 @@ class _Worker:
                 )
             )
         summable = {job.client_id: job.summable for job in jobs}
-        own: list[ClientUpdate] = []
+        own: list[Update] = []
 
-        def summed(updates: Iterator[ClientUpdate]) -> Iterator[ClientUpdate]:
+        def summed(updates: Iterator[Update]) -> Iterator[Update]:
             # Running sum: the worker holds one model-sized buffer for all its summable clients.
-            for update in updates:  # a CombinedUpdate: the engine summed summable clients itself
-                if isinstance(update, CombinedUpdate) or summable[update.client_id]:
+            for update in updates:  # a PartialSum: the engine summed summable clients itself
+                if isinstance(update, PartialSum) or summable[update.client_id]:
                     yield update
                 else:
                     own.append(_sent(update))
@@ -536,7 +538,7 @@ class RayEngine:
 
     def run(
         self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
-    ) -> Iterator[ClientUpdate]:
+    ) -> Iterator[Update]:
         """Send the tasks to the workers now; the iterator hands on their answers as they come."""
         if not tasks:
             return iter(())
@@ -573,10 +575,10 @@ class RayEngine:
         ]
         return self._answers(pending, jobs, next(iter(global_state.values())).device)
 
-    def _answers(self, pending: list, jobs: Sequence[_Job], device: torch.device) -> Iterator[ClientUpdate]:
+    def _answers(self, pending: list, jobs: Sequence[_Job], device: torch.device) -> Iterator[Update]:
         # Each worker's sum of its summable clients, then every other update in task order (as the
         # in-process engines hand them on), whichever worker finishes first.
-        own: dict[int, ClientUpdate] = {}
+        own: dict[int, Update] = {}
         for worker, positions, ref in pending:
             answers = self._answer(worker, ref)
             unsummed = [j for j in positions if not jobs[j].summable]
@@ -587,7 +589,7 @@ class RayEngine:
         for j in sorted(own):
             yield _received(own[j], device)
 
-    def _answer(self, worker: int, ref) -> list[ClientUpdate]:
+    def _answer(self, worker: int, ref) -> list[Update]:
         """A worker's answers; Ray's own errors turned into one line (a client's, e.g. divergence, as it is)."""
         ray = self._ray
         try:

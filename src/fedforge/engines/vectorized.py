@@ -42,7 +42,7 @@ from ..contract import ClientConfig, ClientUpdate
 from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args, tree_map
 from ..evaluation import evaluate
 from ..optim import LocalTerms, OptimizerState, State
-from ..strategies.base import CombinedUpdate, example_weighted
+from ..reductions import PartialSum, Update, example_weighted
 from .base import ClientTask
 from .choice import EngineChoice
 from .sequential import SequentialEngine
@@ -125,7 +125,7 @@ class VectorizedEngine:
             data's device. Rounds with more clients are processed chunk by chunk, so memory
             does not grow with the number of clients per round.
         combine: hand a chunk whose clients are all `ClientTask.summable` back as one
-            CombinedUpdate, summed in one pass (what a Ray worker sends anyway); by default each
+            PartialSum, summed in one pass (what a Ray worker sends anyway); by default each
             client's update, which the round loop's per-client metrics and trackers see.
 
     `choice` says what trained the last round's clients: this engine and its kernel, or the
@@ -145,7 +145,7 @@ class VectorizedEngine:
 
     def run(
         self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
-    ) -> Iterator[ClientUpdate]:
+    ) -> Iterator[Update]:
         if not tasks:
             return
         kernel = None
@@ -378,8 +378,8 @@ class _Chunk:
 
 def _combined(
     tasks: Sequence[ClientTask], chunk: _Chunk, global_state: State, config: ClientConfig
-) -> CombinedUpdate | None:
-    """The chunk's updates as the one CombinedUpdate `combine_updates` would make of them, in one
+) -> PartialSum | None:
+    """The chunk's updates as the one PartialSum `combine_updates` would make of them, in one
     pass over the stacked parameters (a weighted sum of the rows, less the global state) instead of
     one per client for the deltas, one for the finite check and one per client for the sum.
 
@@ -406,16 +406,7 @@ def _combined(
         if not torch.isfinite(row.sum()):
             return None
         mean[k] = row
-    return CombinedUpdate(
-        -1,
-        mean,
-        total,
-        sum(schedule.steps),
-        metrics["loss"],
-        metrics.get("accuracy"),
-        metrics=metrics,
-        client_ids=tuple(t.client_id for t in tasks),
-    )
+    return PartialSum(mean, total, sum(schedule.steps), tuple(t.client_id for t in tasks), metrics=metrics)
 
 
 def _updates(
