@@ -20,8 +20,10 @@ import tomli_w
 from .client import ClientConfig
 from .data.bundled import BUNDLED
 from .data.datasets import DATASETS
+from .data.federated import Split
 from .data.partition import PARTITIONS
-from .data.tabular import parse_source
+from .data.sources import Request
+from .data.tables import parse_source
 from .engines import ENGINES, IN_PROCESS_ENGINES
 from .engines.ray_options import check_options as check_ray_options
 from .errors import ConfigError
@@ -31,7 +33,7 @@ from .privacy.mechanism import MODES
 from .privacy.run import SAMPLINGS, DifferentialPrivacy
 from .scenarios import ATTACKS, Scenario, parse_epochs_dist
 from .strategies import STRATEGIES, make_strategy
-from .tasks import OPTIMIZERS, TASKS, make_task
+from .tasks import OPTIMIZERS, TARGETS, TASKS, make_task
 
 
 def _opt(default, help: str, choices: typing.Iterable[str] | None = None):
@@ -255,6 +257,38 @@ class Config:
             attack=self.attack,
             malicious_fraction=self.malicious_fraction,
             attack_scale=self.attack_scale,
+        )
+
+    def data_request(self, *, progress: bool = True) -> Request:
+        """How `data.load` loads this run's dataset. A file dataset's target column is prepared
+        for the built-in task whose targets this run's task trains on."""
+        task = make_task(self.task)
+        if parse_source(self.dataset) and task.targets is None:
+            raise ConfigError(
+                f"task {task.name}: dataset {self.dataset} needs to know how to prepare its target "
+                f"column for it: give the task targets='classes', 'numbers' or 'tokens'"
+            )
+        return Request(
+            data_dir=self.data_dir,
+            download=self.download,
+            progress=progress,
+            target=self.target,
+            task=TARGETS[task.targets] if task.targets is not None else "classification",
+            seed=self.seed,
+            num_clients=self.num_clients,
+            synthetic_alpha=self.synthetic_alpha,
+            synthetic_beta=self.synthetic_beta,
+        )
+
+    def data_split(self) -> Split:
+        """How this run splits its dataset across clients."""
+        return Split(
+            partition=self.partition,
+            num_clients=self.num_clients,
+            alpha=self.alpha,
+            shards_per_client=self.shards_per_client,
+            sigma=self.sigma,
+            client_test_fraction=self.client_test_fraction,
         )
 
     def max_memory_bytes(self) -> int | None:

@@ -25,7 +25,7 @@ from torch import nn
 from . import _seeding
 from .contract import ClientConfig, ClientUpdate, OptimizerState
 from .data.datasets import TensorData
-from .data.federated import FederatedData
+from .data.federated import FederatedData, client_pool
 from .engines import ClientTask, Engine, SequentialEngine
 from .engines.base import RoundFailed, Traffic, as_engine
 from .errors import ConfigError, FedforgeError
@@ -33,8 +33,9 @@ from .evaluation import Evaluation, evaluate
 from .history import History, RoundRecord
 from .privacy.run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
 from .privacy.sampling import poisson_sample
-from .scenarios import Scenario, attack_update, client_work, flip_labels, malicious_clients
-from .strategies import FedAvg, RunInfo, ServerState, Strategy
+from .reductions import Update
+from .scenarios import Scenario, attack_update, client_work, label_flipped, malicious_clients
+from .strategies import FedAvg, LinearStrategy, RunInfo, ServerState, Strategy
 
 log = logging.getLogger("fedforge")
 
@@ -61,34 +62,6 @@ def clients_per_round_count(clients_per_round: int | float, num_clients: int) ->
 def select_clients(num_clients: int, k: int, generator: torch.Generator) -> list[int]:
     """K distinct client ids drawn uniformly, in increasing order."""
     return sorted(torch.randperm(num_clients, generator=generator)[:k].tolist())
-
-
-def client_pool(
-    train: TensorData, partition: Sequence[np.ndarray], scenario: Scenario, seed: int, clients: range | None = None
-) -> tuple[TensorData, list[int]]:
-    """Every client's training examples side by side, and where each client's rows start: client c
-    holds rows starts[c]:starts[c + 1]. Malicious clients' labels are flipped here when the
-    scenario's attack is label_flip (the pool is fedforge's own copy: no user data is touched).
-
-    The round loop trains from it; engines whose workers load the data themselves (Ray) rebuild
-    it with this function, so that their clients train on the same examples. With `clients` (a
-    range of client ids) the pool holds only theirs, client c at rows starts[c - clients.start]:
-    starts[c - clients.start + 1]: a Ray worker keeps only the clients it trains.
-    """
-    for cid, idx in enumerate(partition):
-        if len(idx) == 0:
-            raise ConfigError(f"client {cid} has no training examples; use fewer clients")
-    chosen = range(len(partition)) if clients is None else clients
-    # One gather puts every client's examples side by side; each client's data is a view.
-    pool = train.subset(np.concatenate([partition[c] for c in chosen]))
-    starts = np.concatenate([[0], np.cumsum([len(partition[c]) for c in chosen])]).tolist()
-    if scenario.attack == "label_flip":
-        num_classes = int(train.y.max()) + 1
-        for c in malicious_clients(scenario, len(partition), seed):
-            if c in chosen:
-                i = c - chosen.start
-                pool.y[starts[i] : starts[i + 1]] = flip_labels(pool.y[starts[i] : starts[i + 1]], num_classes)
-    return pool, starts
 
 
 @dataclass(frozen=True)
@@ -223,7 +196,7 @@ def simulate(
         scenario: unequal work, stragglers, dropouts and attacks (none by default).
         eval_train: also evaluate the global model on all training data every round (the
             global objective that FedProx's paper plots).
-        on_client: called with each update as it arrives (a CombinedUpdate stands for several
+        on_client: called with each update as it arrives (a PartialSum stands for several
             clients when the engine sums them, as the Ray engine does for a linear strategy).
         on_round: called after every round (and after the initial evaluation, round 0).
         resume: the state and records of the rounds completed, to continue a run exactly.
@@ -272,13 +245,13 @@ def _setup(
     data = replace(
         data, train=client.task.data(data.train), test=client.task.data(data.test) if data.test is not None else None
     )
-    pool, starts = client_pool(data.train, data.partition, scenario, seed)
+    pool, starts = client_pool(data.train, data.partition, flipped=label_flipped(scenario, data.num_clients, seed))
     malicious = malicious_clients(scenario, data.num_clients, seed)
     # A linear strategy needs only the round's weighted mean, so an engine may send partial sums;
     # not of the clients whose own update a later stage transforms (the scenario's update attacks)
     # or whose optimizer state must come back.
     # The privacy stage clips each client's update: it needs them one by one.
-    linear = getattr(strategy, "linear", False) and not client.task.keep_optimizer_state and privacy is None
+    linear = isinstance(strategy, LinearStrategy) and not client.task.keep_optimizer_state and privacy is None
     federated_test = None
     if data.client_test is not None and any(len(c) for c in data.client_test):
         federated_test = data.train.subset(np.concatenate(list(data.client_test)))
@@ -449,8 +422,7 @@ def _transform(
     mode, clipped (and noised) as the clients do before sending, when the engine's clients do not."""
     updates = _keep_optimizer_states(updates, kept)
     updates = (
-        attack_update(update, run.scenario, run.seed, r) if update.client_id in run.malicious else update
-        for update in updates
+        attack_update(update, run.scenario, run.seed, r) if _attacker(run, update) else update for update in updates
     )
     if run.dp is not None and run.dp.settings.mode != "central" and not run.engine.clients_privatize:
         updates = run.dp.on_clients(updates, r)
@@ -537,9 +509,14 @@ def _traffic(engine: Engine, before: Traffic | None) -> dict[str, int]:
 def _keep_optimizer_states(updates: Iterable[ClientUpdate], kept: dict) -> Iterator[ClientUpdate]:
     """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
     for update in updates:
-        if update.optimizer_state is not None:
+        if isinstance(update, ClientUpdate) and update.optimizer_state is not None:
             kept[update.client_id] = update.optimizer_state
         yield update
+
+
+def _attacker(run: _Run, update: Update) -> bool:
+    """Whether `update` is a malicious client's own (a partial sum is never an attacker's)."""
+    return isinstance(update, ClientUpdate) and update.client_id in run.malicious
 
 
 def _raising(error: Exception) -> Iterator[ClientUpdate]:
