@@ -53,10 +53,16 @@ def of_group(settings: Any, group: type) -> Any:
 def did_you_mean(key: str, known: Iterable[str]) -> str:
     """ "; did you mean 'x'?" for the known name closest to `key` (also one that ends in `_key`,
     as proximal_mu for mu), or "" when none is close."""
+    close = closest(key, known)
+    return f"; did you mean {close!r}?" if close else ""
+
+
+def closest(key: str, known: Iterable[str]) -> str | None:
+    """The known name closest to `key` (or one that ends in `_key`, as proximal_mu for mu), if any."""
     known = sorted(known)
     close = difflib.get_close_matches(key, known, n=1)
     close = close or [k for k in known if k.endswith("_" + key) or k.startswith(key + "_")][:1]
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return close[0] if close else None
 
 
 def field_types(*groups: type) -> dict[str, Any]:

@@ -6,13 +6,14 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._options import checked, field_types, flatten
+from ._options import checked, closest, field_types, flatten
 from .config import ALIASES, GROUPS, Config, checked_settings, settings
 from .errors import ConfigError, DivergenceError, FedforgeError, OutputError
 
@@ -25,8 +26,23 @@ EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # No abbreviations: --mu would be read as --multikrum-m, not refused.
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message: str):  # one line, no usage dump
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, but an unknown flag is an error here, naming the close one."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        flags = [a.partition("=")[0] for a in extras if a.startswith("--")]
+        if flags:
+            known = [o[2:].replace("-", "_") for o in self._option_string_actions if o.startswith("--")]
+            close = closest(flags[0][2:].replace("-", "_"), known)
+            hint = f"; did you mean --{close.replace('_', '-')}?" if close else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace, extras
 
 
 def _count_or_fraction(text: str) -> int | float:
@@ -246,7 +262,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     # The shared settings, checked key by key; as a whole only within each run, which may complete
     # them (a --noise-multiplier for runs that each set dp in the runs file).
     base = settings(args.config, {k: getattr(args, k) for k in _COMPARE_KEYS if hasattr(args, k)})
-    variants = {name: {"strategy": name} for name in args.strategies or []}
+    # A run's label is its folder's name: my_strategies:Halfway -> my_strategies_Halfway.
+    variants = {re.sub(r"[^\w.-]", "_", name): {"strategy": name} for name in args.strategies or []}
     if args.runs:
         variants.update(variants_from_file(args.runs))
     if args.resume and not base.get("name"):
@@ -427,7 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run several strategies or settings on the same partition, seed and selected clients; one plot, one table",
     )
     comp.add_argument("--config", help="TOML file of the base settings; flags override it")
-    comp.add_argument("--strategies", nargs="+", metavar="STRATEGY", help="one run per strategy, e.g. fedavg fedprox")
+    comp.add_argument(
+        "--strategies",
+        nargs="+",
+        metavar="STRATEGY",
+        help="one run per strategy, e.g. fedavg fedprox my_strategies:Halfway (labelled my_strategies_Halfway)",
+    )
     comp.add_argument("--runs", metavar="FILE", help="TOML file of named runs: [label] then the settings it changes")
     comp.add_argument(
         "--target",

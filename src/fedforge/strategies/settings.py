@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .._imports import is_reference
 from .._options import option
 from . import STRATEGIES, Strategy, make_strategy, strategy_options
 
@@ -47,7 +46,3 @@ class StrategySettings:
             if f.name in takes and f.name != "strategy"
         }
         return make_strategy(self.strategy, **options)
-
-    def strategy_label(self) -> str:
-        """The strategy's name for run folders: a built-in's, or the object's `name` for one of the user's."""
-        return self.strategy_object().name if is_reference(self.strategy) else self.strategy
