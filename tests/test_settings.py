@@ -107,3 +107,30 @@ def test_a_strategy_of_ones_own_that_cannot_be_used_is_one_line(tmp_path, monkey
     (tmp_path / "exp.toml").write_text(f"[strategy]\nname = {option}\n")
     with pytest.raises(ConfigError, match=message):
         Config.load(tmp_path / "exp.toml")
+
+
+@pytest.mark.parametrize(
+    "command, text, message",
+    [
+        ("server", "[server]\ntokens = 't.json'\nsecagg_treshold = 2", "did you mean 'secagg_threshold'"),
+        ("server", "[server]\ntokens = 't.json'\ntls_cert = 'c.pem'", "give both --tls-cert and --tls-key"),
+        ("server", "[server]\ntokens = 't.json'\ninsecure = 'yes'", "insecure must be bool"),
+        ("server", "[sever]\ntokens = 't.json'", "unknown table [sever]; did you mean 'server'"),
+        ("server", "[server]\ninsecure = true", "give --tokens FILE"),
+        ("client", "[client]\nsever = 'x:1'", "unknown key 'sever' in [client]; did you mean 'server'"),
+        ("client", "server = 'x:1'\nclient_id = 1\ntoken_file = 't'\ninsecure = true", "give one of --app"),
+        ("client", "[client]\nserver = 'x:1'\nclient_id = 1\ntoken_file = 't'", "give --root-cert"),
+    ],
+)
+def test_deployment_config_files_are_checked_key_by_key(tmp_path, monkeypatch, capsys, command, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.toml").write_text(text)
+    code, err = fedforge(capsys, command, "--config", "f.toml")
+    assert code == 2 and message in err, err
+
+
+def test_flags_override_the_deployment_config_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.toml").write_text("[server]\ntokens = 'f.json'\n")
+    code, err = fedforge(capsys, "server", "--config", "f.toml", "--insecure", "--tokens", "flag.json")
+    assert code == 2 and "token file flag.json not found" in err, err  # past the TLS check, the flag's tokens
