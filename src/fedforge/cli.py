@@ -53,9 +53,9 @@ def _count_or_fraction(text: str) -> int | float:
 
 
 def _flag_type(tp):
-    if tp == int | float:
-        return _count_or_fraction
     options = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]  # X | None -> X
+    if set(options) == {int, float}:
+        return _count_or_fraction
     return options[0]
 
 
