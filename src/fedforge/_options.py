@@ -76,7 +76,7 @@ def _names(group: type) -> set[str]:
 
 def checked(values: Mapping[str, Any], types_: Mapping[str, Any], source: str) -> dict[str, Any]:
     """`values` with unknown keys and wrongly typed values refused, ints widened for float keys."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in values.items():
         if key not in types_:
             raise ConfigError(f"{source}: unknown key {key!r}{did_you_mean(key, types_)}")
@@ -90,7 +90,7 @@ def checked(values: Mapping[str, Any], types_: Mapping[str, Any], source: str) -
         if (isinstance(value, bool) and bool not in accepted) or not isinstance(value, accepted):
             names = " or ".join(sorted({t.__name__ for t in accepted}))
             raise ConfigError(f"{source}: {key} must be {names}, got {value!r}")
-        out[key] = float(value) if tp is float else value
+        out[key] = float(typing.cast(float, value)) if tp is float else value
     return out
 
 
