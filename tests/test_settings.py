@@ -1,5 +1,7 @@
 """Settings by owner: unknown options named with the close one, nested TOML tables, a strategy of one's own."""
 
+from pathlib import Path
+
 import pytest
 from own_strategy import notes, write_strategy
 
@@ -134,3 +136,16 @@ def test_flags_override_the_deployment_config_file(tmp_path, monkeypatch, capsys
     (tmp_path / "f.toml").write_text("[server]\ntokens = 'f.json'\n")
     code, err = fedforge(capsys, "server", "--config", "f.toml", "--insecure", "--tokens", "flag.json")
     assert code == 2 and "token file flag.json not found" in err, err  # past the TLS check, the flag's tokens
+
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def test_the_example_deployment_files_are_read_whole(tmp_path, monkeypatch, capsys):
+    """Each key of examples/server.toml and examples/client.toml is known and valid: the commands
+    get as far as reading the files they name."""
+    monkeypatch.chdir(tmp_path)
+    code, err = fedforge(capsys, "server", "--config", str(EXAMPLES / "server.toml"))
+    assert code == 2 and "cannot read certs/server.key" in err, err
+    code, err = fedforge(capsys, "client", "--config", str(EXAMPLES / "client.toml"))
+    assert code == 2 and "token file client-0.token not found" in err, err
