@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._options import checked, closest, field_types, flatten
-from .config import ALIASES, GROUPS, Config, checked_settings, settings
+from ._options import checked, closest, did_you_mean, field_types, flatten
+from .config import ALIASES, GROUPS, Config, checked_settings, config_types, settings
 from .errors import ConfigError, DivergenceError, FedforgeError, OutputError
 
 log = logging.getLogger("fedforge")
@@ -184,6 +184,10 @@ def _split_file(path: str | None, group: type, table: str) -> tuple[dict, dict]:
 
     values = flatten(read_toml(path), {**GROUPS, table: group}, path, ALIASES)
     own = {f.name for f in dataclasses.fields(group)}
+    known = own | set(config_types())
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r}{did_you_mean(key, known)}")
     run = checked_settings({k: v for k, v in values.items() if k not in own}, path)
     return run, {k: v for k, v in values.items() if k in own}
 
