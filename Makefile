@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data browser run test bench clean
+.PHONY: install data browser run test lint docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# The gates' and the site's tools, pinned, in the same venv (installed once, again when pyproject.toml changes).
+$(VENV)/.lint: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test,lint]'
+	touch $@
+
+$(VENV)/.docs: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test,docs]'
+	touch $@
 
 # Debian's dataset-fashion-mnist when apt is here; otherwise fedforge downloads the files itself.
 data:
@@ -38,9 +47,20 @@ run: install data
 test: install data browser
 	$(BIN)/python -m pytest -q --durations=15
 
+lint: $(VENV)/.lint
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy src
+
+# docs/cli.md is written from the command line's parser (tests/test_docs.py checks it is current);
+# --strict: a broken link or API reference fails the build. The site goes to site/.
+docs: $(VENV)/.docs
+	$(BIN)/python docs/gen_cli.py
+	$(BIN)/mkdocs build --strict
+
 bench: install data
 	$(BIN)/python benchmarks/tutorial_vs_fedforge.py
 	$(BIN)/python benchmarks/engines.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs site .pytest_cache .hypothesis

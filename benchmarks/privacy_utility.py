@@ -77,17 +77,16 @@ def summarize(run_dir: Path) -> dict:
     from fedforge.experiment import load_checkpoint
 
     records = json.loads((run_dir / "history.json").read_text())["rounds"]
-    state, _ = load_checkpoint(run_dir, "cpu")
-    privacy = state.privacy or {}
-    accountant = privacy.get("accountant", {})
+    privacy = load_checkpoint(run_dir, "cpu").state.privacy
+    accountant = privacy.accountant if privacy is not None else None
     acc = [r["test_accuracy"] for r in records]
     return {
         "rounds": len(records) - 1,
         "accuracy": acc,
         "epsilon": [r["metrics"].get("epsilon") for r in records],
         "clip": records[-1]["metrics"].get("clip"),
-        "z": accountant.get("noise_multiplier"),
-        "accountant": accountant.get("method"),
+        "z": accountant.noise_multiplier if accountant else None,
+        "accountant": accountant.method if accountant else None,
         "round_seconds": sum(r["seconds"] for r in records[1:]),
     }
 

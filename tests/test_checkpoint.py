@@ -137,6 +137,16 @@ def _weight(name, value):
     return edit
 
 
+# A well-formed accountant's state (what `Accountant.state()` writes).
+ACCOUNTANT = {
+    "sampling": {"kind": "poisson", "q": 0.1, "num_clients": 30},
+    "noise_multiplier": 1.0,
+    "method": "pld",
+    "local": False,
+    "rounds": 2,
+}
+
+
 def _velocity(payload):
     payload["extras"]["velocity"]["1.weight"] = torch.zeros(3, 3)
 
@@ -174,8 +184,24 @@ EDITS = {
     ),
     "settings that are not plain values": (_set("settings", {"seed": torch.zeros(3)}), "cannot be read (TypeError)"),
     "a privacy state in a run without privacy": (
-        _set("privacy", {"accountant": {}}),
+        _set("privacy", {"accountant": ACCOUNTANT, "stage": {"clip": 1.0}}),
         "it holds a privacy accountant, and this run has no differential privacy",
+    ),
+    "a privacy state without its accountant's values": (
+        _set("privacy", {"accountant": {}, "stage": {"clip": 1.0}}),
+        "accountant state is incomplete or malformed (KeyError: 'sampling')",
+    ),
+    "a privacy state that is not a table": (
+        _set("privacy", [1.0]),
+        "its privacy state is not a table with an accountant",
+    ),
+    "a strategy state of another strategy": (
+        _set("extras", {"m": {}, "v": {}}),
+        "its strategy state is Moments, this run's strategy keeps Momentum",
+    ),
+    "a strategy state of no kind": (
+        _set("extras", {"velocity": {}, "speed": {}}),
+        "its strategy state holds speed, velocity: no kind of state",
     ),
 }
 

@@ -178,3 +178,34 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr == "fedforge: error: rounds must be >= 1, got -1\n"
+
+
+BATCHNORM_MODEL = """
+import torch.nn as nn
+
+
+def with_batchnorm(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], 8), nn.BatchNorm1d(8), nn.Linear(8, num_classes))
+"""
+
+
+@pytest.mark.parametrize(
+    "model, says",
+    [
+        ("logreg", "engine: vectorized (fastmlp kernel)"),
+        (
+            "bn_models:with_batchnorm",
+            "engine: sequential (the vectorized engine cannot batch this model or task: it has buffers, "
+            "e.g. BatchNorm statistics)",
+        ),
+    ],
+)
+def test_run_says_which_engine_trained_the_clients_and_why(model, says, capsys, tmp_path, monkeypatch):
+    (tmp_path / "bn_models.py").write_text(BATCHNORM_MODEL)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    flags = ["--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "2", "--rounds", "1"]
+    code, out, err = fedforge(capsys, "run", "-q", *flags, "--model", model, "--out-dir", "runs", "--name", "e")
+    sys.modules.pop("bn_models", None)
+    assert code == 0, err
+    assert says in out.splitlines()

@@ -1,9 +1,15 @@
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+import torch
+from helpers import PROCESS_S, bound
 
+import fedforge as ff
 from fedforge.cli import main
-from fedforge.compare import ComparedRun, compare, comparison_table, variants_from_file
+from fedforge.compare import ComparedRun, RoundDone, compare, comparison_table, variants_from_file
 from fedforge.config import Config
 from fedforge.errors import ConfigError
 from fedforge.history import History, RoundRecord
@@ -13,12 +19,17 @@ BASE = Config(dataset="synthetic", num_clients=6, clients_per_round=3, model="lo
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_runs_share_partition_seed_and_selected_clients(tmp_path, jobs):
+    done: list[RoundDone] = []
     runs = compare(
         BASE,
         {"fedavg": {"strategy": "fedavg"}, "fedprox": {"strategy": "fedprox", "proximal_mu": 1.0}, "lr": {"lr": 0.1}},
         out_dir=tmp_path,
         jobs=jobs,
+        on_round=done.append,
     )
+    # Every round of every run is reported, in each run's order, also from worker processes.
+    for run in runs:
+        assert [d.record for d in done if d.label == run.label] == run.history.records
     assert [r.label for r in runs] == ["fedavg", "fedprox", "lr"]
     clients = [r.history.column("clients") for r in runs]
     assert clients[0] == clients[1] == clients[2] and len(clients[0]) == 4
@@ -192,3 +203,148 @@ def test_runs_may_complete_the_shared_settings(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", *flags, "--noise-multiplier", "1.0", "--strategies", "fedavg"]) == 2
     assert "noise_multiplier are for differential privacy: add --dp client" in capsys.readouterr().err
+
+
+def test_compare_prints_a_line_per_finished_round(tmp_path):
+    """Not a terminal: a line per round of each run as it finishes, then the table."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedforge",
+            "compare",
+            *("--dataset", "synthetic", "--num-clients", "6", "--clients-per-round", "3", "--model", "logreg"),
+            *("--rounds", "2", "--strategies", "fedavg", "median", "--out-dir", str(tmp_path), "--name", "c"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=bound(PROCESS_S),
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    progress = [line.split("  ")[0] for line in lines if not line.startswith(("|", "outputs in"))]
+    assert progress == [
+        "fedavg: initial model",
+        "fedavg: round 1/2",
+        "fedavg: round 2/2",
+        "median: initial model",
+        "median: round 1/2",
+        "median: round 2/2",
+    ]
+    history = json.loads((tmp_path / "c" / "median" / "history.json").read_text())["rounds"]
+    assert f"test accuracy {history[-1]['test_accuracy']:.4f}" in lines[5]
+    assert lines.index("| run | final accuracy | best accuracy | wall s |") == 6
+    quiet = subprocess.run(
+        [
+            *(sys.executable, "-m", "fedforge", "compare", "-q", "--dataset", "synthetic", "--num-clients", "6"),
+            *("--model", "logreg", "--rounds", "1", "--strategies", "fedavg", "--out-dir", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=bound(PROCESS_S),
+    )
+    assert quiet.returncode == 0 and quiet.stdout.startswith("| run |"), quiet.stderr
+
+
+def _own_data_and_model():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(240, 8, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    train, test = ff.TensorData(x[:200], y[:200]), ff.TensorData(x[200:], y[200:])
+    parts = np.array_split(np.random.default_rng(0).permutation(200), 5)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return ff.FederatedData(train, parts, test), model
+
+
+def test_compare_simulations_on_ones_own_data_and_model(tmp_path):
+    data, model = _own_data_and_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    done: list[RoundDone] = []
+    runs = ff.compare_simulations(
+        model,
+        data,
+        {
+            "fedavg": {},
+            "fedprox": {"strategy": ff.make_strategy("fedprox", proximal_mu=0.5)},
+            "adam": {"client": ff.ClientConfig(batch_size=10, lr=0.01, optimizer="adam")},
+        },
+        rounds=3,
+        clients_per_round=3,
+        client=ff.ClientConfig(batch_size=10, lr=0.1),
+        seed=0,
+        on_round=done.append,
+    )
+    assert [r.label for r in runs] == ["fedavg", "fedprox", "adam"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # every run starts from it
+    clients = [r.history.column("clients") for r in runs]
+    assert clients[0] == clients[1] == clients[2] and len(clients[0]) == 4
+    alone = ff.simulate(model, data, rounds=3, clients_per_round=3, client=ff.ClientConfig(batch_size=10, lr=0.1))
+    assert runs[0].history.column("test_accuracy") == alone.history.column("test_accuracy")
+    assert runs[1].history.column("test_loss") != runs[0].history.column("test_loss")
+    assert [d.line().split("  ")[0] for d in done[:4]] == [
+        "fedavg: initial model",
+        "fedavg: round 1/3",
+        "fedavg: round 2/3",
+        "fedavg: round 3/3",
+    ]
+    assert len(done) == 12
+    table = ff.write_comparison(runs, tmp_path, target=0.5, title="mine")  # the command line's outputs
+    assert table.splitlines()[0] == "| run | final accuracy | best accuracy | rounds to 0.5 | wall s |"
+    assert f"| adam | {runs[2].final:.4f} |" in table
+    for name in ("comparison.md", "comparison.csv", "comparison.png"):
+        assert (tmp_path / name).exists()
+
+
+def test_compare_simulations_reports_a_diverging_run_and_refuses_nothing_to_compare():
+    data, model = _own_data_and_model()
+    runs = ff.compare_simulations(
+        model, data, {"ok": {}, "boom": {"client": ff.ClientConfig(lr=1e30)}}, rounds=2, clients_per_round=3
+    )
+    assert runs[0].diverged is None and runs[1].diverged and "diverged" in runs[1].diverged
+    assert runs[1].history.final.round == 0 and "diverged in round 1" in ff.comparison_table(runs)
+    with pytest.raises(ConfigError, match="nothing to compare"):
+        ff.compare_simulations(model, data, {}, rounds=1, clients_per_round=1)
+    with pytest.raises(ConfigError, match="run 'a': on_round is compare_simulations' own"):
+        ff.compare_simulations(model, data, {"a": {"on_round": print}}, rounds=1, clients_per_round=1)
+
+
+def test_compare_shows_a_progress_bar_on_a_terminal(tmp_path):
+    """stdout a terminal: one bar (tqdm, on stderr) over every run's rounds instead of the lines."""
+    import os
+    import pty
+
+    main_end, terminal = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedforge",
+                "compare",
+                *("--dataset", "synthetic", "--num-clients", "6", "--clients-per-round", "3", "--model", "logreg"),
+                *("--rounds", "2", "--strategies", "fedavg", "median", "--out-dir", str(tmp_path), "--name", "c"),
+            ],
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=bound(PROCESS_S),
+        )
+        os.close(terminal)
+        out = b""
+        while chunk := _read_or_none(main_end):
+            out += chunk
+    finally:
+        os.close(main_end)
+    assert proc.returncode == 0, proc.stderr
+    text = out.decode()
+    assert "| fedavg |" in text and "round 1/2" not in text  # the table; no progress lines
+    assert "/4 [" in proc.stderr and "median: round 2/2" in proc.stderr  # 2 runs x 2 rounds, the latest shown
+
+
+def _read_or_none(fd: int) -> bytes | None:
+    import os
+
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # the terminal's other end is closed: all read
+        return None

@@ -78,3 +78,18 @@ def test_shakespeare_char_lstm():
     perplexity = [float(x) for x in re.findall(r"perplexity +([\d.]+)", out)]
     # Untrained: about uniform over the 80 symbols; one round of two roles brings it below a third.
     assert len(perplexity) == 2 and perplexity[0] > 60 and perplexity[1] < perplexity[0] / 3
+
+
+def test_own_strategy():
+    pytest.importorskip("sklearn")
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "own_strategy.py")],
+        capture_output=True,
+        text=True,
+        timeout=bound(600),
+        check=True,
+    ).stdout
+    runs = dict(re.findall(r"^(\w+) +test accuracy by round: ([\d. ]+)$", out, re.M))
+    assert runs.keys() == {"equal_avg", "fedavg"}
+    for accuracy in ([float(a) for a in line.split()] for line in runs.values()):
+        assert len(accuracy) == 6 and accuracy[0] < 0.2 and accuracy[-1] > 0.85

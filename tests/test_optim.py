@@ -134,3 +134,43 @@ def test_rules_take_the_optimizers_own_defaults():
     assert rule_for(torch.optim.Adam, {}, lr=0.1) == Rule("adam", lr=0.1, betas=(0.9, 0.999), eps=1e-8)
     assert rule_for(None, {}, lr=0.1, momentum=0.5) == Rule("sgd", lr=0.1, momentum=0.5)
     assert rule_for(torch.optim.AdamW, {"amsgrad": False, "betas": [0.8, 0.9]}, lr=0.1).betas == (0.8, 0.9)
+
+
+def test_the_client_optimizer_by_name_in_python():
+    """ClientConfig(optimizer=...) as --optimizer: the task then trains with it, and the run equals one
+    whose task names the optimizer itself."""
+    import dataclasses
+
+    import numpy as np
+
+    from fedforge import ClientConfig, FederatedData, TensorData, simulate
+    from fedforge.errors import ConfigError
+    from fedforge.tasks import CLASSIFICATION, REGRESSION
+
+    adam = ClientConfig(lr=0.01, optimizer="adam")
+    assert adam.task.optimizer is torch.optim.Adam and adam.rule is not None and adam.rule.name == "adam"
+    assert ClientConfig(optimizer="sgd").task is CLASSIFICATION
+    assert dataclasses.replace(adam, lr=0.05).task == adam.task  # replace() comes by __post_init__ again
+    own = dataclasses.replace(REGRESSION, optimizer=torch.optim.AdamW, optimizer_options={"betas": (0.8, 0.9)})
+    assert ClientConfig(task=own, optimizer="adamw").task.optimizer_options == {"betas": (0.8, 0.9)}  # kept
+    assert ClientConfig(task=own, optimizer="sgd").task.optimizer is None
+    with pytest.raises(ConfigError, match="unknown optimizer 'adamm' \\(choose from: sgd, adam, adamw\\)"):
+        ClientConfig(optimizer="adamm")
+    with pytest.raises(ConfigError, match="momentum is SGD's; Adam takes its own options"):
+        ClientConfig(momentum=0.9, optimizer="adam")
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 4, generator=g)
+    data = FederatedData(TensorData(x, (x[:, 0] > 0).long()), np.array_split(np.arange(60), 3))
+    model = torch.nn.Linear(4, 2)
+    by_name = simulate(model, data, rounds=2, clients_per_round=2, client=ClientConfig(batch_size=8, optimizer="adam"))
+    by_task = simulate(
+        model,
+        data,
+        rounds=2,
+        clients_per_round=2,
+        client=ClientConfig(batch_size=8, task=CLASSIFICATION.with_optimizer("adam")),
+    )
+    assert by_name.history.column("train_loss") == by_task.history.column("train_loss")
+    sgd = simulate(model, data, rounds=2, clients_per_round=2, client=ClientConfig(batch_size=8))
+    assert by_name.history.column("train_loss") != sgd.history.column("train_loss")

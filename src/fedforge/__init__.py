@@ -9,20 +9,30 @@ training), `engines` (where clients run), `strategies` (how updates are aggregat
 from . import data, engines, models, strategies
 from .app import ClientApp
 from .client import ClientConfig, ClientPlan, ClientUpdate, train_client
+from .compare import ComparedRun, RoundDone, compare_simulations, comparison_table, plot_comparison, write_comparison
 from .config import Config
-from .data import Dataset, TensorData, load_dataset
-from .engines import AutoEngine, ClientTask, Engine, SequentialEngine, VectorizedEngine, make_engine
+from .data import Dataset, FederatedData, TensorData, load_dataset
+from .engines import (
+    AutoEngine,
+    ClientTask,
+    Engine,
+    EngineChoice,
+    SequentialEngine,
+    VectorizedEngine,
+    engine_choice,
+    make_engine,
+)
 from .errors import ConfigError, DataError, DivergenceError, FedforgeError
 from .evaluation import Evaluation, evaluate
 from .experiment import run_experiment
 from .history import History, RoundRecord
 from .models import build_model
 from .scenarios import Scenario
-from .simulation import FederatedData, SimulationResult, select_clients, simulate
+from .simulation import SimulationResult, select_clients, simulate
 from .strategies import STRATEGIES, FedAvg, RunInfo, ServerState, Strategy, fedavg, make_strategy
 from .tasks import CLASSIFICATION, LANGUAGE_MODEL, REGRESSION, TASKS, Task, make_task
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml and `fedforge --version` read it
 
 __all__ = [
     "CLASSIFICATION",
@@ -36,17 +46,20 @@ __all__ = [
     "ClientPlan",
     "ClientTask",
     "ClientUpdate",
+    "ComparedRun",
     "Config",
     "ConfigError",
     "DataError",
     "Dataset",
     "DivergenceError",
     "Engine",
+    "EngineChoice",
     "Evaluation",
     "FedAvg",
     "FederatedData",
     "FedforgeError",
     "History",
+    "RoundDone",
     "RoundRecord",
     "RunInfo",
     "Scenario",
@@ -58,7 +71,10 @@ __all__ = [
     "TensorData",
     "VectorizedEngine",
     "build_model",
+    "compare_simulations",
+    "comparison_table",
     "data",
+    "engine_choice",
     "engines",
     "evaluate",
     "fedavg",
@@ -67,9 +83,11 @@ __all__ = [
     "make_strategy",
     "make_task",
     "models",
+    "plot_comparison",
     "run_experiment",
     "select_clients",
     "simulate",
     "strategies",
     "train_client",
+    "write_comparison",
 ]

@@ -1,13 +1,15 @@
 """A run's checkpoint: written after every round, read back and checked whole before a resume.
 
 The file is CHECKPOINT_MAGIC, the SHA-256 of the rest, then torch.save's bytes of plain values
-(tensors, numbers, strings, dicts): the server state (weights, round, the strategy's extras, the
-run's facts, the privacy stage's accountant and clip bound), the history so far, and the settings
-that define the run's result (`result_settings`), its identity.
+(tensors, numbers, strings, dicts): the server state (weights, round, the strategy's own state
+as a table of its fields under "extras", the run's facts, the privacy stage's accountant and clip
+bound), the history so far, and the settings that define the run's result (`result_settings`), its
+identity. The typed states (`strategies.state`, `privacy.PrivacyRunState`) are written as the same
+plain tables that format 2 held before they were typed, so every format-2 checkpoint reads alike.
 
 `check_checkpoint` holds every value of a checkpoint against the run that is to continue from
 it, before anything runs (before the server listens): its settings, round, history, weights'
-names, shapes and types, the strategy's extras, the run's facts, and with differential privacy
+names, shapes and types, the strategy's state, the run's facts, and with differential privacy
 the accountant (its rounds, sampling, noise, and the epsilon that the checkpoint's own history
 and the run folder's history.json record as spent). A mismatch is one ConfigError line.
 
@@ -29,7 +31,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,7 +39,10 @@ from ._io import atomic_write
 from .config import Config
 from .errors import ConfigError
 from .history import History
-from .strategies import RunInfo, ServerState
+from .strategies import RunInfo, ServerState, StrategyState
+
+if TYPE_CHECKING:
+    from .privacy.run import PrivacyRunState
 
 log = logging.getLogger("fedforge")
 
@@ -85,8 +90,7 @@ def setting_differences(saved: dict[str, Any], config: Config) -> list[str]:
         for name, value in mine.items()
         if name not in saved
         or saved[name] != value
-        or (name == "clients_per_round"
-        and type(saved[name]) is not type(value))
+        or (name == "clients_per_round" and type(saved[name]) is not type(value))
     ]
 
 
@@ -125,9 +129,9 @@ def save_checkpoint(
         {
             "params": {k: v.cpu() for k, v in state.params.items()},
             "round": state.round,
-            "extras": state.extras,
+            "extras": state.strategy_state.to_dict() if state.strategy_state is not None else {},
             "run": dataclasses.asdict(state.run) if state.run else None,
-            "privacy": state.privacy,
+            "privacy": state.privacy.to_dict() if state.privacy is not None else None,
             "history": history.to_json(),
             "settings": result_settings(config),
         },
@@ -179,7 +183,13 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
         ):
             raise TypeError("not the checkpoint's layout")
         run = RunInfo(**saved["run"]) if saved.get("run") is not None else None
-        state = ServerState(dict(saved["params"]), saved["round"], saved["extras"], run, saved.get("privacy"))
+        state = ServerState(
+            dict(saved["params"]),
+            saved["round"],
+            StrategyState.from_dict(saved["extras"]),
+            run,
+            _privacy_state(saved.get("privacy")),
+        )
         history = History.from_json(saved["history"])
         settings = saved["settings"] if magic != OLD_MAGIC else None
         if magic != OLD_MAGIC and not (
@@ -196,12 +206,20 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
     return Checkpoint(state, history, settings)
 
 
+def _privacy_state(saved: Any) -> PrivacyRunState | None:
+    if saved is None:
+        return None
+    from .privacy.run import PrivacyRunState  # dp-accounting is an optional extra: only with a privacy state
+
+    return PrivacyRunState.from_dict(saved)
+
+
 def check_checkpoint(
     checkpoint: Checkpoint, run_dir: str | Path, config: Config, *, fresh: ServerState, clients_per_round: int
 ) -> None:
     """Raise ConfigError (one line) unless `checkpoint` can continue the run of `config` in
     `run_dir`. `fresh` is the state that run starts from (strategy.init: the weights' names,
-    shapes and types, the extras' layout, the run's facts)."""
+    shapes and types, the strategy state's layout, the run's facts)."""
     path = Path(run_dir) / "checkpoint.pt"
     try:
         _check(checkpoint, Path(run_dir), config, fresh, clients_per_round)
@@ -227,7 +245,7 @@ def _check(checkpoint: Checkpoint, run_dir: Path, config: Config, fresh: ServerS
     _check_state(state.params, fresh.params, "weights", exact=True)
     if state.run is not None and state.run != fresh.run:
         raise ConfigError(f"its run's facts {state.run} are not this run's {fresh.run}")
-    _check_extras(state.extras, fresh, fresh.run.num_clients if fresh.run else 0)
+    _check_strategy_state(state.strategy_state, fresh, fresh.run.num_clients if fresh.run else 0)
     _check_privacy(state.privacy, r, records, config, fresh, k)
     _check_outputs(run_dir, checkpoint.history)
 
@@ -293,16 +311,18 @@ def _check_state(
         _check_tensor(value, params[name], f"{name} in its {where}")
 
 
-def _check_extras(extras: dict[str, Any], fresh: ServerState, num_clients: int) -> None:
-    """The strategy's extras: the keys its fresh state has (and only tables of per-weight tensors
-    or per-client tables of them besides, like FedAvgM's velocity after its first round)."""
-    missing = set(fresh.extras) - set(extras)
-    if missing:
-        raise ConfigError(f"its strategy state lacks {', '.join(sorted(missing))}")
+def _check_strategy_state(saved: StrategyState | None, fresh: ServerState, num_clients: int) -> None:
+    """The strategy's state: of the kind its fresh state is (a strategy without state before round 1,
+    like FedAvgM, may have one after), its tables of per-weight tensors or per-client tables of them
+    named and shaped as the model's."""
+    mine = fresh.strategy_state
+    if mine is not None and type(saved) is not type(mine):
+        found = type(saved).__name__ if saved is not None else "missing"
+        raise ConfigError(f"its strategy state is {found}, this run's strategy keeps {type(mine).__name__}")
+    extras = saved.to_dict() if saved is not None else {}
+    like_extras = mine.to_dict() if mine is not None else {}
     for key, value in extras.items():
-        if not isinstance(key, str):
-            raise ConfigError(f"its strategy state has a key {key!r} that is not a name")
-        like = fresh.extras.get(key)
+        like = like_extras.get(key)
         where = f"strategy state {key!r}"
         if isinstance(like, dict) and like:
             _check_state(value, fresh.params, where, exact=False, names=frozenset(like))
@@ -322,7 +342,7 @@ def _recorded(records, name: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _check_privacy(saved, r: int, records, config: Config, fresh: ServerState, k: int) -> None:
+def _check_privacy(saved: PrivacyRunState | None, r: int, records, config: Config, fresh: ServerState, k: int) -> None:
     """With differential privacy: the accountant continues the run's (its rounds, sampling and
     noise), and spends at least what the history records as spent."""
     privacy = config.privacy()
@@ -336,12 +356,8 @@ def _check_privacy(saved, r: int, records, config: Config, fresh: ServerState, k
         return
     from .privacy.accountant import Accountant
     from .privacy.run import sampling_for
-    from .privacy.stage import PrivacyState
 
-    if not isinstance(saved, dict) or not isinstance(saved.get("accountant"), dict):
-        raise ConfigError("its privacy state is not a table with an accountant")
-    accountant = Accountant.from_state(saved["accountant"])
-    clip = PrivacyState.from_dict(saved.get("stage")).clip
+    accountant, clip = saved.accountant, saved.stage.clip
     if not math.isfinite(clip) or (not privacy.adaptive and clip != privacy.clip):
         raise ConfigError(f"its clip bound {clip} is not this run's ({privacy.clip})")
     if accountant.rounds != r:

@@ -13,9 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from ._options import checked, closest, did_you_mean, field_types, flatten
 from .config import ALIASES, GROUPS, Config, checked_settings, config_types, settings
 from .errors import ConfigError, DivergenceError, FedforgeError, OutputError
+
+if typing.TYPE_CHECKING:
+    from .compare import RoundDone
 
 log = logging.getLogger("fedforge")
 
@@ -218,6 +222,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         checkpoint_key=_checkpoint_key(args),
     )
     final = outcome.history.final
+    print(f"engine: {outcome.engine}")  # which one trained the clients: auto's pick, or a fallback and why
     print(
         f"final {headline(final, config.client_config().task.primary)} after {final.round} rounds; "
         f"outputs in {outcome.run_dir}"
@@ -261,7 +266,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import time
 
-    from .compare import compare, variants_from_file, write_comparison
+    from .compare import compare, variant_configs, variants_from_file, write_comparison
 
     # The shared settings, checked key by key; as a whole only within each run, which may complete
     # them (a --noise-multiplier for runs that each set dp in the runs file).
@@ -275,17 +280,45 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     name = base.pop("name", None) or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     root = base.get("out_dir", Config.__dataclass_fields__["out_dir"].default)
     out_dir = Path(root) / name
-    runs = compare(
-        base,
-        variants,
-        out_dir=out_dir,
-        jobs=args.jobs,
-        resume=args.resume,
-        trackers=_trackers(base, root, comparison=name),
-    )
+    rounds = sum(c.rounds for c in variant_configs(base, variants, out_dir=out_dir).values())
+    with _RoundsShown(rounds, quiet=args.quiet) as shown:
+        runs = compare(
+            base,
+            variants,
+            out_dir=out_dir,
+            jobs=args.jobs,
+            resume=args.resume,
+            trackers=_trackers(base, root, comparison=name),
+            on_round=shown,
+        )
     print(write_comparison(runs, out_dir, target=args.target, title=name))
     print(f"outputs in {out_dir}: comparison.md, comparison.csv, comparison.png, and a folder per run")
     return 0
+
+
+class _RoundsShown:
+    """compare's progress: a line per finished round of each run, or on a terminal one bar over
+    every run's rounds (`rounds` in all) showing the latest; nothing when `quiet`."""
+
+    def __init__(self, rounds: int, *, quiet: bool):
+        from tqdm.auto import tqdm
+
+        self.quiet = quiet
+        self.bar = tqdm(total=rounds, unit="round", leave=False) if sys.stdout.isatty() and not quiet else None
+
+    def __call__(self, done: RoundDone) -> None:
+        if self.bar is not None:
+            self.bar.update(1 if done.record.round else 0)
+            self.bar.set_postfix_str(done.line())
+        elif not self.quiet:
+            print(done.line(), flush=True)
+
+    def __enter__(self) -> _RoundsShown:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -428,11 +461,17 @@ _KEY_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedforge", description="Federated learning simulations and deployments.")
+    parser.add_argument("--version", action="version", version=f"fedforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a federated experiment (defaults: the tutorial's)")
     run.add_argument("--config", help="TOML file of settings; flags override it")
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars (shown only on a terminal: the run's clients, a dataset's download)",
+    )
     run.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -469,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the runs already in OUT_DIR/NAME from their last "
         "completed round (finished ones are reported as they are); needs --name",
     )
-    comp.add_argument("-q", "--quiet", action="store_true", help="(runs never show progress bars)")
+    comp.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress (a line per finished round, or a bar on a terminal)"
+    )
     _add_tracking_flags(comp, compare=True)
     _add_config_flags(comp, _COMPARE_KEYS)
     comp.set_defaults(handler=_cmd_compare)
@@ -482,7 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
     srv.add_argument("--checkpoint-key-file", metavar="FILE", help=_KEY_HELP)
-    srv.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    srv.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars (shown only on a terminal: the run's clients, a dataset's download)",
+    )
     _add_flags(srv, ServerSettings)
     _add_tracking_flags(srv)
     _add_config_flags(srv)
@@ -509,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     part = sub.add_parser("partition", help="show how a partition splits the data across clients")
     part.add_argument("--config", help="TOML file of settings; flags override it")
     part.add_argument("--plot", help="write a per-client label histogram to this PNG")
-    part.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    part.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar for a dataset's download (shown only on a terminal)"
+    )
     _add_config_flags(part, PARTITION_KEYS)
     part.set_defaults(handler=_cmd_partition)
 

@@ -1,47 +1,70 @@
 """Several runs of one experiment side by side: same data, partition, seed and selected clients.
 
-Every run is the base Config with a few settings changed; since every random choice derives
-from the seed, runs that share it share the partition and the clients selected each round.
+Every run is the base Config with a few settings changed (`compare`, the command line's), or
+`simulate`'s settings with a few changed, on one's own model and FederatedData
+(`compare_simulations`); since every random choice derives from the seed, runs that share it
+share the partition and the clients selected each round. Both report each finished round as it
+comes (`RoundDone`), and give the same table, plot and CSV (`write_comparison`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
+import queue
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ._io import atomic_write
 from .config import Config, read_toml
+from .contract import ClientConfig
 from .errors import ConfigError, DivergenceError
-from .history import History
-from .report import pyplot, save_figure
+from .history import History, RoundRecord
+from .report import headline, pyplot, save_figure
+from .tasks import Task
 from .tracking import Tracker
+
+if TYPE_CHECKING:
+    from .simulation import FederatedData
 
 
 @dataclass(frozen=True)
 class ComparedRun:
+    """One run of a comparison: its label, settings (a Config from `compare`; None from
+    `compare_simulations`, which gives its `task`), history and wall time."""
+
     label: str
-    config: Config
+    config: Config | None
     history: History
     wall_seconds: float
     diverged: str | None = None  # why training stopped early, if it did
+    task: Task | None = None  # what it trained, when no Config says
+
+    @property
+    def _task(self) -> Task:
+        if self.task is not None:
+            return self.task
+        if self.config is None:
+            raise ConfigError(f"run {self.label!r}: give its Config or its task")
+        return self.config.client_config().task
 
     @property
     def metric(self) -> str:
         """The task's primary metric (accuracy, r2, perplexity, ...): what the comparison shows."""
-        return self.config.client_config().task.primary
+        return self._task.primary
 
     def _better(self, a: float, b: float) -> bool:
-        return a >= b if self.config.client_config().task.higher_is_better else a <= b
+        return a >= b if self._task.higher_is_better else a <= b
 
     @property
     def final(self) -> float | None:
@@ -50,7 +73,7 @@ class ComparedRun:
     @property
     def best(self) -> float | None:
         values = [v for v in self.history.column(f"test_{self.metric}") if v is not None]
-        return (max if self.config.client_config().task.higher_is_better else min)(values) if values else None
+        return (max if self._task.higher_is_better else min)(values) if values else None
 
     def rounds_to(self, target: float) -> int | None:
         """The first round whose test metric reached `target` (at least, or at most for a metric
@@ -63,6 +86,25 @@ class ComparedRun:
             ),
             None,
         )
+
+
+@dataclass(frozen=True)
+class RoundDone:
+    """One finished round of one run of a comparison (round 0: the initial model's evaluation)."""
+
+    label: str
+    record: RoundRecord
+    rounds: int  # the run's last round
+    metric: str  # its task's primary metric
+
+    def line(self) -> str:
+        """The console's progress line, e.g. "fedprox: round 3/10  test accuracy 0.7123  1.52 s"."""
+        round_ = self.record.round
+        parts = [f"{self.label}: " + ("initial model" if round_ == 0 else f"round {round_}/{self.rounds}")]
+        parts.append(headline(self.record, self.metric))
+        if round_:
+            parts.append(f"{self.record.seconds:.2f} s")
+        return "  ".join(parts)
 
 
 def variants_from_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -84,6 +126,19 @@ def _variant(base: dict[str, Any], label: str, overrides: dict[str, Any]) -> Con
     return Config.from_dict({**base, **overrides, "name": label}, source=f"run {label!r}")
 
 
+def _base_values(base: Config | Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
+    values = {k: v for k, v in (base.items() if isinstance(base, Mapping) else base.__dict__.items()) if v is not None}
+    return {**values, "out_dir": str(out_dir)}
+
+
+def variant_configs(
+    base: Config | Mapping[str, Any], variants: dict[str, dict[str, Any]], *, out_dir: str | os.PathLike
+) -> dict[str, Config]:
+    """Each variant's whole settings (base + its overrides, as `compare` runs it), checked."""
+    values = _base_values(base, out_dir)
+    return {label: _variant(values, label, overrides) for label, overrides in variants.items()}
+
+
 def _resumable(config: Config) -> bool:
     return (Path(config.out_dir) / config.name / "checkpoint.pt").exists()
 
@@ -95,11 +150,13 @@ def _run_one(
     threads: int,
     resume: bool,
     trackers: Sequence[Tracker] = (),
+    on_round: Callable[[RoundDone], None] | None = None,
 ):
     """Run one variant; a run that diverges is reported with the rounds it completed.
 
     With `resume`, a variant that already has a checkpoint continues from it (a finished one
-    runs no round); its wall time counts the rounds done before.
+    runs no round); its wall time counts the rounds done before. `on_round` is told of each
+    round it finishes (in a worker process: a queue's `put`, which the parent reads).
     """
     from .experiment import load_checkpoint, run_experiment
 
@@ -109,10 +166,16 @@ def _run_one(
     earlier = 0.0
     if resume:
         earlier = sum(r.seconds for r in load_checkpoint(Path(config.out_dir) / label, "cpu").history.records)
+    metric = config.client_config().task.primary
+
+    def done(record: RoundRecord) -> None:
+        if on_round is not None:
+            on_round(RoundDone(label, record, config.rounds, metric))
+
     started = time.perf_counter()
     try:
         history = run_experiment(
-            config, progress=False, verbose=False, resume=resume, trackers=trackers
+            config, progress=False, verbose=False, resume=resume, trackers=trackers, on_round=done
         ).history.to_json()
         diverged = None
     except DivergenceError as e:  # e.g. FedAvg under attack: the collapse is the result
@@ -129,6 +192,7 @@ def compare(
     jobs: int = 1,
     resume: bool = False,
     trackers: Sequence[Tracker] = (),
+    on_round: Callable[[RoundDone], None] | None = None,
 ) -> list[ComparedRun]:
     """Run every variant (base settings + its overrides) and return them in the given order.
 
@@ -140,37 +204,125 @@ def compare(
     that `out_dir` already holds continue from their last completed round (a comparison cut
     short, or one run at a time in separate sessions); their settings must be the variant's.
     Every run is tracked by each of `trackers` (frozen values: they travel to the worker processes),
-    as its own tracked run named after its label.
+    as its own tracked run named after its label. `on_round` is told of every round each run
+    finishes, as it finishes (in this process, also when the runs are in worker processes).
     """
     from .experiment import check_resumable
 
     if not variants:
         raise ConfigError("nothing to compare: give --strategies or --runs")
-    base_values = {
-        k: v for k, v in (base.items() if isinstance(base, Mapping) else base.__dict__.items()) if v is not None
-    }
-    base_values["out_dir"] = str(out_dir)
+    base_values = _base_values(base, out_dir)
     for label, overrides in variants.items():  # validate everything before running anything
         config = _variant(base_values, label, overrides)
         if resume and _resumable(config):
             check_resumable(Path(out_dir) / label, config)
     for tracker in trackers:  # here, once: not by worker processes racing to make the same MLflow store
         tracker.prepare()
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs == 1:
         results = [
-            _run_one(base_values, label, o, torch.get_num_threads(), resume, trackers) for label, o in variants.items()
+            _run_one(base_values, label, o, torch.get_num_threads(), resume, trackers, on_round)
+            for label, o in variants.items()
         ]
     else:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [
-                pool.submit(_run_one, base_values, label, o, threads, resume, trackers) for label, o in variants.items()
-            ]
-            results = [f.result() for f in futures]
+        results = _in_workers(base_values, variants, jobs, resume, trackers, on_round)
     return [
         ComparedRun(label, _variant(base_values, label, variants[label]), History.from_json(history), wall, diverged)
         for label, history, wall, diverged in results
     ]
+
+
+def _in_workers(
+    base_values: dict[str, Any],
+    variants: dict[str, dict[str, Any]],
+    jobs: int,
+    resume: bool,
+    trackers: Sequence[Tracker],
+    on_round: Callable[[RoundDone], None] | None,
+) -> list:
+    """`_run_one` of every variant in `jobs` worker processes, each with its share of the CPU threads."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = get_context("spawn")
+    with contextlib.ExitStack() as stack:
+        # The workers put each finished round on a queue that this process hands on to `on_round`.
+        rounds = stack.enter_context(context.Manager()).Queue() if on_round is not None else None
+        pool = stack.enter_context(ProcessPoolExecutor(max_workers=jobs, mp_context=context))
+        report = rounds.put if rounds is not None else None
+        futures = [
+            pool.submit(_run_one, base_values, label, o, threads, resume, trackers, report)
+            for label, o in variants.items()
+        ]
+        return _gather(futures, rounds, on_round)
+
+
+def _gather(futures: list[Future], rounds: Any, on_round: Callable[[RoundDone], None] | None) -> list:
+    """The futures' results in order; meanwhile each round the workers put on `rounds` goes to `on_round`."""
+    if rounds is not None and on_round is not None:
+        while not all(f.done() for f in futures):
+            with contextlib.suppress(queue.Empty):  # none this while: look at the futures again
+                on_round(rounds.get(timeout=0.2))
+        while not rounds.empty():
+            on_round(rounds.get())
+    return [f.result() for f in futures]
+
+
+def compare_simulations(
+    model: nn.Module,
+    data: FederatedData,
+    runs: Mapping[str, Mapping[str, Any]],
+    *,
+    on_round: Callable[[RoundDone], None] | None = None,
+    **shared: Any,
+) -> list[ComparedRun]:
+    """Run `simulate(model, data, **shared, **runs[label])` for every label: a comparison on one's
+    own model and FederatedData, as `fedforge compare` makes one from a Config.
+
+    Runs with the same `seed` share the clients selected each round and each client's batches, so
+    they differ only by what their settings change. Each starts from `model`'s weights (which
+    `simulate` leaves unchanged). A run that diverges is reported with the rounds it completed.
+    The list, in the given order, is what `comparison_table`, `plot_comparison` and
+    `write_comparison` take: the command line's table, plot and CSV. For example::
+
+        runs = compare_simulations(
+            model, data, {"fedavg": {}, "fedprox": {"strategy": make_strategy("fedprox", proximal_mu=0.1)}},
+            rounds=10, clients_per_round=5, client=ClientConfig(optimizer="adam"), seed=0,
+        )
+        print(write_comparison(runs, "runs/mine", target=None, title="mine"))
+
+    `on_round` is told of every round each run finishes (progress: `RoundDone.line()`).
+    """
+    if not runs:
+        raise ConfigError("nothing to compare: give at least one run")
+    for label, overrides in runs.items():
+        if "on_round" in {**shared, **overrides}:
+            raise ConfigError(f"run {label!r}: on_round is compare_simulations' own (it is given a RoundDone)")
+    return [_simulate_one(model, data, label, {**shared, **overrides}, on_round) for label, overrides in runs.items()]
+
+
+def _simulate_one(
+    model: nn.Module,
+    data: FederatedData,
+    label: str,
+    settings: dict[str, Any],
+    on_round: Callable[[RoundDone], None] | None,
+) -> ComparedRun:
+    """One run of `compare_simulations`; a divergence ends it with the rounds it completed."""
+    from .simulation import simulate
+
+    task = settings.get("client", ClientConfig()).task
+    records: list[RoundRecord] = []
+
+    def done(record: RoundRecord, _state: Any) -> None:
+        records.append(record)
+        if on_round is not None:
+            on_round(RoundDone(label, record, settings.get("rounds", 0), task.primary))
+
+    started = time.perf_counter()
+    diverged = None
+    try:
+        simulate(model, data, on_round=done, **settings)
+    except DivergenceError as e:  # the collapse is the result
+        diverged = str(e)
+    return ComparedRun(label, None, History(records), time.perf_counter() - started, diverged, task)
 
 
 def comparison_table(runs: list[ComparedRun], target: float | None = None) -> str:

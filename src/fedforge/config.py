@@ -22,13 +22,15 @@ import tomli_w
 from ._options import check_choices, checked, field_types, flatten, of_group, option
 from .client import ClientSettings
 from .data.settings import DataSettings
+from .data.sources import Request
+from .data.tables import parse_source
 from .engines.settings import EngineSettings, parse_bytes
 from .errors import ConfigError
 from .privacy.run import SAMPLINGS
 from .privacy.settings import PrivacySettings
 from .scenarios import ScenarioSettings
 from .strategies.settings import StrategySettings
-from .tasks import TASKS
+from .tasks import TARGETS, TASKS, make_task
 from .tracking import TrackingSettings
 
 G = TypeVar("G")
@@ -115,6 +117,27 @@ class Config(
     def group(self, cls: type[G]) -> G:
         """The settings of one group (DataSettings, StrategySettings, ...) as its own object."""
         return typing.cast(G, of_group(self, cls))
+
+    def data_request(self, *, progress: bool = True) -> Request:
+        """How `data.load` loads this run's dataset. A file dataset's target column is prepared
+        for the built-in task whose targets this run's task trains on."""
+        task = make_task(self.task)
+        if parse_source(self.dataset) and task.targets is None:
+            raise ConfigError(
+                f"task {task.name}: dataset {self.dataset} needs to know how to prepare its target "
+                f"column for it: give the task targets='classes', 'numbers' or 'tokens'"
+            )
+        return Request(
+            data_dir=self.data_dir,
+            download=self.download,
+            progress=progress,
+            target=self.target,
+            task=TARGETS[task.targets] if task.targets is not None else "classification",
+            seed=self.seed,
+            num_clients=self.num_clients,
+            synthetic_alpha=self.synthetic_alpha,
+            synthetic_beta=self.synthetic_beta,
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Config:

@@ -15,13 +15,18 @@ import torch
 
 from .errors import ConfigError
 from .optim import LocalTerms, OptimizerState, Rule, State, rule_for
-from .tasks import CLASSIFICATION, Task
+from .tasks import CLASSIFICATION, OPTIMIZERS, Task
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     """Local training hyperparameters, shared by every client of a run, and the task they train
-    (its loss, metrics and optimizer; the tutorial's classification with SGD by default)."""
+    (its loss, metrics and optimizer; the tutorial's classification with SGD by default).
+
+    `optimizer` names the client optimizer, as `--optimizer` does: "sgd" (fedforge's, with
+    momentum and weight_decay), "adam" or "adamw" (lr and weight_decay from here); the task then
+    trains with it (`Task.with_optimizer`). None: the task's own (SGD for the built-in ones).
+    """
 
     local_epochs: int = 1
     batch_size: int = 32
@@ -29,8 +34,15 @@ class ClientConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     task: Task = CLASSIFICATION
+    optimizer: str | None = None
 
     def __post_init__(self):
+        if self.optimizer is not None:
+            if self.optimizer not in OPTIMIZERS:
+                raise ConfigError(f"unknown optimizer {self.optimizer!r} (choose from: {', '.join(OPTIMIZERS)})")
+            # The task's own options stay when it names this optimizer already (replace() comes by again).
+            if self.task.optimizer is not OPTIMIZERS[self.optimizer]:
+                object.__setattr__(self, "task", self.task.with_optimizer(self.optimizer))
         if self.local_epochs < 1:
             raise ConfigError(f"local_epochs must be >= 1, got {self.local_epochs}")
         if self.batch_size < 1:

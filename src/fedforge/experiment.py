@@ -6,15 +6,13 @@ import dataclasses
 import functools
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import _seeding
 from ._io import atomic_write
 from .checkpoint import (
     Checkpoint,
@@ -25,20 +23,17 @@ from .checkpoint import (
     setting_differences,
 )
 from .config import Config
-from .data.bundled import BUNDLED, load_bundled
-from .data.datasets import Dataset, load_dataset
-from .data.partition import partition, split_holdout
-from .data.shakespeare import load_shakespeare
-from .data.synthetic import synthetic
-from .data.tabular import load_file_dataset, parse_source, source_label
-from .engines import make_engine
+from .data import Dataset, FederatedData, federate
+from .data import load as load_named
+from .data.tables import source_label
+from .engines import EngineChoice, engine_choice, make_engine
 from .errors import ConfigError
 from .history import History, RoundRecord
 from .models import build_model, check_fits
+from .reductions import PartialSum
 from .report import headline, plot_history, round_line, write_history, write_model
-from .simulation import FederatedData, clients_per_round_count, simulate
-from .strategies import CombinedUpdate, RunInfo, ServerState
-from .tasks import TARGETS, make_task
+from .simulation import clients_per_round_count, simulate
+from .strategies import RunInfo, ServerState
 from .tracking import Tracker, client_metrics
 
 
@@ -59,71 +54,10 @@ def run_name(config: Config) -> str:
     return f"{source_label(config.dataset)}-{model}-{strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _prepared_for(config: Config) -> str:
-    """The built-in task whose targets a file dataset's target column becomes for `config`'s task."""
-    task = make_task(config.task)
-    if task.targets is None:
-        raise ConfigError(
-            f"task {task.name}: dataset {config.dataset} needs to know how to prepare its target "
-            f"column for it: give the task targets='classes', 'numbers' or 'tokens'"
-        )
-    return TARGETS[task.targets]
-
-
 def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedData]:
     """The dataset `config` names, split across its clients."""
-    if config.dataset == "synthetic":
-        dataset, train_parts, _ = synthetic(
-            config.synthetic_alpha,
-            config.synthetic_beta,
-            num_devices=config.num_clients,
-            rng=_seeding.numpy_rng(config.seed, _seeding.DATASET),
-        )
-        return dataset, FederatedData(dataset.train, train_parts, dataset.test)
-    if parse_source(config.dataset):
-        dataset = load_file_dataset(config.dataset, target=config.target, task=_prepared_for(config))
-    elif config.dataset in BUNDLED:
-        dataset = load_bundled(config.dataset)
-    elif config.dataset == "shakespeare":
-        dataset = load_shakespeare(config.data_dir, download=config.download, progress=progress)
-    else:
-        dataset = load_dataset(config.dataset, config.data_dir, download=config.download, progress=progress)
-    return dataset, federate(config, dataset)
-
-
-def federate(config: Config, dataset: Dataset) -> FederatedData:
-    """Split `dataset` across clients as `config` says, from `config.seed`. A continuous target
-    is cut into 10 quantile bins, the labels of the label-skewed partitions (dirichlet, shards).
-    The natural partition is the dataset's own groups (shakespeare: one client per role)."""
-    if config.partition == "natural" and dataset.groups is None:
-        raise ConfigError(
-            f"dataset {config.dataset} has no natural partition (no groups such as shakespeare's "
-            f"speaking roles); choose another partition"
-        )
-    labels = dataset.train.y.cpu().numpy()
-    if labels.ndim != 1 and config.partition in ("dirichlet", "shards"):
-        raise ConfigError(
-            f"partition {config.partition} splits by label, and dataset {config.dataset} has no one "
-            f"label per example (targets of shape {labels.shape[1:]} each)"
-        )
-    if np.issubdtype(labels.dtype, np.floating):
-        labels = np.searchsorted(np.quantile(labels, np.linspace(0, 1, 11)[1:-1]), labels, side="right")
-    parts = partition(
-        config.partition,
-        labels,
-        config.num_clients,
-        rng=_seeding.numpy_rng(config.seed, _seeding.PARTITION),
-        alpha=config.alpha,
-        shards_per_client=config.shards_per_client,
-        sigma=config.sigma,
-        groups=dataset.groups,
-    )
-    client_test = None
-    if config.client_test_fraction > 0:
-        parts, client_test = split_holdout(
-            parts, config.client_test_fraction, rng=_seeding.numpy_rng(config.seed, _seeding.CLIENT_TEST_SPLIT)
-        )
-    return FederatedData(dataset.train, parts, dataset.test, client_test)
+    dataset = load_named(config.dataset, config.data_request(progress=progress))
+    return dataset, federate(dataset, config.data_split(), seed=config.seed)
 
 
 def federated_data(config: Config) -> FederatedData:
@@ -155,9 +89,13 @@ def make_run_engine(config: Config, *, combine: bool = False):
 
 @dataclass
 class RunOutcome:
+    """A finished run: its folder, history, final state, and the engine that trained its clients
+    (`engine`: auto's pick, or the sequential engine the vectorized one fell back to, and why)."""
+
     run_dir: Path
     history: History
     state: ServerState | None
+    engine: EngineChoice | None = None
 
 
 def check_output(config: Config) -> Path:
@@ -225,6 +163,7 @@ def run_experiment(
     trackers: Sequence[Tracker] = (),
     prepared: Prepared | None = None,
     checkpoint_key: bytes | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
 ) -> RunOutcome:
     """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`.
 
@@ -238,6 +177,7 @@ def run_experiment(
     `prepared`: `prepare(config, resume=resume)`'s result when the caller has it already.
     `checkpoint_key`: sign the checkpoints with it (HMAC-SHA256), and resume only one so signed:
     a secret kept outside the run folder, so that writing there is not enough to forge one.
+    `on_round`: called with each round's record once it is saved (compare's progress lines).
     """
     for tracker in trackers:  # a missing library: say so before the data loads
         tracker.prepare()
@@ -266,7 +206,7 @@ def run_experiment(
     tracked = [tracker.start(config, run_dir) for tracker in trackers]
     clients: dict[int, dict[str, float]] = {}  # the round's clients' training metrics, for the trackers
 
-    def on_round(record: RoundRecord, state: ServerState) -> None:
+    def recorded(record: RoundRecord, state: ServerState) -> None:
         records.append(record)
         last[:] = [state]
         # The checkpoint first: the outputs (history.json, model.pt) are never ahead of it, so a
@@ -281,9 +221,11 @@ def run_experiment(
         for run in tracked:
             run.round(record, {c: clients[c] for c in record.clients if c in clients})
         clients.clear()
+        if on_round is not None:
+            on_round(record)
 
     def on_client(update) -> None:
-        bar.update(len(update.client_ids) if isinstance(update, CombinedUpdate) else 1)
+        bar.update(len(update.client_ids) if isinstance(update, PartialSum) else 1)
         if tracked and (metrics := client_metrics(update)) is not None:
             clients[update.client_id] = metrics
 
@@ -301,7 +243,7 @@ def run_experiment(
             eval_batch_size=config.eval_batch_size,
             eval_train=config.eval_train,
             on_client=on_client,
-            on_round=on_round,
+            on_round=recorded,
             resume=(start[0], start[1].records) if start else None,
             privacy=privacy,
             sampling=config.sampling,
@@ -317,14 +259,13 @@ def run_experiment(
             plot_history(History(records), run_dir / "accuracy.png", title=config.name, metric=primary)
         for run in tracked:  # after the plot: it is one of their artifacts
             run.finish(error)
-    return RunOutcome(run_dir, History(records), last[0] if last else None)
+    return RunOutcome(run_dir, History(records), last[0] if last else None, engine_choice(run_engine))
 
 
 __all__ = [
     "Prepared",
     "RunOutcome",
     "check_output",
-    "federate",
     "federated_data",
     "load",
     "load_checkpoint",

@@ -138,8 +138,10 @@ def client_work(
     return plans, tuple(sorted(dropped))
 
 
-def flip_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return num_classes - 1 - y
+def label_flipped(scenario: Scenario, num_clients: int, seed: int) -> frozenset[int]:
+    """The clients whose training labels the scenario flips (label_flip's malicious clients;
+    `data.client_pool` flips them)."""
+    return malicious_clients(scenario, num_clients, seed) if scenario.attack == "label_flip" else frozenset()
 
 
 def attack_update(update: ClientUpdate, scenario: Scenario, seed: int, round_: int) -> ClientUpdate:

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _seeding
 from .contract import ClientConfig, ClientUpdate, OptimizerState
-from .data.datasets import TensorData
+from .data.federated import FederatedData, client_pool
 from .engines import ClientTask, Engine, SequentialEngine
 from .engines.base import RoundFailed
 from .errors import ConfigError, FedforgeError
@@ -21,36 +21,10 @@ from .evaluation import evaluate
 from .history import History, RoundRecord
 from .privacy.run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
 from .privacy.sampling import poisson_sample
-from .scenarios import Scenario, attack_update, client_work, flip_labels, malicious_clients
-from .strategies import FedAvg, RunInfo, ServerState, Strategy
+from .scenarios import Scenario, attack_update, client_work, label_flipped, malicious_clients
+from .strategies import FedAvg, LinearStrategy, RunInfo, ServerState, Strategy
 
 log = logging.getLogger("fedforge")
-
-
-@dataclass(frozen=True)
-class FederatedData:
-    """A training set split across clients, and the data the global model is tested on.
-
-    Args:
-        train: all training examples, in memory: a TensorData, or anything the task's
-            `Task.data` takes (a tuple or dict of tensors, a torch.utils.data.Dataset).
-        partition: each client's indices into `train`.
-        test: the centralized test set, or None to skip centralized evaluation.
-        client_test: each client's held-out indices into `train`, for federated evaluation.
-    """
-
-    train: TensorData
-    partition: Sequence[np.ndarray]
-    test: TensorData | None = None
-    client_test: Sequence[np.ndarray] | None = None
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.partition)
-
-    def to(self, device) -> FederatedData:
-        test = self.test.to(device) if self.test is not None else None
-        return FederatedData(self.train.to(device), self.partition, test, self.client_test)
 
 
 @dataclass(frozen=True)
@@ -75,34 +49,6 @@ def clients_per_round_count(clients_per_round: int | float, num_clients: int) ->
 def select_clients(num_clients: int, k: int, generator: torch.Generator) -> list[int]:
     """K distinct client ids drawn uniformly, in increasing order."""
     return sorted(torch.randperm(num_clients, generator=generator)[:k].tolist())
-
-
-def client_pool(
-    train: TensorData, partition: Sequence[np.ndarray], scenario: Scenario, seed: int, clients: range | None = None
-) -> tuple[TensorData, list[int]]:
-    """Every client's training examples side by side, and where each client's rows start: client c
-    holds rows starts[c]:starts[c + 1]. Malicious clients' labels are flipped here when the
-    scenario's attack is label_flip (the pool is fedforge's own copy: no user data is touched).
-
-    The round loop trains from it; engines whose workers load the data themselves (Ray) rebuild
-    it with this function, so that their clients train on the same examples. With `clients` (a
-    range of client ids) the pool holds only theirs, client c at rows starts[c - clients.start]:
-    starts[c - clients.start + 1]: a Ray worker keeps only the clients it trains.
-    """
-    for cid, idx in enumerate(partition):
-        if len(idx) == 0:
-            raise ConfigError(f"client {cid} has no training examples; use fewer clients")
-    chosen = range(len(partition)) if clients is None else clients
-    # One gather puts every client's examples side by side; each client's data is a view.
-    pool = train.subset(np.concatenate([partition[c] for c in chosen]))
-    starts = np.concatenate([[0], np.cumsum([len(partition[c]) for c in chosen])]).tolist()
-    if scenario.attack == "label_flip":
-        num_classes = int(train.y.max()) + 1
-        for c in malicious_clients(scenario, len(partition), seed):
-            if c in chosen:
-                i = c - chosen.start
-                pool.y[starts[i] : starts[i + 1]] = flip_labels(pool.y[starts[i] : starts[i + 1]], num_classes)
-    return pool, starts
 
 
 class _Tally:
@@ -164,7 +110,7 @@ def _running(
 def _keep_optimizer_states(updates: Iterable[ClientUpdate], kept: dict) -> Iterator[ClientUpdate]:
     """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
     for update in updates:
-        if update.optimizer_state is not None:
+        if isinstance(update, ClientUpdate) and update.optimizer_state is not None:
             kept[update.client_id] = update.optimizer_state
         yield update
 
@@ -203,7 +149,7 @@ def simulate(
         scenario: unequal work, stragglers, dropouts and attacks (none by default).
         eval_train: also evaluate the global model on all clients' training data every round
             (the global objective that FedProx's paper plots).
-        on_client: called with each client update as it arrives (a CombinedUpdate stands for several
+        on_client: called with each client update as it arrives (a PartialSum stands for several
             clients when the engine sums them, as the Ray engine does for a linear strategy).
         on_round: called after every round (and after the initial evaluation, round 0).
         resume: the state and records of the rounds already completed, to continue a run
@@ -227,20 +173,21 @@ def simulate(
     )
     device = data.train.device
     model = model.to(device)
-    pool, starts = client_pool(data.train, data.partition, scenario, seed)
+    pool, starts = client_pool(data.train, data.partition, flipped=label_flipped(scenario, data.num_clients, seed))
     clients = [pool.rows(a, b) for a, b in zip(starts, starts[1:])]
     malicious = malicious_clients(scenario, data.num_clients, seed)
     # A linear strategy needs only the round's weighted mean, so an engine may send partial sums;
     # not of the clients whose own update a later stage transforms (the scenario's update attacks)
     # or whose optimizer state must come back.
     # The privacy stage clips each client's update: it needs them one by one.
-    linear = getattr(strategy, "linear", False) and not client.task.keep_optimizer_state and privacy is None
+    linear = isinstance(strategy, LinearStrategy) and not client.task.keep_optimizer_state and privacy is None
     transformed = malicious if scenario.attack not in (None, "label_flip") else frozenset()
 
     def attacked(updates: Iterable[ClientUpdate], round_: int) -> Iterator[ClientUpdate]:
         """The scenario's transform stage: malicious clients' updates as their attack makes them."""
         for update in updates:
-            yield attack_update(update, scenario, seed, round_) if update.client_id in malicious else update
+            attacker = isinstance(update, ClientUpdate) and update.client_id in malicious
+            yield attack_update(update, scenario, seed, round_) if attacker else update
 
     federated_test = None
     if data.client_test is not None and sum(map(len, data.client_test)):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ._imports import is_reference, load_instance
 from .data.datasets import TensorData, leaves
+from .data.huggingface import hf_tensors, is_hf_dataset
 from .errors import ConfigError, DataError
 
 Sums = dict[str, torch.Tensor]
@@ -132,16 +133,23 @@ class Task:
     def data(self, data) -> TensorData:
         """`data` as fedforge holds it: a TensorData as is; a tuple or dict of tensors (or arrays)
         split into inputs and target by this task's `inputs` and `target`; a
-        `torch.utils.data.Dataset` of fixed-shape items read once and stacked, then split."""
+        `torch.utils.data.Dataset` of fixed-shape items read once and stacked, then split; a
+        Hugging Face `datasets.Dataset` read once, its columns split the same way (the target by
+        default its "label" column, else its last: `data.huggingface.hf_tensors`)."""
         if isinstance(data, TensorData):
             return data
         if isinstance(data, (tuple, list, Mapping)):
             return TensorData.from_batch(data, target=self.target, inputs=self.inputs)
         if isinstance(data, torch.utils.data.Dataset):
             return TensorData.from_dataset(data, target=self.target, inputs=self.inputs)
+        if is_hf_dataset(data):
+            return hf_tensors(data, target=self.target, inputs=self.inputs)
+        kind = type(data).__qualname__
+        if type(data).__module__ != "builtins":  # a Dataset of another library says whose it is
+            kind = f"{type(data).__module__}.{kind}"
         raise DataError(
-            f"task {self.name}: cannot use {type(data).__name__} as data (give a tuple or dict of "
-            f"tensors, a torch.utils.data.Dataset or a TensorData)"
+            f"task {self.name}: cannot use {kind} as data (give a tuple or dict of tensors, a "
+            f"torch.utils.data.Dataset, a Hugging Face datasets.Dataset or a TensorData)"
         )
 
     def with_optimizer(self, name: str, **options) -> Task:

@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from ._options import option
-from .contract import ClientUpdate
 from .errors import ConfigError
 from .history import RoundRecord
-from .strategies import CombinedUpdate
+from .reductions import PartialSum, Update
 
 if TYPE_CHECKING:  # config imports this module for TrackingSettings
     from .config import Config
@@ -81,10 +80,10 @@ def scalars(record: RoundRecord) -> dict[str, float]:
     return {name: float(v) for name, v in values.items() if v is not None and math.isfinite(v)}
 
 
-def client_metrics(update: ClientUpdate) -> dict[str, float] | None:
-    """One client's training metrics (loss, accuracy, the task's others); None for a CombinedUpdate,
+def client_metrics(update: Update) -> dict[str, float] | None:
+    """One client's training metrics (loss, accuracy, the task's others); None for a PartialSum,
     which stands for several clients and holds only their mean."""
-    if isinstance(update, CombinedUpdate):
+    if isinstance(update, PartialSum):
         return None
     metrics = update.training_metrics()
     return {name: v for name, v in metrics.items() if v is not None and math.isfinite(v)}

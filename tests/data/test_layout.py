@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fedforge as ff
+from fedforge.data import FederatedData
 from fedforge.data.datasets import TensorData
 from fedforge.errors import DataError
-from fedforge.simulation import FederatedData
 
 N, A, B, CLASSES = 120, 5, 3, 4
 
@@ -144,6 +144,38 @@ class Ragged(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return torch.zeros(i + 1), 0
+
+
+def test_a_hugging_face_dataset_trains_as_its_tensors_would():
+    """A datasets.Dataset goes where a torch Dataset does: "label" is the target, the other column the input."""
+    hf = pytest.importorskip("datasets")
+    a, b, y = _data()
+    x = torch.cat([a, b], 1)
+    columns = hf.Dataset.from_dict({"label": y.tolist(), "features": x.tolist()})  # the label first
+    data = ff.CLASSIFICATION.data(columns)
+    assert torch.equal(data.y, y) and torch.allclose(data.x, x)
+    model, same = _same_init(OneInput())
+    torch.testing.assert_close(_run(model, columns), _run(same, TensorData(x, y)))
+    # Other names: the task's target and inputs name the columns; a position counts too.
+    renamed = columns.rename_columns({"label": "kind", "features": "pixels"})
+    task = dataclasses.replace(ff.CLASSIFICATION, target="kind", inputs=-1)
+    assert torch.equal(task.data(renamed).y, y) and torch.allclose(task.data(renamed).x, x)
+    # Without a "label" column the last column is the target, as the last part of a tuple is.
+    assert torch.equal(ff.CLASSIFICATION.data(renamed.select_columns(["pixels", "kind"])).y, y)
+
+
+def test_a_hugging_face_image_column_becomes_floats_in_0_1():
+    hf = pytest.importorskip("datasets")
+    images = np.arange(4 * 2 * 3, dtype=np.uint8).reshape(4, 2, 3) * 10
+    features = hf.Features({"image": hf.Image(), "label": hf.ClassLabel(num_classes=2)})
+    columns = hf.Dataset.from_dict({"image": list(images), "label": [0, 1, 1, 0]}, features=features)
+    data = ff.CLASSIFICATION.data(columns)
+    assert data.x.dtype == torch.float32 and data.x.shape == (4, 1, 2, 3)  # datasets' torch format: channels first
+    torch.testing.assert_close(data.x, torch.from_numpy(images).float().unsqueeze(1) / 255)
+    assert data.y.tolist() == [0, 1, 1, 0]
+    text = hf.Dataset.from_dict({"text": ["a", "bb"], "label": [0, 1]})
+    with pytest.raises(DataError, match=r"column 'text' of the datasets\.Dataset is not one tensor"):
+        ff.CLASSIFICATION.data(text)
 
 
 @pytest.mark.parametrize(

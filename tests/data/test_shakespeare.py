@@ -12,6 +12,7 @@ import torch
 from helpers import Served
 
 from fedforge.config import Config
+from fedforge.data import federate
 from fedforge.data.partition import natural
 from fedforge.data.shakespeare import (
     ALL_LETTERS,
@@ -28,7 +29,7 @@ from fedforge.data.shakespeare import (
     to_dataset,
 )
 from fedforge.errors import ConfigError, DataError
-from fedforge.experiment import federate, load
+from fedforge.experiment import load
 
 WORDS = (
     "my lord,",
@@ -303,9 +304,9 @@ def test_downloaded_with_its_checksum_parsed_cached_and_partitioned(tmp_path, fi
     loaded, data = load(config, progress=False)
     assert data.num_clients == roles and sum(map(len, data.partition)) == len(loaded.train)
     with pytest.raises(ConfigError, match=f"num_clients must be {roles}, the number of groups in the data, got 3"):
-        federate(config.replace(num_clients=3), loaded)
+        federate(loaded, config.replace(num_clients=3).data_split(), seed=config.seed)
     with pytest.raises(ConfigError, match="partition dirichlet splits by label"):
-        federate(config.replace(partition="dirichlet"), loaded)
+        federate(loaded, config.replace(partition="dirichlet").data_split(), seed=config.seed)
 
 
 def test_the_text_found_on_disk_is_used_without_download(tmp_path, file_server, home, text):
@@ -386,7 +387,7 @@ def test_no_natural_partition_without_groups(text):
         dataset="shakespeare", task="language-model", partition="natural", num_clients=5, clients_per_round=2
     )
     with pytest.raises(ConfigError, match="dataset shakespeare has no natural partition"):
-        federate(config, dataset)
+        federate(dataset, config.data_split(), seed=config.seed)
 
 
 def test_shakespeare_needs_the_language_model_task():

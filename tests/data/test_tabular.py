@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from fedforge.config import Config
-from fedforge.data import tabular
-from fedforge.data.tabular import load_file_dataset, parse_source, source_label, split_indices
+from fedforge.data import federate, tables
+from fedforge.data import load as load_source
+from fedforge.data.tables import parse_source, source_label, split_indices
 from fedforge.errors import ConfigError, DataError
-from fedforge.experiment import federate, load, run_name
+from fedforge.experiment import load, run_name
 from fedforge.models import build_model
 
 pa = pytest.importorskip("pyarrow")
@@ -52,7 +53,7 @@ def test_split_is_fixed_and_80_20():
 
 
 def test_csv_classification_by_hand(tmp_path):
-    dataset = load_file_dataset(f"csv:{write_csv(tmp_path / 'animals.csv')}", target="kind", task="classification")
+    dataset = load_source(f"csv:{write_csv(tmp_path / 'animals.csv')}", target="kind", task="classification")
     train, test = split_indices(10)
     assert dataset.name == "csv-animals" and dataset.num_classes == 3 and dataset.input_shape == (3,)
     assert len(dataset.train) == 8 and len(dataset.test) == 2
@@ -76,13 +77,13 @@ def test_csv_classification_by_hand(tmp_path):
 def test_a_constant_column_is_not_blown_up_by_rounding(tmp_path):
     # Three training rows of 0.1: their float mean is 0.10000000000000002 and their std 1.4e-17, not 0.
     path = write_csv(tmp_path / "d.csv", [(i, 0.1, i % 2) for i in range(4)], "x,const,y")
-    dataset = load_file_dataset(f"csv:{path}", target="y", task="classification")
+    dataset = load_source(f"csv:{path}", target="y", task="classification")
     assert len(dataset.train) == 3 and dataset.train.x[:, 1].abs().max() < 1e-6
 
 
 def test_integer_labels_become_0_to_k_minus_1_in_order(tmp_path):
     rows = [(i, [9, 3, 5][i % 3]) for i in range(9)]
-    dataset = load_file_dataset(
+    dataset = load_source(
         f"csv:{write_csv(tmp_path / 'd.csv', rows, 'x,label')}", target="label", task="classification"
     )
     assert dataset.num_classes == 3
@@ -92,7 +93,7 @@ def test_integer_labels_become_0_to_k_minus_1_in_order(tmp_path):
 
 def test_csv_regression_target_is_float_one_output(tmp_path):
     path = write_csv(tmp_path / "d.csv", [(a, b, d) for a, b, _, d in ROWS], "size,const,price")
-    dataset = load_file_dataset(f"csv:{path}", target="price", task="regression")
+    dataset = load_source(f"csv:{path}", target="price", task="regression")
     train, test = split_indices(10)
     assert dataset.num_classes == 1 and dataset.train.y.dtype == torch.float32
     assert dataset.train.y.tolist() == [2.5 * i for i in train] and dataset.test.y.tolist() == [2.5 * i for i in test]
@@ -101,7 +102,7 @@ def test_csv_regression_target_is_float_one_output(tmp_path):
 def test_quoted_fields_blank_lines_and_a_bom(tmp_path):
     path = tmp_path / "q.csv"
     path.write_bytes('\ufeff"a","b","y"\n"1.5", 2,x\n\n3,4,y\n5,6,x\n'.encode())
-    dataset = load_file_dataset(f"csv:{path}", target="y", task="classification")
+    dataset = load_source(f"csv:{path}", target="y", task="classification")
     assert len(dataset.train) + len(dataset.test) == 3 and dataset.num_classes == 2
 
 
@@ -116,13 +117,13 @@ def test_the_same_as_the_bundled_diabetes(tmp_path):
     pq.write_table(table, tmp_path / "diabetes.parquet")
     bundled = load_bundled("diabetes")
     for name in (f"csv:{path}", f"parquet:{tmp_path / 'diabetes.parquet'}"):
-        dataset = load_file_dataset(name, target="progression", task="regression")
+        dataset = load_source(name, target="progression", task="regression")
         torch.testing.assert_close(dataset.train.x, bundled.train.x)
         torch.testing.assert_close(dataset.test.y, bundled.test.y)
 
 
 def test_parquet_file_and_folder_equal_the_csv(tmp_path):
-    csv_data = load_file_dataset(f"csv:{write_csv(tmp_path / 'd.csv')}", target="kind", task="classification")
+    csv_data = load_source(f"csv:{write_csv(tmp_path / 'd.csv')}", target="kind", task="classification")
     columns = list(zip(*ROWS))
     table = pa.table({name: list(values) for name, values in zip(HEADER.split(","), columns)})
     pq.write_table(table, tmp_path / "d.parquet")
@@ -130,7 +131,7 @@ def test_parquet_file_and_folder_equal_the_csv(tmp_path):
     pq.write_table(table.slice(0, 4), tmp_path / "parts" / "a.parquet")
     pq.write_table(table.slice(4), tmp_path / "parts" / "b.parquet")
     for path in (tmp_path / "d.parquet", tmp_path / "parts"):
-        dataset = load_file_dataset(f"parquet:{path}", target="kind", task="classification")
+        dataset = load_source(f"parquet:{path}", target="kind", task="classification")
         torch.testing.assert_close(dataset.train.x, csv_data.train.x)
         torch.testing.assert_close(dataset.test.y, csv_data.test.y)
         assert dataset.num_classes == 3
@@ -162,52 +163,50 @@ def test_bad_csv_files(tmp_path, text, target, message):
     path = tmp_path / "bad.csv"
     path.write_text(text)
     with pytest.raises(DataError) as error:
-        load_file_dataset(f"csv:{path}", target=target, task="classification")
+        load_source(f"csv:{path}", target=target, task="classification")
     assert message in one_line(error) and str(path) in str(error.value)
 
 
 def test_regression_needs_numbers(tmp_path):
     with pytest.raises(DataError) as error:
-        load_file_dataset(f"csv:{write_csv(tmp_path / 'd.csv')}", target="kind", task="regression")
+        load_source(f"csv:{write_csv(tmp_path / 'd.csv')}", target="kind", task="regression")
     assert "target column 'kind' is not numbers (e.g. 'cat'); regression needs numbers" in one_line(error)
 
 
 def test_too_many_classes(tmp_path, monkeypatch):
-    monkeypatch.setattr(tabular, "MAX_CLASSES", 5)
+    monkeypatch.setattr(tables, "MAX_CLASSES", 5)
     path = write_csv(tmp_path / "d.csv", [(a, b, d) for a, b, _, d in ROWS], "size,const,price")
     with pytest.raises(DataError) as error:
-        load_file_dataset(f"csv:{path}", target="size", task="classification")
+        load_source(f"csv:{path}", target="size", task="classification")
     assert "target column 'size' has 10 distinct values, more than 5 classes; use --task regression" in one_line(error)
 
 
 def test_limits(tmp_path, monkeypatch):
     path = write_csv(tmp_path / "d.csv")
-    monkeypatch.setattr(tabular, "MAX_COLUMNS", 3)
+    monkeypatch.setattr(tables, "MAX_COLUMNS", 3)
     with pytest.raises(DataError, match=r"has 4 columns, more than fedforge reads \(3\)"):
-        load_file_dataset(f"csv:{path}", target="kind", task="classification")
-    monkeypatch.setattr(tabular, "MAX_COLUMNS", 10)
-    monkeypatch.setattr(tabular, "MAX_CELLS", 20)
+        load_source(f"csv:{path}", target="kind", task="classification")
+    monkeypatch.setattr(tables, "MAX_COLUMNS", 10)
+    monkeypatch.setattr(tables, "MAX_CELLS", 20)
     with pytest.raises(DataError, match="more than 20 cells"):
-        load_file_dataset(f"csv:{path}", target="kind", task="classification")
+        load_source(f"csv:{path}", target="kind", task="classification")
     pq.write_table(pa.table({"a": list(range(12)), "y": [0, 1] * 6}), tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"has 12 rows x 2 columns, more than fedforge reads \(20 cells\)"):
-        load_file_dataset(f"parquet:{tmp_path / 'd.parquet'}", target="y", task="classification")
+        load_source(f"parquet:{tmp_path / 'd.parquet'}", target="y", task="classification")
 
 
 def test_byte_limits(tmp_path, monkeypatch):
-    from fedforge.data import huggingface
-
     path = write_csv(tmp_path / "d.csv")
-    monkeypatch.setattr(tabular, "MAX_BYTES", 100)
+    monkeypatch.setattr(tables, "MAX_BYTES", 100)
     with pytest.raises(DataError, match=rf"d.csv is {path.stat().st_size} bytes, more than fedforge reads \(100\)"):
-        load_file_dataset(f"csv:{path}", target="kind", task="classification")
+        load_source(f"csv:{path}", target="kind", task="classification")
     pq.write_table(pa.table({"a": list(range(100)), "y": [0, 1] * 50}), tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"bytes of data \(uncompressed\), more than fedforge reads \(100\)"):
-        load_file_dataset(f"parquet:{tmp_path / 'd.parquet'}", target="y", task="classification")
+        load_source(f"parquet:{tmp_path / 'd.parquet'}", target="y", task="classification")
     _hf().Dataset.from_dict({"a": list(range(100)), "y": [0, 1] * 50}).save_to_disk(str(tmp_path / "hf"))
-    monkeypatch.setattr(huggingface, "MAX_BYTES", 1000)
+    monkeypatch.setattr(tables, "MAX_BYTES", 1000)
     with pytest.raises(DataError, match=r"holds 1600 bytes of data, more than fedforge reads \(1000\)"):
-        load_file_dataset(f"hf:{tmp_path / 'hf'}", target="y", task="classification")
+        load_source(f"hf:{tmp_path / 'hf'}", target="y", task="classification")
 
 
 def test_paths_that_are_not_datasets(tmp_path):
@@ -224,7 +223,7 @@ def test_paths_that_are_not_datasets(tmp_path):
     cases.append((f"parquet:{tmp_path / 'empty'}", "is a folder without .parquet files"))
     for name, message in cases:
         with pytest.raises(DataError) as error:
-            load_file_dataset(name, target="y", task="classification")
+            load_source(name, target="y", task="classification")
         assert message in one_line(error), name
 
 
@@ -239,13 +238,13 @@ def test_paths_that_are_not_datasets(tmp_path):
 def test_bad_parquet_files(tmp_path, table, message):
     pq.write_table(pa.table(table), tmp_path / "bad.parquet")
     with pytest.raises(DataError) as error:
-        load_file_dataset(f"parquet:{tmp_path / 'bad.parquet'}", target="y", task="classification")
+        load_source(f"parquet:{tmp_path / 'bad.parquet'}", target="y", task="classification")
     assert message in one_line(error)
 
 
 def test_a_table_serves_classification_and_regression_only(tmp_path):
     with pytest.raises(ConfigError, match="task 'language-model' needs token sequences"):
-        load_file_dataset(f"csv:{write_csv(tmp_path / 'd.csv')}", target="kind", task="language-model")
+        load_source(f"csv:{write_csv(tmp_path / 'd.csv')}", target="kind", task="language-model")
 
 
 def test_config_target_rules():
@@ -288,7 +287,9 @@ def test_experiment_load_and_partition(tmp_path):
         "csv-zoo-fedforge.models_tabular_mlp-fedavg-"
     )
     regression = load(config.replace(target="price", task="regression", partition="dirichlet"))[0]
-    assert regression.num_classes == 1 and len(federate(config.replace(target="price"), regression).partition) == 4
+    assert (
+        regression.num_classes == 1 and len(federate(regression, config.data_split(), seed=config.seed).partition) == 4
+    )
 
 
 # Hugging Face datasets --------------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ def test_hf_dataset_dict_one_input_column(tmp_path):
     hf = _hf()
     rows = digits_like().remove_columns("weight")
     hf.DatasetDict(train=rows.select(range(15)), test=rows.select(range(15, 20))).save_to_disk(str(tmp_path / "d"))
-    dataset = load_file_dataset(f"hf:{tmp_path / 'd'}", target="label", task="classification")
+    dataset = load_source(f"hf:{tmp_path / 'd'}", target="label", task="classification")
     assert dataset.name == "hf-d" and dataset.num_classes == 4  # the ClassLabel's, though class 3 never occurs
     assert len(dataset.train) == 15 and len(dataset.test) == 5
     assert dataset.train.x.dtype == torch.float32 and dataset.train.x.shape == (15, 4)
@@ -333,7 +334,7 @@ def test_hf_dataset_dict_one_input_column(tmp_path):
 def test_hf_single_dataset_is_split_80_20_and_int_columns_stay_ids(tmp_path):
     rows = digits_like().remove_columns("pixels")
     rows.save_to_disk(str(tmp_path / "d"))
-    dataset = load_file_dataset(f"hf:{tmp_path / 'd'}", target="label", task="classification")
+    dataset = load_source(f"hf:{tmp_path / 'd'}", target="label", task="classification")
     train, test = split_indices(20)
     assert dataset.train.x.dtype == torch.int64 and dataset.train.x.tolist() == train.tolist()
     assert dataset.test.y.tolist() == [i % 3 for i in test]
@@ -341,7 +342,7 @@ def test_hf_single_dataset_is_split_80_20_and_int_columns_stay_ids(tmp_path):
 
 def test_hf_several_inputs_are_a_dict(tmp_path):
     digits_like().save_to_disk(str(tmp_path / "d"))
-    dataset = load_file_dataset(f"hf:{tmp_path / 'd'}", target="label", task="classification")
+    dataset = load_source(f"hf:{tmp_path / 'd'}", target="label", task="classification")
     assert isinstance(dataset.train.x, dict) and list(dataset.train.x) == ["pixels", "weight"]
     assert dataset.train.x["pixels"].shape == (16, 4) and dataset.train.x["weight"].shape == (16,)
 
@@ -351,7 +352,7 @@ def test_hf_regression(tmp_path):
     hf.Dataset.from_dict({"x": [[float(i), 1.0] for i in range(10)], "y": [0.5 * i for i in range(10)]}).save_to_disk(
         str(tmp_path / "d")
     )
-    dataset = load_file_dataset(f"hf:{tmp_path / 'd'}", target="y", task="regression")
+    dataset = load_source(f"hf:{tmp_path / 'd'}", target="y", task="regression")
     train, _ = split_indices(10)
     assert dataset.num_classes == 1 and dataset.train.y.dtype == torch.float32
     assert dataset.train.y.tolist() == [0.5 * i for i in train] and dataset.train.x.shape == (8, 2)
@@ -362,7 +363,7 @@ def test_hf_string_labels_become_class_ids(tmp_path):
     hf.Dataset.from_dict({"x": [[float(i), 1.0] for i in range(10)], "kind": ["bee", "ant"] * 5}).save_to_disk(
         str(tmp_path / "d")
     )
-    dataset = load_file_dataset(f"hf:{tmp_path / 'd'}", target="kind", task="classification")
+    dataset = load_source(f"hf:{tmp_path / 'd'}", target="kind", task="classification")
     train, _ = split_indices(10)
     assert dataset.num_classes == 2 and dataset.train.y.tolist() == [1 - i % 2 for i in train]
 
@@ -374,19 +375,19 @@ def test_hf_language_model_targets(tmp_path):
         train=hf.Dataset.from_dict({"input_ids": ids[:8], "labels": [s[1:] + [0] for s in ids[:8]]}),
         test=hf.Dataset.from_dict({"input_ids": ids[8:], "labels": [s[1:] + [0] for s in ids[8:]]}),
     ).save_to_disk(str(tmp_path / "d"))
-    dataset = load_file_dataset(f"hf:{tmp_path / 'd'}", target="labels", task="language-model")
+    dataset = load_source(f"hf:{tmp_path / 'd'}", target="labels", task="language-model")
     assert dataset.num_classes == 7 and dataset.train.x.shape == (8, 5) and dataset.train.y.dtype == torch.int64
 
 
 def test_hf_parquet(tmp_path):
     rows = digits_like().remove_columns("weight")
     rows.to_parquet(str(tmp_path / "all.parquet"))
-    dataset = load_file_dataset(f"hf:{tmp_path / 'all.parquet'}", target="label", task="classification")
+    dataset = load_source(f"hf:{tmp_path / 'all.parquet'}", target="label", task="classification")
     assert dataset.num_classes == 4 and len(dataset.train) == 16  # the ClassLabel survives in the file's metadata
     (tmp_path / "splits").mkdir()
     rows.select(range(12)).to_parquet(str(tmp_path / "splits" / "train-00000-of-00001.parquet"))
     rows.select(range(12, 20)).to_parquet(str(tmp_path / "splits" / "test-00000-of-00001.parquet"))
-    dataset = load_file_dataset(f"hf:{tmp_path / 'splits'}", target="label", task="classification")
+    dataset = load_source(f"hf:{tmp_path / 'splits'}", target="label", task="classification")
     assert len(dataset.train) == 12 and len(dataset.test) == 8
 
 
@@ -410,7 +411,7 @@ def test_hf_parquet(tmp_path):
 def test_bad_hf_columns(tmp_path, columns, message):
     _hf().Dataset.from_dict(columns).save_to_disk(str(tmp_path / "d"))
     with pytest.raises(DataError) as error:
-        load_file_dataset(f"hf:{tmp_path / 'd'}", target="label", task="classification")
+        load_source(f"hf:{tmp_path / 'd'}", target="label", task="classification")
     assert message in one_line(error)
 
 
@@ -428,17 +429,17 @@ def test_hf_paths_that_are_not_datasets(tmp_path):
         (f"hf:{tmp_path / 'splits'}", "has the splits validation, extra; fedforge needs 'train' and 'test'"),
     ]:
         with pytest.raises(DataError) as error:
-            load_file_dataset(name, target="label", task="classification")
+            load_source(name, target="label", task="classification")
         assert message in one_line(error), name
 
 
 def test_without_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: importing it raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'fedforge\[hf\]'"):
-        load_file_dataset(f"hf:{tmp_path}", target="label", task="classification")
+        load_source(f"hf:{tmp_path}", target="label", task="classification")
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ConfigError, match=r"reading Parquet needs pyarrow: pip install 'fedforge\[parquet\]'"):
-        load_file_dataset(f"parquet:{tmp_path}", target="label", task="classification")
+        load_source(f"parquet:{tmp_path}", target="label", task="classification")
 
 
 def test_hf_end_to_end(tmp_path):

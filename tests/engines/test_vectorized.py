@@ -16,8 +16,9 @@ from fedforge.engines import ClientTask, SequentialEngine, VectorizedEngine
 from fedforge.engines.vectorized import DEFAULT_MAX_MEMORY, build_schedule
 from fedforge.errors import DivergenceError
 from fedforge.models import build_model
+from fedforge.reductions import PartialSum, combine_updates
 from fedforge.scenarios import Scenario
-from fedforge.strategies import CombinedUpdate, FedProx, QFedAvg, Scaffold, combine_updates
+from fedforge.strategies import FedProx, QFedAvg, Scaffold
 
 
 def images(n, seed):
@@ -153,19 +154,19 @@ def test_combine_sums_summable_chunks_as_combine_updates_would(model_name):
     engine = VectorizedEngine(max_memory=2 * 1024 * 1024, combine=True)
     chunks = -(-len(tasks) // engine.chunk_size(model, tasks, config))
     combined = list(engine.run(model, state, tasks, config))
-    assert chunks > 1 and len(combined) == chunks and all(isinstance(u, CombinedUpdate) for u in combined)
+    assert chunks > 1 and len(combined) == chunks and all(isinstance(u, PartialSum) for u in combined)
     mine, reference = combine_updates(combined), combine_updates(SequentialEngine().run(model, state, tasks, config))
     assert mine.client_ids == reference.client_ids == tuple(range(len(tasks)))
     assert (mine.num_examples, mine.num_steps) == (reference.num_examples, reference.num_steps)
     assert mine.metrics == pytest.approx(reference.metrics)
     for name in state:
-        torch.testing.assert_close(mine.delta[name], reference.delta[name])
+        torch.testing.assert_close(mine.mean_delta[name], reference.mean_delta[name])
     # A client the round loop must see on its own keeps its chunk client by client.
     size = engine.chunk_size(model, tasks, config)
     alone = [ClientTask(0, data.subset(partition[0]), seed=0), *tasks[1:]]
     out = list(engine.run(model, state, alone, config))
     assert [u.client_id for u in out[:size]] == list(range(size))
-    assert all(isinstance(u, CombinedUpdate) for u in out[size:])
+    assert all(isinstance(u, PartialSum) for u in out[size:])
     # A diverged client is still named, as without combining.
     huge = TensorData(data.x * 1e38, data.y)
     diverging = [
@@ -218,7 +219,7 @@ def test_fedforge_run_sums_each_chunk_unless_a_tracker_wants_each_client(tmp_pat
         out_dir=str(tmp_path),
     )
     summed = run_experiment(config.replace(name="summed"), progress=False, verbose=False)
-    assert handed == ["CombinedUpdate"] * 2  # one chunk a round
+    assert handed == ["PartialSum"] * 2  # one chunk a round
     handed.clear()
     tracker = ClientsTracker()
     each = run_experiment(config.replace(name="each"), progress=False, verbose=False, trackers=[tracker])

@@ -9,13 +9,17 @@ import logging
 import queue
 import re
 import select
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import types
 import urllib.error
 import urllib.request
+from decimal import Decimal
+from importlib import resources
 
 import pytest
 import torch
@@ -371,6 +375,7 @@ PAGE_NOW = """(() => {
           count: document.getElementById("client-count")?.textContent,
           points: Number(chart("metric")?.dataset.points || 0), values: chart("metric")?.dataset.values,
           loss_points: Number(chart("loss")?.dataset.points || 0), static: document.body?.className,
+          ticks: chart("metric")?.dataset.ticks, loss_ticks: chart("loss")?.dataset.ticks,
           epsilon: document.getElementById("epsilon")?.textContent, mark: window.testMark || null};
 })()"""
 
@@ -383,6 +388,37 @@ def watch(browser: Browser, condition, timeout: float = PROCESS_S) -> dict:
             return now
         time.sleep(0.1)
     raise AssertionError(f"the page did not get there in {timeout} s: {now}")
+
+
+def assert_round_ticks(labels: str) -> None:
+    """An axis's labels are whole multiples of one step of 1, 2 or 5 times a power of ten, written
+    with the step's decimals only: 0.2 0.4 0.6, not 0.219 0.438 0.657."""
+    values = [Decimal(label) for label in labels.split()]
+    steps = {b - a for a, b in zip(values, values[1:])}
+    assert len(values) >= 2 and len(steps) == 1, labels
+    step = steps.pop()
+    assert step.scaleb(-step.adjusted()).normalize() in (1, 2, 5), labels
+    assert all(v % step == 0 and -v.as_tuple().exponent <= max(0, -step.adjusted()) for v in values), labels
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="no node binary to run the page's script with")
+def test_chart_axes_are_on_round_numbers():
+    """The page's tick algorithm (static/dashboard.js, run by node): 1, 2 or 5 times a power of ten."""
+    script = (resources.files("fedforge.network") / "static" / "dashboard.js").read_text()
+    functions = re.search(r"function niceNumber.*?\n}\nfunction niceTicks.*?\n}\n", script, re.S).group(0)
+    cases = [(0.219, 0.876), (0.0, 2.3026), (2.31, 2.33), (0.5, 0.5001), (-1.7, 3.2), (0, 137.0)]
+    probe = functions + f"console.log(JSON.stringify({json.dumps(cases)}.map(([a, b]) => niceTicks(a, b, 5))));"
+    out = subprocess.run([NODE, "-e", probe], capture_output=True, text=True, check=True, timeout=bound(60)).stdout
+    ticks = json.loads(out)
+    assert ticks[0]["labels"] == ["0.2", "0.4", "0.6", "0.8", "1.0"]
+    assert ticks[1]["labels"] == ["0", "1", "2", "3"]  # a loss from 0 to 2.3
+    assert ticks[5]["labels"] == ["0", "50", "100", "150"]
+    for (lo, hi), tick in zip(cases, ticks):
+        assert_round_ticks(" ".join(tick["labels"]))
+        assert tick["lo"] <= lo and tick["hi"] >= hi  # the axis covers the data
 
 
 @pytest.fixture
@@ -404,6 +440,10 @@ def test_the_page_in_headless_chromium(browser, deployment, tmp_path):
     later = watch(browser, lambda p: p["points"] > first["points"])
     assert later["mark"] == "still the same page" and later["clients"] == ["0", "1", "2"]
     assert later["values"] != first["values"] and later["loss_points"] == later["points"]
+    assert_round_ticks(later["ticks"])
+    assert_round_ticks(later["loss_ticks"])
+    # The axis of an accuracy between 0.219 and 0.876: 0.2 to 1.0 in steps of 0.2.
+    assert browser.evaluate("niceTicks(0.219, 0.876, 5).labels") == ["0.2", "0.4", "0.6", "0.8", "1.0"]
     # The static report of the same run: the same page and charts, from the history inside it.
     report = deployment.tmp / "report.html"
     assert fedforge(["report", str(deployment.tmp / "runs" / "net"), "--html", "--out", str(report)]) == 0

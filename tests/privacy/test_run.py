@@ -78,7 +78,7 @@ def test_poisson_sampling_varies_the_cohort_and_the_noise_is_calibrated(tmp_path
     outcome = _run(tmp_path, "poisson", rounds=4, dp="client", target_epsilon=4.0, sampling="poisson", accountant="rdp")
     sizes = {len(r.clients) for r in outcome.history.records[1:]}
     assert len(sizes) > 1  # each client joins with probability 1/3: the cohort size varies
-    z = outcome.state.privacy["accountant"]["noise_multiplier"]
+    z = outcome.state.privacy.accountant.noise_multiplier
     final = Accountant(PoissonSampling(10 / 30, 30), z, method="rdp").epsilon_after(4, 1e-3)
     assert 0.98 * 4.0 <= final <= 4.0 and outcome.history.final.metrics["epsilon"] == pytest.approx(final)
 

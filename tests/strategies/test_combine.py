@@ -1,4 +1,4 @@
-"""Partial sums (CombinedUpdate): linear strategies and the tally of metrics take them as the updates they stand for."""
+"""Partial sums (PartialSum): linear strategies and the tally of metrics take them as the updates they stand for."""
 
 from __future__ import annotations
 
@@ -17,18 +17,18 @@ from fedforge.contract import ClientUpdate
 from fedforge.data import dirichlet
 from fedforge.engines import SequentialEngine
 from fedforge.errors import ConfigError
+from fedforge.reductions import PartialSum, combine_updates, weighted_mean_delta
 from fedforge.scenarios import Scenario
 from fedforge.simulation import _Tally
 from fedforge.strategies import (
     LINEAR_STRATEGIES,
     STRATEGIES,
-    CombinedUpdate,
+    FedAvg,
+    LinearStrategy,
     RunInfo,
     StrategyBase,
     check_linear,
-    combine_updates,
     make_strategy,
-    weighted_mean_delta,
 )
 
 LIKE = {"w": torch.zeros(3), "n": torch.zeros((), dtype=torch.long)}
@@ -50,14 +50,17 @@ def test_two_updates_by_hand():
     a = update(1, [1.0, 0.0, 2.0], 1, loss=0.5, accuracy=1.0, steps=2, batches=1)
     b = update(2, [4.0, 3.0, -1.0], 3, loss=1.0, accuracy=0.0, steps=3, batches=2)
     c = combine_updates([a, b])
-    assert isinstance(c, CombinedUpdate) and c.client_id == -1 and c.client_ids == (1, 2)
+    assert isinstance(c, PartialSum) and not isinstance(c, ClientUpdate) and c.client_ids == (1, 2)
     assert (c.num_examples, c.num_steps) == (4, 5)
-    torch.testing.assert_close(c.delta["w"], torch.tensor([13 / 4, 9 / 4, -1 / 4]))
+    torch.testing.assert_close(c.mean_delta["w"], torch.tensor([13 / 4, 9 / 4, -1 / 4]))
     # An integer buffer's mean stays unrounded (1.75, not 2), so the server's mean of means is exact.
-    assert c.delta["n"].dtype == torch.float64 and c.delta["n"].item() == 1.75
-    assert c.metrics == {"loss": (0.5 + 3.0) / 4, "accuracy": 1 / 4}
-    assert (c.train_loss, c.train_accuracy) == (c.metrics["loss"], c.metrics["accuracy"])
+    assert c.mean_delta["n"].dtype == torch.float64 and c.mean_delta["n"].item() == 1.75
+    assert c.metrics == c.training_metrics() == {"loss": (0.5 + 3.0) / 4, "accuracy": 1 / 4}
     assert combine_updates([]) is None
+    # Partial sums of partial sums: the clients of both, the same mean.
+    d = combine_updates([c, update(7, [0.0, 0.0, 0.0], 4, loss=0.0)])
+    assert d.client_ids == (1, 2, 7) and d.num_examples == 8
+    torch.testing.assert_close(d.mean_delta["w"], torch.tensor([13 / 8, 9 / 8, -1 / 8]))
 
 
 def test_a_metric_some_clients_lack_counts_as_the_tally_counts_it():
@@ -105,8 +108,8 @@ def test_linear_strategies_are_those_with_apply_mean_and_aggregate_partial_sums_
     params = {"w": torch.randn(3, generator=g), "n": torch.tensor(4)}
     for name in STRATEGIES:
         strategy = make_strategy(name)
-        assert strategy.linear == hasattr(strategy, "apply_mean"), name
-        if not strategy.linear:
+        if not isinstance(strategy, LinearStrategy):
+            assert name not in LINEAR_STRATEGIES
             continue
         state = strategy.init(params, run)
         for _ in range(2):  # twice: the server optimizers' own state must move alike too
@@ -119,7 +122,7 @@ def test_linear_strategies_are_those_with_apply_mean_and_aggregate_partial_sums_
 def test_what_serves_linear_strategies_only_refuses_the_others_with_their_own_reason():
     assert LINEAR_STRATEGIES == ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox")
     for name, cls in STRATEGIES.items():
-        if cls.linear:
+        if name in LINEAR_STRATEGIES:
             check_linear(name, "it")
             check_linear(make_strategy(name), "it")
             continue
@@ -134,21 +137,33 @@ def test_what_serves_linear_strategies_only_refuses_the_others_with_their_own_re
                 check_linear(strategy, "it")
             assert "\n" not in str(e.value)
 
-    class Mine(StrategyBase):  # the user's own: linear without a step from the mean, and not linear
+    class Mine(StrategyBase):  # the user's own, without a step from the mean: not linear
         name = "mine"
-        linear = True
 
-    with pytest.raises(ConfigError, match="strategy 'mine': it does not reduce the updates to one weighted mean"):
-        check_linear(Mine(), "it")
-    Mine.linear = False
+        def aggregate(self, state, updates):
+            return state.unchanged()
+
+    class Plain:  # a Strategy that is not a StrategyBase, and not linear
+        name = "plain"
+        init, plan, aggregate = Mine.init, Mine.plan, Mine.aggregate
+
+    class MyLinear(Mine):  # the user's own with apply_mean: linear, by the protocol alone
+        def apply_mean(self, state, mean):
+            return state.next(state.params)
+
     with pytest.raises(ConfigError, match="strategy 'mine': it looks at each update, not only at their weighted mean"):
         check_linear(Mine(), "it")
+    with pytest.raises(ConfigError, match="strategy 'plain': it does not reduce the updates to one weighted mean"):
+        check_linear(Plain(), "it")
+    assert not isinstance(Mine(), LinearStrategy) and isinstance(MyLinear(), LinearStrategy)
+    assert isinstance(FedAvg(), LinearStrategy)
+    check_linear(MyLinear(), "it")
     with pytest.raises(ConfigError, match="strategy 'unknown': it does not reduce"):
         check_linear("unknown", "it")
 
 
 class CombiningEngine:
-    """The sequential engine answering as the Ray engine does: one CombinedUpdate for the summable tasks, then the
+    """The sequential engine answering as the Ray engine does: one PartialSum for the summable tasks, then the
     others' own updates."""
 
     name = "combining"

@@ -99,7 +99,7 @@ def test_apply_mean_is_aggregate_given_the_mean(name):
     """The privacy stage hands a strategy its (noised) mean: the same step as aggregating updates
     whose example-weighted mean that is."""
     import fedforge as ff
-    from fedforge.strategies.base import weighted_mean_delta
+    from fedforge.reductions import weighted_mean_delta
 
     g = torch.Generator().manual_seed(1)
     params = {"w": torch.randn(3, 2, generator=g), "b": torch.randn(2, generator=g)}

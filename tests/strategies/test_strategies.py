@@ -12,6 +12,7 @@ from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.client import ClientUpdate
 from fedforge.data import dirichlet
 from fedforge.strategies import (
+    Controls,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -92,9 +93,10 @@ def test_scaffold_controls_hand_computed():
     state = s.aggregate(state, [up(0, 10, [-0.2], steps=2), up(1, 10, [0.8], steps=4)])
     assert w(state) == pytest.approx([0.3])  # FedAvg of the model
     # c_0 = 0 - 0 - (-0.2) / (2 * 0.1) = 1; c_1 = -(0.8) / (4 * 0.1) = -2; c = (1 - 2) / 4 = -0.25
-    assert state.extras["client_controls"][0]["w"].tolist() == pytest.approx([1.0])
-    assert state.extras["client_controls"][1]["w"].tolist() == pytest.approx([-2.0])
-    assert state.extras["control"]["w"].tolist() == pytest.approx([-0.25])
+    assert isinstance(state.strategy_state, Controls)
+    assert state.strategy_state.client_controls[0]["w"].tolist() == pytest.approx([1.0])
+    assert state.strategy_state.client_controls[1]["w"].tolist() == pytest.approx([-2.0])
+    assert state.strategy_state.control["w"].tolist() == pytest.approx([-0.25])
     assert s.plan(state, 0).correction["w"].tolist() == pytest.approx([-1.25])  # c - c_0
     assert s.plan(state, 3).correction["w"].tolist() == pytest.approx([-0.25])  # never selected: c_3 = 0
 

@@ -182,7 +182,9 @@ class Dataset:
 
     `num_classes` is the model's output size (classes, vocabulary, regression outputs);
     `groups`, when the data has a natural split (a speaker, a writer, a patient), gives each
-    training example's group id, the clients of the `natural` partition.
+    training example's group id, the clients of the `natural` partition. `clients`, when the
+    data comes split across clients (synthetic's devices), gives each client's indices into
+    `train`: that split is used whatever the partition.
     """
 
     name: str
@@ -190,6 +192,7 @@ class Dataset:
     test: TensorData
     num_classes: int
     groups: np.ndarray | None = None
+    clients: Sequence[np.ndarray] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

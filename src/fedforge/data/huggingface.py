@@ -2,7 +2,7 @@
 
 PATH is a folder written by `save_to_disk`: a DatasetDict with a `train` and a `test` split (or
 `validation` when there is no `test`), or a single Dataset, split 80/20 like the tables of
-tabular.py; or a Parquet file, or a folder of them (files named train* and test* are those
+tables.py; or a Parquet file, or a folder of them (files named train* and test* are those
 splits; otherwise all the files are one table, split 80/20).
 
 Columns become tensors as they are, not standardized (prepare them with `Dataset.map` first):
@@ -25,14 +25,17 @@ Limits: at most MAX_COLUMNS columns and MAX_BYTES of Arrow data. Needs `datasets
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from . import tables
 from .datasets import Dataset, TensorData
-from .tabular import MAX_BYTES, MAX_COLUMNS, parquet_files, read_parquet, split_indices, targets
+from .tables import parquet_files, read_parquet, split_indices, targets
 
 
 def _import_datasets():
@@ -52,19 +55,19 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
             f"regression, language-model), not {task!r}"
         )
     hf = _import_datasets()
-    tables, features = _read(Path(path), hf)
+    splits, features = _read(Path(path), hf)
     where = str(path)
-    columns = list(next(iter(tables.values())).column_names)
-    if len(columns) > MAX_COLUMNS:
-        raise DataError(f"{where} has {len(columns)} columns, more than fedforge reads ({MAX_COLUMNS})")
-    size = sum(table.nbytes for table in tables.values())
-    if size > MAX_BYTES:
-        raise DataError(f"{where} holds {size} bytes of data, more than fedforge reads ({MAX_BYTES})")
-    for split, table in tables.items():
+    columns = list(next(iter(splits.values())).column_names)
+    if len(columns) > tables.MAX_COLUMNS:
+        raise DataError(f"{where} has {len(columns)} columns, more than fedforge reads ({tables.MAX_COLUMNS})")
+    size = sum(table.nbytes for table in splits.values())
+    if size > tables.MAX_BYTES:
+        raise DataError(f"{where} holds {size} bytes of data, more than fedforge reads ({tables.MAX_BYTES})")
+    for split, table in splits.items():
         if set(table.column_names) != set(columns):
             raise DataError(
                 f"{where}: split {split!r} has columns {', '.join(table.column_names)}, but "
-                f"{next(iter(tables))!r} has {', '.join(columns)}"
+                f"{next(iter(splits))!r} has {', '.join(columns)}"
             )
         if table.num_rows == 0:
             raise DataError(f"{where}: split {split!r} has no rows")
@@ -74,9 +77,9 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
     if not inputs:
         raise DataError(f"{where} has only the target column {target!r}: no inputs to learn from")
 
-    xs = {split: {c: _tensor(array(table.column(c), c, where)) for c in inputs} for split, table in tables.items()}
+    xs = {split: {c: _tensor(array(table.column(c), c, where)) for c in inputs} for split, table in splits.items()}
     ys, num_classes = _targets(
-        [table.column(target) for table in tables.values()],
+        [table.column(target) for table in splits.values()],
         features.get(target),
         task=task,
         column=target,
@@ -92,6 +95,54 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
         train_rows, test_rows = split_indices(len(parts[0]))
         train, test = parts[0].subset(train_rows), parts[0].subset(test_rows)
     return Dataset(name or f"hf-{Path(path).stem}", train, test, num_classes=num_classes)
+
+
+def is_hf_dataset(data) -> bool:
+    """Whether `data` is a Hugging Face `datasets.Dataset` (datasets is not imported for it: whoever
+    holds one has imported it already)."""
+    hf = sys.modules.get("datasets")
+    return hf is not None and isinstance(data, hf.Dataset)
+
+
+def hf_tensors(
+    dataset, *, target: int | str | Sequence[int | str] = -1, inputs: int | str | Sequence[int | str] | None = None
+) -> TensorData:
+    """A `datasets.Dataset` in memory, its columns read once as tensors and split into inputs and
+    target as `TensorData.from_batch` splits a dict of them.
+
+    `target` and `inputs` name columns, or give their positions (a task's `target` and
+    `inputs`). The default target, -1, is the column "label" when there is one, else the last
+    column; the default inputs are all the other columns (one alone, several as a dict). The
+    columns are read in the dataset's format, torch when none is set (so that an `Image`
+    column becomes a uint8 tensor, channels first; a `with_transform` of yours runs as it is); 8-bit images are
+    scaled to float32 in [0, 1], as torchvision's ToTensor does, other numbers kept as they come.
+    """
+    batch = dataset[:] if dataset.format["type"] is not None else dataset.with_format("torch")[:]
+    columns = list(batch)
+
+    def named(key):
+        if isinstance(key, int) and not isinstance(key, bool):
+            if not -len(columns) <= key < len(columns):
+                raise DataError(f"the datasets.Dataset has no column {key} (it has: {', '.join(columns)})")
+            return columns[key]
+        return key
+
+    if target == -1 and "label" in columns:
+        target = "label"
+    target = [named(k) for k in target] if isinstance(target, (list, tuple)) else named(target)
+    if inputs is not None:
+        inputs = [named(k) for k in inputs] if isinstance(inputs, (list, tuple)) else named(inputs)
+    tensors = {}
+    for name, values in batch.items():
+        if isinstance(values, np.ndarray):
+            values = torch.from_numpy(values)
+        if not isinstance(values, torch.Tensor):
+            raise DataError(
+                f"column {name!r} of the datasets.Dataset is not one tensor (it holds {type(values).__name__}: "
+                f"text, or items of different shapes); tokenize, pad or resize it first, or drop it (remove_columns)"
+            )
+        tensors[name] = values.float() / 255 if values.dtype == torch.uint8 and values.dim() > 1 else values
+    return TensorData.from_batch(tensors, target=target, inputs=inputs)
 
 
 def _read(path: Path, hf) -> tuple[dict, object]:
@@ -216,4 +267,4 @@ def _targets(columns: list, feature, *, task: str, column: str, where: str, hf) 
     raise AssertionError(task)  # load_hf checked it
 
 
-__all__ = ["array", "load_hf"]
+__all__ = ["array", "hf_tensors", "is_hf_dataset", "load_hf"]

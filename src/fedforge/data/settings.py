@@ -8,8 +8,9 @@ from .._options import check_choices, option
 from ..errors import ConfigError
 from .bundled import BUNDLED
 from .datasets import DATASETS
+from .federated import Split
 from .partition import PARTITIONS
-from .tabular import parse_source
+from .tables import parse_source
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,17 @@ class DataSettings:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
         if not 0 <= self.client_test_fraction < 1:
             raise ConfigError(f"client_test_fraction must be in [0, 1), got {self.client_test_fraction}")
+
+    def data_split(self) -> Split:
+        """How this run splits its dataset across clients."""
+        return Split(
+            partition=self.partition,
+            num_clients=self.num_clients,
+            alpha=self.alpha,
+            shards_per_client=self.shards_per_client,
+            sigma=self.sigma,
+            client_test_fraction=self.client_test_fraction,
+        )
 
 
 def _check_dataset(name: str) -> None:

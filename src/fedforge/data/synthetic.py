@@ -27,8 +27,8 @@ def synthetic(
 
     Returns:
         The dataset (train: every device's training examples, device after device; test:
-        every device's test examples), each device's indices into train, and each device's
-        indices into test.
+        every device's test examples; clients: the devices), each device's indices into train,
+        and each device's indices into test.
     """
     sizes = rng.lognormal(4, 2, num_devices).astype(int) + 50
     mean_w = rng.normal(0, alpha, num_devices)  # u_k (the authors' code uses alpha as the std)
@@ -55,5 +55,12 @@ def synthetic(
     def tensors(xs, ys):
         return TensorData(torch.from_numpy(np.concatenate(xs)).float(), torch.from_numpy(np.concatenate(ys)).long())
 
-    dataset = Dataset(f"synthetic({alpha:g},{beta:g})", tensors(train_x, train_y), tensors(test_x, test_y), NUM_CLASSES)
-    return dataset, indices(train_y), indices(test_y)
+    train_parts = indices(train_y)
+    dataset = Dataset(
+        f"synthetic({alpha:g},{beta:g})",
+        tensors(train_x, train_y),
+        tensors(test_x, test_y),
+        NUM_CLASSES,
+        clients=train_parts,  # one client per device, whatever the partition
+    )
+    return dataset, train_parts, indices(test_y)

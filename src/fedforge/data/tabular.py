@@ -1,4 +1,4 @@
-"""Tables from files as fedforge datasets: `csv:PATH` and `parquet:PATH` (and `hf:PATH`, see huggingface.py).
+"""Tables from files as fedforge datasets: `csv:PATH` and `parquet:PATH` (`hf:PATH`: huggingface.py).
 
 A table has one row per example and a header naming its columns; `target` names the column to
 predict and every other column is a feature. Features must be numbers (encode a categorical
@@ -28,65 +28,34 @@ Parquet table's uncompressed size).
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from . import tables
 from .datasets import Dataset, TensorData
+from .tables import import_pyarrow, parquet_files, parse_source, read_parquet, source_label, split_indices, targets
 
-PREFIXES = ("csv", "parquet", "hf")
-MAX_COLUMNS = 10_000
-MAX_CELLS = 50_000_000  # 400 MB as float64 while parsing, 200 MB as the float32 tensors
-MAX_BYTES = 2**31  # a CSV file; a Parquet table, uncompressed; a Hugging Face dataset's Arrow data
-MAX_CLASSES = 1_000
-TEST_FRACTION = 0.2
 _CHUNK_ROWS = 10_000
 _MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 
 
-def parse_source(name: str) -> tuple[str, str] | None:
-    """("csv", PATH) for dataset "csv:PATH" (likewise parquet: and hf:); None for a plain name like "mnist"."""
-    kind, sep, path = name.partition(":")
-    return (kind, path) if sep and kind in PREFIXES else None
-
-
-def source_label(name: str) -> str:
-    """A short name of dataset `name` fit for a folder: the file's stem for "csv:data/heart.csv"."""
-    source = parse_source(name)
-    if source is None:
-        return name
-    stem = Path(source[1].rstrip("/\\")).stem or source[0]
-    return source[0] + "-" + re.sub(r"[^\w.-]", "_", stem)
-
-
-def split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of the training and the test split: a fixed permutation (seed 0), cut 80/20."""
-    order = np.random.default_rng(0).permutation(n)
-    cut = int(round(n * (1 - TEST_FRACTION)))
-    return order[:cut], order[cut:]
-
-
-def load_file_dataset(name: str, *, target: str, task: str) -> Dataset:
-    """Dataset `name` ("csv:PATH", "parquet:PATH" or "hf:PATH"), `target` its column to predict,
-    prepared for `task` (a built-in task's name: it decides class ids or float targets).
+def load_file_dataset(name: str, *, target: str | None, task: str) -> Dataset:
+    """Dataset `name` ("csv:PATH" or "parquet:PATH"), `target` its column to predict, prepared for
+    `task` (a built-in task's name: it decides class ids or float targets).
 
     Raises:
         ConfigError: not such a name, no target, or a task these files cannot serve; a missing extra.
         DataError: the file is missing, not of its kind, too large, or holds what cannot be used.
     """
     source = parse_source(name)
-    if source is None:
-        raise ConfigError(f"dataset {name!r} is not csv:PATH, parquet:PATH or hf:PATH")
+    if source is None or source[0] not in ("csv", "parquet"):
+        raise ConfigError(f"dataset {name!r} is not csv:PATH or parquet:PATH")
     if not target:
         raise ConfigError(f"dataset {name!r} needs a target: the column to predict (--target COLUMN)")
     kind, path = source[0], Path(source[1])
-    if kind == "hf":
-        from .huggingface import load_hf
-
-        return load_hf(path, target=target, task=task, name=source_label(name))
     if task == "language-model":
         raise ConfigError(
             f"dataset {name!r}: task {task!r} needs token sequences; a table serves classification "
@@ -124,63 +93,6 @@ def tabular_dataset(name: str, x: np.ndarray, y: np.ndarray, *, task: str, targe
     return Dataset(name, part(train), part(test), num_classes=num_classes)
 
 
-def targets(values: np.ndarray, *, task: str, column: str, where: str) -> tuple[np.ndarray, int]:
-    """Target `values` (numbers, or strings) as class ids and their count for classification, or
-    float32 values and one output for regression."""
-    numbers = _as_numbers(values)
-    if numbers is not None and not np.isfinite(numbers).all():
-        row = int(np.argmax(~np.isfinite(numbers)))
-        raise DataError(
-            f"{where}: target column {column!r} has a missing or infinite value ({numbers[row]}) in data row {row + 1}"
-        )
-    if task == "regression":
-        if numbers is None:
-            raise DataError(
-                f"{where}: target column {column!r} is not numbers (e.g. {_first_text(values)!r}); "
-                f"regression needs numbers (or use --task classification)"
-            )
-        return numbers.astype(np.float32), 1
-    if task != "classification":
-        raise ConfigError(f"task {task!r} cannot use a table's target column {column!r}")
-    if numbers is not None:
-        fractional = numbers != np.round(numbers)
-        if fractional.any():
-            raise DataError(
-                f"{where}: target column {column!r} has value {float(numbers[fractional.argmax()])}, not a "
-                f"class label (an integer or a string); use --task regression for a continuous target"
-            )
-        values = numbers
-    classes, ids = np.unique(values, return_inverse=True)
-    if len(classes) > MAX_CLASSES:
-        raise DataError(
-            f"{where}: target column {column!r} has {len(classes)} distinct values, more than "
-            f"{MAX_CLASSES} classes; use --task regression for a continuous target"
-        )
-    if len(classes) < 2:
-        raise DataError(
-            f"{where}: target column {column!r} has a single value ({classes[0].item()!r}): nothing to classify"
-        )
-    return ids.astype(np.int64).reshape(-1), len(classes)
-
-
-def _as_numbers(values: np.ndarray) -> np.ndarray | None:
-    if values.dtype.kind in "biuf":
-        return values.astype(np.float64)
-    try:
-        return np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-
-
-def _first_text(values: np.ndarray) -> str:
-    for v in values:
-        try:
-            float(v)
-        except (TypeError, ValueError):
-            return str(v)
-    return str(values[0])
-
-
 def _check_path(path: Path, what: str, *, folder_ok: bool = False) -> None:
     if not path.exists():
         raise DataError(f"{path} does not exist (expected a {what})")
@@ -190,8 +102,8 @@ def _check_path(path: Path, what: str, *, folder_ok: bool = False) -> None:
 
 def _check_header(header: list[str], target: str, where: str) -> int:
     """The target's position in `header`, after checking the columns' count and names."""
-    if len(header) > MAX_COLUMNS:
-        raise DataError(f"{where} has {len(header)} columns, more than fedforge reads ({MAX_COLUMNS})")
+    if len(header) > tables.MAX_COLUMNS:
+        raise DataError(f"{where} has {len(header)} columns, more than fedforge reads ({tables.MAX_COLUMNS})")
     seen = set()
     for column in header:
         if column in seen:
@@ -207,8 +119,8 @@ def _check_header(header: list[str], target: str, where: str) -> int:
 def read_csv(path: Path, target: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The feature names, the features (float64, rows x features) and the target column (strings)
     of the CSV file at `path`."""
-    if path.stat().st_size > MAX_BYTES:
-        raise DataError(f"{path} is {path.stat().st_size} bytes, more than fedforge reads ({MAX_BYTES})")
+    if path.stat().st_size > tables.MAX_BYTES:
+        raise DataError(f"{path} is {path.stat().st_size} bytes, more than fedforge reads ({tables.MAX_BYTES})")
     blocks: list[np.ndarray] = []
     labels: list[str] = []
     try:
@@ -231,9 +143,9 @@ def read_csv(path: Path, target: str) -> tuple[list[str], np.ndarray, np.ndarray
                         f"{path}, line {reader.line_num}: {len(row)} fields, but the header has {len(header)}"
                     )
                 count += 1
-                if count * len(header) > MAX_CELLS:
+                if count * len(header) > tables.MAX_CELLS:
                     raise DataError(
-                        f"{path} has more than {MAX_CELLS} cells (rows x columns), more than fedforge reads"
+                        f"{path} has more than {tables.MAX_CELLS} cells (rows x columns), more than fedforge reads"
                     )
                 rows.append(row)
                 lines.append(reader.line_num)
@@ -300,53 +212,6 @@ def _bad_fields(features, lines, names, path) -> DataError:
     return DataError(f"{path}: some fields are not numbers")
 
 
-def import_pyarrow(extra: str = "parquet"):
-    """pyarrow.parquet, or a ConfigError saying how to install it."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ConfigError(f"reading Parquet needs pyarrow: pip install 'fedforge[{extra}]'") from None
-    return pq
-
-
-def parquet_files(path: Path) -> list[Path]:
-    """`path` if it is a file, else the .parquet files under the folder `path`, sorted."""
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
-    if not files:
-        raise DataError(f"{path} is a folder without .parquet files")
-    return files
-
-
-def read_parquet(files: list[Path], where: Path | str, *, extra: str = "parquet", count_cells: bool = True):
-    """Parquet `files` (see `parquet_files`) one after another as one Arrow table, `where` naming
-    them in errors; their columns (and cells, with `count_cells`) are counted from their metadata
-    before anything is read."""
-    pq = import_pyarrow(extra)
-    import pyarrow as pa
-
-    rows, columns, size = 0, 0, 0
-    for file in files:
-        try:
-            meta = pq.read_metadata(file)
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{file} is not a Parquet file ({str(e).splitlines()[0]})") from None
-        rows, columns = rows + meta.num_rows, max(columns, meta.num_columns)
-        size += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-    if size > MAX_BYTES:
-        raise DataError(f"{where} holds {size} bytes of data (uncompressed), more than fedforge reads ({MAX_BYTES})")
-    if columns > MAX_COLUMNS:
-        raise DataError(f"{where} has {columns} columns, more than fedforge reads ({MAX_COLUMNS})")
-    if count_cells and rows * columns > MAX_CELLS:
-        raise DataError(f"{where} has {rows} rows x {columns} columns, more than fedforge reads ({MAX_CELLS} cells)")
-    try:
-        tables = [pq.read_table(file) for file in files]
-        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{where} cannot be read as one Parquet table ({str(e).splitlines()[0]})") from None
-
-
 def _parquet_columns(table, target: str, where: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The feature names, the features (float64) and the target values of an Arrow table."""
     import pyarrow as pa
@@ -406,18 +271,4 @@ def _parquet_columns(table, target: str, where: str) -> tuple[list[str], np.ndar
     return names, x, y
 
 
-__all__ = [
-    "MAX_BYTES",
-    "MAX_CELLS",
-    "MAX_CLASSES",
-    "MAX_COLUMNS",
-    "PREFIXES",
-    "load_file_dataset",
-    "parse_source",
-    "read_csv",
-    "read_parquet",
-    "source_label",
-    "split_indices",
-    "tabular_dataset",
-    "targets",
-]
+__all__ = ["load_file_dataset", "read_csv", "tabular_dataset"]

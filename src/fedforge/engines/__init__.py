@@ -7,8 +7,9 @@ from torch import nn
 from ..contract import ClientConfig
 from ..errors import ConfigError
 from .base import ClientTask, Engine
+from .choice import EngineChoice
 from .sequential import SequentialEngine
-from .vectorized import DEFAULT_MAX_MEMORY, VectorizedEngine, batched_kernel
+from .vectorized import DEFAULT_MAX_MEMORY, VectorizedEngine, batched_kernel, unbatchable
 
 IN_PROCESS_ENGINES = ("auto", "sequential", "vectorized")
 ENGINES = (*IN_PROCESS_ENGINES, "ray")  # ray: the optional extra fedforge[ray] (engines/ray.py)
@@ -62,22 +63,52 @@ class AutoEngine:
     def __init__(self, *, max_memory: int | None = None, combine: bool = False):
         self.vectorized = VectorizedEngine(max_memory=max_memory, combine=combine)
         self.sequential = SequentialEngine()
+        self._choice: EngineChoice | None = None
 
     def choose(self, model: nn.Module, tasks, config: ClientConfig | None = None) -> Engine:
+        engine, reason = self._decide(model, tasks, config or ClientConfig())
+        if tasks:
+            self._choice = EngineChoice(engine.name, reason)
+        return engine
+
+    def _decide(self, model: nn.Module, tasks, config: ClientConfig) -> tuple[Engine, str]:
+        """The engine for this round's `tasks`, and why (for `choice`)."""
         if not tasks:
-            return self.sequential
-        kernel = batched_kernel(model, tasks[0].data, config or ClientConfig())
+            return self.sequential, ""
+        kernel = batched_kernel(model, tasks[0].data, config)
         if kernel == "fastmlp":
-            return self.vectorized
-        if kernel is None or any(isinstance(m, _RECURRENT) for m in model.modules()):
-            return self.sequential
+            return self.vectorized, ""
+        if kernel is None:
+            why = unbatchable(model, tasks[0].data, config)
+            return self.sequential, f"the vectorized engine cannot batch this model or task: {why}"
+        if recurrent := sorted({type(m).__name__ for m in model.modules() if isinstance(m, _RECURRENT)}):
+            return self.sequential, f"{', '.join(recurrent)}: vmap has no batching rule for recurrent layers"
         if any(p.is_cuda for p in model.parameters()):
-            return self.vectorized
-        dense = all(isinstance(m, _DENSE) for m in model.modules() if next(m.children(), None) is None)
-        return self.vectorized if dense else self.sequential
+            return self.vectorized, ""
+        leaves = [m for m in model.modules() if next(m.children(), None) is None]
+        other = sorted({type(m).__name__ for m in leaves if not isinstance(m, _DENSE)})
+        if other:
+            return self.sequential, f"auto: {', '.join(other)}: no faster batched than one client at a time on the CPU"
+        return self.vectorized, ""
+
+    @property
+    def choice(self) -> EngineChoice | None:
+        """What trained the last round's clients, and why (None before the first round): the
+        vectorized engine's own account when auto picked it, as it may still fall back."""
+        if self._choice is not None and self._choice.engine == self.vectorized.name:
+            return self.vectorized.choice or self._choice
+        return self._choice
 
     def run(self, model, global_state, tasks, config):
         return self.choose(model, tasks, config).run(model, global_state, tasks, config)
+
+
+def engine_choice(engine: Engine) -> EngineChoice:
+    """Which engine trained `engine`'s last round, and why: auto's and the vectorized engine's
+    account (see their `choice`), else the engine itself."""
+    if isinstance(engine, (AutoEngine, VectorizedEngine)) and engine.choice is not None:
+        return engine.choice
+    return EngineChoice(engine.name)
 
 
 def make_engine(name: str, *, max_memory: int | None = None, combine: bool = False) -> Engine:
@@ -104,7 +135,9 @@ __all__ = [
     "AutoEngine",
     "ClientTask",
     "Engine",
+    "EngineChoice",
     "SequentialEngine",
     "VectorizedEngine",
+    "engine_choice",
     "make_engine",
 ]

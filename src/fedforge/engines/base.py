@@ -8,8 +8,9 @@ from typing import Protocol
 
 from torch import nn
 
-from ..contract import ClientConfig, ClientPlan, ClientUpdate, OptimizerState, State
+from ..contract import ClientConfig, ClientPlan, OptimizerState, State
 from ..data.datasets import TensorData
+from ..reductions import Update
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ClientTask:
     keeps it (`Task.keep_optimizer_state`; None: fresh); engines never change it in place.
     `summable` says that the round loop needs this client's update only as part of the round's
     weighted mean (the strategy is linear, and no later stage transforms the update on its own):
-    an engine may then send it folded with others into one `CombinedUpdate` (the Ray engine does,
+    an engine may then send it folded with others into one `PartialSum` (the Ray engine does,
     one per worker; `VectorizedEngine(combine=True)` sums each chunk of them in one pass, in
     Ray's workers and in `fedforge run` when no tracker asks for each client); other engines, and
     the vectorized engine by default, hand back each update.
@@ -57,7 +58,7 @@ class Engine(Protocol):
 
     def run(
         self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
-    ) -> Iterator[ClientUpdate]:
+    ) -> Iterator[Update]:
         """Train each task's client from `global_state`; yield updates as they complete.
 
         Updates are yielded one by one so the server can fold each into a running sum.

@@ -23,10 +23,10 @@ from torch import nn
 from ..client import ClientConfig, ClientUpdate, State, all_finite
 from ..network.hub import Event, EventKind, Hub, Session
 from ..network.wire import Kind, Message, WireError, decode, encode
+from ..reductions import PartialSum, Update
 from ..secagg import SecureAggregation
 from ..secagg.protocol import ProtocolError, SecAggFailed, ServerRound
 from ..secagg.quantize import QuantizationError
-from ..strategies.base import CombinedUpdate
 from .base import ClientTask, RoundFailed, RoundWatcher
 
 log = logging.getLogger("fedforge.server")
@@ -163,7 +163,7 @@ class NetworkEngine:
 
     def run(
         self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
-    ) -> Iterator[ClientUpdate]:
+    ) -> Iterator[Update]:
         # Wait for min_available clients (after an outage, for enough of them to be back); past
         # round_timeout the round goes on with those connected, if they make the quorum.
         if not self.hub.wait_for_clients(
@@ -287,9 +287,9 @@ class NetworkEngine:
     # -- secure aggregation: the round as the protocol's four exchanges ---------------------------
     def _secure_round(
         self, task_id: int, global_state: State, global_cpu: State, tasks: Sequence[ClientTask]
-    ) -> CombinedUpdate:
+    ) -> PartialSum:
         """The round's clients, their update summed under secure aggregation (secagg/protocol.py):
-        one CombinedUpdate, the strategy's only view of the round. RoundFailed, with nothing
+        one PartialSum, the strategy's only view of the round. RoundFailed, with nothing
         unmasked, when too few clients are left at any stage."""
         sessions = {}
         for task in tasks:
@@ -416,15 +416,12 @@ class NetworkEngine:
                 offset += v.numel()
             else:  # integer entries (buffers) are not summed: a zero delta
                 delta[k] = torch.zeros(v.shape, dtype=torch.float64, device=v.device)
-        return CombinedUpdate(
-            -1,
+        return PartialSum(
             delta,
             summed.weight,
             0,
-            summed.loss,
-            None,
+            tuple(sorted(protocol.inputs)),
             metrics={"loss": summed.loss},
-            client_ids=tuple(sorted(protocol.inputs)),
             unclipped=summed.unclipped,
         )
 

@@ -6,14 +6,14 @@ them), and keeps, for the whole run, the pool of the clients it trains: a fixed 
 (consecutive ids, about 1/workers of the examples, and a tenth more from each neighbour's share,
 so that a selected client there goes to whichever of its two workers has less work that round:
 `holdings`, `assign`), rebuilt exactly as the round loop builds its pool
-(`simulation.client_pool`: partition, layout, label_flip poisoning). The run's clients live
+(`data.client_pool`: partition, layout, label_flip poisoning). The run's clients live
 split across the workers, so a worker's memory shrinks as workers are added. Per round only this
 travels: the global weights, put in the object store once and read by every worker; each
 selected client's task (its id, batch seed, plan, and optimizer state if its task keeps one), to
 a worker that holds it; and the answers. Each worker trains its selected clients with its
 in-process engine (auto, vectorized, sequential, bounded by max_memory as in process) and answers
-with one `CombinedUpdate` for the clients the round loop lets it sum (`ClientTask.summable`: the
-strategy is linear, `StrategyBase.linear`) and with the own update of every other client. Tensors
+with one `PartialSum` for the clients the round loop lets it sum (`ClientTask.summable`: the
+strategy is a `LinearStrategy`) and with the own update of every other client. Tensors
 travel as NumPy arrays (`_sent`), which Ray's object store passes without pickling. `run` only
 sends the work (`works_ahead`): the round loop begins the next round before it evaluates the last,
 so the workers train while the driver evaluates.
@@ -38,7 +38,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,14 +46,12 @@ from torch import nn
 
 from ..contract import ClientConfig, ClientPlan, ClientUpdate, OptimizerState, State
 from ..data.datasets import TensorData, leaves
+from ..data.federated import FederatedData, client_pool
 from ..errors import ConfigError, FedforgeError
-from ..scenarios import Scenario
-from ..strategies.base import CombinedUpdate, combine_updates
+from ..reductions import PartialSum, Update, combine_updates
+from ..scenarios import Scenario, label_flipped
 from . import IN_PROCESS_ENGINES
 from .base import ClientTask
-
-if TYPE_CHECKING:
-    from ..simulation import FederatedData
 
 log = logging.getLogger("fedforge")
 
@@ -100,6 +98,8 @@ def _mapped(value, leaf: Callable):
         return OptimizerState(leaf(value.step), {s: _mapped(t, leaf) for s, t in value.slots.items()})
     if isinstance(value, ClientUpdate):
         return replace(value, delta=_mapped(value.delta, leaf), optimizer_state=_mapped(value.optimizer_state, leaf))
+    if isinstance(value, PartialSum):
+        return replace(value, mean_delta=_mapped(value.mean_delta, leaf))
     raise TypeError(f"cannot move a {type(value).__name__}")
 
 
@@ -241,14 +241,11 @@ class _Worker:
     def _pool(self, config: ClientConfig) -> tuple[TensorData, list[int], str]:
         """This worker's clients' pool, built on the first call (it needs the task's data layout) and kept."""
         if self.pool is None:
-            from ..simulation import client_pool
-
             data = self.data
             pool, starts = client_pool(
                 config.task.data(data.train).to(self.device),
                 data.partition,
-                self.scenario,
-                self.seed,
+                flipped=label_flipped(self.scenario, len(data.partition), self.seed),
                 clients=self.clients,
             )
             self.pool = pool, starts, data_digest(pool)
@@ -265,8 +262,8 @@ class _Worker:
 
     def train(
         self, global_state: State, model: list, jobs: Sequence[_Job], config: ClientConfig, digest: str
-    ) -> list[ClientUpdate]:
-        """Train `jobs`' clients from `global_state`: one CombinedUpdate for the summable ones (first),
+    ) -> list[Update]:
+        """Train `jobs`' clients from `global_state`: one PartialSum for the summable ones (first),
         then each other client's update, in job order, as they travel (`_sent`)."""
         if self.error is not None:
             raise ConfigError(f"a Ray worker cannot load the run's data: {self.error}")
@@ -305,12 +302,12 @@ class _Worker:
                 )
             )
         summable = {job.client_id: job.summable for job in jobs}
-        own: list[ClientUpdate] = []
+        own: list[Update] = []
 
-        def summed(updates: Iterator[ClientUpdate]) -> Iterator[ClientUpdate]:
+        def summed(updates: Iterator[Update]) -> Iterator[Update]:
             # Running sum: the worker holds one model-sized buffer for all its summable clients.
-            for update in updates:  # a CombinedUpdate: the engine summed summable clients itself
-                if isinstance(update, CombinedUpdate) or summable[update.client_id]:
+            for update in updates:  # a PartialSum: the engine summed summable clients itself
+                if isinstance(update, PartialSum) or summable[update.client_id]:
                     yield update
                 else:
                     own.append(_sent(update))
@@ -541,7 +538,7 @@ class RayEngine:
 
     def run(
         self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
-    ) -> Iterator[ClientUpdate]:
+    ) -> Iterator[Update]:
         """Send the tasks to the workers now; the iterator hands on their answers as they come."""
         if not tasks:
             return iter(())
@@ -578,10 +575,10 @@ class RayEngine:
         ]
         return self._answers(pending, jobs, next(iter(global_state.values())).device)
 
-    def _answers(self, pending: list, jobs: Sequence[_Job], device: torch.device) -> Iterator[ClientUpdate]:
+    def _answers(self, pending: list, jobs: Sequence[_Job], device: torch.device) -> Iterator[Update]:
         # Each worker's sum of its summable clients, then every other update in task order (as the
         # in-process engines hand them on), whichever worker finishes first.
-        own: dict[int, ClientUpdate] = {}
+        own: dict[int, Update] = {}
         for worker, positions, ref in pending:
             answers = self._answer(worker, ref)
             unsummed = [j for j in positions if not jobs[j].summable]
@@ -592,7 +589,7 @@ class RayEngine:
         for j in sorted(own):
             yield _received(own[j], device)
 
-    def _answer(self, worker: int, ref) -> list[ClientUpdate]:
+    def _answer(self, worker: int, ref) -> list[Update]:
         """A worker's answers; Ray's own errors turned into one line (a client's, e.g. divergence, as it is)."""
         ray = self._ray
         try:

@@ -42,8 +42,9 @@ from ..contract import ClientConfig, ClientUpdate
 from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args, tree_map
 from ..evaluation import evaluate
 from ..optim import LocalTerms, OptimizerState, State
-from ..strategies.base import CombinedUpdate, example_weighted
+from ..reductions import PartialSum, Update, example_weighted
 from .base import ClientTask
+from .choice import EngineChoice
 from .sequential import SequentialEngine
 
 log = logging.getLogger("fedforge")
@@ -124,8 +125,11 @@ class VectorizedEngine:
             data's device. Rounds with more clients are processed chunk by chunk, so memory
             does not grow with the number of clients per round.
         combine: hand a chunk whose clients are all `ClientTask.summable` back as one
-            CombinedUpdate, summed in one pass (what a Ray worker sends anyway); by default each
+            PartialSum, summed in one pass (what a Ray worker sends anyway); by default each
             client's update, which the round loop's per-client metrics and trackers see.
+
+    `choice` says what trained the last round's clients: this engine and its kernel, or the
+    sequential engine it fell back to and why (None before the first round).
     """
 
     name = "vectorized"
@@ -137,16 +141,18 @@ class VectorizedEngine:
         self.combine = combine
         self._fallback: SequentialEngine | None = None
         self._per_example_activations: dict[int, int] = {}
+        self.choice: EngineChoice | None = None
 
     def run(
         self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
-    ) -> Iterator[ClientUpdate]:
+    ) -> Iterator[Update]:
         if not tasks:
             return
         kernel = None
         if self._fallback is None:
             try:
                 kernel = kernel_for(model, tasks[0].data, config)
+                self.choice = EngineChoice(self.name, f"{_KERNEL_NAMES[kernel]} kernel")
             except _Unsupported as e:
                 self._fall_back(e)
         if kernel is None:
@@ -177,6 +183,7 @@ class VectorizedEngine:
             "the vectorized engine cannot batch this model or task (%s); training its clients sequentially", reason
         )
         self._fallback = SequentialEngine()
+        self.choice = EngineChoice("sequential", f"the vectorized engine cannot batch this model or task: {reason}")
 
     def chunk_size(self, model: nn.Module, tasks: Sequence[ClientTask], config: ClientConfig) -> int:
         """How many clients fit in `max_memory` at once (at least one)."""
@@ -244,7 +251,17 @@ def batched_kernel(model: nn.Module, data: TensorData, config: ClientConfig) -> 
         kernel = kernel_for(model, data, config)
     except _Unsupported:
         return None
-    return "fastmlp" if kernel is _mlp_chunk else "torch.func"
+    return _KERNEL_NAMES[kernel]
+
+
+def unbatchable(model: nn.Module, data: TensorData, config: ClientConfig) -> str | None:
+    """Why no batched kernel trains `model` on such data as `config` says (e.g. "it has buffers, e.g.
+    BatchNorm statistics"), or None when one does."""
+    try:
+        kernel_for(model, data, config)
+    except _Unsupported as e:
+        return str(e)
+    return None
 
 
 def _stack(state: State, count: int) -> State:
@@ -361,8 +378,8 @@ class _Chunk:
 
 def _combined(
     tasks: Sequence[ClientTask], chunk: _Chunk, global_state: State, config: ClientConfig
-) -> CombinedUpdate | None:
-    """The chunk's updates as the one CombinedUpdate `combine_updates` would make of them, in one
+) -> PartialSum | None:
+    """The chunk's updates as the one PartialSum `combine_updates` would make of them, in one
     pass over the stacked parameters (a weighted sum of the rows, less the global state) instead of
     one per client for the deltas, one for the finite check and one per client for the sum.
 
@@ -389,16 +406,7 @@ def _combined(
         if not torch.isfinite(row.sum()):
             return None
         mean[k] = row
-    return CombinedUpdate(
-        -1,
-        mean,
-        total,
-        sum(schedule.steps),
-        metrics["loss"],
-        metrics.get("accuracy"),
-        metrics=metrics,
-        client_ids=tuple(t.client_id for t in tasks),
-    )
+    return PartialSum(mean, total, sum(schedule.steps), tuple(t.client_id for t in tasks), metrics=metrics)
 
 
 def _updates(
@@ -519,3 +527,6 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
     except (RuntimeError, NotImplementedError) as e:
         raise _Unsupported(str(e).splitlines()[0]) from e
     return _Chunk(schedule, trained, units)
+
+
+_KERNEL_NAMES: dict[Callable, str] = {_mlp_chunk: "fastmlp", _func_chunk: "torch.func"}

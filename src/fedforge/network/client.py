@@ -33,6 +33,7 @@ import torch
 from ..app import ClientApp
 from ..client import ClientPlan, ClientUpdate, OutOfTime, all_finite, train_client
 from ..config import Config
+from ..data import federate, load
 from ..data.datasets import TensorData, leaves
 from ..errors import ConfigError, DivergenceError
 from ..models import build_model, check_fits
@@ -76,9 +77,8 @@ class PartitionOf:
 @functools.lru_cache(maxsize=2)
 def _federated(config: Config):
     """The run's partition, computed once per process however many clients it hosts."""
-    from ..experiment import load
-
-    return load(config, progress=False)[1]
+    dataset = load(config.dataset, config.data_request(progress=False))
+    return federate(dataset, config.data_split(), seed=config.seed)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 `fedforge server --dashboard PORT` serves, with the standard library only (httpd.py: one thread, a
 `selectors` loop), two things and nothing else (any other path or method: 404):
 
-    GET /            the page: HTML, CSS and JavaScript inline (it loads nothing else, so it works
-                     offline), which fetches /api/state every second and redraws without reloading
+    GET /            the page (static/dashboard.html, with dashboard.css and dashboard.js put
+                     inline: it loads nothing else, so it works offline), which fetches /api/state
+                     every second and redraws without reloading
     GET /api/state   the state as JSON (`DashboardState.snapshot`)
 
 The state is fed by the server as the run goes: the connected clients from the hub (id, address,
@@ -45,6 +46,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -335,227 +337,30 @@ def _response(status: int, body: bytes, content_type: str, headers: dict | None 
 
 
 # -- the page ------------------------------------------------------------------------------------
+# static/dashboard.html, .css and .js are the page; its stylesheet and script are put inline (one
+# response, and a report is one file that works offline), allowed by their hashes in the CSP.
 
-_STYLE = """
-:root{--fg:#1d2430;--muted:#667085;--line:#e4e7ec;--bg:#f6f7f9;--card:#fff;--accent:#2563eb;--loss:#d9480f;
---ok:#15803d;--bad:#b42318;--wait:#a16207}
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
-header{display:flex;align-items:baseline;gap:16px;padding:14px 24px;background:#111827;color:#fff}
-header h1{font-size:18px;margin:0}
-header .sub{color:#cbd5e1}
-#status{margin-left:auto;font-weight:600}
-main{padding:16px 24px;display:grid;gap:16px}
-.cards{display:grid;grid-template-columns:repeat(5,1fr);gap:12px}
-.card,.panel{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:12px 14px}
-.card .label{color:var(--muted);font-size:12px;letter-spacing:.02em}
-.card .value{font-size:24px;font-weight:600;font-variant-numeric:tabular-nums}
-.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}
-h2{font-size:14px;margin:0 0 8px}
-table{width:100%;border-collapse:collapse;font-variant-numeric:tabular-nums}
-th,td{text-align:left;padding:4px 8px;border-bottom:1px solid var(--line)}
-th{color:var(--muted);font-weight:500}
-.chips{list-style:none;padding:0;margin:8px 0 0;display:flex;flex-wrap:wrap;gap:6px}
-.chips li{padding:2px 8px;border-radius:12px;border:1px solid var(--line)}
-.chips li[data-status=arrived]{color:var(--ok);border-color:var(--ok)}
-.chips li[data-status=refused]{color:var(--bad);border-color:var(--bad)}
-.chips li[data-status=waiting]{color:var(--wait);border-color:var(--wait)}
-#log{margin:0;padding-left:0;list-style:none;max-height:220px;overflow:auto;font:12px/1.5 ui-monospace,monospace}
-#log li{border-bottom:1px solid var(--line);padding:2px 0}
-#log time{color:var(--muted);margin-right:8px}
-.muted{color:var(--muted)}
-svg{width:100%;height:auto;display:block}
-svg .axis{stroke:#98a2b3;stroke-width:1}
-svg .grid{stroke:var(--line);stroke-width:1}
-svg text{font-size:11px;fill:var(--muted)}
-svg .line{fill:none;stroke-width:2}
-#chart-metric .line{stroke:var(--accent)}#chart-metric circle{fill:var(--accent)}
-#chart-loss .line{stroke:var(--loss)}#chart-loss circle{fill:var(--loss)}
-body.static .live{display:none}
-"""
 
-_SCRIPT = """
-"use strict";
-const $ = (id) => document.getElementById(id);
-const SVG = "http://www.w3.org/2000/svg";
-const embedded = JSON.parse($("data").textContent);
-const token = new URLSearchParams(location.search).get("token");
+def _static(name: str) -> str:
+    return (resources.files(__package__) / "static" / name).read_text(encoding="utf-8")
 
-function text(v, digits) { return v === null || v === undefined ? "\\u2013" : v.toFixed(digits); }
-function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
-function ago(s) {
-  s = Math.max(0, s);
-  if (s < 60) return Math.round(s) + " s ago";
-  return s < 3600 ? Math.round(s / 60) + " min ago" : (s / 3600).toFixed(1) + " h ago";
+
+_STYLE = _static("dashboard.css")
+_SCRIPT = _static("dashboard.js")
+_HTML = _static("dashboard.html")
+_LINKED = {
+    "style": '<link rel="stylesheet" href="dashboard.css">',
+    "script": '<script src="dashboard.js"></script>',
+    "data": '<script type="application/json" id="data">null</script>',
 }
-function node(tag, content, attrs) {
-  const e = document.createElement(tag);
-  if (content !== undefined) e.textContent = content;
-  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
-  return e;
-}
-function svgNode(tag, attrs, content) {
-  const e = document.createElementNS(SVG, tag);
-  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-  if (content !== undefined) e.textContent = content;
-  return e;
-}
-
-function chart(svg, rows, key) {
-  const pts = rows.filter((r) => r[key] !== null && r[key] !== undefined).map((r) => [r.round, r[key]]);
-  svg.replaceChildren();
-  svg.dataset.points = pts.length;
-  svg.dataset.values = pts.map((p) => p[1].toPrecision(6)).join(" ");
-  const W = 480, H = 220, L = 52, R = 14, T = 10, B = 30;
-  if (!pts.length) {
-    svg.append(svgNode("text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, "no rounds yet"));
-    return;
-  }
-  let x0 = pts[0][0], x1 = pts[pts.length - 1][0];
-  if (x1 === x0) x1 = x0 + 1;
-  let y0 = pts.reduce((m, p) => Math.min(m, p[1]), Infinity), y1 = pts.reduce((m, p) => Math.max(m, p[1]), -Infinity);
-  const pad = (y1 - y0) * 0.08 || Math.abs(y0) * 0.1 || 0.5;
-  y0 = y0 >= 0 ? Math.max(0, y0 - pad) : y0 - pad;  // a loss or an accuracy never shown below 0
-  y1 += pad;
-  const X = (x) => L + (x - x0) / (x1 - x0) * (W - L - R), Y = (y) => H - B - (y - y0) / (y1 - y0) * (H - T - B);
-  for (let i = 0; i <= 4; i++) {
-    const y = y0 + (y1 - y0) * i / 4;
-    svg.append(svgNode("line", {class: "grid", x1: L, x2: W - R, y1: Y(y), y2: Y(y)}));
-    svg.append(svgNode("text", {x: L - 6, y: Y(y) + 4, "text-anchor": "end"}, y.toPrecision(3)));
-  }
-  const step = Math.max(1, Math.ceil((x1 - x0) / 8));
-  for (let x = x0; x <= x1; x += step) {
-    svg.append(svgNode("text", {x: X(x), y: H - B + 16, "text-anchor": "middle"}, String(x)));
-  }
-  svg.append(svgNode("text", {x: W - R, y: H - 2, "text-anchor": "end"}, "round"));
-  svg.append(svgNode("line", {class: "axis", x1: L, x2: L, y1: T, y2: H - B}));
-  svg.append(svgNode("line", {class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B}));
-  const points = pts.map((p) => X(p[0]).toFixed(1) + "," + Y(p[1]).toFixed(1)).join(" ");
-  svg.append(svgNode("polyline", {class: "line", points: points}));
-  for (const p of pts) {
-    const dot = svgNode("circle", {cx: X(p[0]).toFixed(1), cy: Y(p[1]).toFixed(1), r: 3});
-    dot.append(svgNode("title", {}, "round " + p[0] + ": " + p[1].toPrecision(5)));
-    svg.append(dot);
-  }
-}
-
-function drawClients(state) {
-  const body = $("clients-body");
-  body.replaceChildren();
-  for (const c of state.clients) {
-    const tr = node("tr", undefined, {"data-client": c.id});
-    for (const v of [c.id, c.address, clock(c.connected_at), ago(state.now - c.last_seen)]) {
-      tr.append(node("td", String(v)));
-    }
-    body.append(tr);
-  }
-  $("client-count").textContent = state.clients.length;
-  $("no-clients").hidden = state.clients.length > 0;
-}
-
-function drawTask(state) {
-  const t = state.task, box = $("task");
-  box.replaceChildren();
-  if (!t) { box.append(node("p", "no round has started yet", {class: "muted"})); return; }
-  const refused = new Map(t.refused.map((r) => [r.client, r.reason]));
-  const arrived = new Set(t.arrived);
-  const waiting = t.expected.filter((c) => !arrived.has(c) && !refused.has(c));
-  box.dataset.task = t.id;
-  box.append(node("p", "round " + t.round + " (task " + t.id + (t.done ? ", done" : "") + "): " + t.arrived.length +
-    " of " + t.expected.length + " updates arrived, " + t.refused.length + " refused" +
-    (t.done ? "" : ", " + waiting.length + " awaited")));
-  const chips = node("ul", undefined, {class: "chips"});
-  for (const c of t.expected) {
-    const status = arrived.has(c) ? "arrived" : refused.has(c) ? "refused" : t.done ? "no update" : "waiting";
-    chips.append(node("li", "client " + c + ": " + status, {"data-status": status}));
-  }
-  box.append(chips);
-  if (t.refused.length) {
-    const list = node("ul");
-    for (const r of t.refused) list.append(node("li", "client " + r.client + ": " + r.reason));
-    box.append(list);
-  }
-}
-
-function draw(state) {
-  const run = state.run || {}, rows = state.rounds, last = rows.length ? rows[rows.length - 1] : null;
-  const metric = run.metric || "accuracy";
-  $("name").textContent = run.name || "";
-  $("setup").textContent = run.dataset ? [run.dataset, run.model, run.strategy].join(" \\u00b7 ") : "";
-  $("status").textContent = state.status;
-  $("round").textContent = (last ? last.round : "\\u2013") + (run.rounds ? " / " + run.rounds : "");
-  $("metric-label").textContent = "test " + metric;
-  $("metric-title").textContent = "test " + metric + " per round";
-  $("metric").textContent = text(last && last.metric, 4);
-  $("loss").textContent = text(last && last.loss, 4);
-  const eps = rows.filter((r) => r.epsilon !== null);
-  $("epsilon").textContent = eps.length ? eps[eps.length - 1].epsilon.toFixed(3) : "not private";
-  $("connected").textContent = state.static ? "\\u2013" : state.clients.length;
-  chart($("chart-metric"), rows, "metric");
-  chart($("chart-loss"), rows, "loss");
-  drawClients(state);
-  drawTask(state);
-  const log = $("log");
-  log.replaceChildren();
-  for (const line of state.log.slice().reverse()) {
-    const li = node("li");
-    li.append(node("time", clock(line.time)), document.createTextNode(line.message));
-    log.append(li);
-  }
-  $("no-log").hidden = state.log.length > 0;
-  $("updated").textContent = state.static ? "a finished run's report" : "updated " + clock(state.now);
-}
-
-async function poll() {
-  try {
-    const headers = token ? {Authorization: "Bearer " + token} : {};
-    const response = await fetch("api/state", {cache: "no-store", headers: headers});
-    if (response.ok) draw(await response.json());
-    else $("status").textContent = "dashboard: HTTP " + response.status;
-  } catch (e) {
-    $("status").textContent = "server unreachable (the run may have ended)";
-  }
-  setTimeout(poll, 1000);
-}
-
-if (embedded) { document.body.classList.add("static"); draw(embedded); } else { poll(); }
-"""
-
-_BODY = """<header><h1>fedforge <span id="name"></span></h1><span class="sub" id="setup"></span>
-<span id="status">loading</span></header>
-<main>
-<section class="cards">
-<div class="card"><div class="label">round</div><div class="value" id="round">\u2013</div></div>
-<div class="card"><div class="label" id="metric-label">test accuracy</div>
-<div class="value" id="metric">\u2013</div></div>
-<div class="card"><div class="label">test loss</div><div class="value" id="loss">\u2013</div></div>
-<div class="card"><div class="label">\u03b5 spent</div><div class="value" id="epsilon">\u2013</div></div>
-<div class="card"><div class="label">clients connected</div><div class="value" id="connected">\u2013</div></div>
-</section>
-<section class="grid">
-<div class="panel"><h2 id="metric-title">test accuracy per round</h2><svg id="chart-metric" viewBox="0 0 480 220"
- role="img" aria-label="test metric per round"></svg></div>
-<div class="panel"><h2>test loss per round</h2><svg id="chart-loss" viewBox="0 0 480 220" role="img"
- aria-label="test loss per round"></svg></div>
-</section>
-<section class="grid live">
-<div class="panel"><h2>connected clients: <span id="client-count">0</span></h2>
-<table><thead><tr><th>id</th><th>address</th><th>connected since</th><th>last seen</th></tr></thead>
-<tbody id="clients-body"></tbody></table><p class="muted" id="no-clients">none yet</p></div>
-<div class="panel"><h2>current round</h2><div id="task"></div></div>
-</section>
-<section class="panel live"><h2>refusals and warnings</h2><ol id="log"></ol>
-<p class="muted" id="no-log">none</p></section>
-<p class="muted" id="updated"></p>
-</main>"""
 
 
 def _page(data: str) -> str:
+    """The page with its style and script inline and `data` (JSON, see `embed`) as its state."""
     return (
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>fedforge dashboard</title><style>{_STYLE}</style></head>\n<body>\n{_BODY}\n"
-        f'<script type="application/json" id="data">{data}</script>\n<script>{_SCRIPT}</script>\n</body></html>\n'
+        _HTML.replace(_LINKED["style"], f"<style>{_STYLE}</style>")
+        .replace(_LINKED["script"], f"<script>{_SCRIPT}</script>")
+        .replace(_LINKED["data"], f'<script type="application/json" id="data">{data}</script>')
     )
 
 

@@ -20,7 +20,7 @@ from .mechanism import (
     local_bound,
     secure_generator,
 )
-from .run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
+from .run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, PrivacyRunState, sampling_for
 from .sampling import FixedSizeSampling, PoissonSampling, Sampling, poisson_sample
 from .stage import PrivacyState, PrivacyStats, check_strategy, privatize, privatize_update
 
@@ -33,6 +33,7 @@ __all__ = [
     "PoissonSampling",
     "PrivacyConfig",
     "PrivacyRun",
+    "PrivacyRunState",
     "PrivacyState",
     "PrivacyStats",
     "Sampling",

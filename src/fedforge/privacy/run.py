@@ -21,6 +21,8 @@ import torch
 from .. import _seeding
 from ..contract import ClientUpdate
 from ..errors import ConfigError
+from ..reductions import Update
+from ..strategies import LinearStrategy, ServerState
 from .accountant import METHODS, Accountant, calibrate, check_delta, check_epsilon
 from .mechanism import MODES, PrivacyConfig, secure_generator
 from .sampling import FixedSizeSampling, PoissonSampling, Sampling
@@ -94,6 +96,25 @@ def sampling_for(kind: str, num_clients: int, clients_per_round: int) -> Samplin
     raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {kind!r}")
 
 
+@dataclass(frozen=True)
+class PrivacyRunState:
+    """What the privacy stage carries from round to round (`ServerState.privacy`, checkpoints keep
+    it): the accountant, with the rounds spent, and the stage's clip bound."""
+
+    accountant: Accountant
+    stage: PrivacyState
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for the checkpoint (`from_dict` reads them back)."""
+        return {"accountant": self.accountant.state(), "stage": self.stage.to_dict()}
+
+    @classmethod
+    def from_dict(cls, state: Any) -> PrivacyRunState:
+        if not isinstance(state, dict) or not isinstance(state.get("accountant"), dict):
+            raise ConfigError("its privacy state is not a table with an accountant")
+        return cls(Accountant.from_state(state["accountant"]), PrivacyState.from_dict(state.get("stage")))
+
+
 class PrivacyRun:
     """The privacy stage of one run, with what it carries between rounds (`state`)."""
 
@@ -104,12 +125,12 @@ class PrivacyRun:
         *,
         rounds: int,
         seed: int,
-        saved: dict[str, Any] | None = None,
+        saved: PrivacyRunState | None = None,
     ):
         self.settings, self.seed = settings, seed
         if saved is not None:  # a resumed run: the accountant and the clip bound continue exactly
-            self.accountant = Accountant.from_state(saved["accountant"])
-            self.clip = PrivacyState.from_dict(saved["stage"])
+            self.accountant = saved.accountant
+            self.clip = saved.stage
             z = self.accountant.noise_multiplier
         else:
             z = settings.noise_multiplier
@@ -147,9 +168,9 @@ class PrivacyRun:
     def noise_multiplier(self) -> float:
         return float(self.accountant.noise_multiplier)
 
-    def state(self) -> dict[str, Any]:
-        """Plain values for the checkpoint (`saved=` reads them back)."""
-        return {"accountant": self.accountant.state(), "stage": self.clip.to_dict()}
+    def state(self) -> PrivacyRunState:
+        """What the server state carries to the next round (`saved=` continues from it)."""
+        return PrivacyRunState(self.accountant, self.clip)
 
     def epsilon(self) -> float:
         return self.accountant.epsilon(self.settings.delta)
@@ -182,7 +203,9 @@ class PrivacyRun:
                 self._generator(_seeding.DP_LOCAL_NOISE, round_, update.client_id),
             )
 
-    def aggregate(self, strategy, state, updates: Iterable[ClientUpdate], round_: int):
+    def aggregate(
+        self, strategy: LinearStrategy, state: ServerState, updates: Iterable[Update], round_: int
+    ) -> ServerState:
         """The next server state: the strategy's server optimizer applied to the noised mean of
         the round's updates; the accountant spends the round."""
         mean, self.clip, stats = privatize(
@@ -209,4 +232,4 @@ class PrivacyRun:
         return values
 
 
-__all__ = ["SAMPLINGS", "DifferentialPrivacy", "PrivacyRun", "sampling_for"]
+__all__ = ["SAMPLINGS", "DifferentialPrivacy", "PrivacyRun", "PrivacyRunState", "sampling_for"]

@@ -3,7 +3,7 @@
 A transformation of the round's updates (as pfl-research's postprocessors), not a strategy
 wrapper: `privatize` turns the updates into the noised mean delta, and a strategy that is one
 weighted mean plus a server optimizer (FedAvg, FedAvgM, FedProx, FedAdagrad/Adam/Yogi) applies
-its optimizer to that mean. Strategies that need every raw update are refused (`check_strategy`: `Strategy.linear`).
+its optimizer to that mean. Strategies that need every raw update are refused (`check_strategy`: `LinearStrategy`).
 
 Client side, `privatize_update` is what a client (or an engine on its behalf) does to its update
 before sending it: nothing ("central"), clip ("client"), or clip and noise ("local").
@@ -24,6 +24,7 @@ import torch
 
 from ..client import ClientUpdate
 from ..errors import ConfigError
+from ..reductions import PartialSum, Update
 from ..strategies import Strategy, check_linear
 from .mechanism import PrivacyConfig, State, adapt_clip, add_noise, clip_delta, local_bound
 
@@ -55,7 +56,7 @@ class PrivacyState:
         return {"clip": self.clip}
 
     @classmethod
-    def from_dict(cls, state: dict[str, Any]) -> PrivacyState:
+    def from_dict(cls, state: Any) -> PrivacyState:
         clip = state.get("clip") if isinstance(state, dict) else None
         if not (isinstance(clip, (int, float)) and clip > 0):
             raise ConfigError(f"privacy state needs a clip bound > 0, got {state!r}")
@@ -107,7 +108,7 @@ def privatize_update(
 
 
 def privatize(
-    updates: Iterable[ClientUpdate], like: State, state: PrivacyState, config: PrivacyConfig, generator: torch.Generator
+    updates: Iterable[Update], like: State, state: PrivacyState, config: PrivacyConfig, generator: torch.Generator
 ) -> tuple[State, PrivacyState, PrivacyStats]:
     """The round's noised mean delta (DP-FedAvg, McMahan et al. 2018), consuming `updates` once.
 
@@ -120,7 +121,7 @@ def privatize(
     Args:
         updates: central mode: raw updates; client mode: updates clipped by the clients with
             `state.clip` (clipped again here: a no-op for an honest client, a bound for the
-            others), or a secure aggregation's sum of them (a CombinedUpdate of weight 1 per
+            others), or a secure aggregation's sum of them (a PartialSum of weight 1 per
             client, counting its unclipped ones: taken as it is, the server cannot clip inside
             it); local mode: clipped and noised updates, each clipped here to `local_bound`
             (a no-op for an honest client but with probability 1e-9, the bound for the others).
@@ -141,12 +142,13 @@ def privatize(
     total = {k: torch.zeros_like(v) for k, v in like.items() if v.is_floating_point()}
     count = unclipped = 0
     for update in updates:
-        if update.delta.keys() != like.keys():
-            raise ValueError(f"update entries {sorted(update.delta)} differ from the model's {sorted(like)}")
-        if getattr(update, "client_ids", None):  # a secure aggregation's sum of updates its clients clipped
+        entries = update.mean_delta if isinstance(update, PartialSum) else update.delta
+        if entries.keys() != like.keys():
+            raise ValueError(f"update entries {sorted(entries)} differ from the model's {sorted(like)}")
+        if isinstance(update, PartialSum):  # a secure aggregation's sum of updates its clients clipped
             if config.mode != "client":
                 raise ValueError(f"a sum of updates cannot be privatized in {config.mode} mode")
-            delta = {k: v * update.num_examples for k, v in update.delta.items()}  # each weighs 1: the sum
+            delta = {k: v * update.num_examples for k, v in update.mean_delta.items()}  # each weighs 1: the sum
             unclipped += update.unclipped or 0
             for k, acc in total.items():
                 acc.add_(delta[k].to(acc.dtype))

@@ -7,23 +7,15 @@ import dataclasses
 from .._imports import is_reference, load_object
 from .._options import did_you_mean
 from ..errors import ConfigError
+from ..reductions import PartialSum, RunningMean, combine_updates, weighted_mean_delta
 from .adaptive import FedAdagrad, FedAdam, FedYogi, adaptive
-from .base import (
-    NO_PLAN,
-    CombinedUpdate,
-    RunInfo,
-    RunningMean,
-    ServerState,
-    Strategy,
-    StrategyBase,
-    combine_updates,
-    weighted_mean_delta,
-)
+from .base import NO_PLAN, LinearStrategy, RunInfo, ServerState, Strategy, StrategyBase
 from .fedavg import FedAvg, FedAvgM, FedProx, fedavg, fedavgm
 from .fednova import FedNova, fednova
 from .qfedavg import QFedAvg, qfedavg
 from .robust import Krum, Median, MultiKrum, TrimmedMean, krum_scores, median, multikrum_select, trimmed_mean
 from .scaffold import Scaffold, scaffold
+from .state import Controls, Moments, Momentum, StrategyState
 
 STRATEGIES = {
     cls.name: cls
@@ -44,22 +36,27 @@ STRATEGIES = {
     )
 }
 
-# The strategies whose aggregate needs only the updates' weighted mean (`StrategyBase.linear`).
-LINEAR_STRATEGIES = tuple(name for name, cls in STRATEGIES.items() if cls.linear)
+# The strategies whose aggregate needs only the updates' weighted mean (`LinearStrategy`).
+LINEAR_STRATEGIES = tuple(name for name, cls in STRATEGIES.items() if isinstance(cls(), LinearStrategy))
 
 
 def check_linear(strategy: Strategy | str, what: str) -> None:
-    """A one-line ConfigError unless `strategy` (or the built-in strategy of that name) is linear
-    with the mean's step of its own (`apply_mean`): `what` (e.g. "differential privacy") serves
-    only such strategies. The reason given is the strategy's own (`needs_each_update`)."""
-    found = STRATEGIES.get(strategy) if isinstance(strategy, str) else strategy  # None: no such built-in
-    name = strategy if isinstance(strategy, str) else strategy.name
-    linear = getattr(found, "linear", False)
-    if linear and hasattr(found, "apply_mean"):
+    """A one-line ConfigError unless `strategy` (or the built-in strategy of that name) is a
+    `LinearStrategy`: `what` (e.g. "differential privacy") serves only such strategies. The
+    reason given is the strategy's own (`StrategyBase.needs_each_update`)."""
+    found: Strategy | None
+    if isinstance(strategy, str):
+        name, cls = strategy, STRATEGIES.get(strategy)  # None: no such built-in
+        found = cls() if cls is not None else None
+    else:
+        name, found = strategy.name, strategy
+    if isinstance(found, LinearStrategy):
         return
     reason = (
-        None if linear else getattr(found, "needs_each_update", None)
-    ) or "it does not reduce the updates to one weighted mean (linear, with apply_mean)"
+        found.needs_each_update
+        if isinstance(found, StrategyBase)
+        else "it does not reduce the updates to one weighted mean (a LinearStrategy, with apply_mean)"
+    )
     raise ConfigError(f"{what} cannot serve strategy {name!r}: {reason} (use one of {', '.join(LINEAR_STRATEGIES)})")
 
 
@@ -124,7 +121,7 @@ __all__ = [
     "LINEAR_STRATEGIES",
     "NO_PLAN",
     "STRATEGIES",
-    "CombinedUpdate",
+    "Controls",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -133,8 +130,12 @@ __all__ = [
     "FedProx",
     "FedYogi",
     "Krum",
+    "LinearStrategy",
     "Median",
+    "Moments",
+    "Momentum",
     "MultiKrum",
+    "PartialSum",
     "QFedAvg",
     "RunInfo",
     "RunningMean",
@@ -142,6 +143,7 @@ __all__ = [
     "ServerState",
     "Strategy",
     "StrategyBase",
+    "StrategyState",
     "TrimmedMean",
     "adaptive",
     "check_linear",

@@ -7,16 +7,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from ..client import ClientUpdate, State
+from ..client import State
 from ..errors import ConfigError
+from ..reductions import Update
 from .base import RunInfo, ServerState, StrategyBase, check_server_lr
 from .server_optimizers import adaptive as server_rule
-from .server_optimizers import adaptive_extras, mean_then_step, step_from_mean
+from .server_optimizers import initial_moments, mean_then_step, step_from_mean
 
 
 def adaptive(
     state: ServerState,
-    updates: Iterable[ClientUpdate],
+    updates: Iterable[Update],
     *,
     rule: str,
     server_lr: float,
@@ -37,7 +38,6 @@ class _Adaptive(StrategyBase):
     beta2: float = 0.99
     tau: float = 1e-3
     rule = "adam"
-    linear = True
 
     def __post_init__(self):
         check_server_lr(self.server_lr)
@@ -49,9 +49,9 @@ class _Adaptive(StrategyBase):
 
     def init(self, params, run: RunInfo) -> ServerState:
         state = super().init(params, run)
-        return replace(state, extras=adaptive_extras(state.params, self.tau))
+        return replace(state, strategy_state=initial_moments(state.params, self.tau))
 
-    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
+    def aggregate(self, state: ServerState, updates: Iterable[Update]) -> ServerState:
         return adaptive(
             state, updates, rule=self.rule, server_lr=self.server_lr, beta1=self.beta1, beta2=self.beta2, tau=self.tau
         )

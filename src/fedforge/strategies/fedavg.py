@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..client import ClientPlan, ClientUpdate, State
+from ..client import ClientPlan, State
 from ..errors import ConfigError
-from .base import ServerState, StrategyBase, check_server_lr
-from .server_optimizers import mean_then_step, plain, step_from_mean
+from ..reductions import Update
+from .base import RunInfo, ServerState, StrategyBase, check_server_lr
+from .server_optimizers import initial_momentum, mean_then_step, plain, step_from_mean
 from .server_optimizers import momentum as server_momentum
 
 
-def fedavg(state: ServerState, updates: Iterable[ClientUpdate], *, server_lr: float = 1.0) -> ServerState:
+def fedavg(state: ServerState, updates: Iterable[Update], *, server_lr: float = 1.0) -> ServerState:
     """FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
     Decentralized Data"): move the global model by `server_lr` times the example-weighted mean
     client delta.
@@ -24,7 +25,7 @@ def fedavg(state: ServerState, updates: Iterable[ClientUpdate], *, server_lr: fl
 
 
 def fedavgm(
-    state: ServerState, updates: Iterable[ClientUpdate], *, server_lr: float = 1.0, momentum: float = 0.9
+    state: ServerState, updates: Iterable[Update], *, server_lr: float = 1.0, momentum: float = 0.9
 ) -> ServerState:
     """FedAvg with server momentum (Hsu et al. 2019, "Measuring the Effects of Non-Identical
     Data Distribution for Federated Visual Classification"):
@@ -39,12 +40,11 @@ class FedAvg(StrategyBase):
 
     server_lr: float = 1.0
     name = "fedavg"
-    linear = True
 
     def __post_init__(self):
         check_server_lr(self.server_lr)
 
-    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
+    def aggregate(self, state: ServerState, updates: Iterable[Update]) -> ServerState:
         return fedavg(state, updates, server_lr=self.server_lr)
 
     def apply_mean(self, state: ServerState, mean: State) -> ServerState:
@@ -59,14 +59,16 @@ class FedAvgM(StrategyBase):
     server_lr: float = 1.0
     server_momentum: float = 0.9
     name = "fedavgm"
-    linear = True
 
     def __post_init__(self):
         check_server_lr(self.server_lr)
         if not 0 <= self.server_momentum < 1:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
 
-    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
+    def init(self, params: State, run: RunInfo) -> ServerState:
+        return replace(super().init(params, run), strategy_state=initial_momentum(params))
+
+    def aggregate(self, state: ServerState, updates: Iterable[Update]) -> ServerState:
         return fedavgm(state, updates, server_lr=self.server_lr, momentum=self.server_momentum)
 
     def apply_mean(self, state: ServerState, mean: State) -> ServerState:
@@ -81,7 +83,6 @@ class FedProx(StrategyBase):
     proximal_mu: float = 0.01
     server_lr: float = 1.0
     name = "fedprox"
-    linear = True
 
     def __post_init__(self):
         check_server_lr(self.server_lr)
@@ -91,7 +92,7 @@ class FedProx(StrategyBase):
     def plan(self, state: ServerState, client_id: int) -> ClientPlan:
         return ClientPlan(proximal_mu=self.proximal_mu)
 
-    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
+    def aggregate(self, state: ServerState, updates: Iterable[Update]) -> ServerState:
         return fedavg(state, updates, server_lr=self.server_lr)
 
     def apply_mean(self, state: ServerState, mean: State) -> ServerState:

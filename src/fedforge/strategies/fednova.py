@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..client import ClientUpdate
-from .base import RunningMean, ServerState, StrategyBase, check_server_lr, step_params
+from ..reductions import RunningMean
+from .base import ServerState, StrategyBase, check_server_lr, step_params
 
 
 def normalizer(steps: int, momentum: float = 0.0) -> float:

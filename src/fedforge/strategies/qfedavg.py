@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from ..client import ClientPlan, ClientUpdate
 from ..errors import ConfigError
-from .base import RunningMean, ServerState, StrategyBase, step_params
+from ..reductions import RunningMean
+from .base import ServerState, StrategyBase, step_params
 
 _PLAN = ClientPlan(measure_initial_loss=True)
 

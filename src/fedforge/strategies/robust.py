@@ -15,7 +15,8 @@ import torch
 
 from ..client import ClientUpdate
 from ..errors import ConfigError
-from .base import ServerState, StrategyBase, stack_deltas, step_params
+from ..reductions import stack_deltas
+from .base import ServerState, StrategyBase, step_params
 
 
 def median(stacked: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..client import ClientPlan, ClientUpdate, State
-from .base import RunInfo, RunningMean, ServerState, StrategyBase, check_server_lr, float_keys, step_params
+from ..reductions import RunningMean
+from .base import RunInfo, ServerState, StrategyBase, check_server_lr, float_keys, step_params
+from .state import Controls
 
 
 def scaffold(
@@ -21,8 +23,9 @@ def scaffold(
     K_i its local steps (option II); then c <- c + sum_i (c_i+ - c_i) / num_clients. A client's
     c_i persists across rounds whether or not it is selected (absent means zero).
     """
-    control: State = state.extras["control"]
-    client_controls: dict[int, State] = dict(state.extras["client_controls"])
+    controls = _controls(state)
+    control = controls.control
+    client_controls = dict(controls.client_controls)
     model_mean = RunningMean()
     control_change = {k: torch.zeros_like(v) for k, v in control.items()}
     for update in updates:
@@ -37,7 +40,13 @@ def scaffold(
         return state.unchanged()
     params = step_params(state.params, model_mean.mean(state.params), server_lr)
     control = {k: control[k] + control_change[k] / num_clients for k in control}
-    return state.next(params, {"control": control, "client_controls": client_controls})
+    return state.next(params, Controls(control, client_controls))
+
+
+def _controls(state: ServerState) -> Controls:
+    if not isinstance(state.strategy_state, Controls):
+        raise ValueError(f"SCAFFOLD needs its controls in the server state, got {state.strategy_state!r}")
+    return state.strategy_state
 
 
 @dataclass(frozen=True)
@@ -55,11 +64,11 @@ class Scaffold(StrategyBase):
     def init(self, params: State, run: RunInfo) -> ServerState:
         state = super().init(params, run)
         control = {k: torch.zeros_like(state.params[k]) for k in float_keys(state.params)}
-        return replace(state, extras={"control": control, "client_controls": {}})
+        return replace(state, strategy_state=Controls(control))
 
     def plan(self, state: ServerState, client_id: int) -> ClientPlan:
-        control = state.extras["control"]
-        mine = state.extras["client_controls"].get(client_id)
+        controls = _controls(state)
+        control, mine = controls.control, controls.client_controls.get(client_id)
         correction = {k: control[k] - mine[k] for k in control} if mine else dict(control)
         return ClientPlan(correction=correction)
 

@@ -1,0 +1,75 @@
+"""The strategies' own server state, one small frozen dataclass per kind.
+
+`ServerState.strategy_state` holds one of these (None for a strategy without state of its own,
+FedAvg's family). A checkpoint stores `to_dict()`, a table of its fields by name, and reads it
+back with `StrategyState.from_dict`, which finds the kind by its field names (the same layout
+checkpoints held before the state was typed, so older ones read alike).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..contract import State
+from ..errors import ConfigError
+
+
+class StrategyState:
+    """Base of a strategy's own state: a frozen dataclass whose fields are tensors, tables of
+    tensors or numbers (what a checkpoint can hold)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields by name, the values as they are (the checkpoint's layout)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @staticmethod
+    def from_dict(values: Mapping[str, Any]) -> StrategyState | None:
+        """The state whose kind has exactly these field names (None for an empty table)."""
+        if not values:
+            return None
+        names = set(values)
+        kinds = [cls for cls in _kinds(StrategyState) if {f.name for f in dataclasses.fields(cls)} == names]
+        if len(kinds) != 1:
+            found = "no" if not kinds else "more than one"
+            raise ConfigError(f"its strategy state holds {', '.join(sorted(map(str, names)))}: {found} kind of state")
+        return kinds[0](**values)
+
+
+def _kinds(cls: type) -> list[type]:
+    """The dataclasses among `cls`'s subclasses, at any depth."""
+    found: list[type] = []
+    subclasses: list[type] = cls.__subclasses__()
+    for sub in subclasses:
+        if dataclasses.is_dataclass(sub):
+            found.append(sub)
+        found.extend(_kinds(sub))
+    return found
+
+
+@dataclass(frozen=True)
+class Momentum(StrategyState):
+    """FedAvgM's server momentum: v, one tensor per float entry of the model."""
+
+    velocity: State
+
+
+@dataclass(frozen=True)
+class Moments(StrategyState):
+    """FedAdagrad's, FedAdam's and FedYogi's first and second moments m and v (Reddi et al. 2021)."""
+
+    m: State
+    v: State
+
+
+@dataclass(frozen=True)
+class Controls(StrategyState):
+    """SCAFFOLD's control variates: the server's c, and each client's c_i (absent: zero) by client id."""
+
+    control: State
+    client_controls: Mapping[int, State] = field(default_factory=dict)
+
+
+__all__ = ["Controls", "Moments", "Momentum", "StrategyState"]

@@ -1,0 +1,61 @@
+"""The strategies' typed server state: what each strategy keeps, and its checkpoint layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedforge.errors import ConfigError
+from fedforge.strategies import STRATEGIES, Controls, Moments, Momentum, RunInfo, StrategyState, make_strategy
+
+PARAMS = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+RUN = RunInfo(num_clients=4, client_lr=0.1)
+
+
+def test_each_strategy_keeps_its_own_kind_of_state():
+    kinds = {name: type(make_strategy(name).init(PARAMS, RUN).strategy_state) for name in STRATEGIES}
+    assert kinds["fedavgm"] is Momentum
+    assert kinds["fedadam"] is kinds["fedadagrad"] is kinds["fedyogi"] is Moments
+    assert kinds["scaffold"] is Controls
+    assert {name for name, kind in kinds.items() if kind is type(None)} == {
+        "fedavg",
+        "fedprox",
+        "fednova",
+        "qfedavg",
+        "median",
+        "trimmed_mean",
+        "krum",
+        "multikrum",
+    }
+    # Momentum starts at zero, one tensor per float entry (integer buffers take the plain mean).
+    velocity = make_strategy("fedavgm").init(PARAMS, RUN).strategy_state.velocity
+    assert velocity.keys() == {"w"} and velocity["w"].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        Momentum({"w": torch.ones(2)}),
+        Moments({"w": torch.zeros(2)}, {"w": torch.ones(2)}),
+        Controls({"w": torch.zeros(2)}, {3: {"w": torch.ones(2)}}),
+    ],
+)
+def test_a_state_reads_back_from_its_table_by_its_field_names(state):
+    table = state.to_dict()
+    assert all(isinstance(k, str) for k in table)
+    back = StrategyState.from_dict(table)
+    assert type(back) is type(state) and back.to_dict().keys() == table.keys()
+
+
+def test_an_empty_table_is_no_state_and_an_unknown_one_is_refused():
+    assert StrategyState.from_dict({}) is None
+    with pytest.raises(ConfigError, match=r"^its strategy state holds m, velocity: no kind of state$"):
+        StrategyState.from_dict({"velocity": {}, "m": {}})
+
+
+def test_scaffold_keeps_each_clients_control_in_its_typed_state():
+    strategy = make_strategy("scaffold")
+    state = strategy.init({"w": torch.zeros(1)}, RUN)
+    assert isinstance(state.strategy_state, Controls) and state.strategy_state.client_controls == {}
+    plan = strategy.plan(state, 2)
+    assert plan.correction["w"].tolist() == [0.0]
