@@ -2,7 +2,8 @@
 
 The graph is read from the source (every `import fedforge.x` and `from .x import y`, at the top of a
 module or inside a function: a deferred import is still an arrow), with the arrow that importing
-`fedforge.p.m` adds to the subpackage `fedforge.p` (its __init__ runs first)."""
+`fedforge.p.m` adds to the subpackage `fedforge.p` (its __init__ runs first). Imports under
+`if TYPE_CHECKING:` only name types for annotations and never run: they are not arrows."""
 
 from __future__ import annotations
 
@@ -32,7 +33,17 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """The package's modules that module `name` imports."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
