@@ -6,20 +6,25 @@ rules in `optim`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import fastmlp
+from ._options import check_choices, option
 from .contract import ClientConfig, ClientPlan, ClientUpdate
 from .data.datasets import TensorData, call_model, gather
 from .errors import ConfigError, DivergenceError
 from .evaluation import evaluate
 from .fastmlp import MLPLayout
+from .models import MODELS, model_factory
 from .optim import LocalTerms, OptimizerState, State, sgd
+from .tasks import OPTIMIZERS, TASKS, make_task
 
 
 def epoch_orders(num_examples: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -328,9 +333,64 @@ def finish_update(
     )
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """A client's model, task and local training (TOML: flat keys or the table [client])."""
+
+    model: str = option(
+        "mlp",
+        "model: a built-in, or package.module:factory, a function (input_shape, num_classes) "
+        "-> torch.nn.Module of your own",
+        MODELS,
+        open_choices=True,
+    )
+    task: str = option(
+        "classification",
+        "what clients learn: classification (cross-entropy; accuracy), regression "
+        "(MSE; mse, mae, r2), language-model (next-token cross-entropy; perplexity), or "
+        "package.module:object, a fedforge.Task of your own",
+        TASKS,
+        open_choices=True,
+    )
+    optimizer: str = option(
+        "sgd",
+        "client optimizer: sgd (lr, momentum, weight_decay), adam or adamw (lr, "
+        "weight_decay), fresh each round unless keep_optimizer_state",
+        OPTIMIZERS,
+    )
+    keep_optimizer_state: bool = option(
+        False, "keep each client's optimizer state (momentum, Adam's moments) from one of its rounds to its next"
+    )
+    local_epochs: int = option(1, "local epochs per round")
+    batch_size: int = option(32, "local batch size")
+    lr: float = option(0.01, "client SGD learning rate")
+    momentum: float = option(0.0, "client SGD momentum")
+    weight_decay: float = option(0.0, "client SGD weight decay")
+
+    def __post_init__(self):
+        check_choices(self, ClientSettings)
+        model_factory(self.model)  # a built-in, or a user's factory that can be imported
+        self.client_config()  # the task (a built-in or a user's that can be imported) and the hyperparameters
+
+    def client_config(self) -> ClientConfig:
+        """The hyperparameters every client trains with."""
+        task = make_task(self.task, optimizer=self.optimizer)
+        if self.keep_optimizer_state and not task.keep_optimizer_state:
+            task = dataclasses.replace(task, keep_optimizer_state=True)
+        return ClientConfig(
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            task=task,
+        )
+
+
 __all__ = [
     "ClientConfig",
     "ClientPlan",
+    "ClientSettings",
     "ClientUpdate",
     "LocalTerms",
     "OptimizerState",

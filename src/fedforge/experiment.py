@@ -50,8 +50,8 @@ def run_name(config: Config) -> str:
     my_models:net -> my_models_net)."""
     if config.name:
         return config.name
-    model = re.sub(r"[^\w.-]", "_", config.model)
-    return f"{source_label(config.dataset)}-{model}-{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    model, strategy = (re.sub(r"[^\w.-]", "_", name) for name in (config.model, config.strategy))
+    return f"{source_label(config.dataset)}-{model}-{strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedData]:

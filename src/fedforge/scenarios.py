@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import _seeding
+from ._options import option
 from .client import ClientConfig, ClientPlan, ClientUpdate
 from .errors import ConfigError
 
@@ -69,6 +70,34 @@ def parse_epochs_dist(text: str | None) -> tuple[int, int] | None:
     if not match:
         raise ConfigError(f"local_epochs_dist must look like uniform:1:5, got {text!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+@dataclass(frozen=True)
+class ScenarioSettings:
+    """What clients do beyond the algorithm (TOML: flat keys or the table [scenario])."""
+
+    local_epochs_dist: str | None = option(None, "per-client local epochs each round, e.g. uniform:1:5")
+    straggler_fraction: float = option(0.0, "share of selected clients that do only part of their work")
+    drop_stragglers: bool = option(False, "stragglers send nothing instead of their partial work")
+    dropout: float = option(0.0, "probability that a selected client never reports")
+    attack: str | None = option(None, "what malicious clients do", ATTACKS)
+    malicious_fraction: float = option(0.0, "share of clients that are malicious")
+    attack_scale: float = option(1.0, "scale of the attack (sign_flip, scale: factor; gaussian: std)")
+
+    def __post_init__(self):
+        self.scenario()
+
+    def scenario(self) -> Scenario:
+        """The scenario these settings describe (which checks them)."""
+        return Scenario(
+            local_epochs_range=parse_epochs_dist(self.local_epochs_dist),
+            straggler_fraction=self.straggler_fraction,
+            drop_stragglers=self.drop_stragglers,
+            dropout=self.dropout,
+            attack=self.attack,
+            malicious_fraction=self.malicious_fraction,
+            attack_scale=self.attack_scale,
+        )
 
 
 def malicious_clients(scenario: Scenario, num_clients: int, seed: int) -> frozenset[int]:

@@ -15,14 +15,31 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from .config import Config
+from ._options import option
 from .errors import ConfigError
 from .history import RoundRecord
 from .reductions import PartialSum, Update
+
+if TYPE_CHECKING:  # config imports this module for TrackingSettings
+    from .config import Config
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Where a run's numbers are logged besides its folder (TOML: flat keys or the table [tracking])."""
+
+    tensorboard: str | None = option(None, "log to TensorBoard in this folder (a run's in FOLDER/NAME; --tensorboard)")
+    mlflow: str | None = option(
+        None, 'log to MLflow, in the store at this URI; "default": sqlite:///OUT_DIR/mlflow.db (--mlflow [URI])'
+    )
+
+    def __post_init__(self):
+        """Nothing to check before the run: the trackers check their folder and store when they start."""
+
 
 INSTALL = "pip install 'fedforge[tracking]'"
 
@@ -203,6 +220,7 @@ __all__ = [
     "TensorBoardTracker",
     "TrackedRun",
     "Tracker",
+    "TrackingSettings",
     "client_metrics",
     "default_mlflow_uri",
     "scalars",
