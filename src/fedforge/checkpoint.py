@@ -85,8 +85,7 @@ def setting_differences(saved: dict[str, Any], config: Config) -> list[str]:
         for name, value in mine.items()
         if name not in saved
         or saved[name] != value
-        or (name == "clients_per_round"
-        and type(saved[name]) is not type(value))
+        or (name == "clients_per_round" and type(saved[name]) is not type(value))
     ]
 
 

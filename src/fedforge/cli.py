@@ -185,13 +185,15 @@ PARTITION_KEYS = (
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
+    from .data.datasets import one_tensor
     from .data.partition import label_histogram
     from .experiment import load
     from .report import partition_table, plot_partition
 
     config = _config(args, PARTITION_KEYS)
     dataset, data = load(config, progress=not args.quiet)
-    hist = label_histogram(dataset.train.y.numpy(), data.partition, dataset.num_classes)
+    labels = one_tensor(dataset.train.y, "the targets a partition counts").numpy()
+    hist = label_histogram(labels, data.partition, dataset.num_classes)
     print(partition_table(hist))
     if args.plot:
         plot_partition(hist, args.plot, title=f"{config.dataset}: {config.partition}, {config.num_clients} clients")

@@ -26,7 +26,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .data.bundled import BUNDLED, load_bundled
-from .data.datasets import Dataset, load_dataset
+from .data.datasets import Dataset, load_dataset, one_tensor
 from .data.partition import partition, split_holdout
 from .data.shakespeare import load_shakespeare
 from .data.synthetic import synthetic
@@ -100,7 +100,7 @@ def federate(config: Config, dataset: Dataset) -> FederatedData:
             f"dataset {config.dataset} has no natural partition (no groups such as shakespeare's "
             f"speaking roles); choose another partition"
         )
-    labels = dataset.train.y.cpu().numpy()
+    labels = one_tensor(dataset.train.y, "the targets a partition splits by").cpu().numpy()
     if labels.ndim != 1 and config.partition in ("dirichlet", "shards"):
         raise ConfigError(
             f"partition {config.partition} splits by label, and dataset {config.dataset} has no one "

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _seeding
 from .contract import ClientConfig, ClientUpdate, OptimizerState
-from .data.datasets import TensorData
+from .data.datasets import TensorData, one_tensor
 from .engines import ClientTask, Engine, SequentialEngine
 from .engines.base import RoundFailed
 from .errors import ConfigError, FedforgeError
@@ -97,11 +97,12 @@ def client_pool(
     pool = train.subset(np.concatenate([partition[c] for c in chosen]))
     starts = np.concatenate([[0], np.cumsum([len(partition[c]) for c in chosen])]).tolist()
     if scenario.attack == "label_flip":
-        num_classes = int(train.y.max()) + 1
+        labels = one_tensor(pool.y, "the labels a label_flip attack flips")
+        num_classes = int(one_tensor(train.y, "the labels a label_flip attack flips").max()) + 1
         for c in malicious_clients(scenario, len(partition), seed):
             if c in chosen:
                 i = c - chosen.start
-                pool.y[starts[i] : starts[i + 1]] = flip_labels(pool.y[starts[i] : starts[i + 1]], num_classes)
+                labels[starts[i] : starts[i + 1]] = flip_labels(labels[starts[i] : starts[i + 1]], num_classes)
     return pool, starts
 
 

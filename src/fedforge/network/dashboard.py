@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from ..engines.base import RoundWatcher
 from ..errors import ConfigError
 from ..history import History, RoundRecord
 from .httpd import Request, Response, Server
@@ -115,7 +116,7 @@ def _address(peer: str) -> str:
     return rest if kind in ("ipv4", "ipv6") and rest else peer
 
 
-class DashboardState:
+class DashboardState(RoundWatcher):
     """What the page shows, fed from the round loop, the hub and the log, read by the HTTP threads.
 
     It is the network engine's RoundWatcher (`task`, `arrived`, `refused`); `record` takes each
@@ -249,7 +250,9 @@ class Dashboard:
         self.settings = settings
         self.state = DashboardState()
         self.tracker = _RoundTracker(self.state)
-        self._context = None if _loopback(settings.address) else _tls_context(*tls)  # check: tls is given
+        self._context = (
+            None if _loopback(settings.address) or tls is None else _tls_context(*tls)
+        )  # check: TLS off loopback
         self._tap = _LogTap(self.state)
         self._server: Server | None = None
 

@@ -117,7 +117,7 @@ class _Connection:
     accepted: float
     stage: str  # "handshake" (TLS), "request", "answer", "drain" (answered; waiting for the client to close)
     inbox: bytes = b""
-    outbox: memoryview = memoryview(b"")
+    outbox: memoryview = field(default_factory=lambda: memoryview(b""))
 
 
 class Server:
@@ -245,6 +245,7 @@ class Server:
     def _step(self, connection: _Connection) -> None:
         """Take `connection` as far as it can go now: handshake, request, answer, drain."""
         if connection.stage == "handshake":
+            assert isinstance(connection.sock, ssl.SSLSocket), "only a TLS connection starts at the handshake"
             try:
                 connection.sock.do_handshake()
             except ssl.SSLWantReadError:
@@ -268,7 +269,7 @@ class Server:
 
     def _receive(self, connection: _Connection) -> bytes | None:
         """What is there to read (b"" if nothing yet), or None once the client has closed or failed."""
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             try:
                 data = connection.sock.recv(8192)

@@ -292,7 +292,8 @@ class Hub:
 
     async def _read(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         try:
-            while (raw := await context.read()) is not grpc.aio.EOF:
+            # grpc-stubs 1.53 leave out grpc.aio.EOF (what read() gives at the stream's end)
+            while (raw := await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
                 with self.changed:
                     asked = session.owed > 0
                     session.owed -= asked
