@@ -345,6 +345,7 @@ def _check_privacy(saved, r: int, records, config: Config, fresh: ServerState, k
         raise ConfigError(f"its clip bound {clip} is not this run's ({privacy.clip})")
     if accountant.rounds != r:
         raise ConfigError(f"its privacy accountant counts {accountant.rounds} rounds spent, and it is at round {r}")
+    assert fresh.run is not None, "a strategy's init records the run's facts"
     expected = Accountant(
         sampling_for(config.sampling, fresh.run.num_clients, k),
         accountant.noise_multiplier,

@@ -10,9 +10,13 @@ import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config, field_types, settings
 from .errors import ConfigError, DivergenceError, FedforgeError, OutputError
+
+if TYPE_CHECKING:  # imported where used, so that each command loads only what it needs
+    from .app import ClientApp
 
 log = logging.getLogger("fedforge")
 
@@ -96,12 +100,12 @@ def _add_tracking_flags(parser: argparse.ArgumentParser, *, compare: bool = Fals
 
 def _trackers(settings: Config | dict, out_dir: str, comparison: str | None = None) -> list:
     """The trackers the settings' tensorboard and mlflow ask for; a comparison's runs grouped under its name."""
-    from .tracking import MLflowTracker, TensorBoardTracker, default_mlflow_uri
+    from .tracking import MLflowTracker, TensorBoardTracker, Tracker, default_mlflow_uri
 
     tensorboard, mlflow = (
         (settings.get(k) if isinstance(settings, dict) else getattr(settings, k)) for k in _TRACKING_KEYS
     )
-    trackers = []
+    trackers: list[Tracker] = []
     if tensorboard is not None:
         trackers.append(TensorBoardTracker(Path(tensorboard, comparison or "")))
     if mlflow is not None:
@@ -332,6 +336,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             "give one of --app package.module:object (your own code), --data DIR (this client's own "
             "data) or --partition-of DATASET:INDEX/N"
         )
+    data: ClientApp | PartitionOf | LocalData
     if args.app:
         from .app import load_app
 

@@ -85,6 +85,7 @@ def _variant(base: dict[str, Any], label: str, overrides: dict[str, Any]) -> Con
 
 
 def _resumable(config: Config) -> bool:
+    assert config.name is not None, "a comparison names each of its runs"
     return (Path(config.out_dir) / config.name / "checkpoint.pt").exists()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import tomllib
 import types
@@ -315,7 +316,7 @@ def parse_bytes(text: str, name: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -347,7 +348,7 @@ def checked_settings(values: dict[str, Any], source: str) -> dict[str, Any]:
         if (isinstance(value, bool) and bool not in accepted) or not isinstance(value, accepted):
             names = " or ".join(sorted({t.__name__ for t in accepted}))
             raise ConfigError(f"{source}: {key} must be {names}, got {value!r}")
-        out[key] = float(value) if types_[key] is float else value
+        out[key] = float(value) if types_[key] is float and isinstance(value, int) else value
     return out
 
 

@@ -141,7 +141,7 @@ class _Begun:
     """A round's attempt handed to the engine: who was selected, who dropped out, and the updates to come."""
 
     selected: Sequence[int]
-    dropped: Sequence[int]
+    dropped: tuple[int, ...]
     updates: Iterator[ClientUpdate]
 
 
@@ -244,7 +244,7 @@ def simulate(
             yield attack_update(update, scenario, seed, round_) if update.client_id in malicious else update
 
     federated_test = None
-    if data.client_test is not None and sum(map(len, data.client_test)):
+    if data.client_test is not None and any(len(part) for part in data.client_test):
         federated_test = data.train.subset(np.concatenate(list(data.client_test)))
 
     def measure(
@@ -365,7 +365,7 @@ def simulate(
                 "stopping before round %d: it would spend more than the privacy budget (epsilon %.4g spent of %.4g)",
                 r,
                 dp.epsilon(),
-                privacy.target_epsilon,
+                dp.settings.target_epsilon,
             )
             break
         failure: RoundFailed | None = None

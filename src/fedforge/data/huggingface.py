@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,7 +95,7 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
     return Dataset(name or f"hf-{Path(path).stem}", train, test, num_classes=num_classes)
 
 
-def _read(path: Path, hf) -> tuple[dict, object]:
+def _read(path: Path, hf) -> tuple[dict, Any]:
     """{split: Arrow table} ("train" and "test", or "all" for one table to split) and the columns'
     `datasets.Features`."""
     if not path.exists():
@@ -124,9 +125,9 @@ def _read(path: Path, hf) -> tuple[dict, object]:
             f"and no .parquet files)"
         )
     files = parquet_files(path)
-    train = [f for f in files if f.name.startswith("train")]
-    test = [f for f in files if f.name.startswith("test")]
-    chosen = {"train": train, "test": test} if train and test else {"all": files}
+    train_files = [f for f in files if f.name.startswith("train")]
+    test_files = [f for f in files if f.name.startswith("test")]
+    chosen = {"train": train_files, "test": test_files} if train_files and test_files else {"all": files}
     tables = {split: read_parquet(group, path, extra="hf", count_cells=False) for split, group in chosen.items()}
     return tables, hf.Features.from_arrow_schema(next(iter(tables.values())).schema)
 
@@ -184,8 +185,10 @@ def _targets(columns: list, feature, *, task: str, column: str, where: str, hf) 
     if task == "classification":
         if isinstance(feature, hf.ClassLabel):
             ids = [array(c, column, where).astype(np.int64) for c in columns]
-            for values in ids:
-                if values.ndim != 1 or (len(values) and (values.min() < 0 or values.max() >= feature.num_classes)):
+            for split_ids in ids:
+                if split_ids.ndim != 1 or (
+                    len(split_ids) and (split_ids.min() < 0 or split_ids.max() >= feature.num_classes)
+                ):
                     raise DataError(
                         f"{where}: target column {column!r} has ids outside its ClassLabel's "
                         f"0..{feature.num_classes - 1} (-1: a missing label)"

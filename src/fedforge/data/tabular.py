@@ -69,7 +69,7 @@ def split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:cut], order[cut:]
 
 
-def load_file_dataset(name: str, *, target: str, task: str) -> Dataset:
+def load_file_dataset(name: str, *, target: str | None, task: str) -> Dataset:
     """Dataset `name` ("csv:PATH", "parquet:PATH" or "hf:PATH"), `target` its column to predict,
     prepared for `task` (a built-in task's name: it decides class ids or float targets).
 

@@ -137,7 +137,8 @@ def shares(costs: Sequence[float], workers: int) -> list[range]:
     """`workers` consecutive ranges of the tasks with about equal total cost each (some may be
     empty): consecutive, so that the answers, handed on worker by worker, keep the task order."""
     total = float(sum(costs))
-    bounds, done, start = [], 0.0, 0
+    bounds: list[int] = []
+    done, start = 0.0, 0
     for i, cost in enumerate(costs):
         done += cost
         # Close a share once it holds its part of the total (tasks never split).
@@ -244,6 +245,7 @@ class _Worker:
             from ..simulation import client_pool
 
             data = self.data
+            assert data is not None, "train() raises the load's error before it asks for the pool"
             pool, starts = client_pool(
                 config.task.data(data.train).to(self.device),
                 data.partition,

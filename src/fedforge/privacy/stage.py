@@ -24,7 +24,7 @@ import torch
 
 from ..client import ClientUpdate
 from ..errors import ConfigError
-from ..strategies import Strategy, check_linear
+from ..strategies import CombinedUpdate, Strategy, check_linear
 from .mechanism import PrivacyConfig, State, adapt_clip, add_noise, clip_delta, local_bound
 
 log = logging.getLogger("fedforge.privacy")
@@ -55,7 +55,7 @@ class PrivacyState:
         return {"clip": self.clip}
 
     @classmethod
-    def from_dict(cls, state: dict[str, Any]) -> PrivacyState:
+    def from_dict(cls, state: object) -> PrivacyState:
         clip = state.get("clip") if isinstance(state, dict) else None
         if not (isinstance(clip, (int, float)) and clip > 0):
             raise ConfigError(f"privacy state needs a clip bound > 0, got {state!r}")
@@ -143,7 +143,9 @@ def privatize(
     for update in updates:
         if update.delta.keys() != like.keys():
             raise ValueError(f"update entries {sorted(update.delta)} differ from the model's {sorted(like)}")
-        if getattr(update, "client_ids", None):  # a secure aggregation's sum of updates its clients clipped
+        if (
+            isinstance(update, CombinedUpdate) and update.client_ids
+        ):  # a secure aggregation's sum of updates its clients clipped
             if config.mode != "client":
                 raise ValueError(f"a sum of updates cannot be privatized in {config.mode} mode")
             delta = {k: v * update.num_examples for k, v in update.delta.items()}  # each weighs 1: the sum
