@@ -70,7 +70,7 @@ def _autograd_steps(
     task = config.task
     load_state(module, global_state)
     module.train()
-    names, parameters = zip(*module.named_parameters())
+    names, parameters = zip(*module.named_parameters(), strict=True)
     params = list(parameters)
     rule = config.rule
     if rule is not None:

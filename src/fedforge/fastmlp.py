@@ -145,7 +145,7 @@ def sgd_step(
     shared = x.dim() == 3 and params[layout.weights[0]].dim() == 2
     inputs = [x]
     h = x
-    for w, b, relu in zip(layout.weights, layout.biases, layout.relu):
+    for w, b, relu in zip(layout.weights, layout.biases, layout.relu, strict=True):
         h = _affine(h, params[w], params[b] if b else None)
         if relu:
             h = h.relu_()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -64,7 +65,7 @@ def clients_per_round_count(clients_per_round: int | float, num_clients: int) ->
     if isinstance(clients_per_round, float):
         if not 0 < clients_per_round <= 1:
             raise ConfigError(f"clients_per_round as a fraction must be in (0, 1], got {clients_per_round}")
-        return max(1, int(round(clients_per_round * num_clients)))
+        return max(1, round(clients_per_round * num_clients))
     if clients_per_round < 1:
         raise ConfigError(f"clients_per_round must be >= 1, got {clients_per_round}")
     if clients_per_round > num_clients:
@@ -229,7 +230,7 @@ def simulate(
     device = data.train.device
     model = model.to(device)
     pool, starts = client_pool(data.train, data.partition, scenario, seed)
-    clients = [pool.rows(a, b) for a, b in zip(starts, starts[1:])]
+    clients = [pool.rows(a, b) for a, b in itertools.pairwise(starts)]
     malicious = malicious_clients(scenario, data.num_clients, seed)
     # A linear strategy needs only the round's weighted mean, so an engine may send partial sums;
     # not of the clients whose own update a later stage transforms (the scenario's update attacks)
@@ -352,7 +353,7 @@ def simulate(
                 optimizer_states.get(c),
                 summable=linear and c not in transformed,
             )
-            for c, batch_seed in zip(kept, seeds)
+            for c, batch_seed in zip(kept, seeds, strict=True)
         ]
         return _Begun(selected, dropped, _running(engine, model, state.params, tasks, client))
 

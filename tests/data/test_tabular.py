@@ -371,8 +371,8 @@ def test_hf_language_model_targets(tmp_path):
     hf = _hf()
     ids = [[(i + t) % 7 for t in range(5)] for i in range(10)]
     hf.DatasetDict(
-        train=hf.Dataset.from_dict({"input_ids": ids[:8], "labels": [s[1:] + [0] for s in ids[:8]]}),
-        test=hf.Dataset.from_dict({"input_ids": ids[8:], "labels": [s[1:] + [0] for s in ids[8:]]}),
+        train=hf.Dataset.from_dict({"input_ids": ids[:8], "labels": [[*s[1:], 0] for s in ids[:8]]}),
+        test=hf.Dataset.from_dict({"input_ids": ids[8:], "labels": [[*s[1:], 0] for s in ids[8:]]}),
     ).save_to_disk(str(tmp_path / "d"))
     dataset = load_file_dataset(f"hf:{tmp_path / 'd'}", target="labels", task="language-model")
     assert dataset.num_classes == 7 and dataset.train.x.shape == (8, 5) and dataset.train.y.dtype == torch.int64

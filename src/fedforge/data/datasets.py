@@ -176,7 +176,7 @@ def concat(parts: Sequence[TensorData]) -> TensorData:
         if isinstance(first, torch.Tensor):
             return torch.cat(trees)
         if isinstance(first, tuple):
-            return tuple(torch.cat(ts) for ts in zip(*trees))
+            return tuple(torch.cat(ts) for ts in zip(*trees, strict=True))
         return {k: torch.cat([t[k] for t in trees]) for k in first}
 
     return TensorData(cat([p.x for p in parts]), cat([p.y for p in parts]))

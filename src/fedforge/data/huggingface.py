@@ -84,7 +84,10 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
         where=where,
         hf=hf,
     )
-    parts = [TensorData(x if len(inputs) > 1 else x[inputs[0]], torch.from_numpy(y)) for x, y in zip(xs.values(), ys)]
+    parts = [
+        TensorData(x if len(inputs) > 1 else x[inputs[0]], torch.from_numpy(y))
+        for x, y in zip(xs.values(), ys, strict=True)
+    ]
     if len(parts) == 2:
         train, test = parts
     else:
@@ -196,7 +199,8 @@ def _targets(columns: list, feature, *, task: str, column: str, where: str, hf) 
             return ids, feature.num_classes
         text = [pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in columns]
         values = [
-            np.asarray(c.to_pylist(), dtype=object) if t else array(c, column, where) for c, t in zip(columns, text)
+            np.asarray(c.to_pylist(), dtype=object) if t else array(c, column, where)
+            for c, t in zip(columns, text, strict=True)
         ]
         if any(v.ndim != 1 for v in values) or any(v is None for v in np.concatenate(values)):
             raise DataError(f"{where}: target column {column!r} must hold one class label per row, with none missing")

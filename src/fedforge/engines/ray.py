@@ -28,6 +28,7 @@ order): a run does not depend on timing, and equals the in-process engines' run 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -368,10 +369,8 @@ def _close(ray, actors: list, started: bool, threads: list) -> None:
     if threads:  # the driver's torch threads as they were before the engine (see RayEngine)
         torch.set_num_threads(threads.pop())
     for actor in actors:
-        try:
+        with contextlib.suppress(Exception):  # best effort: an actor that is gone already
             ray.kill(actor)
-        except Exception:
-            pass
     actors.clear()
     if started and ray.is_initialized():
         ray.shutdown()
@@ -590,7 +589,7 @@ class RayEngine:
             summed = len(answers) - len(unsummed)  # 1 when the worker had summable clients, else 0
             for update in answers[:summed]:
                 yield _received(update, device)
-            own.update(zip(unsummed, answers[summed:]))
+            own.update(zip(unsummed, answers[summed:], strict=True))
         for j in sorted(own):
             yield _received(own[j], device)
 

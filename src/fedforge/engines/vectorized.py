@@ -26,8 +26,10 @@ notice.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -472,7 +474,7 @@ def _runs(sizes: np.ndarray) -> list[tuple[int, int]]:
     """The maximal runs lo..hi of equal values in `sizes`."""
     cuts = np.flatnonzero(sizes[1:] != sizes[:-1]) + 1
     bounds = [0, *cuts.tolist(), len(sizes)]
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def _func_chunk(model, global_state, tasks, config) -> _Chunk:
@@ -513,7 +515,7 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
                 units[lo] += task.units(y)
             else:
                 for j in range(hi - lo):
-                    units[lo + j] += task.units(tree_map(lambda v: v[j], y))
+                    units[lo + j] += task.units(tree_map(operator.itemgetter(j), y))
             done.append((lo, hi, sums))
         return done
 

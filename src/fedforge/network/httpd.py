@@ -23,6 +23,7 @@ snapshot of its state under a lock).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import re
@@ -336,10 +337,8 @@ class Server:
     def _close(self, connection: _Connection, why: str, status: HTTPStatus | None = None) -> None:
         """Close `connection`; tell it `status` first where it waits for an answer (best effort: never blocks)."""
         if status is not None and connection.stage == "request":
-            try:
+            with contextlib.suppress(OSError):
                 connection.sock.send(_encode(_status(status)))
-            except OSError:
-                pass
         log.debug("dashboard: %s %s", connection.peer, why)
         self._selector.unregister(connection.sock)
         connection.sock.close()
