@@ -337,7 +337,7 @@ def test_nothing_secret_and_nothing_unknown(deployment):
     )
     _, page = get(url)
     assert not re.search(r"\b(src|href)=", page)  # everything inline: the page loads nothing else
-    status, body = get(url + "api/state")
+    _, body = get(url + "api/state")
     for secret in secrets(deployment.tmp):
         assert secret not in body and secret not in page
 
@@ -530,7 +530,7 @@ def timed_get(url: str, context: ssl.SSLContext | None = None, **headers) -> tup
 
 
 def closed_after(slow: SlowClients) -> list[float]:
-    return [round(c - o, 2) for o, c in zip(slow.opened, slow.closed)]
+    return [round(c - o, 2) for o, c in zip(slow.opened, slow.closed, strict=True)]
 
 
 @pytest.fixture
