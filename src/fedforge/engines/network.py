@@ -15,7 +15,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, TypeGuard
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 from ..client import ClientConfig, ClientUpdate, State, all_finite
 from ..network.hub import Event, EventKind, Hub, Session
-from ..network.wire import Kind, Message, WireError, decode, encode
+from ..network.wire import Kind, Message, WireError, decode, encode, is_number
 from ..secagg import SecureAggregation
 from ..secagg.protocol import ProtocolError, SecAggFailed, ServerRound
 from ..secagg.quantize import QuantizationError
@@ -61,14 +61,9 @@ def task_message(task_id: int, task: ClientTask, global_state: State, secagg: di
 
 def _number(header: dict, key: str, low: float, high: float) -> float:
     value = header.get(key)
-    if not (_is_number(value) and low <= value <= high):
+    if not (is_number(value) and low <= value <= high):
         raise ValueError(f"{key} {value!r} is not a number in [{low:g}, {high:g}]")
     return float(value)
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    """A JSON number: an int or a float, not a bool (nor a subclass)."""
-    return type(value) in (int, float)
 
 
 def _optional_number(header: dict, key: str, low: float, high: float) -> float | None:

@@ -24,7 +24,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import grpc
 import numpy as np
@@ -44,7 +44,7 @@ from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .inputs import InputSummary
 from .welcome import ClientLimits, References, Unacceptable, Welcome, check_welcome
-from .wire import MAX_INT, Kind, Message, WireError, decode, encode
+from .wire import MAX_INT, Kind, Message, WireError, decode, encode, is_number
 
 log = logging.getLogger("fedforge.client")
 
@@ -151,18 +151,13 @@ def _optional_integer(h: dict, key: str, low: int, high: int, *, limit: str = ""
 
 def _number(h: dict, key: str, low: float, high: float, *, default: float | None = None) -> float:
     value = h.get(key, default)
-    if not (_is_number(value) and low <= value <= high):
+    if not (is_number(value) and low <= value <= high):
         raise Unacceptable(f"{key} {_text(repr(value), 40)} is not a number in [{low:g}, {high:g}]")
     return float(value)
 
 
 def _optional_number(h: dict, key: str, low: float, high: float) -> float | None:
     return None if h.get(key) is None else _number(h, key, low, high)
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    """A JSON number: an int or a float, not a bool (nor a subclass)."""
-    return type(value) in (int, float)
 
 
 def as_app(source: PartitionOf | LocalData | ClientApp) -> ClientApp:

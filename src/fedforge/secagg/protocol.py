@@ -48,10 +48,10 @@ import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeGuard
 
 import numpy as np
 
+from ..network.wire import is_number
 from .crypto import (
     KEY_BYTES,
     NONCE_BYTES,
@@ -203,11 +203,6 @@ def _ids(value, allowed: Iterable[int], what: str) -> list[int]:
     return value
 
 
-def _is_number(value: object) -> TypeGuard[int | float]:
-    """A JSON number: an int or a float, not a bool (nor a subclass)."""
-    return type(value) in (int, float)
-
-
 def _by_id(value, allowed: Iterable[int], what: str) -> dict[int, object]:
     """A JSON object keyed by client ids (as strings), each among `allowed`."""
     allowed = set(allowed)
@@ -262,7 +257,7 @@ class Setup:
             raise ProtocolError(f"round {round_id!r} is not a count")
         if not (type(t) is int and 2 * t > len(neighbours) + 1 and t <= len(neighbours) + 1):
             raise ProtocolError(f"threshold {t!r} is not more than half of {len(neighbours) + 1} holders")
-        if not (_is_number(clip) and 0 < clip < 1e30) or not (type(max_weight) is int and max_weight >= 1):
+        if not (is_number(clip) and 0 < clip < 1e30) or not (type(max_weight) is int and max_weight >= 1):
             raise ProtocolError("clip or max_weight out of range")
         return cls(round_id, tuple(neighbours), t, clients, float(clip), max_weight)
 
