@@ -154,8 +154,8 @@ class MLflowTracker:
             try:
                 return client, client.create_experiment(self.experiment, artifact_location=artifacts)
             except MlflowException as e:
-                made = e.error_code == "RESOURCE_ALREADY_EXISTS"
-                if not made or (experiment := client.get_experiment_by_name(self.experiment)) is None:
+                exists = e.error_code == "RESOURCE_ALREADY_EXISTS"
+                if not exists or (experiment := client.get_experiment_by_name(self.experiment)) is None:
                     raise
                 return client, experiment.experiment_id
         except ImportError as e:  # a SQLite store needs sqlalchemy and alembic

@@ -250,9 +250,8 @@ class Dashboard:
         self.settings = settings
         self.state = DashboardState()
         self.tracker = _RoundTracker(self.state)
-        self._context = (
-            None if _loopback(settings.address) or tls is None else _tls_context(*tls)
-        )  # check: TLS off loopback
+        # check() allows no TLS on loopback only
+        self._context = None if tls is None or _loopback(settings.address) else _tls_context(*tls)
         self._tap = _LogTap(self.state)
         self._server: Server | None = None
 

@@ -143,9 +143,8 @@ def privatize(
     for update in updates:
         if update.delta.keys() != like.keys():
             raise ValueError(f"update entries {sorted(update.delta)} differ from the model's {sorted(like)}")
-        if (
-            isinstance(update, CombinedUpdate) and update.client_ids
-        ):  # a secure aggregation's sum of updates its clients clipped
+        # A secure aggregation's sum of updates its clients clipped:
+        if isinstance(update, CombinedUpdate) and update.client_ids:
             if config.mode != "client":
                 raise ValueError(f"a sum of updates cannot be privatized in {config.mode} mode")
             delta = {k: v * update.num_examples for k, v in update.delta.items()}  # each weighs 1: the sum
