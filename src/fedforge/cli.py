@@ -19,6 +19,7 @@ from .config import ALIASES, GROUPS, Config, checked_settings, config_types, set
 from .errors import ConfigError, DivergenceError, FedforgeError, OutputError
 
 if typing.TYPE_CHECKING:
+    from .app import ClientApp
     from .compare import RoundDone
 
 log = logging.getLogger("fedforge")
@@ -37,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_known_args(self, args=None, namespace=None):
         """As argparse's, but an unknown flag is an error here, naming the close one."""
         namespace, extras = super().parse_known_args(args, namespace)
         flags = [a.partition("=")[0] for a in extras if a.startswith("--")]
@@ -125,12 +126,12 @@ def _add_tracking_flags(parser: argparse.ArgumentParser, *, compare: bool = Fals
 
 def _trackers(settings: Config | dict, out_dir: str, comparison: str | None = None) -> list:
     """The trackers the settings' tensorboard and mlflow ask for; a comparison's runs grouped under its name."""
-    from .tracking import MLflowTracker, TensorBoardTracker, default_mlflow_uri
+    from .tracking import MLflowTracker, TensorBoardTracker, Tracker, default_mlflow_uri
 
     tensorboard, mlflow = (
         (settings.get(k) if isinstance(settings, dict) else getattr(settings, k)) for k in _TRACKING_KEYS
     )
-    trackers = []
+    trackers: list[Tracker] = []
     if tensorboard is not None:
         trackers.append(TensorBoardTracker(Path(tensorboard, comparison or "")))
     if mlflow is not None:
@@ -249,13 +250,15 @@ PARTITION_KEYS = (
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
+    from .data.datasets import one_tensor
     from .data.partition import label_histogram
     from .experiment import load
     from .report import partition_table, plot_partition
 
     config = _config(args, PARTITION_KEYS)
     dataset, data = load(config, progress=not args.quiet)
-    hist = label_histogram(dataset.train.y.numpy(), data.partition, dataset.num_classes)
+    labels = one_tensor(dataset.train.y, "the targets a partition counts").numpy()
+    hist = label_histogram(labels, data.partition, dataset.num_classes)
     print(partition_table(hist))
     if args.plot:
         plot_partition(hist, args.plot, title=f"{config.dataset}: {config.partition}, {config.num_clients} clients")
@@ -371,6 +374,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     values = flatten(_read_toml_or_empty(args.config), {"client": ClientNodeSettings}, str(args.config))
     node = _deployment_settings(args, ClientNodeSettings, "client", values)
     _set_threads(node.threads)
+    data: ClientApp | PartitionOf | LocalData
     if node.app:
         from .app import load_app
 

@@ -18,7 +18,7 @@ from torch import nn
 from . import fastmlp
 from ._options import check_choices, option
 from .contract import ClientConfig, ClientPlan, ClientUpdate
-from .data.datasets import TensorData, call_model, gather
+from .data.datasets import TensorData, Tree, call_model, gather
 from .errors import ConfigError, DivergenceError
 from .evaluation import evaluate
 from .fastmlp import MLPLayout
@@ -75,20 +75,21 @@ def _autograd_steps(
     task = config.task
     load_state(module, global_state)
     module.train()
-    names, params = zip(*module.named_parameters())
-    params = list(params)
+    names, parameters = zip(*module.named_parameters(), strict=True)
+    params = list(parameters)
     rule = config.rule
     if rule is not None:
         terms = plan.local_terms(global_state, names)
-        named = dict(zip(names, params))
+        named = dict(zip(names, params, strict=True))
         state = optimizer_state.clone() if optimizer_state is not None else rule.init(named)
 
         def update(grads):
-            rule.step(named, dict(zip(names, grads)), state, terms)
+            rule.step(named, dict(zip(names, grads, strict=True)), state, terms)
 
         def final_optimizer_state():
             return state
     else:
+        assert task.optimizer is not None, "fedforge's SGD (optimizer None) always has a rule"
         optimizer = task.optimizer(params, **config.optimizer_options)
         if optimizer_state is not None:
             _load_torch_state(optimizer, optimizer_state, names)
@@ -98,7 +99,7 @@ def _autograd_steps(
         def update(grads):
             if anchors is not None:  # FedProx: the gradient of mu/2 ||w - w_global||^2
                 torch._foreach_add_(grads, torch._foreach_sub(params, anchors), alpha=plan.proximal_mu)
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g
             optimizer.step()
             if corrections is not None:  # SCAFFOLD, outside the optimizer's state
@@ -120,7 +121,8 @@ def _autograd_steps(
 
 def _torch_state(optimizer: torch.optim.Optimizer, names) -> OptimizerState:
     """A torch.optim optimizer's per-parameter state as an OptimizerState (its tensors by name)."""
-    step, slots = torch.zeros((), dtype=torch.float64), {}
+    step = torch.zeros((), dtype=torch.float64)
+    slots: dict[str, dict[str, torch.Tensor]] = {}
     for index, per_param in optimizer.state_dict()["state"].items():
         for key, value in per_param.items():
             if key == "step":
@@ -154,6 +156,7 @@ def _mlp_steps(
 ) -> tuple[Step, Final, Callable[[], OptimizerState]]:
     """SGD steps by the hand-derived Linear/ReLU kernel (the same rule, no autograd graph)."""
     rule = config.rule
+    assert rule is not None, "the tutorial's task trains with fedforge's SGD, a rule"
     params = {k: v.detach().clone() for k, v in global_state.items()}
     state = optimizer_state.clone() if optimizer_state is not None else rule.init(params)
     terms = plan.local_terms(global_state, params)
@@ -221,8 +224,10 @@ def train_client(
     if task.train is not None:
         return _own_loop(module, global_state, data, config, plan, client_id, generator, initial_loss, deadline)
     layout = fastmlp.mlp_layout(module) if fast_mlp and task.is_tutorial_classification else None
-    x = layout.inputs(data.x) if layout else None
-    if layout is not None and x is not None:
+    mlp_inputs = layout.inputs(data.x) if layout else None
+    x: Tree
+    if layout is not None and mlp_inputs is not None:
+        x = mlp_inputs
         step, final_state, final_optimizer_state = _mlp_steps(layout, global_state, config, plan, optimizer_state)
     else:
         x = data.x
@@ -275,6 +280,7 @@ def _own_loop(
 
     load_state(module, global_state)
     module.train()
+    assert task.train is not None, "called for a task with a training function of its own"
     metrics = task.train(module, batches(), config)
     if metrics is None:
         metrics = evaluate(module, {k: v.detach() for k, v in module.state_dict().items()}, data, task=task).metrics

@@ -10,6 +10,7 @@ key (`local_epochs = 2`, at the top or in its group's table `[client]`) and a CL
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 import typing
@@ -157,7 +158,7 @@ class Config(
         return dataclasses.replace(self, **changes)
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

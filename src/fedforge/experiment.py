@@ -100,6 +100,7 @@ class RunOutcome:
 
 def check_output(config: Config) -> Path:
     """The run's folder `out_dir/name`, made if missing and checked writable (OutputError if not)."""
+    assert config.name is not None, "a run is named (run_name) before its outputs are made"
     run_dir = Path(config.out_dir) / config.name
     with atomic_write(run_dir / ".write-check") as f:
         f.write("fedforge can write here\n")

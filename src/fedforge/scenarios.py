@@ -104,7 +104,7 @@ def malicious_clients(scenario: Scenario, num_clients: int, seed: int) -> frozen
     """The malicious clients of a run: round(fraction x clients) of them, fixed by the seed."""
     if scenario.attack is None:
         return frozenset()
-    count = int(round(scenario.malicious_fraction * num_clients))
+    count = round(scenario.malicious_fraction * num_clients)
     rng = _seeding.numpy_rng(seed, _seeding.MALICIOUS)
     return frozenset(rng.choice(num_clients, size=count, replace=False).tolist())
 
@@ -120,9 +120,9 @@ def client_work(
     dropout_rng = _seeding.numpy_rng(seed, _seeding.DROPOUT, round_)
     k = len(selected)
     stragglers = set(
-        np.asarray(selected)[straggler_rng.permutation(k)[: int(round(scenario.straggler_fraction * k))]].tolist()
+        np.asarray(selected)[straggler_rng.permutation(k)[: round(scenario.straggler_fraction * k)]].tolist()
     )
-    for client, size in zip(selected, sizes):
+    for client, size in zip(selected, sizes, strict=True):
         plan = ClientPlan()
         if scenario.local_epochs_range is not None:
             low, high = scenario.local_epochs_range

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,7 +39,7 @@ def clients_per_round_count(clients_per_round: int | float, num_clients: int) ->
     if isinstance(clients_per_round, float):
         if not 0 < clients_per_round <= 1:
             raise ConfigError(f"clients_per_round as a fraction must be in (0, 1], got {clients_per_round}")
-        return max(1, int(round(clients_per_round * num_clients)))
+        return max(1, round(clients_per_round * num_clients))
     if clients_per_round < 1:
         raise ConfigError(f"clients_per_round must be >= 1, got {clients_per_round}")
     if clients_per_round > num_clients:
@@ -86,7 +87,7 @@ class _Begun:
     """A round's attempt handed to the engine: who was selected, who dropped out, and the updates to come."""
 
     selected: Sequence[int]
-    dropped: Sequence[int]
+    dropped: tuple[int, ...]
     updates: Iterator[ClientUpdate]
 
 
@@ -174,7 +175,7 @@ def simulate(
     device = data.train.device
     model = model.to(device)
     pool, starts = client_pool(data.train, data.partition, flipped=label_flipped(scenario, data.num_clients, seed))
-    clients = [pool.rows(a, b) for a, b in zip(starts, starts[1:])]
+    clients = [pool.rows(a, b) for a, b in itertools.pairwise(starts)]
     malicious = malicious_clients(scenario, data.num_clients, seed)
     # A linear strategy needs only the round's weighted mean, so an engine may send partial sums;
     # not of the clients whose own update a later stage transforms (the scenario's update attacks)
@@ -190,7 +191,7 @@ def simulate(
             yield attack_update(update, scenario, seed, round_) if attacker else update
 
     federated_test = None
-    if data.client_test is not None and sum(map(len, data.client_test)):
+    if data.client_test is not None and any(len(part) for part in data.client_test):
         federated_test = data.train.subset(np.concatenate(list(data.client_test)))
 
     def measure(
@@ -298,7 +299,7 @@ def simulate(
                 optimizer_states.get(c),
                 summable=linear and c not in transformed,
             )
-            for c, batch_seed in zip(kept, seeds)
+            for c, batch_seed in zip(kept, seeds, strict=True)
         ]
         return _Begun(selected, dropped, _running(engine, model, state.params, tasks, client))
 
@@ -311,7 +312,7 @@ def simulate(
                 "stopping before round %d: it would spend more than the privacy budget (epsilon %.4g spent of %.4g)",
                 r,
                 dp.epsilon(),
-                privacy.target_epsilon,
+                dp.settings.target_epsilon,
             )
             break
         failure: RoundFailed | None = None

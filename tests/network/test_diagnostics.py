@@ -117,7 +117,7 @@ APP = ff.ClientApp(data=data, model=model)
 def test_a_clients_model_that_does_not_fit_its_data_is_one_line(cluster, tmp_path):
     pytest.importorskip("sklearn")
     (tmp_path / "unflattened_app.py").write_text(UNFLATTENED_APP)
-    server, port = cluster.server(
+    _, port = cluster.server(
         "--insecure",
         "--min-clients",
         "1",
