@@ -34,12 +34,13 @@ class EqualWeightAvg(StrategyBase):
         return state.next({k: v + delta[k] for k, v in state.params.items()})
 
 
-digits = load_bundled("digits")
-parts = quantity(len(digits.train), 10, sigma=1.5, rng=np.random.default_rng(0))
-data = ff.FederatedData(digits.train, parts, test=digits.test)
-model = ff.build_model("mlp", digits.input_shape, digits.num_classes, seed=0)
-client = ff.ClientConfig(local_epochs=5, batch_size=16, lr=0.05)
-for strategy in (EqualWeightAvg(), ff.FedAvg()):
-    result = ff.simulate(model, data, rounds=5, clients_per_round=10, client=client, strategy=strategy, seed=0)
-    accuracy = " ".join(f"{a:.3f}" for a in result.history.column("test_accuracy"))
-    print(f"{strategy.name:9} test accuracy by round: {accuracy}")
+if __name__ == "__main__":
+    digits = load_bundled("digits")
+    parts = quantity(len(digits.train), 10, sigma=1.5, rng=np.random.default_rng(0))
+    data = ff.FederatedData(digits.train, parts, test=digits.test)
+    model = ff.build_model("mlp", digits.input_shape, digits.num_classes, seed=0)
+    client = ff.ClientConfig(local_epochs=5, batch_size=16, lr=0.05)
+    for strategy in (EqualWeightAvg(), ff.FedAvg()):
+        result = ff.simulate(model, data, rounds=5, clients_per_round=10, client=client, strategy=strategy, seed=0)
+        accuracy = " ".join(f"{a:.3f}" for a in result.history.column("test_accuracy"))
+        print(f"{strategy.name:9} test accuracy by round: {accuracy}")

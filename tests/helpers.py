@@ -161,6 +161,6 @@ def assert_same_run(a, b):
     assert a.history.column("clients") == b.history.column("clients")
     for name, value in a.state.params.items():
         torch.testing.assert_close(b.state.params[name], value)
-    for x, y in zip(a.history.records[1:], b.history.records[1:]):
+    for x, y in zip(a.history.records[1:], b.history.records[1:], strict=True):
         assert x.train_accuracy == y.train_accuracy
         assert x.train_loss == pytest.approx(y.train_loss, rel=1e-5)

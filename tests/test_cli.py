@@ -50,7 +50,7 @@ def fedforge(capsys, *argv):
     ],
 )
 def test_bad_flags(capsys, tmp_path, argv, message):
-    code, out, err = fedforge(capsys, "run", "--out-dir", str(tmp_path), *argv)
+    code, _, err = fedforge(capsys, "run", "--out-dir", str(tmp_path), *argv)
     assert code == 2
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -91,7 +91,7 @@ def test_bad_table_datasets(capsys, tmp_path, argv, message):
     pytest.importorskip("datasets")
     _write_tables(tmp_path)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, out, err = fedforge(capsys, "run", "-q", "--out-dir", str(tmp_path / "runs"), *argv)
+    code, _, err = fedforge(capsys, "run", "-q", "--out-dir", str(tmp_path / "runs"), *argv)
     assert code == 2
     assert message.replace("{tmp}", str(tmp_path)) in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -100,7 +100,7 @@ def test_bad_table_datasets(capsys, tmp_path, argv, message):
 def test_a_csv_dataset_runs_and_partitions(capsys, tmp_path):
     _write_tables(tmp_path)
     flags = ["--dataset", f"csv:{tmp_path}/heart.csv", "--target", "sick", "--num-clients", "5"]
-    code, out, err = fedforge(
+    code, out, _ = fedforge(
         capsys,
         "run",
         "-q",
@@ -116,7 +116,7 @@ def test_a_csv_dataset_runs_and_partitions(capsys, tmp_path):
     )
     assert code == 0 and "final test accuracy" in out and "outputs in" in out
     assert [p.name.split("-2")[0] for p in (tmp_path / "runs").iterdir()] == ["csv-heart-tabular-mlp-fedavg"]
-    code, out, err = fedforge(capsys, "partition", "-q", *flags)
+    code, out, _ = fedforge(capsys, "partition", "-q", *flags)
     assert code == 0 and out.splitlines()[0].split()[:2] == ["client", "examples"]
 
 

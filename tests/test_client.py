@@ -18,13 +18,13 @@ def test_sgd_matches_torch_optim(momentum, weight_decay):
     theirs = [p.clone().requires_grad_() for p in ours]
     opt = torch.optim.SGD(theirs, lr=0.1, momentum=momentum, weight_decay=weight_decay)
     buffers = None
-    for step in range(4):
+    for _ in range(4):
         grads = [torch.randn_like(p) for p in ours]
         buffers = sgd(ours, grads, buffers, lr=0.1, momentum=momentum, weight_decay=weight_decay)
-        for p, g in zip(theirs, grads):
+        for p, g in zip(theirs, grads, strict=True):
             p.grad = g.clone()
         opt.step()
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b.detach())
 
 
@@ -120,7 +120,7 @@ def test_batchnorm_buffers_are_in_the_delta():
 def test_divergence_is_reported():
     data = blobs(64)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
-    with pytest.raises(DivergenceError, match="client 7 diverged.*lower the learning rate"):
+    with pytest.raises(DivergenceError, match=r"client 7 diverged.*lower the learning rate"):
         train_client(
             model,
             model.state_dict(),

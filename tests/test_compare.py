@@ -103,13 +103,13 @@ def test_resume_continues_cut_short_runs_and_reports_finished_ones(tmp_path):
     short = compare(BASE.replace(rounds=2), variants, out_dir=tmp_path / "c")
     resumed = compare(BASE, variants, out_dir=tmp_path / "c", resume=True)
     fresh = compare(BASE, variants, out_dir=tmp_path / "fresh")
-    for s, r, f in zip(short, resumed, fresh):
+    for s, r, f in zip(short, resumed, fresh, strict=True):
         assert r.history.column("test_accuracy") == f.history.column("test_accuracy")
         assert r.history.column("test_accuracy")[:3] == s.history.column("test_accuracy")
         assert r.history.final.round == 3
         assert r.wall_seconds >= sum(rec.seconds for rec in s.history.records)
     again = compare(BASE, variants, out_dir=tmp_path / "c", resume=True)
-    for r, a in zip(resumed, again):  # finished: nothing is run again
+    for r, a in zip(resumed, again, strict=True):  # finished: nothing is run again
         assert a.history.column("seconds") == r.history.column("seconds")
 
 

@@ -40,7 +40,10 @@ def test_resolved_config_round_trips(tmp_path):
         ('rounds = "five"', "rounds must be int, got 'five'"),
         ("download = 1", "download must be bool"),
         ("lr = true", "lr must be float or int"),
-        ("[data]\nnum_clients = 3", "unknown key 'data'"),
+        ("[data]\nrounds = 3", r"unknown key 'rounds' in \[data\]"),
+        ("[dat]\nnum_clients = 3", r"unknown table \[dat\]; did you mean 'data'"),
+        ("[strategy]\nname = 'fedprox'\nmu = 0.5", r"unknown key 'mu' in \[strategy\]; did you mean 'proximal_mu'"),
+        ("rounds = 3\n[run]\nrounds = 4", "rounds is given twice"),
     ],
 )
 def test_bad_files(tmp_path, text, message):

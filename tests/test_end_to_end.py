@@ -69,7 +69,7 @@ def small_run(tmp_path, name, *extra):
 def test_same_seed_same_weights_on_real_data(tmp_path, fashion):
     a, ha = small_run(tmp_path, "a", "--seed", "3")
     b, hb = small_run(tmp_path, "b", "--seed", "3")
-    c, hc = small_run(tmp_path, "c", "--seed", "4")
+    c, _ = small_run(tmp_path, "c", "--seed", "4")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["clients"] for r in ha["rounds"]] == [r["clients"] for r in hb["rounds"]]
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -140,7 +140,7 @@ def test_ctrl_c_saves_the_completed_rounds(tmp_path, fashion):
     )
     assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=bound(PROCESS_S))
+    _, err = proc.communicate(timeout=bound(PROCESS_S))
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     rounds = json.loads(history.read_text())["rounds"]

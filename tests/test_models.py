@@ -46,7 +46,7 @@ def test_init_depends_on_seed_only_and_leaves_global_rng_alone():
     assert torch.equal(torch.rand(1), before), "building a model consumed the global RNG"
     b = build_model("mlp", (1, 28, 28), 10, seed=5)
     c = build_model("mlp", (1, 28, 28), 10, seed=6)
-    for (_, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+    for (_, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters(), strict=True):
         assert torch.equal(pa, pb)
         assert not torch.equal(pa, pc)
 

@@ -10,7 +10,7 @@ def torch_steps(optimizer_class, params, grads_per_step, **options):
     theirs = [p.clone().requires_grad_() for p in params]
     optimizer = optimizer_class(theirs, **options)
     for grads in grads_per_step:
-        for p, g in zip(theirs, grads):
+        for p, g in zip(theirs, grads, strict=True):
             p.grad = g.clone()
         optimizer.step()
     return [p.detach() for p in theirs]
@@ -52,7 +52,7 @@ def test_functional_adam_and_adamw_equal_torch_optim(optimizer, options):
     assert rule is not None and rule.name == optimizer.__name__.lower()
     ours, state = rule_steps(rule, PARAMS, grads)
     theirs = torch_steps(optimizer, PARAMS, grads, **{"weight_decay": 0.0, **options})
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert state.step.item() == 6 and set(state.slots) == {"exp_avg", "exp_avg_sq"}
 
@@ -62,7 +62,7 @@ def test_functional_sgd_equals_torch_optim(momentum, weight_decay):
     grads = random_steps(PARAMS, 4)
     ours, _ = rule_steps(Rule("sgd", lr=0.1, momentum=momentum, weight_decay=weight_decay), PARAMS, grads)
     theirs = torch_steps(torch.optim.SGD, PARAMS, grads, lr=0.1, momentum=momentum, weight_decay=weight_decay)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b)
 
 

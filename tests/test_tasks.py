@@ -320,7 +320,9 @@ def test_a_task_of_your_own_on_a_csv_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "huber_task.py").write_text(HUBER_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     data = regression_data(400)
-    rows = ["a,b,c,d,e,y"] + [",".join(f"{v:.6f}" for v in [*x.tolist(), y.item()]) for x, y in zip(data.x, data.y)]
+    rows = ["a,b,c,d,e,y"] + [
+        ",".join(f"{v:.6f}" for v in [*x.tolist(), y.item()]) for x, y in zip(data.x, data.y, strict=True)
+    ]
     (tmp_path / "table.csv").write_text("\n".join(rows) + "\n")
     flags = [
         "run",

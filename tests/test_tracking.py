@@ -3,6 +3,7 @@
 import json
 import queue
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,7 +83,7 @@ def test_tensorboard_has_every_round_and_the_clients_histograms(tracked):
     # One value per client each round; the record's train loss is their example-weighted mean.
     histograms = logged.Histograms("clients/train_loss")
     assert [h.step for h in histograms] == [1, 2]
-    for h, r in zip(histograms, rounds[1:]):
+    for h, r in zip(histograms, rounds[1:], strict=True):
         assert h.histogram_value.num == 3
         assert h.histogram_value.min <= r["train_loss"] <= h.histogram_value.max
     assert "clients/train_accuracy" in logged.Tags()["histograms"]
@@ -100,7 +101,7 @@ def test_mlflow_store_has_the_settings_metrics_and_artifacts(tracked):
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["accuracy.png", "model.pt"]
     # The artifacts beside the store, not in the current folder.
     model = client.download_artifacts(run.info.run_id, "model.pt", str(tracked))
-    assert open(model, "rb").read() == (tracked / "runs" / "t" / "model.pt").read_bytes()
+    assert Path(model).read_bytes() == (tracked / "runs" / "t" / "model.pt").read_bytes()
     assert run.info.artifact_uri.startswith((tracked / "runs" / "mlartifacts").as_uri())
 
 

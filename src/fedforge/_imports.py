@@ -27,7 +27,7 @@ def load_object(name: str, what: str):
         module = importlib.import_module(module_name)
     except Exception as e:
         raise ConfigError(f"cannot import {what} {name!r}: {type(e).__name__}: {e}") from None
-    found = module
+    found: object = module
     for part in attribute.split("."):
         found = getattr(found, part, None)
     if found is None:

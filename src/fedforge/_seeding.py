@@ -42,14 +42,14 @@ def derive_seeds(seed: int, *keys: int, each: Sequence[int]) -> list[int]:
     on a column of x in uint32 arithmetic: one SeedSequence takes ~16 us, a round of 1,000
     clients 16 ms of the round loop's own time before it hands the round to the engine.
     """
-    each = np.asarray(each, dtype=np.int64).reshape(-1)
-    if each.size == 0:
+    column = np.asarray(each, dtype=np.int64).reshape(-1)
+    if column.size == 0:
         return []
-    if each.min() < 0 or each.max() >= 2**32:  # words per x would differ between rows
-        return [derive_seed(seed, *keys, int(x)) for x in each]
+    if column.min() < 0 or column.max() >= 2**32:  # words per x would differ between rows
+        return [derive_seed(seed, *keys, int(x)) for x in column]
     head = np.concatenate([_words(v) for v in (seed, *keys)])
-    entropy = np.empty((each.size, head.size + 1), dtype=np.uint32)
-    entropy[:, :-1], entropy[:, -1] = head, each
+    entropy = np.empty((column.size, head.size + 1), dtype=np.uint32)
+    entropy[:, :-1], entropy[:, -1] = head, column
     with np.errstate(over="ignore"):
         pool = _mixed(entropy)
         state = _generated(pool, 2)
@@ -87,7 +87,7 @@ class _Hash:
 
 
 def _mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    result = np.uint32(_MIX_MULT_L) * x - np.uint32(_MIX_MULT_R) * y
+    result: np.ndarray = np.uint32(_MIX_MULT_L) * x - np.uint32(_MIX_MULT_R) * y
     return result ^ (result >> np.uint32(_XSHIFT))
 
 

@@ -6,16 +6,20 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
-from .config import Config, field_types, settings
+from ._options import checked, closest, did_you_mean, field_types, flatten
+from .config import ALIASES, GROUPS, Config, checked_settings, config_types, settings
 from .errors import ConfigError, DivergenceError, FedforgeError, OutputError
 
 if typing.TYPE_CHECKING:
+    from .app import ClientApp
     from .compare import RoundDone
 
 log = logging.getLogger("fedforge")
@@ -27,8 +31,23 @@ EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # No abbreviations: --mu would be read as --multikrum-m, not refused.
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message: str):  # one line, no usage dump
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown flag is an error here, naming the close one."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        flags = [a.partition("=")[0] for a in extras if a.startswith("--")]
+        if flags:
+            known = [o[2:].replace("-", "_") for o in self._option_string_actions if o.startswith("--")]
+            close = closest(flags[0][2:].replace("-", "_"), known)
+            hint = f"; did you mean --{close.replace('_', '-')}?" if close else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace, extras
 
 
 def _count_or_fraction(text: str) -> int | float:
@@ -39,34 +58,41 @@ def _count_or_fraction(text: str) -> int | float:
 
 
 def _flag_type(tp):
-    if tp == int | float:
-        return _count_or_fraction
     options = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]  # X | None -> X
+    if set(options) == {int, float}:
+        return _count_or_fraction
     return options[0]
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None) -> None:
-    """One flag per Config field; defaults are suppressed so only given flags override the file."""
-    types_ = field_types()
-    for f in dataclasses.fields(Config):
-        if (keys is not None and f.name not in keys) or f.name in _TRACKING_KEYS:  # flags of their own
+    """One flag per Config field (but the tracking flags, which have their own)."""
+    names = [f.name for f in dataclasses.fields(Config) if keys is None or f.name in keys]
+    _add_flags(parser, Config, [k for k in names if k not in _TRACKING_KEYS])
+
+
+def _add_flags(parser: argparse.ArgumentParser, group: type, keys: Sequence[str] | None = None) -> None:
+    """One flag per field of the settings `group` (those in `keys`); defaults are suppressed so
+    that only given flags override the config file."""
+    types_ = field_types(group)
+    for f in dataclasses.fields(group):
+        if keys is not None and f.name not in keys:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata["help"]
         if f.metadata["choices"]:
             help_ += f"; one of: {', '.join(f.metadata['choices'])}"
-        if f.default is not None:
+        if f.default not in (None, ()):
             help_ += f" (default: {f.default})"
-        if types_[f.name] is bool:
+        help_ = help_.replace("%", "%%")
+        tp = types_[f.name]
+        if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
-        else:
-            parser.add_argument(
-                flag,
-                type=_flag_type(types_[f.name]),
-                default=argparse.SUPPRESS,
-                help=help_,
-                metavar=f.name.upper(),
-            )
+            continue
+        metavar = f.metadata["metavar"] or f.name.upper()
+        if typing.get_origin(tp) is tuple:  # repeatable
+            parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_, metavar=metavar)
+            continue
+        parser.add_argument(flag, type=_flag_type(tp), default=argparse.SUPPRESS, help=help_, metavar=metavar)
 
 
 _TRACKING_KEYS = ("tensorboard", "mlflow")
@@ -100,12 +126,12 @@ def _add_tracking_flags(parser: argparse.ArgumentParser, *, compare: bool = Fals
 
 def _trackers(settings: Config | dict, out_dir: str, comparison: str | None = None) -> list:
     """The trackers the settings' tensorboard and mlflow ask for; a comparison's runs grouped under its name."""
-    from .tracking import MLflowTracker, TensorBoardTracker, default_mlflow_uri
+    from .tracking import MLflowTracker, TensorBoardTracker, Tracker, default_mlflow_uri
 
     tensorboard, mlflow = (
         (settings.get(k) if isinstance(settings, dict) else getattr(settings, k)) for k in _TRACKING_KEYS
     )
-    trackers = []
+    trackers: list[Tracker] = []
     if tensorboard is not None:
         trackers.append(TensorBoardTracker(Path(tensorboard, comparison or "")))
     if mlflow is not None:
@@ -128,20 +154,54 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in _CONFIG_KEYS if hasattr(args, k)}
 
 
-def _run_config(args: argparse.Namespace) -> Config:
+def _run_config(args: argparse.Namespace, file_values: dict | None = None) -> Config:
     """The settings of a new run, or with --resume RUN_DIR those saved in RUN_DIR, with --config
-    and flags on top: only settings that do not change what the rounds compute may differ
-    (EXECUTION_KEYS: more rounds, another engine, ...); any other is refused by name."""
+    (or `file_values`, the run's part of it) and flags on top: only settings that do not change
+    what the rounds compute may differ (EXECUTION_KEYS: more rounds, another engine, ...); any
+    other is refused by name."""
     from .experiment import check_resumable
 
+    changes = settings(args.config) if file_values is None else file_values
     if not args.resume:
-        return _config(args, _CONFIG_KEYS)
+        return Config(**{**changes, **checked_settings(_overrides(args), "command line")})
     run_dir = Path(args.resume)
-    changes = settings(args.config)
     config = Config.load(run_dir / "config.toml", {**changes, **_overrides(args)})
     config = config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
     check_resumable(run_dir, config)
     return config
+
+
+def _deployment_settings(args: argparse.Namespace, group: type, table: str, file_values: dict) -> Any:
+    """The `group` settings (ServerSettings, ClientNodeSettings) from the config file's values
+    and the flags given (which override them)."""
+    names = [f.name for f in dataclasses.fields(group)]
+    flags = {k: getattr(args, k) for k in names if hasattr(args, k)}
+    values = {**checked(file_values, field_types(group), f"{args.config} [{table}]"), **flags}
+    return group(**values)
+
+
+def _split_file(path: str | None, group: type, table: str) -> tuple[dict, dict]:
+    """The settings in the TOML file at `path`: the run's (checked) and those of `group` (the
+    server's: at the top or in the table `table`)."""
+    if path is None:
+        return {}, {}
+    from .config import read_toml
+
+    values = flatten(read_toml(path), {**GROUPS, table: group}, path, ALIASES)
+    own = {f.name for f in dataclasses.fields(group)}
+    known = own | set(config_types())
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r}{did_you_mean(key, known)}")
+    run = checked_settings({k: v for k, v in values.items() if k not in own}, path)
+    return run, {k: v for k, v in values.items() if k in own}
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _checkpoint_key(args: argparse.Namespace) -> bytes | None:
@@ -190,13 +250,15 @@ PARTITION_KEYS = (
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
+    from .data.datasets import one_tensor
     from .data.partition import label_histogram
     from .experiment import load
     from .report import partition_table, plot_partition
 
     config = _config(args, PARTITION_KEYS)
     dataset, data = load(config, progress=not args.quiet)
-    hist = label_histogram(dataset.train.y.numpy(), data.partition, dataset.num_classes)
+    labels = one_tensor(dataset.train.y, "the targets a partition counts").numpy()
+    hist = label_histogram(labels, data.partition, dataset.num_classes)
     print(partition_table(hist))
     if args.plot:
         plot_partition(hist, args.plot, title=f"{config.dataset}: {config.partition}, {config.num_clients} clients")
@@ -212,7 +274,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     # The shared settings, checked key by key; as a whole only within each run, which may complete
     # them (a --noise-multiplier for runs that each set dp in the runs file).
     base = settings(args.config, {k: getattr(args, k) for k in _COMPARE_KEYS if hasattr(args, k)})
-    variants = {name: {"strategy": name} for name in args.strategies or []}
+    # A run's label is its folder's name: my_strategies:Halfway -> my_strategies_Halfway.
+    variants = {re.sub(r"[^\w.-]", "_", name): {"strategy": name} for name in args.strategies or []}
     if args.runs:
         variants.update(variants_from_file(args.runs))
     if args.resume and not base.get("name"):
@@ -261,87 +324,41 @@ class _RoundsShown:
             self.bar.close()
 
 
-def _secure_aggregation(args: argparse.Namespace):
-    from .secagg import SecureAggregation
-
-    if not args.secure_aggregation:
-        given = [
-            flag
-            for flag, value in (
-                ("--secagg-threshold", args.secagg_threshold),
-                ("--secagg-neighbours", args.secagg_neighbours),
-                ("--secagg-clip", args.secagg_clip),
-                ("--secagg-max-examples", args.secagg_max_examples),
-            )
-            if value is not None
-        ]
-        if given:
-            raise ConfigError(f"{', '.join(given)} without --secure-aggregation")
-        return None
-    threshold = args.secagg_threshold or "0.5"
-    try:
-        threshold = int(threshold) if threshold.isdigit() else float(threshold)
-    except ValueError:
-        raise ConfigError(f"--secagg-threshold must be a count or a fraction, got {threshold!r}") from None
-    defaults = SecureAggregation()
-    return SecureAggregation(
-        threshold=threshold,
-        neighbours=args.secagg_neighbours,
-        clip=defaults.clip if args.secagg_clip is None else args.secagg_clip,
-        max_examples=args.secagg_max_examples or defaults.max_examples,
-    )
-
-
-def _dashboard(args: argparse.Namespace):
-    from .network.auth import read_secret
-    from .network.dashboard import DashboardSettings
-
-    if args.dashboard is None:
-        if args.dashboard_address or args.dashboard_token_file:
-            raise ConfigError("--dashboard-address and --dashboard-token-file need --dashboard PORT")
-        return None
-    token = read_secret(args.dashboard_token_file) if args.dashboard_token_file else None
-    return DashboardSettings(args.dashboard, args.dashboard_address or "127.0.0.1", token)
-
-
 def _cmd_server(args: argparse.Namespace) -> int:
     from .network.auth import load_tokens
+    from .network.settings import ServerSettings
+    from .report import headline
     from .server import serve
 
-    config = _run_config(args)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ConfigError("give both --tls-cert and --tls-key")
-    if not args.tls_cert and not args.insecure:
-        raise ConfigError("give --tls-cert and --tls-key, or --insecure for plaintext (testing only)")
-    tls = None
-    if args.tls_cert:
-        tls = (_read(args.tls_key), _read(args.tls_cert))
-    else:
+    run_values, server_values = _split_file(args.config, ServerSettings, "server")
+    config = _run_config(args, run_values)
+    server = _deployment_settings(args, ServerSettings, "server", server_values)
+    _set_threads(server.threads)
+    tls = server.tls()
+    if tls is None:
         log.warning("plaintext mode (--insecure): updates and secrets cross the network unencrypted")
-    _check_message_mb(args.max_message_mb)
+    assert server.tokens is not None  # ServerSettings requires it
     outcome = serve(
         config,
-        address=args.address,
-        tokens=load_tokens(args.tokens),
+        address=server.address,
+        tokens=load_tokens(server.tokens),
         tls=tls,
-        min_clients=args.min_clients,
-        min_fit_clients=args.min_fit_clients,
-        round_timeout=args.round_timeout,
-        max_message_bytes=int(args.max_message_mb * 2**20),
+        min_clients=server.min_clients,
+        min_fit_clients=server.min_fit_clients,
+        round_timeout=server.round_timeout,
+        max_message_bytes=int(server.max_message_mb * 2**20),
         resume=bool(args.resume),
         progress=not args.quiet,
         on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
-        keepalive=args.keepalive,
-        max_client_examples=args.max_client_examples,
-        secure=_secure_aggregation(args),
-        min_available_clients=args.min_available_clients,
+        keepalive=server.keepalive,
+        max_client_examples=server.max_client_examples,
+        secure=server.secure(),
+        min_available_clients=server.min_available_clients,
         trackers=_trackers(config, config.out_dir),
-        dashboard=_dashboard(args),
+        dashboard=server.dashboard_settings(),
         on_dashboard=lambda url: print(f"fedforge server: dashboard at {url}", flush=True),
         checkpoint_key=_checkpoint_key(args),
     )
-    from .report import headline
-
     print(f"final {headline(outcome.history.final, config.client_config().task.primary)}; outputs in {outcome.run_dir}")
     return 0
 
@@ -350,69 +367,47 @@ def _cmd_client(args: argparse.Namespace) -> int:
     from .models import model_factory
     from .network.auth import read_secret
     from .network.client import LocalData, PartitionOf, run_client
-    from .network.welcome import ClientLimits, References
+    from .network.settings import ClientNodeSettings
+    from .network.welcome import References
     from .tasks import make_task
 
-    if not args.root_cert and not args.insecure:
-        raise ConfigError("give --root-cert (the CA that signed the server's certificate), or --insecure")
-    if not args.give_up_after > 0:
-        raise ConfigError(f"--give-up-after must be a number of seconds > 0 (inf: never), got {args.give_up_after}")
-    floor = _secagg_floor(args)
-    if sum(map(bool, (args.partition_of, args.data, args.app))) != 1:
-        raise ConfigError(
-            "give one of --app package.module:object (your own code), --data DIR (this client's own "
-            "data) or --partition-of DATASET:INDEX/N"
-        )
-    if args.app:
+    values = flatten(_read_toml_or_empty(args.config), {"client": ClientNodeSettings}, str(args.config))
+    node = _deployment_settings(args, ClientNodeSettings, "client", values)
+    _set_threads(node.threads)
+    data: ClientApp | PartitionOf | LocalData
+    if node.app:
         from .app import load_app
 
-        data = load_app(args.app)
+        data = load_app(node.app)
     else:
-        data = PartitionOf.parse(args.partition_of) if args.partition_of else LocalData(args.data)
-    _check_message_mb(args.max_message_mb)
-    if args.model is not None:  # the operator's own code: imported now, so that a typo is one line here
-        model_factory(args.model)
-    if args.task is not None:
-        make_task(args.task)
-    secret = read_secret(args.token_file)
-    if args.insecure:
+        data = PartitionOf.parse(node.partition_of) if node.partition_of else LocalData(node.data)
+    if node.model is not None:  # the operator's own code: imported now, so that a typo is one line here
+        model_factory(node.model)
+    if node.task is not None:
+        make_task(node.task)
+    secret = read_secret(node.token_file)
+    if node.insecure:
         log.warning("plaintext mode (--insecure): this client's secret and updates cross the network unencrypted")
     return run_client(
-        args.server,
-        args.client_id,
+        node.server,
+        node.client_id,
         secret,
         data,
-        root_cert=_read(args.root_cert) if args.root_cert else None,
-        compression=args.compress,
-        max_message_bytes=int(args.max_message_mb * 2**20),
-        give_up_after=args.give_up_after,
-        retry_on_server_failure=args.retry_on_server_failure,
-        secagg_floor=floor,
-        limits=ClientLimits(
-            max_epochs=args.max_epochs,
-            max_steps=args.max_steps,
-            max_batch_size=args.max_batch_size,
-            max_round_seconds=args.max_round_seconds,
-            min_noise=args.dp_min_noise,
-        ),
-        references=References(model=args.model, task=args.task, allow=frozenset(args.allow)),
+        root_cert=node.root_certificate(),
+        compression=node.compress,
+        max_message_bytes=int(node.max_message_mb * 2**20),
+        give_up_after=node.give_up_after,
+        retry_on_server_failure=node.retry_on_server_failure,
+        secagg_floor=node.floor(),
+        limits=node.limits(),
+        references=References(model=node.model, task=node.task, allow=frozenset(node.allow)),
     )
 
 
-def _check_message_mb(value: float) -> None:
-    if not 0 < value < 2048:  # gRPC's limits are 32-bit byte counts
-        raise ConfigError(f"--max-message-mb must be > 0 and < 2048, got {value}")
+def _read_toml_or_empty(path: str | None) -> dict:
+    from .config import read_toml
 
-
-def _secagg_floor(args: argparse.Namespace):
-    from .secagg.protocol import Floor
-
-    try:
-        return Floor(
-            args.secagg_min_clients, args.secagg_min_neighbours, args.secagg_min_threshold, args.secagg_max_neighbours
-        )
-    except ValueError as e:
-        raise ConfigError(str(e).replace("the secure round floor's ", "--secagg-min-")) from None
+    return read_toml(path) if path is not None else {}
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -462,14 +457,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-
-
 _KEY_HELP = (
     "sign the run's checkpoints with the secret in FILE (HMAC-SHA256; kept outside the run folder), "
     "and resume only a checkpoint signed with it"
@@ -504,7 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run several strategies or settings on the same partition, seed and selected clients; one plot, one table",
     )
     comp.add_argument("--config", help="TOML file of the base settings; flags override it")
-    comp.add_argument("--strategies", nargs="+", metavar="STRATEGY", help="one run per strategy, e.g. fedavg fedprox")
+    comp.add_argument(
+        "--strategies",
+        nargs="+",
+        metavar="STRATEGY",
+        help="one run per strategy, e.g. fedavg fedprox my_strategies:Halfway (labelled my_strategies_Halfway)",
+    )
     comp.add_argument("--runs", metavar="FILE", help="TOML file of named runs: [label] then the settings it changes")
     comp.add_argument(
         "--target",
@@ -527,74 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(comp, _COMPARE_KEYS)
     comp.set_defaults(handler=_cmd_compare)
 
+    from .network.settings import ClientNodeSettings, ServerSettings
+
     srv = sub.add_parser("server", help="run an experiment with clients that connect over the network")
-    srv.add_argument("--config", help="TOML file of settings; flags override it")
-    srv.add_argument("--address", default="0.0.0.0:8080", help="host:port to listen on (port 0: any free port)")
-    srv.add_argument("--tokens", required=True, help="client secrets file (fedforge enroll)")
-    srv.add_argument("--tls-cert", help="server certificate (PEM)")
-    srv.add_argument("--tls-key", help="server private key (PEM)")
-    srv.add_argument("--insecure", action="store_true", help="plaintext, no TLS: for testing only")
-    srv.add_argument("--min-clients", type=int, default=2, help="clients to wait for before round 1")
     srv.add_argument(
-        "--min-fit-clients",
-        type=int,
-        help="updates a round needs, else it is retried with a new selection (default: half the clients per round)",
-    )
-    srv.add_argument(
-        "--min-available-clients",
-        type=int,
-        help="clients each round waits for (up to --round-timeout) "
-        "before it selects (default: the quorum, --min-fit-clients)",
-    )
-    srv.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for updates")
-    srv.add_argument(
-        "--keepalive",
-        type=float,
-        default=20.0,
-        help="seconds without traffic before the server pings a "
-        "client; a client that leaves a ping unanswered for half that long is dropped (default: 20)",
-    )
-    srv.add_argument("--max-message-mb", type=float, default=256.0, help="largest update accepted")
-    srv.add_argument(
-        "--max-client-examples",
-        type=int,
-        default=10_000_000,
-        help="largest example count an update "
-        "may claim (it weighs the average); the step count must also match it (default: 10000000)",
-    )
-    srv.add_argument(
-        "--secure-aggregation",
-        action="store_true",
-        help="sum each round's updates under secure "
-        "aggregation (SecAgg+): the server learns only the sum (docs/secure-aggregation.md)",
-    )
-    srv.add_argument(
-        "--secagg-threshold",
-        metavar="T",
-        help="shares that rebuild a client's secrets: a fraction of "
-        "its neighbours and itself (default 0.5: a majority) or a count; a round completes while T of "
-        "each client's holders survive",
-    )
-    srv.add_argument(
-        "--secagg-neighbours",
-        type=int,
-        metavar="K",
-        help="neighbours each client pairs with (default: "
-        "every other client up to 64 per round, 2*ceil(2*log2 n) above)",
-    )
-    srv.add_argument(
-        "--secagg-clip",
-        type=float,
-        metavar="C",
-        help="bound on each update's L2 norm, the fixed "
-        "point's range (default 10; --dp's clip under differential privacy)",
-    )
-    srv.add_argument(
-        "--secagg-max-examples",
-        type=int,
-        metavar="N",
-        help="largest example count an update weighs "
-        "(larger ones are capped; default 65536); with the clip it sets the fixed point's precision",
+        "--config", help="TOML file of settings: the run's, and the server's (flat or in [server]); flags override it"
     )
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
     srv.add_argument("--checkpoint-key-file", metavar="FILE", help=_KEY_HELP)
@@ -604,166 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bars (shown only on a terminal: the run's clients, a dataset's download)",
     )
-    srv.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    srv.add_argument(
-        "--dashboard",
-        type=int,
-        metavar="PORT",
-        help="serve a live dashboard (clients, the round, "
-        "accuracy and loss, refusals) at http://127.0.0.1:PORT/ (0: any free port)",
-    )
-    srv.add_argument(
-        "--dashboard-address",
-        metavar="HOST",
-        help="listen for the dashboard on HOST instead of "
-        "127.0.0.1; any other than loopback only with --tls-cert/--tls-key and --dashboard-token-file",
-    )
-    srv.add_argument(
-        "--dashboard-token-file",
-        metavar="FILE",
-        help="a token (16+ characters) every dashboard request "
-        "must carry: Authorization: Bearer TOKEN, or open https://HOST:PORT/?token=TOKEN",
-    )
+    _add_flags(srv, ServerSettings)
     _add_tracking_flags(srv)
     _add_config_flags(srv)
     srv.set_defaults(handler=_cmd_server)
 
-    from .network.welcome import ClientLimits
-
     cli = sub.add_parser("client", help="train for a server, keeping the data here")
-    cli.add_argument("--server", required=True, help="host:port of the server")
-    cli.add_argument("--client-id", type=int, required=True)
-    cli.add_argument("--token-file", required=True, help="this client's secret (fedforge enroll)")
-    cli.add_argument(
-        "--data",
-        metavar="DIR",
-        help="this client's own data: DIR/train.npz (x, y) or the IDX "
-        "pair train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]",
-    )
-    cli.add_argument(
-        "--app",
-        metavar="PACKAGE.MODULE:OBJECT",
-        help="your own code: a fedforge.ClientApp giving this "
-        "client's data (and optionally its task and model), imported from the current folder or the "
-        "installed packages",
-    )
-    cli.add_argument(
-        "--partition-of",
-        metavar="DATASET:INDEX/N",
-        help="demos and tests: train on part INDEX of the run's N-way partition of DATASET",
-    )
-    cli.add_argument("--root-cert", help="CA certificate that signed the server's certificate (PEM)")
-    cli.add_argument("--insecure", action="store_true", help="plaintext, no TLS: for testing only")
-    cli.add_argument("--compress", choices=["fp16", "int8"], help="compress updates (lossy)")
-    cli.add_argument(
-        "--max-message-mb",
-        type=float,
-        default=256.0,
-        help="largest message accepted from the server, in MiB (default: 256)",
-    )
-    cli.add_argument(
-        "--model",
-        metavar="NAME",
-        help="the model this client trains, instead of the server's: a built-in or package.module:factory of your own",
-    )
-    cli.add_argument(
-        "--task",
-        metavar="NAME",
-        help="the task this client trains, instead of the server's: a built-in or package.module:object of your own",
-    )
-    cli.add_argument(
-        "--allow",
-        metavar="PACKAGE.MODULE:OBJECT",
-        action="append",
-        default=[],
-        help="code the server "
-        "may name as its model or task, which this client then imports and runs (repeatable; by "
-        "default a client imports only its own --app, --model and --task)",
-    )
-    cli.add_argument(
-        "--max-epochs",
-        type=int,
-        default=ClientLimits.max_epochs,
-        help="most local epochs a server may ask for (default: %(default)s)",
-    )
-    cli.add_argument(
-        "--max-steps",
-        type=int,
-        default=ClientLimits.max_steps,
-        help="most optimizer steps a server may ask for in one round (default: %(default)s)",
-    )
-    cli.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=ClientLimits.max_batch_size,
-        help="largest batch size a server may ask for (default: %(default)s)",
-    )
-    cli.add_argument(
-        "--max-round-seconds",
-        type=float,
-        default=ClientLimits.max_round_seconds,
-        help="seconds of "
-        "training one round may take; past them the client leaves that round and sends nothing "
-        "(default: %(default)s)",
-    )
-    cli.add_argument(
-        "--dp-min-noise",
-        type=float,
-        metavar="Z",
-        help="local differential privacy this client "
-        "insists on: refuse (exit status 3, sending nothing) a task asking for a noise multiplier below "
-        "Z, for no clip bound, or opening a secure aggregation round (default: none; the client "
-        "applies whatever clip and noise the server asks for)",
-    )
-    cli.add_argument(
-        "--give-up-after",
-        type=float,
-        default=600.0,
-        metavar="SECONDS",
-        help="exit with status 2 after this many seconds without a server (default: %(default)g; inf: never)",
-    )
-    cli.add_argument(
-        "--retry-on-server-failure",
-        action="store_true",
-        help="when the server reports that its run "
-        "failed, keep reconnecting (for a server that will be restarted with --resume) instead of "
-        "exiting with status 3",
-    )
-    cli.add_argument(
-        "--threads",
-        type=int,
-        help="CPU threads for torch (default: torch's choice; give 1 when several clients share a machine)",
-    )
-    cli.add_argument(
-        "--secagg-min-clients",
-        type=int,
-        default=3,
-        metavar="N",
-        help="decline a secure aggregation "
-        "round of fewer participants (default 3: with 2, the other may be the server's own key)",
-    )
-    cli.add_argument(
-        "--secagg-min-neighbours",
-        type=int,
-        default=2,
-        metavar="K",
-        help="decline a secure aggregation round in which this client masks with fewer neighbours (default 2)",
-    )
-    cli.add_argument(
-        "--secagg-min-threshold",
-        type=int,
-        default=2,
-        metavar="T",
-        help="decline a secure aggregation round whose threshold is below T (default 2)",
-    )
-    cli.add_argument(
-        "--secagg-max-neighbours",
-        type=int,
-        default=1000,
-        metavar="K",
-        help="decline a secure aggregation round that gives this client more than K neighbours (each "
-        "costs a key agreement, shares and a mask; default 1000)",
-    )
+    cli.add_argument("--config", help="TOML file of this client's settings (flat or in [client]); flags override it")
+    _add_flags(cli, ClientNodeSettings)
     cli.set_defaults(handler=_cmd_client)
 
     enr = sub.add_parser("enroll", help="issue a secret for a client id")
@@ -808,10 +585,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
         return args.handler(args)
     except DivergenceError as e:

@@ -6,20 +6,25 @@ rules in `optim`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import fastmlp
+from ._options import check_choices, option
 from .contract import ClientConfig, ClientPlan, ClientUpdate
-from .data.datasets import TensorData, call_model, gather
+from .data.datasets import TensorData, Tree, call_model, gather
 from .errors import ConfigError, DivergenceError
 from .evaluation import evaluate
 from .fastmlp import MLPLayout
+from .models import MODELS, model_factory
 from .optim import LocalTerms, OptimizerState, State, sgd
+from .tasks import OPTIMIZERS, TASKS, make_task
 
 
 def epoch_orders(num_examples: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -70,20 +75,21 @@ def _autograd_steps(
     task = config.task
     load_state(module, global_state)
     module.train()
-    names, params = zip(*module.named_parameters())
-    params = list(params)
+    names, parameters = zip(*module.named_parameters(), strict=True)
+    params = list(parameters)
     rule = config.rule
     if rule is not None:
         terms = plan.local_terms(global_state, names)
-        named = dict(zip(names, params))
+        named = dict(zip(names, params, strict=True))
         state = optimizer_state.clone() if optimizer_state is not None else rule.init(named)
 
         def update(grads):
-            rule.step(named, dict(zip(names, grads)), state, terms)
+            rule.step(named, dict(zip(names, grads, strict=True)), state, terms)
 
         def final_optimizer_state():
             return state
     else:
+        assert task.optimizer is not None, "fedforge's SGD (optimizer None) always has a rule"
         optimizer = task.optimizer(params, **config.optimizer_options)
         if optimizer_state is not None:
             _load_torch_state(optimizer, optimizer_state, names)
@@ -93,7 +99,7 @@ def _autograd_steps(
         def update(grads):
             if anchors is not None:  # FedProx: the gradient of mu/2 ||w - w_global||^2
                 torch._foreach_add_(grads, torch._foreach_sub(params, anchors), alpha=plan.proximal_mu)
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g
             optimizer.step()
             if corrections is not None:  # SCAFFOLD, outside the optimizer's state
@@ -115,7 +121,8 @@ def _autograd_steps(
 
 def _torch_state(optimizer: torch.optim.Optimizer, names) -> OptimizerState:
     """A torch.optim optimizer's per-parameter state as an OptimizerState (its tensors by name)."""
-    step, slots = torch.zeros((), dtype=torch.float64), {}
+    step = torch.zeros((), dtype=torch.float64)
+    slots: dict[str, dict[str, torch.Tensor]] = {}
     for index, per_param in optimizer.state_dict()["state"].items():
         for key, value in per_param.items():
             if key == "step":
@@ -149,6 +156,7 @@ def _mlp_steps(
 ) -> tuple[Step, Final, Callable[[], OptimizerState]]:
     """SGD steps by the hand-derived Linear/ReLU kernel (the same rule, no autograd graph)."""
     rule = config.rule
+    assert rule is not None, "the tutorial's task trains with fedforge's SGD, a rule"
     params = {k: v.detach().clone() for k, v in global_state.items()}
     state = optimizer_state.clone() if optimizer_state is not None else rule.init(params)
     terms = plan.local_terms(global_state, params)
@@ -216,8 +224,10 @@ def train_client(
     if task.train is not None:
         return _own_loop(module, global_state, data, config, plan, client_id, generator, initial_loss, deadline)
     layout = fastmlp.mlp_layout(module) if fast_mlp and task.is_tutorial_classification else None
-    x = layout.inputs(data.x) if layout else None
-    if layout is not None and x is not None:
+    mlp_inputs = layout.inputs(data.x) if layout else None
+    x: Tree
+    if layout is not None and mlp_inputs is not None:
+        x = mlp_inputs
         step, final_state, final_optimizer_state = _mlp_steps(layout, global_state, config, plan, optimizer_state)
     else:
         x = data.x
@@ -270,6 +280,7 @@ def _own_loop(
 
     load_state(module, global_state)
     module.train()
+    assert task.train is not None, "called for a task with a training function of its own"
     metrics = task.train(module, batches(), config)
     if metrics is None:
         metrics = evaluate(module, {k: v.detach() for k, v in module.state_dict().items()}, data, task=task).metrics
@@ -328,9 +339,64 @@ def finish_update(
     )
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """A client's model, task and local training (TOML: flat keys or the table [client])."""
+
+    model: str = option(
+        "mlp",
+        "model: a built-in, or package.module:factory, a function (input_shape, num_classes) "
+        "-> torch.nn.Module of your own",
+        MODELS,
+        open_choices=True,
+    )
+    task: str = option(
+        "classification",
+        "what clients learn: classification (cross-entropy; accuracy), regression "
+        "(MSE; mse, mae, r2), language-model (next-token cross-entropy; perplexity), or "
+        "package.module:object, a fedforge.Task of your own",
+        TASKS,
+        open_choices=True,
+    )
+    optimizer: str = option(
+        "sgd",
+        "client optimizer: sgd (lr, momentum, weight_decay), adam or adamw (lr, "
+        "weight_decay), fresh each round unless keep_optimizer_state",
+        OPTIMIZERS,
+    )
+    keep_optimizer_state: bool = option(
+        False, "keep each client's optimizer state (momentum, Adam's moments) from one of its rounds to its next"
+    )
+    local_epochs: int = option(1, "local epochs per round")
+    batch_size: int = option(32, "local batch size")
+    lr: float = option(0.01, "client SGD learning rate")
+    momentum: float = option(0.0, "client SGD momentum")
+    weight_decay: float = option(0.0, "client SGD weight decay")
+
+    def __post_init__(self):
+        check_choices(self, ClientSettings)
+        model_factory(self.model)  # a built-in, or a user's factory that can be imported
+        self.client_config()  # the task (a built-in or a user's that can be imported) and the hyperparameters
+
+    def client_config(self) -> ClientConfig:
+        """The hyperparameters every client trains with."""
+        task = make_task(self.task, optimizer=self.optimizer)
+        if self.keep_optimizer_state and not task.keep_optimizer_state:
+            task = dataclasses.replace(task, keep_optimizer_state=True)
+        return ClientConfig(
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            task=task,
+        )
+
+
 __all__ = [
     "ClientConfig",
     "ClientPlan",
+    "ClientSettings",
     "ClientUpdate",
     "LocalTerms",
     "OptimizerState",

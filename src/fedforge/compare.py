@@ -140,6 +140,7 @@ def variant_configs(
 
 
 def _resumable(config: Config) -> bool:
+    assert config.name is not None, "a comparison names each of its runs"
     return (Path(config.out_dir) / config.name / "checkpoint.pt").exists()
 
 
@@ -358,7 +359,7 @@ def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: 
         # The global model's loss on the training data when measured, else the clients' own.
         key = "global_train_loss" if records[-1].global_train_loss is not None else "train_loss"
         points = [(r.round, getattr(r, key)) for r in records if getattr(r, key) is not None]
-        loss_ax.plot(*zip(*points), label=run.label)
+        loss_ax.plot(*zip(*points, strict=True), label=run.label)
     loss_name = (
         "global model on training data"
         if runs[0].history.final.global_train_loss is not None

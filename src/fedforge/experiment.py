@@ -50,8 +50,8 @@ def run_name(config: Config) -> str:
     my_models:net -> my_models_net)."""
     if config.name:
         return config.name
-    model = re.sub(r"[^\w.-]", "_", config.model)
-    return f"{source_label(config.dataset)}-{model}-{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    model, strategy = (re.sub(r"[^\w.-]", "_", name) for name in (config.model, config.strategy))
+    return f"{source_label(config.dataset)}-{model}-{strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def load(config: Config, *, progress: bool = True) -> tuple[Dataset, FederatedData]:
@@ -100,6 +100,7 @@ class RunOutcome:
 
 def check_output(config: Config) -> Path:
     """The run's folder `out_dir/name`, made if missing and checked writable (OutputError if not)."""
+    assert config.name is not None, "a run is named (run_name) before its outputs are made"
     run_dir = Path(config.out_dir) / config.name
     with atomic_write(run_dir / ".write-check") as f:
         f.write("fedforge can write here\n")

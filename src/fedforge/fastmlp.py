@@ -29,7 +29,7 @@ class MLPLayout:
     relu: tuple[bool, ...]  # relu[i]: a ReLU follows layer i
     flatten: bool  # a leading nn.Flatten: inputs are flattened first
 
-    def inputs(self, x: torch.Tensor) -> torch.Tensor | None:
+    def inputs(self, x: object) -> torch.Tensor | None:
         """`x` as the first Linear layer takes it (2-D), or None if this layout cannot take it."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return None
@@ -145,7 +145,7 @@ def sgd_step(
     shared = x.dim() == 3 and params[layout.weights[0]].dim() == 2
     inputs = [x]
     h = x
-    for w, b, relu in zip(layout.weights, layout.biases, layout.relu):
+    for w, b, relu in zip(layout.weights, layout.biases, layout.relu, strict=True):
         h = _affine(h, params[w], params[b] if b else None)
         if relu:
             h = h.relu_()

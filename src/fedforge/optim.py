@@ -164,8 +164,8 @@ def sgd(
 
     Returns the momentum buffers to pass to the next step (None without momentum).
     """
-    buffers = []
-    for i, (p, g) in enumerate(zip(params, grads)):
+    buffers: list[torch.Tensor] = []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         _, buf = sgd_step(
             p,
             Dense(g),
@@ -176,7 +176,8 @@ def sgd(
             offset=offsets[i] if offsets is not None else None,
             correction=corrections[i] if corrections is not None else None,
         )
-        buffers.append(buf)
+        if buf is not None:  # None without momentum
+            buffers.append(buf)
     return buffers if momentum else None
 
 
@@ -284,10 +285,10 @@ class Rule:
         if all(s is None for s in states):
             return self.init(params, len(states))
         fresh = self.init(params)
-        states = [s or fresh for s in states]
+        filled = [s or fresh for s in states]
         return OptimizerState(
-            torch.stack([s.step for s in states]),
-            {slot: {k: torch.stack([s.slots[slot][k] for s in states]) for k in params} for slot in self.slots},
+            torch.stack([s.step for s in filled]),
+            {slot: {k: torch.stack([s.slots[slot][k] for s in filled]) for k in params} for slot in self.slots},
         )
 
     def step(self, params: State, grads: State, state: OptimizerState, terms: LocalTerms) -> None:
@@ -311,6 +312,7 @@ class Rule:
                     correction=correction,
                 )
             else:
+                assert corrections is not None, "computed above for every rule but sgd"
                 adam_step(
                     p,
                     grads[name],
@@ -331,7 +333,7 @@ class Rule:
 def _defaults(optimizer: type) -> dict[str, Any]:
     return {
         name: p.default
-        for name, p in inspect.signature(optimizer.__init__).parameters.items()
+        for name, p in inspect.signature(optimizer).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
 
@@ -351,7 +353,9 @@ def rule_for(
     name = {torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}.get(optimizer)
     if name is None:
         return None
-    settings = {**_defaults(optimizer), "lr": lr, "weight_decay": weight_decay, **options}
+    # A class is hashable (by identity); mypy checks Optimizer's __hash__ as if called on the class.
+    defaults = _defaults(optimizer)  # type: ignore[arg-type]
+    settings = {**defaults, "lr": lr, "weight_decay": weight_decay, **options}
     # Implementation choices that change the arithmetic, or options no rule here has, go to torch.optim.
     if (
         set(options) - {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"}

@@ -44,7 +44,7 @@ def plot_history(
     loss_ax.plot(rounds, history.column("test_loss"), marker="o", label="test")
     train = [(r.round, r.train_loss) for r in history.records if r.train_loss is not None]
     if train:
-        loss_ax.plot(*zip(*train), marker=".", linestyle="--", label="train (clients)")
+        loss_ax.plot(*zip(*train, strict=True), marker=".", linestyle="--", label="train (clients)")
     acc_ax.set(xlabel="round", ylabel=metric, title=f"test {metric}")
     loss_ax.set(xlabel="round", ylabel="loss", title="loss")
     for ax in axes:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import _seeding
+from ._options import option
 from .client import ClientConfig, ClientPlan, ClientUpdate
 from .errors import ConfigError
 
@@ -71,11 +72,39 @@ def parse_epochs_dist(text: str | None) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
+@dataclass(frozen=True)
+class ScenarioSettings:
+    """What clients do beyond the algorithm (TOML: flat keys or the table [scenario])."""
+
+    local_epochs_dist: str | None = option(None, "per-client local epochs each round, e.g. uniform:1:5")
+    straggler_fraction: float = option(0.0, "share of selected clients that do only part of their work")
+    drop_stragglers: bool = option(False, "stragglers send nothing instead of their partial work")
+    dropout: float = option(0.0, "probability that a selected client never reports")
+    attack: str | None = option(None, "what malicious clients do", ATTACKS)
+    malicious_fraction: float = option(0.0, "share of clients that are malicious")
+    attack_scale: float = option(1.0, "scale of the attack (sign_flip, scale: factor; gaussian: std)")
+
+    def __post_init__(self):
+        self.scenario()
+
+    def scenario(self) -> Scenario:
+        """The scenario these settings describe (which checks them)."""
+        return Scenario(
+            local_epochs_range=parse_epochs_dist(self.local_epochs_dist),
+            straggler_fraction=self.straggler_fraction,
+            drop_stragglers=self.drop_stragglers,
+            dropout=self.dropout,
+            attack=self.attack,
+            malicious_fraction=self.malicious_fraction,
+            attack_scale=self.attack_scale,
+        )
+
+
 def malicious_clients(scenario: Scenario, num_clients: int, seed: int) -> frozenset[int]:
     """The malicious clients of a run: round(fraction x clients) of them, fixed by the seed."""
     if scenario.attack is None:
         return frozenset()
-    count = int(round(scenario.malicious_fraction * num_clients))
+    count = round(scenario.malicious_fraction * num_clients)
     rng = _seeding.numpy_rng(seed, _seeding.MALICIOUS)
     return frozenset(rng.choice(num_clients, size=count, replace=False).tolist())
 
@@ -91,9 +120,9 @@ def client_work(
     dropout_rng = _seeding.numpy_rng(seed, _seeding.DROPOUT, round_)
     k = len(selected)
     stragglers = set(
-        np.asarray(selected)[straggler_rng.permutation(k)[: int(round(scenario.straggler_fraction * k))]].tolist()
+        np.asarray(selected)[straggler_rng.permutation(k)[: round(scenario.straggler_fraction * k)]].tolist()
     )
-    for client, size in zip(selected, sizes):
+    for client, size in zip(selected, sizes, strict=True):
         plan = ClientPlan()
         if scenario.local_epochs_range is not None:
             low, high = scenario.local_epochs_range

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TypeGuard, cast
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ def clients_per_round_count(clients_per_round: int | float, num_clients: int) ->
     if isinstance(clients_per_round, float):
         if not 0 < clients_per_round <= 1:
             raise ConfigError(f"clients_per_round as a fraction must be in (0, 1], got {clients_per_round}")
-        return max(1, int(round(clients_per_round * num_clients)))
+        return max(1, round(clients_per_round * num_clients))
     if clients_per_round < 1:
         raise ConfigError(f"clients_per_round must be >= 1, got {clients_per_round}")
     if clients_per_round > num_clients:
@@ -74,7 +74,7 @@ class _Settings:
     max_round_attempts: int
     eval_batch_size: int
     eval_train: bool
-    on_client: Callable[[ClientUpdate], None] | None
+    on_client: Callable[[Update], None] | None
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class _Begun:
 
     selected: Sequence[int]
     dropped: tuple[int, ...]
-    updates: Iterator[ClientUpdate]
+    updates: Iterator[Update]
 
 
 @dataclass(frozen=True)
@@ -144,12 +144,12 @@ class _Evaluated:
 class _Tally:
     """Passes updates through, keeping their example-weighted training metrics."""
 
-    def __init__(self, on_client: Callable[[ClientUpdate], None] | None):
+    def __init__(self, on_client: Callable[[Update], None] | None):
         self.on_client = on_client
         self.examples = 0
         self.sums: dict[str, float] = {}
 
-    def tap(self, updates: Iterable[ClientUpdate]) -> Iterator[ClientUpdate]:
+    def tap(self, updates: Iterable[Update]) -> Iterator[Update]:
         for update in updates:
             self.examples += update.num_examples
             metrics = update.training_metrics()
@@ -177,7 +177,7 @@ def simulate(
     eval_batch_size: int = 1024,
     eval_train: bool = False,
     scenario: Scenario = Scenario(),
-    on_client: Callable[[ClientUpdate], None] | None = None,
+    on_client: Callable[[Update], None] | None = None,
     on_round: Callable[[RoundRecord, ServerState], None] | None = None,
     resume: tuple[ServerState, Sequence[RoundRecord]] | None = None,
     max_round_attempts: int = 10,
@@ -382,7 +382,7 @@ def _select_and_plan(
     work, dropped = client_work(run.scenario, selected, sizes, run.client, run.seed, r)
     kept = [c for c in selected if c not in dropped]
     seeds = _seeding.derive_seeds(run.seed, _seeding.CLIENT_BATCHES, r, each=kept)
-    privacy: dict[str, Any] = run.dp.client_plan() if run.dp else {}  # clip and noise, for the clients to do
+    privacy = run.dp.client_plan() if run.dp else None  # clip and noise, for the clients to do
     tasks = [
         ClientTask(
             c,
@@ -394,7 +394,7 @@ def _select_and_plan(
                 run.strategy.plan(state, c),
                 epochs=work[c].epochs,
                 max_steps=work[c].max_steps,
-                **privacy,
+                **(privacy or {}),
             ),
             optimizer_states.get(c),
             summable=run.summable and c not in run.transformed,
@@ -414,27 +414,27 @@ def _run_clients(run: _Run, state: ServerState, planned: _Planned) -> _Begun:
     return _Begun(planned.selected, planned.dropped, updates)
 
 
-def _transform(
-    run: _Run, updates: Iterable[ClientUpdate], r: int, kept: dict[int, OptimizerState]
-) -> Iterator[ClientUpdate]:
+def _transform(run: _Run, updates: Iterable[Update], r: int, kept: dict[int, OptimizerState]) -> Iterator[Update]:
     """Each update as the server receives it: its client's new optimizer state put in `kept`;
     a malicious client's as its attack makes it; under differential privacy in client or local
     mode, clipped (and noised) as the clients do before sending, when the engine's clients do not."""
     updates = _keep_optimizer_states(updates, kept)
     updates = (
-        attack_update(update, run.scenario, run.seed, r) if _attacker(run, update) else update for update in updates
+        attack_update(update, run.scenario, run.seed, r) if _attacker(update, run) else update for update in updates
     )
     if run.dp is not None and run.dp.settings.mode != "central" and not run.engine.clients_privatize:
-        updates = run.dp.on_clients(updates, r)
+        # No partial sums under differential privacy: `_setup` lets no engine sum then.
+        updates = run.dp.on_clients(cast(Iterable[ClientUpdate], updates), r)
     return updates
 
 
-def _aggregate(run: _Run, state: ServerState, updates: Iterable[ClientUpdate], r: int) -> ServerState:
+def _aggregate(run: _Run, state: ServerState, updates: Iterable[Update], r: int) -> ServerState:
     """The next state: under differential privacy the server's part first (clip, noise the sum,
     the accountant spends the round), then the strategy."""
-    if run.dp is None:
-        return run.strategy.aggregate(state, updates)
-    return run.dp.aggregate(run.strategy, state, updates, r)
+    if run.dp is None:  # partial sums come only for a linear strategy, which takes them
+        return run.strategy.aggregate(state, cast(Iterable[ClientUpdate], updates))
+    # `_setup` (privacy.check) refused a strategy that is not linear.
+    return run.dp.aggregate(cast(LinearStrategy, run.strategy), state, updates, r)
 
 
 def _begin_ahead(run: _Run, state: ServerState, optimizer_states: Mapping[int, OptimizerState]) -> _Begun | None:
@@ -506,7 +506,7 @@ def _traffic(engine: Engine, before: Traffic | None) -> dict[str, int]:
     return after.since(before) if after is not None and before is not None else {}
 
 
-def _keep_optimizer_states(updates: Iterable[ClientUpdate], kept: dict) -> Iterator[ClientUpdate]:
+def _keep_optimizer_states(updates: Iterable[Update], kept: dict) -> Iterator[Update]:
     """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
     for update in updates:
         if isinstance(update, ClientUpdate) and update.optimizer_state is not None:
@@ -514,12 +514,12 @@ def _keep_optimizer_states(updates: Iterable[ClientUpdate], kept: dict) -> Itera
         yield update
 
 
-def _attacker(run: _Run, update: Update) -> bool:
+def _attacker(update: Update, run: _Run) -> TypeGuard[ClientUpdate]:
     """Whether `update` is a malicious client's own (a partial sum is never an attacker's)."""
     return isinstance(update, ClientUpdate) and update.client_id in run.malicious
 
 
-def _raising(error: Exception) -> Iterator[ClientUpdate]:
+def _raising(error: Exception) -> Iterator[Update]:
     """Updates that are an error: `error` is raised when the first is read."""
     raise error
     yield  # a generator

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ._imports import is_reference, load_instance
-from .data.datasets import TensorData, leaves
+from .data.datasets import TensorData, Tree, leaves
 from .data.huggingface import hf_tensors, is_hf_dataset
 from .errors import ConfigError, DataError
 
@@ -94,8 +94,9 @@ class Task:
     """
 
     name: str
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    metric_sums: Callable[[torch.Tensor, torch.Tensor], Sums]
+    # (outputs, target): the model's outputs and a batch's target part, a tensor or a tuple or dict of them
+    loss: Callable[[Any, Any], torch.Tensor]
+    metric_sums: Callable[[Any, Any], Sums]
     units: Callable[[Any], int] = _rows
     summarize: Callable[[Mapping[str, float], float], dict[str, float]] = _plain_means
     primary: str = "loss"
@@ -123,7 +124,7 @@ class Task:
                 "own keeps (or not) its optimizer itself"
             )
 
-    def checked_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def checked_loss(self, outputs: Any, target: Tree) -> torch.Tensor:
         loss = self.loss(outputs, target)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__

@@ -15,14 +15,31 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .config import Config
+from ._options import option
 from .errors import ConfigError
 from .history import RoundRecord
 from .reductions import PartialSum, Update
+
+if TYPE_CHECKING:  # config imports this module for TrackingSettings
+    from .config import Config
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Where a run's numbers are logged besides its folder (TOML: flat keys or the table [tracking])."""
+
+    tensorboard: str | None = option(None, "log to TensorBoard in this folder (a run's in FOLDER/NAME; --tensorboard)")
+    mlflow: str | None = option(
+        None, 'log to MLflow, in the store at this URI; "default": sqlite:///OUT_DIR/mlflow.db (--mlflow [URI])'
+    )
+
+    def __post_init__(self):
+        """Nothing to check before the run: the trackers check their folder and store when they start."""
+
 
 INSTALL = "pip install 'fedforge[tracking]'"
 
@@ -85,6 +102,7 @@ class TensorBoardTracker:
         _summary_writer()
 
     def start(self, config: Config, run_dir: Path) -> _TensorBoardRun:
+        assert config.name is not None, "a run is named before it starts"
         return _TensorBoardRun(_summary_writer()(str(Path(self.log_dir) / config.name)), config)
 
 
@@ -132,7 +150,7 @@ class MLflowTracker:
     def start(self, config: Config, run_dir: Path) -> _MLflowRun:
         return _MLflowRun(*self._connect(), config, run_dir)
 
-    def _connect(self):
+    def _connect(self) -> tuple[Any, str]:
         """A client of the store and the experiment's id; the experiment is made if missing (or, when
         another process made it meanwhile, found)."""
         try:
@@ -152,9 +170,10 @@ class MLflowTracker:
             try:
                 return client, client.create_experiment(self.experiment, artifact_location=artifacts)
             except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                exists = e.error_code == "RESOURCE_ALREADY_EXISTS"
+                if not exists or (experiment := client.get_experiment_by_name(self.experiment)) is None:
                     raise
-                return client, client.get_experiment_by_name(self.experiment).experiment_id
+                return client, experiment.experiment_id
         except ImportError as e:  # a SQLite store needs sqlalchemy and alembic
             raise ConfigError(f"MLflow store {self.uri} needs {e.name}, which is not installed: {INSTALL}") from None
         except MlflowException as e:
@@ -203,6 +222,7 @@ __all__ = [
     "TensorBoardTracker",
     "TrackedRun",
     "Tracker",
+    "TrackingSettings",
     "client_metrics",
     "default_mlflow_uri",
     "scalars",

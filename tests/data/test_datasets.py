@@ -43,7 +43,7 @@ def test_explicit_dir_wins_and_a_corrupt_file_there_is_reported(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(ConfigError, match="unknown dataset 'cifar'.*fashion-mnist"):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'cifar'.*fashion-mnist"):
         load_dataset("cifar")
 
 

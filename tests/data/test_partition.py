@@ -115,8 +115,8 @@ def test_same_seed_same_partition(name):
     a = partition(name, labels, 7, rng=np.random.default_rng(42))
     b = partition(name, labels, 7, rng=np.random.default_rng(42))
     c = partition(name, labels, 7, rng=np.random.default_rng(43))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_natural_one_client_per_group_in_order():
@@ -172,6 +172,6 @@ def test_unknown_partition():
 def test_split_holdout():
     parts = iid(1000, 4, rng=np.random.default_rng(0))
     train, test = split_holdout(parts, 0.2, rng=np.random.default_rng(1))
-    for p, tr, te in zip(parts, train, test):
+    for p, tr, te in zip(parts, train, test, strict=True):
         assert len(te) == 50 and len(tr) == 200
         assert np.array_equal(np.sort(np.concatenate([tr, te])), np.sort(p))

@@ -174,7 +174,7 @@ def test_plays_and_speeches_are_split_as_leaf_splits_them():
 
 def test_a_play_without_a_title_is_refused_with_its_line():
     text = "first line\n\nTHE SONNETS\n\nby William Shakespeare\n" + "\n" * 9 + "by William Shakespeare\n"
-    with pytest.raises(DataError, match="^line 15: no play title 2 to 7 lines above 'by William Shakespeare'$"):
+    with pytest.raises(DataError, match=r"^line 15: no play title 2 to 7 lines above 'by William Shakespeare'$"):
         split_into_plays(text)
 
 
@@ -225,8 +225,8 @@ def test_examples_and_split_equal_leafs(text):
     expected = {name: v for name, v in expected.items() if v is not None}
     assert kept_roles(roles) == list(expected) and len(expected) >= 5
     assert not any(name.startswith("A_PLAY_OF_ONE_ROLE") for name in roles)
-    train = [(decode(x), decode(y[-1:])) for x, y in zip(dataset.train.x, dataset.train.y)]
-    test = [(decode(x), decode(y[-1:])) for x, y in zip(dataset.test.x, dataset.test.y)]
+    train = [(decode(x), decode(y[-1:])) for x, y in zip(dataset.train.x, dataset.train.y, strict=True)]
+    test = [(decode(x), decode(y[-1:])) for x, y in zip(dataset.test.x, dataset.test.y, strict=True)]
 
     def symbols(pairs):  # LEAF's symbols: '*' is '}'
         return [(decode(encode(x)), decode(encode(y))) for x, y in pairs]
@@ -357,7 +357,7 @@ def test_an_archive_without_one_text_and_non_utf8_text_are_refused(tmp_path, hom
 
 def test_not_found_and_no_download_names_the_places_and_the_file(tmp_path, home):
     with pytest.raises(
-        DataError, match="LEAF's Shakespeare .* not found in .*; download https://.*1994-01-100.zip into one of them"
+        DataError, match=r"LEAF's Shakespeare .* not found in .*; download https://.*1994-01-100.zip into one of them"
     ) as error:
         load_shakespeare(tmp_path, download=False)
     assert str(tmp_path / "shakespeare") in str(error.value) and "\n" not in str(error.value)
@@ -375,7 +375,7 @@ def test_roles_too_short_for_a_test_example_are_refused():
             }
         )
     )
-    with pytest.raises(DataError, match="no role keeps a test example .* about 475 characters"):
+    with pytest.raises(DataError, match=r"no role keeps a test example .* about 475 characters"):
         to_dataset(roles)
     with pytest.raises(ConfigError, match=r"train_fraction must be in \(0, 1\), got 1.0"):
         to_dataset(roles, train_fraction=1.0)

@@ -7,7 +7,7 @@ def test_shape_sizes_and_split():
     data, train, test = synthetic(1.0, 1.0, rng=np.random.default_rng(0))
     assert len(train) == len(test) == 30
     assert data.train.x.shape[1] == 60 and data.num_classes == 10
-    for tr, te in zip(train, test):
+    for tr, te in zip(train, test, strict=True):
         n = len(tr) + len(te)
         assert n >= 50  # lognormal(4, 2) + 50
         assert len(tr) == int(0.9 * n)

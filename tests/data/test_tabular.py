@@ -111,7 +111,7 @@ def test_the_same_as_the_bundled_diabetes(tmp_path):
     from fedforge.data.bundled import load_bundled
 
     bunch = datasets.load_diabetes()
-    rows = [(*row, t) for row, t in zip(bunch.data.tolist(), bunch.target.tolist())]
+    rows = [(*row, t) for row, t in zip(bunch.data.tolist(), bunch.target.tolist(), strict=True)]
     path = write_csv(tmp_path / "diabetes.csv", rows, ",".join([*bunch.feature_names, "progression"]))
     table = pa.table({**{n: bunch.data[:, j] for j, n in enumerate(bunch.feature_names)}, "progression": bunch.target})
     pq.write_table(table, tmp_path / "diabetes.parquet")
@@ -124,8 +124,8 @@ def test_the_same_as_the_bundled_diabetes(tmp_path):
 
 def test_parquet_file_and_folder_equal_the_csv(tmp_path):
     csv_data = load_source(f"csv:{write_csv(tmp_path / 'd.csv')}", target="kind", task="classification")
-    columns = list(zip(*ROWS))
-    table = pa.table({name: list(values) for name, values in zip(HEADER.split(","), columns)})
+    columns = list(zip(*ROWS, strict=True))
+    table = pa.table({name: list(values) for name, values in zip(HEADER.split(","), columns, strict=True)})
     pq.write_table(table, tmp_path / "d.parquet")
     (tmp_path / "parts").mkdir()
     pq.write_table(table.slice(0, 4), tmp_path / "parts" / "a.parquet")
@@ -372,8 +372,8 @@ def test_hf_language_model_targets(tmp_path):
     hf = _hf()
     ids = [[(i + t) % 7 for t in range(5)] for i in range(10)]
     hf.DatasetDict(
-        train=hf.Dataset.from_dict({"input_ids": ids[:8], "labels": [s[1:] + [0] for s in ids[:8]]}),
-        test=hf.Dataset.from_dict({"input_ids": ids[8:], "labels": [s[1:] + [0] for s in ids[8:]]}),
+        train=hf.Dataset.from_dict({"input_ids": ids[:8], "labels": [[*s[1:], 0] for s in ids[:8]]}),
+        test=hf.Dataset.from_dict({"input_ids": ids[8:], "labels": [[*s[1:], 0] for s in ids[8:]]}),
     ).save_to_disk(str(tmp_path / "d"))
     dataset = load_source(f"hf:{tmp_path / 'd'}", target="labels", task="language-model")
     assert dataset.num_classes == 7 and dataset.train.x.shape == (8, 5) and dataset.train.y.dtype == torch.int64

@@ -6,6 +6,7 @@ One local Ray for the module (2 CPUs); workers take half a CPU each so that thre
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import socket
 import sys
@@ -52,8 +53,8 @@ def test_same_run_as_in_process(workers):
         clients = [p["clients"] for p in engine.placement]
         rows = [p["rows"] for p in engine.placement]
         assert clients[0][0] == 0 and clients[-1][1] == data.num_clients and rows[-1][1] == len(data.train)
-        assert all(b[0] < a[1] < b[1] for a, b in zip(clients, clients[1:]))
-        assert all(b[0] < a[1] < b[1] for a, b in zip(rows, rows[1:]))
+        assert all(b[0] < a[1] < b[1] for a, b in itertools.pairwise(clients))
+        assert all(b[0] < a[1] < b[1] for a, b in itertools.pairwise(rows))
         if workers > 1:
             assert max(b - a for a, b in rows) < 0.75 * len(data.train)
         for strategy in ("fedavg", "fedadam", "scaffold", "krum"):

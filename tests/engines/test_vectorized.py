@@ -132,7 +132,7 @@ def test_chunks_bound_memory_and_change_nothing():
     chunked = list(engine.run(model, state, tasks, config))
     whole = list(VectorizedEngine().run(model, state, tasks, config))
     sequential = list(SequentialEngine().run(model, state, tasks, config))
-    for a, b, c in zip(chunked, whole, sequential):
+    for a, b, c in zip(chunked, whole, sequential, strict=True):
         assert a.client_id == b.client_id == c.client_id and a.num_steps == c.num_steps
         for name in state:
             torch.testing.assert_close(a.delta[name], c.delta[name])
@@ -225,7 +225,7 @@ def test_fedforge_run_sums_each_chunk_unless_a_tracker_wants_each_client(tmp_pat
     each = run_experiment(config.replace(name="each"), progress=False, verbose=False, trackers=[tracker])
     assert handed == ["ClientUpdate"] * 8
     assert [sorted(c) for c in tracker.clients] == [[], *[sorted(r.clients) for r in each.history.records[1:]]]
-    for a, b in zip(summed.history.records[1:], each.history.records[1:]):  # round 0: the initial model
+    for a, b in zip(summed.history.records[1:], each.history.records[1:], strict=True):  # round 0: the initial model
         assert a.clients == b.clients and a.test_loss == pytest.approx(b.test_loss, rel=1e-5)
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-6)
 
@@ -236,7 +236,7 @@ def test_schedule_holds_each_clients_sequential_batches():
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     tasks = [
         ClientTask(c, TensorData(data.x[s : s + n], data.y[s : s + n]), seed=100 + c)
-        for c, (s, n) in enumerate(zip(starts, sizes))
+        for c, (s, n) in enumerate(zip(starts, sizes, strict=True))
     ]
     config = ClientConfig(batch_size=4, local_epochs=2)
     schedule = build_schedule(tasks, starts.tolist(), config)

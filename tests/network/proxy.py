@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -63,8 +64,6 @@ class Proxy:
 
 
 def _close(s: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # the other end closed it already
         s.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv
-    except OSError:
-        pass  # the other end closed it already
     s.close()

@@ -4,6 +4,7 @@ or malformed connections), the static report page, and the page itself in headle
 (skipped where no chromium binary is installed)."""
 
 import http.client
+import itertools
 import json
 import logging
 import queue
@@ -341,7 +342,7 @@ def test_nothing_secret_and_nothing_unknown(deployment):
     )
     _, page = get(url)
     assert not re.search(r"\b(src|href)=", page)  # everything inline: the page loads nothing else
-    status, body = get(url + "api/state")
+    _, body = get(url + "api/state")
     for secret in secrets(deployment.tmp):
         assert secret not in body and secret not in page
 
@@ -394,7 +395,7 @@ def assert_round_ticks(labels: str) -> None:
     """An axis's labels are whole multiples of one step of 1, 2 or 5 times a power of ten, written
     with the step's decimals only: 0.2 0.4 0.6, not 0.219 0.438 0.657."""
     values = [Decimal(label) for label in labels.split()]
-    steps = {b - a for a, b in zip(values, values[1:])}
+    steps = {b - a for a, b in itertools.pairwise(values)}
     assert len(values) >= 2 and len(steps) == 1, labels
     step = steps.pop()
     assert step.scaleb(-step.adjusted()).normalize() in (1, 2, 5), labels
@@ -416,7 +417,7 @@ def test_chart_axes_are_on_round_numbers():
     assert ticks[0]["labels"] == ["0.2", "0.4", "0.6", "0.8", "1.0"]
     assert ticks[1]["labels"] == ["0", "1", "2", "3"]  # a loss from 0 to 2.3
     assert ticks[5]["labels"] == ["0", "50", "100", "150"]
-    for (lo, hi), tick in zip(cases, ticks):
+    for (lo, hi), tick in zip(cases, ticks, strict=True):
         assert_round_ticks(" ".join(tick["labels"]))
         assert tick["lo"] <= lo and tick["hi"] >= hi  # the axis covers the data
 
@@ -570,7 +571,7 @@ def timed_get(url: str, context: ssl.SSLContext | None = None, **headers) -> tup
 
 
 def closed_after(slow: SlowClients) -> list[float]:
-    return [round(c - o, 2) for o, c in zip(slow.opened, slow.closed)]
+    return [round(c - o, 2) for o, c in zip(slow.opened, slow.closed, strict=True)]
 
 
 @pytest.fixture

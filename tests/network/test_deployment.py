@@ -1,5 +1,6 @@
 """Server and clients as separate processes on 127.0.0.1, over real gRPC sockets."""
 
+import itertools
 import json
 import signal
 import sys
@@ -338,7 +339,7 @@ def test_a_client_with_its_own_data_folder(cluster, tmp_path):
         ],
     )
     assert server.wait() == 0, server.text()
-    assert own.wait() == 0 and "joined (%d examples)" % len(part) in own.text()
+    assert own.wait() == 0 and f"joined ({len(part)} examples)" in own.text()
     assert all(c.wait() == 0 for c in clients)
     networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
     assert_same_model(networked, simulated_model(tmp_path, "--rounds", "2"))
@@ -507,7 +508,7 @@ def test_an_update_of_norm_a_million_moves_the_model_by_at_most_an_honest_client
     size = sum(v.numel() for v in models[0].values())
     noise = local_bound(clip, z, size) - clip  # what the norm of N(0, (zC)^2 I_d) stays within (but w.p. 1e-9)
     bound = local_bound(clip, z, size) if mode == "local" else (m * clip + noise) / m
-    for before, after in zip(models, models[1:]):
+    for before, after in itertools.pairwise(models):
         moved = torch.cat([(after[k] - before[k]).flatten() for k in before]).norm().item()
         assert 0 < moved <= bound, (moved, bound)
     rounds = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())["rounds"]

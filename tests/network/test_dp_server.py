@@ -78,8 +78,9 @@ def test_the_server_cannot_choose_or_replay_a_clients_local_noise(scripted):
 
 def test_a_server_that_asks_for_no_noise_or_no_clip_gets_what_it_asks(scripted):
     """Without --dp-min-noise the client applies the clip bound and noise multiplier each task asks
-    for: its local DP then protects against a server that follows the protocol only. Noise 0: the update is clipped, not noised
-    (the same task twice gives the same update); no clip bound: the raw update."""
+    for: its local DP then protects against a server that follows the protocol only. Noise 0: the
+    update is clipped, not noised (the same task twice gives the same update); no clip bound: the
+    raw update."""
     hub, _ = scripted
     clip = 0.05
     a, b = (answer(hub, t, clip=clip, noise_multiplier=0.0) for t in (1, 2))

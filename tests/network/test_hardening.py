@@ -259,11 +259,10 @@ def test_a_full_disk_stops_the_server_with_one_line_and_clients_learn_it_failed(
         server.log,
         interval=0.02,
     )
-    with (small_disk / "filler").open("wb") as f:  # the disk fills up mid-run
-        with pytest.raises(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+    with (small_disk / "filler").open("wb") as f, pytest.raises(OSError):  # the disk fills up mid-run
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
     assert server.wait() == 1, server.text()
     errors = [line for line in server.text().splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and re.fullmatch(

@@ -1,5 +1,6 @@
 """The wire format: round trips, compression error, and a fuzzed decoder that never crashes."""
 
+import contextlib
 import json
 import struct
 
@@ -58,10 +59,8 @@ def valid_bytes():
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
 def test_random_bytes_are_refused(data):
-    try:
+    with contextlib.suppress(WireError):
         decode(data, max_bytes=10_000)
-    except WireError:
-        pass
 
 
 @settings(max_examples=1500, deadline=None)
@@ -223,7 +222,5 @@ def test_fuzzed_values_never_escape(data):
     header = {"tensors": [entry], "num_examples": data.draw(odd_scalars), "x": data.draw(odd_scalars)}
     text = json.dumps(header, allow_nan=True)
     payload = data.draw(st.binary(max_size=16))
-    try:
+    with contextlib.suppress(WireError):
         decode(raw_header(text, payload), max_bytes=10**7)
-    except WireError:
-        pass

@@ -186,7 +186,7 @@ def rounds(draw):
 def test_quantizer_sum_decodes_within_error_bound(case):
     q, deltas, weights, unclipped, losses = case
     count = len(weights)
-    inputs = [q.encode(d, w, u, loss) for d, w, u, loss in zip(deltas, weights, unclipped, losses)]
+    inputs = [q.encode(d, w, u, loss) for d, w, u, loss in zip(deltas, weights, unclipped, losses, strict=True)]
     assert all(x.dtype == np.uint32 and x.shape == (q.length(deltas.shape[1]),) for x in inputs)
     total = np.zeros_like(inputs[0])
     for x in inputs:
@@ -313,7 +313,10 @@ def test_quantizer_decode_clamps_what_count_inputs_cannot_reach():
     input within the bounds could move it. Declared weights the round cannot have are refused."""
     q = Quantizer(10, 1.0, 100)
     rng = np.random.default_rng(1)
-    inputs = [q.encode(d / np.linalg.norm(d), w, True, 0.5) for d, w in zip(rng.uniform(-1, 1, (4, 20)), range(1, 5))]
+    inputs = [
+        q.encode(d / np.linalg.norm(d), w, True, 0.5)
+        for d, w in zip(rng.uniform(-1, 1, (4, 20)), range(1, 5), strict=True)
+    ]
     total = sum(inputs)
     honest = q.decode(total, 4, 10)
     assert honest.weight == 10 and honest.clamped == 0

@@ -112,8 +112,10 @@ def test_sparse_ids_and_quantized_inputs_decode():
     ids = [5, 17, 10**9, 3, 42, 2**40]
     q = Quantizer(len(ids), 1.0, 100)
     rng = np.random.default_rng(3)
-    deltas = {i: d / np.linalg.norm(d) for i, d in zip(ids, rng.uniform(-1, 1, (len(ids), 30)))}  # clipped to 1
-    weights = {i: int(w) for i, w in zip(ids, rng.integers(1, 101, len(ids)))}
+    deltas = {
+        i: d / np.linalg.norm(d) for i, d in zip(ids, rng.uniform(-1, 1, (len(ids), 30)), strict=True)
+    }  # clipped to 1
+    weights = {i: int(w) for i, w in zip(ids, rng.integers(1, 101, len(ids)), strict=True)}
     r = Round(
         ids,
         length=q.length(30),
@@ -495,7 +497,7 @@ def test_on_keys_refuses_an_inputs_differ_flag_that_is_not_a_bool(flag):
     """The one diagnostic flag a client's keys may carry (its inputs differ from the server's test
     inputs, network/inputs.py): true, false or absent; anything else refuses its keys."""
     r = Round(range(4), seed=1)
-    with pytest.raises(ProtocolError, match="inputs_differ .* is not true or false"):
+    with pytest.raises(ProtocolError, match=r"inputs_differ .* is not true or false"):
         r.server.on_keys(0, {**r.clients[0].keys(), "inputs_differ": flag})
     assert 0 not in r.server.keys
     r.server.on_keys(1, {**r.clients[1].keys(), "inputs_differ": True})

@@ -85,7 +85,7 @@ def test_the_mean_of_partial_sums_is_the_mean_of_the_updates(clients, data):
         for i, (n, loss, accuracy, batches) in enumerate(clients)
     ]
     cuts = sorted(data.draw(st.lists(st.integers(0, len(updates)), max_size=4)))
-    groups = [updates[a:b] for a, b in zip([0, *cuts], [*cuts, len(updates)])]
+    groups = [updates[a:b] for a, b in zip([0, *cuts], [*cuts, len(updates)], strict=True)]
     combined = [c for c in map(combine_updates, groups) if c is not None]
     mean_each, count = weighted_mean_delta(updates, LIKE)
     mean_combined, _ = weighted_mean_delta(combined, LIKE)
@@ -175,8 +175,8 @@ class CombiningEngine:
     def run(self, model, global_state, tasks, config):
         self.summable.append([t.client_id for t in tasks if t.summable])
         updates = list(self.engine.run(model, global_state, tasks, config))
-        combined = combine_updates(u for u, t in zip(updates, tasks) if t.summable)
-        yield from ([combined] if combined else []) + [u for u, t in zip(updates, tasks) if not t.summable]
+        combined = combine_updates(u for u, t in zip(updates, tasks, strict=True) if t.summable)
+        yield from ([combined] if combined else []) + [u for u, t in zip(updates, tasks, strict=True) if not t.summable]
 
 
 def problem():
@@ -221,7 +221,7 @@ def test_the_round_loop_gives_the_same_run_with_partial_sums(strategy, scenario,
     engine = CombiningEngine()
     combined, each = go(engine), go(SequentialEngine())
     torch.testing.assert_close(combined.state.params, each.state.params)
-    for a, b in zip(combined.history.records, each.history.records):
+    for a, b in zip(combined.history.records, each.history.records, strict=True):
         assert a.clients == b.clients and a.dropped == b.dropped
         assert (a.train_loss is None) == (b.train_loss is None)
         if a.train_loss is not None:

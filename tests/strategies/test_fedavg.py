@@ -37,8 +37,8 @@ def test_equals_weighted_mean_of_client_models():
     global_w = torch.randn(5, 3)
     client_models = [torch.randn(5, 3) for _ in range(3)]
     sizes = [10, 250, 40]
-    updates = [update(i, n, w=m - global_w) for i, (m, n) in enumerate(zip(client_models, sizes))]
-    expected = sum(n * m for m, n in zip(client_models, sizes)) / sum(sizes)
+    updates = [update(i, n, w=m - global_w) for i, (m, n) in enumerate(zip(client_models, sizes, strict=True))]
+    expected = sum(n * m for m, n in zip(client_models, sizes, strict=True)) / sum(sizes)
     torch.testing.assert_close(fedavg(ServerState({"w": global_w}), updates).params["w"], expected)
 
 

@@ -22,7 +22,7 @@ TEST_FRACTION = 0.2
 
 def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     order = np.random.default_rng(0).permutation(len(x))
-    cut = int(round(len(x) * (1 - TEST_FRACTION)))
+    cut = round(len(x) * (1 - TEST_FRACTION))
     return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
 
 

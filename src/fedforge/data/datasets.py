@@ -8,7 +8,6 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from ..errors import ConfigError, DataError
 from .download import download
 from .idx import read_idx
 
-Tree = Union[torch.Tensor, tuple, dict]  # a tensor, or a tuple or dict of tensors (one level)
+Tree = torch.Tensor | tuple | dict  # a tensor, or a tuple or dict of tensors (one level)
 
 
 def tree_map(fn: Callable[[torch.Tensor], torch.Tensor], tree: Tree) -> Tree:
@@ -34,6 +33,13 @@ def leaves(tree: Tree) -> list[torch.Tensor]:
     if isinstance(tree, torch.Tensor):
         return [tree]
     return list(tree) if isinstance(tree, tuple) else list(tree.values())
+
+
+def one_tensor(tree: Tree, what: str) -> torch.Tensor:
+    """`tree` when it is a single tensor; DataError naming `what` when it is a tuple or dict."""
+    if not isinstance(tree, torch.Tensor):
+        raise DataError(f"{what} must be one tensor, got a {type(tree).__name__} of tensors")
+    return tree
 
 
 def model_args(x: Tree) -> tuple[tuple, dict]:
@@ -170,7 +176,7 @@ def concat(parts: Sequence[TensorData]) -> TensorData:
         if isinstance(first, torch.Tensor):
             return torch.cat(trees)
         if isinstance(first, tuple):
-            return tuple(torch.cat(ts) for ts in zip(*trees))
+            return tuple(torch.cat(ts) for ts in zip(*trees, strict=True))
         return {k: torch.cat([t[k] for t in trees]) for k in first}
 
     return TensorData(cat([p.x for p in parts]), cat([p.y for p in parts]))

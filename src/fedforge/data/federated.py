@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import _seeding
 from ..errors import ConfigError
-from .datasets import Dataset, TensorData
+from .datasets import Dataset, TensorData, one_tensor
 from .partition import partition, split_holdout
 
 
@@ -68,7 +68,7 @@ def federate(dataset: Dataset, split: Split, *, seed: int) -> FederatedData:
             f"dataset {dataset.name} has no natural partition (no groups such as shakespeare's "
             f"speaking roles); choose another partition"
         )
-    labels = dataset.train.y.cpu().numpy()
+    labels = one_tensor(dataset.train.y, "the targets a partition splits by").cpu().numpy()
     if labels.ndim != 1 and split.partition in ("dirichlet", "shards"):
         raise ConfigError(
             f"partition {split.partition} splits by label, and dataset {dataset.name} has no one "
@@ -119,11 +119,12 @@ def client_pool(
     pool = train.subset(np.concatenate([partition[c] for c in chosen]))
     starts = np.concatenate([[0], np.cumsum([len(partition[c]) for c in chosen])]).tolist()
     if flipped:
-        num_classes = int(train.y.max()) + 1
+        labels = one_tensor(pool.y, "the labels a label_flip attack flips")
+        num_classes = int(one_tensor(train.y, "the labels a label_flip attack flips").max()) + 1
         for c in sorted(flipped):
             if c in chosen:
                 i = c - chosen.start
-                pool.y[starts[i] : starts[i + 1]] = num_classes - 1 - pool.y[starts[i] : starts[i + 1]]
+                labels[starts[i] : starts[i + 1]] = num_classes - 1 - labels[starts[i] : starts[i + 1]]
     return pool, starts
 
 

@@ -28,6 +28,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +87,10 @@ def load_hf(path: Path, *, target: str, task: str, name: str | None = None) -> D
         where=where,
         hf=hf,
     )
-    parts = [TensorData(x if len(inputs) > 1 else x[inputs[0]], torch.from_numpy(y)) for x, y in zip(xs.values(), ys)]
+    parts = [
+        TensorData(x if len(inputs) > 1 else x[inputs[0]], torch.from_numpy(y))
+        for x, y in zip(xs.values(), ys, strict=True)
+    ]
     if len(parts) == 2:
         train, test = parts
     else:
@@ -145,7 +149,7 @@ def hf_tensors(
     return TensorData.from_batch(tensors, target=target, inputs=inputs)
 
 
-def _read(path: Path, hf) -> tuple[dict, object]:
+def _read(path: Path, hf) -> tuple[dict, Any]:
     """{split: Arrow table} ("train" and "test", or "all" for one table to split) and the columns'
     `datasets.Features`."""
     if not path.exists():
@@ -175,9 +179,9 @@ def _read(path: Path, hf) -> tuple[dict, object]:
             f"and no .parquet files)"
         )
     files = parquet_files(path)
-    train = [f for f in files if f.name.startswith("train")]
-    test = [f for f in files if f.name.startswith("test")]
-    chosen = {"train": train, "test": test} if train and test else {"all": files}
+    train_files = [f for f in files if f.name.startswith("train")]
+    test_files = [f for f in files if f.name.startswith("test")]
+    chosen = {"train": train_files, "test": test_files} if train_files and test_files else {"all": files}
     tables = {split: read_parquet(group, path, extra="hf", count_cells=False) for split, group in chosen.items()}
     return tables, hf.Features.from_arrow_schema(next(iter(tables.values())).schema)
 
@@ -235,8 +239,10 @@ def _targets(columns: list, feature, *, task: str, column: str, where: str, hf) 
     if task == "classification":
         if isinstance(feature, hf.ClassLabel):
             ids = [array(c, column, where).astype(np.int64) for c in columns]
-            for values in ids:
-                if values.ndim != 1 or (len(values) and (values.min() < 0 or values.max() >= feature.num_classes)):
+            for split_ids in ids:
+                if split_ids.ndim != 1 or (
+                    len(split_ids) and (split_ids.min() < 0 or split_ids.max() >= feature.num_classes)
+                ):
                     raise DataError(
                         f"{where}: target column {column!r} has ids outside its ClassLabel's "
                         f"0..{feature.num_classes - 1} (-1: a missing label)"
@@ -244,7 +250,8 @@ def _targets(columns: list, feature, *, task: str, column: str, where: str, hf) 
             return ids, feature.num_classes
         text = [pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in columns]
         values = [
-            np.asarray(c.to_pylist(), dtype=object) if t else array(c, column, where) for c, t in zip(columns, text)
+            np.asarray(c.to_pylist(), dtype=object) if t else array(c, column, where)
+            for c, t in zip(columns, text, strict=True)
         ]
         if any(v.ndim != 1 for v in values) or any(v is None for v in np.concatenate(values)):
             raise DataError(f"{where}: target column {column!r} must hold one class label per row, with none missing")

@@ -189,7 +189,7 @@ def split_holdout(
     train, test = [], []
     for part in parts:
         shuffled = rng.permutation(part)
-        k = int(round(len(part) * fraction))
+        k = round(len(part) * fraction)
         test.append(shuffled[:k])
         train.append(shuffled[k:])
     return train, test

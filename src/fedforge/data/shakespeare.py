@@ -241,11 +241,11 @@ def to_dataset(
         )
     counts = [split_counts(len(roles[r]) - SEQ_LEN, train_fraction) for r in kept]
     num_train = sum(train for train, _ in counts)
-    num_test = sum(len(roles[r]) - SEQ_LEN - first for r, (_, first) in zip(kept, counts))
+    num_test = sum(len(roles[r]) - SEQ_LEN - first for r, (_, first) in zip(kept, counts, strict=True))
     x_train, y_train = np.empty((num_train, SEQ_LEN), np.int32), np.empty((num_train, SEQ_LEN), np.int64)
     x_test, y_test = np.empty((num_test, SEQ_LEN), np.int32), np.empty((num_test, SEQ_LEN), np.int64)
     a = b = 0
-    for r, (train, first) in zip(kept, counts):
+    for r, (train, first) in zip(kept, counts, strict=True):
         # Row j of the windows is characters j..j+79: x is window j, y window j + 1.
         windows = np.lib.stride_tricks.sliding_window_view(roles[r], SEQ_LEN)
         n = len(windows) - 1
@@ -309,7 +309,7 @@ def read_roles(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with np.load(cache, allow_pickle=False) as saved:
             names, lengths, ids = saved["names"], saved["lengths"], saved["ids"]
         if ids.dtype == np.uint8 and lengths.sum() == len(ids) and len(names) == len(lengths):
-            return dict(zip(names.tolist(), np.split(ids, np.cumsum(lengths)[:-1])))
+            return dict(zip(names.tolist(), np.split(ids, np.cumsum(lengths)[:-1]), strict=True))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass
     text = read_text(path)

@@ -11,6 +11,8 @@ shuffled and split 90 / 10 into train and test.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -50,7 +52,7 @@ def synthetic(
 
     def indices(parts):
         bounds = np.cumsum([0] + [len(p) for p in parts])
-        return [np.arange(a, b, dtype=np.int64) for a, b in zip(bounds, bounds[1:])]
+        return [np.arange(a, b, dtype=np.int64) for a, b in itertools.pairwise(bounds)]
 
     def tensors(xs, ys):
         return TensorData(torch.from_numpy(np.concatenate(xs)).float(), torch.from_numpy(np.concatenate(ys)).long())

@@ -42,7 +42,7 @@ def source_label(name: str) -> str:
 def split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
     """The rows of the training and the test split: a fixed permutation (seed 0), cut 80/20."""
     order = np.random.default_rng(0).permutation(n)
-    cut = int(round(n * (1 - TEST_FRACTION)))
+    cut = round(n * (1 - TEST_FRACTION))
     return order[:cut], order[cut:]
 
 

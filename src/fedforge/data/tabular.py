@@ -69,9 +69,9 @@ def load_file_dataset(name: str, *, target: str | None, task: str) -> Dataset:
         import_pyarrow()
     _check_path(path, "CSV file" if kind == "csv" else "Parquet file or folder", folder_ok=kind == "parquet")
     if kind == "csv":
-        names, x, y = read_csv(path, target)
+        _, x, y = read_csv(path, target)
     else:
-        names, x, y = _parquet_columns(read_parquet(parquet_files(path), path), target, str(path))
+        _, x, y = _parquet_columns(read_parquet(parquet_files(path), path), target, str(path))
     return tabular_dataset(source_label(name), x, y, task=task, target=target, where=str(path))
 
 
@@ -167,7 +167,7 @@ def read_csv(path: Path, target: str) -> tuple[list[str], np.ndarray, np.ndarray
 
 def _parse_rows(rows, lines, t, names, target, labels, path) -> np.ndarray:
     """One chunk of CSV rows as float64 features (its target fields appended to `labels`)."""
-    for row, line in zip(rows, lines):
+    for row, line in zip(rows, lines, strict=True):
         if row[t].strip().lower() in _MISSING:
             raise DataError(f"{path}, line {line}: the target column {target!r} has a missing value ({row[t]!r})")
         labels.append(row[t].strip())

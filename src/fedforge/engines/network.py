@@ -15,6 +15,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..client import ClientConfig, ClientUpdate, State, all_finite
 from ..network.hub import Event, EventKind, Hub, Session
-from ..network.wire import Kind, Message, WireError, decode, encode
+from ..network.wire import Kind, Message, WireError, decode, encode, is_number
 from ..reductions import PartialSum, Update
 from ..secagg import SecureAggregation
 from ..secagg.protocol import ProtocolError, SecAggFailed, ServerRound
@@ -40,7 +41,7 @@ def task_message(task_id: int, task: ClientTask, global_state: State, secagg: di
     """The TASK for `task`; with `secagg` (a round's settings for this client) it opens the secure
     aggregation protocol, and the client answers with its keys, not its update."""
     plan = task.plan
-    header = {
+    header: dict[str, object] = {
         "task": task_id,
         "seed": task.seed,
         "epochs": plan.epochs,
@@ -58,13 +59,15 @@ def task_message(task_id: int, task: ClientTask, global_state: State, secagg: di
     return Message(Kind.TASK, header, tensors)
 
 
-def _number(header: dict, key: str, low: float, high: float, *, optional: bool = False) -> float | None:
+def _number(header: dict, key: str, low: float, high: float) -> float:
     value = header.get(key)
-    if value is None and optional:
-        return None
-    if type(value) not in (int, float) or not low <= value <= high:
+    if not (is_number(value) and low <= value <= high):
         raise ValueError(f"{key} {value!r} is not a number in [{low:g}, {high:g}]")
     return float(value)
+
+
+def _optional_number(header: dict, key: str, low: float, high: float) -> float | None:
+    return None if header.get(key) is None else _number(header, key, low, high)
 
 
 def update_from(
@@ -94,8 +97,8 @@ def update_from(
     if type(steps) is not int or steps != expected:
         raise ValueError(f"num_steps {steps!r} is not the {expected} steps its task asks of {n} examples")
     loss = _number(h, "train_loss", -MAX_METRIC, MAX_METRIC)
-    accuracy = _number(h, "train_accuracy", 0.0, 1.0, optional=True)
-    initial = _number(h, "initial_loss", -MAX_METRIC, MAX_METRIC, optional=True)
+    accuracy = _optional_number(h, "train_accuracy", 0.0, 1.0)
+    initial = _optional_number(h, "initial_loss", -MAX_METRIC, MAX_METRIC)
     if type(h.get("inputs_differ", False)) is not bool:
         raise ValueError(f"inputs_differ {h.get('inputs_differ')!r} is not true or false")
     metrics = h.get("metrics", {})
@@ -179,7 +182,7 @@ class NetworkEngine(Engine):
         self.watcher.task(task_id, [task.client_id for task in tasks])
         global_cpu = {k: v.detach().cpu() for k, v in global_state.items()}
         if self.secure is not None:
-            return iter([self._secure_round(task_id, global_state, global_cpu, tasks)])
+            return iter([self._secure_round(self.secure, task_id, global_state, global_cpu, tasks)])
         by_client = {task.client_id: task for task in tasks}
         holders: dict[int, Session] = {}  # the session each pending task was sent to
         messages: dict[int, bytes] = {}
@@ -249,9 +252,10 @@ class NetworkEngine(Engine):
 
     def _accept(
         self, event: Event, task_id: int, task: ClientTask, config: ClientConfig, global_state: State
-    ) -> ClientUpdate | bool | None:
+    ) -> ClientUpdate | Literal[False] | None:
         """The update in `event`; None when it is refused; False when it answers another task."""
         client_id = task.client_id
+        assert event.data is not None, "called for MESSAGE events only"
         try:
             message = decode(event.data, max_bytes=self.hub.max_message_bytes)
         except WireError as e:
@@ -290,7 +294,12 @@ class NetworkEngine(Engine):
 
     # -- secure aggregation: the round as the protocol's four exchanges ---------------------------
     def _secure_round(
-        self, task_id: int, global_state: State, global_cpu: State, tasks: Sequence[ClientTask]
+        self,
+        secure: SecureAggregation,
+        task_id: int,
+        global_state: State,
+        global_cpu: State,
+        tasks: Sequence[ClientTask],
     ) -> PartialSum:
         """The round's clients, their update summed under secure aggregation (secagg/protocol.py):
         one PartialSum, the strategy's only view of the round. RoundFailed, with nothing
@@ -313,12 +322,12 @@ class NetworkEngine(Engine):
         floats = [k for k, v in global_state.items() if v.is_floating_point()]
         size = sum(global_state[k].numel() for k in floats)
         try:
-            quantizer = self.secure.quantizer(len(sessions), tasks[0].plan.clip if tasks else None)
+            quantizer = secure.quantizer(len(sessions), tasks[0].plan.clip if tasks else None)
             protocol = ServerRound(
                 task_id,
                 sorted(sessions),
-                threshold=self.secure.threshold,
-                neighbours=self.secure.neighbours,
+                threshold=secure.threshold,
+                neighbours=secure.neighbours,
                 clip=quantizer.clip,
                 max_weight=quantizer.max_weight,
             )
@@ -474,6 +483,7 @@ class NetworkEngine(Engine):
                     "task %d: client %d disconnected before its %s; dropped from the round", task_id, c, answer.name
                 )
                 continue
+            assert event.data is not None, "the events left are MESSAGE events"
             try:
                 message = decode(event.data, max_bytes=self.hub.max_message_bytes)
             except WireError as e:

@@ -28,6 +28,7 @@ order): a run does not depend on timing, and equals the in-process engines' run 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -137,7 +138,8 @@ def shares(costs: Sequence[float], workers: int) -> list[range]:
     """`workers` consecutive ranges of the tasks with about equal total cost each (some may be
     empty): consecutive, so that the answers, handed on worker by worker, keep the task order."""
     total = float(sum(costs))
-    bounds, done, start = [], 0.0, 0
+    bounds: list[int] = []
+    done, start = 0.0, 0
     for i, cost in enumerate(costs):
         done += cost
         # Close a share once it holds its part of the total (tasks never split).
@@ -242,6 +244,7 @@ class _Worker:
         """This worker's clients' pool, built on the first call (it needs the task's data layout) and kept."""
         if self.pool is None:
             data = self.data
+            assert data is not None, "train() raises the load's error before it asks for the pool"
             pool, starts = client_pool(
                 config.task.data(data.train).to(self.device),
                 data.partition,
@@ -363,10 +366,8 @@ def _close(ray, actors: list, started: bool, threads: list) -> None:
     if threads:  # the driver's torch threads as they were before the engine (see RayEngine)
         torch.set_num_threads(threads.pop())
     for actor in actors:
-        try:
+        with contextlib.suppress(Exception):  # best effort: an actor that is gone already
             ray.kill(actor)
-        except Exception:
-            pass
     actors.clear()
     if started and ray.is_initialized():
         ray.shutdown()
@@ -585,7 +586,7 @@ class RayEngine(Engine):
             summed = len(answers) - len(unsummed)  # 1 when the worker had summable clients, else 0
             for update in answers[:summed]:
                 yield _received(update, device)
-            own.update(zip(unsummed, answers[summed:]))
+            own.update(zip(unsummed, answers[summed:], strict=True))
         for j in sorted(own):
             yield _received(own[j], device)
 

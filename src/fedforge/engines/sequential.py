@@ -18,7 +18,7 @@ class SequentialEngine(Engine):
 
     name = "sequential"
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._scratch: tuple[nn.Module, nn.Module] | None = None
 
     def _module(self, model: nn.Module) -> nn.Module:

@@ -26,8 +26,10 @@ notice.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -84,7 +86,7 @@ def build_schedule(tasks: Sequence[ClientTask], starts: Sequence[int], config: C
     stack_order = sorted(range(len(tasks)), key=lambda i: (-steps[i], len(tasks[i].data)))
     T = max(steps)
     # In NumPy: a few small arrays per client, where each torch call would cost microseconds more.
-    rows = np.full((len(tasks), T * B), -1, dtype=np.int64)  # -1: padding, and the steps after the last
+    rows: np.ndarray = np.full((len(tasks), T * B), -1, dtype=np.int64)  # -1: padding, and the steps after the last
     for position, i in enumerate(stack_order):
         n, epochs = len(tasks[i].data), tasks[i].plan.epochs or config.local_epochs
         batches = math.ceil(n / B)
@@ -148,15 +150,15 @@ class VectorizedEngine(Engine):
     ) -> Iterator[Update]:
         if not tasks:
             return
-        kernel = None
-        if self._fallback is None:
+        fallback = self._fallback
+        if fallback is None:
             try:
                 kernel = kernel_for(model, tasks[0].data, config)
                 self.choice = EngineChoice(self.name, f"{_KERNEL_NAMES[kernel]} kernel")
             except _Unsupported as e:
-                self._fall_back(e)
-        if kernel is None:
-            yield from self._fallback.run(model, global_state, tasks, config)
+                fallback = self._fall_back(e)
+        if fallback is not None:
+            yield from fallback.run(model, global_state, tasks, config)
             return
         size = self.chunk_size(model, tasks, config)
         for first in range(0, len(tasks), size):
@@ -168,8 +170,7 @@ class VectorizedEngine(Engine):
                 yield from SequentialEngine().run(model, global_state, chunk, config)
                 continue
             except _Unsupported as e:
-                self._fall_back(e)
-                yield from self._fallback.run(model, global_state, tasks[first:], config)
+                yield from self._fall_back(e).run(model, global_state, tasks[first:], config)
                 return
             summable = self.combine and all(t.summable and not t.plan.measure_initial_loss for t in chunk)
             combined = _combined(chunk, trained, global_state, config) if summable else None
@@ -178,12 +179,14 @@ class VectorizedEngine(Engine):
             else:
                 yield from _updates(model, chunk, trained, global_state, config)
 
-    def _fall_back(self, reason: Exception) -> None:
+    def _fall_back(self, reason: Exception) -> SequentialEngine:
+        """The engine that trains this model's clients from now on, the reason logged."""
         log.warning(
             "the vectorized engine cannot batch this model or task (%s); training its clients sequentially", reason
         )
         self._fallback = SequentialEngine()
         self.choice = EngineChoice("sequential", f"the vectorized engine cannot batch this model or task: {reason}")
+        return self._fallback
 
     def chunk_size(self, model: nn.Module, tasks: Sequence[ClientTask], config: ClientConfig) -> int:
         """How many clients fit in `max_memory` at once (at least one)."""
@@ -232,6 +235,7 @@ def kernel_for(model: nn.Module, data: TensorData, config: ClientConfig) -> Call
     if task.train is not None:
         raise _Unsupported(f"task {task.name} trains with a loop of its own")
     if rule is None:
+        assert task.optimizer is not None, "fedforge's SGD (optimizer None) always has a rule"
         options = f" with {dict(task.optimizer_options)}" if task.optimizer_options else ""
         raise _Unsupported(
             f"{task.optimizer.__name__}{options} is not one of fedforge's optimizer rules (sgd, adam, adamw)"
@@ -333,6 +337,7 @@ def _run_steps(
     optimizer state itself (only when every client starts its optimizer fresh).
     """
     rule = config.rule
+    assert rule is not None, "kernel_for picks a kernel only for a rule"
     C = len(tasks)
     device = next(iter(global_state.values())).device
     carried = [tasks[i].optimizer_state for i in schedule.stack_order]
@@ -347,8 +352,7 @@ def _run_steps(
         params = _stack(global_state, C)
         state = rule.stacked(carried, global_state)
     sums: dict[str, torch.Tensor] = {}
-    views = state_view = term_views = None
-    current = 0
+    current: int | None = 0  # views, state_view, term_views: set at t = 0 (schedule.active[0] >= 1)
     for t, active in enumerate(schedule.active):
         if active != current:  # re-slice only when a client finishes
             current = active
@@ -449,6 +453,7 @@ def _updates(
 
 def _mlp_chunk(model, global_state, tasks, config) -> _Chunk:
     layout = fastmlp.mlp_layout(model)
+    assert layout is not None, "kernel_for picks this kernel only for an MLP layout"
     source, starts = _shared_source(tasks)
     schedule = build_schedule(tasks, starts, config)
     rows, weight = schedule.rows.to(source.device), schedule.weight.to(source.device)
@@ -477,7 +482,7 @@ def _runs(sizes: np.ndarray) -> list[tuple[int, int]]:
     """The maximal runs lo..hi of equal values in `sizes`."""
     cuts = np.flatnonzero(sizes[1:] != sizes[:-1]) + 1
     bounds = [0, *cuts.tolist(), len(sizes)]
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def _func_chunk(model, global_state, tasks, config) -> _Chunk:
@@ -518,7 +523,7 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
                 units[lo] += task.units(y)
             else:
                 for j in range(hi - lo):
-                    units[lo + j] += task.units(tree_map(lambda v: v[j], y))
+                    units[lo + j] += task.units(tree_map(operator.itemgetter(j), y))
             done.append((lo, hi, sums))
         return done
 

@@ -37,6 +37,7 @@ from ..data import federate, load
 from ..data.datasets import TensorData, leaves
 from ..errors import ConfigError, DivergenceError
 from ..models import build_model, check_fits
+from ..optim import OptimizerState
 from ..privacy.mechanism import PrivacyConfig, secure_generator
 from ..privacy.stage import privatize_update
 from ..secagg.protocol import ClientRound, Floor, ProtocolError, Setup
@@ -44,7 +45,7 @@ from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .inputs import InputSummary
 from .welcome import ClientLimits, References, Unacceptable, Welcome, check_welcome
-from .wire import MAX_INT, Kind, Message, WireError, decode, encode
+from .wire import MAX_INT, Kind, Message, WireError, decode, encode, is_number
 
 log = logging.getLogger("fedforge.client")
 
@@ -136,23 +137,27 @@ def _text(value: Any, limit: int = 300) -> str:
     return clipped + "..." if len(text) > limit else clipped
 
 
-def _integer(h: dict, key: str, low: int, high: int, *, optional: bool = False, limit: str = "") -> int | None:
+def _integer(h: dict, key: str, low: int, high: int, *, limit: str = "") -> int:
     value = h.get(key)
-    if value is None and optional:
-        return None
     if type(value) is not int or not low <= value <= high:
         where = f" (this client's {limit})" if limit and type(value) is int and value > high else ""
         raise Unacceptable(f"{key} {_text(repr(value), 40)} is not an integer in [{low}, {high}]{where}")
     return value
 
 
-def _number(h: dict, key: str, low: float, high: float, *, optional: bool = False, default=None) -> float | None:
+def _optional_integer(h: dict, key: str, low: int, high: int, *, limit: str = "") -> int | None:
+    return None if h.get(key) is None else _integer(h, key, low, high, limit=limit)
+
+
+def _number(h: dict, key: str, low: float, high: float, *, default: float | None = None) -> float:
     value = h.get(key, default)
-    if value is None and optional:
-        return None
-    if type(value) not in (int, float) or not low <= value <= high:
+    if not (is_number(value) and low <= value <= high):
         raise Unacceptable(f"{key} {_text(repr(value), 40)} is not a number in [{low:g}, {high:g}]")
     return float(value)
+
+
+def _optional_number(h: dict, key: str, low: float, high: float) -> float | None:
+    return None if h.get(key) is None else _number(h, key, low, high)
 
 
 def as_app(source: PartitionOf | LocalData | ClientApp) -> ClientApp:
@@ -183,8 +188,8 @@ class _Trainer:
         # Where this client's optimizer left off, when its task keeps it; and the task it last
         # trained with the state it started from, so that a task sent again (after a reconnect)
         # starts where it did the first time.
-        self.optimizer_state = None
-        self._last: tuple[int, object] | None = None
+        self.optimizer_state: OptimizerState | None = None
+        self._last: tuple[int, OptimizerState | None] | None = None
 
     def _check_model(self, global_state) -> None:
         mine = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
@@ -202,8 +207,8 @@ class _Trainer:
         h, limits = task.header, self.limits
         task_id = _integer(h, "task", 0, MAX_INT)
         seed = _integer(h, "seed", 0, MAX_INT)
-        epochs = _integer(h, "epochs", 1, limits.max_epochs, optional=True, limit="--max-epochs")
-        max_steps = _integer(h, "max_steps", 1, MAX_INT, optional=True)
+        epochs = _optional_integer(h, "epochs", 1, limits.max_epochs, limit="--max-epochs")
+        max_steps = _optional_integer(h, "max_steps", 1, MAX_INT)
         initial_loss = h.get("measure_initial_loss", False)
         if type(initial_loss) is not bool:
             raise Unacceptable(f"measure_initial_loss {_text(repr(initial_loss), 40)} is not true or false")
@@ -230,7 +235,7 @@ class _Trainer:
             proximal_mu=_number(h, "proximal_mu", 0, 1e6, default=0.0),
             correction=correction or None,
             measure_initial_loss=initial_loss,
-            clip=_number(h, "clip", 1e-30, 1e30, optional=True),
+            clip=_optional_number(h, "clip", 1e-30, 1e30),
             noise_multiplier=_number(h, "noise_multiplier", 0, 1e6, default=0.0),
         )
         limits.check_privacy(task_id, plan.clip, plan.noise_multiplier, "secagg" in h)
@@ -507,7 +512,7 @@ def run_client(
         received = False  # whether this connection brought any message
         channel = _channel(server, root_cert, max_message_bytes)
         try:
-            stub = channel.stream_stream(METHOD)
+            stub = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)  # bytes as is
             for raw in _stream(stub(iter(outbox.get, None), metadata=metadata), max_message_bytes):
                 message = _received(raw, max_message_bytes)
                 last_contact, received = time.monotonic(), True
@@ -529,8 +534,9 @@ def run_client(
                         trainer = _Trainer(check_welcome(message.header, references), app, client_id, limits)
                         inputs_differ = compare_inputs(message.header.get("test_inputs"), trainer.data, client_id)
                         log.info("client %d: joined (%d examples)", client_id, len(trainer.data))
-                elif message.kind == Kind.TASK and trainer is None:
-                    raise Unacceptable("a TASK before its welcome")
+                elif trainer is None:  # before the welcome (no secure round can be under way either)
+                    if message.kind == Kind.TASK:
+                        raise Unacceptable("a TASK before its welcome")
                 elif message.kind == Kind.TASK and "secagg" in message.header:
                     trainer.check(message)
                     secure = None

@@ -50,6 +50,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from ..engines.base import RoundWatcher
 from ..errors import ConfigError
 from ..history import History, RoundRecord
 from .httpd import Request, Response, Server
@@ -117,7 +118,7 @@ def _address(peer: str) -> str:
     return rest if kind in ("ipv4", "ipv6") and rest else peer
 
 
-class DashboardState:
+class DashboardState(RoundWatcher):
     """What the page shows, fed from the round loop, the hub and the log, read by the HTTP threads.
 
     It is the network engine's RoundWatcher (`task`, `arrived`, `refused`); `record` takes each
@@ -251,7 +252,8 @@ class Dashboard:
         self.settings = settings
         self.state = DashboardState()
         self.tracker = _RoundTracker(self.state)
-        self._context = None if _loopback(settings.address) else _tls_context(*tls)  # check: tls is given
+        # check() allows no TLS on loopback only
+        self._context = None if tls is None or _loopback(settings.address) else _tls_context(*tls)
         self._tap = _LogTap(self.state)
         self._server: Server | None = None
 

@@ -23,6 +23,7 @@ snapshot of its state under a lock).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import re
@@ -117,7 +118,7 @@ class _Connection:
     accepted: float
     stage: str  # "handshake" (TLS), "request", "answer", "drain" (answered; waiting for the client to close)
     inbox: bytes = b""
-    outbox: memoryview = memoryview(b"")
+    outbox: memoryview = field(default_factory=lambda: memoryview(b""))
 
 
 class Server:
@@ -245,6 +246,7 @@ class Server:
     def _step(self, connection: _Connection) -> None:
         """Take `connection` as far as it can go now: handshake, request, answer, drain."""
         if connection.stage == "handshake":
+            assert isinstance(connection.sock, ssl.SSLSocket), "only a TLS connection starts at the handshake"
             try:
                 connection.sock.do_handshake()
             except ssl.SSLWantReadError:
@@ -268,7 +270,7 @@ class Server:
 
     def _receive(self, connection: _Connection) -> bytes | None:
         """What is there to read (b"" if nothing yet), or None once the client has closed or failed."""
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             try:
                 data = connection.sock.recv(8192)
@@ -335,10 +337,8 @@ class Server:
     def _close(self, connection: _Connection, why: str, status: HTTPStatus | None = None) -> None:
         """Close `connection`; tell it `status` first where it waits for an answer (best effort: never blocks)."""
         if status is not None and connection.stage == "request":
-            try:
+            with contextlib.suppress(OSError):
                 connection.sock.send(_encode(_status(status)))
-            except OSError:
-                pass
         log.debug("dashboard: %s %s", connection.peer, why)
         self._selector.unregister(connection.sock)
         connection.sock.close()

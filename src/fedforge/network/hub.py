@@ -67,7 +67,8 @@ def channel_options(max_message_bytes: int, keepalive: float = DEFAULT_KEEPALIVE
 
 
 def server_options(max_message_bytes: int, keepalive: float) -> list[tuple[str, int]]:
-    return channel_options(max_message_bytes, keepalive) + [
+    return [
+        *channel_options(max_message_bytes, keepalive),
         ("grpc.max_concurrent_streams", 4),  # a client needs one; a few more cover a reconnect's overlap
         ("grpc.server_handshake_timeout_ms", 20_000),  # a connection that never finishes its handshake
         ("grpc.max_connection_idle_ms", 60_000),  # one that never opens a stream (a client's stays open)
@@ -292,7 +293,8 @@ class Hub:
 
     async def _read(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         try:
-            while (raw := await context.read()) is not grpc.aio.EOF:
+            # grpc-stubs 1.53 leave out grpc.aio.EOF (what read() gives at the stream's end)
+            while (raw := await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
                 with self.changed:
                     asked = session.owed > 0
                     session.owed -= asked

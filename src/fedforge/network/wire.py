@@ -17,7 +17,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -106,6 +106,11 @@ def encode(message: Message, *, compression: str | None = None) -> bytes:
     _check_numbers(header)
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     return MAGIC + struct.pack(">BI", int(message.kind), len(head)) + head + b"".join(parts)
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """A JSON number: an int or a float, not a bool (nor a subclass)."""
+    return type(value) in (int, float)
 
 
 def _expect(condition: bool, reason: str) -> None:

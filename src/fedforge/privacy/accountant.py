@@ -210,6 +210,7 @@ class Accountant:
         try:
             s = state["sampling"]
             kind = s["kind"]
+            sampling: Sampling
             if kind == "poisson":
                 sampling = PoissonSampling(s["q"], s["num_clients"])
             elif kind == "fixed":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -115,6 +115,36 @@ class PrivacyRunState:
         return cls(Accountant.from_state(state["accountant"]), PrivacyState.from_dict(state.get("stage")))
 
 
+class _ClientPart(TypedDict, total=False):
+    """The ClientPlan fields of a client's part in the privacy stage."""
+
+    clip: float
+    noise_multiplier: float
+
+
+def _noise_multiplier(settings: DifferentialPrivacy, sampling: Sampling, rounds: int) -> float:
+    """The settings' noise multiplier, or else the one calibrated to spend target_epsilon in `rounds`."""
+    if settings.noise_multiplier is not None:
+        return settings.noise_multiplier
+    assert settings.target_epsilon is not None, "DifferentialPrivacy checks that one of the two is given"
+    z = calibrate(
+        settings.target_epsilon,
+        settings.delta,
+        sampling,
+        rounds,
+        method=settings.accountant,
+        local=settings.mode == "local",
+    )
+    log.info(
+        "noise multiplier %.4f: calibrated for epsilon %.4g at delta %g over %d rounds",
+        z,
+        settings.target_epsilon,
+        settings.delta,
+        rounds,
+    )
+    return z
+
+
 class PrivacyRun:
     """The privacy stage of one run, with what it carries between rounds (`state`)."""
 
@@ -133,23 +163,7 @@ class PrivacyRun:
             self.clip = saved.stage
             z = self.accountant.noise_multiplier
         else:
-            z = settings.noise_multiplier
-            if z is None:
-                z = calibrate(
-                    settings.target_epsilon,
-                    settings.delta,
-                    sampling,
-                    rounds,
-                    method=settings.accountant,
-                    local=settings.mode == "local",
-                )
-                log.info(
-                    "noise multiplier %.4f: calibrated for epsilon %.4g at delta %g over %d rounds",
-                    z,
-                    settings.target_epsilon,
-                    settings.delta,
-                    rounds,
-                )
+            z = _noise_multiplier(settings, sampling, rounds)
             self.accountant = Accountant(sampling, z, settings.accountant, local=settings.mode == "local")
         self.mechanism = PrivacyConfig(
             z,
@@ -183,7 +197,7 @@ class PrivacyRun:
     def _generator(self, *keys: int) -> torch.Generator:
         return secure_generator() if self.settings.secure_noise else _seeding.generator(self.seed, *keys)
 
-    def client_plan(self) -> dict[str, float]:
+    def client_plan(self) -> _ClientPart:
         """What a client must know to do its part (`ClientPlan.clip`, `noise_multiplier`)."""
         if self.settings.mode == "central":
             return {}

@@ -56,7 +56,7 @@ class PrivacyState:
         return {"clip": self.clip}
 
     @classmethod
-    def from_dict(cls, state: Any) -> PrivacyState:
+    def from_dict(cls, state: object) -> PrivacyState:
         clip = state.get("clip") if isinstance(state, dict) else None
         if not (isinstance(clip, (int, float)) and clip > 0):
             raise ConfigError(f"privacy state needs a clip bound > 0, got {state!r}")

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..network.wire import is_number
 from .crypto import (
     KEY_BYTES,
     NONCE_BYTES,
@@ -256,7 +257,7 @@ class Setup:
             raise ProtocolError(f"round {round_id!r} is not a count")
         if not (type(t) is int and 2 * t > len(neighbours) + 1 and t <= len(neighbours) + 1):
             raise ProtocolError(f"threshold {t!r} is not more than half of {len(neighbours) + 1} holders")
-        if not (type(clip) in (int, float) and 0 < clip < 1e30) or not (type(max_weight) is int and max_weight >= 1):
+        if not (is_number(clip) and 0 < clip < 1e30) or not (type(max_weight) is int and max_weight >= 1):
             raise ProtocolError("clip or max_weight out of range")
         return cls(round_id, tuple(neighbours), t, clients, float(clip), max_weight)
 
@@ -339,7 +340,7 @@ class ClientRound:
             self._keys[j] = (_bytes(pair[0], KEY_BYTES, "a c key"), _bytes(pair[1], KEY_BYTES, "an s key"))
             if any(small_order(key) for key in self._keys[j]):  # no key agreement with them: a server's forgery
                 raise ProtocolError(f"keys of client {j} are of small order")
-        holders = sorted(keys) + [self.id]
+        holders = [*sorted(keys), self.id]
         b_shares = split(self._seed, t, [_x(j) for j in holders])
         s_shares = split(private_bytes(self._s), t, [_x(j) for j in holders])
         r = self.setup.round_id
@@ -405,6 +406,7 @@ class ClientRound:
             raise ProtocolError("a client named both a survivor and dropped")
         if len(survivors) + 1 < self.setup.threshold:
             raise ProtocolError(f"{len(survivors) + 1} survivors, fewer than the threshold {self.setup.threshold}")
+        assert self._own is not None, "set by the stage that deals the shares, which _advance put before this one"
         b = {str(self.id): b64(self._own[0])}
         b.update({str(j): b64(self._held[j][0]) for j in survivors})
         s = {str(j): b64(self._held[j][1]) for j in dropped}
@@ -508,7 +510,7 @@ class ServerRound:
             checked[j] = (_bytes(pair[0], DIGEST_BYTES, "a commitment"), _bytes(pair[1], DIGEST_BYTES, "a commitment"))
         self._seed_commitments[client_id] = _bytes(header.get("seed"), DIGEST_BYTES, "the seed commitment")
         self._commitments[client_id] = checked
-        self.sealed[client_id] = sealed
+        self.sealed[client_id] = {j: text for j, text in sealed.items() if isinstance(text, str)}  # all, checked above
 
     def input_request(self, client_id: int) -> dict:
         dealers = tuple(j for j in self.graph[client_id] if j in self.sealed)
