@@ -38,7 +38,7 @@ import torch
 from ._io import atomic_write
 from .config import Config
 from .errors import ConfigError
-from .history import History
+from .history import NUMBERS, History
 from .strategies import RunInfo, ServerState, StrategyState
 
 if TYPE_CHECKING:
@@ -259,20 +259,7 @@ def _check_history(records, r: int, num_clients: int | None) -> None:
         ids = (*record.clients, *record.dropped)
         if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < (num_clients or 2**63) for c in ids):
             raise ConfigError(f"its history's round {record.round} names clients that are not this run's")
-        numbers = {
-            name: getattr(record, name)
-            for name in (
-                "test_loss",
-                "test_accuracy",
-                "train_loss",
-                "train_accuracy",
-                "federated_loss",
-                "federated_accuracy",
-                "global_train_loss",
-                "seconds",
-                "train_seconds",
-            )
-        }
+        numbers = {name: getattr(record, name) for name in NUMBERS}
         if not isinstance(record.metrics, dict):
             raise ConfigError(f"its history's round {record.round} has metrics that are not a table")
         numbers.update(record.metrics)

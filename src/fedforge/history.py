@@ -8,6 +8,19 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+# The RoundRecord's numeric fields; record.metrics holds the rest (test_r2, epsilon, bytes_up, ...).
+NUMBERS = (
+    "test_loss",
+    "test_accuracy",
+    "train_loss",
+    "train_accuracy",
+    "federated_loss",
+    "federated_accuracy",
+    "global_train_loss",
+    "seconds",
+    "train_seconds",
+)
+
 
 @dataclass(frozen=True)
 class RoundRecord:

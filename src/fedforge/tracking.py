@@ -21,7 +21,7 @@ import numpy as np
 
 from ._options import option
 from .errors import ConfigError
-from .history import RoundRecord
+from .history import NUMBERS, RoundRecord
 from .reductions import PartialSum, Update
 
 if TYPE_CHECKING:  # config imports this module for TrackingSettings
@@ -43,18 +43,6 @@ class TrackingSettings:
 
 INSTALL = "pip install 'fedforge[tracking]'"
 
-# The RoundRecord's numeric fields; record.metrics holds the rest (test_r2, epsilon, bytes_up, ...).
-FIELDS = (
-    "test_loss",
-    "test_accuracy",
-    "train_loss",
-    "train_accuracy",
-    "federated_loss",
-    "federated_accuracy",
-    "global_train_loss",
-    "seconds",
-    "train_seconds",
-)
 ARTIFACTS = ("model.pt", "accuracy.png")
 
 
@@ -76,7 +64,7 @@ class Tracker(Protocol):
 
 def scalars(record: RoundRecord) -> dict[str, float]:
     """Every number of `record` that is set and finite, by its name in history.json."""
-    values = {name: getattr(record, name) for name in FIELDS} | dict(record.metrics)
+    values = {name: getattr(record, name) for name in NUMBERS} | dict(record.metrics)
     return {name: float(v) for name, v in values.items() if v is not None and math.isfinite(v)}
 
 
