@@ -39,7 +39,8 @@ class Request:
             targets that column becomes (a task's `targets`, through `tasks.TARGETS`).
         seed: the run's seed (synthetic draws its data from it).
         num_clients: synthetic's devices.
-        synthetic_alpha, synthetic_beta: synthetic(alpha, beta)'s parameters.
+        synthetic_alpha: synthetic(alpha, beta)'s alpha (how much the devices' models differ).
+        synthetic_beta: synthetic(alpha, beta)'s beta (how much the devices' inputs differ).
     """
 
     data_dir: str | os.PathLike | None = None
