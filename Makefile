@@ -48,8 +48,8 @@ test: install data browser
 	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(VENV)/.lint
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy src
 
 # docs/cli.md is written from the command line's parser (tests/test_docs.py checks it is current);

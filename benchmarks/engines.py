@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import random
@@ -248,7 +249,7 @@ def _tasks_case(name: str):
             else nn.Sequential(nn.Embedding(80, 32), nn.Linear(32, 80))
         )
     bounds = np.concatenate([[0], np.cumsum(sizes)])
-    parts = [np.arange(a, b) for a, b in zip(bounds, bounds[1:])]
+    parts = [np.arange(a, b) for a, b in itertools.pairwise(bounds)]
     return model, FederatedData(data, parts, None), ClientConfig(batch_size=batch, lr=0.001, task=task), per_round
 
 

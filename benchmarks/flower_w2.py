@@ -68,7 +68,7 @@ def mlp() -> nn.Module:
 
 
 def set_weights(model: nn.Module, weights) -> None:
-    model.load_state_dict({k: torch.from_numpy(np.copy(w)) for k, w in zip(model.state_dict(), weights)})
+    model.load_state_dict({k: torch.from_numpy(np.copy(w)) for k, w in zip(model.state_dict(), weights, strict=True)})
 
 
 class Client(NumPyClient):

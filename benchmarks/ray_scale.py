@@ -146,7 +146,7 @@ class MemoryPeak:
     def _sample(self):
         while not self._stop.is_set():
             pids = _descendants(self.root)
-            rss, anon = (sum(values) for values in zip(*map(_memory, pids)))
+            rss, anon = (sum(values) for values in zip(*map(_memory, pids), strict=True))
             self.rss, self.anon = max(self.rss, rss), max(self.anon, anon)
             self.processes = max(self.processes, len(pids))
             self._stop.wait(self.interval)
@@ -266,7 +266,10 @@ def main() -> None:
                     f"W2   flower/ray: {f['per_round'] / ray['per_round']:.1f}x per round, "
                     f"{f['peak_rss_gib'] / ray['peak_rss_gib']:.2f}x peak RSS, "
                     f"{f['peak_anon_gib'] / ray['peak_anon_gib']:.2f}x peak anon; run by run: "
-                    + ", ".join(f"{a['per_round'] / b['per_round']:.1f}x" for a, b in zip(runs["flower"], runs["ray"])),
+                    + ", ".join(
+                        f"{a['per_round'] / b['per_round']:.1f}x"
+                        for a, b in zip(runs["flower"], runs["ray"], strict=True)
+                    ),
                     flush=True,
                 )
             if "ray" not in runs:

@@ -496,7 +496,8 @@ def main() -> None:
         + ", ".join(f"{results[n, 'plain']['up']:,.0f}" for n in ns)
         + f"); beyond the masked vector ({masked:,} B): "
         + ", ".join(
-            f"{(results[n, 'secure']['up'] - masked) / degree_for(n, None):,.0f} B per neighbour x {degree_for(n, None)}"
+            f"{(results[n, 'secure']['up'] - masked) / degree_for(n, None):,.0f} B per neighbour"
+            f" x {degree_for(n, None)}"
             for n in ns
         )
         + "."

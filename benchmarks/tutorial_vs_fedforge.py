@@ -3,7 +3,8 @@
 The tutorial's style: a Dataset that converts every sample on access (ToTensor + Normalize),
 one DataLoader per client (batch 32, shuffled), a deepcopy of the global model per client,
 torch.optim.SGD, an unweighted state_dict average (clients are equal-sized here, so it equals
-FedAvg), and a DataLoader over the test set (batch 128). fedforge runs with its `sequential` engine (one client after another, as the tutorial) and
+FedAvg), and a DataLoader over the test set (batch 128). fedforge runs with its `sequential`
+engine (one client after another, as the tutorial) and
 its default `vectorized` engine (the selected clients trained together). The per-sample
 transform is done with
 numpy instead of PIL (no torchvision here), which is less work than torchvision does: the

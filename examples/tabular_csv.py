@@ -26,7 +26,7 @@ def write_csv(path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*bunch.feature_names, "progression"])
-        writer.writerows([*row, target] for row, target in zip(bunch.data.tolist(), bunch.target.tolist()))
+        writer.writerows([*row, target] for row, target in zip(bunch.data.tolist(), bunch.target.tolist(), strict=True))
 
 
 def main(rounds: int, out_dir: str) -> int:
