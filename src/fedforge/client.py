@@ -369,9 +369,9 @@ class ClientSettings:
     )
     local_epochs: int = option(1, "local epochs per round")
     batch_size: int = option(32, "local batch size")
-    lr: float = option(0.01, "client SGD learning rate")
-    momentum: float = option(0.0, "client SGD momentum")
-    weight_decay: float = option(0.0, "client SGD weight decay")
+    lr: float = option(0.01, "client learning rate")
+    momentum: float = option(0.0, "client SGD momentum (SGD only)")
+    weight_decay: float = option(0.0, "client weight decay")
 
     def __post_init__(self):
         check_choices(self, ClientSettings)
