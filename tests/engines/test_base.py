@@ -99,6 +99,47 @@ def test_an_engine_that_does_not_subclass_the_base_is_adopted_with_what_it_decla
         as_engine(object())
 
 
+class Messaging:
+    """An engine as written before the base class that sends messages: it counts their bytes in
+    `bytes_up` and `bytes_down`, and holds something until `close()`."""
+
+    name = "messaging"
+
+    def __init__(self):
+        self.bytes_up, self.bytes_down, self.closed = 0, 0, False
+
+    def run(self, model, global_state, tasks, config):
+        for update in SequentialEngine().run(model, global_state, tasks, config):
+            self.bytes_up, self.bytes_down = self.bytes_up + 10, self.bytes_down + 1
+            yield update
+
+    def close(self):
+        self.closed = True
+
+
+class Reporting(Plain):
+    """An engine that does not subclass the base but has its `traffic()` method."""
+
+    def traffic(self):
+        return Traffic(7, 5)
+
+
+def test_an_adopted_engine_passes_on_its_traffic_and_its_close():
+    engine = Messaging()
+    counted = run(engine)
+    assert [r.metrics for r in counted.history.records] == [
+        {},
+        {"bytes_up": 30, "bytes_down": 3},
+        {"bytes_up": 30, "bytes_down": 3},
+    ]
+    adopted = as_engine(engine)
+    assert adopted.traffic() == Traffic(60, 6) and not engine.closed
+    adopted.close()
+    assert engine.closed
+    assert as_engine(Reporting()).traffic() == Traffic(7, 5)
+    as_engine(Plain()).close()  # nothing to close: nothing happens
+
+
 def test_traffic_since_is_the_difference():
     assert Traffic(50, 7).since(Traffic(20, 2)) == {"bytes_up": 30, "bytes_down": 5}
 
