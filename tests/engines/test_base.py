@@ -15,6 +15,8 @@ from fedforge.engines import AutoEngine, Engine, SequentialEngine, VectorizedEng
 from fedforge.engines.base import Traffic, as_engine
 from fedforge.engines.network import NetworkEngine
 from fedforge.engines.ray import RayEngine
+from fedforge.reductions import combine_updates
+from fedforge.strategies import Median
 
 
 def problem():
@@ -138,6 +140,23 @@ def test_an_adopted_engine_passes_on_its_traffic_and_its_close():
     assert engine.closed
     assert as_engine(Reporting()).traffic() == Traffic(7, 5)
     as_engine(Plain()).close()  # nothing to close: nothing happens
+
+
+class Summing(Engine):
+    """An engine that sums the round's updates whether or not its tasks allow it (`summable`)."""
+
+    name = "summing"
+
+    def run(self, model, global_state, tasks, config):
+        yield combine_updates(SequentialEngine().run(model, global_state, tasks, config))
+
+
+def test_a_partial_sum_where_no_engine_may_sum_is_refused():
+    with pytest.raises(
+        TypeError, match=r"^the engine sent a partial sum of clients \(\d+, \d+, \d+\) where it may not$"
+    ):
+        run(Summing(), strategy=Median())
+    assert_same_run(run(), run(Summing()))  # FedAvg is linear: it takes the partial sum
 
 
 def test_traffic_since_is_the_difference():
