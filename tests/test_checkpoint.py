@@ -8,6 +8,7 @@ its (unkeyed) SHA-256 recomputed, so the file passes its checksum.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -15,11 +16,13 @@ import logging
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from fedforge.cli import main
+from fedforge.strategies import StrategyState
 
 BASE = ["--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3", "--model", "logreg", "-q"]
 # A private run that stops at its budget after a few rounds (fixed-size sampling: RDP, fast).
@@ -151,6 +154,21 @@ def _velocity(payload):
     payload["extras"]["velocity"]["1.weight"] = torch.zeros(3, 3)
 
 
+def _moments(payload):
+    payload["extras"] = {"m": {}, "v": {}}
+    payload["extras_kind"] = "fedforge.strategies.state.Moments"
+
+
+def _kindless(change):
+    """`change`, in a checkpoint written before the state's kind was stored (format 2 all the same)."""
+
+    def edit(payload):
+        payload.pop("extras_kind")
+        change(payload)
+
+    return edit
+
+
 def _drop_weight(payload):
     del payload["params"]["1.bias"]
 
@@ -196,11 +214,23 @@ EDITS = {
         "its privacy state is not a table with an accountant",
     ),
     "a strategy state of another strategy": (
-        _set("extras", {"m": {}, "v": {}}),
+        _moments,
         "its strategy state is Moments, this run's strategy keeps Momentum",
     ),
-    "a strategy state of no kind": (
+    "a strategy state of another strategy, its kind not stored": (
+        _kindless(_set("extras", {"m": {}, "v": {}})),
+        "its strategy state is Moments, this run's strategy keeps Momentum",
+    ),
+    "a strategy state that is not its kind's": (
         _set("extras", {"velocity": {}, "speed": {}}),
+        "its strategy state, a fedforge.strategies.state.Momentum, holds speed, velocity, not velocity",
+    ),
+    "a strategy state of an unknown kind": (
+        _set("extras_kind", "mine.Gone"),
+        "its strategy state is a mine.Gone, which is not defined here (import its module)",
+    ),
+    "a strategy state of no kind, its kind not stored": (
+        _kindless(_set("extras", {"velocity": {}, "speed": {}})),
         "its strategy state holds speed, velocity: no kind of state",
     ),
 }
@@ -418,6 +448,21 @@ def test_an_older_fedforges_checkpoint_resumes_with_a_warning_and_its_values_che
     assert code == 2 and "its round -1 is not a round" in err.strip().splitlines()[-1]
 
 
+def test_a_state_of_ones_own_with_momentums_fields_does_not_stop_a_fedavgm_resume(capsys, run_dir):
+    @dataclass(frozen=True)
+    class Mine(StrategyState):
+        velocity: dict
+
+    code, _, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
+    assert code == 0, err
+    # One written before the kind was stored still resumes by its field names, while it is the only such kind.
+    del Mine
+    gc.collect()
+    rewrite(run_dir / "checkpoint.pt", lambda payload: payload.pop("extras_kind"))
+    code, _, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "4")
+    assert code == 0, err
+
+
 def test_config_toml_edited_to_another_setting_is_refused(capsys, run_dir):
     path = run_dir / "config.toml"
     path.write_text(path.read_text().replace("seed = 0\n", "seed = 1\n"))
@@ -432,7 +477,8 @@ def test_config_toml_edited_to_another_setting_is_refused(capsys, run_dir):
 def test_a_checkpoint_holds_the_global_state_and_no_clients_update(run_dir):
     data = (run_dir / "checkpoint.pt").read_bytes()
     payload = torch.load(io.BytesIO(data[data.index(b"\n") + 1 + 32 :]), weights_only=True)
-    assert set(payload) == {"params", "round", "extras", "run", "privacy", "history", "settings"}
+    assert set(payload) == {"params", "round", "extras", "extras_kind", "run", "privacy", "history", "settings"}
+    assert payload["extras_kind"] == "fedforge.strategies.state.Momentum"
     model = torch.load(run_dir / "model.pt", weights_only=True)
     assert payload["params"].keys() == model.keys()
     assert all(torch.equal(payload["params"][k], model[k]) for k in model)  # the global model, as published

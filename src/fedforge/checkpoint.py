@@ -2,10 +2,12 @@
 
 The file is CHECKPOINT_MAGIC, the SHA-256 of the rest, then torch.save's bytes of plain values
 (tensors, numbers, strings, dicts): the server state (weights, round, the strategy's own state
-as a table of its fields under "extras", the run's facts, the privacy stage's accountant and clip
-bound), the history so far, and the settings that define the run's result (`result_settings`), its
-identity. The typed states (`strategies.state`, `privacy.PrivacyRunState`) are written as the same
-plain tables that format 2 held before they were typed, so every format-2 checkpoint reads alike.
+as a table of its fields under "extras" and its class's qualified name under "extras_kind", the
+run's facts, the privacy stage's accountant and clip bound), the history so far, and the settings
+that define the run's result (`result_settings`), its identity. The typed states
+(`strategies.state`, `privacy.PrivacyRunState`) are written as the same plain tables that format 2
+held before they were typed, so every format-2 checkpoint reads alike (one without "extras_kind"
+finds its state's kind by the table's field names).
 
 `check_checkpoint` holds every value of a checkpoint against the run that is to continue from
 it, before anything runs (before the server listens): its settings, round, history, weights'
@@ -130,6 +132,8 @@ def save_checkpoint(
             "params": {k: v.cpu() for k, v in state.params.items()},
             "round": state.round,
             "extras": state.strategy_state.to_dict() if state.strategy_state is not None else {},
+            # Its class, so that a state of one's own with the same field names is not mistaken for it.
+            "extras_kind": state.strategy_state.kind() if state.strategy_state is not None else None,
             "run": dataclasses.asdict(state.run) if state.run else None,
             "privacy": state.privacy.to_dict() if state.privacy is not None else None,
             "history": history.to_json(),
@@ -186,7 +190,7 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
         state = ServerState(
             dict(saved["params"]),
             saved["round"],
-            StrategyState.from_dict(saved["extras"]),
+            StrategyState.from_dict(saved["extras"], saved.get("extras_kind")),
             run,
             _privacy_state(saved.get("privacy")),
         )

@@ -6,7 +6,9 @@
 `_run_clients`, `_transform`, `_aggregate`, retried with a new selection when too few clients
 report), `_begin_ahead` (an engine that works ahead starts the next round now), `_evaluate` and
 `_record`. The stages read one frozen `_Run`; what changes from round to round (the server
-state, the clients' optimizer states) is passed from stage to stage.
+state, the clients' optimizer states) is passed from stage to stage. A round's updates are never
+held all at once: they stream through `_transform` into `_aggregate`, one by one as they arrive,
+and `_Tally` keeps what the round needs of them as they pass (optimizer states, training metrics).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeGuard, cast
+from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from .evaluation import Evaluation, evaluate
 from .history import History, RoundRecord
 from .privacy.run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
 from .privacy.sampling import poisson_sample
-from .reductions import Update
+from .reductions import Update, example_weighted
 from .scenarios import Scenario, attack_update, client_work, label_flipped, malicious_clients
 from .strategies import FedAvg, LinearStrategy, RunInfo, ServerState, Strategy
 
@@ -142,26 +144,33 @@ class _Evaluated:
 
 
 class _Tally:
-    """Passes updates through, keeping their example-weighted training metrics."""
+    """What a round keeps of its updates as they stream past, one by one: each client's new
+    optimizer state as it arrives from the engine, and the training metrics of each update as it
+    goes into the aggregate (their example-weighted means), which `on_client` hears of."""
 
     def __init__(self, on_client: Callable[[Update], None] | None):
         self.on_client = on_client
-        self.examples = 0
-        self.sums: dict[str, float] = {}
+        self.optimizer_states: dict[int, OptimizerState] = {}
+        self.metrics: list[tuple[Mapping[str, float | None], int]] = []
 
-    def tap(self, updates: Iterable[Update]) -> Iterator[Update]:
+    def arrived(self, updates: Iterable[Update]) -> Iterator[Update]:
+        """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
         for update in updates:
-            self.examples += update.num_examples
-            metrics = update.training_metrics()
-            for name, value in metrics.items():
-                if value is not None:
-                    self.sums[name] = self.sums.get(name, 0.0) + value * update.num_examples
+            if isinstance(update, ClientUpdate) and update.optimizer_state is not None:
+                self.optimizer_states[update.client_id] = update.optimizer_state
+            yield update
+
+    def aggregated(self, updates: Iterable[Update]) -> Iterator[Update]:
+        """Passes updates through, keeping their training metrics and examples."""
+        for update in updates:
+            self.metrics.append((update.training_metrics(), update.num_examples))
             if self.on_client is not None:
                 self.on_client(update)
             yield update
 
     def means(self) -> dict[str, float]:
-        return {name: total / self.examples for name, total in self.sums.items()} if self.examples else {}
+        """The training metrics' means over the updates aggregated, weighted by their examples."""
+        return example_weighted(self.metrics)
 
 
 def simulate(
@@ -184,9 +193,10 @@ def simulate(
     privacy: DifferentialPrivacy | None = None,
     sampling: str = "fixed",
 ) -> SimulationResult:
-    """Run federated training of `model` (its weights the initial global model; it is not changed)
-    over `data` for `rounds` rounds; the selected clients, their batches and so the final weights
-    depend only on `seed` and the inputs, not on the engine (`engine`: any `Engine`).
+    """Run federated training of `model` (its weights the initial global model; they are not
+    changed, but the model is moved to the data's device, in place) over `data` for `rounds`
+    rounds; the selected clients, their batches and so the final weights depend only on `seed`
+    and the inputs, not on the engine (`engine`: any `Engine`).
 
     Each round: select and plan -> run the clients -> transform (attacks, client-side privacy) ->
     aggregate (server-side privacy, then the strategy) -> evaluate -> record; one function each.
@@ -353,16 +363,21 @@ def _train_round(
         if attempt > 0 or ahead is None:  # only a first attempt is begun ahead
             ahead = _run_clients(run, state, _select_and_plan(run, state, r, attempt, optimizer_states))
         begun, ahead = ahead, None
-        kept: dict[int, OptimizerState] = {}
+        # The updates stream through the stages once, as they arrive: the server never holds them all.
         tally = _Tally(run.settings.on_client)
         try:
-            aggregated = _aggregate(run, state, tally.tap(_transform(run, begun.updates, r, kept)), r)
+            updates = tally.arrived(begun.updates)  # each client's new optimizer state kept
+            updates = _transform(run, updates, r)  # attacks, client-side privacy
+            updates = tally.aggregated(updates)  # training metrics, on_client
+            aggregated = _aggregate(run, state, updates, r)  # server-side privacy, the strategy
         except RoundFailed as e:
             log.warning("round %d, attempt %d failed (%s); retrying with a new selection", r, attempt + 1, e)
             failure = e
             continue
         # Only a round that counts moves the clients' optimizers on.
-        return _Trained(aggregated, begun.selected, begun.dropped, tally.means(), kept, time.perf_counter())
+        return _Trained(
+            aggregated, begun.selected, begun.dropped, tally.means(), tally.optimizer_states, time.perf_counter()
+        )
     raise FedforgeError(f"round {r} failed {run.settings.max_round_attempts} times; the last attempt: {failure}")
 
 
@@ -414,27 +429,27 @@ def _run_clients(run: _Run, state: ServerState, planned: _Planned) -> _Begun:
     return _Begun(planned.selected, planned.dropped, updates)
 
 
-def _transform(run: _Run, updates: Iterable[Update], r: int, kept: dict[int, OptimizerState]) -> Iterator[Update]:
-    """Each update as the server receives it: its client's new optimizer state put in `kept`;
-    a malicious client's as its attack makes it; under differential privacy in client or local
-    mode, clipped (and noised) as the clients do before sending, when the engine's clients do not."""
-    updates = _keep_optimizer_states(updates, kept)
+def _transform(run: _Run, updates: Iterable[Update], r: int) -> Iterator[Update]:
+    """Each update as the server receives it: a malicious client's as its attack makes it; under
+    differential privacy in client or local mode, clipped (and noised) as the clients do before
+    sending, when the engine's clients do not."""
     updates = (
         attack_update(update, run.scenario, run.seed, r) if _attacker(update, run) else update for update in updates
     )
     if run.dp is not None and run.dp.settings.mode != "central" and not run.engine.clients_privatize:
         # No partial sums under differential privacy: `_setup` lets no engine sum then.
-        updates = run.dp.on_clients(cast(Iterable[ClientUpdate], updates), r)
+        updates = run.dp.on_clients(_each_client(updates), r)
     return updates
 
 
 def _aggregate(run: _Run, state: ServerState, updates: Iterable[Update], r: int) -> ServerState:
     """The next state: under differential privacy the server's part first (clip, noise the sum,
     the accountant spends the round), then the strategy."""
-    if run.dp is None:  # partial sums come only for a linear strategy, which takes them
-        return run.strategy.aggregate(state, cast(Iterable[ClientUpdate], updates))
-    # `_setup` (privacy.check) refused a strategy that is not linear.
-    return run.dp.aggregate(cast(LinearStrategy, run.strategy), state, updates, r)
+    strategy = run.strategy
+    if isinstance(strategy, LinearStrategy):  # it takes partial sums, which engines send only for one
+        return strategy.aggregate(state, updates) if run.dp is None else run.dp.aggregate(strategy, state, updates, r)
+    # Not linear: no differential privacy (`_setup`'s privacy.check refused it), no partial sums.
+    return strategy.aggregate(state, _each_client(updates))
 
 
 def _begin_ahead(run: _Run, state: ServerState, optimizer_states: Mapping[int, OptimizerState]) -> _Begun | None:
@@ -506,11 +521,11 @@ def _traffic(engine: Engine, before: Traffic | None) -> dict[str, int]:
     return after.since(before) if after is not None and before is not None else {}
 
 
-def _keep_optimizer_states(updates: Iterable[Update], kept: dict) -> Iterator[Update]:
-    """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
+def _each_client(updates: Iterable[Update]) -> Iterator[ClientUpdate]:
+    """The updates, each a client's own: where no engine may sum (`ClientTask.summable` False)."""
     for update in updates:
-        if isinstance(update, ClientUpdate) and update.optimizer_state is not None:
-            kept[update.client_id] = update.optimizer_state
+        if not isinstance(update, ClientUpdate):
+            raise TypeError(f"the engine sent a partial sum of clients {update.client_ids} where it may not")
         yield update
 
 

@@ -15,6 +15,8 @@ from fedforge.engines import AutoEngine, Engine, SequentialEngine, VectorizedEng
 from fedforge.engines.base import Traffic, as_engine
 from fedforge.engines.network import NetworkEngine
 from fedforge.engines.ray import RayEngine
+from fedforge.reductions import combine_updates
+from fedforge.strategies import Median
 
 
 def problem():
@@ -97,6 +99,64 @@ def test_an_engine_that_does_not_subclass_the_base_is_adopted_with_what_it_decla
     assert_same_run(run(), run(Plain()))
     with pytest.raises(TypeError, match="run"):
         as_engine(object())
+
+
+class Messaging:
+    """An engine as written before the base class that sends messages: it counts their bytes in
+    `bytes_up` and `bytes_down`, and holds something until `close()`."""
+
+    name = "messaging"
+
+    def __init__(self):
+        self.bytes_up, self.bytes_down, self.closed = 0, 0, False
+
+    def run(self, model, global_state, tasks, config):
+        for update in SequentialEngine().run(model, global_state, tasks, config):
+            self.bytes_up, self.bytes_down = self.bytes_up + 10, self.bytes_down + 1
+            yield update
+
+    def close(self):
+        self.closed = True
+
+
+class Reporting(Plain):
+    """An engine that does not subclass the base but has its `traffic()` method."""
+
+    def traffic(self):
+        return Traffic(7, 5)
+
+
+def test_an_adopted_engine_passes_on_its_traffic_and_its_close():
+    engine = Messaging()
+    counted = run(engine)
+    assert [r.metrics for r in counted.history.records] == [
+        {},
+        {"bytes_up": 30, "bytes_down": 3},
+        {"bytes_up": 30, "bytes_down": 3},
+    ]
+    adopted = as_engine(engine)
+    assert adopted.traffic() == Traffic(60, 6) and not engine.closed
+    adopted.close()
+    assert engine.closed
+    assert as_engine(Reporting()).traffic() == Traffic(7, 5)
+    as_engine(Plain()).close()  # nothing to close: nothing happens
+
+
+class Summing(Engine):
+    """An engine that sums the round's updates whether or not its tasks allow it (`summable`)."""
+
+    name = "summing"
+
+    def run(self, model, global_state, tasks, config):
+        yield combine_updates(SequentialEngine().run(model, global_state, tasks, config))
+
+
+def test_a_partial_sum_where_no_engine_may_sum_is_refused():
+    with pytest.raises(
+        TypeError, match=r"^the engine sent a partial sum of clients \(\d+, \d+, \d+\) where it may not$"
+    ):
+        run(Summing(), strategy=Median())
+    assert_same_run(run(), run(Summing()))  # FedAvg is linear: it takes the partial sum
 
 
 def test_traffic_since_is_the_difference():

@@ -66,8 +66,8 @@ def test_two_updates_by_hand():
 def test_a_metric_some_clients_lack_counts_as_the_tally_counts_it():
     a, b = update(1, [1.0, 0, 0], 2, loss=1.0), update(2, [0, 1.0, 0], 2, loss=3.0, accuracy=0.5)
     tally_of_each, tally_of_one = _Tally(None), _Tally(None)
-    list(tally_of_each.tap([a, b]))
-    list(tally_of_one.tap([combine_updates([a, b])]))
+    list(tally_of_each.aggregated([a, b]))
+    list(tally_of_one.aggregated([combine_updates([a, b])]))
     assert tally_of_one.means() == pytest.approx(tally_of_each.means())  # accuracy: 0.5 * 2 / 4, as the tally says
 
 
@@ -91,9 +91,9 @@ def test_the_mean_of_partial_sums_is_the_mean_of_the_updates(clients, data):
     mean_combined, _ = weighted_mean_delta(combined, LIKE)
     torch.testing.assert_close(mean_combined, mean_each)
     tallies = _Tally(None), _Tally(None)
-    list(tallies[0].tap(updates))
-    list(tallies[1].tap(combined))
-    assert tallies[1].examples == tallies[0].examples
+    list(tallies[0].aggregated(updates))
+    list(tallies[1].aggregated(combined))
+    assert sum(n for _, n in tallies[1].metrics) == sum(n for _, n in tallies[0].metrics)
     assert tallies[1].means() == pytest.approx(tallies[0].means(), rel=1e-12)
     assert sorted(i for c in combined for i in c.client_ids) == list(range(count))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -59,3 +61,26 @@ def test_scaffold_keeps_each_clients_control_in_its_typed_state():
     assert isinstance(state.strategy_state, Controls) and state.strategy_state.client_controls == {}
     plan = strategy.plan(state, 2)
     assert plan.correction["w"].tolist() == [0.0]
+
+
+def test_a_state_of_ones_own_with_the_same_fields_does_not_hide_momentum():
+    @dataclass(frozen=True)
+    class Mine(StrategyState):
+        velocity: dict
+
+    table = Momentum({"w": torch.ones(2)}).to_dict()
+    assert Momentum({"w": torch.ones(2)}).kind() == "fedforge.strategies.state.Momentum"
+    assert type(StrategyState.from_dict(table, "fedforge.strategies.state.Momentum")) is Momentum
+    assert type(StrategyState.from_dict(table, Mine(velocity={}).kind())) is Mine
+    # A table written before kinds were stored: its field names are all it has to tell.
+    with pytest.raises(ConfigError, match=r"^its strategy state holds velocity: more than one kind of state$"):
+        StrategyState.from_dict(table)
+
+
+def test_a_state_whose_kind_is_unknown_or_not_its_fields_is_refused():
+    with pytest.raises(ConfigError, match=r"^its strategy state is a mine.Gone, which is not defined here"):
+        StrategyState.from_dict({"velocity": {}}, "mine.Gone")
+    with pytest.raises(
+        ConfigError, match=r"^its strategy state, a fedforge.strategies.state.Momentum, holds m, v, not velocity$"
+    ):
+        StrategyState.from_dict({"m": {}, "v": {}}, "fedforge.strategies.state.Momentum")

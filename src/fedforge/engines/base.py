@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,7 +102,8 @@ class Engine(ABC):
 
 class _Adopted(Engine):
     """A user's engine that does not subclass Engine (an object with `name` and `run`, as engines
-    were written before the base class), with the capabilities its class declares as attributes."""
+    were written before the base class), with the capabilities its class declares as attributes,
+    its `traffic()` (or, as engines counted before, its `bytes_up` and `bytes_down`) and its `close()`."""
 
     def __init__(self, engine: Any):
         self.engine = engine
@@ -110,16 +111,31 @@ class _Adopted(Engine):
         # Read once here, so that the round loop never probes an engine.
         self.works_ahead = bool(getattr(engine, "works_ahead", False))
         self.clients_privatize = bool(getattr(engine, "clients_privatize", False))
+        traffic = getattr(engine, "traffic", None)
+        counts = hasattr(engine, "bytes_up")
+        self._traffic: Callable[[], Traffic | None] | None = (
+            traffic if callable(traffic) else (lambda: Traffic(engine.bytes_up, engine.bytes_down)) if counts else None
+        )
+        close = getattr(engine, "close", None)
+        self._close: Callable[[], object] | None = close if callable(close) else None
 
     def run(
         self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
     ) -> Iterator[Update]:
         return self.engine.run(model, global_state, tasks, config)
 
+    def traffic(self) -> Traffic | None:
+        return self._traffic() if self._traffic is not None else None
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
 
 def as_engine(engine: Any) -> Engine:
     """`engine` itself when it is an Engine; else (any object with a `run` of Engine's signature)
-    adopted as one, with the `works_ahead` and `clients_privatize` its class declares."""
+    adopted as one, with the `works_ahead` and `clients_privatize` its class declares, and its
+    `traffic()` and `close()` when it has them."""
     if isinstance(engine, Engine):
         return engine
     if not callable(getattr(engine, "run", None)):

@@ -1,9 +1,10 @@
 """The strategies' own server state, one small frozen dataclass per kind.
 
 `ServerState.strategy_state` holds one of these (None for a strategy without state of its own,
-FedAvg's family). A checkpoint stores `to_dict()`, a table of its fields by name, and reads it
-back with `StrategyState.from_dict`, which finds the kind by its field names (the same layout
-checkpoints held before the state was typed, so older ones read alike).
+FedAvg's family). A checkpoint stores `to_dict()`, a table of its fields by name, beside `kind()`,
+its class's qualified name, and reads it back with `StrategyState.from_dict`, which finds the class
+by that name. Checkpoints written before the kind was stored have only the table: their kind is
+the one class with exactly those field names.
 """
 
 from __future__ import annotations
@@ -25,17 +26,36 @@ class StrategyState:
         """Its fields by name, the values as they are (the checkpoint's layout)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
+    def kind(self) -> str:
+        """Its class's qualified name, e.g. "fedforge.strategies.state.Momentum" (stored beside `to_dict()`)."""
+        return _name(type(self))
+
     @staticmethod
-    def from_dict(values: Mapping[str, Any]) -> StrategyState | None:
-        """The state whose kind has exactly these field names (None for an empty table)."""
+    def from_dict(values: Mapping[str, Any], kind: str | None = None) -> StrategyState | None:
+        """The state of class `kind` (a `kind()`) with these fields; without `kind` (a checkpoint
+        written before kinds were stored), the one class with exactly these field names. None for an
+        empty table."""
         if not values:
             return None
         names = set(values)
+        held = ", ".join(sorted(map(str, names)))
+        if kind is not None:
+            cls = next((c for c in _kinds(StrategyState) if _name(c) == kind), None)
+            if cls is None:
+                raise ConfigError(f"its strategy state is a {kind}, which is not defined here (import its module)")
+            fields = {f.name for f in dataclasses.fields(cls)}
+            if names != fields:
+                raise ConfigError(f"its strategy state, a {kind}, holds {held}, not {', '.join(sorted(fields))}")
+            return cls(**values)
         kinds = [cls for cls in _kinds(StrategyState) if {f.name for f in dataclasses.fields(cls)} == names]
         if len(kinds) != 1:
             found = "no" if not kinds else "more than one"
-            raise ConfigError(f"its strategy state holds {', '.join(sorted(map(str, names)))}: {found} kind of state")
+            raise ConfigError(f"its strategy state holds {held}: {found} kind of state")
         return kinds[0](**values)
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _kinds(cls: type) -> list[type]:
