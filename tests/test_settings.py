@@ -100,7 +100,7 @@ def test_a_strategy_of_ones_own_in_a_comparison(tmp_path, monkeypatch, capsys):
     [
         ("'no_such_module:Noted'", "cannot import strategy 'no_such_module:Noted'"),
         ("'own_strategy_bad:Nothing'", "own_strategy_bad has no 'Nothing'"),
-        ("'own_strategy_bad:Noted'\nmu = 1", r"unknown key 'mu' in \[strategy\]; did you mean 'proximal_mu'"),
+        ("'own_strategy_bad:Noted'\nserver_l = 1", r"has no option 'server_l'; did you mean 'server_lr'"),
     ],
 )
 def test_a_strategy_of_ones_own_that_cannot_be_used_is_one_line(tmp_path, monkeypatch, option, message):
@@ -150,3 +150,71 @@ def test_the_example_deployment_files_are_read_whole(tmp_path, monkeypatch, caps
     assert code == 2 and "cannot read certs/server.key" in err, err
     code, err = fedforge(capsys, "client", "--config", str(EXAMPLES / "client.toml"))
     assert code == 2 and "token file client-0.token not found" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, toml",
+    [
+        (["--strategy", "fedavg", "--proximal-mu", "0.5"], None),
+        ([], "[strategy]\nname = 'fedavg'\nproximal_mu = 0.5\n"),
+        (["--strategy", "fedavg"], "proximal_mu = 0.5\n"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "server"])
+def test_an_option_the_strategy_does_not_take_is_refused(tmp_path, capsys, command, argv, toml):
+    if toml is not None:
+        (tmp_path / "exp.toml").write_text(toml)
+        argv = [*argv, "--config", str(tmp_path / "exp.toml")]
+    code, err = fedforge(capsys, command, *argv, "--out-dir", str(tmp_path))
+    assert code == 2
+    assert "proximal_mu is an option of fedprox, not of fedavg" in err
+
+
+HALF = """
+from dataclasses import dataclass
+
+from fedforge.strategies import FedAvg
+
+
+@dataclass(frozen=True)
+class Half(FedAvg):
+    fraction: float = 0.5
+"""
+
+
+def _half(tmp_path, monkeypatch, module: str) -> str:
+    import sys
+
+    (tmp_path / f"{module}.py").write_text(HALF)
+    sys.modules.pop(module, None)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{module}:Half"
+
+
+def test_a_strategy_of_ones_own_takes_its_options_from_the_file_and_the_flags(tmp_path, monkeypatch):
+    name = _half(tmp_path, monkeypatch, "own_half_options")
+    (tmp_path / "exp.toml").write_text(f"[strategy]\nname = '{name}'\nfraction = 0.25\n")
+    assert Config.load(tmp_path / "exp.toml").strategy_object().fraction == 0.25
+    (tmp_path / "bare.toml").write_text("[strategy]\nfraction = 0.125\n")  # the strategy named by a flag
+    config = Config.load(tmp_path / "bare.toml", {"strategy": name})
+    assert config.strategy_object().fraction == 0.125
+    assert Config.from_dict({"strategy": name, "strategy_option": ["fraction=0.75"]}).strategy_object().fraction == 0.75
+    (tmp_path / "typo.toml").write_text(f"[strategy]\nname = '{name}'\nfractoin = 0.25\n")
+    with pytest.raises(ConfigError, match="has no option 'fractoin'; did you mean 'fraction'"):
+        Config.load(tmp_path / "typo.toml")
+
+
+def test_strategy_option_is_a_repeatable_flag(tmp_path, monkeypatch, capsys):
+    from fedforge.cli import build_parser
+
+    name = _half(tmp_path, monkeypatch, "own_half_flag")
+    for command in ("run", "compare", "server"):
+        args = build_parser().parse_args(
+            [command, "--strategy", name, "--strategy-option", "fraction=0.25", "--strategy-option", "x='a'"]
+        )
+        assert args.strategy_option == ["fraction=0.25", "x='a'"]
+    monkeypatch.chdir(tmp_path)
+    code, err = fedforge(capsys, "run", "-q", *SMALL, "--strategy", name, "--strategy-option", "fraction=0.25")
+    assert code == 0, err
+    saved = next((tmp_path / "runs").iterdir()) / "config.toml"
+    assert Config.load(saved).strategy_object().fraction == 0.25

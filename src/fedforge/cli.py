@@ -160,14 +160,17 @@ def _run_config(args: argparse.Namespace, file_values: dict | None = None) -> Co
     what the rounds compute may differ (EXECUTION_KEYS: more rounds, another engine, ...); any
     other is refused by name."""
     from .experiment import check_resumable
+    from .strategies.settings import check_given
 
     changes = settings(args.config) if file_values is None else file_values
     if not args.resume:
-        return Config(**{**changes, **checked_settings(_overrides(args), "command line")})
-    run_dir = Path(args.resume)
-    config = Config.load(run_dir / "config.toml", {**changes, **_overrides(args)})
-    config = config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
-    check_resumable(run_dir, config)
+        config = Config(**{**changes, **checked_settings(_overrides(args), "command line")})
+    else:
+        run_dir = Path(args.resume)
+        config = Config.load(run_dir / "config.toml", {**changes, **_overrides(args)})
+        config = config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
+        check_resumable(run_dir, config)
+    check_given([*changes, *_overrides(args)], config.strategy)
     return config
 
 
@@ -185,9 +188,9 @@ def _split_file(path: str | None, group: type, table: str) -> tuple[dict, dict]:
     server's: at the top or in the table `table`)."""
     if path is None:
         return {}, {}
-    from .config import read_toml
+    from .config import own_strategy_keys, read_toml
 
-    values = flatten(read_toml(path), {**GROUPS, table: group}, path, ALIASES)
+    values = flatten(own_strategy_keys(read_toml(path)), {**GROUPS, table: group}, path, ALIASES)
     own = {f.name for f in dataclasses.fields(group)}
     known = own | set(config_types())
     for key in values:

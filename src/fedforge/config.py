@@ -30,7 +30,8 @@ from .errors import ConfigError
 from .privacy.run import SAMPLINGS
 from .privacy.settings import PrivacySettings
 from .scenarios import ScenarioSettings
-from .strategies.settings import StrategySettings
+from .strategies import STRATEGIES
+from .strategies.settings import StrategySettings, option_entry
 from .tasks import TARGETS, TASKS, make_task
 from .tracking import TrackingSettings
 
@@ -175,8 +176,25 @@ def settings(path: str | Path | None = None, overrides: dict[str, Any] | None = 
     (known key, right type), not yet as a whole (`Config(**settings(...))` does that)."""
     values = {}
     if path is not None:
-        values = checked_settings(flatten(read_toml(path), GROUPS, str(path), ALIASES), str(path))
+        values = checked_settings(flatten(own_strategy_keys(read_toml(path)), GROUPS, str(path), ALIASES), str(path))
     return {**values, **checked_settings(overrides or {}, "command line")}
+
+
+def own_strategy_keys(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with the keys of its [strategy] that are no setting (a strategy of one's own's
+    options: `fraction = 0.25`) moved into [strategy]'s strategy_option (`"fraction=0.25"`), which
+    make_strategy checks against the options the strategy declares. Under a built-in's name they
+    stay: an unknown key there is refused as in any table."""
+    table = document.get("strategy")
+    if not isinstance(table, dict) or table.get("name") in STRATEGIES:
+        return document
+    known = {f.name for f in dataclasses.fields(StrategySettings)} | {"name"}
+    own = [option_entry(k, v) for k, v in table.items() if k not in known]
+    if not own:
+        return document
+    kept = {k: v for k, v in table.items() if k in known}
+    kept["strategy_option"] = [*kept.get("strategy_option", []), *own]
+    return {**document, "strategy": kept}
 
 
 def checked_settings(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -189,4 +207,14 @@ def config_types() -> dict[str, Any]:
     return field_types(Config)
 
 
-__all__ = ["ALIASES", "GROUPS", "Config", "RunSettings", "checked_settings", "parse_bytes", "read_toml", "settings"]
+__all__ = [
+    "ALIASES",
+    "GROUPS",
+    "Config",
+    "RunSettings",
+    "checked_settings",
+    "own_strategy_keys",
+    "parse_bytes",
+    "read_toml",
+    "settings",
+]
