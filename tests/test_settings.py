@@ -218,3 +218,16 @@ def test_strategy_option_is_a_repeatable_flag(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     saved = next((tmp_path / "runs").iterdir()) / "config.toml"
     assert Config.load(saved).strategy_object().fraction == 0.25
+
+
+def test_a_comparison_shares_a_strategy_option_with_the_runs_that_take_it(tmp_path, monkeypatch, capsys):
+    name = _half(tmp_path, monkeypatch, "own_half_compare")
+    monkeypatch.chdir(tmp_path)
+    shared = [*SMALL, "--strategies", "fedavg", name, "--out-dir", "runs", "-q"]
+    code, err = fedforge(capsys, "compare", *shared, "--strategy-option", "fractoin=0.25", "--name", "typo")
+    assert code == 2 and "strategy_option fractoin: no run's strategy takes it" in err
+    code, err = fedforge(capsys, "compare", *shared, "--strategy-option", "fraction=0.25", "--name", "c")
+    assert code == 0, err
+    saved = Config.load(tmp_path / "runs" / "c" / "own_half_compare_Half" / "config.toml")
+    assert saved.strategy_object().fraction == 0.25
+    assert Config.load(tmp_path / "runs" / "c" / "fedavg" / "config.toml").strategy_option == ()
