@@ -216,8 +216,10 @@ def test_strategy_option_is_a_repeatable_flag(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, err = fedforge(capsys, "run", "-q", *SMALL, "--strategy", name, "--strategy-option", "fraction=0.25")
     assert code == 0, err
-    saved = next((tmp_path / "runs").iterdir()) / "config.toml"
-    assert Config.load(saved).strategy_object().fraction == 0.25
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert Config.load(run_dir / "config.toml").strategy_object().fraction == 0.25
+    code, err = fedforge(capsys, "run", "-q", "--resume", str(run_dir), "--rounds", "3")  # the checkpoint holds it
+    assert code == 0, err
 
 
 def test_a_comparison_shares_a_strategy_option_with_the_runs_that_take_it(tmp_path, monkeypatch, capsys):
@@ -231,3 +233,17 @@ def test_a_comparison_shares_a_strategy_option_with_the_runs_that_take_it(tmp_pa
     saved = Config.load(tmp_path / "runs" / "c" / "own_half_compare_Half" / "config.toml")
     assert saved.strategy_object().fraction == 0.25
     assert Config.load(tmp_path / "runs" / "c" / "fedavg" / "config.toml").strategy_option == ()
+
+
+def test_the_checkpoint_key_file_and_quiet_are_keys_of_a_config_file(tmp_path, capsys):
+    (tmp_path / "key").write_text("k" * 32)
+    (tmp_path / "exp.toml").write_text(f"[run]\nquiet = true\ncheckpoint_key_file = '{tmp_path / 'key'}'\n")
+    assert Config.load(tmp_path / "exp.toml").quiet
+    code, err = fedforge(capsys, "run", *SMALL, "--config", str(tmp_path / "exp.toml"), "--out-dir", str(tmp_path))
+    assert code == 0, err
+    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
+    assert (run_dir / "checkpoint.pt").read_bytes().startswith(b"fedforge checkpoint 2 hmac\n")
+    saved = (run_dir / "config.toml").read_text()  # one who resumes gives the key again
+    assert "\ncheckpoint_key_file =" not in saved and "\nquiet =" not in saved
+    code, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
+    assert code == 2 and "is signed with a key: give its --checkpoint-key-file" in err

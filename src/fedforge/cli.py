@@ -65,9 +65,14 @@ def _flag_type(tp):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None) -> None:
-    """One flag per Config field (but the tracking flags, which have their own)."""
+    """One flag per Config field (but the tracking flags, which have their own, and -q/--quiet)."""
     names = [f.name for f in dataclasses.fields(Config) if keys is None or f.name in keys]
-    _add_flags(parser, Config, [k for k in names if k not in _TRACKING_KEYS])
+    _add_flags(parser, Config, [k for k in names if k not in (*_TRACKING_KEYS, "quiet")])
+
+
+def _add_quiet_flag(parser: argparse.ArgumentParser, help_: str) -> None:
+    """-q/--quiet: Config's quiet (a config file may give it), with its short form."""
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=help_)
 
 
 def _add_flags(parser: argparse.ArgumentParser, group: type, keys: Sequence[str] | None = None) -> None:
@@ -147,7 +152,8 @@ def _config(args: argparse.Namespace, keys: Sequence[str]) -> Config:
 
 _CONFIG_KEYS = [f.name for f in dataclasses.fields(Config)]
 # compare's own --target is the accuracy to reach: there a dataset's target column is set in --config.
-_COMPARE_KEYS = [k for k in _CONFIG_KEYS if k != "target"]
+# Nor does it sign its runs' checkpoints (checkpoint_key_file: run and server only).
+_COMPARE_KEYS = [k for k in _CONFIG_KEYS if k not in ("target", "checkpoint_key_file")]
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -207,10 +213,10 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _checkpoint_key(args: argparse.Namespace) -> bytes | None:
+def _checkpoint_key(config: Config) -> bytes | None:
     from .checkpoint import read_key
 
-    return read_key(args.checkpoint_key_file) if args.checkpoint_key_file else None
+    return read_key(config.checkpoint_key_file) if config.checkpoint_key_file else None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -220,10 +226,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _run_config(args)
     outcome = run_experiment(
         config,
-        progress=not args.quiet,
+        progress=not config.quiet,
         resume=bool(args.resume),
         trackers=_trackers(config, config.out_dir),
-        checkpoint_key=_checkpoint_key(args),
+        checkpoint_key=_checkpoint_key(config),
     )
     final = outcome.history.final
     print(f"engine: {outcome.engine}")  # which one trained the clients: auto's pick, or a fallback and why
@@ -281,13 +287,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     variants = {re.sub(r"[^\w.-]", "_", name): {"strategy": name} for name in args.strategies or []}
     if args.runs:
         variants.update(variants_from_file(args.runs))
+    if base.get("checkpoint_key_file"):
+        raise ConfigError("checkpoint_key_file is a setting of run and server: compare does not sign checkpoints")
     if args.resume and not base.get("name"):
         raise ConfigError("--resume needs --name: the comparison whose runs to continue")
     name = base.pop("name", None) or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     root = base.get("out_dir", Config.__dataclass_fields__["out_dir"].default)
     out_dir = Path(root) / name
     rounds = sum(c.rounds for c in variant_configs(base, variants, out_dir=out_dir).values())
-    with _RoundsShown(rounds, quiet=args.quiet) as shown:
+    with _RoundsShown(rounds, quiet=base.get("quiet", False)) as shown:
         runs = compare(
             base,
             variants,
@@ -351,7 +359,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         round_timeout=server.round_timeout,
         max_message_bytes=int(server.max_message_mb * 2**20),
         resume=bool(args.resume),
-        progress=not args.quiet,
+        progress=not config.quiet,
         on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
         keepalive=server.keepalive,
         max_client_examples=server.max_client_examples,
@@ -360,7 +368,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         trackers=_trackers(config, config.out_dir),
         dashboard=server.dashboard_settings(),
         on_dashboard=lambda url: print(f"fedforge server: dashboard at {url}", flush=True),
-        checkpoint_key=_checkpoint_key(args),
+        checkpoint_key=_checkpoint_key(config),
     )
     print(f"final {headline(outcome.history.final, config.client_config().task.primary)}; outputs in {outcome.run_dir}")
     return 0
@@ -460,10 +468,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-_KEY_HELP = (
-    "sign the run's checkpoints with the secret in FILE (HMAC-SHA256; kept outside the run folder), "
-    "and resume only a checkpoint signed with it"
-)
+_QUIET_HELP = "no progress bars (shown only on a terminal: the run's clients, a dataset's download)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,18 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a federated experiment (defaults: the tutorial's)")
     run.add_argument("--config", help="TOML file of settings; flags override it")
-    run.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no progress bars (shown only on a terminal: the run's clients, a dataset's download)",
-    )
+    _add_quiet_flag(run, _QUIET_HELP)
     run.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last completed round (flags may change e.g. --rounds)",
     )
-    run.add_argument("--checkpoint-key-file", metavar="FILE", help=_KEY_HELP)
     _add_tracking_flags(run)
     _add_config_flags(run)
     run.set_defaults(handler=_cmd_run)
@@ -515,9 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the runs already in OUT_DIR/NAME from their last "
         "completed round (finished ones are reported as they are); needs --name",
     )
-    comp.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress (a line per finished round, or a bar on a terminal)"
-    )
+    _add_quiet_flag(comp, "no progress (a line per finished round, or a bar on a terminal)")
     _add_tracking_flags(comp, compare=True)
     _add_config_flags(comp, _COMPARE_KEYS)
     comp.set_defaults(handler=_cmd_compare)
@@ -529,13 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="TOML file of settings: the run's, and the server's (flat or in [server]); flags override it"
     )
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
-    srv.add_argument("--checkpoint-key-file", metavar="FILE", help=_KEY_HELP)
-    srv.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no progress bars (shown only on a terminal: the run's clients, a dataset's download)",
-    )
+    _add_quiet_flag(srv, _QUIET_HELP)
     _add_flags(srv, ServerSettings)
     _add_tracking_flags(srv)
     _add_config_flags(srv)

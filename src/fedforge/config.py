@@ -55,6 +55,13 @@ class RunSettings:
     )
     eval_batch_size: int = option(1024, "batch size for evaluation (does not change results)")
     eval_train: bool = option(False, "also evaluate the global model on all training data every round")
+    quiet: bool = option(False, "no progress bars (shown only on a terminal: the run's clients, a dataset's download)")
+    checkpoint_key_file: str | None = option(
+        None,
+        "sign the run's checkpoints with the secret in FILE (HMAC-SHA256; kept outside the run folder), "
+        "and resume only a checkpoint signed with it",
+        metavar="FILE",
+    )
 
     def __post_init__(self):
         check_choices(self, RunSettings)
@@ -78,6 +85,9 @@ GROUPS: dict[str, type] = {
     "engine": EngineSettings,
     "tracking": TrackingSettings,
 }
+# Settings of one command, not of the run: a resumed run is given them again (its checkpoint key
+# above all: one who resumes a signed run shows the key).
+INVOCATION_KEYS = ("quiet", "checkpoint_key_file")
 # `strategy = "fedprox"` at the top is `name = "fedprox"` in the table [strategy].
 ALIASES = {"strategy.name": "strategy"}
 
@@ -152,8 +162,10 @@ class Config(
         return cls(**settings(path, overrides))
 
     def to_toml(self) -> str:
-        """The fully resolved settings as TOML, flat (unset optional values are left out)."""
-        return tomli_w.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None})
+        """The fully resolved settings as TOML, flat (unset optional values are left out, and
+        INVOCATION_KEYS: a run's config.toml does not make its resume quiet, nor give it the key)."""
+        values = dataclasses.asdict(self).items()
+        return tomli_w.dumps({k: v for k, v in values if v is not None and k not in INVOCATION_KEYS})
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
@@ -210,6 +222,7 @@ def config_types() -> dict[str, Any]:
 __all__ = [
     "ALIASES",
     "GROUPS",
+    "INVOCATION_KEYS",
     "Config",
     "RunSettings",
     "checked_settings",
