@@ -120,9 +120,10 @@ def test_a_strategy_of_ones_own_that_cannot_be_used_is_one_line(tmp_path, monkey
         ("server", "[sever]\ntokens = 't.json'", "unknown table [sever]; did you mean 'server'"),
         ("server", "[server]\ninsecure = true", "give --tokens FILE"),
         ("server", "adress = '127.0.0.1:0'", "unknown key 'adress'; did you mean 'address'?"),
-        ("client", "[client]\nsever = 'x:1'", "unknown key 'sever' in [client]; did you mean 'server'"),
+        ("client", "[node]\nsever = 'x:1'", "unknown key 'sever' in [node]; did you mean 'server'"),
+        ("client", "[client]\nsever = 'x:1'", "unknown key 'sever' in [client]; did you mean 'server'"),  # as before
         ("client", "server = 'x:1'\nclient_id = 1\ntoken_file = 't'\ninsecure = true", "give one of --app"),
-        ("client", "[client]\nserver = 'x:1'\nclient_id = 1\ntoken_file = 't'", "give --root-cert"),
+        ("client", "[node]\nserver = 'x:1'\nclient_id = 1\ntoken_file = 't'", "give --root-cert"),
     ],
 )
 def test_deployment_config_files_are_checked_key_by_key(tmp_path, monkeypatch, capsys, command, text, message):

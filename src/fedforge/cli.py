@@ -382,8 +382,10 @@ def _cmd_client(args: argparse.Namespace) -> int:
     from .network.welcome import References
     from .tasks import make_task
 
-    values = flatten(_read_toml_or_empty(args.config), {"client": ClientNodeSettings}, str(args.config))
-    node = _deployment_settings(args, ClientNodeSettings, "client", values)
+    # [node]: [client] is the run's ClientSettings in a server's file; read here too, as before.
+    tables = {"node": ClientNodeSettings, "client": ClientNodeSettings}
+    values = flatten(_read_toml_or_empty(args.config), tables, str(args.config))
+    node = _deployment_settings(args, ClientNodeSettings, "node", values)
     _set_threads(node.threads)
     data: ClientApp | PartitionOf | LocalData
     if node.app:
@@ -533,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(handler=_cmd_server)
 
     cli = sub.add_parser("client", help="train for a server, keeping the data here")
-    cli.add_argument("--config", help="TOML file of this client's settings (flat or in [client]); flags override it")
+    cli.add_argument("--config", help="TOML file of this client's settings (flat or in [node]); flags override it")
     _add_flags(cli, ClientNodeSettings)
     cli.set_defaults(handler=_cmd_client)
 
