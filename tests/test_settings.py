@@ -248,3 +248,19 @@ def test_the_checkpoint_key_file_and_quiet_are_keys_of_a_config_file(tmp_path, c
     assert "\ncheckpoint_key_file =" not in saved and "\nquiet =" not in saved
     code, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
     assert code == 2 and "is signed with a key: give its --checkpoint-key-file" in err
+
+
+@pytest.mark.parametrize("command", ["run", "compare", "server"])
+def test_the_tracking_flags_come_from_the_tracking_settings(command):
+    import dataclasses
+
+    from fedforge.cli import build_parser
+    from fedforge.tracking import TrackingSettings
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    actions = {a.dest: a for a in sub._actions}
+    for f in dataclasses.fields(TrackingSettings):
+        assert actions[f.name].help == f.metadata["help"].replace("%", "%%")
+    args = parser.parse_args([command, "--mlflow", "--tensorboard", "tb"])
+    assert (args.mlflow, args.tensorboard) == ("default", "tb")

@@ -65,9 +65,9 @@ def _flag_type(tp):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None) -> None:
-    """One flag per Config field (but the tracking flags, which have their own, and -q/--quiet)."""
+    """One flag per Config field (but -q/--quiet, which has its short form)."""
     names = [f.name for f in dataclasses.fields(Config) if keys is None or f.name in keys]
-    _add_flags(parser, Config, [k for k in names if k not in (*_TRACKING_KEYS, "quiet")])
+    _add_flags(parser, Config, [k for k in names if k != "quiet"])
 
 
 def _add_quiet_flag(parser: argparse.ArgumentParser, help_: str) -> None:
@@ -97,36 +97,15 @@ def _add_flags(parser: argparse.ArgumentParser, group: type, keys: Sequence[str]
         if typing.get_origin(tp) is tuple:  # repeatable
             parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_, metavar=metavar)
             continue
+        if f.metadata["const"] is not None:  # the flag alone means const (--mlflow: the default store)
+            parser.add_argument(
+                flag, nargs="?", const=f.metadata["const"], default=argparse.SUPPRESS, help=help_, metavar=metavar
+            )
+            continue
         parser.add_argument(flag, type=_flag_type(tp), default=argparse.SUPPRESS, help=help_, metavar=metavar)
 
 
 _TRACKING_KEYS = ("tensorboard", "mlflow")
-
-
-def _add_tracking_flags(parser: argparse.ArgumentParser, *, compare: bool = False) -> None:
-    """--tensorboard and --mlflow: Config's settings of the same names (a config file may give them)."""
-    where = "DIR/NAME/LABEL, a folder per run of the comparison NAME" if compare else "DIR/NAME"
-    experiment = "the experiment NAME, a run per label" if compare else "the experiment fedforge, a run named NAME"
-    parser.add_argument(
-        "--tensorboard",
-        metavar="DIR",
-        default=argparse.SUPPRESS,
-        help=f"log to TensorBoard in {where}: each round's numbers "
-        "(those of history.json) as scalars, the clients' training metrics as histograms "
-        "(tensorboard --logdir DIR; pip install 'fedforge[tracking]')",
-    )
-    parser.add_argument(
-        "--mlflow",
-        nargs="?",
-        const="default",
-        metavar="URI",
-        default=argparse.SUPPRESS,
-        help=f"log to MLflow, in {experiment}: the "
-        "settings as parameters, each round's numbers as metrics (step: the round), model.pt and "
-        "accuracy.png as artifacts; URI default: sqlite:///OUT_DIR/mlflow.db, artifacts in "
-        "OUT_DIR/mlartifacts (pip install 'fedforge[tracking]'; its UI needs the full mlflow "
-        "package: mlflow ui --backend-store-uri URI)",
-    )
 
 
 def _trackers(settings: Config | dict, out_dir: str, comparison: str | None = None) -> list:
@@ -486,7 +465,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last completed round (flags may change e.g. --rounds)",
     )
-    _add_tracking_flags(run)
     _add_config_flags(run)
     run.set_defaults(handler=_cmd_run)
 
@@ -517,7 +495,6 @@ def build_parser() -> argparse.ArgumentParser:
         "completed round (finished ones are reported as they are); needs --name",
     )
     _add_quiet_flag(comp, "no progress (a line per finished round, or a bar on a terminal)")
-    _add_tracking_flags(comp, compare=True)
     _add_config_flags(comp, _COMPARE_KEYS)
     comp.set_defaults(handler=_cmd_compare)
 
@@ -530,7 +507,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
     _add_quiet_flag(srv, _QUIET_HELP)
     _add_flags(srv, ServerSettings)
-    _add_tracking_flags(srv)
     _add_config_flags(srv)
     srv.set_defaults(handler=_cmd_server)
 
