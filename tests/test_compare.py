@@ -293,6 +293,9 @@ def test_compare_simulations_on_ones_own_data_and_model(tmp_path):
     assert f"| adam | {runs[2].final:.4f} |" in table
     for name in ("comparison.md", "comparison.csv", "comparison.png"):
         assert (tmp_path / name).exists()
+    assert ff.write_comparison(runs, tmp_path / "plain").splitlines()[0] == (  # as docs/strategies.md shows it
+        "| run | final accuracy | best accuracy | wall s |"
+    )
 
 
 def test_compare_simulations_reports_a_diverging_run_and_refuses_nothing_to_compare():

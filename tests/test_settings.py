@@ -100,7 +100,7 @@ def test_a_strategy_of_ones_own_in_a_comparison(tmp_path, monkeypatch, capsys):
     [
         ("'no_such_module:Noted'", "cannot import strategy 'no_such_module:Noted'"),
         ("'own_strategy_bad:Nothing'", "own_strategy_bad has no 'Nothing'"),
-        ("'own_strategy_bad:Noted'\nmu = 1", r"unknown key 'mu' in \[strategy\]; did you mean 'proximal_mu'"),
+        ("'own_strategy_bad:Noted'\nserver_l = 1", r"has no option 'server_l'; did you mean 'server_lr'"),
     ],
 )
 def test_a_strategy_of_ones_own_that_cannot_be_used_is_one_line(tmp_path, monkeypatch, option, message):
@@ -120,9 +120,10 @@ def test_a_strategy_of_ones_own_that_cannot_be_used_is_one_line(tmp_path, monkey
         ("server", "[sever]\ntokens = 't.json'", "unknown table [sever]; did you mean 'server'"),
         ("server", "[server]\ninsecure = true", "give --tokens FILE"),
         ("server", "adress = '127.0.0.1:0'", "unknown key 'adress'; did you mean 'address'?"),
-        ("client", "[client]\nsever = 'x:1'", "unknown key 'sever' in [client]; did you mean 'server'"),
+        ("client", "[node]\nsever = 'x:1'", "unknown key 'sever' in [node]; did you mean 'server'"),
+        ("client", "[client]\nsever = 'x:1'", "unknown key 'sever' in [client]; did you mean 'server'"),  # as before
         ("client", "server = 'x:1'\nclient_id = 1\ntoken_file = 't'\ninsecure = true", "give one of --app"),
-        ("client", "[client]\nserver = 'x:1'\nclient_id = 1\ntoken_file = 't'", "give --root-cert"),
+        ("client", "[node]\nserver = 'x:1'\nclient_id = 1\ntoken_file = 't'", "give --root-cert"),
     ],
 )
 def test_deployment_config_files_are_checked_key_by_key(tmp_path, monkeypatch, capsys, command, text, message):
@@ -150,3 +151,116 @@ def test_the_example_deployment_files_are_read_whole(tmp_path, monkeypatch, caps
     assert code == 2 and "cannot read certs/server.key" in err, err
     code, err = fedforge(capsys, "client", "--config", str(EXAMPLES / "client.toml"))
     assert code == 2 and "token file client-0.token not found" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, toml",
+    [
+        (["--strategy", "fedavg", "--proximal-mu", "0.5"], None),
+        ([], "[strategy]\nname = 'fedavg'\nproximal_mu = 0.5\n"),
+        (["--strategy", "fedavg"], "proximal_mu = 0.5\n"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "server"])
+def test_an_option_the_strategy_does_not_take_is_refused(tmp_path, capsys, command, argv, toml):
+    if toml is not None:
+        (tmp_path / "exp.toml").write_text(toml)
+        argv = [*argv, "--config", str(tmp_path / "exp.toml")]
+    code, err = fedforge(capsys, command, *argv, "--out-dir", str(tmp_path))
+    assert code == 2
+    assert "proximal_mu is an option of fedprox, not of fedavg" in err
+
+
+HALF = """
+from dataclasses import dataclass
+
+from fedforge.strategies import FedAvg
+
+
+@dataclass(frozen=True)
+class Half(FedAvg):
+    fraction: float = 0.5
+"""
+
+
+def _half(tmp_path, monkeypatch, module: str) -> str:
+    import sys
+
+    (tmp_path / f"{module}.py").write_text(HALF)
+    sys.modules.pop(module, None)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{module}:Half"
+
+
+def test_a_strategy_of_ones_own_takes_its_options_from_the_file_and_the_flags(tmp_path, monkeypatch):
+    name = _half(tmp_path, monkeypatch, "own_half_options")
+    (tmp_path / "exp.toml").write_text(f"[strategy]\nname = '{name}'\nfraction = 0.25\n")
+    assert Config.load(tmp_path / "exp.toml").strategy_object().fraction == 0.25
+    (tmp_path / "bare.toml").write_text("[strategy]\nfraction = 0.125\n")  # the strategy named by a flag
+    config = Config.load(tmp_path / "bare.toml", {"strategy": name})
+    assert config.strategy_object().fraction == 0.125
+    assert Config.from_dict({"strategy": name, "strategy_option": ["fraction=0.75"]}).strategy_object().fraction == 0.75
+    (tmp_path / "typo.toml").write_text(f"[strategy]\nname = '{name}'\nfractoin = 0.25\n")
+    with pytest.raises(ConfigError, match="has no option 'fractoin'; did you mean 'fraction'"):
+        Config.load(tmp_path / "typo.toml")
+
+
+def test_strategy_option_is_a_repeatable_flag(tmp_path, monkeypatch, capsys):
+    from fedforge.cli import build_parser
+
+    name = _half(tmp_path, monkeypatch, "own_half_flag")
+    for command in ("run", "compare", "server"):
+        args = build_parser().parse_args(
+            [command, "--strategy", name, "--strategy-option", "fraction=0.25", "--strategy-option", "x='a'"]
+        )
+        assert args.strategy_option == ["fraction=0.25", "x='a'"]
+    monkeypatch.chdir(tmp_path)
+    code, err = fedforge(capsys, "run", "-q", *SMALL, "--strategy", name, "--strategy-option", "fraction=0.25")
+    assert code == 0, err
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert Config.load(run_dir / "config.toml").strategy_object().fraction == 0.25
+    code, err = fedforge(capsys, "run", "-q", "--resume", str(run_dir), "--rounds", "3")  # the checkpoint holds it
+    assert code == 0, err
+
+
+def test_a_comparison_shares_a_strategy_option_with_the_runs_that_take_it(tmp_path, monkeypatch, capsys):
+    name = _half(tmp_path, monkeypatch, "own_half_compare")
+    monkeypatch.chdir(tmp_path)
+    shared = [*SMALL, "--strategies", "fedavg", name, "--out-dir", "runs", "-q"]
+    code, err = fedforge(capsys, "compare", *shared, "--strategy-option", "fractoin=0.25", "--name", "typo")
+    assert code == 2 and "strategy_option fractoin: no run's strategy takes it" in err
+    code, err = fedforge(capsys, "compare", *shared, "--strategy-option", "fraction=0.25", "--name", "c")
+    assert code == 0, err
+    saved = Config.load(tmp_path / "runs" / "c" / "own_half_compare_Half" / "config.toml")
+    assert saved.strategy_object().fraction == 0.25
+    assert Config.load(tmp_path / "runs" / "c" / "fedavg" / "config.toml").strategy_option == ()
+
+
+def test_the_checkpoint_key_file_and_quiet_are_keys_of_a_config_file(tmp_path, capsys):
+    (tmp_path / "key").write_text("k" * 32)
+    (tmp_path / "exp.toml").write_text(f"[run]\nquiet = true\ncheckpoint_key_file = '{tmp_path / 'key'}'\n")
+    assert Config.load(tmp_path / "exp.toml").quiet
+    code, err = fedforge(capsys, "run", *SMALL, "--config", str(tmp_path / "exp.toml"), "--out-dir", str(tmp_path))
+    assert code == 0, err
+    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
+    assert (run_dir / "checkpoint.pt").read_bytes().startswith(b"fedforge checkpoint 2 hmac\n")
+    saved = (run_dir / "config.toml").read_text()  # one who resumes gives the key again
+    assert "\ncheckpoint_key_file =" not in saved and "\nquiet =" not in saved
+    code, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
+    assert code == 2 and "is signed with a key: give its --checkpoint-key-file" in err
+
+
+@pytest.mark.parametrize("command", ["run", "compare", "server"])
+def test_the_tracking_flags_come_from_the_tracking_settings(command):
+    import dataclasses
+
+    from fedforge.cli import build_parser
+    from fedforge.tracking import TrackingSettings
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    actions = {a.dest: a for a in sub._actions}
+    for f in dataclasses.fields(TrackingSettings):
+        assert actions[f.name].help == f.metadata["help"].replace("%", "%%")
+    args = parser.parse_args([command, "--mlflow", "--tensorboard", "tb"])
+    assert (args.mlflow, args.tensorboard) == ("default", "tb")

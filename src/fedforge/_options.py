@@ -25,14 +25,17 @@ def option(
     *,
     open_choices: bool = False,
     metavar: str | None = None,
+    const: str | None = None,
 ) -> Any:
     """A setting: its default, its help line, and the values it takes (`choices`; checked by
-    `check_choices` unless `open_choices`: then its group also takes e.g. package.module:object)."""
+    `check_choices` unless `open_choices`: then its group also takes e.g. package.module:object).
+    With `const`, its flag may be given without a value, which is then `const`."""
     metadata = {
         "help": help,
         "choices": tuple(choices) if choices else None,
         "open": open_choices,
         "metavar": metavar,
+        "const": const,
     }
     return dataclasses.field(default=default, metadata=metadata)
 

@@ -65,6 +65,8 @@ EXECUTION_KEYS = frozenset(
         "max_memory",
         "device",
         "eval_batch_size",
+        "quiet",
+        "checkpoint_key_file",
         "data_dir",
         "download",
         "ray_address",
@@ -197,10 +199,7 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
         history = History.from_json(saved["history"])
         settings = saved["settings"] if magic != OLD_MAGIC else None
         if magic != OLD_MAGIC and not (
-            isinstance(settings, dict)
-            and all(
-                isinstance(k, str) and (v is None or type(v) in (bool, int, float, str)) for k, v in settings.items()
-            )
+            isinstance(settings, dict) and all(isinstance(k, str) and _setting_value(v) for k, v in settings.items())
         ):
             raise TypeError("settings")
     except ConfigError as e:
@@ -373,6 +372,13 @@ def _check_privacy(saved: PrivacyRunState | None, r: int, records, config: Confi
             f"its privacy accountant has spent epsilon {spent:.6g}, less than the {recorded:.6g} its "
             f"history records: resuming would lower the epsilon spent"
         )
+
+
+def _setting_value(value: Any) -> bool:
+    """Whether `value` is one a setting takes: a TOML scalar, None, or a tuple of strings (strategy_option)."""
+    if type(value) is tuple:
+        return all(type(v) is str for v in value)
+    return value is None or type(value) in (bool, int, float, str)
 
 
 def _check_outputs(run_dir: Path, history: History) -> None:

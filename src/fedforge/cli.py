@@ -65,9 +65,14 @@ def _flag_type(tp):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None) -> None:
-    """One flag per Config field (but the tracking flags, which have their own)."""
+    """One flag per Config field (but -q/--quiet, which has its short form)."""
     names = [f.name for f in dataclasses.fields(Config) if keys is None or f.name in keys]
-    _add_flags(parser, Config, [k for k in names if k not in _TRACKING_KEYS])
+    _add_flags(parser, Config, [k for k in names if k != "quiet"])
+
+
+def _add_quiet_flag(parser: argparse.ArgumentParser, help_: str) -> None:
+    """-q/--quiet: Config's quiet (a config file may give it), with its short form."""
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=help_)
 
 
 def _add_flags(parser: argparse.ArgumentParser, group: type, keys: Sequence[str] | None = None) -> None:
@@ -92,36 +97,15 @@ def _add_flags(parser: argparse.ArgumentParser, group: type, keys: Sequence[str]
         if typing.get_origin(tp) is tuple:  # repeatable
             parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_, metavar=metavar)
             continue
+        if f.metadata["const"] is not None:  # the flag alone means const (--mlflow: the default store)
+            parser.add_argument(
+                flag, nargs="?", const=f.metadata["const"], default=argparse.SUPPRESS, help=help_, metavar=metavar
+            )
+            continue
         parser.add_argument(flag, type=_flag_type(tp), default=argparse.SUPPRESS, help=help_, metavar=metavar)
 
 
 _TRACKING_KEYS = ("tensorboard", "mlflow")
-
-
-def _add_tracking_flags(parser: argparse.ArgumentParser, *, compare: bool = False) -> None:
-    """--tensorboard and --mlflow: Config's settings of the same names (a config file may give them)."""
-    where = "DIR/NAME/LABEL, a folder per run of the comparison NAME" if compare else "DIR/NAME"
-    experiment = "the experiment NAME, a run per label" if compare else "the experiment fedforge, a run named NAME"
-    parser.add_argument(
-        "--tensorboard",
-        metavar="DIR",
-        default=argparse.SUPPRESS,
-        help=f"log to TensorBoard in {where}: each round's numbers "
-        "(those of history.json) as scalars, the clients' training metrics as histograms "
-        "(tensorboard --logdir DIR; pip install 'fedforge[tracking]')",
-    )
-    parser.add_argument(
-        "--mlflow",
-        nargs="?",
-        const="default",
-        metavar="URI",
-        default=argparse.SUPPRESS,
-        help=f"log to MLflow, in {experiment}: the "
-        "settings as parameters, each round's numbers as metrics (step: the round), model.pt and "
-        "accuracy.png as artifacts; URI default: sqlite:///OUT_DIR/mlflow.db, artifacts in "
-        "OUT_DIR/mlartifacts (pip install 'fedforge[tracking]'; its UI needs the full mlflow "
-        "package: mlflow ui --backend-store-uri URI)",
-    )
 
 
 def _trackers(settings: Config | dict, out_dir: str, comparison: str | None = None) -> list:
@@ -147,7 +131,8 @@ def _config(args: argparse.Namespace, keys: Sequence[str]) -> Config:
 
 _CONFIG_KEYS = [f.name for f in dataclasses.fields(Config)]
 # compare's own --target is the accuracy to reach: there a dataset's target column is set in --config.
-_COMPARE_KEYS = [k for k in _CONFIG_KEYS if k != "target"]
+# Nor does it sign its runs' checkpoints (checkpoint_key_file: run and server only).
+_COMPARE_KEYS = [k for k in _CONFIG_KEYS if k not in ("target", "checkpoint_key_file")]
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -160,14 +145,17 @@ def _run_config(args: argparse.Namespace, file_values: dict | None = None) -> Co
     what the rounds compute may differ (EXECUTION_KEYS: more rounds, another engine, ...); any
     other is refused by name."""
     from .experiment import check_resumable
+    from .strategies.settings import check_given
 
     changes = settings(args.config) if file_values is None else file_values
     if not args.resume:
-        return Config(**{**changes, **checked_settings(_overrides(args), "command line")})
-    run_dir = Path(args.resume)
-    config = Config.load(run_dir / "config.toml", {**changes, **_overrides(args)})
-    config = config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
-    check_resumable(run_dir, config)
+        config = Config(**{**changes, **checked_settings(_overrides(args), "command line")})
+    else:
+        run_dir = Path(args.resume)
+        config = Config.load(run_dir / "config.toml", {**changes, **_overrides(args)})
+        config = config.replace(out_dir=str(run_dir.parent), name=run_dir.name)
+        check_resumable(run_dir, config)
+    check_given([*changes, *_overrides(args)], config.strategy)
     return config
 
 
@@ -185,9 +173,9 @@ def _split_file(path: str | None, group: type, table: str) -> tuple[dict, dict]:
     server's: at the top or in the table `table`)."""
     if path is None:
         return {}, {}
-    from .config import read_toml
+    from .config import own_strategy_keys, read_toml
 
-    values = flatten(read_toml(path), {**GROUPS, table: group}, path, ALIASES)
+    values = flatten(own_strategy_keys(read_toml(path)), {**GROUPS, table: group}, path, ALIASES)
     own = {f.name for f in dataclasses.fields(group)}
     known = own | set(config_types())
     for key in values:
@@ -204,10 +192,10 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _checkpoint_key(args: argparse.Namespace) -> bytes | None:
+def _checkpoint_key(config: Config) -> bytes | None:
     from .checkpoint import read_key
 
-    return read_key(args.checkpoint_key_file) if args.checkpoint_key_file else None
+    return read_key(config.checkpoint_key_file) if config.checkpoint_key_file else None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -217,10 +205,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _run_config(args)
     outcome = run_experiment(
         config,
-        progress=not args.quiet,
+        progress=not config.quiet,
         resume=bool(args.resume),
         trackers=_trackers(config, config.out_dir),
-        checkpoint_key=_checkpoint_key(args),
+        checkpoint_key=_checkpoint_key(config),
     )
     final = outcome.history.final
     print(f"engine: {outcome.engine}")  # which one trained the clients: auto's pick, or a fallback and why
@@ -278,13 +266,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     variants = {re.sub(r"[^\w.-]", "_", name): {"strategy": name} for name in args.strategies or []}
     if args.runs:
         variants.update(variants_from_file(args.runs))
+    if base.get("checkpoint_key_file"):
+        raise ConfigError("checkpoint_key_file is a setting of run and server: compare does not sign checkpoints")
     if args.resume and not base.get("name"):
         raise ConfigError("--resume needs --name: the comparison whose runs to continue")
     name = base.pop("name", None) or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     root = base.get("out_dir", Config.__dataclass_fields__["out_dir"].default)
     out_dir = Path(root) / name
     rounds = sum(c.rounds for c in variant_configs(base, variants, out_dir=out_dir).values())
-    with _RoundsShown(rounds, quiet=args.quiet) as shown:
+    with _RoundsShown(rounds, quiet=base.get("quiet", False)) as shown:
         runs = compare(
             base,
             variants,
@@ -348,7 +338,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         round_timeout=server.round_timeout,
         max_message_bytes=int(server.max_message_mb * 2**20),
         resume=bool(args.resume),
-        progress=not args.quiet,
+        progress=not config.quiet,
         on_listening=lambda port: print(f"fedforge server: listening on port {port}", flush=True),
         keepalive=server.keepalive,
         max_client_examples=server.max_client_examples,
@@ -357,7 +347,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         trackers=_trackers(config, config.out_dir),
         dashboard=server.dashboard_settings(),
         on_dashboard=lambda url: print(f"fedforge server: dashboard at {url}", flush=True),
-        checkpoint_key=_checkpoint_key(args),
+        checkpoint_key=_checkpoint_key(config),
     )
     print(f"final {headline(outcome.history.final, config.client_config().task.primary)}; outputs in {outcome.run_dir}")
     return 0
@@ -371,8 +361,10 @@ def _cmd_client(args: argparse.Namespace) -> int:
     from .network.welcome import References
     from .tasks import make_task
 
-    values = flatten(_read_toml_or_empty(args.config), {"client": ClientNodeSettings}, str(args.config))
-    node = _deployment_settings(args, ClientNodeSettings, "client", values)
+    # [node]: [client] is the run's ClientSettings in a server's file; read here too, as before.
+    tables = {"node": ClientNodeSettings, "client": ClientNodeSettings}
+    values = flatten(_read_toml_or_empty(args.config), tables, str(args.config))
+    node = _deployment_settings(args, ClientNodeSettings, "node", values)
     _set_threads(node.threads)
     data: ClientApp | PartitionOf | LocalData
     if node.app:
@@ -457,10 +449,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-_KEY_HELP = (
-    "sign the run's checkpoints with the secret in FILE (HMAC-SHA256; kept outside the run folder), "
-    "and resume only a checkpoint signed with it"
-)
+_QUIET_HELP = "no progress bars (shown only on a terminal: the run's clients, a dataset's download)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -470,19 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a federated experiment (defaults: the tutorial's)")
     run.add_argument("--config", help="TOML file of settings; flags override it")
-    run.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no progress bars (shown only on a terminal: the run's clients, a dataset's download)",
-    )
+    _add_quiet_flag(run, _QUIET_HELP)
     run.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last completed round (flags may change e.g. --rounds)",
     )
-    run.add_argument("--checkpoint-key-file", metavar="FILE", help=_KEY_HELP)
-    _add_tracking_flags(run)
     _add_config_flags(run)
     run.set_defaults(handler=_cmd_run)
 
@@ -512,10 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the runs already in OUT_DIR/NAME from their last "
         "completed round (finished ones are reported as they are); needs --name",
     )
-    comp.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress (a line per finished round, or a bar on a terminal)"
-    )
-    _add_tracking_flags(comp, compare=True)
+    _add_quiet_flag(comp, "no progress (a line per finished round, or a bar on a terminal)")
     _add_config_flags(comp, _COMPARE_KEYS)
     comp.set_defaults(handler=_cmd_compare)
 
@@ -526,20 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="TOML file of settings: the run's, and the server's (flat or in [server]); flags override it"
     )
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
-    srv.add_argument("--checkpoint-key-file", metavar="FILE", help=_KEY_HELP)
-    srv.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no progress bars (shown only on a terminal: the run's clients, a dataset's download)",
-    )
+    _add_quiet_flag(srv, _QUIET_HELP)
     _add_flags(srv, ServerSettings)
-    _add_tracking_flags(srv)
     _add_config_flags(srv)
     srv.set_defaults(handler=_cmd_server)
 
     cli = sub.add_parser("client", help="train for a server, keeping the data here")
-    cli.add_argument("--config", help="TOML file of this client's settings (flat or in [client]); flags override it")
+    cli.add_argument("--config", help="TOML file of this client's settings (flat or in [node]); flags override it")
     _add_flags(cli, ClientNodeSettings)
     cli.set_defaults(handler=_cmd_client)
 

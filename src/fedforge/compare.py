@@ -31,6 +31,8 @@ from .contract import ClientConfig
 from .errors import ConfigError, DivergenceError
 from .history import History, RoundRecord
 from .report import headline, pyplot, save_figure
+from .strategies import strategy_options
+from .strategies.settings import own_options
 from .tasks import Task
 from .tracking import Tracker
 
@@ -123,7 +125,19 @@ def variants_from_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def _variant(base: dict[str, Any], label: str, overrides: dict[str, Any]) -> Config:
+    shared = base.get("strategy_option", ())
+    if shared and "strategy_option" not in overrides:  # each run takes those its strategy declares
+        takes = strategy_options(overrides.get("strategy", base.get("strategy", Config.strategy)))
+        base = {**base, "strategy_option": [e for e in shared if e.partition("=")[0].strip() in takes]}
     return Config.from_dict({**base, **overrides, "name": label}, source=f"run {label!r}")
+
+
+def _check_shared_options(base: dict[str, Any], configs: Sequence[Config]) -> None:
+    """A ConfigError for a shared strategy_option that no run's strategy declares (a typo, not
+    an option that only some of the runs use)."""
+    for key in own_options(base.get("strategy_option", ())):
+        if not any(key in strategy_options(config.strategy) for config in configs):
+            raise ConfigError(f"strategy_option {key}: no run's strategy takes it")
 
 
 def _base_values(base: Config | Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -136,7 +150,9 @@ def variant_configs(
 ) -> dict[str, Config]:
     """Each variant's whole settings (base + its overrides, as `compare` runs it), checked."""
     values = _base_values(base, out_dir)
-    return {label: _variant(values, label, overrides) for label, overrides in variants.items()}
+    configs = {label: _variant(values, label, overrides) for label, overrides in variants.items()}
+    _check_shared_options(values, list(configs.values()))
+    return configs
 
 
 def _resumable(config: Config) -> bool:
@@ -213,8 +229,8 @@ def compare(
     if not variants:
         raise ConfigError("nothing to compare: give --strategies or --runs")
     base_values = _base_values(base, out_dir)
-    for label, overrides in variants.items():  # validate everything before running anything
-        config = _variant(base_values, label, overrides)
+    configs = variant_configs(base_values, variants, out_dir=out_dir)  # check everything before running anything
+    for label, config in configs.items():
         if resume and _resumable(config):
             check_resumable(Path(out_dir) / label, config)
     for tracker in trackers:  # here, once: not by worker processes racing to make the same MLflow store
@@ -376,8 +392,11 @@ def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: 
     save_figure(fig, path)
 
 
-def write_comparison(runs: list[ComparedRun], out_dir: str | os.PathLike, *, target: float | None, title: str) -> str:
-    """comparison.md, comparison.csv and comparison.png in `out_dir`; returns the table."""
+def write_comparison(
+    runs: list[ComparedRun], out_dir: str | os.PathLike, *, target: float | None = None, title: str | None = None
+) -> str:
+    """comparison.md, comparison.csv and comparison.png in `out_dir`; returns the table. `target`:
+    report the round each run first reaches it; `title`: the plot's (default: the folder's name)."""
     out_dir = Path(out_dir)
     table = comparison_table(runs, target)
     with atomic_write(out_dir / "comparison.md") as f:
@@ -402,5 +421,5 @@ def write_comparison(runs: list[ComparedRun], out_dir: str | os.PathLike, *, tar
             )
     with atomic_write(out_dir / "comparison.csv") as f:
         f.write(buffer.getvalue())
-    plot_comparison(runs, out_dir / "comparison.png", title=title)
+    plot_comparison(runs, out_dir / "comparison.png", title=title if title is not None else out_dir.name)
     return table

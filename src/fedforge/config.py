@@ -30,7 +30,8 @@ from .errors import ConfigError
 from .privacy.run import SAMPLINGS
 from .privacy.settings import PrivacySettings
 from .scenarios import ScenarioSettings
-from .strategies.settings import StrategySettings
+from .strategies import STRATEGIES
+from .strategies.settings import StrategySettings, option_entry
 from .tasks import TARGETS, TASKS, make_task
 from .tracking import TrackingSettings
 
@@ -54,6 +55,13 @@ class RunSettings:
     )
     eval_batch_size: int = option(1024, "batch size for evaluation (does not change results)")
     eval_train: bool = option(False, "also evaluate the global model on all training data every round")
+    quiet: bool = option(False, "no progress bars (shown only on a terminal: the run's clients, a dataset's download)")
+    checkpoint_key_file: str | None = option(
+        None,
+        "sign the run's checkpoints with the secret in FILE (HMAC-SHA256; kept outside the run folder), "
+        "and resume only a checkpoint signed with it",
+        metavar="FILE",
+    )
 
     def __post_init__(self):
         check_choices(self, RunSettings)
@@ -77,6 +85,9 @@ GROUPS: dict[str, type] = {
     "engine": EngineSettings,
     "tracking": TrackingSettings,
 }
+# Settings of one command, not of the run: a resumed run is given them again (its checkpoint key
+# above all: one who resumes a signed run shows the key).
+INVOCATION_KEYS = ("quiet", "checkpoint_key_file")
 # `strategy = "fedprox"` at the top is `name = "fedprox"` in the table [strategy].
 ALIASES = {"strategy.name": "strategy"}
 
@@ -151,8 +162,10 @@ class Config(
         return cls(**settings(path, overrides))
 
     def to_toml(self) -> str:
-        """The fully resolved settings as TOML, flat (unset optional values are left out)."""
-        return tomli_w.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None})
+        """The fully resolved settings as TOML, flat (unset optional values are left out, and
+        INVOCATION_KEYS: a run's config.toml does not make its resume quiet, nor give it the key)."""
+        values = dataclasses.asdict(self).items()
+        return tomli_w.dumps({k: v for k, v in values if v is not None and k not in INVOCATION_KEYS})
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
@@ -175,8 +188,25 @@ def settings(path: str | Path | None = None, overrides: dict[str, Any] | None = 
     (known key, right type), not yet as a whole (`Config(**settings(...))` does that)."""
     values = {}
     if path is not None:
-        values = checked_settings(flatten(read_toml(path), GROUPS, str(path), ALIASES), str(path))
+        values = checked_settings(flatten(own_strategy_keys(read_toml(path)), GROUPS, str(path), ALIASES), str(path))
     return {**values, **checked_settings(overrides or {}, "command line")}
+
+
+def own_strategy_keys(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with the keys of its [strategy] that are no setting (a strategy of one's own's
+    options: `fraction = 0.25`) moved into [strategy]'s strategy_option (`"fraction=0.25"`), which
+    make_strategy checks against the options the strategy declares. Under a built-in's name they
+    stay: an unknown key there is refused as in any table."""
+    table = document.get("strategy")
+    if not isinstance(table, dict) or table.get("name") in STRATEGIES:
+        return document
+    known = {f.name for f in dataclasses.fields(StrategySettings)} | {"name"}
+    own = [option_entry(k, v) for k, v in table.items() if k not in known]
+    if not own:
+        return document
+    kept = {k: v for k, v in table.items() if k in known}
+    kept["strategy_option"] = [*kept.get("strategy_option", []), *own]
+    return {**document, "strategy": kept}
 
 
 def checked_settings(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -189,4 +219,15 @@ def config_types() -> dict[str, Any]:
     return field_types(Config)
 
 
-__all__ = ["ALIASES", "GROUPS", "Config", "RunSettings", "checked_settings", "parse_bytes", "read_toml", "settings"]
+__all__ = [
+    "ALIASES",
+    "GROUPS",
+    "INVOCATION_KEYS",
+    "Config",
+    "RunSettings",
+    "checked_settings",
+    "own_strategy_keys",
+    "parse_bytes",
+    "read_toml",
+    "settings",
+]

@@ -32,9 +32,22 @@ if TYPE_CHECKING:  # config imports this module for TrackingSettings
 class TrackingSettings:
     """Where a run's numbers are logged besides its folder (TOML: flat keys or the table [tracking])."""
 
-    tensorboard: str | None = option(None, "log to TensorBoard in this folder (a run's in FOLDER/NAME; --tensorboard)")
+    tensorboard: str | None = option(
+        None,
+        "log to TensorBoard in DIR/NAME (compare: DIR/NAME/LABEL, a folder per run of the comparison "
+        "NAME): each round's numbers (those of history.json) as scalars, the clients' training metrics "
+        "as histograms (tensorboard --logdir DIR; pip install 'fedforge[tracking]')",
+        metavar="DIR",
+    )
     mlflow: str | None = option(
-        None, 'log to MLflow, in the store at this URI; "default": sqlite:///OUT_DIR/mlflow.db (--mlflow [URI])'
+        None,
+        "log to MLflow, in the experiment fedforge, a run named NAME (compare: the experiment NAME, a "
+        "run per label): the settings as parameters, each round's numbers as metrics (step: the round), "
+        "model.pt and accuracy.png as artifacts; URI default: sqlite:///OUT_DIR/mlflow.db, artifacts in "
+        "OUT_DIR/mlartifacts (pip install 'fedforge[tracking]'; its UI needs the full mlflow package: "
+        "mlflow ui --backend-store-uri URI)",
+        metavar="URI",
+        const="default",
     )
 
     def __post_init__(self):

@@ -51,6 +51,12 @@ def test_a_loader_of_ones_own_is_loaded_by_its_name_and_federated(monkeypatch):
         data.register("squares", squares)
     federated = data.federate(data.load("squares"), Split(num_clients=4), seed=0)
     assert sorted(np.concatenate(federated.partition).tolist()) == list(range(20))
+    # and from the settings (Config, the command line) by the same names
+    dataset, federated = load(Config(dataset="squares", num_clients=4, clients_per_round=2))
+    assert dataset.name == "squares" and len(federated.partition) == 4
+    assert Config(dataset="grid:7x7", num_clients=4, clients_per_round=2).dataset == "grid:7x7"
+    with pytest.raises(ConfigError, match=r"unknown dataset 'squars' \(choose from: .*squares, or csv:PATH.*grid:PATH"):
+        Config(dataset="squars")
 
 
 def test_a_dataset_that_comes_split_keeps_its_split_whatever_the_partition():

@@ -36,7 +36,7 @@ threads = 1
 """
 
 CLIENT_TOML = """
-[client]
+[node]
 server = "127.0.0.1:{port}"
 client_id = {i}
 token_file = "client-{i}.token"

@@ -71,11 +71,18 @@ class DataSettings:
 
 
 def _check_dataset(name: str) -> None:
-    choices = DataSettings.__dataclass_fields__["dataset"].metadata["choices"]
-    source = parse_source(name)
-    if source is None and name not in choices:
-        raise ConfigError(
-            f"unknown dataset {name!r} (choose from: {', '.join(choices)}, or csv:PATH, parquet:PATH, hf:PATH)"
-        )
-    if source is not None and not source[1]:
-        raise ConfigError(f"dataset {name!r} names no file: give {source[0]}:PATH")
+    """A ConfigError unless `name` is a registered dataset (`data.register`: the built-ins and
+    one's own), or `PREFIX:PATH` of a registered prefix (csv:, parquet:, hf:, one's own)."""
+    from . import sources  # read at each check: a dataset registered later counts
+
+    if name in sources.LOADERS:
+        return
+    kind, sep, path = name.partition(":")
+    if sep and kind in sources.PREFIXES:
+        if not path:
+            raise ConfigError(f"dataset {name!r} names no file: give {kind}:PATH")
+        return
+    raise ConfigError(
+        f"unknown dataset {name!r} (choose from: {', '.join(sources.LOADERS)}, "
+        f"or {', '.join(f'{p}:PATH' for p in sources.PREFIXES)})"
+    )

@@ -2,7 +2,7 @@
 
 `fedforge server --config server.toml` reads the run's settings (as `fedforge run` does) and
 these, flat or in the table [server]; `fedforge client --config client.toml` reads a client's,
-flat or in the table [client]. Flags override the file.
+flat or in the table [node]. Flags override the file.
 """
 
 from __future__ import annotations
