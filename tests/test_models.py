@@ -14,6 +14,7 @@ from fedforge.models import MODELS, build_model, count_parameters
         ("2nn", 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10),  # McMahan et al.: 199,210
         ("cnn", 1_663_370),  # McMahan et al.'s CNN on 28x28: the paper's 1,663,370
         ("simple-cnn", 44_426),  # NIID-Bench's SimpleCNNMNIST
+        ("resnet8", 77_754),  # stem 176, blocks 4,672, 14,528, 57,728 (shortcuts included), fc 650
         ("logreg", 7850),
     ],
 )
@@ -57,7 +58,8 @@ def test_unknown_model():
 
 
 @pytest.mark.parametrize(
-    "name, fast", [("mlp", True), ("2nn", True), ("logreg", True), ("cnn", False), ("simple-cnn", False)]
+    "name, fast",
+    [("mlp", True), ("2nn", True), ("logreg", True), ("cnn", False), ("simple-cnn", False), ("resnet8", False)],
 )
 def test_which_built_ins_take_the_fast_mlp_kernel(name, fast):
     from fedforge.fastmlp import mlp_layout

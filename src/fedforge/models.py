@@ -79,6 +79,45 @@ def simple_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
+class BasicBlock(nn.Module):
+    """He et al. 2016's residual block: conv3x3-BN-ReLU-conv3x3-BN, plus the input (through a 1x1
+    convolution and BN where the stride or the width changes), then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet8(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A small ResNet with BatchNorm (He et al. 2016's CIFAR family, one block per stage):
+    conv3x3(16)-BN-ReLU, blocks of 16, 32 and 64 channels (strides 1, 2, 2), global average
+    pooling, a linear layer; 78k parameters and BatchNorm running statistics (buffers)."""
+    channels = input_shape[0]
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        BasicBlock(16, 16),
+        BasicBlock(16, 32, stride=2),
+        BasicBlock(32, 64, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, num_classes),
+    )
+
+
 def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Multinomial logistic regression."""
     return nn.Sequential(nn.Flatten(), nn.Linear(_numel(input_shape), num_classes))
@@ -131,6 +170,7 @@ MODELS: dict[str, ModelFactory] = {
     "2nn": two_nn,
     "cnn": cnn,
     "simple-cnn": simple_cnn,
+    "resnet8": resnet8,
     "logreg": logreg,
     "tabular-mlp": tabular_mlp,
     "char-lstm": char_lstm,
@@ -157,7 +197,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, se
     The global torch RNG is left as it was: initialisation draws from a forked stream.
     """
     factory = model_factory(name)
-    if name in ("cnn", "simple-cnn") and len(input_shape) != 3:
+    if name in ("cnn", "simple-cnn", "resnet8") and len(input_shape) != 3:
         raise ConfigError(f"model {name!r} needs image input (channels, height, width), got shape {input_shape}")
     if name == "char-lstm" and len(input_shape) != 1:
         raise ConfigError(f"model {name!r} needs sequences of symbol ids (length,), got shape {input_shape}")
