@@ -162,7 +162,12 @@ class Task:
     @property
     def is_tutorial_classification(self) -> bool:
         """Cross-entropy classification with fedforge's SGD: what the fast kernels compute."""
-        return self.loss is _cross_entropy and self.optimizer is None and self.train is None
+        return self.classifies_by_cross_entropy and self.optimizer is None
+
+    @property
+    def classifies_by_cross_entropy(self) -> bool:
+        """The built-in classification's loss and metrics, with fedforge's training loop."""
+        return self.loss is _cross_entropy and self.metric_sums is _classification_sums and self.train is None
 
 
 def _cross_entropy(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

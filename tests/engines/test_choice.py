@@ -43,7 +43,10 @@ def test_auto_says_what_it_picked_and_why():
     )
     cnn = build_model("cnn", (1, 28, 28), 10)
     engine.choose(cnn, _tasks((1, 28, 28)), ClientConfig())
-    assert engine.choice.engine == "sequential" and engine.choice.reason.startswith("auto: Conv2d")
+    assert engine.choice == EngineChoice("vectorized")  # its fastconv kernel
+    unknown = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Hardswish(), nn.Flatten(), nn.Linear(2 * 26 * 26, 1))
+    engine.choose(unknown, _tasks((1, 28, 28)), ClientConfig())
+    assert engine.choice.engine == "sequential" and engine.choice.reason.startswith("auto: Conv2d, Hardswish")
 
 
 def test_auto_reports_the_kernel_the_vectorized_engine_ran():

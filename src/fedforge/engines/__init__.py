@@ -47,8 +47,11 @@ class AutoEngine(Engine):
       activations): vectorized, through torch.func (tabular-mlp regression with Adam, 20
       clients a round: 1.8-2.4x faster; mlp classification with Adam: 1.7-2.3x;
       Embedding+Linear language model: 1.1-1.2x);
-    - convolutions: sequential on the CPU, where a vmapped convolution is no faster than one
-      client at a time (cnn with Adam, 4 clients a round: 0.8-1.04x; NIID-Bench's CNN with
+    - convolutional networks that `fastconv` stacks (Sequential nets of Conv2d, BatchNorm2d,
+      pooling, activations, Flatten, Linear, and the built-in ResNet's blocks): vectorized, its
+      fastconv kernel (grouped convolutions in channels-last memory; `benchmarks/convnets.py`);
+    - other convolutions: sequential on the CPU, where a vmapped convolution is no faster than
+      one client at a time (cnn with Adam, 4 clients a round: 0.8-1.04x; NIID-Bench's CNN with
       SGD: 76 vs 51 s per round) and holds every active client's activations at once;
     - recurrent layers (LSTM, GRU, RNN): sequential, on any device, as vmap has no batching
       rule for them and runs them client by client (char-lstm: 0.17-0.20x);
@@ -76,7 +79,7 @@ class AutoEngine(Engine):
         if not tasks:
             return self.sequential, ""
         kernel = batched_kernel(model, tasks[0].data, config)
-        if kernel == "fastmlp":
+        if kernel in ("fastmlp", "fastconv"):
             return self.vectorized, ""
         if kernel is None:
             why = unbatchable(model, tasks[0].data, config)

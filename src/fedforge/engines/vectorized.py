@@ -35,10 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .. import fastmlp
+from .. import fastconv, fastmlp
 from ..client import epoch_orders, finish_update
 from ..contract import ClientConfig, ClientUpdate
 from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args, tree_map
@@ -243,6 +244,8 @@ def kernel_for(model: nn.Module, data: TensorData, config: ClientConfig) -> Call
     layout = fastmlp.mlp_layout(model)
     if task.is_tutorial_classification and layout is not None and layout.inputs(data.rows(0, 1).x) is not None:
         return _mlp_chunk
+    if _convolutional(model) and fastconv.stacked_net(model) is not None:
+        return _conv_chunk
     if any(True for _ in model.buffers()):
         raise _Unsupported("it has buffers, e.g. BatchNorm statistics")
     return _func_chunk
@@ -296,9 +299,10 @@ class _Mixed(Exception):
     """Clients of one chunk differ in their proximal term: they cannot share a batched step."""
 
 
-def _pick(lo: int, hi: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The stacked clients lo..hi as views; a single client unbatched (faster than a batch of one)."""
-    return (lambda v: v[lo]) if hi - lo == 1 else (lambda v: v[lo:hi])
+def _pick(lo: int, hi: int, *, batched: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The stacked clients lo..hi as views; a single client unbatched (faster than a batch of
+    one) unless `batched`."""
+    return (lambda v: v[lo]) if hi - lo == 1 and not batched else (lambda v: v[lo:hi])
 
 
 def _terms_view(terms: LocalTerms, pick) -> LocalTerms:
@@ -329,8 +333,13 @@ def _run_steps(
     step: Step,
     *,
     shared_start: bool = False,
+    trainable: Sequence[str] | None = None,
 ) -> _Trained:
     """Drive `step` over a chunk's schedule, on views of the clients still training.
+
+    With `trainable` (the names of the model's parameters, when its state has buffers too), the
+    optimizer state and the strategy's terms cover those names alone, and a single client's
+    views keep their client dimension (the step's net takes stacked clients only).
 
     With `shared_start` (the step accepts shared params, see `fastmlp.sgd_step`) the first step
     starts every client from the one global state and stacks the clients' parameters and
@@ -341,7 +350,8 @@ def _run_steps(
     C = len(tasks)
     device = next(iter(global_state.values())).device
     carried = [tasks[i].optimizer_state for i in schedule.stack_order]
-    terms = _stacked_terms(tasks, schedule, global_state, config)
+    trained_state = global_state if trainable is None else {k: global_state[k] for k in trainable}
+    terms = _stacked_terms(tasks, schedule, trained_state, config)
     shared = (
         shared_start and C > 1 and bool(schedule.active) and schedule.active[0] == C and all(s is None for s in carried)
     )
@@ -350,13 +360,13 @@ def _run_steps(
         state = OptimizerState(torch.zeros(C, dtype=torch.float64, device=device), {s: {} for s in rule.slots})
     else:
         params = _stack(global_state, C)
-        state = rule.stacked(carried, global_state)
+        state = rule.stacked(carried, trained_state)
     sums: dict[str, torch.Tensor] = {}
     current: int | None = 0  # views, state_view, term_views: set at t = 0 (schedule.active[0] >= 1)
     for t, active in enumerate(schedule.active):
         if active != current:  # re-slice only when a client finishes
             current = active
-            pick = _pick(0, active)
+            pick = _pick(0, active, batched=trainable is not None)
             term_views = _terms_view(terms, pick)
             if shared and t == 0:
                 views, state_view = params, state
@@ -534,4 +544,70 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
     return _Chunk(schedule, trained, units)
 
 
-_KERNEL_NAMES: dict[Callable, str] = {_mlp_chunk: "fastmlp", _func_chunk: "torch.func"}
+def _convolutional(model: nn.Module) -> bool:
+    """Whether `model` has a convolution or BatchNorm, what the `fastconv` kernel is for."""
+    return any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in model.modules())
+
+
+def _conv_chunk(model, global_state, tasks, config) -> _Chunk:
+    """The clients' forward pass stacked by `fastconv` (grouped convolutions), backward by
+    autograd, at each step one run of clients per batch size (as `_func_chunk`)."""
+    task, rule = config.task, config.rule
+    net = fastconv.stacked_net(model)
+    assert net is not None, "kernel_for picks this kernel only for a net fastconv stacks"
+    source, starts = _shared_source(tasks)
+    schedule = build_schedule(tasks, starts, config)
+    rows = schedule.rows.to(source.device)
+    trainable = [name for name, _ in model.named_parameters()]
+    units = [0] * len(tasks)
+    cross_entropy = task.classifies_by_cross_entropy
+    losses, sums_of = vmap(task.checked_loss), vmap(task.metric_sums)
+
+    def step(t, active, views, state, terms):
+        done = []
+        for lo, hi in _runs(schedule.sizes[:active, t]):
+            r = rows[lo:hi, t, : schedule.sizes[lo, t]]
+            x, y = gather(source.x, r), gather(source.y, r)
+            if (lo, hi) == (0, active):
+                run_params, run_state, run_terms = views, state, terms
+            else:
+                pick = _pick(lo, hi, batched=True)
+                run_params, run_state, run_terms = (
+                    {k: pick(v) for k, v in views.items()},
+                    state.view(pick),
+                    _terms_view(terms, pick),
+                )
+            leaves = {k: run_params[k].detach().requires_grad_() for k in trainable}
+            outputs = net({**run_params, **leaves}, x)
+            if cross_entropy:  # each client's mean, summed: one call for all
+                per_example = F.cross_entropy(outputs.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+                loss = per_example.sum() / y.shape[1]
+                batch_sums = {
+                    "loss": per_example.detach().sum(1),
+                    "accuracy": (outputs.detach().argmax(-1) == y).sum(1),
+                }
+            else:
+                loss = losses(outputs, y).sum()
+                batch_sums = sums_of(outputs.detach(), y)
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+            with torch.no_grad():
+                rule.step(
+                    {k: run_params[k] for k in trainable},
+                    dict(zip(trainable, grads, strict=True)),
+                    run_state,
+                    run_terms,
+                )
+            for j in range(hi - lo):
+                units[lo + j] += task.units(tree_map(operator.itemgetter(j), y))
+            done.append((lo, hi, batch_sums))
+        return done
+
+    model.train()
+    try:
+        trained = _run_steps(tasks, global_state, config, schedule, step, trainable=trainable)
+    except (RuntimeError, NotImplementedError) as e:
+        raise _Unsupported(str(e).splitlines()[0]) from e
+    return _Chunk(schedule, trained, units)
+
+
+_KERNEL_NAMES: dict[Callable, str] = {_mlp_chunk: "fastmlp", _func_chunk: "torch.func", _conv_chunk: "fastconv"}
