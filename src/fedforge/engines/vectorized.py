@@ -8,7 +8,7 @@ count, so the clients still training at step t are a prefix of the stack, and a 
 the views `params[:active]` in place. Nothing is truncated: each client does exactly the steps
 it does in the sequential engine, on the same examples.
 
-Two kernels:
+Three kernels:
 
 - Linear/ReLU stacks training the tutorial's classification with fedforge's SGD: the
   hand-derived `fastmlp` kernel (batched matrix products). A client's last, short batch is
@@ -18,10 +18,16 @@ Two kernels:
   padding would change it: at each step the active clients are split into runs of equal batch
   size (the stack is sorted so that these are contiguous), one `vmap` per run, and a run of
   one client is computed unbatched.
+- Convolutional networks `fastconv` can stack (Sequential nets of Conv2d, BatchNorm2d, pooling,
+  activations, Flatten and Linear layers, the built-in ResNet's blocks): their forward pass
+  for the run's clients at once (grouped convolutions), autograd for the backward pass, the
+  runs as with `torch.func`.
 
-Models with buffers, operations `vmap` cannot batch (e.g. random ones), a task's own training
-loop and optimizers other than the rules fall back to the sequential engine, with a one-line
-notice.
+Buffers (BatchNorm's running statistics and step count) are stacked like the parameters, each
+client's updated by its own forward passes as the sequential engine's module updates its own;
+the optimizer and the strategy's terms see the parameters alone. Operations `vmap` cannot
+batch (e.g. random ones), a task's own training loop and optimizers other than the rules fall
+back to the sequential engine, with a one-line notice.
 """
 
 from __future__ import annotations
@@ -246,8 +252,6 @@ def kernel_for(model: nn.Module, data: TensorData, config: ClientConfig) -> Call
         return _mlp_chunk
     if _convolutional(model) and fastconv.stacked_net(model) is not None:
         return _conv_chunk
-    if any(True for _ in model.buffers()):
-        raise _Unsupported("it has buffers, e.g. BatchNorm statistics")
     return _func_chunk
 
 
@@ -496,15 +500,20 @@ def _runs(sizes: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _func_chunk(model, global_state, tasks, config) -> _Chunk:
+    """vmap(grad(functional_call)) of the task's loss. Buffers (e.g. BatchNorm1d's running
+    statistics) are stacked like the parameters and updated in place by each client's forward
+    pass; a model with buffers is vmapped even for one client (its views keep the client dimension)."""
     task, rule = config.task, config.rule
     source, starts = _shared_source(tasks)
     schedule = build_schedule(tasks, starts, config)
     rows = schedule.rows.to(source.device)
     units = [0] * len(tasks)
+    trainable = [name for name, _ in model.named_parameters()]
+    has_buffers = len(trainable) < len(global_state)
 
-    def loss(params, x, y):
+    def loss(params, buffers, x, y):
         args, kwargs = model_args(x)
-        outputs = functional_call(model, params, args, kwargs)
+        outputs = functional_call(model, (params, buffers), args, kwargs)
         return task.checked_loss(outputs, y), task.metric_sums(outputs.detach(), y)
 
     one = grad(loss, has_aux=True)
@@ -514,22 +523,25 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
     def step(t, active, views, state, terms):
         done = []
         for lo, hi in _runs(schedule.sizes[:active, t]):
+            single = hi - lo == 1 and not has_buffers
             r = rows[lo:hi, t, : schedule.sizes[lo, t]]
             x, y = gather(source.x, r), gather(source.y, r)
-            if hi - lo == 1:  # one client: unbatched
+            if single:  # one client: unbatched
                 x, y = tree_map(lambda v: v[0], x), tree_map(lambda v: v[0], y)
             if (lo, hi) == (0, active):  # every active client (unbatched already when it is one)
                 run_params, run_state, run_terms = views, state, terms
             else:
-                pick = _pick(lo, hi)
+                pick = _pick(lo, hi, batched=has_buffers)
                 run_params, run_state, run_terms = (
                     {k: pick(v) for k, v in views.items()},
                     state.view(pick),
                     _terms_view(terms, pick),
                 )
-            grads, sums = (one if hi - lo == 1 else many)(run_params, x, y)
-            rule.step(run_params, grads, run_state, run_terms)
-            if hi - lo == 1:
+            params = {k: run_params[k] for k in trainable}
+            buffers = {k: v for k, v in run_params.items() if k not in params}
+            grads, sums = (one if single else many)(params, buffers, x, y)
+            rule.step(params, grads, run_state, run_terms)
+            if single:
                 units[lo] += task.units(y)
             else:
                 for j in range(hi - lo):
@@ -538,7 +550,7 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
         return done
 
     try:
-        trained = _run_steps(tasks, global_state, config, schedule, step)
+        trained = _run_steps(tasks, global_state, config, schedule, step, trainable=trainable if has_buffers else None)
     except (RuntimeError, NotImplementedError) as e:
         raise _Unsupported(str(e).splitlines()[0]) from e
     return _Chunk(schedule, trained, units)
