@@ -37,7 +37,6 @@ fi
 
 OUT=${OUT:-/tmp}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu.log") 2>&1
 START=$SECONDS
 LIMIT=580 # seconds for the whole script; a step that would pass it is skipped
 
@@ -56,50 +55,52 @@ step() { # step SECONDS COMMAND...: run it under timeout, unless it would pass L
     echo "== exit $code after $((SECONDS - START))s"
 }
 
-echo "== $(date -u) on $(hostname); OUT=$OUT"
-nvidia-smi || echo "(no nvidia-smi)"
-[ -d .gpu/data ] && export FEDFORGE_DATA=$ROOT/.gpu/data
-export FEDFORGE_CACHE=${FEDFORGE_CACHE:-/tmp/fedforge-cache}
+checks() {
+    echo "== $(date -u) on $(uname -n); OUT=$OUT"
+    nvidia-smi || echo "(no nvidia-smi)"
+    [ -d .gpu/data ] && export FEDFORGE_DATA=$ROOT/.gpu/data
+    export FEDFORGE_CACHE=${FEDFORGE_CACHE:-/tmp/fedforge-cache}
 
-missing=""
-for module in numpy torch tqdm tomli_w pytest scipy; do
-    "$PY" -c "import $module" 2>/dev/null || missing="$missing $module"
-done
-echo "modules missing:${missing:- none}"
-wanted=""
-for module in tqdm tomli_w pytest; do
-    [[ " $missing " == *" $module "* ]] && wanted="$wanted ${module//_/-}"
-done
-if [ -n "$wanted" ] && [ -d .gpu/wheels ]; then
-    echo "installing$wanted from .gpu/wheels into /tmp/gpu-pydeps"
-    "$PY" -m pip install -q --no-index --find-links .gpu/wheels --target /tmp/gpu-pydeps $wanted &&
-        export PYTHONPATH=$PYTHONPATH:/tmp/gpu-pydeps
-fi
-"$PY" -c 'import sys, torch
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-      f"cudnn {torch.backends.cudnn.version()}, {torch.get_num_threads()} threads")
-print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")'
-
-if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    DEVICE=cuda ROUNDS=5
-else
-    DEVICE=cpu ROUNDS=2
-    echo "NO CUDA DEVICE: the CUDA tests skip; the benchmarks run on the CPU as a dry run ($ROUNDS rounds)"
-fi
-
-if "$PY" -c "import pytest" 2>/dev/null; then
-    tests=(tests/engines/test_cuda.py)
-    if "$PY" -c "import scipy" 2>/dev/null; then
-        tests+=(tests/privacy/test_stage.py::test_same_noise_on_every_device)
-    else
-        echo "scipy missing: tests/privacy/test_stage.py::test_same_noise_on_every_device not run"
+    missing=""
+    for module in numpy torch tqdm tomli_w pytest scipy; do
+        "$PY" -c "import $module" 2>/dev/null || missing="$missing $module"
+    done
+    echo "modules missing:${missing:- none}"
+    wanted=""
+    for module in tqdm tomli_w pytest; do
+        [[ " $missing " == *" $module "* ]] && wanted="$wanted ${module//_/-}"
+    done
+    if [ -n "$wanted" ] && [ -d .gpu/wheels ]; then
+        echo "installing$wanted from .gpu/wheels into /tmp/gpu-pydeps"
+        "$PY" -m pip install -q --no-index --find-links .gpu/wheels --target /tmp/gpu-pydeps $wanted &&
+            export PYTHONPATH=$PYTHONPATH:/tmp/gpu-pydeps
     fi
-    step 150 "$PY" -m pytest -q -rs -p no:cacheprovider "${tests[@]}"
-else
-    echo "pytest missing (and no .gpu/wheels): the CUDA tests are not run"
-fi
+    "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), torch.get_num_threads(), "threads")'
+    "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")'
 
-step 300 nice -n 10 "$PY" benchmarks/convnets.py --device "$DEVICE" --rounds "$ROUNDS"
-step 100 nice -n 10 "$PY" benchmarks/engines.py --only w1 --device "$DEVICE"
-echo
-echo "== done in $((SECONDS - START))s"
+    if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+        DEVICE=cuda ROUNDS=5
+    else
+        DEVICE=cpu ROUNDS=2
+        echo "NO CUDA DEVICE: the CUDA tests skip; the benchmarks run on the CPU as a dry run ($ROUNDS rounds)"
+    fi
+
+    if "$PY" -c "import pytest" 2>/dev/null; then
+        tests=(tests/engines/test_cuda.py)
+        if "$PY" -c "import scipy" 2>/dev/null; then
+            tests+=(tests/privacy/test_stage.py::test_same_noise_on_every_device)
+        else
+            echo "scipy missing: tests/privacy/test_stage.py::test_same_noise_on_every_device not run"
+        fi
+        step 150 "$PY" -m pytest -q -rs -p no:cacheprovider "${tests[@]}"
+    else
+        echo "pytest missing (and no .gpu/wheels): the CUDA tests are not run"
+    fi
+
+    step 300 nice -n 10 "$PY" benchmarks/convnets.py --device "$DEVICE" --rounds "$ROUNDS"
+    step 100 nice -n 10 "$PY" benchmarks/engines.py --only w1 --device "$DEVICE"
+    echo
+    echo "== done in $((SECONDS - START))s"
+}
+
+checks 2>&1 | tee "$OUT/gpu.log"
