@@ -23,6 +23,7 @@ change), `--repeats` times; the medians and their ratio are printed.
     python benchmarks/engines.py            # everything, one table
     python benchmarks/engines.py --only w1
     python benchmarks/engines.py --only w1 --baseline e72f933 --repeats 5
+    python benchmarks/engines.py --only w1 --device cuda     # fedforge's W1 rows on a GPU
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from tutorial_vs_fedforge import tutorial
 
 from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.data import dirichlet, iid, load_dataset
-from fedforge.engines import make_engine
+from fedforge.engines import engine_choice, make_engine
 from fedforge.evaluation import evaluate
 from fedforge.models import build_model, count_parameters
 
@@ -59,14 +60,18 @@ DATASET = "fashion-mnist"
 TEST_EXAMPLES = 10_000
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
+    """The float32 rate of an n x n torch.matmul on `device` (the median of `repeats`), in GFLOP/s."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
     for _ in range(2):
         a @ b
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
 
@@ -81,27 +86,30 @@ def fedforge_run(
     partition: str = "iid",
     alpha: float = 0.3,
     seed: int = 0,
+    model_name: str = "mlp",
+    test_examples: int | None = None,
+    device: str = "cpu",
+    warmup: int = 0,
 ) -> dict:
-    """One whole run from loading the data to the last evaluation."""
+    """One whole run from loading the data to the last evaluation. The medians leave out round 0
+    (the initial evaluation) and the `warmup` rounds after it; the test set is its first
+    `test_examples` (all of it by default)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     data = load_dataset(DATASET, progress=False)
-    rng = np.random.default_rng(seed)
-    if partition == "iid":
-        parts = iid(len(data.train), num_clients, rng=rng)
-    else:
-        parts = dirichlet(data.train.y.numpy(), num_clients, alpha=alpha, rng=rng)
-    model = build_model("mlp", data.input_shape, data.num_classes, seed=seed)
+    parts = split_clients(data, num_clients, partition, alpha, seed)
+    model = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
+    engine_object = make_engine(engine)
     result = simulate(
         model,
-        FederatedData(data.train, parts, data.test),
+        FederatedData(data.train, parts, data.test.rows(0, test_examples or len(data.test))).to(device),
         rounds=rounds,
         clients_per_round=per_round,
         client=ClientConfig(batch_size=batch_size, lr=0.01),
-        engine=make_engine(engine),
+        engine=engine_object,
         seed=seed,
     )
     whole, whole_cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    records = result.history.records[1:]
+    records = result.history.records[1 + warmup :]
     examples = sum(sum(len(parts[c]) for c in r.clients) for r in records)
     train_seconds = sum(r.train_seconds for r in records)
     return {
@@ -114,22 +122,32 @@ def fedforge_run(
         "gflops": 6 * count_parameters(model) * examples / train_seconds / 1e9,
         "accuracy": result.history.final.test_accuracy,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "engine_choice": str(engine_choice(engine_object)),
     }
 
 
-def w1(peak: float) -> list[str]:
+def split_clients(data, num_clients: int, partition: str, alpha: float = 0.3, seed: int = 0) -> list[np.ndarray]:
+    """The training set's indices of each client: an IID split, or Dirichlet(alpha) over the labels."""
+    rng = np.random.default_rng(seed)
+    if partition == "iid":
+        return iid(len(data.train), num_clients, rng=rng)
+    return dirichlet(data.train.y.numpy(), num_clients, alpha=alpha, rng=rng)
+
+
+def w1(peak: float, device: str = "cpu") -> list[str]:
     rows = []
-    start = time.perf_counter()
-    seconds, accuracy = tutorial(DATASET, 5, 0)
-    whole = time.perf_counter() - start
-    params = count_parameters(build_model("mlp", (1, 28, 28), 10))
-    gflops = 6 * params * 5 * 6000 * 5 / sum(seconds) / 1e9  # includes its evaluation: an upper bound
-    rows.append(
-        f"W1 tutorial loop   {statistics.median(seconds):8.3f} s/round  {whole:6.2f} s whole run  "
-        f"<= {gflops:5.1f} GFLOP/s ({gflops / peak:4.0%} of matmul)  acc {accuracy:.4f}"
-    )
+    if device == "cpu":  # the tutorial's loop runs on the CPU only
+        start = time.perf_counter()
+        seconds, accuracy = tutorial(DATASET, 5, 0)
+        whole = time.perf_counter() - start
+        params = count_parameters(build_model("mlp", (1, 28, 28), 10))
+        gflops = 6 * params * 5 * 6000 * 5 / sum(seconds) / 1e9  # includes its evaluation: an upper bound
+        rows.append(
+            f"W1 tutorial loop   {statistics.median(seconds):8.3f} s/round  {whole:6.2f} s whole run  "
+            f"<= {gflops:5.1f} GFLOP/s ({gflops / peak:4.0%} of matmul)  acc {accuracy:.4f}"
+        )
     for engine in ("sequential", "vectorized"):
-        r = fedforge_run(engine, num_clients=10, per_round=5, rounds=5, batch_size=32)
+        r = fedforge_run(engine, num_clients=10, per_round=5, rounds=5, batch_size=32, device=device)
         rows.append(
             f"W1 {engine:<15} {r['per_round']:8.3f} s/round  {r['whole']:6.2f} s whole run  "
             f"   {r['gflops']:5.1f} GFLOP/s ({r['gflops'] / peak:4.0%} of matmul)  acc {r['accuracy']:.4f}"
@@ -138,19 +156,32 @@ def w1(peak: float) -> list[str]:
 
 
 def torch_loop_run(
-    *, num_clients: int, per_round: int, rounds: int, batch_size: int, alpha: float = 0.3, seed: int = 0
+    *,
+    num_clients: int,
+    per_round: int,
+    rounds: int,
+    batch_size: int,
+    partition: str = "dirichlet",
+    alpha: float = 0.3,
+    seed: int = 0,
+    model_name: str = "mlp",
+    test_examples: int | None = None,
+    warmup: int = 0,
 ) -> dict:
     """One client after another as a Flower client trains: a copy of the global model,
-    torch.optim.SGD and a shuffled DataLoader over the client's tensors; example-weighted average."""
+    torch.optim.SGD and a shuffled DataLoader over the client's tensors; example-weighted average;
+    the test set (its first `test_examples`) evaluated every round. The median leaves out the
+    first `warmup` rounds."""
     data = load_dataset(DATASET, progress=False)
-    parts = dirichlet(data.train.y.numpy(), num_clients, alpha=alpha, rng=np.random.default_rng(seed))
+    parts = split_clients(data, num_clients, partition, alpha, seed)
+    test = data.test.rows(0, test_examples or len(data.test))
     random.seed(seed)
     torch.manual_seed(seed)
     loaders = [
         DataLoader(TensorDataset(data.train.x[p], data.train.y[p]), batch_size=batch_size, shuffle=True) for p in parts
     ]
-    global_model = build_model("mlp", data.input_shape, data.num_classes, seed=seed)
-    seconds = []
+    global_model = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
+    seconds, train_seconds = [], []
     for _ in range(rounds):
         start = time.perf_counter()
         total, average = 0, None
@@ -166,9 +197,14 @@ def torch_loop_run(
             average = weights if average is None else {k: average[k] + weights[k] for k in average}
             total += n
         global_model.load_state_dict({k: v / total for k, v in average.items()})
-        accuracy = evaluate(global_model, global_model.state_dict(), data.test).accuracy
+        train_seconds.append(time.perf_counter() - start)
+        accuracy = evaluate(global_model, global_model.state_dict(), test).accuracy
         seconds.append(time.perf_counter() - start)
-    return {"per_round": statistics.median(seconds), "accuracy": accuracy}
+    return {
+        "per_round": statistics.median(seconds[warmup:]),
+        "training": statistics.median(train_seconds[warmup:]),
+        "accuracy": accuracy,
+    }
 
 
 def w2(peak: float, rounds: int = 3) -> list[str]:
@@ -339,7 +375,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="--baseline: runs of each engine per tree")
     parser.add_argument("--w3-case", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--w1-case", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="W1 only: where the data, the model and the matmul are")
     args = parser.parse_args()
+    if args.device != "cpu" and (args.only != "w1" or args.baseline):
+        parser.error("--device is for --only w1 (without --baseline)")
     if args.w3_case:
         print(json.dumps(w3_case(args.w3_case)))
         return
@@ -347,9 +386,12 @@ def main() -> None:
         print(json.dumps(w1_case(args.w1_case)))
         return
     load_dataset(DATASET, progress=False)  # the first load decodes and caches; every run below is warm
-    peak = matmul_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 matmul 2048x2048: {peak:.1f} GFLOP/s")
-    for name, workload in (("w1", lambda: w1(peak)), ("w2", lambda: w2(peak)), ("w3", w3), ("w4", w4)):
+    peak = matmul_gflops(device=args.device)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 matmul 2048x2048 on {args.device}: "
+        f"{peak:.1f} GFLOP/s"
+    )
+    for name, workload in (("w1", lambda: w1(peak, args.device)), ("w2", lambda: w2(peak)), ("w3", w3), ("w4", w4)):
         if args.only in (None, name):
             for row in workload():
                 print(row, flush=True)

@@ -13,7 +13,7 @@ the start (data, model, and for Ray its start and the workers' loading); and the
 over those processes of the resident set (RSS: shared libraries, torch's among them, counted once
 per process that maps them) and of its anonymous part (tensors, Python heaps: what each process
 holds of its own). The two engines' final weights are compared too (they train the same clients on
-the same batches). With `--flower PYTHON`, W2 also runs on Flower's own simulation (flower_w2.py, in
+the same batches). With `--flower PYTHON`, W2 also runs on Flower's own simulation (flower_run.py, in
 an environment of its own: `pip install 'flwr[simulation]==1.42.0' torch==2.13.0`), with the same
 clients, in turn with the engines (so that a busy spell of the machine falls on both alike); its
 rounds are timed between its centralized evaluations, and the ratio is given for each pair of
@@ -21,7 +21,7 @@ neighbouring runs as well as for the medians.
 
     python benchmarks/ray_scale.py                 # W2 and W3, both engines, 3 runs each
     python benchmarks/ray_scale.py --only w2 --rounds 5 --repeats 1
-    python benchmarks/ray_scale.py --flower /tmp/flwr/bin/python   # and Flower on W2 (flower_w2.py)
+    python benchmarks/ray_scale.py --flower /tmp/flwr/bin/python   # and Flower on W2 (flower_run.py)
 """
 
 from __future__ import annotations
@@ -156,21 +156,32 @@ class MemoryPeak:
         self._thread.join()
 
 
-def flower_spec(path: str) -> str:
-    """W2's clients (the same Dirichlet partition as fedforge's run) and where the data is, for flower_w2.py."""
-    import numpy as np
-
+def w2_partition() -> list:
+    """W2's clients, the same Dirichlet partition as fedforge's run."""
     from fedforge.config import Config
-    from fedforge.data.datasets import DATASETS, locate
     from fedforge.experiment import load
 
-    config = Config(dataset="fashion-mnist", download=False, seed=0, **WORKLOADS["w2"])
-    _, data = load(config, progress=False)
+    _, data = load(Config(dataset="fashion-mnist", download=False, seed=0, **WORKLOADS["w2"]), progress=False)
+    return data.partition
+
+
+def flower_spec(path: str, partition: list, *, per_round: int, batch_size: int, model) -> str:
+    """A Fashion-MNIST workload for flower_run.py: the clients' indices, the clients per round, the batch
+    size, where the data is, and the initial model (`model`, saved whole beside `path`)."""
+    import numpy as np
+    import torch
+
+    from fedforge.data.datasets import DATASETS, locate
+
     spec = DATASETS["fashion-mnist"]
+    torch.save(model, path + ".model.pt")
     np.savez(
         path,
-        order=np.concatenate(data.partition),
-        starts=np.cumsum([0, *map(len, data.partition)]),
+        order=np.concatenate(partition),
+        starts=np.cumsum([0, *map(len, partition)]),
+        per_round=per_round,
+        batch_size=batch_size,
+        model=path + ".model.pt",
         folder=str(locate(spec, download_missing=False, progress=False)),
         mean=spec.mean,
         std=spec.std,
@@ -194,8 +205,9 @@ def _peak_fields(peak: MemoryPeak) -> dict:
 
 
 def measure_flower(python: str, rounds: int, spec: str) -> dict:
-    """Flower's simulation of W2 in its own environment, measured as the fedforge cases are."""
-    result, peak = _child([python, str(Path(__file__).with_name("flower_w2.py")), spec, str(rounds)], "flower")
+    """Flower's simulation of a workload (`spec`, from flower_spec) in its own environment, measured as the
+    fedforge cases are."""
+    result, peak = _child([python, str(Path(__file__).with_name("flower_run.py")), spec, str(rounds)], "flower")
     seconds = result["round_seconds"]
     return {
         "per_round": statistics.median(seconds[1:]),
@@ -245,7 +257,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for workload in [args.only] if args.only else list(WORKLOADS):
             engines = args.engines.split(",") + (["flower"] if args.flower and workload == "w2" else [])
-            spec = flower_spec(str(Path(tmp) / "w2.npz")) if "flower" in engines else None
+            spec = None
+            if "flower" in engines:
+                from fedforge.models import build_model
+
+                model = build_model("mlp", (1, 28, 28), 10, seed=0)
+                spec = flower_spec(str(Path(tmp) / "w2.npz"), w2_partition(), per_round=100, batch_size=10, model=model)
             runs: dict[str, list[dict]] = {engine: [] for engine in engines}
             for repeat in range(args.repeats):
                 # Alternate, so that a busy spell of the machine falls on every engine (and Flower) alike.

@@ -1,19 +1,22 @@
-"""W2 on Flower's own simulation (`flwr.simulation.run_simulation`, Ray underneath), for benchmarks/ray_scale.py.
+"""A fedforge workload on Flower's own simulation (`flwr.simulation.run_simulation`, Ray underneath),
+for benchmarks/ray_scale.py (W2) and benchmarks/convnets.py (CNN).
 
 Runs in a separate environment with `flwr[simulation]` and torch (never fedforge's). Flower's way:
 a ClientApp whose client trains one client per call with a DataLoader, torch.optim.SGD and the
 model's weights as NumPy arrays in and out, on an actor pool of 2 actors of 1 CPU; FedAvg on the
-server with centralized evaluation each round. The same data as fedforge's W2: Fashion-MNIST from
-the IDX files, normalized as fedforge does, the same clients' indices (written by ray_scale.py),
-MLP 784-128-64-10, E=1, B=10, lr 0.01, 100 of 1,000 clients per round. Each actor loads the data
+server with centralized evaluation each round. The same data as fedforge's run: Fashion-MNIST from
+the IDX files, normalized as fedforge does, and what the spec (written by ray_scale.flower_spec)
+gives: the clients' indices, the clients per round, the batch size and the model (fedforge's
+initial model, saved whole: a stack of torch.nn layers), E=1, lr 0.01. Each actor loads the data
 once, as fedforge's workers do, so that Flower is not charged for reloads: the apps are imported
 from this module (on the actors' PYTHONPATH), not pickled from __main__ with an empty cache.
 
-    python flower_w2.py CLIENTS.npz ROUNDS      # prints {"round_seconds": [...], "accuracy": ...}
+    python flower_run.py SPEC.npz ROUNDS      # prints {"round_seconds": [...], "accuracy": ...}
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
@@ -36,9 +39,9 @@ _DATA: dict = {}
 
 
 def data() -> dict:
-    """The training and test sets and the clients' indices, loaded once per process."""
+    """The training and test sets, the clients' indices and the run's settings, loaded once per process."""
     if not _DATA:
-        spec = np.load(os.environ["FLOWER_W2_SPEC"])
+        spec = np.load(os.environ["FLOWER_RUN_SPEC"])
         folder, mean, std = Path(str(spec["folder"])), float(spec["mean"]), float(spec["std"])
 
         def idx(name, offset, shape):
@@ -58,13 +61,16 @@ def data() -> dict:
             test_y=labels("t10k-labels-idx1-ubyte.gz", 10000),
             order=spec["order"],
             starts=spec["starts"],
+            per_round=int(spec["per_round"]),
+            batch_size=int(spec["batch_size"]),
+            model=torch.load(str(spec["model"]), weights_only=False),
         )
     return _DATA
 
 
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+def model() -> nn.Module:
+    """A fresh copy of the initial model."""
+    return copy.deepcopy(data()["model"])
 
 
 def set_weights(model: nn.Module, weights) -> None:
@@ -78,14 +84,15 @@ class Client(NumPyClient):
     def fit(self, parameters, config):
         d = data()
         rows = torch.from_numpy(np.array(d["order"][d["starts"][self.cid] : d["starts"][self.cid + 1]]))
-        model = mlp()
-        set_weights(model, parameters)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        for x, y in DataLoader(TensorDataset(d["x"][rows], d["y"][rows]), batch_size=10, shuffle=True):
+        local = model()
+        set_weights(local, parameters)
+        optimizer = torch.optim.SGD(local.parameters(), lr=0.01)
+        batches = DataLoader(TensorDataset(d["x"][rows], d["y"][rows]), batch_size=d["batch_size"], shuffle=True)
+        for x, y in batches:
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(local(x), y).backward()
             optimizer.step()
-        return [v.detach().numpy() for v in model.state_dict().values()], len(rows), {}
+        return [v.detach().numpy() for v in local.state_dict().values()], len(rows), {}
 
 
 def client_fn(context: Context):
@@ -100,26 +107,28 @@ def evaluate(server_round, parameters, config):
     """Centralized evaluation, called after round 0 (the initial model) and after every round: its times mark the
     rounds."""
     d = data()
-    model = mlp()
-    set_weights(model, parameters)
+    global_model = model().eval()
+    set_weights(global_model, parameters)
     with torch.no_grad():
-        logits = model(d["test_x"])
+        logits = global_model(d["test_x"])
     accuracy.append(float((logits.argmax(1) == d["test_y"]).float().mean()))
     marks.append(time.perf_counter())
     return float(F.cross_entropy(logits, d["test_y"])), {"accuracy": accuracy[-1]}
 
 
 def server_fn(context: Context) -> ServerAppComponents:
-    initial = ndarrays_to_parameters([v.numpy() for v in mlp().state_dict().values()])
+    d = data()
+    clients = len(d["starts"]) - 1
+    initial = ndarrays_to_parameters([v.numpy() for v in model().state_dict().values()])
     strategy = FedAvg(
-        fraction_fit=0.1,
+        fraction_fit=d["per_round"] / clients,
         fraction_evaluate=0.0,
-        min_fit_clients=100,
-        min_available_clients=1000,
+        min_fit_clients=d["per_round"],
+        min_available_clients=clients,
         evaluate_fn=evaluate,
         initial_parameters=initial,
     )
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=int(os.environ["FLOWER_W2_ROUNDS"])))
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=int(os.environ["FLOWER_RUN_ROUNDS"])))
 
 
 def main() -> None:
@@ -127,19 +136,19 @@ def main() -> None:
     # Inherited by Ray's processes, which import this module by name.
     here = str(Path(__file__).resolve().parent)
     os.environ.update(
-        FLOWER_W2_SPEC=spec,
-        FLOWER_W2_ROUNDS=rounds,
+        FLOWER_RUN_SPEC=spec,
+        FLOWER_RUN_ROUNDS=rounds,
         PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p),
     )
-    import flower_w2
+    import flower_run
 
     run_simulation(
-        server_app=ServerApp(server_fn=flower_w2.server_fn),
-        client_app=ClientApp(client_fn=flower_w2.client_fn),
+        server_app=ServerApp(server_fn=flower_run.server_fn),
+        client_app=ClientApp(client_fn=flower_run.client_fn),
         num_supernodes=len(np.load(spec)["starts"]) - 1,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
     )
-    marks, accuracy = flower_w2.marks, flower_w2.accuracy
+    marks, accuracy = flower_run.marks, flower_run.accuracy
     print(json.dumps({"round_seconds": np.diff(marks).tolist(), "accuracy": accuracy[-1] if accuracy else None}))
 
 
