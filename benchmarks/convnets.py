@@ -38,10 +38,12 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -107,6 +109,56 @@ def round_flops(workload: Workload) -> tuple[float, float]:
     return train, workload.test_examples * forward
 
 
+def plain_pytorch(workload: Workload, device: str, repeats: int = 2) -> dict:
+    """The same FLOPs without federation: one model trained with PyTorch alone on as many training
+    examples as a round's clients hold (autograd, an SGD step per batch), then evaluated on the test
+    images, each part at its fastest over batch sizes and memory layouts. What PyTorch's own kernels
+    make of this network on this machine, the bound any engine built on them meets."""
+    data = load_dataset(DATASET, progress=False)
+    x = data.train.x[: workload.per_round * workload.examples].to(device)
+    y = data.train.y[: len(x)].to(device)
+    test_x, test_y = data.test.x[: workload.test_examples].to(device), data.test.y[: workload.test_examples].to(device)
+    best = {"training": float("inf"), "evaluation": float("inf")}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = build_model(workload.model, (1, 28, 28), 10).to(device).to(memory_format=layout)
+        params = list(model.parameters())
+        for batch in (BATCH_SIZE, 10 * BATCH_SIZE):
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model.train()
+                for i in range(0, len(x), batch):
+                    loss = F.cross_entropy(model(x[i : i + batch].contiguous(memory_format=layout)), y[i : i + batch])
+                    grads = torch.autograd.grad(loss, params)
+                    with torch.no_grad():
+                        torch._foreach_add_(params, grads, alpha=-0.01)
+                _synchronize(device)
+                best["training"] = min(best["training"], time.perf_counter() - start)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.eval()
+            correct = 0
+            with torch.no_grad():
+                for i in range(0, len(test_x), 1024):
+                    correct += int(
+                        (
+                            model(test_x[i : i + 1024].contiguous(memory_format=layout)).argmax(1)
+                            == test_y[i : i + 1024]
+                        ).sum()
+                    )
+            _synchronize(device)
+            best["evaluation"] = min(best["evaluation"], time.perf_counter() - start)
+    return {
+        "per_round": best["training"] + best["evaluation"],
+        "training": best["training"],
+        "accuracy": correct / len(test_x),
+    }
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def row(label: str, engine: str, r: dict, roofline: float, load: float, note: str = "") -> str:
     training = f"{r['training']:8.3f}" if r.get("training") is not None else f"{'':8}"
     return (
@@ -143,6 +195,10 @@ def run_workload(name: str, workload: Workload, peak: float, args) -> list[str]:
         per_round[engine] = r["per_round"]
         rows.append(row(label, engine, r, roofline, load, f"trained by {r['engine_choice']}"))
         print(rows[-1], flush=True)
+    load = os.getloadavg()[0]
+    plain = plain_pytorch(workload, args.device)
+    rows.append(row(label, "plain PyTorch", plain, roofline, load, "one model, the round's examples, no federation"))
+    print(rows[-1], flush=True)
     if name != "cnn":
         return rows
     if args.device != "cpu":

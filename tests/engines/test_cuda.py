@@ -79,3 +79,33 @@ def test_run_command_on_cuda(tmp_path):
     assert code == 0
     rounds = json.loads((tmp_path / "gpu" / "history.json").read_text())["rounds"]
     assert len(rounds) == 3 and rounds[-1]["test_accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("name", ["simple-cnn", "resnet8"])
+def test_fastconv_on_cuda_equals_the_sequential_engine(name):
+    """The convolution kernel (grouped convolutions, BatchNorm statistics per client) on the GPU,
+    in float64 so that cuDNN's choice of algorithm cannot hide a mistake in round-off."""
+    from fedforge.data import TensorData
+    from fedforge.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorData(
+        torch.randn(120, 1, 28, 28, generator=g, dtype=torch.float64), torch.randint(0, 10, (120,), generator=g)
+    )
+    parts = [np.arange(0, 5), np.arange(5, 30), np.arange(30, 70), np.arange(70, 120)]
+    results = []
+    for engine in (SequentialEngine(), VectorizedEngine()):
+        results.append(
+            simulate(
+                build_model(name, (1, 28, 28), 10, seed=0).double().to("cuda"),
+                FederatedData(data, parts, None).to("cuda"),
+                rounds=2,
+                clients_per_round=4,
+                engine=engine,
+                seed=1,
+                client=ClientConfig(batch_size=8, lr=0.02, momentum=0.9),
+            )
+        )
+    assert results[1].history.column("clients") == results[0].history.column("clients")
+    for key, value in results[0].state.params.items():
+        torch.testing.assert_close(results[1].state.params[key], value, rtol=1e-9, atol=1e-9)

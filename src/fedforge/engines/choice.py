@@ -11,7 +11,7 @@ class EngineChoice:
     one asked for (`reason`: auto's choice, or the vectorized engine falling back to sequential).
 
     `str()` is the console's form: "vectorized (fastmlp kernel)", "sequential (the vectorized
-    engine cannot batch this model or task: it has buffers, e.g. BatchNorm statistics)".
+    engine cannot batch this model or task: task regression trains with a loop of its own)".
     """
 
     engine: str

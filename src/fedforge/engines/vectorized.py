@@ -266,8 +266,8 @@ def batched_kernel(model: nn.Module, data: TensorData, config: ClientConfig) -> 
 
 
 def unbatchable(model: nn.Module, data: TensorData, config: ClientConfig) -> str | None:
-    """Why no batched kernel trains `model` on such data as `config` says (e.g. "it has buffers, e.g.
-    BatchNorm statistics"), or None when one does."""
+    """Why no batched kernel trains `model` on such data as `config` says (e.g. "task regression
+    trains with a loop of its own"), or None when one does."""
     try:
         kernel_for(model, data, config)
     except _Unsupported as e:
