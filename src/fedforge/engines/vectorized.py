@@ -499,6 +499,17 @@ def _runs(sizes: np.ndarray) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
+def _run_views(
+    lo: int, hi: int, active: int, views: State, state: OptimizerState, terms: LocalTerms, *, batched: bool
+) -> tuple[State, OptimizerState, LocalTerms]:
+    """The parameters, optimizer state and terms of the run of clients lo..hi among the `active`
+    ones (the step's own views when the run is all of them; see `_pick` for `batched`)."""
+    if (lo, hi) == (0, active):
+        return views, state, terms
+    pick = _pick(lo, hi, batched=batched)
+    return {k: pick(v) for k, v in views.items()}, state.view(pick), _terms_view(terms, pick)
+
+
 def _func_chunk(model, global_state, tasks, config) -> _Chunk:
     """vmap(grad(functional_call)) of the task's loss. Buffers (e.g. BatchNorm1d's running
     statistics) are stacked like the parameters and updated in place by each client's forward
@@ -528,15 +539,7 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
             x, y = gather(source.x, r), gather(source.y, r)
             if single:  # one client: unbatched
                 x, y = tree_map(lambda v: v[0], x), tree_map(lambda v: v[0], y)
-            if (lo, hi) == (0, active):  # every active client (unbatched already when it is one)
-                run_params, run_state, run_terms = views, state, terms
-            else:
-                pick = _pick(lo, hi, batched=has_buffers)
-                run_params, run_state, run_terms = (
-                    {k: pick(v) for k, v in views.items()},
-                    state.view(pick),
-                    _terms_view(terms, pick),
-                )
+            run_params, run_state, run_terms = _run_views(lo, hi, active, views, state, terms, batched=has_buffers)
             params = {k: run_params[k] for k in trainable}
             buffers = {k: v for k, v in run_params.items() if k not in params}
             grads, sums = (one if single else many)(params, buffers, x, y)
@@ -580,15 +583,7 @@ def _conv_chunk(model, global_state, tasks, config) -> _Chunk:
         for lo, hi in _runs(schedule.sizes[:active, t]):
             r = rows[lo:hi, t, : schedule.sizes[lo, t]]
             x, y = gather(source.x, r), gather(source.y, r)
-            if (lo, hi) == (0, active):
-                run_params, run_state, run_terms = views, state, terms
-            else:
-                pick = _pick(lo, hi, batched=True)
-                run_params, run_state, run_terms = (
-                    {k: pick(v) for k, v in views.items()},
-                    state.view(pick),
-                    _terms_view(terms, pick),
-                )
+            run_params, run_state, run_terms = _run_views(lo, hi, active, views, state, terms, batched=True)
             leaves = {k: run_params[k].detach().requires_grad_() for k in trainable}
             outputs = net({**run_params, **leaves}, x)
             if cross_entropy:  # each client's mean, summed: one call for all
