@@ -42,7 +42,7 @@ def test_auto_says_what_it_picked_and_why():
     assert engine.choice.engine == "sequential" and "RMSprop is not one of fedforge's optimizer rules" in (
         engine.choice.reason
     )
-    cnn = build_model("cnn", (1, 28, 28), 10)
+    cnn = build_model("simple-cnn", (1, 28, 28), 10)
     engine.choose(cnn, _tasks((1, 28, 28)), ClientConfig())
     assert engine.choice == EngineChoice("vectorized")  # its fastconv kernel
     unknown = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Hardswish(), nn.Flatten(), nn.Linear(2 * 26 * 26, 1))

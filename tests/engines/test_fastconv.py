@@ -15,7 +15,7 @@ from torch import nn
 
 from fedforge import ClientConfig, FederatedData, fastconv, simulate
 from fedforge.data import TensorData
-from fedforge.engines import AutoEngine, ClientTask, SequentialEngine, VectorizedEngine
+from fedforge.engines import AutoEngine, ClientTask, EngineChoice, SequentialEngine, VectorizedEngine
 from fedforge.evaluation import evaluate
 from fedforge.models import build_model
 from fedforge.strategies import FedProx, Scaffold
@@ -244,11 +244,17 @@ def test_relu_then_max_pooling_is_computed_in_the_other_order_with_the_same_grad
     assert ties.any(), "the data has no tied windows: the test tests nothing"
 
 
-def test_auto_trains_cnns_with_the_fastconv_kernel():
+def test_auto_stacks_cnns_when_a_chunk_holds_more_than_one_client():
     engine = AutoEngine()
-    tasks = [ClientTask(0, images(4, dtype=torch.float32), seed=0)]
-    for name in ("cnn", "simple-cnn", "resnet8"):
-        assert engine.choose(build_model(name, (1, 28, 28), 10), tasks) is engine.vectorized
+    data = images(8, dtype=torch.float32)
+    tasks = [ClientTask(c, data.subset(np.arange(2 * c, 2 * c + 2)), seed=c) for c in range(4)]
+    assert engine.choose(build_model("simple-cnn", (1, 28, 28), 10), tasks) is engine.vectorized
+    assert engine.choice == EngineChoice("vectorized")
+    for name in ("cnn", "resnet8"):  # a client's activations and weights fill a 64 MiB chunk
+        assert engine.choose(build_model(name, (1, 28, 28), 10), tasks) is engine.sequential
+        assert engine.choice.reason == "auto: one client per chunk of the vectorized engine's memory budget"
+    roomy = AutoEngine(max_memory=1 << 30)
+    assert roomy.choose(build_model("resnet8", (1, 28, 28), 10), tasks) is roomy.vectorized
     lstm = build_model("char-lstm", (8,), 20)
     tokens = TensorData(torch.zeros(4, 8, dtype=torch.int64), torch.zeros(4, 8, dtype=torch.int64))
     assert engine.choose(lstm, [ClientTask(0, tokens, seed=0)]) is engine.sequential

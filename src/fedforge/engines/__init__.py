@@ -49,16 +49,20 @@ class AutoEngine(Engine):
       Embedding+Linear language model: 1.1-1.2x);
     - convolutional networks that `fastconv` stacks (Sequential nets of Conv2d, BatchNorm2d,
       pooling, activations, Flatten, Linear, and the built-in ResNet's blocks): vectorized, its
-      fastconv kernel (grouped convolutions in channels-last memory; `benchmarks/convnets.py`);
-    - other convolutions: sequential on the CPU, where a vmapped convolution is no faster than
-      one client at a time (cnn with Adam, 4 clients a round: 0.8-1.04x; NIID-Bench's CNN with
-      SGD: 76 vs 51 s per round) and holds every active client's activations at once;
+      fastconv kernel, when at least two clients fit in a chunk of its memory budget
+      (`benchmarks/convnets.py`, NIID-Bench's CNN: 0.27 vs 0.47 s per round with 10 clients of
+      600 a round, 0.34 vs 0.80 s with 100 of 60); sequential when a chunk holds one client
+      (the built-in `cnn` and `resnet8` at 64 MiB: nothing is stacked, and the vectorized
+      engine's rounds were 0.9-1.1x the sequential engine's);
+    - other convolutional models: sequential on the CPU, where a vmapped convolution (the
+      torch.func path) is no faster than one client at a time (measured before fastconv: cnn
+      with Adam, 4 clients a round: 0.8-1.04x) and holds every active client's activations;
     - recurrent layers (LSTM, GRU, RNN): sequential, on any device, as vmap has no batching
       rule for them and runs them client by client (char-lstm: 0.17-0.20x);
     - on CUDA, everything else the vectorized engine can batch goes to it (not re-measured
       with the torch.func path: no GPU was at hand);
-    - what the vectorized engine cannot batch (buffers, a task's own loop, optimizers other
-      than SGD, Adam and AdamW): sequential, without the vectorized engine's notice.
+    - what the vectorized engine cannot batch (a task's own loop, optimizers other than SGD,
+      Adam and AdamW): sequential, without the vectorized engine's notice.
     """
 
     name = "auto"
@@ -79,7 +83,11 @@ class AutoEngine(Engine):
         if not tasks:
             return self.sequential, ""
         kernel = batched_kernel(model, tasks[0].data, config)
-        if kernel in ("fastmlp", "fastconv"):
+        if kernel == "fastmlp":
+            return self.vectorized, ""
+        if kernel == "fastconv":
+            if len(tasks) > 1 and self.vectorized.chunk_size(model, tasks, config) < 2:
+                return self.sequential, "auto: one client per chunk of the vectorized engine's memory budget"
             return self.vectorized, ""
         if kernel is None:
             why = unbatchable(model, tasks[0].data, config)
