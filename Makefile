@@ -61,6 +61,7 @@ docs: $(VENV)/.docs
 bench: install data
 	$(BIN)/python benchmarks/tutorial_vs_fedforge.py
 	$(BIN)/python benchmarks/engines.py
+	$(BIN)/python benchmarks/convnets.py
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache .hypothesis
