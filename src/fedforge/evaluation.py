@@ -68,4 +68,6 @@ def _stacked(module: nn.Module, data: TensorData) -> fastconv.StackedNet | None:
         return None
     if not any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in module.modules()):
         return None
+    if any(isinstance(m, nn.BatchNorm2d) and not m.track_running_stats for m in module.modules()):
+        return None  # it normalizes by the batch's statistics: the batch must stay whole
     return fastconv.stacked_net(module)

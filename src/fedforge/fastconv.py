@@ -26,6 +26,7 @@ Dropout's randomness) makes `stacked_net` return None and the engine use another
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -113,13 +114,16 @@ class StackedNet:
 def stacked_net(model: nn.Module) -> StackedNet | None:
     """`model` compiled for stacked clients, or None if it has a layer this module cannot stack.
 
-    Only exact types are taken (a subclass may have a forward of its own). The net takes images
-    when its first layer is a convolution, BatchNorm, pooling or block, rows (C, B, ...) when it
-    is a Flatten or a Linear layer, and must end in rows: its outputs are (C, B, features).
+    Only exact types are taken (a subclass may have a forward of its own), and no module with
+    hooks (the ops do not call the modules' forward). The net takes images when its first layer
+    is a convolution, BatchNorm, pooling or block, rows (C, B, ...) when it is a Flatten or a
+    Linear layer, and must end in rows: its outputs are (C, B, features).
     """
-    if not (isinstance(model, nn.Sequential) and type(model) is nn.Sequential):
+    if not (isinstance(model, nn.Sequential) and type(model) is nn.Sequential) or _hooked(model) or _tied(model):
         return None
-    first = next(iter(model.children()), None)
+    first: nn.Module | None = model
+    while isinstance(first, nn.Sequential) and type(first) is nn.Sequential:
+        first = next(iter(first._modules.values()), None)
     if first is None:
         return None
     image = type(first) in (nn.Conv2d, nn.BatchNorm2d, BasicBlock, *_POOLING)
@@ -132,9 +136,27 @@ def stacked_net(model: nn.Module) -> StackedNet | None:
     return None if image_out else StackedNet(ops, image_input=image)
 
 
+def _hooked(model: nn.Module) -> bool:
+    """Whether a hook would change what `model`'s forward computes (its modules' or global ones)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _tied(model: nn.Module) -> bool:
+    """Whether a parameter or buffer is held twice (a module used twice): the state then names
+    one tensor twice, and the stacked clients would hold two copies of it."""
+    named = sum(1 for _ in model.named_parameters()) + sum(1 for _ in model.named_buffers())
+    held = sum(1 for _ in model.named_parameters(remove_duplicate=False))
+    return named != held + sum(1 for _ in model.named_buffers(remove_duplicate=False))
+
+
 def _sequence(model: nn.Sequential, prefix: str, *, image: bool) -> tuple[list[Op], bool]:
-    """The ops of a Sequential's children, and whether its output is images (else rows)."""
-    children = list(model.named_children())
+    """The ops of a Sequential's children (as its forward runs them: a module held twice runs
+    twice), and whether its output is images (else rows)."""
+    children = [(name, child) for name, child in model._modules.items() if child is not None]
     ops: list[Op] = []
     i = 0
     while i < len(children):
@@ -182,6 +204,11 @@ def _relu(h: torch.Tensor, params: Mapping[str, torch.Tensor], step: Pass) -> to
 
 
 def _module_op(module: nn.Module) -> Op:
+    """A parameter-free module applied as it is, out of place (an in-place one could overwrite
+    what an earlier op's backward needs, e.g. the output of a ReLU moved after a pooling)."""
+    if getattr(module, "inplace", False):
+        module = copy.copy(module)
+        setattr(module, "inplace", False)  # noqa: B010 (nn.Module's typing refuses the plain assignment)
     return lambda h, params, step: module(h)
 
 

@@ -258,3 +258,79 @@ def test_auto_stacks_cnns_when_a_chunk_holds_more_than_one_client():
     lstm = build_model("char-lstm", (8,), 20)
     tokens = TensorData(torch.zeros(4, 8, dtype=torch.int64), torch.zeros(4, 8, dtype=torch.int64))
     assert engine.choose(lstm, [ClientTask(0, tokens, seed=0)]) is engine.sequential
+
+
+def agree_on_fastconv(build, data=None, **client):
+    """Sequential and vectorized agree, and the vectorized engine ran the fastconv kernel."""
+    data = data or images(120, size=16)
+    engine = VectorizedEngine()
+    results = [run(e, build(), data, UNEQUAL, **client) for e in (SequentialEngine(), engine)]
+    assert engine.choice is not None and engine.choice.reason == "fastconv kernel"
+    assert_agree(*results)
+
+
+def test_a_module_used_twice_runs_twice():
+    def build():
+        torch.manual_seed(0)
+        act = nn.Tanh()
+        return nn.Sequential(nn.Conv2d(1, 4, 3), act, nn.Conv2d(4, 4, 3), act, nn.Flatten(), nn.Linear(4 * 12 * 12, 10))
+
+    agree_on_fastconv(lambda: build().double())
+    model = build()
+    x = images(64, size=16, dtype=torch.float32)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model.eval()(x.x), x.y).item()
+    assert evaluate(model, state, x).loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_shared_weights_and_hooks_are_not_stacked():
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    tied = nn.Sequential(nn.Conv2d(1, 2, 3), conv, nn.ReLU(), conv, nn.Flatten(), nn.Linear(2 * 14 * 14, 10))
+    assert fastconv.stacked_net(tied) is None
+    hooked = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 10))
+    assert fastconv.stacked_net(hooked) is not None
+    hooked[0].register_forward_hook(lambda module, inputs, output: output * 0.5)
+    assert fastconv.stacked_net(hooked) is None
+    data = images(40, size=16, dtype=torch.float32)
+    state = {k: v.detach() for k, v in hooked.state_dict().items()}
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(hooked.eval()(data.x), data.y).item()
+    assert evaluate(hooked, state, data).loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_evaluation_keeps_the_batch_whole_for_batch_statistics():
+    """BatchNorm without running statistics normalizes by the batch's own, in evaluation too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 14 * 14, 10),
+    )
+    data = images(512, size=16, dtype=torch.float32)
+    data = TensorData(data.x * 3 + 1, data.y)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model.eval()(data.x), data.y).item()
+    assert evaluate(model, state, data).loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_in_place_activations_after_the_swapped_pooling():
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.ReLU(inplace=True)),
+            nn.Flatten(),
+            nn.Linear(4 * 7 * 7, 10),
+        ).double()
+
+    agree_on_fastconv(build)  # a nested Sequential first, in-place activations
+
+
+def test_auto_with_one_client_a_round_asks_what_a_chunk_would_hold():
+    engine = AutoEngine()
+    tasks = [ClientTask(0, images(4, dtype=torch.float32), seed=0)]
+    assert engine.choose(build_model("resnet8", (1, 28, 28), 10), tasks) is engine.sequential
+    assert engine.choose(build_model("simple-cnn", (1, 28, 28), 10), tasks) is engine.vectorized

@@ -50,10 +50,11 @@ class AutoEngine(Engine):
     - convolutional networks that `fastconv` stacks (Sequential nets of Conv2d, BatchNorm2d,
       pooling, activations, Flatten, Linear, and the built-in ResNet's blocks): vectorized, its
       fastconv kernel, when at least two clients fit in a chunk of its memory budget
-      (`benchmarks/convnets.py`, NIID-Bench's CNN: 0.27 vs 0.47 s per round with 10 clients of
-      600 a round, 0.34 vs 0.80 s with 100 of 60); sequential when a chunk holds one client
-      (the built-in `cnn` and `resnet8` at 64 MiB: nothing is stacked, and the vectorized
-      engine's rounds were 0.9-1.1x the sequential engine's);
+      (`benchmarks/convnets.py`, NIID-Bench's CNN, three runs: 0.25-0.35 vs 0.47-0.71 s per
+      round with 10 clients of 600 a round, 0.34-0.39 vs 0.57-0.86 s with 100 of 60);
+      sequential when a chunk holds one client (the built-in `cnn` and `resnet8` at 64 MiB:
+      nothing is stacked, and the vectorized engine's rounds were 0.9-1.1x the sequential
+      engine's);
     - other convolutional models: sequential on the CPU, where a vmapped convolution (the
       torch.func path) is no faster than one client at a time (measured before fastconv: cnn
       with Adam, 4 clients a round: 0.8-1.04x) and holds every active client's activations;
@@ -86,7 +87,7 @@ class AutoEngine(Engine):
         if kernel == "fastmlp":
             return self.vectorized, ""
         if kernel == "fastconv":
-            if len(tasks) > 1 and self.vectorized.chunk_size(model, tasks, config) < 2:
+            if self.vectorized.capacity(model, tasks, config) < 2:
                 return self.sequential, "auto: one client per chunk of the vectorized engine's memory budget"
             return self.vectorized, ""
         if kernel is None:

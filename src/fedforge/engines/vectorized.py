@@ -196,7 +196,11 @@ class VectorizedEngine(Engine):
         return self._fallback
 
     def chunk_size(self, model: nn.Module, tasks: Sequence[ClientTask], config: ClientConfig) -> int:
-        """How many clients fit in `max_memory` at once (at least one)."""
+        """How many of `tasks`' clients are trained at once (at least one): see `capacity`."""
+        return max(1, min(len(tasks), self.capacity(model, tasks, config)))
+
+    def capacity(self, model: nn.Module, tasks: Sequence[ClientTask], config: ClientConfig) -> int:
+        """How many clients like `tasks`' fit in `max_memory` at once (0 when not even one does)."""
         param_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
         rule = config.rule
         copies = 2 + (len(rule.slots) if rule is not None else 0)  # params, transient gradients, optimizer state
@@ -208,7 +212,7 @@ class VectorizedEngine(Engine):
         schedule = steps * (12 * config.batch_size + 8)  # rows, weights, sizes
         per_client = copies * param_bytes + 3 * config.batch_size * activations + schedule
         budget = self.max_memory or DEFAULT_MAX_MEMORY.get(tasks[0].data.device.type, DEFAULT_MAX_MEMORY["cuda"])
-        return max(1, min(len(tasks), budget // per_client))
+        return budget // per_client
 
     def _activation_bytes(self, model: nn.Module, example) -> int:
         """Bytes of every module output for one example, a batch of one (measured once per model)."""
