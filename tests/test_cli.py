@@ -190,21 +190,23 @@ def with_batchnorm(input_shape, num_classes):
 
 
 @pytest.mark.parametrize(
-    "model, says",
+    "model, engine, says",
     [
-        ("logreg", "engine: vectorized (fastmlp kernel)"),
+        ("logreg", "auto", "engine: vectorized (fastmlp kernel)"),
+        ("bn_models:with_batchnorm", "vectorized", "engine: vectorized (torch.func kernel)"),
         (
             "bn_models:with_batchnorm",
-            "engine: sequential (the vectorized engine cannot batch this model or task: it has buffers, "
-            "e.g. BatchNorm statistics)",
+            "auto",
+            "engine: sequential (auto: BatchNorm1d: no faster batched than one client at a time on the CPU)",
         ),
     ],
 )
-def test_run_says_which_engine_trained_the_clients_and_why(model, says, capsys, tmp_path, monkeypatch):
+def test_run_says_which_engine_trained_the_clients_and_why(model, engine, says, capsys, tmp_path, monkeypatch):
     (tmp_path / "bn_models.py").write_text(BATCHNORM_MODEL)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
     flags = ["--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "2", "--rounds", "1"]
+    flags += ["--engine", engine]
     code, out, err = fedforge(capsys, "run", "-q", *flags, "--model", model, "--out-dir", "runs", "--name", "e")
     sys.modules.pop("bn_models", None)
     assert code == 0, err
