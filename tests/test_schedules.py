@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from fedforge.client import ClientConfig
+from fedforge.config import Config
 from fedforge.errors import ConfigError
+from fedforge.history import History
 from fedforge.schedules import Constant, Cosine, Exponential, Step, parse_schedule
 
 
@@ -137,3 +139,101 @@ def test_checked_against_the_run():
         Constant()(6, 5, 0.1)
     with pytest.raises(ConfigError, match="warmup must be < rounds=3"):
         Cosine(warmup=3)(1, 3, 0.1)  # a call checks too
+
+
+# On the command line and in TOML.
+
+BASE = ["--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3", "--model", "logreg", "-q"]
+
+
+def fedforge(capsys, *argv):
+    from fedforge.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def lrs(run_dir):
+    return [r.metrics.get("lr") for r in History.from_json((run_dir / "history.json").read_text()).records]
+
+
+def test_a_run_follows_the_schedule_and_records_its_lr(capsys, tmp_path):
+    flags = [*BASE, "--rounds", "3", "--out-dir", str(tmp_path), "--name", "s", "--lr", "0.4"]
+    code, _, _ = fedforge(capsys, "run", *flags, "--lr-schedule", "step:step_size=1,gamma=0.5")
+    assert code == 0
+    assert lrs(tmp_path / "s") == [None, 0.4, 0.2, 0.1]
+    assert "lr" in (tmp_path / "s" / "history.csv").read_text().splitlines()[0].split(",")
+    assert 'lr_schedule = "step:step_size=1,gamma=0.5"' in (tmp_path / "s" / "config.toml").read_text()
+
+
+def test_the_schedule_from_a_config_file(tmp_path):
+    (tmp_path / "c.toml").write_text('rounds = 8\n[client]\nlr = 0.1\nlr_schedule = "cosine:warmup=2,min_lr=0.001"\n')
+    config = Config.load(tmp_path / "c.toml")
+    assert config.round_config() is not None
+    assert config.round_config()(1, ClientConfig(lr=0.1, round=1, rounds=8)).lr == pytest.approx(0.05)
+    assert Config().round_config() is None  # constant: every round the run's config
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr-schedule", "cosine:warmup=5", "--rounds", "5"], "lr_schedule cosine: warmup must be < rounds=5, got 5"),
+        (["--lr-schedule", "cosine:min_lr=0.5"], r"lr_schedule cosine: min_lr must be in [0, lr=0.01], got 0.5"),
+        (["--lr-schedule", "step:gamma=2"], "lr_schedule step: gamma must be in (0, 1], got 2.0"),
+        (
+            ["--lr-schedule", "linear"],
+            "unknown lr_schedule 'linear' (choose from: constant, step, exponential, cosine)",
+        ),
+        (
+            ["--lr-schedule", "exponential:gamma=1e-300", "--rounds", "3"],
+            "lr_schedule exponential: the lr reaches 0 by round 3 (gamma is too small)",
+        ),
+    ],
+)
+def test_refused_with_one_line(capsys, tmp_path, argv, message):
+    code, _, err = fedforge(capsys, "run", *BASE, "--out-dir", str(tmp_path), *argv)
+    assert code != 0
+    assert err.strip() == f"fedforge: error: {message}"
+
+
+def test_a_config_file_value_of_the_wrong_type_is_refused(tmp_path):
+    (tmp_path / "c.toml").write_text("[client]\nlr_schedule = 0.5\n")
+    with pytest.raises(ConfigError, match=r"lr_schedule must be str, got 0\.5"):
+        Config.load(tmp_path / "c.toml")
+
+
+def test_resume_continues_the_schedule_where_it_left_off(capsys, tmp_path):
+    flags = [*BASE, "--out-dir", str(tmp_path), "--lr", "0.4", "--lr-schedule", "step:step_size=2,gamma=0.5"]
+    assert fedforge(capsys, "run", *flags, "--rounds", "4", "--name", "whole")[0] == 0
+    assert fedforge(capsys, "run", *flags, "--rounds", "2", "--name", "part")[0] == 0
+    assert fedforge(capsys, "run", "-q", "--resume", str(tmp_path / "part"), "--rounds", "4")[0] == 0
+    assert lrs(tmp_path / "part") == lrs(tmp_path / "whole") == [None, 0.4, 0.4, 0.2, 0.2]
+    whole, part = (torch.load(tmp_path / name / "model.pt") for name in ("whole", "part"))
+    for name, value in whole.items():
+        torch.testing.assert_close(part[name], value, rtol=0, atol=0)
+
+
+def test_resume_for_more_rounds_is_refused_when_the_schedule_spreads_over_the_rounds(capsys, tmp_path):
+    flags = [*BASE, "--out-dir", str(tmp_path), "--name", "c", "--lr-schedule", "cosine"]
+    assert fedforge(capsys, "run", *flags, "--rounds", "2")[0] == 0
+    code, _, err = fedforge(capsys, "run", "-q", "--resume", str(tmp_path / "c"), "--rounds", "3")
+    assert code != 0
+    assert "its lr_schedule cosine spreads over the run's 2 rounds (resume it with --rounds 2)" in err
+
+
+def test_a_deployment_server_refuses_a_schedule(tmp_path):
+    from fedforge.server import serve
+
+    config = Config.load(overrides={"lr_schedule": "exponential:gamma=0.9", "out_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="deployment clients train with the run's lr for now"):
+        serve(
+            config,
+            address="127.0.0.1:0",
+            tokens={0: "x"},
+            tls=None,
+            min_clients=1,
+            min_fit_clients=None,
+            round_timeout=10,
+            max_message_bytes=1 << 20,
+        )
