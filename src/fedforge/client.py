@@ -24,6 +24,7 @@ from .evaluation import evaluate
 from .fastmlp import MLPLayout
 from .models import MODELS, model_factory
 from .optim import LocalTerms, OptimizerState, State, sgd
+from .schedules import Constant, RoundConfig, parse_schedule
 from .tasks import OPTIMIZERS, TASKS, make_task
 
 
@@ -372,11 +373,19 @@ class ClientSettings:
     lr: float = option(0.01, "client learning rate")
     momentum: float = option(0.0, "client SGD momentum (SGD only)")
     weight_decay: float = option(0.0, "client weight decay")
+    lr_schedule: str = option(
+        "constant",
+        "the client lr by round, from lr: constant; step:step_size=N,gamma=G (times G every N rounds); "
+        "exponential:gamma=G (times G every round); cosine:warmup=W,min_lr=M (W rounds of linear "
+        "warm-up from lr/W, then cosine decay towards M)",
+        metavar="NAME[:KEY=VALUE,...]",
+    )
 
     def __post_init__(self):
         check_choices(self, ClientSettings)
         model_factory(self.model)  # a built-in, or a user's factory that can be imported
         self.client_config()  # the task (a built-in or a user's that can be imported) and the hyperparameters
+        parse_schedule(self.lr_schedule).check(self.lr)  # its values, and min_lr against lr (rounds: Config)
 
     def client_config(self) -> ClientConfig:
         """The hyperparameters every client trains with."""
@@ -391,6 +400,11 @@ class ClientSettings:
             weight_decay=self.weight_decay,
             task=task,
         )
+
+    def round_config(self) -> RoundConfig | None:
+        """Each round's client config by `lr_schedule` (None: the same every round)."""
+        schedule = parse_schedule(self.lr_schedule)
+        return None if isinstance(schedule, Constant) else schedule.round_config
 
 
 __all__ = [

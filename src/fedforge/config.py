@@ -30,6 +30,7 @@ from .errors import ConfigError
 from .privacy.run import SAMPLINGS
 from .privacy.settings import PrivacySettings
 from .scenarios import ScenarioSettings
+from .schedules import parse_schedule
 from .strategies import STRATEGIES
 from .strategies.settings import StrategySettings, option_entry
 from .tasks import TARGETS, TASKS, make_task
@@ -125,6 +126,7 @@ class Config(
         privacy = self.privacy()
         if privacy is not None:
             privacy.check(self.strategy_object(), self.num_clients)
+        parse_schedule(self.lr_schedule).check(self.lr, self.rounds)
 
     def group(self, cls: type[G]) -> G:
         """The settings of one group (DataSettings, StrategySettings, ...) as its own object."""

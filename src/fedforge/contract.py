@@ -26,6 +26,11 @@ class ClientConfig:
     `optimizer` names the client optimizer, as `--optimizer` does: "sgd" (fedforge's, with
     momentum and weight_decay), "adam" or "adamw" (lr and weight_decay from here); the task then
     trains with it (`Task.with_optimizer`). None: the task's own (SGD for the built-in ones).
+
+    `round` and `rounds` are the round a client trains in (counted from 1) and the run's number
+    of rounds, set by the round loop for each round (0: unknown, outside a run), so that a task's
+    own training loop (`Task.train`) sees them; a round configuration (`simulate(round_config=...)`,
+    a learning-rate schedule) makes the round's config from the run's.
     """
 
     local_epochs: int = 1
@@ -35,6 +40,8 @@ class ClientConfig:
     weight_decay: float = 0.0
     task: Task = CLASSIFICATION
     optimizer: str | None = None
+    round: int = 0
+    rounds: int = 0
 
     def __post_init__(self):
         if self.optimizer is not None:
@@ -53,6 +60,8 @@ class ClientConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.round <= self.rounds:
+            raise ConfigError(f"round must be in 0..rounds (0: unknown), got round {self.round} of {self.rounds}")
         if self.momentum and self.task.optimizer is not None:
             raise ConfigError(f"momentum is SGD's; {self.task.optimizer.__name__} takes its own options")
         if self.task.optimizer is not None:  # its options, checked once by the optimizer itself

@@ -32,6 +32,7 @@ from .history import History, RoundRecord
 from .models import build_model, check_fits
 from .reductions import PartialSum
 from .report import headline, plot_history, round_line, write_history, write_model
+from .schedules import parse_schedule
 from .simulation import clients_per_round_count, simulate
 from .strategies import RunInfo, ServerState
 from .tracking import Tracker, client_metrics
@@ -114,6 +115,11 @@ def check_resumable(run_dir: str | Path, config: Config) -> None:
     saved = Config.load(Path(run_dir) / "config.toml")
     if differences := setting_differences(result_settings(saved), config):
         raise ConfigError(f"cannot resume {run_dir}: it was run with other settings ({'; '.join(differences)})")
+    if saved.rounds != config.rounds and parse_schedule(config.lr_schedule).uses_rounds:
+        raise ConfigError(
+            f"cannot resume {run_dir} for {config.rounds} rounds: its lr_schedule {config.lr_schedule} spreads "
+            f"over the run's {saved.rounds} rounds (resume it with --rounds {saved.rounds})"
+        )
 
 
 @dataclass(frozen=True)
@@ -248,6 +254,7 @@ def run_experiment(
             resume=(start[0], start[1].records) if start else None,
             privacy=privacy,
             sampling=config.sampling,
+            round_config=config.round_config(),
         )
     except BaseException as e:
         error = e

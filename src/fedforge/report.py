@@ -98,6 +98,8 @@ def round_line(record: RoundRecord, rounds: int) -> str:
         parts.append(f"federated accuracy {record.federated_accuracy:.4f}")
     if "epsilon" in record.metrics:
         parts.append(f"epsilon {record.metrics['epsilon']:.3f}")
+    if "lr" in record.metrics:  # a learning-rate schedule's
+        parts.append(f"lr {record.metrics['lr']:.4g}")
     if record.round:
         parts.append(f"{record.seconds:.2f} s")
     return "  ".join(parts)

@@ -78,6 +78,11 @@ def serve(
         raise ConfigError(f"round_timeout must be > 0 seconds, got {round_timeout}")
     if max_client_examples < 1:
         raise ConfigError(f"max_client_examples must be >= 1, got {max_client_examples}")
+    if config.round_config() is not None:  # the clients learn the lr once, from the welcome
+        raise ConfigError(
+            f"lr_schedule {config.lr_schedule}: deployment clients train with the run's lr for now; "
+            "a schedule runs in simulation only (fedforge run, compare)"
+        )
     if secure is not None:
         secure.check(config, per_round)
     board = Dashboard(dashboard, tls=tls) if dashboard is not None else None  # unsafe settings: refused here

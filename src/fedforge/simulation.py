@@ -2,8 +2,8 @@
 
 `simulate` is the driver; each stage is a function of its own, in the order a round calls them:
 `_setup` (once: check the settings, build the clients' pool and the privacy stage), `_start`
-(round 0, or a resumed run's state), then per round `_train_round` (`_select_and_plan`,
-`_run_clients`, `_transform`, `_aggregate`, retried with a new selection when too few clients
+(round 0, or a resumed run's state), then per round `_train_round` (`_round_config`,
+`_select_and_plan`, `_run_clients`, `_transform`, `_aggregate`, retried with a new selection when too few clients
 report), `_begin_ahead` (an engine that works ahead starts the next round now), `_evaluate` and
 `_record`. The stages read one frozen `_Run`; what changes from round to round (the server
 state, the clients' optimizer states) is passed from stage to stage. A round's updates are never
@@ -37,6 +37,7 @@ from .privacy.run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_fo
 from .privacy.sampling import poisson_sample
 from .reductions import Update, example_weighted
 from .scenarios import Scenario, attack_update, client_work, label_flipped, malicious_clients
+from .schedules import RoundConfig
 from .strategies import FedAvg, LinearStrategy, RunInfo, ServerState, Strategy
 
 log = logging.getLogger("fedforge")
@@ -77,6 +78,7 @@ class _Settings:
     eval_batch_size: int
     eval_train: bool
     on_client: Callable[[Update], None] | None
+    round_config: RoundConfig | None
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,10 @@ class _Run:
 
 @dataclass(frozen=True)
 class _Planned:
-    """A round's attempt before it runs: who was selected, who dropped out, and the others' tasks."""
+    """A round's attempt before it runs: its clients' config, who was selected, who dropped out,
+    and the others' tasks."""
 
+    config: ClientConfig
     selected: Sequence[int]
     dropped: tuple[int, ...]
     tasks: Sequence[ClientTask]
@@ -114,8 +118,10 @@ class _Planned:
 
 @dataclass(frozen=True)
 class _Begun:
-    """A round's attempt handed to the engine: who was selected, who dropped out, and the updates to come."""
+    """A round's attempt handed to the engine: its clients' config, who was selected, who dropped
+    out, and the updates to come."""
 
+    config: ClientConfig
     selected: Sequence[int]
     dropped: tuple[int, ...]
     updates: Iterator[Update]
@@ -123,10 +129,11 @@ class _Begun:
 
 @dataclass(frozen=True)
 class _Trained:
-    """A round aggregated: the new state, its clients, their example-weighted training metrics and
-    new optimizer states, and when it ended."""
+    """A round aggregated: the new state, its clients' config, the clients, their example-weighted
+    training metrics and new optimizer states, and when it ended."""
 
     state: ServerState
+    config: ClientConfig
     selected: Sequence[int]
     dropped: tuple[int, ...]
     metrics: dict[str, float]
@@ -192,6 +199,7 @@ def simulate(
     max_round_attempts: int = 10,
     privacy: DifferentialPrivacy | None = None,
     sampling: str = "fixed",
+    round_config: RoundConfig | None = None,
 ) -> SimulationResult:
     """Run federated training of `model` (its weights the initial global model; they are not
     changed, but the model is moved to the data's device, in place) over `data` for `rounds`
@@ -216,8 +224,15 @@ def simulate(
             the run stops before a round would pass its epsilon budget.
         sampling: "fixed" (`clients_per_round` each round) or "poisson" (each client joins a
             round with probability clients_per_round / num_clients).
+        round_config: the clients' config of each round, `round_config(r, config)` from the round r
+            (counted from 1) and `client` with its `round` and `rounds` set: a learning-rate
+            schedule (`fedforge.schedules`, e.g. `Cosine(warmup=5).round_config`), local epochs
+            or any option by round. A function of the round only, so a resumed run follows it
+            from where it left off. None: `client` every round (with `round` and `rounds` set).
+            The round's lr and momentum are also what SCAFFOLD, q-FedAvg and FedNova aggregate
+            with, and each round's record keeps its lr (`metrics["lr"]`).
     """
-    settings = _Settings(rounds, sampling, max_round_attempts, eval_batch_size, eval_train, on_client)
+    settings = _Settings(rounds, sampling, max_round_attempts, eval_batch_size, eval_train, on_client, round_config)
     run = _setup(model, data, client, strategy, engine, scenario, seed, clients_per_round, privacy, resume, settings)
     state, records = _start(run, resume, on_round)
     optimizer_states: dict[int, OptimizerState] = {}  # the clients' own, between their rounds (they stay here)
@@ -358,10 +373,11 @@ def _train_round(
     `ahead`: the round's first attempt, when it was begun while the round before was evaluated.
     """
     r = state.round + 1
+    config = _round_config(run, r)
     failure: RoundFailed | None = None
     for attempt in range(run.settings.max_round_attempts):
         if attempt > 0 or ahead is None:  # only a first attempt is begun ahead
-            ahead = _run_clients(run, state, _select_and_plan(run, state, r, attempt, optimizer_states))
+            ahead = _run_clients(run, state, _select_and_plan(run, state, r, attempt, optimizer_states, config))
         begun, ahead = ahead, None
         # The updates stream through the stages once, as they arrive: the server never holds them all.
         tally = _Tally(run.settings.on_client)
@@ -369,20 +385,47 @@ def _train_round(
             updates = tally.arrived(begun.updates)  # each client's new optimizer state kept
             updates = _transform(run, updates, r)  # attacks, client-side privacy
             updates = tally.aggregated(updates)  # training metrics, on_client
-            aggregated = _aggregate(run, state, updates, r)  # server-side privacy, the strategy
+            aggregated = _aggregate(run, state, updates, r, begun.config)  # server-side privacy, the strategy
         except RoundFailed as e:
             log.warning("round %d, attempt %d failed (%s); retrying with a new selection", r, attempt + 1, e)
             failure = e
             continue
         # Only a round that counts moves the clients' optimizers on.
         return _Trained(
-            aggregated, begun.selected, begun.dropped, tally.means(), tally.optimizer_states, time.perf_counter()
+            aggregated,
+            begun.config,
+            begun.selected,
+            begun.dropped,
+            tally.means(),
+            tally.optimizer_states,
+            time.perf_counter(),
         )
     raise FedforgeError(f"round {r} failed {run.settings.max_round_attempts} times; the last attempt: {failure}")
 
 
+def _round_config(run: _Run, r: int) -> ClientConfig:
+    """Round r's client config: the run's with its round and rounds, as `round_config` makes it."""
+    config = replace(run.client, round=r, rounds=run.settings.rounds)
+    if run.settings.round_config is None:
+        return config
+    made = run.settings.round_config(r, config)
+    if not isinstance(made, ClientConfig):
+        raise TypeError(f"round_config must return a ClientConfig, got {type(made).__name__} for round {r}")
+    if (made.round, made.rounds) != (r, run.settings.rounds):
+        raise ConfigError(
+            f"round_config changed the round of round {r} to {made.round} (of {made.rounds}): it sets what "
+            f"a round's clients do, not which round it is"
+        )
+    return made
+
+
 def _select_and_plan(
-    run: _Run, state: ServerState, r: int, attempt: int, optimizer_states: Mapping[int, OptimizerState]
+    run: _Run,
+    state: ServerState,
+    r: int,
+    attempt: int,
+    optimizer_states: Mapping[int, OptimizerState],
+    config: ClientConfig,
 ) -> _Planned:
     """Round r's selection, who of it drops out, and the others' tasks: the strategy's plan (its
     local terms), the scenario's work (epochs, steps), and what privacy asks of the clients."""
@@ -394,7 +437,7 @@ def _select_and_plan(
     else:
         selected = select_clients(n, run.k, generator)
     sizes = [len(run.clients[c]) for c in selected]
-    work, dropped = client_work(run.scenario, selected, sizes, run.client, run.seed, r)
+    work, dropped = client_work(run.scenario, selected, sizes, config, run.seed, r)
     kept = [c for c in selected if c not in dropped]
     seeds = _seeding.derive_seeds(run.seed, _seeding.CLIENT_BATCHES, r, each=kept)
     privacy = run.dp.client_plan() if run.dp else None  # clip and noise, for the clients to do
@@ -416,17 +459,17 @@ def _select_and_plan(
         )
         for c, batch_seed in zip(kept, seeds, strict=True)
     ]
-    return _Planned(selected, dropped, tasks)
+    return _Planned(config, selected, dropped, tasks)
 
 
 def _run_clients(run: _Run, state: ServerState, planned: _Planned) -> _Begun:
     """The planned tasks handed to the engine. An error it raises at once (an engine that starts
     its work when called) is raised when the updates are read, in the round they belong to."""
     try:
-        updates = run.engine.run(run.model, state.params, planned.tasks, run.client)
+        updates = run.engine.run(run.model, state.params, planned.tasks, planned.config)
     except Exception as e:
         updates = _raising(e)
-    return _Begun(planned.selected, planned.dropped, updates)
+    return _Begun(planned.config, planned.selected, planned.dropped, updates)
 
 
 def _transform(run: _Run, updates: Iterable[Update], r: int) -> Iterator[Update]:
@@ -442,14 +485,18 @@ def _transform(run: _Run, updates: Iterable[Update], r: int) -> Iterator[Update]
     return updates
 
 
-def _aggregate(run: _Run, state: ServerState, updates: Iterable[Update], r: int) -> ServerState:
+def _aggregate(run: _Run, state: ServerState, updates: Iterable[Update], r: int, config: ClientConfig) -> ServerState:
     """The next state: under differential privacy the server's part first (clip, noise the sum,
-    the accountant spends the round), then the strategy."""
-    strategy = run.strategy
+    the accountant spends the round), then the strategy, which sees the round's client lr and
+    momentum as the run's facts (SCAFFOLD's control scale under a schedule: the round's lr)."""
+    strategy, facts = run.strategy, state.run
+    if facts is not None and (facts.client_lr, facts.client_momentum) != (config.lr, config.momentum):
+        state = replace(state, run=replace(facts, client_lr=config.lr, client_momentum=config.momentum))
     if isinstance(strategy, LinearStrategy):  # it takes partial sums, which engines send only for one
-        return strategy.aggregate(state, updates) if run.dp is None else run.dp.aggregate(strategy, state, updates, r)
-    # Not linear: no differential privacy (`_setup`'s privacy.check refused it), no partial sums.
-    return strategy.aggregate(state, _each_client(updates))
+        new = strategy.aggregate(state, updates) if run.dp is None else run.dp.aggregate(strategy, state, updates, r)
+    else:  # Not linear: no differential privacy (`_setup`'s privacy.check refused it), no partial sums.
+        new = strategy.aggregate(state, _each_client(updates))
+    return new if new.run is facts else replace(new, run=facts)  # the run's facts stay the run's
 
 
 def _begin_ahead(run: _Run, state: ServerState, optimizer_states: Mapping[int, OptimizerState]) -> _Begun | None:
@@ -459,7 +506,7 @@ def _begin_ahead(run: _Run, state: ServerState, optimizer_states: Mapping[int, O
         return None
     try:
         r = state.round + 1
-        return _run_clients(run, state, _select_and_plan(run, state, r, 0, optimizer_states))
+        return _run_clients(run, state, _select_and_plan(run, state, r, 0, optimizer_states, _round_config(run, r)))
     except Exception:  # the round begins again in its turn, and raises then
         return None
 
@@ -510,8 +557,13 @@ def _record(
         seconds=time.perf_counter() - started,
         train_seconds=(trained.at if trained else started) - started,
         dropped=trained.dropped if trained else (),
-        metrics={**named, **(run.dp.metrics() if run.dp else {}), **traffic},
+        metrics={**named, **_scheduled(run, trained), **(run.dp.metrics() if run.dp else {}), **traffic},
     )
+
+
+def _scheduled(run: _Run, trained: _Trained | None) -> dict[str, float]:
+    """The round's client lr, in a run whose config changes by round (`round_config`)."""
+    return {"lr": trained.config.lr} if trained and run.settings.round_config is not None else {}
 
 
 def _traffic(engine: Engine, before: Traffic | None) -> dict[str, int]:

@@ -56,3 +56,23 @@ def test_counts_and_metrics_must_fit_the_task(header, plan, reason):
 def test_the_example_bound_is_the_server_s_setting():
     with pytest.raises(ValueError, match="not between 1 and 20"):
         update_from(message(), task(), CONFIG, GLOBAL, max_examples=20)
+
+
+def test_a_config_that_changes_by_round_is_refused_not_ignored():
+    # The clients learn their hyperparameters once, from the welcome: a schedule would not reach them.
+    from dataclasses import replace
+
+    from fedforge.engines.base import RoundFailed
+    from fedforge.engines.network import NetworkEngine
+    from fedforge.errors import ConfigError
+
+    class NoClients:
+        def wait_for_clients(self, count, timeout):
+            return False
+
+    engine = NetworkEngine(NoClients(), round_timeout=1, min_fit_clients=1)
+    for r in (1, 2):  # the same config each round, the round aside: the round goes on (here: no clients)
+        with pytest.raises(RoundFailed):
+            engine.run(None, GLOBAL, [task()], replace(CONFIG, round=r, rounds=3))
+    with pytest.raises(ConfigError, match="simulation only for now"):
+        engine.run(None, GLOBAL, [task()], replace(CONFIG, lr=CONFIG.lr / 2, round=3, rounds=3))

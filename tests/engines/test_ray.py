@@ -25,6 +25,7 @@ from fedforge.engines.ray import RayEngine, assign, holdings, shares  # noqa: E4
 from fedforge.errors import ConfigError  # noqa: E402
 from fedforge.privacy.run import DifferentialPrivacy  # noqa: E402
 from fedforge.scenarios import Scenario  # noqa: E402
+from fedforge.schedules import Cosine  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,6 +68,20 @@ def test_same_run_as_in_process(workers):
             run(engine, scenario=Scenario(attack="label_flip", malicious_fraction=0.25), rounds=1)
         assert_same_run(run(engine, rounds=1), run(AutoEngine(), rounds=1))  # and the engine still works
     assert torch.get_num_threads() == threads  # as before the engine
+
+
+def test_a_learning_rate_schedule_reaches_the_workers_round_by_round():
+    # The Ray engine works ahead: each round's config (its lr) is the one its tasks were sent with.
+    schedule = Cosine(min_lr=0.001).round_config
+    with RayEngine(blobs_data, seed=SEED, workers=2, cpus_per_worker=0.5) as engine:
+        on_ray = run(engine, "scaffold", rounds=4, round_config=schedule)
+    in_process = run(AutoEngine(), "scaffold", rounds=4, round_config=schedule)
+    assert_same_run(on_ray, in_process)
+    assert on_ray.history.column("lr") == in_process.history.column("lr")
+    assert len(set(on_ray.history.column("lr")[1:])) == 4
+    assert not torch.equal(
+        on_ray.state.params["net.0.weight"], run(AutoEngine(), "scaffold", rounds=4).state.params["net.0.weight"]
+    )
 
 
 def test_scenarios_work_unchanged():

@@ -11,6 +11,7 @@ The engine counts the message bytes it sends to clients and receives from them (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..client import ClientConfig, ClientUpdate, State, all_finite
+from ..errors import ConfigError
 from ..network.hub import Event, EventKind, Hub, Session
 from ..network.wire import Kind, Message, WireError, decode, encode, is_number
 from ..reductions import PartialSum, Update
@@ -163,6 +165,7 @@ class NetworkEngine(Engine):
         self._inputs_differ: set[int] = set()  # clients that said their inputs differ from the test inputs
         self.bytes_up = 0  # message bytes received from clients, in all rounds
         self.bytes_down = 0  # message bytes sent to clients
+        self._config: ClientConfig | None = None  # what the clients train with: the first round's
 
     def traffic(self) -> Traffic:
         """The message bytes received from clients and sent to them so far, in all rounds."""
@@ -171,6 +174,16 @@ class NetworkEngine(Engine):
     def run(
         self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
     ) -> Iterator[Update]:
+        # The clients learn their hyperparameters once, from the welcome: a config that changes by
+        # round (a learning-rate schedule) would not reach them, so it is refused, not ignored.
+        fixed = dataclasses.replace(config, round=0, rounds=0)
+        if self._config is None:
+            self._config = fixed
+        elif fixed != self._config:
+            raise ConfigError(
+                "the network engine's clients train with the config they were welcomed with: a config "
+                "that changes by round (round_config, a learning-rate schedule) is simulation only for now"
+            )
         # Wait for min_available clients (after an outage, for enough of them to be back); past
         # round_timeout the round goes on with those connected, if they make the quorum.
         if not self.hub.wait_for_clients(
