@@ -269,6 +269,14 @@ def agree_on_fastconv(build, data=None, **client):
     assert_agree(*results)
 
 
+def assert_evaluates_as_the_module(model, data):
+    """evaluate() gives the loss of the module itself in eval mode on the whole of `data`."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model.eval()(data.x), data.y).item()
+    assert evaluate(model, state, data).loss == pytest.approx(expected, rel=1e-6)
+
+
 def test_a_module_used_twice_runs_twice():
     def build():
         torch.manual_seed(0)
@@ -276,12 +284,7 @@ def test_a_module_used_twice_runs_twice():
         return nn.Sequential(nn.Conv2d(1, 4, 3), act, nn.Conv2d(4, 4, 3), act, nn.Flatten(), nn.Linear(4 * 12 * 12, 10))
 
     agree_on_fastconv(lambda: build().double())
-    model = build()
-    x = images(64, size=16, dtype=torch.float32)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        expected = nn.functional.cross_entropy(model.eval()(x.x), x.y).item()
-    assert evaluate(model, state, x).loss == pytest.approx(expected, rel=1e-6)
+    assert_evaluates_as_the_module(build(), images(64, size=16, dtype=torch.float32))
 
 
 def test_shared_weights_and_hooks_are_not_stacked():
@@ -292,11 +295,7 @@ def test_shared_weights_and_hooks_are_not_stacked():
     assert fastconv.stacked_net(hooked) is not None
     hooked[0].register_forward_hook(lambda module, inputs, output: output * 0.5)
     assert fastconv.stacked_net(hooked) is None
-    data = images(40, size=16, dtype=torch.float32)
-    state = {k: v.detach() for k, v in hooked.state_dict().items()}
-    with torch.no_grad():
-        expected = nn.functional.cross_entropy(hooked.eval()(data.x), data.y).item()
-    assert evaluate(hooked, state, data).loss == pytest.approx(expected, rel=1e-6)
+    assert_evaluates_as_the_module(hooked, images(40, size=16, dtype=torch.float32))
 
 
 def test_evaluation_keeps_the_batch_whole_for_batch_statistics():
@@ -310,11 +309,7 @@ def test_evaluation_keeps_the_batch_whole_for_batch_statistics():
         nn.Linear(4 * 14 * 14, 10),
     )
     data = images(512, size=16, dtype=torch.float32)
-    data = TensorData(data.x * 3 + 1, data.y)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        expected = nn.functional.cross_entropy(model.eval()(data.x), data.y).item()
-    assert evaluate(model, state, data).loss == pytest.approx(expected, rel=1e-6)
+    assert_evaluates_as_the_module(model, TensorData(data.x * 3 + 1, data.y))
 
 
 def test_in_place_activations_after_the_swapped_pooling():
