@@ -66,7 +66,7 @@ def _stacked(module: nn.Module, data: TensorData) -> fastconv.StackedNet | None:
     x = data.x
     if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type == "cpu"):
         return None
-    if not any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in module.modules()):
+    if not fastconv.convolutional(module):
         return None
     if any(isinstance(m, nn.BatchNorm2d) and not m.track_running_stats for m in module.modules()):
         return None  # it normalizes by the batch's statistics: the batch must stay whole

@@ -111,6 +111,12 @@ class StackedNet:
         return self(params, x.view(copies, len(x) // copies, *x.shape[1:]), training=False).flatten(0, 1)
 
 
+def convolutional(model: nn.Module) -> bool:
+    """Whether `model` has a convolution or a BatchNorm: what this module is for (the engine's
+    kernel and the evaluation take it only for such models)."""
+    return any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in model.modules())
+
+
 def stacked_net(model: nn.Module) -> StackedNet | None:
     """`model` compiled for stacked clients, or None if it has a layer this module cannot stack.
 

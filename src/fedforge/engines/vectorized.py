@@ -254,7 +254,7 @@ def kernel_for(model: nn.Module, data: TensorData, config: ClientConfig) -> Call
     layout = fastmlp.mlp_layout(model)
     if task.is_tutorial_classification and layout is not None and layout.inputs(data.rows(0, 1).x) is not None:
         return _mlp_chunk
-    if _convolutional(model) and fastconv.stacked_net(model) is not None:
+    if fastconv.convolutional(model) and fastconv.stacked_net(model) is not None:
         return _conv_chunk
     return _func_chunk
 
@@ -514,6 +514,12 @@ def _run_views(
     return {k: pick(v) for k, v in views.items()}, state.view(pick), _terms_view(terms, pick)
 
 
+def _count_units(units: list, lo: int, hi: int, y, task) -> None:
+    """Add the units of each client lo..hi's targets (`y`, stacked in that order) to `units`."""
+    for j in range(hi - lo):
+        units[lo + j] += task.units(tree_map(operator.itemgetter(j), y))
+
+
 def _func_chunk(model, global_state, tasks, config) -> _Chunk:
     """vmap(grad(functional_call)) of the task's loss. Buffers (e.g. BatchNorm1d's running
     statistics) are stacked like the parameters and updated in place by each client's forward
@@ -551,8 +557,7 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
             if single:
                 units[lo] += task.units(y)
             else:
-                for j in range(hi - lo):
-                    units[lo + j] += task.units(tree_map(operator.itemgetter(j), y))
+                _count_units(units, lo, hi, y, task)
             done.append((lo, hi, sums))
         return done
 
@@ -561,11 +566,6 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
     except (RuntimeError, NotImplementedError) as e:
         raise _Unsupported(str(e).splitlines()[0]) from e
     return _Chunk(schedule, trained, units)
-
-
-def _convolutional(model: nn.Module) -> bool:
-    """Whether `model` has a convolution or BatchNorm, what the `fastconv` kernel is for."""
-    return any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in model.modules())
 
 
 def _conv_chunk(model, global_state, tasks, config) -> _Chunk:
@@ -608,8 +608,7 @@ def _conv_chunk(model, global_state, tasks, config) -> _Chunk:
                     run_state,
                     run_terms,
                 )
-            for j in range(hi - lo):
-                units[lo + j] += task.units(tree_map(operator.itemgetter(j), y))
+            _count_units(units, lo, hi, y, task)
             done.append((lo, hi, batch_sums))
         return done
 
