@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -7,8 +8,10 @@ from helpers import blobs
 from torch import nn
 
 from fedforge import fastmlp
+from fedforge.algorithms import ClientAlgorithm, proximal
 from fedforge.client import ClientConfig, ClientPlan, epoch_orders, sgd, train_client
 from fedforge.errors import ConfigError, DivergenceError
+from fedforge.optim import LocalTerms
 
 
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.5, 1e-2)])
@@ -146,6 +149,15 @@ def test_client_config_validation(kwargs, message):
         ClientConfig(**kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProximalAndCorrected(ClientAlgorithm):
+    """FedProx's term (mu 0.3) and a correction the server sends (`inputs`), as SCAFFOLD's."""
+
+    def terms(self, phase, received, state, inputs):
+        prox = proximal(received, 0.3)
+        return LocalTerms(prox.decay, prox.offset, {n: inputs[n] for n in received})
+
+
 @pytest.mark.parametrize("model_name", MODELS)
 def test_plan_terms_equal_a_plain_torch_loop(model_name):
     """FedProx's mu (w - w_global) added to every gradient, SCAFFOLD's correction applied
@@ -156,7 +168,8 @@ def test_plan_terms_equal_a_plain_torch_loop(model_name):
     model = MODELS[model_name]()
     start = copy.deepcopy(model.state_dict())
     correction = {name: torch.randn_like(p) * 0.1 for name, p in model.named_parameters()}
-    plan = ClientPlan(proximal_mu=0.3, correction=correction, max_steps=7)
+    plan = ClientPlan(inputs=correction, max_steps=7)
+    config = dataclasses.replace(config, algorithm=ProximalAndCorrected())
     update = train_client(
         copy.deepcopy(model), start, data, config, client_id=0, generator=torch.Generator().manual_seed(4), plan=plan
     )

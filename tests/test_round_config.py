@@ -141,7 +141,6 @@ def test_scaffold_with_a_schedule_scales_its_controls_by_the_rounds_lr():
         torch.testing.assert_close(scheduled.state.params[name], value, rtol=0, atol=0)
     a, b = plain.state.strategy_state, scheduled.state.strategy_state
     torch.testing.assert_close(b.control, a.control, rtol=0, atol=0)
-    torch.testing.assert_close(b.client_controls, a.client_controls, rtol=0, atol=0)
 
 
 def test_a_round_config_may_not_change_the_round():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fedforge as ff
+from fedforge.algorithms import Proximal
 from fedforge.cli import main
 from fedforge.client import ClientConfig, ClientPlan, epoch_orders, train_client
 from fedforge.data import TensorData
@@ -64,7 +65,7 @@ def test_adam_clients_equal_a_plain_torch_loop(optimizer, mu):
     """With FedProx's mu the loop adds mu/2 ||w - w_global||^2 to the loss, as the paper writes it."""
     data = regression_data(70)
     task = make_task("regression", optimizer=optimizer)
-    config = ClientConfig(local_epochs=2, batch_size=32, lr=0.05, weight_decay=0.01, task=task)
+    config = ClientConfig(local_epochs=2, batch_size=32, lr=0.05, weight_decay=0.01, task=task, algorithm=Proximal(mu))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -75,7 +76,6 @@ def test_adam_clients_equal_a_plain_torch_loop(optimizer, mu):
         config,
         client_id=0,
         generator=torch.Generator().manual_seed(4),
-        plan=ClientPlan(proximal_mu=mu),
     )
 
     reference = copy.deepcopy(model)
@@ -289,15 +289,14 @@ def test_an_own_loop_that_returns_nothing_is_measured_and_fedprox_is_refused():
         copy.deepcopy(model), start, data, ClientConfig(task=silent), client_id=0, generator=torch.Generator()
     )
     assert set(update.metrics) == {"loss", "accuracy"} and update.num_steps == 2
-    with pytest.raises(ConfigError, match="task mine trains with a loop of its own: the strategy's proximal term"):
+    with pytest.raises(ConfigError, match="task mine trains with a loop of its own: algorithm fedprox's phases"):
         train_client(
             copy.deepcopy(model),
             start,
             data,
-            ClientConfig(task=own_loop_task()),
+            ClientConfig(task=own_loop_task(), algorithm=Proximal(0.1)),
             client_id=0,
             generator=torch.Generator(),
-            plan=ClientPlan(proximal_mu=0.1),
         )
 
 

@@ -9,14 +9,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from . import fastmlp
 from ._options import check_choices, option
+from .algorithms import (
+    CLIENT_ALGORITHMS,
+    PERSONAL,
+    SHARED,
+    ClientAlgorithm,
+    ClientState,
+    RoleMap,
+    Roles,
+    check_loss_term,
+    phase_seed,
+)
 from .contract import ClientConfig, ClientPlan, ClientUpdate
 from .data.datasets import TensorData, Tree, call_model, gather
 from .errors import ConfigError, DivergenceError
@@ -65,23 +76,26 @@ Final = Callable[[], State]
 
 def _autograd_steps(
     module: nn.Module,
-    global_state: State,
+    start: State,
+    trained: Sequence[str],
     config: ClientConfig,
-    plan: ClientPlan,
+    terms: LocalTerms,
+    loss_term: LossTerm | None,
     optimizer_state: OptimizerState | None,
 ) -> tuple[Step, Final, Callable[[], OptimizerState]]:
-    """Steps through autograd with the task's loss: works for any module. The config's optimizer
-    rule (`optim`, with the plan's terms), or else the task's torch.optim optimizer itself, the
-    plan's proximal term added to the gradients and its correction applied after each step."""
+    """Steps through autograd with the task's loss (plus the algorithm's `loss_term`): works for
+    any module. The parameters `trained` take the config's optimizer rule (`optim`, with `terms`),
+    or else the task's torch.optim optimizer itself, the terms' gradient added before each step and
+    their correction applied after it; the others stay as `start` has them."""
     task = config.task
-    load_state(module, global_state)
+    load_state(module, start)
     module.train()
-    names, parameters = zip(*module.named_parameters(), strict=True)
-    params = list(parameters)
+    names = tuple(trained)
+    parameters = dict(module.named_parameters())
+    params = [parameters[n] for n in names]
+    named = dict(zip(names, params, strict=True))
     rule = config.rule
     if rule is not None:
-        terms = plan.local_terms(global_state, names)
-        named = dict(zip(names, params, strict=True))
         state = optimizer_state.clone() if optimizer_state is not None else rule.init(named)
 
         def update(grads):
@@ -94,17 +108,21 @@ def _autograd_steps(
         optimizer = task.optimizer(params, **config.optimizer_options)
         if optimizer_state is not None:
             _load_torch_state(optimizer, optimizer_state, names)
-        anchors = [global_state[n] for n in names] if plan.proximal_mu else None
-        corrections = [plan.correction[n] for n in names] if plan.correction is not None else None
+        offsets = [terms.offset.get(n) for n in names] if terms.offset is not None else None
+        corrections = [terms.correction.get(n) for n in names] if terms.correction is not None else None
 
         def update(grads):
-            if anchors is not None:  # FedProx: the gradient of mu/2 ||w - w_global||^2
-                torch._foreach_add_(grads, torch._foreach_sub(params, anchors), alpha=plan.proximal_mu)
-            for p, g in zip(params, grads, strict=True):
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                if terms.decay:
+                    g.add_(p, alpha=terms.decay)
+                if offsets is not None and offsets[i] is not None:
+                    g.add_(offsets[i])
                 p.grad = g
             optimizer.step()
-            if corrections is not None:  # SCAFFOLD, outside the optimizer's state
-                torch._foreach_add_(params, corrections, alpha=-config.lr)
+            if corrections is not None:  # SCAFFOLD's, outside the optimizer's state
+                for p, c in zip(params, corrections, strict=True):
+                    if c is not None:
+                        p.add_(c, alpha=-config.lr)
 
         def final_optimizer_state():
             return _torch_state(optimizer, names)
@@ -112,6 +130,8 @@ def _autograd_steps(
     def step(xb, yb):
         outputs = call_model(module, xb)
         loss = task.checked_loss(outputs, yb)
+        if loss_term is not None:
+            loss = loss + loss_term(named)
         grads = list(torch.autograd.grad(loss, params))
         with torch.no_grad():
             update(grads)
@@ -150,17 +170,16 @@ def _load_torch_state(optimizer: torch.optim.Optimizer, state: OptimizerState, n
 
 def _mlp_steps(
     layout: MLPLayout,
-    global_state: State,
+    start: State,
     config: ClientConfig,
-    plan: ClientPlan,
+    terms: LocalTerms,
     optimizer_state: OptimizerState | None,
 ) -> tuple[Step, Final, Callable[[], OptimizerState]]:
     """SGD steps by the hand-derived Linear/ReLU kernel (the same rule, no autograd graph)."""
     rule = config.rule
     assert rule is not None, "the tutorial's task trains with fedforge's SGD, a rule"
-    params = {k: v.detach().clone() for k, v in global_state.items()}
+    params = {k: v.detach().clone() for k, v in start.items()}
     state = optimizer_state.clone() if optimizer_state is not None else rule.init(params)
-    terms = plan.local_terms(global_state, params)
 
     def step(xb, yb):
         state.step.add_(1)
@@ -206,56 +225,162 @@ def train_client(
     fast_mlp: bool = True,
     optimizer_state: OptimizerState | None = None,
     deadline: float | None = None,
+    client_state: ClientState | None = None,
 ) -> ClientUpdate:
     """Train `module`, loaded with `global_state`, on `data` as `config` and `plan` say.
 
-    `module` is scratch space: it may be overwritten. Batches follow `epoch_orders(generator)`;
-    the last batch of an epoch may be smaller, as with a DataLoader. Linear/ReLU stacks training
-    the tutorial's classification with SGD take the `fastmlp` kernel unless `fast_mlp` is False
-    (it computes the same thing); anything else goes through autograd with `config.task`.
-    `optimizer_state` is where the client's optimizer left off last round (None: fresh); the
-    update carries the new one when the task keeps it (`Task.keep_optimizer_state`).
+    `module` is scratch space: it may be overwritten. `global_state` is the model's full state
+    (the server's shared entries; frozen and personal ones as the client's model has them before
+    its first round). Batches follow `epoch_orders(generator)`; the last batch of an epoch may be
+    smaller, as with a DataLoader. Linear/ReLU stacks training the tutorial's classification with
+    SGD take the `fastmlp` kernel unless `fast_mlp` is False (it computes the same thing);
+    anything else goes through autograd with `config.task`. `optimizer_state` is where the
+    client's optimizer left off last round (None: fresh); the update carries the new one when the
+    task keeps it (`Task.keep_optimizer_state`). The round runs `config.algorithm`'s phases from
+    `client_state` (None: the client's first round), and the update carries the new state.
 
     Raises:
         DivergenceError: the training loss or the weights became NaN or infinite.
         OutOfTime: training passed `deadline` (a `time.monotonic()` value; None: none).
     """
-    task = config.task
-    initial_loss = evaluate(module, global_state, data, task=task).loss if plan.measure_initial_loss else None
+    task, algorithm = config.task, config.algorithm
+    roles = algorithm.roles.assign(module)
+    received, client_state = start_of_round(roles, algorithm, global_state, client_state)
+    initial_loss = evaluate(module, received, data, task=task).loss if plan.measure_initial_loss else None
     if task.train is not None:
-        return _own_loop(module, global_state, data, config, plan, client_id, generator, initial_loss, deadline)
-    layout = fastmlp.mlp_layout(module) if fast_mlp and task.is_tutorial_classification else None
-    mlp_inputs = layout.inputs(data.x) if layout else None
-    x: Tree
-    if layout is not None and mlp_inputs is not None:
-        x = mlp_inputs
-        step, final_state, final_optimizer_state = _mlp_steps(layout, global_state, config, plan, optimizer_state)
-    else:
-        x = data.x
-        step, final_state, final_optimizer_state = _autograd_steps(module, global_state, config, plan, optimizer_state)
+        return _own_loop(
+            module, received, roles, data, config, plan, client_id, generator, initial_loss, deadline, client_state
+        )
+    inputs = plan.inputs or {}
+    own, copy = received, None
     sums: dict[str, torch.Tensor] = {}
     steps = units = 0
-    for xb, yb in client_batches(x, data.y, config, plan, generator, deadline=deadline):
-        for name, value in step(xb, yb).items():
-            sums[name] = sums[name] + value if name in sums else value
-        steps += 1
-        units += task.units(yb)
-    new_state = final_state()
-    return finish_update(
+    kept_optimizer = None
+    for index, phase in enumerate(algorithm.phases):
+        trained = roles.trained(phase.trains)
+        start = own if not phase.copy else {**received, **client_state.copy}
+        terms = algorithm.terms(index, {n: received[n] for n in trained}, client_state.algorithm, inputs)
+        loss_term = _loss_term(algorithm, index, received, trained, client_state, inputs)
+        phase_plan = replace(plan, epochs=phase.epochs) if phase.epochs else plan
+        phase_generator = (
+            generator if index == 0 else torch.Generator().manual_seed(phase_seed(generator.initial_seed(), index))
+        )
+        carried = optimizer_state if index == 0 else None  # a kept optimizer state is the first phase's
+        whole = loss_term is None and len(trained) == len(roles.parameters)  # fastmlp trains every parameter
+        layout = fastmlp.mlp_layout(module) if fast_mlp and task.is_tutorial_classification and whole else None
+        mlp_inputs = layout.inputs(data.x) if layout else None
+        x: Tree
+        if layout is not None and mlp_inputs is not None:
+            x = mlp_inputs
+            step, final_state, final_optimizer_state = _mlp_steps(layout, start, config, terms, carried)
+        else:
+            x = data.x
+            step, final_state, final_optimizer_state = _autograd_steps(
+                module, start, trained, config, terms, loss_term, carried
+            )
+        phase_sums: dict[str, torch.Tensor] = {}
+        phase_steps = phase_units = 0
+        for xb, yb in client_batches(x, data.y, config, phase_plan, phase_generator, deadline=deadline):
+            for name, value in step(xb, yb).items():
+                phase_sums[name] = phase_sums[name] + value if name in phase_sums else value
+            phase_steps += 1
+            phase_units += task.units(yb)
+        result = final_state()
+        if index == 0 and task.keep_optimizer_state:
+            kept_optimizer = final_optimizer_state()
+        if phase.copy:
+            copy = {n: result[n] for n in roles.names(SHARED, PERSONAL)}
+        else:  # the model the client sends: its metrics are the round's
+            own, sums, steps, units = result, _added(sums, phase_sums), steps + phase_steps, units + phase_units
+    return _finished(
         client_id,
-        {name: new_state[name] - value for name, value in global_state.items()},
+        algorithm,
+        roles,
+        global_state,
+        received,
+        own,
+        copy,
+        client_state,
+        inputs,
+        config,
         num_examples=len(data),
         num_steps=steps,
         metrics=task.summarize({k: v.item() for k, v in sums.items()}, units),
-        config=config,
         initial_loss=initial_loss,
-        optimizer_state=final_optimizer_state() if task.keep_optimizer_state else None,
+        optimizer_state=kept_optimizer,
+    )
+
+
+def _added(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: a[k] + b[k] if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+
+
+LossTerm = Callable[[State], torch.Tensor]
+
+
+def _loss_term(
+    algorithm: ClientAlgorithm, phase: int, received: State, trained: Sequence[str], client_state, inputs: State
+) -> LossTerm | None:
+    """The algorithm's loss term of `phase` as a function of the trained parameters (None: it has none)."""
+    if not algorithm.has_loss_term:
+        return None
+    anchor = {n: received[n] for n in trained}
+
+    def term(params: State) -> torch.Tensor:
+        return check_loss_term(algorithm.loss_term(phase, params, anchor, client_state.algorithm, inputs), algorithm)
+
+    return term
+
+
+def start_of_round(
+    roles: RoleMap, algorithm: ClientAlgorithm, global_state: State, client_state: ClientState | None
+) -> tuple[State, ClientState]:
+    """The model a client starts its round from (the global model with its own personal entries)
+    and its state: on its first round (`client_state` None), its personal entries as the global
+    state has them and its algorithm's initial state."""
+    if client_state is None:
+        shared = {n: global_state[n] for n in roles.shared}
+        client_state = ClientState({n: global_state[n] for n in roles.personal}, algorithm.init_state(shared))
+    return {**global_state, **client_state.personal}, client_state
+
+
+def _finished(
+    client_id: int,
+    algorithm: ClientAlgorithm,
+    roles: RoleMap,
+    global_state: State,
+    received: State,
+    own: State,
+    copy: State | None,
+    client_state: ClientState,
+    inputs: State,
+    config: ClientConfig,
+    **fields,
+) -> ClientUpdate:
+    """The update of a client whose training ended with `own` (and its personal `copy`): the shared
+    entries' delta, the algorithm's `finish` (new state, extras), and what the client keeps."""
+    shared = roles.shared
+    before = {n: received[n] for n in shared}
+    after = {n: own[n] for n in shared}
+    steps = torch.tensor(float(fields["num_steps"]), dtype=torch.float64)
+    algorithm_state, extras = algorithm.finish(before, after, client_state.algorithm, inputs, steps, config.lr)
+    kept = ClientState(
+        {n: own[n] for n in roles.personal}, algorithm_state, copy if copy is not None else client_state.copy
+    )
+    return finish_update(
+        client_id,
+        {n: after[n] - global_state[n] for n in shared},
+        config=config,
+        extras=extras,
+        client_state=kept if (kept.personal or kept.algorithm or kept.copy) else None,
+        **fields,
     )
 
 
 def _own_loop(
     module: nn.Module,
-    global_state: State,
+    received: State,
+    roles: RoleMap,
     data: TensorData,
     config: ClientConfig,
     plan: ClientPlan,
@@ -263,13 +388,19 @@ def _own_loop(
     generator: torch.Generator,
     initial_loss: float | None,
     deadline: float | None,
+    client_state: ClientState,
 ) -> ClientUpdate:
-    """The task's own training function (the escape hatch) on the batches the client is given."""
-    task = config.task
-    if plan.proximal_mu or plan.correction is not None:
+    """The task's own training function (the escape hatch) on the batches the client is given.
+
+    Roles apply (personal entries start from the client's, only shared ones are sent); an
+    algorithm with more than one phase or with terms of its loss cannot reach inside the loop."""
+    task, algorithm = config.task, config.algorithm
+    inputs = plan.inputs or {}
+    terms = algorithm.terms(0, {n: received[n] for n in roles.parameters}, client_state.algorithm, inputs)
+    if len(algorithm.phases) > 1 or algorithm.has_loss_term or terms != LocalTerms(0.0):
         raise ConfigError(
-            f"task {task.name} trains with a loop of its own: the strategy's proximal term or "
-            "correction (FedProx, SCAFFOLD) cannot reach inside it"
+            f"task {task.name} trains with a loop of its own: algorithm {algorithm.name}'s phases or loss "
+            "terms (FedProx's, SCAFFOLD's, ...) cannot reach inside it"
         )
     steps = 0
 
@@ -279,7 +410,7 @@ def _own_loop(
             steps += 1
             yield batch
 
-    load_state(module, global_state)
+    load_state(module, received)
     module.train()
     assert task.train is not None, "called for a task with a training function of its own"
     metrics = task.train(module, batches(), config)
@@ -290,14 +421,21 @@ def _own_loop(
             f"task {task.name}: its training function must return the training loss as "
             f"{{'loss': ...}} (or None), got {sorted(metrics)}"
         )
-    delta = {name: value.detach() - global_state[name] for name, value in module.state_dict().items()}
-    return finish_update(
+    own = {name: value.detach() for name, value in module.state_dict().items()}
+    return _finished(
         client_id,
-        delta,
+        algorithm,
+        roles,
+        received,
+        received,
+        own,
+        None,
+        client_state,
+        inputs,
+        config,
         num_examples=len(data),
         num_steps=steps,
         metrics={k: float(v) for k, v in metrics.items()},
-        config=config,
         initial_loss=initial_loss,
     )
 
@@ -313,6 +451,8 @@ def finish_update(
     finite: bool | None = None,
     initial_loss: float | None = None,
     optimizer_state: OptimizerState | None = None,
+    extras: State | None = None,
+    client_state: ClientState | None = None,
 ) -> ClientUpdate:
     """The ClientUpdate of a finished client, after checking that its training did not diverge.
 
@@ -337,6 +477,8 @@ def finish_update(
         initial_loss=initial_loss,
         metrics=metrics,
         optimizer_state=optimizer_state,
+        extras=extras or {},
+        client_state=client_state,
     )
 
 
@@ -380,9 +522,33 @@ class ClientSettings:
         "warm-up from lr/W, then cosine decay towards M)",
         metavar="NAME[:KEY=VALUE,...]",
     )
+    algorithm: str = option(
+        "fedavg",
+        "what each client does beyond plain local training: fedavg (nothing more); ditto (trains a "
+        "personal copy too); fedper (the last layer stays on each client); fedrep (fedper, head then "
+        "body); fedbn (BatchNorm layers stay on each client). FedProx, SCAFFOLD and FedDyn come with "
+        "their --strategy",
+        CLIENT_ALGORITHMS,
+    )
+    ditto_lambda: float = option(0.1, "ditto: the personal model's proximal term lambda")
+    ditto_epochs: int | None = option(None, "ditto: local epochs of the personal model (default: local_epochs)")
+    fedrep_head_epochs: int = option(10, "fedrep: local epochs of the head before the body's")
+    personal: tuple[str, ...] = option(
+        (),
+        "entries of the model that stay on each client, trained but never sent (fnmatch patterns over the "
+        "state dict's names, e.g. 'fc3.*'; repeatable)",
+        metavar="PATTERN",
+    )
+    frozen: tuple[str, ...] = option(
+        (),
+        "entries of the model that are neither trained nor sent (patterns as --personal; a parameter "
+        "with requires_grad=False is frozen anyway)",
+        metavar="PATTERN",
+    )
 
     def __post_init__(self):
         check_choices(self, ClientSettings)
+        self.client_algorithm()  # its options in range
         model_factory(self.model)  # a built-in, or a user's factory that can be imported
         self.client_config()  # the task (a built-in or a user's that can be imported) and the hyperparameters
         parse_schedule(self.lr_schedule).check(self.lr)  # its values, and min_lr against lr (rounds: Config)
@@ -399,7 +565,21 @@ class ClientSettings:
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             task=task,
+            algorithm=self.client_algorithm(),
         )
+
+    def client_algorithm(self) -> ClientAlgorithm:
+        """The client algorithm `algorithm` names, with its options and the roles given."""
+        options = {
+            "ditto": {"lam": self.ditto_lambda, "epochs": self.ditto_epochs},
+            "fedrep": {"head_epochs": self.fedrep_head_epochs},
+        }.get(self.algorithm, {})
+        algorithm = CLIENT_ALGORITHMS[self.algorithm](**options)
+        if self.personal or self.frozen:
+            algorithm = algorithm.with_roles(
+                Roles(personal=self.personal or algorithm.roles.personal, frozen=self.frozen)
+            )
+        return algorithm
 
     def round_config(self) -> RoundConfig | None:
         """Each round's client config by `lr_schedule` (None: the same every round)."""

@@ -56,6 +56,13 @@ class RunSettings:
     )
     eval_batch_size: int = option(1024, "batch size for evaluation (does not change results)")
     eval_train: bool = option(False, "also evaluate the global model on all training data every round")
+    personalized_eval: str = option(
+        "auto",
+        "each client that trains evaluates its own model on its held-out examples (client_test_fraction): "
+        "the round's personalized_accuracy and its p10/p50/p90 (auto: for an algorithm that keeps a model "
+        "on each client)",
+        ("auto", "on", "off"),
+    )
     quiet: bool = option(False, "no progress bars (shown only on a terminal: the run's clients, a dataset's download)")
     checkpoint_key_file: str | None = option(
         None,

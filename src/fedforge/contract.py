@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .algorithms import PLAIN, ClientAlgorithm, ClientState
 from .errors import ConfigError
 from .optim import LocalTerms, OptimizerState, Rule, State, rule_for
 from .tasks import CLASSIFICATION, OPTIMIZERS, Task
@@ -31,6 +32,10 @@ class ClientConfig:
     of rounds, set by the round loop for each round (0: unknown, outside a run), so that a task's
     own training loop (`Task.train`) sees them; a round configuration (`simulate(round_config=...)`,
     a learning-rate schedule) makes the round's config from the run's.
+
+    `algorithm` is what the clients do beyond plain local training (`fedforge.algorithms`: the
+    roles of the model's entries, the client's state, its loss terms and phases); the round loop
+    sets the strategy's own (FedProx's, SCAFFOLD's, FedDyn's) when it has one.
     """
 
     local_epochs: int = 1
@@ -42,6 +47,7 @@ class ClientConfig:
     optimizer: str | None = None
     round: int = 0
     rounds: int = 0
+    algorithm: ClientAlgorithm = PLAIN
 
     def __post_init__(self):
         if self.optimizer is not None:
@@ -50,6 +56,8 @@ class ClientConfig:
             # The task's own options stay when it names this optimizer already (replace() comes by again).
             if self.task.optimizer is not OPTIMIZERS[self.optimizer]:
                 object.__setattr__(self, "task", self.task.with_optimizer(self.optimizer))
+        if not isinstance(self.algorithm, ClientAlgorithm):
+            raise ConfigError(f"algorithm must be a fedforge ClientAlgorithm, got {type(self.algorithm).__name__}")
         if self.local_epochs < 1:
             raise ConfigError(f"local_epochs must be >= 1, got {self.local_epochs}")
         if self.batch_size < 1:
@@ -95,19 +103,14 @@ class ClientConfig:
 class ClientPlan:
     """What one selected client is asked to do this round, beyond the run's ClientConfig.
 
-    Strategies shape the local objective (FedProx's proximal term, SCAFFOLD's correction);
+    Strategies send what their client algorithm needs (`inputs`: SCAFFOLD's server control);
     the simulation shapes the amount of work (heterogeneous epochs, stragglers).
 
     Attributes:
         epochs: local epochs for this client (None: the config's).
-        max_steps: stop after this many optimizer steps (a straggler's partial work).
-        proximal_mu: adds mu/2 * ||w - w_global||^2 to the loss (Li et al. 2020, FedProx).
-        correction: a tensor per parameter (SCAFFOLD: c - c_i) that every step also moves
-            the parameter by: p <- p - lr * correction, after the optimizer's update and outside
-            its state (as in Flower's NIID-Bench baseline). With plain SGD this is adding it to
-            the gradient; with momentum rho, feeding it through the buffer would scale it by up
-            to 1 / (1 - rho) twice (its estimate, (x - y_i) / (K lr), already carries that
-            factor) and over-correct.
+        max_steps: stop after this many optimizer steps (a straggler's partial work), in each phase.
+        inputs: tensors by name for the client's algorithm (`ClientAlgorithm.terms`, `finish`),
+            beyond the global model; None: none.
         clip, noise_multiplier: differential privacy done by the client (`fedforge.privacy`):
             clip the update's norm to `clip` before sending it and, under local DP, add noise
             of std noise_multiplier * clip from the client's own random source.
@@ -117,8 +120,7 @@ class ClientPlan:
 
     epochs: int | None = None
     max_steps: int | None = None
-    proximal_mu: float = 0.0
-    correction: State | None = None
+    inputs: State | None = None
     measure_initial_loss: bool = False
     clip: float | None = None
     noise_multiplier: float = 0.0
@@ -128,23 +130,23 @@ class ClientPlan:
         steps = epochs * math.ceil(num_examples / config.batch_size)
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
-    def local_terms(self, global_state: State, names) -> LocalTerms:
-        """The plan's extra terms for the parameters `names` (see LocalTerms)."""
-        offset = {n: -self.proximal_mu * global_state[n] for n in names} if self.proximal_mu else None
-        correction = {n: self.correction[n] for n in names} if self.correction is not None else None
-        return LocalTerms(self.proximal_mu, offset, correction)
-
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """What a client sends back: the change to every state entry and how it was obtained.
+    """What a client sends back: the change to every shared state entry and how it was obtained.
 
-    `delta` covers parameters and buffers (e.g. BatchNorm statistics), each in its own dtype.
+    `delta` covers the shared parameters and buffers (e.g. BatchNorm statistics; all of them unless
+    the algorithm's roles make some personal or frozen), each in its own dtype; `extras` are the
+    tensors its algorithm sends beside it (SCAFFOLD's control-variate change).
     `metrics` are the task's training metrics by name (`loss` among them), measured on the
     examples seen while training; `train_accuracy` is the classification task's `accuracy`.
     `optimizer_state` is the client's optimizer state after training when its task keeps it
     between rounds (`Task.keep_optimizer_state`), else None: the round loop hands it back to
-    the client's next task; strategies ignore it.
+    the client's next task; strategies ignore it. `client_state` is what the client keeps until
+    its next round (`algorithms.ClientState`: personal entries, its algorithm's state), None when
+    it keeps nothing; it never leaves the client (a deployment client stores it on its disk).
+    `personalized` holds the task's metrics of the client's personal model on its own held-out
+    examples (personalized evaluation), and the number of those examples.
     """
 
     client_id: int
@@ -156,10 +158,13 @@ class ClientUpdate:
     initial_loss: float | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     optimizer_state: OptimizerState | None = None
+    extras: State = field(default_factory=dict)
+    client_state: ClientState | None = None
+    personalized: tuple[Mapping[str, float], int] | None = None
 
     def training_metrics(self) -> Mapping[str, float | None]:
         """The training metrics by name: `metrics`, or loss and accuracy for an update without them."""
         return self.metrics or {"loss": self.train_loss, "accuracy": self.train_accuracy}
 
 
-__all__ = ["ClientConfig", "ClientPlan", "ClientUpdate", "LocalTerms", "OptimizerState", "State"]
+__all__ = ["ClientConfig", "ClientPlan", "ClientState", "ClientUpdate", "LocalTerms", "OptimizerState", "State"]

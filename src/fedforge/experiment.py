@@ -255,6 +255,7 @@ def run_experiment(
             privacy=privacy,
             sampling=config.sampling,
             round_config=config.round_config(),
+            personalized_eval={"auto": None, "on": True, "off": False}[config.personalized_eval],
         )
     except BaseException as e:
         error = e

@@ -190,8 +190,8 @@ def _update(params, momentum_buffers, rule, decay, terms, name, grad, shared) ->
         lr=rule.lr,
         momentum=rule.momentum,
         decay=decay,
-        offset=terms.offset[name] if terms.offset else None,
-        correction=terms.correction[name] if terms.correction else None,
+        offset=terms.offset.get(name) if terms.offset else None,
+        correction=terms.correction.get(name) if terms.correction else None,
         in_place=not shared,
     )
     params[name] = p

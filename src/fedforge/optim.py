@@ -41,7 +41,8 @@ class LocalTerms:
     FedProx's proximal gradient mu (p - w_global) (Li et al. 2020). correction is SCAFFOLD's
     c - c_i (Karimireddy et al. 2020), applied outside the optimizer's state: fed through a
     momentum buffer it would be scaled by up to 1 / (1 - momentum) twice. offset/correction are
-    None when zero.
+    None when zero, and a parameter missing from them has none. A client algorithm
+    (`fedforge.algorithms`) says what they are.
     """
 
     decay: float
@@ -297,8 +298,8 @@ class Rule:
         decay = self.decay(terms)
         corrections = bias_corrections(state.step, lr=self.lr, betas=self.betas) if self.name != "sgd" else None
         for name, p in params.items():
-            offset = terms.offset[name] if terms.offset is not None else None
-            correction = terms.correction[name] if terms.correction is not None else None
+            offset = terms.offset.get(name) if terms.offset is not None else None
+            correction = terms.correction.get(name) if terms.correction is not None else None
             if self.name == "sgd":
                 buf = state.slots["momentum_buffer"][name] if self.momentum else None
                 sgd_step(

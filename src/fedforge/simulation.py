@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from . import _seeding
-from .contract import ClientConfig, ClientUpdate, OptimizerState
+from .algorithms import SHARED, ClientState, RoleMap
+from .contract import ClientConfig, ClientUpdate, OptimizerState, State
 from .data.datasets import TensorData
 from .data.federated import FederatedData, client_pool
 from .engines import ClientTask, Engine, SequentialEngine
@@ -38,7 +39,7 @@ from .privacy.sampling import poisson_sample
 from .reductions import Update, example_weighted
 from .scenarios import Scenario, attack_update, client_work, label_flipped, malicious_clients
 from .schedules import RoundConfig
-from .strategies import FedAvg, LinearStrategy, RunInfo, ServerState, Strategy
+from .strategies import FedAvg, LinearStrategy, RunInfo, ServerState, Strategy, client_algorithm
 
 log = logging.getLogger("fedforge")
 
@@ -79,6 +80,7 @@ class _Settings:
     eval_train: bool
     on_client: Callable[[Update], None] | None
     round_config: RoundConfig | None
+    personalized_eval: bool | None
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,9 @@ class _Run:
 
     model: nn.Module  # on the data's device
     data: FederatedData  # train and test as the task's TensorData
-    client: ClientConfig
+    client: ClientConfig  # its algorithm the run's (the strategy's own, when it has one)
+    roles: RoleMap  # the model's entries' roles by the algorithm: the server state holds the shared ones
+    fixed: State  # the initial model's other entries (personal ones' initial values, frozen ones)
     strategy: Strategy
     engine: Engine
     scenario: Scenario
@@ -101,6 +105,7 @@ class _Run:
     summable: bool  # the round needs only the weighted mean of the updates of clients not `transformed`
     transformed: frozenset[int]  # clients whose own update the transform stage changes (update attacks)
     federated_test: TensorData | None  # the clients' held-out examples side by side
+    personal_test: list[TensorData] | None  # each client's held-out examples, under personalized evaluation
     dp: PrivacyRun | None
     settings: _Settings
 
@@ -138,6 +143,8 @@ class _Trained:
     dropped: tuple[int, ...]
     metrics: dict[str, float]
     optimizer_states: dict[int, OptimizerState]
+    client_states: dict[int, ClientState]
+    personalized: list[tuple[Mapping[str, float], int]]
     at: float
 
 
@@ -152,19 +159,34 @@ class _Evaluated:
 
 class _Tally:
     """What a round keeps of its updates as they stream past, one by one: each client's new
-    optimizer state as it arrives from the engine, and the training metrics of each update as it
-    goes into the aggregate (their example-weighted means), which `on_client` hears of."""
+    optimizer state and client state as it arrives from the engine (and, under personalized
+    evaluation, its personal model's metrics on its held-out examples, from `personalize`), and
+    the training metrics of each update as it goes into the aggregate (their example-weighted
+    means), which `on_client` hears of."""
 
-    def __init__(self, on_client: Callable[[Update], None] | None):
+    def __init__(
+        self,
+        on_client: Callable[[Update], None] | None,
+        personalize: Callable[[ClientUpdate], tuple[Mapping[str, float], int]] | None = None,
+    ):
         self.on_client = on_client
+        self.personalize = personalize
         self.optimizer_states: dict[int, OptimizerState] = {}
+        self.client_states: dict[int, ClientState] = {}
+        self.personalized: list[tuple[Mapping[str, float], int]] = []
         self.metrics: list[tuple[Mapping[str, float | None], int]] = []
 
     def arrived(self, updates: Iterable[Update]) -> Iterator[Update]:
-        """Passes updates through, keeping each client's new optimizer state (when its task keeps one)."""
+        """Passes updates through, keeping what each client keeps (its optimizer state when its task
+        keeps one, its client state) and, under personalized evaluation, its personal metrics."""
         for update in updates:
-            if isinstance(update, ClientUpdate) and update.optimizer_state is not None:
-                self.optimizer_states[update.client_id] = update.optimizer_state
+            if isinstance(update, ClientUpdate):
+                if update.optimizer_state is not None:
+                    self.optimizer_states[update.client_id] = update.optimizer_state
+                if update.client_state is not None:
+                    self.client_states[update.client_id] = update.client_state
+                if self.personalize is not None:
+                    self.personalized.append(update.personalized or self.personalize(update))
             yield update
 
     def aggregated(self, updates: Iterable[Update]) -> Iterator[Update]:
@@ -178,6 +200,20 @@ class _Tally:
     def means(self) -> dict[str, float]:
         """The training metrics' means over the updates aggregated, weighted by their examples."""
         return example_weighted(self.metrics)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """What the clients keep between their rounds, by client id: their optimizer states (when the
+    task keeps them) and their client states (`algorithms.ClientState`)."""
+
+    optimizer_states: Mapping[int, OptimizerState]
+    client_states: Mapping[int, ClientState]
+
+    def updated(self, trained: _Trained) -> _Kept:
+        return _Kept(
+            {**self.optimizer_states, **trained.optimizer_states}, {**self.client_states, **trained.client_states}
+        )
 
 
 def simulate(
@@ -200,6 +236,7 @@ def simulate(
     privacy: DifferentialPrivacy | None = None,
     sampling: str = "fixed",
     round_config: RoundConfig | None = None,
+    personalized_eval: bool | None = None,
 ) -> SimulationResult:
     """Run federated training of `model` (its weights the initial global model; they are not
     changed, but the model is moved to the data's device, in place) over `data` for `rounds`
@@ -231,17 +268,29 @@ def simulate(
             from where it left off. None: `client` every round (with `round` and `rounds` set).
             The round's lr and momentum are also what SCAFFOLD, q-FedAvg and FedNova aggregate
             with, and each round's record keeps its lr (`metrics["lr"]`).
+        personalized_eval: each client that trains in a round evaluates its personal model (its
+            model at the end of its training, personal entries included, or its algorithm's personal
+            copy) on its held-out examples (`client_test`), and the round's record keeps their
+            example-weighted means (`personalized_accuracy`, ...) and spread (`_p10`, `_p50`,
+            `_p90`). None: on when the clients' algorithm keeps a model of its own and they hold
+            examples out.
+
+    The clients run `client.algorithm` (`fedforge.algorithms`), or the strategy's own client
+    algorithm when it has one (FedProx, SCAFFOLD, FedDyn); the returned state's `params` hold the
+    shared entries of the model, the ones the strategy aggregates.
     """
-    settings = _Settings(rounds, sampling, max_round_attempts, eval_batch_size, eval_train, on_client, round_config)
+    settings = _Settings(
+        rounds, sampling, max_round_attempts, eval_batch_size, eval_train, on_client, round_config, personalized_eval
+    )
     run = _setup(model, data, client, strategy, engine, scenario, seed, clients_per_round, privacy, resume, settings)
     state, records = _start(run, resume, on_round)
-    optimizer_states: dict[int, OptimizerState] = {}  # the clients' own, between their rounds (they stay here)
+    kept = _Kept({}, {})  # the clients' own, between their rounds (they stay here)
     ahead: _Begun | None = None  # the next round's first attempt, begun while this one was evaluated
     while state.round < rounds and not _out_of_budget(run, state.round + 1):
         started, traffic = time.perf_counter(), run.engine.traffic()
-        trained = _train_round(run, state, ahead, optimizer_states)  # select, plan, run, transform, aggregate
-        state, optimizer_states = trained.state, {**optimizer_states, **trained.optimizer_states}
-        ahead = _begin_ahead(run, state, optimizer_states)
+        trained = _train_round(run, state, ahead, kept)  # select, plan, run, transform, aggregate
+        state, kept = trained.state, kept.updated(trained)
+        ahead = _begin_ahead(run, state, kept)
         records.append(_record(run, state, _evaluate(run, state), trained, started, _traffic(run.engine, traffic)))
         if on_round is not None:
             on_round(records[-1], state)
@@ -267,6 +316,9 @@ def _setup(
         raise ConfigError(f"rounds must be >= 1, got {settings.rounds}")
     k = clients_per_round_count(clients_per_round, data.num_clients)
     strategy = strategy or FedAvg()
+    client = replace(client, algorithm=client_algorithm(strategy, client.algorithm))
+    roles = client.algorithm.roles.assign(model)
+    _check_roles(roles, strategy)
     data = replace(
         data, train=client.task.data(data.train), test=client.task.data(data.test) if data.test is not None else None
     )
@@ -276,14 +328,28 @@ def _setup(
     # not of the clients whose own update a later stage transforms (the scenario's update attacks)
     # or whose optimizer state must come back.
     # The privacy stage clips each client's update: it needs them one by one.
-    linear = isinstance(strategy, LinearStrategy) and not client.task.keep_optimizer_state and privacy is None
-    federated_test = None
+    federated_test = personal_test = None
     if data.client_test is not None and any(len(c) for c in data.client_test):
         federated_test = data.train.subset(np.concatenate(list(data.client_test)))
+        if settings.personalized_eval is not False and (settings.personalized_eval or client.algorithm.personalizes):
+            personal_test = [data.train.subset(np.asarray(rows)) for rows in data.client_test]
+    elif settings.personalized_eval:
+        raise ConfigError("personalized evaluation needs held-out examples on each client (client_test_fraction > 0)")
+    # Clients that keep state or are evaluated one by one send their own updates, never a partial sum.
+    linear = (
+        isinstance(strategy, LinearStrategy)
+        and not client.task.keep_optimizer_state
+        and privacy is None
+        and personal_test is None
+        and not client.algorithm.keeps_state
+    )
+    model = model.to(data.train.device)
     return _Run(
-        model=model.to(data.train.device),
+        model=model,
         data=data,
         client=client,
+        roles=roles,
+        fixed={n: v.detach().clone() for n, v in model.state_dict().items() if roles.roles[n] != SHARED},
         strategy=strategy,
         engine=as_engine(engine or SequentialEngine()),
         scenario=scenario,
@@ -296,9 +362,23 @@ def _setup(
         summable=linear,
         transformed=malicious if scenario.attack not in (None, "label_flip") else frozenset(),
         federated_test=federated_test,
+        personal_test=personal_test,
         dp=_privacy_run(privacy, strategy, data.num_clients, k, seed, resume, settings),
         settings=settings,
     )
+
+
+def _check_roles(roles: RoleMap, strategy: Strategy) -> None:
+    """A one-line ConfigError when `strategy` needs every entry of the model and some stay on the
+    clients, or when no entry is shared at all."""
+    if not roles.shared:
+        raise ConfigError("no entry of the model is shared: there is nothing to federate")
+    needs = getattr(strategy, "needs_every_entry", None)
+    if needs and not roles.all_shared:
+        kept = [n for n, role in roles.roles.items() if role != SHARED]
+        raise ConfigError(
+            f"strategy {strategy.name} cannot run with personal or frozen entries ({kept[0]}, ...): {needs}"
+        )
 
 
 def _privacy_run(
@@ -344,7 +424,8 @@ def _start(
         if state.run is None:  # a checkpoint written before states carried their run
             state = replace(state, run=info)
         return state, records
-    state = run.strategy.init({name: v.detach() for name, v in run.model.state_dict().items()}, info)
+    shared = {name: v.detach() for name, v in run.model.state_dict().items() if name not in run.fixed}
+    state = run.strategy.init(shared, info)
     record = _record(run, state, _evaluate(run, state), None, started, {})
     if on_round is not None:
         on_round(record, state)
@@ -364,9 +445,7 @@ def _out_of_budget(run: _Run, r: int) -> bool:
     return True
 
 
-def _train_round(
-    run: _Run, state: ServerState, ahead: _Begun | None, optimizer_states: Mapping[int, OptimizerState]
-) -> _Trained:
+def _train_round(run: _Run, state: ServerState, ahead: _Begun | None, kept: _Kept) -> _Trained:
     """Round `state.round + 1`: select and plan -> run -> transform -> aggregate. An attempt whose
     engine raises RoundFailed (too few clients reported) is retried with a new selection.
 
@@ -377,10 +456,10 @@ def _train_round(
     failure: RoundFailed | None = None
     for attempt in range(run.settings.max_round_attempts):
         if attempt > 0 or ahead is None:  # only a first attempt is begun ahead
-            ahead = _run_clients(run, state, _select_and_plan(run, state, r, attempt, optimizer_states, config))
+            ahead = _run_clients(run, state, _select_and_plan(run, state, r, attempt, kept, config))
         begun, ahead = ahead, None
         # The updates stream through the stages once, as they arrive: the server never holds them all.
-        tally = _Tally(run.settings.on_client)
+        tally = _Tally(run.settings.on_client, _personalize(run, state) if run.personal_test else None)
         try:
             updates = tally.arrived(begun.updates)  # each client's new optimizer state kept
             updates = _transform(run, updates, r)  # attacks, client-side privacy
@@ -398,6 +477,8 @@ def _train_round(
             begun.dropped,
             tally.means(),
             tally.optimizer_states,
+            tally.client_states,
+            tally.personalized,
             time.perf_counter(),
         )
     raise FedforgeError(f"round {r} failed {run.settings.max_round_attempts} times; the last attempt: {failure}")
@@ -424,7 +505,7 @@ def _select_and_plan(
     state: ServerState,
     r: int,
     attempt: int,
-    optimizer_states: Mapping[int, OptimizerState],
+    clients_keep: _Kept,
     config: ClientConfig,
 ) -> _Planned:
     """Round r's selection, who of it drops out, and the others' tasks: the strategy's plan (its
@@ -454,8 +535,9 @@ def _select_and_plan(
                 max_steps=work[c].max_steps,
                 **(privacy or {}),
             ),
-            optimizer_states.get(c),
+            clients_keep.optimizer_states.get(c),
             summable=run.summable and c not in run.transformed,
+            client_state=clients_keep.client_states.get(c),
         )
         for c, batch_seed in zip(kept, seeds, strict=True)
     ]
@@ -466,7 +548,7 @@ def _run_clients(run: _Run, state: ServerState, planned: _Planned) -> _Begun:
     """The planned tasks handed to the engine. An error it raises at once (an engine that starts
     its work when called) is raised when the updates are read, in the round they belong to."""
     try:
-        updates = run.engine.run(run.model, state.params, planned.tasks, planned.config)
+        updates = run.engine.run(run.model, _whole(run, state), planned.tasks, planned.config)
     except Exception as e:
         updates = _raising(e)
     return _Begun(planned.config, planned.selected, planned.dropped, updates)
@@ -499,23 +581,56 @@ def _aggregate(run: _Run, state: ServerState, updates: Iterable[Update], r: int,
     return new if new.run is facts else replace(new, run=facts)  # the run's facts stay the run's
 
 
-def _begin_ahead(run: _Run, state: ServerState, optimizer_states: Mapping[int, OptimizerState]) -> _Begun | None:
+def _begin_ahead(run: _Run, state: ServerState, kept: _Kept) -> _Begun | None:
     """The next round's first attempt, begun now when the engine works ahead (`Engine.works_ahead`):
     its workers train it while this round is evaluated and recorded here."""
     if not run.engine.works_ahead or state.round >= run.settings.rounds or (run.dp is not None and run.dp.exhausted()):
         return None
     try:
         r = state.round + 1
-        return _run_clients(run, state, _select_and_plan(run, state, r, 0, optimizer_states, _round_config(run, r)))
+        return _run_clients(run, state, _select_and_plan(run, state, r, 0, kept, _round_config(run, r)))
     except Exception:  # the round begins again in its turn, and raises then
         return None
+
+
+def _whole(run: _Run, state: ServerState) -> State:
+    """The model's whole state: the server's shared entries, the initial model's others (the
+    personal entries' initial values, the frozen ones), in the model's order."""
+    if not run.fixed:
+        return state.params
+    return {n: state.params[n] if role == SHARED else run.fixed[n] for n, role in run.roles.roles.items()}
+
+
+def _personalize(run: _Run, state: ServerState) -> Callable[[ClientUpdate], tuple[Mapping[str, float], int]]:
+    """How a client's personal model fares on its held-out examples: its model at the end of its
+    training (the round's global model plus its update, its personal entries), or its personal
+    copy (Ditto's)."""
+    whole = _whole(run, state)
+    assert run.personal_test is not None, "called under personalized evaluation"
+    held_out = run.personal_test
+
+    def personalize(update: ClientUpdate) -> tuple[Mapping[str, float], int]:
+        kept = update.client_state
+        if kept is not None and kept.copy:
+            personal = {**whole, **kept.copy}
+        else:
+            personal = {**whole, **{k: whole[k] + d for k, d in update.delta.items()}}
+            if kept is not None:
+                personal.update(kept.personal)
+        data = held_out[update.client_id]
+        evaluation = evaluate(run.model, personal, data, batch_size=run.settings.eval_batch_size, task=run.client.task)
+        return evaluation.metrics, len(data)
+
+    return personalize
 
 
 def _evaluate(run: _Run, state: ServerState) -> _Evaluated:
     """The global model on the test set, on the clients' held-out examples, and (eval_train) on all training data."""
 
+    whole = _whole(run, state)
+
     def on(data: TensorData) -> Evaluation:
-        return evaluate(run.model, state.params, data, batch_size=run.settings.eval_batch_size, task=run.client.task)
+        return evaluate(run.model, whole, data, batch_size=run.settings.eval_batch_size, task=run.client.task)
 
     return _Evaluated(
         test=on(run.data.test) if run.data.test is not None else None,
@@ -557,8 +672,27 @@ def _record(
         seconds=time.perf_counter() - started,
         train_seconds=(trained.at if trained else started) - started,
         dropped=trained.dropped if trained else (),
-        metrics={**named, **_scheduled(run, trained), **(run.dp.metrics() if run.dp else {}), **traffic},
+        metrics={
+            **named,
+            **(personalized_summary(trained.personalized) if trained and trained.personalized else {}),
+            **_scheduled(run, trained),
+            **(run.dp.metrics() if run.dp else {}),
+            **traffic,
+        },
     )
+
+
+def personalized_summary(results: Sequence[tuple[Mapping[str, float], int]]) -> dict[str, float]:
+    """personalized_<metric>: the example-weighted mean of each metric over the clients evaluated,
+    and its 10th, 50th and 90th percentiles across them (`_p10`, `_p50`, `_p90`)."""
+    counted = [(m, n) for m, n in results if n > 0]
+    summary: dict[str, float] = {}
+    for name, mean in example_weighted(counted).items():
+        values = [m[name] for m, _ in counted if m.get(name) is not None]
+        summary[f"personalized_{name}"] = mean
+        for q in (10, 50, 90):
+            summary[f"personalized_{name}_p{q}"] = float(np.percentile(values, q))
+    return summary
 
 
 def _scheduled(run: _Run, trained: _Trained | None) -> dict[str, float]:

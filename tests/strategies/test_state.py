@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedforge.errors import ConfigError
-from fedforge.strategies import STRATEGIES, Controls, Moments, Momentum, RunInfo, StrategyState, make_strategy
+from fedforge.strategies import STRATEGIES, Controls, Dynamic, Moments, Momentum, RunInfo, StrategyState, make_strategy
 
 PARAMS = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
 RUN = RunInfo(num_clients=4, client_lr=0.1)
@@ -39,7 +39,8 @@ def test_each_strategy_keeps_its_own_kind_of_state():
     [
         Momentum({"w": torch.ones(2)}),
         Moments({"w": torch.zeros(2)}, {"w": torch.ones(2)}),
-        Controls({"w": torch.zeros(2)}, {3: {"w": torch.ones(2)}}),
+        Controls({"w": torch.zeros(2)}),
+        Dynamic({"w": torch.ones(2)}),
     ],
 )
 def test_a_state_reads_back_from_its_table_by_its_field_names(state):
@@ -55,12 +56,12 @@ def test_an_empty_table_is_no_state_and_an_unknown_one_is_refused():
         StrategyState.from_dict({"velocity": {}, "m": {}})
 
 
-def test_scaffold_keeps_each_clients_control_in_its_typed_state():
+def test_scaffold_keeps_its_control_in_its_typed_state_and_sends_it():
     strategy = make_strategy("scaffold")
     state = strategy.init({"w": torch.zeros(1)}, RUN)
-    assert isinstance(state.strategy_state, Controls) and state.strategy_state.client_controls == {}
+    assert isinstance(state.strategy_state, Controls)
     plan = strategy.plan(state, 2)
-    assert plan.correction["w"].tolist() == [0.0]
+    assert plan.inputs["w"].tolist() == [0.0]
 
 
 def test_a_state_of_ones_own_with_the_same_fields_does_not_hide_momentum():

@@ -9,6 +9,7 @@ from helpers import blobs
 from torch import nn
 
 from fedforge import ClientConfig, FederatedData, simulate
+from fedforge.algorithms import FedDynClient, ScaffoldClient
 from fedforge.client import ClientUpdate
 from fedforge.data import dirichlet
 from fedforge.strategies import (
@@ -17,6 +18,7 @@ from fedforge.strategies import (
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedDyn,
     FedNova,
     FedProx,
     FedYogi,
@@ -37,7 +39,7 @@ from fedforge.strategies import (
 from fedforge.strategies.fednova import normalizer
 
 
-def up(cid, n, delta, steps=1, loss=None):
+def up(cid, n, delta, steps=1, loss=None, extras=None):
     return ClientUpdate(
         client_id=cid,
         delta={"w": torch.tensor(delta, dtype=torch.float64)},
@@ -46,6 +48,7 @@ def up(cid, n, delta, steps=1, loss=None):
         train_loss=0.0,
         train_accuracy=0.0,
         initial_loss=loss,
+        extras=extras or {},
     )
 
 
@@ -87,18 +90,43 @@ def test_adaptive_first_round(cls, expected):
 
 
 def test_scaffold_controls_hand_computed():
-    s = Scaffold()  # N = 4, client lr 0.1 (RUN)
+    s, client = Scaffold(), ScaffoldClient()  # N = 4, client lr 0.1 (RUN)
     state = start(s)
-    assert s.plan(state, 0).correction["w"].tolist() == [0.0]
-    state = s.aggregate(state, [up(0, 10, [-0.2], steps=2), up(1, 10, [0.8], steps=4)])
+    control = s.plan(state, 0).inputs
+    assert control["w"].tolist() == [0.0]
+    received = {"w": torch.tensor([0.0], dtype=torch.float64)}
+    mine = client.init_state(received)  # c_i = 0 before a client's first round
+    assert client.terms(0, received, mine, control).correction["w"].tolist() == [0.0]
+    # c_0 = 0 - 0 - (-0.2) / (2 * 0.1) = 1; c_1 = -(0.8) / (4 * 0.1) = -2; each sends c_i+ - c_i
+    steps = (torch.tensor(2.0, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64))
+    c0, sent0 = client.finish(received, {"w": received["w"] - 0.2}, mine, control, steps[0], 0.1)
+    c1, sent1 = client.finish(received, {"w": received["w"] + 0.8}, mine, control, steps[1], 0.1)
+    assert c0["w"].tolist() == pytest.approx([1.0]) and c1["w"].tolist() == pytest.approx([-2.0])
+    assert sent0["w"].tolist() == pytest.approx([1.0])
+    state = s.aggregate(state, [up(0, 10, [-0.2], steps=2, extras=sent0), up(1, 10, [0.8], steps=4, extras=sent1)])
     assert w(state) == pytest.approx([0.3])  # FedAvg of the model
-    # c_0 = 0 - 0 - (-0.2) / (2 * 0.1) = 1; c_1 = -(0.8) / (4 * 0.1) = -2; c = (1 - 2) / 4 = -0.25
     assert isinstance(state.strategy_state, Controls)
-    assert state.strategy_state.client_controls[0]["w"].tolist() == pytest.approx([1.0])
-    assert state.strategy_state.client_controls[1]["w"].tolist() == pytest.approx([-2.0])
-    assert state.strategy_state.control["w"].tolist() == pytest.approx([-0.25])
-    assert s.plan(state, 0).correction["w"].tolist() == pytest.approx([-1.25])  # c - c_0
-    assert s.plan(state, 3).correction["w"].tolist() == pytest.approx([-0.25])  # never selected: c_3 = 0
+    assert state.strategy_state.control["w"].tolist() == pytest.approx([-0.25])  # (1 - 2) / 4
+    control = s.plan(state, 0).inputs
+    assert client.terms(0, received, c0, control).correction["w"].tolist() == pytest.approx([-1.25])  # c - c_0
+    never = client.terms(0, received, mine, control)  # a client never selected: c_3 = 0
+    assert never.correction["w"].tolist() == pytest.approx([-0.25])
+
+
+def test_feddyn_hand_computed():
+    s, client = FedDyn(feddyn_alpha=0.5), FedDynClient(alpha=0.5)  # N = 4 (RUN)
+    state = start(s, 1.0)
+    received = state.params
+    g = client.init_state(received)
+    # loss - <g, w> + alpha/2 ||w - w_received||^2: gradient term alpha w - alpha w_received - g
+    terms = client.terms(0, received, g, {})
+    assert terms.decay == 0.5 and terms.offset["w"].tolist() == [-0.5]
+    g0, _ = client.finish(received, {"w": received["w"] + 2.0}, g, {}, torch.tensor(1.0), 0.1)
+    assert g0["w"].tolist() == [-1.0]  # g - alpha (w_trained - w_received)
+    state = s.aggregate(state, [up(0, 10, [2.0]), up(1, 30, [4.0])])
+    # h = 0 - 0.5 / 4 * (2 + 4) = -0.75; w = mean(3, 5) - h / alpha = 4 + 1.5 (unweighted, as the paper)
+    assert state.strategy_state.h["w"].tolist() == pytest.approx([-0.75])
+    assert w(state) == pytest.approx([5.5])
 
 
 def test_fednova_hand_computed():

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from ..contract import ClientConfig, ClientPlan, OptimizerState, State
+from ..contract import ClientConfig, ClientPlan, ClientState, OptimizerState, State
 from ..data.datasets import TensorData
 from ..reductions import Update
 
@@ -23,6 +23,8 @@ class ClientTask:
     many clients at once gather their batches from `source` directly instead of copying.
     `optimizer_state` is where the client's optimizer left off in its last round, when its task
     keeps it (`Task.keep_optimizer_state`; None: fresh); engines never change it in place.
+    `client_state` is what the client kept from its last round (`algorithms.ClientState`; None:
+    its first round, or an algorithm that keeps nothing); engines never change it in place.
     `summable` says that the round loop needs this client's update only as part of the round's
     weighted mean (the strategy is linear, and no later stage transforms the update on its own):
     an engine may then send it folded with others into one `PartialSum` (the Ray engine does,
@@ -39,6 +41,7 @@ class ClientTask:
     plan: ClientPlan = ClientPlan()
     optimizer_state: OptimizerState | None = None
     summable: bool = False
+    client_state: ClientState | None = None
 
 
 class RoundFailed(Exception):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..algorithms import PLAIN, ClientAlgorithm, describe
 from ..client import ClientConfig, ClientUpdate, State, all_finite
 from ..errors import ConfigError
 from ..network.hub import Event, EventKind, Hub, Session
@@ -39,16 +40,24 @@ MAX_METRIC = 1e15  # a finite loss past this is refused as implausible (and woul
 MAX_METRICS = 32  # named metrics in one update
 
 
-def task_message(task_id: int, task: ClientTask, global_state: State, secagg: dict | None = None) -> Message:
+def task_message(
+    task_id: int,
+    task: ClientTask,
+    global_state: State,
+    secagg: dict | None = None,
+    *,
+    algorithm: ClientAlgorithm = PLAIN,
+) -> Message:
     """The TASK for `task`; with `secagg` (a round's settings for this client) it opens the secure
-    aggregation protocol, and the client answers with its keys, not its update."""
+    aggregation protocol, and the client answers with its keys, not its update. It names the
+    client algorithm (a built-in, `algorithms.describe`) and carries its inputs."""
     plan = task.plan
     header: dict[str, object] = {
         "task": task_id,
         "seed": task.seed,
         "epochs": plan.epochs,
         "max_steps": plan.max_steps,
-        "proximal_mu": plan.proximal_mu,
+        "algorithm": describe(algorithm),
         "measure_initial_loss": plan.measure_initial_loss,
         "clip": plan.clip,
         "noise_multiplier": plan.noise_multiplier,
@@ -56,8 +65,8 @@ def task_message(task_id: int, task: ClientTask, global_state: State, secagg: di
     if secagg is not None:
         header["secagg"] = secagg
     tensors = {f"global/{k}": v for k, v in global_state.items()}
-    if plan.correction is not None:
-        tensors.update({f"correction/{k}": v for k, v in plan.correction.items()})
+    if plan.inputs is not None:
+        tensors.update({f"inputs/{k}": v for k, v in plan.inputs.items()})
     return Message(Kind.TASK, header, tensors)
 
 
@@ -83,15 +92,20 @@ def update_from(
     """The ClientUpdate in `message`, the answer to `task`, or ValueError with the reason it is refused."""
     h = message.header
     delta = {k[len("delta/") :]: v for k, v in message.tensors.items() if k.startswith("delta/")}
-    if delta.keys() != global_state.keys() or len(delta) != len(message.tensors):
+    extras = {k[len("extras/") :]: v for k, v in message.tensors.items() if k.startswith("extras/")}
+    expected_extras = config.algorithm.extras_like(global_state)
+    if delta.keys() != global_state.keys() or len(delta) + len(extras) != len(message.tensors):
         raise ValueError(f"entries {sorted(message.tensors)[:5]}... differ from the global model's")
-    for k, v in delta.items():
-        if v.shape != global_state[k].shape or v.dtype != global_state[k].dtype:
-            raise ValueError(
-                f"{k}: {tuple(v.shape)} {v.dtype} instead of {tuple(global_state[k].shape)} {global_state[k].dtype}"
-            )
-    if not all_finite(delta.values()):
-        raise ValueError("it holds NaN or infinite values")
+    if extras.keys() != expected_extras.keys():
+        raise ValueError(f"extras {sorted(extras)[:5]} are not the {len(expected_extras)} its algorithm sends")
+    for kind, tensors, like in (("delta", delta, global_state), ("extras", extras, expected_extras)):
+        for k, v in tensors.items():
+            if v.shape != like[k].shape or v.dtype != like[k].dtype:
+                raise ValueError(
+                    f"{kind}/{k}: {tuple(v.shape)} {v.dtype} instead of {tuple(like[k].shape)} {like[k].dtype}"
+                )
+        if not all_finite(tensors.values()):
+            raise ValueError(f"its {kind} hold NaN or infinite values")
     n, steps = h.get("num_examples"), h.get("num_steps")
     if type(n) is not int or not 1 <= n <= max_examples:
         raise ValueError(f"num_examples {n!r} is not between 1 and {max_examples}")
@@ -122,6 +136,7 @@ def update_from(
         accuracy,
         initial,
         metrics,
+        extras={k: v.to(like.device) for (k, v), like in zip(extras.items(), expected_extras.values(), strict=True)},
     )
 
 
@@ -166,6 +181,7 @@ class NetworkEngine(Engine):
         self.bytes_up = 0  # message bytes received from clients, in all rounds
         self.bytes_down = 0  # message bytes sent to clients
         self._config: ClientConfig | None = None  # what the clients train with: the first round's
+        self._algorithm: ClientAlgorithm = PLAIN  # what they run: the round's
 
     def traffic(self) -> Traffic:
         """The message bytes received from clients and sent to them so far, in all rounds."""
@@ -190,8 +206,14 @@ class NetworkEngine(Engine):
             self.min_available_clients, timeout=self.round_timeout
         ) and not self.hub.wait_for_clients(self.min_fit_clients, timeout=0):
             raise RoundFailed(f"fewer than {self.min_fit_clients} clients connected for {self.round_timeout:.0f} s")
+        if not config.algorithm.roles.assign(model).all_shared:
+            raise ConfigError(
+                f"algorithm {config.algorithm.name} keeps personal or frozen entries on the clients: "
+                "the network engine sends and aggregates every entry, so it runs in simulation only for now"
+            )
         self._task_id += 1
         task_id = self._task_id
+        self._algorithm = config.algorithm
         self.watcher.task(task_id, [task.client_id for task in tasks])
         global_cpu = {k: v.detach().cpu() for k, v in global_state.items()}
         if self.secure is not None:
@@ -200,7 +222,7 @@ class NetworkEngine(Engine):
         holders: dict[int, Session] = {}  # the session each pending task was sent to
         messages: dict[int, bytes] = {}
         for task in tasks:
-            data = encode(task_message(task_id, task, global_cpu))
+            data = encode(task_message(task_id, task, global_cpu, algorithm=config.algorithm))
             session = self.hub.current(task.client_id)
             if session is not None and self._send(session, data):
                 holders[task.client_id], messages[task.client_id] = session, data
@@ -366,7 +388,9 @@ class NetworkEngine(Engine):
         # 1. the task and the round's settings -> each client's public keys (it then trains)
         exchange(
             sorted(sessions),
-            lambda c: task_message(task_id, by_client[c], global_cpu, protocol.setup(c).to_header()),
+            lambda c: task_message(
+                task_id, by_client[c], global_cpu, protocol.setup(c).to_header(), algorithm=self._algorithm
+            ),
             Kind.SA_KEYS,
             keys,
         )

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..contract import ClientConfig, ClientPlan, ClientUpdate, OptimizerState, State
+from ..contract import ClientConfig, ClientPlan, ClientState, ClientUpdate, OptimizerState, State
 from ..data.datasets import TensorData, leaves
 from ..data.federated import FederatedData, client_pool
 from ..errors import ConfigError, FedforgeError
@@ -82,6 +82,7 @@ class _Job:
     plan: ClientPlan
     optimizer_state: OptimizerState | None
     summable: bool
+    client_state: ClientState | None
 
 
 def _mapped(value, leaf: Callable):
@@ -94,11 +95,19 @@ def _mapped(value, leaf: Callable):
     if isinstance(value, dict):
         return {k: _mapped(v, leaf) for k, v in value.items()}
     if isinstance(value, ClientPlan):
-        return value if value.correction is None else replace(value, correction=_mapped(value.correction, leaf))
+        return value if value.inputs is None else replace(value, inputs=_mapped(value.inputs, leaf))
+    if isinstance(value, ClientState):
+        return ClientState(*(_mapped(getattr(value, part), leaf) for part in ClientState.PARTS))
     if isinstance(value, OptimizerState):
         return OptimizerState(leaf(value.step), {s: _mapped(t, leaf) for s, t in value.slots.items()})
     if isinstance(value, ClientUpdate):
-        return replace(value, delta=_mapped(value.delta, leaf), optimizer_state=_mapped(value.optimizer_state, leaf))
+        return replace(
+            value,
+            delta=_mapped(value.delta, leaf),
+            optimizer_state=_mapped(value.optimizer_state, leaf),
+            extras=_mapped(value.extras, leaf),
+            client_state=_mapped(value.client_state, leaf),
+        )
     if isinstance(value, PartialSum):
         return replace(value, mean_delta=_mapped(value.mean_delta, leaf))
     raise TypeError(f"cannot move a {type(value).__name__}")
@@ -302,6 +311,7 @@ class _Worker:
                     _received(job.plan, self.device),
                     _received(job.optimizer_state, self.device),
                     job.summable,
+                    _received(job.client_state, self.device),
                 )
             )
         summable = {job.client_id: job.summable for job in jobs}
@@ -553,7 +563,16 @@ class RayEngine(Engine):
             )
         ray = self._ray
         jobs = [
-            _Job(t.client_id, t.start, len(t.data), t.seed, _sent(t.plan), _sent(t.optimizer_state), t.summable)
+            _Job(
+                t.client_id,
+                t.start,
+                len(t.data),
+                t.seed,
+                _sent(t.plan),
+                _sent(t.optimizer_state),
+                t.summable,
+                _sent(t.client_state),
+            )
             for t in tasks
         ]
         state = ray.put(_sent(global_state))  # once, read by every worker

@@ -41,4 +41,5 @@ class SequentialEngine(Engine):
                 generator=torch.Generator().manual_seed(task.seed),
                 plan=task.plan,
                 optimizer_state=task.optimizer_state,
+                client_state=task.client_state,
             )

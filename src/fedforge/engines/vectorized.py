@@ -46,6 +46,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .. import fastconv, fastmlp
+from ..algorithms import ClientAlgorithm
 from ..client import epoch_orders, finish_update
 from ..contract import ClientConfig, ClientUpdate
 from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args, tree_map
@@ -245,6 +246,8 @@ def kernel_for(model: nn.Module, data: TensorData, config: ClientConfig) -> Call
     task, rule = config.task, config.rule
     if task.train is not None:
         raise _Unsupported(f"task {task.name} trains with a loop of its own")
+    if type(config.algorithm) is not ClientAlgorithm or not config.algorithm.roles.default:
+        raise _Unsupported(f"client algorithm {config.algorithm.name} is not batched yet")
     if rule is None:
         assert task.optimizer is not None, "fedforge's SGD (optimizer None) always has a rule"
         options = f" with {dict(task.optimizer_options)}" if task.optimizer_options else ""
@@ -287,7 +290,7 @@ def _stacked_terms(
     tasks: Sequence[ClientTask], schedule: Schedule, global_state: State, config: ClientConfig
 ) -> LocalTerms:
     """The chunk's LocalTerms: one decay, and each client's offset/correction stacked in schedule order."""
-    terms = [task.plan.local_terms(global_state, global_state) for task in tasks]
+    terms = [LocalTerms(0.0) for task in tasks]
     decay = terms[0].decay
     if any(t.decay != decay for t in terms):
         raise _Mixed()

@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 import torch
 
+from ..algorithms import PLAIN, ClientAlgorithm, ClientState, describe, from_description
 from ..app import ClientApp
 from ..client import ClientPlan, ClientUpdate, OutOfTime, all_finite, train_client
 from ..config import Config
@@ -189,7 +190,8 @@ class _Trainer:
         # trained with the state it started from, so that a task sent again (after a reconnect)
         # starts where it did the first time.
         self.optimizer_state: OptimizerState | None = None
-        self._last: tuple[int, OptimizerState | None] | None = None
+        self.client_state: ClientState | None = None  # what its algorithm keeps between rounds
+        self._last: tuple[int, OptimizerState | None, ClientState | None] | None = None
 
     def _check_model(self, global_state) -> None:
         mine = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
@@ -201,7 +203,7 @@ class _Trainer:
                 f"tensors; e.g. {different})"
             )
 
-    def check(self, task: Message) -> tuple[int, int, ClientPlan]:
+    def check(self, task: Message) -> tuple[int, int, ClientPlan, ClientAlgorithm]:
         """The task's id, seed and plan, once every header field and tensor of `task` is checked
         (and what it asks is within this client's limits); Unacceptable otherwise."""
         h, limits = task.header, self.limits
@@ -212,28 +214,33 @@ class _Trainer:
         initial_loss = h.get("measure_initial_loss", False)
         if type(initial_loss) is not bool:
             raise Unacceptable(f"measure_initial_loss {_text(repr(initial_loss), 40)} is not true or false")
+        try:
+            algorithm = from_description(h.get("algorithm", describe(PLAIN)))
+        except ConfigError as e:
+            raise Unacceptable(str(e)) from None
         state = self.model.state_dict()
-        names = {f"global/{k}" for k in state} | {f"correction/{k}" for k, _ in self.model.named_parameters()}
+        expected_inputs = algorithm.inputs_like(state)
+        names = {f"global/{k}" for k in state} | {f"inputs/{k}" for k in expected_inputs}
         unknown = sorted(set(task.tensors) - names)
         if unknown:
-            raise Unacceptable(f"tensors {_text(unknown[:3])} are not of this client's model")
+            raise Unacceptable(f"tensors {_text(unknown[:3])} are not of this client's model or algorithm")
         global_state = {k[len("global/") :]: v for k, v in task.tensors.items() if k.startswith("global/")}
         self._check_model(global_state)
-        correction = {k[len("correction/") :]: v for k, v in task.tensors.items() if k.startswith("correction/")}
-        for kind, tensors in (("global", global_state), ("correction", correction)):
+        inputs = {k[len("inputs/") :]: v for k, v in task.tensors.items() if k.startswith("inputs/")}
+        if inputs.keys() != expected_inputs.keys():
+            raise Unacceptable(f"its inputs are not the {len(expected_inputs)} algorithm {algorithm.name} takes")
+        for kind, tensors, like in (("global", global_state, state), ("inputs", inputs, expected_inputs)):
             for k, v in tensors.items():
-                if v.dtype != state[k].dtype or v.shape != state[k].shape:
+                if v.dtype != like[k].dtype or v.shape != like[k].shape:
                     raise Unacceptable(
-                        f"{kind}/{k} is {tuple(v.shape)} {v.dtype}, the model's "
-                        f"{tuple(state[k].shape)} {state[k].dtype}"
+                        f"{kind}/{k} is {tuple(v.shape)} {v.dtype}, the model's {tuple(like[k].shape)} {like[k].dtype}"
                     )
             if not all_finite(tensors.values()):
                 raise Unacceptable(f"its {kind} tensors hold NaN or infinite values")
         plan = ClientPlan(
             epochs=epochs,
             max_steps=max_steps,
-            proximal_mu=_number(h, "proximal_mu", 0, 1e6, default=0.0),
-            correction=correction or None,
+            inputs=inputs or None,
             measure_initial_loss=initial_loss,
             clip=_optional_number(h, "clip", 1e-30, 1e30),
             noise_multiplier=_number(h, "noise_multiplier", 0, 1e6, default=0.0),
@@ -244,27 +251,30 @@ class _Trainer:
             raise Unacceptable(
                 f"task {task_id} asks for {steps} steps, above this client's --max-steps {limits.max_steps}"
             )
-        return task_id, seed, plan
+        return task_id, seed, plan, algorithm
 
     def train(self, client_id: int, task: Message, *, privatize: bool = True) -> ClientUpdate:
         """This client's update for `task`; with `privatize`, clipped (and noised) as differential
         privacy asks (secure aggregation clips the update itself, as it quantizes it). Raises
         Unacceptable for a task this client refuses, OutOfTime past its --max-round-seconds."""
-        task_id, seed, plan = self.check(task)
+        task_id, seed, plan, algorithm = self.check(task)
         global_state = {k[len("global/") :]: v for k, v in task.tensors.items() if k.startswith("global/")}
-        start = self._last[1] if self._last is not None and self._last[0] == task_id else self.optimizer_state
+        again = self._last is not None and self._last[0] == task_id
+        start, kept = (self._last[1], self._last[2]) if again else (self.optimizer_state, self.client_state)
         update = train_client(
             self.scratch,
             global_state,
             self.data,
-            self.client,
+            dataclasses.replace(self.client, algorithm=algorithm),
             client_id=client_id,
             generator=torch.Generator().manual_seed(seed),
             plan=plan,
             optimizer_state=start,
             deadline=time.monotonic() + self.limits.max_round_seconds,
+            client_state=kept,
         )
-        self._last, self.optimizer_state = (task_id, start), update.optimizer_state
+        self._last, self.optimizer_state = (task_id, start, kept), update.optimizer_state
+        self.client_state = update.client_state
         if plan.clip is not None and privatize:  # differential privacy: this client's part, before anything leaves it
             mode = "local" if plan.noise_multiplier else "client"
             mechanism = PrivacyConfig(plan.noise_multiplier, 1.0, mode=mode, clip=plan.clip)
@@ -355,7 +365,9 @@ def update_message(task_id: int, update: ClientUpdate, *, inputs_differ: bool = 
     }
     if inputs_differ:
         header["inputs_differ"] = True
-    return Message(Kind.UPDATE, header, {f"delta/{k}": v for k, v in update.delta.items()})
+    tensors = {f"delta/{k}": v for k, v in update.delta.items()}
+    tensors.update({f"extras/{k}": v for k, v in update.extras.items()})  # the client state stays here
+    return Message(Kind.UPDATE, header, tensors)
 
 
 def compare_inputs(summary, data: TensorData, client_id: int) -> bool:

@@ -9,13 +9,14 @@ from .._options import did_you_mean
 from ..errors import ConfigError
 from ..reductions import PartialSum, RunningMean, combine_updates, weighted_mean_delta
 from .adaptive import FedAdagrad, FedAdam, FedYogi, adaptive
-from .base import NO_PLAN, LinearStrategy, RunInfo, ServerState, Strategy, StrategyBase
+from .base import NO_PLAN, LinearStrategy, RunInfo, ServerState, Strategy, StrategyBase, client_algorithm
 from .fedavg import FedAvg, FedAvgM, FedProx, fedavg, fedavgm
+from .feddyn import FedDyn, feddyn
 from .fednova import FedNova, fednova
 from .qfedavg import QFedAvg, qfedavg
 from .robust import Krum, Median, MultiKrum, TrimmedMean, krum_scores, median, multikrum_select, trimmed_mean
 from .scaffold import Scaffold, scaffold
-from .state import Controls, Moments, Momentum, StrategyState
+from .state import Controls, Dynamic, Moments, Momentum, StrategyState
 
 STRATEGIES = {
     cls.name: cls
@@ -27,6 +28,7 @@ STRATEGIES = {
         FedYogi,
         FedProx,
         Scaffold,
+        FedDyn,
         FedNova,
         QFedAvg,
         Median,
@@ -122,10 +124,12 @@ __all__ = [
     "NO_PLAN",
     "STRATEGIES",
     "Controls",
+    "Dynamic",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedDyn",
     "FedNova",
     "FedProx",
     "FedYogi",
@@ -147,9 +151,11 @@ __all__ = [
     "TrimmedMean",
     "adaptive",
     "check_linear",
+    "client_algorithm",
     "combine_updates",
     "fedavg",
     "fedavgm",
+    "feddyn",
     "fednova",
     "krum_scores",
     "make_strategy",

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ..algorithms import ClientAlgorithm
 from ..client import ClientPlan, ClientUpdate, State
 from ..errors import ConfigError
 from ..reductions import Update, cast_like
@@ -75,7 +76,7 @@ class Strategy(Protocol):
         """The server state before round 1 of a run with facts `run`."""
 
     def plan(self, state: ServerState, client_id: int) -> ClientPlan:
-        """What selected client `client_id` is asked to do this round."""
+        """What selected client `client_id` is asked to do this round (its algorithm's `inputs`)."""
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         """The next state from this round's updates (an iterable, consumed once)."""
@@ -102,7 +103,8 @@ NO_PLAN = ClientPlan()
 
 
 class StrategyBase:
-    """`init` that copies the model, and `plan` that asks nothing special.
+    """`init` that copies the model, `plan` that asks nothing special, and no client algorithm of
+    its own (`client_algorithm`: the clients run the run's, plain training by default).
 
     A strategy with `apply_mean` is a `LinearStrategy`. Those that look at each update (robust
     aggregators, SCAFFOLD's controls, q-FedAvg's losses, FedNova's step counts) are not, and say
@@ -117,6 +119,26 @@ class StrategyBase:
 
     def plan(self, state: ServerState, client_id: int) -> ClientPlan:
         return NO_PLAN
+
+    def client_algorithm(self) -> ClientAlgorithm | None:
+        """What its clients must do (FedProx's proximal term, SCAFFOLD's controls); None: whatever
+        the run's client algorithm is (`ClientConfig.algorithm`)."""
+        return None
+
+
+def client_algorithm(strategy: Strategy, configured: ClientAlgorithm) -> ClientAlgorithm:
+    """The client algorithm of a run of `strategy` whose clients are configured with `configured`:
+    the strategy's own when it has one (with the configured roles), else the configured one."""
+    own = getattr(strategy, "client_algorithm", None)
+    mine = own() if callable(own) else None
+    if mine is None:
+        return configured
+    if type(configured) is not ClientAlgorithm:
+        raise ConfigError(
+            f"strategy {strategy.name} brings its own client algorithm ({mine.name}); "
+            f"it cannot run with algorithm {configured.name}"
+        )
+    return mine.with_roles(configured.roles)
 
 
 def step_params(params: State, step: State, lr: float = 1.0) -> State:

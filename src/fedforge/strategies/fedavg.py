@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from ..client import ClientPlan, State
+from ..algorithms import ClientAlgorithm, Proximal
+from ..client import State
 from ..errors import ConfigError
 from ..reductions import Update
 from .base import RunInfo, ServerState, StrategyBase, check_server_lr
@@ -89,8 +90,8 @@ class FedProx(StrategyBase):
         if self.proximal_mu < 0:
             raise ConfigError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
 
-    def plan(self, state: ServerState, client_id: int) -> ClientPlan:
-        return ClientPlan(proximal_mu=self.proximal_mu)
+    def client_algorithm(self) -> ClientAlgorithm:
+        return Proximal(self.proximal_mu)
 
     def aggregate(self, state: ServerState, updates: Iterable[Update]) -> ServerState:
         return fedavg(state, updates, server_lr=self.server_lr)

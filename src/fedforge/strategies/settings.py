@@ -37,6 +37,7 @@ class StrategySettings:
     beta2: float = option(0.99, "fedadam/fedyogi: second-moment decay")
     tau: float = option(1e-3, "fedadagrad/fedadam/fedyogi: adaptivity")
     proximal_mu: float = option(0.01, "fedprox: proximal term mu")
+    feddyn_alpha: float = option(0.01, "feddyn: the dynamic regularizer's alpha")
     q: float = option(1.0, "qfedavg: fairness q (0 is FedAvg)")
     trim_beta: float = option(0.1, "trimmed_mean: share trimmed at each end")
     krum_f: int = option(1, "krum/multikrum: number of Byzantine clients tolerated")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..contract import State
@@ -86,10 +86,16 @@ class Moments(StrategyState):
 
 @dataclass(frozen=True)
 class Controls(StrategyState):
-    """SCAFFOLD's control variates: the server's c, and each client's c_i (absent: zero) by client id."""
+    """SCAFFOLD's server control variate c (each client's c_i is in that client's own state)."""
 
     control: State
-    client_controls: Mapping[int, State] = field(default_factory=dict)
 
 
-__all__ = ["Controls", "Moments", "Momentum", "StrategyState"]
+@dataclass(frozen=True)
+class Dynamic(StrategyState):
+    """FedDyn's server state h, one tensor per float entry of the model (Acar et al. 2021)."""
+
+    h: State
+
+
+__all__ = ["Controls", "Dynamic", "Moments", "Momentum", "StrategyState"]
