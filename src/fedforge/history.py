@@ -111,7 +111,7 @@ def personalized_summary(results: Iterable[tuple[Mapping[str, float], int]]) -> 
     linear interpolation; each client counts once, whatever its size). No clients: {}.
 
     Raises:
-        ValueError: a client with no examples (it has nothing to be evaluated on) or fewer.
+        ValueError: a client with num_examples <= 0 (it has nothing to be evaluated on).
     """
     values: dict[str, list[float]] = {}
     weights: dict[str, list[int]] = {}
