@@ -351,3 +351,45 @@ def _read_or_none(fd: int) -> bytes | None:
         return os.read(fd, 65536)
     except OSError:  # the terminal's other end is closed: all read
         return None
+
+
+def test_the_table_csv_and_plot_show_a_personalized_evaluation(tmp_path, monkeypatch):
+    """A column of the primary metric's last personalized evaluation when any run has one ("n/a" for
+    a run without), in comparison.md and .csv, and a dashed line in the plot."""
+
+    def history(personalized: list[float | None]) -> History:
+        return History(
+            [
+                RoundRecord(
+                    r,
+                    (0, 1),
+                    1.0,
+                    0.5 + r / 10,
+                    train_loss=0.5,
+                    metrics={} if p is None else {"personalized_accuracy": p},
+                )
+                for r, p in enumerate(personalized)
+            ]
+        )
+
+    runs = [
+        ComparedRun("ditto", None, history([None, 0.8, 0.9, None]), 1.0, task=ff.CLASSIFICATION),
+        ComparedRun("fedavg", None, history([None] * 4), 1.0, task=ff.CLASSIFICATION),
+    ]
+    assert (runs[0].personalized, runs[1].personalized) == (0.9, None)  # the last round that evaluated it
+    plotted = []
+    monkeypatch.setattr("fedforge.compare.save_figure", lambda fig, path: plotted.append(fig))
+    table = ff.write_comparison(runs, tmp_path, title="t").splitlines()
+    assert table[0] == "| run | final accuracy | best accuracy | final personalized accuracy | wall s |"
+    assert table[2] == "| ditto | 0.8000 | 0.8000 | 0.9000 | 1.0 |"
+    assert table[3] == "| fedavg | 0.8000 | 0.8000 | n/a | 1.0 |"
+    rows = (tmp_path / "comparison.csv").read_text().splitlines()
+    assert rows[0] == "run,round,test_accuracy,personalized_accuracy,test_loss,train_loss,global_train_loss,seconds"
+    assert [row.split(",")[3] for row in rows[1:5]] == ["", "0.8", "0.9", ""]
+    labels = [line.get_label() for line in plotted[0].axes[0].get_lines()]
+    assert labels == ["ditto", "ditto, personalized", "fedavg"]
+    # The progress line of a round that evaluated it.
+    done = RoundDone("ditto", runs[0].history.records[2], 3, "accuracy")
+    assert done.line() == "ditto: round 2/3  test accuracy 0.7000  personalized accuracy 0.9000  0.00 s"
+    # Without any: the table and the CSV as before.
+    assert "personalized" not in comparison_table(runs[1:])

@@ -273,3 +273,35 @@ def test_network_rounds_record_and_track_their_bytes(tmp_path):
     assert min(hub.received) > 610 * 4  # each update holds the model's 610 float32 numbers
     logged = events(tmp_path / "tb" / "net")
     assert scalar(logged, "bytes_up") == [(r["round"], r["metrics"]["bytes_up"]) for r in rounds[1:]]
+
+
+def test_personalized_evaluation_reaches_both_trackers(tmp_path):
+    """Every personalized_* key of a record (its means and percentiles) is a scalar of its own,
+    from the rounds that have one (round 0, the initial model, never does)."""
+    from fedforge.config import Config
+    from fedforge.history import RoundRecord, personalized_summary
+    from fedforge.tracking import MLflowTracker, TensorBoardTracker
+
+    config = Config(dataset="synthetic", name="own")
+    personalized = personalized_summary([({"loss": 0.3, "accuracy": 0.9}, 20), ({"loss": 0.7, "accuracy": 0.6}, 5)])
+    records = [
+        RoundRecord(0, (), 0.9, 0.4),
+        RoundRecord(1, (0, 1), 0.6, 0.7, metrics=personalized),
+        RoundRecord(2, (0, 1), 0.5, 0.8, metrics={k: v + 0.01 for k, v in personalized.items()}),
+    ]
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trackers = [TensorBoardTracker(tmp_path / "tb"), MLflowTracker(store)]
+    for tracker in trackers:
+        tracker.prepare()
+        run = tracker.start(config, tmp_path)
+        for record in records:
+            run.round(record, {})
+        run.finish(None)
+    logged = events(tmp_path / "tb" / "own")
+    client = MlflowClient(store)
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("fedforge").experiment_id])
+    assert len(personalized) == 8  # loss and accuracy: mean, p10, p50, p90
+    for name in personalized:
+        expected = [(r.round, pytest.approx(r.metrics[name], rel=1e-6)) for r in records[1:]]
+        assert scalar(logged, name) == expected
+        assert sorted((m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, name)) == expected

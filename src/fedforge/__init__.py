@@ -25,7 +25,7 @@ from .engines import (
 from .errors import ConfigError, DataError, DivergenceError, FedforgeError
 from .evaluation import Evaluation, evaluate
 from .experiment import run_experiment
-from .history import History, RoundRecord
+from .history import History, RoundRecord, personalized_summary
 from .models import build_model
 from .scenarios import Scenario
 from .simulation import SimulationResult, select_clients, simulate
@@ -83,6 +83,7 @@ __all__ = [
     "make_strategy",
     "make_task",
     "models",
+    "personalized_summary",
     "plot_comparison",
     "run_experiment",
     "select_clients",

@@ -444,8 +444,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         history = History.from_json((run_dir / "history.json").read_text())
     except FileNotFoundError:
         raise ConfigError(f"{run_dir} holds no history.json: not a run's folder, or no round completed") from None
+    config = run_dir / "config.toml"  # the run's task, whose primary metric the lines show
+    metric = Config.load(config).client_config().task.primary if config.exists() else "accuracy"
     for record in history.records:
-        print(round_line(record, history.final.round))
+        print(round_line(record, history.final.round, metric=metric))
     return 0
 
 

@@ -30,7 +30,7 @@ from .config import Config, read_toml
 from .contract import ClientConfig
 from .errors import ConfigError, DivergenceError
 from .history import History, RoundRecord
-from .report import headline, pyplot, save_figure
+from .report import headline, personalized, pyplot, save_figure
 from .strategies import strategy_options
 from .strategies.settings import own_options
 from .tasks import Task
@@ -77,6 +77,13 @@ class ComparedRun:
         values = [v for v in self.history.column(f"test_{self.metric}") if v is not None]
         return (max if self._task.higher_is_better else min)(values) if values else None
 
+    @property
+    def personalized(self) -> float | None:
+        """The primary metric's last personalized evaluation (the clients' own models on their own
+        held-out data, `personalized_<metric>` in the history), or None if no round had one."""
+        key = f"personalized_{self.metric}"
+        return next((r.metrics[key] for r in reversed(self.history.records) if key in r.metrics), None)
+
     def rounds_to(self, target: float) -> int | None:
         """The first round whose test metric reached `target` (at least, or at most for a metric
         that is better lower), or None."""
@@ -104,6 +111,8 @@ class RoundDone:
         round_ = self.record.round
         parts = [f"{self.label}: " + ("initial model" if round_ == 0 else f"round {round_}/{self.rounds}")]
         parts.append(headline(self.record, self.metric))
+        if (own := personalized(self.record, self.metric)) is not None:
+            parts.append(own)
         if round_:
             parts.append(f"{self.record.seconds:.2f} s")
         return "  ".join(parts)
@@ -343,9 +352,12 @@ def _simulate_one(
 
 
 def comparison_table(runs: list[ComparedRun], target: float | None = None) -> str:
-    """A Markdown table: final and best test metric (the task's primary), rounds to `target`, wall time."""
+    """A Markdown table: final and best test metric (the task's primary), its final personalized
+    evaluation where any run has one, rounds to `target`, wall time."""
     metric = runs[0].metric.replace("_", " ")
-    head = ["run", f"final {metric}", f"best {metric}"] + ([f"rounds to {target:.4g}"] if target else []) + ["wall s"]
+    personalized = any(run.personalized is not None for run in runs)
+    head = ["run", f"final {metric}", f"best {metric}"] + ([f"final personalized {metric}"] if personalized else [])
+    head += ([f"rounds to {target:.4g}"] if target else []) + ["wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def number(value):
@@ -355,7 +367,7 @@ def comparison_table(runs: list[ComparedRun], target: float | None = None) -> st
         final = number(run.final)
         if run.diverged:
             final += f" (diverged in round {run.history.final.round + 1})"
-        row = [run.label, final, number(run.best)]
+        row = [run.label, final, number(run.best)] + ([number(run.personalized)] if personalized else [])
         if target:
             reached = run.rounds_to(target)
             row.append(str(reached) if reached is not None else "not reached")
@@ -365,13 +377,25 @@ def comparison_table(runs: list[ComparedRun], target: float | None = None) -> st
 
 
 def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: str = "") -> None:
-    """The test metric (the task's primary) and training loss per round, one line per run."""
+    """The test metric (the task's primary) and training loss per round, one line per run (and a dashed
+    one for a run's personalized evaluation, where it has one)."""
     plt = pyplot()
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         records = run.history.records
-        acc_ax.plot([r.round for r in records], [r.metric(f"test_{run.metric}") for r in records], label=run.label)
+        [line] = acc_ax.plot(
+            [r.round for r in records], [r.metric(f"test_{run.metric}") for r in records], label=run.label
+        )
+        own = [
+            (r.round, r.metrics[f"personalized_{run.metric}"])
+            for r in records
+            if f"personalized_{run.metric}" in r.metrics
+        ]
+        if own:  # the clients' own models, where evaluated: dashed, in the run's colour
+            acc_ax.plot(
+                *zip(*own, strict=True), linestyle="--", color=line.get_color(), label=f"{run.label}, personalized"
+            )
         # The global model's loss on the training data when measured, else the clients' own.
         key = "global_train_loss" if records[-1].global_train_loss is not None else "train_loss"
         points = [(r.round, getattr(r, key)) for r in records if getattr(r, key) is not None]
@@ -405,6 +429,8 @@ def write_comparison(
     writer = csv.writer(buffer, lineterminator="\n")
     metric = f"test_{runs[0].metric}"
     columns = ["test_accuracy", metric] if metric != "test_accuracy" else [metric]
+    if any(run.personalized is not None for run in runs):
+        columns.append(f"personalized_{runs[0].metric}")
     writer.writerow(["run", "round", *columns, "test_loss", "train_loss", "global_train_loss", "seconds"])
     for run in runs:
         for r in run.history.records:

@@ -223,7 +223,7 @@ def run_experiment(
         write_model(run_dir, state.params)
         bar.set_postfix(round=record.round, test=headline(record, primary))
         if verbose:
-            tqdm.write(round_line(record, config.rounds))
+            tqdm.write(round_line(record, config.rounds, metric=primary))
         # The record's selection only: clients of an attempt that failed and was retried are left out.
         for run in tracked:
             run.round(record, {c: clients[c] for c in record.clients if c in clients})

@@ -6,7 +6,10 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
 
 # The RoundRecord's numeric fields; record.metrics holds the rest (test_r2, epsilon, bytes_up, ...).
 NUMBERS = (
@@ -20,6 +23,9 @@ NUMBERS = (
     "seconds",
     "train_seconds",
 )
+
+# The percentiles across clients that a personalized evaluation reports beside each mean.
+PERCENTILES = (10, 50, 90)
 
 
 @dataclass(frozen=True)
@@ -93,3 +99,31 @@ class History:
             row[names.index("dropped")] = " ".join(map(str, r.dropped))
             writer.writerow("" if v is None else v for v in row)
         return out.getvalue()
+
+
+def personalized_summary(results: Iterable[tuple[Mapping[str, float], int]]) -> dict[str, float]:
+    """A round's personalized evaluation, for `RoundRecord.metrics`, from each evaluated client's
+    (metrics of its personal model on its own held-out data, number of those examples).
+
+    For each metric name (loss, accuracy, ...), in the order the clients first give them:
+    `personalized_<name>`, the example-weighted mean over the clients that report it, then
+    `personalized_<name>_p10`, `_p50` and `_p90`, its percentiles across those clients (numpy's
+    linear interpolation; each client counts once, whatever its size). No clients: {}.
+
+    Raises:
+        ValueError: a client with num_examples <= 0 (it has nothing to be evaluated on).
+    """
+    values: dict[str, list[float]] = {}
+    weights: dict[str, list[int]] = {}
+    for metrics, num_examples in results:
+        if num_examples <= 0:
+            raise ValueError(f"a personalized evaluation needs examples: a client reported num_examples={num_examples}")
+        for name, value in metrics.items():
+            values.setdefault(name, []).append(float(value))
+            weights.setdefault(name, []).append(num_examples)
+    summary = {}
+    for name, column in values.items():
+        summary[f"personalized_{name}"] = float(np.average(column, weights=weights[name]))
+        for q, value in zip(PERCENTILES, np.percentile(column, PERCENTILES), strict=True):
+            summary[f"personalized_{name}_p{q}"] = float(value)
+    return summary

@@ -30,7 +30,9 @@ def write_model(run_dir: str | os.PathLike, state: dict[str, torch.Tensor]) -> N
 def plot_history(
     history: History, path: str | os.PathLike, *, title: str | None = None, metric: str = "accuracy"
 ) -> None:
-    """The task's test `metric` (accuracy for classification) and loss per round, side by side, as a PNG."""
+    """The task's test `metric` (accuracy for classification) and loss per round, side by side, as a PNG;
+    beside the test metric its personalized evaluation where the rounds have one, with the p10 to p90
+    band across the clients."""
     plt = pyplot()
 
     rounds = history.column("round")
@@ -41,11 +43,29 @@ def plot_history(
         axes[2].plot(rounds, history.column("epsilon"), marker="o", color="tab:red", label="epsilon spent")
         axes[2].set(xlabel="round", ylabel="epsilon", title="privacy spent")
     acc_ax.plot(rounds, history.column(f"test_{metric}"), marker="o", label="test")
+    own = f"personalized_{metric}"  # the clients' own models on their own held-out data, where evaluated
+    measured = [r for r in history.records if own in r.metrics]
+    if measured:
+        [line] = acc_ax.plot(
+            [r.round for r in measured], [r.metrics[own] for r in measured], marker="s", label="personalized"
+        )
+        band = [r for r in measured if f"{own}_p10" in r.metrics and f"{own}_p90" in r.metrics]
+        if band:  # the spread across the clients
+            acc_ax.fill_between(
+                [r.round for r in band],
+                [r.metrics[f"{own}_p10"] for r in band],
+                [r.metrics[f"{own}_p90"] for r in band],
+                color=line.get_color(),
+                alpha=0.2,
+                label="personalized, p10 to p90 of clients",
+            )
     loss_ax.plot(rounds, history.column("test_loss"), marker="o", label="test")
     train = [(r.round, r.train_loss) for r in history.records if r.train_loss is not None]
     if train:
         loss_ax.plot(*zip(*train, strict=True), marker=".", linestyle="--", label="train (clients)")
-    acc_ax.set(xlabel="round", ylabel=metric, title=f"test {metric}")
+    acc_ax.set(
+        xlabel="round", ylabel=metric, title=f"{metric}: test and personalized" if measured else f"test {metric}"
+    )
     loss_ax.set(xlabel="round", ylabel="loss", title="loss")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -81,8 +101,20 @@ def headline(record: RoundRecord, metric: str) -> str:
     return f"test {metric.replace('_', ' ')} {value:.4f}" if value is not None else f"test {metric} n/a"
 
 
-def round_line(record: RoundRecord, rounds: int) -> str:
-    """One console line per round, in the spirit of the tutorial's."""
+def personalized(record: RoundRecord, metric: str) -> str | None:
+    """The round's personalized evaluation of `metric` (the clients' own models on their own
+    held-out data), e.g. "personalized accuracy 0.8512 (p10 0.712, p90 0.95)"; None without one."""
+    key = f"personalized_{metric}"
+    if key not in record.metrics:
+        return None
+    spread = [f"p{q} {record.metrics[f'{key}_p{q}']:.3g}" for q in (10, 90) if f"{key}_p{q}" in record.metrics]
+    text = f"personalized {metric.replace('_', ' ')} {record.metrics[key]:.4f}"
+    return f"{text} ({', '.join(spread)})" if spread else text
+
+
+def round_line(record: RoundRecord, rounds: int, *, metric: str = "accuracy") -> str:
+    """One console line per round, in the spirit of the tutorial's; `metric`: the task's primary,
+    whose personalized evaluation it shows."""
     head = "initial model" if record.round == 0 else f"round {record.round}/{rounds}"
     parts = [f"{head:<14}"]
     if record.test_accuracy is not None:
@@ -96,6 +128,8 @@ def round_line(record: RoundRecord, rounds: int) -> str:
         parts.append(f"train loss {record.train_loss:.4f}")
     if record.federated_accuracy is not None:
         parts.append(f"federated accuracy {record.federated_accuracy:.4f}")
+    if (line := personalized(record, metric)) is not None:
+        parts.append(line)
     if "epsilon" in record.metrics:
         parts.append(f"epsilon {record.metrics['epsilon']:.3f}")
     if "lr" in record.metrics:  # a learning-rate schedule's

@@ -38,7 +38,7 @@ from fedforge.experiment import run_experiment
 from fedforge.history import History, RoundRecord
 from fedforge.network import httpd
 from fedforge.network.certs import make_certificates
-from fedforge.network.dashboard import Dashboard, DashboardSettings, report_page
+from fedforge.network.dashboard import Dashboard, DashboardSettings, report_page, round_row
 from fedforge.network.hub import Event, EventKind, Session
 from fedforge.network.wire import Kind, Message, decode, encode
 from fedforge.report import write_history
@@ -462,6 +462,64 @@ def test_the_page_in_headless_chromium(browser, deployment, tmp_path):
     (tmp_path / "private.html").write_text(report_page(tmp_path / "private"))
     browser.open((tmp_path / "private.html").as_uri())
     assert watch(browser, lambda p: p["points"] == 3)["epsilon"] == "1.500"
+
+
+def test_round_row_has_the_personalized_evaluation_of_the_tasks_metric():
+    metrics = {"test_r2": 0.2, "personalized_r2": 0.4, "personalized_r2_p10": 0.1, "personalized_r2_p90": 0.6}
+    row = round_row(RoundRecord(3, (0, 1), 1.0, None, metrics={**metrics, "personalized_mse": 2.0}), "r2")
+    assert (row["metric"], row["personalized"], row["personalized_p10"], row["personalized_p90"]) == (
+        0.2,
+        0.4,
+        0.1,
+        0.6,
+    )
+    row = round_row(RoundRecord(0, (), 1.0, 0.1, metrics={"personalized_accuracy": float("nan")}), "accuracy")
+    assert row["personalized"] is row["personalized_p10"] is row["personalized_p90"] is None  # JSON has no NaN
+
+
+PERSONALIZED_NOW = """(() => ({
+  hidden: document.getElementById("personalized-card").hidden,
+  label: document.getElementById("personalized-label").textContent,
+  value: document.getElementById("personalized").textContent,
+  spread: document.getElementById("personalized-spread").textContent,
+  title: document.getElementById("metric-title").textContent,
+  also: document.getElementById("chart-metric").dataset.also,
+  dashed: document.querySelectorAll("#chart-metric polyline.also").length,
+}))()"""
+
+
+def test_the_page_shows_the_personalized_evaluation(browser, tmp_path):
+    """A card with the last evaluated round's mean and spread, and a dashed line on the test metric's
+    chart; neither where no round has one."""
+    own = {"personalized_accuracy": 0.8512, "personalized_accuracy_p10": 0.712, "personalized_accuracy_p90": 0.95}
+    records = [RoundRecord(0, (), 1.0, 0.3)]
+    records += [
+        RoundRecord(r, (0, 1), 1 / r, 0.5, metrics={k: v - 0.1 * (2 - r) for k, v in own.items()}) for r in (1, 2)
+    ]
+    records.append(RoundRecord(3, (0, 1), 0.3, 0.6))  # a round without a personalized evaluation
+
+    def shown(name: str, history: list[RoundRecord]) -> dict:
+        write_history(tmp_path / name, History(history))
+        (tmp_path / f"{name}.html").write_text(report_page(tmp_path / name))
+        browser.open((tmp_path / f"{name}.html").as_uri())
+        watch(browser, lambda p: p["points"] == len(history))
+        return browser.evaluate(PERSONALIZED_NOW)
+
+    pages = {
+        "own": shown("own", records),
+        "plain": shown("plain", [RoundRecord(r, (0, 1), 1.0, 0.5) for r in range(3)]),
+    }
+    assert pages["own"] == {
+        "hidden": False,
+        "label": "personalized accuracy (round 2)",
+        "value": "0.8512",
+        "spread": "p10 0.712, p90 0.950",
+        "title": "test accuracy per round (dashed: personalized)",
+        "also": "0.751200 0.851200",
+        "dashed": 1,
+    }
+    assert pages["plain"]["hidden"] is True and pages["plain"]["dashed"] == 0 and pages["plain"]["also"] == ""
+    assert pages["plain"]["title"] == "test accuracy per round"
 
 
 def test_report_html_holds_the_history(deployment, capsys):

@@ -100,10 +100,16 @@ def _number(value) -> float | None:
 
 
 def round_row(record: RoundRecord, metric: str) -> dict:
-    """What the page shows of a round: the task's test metric, the test loss, epsilon, counts."""
+    """What the page shows of a round: the task's test metric, its personalized evaluation (the
+    clients' own models: their example-weighted mean, p10 and p90; None in a round without one),
+    the test loss, epsilon, counts."""
+    own = f"personalized_{metric}"
     return {
         "round": record.round,
         "metric": _number(record.metric(f"test_{metric}")),
+        "personalized": _number(record.metrics.get(own)),
+        "personalized_p10": _number(record.metrics.get(f"{own}_p10")),
+        "personalized_p90": _number(record.metrics.get(f"{own}_p90")),
         "loss": _number(record.test_loss),
         "epsilon": _number(record.metrics.get("epsilon")),
         "clients": len(record.clients),

@@ -41,11 +41,14 @@ function niceTicks(lo, hi, count) {
   return {lo: first * step, hi: last * step, values: values, labels: values.map((v) => v.toFixed(digits))};
 }
 
-function chart(svg, rows, key) {
-  const pts = rows.filter((r) => r[key] !== null && r[key] !== undefined).map((r) => [r.round, r[key]]);
+// The rounds' `key` as a line with dots; `also`, if given, a second (dashed) line on the same axes.
+function chart(svg, rows, key, also) {
+  const series = (k) => rows.filter((r) => r[k] !== null && r[k] !== undefined).map((r) => [r.round, r[k]]);
+  const pts = series(key), more = also ? series(also) : [];
   svg.replaceChildren();
   svg.dataset.points = pts.length;
   svg.dataset.values = pts.map((p) => p[1].toPrecision(6)).join(" ");
+  svg.dataset.also = more.map((p) => p[1].toPrecision(6)).join(" ");
   const W = 480, H = 220, L = 52, R = 14, T = 10, B = 30;
   if (!pts.length) {
     svg.dataset.ticks = "";
@@ -53,7 +56,8 @@ function chart(svg, rows, key) {
     return;
   }
   const x0 = pts[0][0], x1 = Math.max(pts[pts.length - 1][0], x0 + 1);
-  let y0 = pts.reduce((m, p) => Math.min(m, p[1]), Infinity), y1 = pts.reduce((m, p) => Math.max(m, p[1]), -Infinity);
+  const all = pts.concat(more);
+  let y0 = all.reduce((m, p) => Math.min(m, p[1]), Infinity), y1 = all.reduce((m, p) => Math.max(m, p[1]), -Infinity);
   const pad = (y1 - y0) * 0.08 || Math.abs(y0) * 0.1 || 0.5;
   y0 = y0 >= 0 ? Math.max(0, y0 - pad) : y0 - pad;  // a loss or an accuracy never shown below 0
   y1 += pad;
@@ -72,13 +76,17 @@ function chart(svg, rows, key) {
   svg.append(svgNode("text", {x: W - R, y: H - 2, "text-anchor": "end"}, "round"));
   svg.append(svgNode("line", {class: "axis", x1: L, x2: L, y1: T, y2: H - B}));
   svg.append(svgNode("line", {class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B}));
-  const points = pts.map((p) => X(p[0]).toFixed(1) + "," + Y(p[1]).toFixed(1)).join(" ");
-  svg.append(svgNode("polyline", {class: "line", points: points}));
-  for (const p of pts) {
-    const dot = svgNode("circle", {cx: X(p[0]).toFixed(1), cy: Y(p[1]).toFixed(1), r: 3});
-    dot.append(svgNode("title", {}, "round " + p[0] + ": " + p[1].toPrecision(5)));
-    svg.append(dot);
-  }
+  const line = (series, extra) => {
+    const points = series.map((p) => X(p[0]).toFixed(1) + "," + Y(p[1]).toFixed(1)).join(" ");
+    svg.append(svgNode("polyline", {class: "line" + extra, points: points}));
+    for (const p of series) {
+      const dot = svgNode("circle", {class: extra.trim(), cx: X(p[0]).toFixed(1), cy: Y(p[1]).toFixed(1), r: 3});
+      dot.append(svgNode("title", {}, "round " + p[0] + ": " + p[1].toPrecision(5)));
+      svg.append(dot);
+    }
+  };
+  line(pts, "");
+  if (more.length) line(more, " also");
 }
 
 function drawClients(state) {
@@ -127,13 +135,21 @@ function draw(state) {
   $("status").textContent = state.status;
   $("round").textContent = (last ? last.round : "\u2013") + (run.rounds ? " / " + run.rounds : "");
   $("metric-label").textContent = "test " + metric;
-  $("metric-title").textContent = "test " + metric + " per round";
   $("metric").textContent = text(last && last.metric, 4);
   $("loss").textContent = text(last && last.loss, 4);
+  // The clients' own models on their own held-out data, in the last round that evaluated them.
+  const own = rows.filter((r) => r.personalized !== null && r.personalized !== undefined), mine = own[own.length - 1];
+  $("personalized-card").hidden = !mine;
+  $("personalized-label").textContent = "personalized " + metric + (mine && last && mine.round !== last.round ?
+    " (round " + mine.round + ")" : "");
+  $("personalized").textContent = text(mine && mine.personalized, 4);
+  $("personalized-spread").textContent = mine && mine.personalized_p10 !== null && mine.personalized_p90 !== null ?
+    "p10 " + mine.personalized_p10.toFixed(3) + ", p90 " + mine.personalized_p90.toFixed(3) : "";
+  $("metric-title").textContent = "test " + metric + " per round" + (own.length ? " (dashed: personalized)" : "");
   const eps = rows.filter((r) => r.epsilon !== null);
   $("epsilon").textContent = eps.length ? eps[eps.length - 1].epsilon.toFixed(3) : "not private";
   $("connected").textContent = state.static ? "\u2013" : state.clients.length;
-  chart($("chart-metric"), rows, "metric");
+  chart($("chart-metric"), rows, "metric", "personalized");
   chart($("chart-loss"), rows, "loss");
   drawClients(state);
   drawTask(state);
