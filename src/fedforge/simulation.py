@@ -33,7 +33,7 @@ from .engines import ClientTask, Engine, SequentialEngine
 from .engines.base import RoundFailed, Traffic, as_engine
 from .errors import ConfigError, FedforgeError
 from .evaluation import Evaluation, evaluate
-from .history import History, RoundRecord
+from .history import History, RoundRecord, personalized_summary
 from .privacy.run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
 from .privacy.sampling import poisson_sample
 from .reductions import Update, example_weighted
@@ -674,25 +674,12 @@ def _record(
         dropped=trained.dropped if trained else (),
         metrics={
             **named,
-            **(personalized_summary(trained.personalized) if trained and trained.personalized else {}),
+            **(personalized_summary([(m, n) for m, n in trained.personalized if n > 0]) if trained else {}),
             **_scheduled(run, trained),
             **(run.dp.metrics() if run.dp else {}),
             **traffic,
         },
     )
-
-
-def personalized_summary(results: Sequence[tuple[Mapping[str, float], int]]) -> dict[str, float]:
-    """personalized_<metric>: the example-weighted mean of each metric over the clients evaluated,
-    and its 10th, 50th and 90th percentiles across them (`_p10`, `_p50`, `_p90`)."""
-    counted = [(m, n) for m, n in results if n > 0]
-    summary: dict[str, float] = {}
-    for name, mean in example_weighted(counted).items():
-        values = [m[name] for m, _ in counted if m.get(name) is not None]
-        summary[f"personalized_{name}"] = mean
-        for q in (10, 50, 90):
-            summary[f"personalized_{name}_p{q}"] = float(np.percentile(values, q))
-    return summary
 
 
 def _scheduled(run: _Run, trained: _Trained | None) -> dict[str, float]:
