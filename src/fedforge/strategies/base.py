@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from ..algorithms import ClientAlgorithm
 from ..client import ClientPlan, ClientUpdate, State
@@ -113,6 +113,8 @@ class StrategyBase:
     """
 
     needs_each_update = "it looks at each update, not only at their weighted mean"
+    # Why it cannot run with personal or frozen entries (None: it can), e.g. a robust aggregator.
+    needs_every_entry: ClassVar[str | None] = None
 
     def init(self, params: State, run: RunInfo) -> ServerState:
         return ServerState({k: v.detach().clone() for k, v in params.items()}, run=run)

@@ -61,10 +61,18 @@ def _robust_step(state: ServerState, updates: Iterable[ClientUpdate], reduce) ->
     return state.next(step_params(state.params, reduce(stacked)))
 
 
+# Why a robust aggregator refuses entries kept on the clients (personal or frozen ones).
+ROBUST_WHOLE_MODEL = (
+    "its robustness is argued over whole models; with entries kept on the clients it would judge a part "
+    "of each, which its guarantee does not cover"
+)
+
+
 @dataclass(frozen=True)
 class Median(StrategyBase):
     name = "median"
     needs_each_update = "the coordinate-wise median needs every update"
+    needs_every_entry = ROBUST_WHOLE_MODEL
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         return _robust_step(state, updates, lambda s: {k: median(v) for k, v in s.items()})
@@ -75,6 +83,7 @@ class TrimmedMean(StrategyBase):
     trim_beta: float = 0.1
     name = "trimmed_mean"
     needs_each_update = "trimming needs every update"
+    needs_every_entry = ROBUST_WHOLE_MODEL
 
     def __post_init__(self):
         if not 0 <= self.trim_beta < 0.5:
@@ -97,6 +106,7 @@ class Krum(StrategyBase):
     krum_f: int = 1
     name = "krum"
     needs_each_update = "Krum compares the updates with each other"
+    needs_every_entry = ROBUST_WHOLE_MODEL
 
     def __post_init__(self):
         if self.krum_f < 0:
@@ -114,6 +124,7 @@ class MultiKrum(StrategyBase):
     multikrum_m: int = 0
     name = "multikrum"
     needs_each_update = "Multi-Krum compares the updates with each other"
+    needs_every_entry = ROBUST_WHOLE_MODEL
 
     def __post_init__(self):
         if self.krum_f < 0 or self.multikrum_m < 0:
