@@ -284,3 +284,22 @@ def test_fedavgs_personalized_evaluation_is_each_clients_locally_trained_model()
     assert all(u.client_state is None for u in updates)
     plan = ClientPlan()
     assert plan.inputs is None
+
+
+def test_an_evaluation_of_ones_own_runs_every_round_on_the_global_model():
+    seen = []
+    test = blobs(200, seed=2)
+
+    def mine(module, r):
+        seen.append((r, module.training))
+        with torch.no_grad():
+            hits = (module(test.x).argmax(1) == test.y).float().mean().item()
+        return {"hits": hits, "round_seen": r}
+
+    result = simulate(mlp(), small_problem(), rounds=2, clients_per_round=2, client=CONFIG, evaluate_fn=mine)
+    assert seen == [(0, False), (1, False), (2, False)]
+    for record in result.history.records:
+        assert record.metrics["eval_round_seen"] == record.round
+        assert record.metrics["eval_hits"] == pytest.approx(record.test_accuracy)  # the same model, the same data
+    with pytest.raises(ConfigError, match="evaluate_fn must return numbers by name"):
+        simulate(mlp(), small_problem(), rounds=1, clients_per_round=2, evaluate_fn=lambda m, r: 0.5)

@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,7 +94,7 @@ def _autograd_steps(
     names = tuple(trained)
     parameters = dict(module.named_parameters())
     params = [parameters[n] for n in names]
-    named = dict(zip(names, params, strict=True))
+    named: State = dict(zip(names, params, strict=True))
     rule = config.rule
     if rule is not None:
         state = optimizer_state.clone() if optimizer_state is not None else rule.init(named)
@@ -312,7 +313,8 @@ def train_client(
 
 
 def _added(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: a[k] + b[k] if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+    """The metric sums of `a` and `b` added by name (a name in one only as it is)."""
+    return {k: a[k] + b[k] if k in a and k in b else (a[k] if k in a else b[k]) for k in {**a, **b}}
 
 
 LossTerm = Callable[[State], torch.Tensor]
@@ -570,10 +572,11 @@ class ClientSettings:
 
     def client_algorithm(self) -> ClientAlgorithm:
         """The client algorithm `algorithm` names, with its options and the roles given."""
-        options = {
+        by_name: dict[str, dict[str, Any]] = {
             "ditto": {"lam": self.ditto_lambda, "epochs": self.ditto_epochs},
             "fedrep": {"head_epochs": self.fedrep_head_epochs},
-        }.get(self.algorithm, {})
+        }
+        options = by_name.get(self.algorithm, {})
         algorithm = CLIENT_ALGORITHMS[self.algorithm](**options)
         if self.personal or self.frozen:
             algorithm = algorithm.with_roles(

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import tomli_w
 
+from ._imports import load_object
 from ._options import check_choices, checked, field_types, flatten, of_group, option
 from .client import ClientSettings
 from .data.settings import DataSettings
@@ -63,6 +64,12 @@ class RunSettings:
         "on each client)",
         ("auto", "on", "off"),
     )
+    evaluate_fn: str | None = option(
+        None,
+        "an evaluation of your own on the server every round: package.module:function, called with the "
+        "model (global weights loaded, eval mode) and the round, returning numbers by name, recorded as eval_NAME",
+        metavar="MODULE:FUNCTION",
+    )
     quiet: bool = option(False, "no progress bars (shown only on a terminal: the run's clients, a dataset's download)")
     checkpoint_key_file: str | None = option(
         None,
@@ -73,6 +80,8 @@ class RunSettings:
 
     def __post_init__(self):
         check_choices(self, RunSettings)
+        if self.evaluate_fn is not None and not callable(load_object(self.evaluate_fn, "evaluate_fn")):
+            raise ConfigError(f"evaluate_fn {self.evaluate_fn!r} is not a function (model, round) -> numbers by name")
         for name in ("rounds", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ._imports import load_object
 from ._io import atomic_write
 from .checkpoint import (
     Checkpoint,
@@ -256,6 +257,7 @@ def run_experiment(
             sampling=config.sampling,
             round_config=config.round_config(),
             personalized_eval={"auto": None, "on": True, "off": False}[config.personalized_eval],
+            evaluate_fn=load_object(config.evaluate_fn, "evaluate_fn") if config.evaluate_fn else None,
         )
     except BaseException as e:
         error = e

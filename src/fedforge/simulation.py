@@ -68,6 +68,10 @@ def select_clients(num_clients: int, k: int, generator: torch.Generator) -> list
     return sorted(torch.randperm(num_clients, generator=generator)[:k].tolist())
 
 
+# An evaluation of the user's own on the server: (the model with the global weights, round) -> numbers by name.
+EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
+
+
 @dataclass(frozen=True)
 class _Settings:
     """How a run goes, beyond what it trains: its length, selection, retries and evaluation, and
@@ -81,6 +85,7 @@ class _Settings:
     on_client: Callable[[Update], None] | None
     round_config: RoundConfig | None
     personalized_eval: bool | None
+    evaluate_fn: EvaluateFn | None
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,7 @@ class _Evaluated:
     test: Evaluation | None
     federated: Evaluation | None
     train: Evaluation | None
+    own: Mapping[str, float]  # evaluate_fn's numbers, by name
 
 
 class _Tally:
@@ -237,6 +243,7 @@ def simulate(
     sampling: str = "fixed",
     round_config: RoundConfig | None = None,
     personalized_eval: bool | None = None,
+    evaluate_fn: EvaluateFn | None = None,
 ) -> SimulationResult:
     """Run federated training of `model` (its weights the initial global model; they are not
     changed, but the model is moved to the data's device, in place) over `data` for `rounds`
@@ -274,13 +281,25 @@ def simulate(
             example-weighted means (`personalized_accuracy`, ...) and spread (`_p10`, `_p50`,
             `_p90`). None: on when the clients' algorithm keeps a model of its own and they hold
             examples out.
+        evaluate_fn: an evaluation of your own on the server, every round (round 0 included):
+            `evaluate_fn(module, round)` gets the model loaded with the global weights (in eval
+            mode) and returns numbers by name, which the round's record keeps as `eval_<name>`
+            (e.g. your own data's F1 as `eval_f1`).
 
     The clients run `client.algorithm` (`fedforge.algorithms`), or the strategy's own client
     algorithm when it has one (FedProx, SCAFFOLD, FedDyn); the returned state's `params` hold the
     shared entries of the model, the ones the strategy aggregates.
     """
     settings = _Settings(
-        rounds, sampling, max_round_attempts, eval_batch_size, eval_train, on_client, round_config, personalized_eval
+        rounds,
+        sampling,
+        max_round_attempts,
+        eval_batch_size,
+        eval_train,
+        on_client,
+        round_config,
+        personalized_eval,
+        evaluate_fn,
     )
     run = _setup(model, data, client, strategy, engine, scenario, seed, clients_per_round, privacy, resume, settings)
     state, records = _start(run, resume, on_round)
@@ -636,7 +655,32 @@ def _evaluate(run: _Run, state: ServerState) -> _Evaluated:
         test=on(run.data.test) if run.data.test is not None else None,
         federated=on(run.federated_test) if run.federated_test else None,
         train=on(run.pool) if run.settings.eval_train else None,
+        own=_own_evaluation(run, whole, state.round),
     )
+
+
+def _own_evaluation(run: _Run, whole: State, r: int) -> dict[str, float]:
+    """`evaluate_fn`'s numbers for the model with `whole`, checked: names, and finite or not, numbers."""
+    evaluate_fn = run.settings.evaluate_fn
+    if evaluate_fn is None:
+        return {}
+    module = run.model
+    training = module.training
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    try:
+        module.load_state_dict(whole)
+        module.eval()
+        with torch.no_grad():
+            found = evaluate_fn(module, r)
+    finally:
+        module.load_state_dict(saved)
+        module.train(training)
+    if not isinstance(found, Mapping) or not all(
+        isinstance(k, str) and k.isidentifier() and isinstance(v, (int, float)) and not isinstance(v, bool)
+        for k, v in found.items()
+    ):
+        raise ConfigError(f"evaluate_fn must return numbers by name (a dict like {{'f1': 0.8}}), got {found!r:.80}")
+    return {k: float(v) for k, v in found.items()}
 
 
 def _record(
@@ -675,6 +719,7 @@ def _record(
         metrics={
             **named,
             **(personalized_summary([(m, n) for m, n in trained.personalized if n > 0]) if trained else {}),
+            **{f"eval_{name}": value for name, value in evaluated.own.items()},
             **_scheduled(run, trained),
             **(run.dp.metrics() if run.dp else {}),
             **traffic,

@@ -259,8 +259,15 @@ class _Trainer:
         Unacceptable for a task this client refuses, OutOfTime past its --max-round-seconds."""
         task_id, seed, plan, algorithm = self.check(task)
         global_state = {k[len("global/") :]: v for k, v in task.tensors.items() if k.startswith("global/")}
-        again = self._last is not None and self._last[0] == task_id
-        start, kept = (self._last[1], self._last[2]) if again else (self.optimizer_state, self.client_state)
+        last = self._last
+        start, kept = (
+            (last[1], last[2])
+            if last is not None and last[0] == task_id
+            else (
+                self.optimizer_state,
+                self.client_state,
+            )
+        )
         update = train_client(
             self.scratch,
             global_state,
