@@ -24,6 +24,7 @@ from fedforge.algorithms import (
     Roles,
     phase_seed,
 )
+from fedforge.cli import main
 from fedforge.client import ClientPlan, epoch_orders, train_client
 from fedforge.errors import ConfigError
 from fedforge.strategies import FedAvg, FedDyn, Krum, Scaffold
@@ -303,3 +304,42 @@ def test_an_evaluation_of_ones_own_runs_every_round_on_the_global_model():
         assert record.metrics["eval_hits"] == pytest.approx(record.test_accuracy)  # the same model, the same data
     with pytest.raises(ConfigError, match="evaluate_fn must return numbers by name"):
         simulate(mlp(), small_problem(), rounds=1, clients_per_round=2, evaluate_fn=lambda m, r: 0.5)
+
+
+USER_ALGORITHMS = """
+import torch
+from dataclasses import dataclass
+from fedforge.algorithms import ClientAlgorithm
+
+
+@dataclass(frozen=True)
+class VectorTerm(ClientAlgorithm):
+    name = "vector-term"
+
+    def loss_term(self, phase, params, received, state, inputs):
+        return torch.stack([p.sum() for p in params.values()])
+"""
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--algorithm", "fedper", "--personal", "head.*"], "personal pattern 'head.*' matches no entry of the model"),
+        (["--algorithm", "fedper", "--strategy", "krum"], "strategy krum cannot run with personal or frozen entries"),
+        (["--algorithm", "fedbn", "--strategy", "scaffold"], "strategy scaffold brings its own client algorithm"),
+        (["--algorithm", "user_algorithms:VectorTerm"], "loss_term must return a scalar tensor, got (6,)"),
+        (["--algorithm", "moon"], "unknown algorithm 'moon' (choose from: fedavg, ditto, fedper, fedrep, fedbn, or"),
+        (["--personalized-eval", "on"], "personalized evaluation needs held-out examples on each client"),
+        (["--evaluate-fn", "user_algorithms:nothing"], "evaluate_fn 'user_algorithms:nothing': user_algorithms has no"),
+    ],
+)
+def test_bad_algorithm_settings_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, flags, message):
+    (tmp_path / "user_algorithms.py").write_text(USER_ALGORITHMS)
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--dataset", "synthetic", "--num-clients", "4", "--clients-per-round", "2", "--rounds", "1", *flags]
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import fastmlp
+from ._imports import is_reference, load_instance
 from ._options import check_choices, option
 from .algorithms import (
     CLIENT_ALGORITHMS,
@@ -528,9 +529,11 @@ class ClientSettings:
         "fedavg",
         "what each client does beyond plain local training: fedavg (nothing more); ditto (trains a "
         "personal copy too); fedper (the last layer stays on each client); fedrep (fedper, head then "
-        "body); fedbn (BatchNorm layers stay on each client). FedProx, SCAFFOLD and FedDyn come with "
-        "their --strategy",
+        "body); fedbn (BatchNorm layers stay on each client); or package.module:object, a "
+        "fedforge.algorithms.ClientAlgorithm of your own (a class or a function returning one). FedProx, "
+        "SCAFFOLD and FedDyn come with their --strategy",
         CLIENT_ALGORITHMS,
+        open_choices=True,
     )
     ditto_lambda: float = option(0.1, "ditto: the personal model's proximal term lambda")
     ditto_epochs: int | None = option(None, "ditto: local epochs of the personal model (default: local_epochs)")
@@ -576,8 +579,13 @@ class ClientSettings:
             "ditto": {"lam": self.ditto_lambda, "epochs": self.ditto_epochs},
             "fedrep": {"head_epochs": self.fedrep_head_epochs},
         }
-        options = by_name.get(self.algorithm, {})
-        algorithm = CLIENT_ALGORITHMS[self.algorithm](**options)
+        if is_reference(self.algorithm):
+            algorithm = load_instance(self.algorithm, "algorithm", ClientAlgorithm)
+        elif self.algorithm in CLIENT_ALGORITHMS:
+            algorithm = CLIENT_ALGORITHMS[self.algorithm](**by_name.get(self.algorithm, {}))
+        else:
+            names = ", ".join(CLIENT_ALGORITHMS)
+            raise ConfigError(f"unknown algorithm {self.algorithm!r} (choose from: {names}, or package.module:object)")
         if self.personal or self.frozen:
             algorithm = algorithm.with_roles(
                 Roles(personal=self.personal or algorithm.roles.personal, frozen=self.frozen)
