@@ -647,4 +647,4 @@ def test_a_checkpoint_written_before_it_held_the_clients_keep_resumes_with_them_
     with caplog.at_level(logging.WARNING, logger="fedforge"):
         code, _, err = fedforge(capsys, "run", "--resume", str(stateful_dir), "--rounds", "3")
     assert code == 0, err
-    assert "resuming at round 2 without what the clients keep" in caplog.text
+    assert "written before checkpoints held what the clients keep between their rounds" in caplog.text

@@ -21,7 +21,7 @@ from fedforge.cli import main
 from fedforge.engines import SequentialEngine
 from fedforge.history import History, RoundRecord
 from fedforge.simulation import Kept, Progress
-from fedforge.strategies import Scaffold
+from fedforge.strategies import FedDyn, Scaffold
 from fedforge.tasks import CLASSIFICATION
 
 BASE = ["--dataset", "synthetic", "--num-clients", "3", "--clients-per-round", "3", "--model", "logreg", "-q"]
@@ -128,6 +128,7 @@ def test_history_json_stays_json_when_a_number_is_not_finite():
 # Runs whose clients keep something between their rounds: 6 clients, 3 a round, so most train twice or more.
 STATEFUL = {
     "scaffold": {"strategy": Scaffold()},
+    "feddyn": {"strategy": FedDyn()},
     "fedper": {"client": ClientConfig(batch_size=16, lr=0.1, algorithm=FedPer())},
     "ditto": {"client": ClientConfig(batch_size=16, lr=0.1, algorithm=Ditto(lam=0.1))},
     "kept optimizer state": {
@@ -205,7 +206,7 @@ def test_the_older_resume_form_starts_the_clients_afresh_and_says_so(kind, caplo
     progress = stopped(kind, at=2)
     with caplog.at_level(logging.WARNING, logger="fedforge"):
         resumed = stateful_run(kind, resume=(progress.state, progress.records))
-    assert "resuming at round 2 without what the clients keep" in caplog.text
+    assert "resuming at round 2 from (state, records), without what the clients keep" in caplog.text
     assert not same_tables(tables(resumed.kept), tables(whole.kept))
 
 

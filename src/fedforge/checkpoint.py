@@ -37,7 +37,7 @@ import hmac
 import io
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,7 +115,7 @@ class Checkpoint:
     state: ServerState
     history: History
     settings: dict[str, Any] | None  # None: written by an older fedforge (OLD_MAGIC)
-    kept: Kept = field(default_factory=Kept)  # what the clients keep (none in a checkpoint written before it held them)
+    kept: Kept | None = None  # what the clients keep; None: written before checkpoints held it
 
 
 def read_key(path: str | Path) -> bytes:
@@ -220,7 +220,7 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
             _privacy_state(saved.get("privacy")),
         )
         history = History.from_json(saved["history"])
-        kept = _kept(saved.get("client_states", {}), saved.get("optimizer_states", {}))
+        kept = _kept(saved["client_states"], saved["optimizer_states"]) if "client_states" in saved else None
         settings = saved["settings"] if magic != OLD_MAGIC else None
         if magic != OLD_MAGIC and not (
             isinstance(settings, dict) and all(isinstance(k, str) and _setting_value(v) for k, v in settings.items())
@@ -356,7 +356,13 @@ def _check(
     if state.run is not None and state.run != fresh.run:
         raise ConfigError(f"its run's facts {state.run} are not this run's {fresh.run}")
     _check_strategy_state(state.strategy_state, fresh, fresh.run.num_clients if fresh.run else 0)
-    _check_kept(checkpoint.kept, clients, fresh.run.num_clients if fresh.run else 0)
+    if checkpoint.kept is not None:
+        _check_kept(checkpoint.kept, clients, fresh.run.num_clients if fresh.run else 0)
+    elif r > 0 and (clients.optimizer is not None or clients.state.flat()):
+        log.warning(
+            "resuming from a checkpoint written before checkpoints held what the clients keep between their "
+            "rounds: in simulation their optimizer and client states start afresh"
+        )
     _check_privacy(state.privacy, r, records, config, fresh, k)
     _check_outputs(run_dir, checkpoint.history)
 

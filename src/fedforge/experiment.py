@@ -34,7 +34,7 @@ from .models import build_model, check_fits
 from .reductions import PartialSum
 from .report import headline, plot_history, round_line, write_history, write_model
 from .schedules import parse_schedule
-from .simulation import Progress, clients_per_round_count, simulate
+from .simulation import Kept, Progress, clients_per_round_count, simulate
 from .strategies import RunInfo, ServerState, client_algorithm
 from .tracking import Tracker, client_metrics
 
@@ -205,9 +205,8 @@ def run_experiment(
         prepared.model,
         prepared.clients_per_round,
     )
-    start = (
-        Progress(prepared.start.state, prepared.start.history.records, prepared.start.kept) if prepared.start else None
-    )
+    saved = prepared.start
+    start = Progress(saved.state, saved.history.records, saved.kept or Kept()) if saved is not None else None
     with atomic_write(run_dir / "config.toml") as f:
         f.write(config.to_toml())
 

@@ -60,9 +60,6 @@ class Kept:
         """These, with the round's clients' new ones."""
         return Kept({**self.optimizer_states, **optimizer_states}, {**self.client_states, **client_states})
 
-    def __bool__(self) -> bool:
-        return bool(self.optimizer_states or self.client_states)
-
 
 @dataclass(frozen=True)
 class Progress:
@@ -72,6 +69,10 @@ class Progress:
     state: ServerState
     records: Sequence[RoundRecord]
     kept: Kept = field(default_factory=Kept)
+
+
+# What `simulate(resume=)` takes: a Progress, or the older (state, records), which keeps nothing of the clients.
+Resume = Progress | tuple[ServerState, Sequence[RoundRecord]]
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,7 @@ def simulate(
     on_client: Callable[[Update], None] | None = None,
     on_round: Callable[[RoundRecord, ServerState], None] | None = None,
     checkpoint: Callable[[Progress], None] | None = None,
-    resume: Progress | tuple[ServerState, Sequence[RoundRecord]] | None = None,
+    resume: Resume | None = None,
     max_round_attempts: int = 10,
     privacy: DifferentialPrivacy | None = None,
     sampling: str = "fixed",
@@ -303,9 +304,8 @@ def simulate(
     settings = _Settings(
         rounds, sampling, max_round_attempts, eval_batch_size, eval_train, on_client, round_config, personalized_eval
     )
-    resumed = _resumed(resume)
-    run = _setup(model, data, client, strategy, engine, scenario, seed, clients_per_round, privacy, resumed, settings)
-    state, records, kept = _start(run, resumed, checkpoint, on_round)  # kept: the clients' own (they stay here)
+    run = _setup(model, data, client, strategy, engine, scenario, seed, clients_per_round, privacy, resume, settings)
+    state, records, kept = _start(run, resume, checkpoint, on_round)  # kept: the clients' own (they stay here)
     ahead: _Begun | None = None  # the next round's first attempt, begun while this one was evaluated
     while state.round < rounds and not _out_of_budget(run, state.round + 1):
         started, traffic = time.perf_counter(), run.engine.traffic()
@@ -315,14 +315,6 @@ def simulate(
         records.append(_record(run, state, _evaluate(run, state), trained, started, _traffic(run.engine, traffic)))
         _recorded(records, state, kept, checkpoint, on_round)
     return SimulationResult(History(records), state, kept)
-
-
-def _resumed(resume: Progress | tuple[ServerState, Sequence[RoundRecord]] | None) -> Progress | None:
-    """`resume` as a Progress; the older (state, records) form holds nothing the clients keep."""
-    if resume is None or isinstance(resume, Progress):
-        return resume
-    state, records = resume
-    return Progress(state, records, Kept())
 
 
 def _recorded(
@@ -349,7 +341,7 @@ def _setup(
     seed: int,
     clients_per_round: int | float,
     privacy: DifferentialPrivacy | None,
-    resume: Progress | None,
+    resume: Resume | None,
     settings: _Settings,
 ) -> _Run:
     """Check the run's settings and build what its rounds share: the task's data on its device,
@@ -429,7 +421,7 @@ def _privacy_run(
     num_clients: int,
     k: int,
     seed: int,
-    resume: Progress | None,
+    resume: Resume | None,
     settings: _Settings,
 ) -> PrivacyRun | None:
     """The run's privacy stage (None without differential privacy), where a resumed run's left off."""
@@ -443,13 +435,18 @@ def _privacy_run(
         sampling_for(settings.sampling, num_clients, k),
         rounds=settings.rounds,
         seed=seed,
-        saved=resume.state.privacy if resume is not None else None,
+        saved=_progress(resume).state.privacy if resume is not None else None,
     )
+
+
+def _progress(resume: Resume) -> Progress:
+    """`resume` as a Progress: the older (state, records) with nothing of the clients."""
+    return resume if isinstance(resume, Progress) else Progress(*resume)
 
 
 def _start(
     run: _Run,
-    resume: Progress | None,
+    resume: Resume | None,
     checkpoint: Callable[[Progress], None] | None,
     on_round: Callable[[RoundRecord, ServerState], None] | None,
 ) -> tuple[ServerState, list[RoundRecord], Kept]:
@@ -459,17 +456,18 @@ def _start(
     started = time.perf_counter()
     info = RunInfo(num_clients=run.data.num_clients, client_lr=run.client.lr, client_momentum=run.client.momentum)
     if resume is not None:
-        state = resume.state
+        progress = _progress(resume)
+        state = progress.state
         keeps = run.client.task.keep_optimizer_state or run.client.algorithm.keeps_state
-        if keeps and state.round > 0 and not resume.kept:
+        if keeps and state.round > 0 and not isinstance(resume, Progress):
             log.warning(
-                "resuming at round %d without what the clients keep (their optimizer or client states), "
-                "so they start afresh: this run differs from an uninterrupted one",
+                "resuming at round %d from (state, records), without what the clients keep (their optimizer "
+                "or client states: resume from a Progress for those), so they start afresh",
                 state.round,
             )
         if state.run is None:  # a checkpoint written before states carried their run
             state = replace(state, run=info)
-        return state, list(resume.records), resume.kept
+        return state, list(progress.records), progress.kept
     shared = {name: v.detach() for name, v in run.model.state_dict().items() if name not in run.fixed}
     state = run.strategy.init(shared, info)
     records = [_record(run, state, _evaluate(run, state), None, started, {})]
