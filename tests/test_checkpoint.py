@@ -584,7 +584,11 @@ CLIENT_EDITS = {
     ),
     "an entry of no part": (
         _client_entry("secret/1.bias", torch.zeros(10)),
-        "its client 0's client state entry 'secret/1.bias' is not personal/, algorithm/ or copy/ NAME",
+        "its client 0's state holds 'secret/1.bias', not personal/, algorithm/ or copy/ NAME",
+    ),
+    "a long name of no part": (
+        _client_entry("x" * 100_000, torch.zeros(10)),
+        f"its client 0's state holds {'x' * 60!r}, not personal/",
     ),
     "client states that are not tables": (_set("client_states", [1.0]), "its client states are not tables"),
     "a client id that is not a number": (

@@ -266,10 +266,9 @@ def _kept(client_states: Any, optimizer_states: Any) -> Kept:
         read.append(tables)
     states, optimizers = {}, {}
     for c, table in read[0].items():
-        try:
-            states[c] = ClientState.from_flat(table)
-        except ConfigError as e:
-            raise ConfigError(f"its client {c}'s {e}") from None
+        if odd := [k for k in table if k.partition("/")[0] not in ClientState.PARTS or not k.partition("/")[2]]:
+            raise ConfigError(f"its client {c}'s state holds {odd[0][:60]!r}, not personal/, algorithm/ or copy/ NAME")
+        states[c] = ClientState.from_flat(table)
     for c, table in read[1].items():
         try:
             optimizers[c] = _optimizer_state(table)
