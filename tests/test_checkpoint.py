@@ -477,7 +477,19 @@ def test_config_toml_edited_to_another_setting_is_refused(capsys, run_dir):
 def test_a_checkpoint_holds_the_global_state_and_no_clients_update(run_dir):
     data = (run_dir / "checkpoint.pt").read_bytes()
     payload = torch.load(io.BytesIO(data[data.index(b"\n") + 1 + 32 :]), weights_only=True)
-    assert set(payload) == {"params", "round", "extras", "extras_kind", "run", "privacy", "history", "settings"}
+    assert set(payload) == {
+        "params",
+        "round",
+        "extras",
+        "extras_kind",
+        "run",
+        "privacy",
+        "client_states",
+        "optimizer_states",
+        "history",
+        "settings",
+    }
+    assert payload["client_states"] == payload["optimizer_states"] == {}  # FedAvgM's clients keep nothing
     assert payload["extras_kind"] == "fedforge.strategies.state.Momentum"
     model = torch.load(run_dir / "model.pt", weights_only=True)
     assert payload["params"].keys() == model.keys()
@@ -514,3 +526,129 @@ def test_the_server_refuses_an_accountant_that_would_spend_less_before_it_listen
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "listening" not in proc.stdout and "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def stateful_dir(tmp_path, capsys):
+    """A run whose clients keep SCAFFOLD's controls and their SGD momentum between rounds."""
+    flags = ["--strategy", "scaffold", "--keep-optimizer-state", "--momentum", "0.9", "--engine", "sequential"]
+    assert fedforge(capsys, "run", *BASE, "--rounds", "2", *flags, "--out-dir", str(tmp_path), "--name", "c")[0] == 0
+    return tmp_path / "c"
+
+
+def _client_entry(key, value, client=0):
+    def edit(payload):
+        payload["client_states"][client][key] = value
+
+    return edit
+
+
+def _optimizer_entry(key, value, client=0):
+    def edit(payload):
+        payload["optimizer_states"][client][key] = value
+
+    return edit
+
+
+def _drop_client_entry(payload):
+    del payload["client_states"][0]["algorithm/1.bias"]
+
+
+def _another_client(payload):
+    payload["client_states"][7] = payload["client_states"][0]
+
+
+CLIENT_EDITS = {
+    "a client that is not the run's": (_another_client, "it holds the state of client 7, not one of this run's 3"),
+    "a control of another shape": (
+        _client_entry("algorithm/1.weight", torch.zeros(3, 3)),
+        "1.weight in its client 0's algorithm state is torch.float32 of shape (3, 3), this run's model has "
+        "torch.float32 of shape (10, 60)",
+    ),
+    "a control of another type": (
+        _client_entry("algorithm/1.bias", torch.zeros(10, dtype=torch.float64)),
+        "1.bias in its client 0's algorithm state is torch.float64 of shape (10,)",
+    ),
+    "a control missing": (_drop_client_entry, "its client 0's algorithm state lacks 1.bias"),
+    "a control that is not a tensor": (
+        _client_entry("algorithm/1.bias", 3.0),
+        "1.bias in its client 0's algorithm state is not a dense tensor",
+    ),
+    "a foreign entry": (
+        _client_entry("algorithm/conv.weight", torch.zeros(1)),
+        "its client 0's algorithm state holds conv.weight, which this run's clients do not keep",
+    ),
+    "a personal entry SCAFFOLD's clients do not keep": (
+        _client_entry("personal/1.bias", torch.zeros(10)),
+        "its client 0's personal state holds 1.bias, which this run's clients do not keep",
+    ),
+    "an entry of no part": (
+        _client_entry("secret/1.bias", torch.zeros(10)),
+        "its client 0's state holds 'secret/1.bias', not personal/, algorithm/ or copy/ NAME",
+    ),
+    "a long name of no part": (
+        _client_entry("x" * 100_000, torch.zeros(10)),
+        f"its client 0's state holds {'x' * 60!r}, not personal/",
+    ),
+    "client states that are not tables": (_set("client_states", [1.0]), "its client states are not tables"),
+    "a client id that is not a number": (
+        _set("client_states", {"0": {}}),
+        "its client states are not tables of tensors by client id",
+    ),
+    "an optimizer slot the run's SGD does not keep": (
+        _optimizer_entry("exp_avg/1.bias", torch.zeros(10)),
+        "its client 0's optimizer state has slot 'exp_avg', which this run's optimizer does not keep",
+    ),
+    "a momentum buffer of another shape": (
+        _optimizer_entry("momentum_buffer/1.bias", torch.zeros(11)),
+        "1.bias in its client 0's optimizer state's slot 'momentum_buffer' is torch.float32 of shape (11,)",
+    ),
+    "a negative step": (
+        _optimizer_entry("step", torch.tensor(-1.0, dtype=torch.float64)),
+        "its client 0's optimizer state has step -1.0, not a count",
+    ),
+    "a step of another type": (
+        _optimizer_entry("step", torch.zeros(3)),
+        "its client 0's optimizer state has a step that is not a float64 scalar",
+    ),
+    "an optimizer state without its step": (
+        lambda payload: payload["optimizer_states"][0].pop("step"),
+        "its client 0's optimizer state has no step",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", CLIENT_EDITS)
+def test_what_the_clients_keep_is_checked_in_one_line(capsys, stateful_dir, edit):
+    change, message = CLIENT_EDITS[edit]
+    rewrite(stateful_dir / "checkpoint.pt", change)
+    history = (stateful_dir / "history.json").read_text()
+    code, out, err = fedforge(capsys, "run", "--resume", str(stateful_dir), "--rounds", "3")
+    assert code == 2, out + err
+    assert message in one_error(err)
+    assert one_error(err).startswith(f"fedforge: error: cannot resume: {stateful_dir}/checkpoint.pt")
+    assert (stateful_dir / "history.json").read_text() == history  # nothing ran
+
+
+def test_what_clients_keep_in_a_run_whose_clients_keep_nothing_is_refused(capsys, run_dir):
+    rewrite(run_dir / "checkpoint.pt", _set("optimizer_states", {0: {"step": torch.ones((), dtype=torch.float64)}}))
+    code, _, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
+    assert code == 2
+    assert one_error(err).endswith("it holds the clients' optimizer states, and this run's task keeps none")
+    rewrite(run_dir / "checkpoint.pt", _set("optimizer_states", {}))
+    rewrite(run_dir / "checkpoint.pt", _set("client_states", {1: {"algorithm/1.bias": torch.zeros(10)}}))
+    code, _, err = fedforge(capsys, "run", "--resume", str(run_dir), "--rounds", "3")
+    assert code == 2
+    assert "its client 1's algorithm state holds 1.bias, which this run's clients do not keep" in one_error(err)
+
+
+def test_a_checkpoint_written_before_it_held_the_clients_keep_resumes_with_them_afresh(capsys, caplog, stateful_dir):
+    def older(payload):
+        payload.pop("client_states")
+        payload.pop("optimizer_states")
+
+    rewrite(stateful_dir / "checkpoint.pt", older)
+    with caplog.at_level(logging.WARNING, logger="fedforge"):
+        code, _, err = fedforge(capsys, "run", "--resume", str(stateful_dir), "--rounds", "3")
+    assert code == 0, err
+    assert "written before checkpoints held what the clients keep between their rounds" in caplog.text

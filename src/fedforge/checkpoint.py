@@ -3,15 +3,21 @@
 The file is CHECKPOINT_MAGIC, the SHA-256 of the rest, then torch.save's bytes of plain values
 (tensors, numbers, strings, dicts): the server state (weights, round, the strategy's own state
 as a table of its fields under "extras" and its class's qualified name under "extras_kind", the
-run's facts, the privacy stage's accountant and clip bound), the history so far, and the settings
-that define the run's result (`result_settings`), its identity. The typed states
+run's facts, the privacy stage's accountant and clip bound), what the clients keep between their
+rounds ("client_states": each client's `ClientState.flat()` table by client id; "optimizer_states":
+each client's optimizer state as one table, "step" and "SLOT/NAME", when the task keeps it), the
+history so far, and the settings that define the run's result (`result_settings`), its identity.
+A checkpoint without the clients' tables (written before they were kept) resumes with the clients
+starting afresh. The typed states
 (`strategies.state`, `privacy.PrivacyRunState`) are written as the same plain tables that format 2
 held before they were typed, so every format-2 checkpoint reads alike (one without "extras_kind"
 finds its state's kind by the table's field names).
 
 `check_checkpoint` holds every value of a checkpoint against the run that is to continue from
 it, before anything runs (before the server listens): its settings, round, history, weights'
-names, shapes and types, the strategy's state, the run's facts, and with differential privacy
+names, shapes and types, the strategy's state, the run's facts, what each client keeps (one of
+the run's clients, each table named and shaped as the model and algorithm make it, so that the
+tables' count and size are bounded by the run's), and with differential privacy
 the accountant (its rounds, sampling, noise, and the epsilon that the checkpoint's own history
 and the run folder's history.json record as spent). A mismatch is one ConfigError line.
 
@@ -36,11 +42,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ._io import atomic_write
+from .algorithms import PERSONAL, SHARED, ClientState
 from .config import Config
+from .contract import ClientConfig, OptimizerState, State
 from .errors import ConfigError
 from .history import NUMBERS, History
+from .simulation import Kept
 from .strategies import RunInfo, ServerState, StrategyState
 
 if TYPE_CHECKING:
@@ -78,6 +88,8 @@ EXECUTION_KEYS = frozenset(
         "mlflow",
     }
 )
+# At most this many slots in a kept optimizer state of a torch.optim optimizer (Adam keeps 2, or 3 with amsgrad).
+MAX_SLOTS = 8
 
 
 def result_settings(config: Config) -> dict[str, Any]:
@@ -103,6 +115,7 @@ class Checkpoint:
     state: ServerState
     history: History
     settings: dict[str, Any] | None  # None: written by an older fedforge (OLD_MAGIC)
+    kept: Kept | None = None  # what the clients keep; None: written before checkpoints held it
 
 
 def read_key(path: str | Path) -> bytes:
@@ -124,10 +137,18 @@ def _digest(payload, key: bytes | None) -> bytes:
 
 
 def save_checkpoint(
-    run_dir: Path, state: ServerState, history: History, config: Config, *, key: bytes | None = None
+    run_dir: Path,
+    state: ServerState,
+    history: History,
+    config: Config,
+    *,
+    key: bytes | None = None,
+    kept: Kept | None = None,
 ) -> None:
-    """Everything needed to continue after `state.round`, atomically: CHECKPOINT_MAGIC, the
-    SHA-256 of the rest, then torch.save's bytes; with `key`, KEYED_MAGIC and an HMAC-SHA256."""
+    """Everything needed to continue after `state.round` (`kept`: what the clients keep, if anything),
+    atomically: CHECKPOINT_MAGIC, the SHA-256 of the rest, then torch.save's bytes; with `key`,
+    KEYED_MAGIC and an HMAC-SHA256."""
+    kept = kept if kept is not None else Kept()
     buffer = io.BytesIO()
     torch.save(
         {
@@ -138,6 +159,8 @@ def save_checkpoint(
             "extras_kind": state.strategy_state.kind() if state.strategy_state is not None else None,
             "run": dataclasses.asdict(state.run) if state.run else None,
             "privacy": state.privacy.to_dict() if state.privacy is not None else None,
+            "client_states": {c: _cpu(kept_state.flat()) for c, kept_state in kept.client_states.items()},
+            "optimizer_states": {c: _cpu(_optimizer_table(o)) for c, o in kept.optimizer_states.items()},
             "history": history.to_json(),
             "settings": result_settings(config),
         },
@@ -197,6 +220,7 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
             _privacy_state(saved.get("privacy")),
         )
         history = History.from_json(saved["history"])
+        kept = _kept(saved["client_states"], saved["optimizer_states"]) if "client_states" in saved else None
         settings = saved["settings"] if magic != OLD_MAGIC else None
         if magic != OLD_MAGIC and not (
             isinstance(settings, dict) and all(isinstance(k, str) and _setting_value(v) for k, v in settings.items())
@@ -206,7 +230,51 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
         raise ConfigError(f"cannot resume: {path}: {e}") from None
     except Exception as e:
         raise ConfigError(f"cannot resume: {path} cannot be read ({type(e).__name__})") from None
-    return Checkpoint(state, history, settings)
+    return Checkpoint(state, history, settings, kept)
+
+
+def _cpu(table: State) -> State:
+    return {k: v.cpu() for k, v in table.items()}
+
+
+def _optimizer_table(state: OptimizerState) -> State:
+    """An optimizer state as one table: "step", and each slot's tensors as "SLOT/NAME"."""
+    return {"step": state.step, **{f"{slot}/{k}": v for slot, table in state.slots.items() for k, v in table.items()}}
+
+
+def _optimizer_state(table: dict[str, torch.Tensor]) -> OptimizerState:
+    slots: dict[str, State] = {}
+    for key, value in table.items():
+        if key != "step":
+            slot, _, name = key.partition("/")
+            if not slot or not name:
+                raise ConfigError(f"optimizer state entry {key[:60]!r} is not step or SLOT/NAME")
+            slots.setdefault(slot, {})[name] = value
+    if "step" not in table:
+        raise ConfigError("optimizer state has no step")
+    return OptimizerState(table["step"], slots)
+
+
+def _kept(client_states: Any, optimizer_states: Any) -> Kept:
+    """What the clients keep, from a checkpoint's tables by client id (their layout checked by `_check_kept`)."""
+    read = []
+    for what, tables in (("client states", client_states), ("optimizer states", optimizer_states)):
+        if not isinstance(tables, dict) or not all(
+            type(c) is int and isinstance(t, dict) and all(isinstance(k, str) for k in t) for c, t in tables.items()
+        ):
+            raise ConfigError(f"its {what} are not tables of tensors by client id")
+        read.append(tables)
+    states, optimizers = {}, {}
+    for c, table in read[0].items():
+        if odd := [k for k in table if k.partition("/")[0] not in ClientState.PARTS or not k.partition("/")[2]]:
+            raise ConfigError(f"its client {c}'s state holds {odd[0][:60]!r}, not personal/, algorithm/ or copy/ NAME")
+        states[c] = ClientState.from_flat(table)
+    for c, table in read[1].items():
+        try:
+            optimizers[c] = _optimizer_state(table)
+        except ConfigError as e:
+            raise ConfigError(f"its client {c}'s {e}") from None
+    return Kept(optimizers, states)
 
 
 def _privacy_state(saved: Any) -> PrivacyRunState | None:
@@ -217,20 +285,58 @@ def _privacy_state(saved: Any) -> PrivacyRunState | None:
     return PrivacyRunState.from_dict(saved)
 
 
+@dataclass(frozen=True)
+class ClientLayout:
+    """What each client of a run may keep, shaped as it is: its client state's tables (`state`: all
+    the personal entries, its algorithm's state as `init_state` makes it, a personal copy of the
+    entries it trains when its algorithm keeps one) and, when the task keeps its optimizer's state,
+    the entries the optimizer's slots may cover (`optimizer`) and their names (`slots`; None: a
+    torch.optim optimizer's, at most MAX_SLOTS)."""
+
+    state: ClientState
+    optimizer: State | None
+    slots: frozenset[str] | None
+
+    @classmethod
+    def of(cls, model: nn.Module, client: ClientConfig) -> ClientLayout:
+        """The layout of a run of `model` whose clients run `client` (its algorithm the run's:
+        `strategies.client_algorithm`)."""
+        algorithm = client.algorithm
+        roles = algorithm.roles.assign(model)
+        entries = {k: v.detach() for k, v in model.state_dict().items()}
+        state = ClientState(
+            {n: entries[n] for n in roles.personal},
+            algorithm.init_state({n: entries[n] for n in roles.shared}),
+            {n: entries[n] for n in roles.names(SHARED, PERSONAL)} if any(p.copy for p in algorithm.phases) else {},
+        )
+        rule = client.rule
+        optimizer = entries if client.task.keep_optimizer_state else None
+        return cls(state, optimizer, frozenset(rule.slots) if rule is not None else None)
+
+
 def check_checkpoint(
-    checkpoint: Checkpoint, run_dir: str | Path, config: Config, *, fresh: ServerState, clients_per_round: int
+    checkpoint: Checkpoint,
+    run_dir: str | Path,
+    config: Config,
+    *,
+    fresh: ServerState,
+    clients_per_round: int,
+    clients: ClientLayout,
 ) -> None:
     """Raise ConfigError (one line) unless `checkpoint` can continue the run of `config` in
     `run_dir`. `fresh` is the state that run starts from (strategy.init: the weights' names,
-    shapes and types, the strategy state's layout, the run's facts)."""
+    shapes and types, the strategy state's layout, the run's facts); `clients` what its clients
+    may keep."""
     path = Path(run_dir) / "checkpoint.pt"
     try:
-        _check(checkpoint, Path(run_dir), config, fresh, clients_per_round)
+        _check(checkpoint, Path(run_dir), config, fresh, clients_per_round, clients)
     except ConfigError as e:
         raise ConfigError(f"cannot resume: {path}: {e}") from None
 
 
-def _check(checkpoint: Checkpoint, run_dir: Path, config: Config, fresh: ServerState, k: int) -> None:
+def _check(
+    checkpoint: Checkpoint, run_dir: Path, config: Config, fresh: ServerState, k: int, clients: ClientLayout
+) -> None:
     state, records = checkpoint.state, checkpoint.history.records
     if checkpoint.settings is None:
         log.warning(
@@ -249,6 +355,13 @@ def _check(checkpoint: Checkpoint, run_dir: Path, config: Config, fresh: ServerS
     if state.run is not None and state.run != fresh.run:
         raise ConfigError(f"its run's facts {state.run} are not this run's {fresh.run}")
     _check_strategy_state(state.strategy_state, fresh, fresh.run.num_clients if fresh.run else 0)
+    if checkpoint.kept is not None:
+        _check_kept(checkpoint.kept, clients, fresh.run.num_clients if fresh.run else 0)
+    elif r > 0 and (clients.optimizer is not None or clients.state.flat()):
+        log.warning(
+            "resuming from a checkpoint written before checkpoints held what the clients keep between their "
+            "rounds: in simulation their optimizer and client states start afresh"
+        )
     _check_privacy(state.privacy, r, records, config, fresh, k)
     _check_outputs(run_dir, checkpoint.history)
 
@@ -325,6 +438,49 @@ def _check_strategy_state(saved: StrategyState | None, fresh: ServerState, num_c
             _check_state(value, fresh.params, where, exact=False)
         elif value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise ConfigError(f"its {where} is {type(value).__name__}, not what this run's strategy keeps")
+
+
+def _check_kept(kept: Kept, like: ClientLayout, num_clients: int) -> None:
+    """What each client keeps: a client of the run's, its tables named and shaped as `like`'s (a
+    personal copy only once it has one), so that they hold no more than the run's clients keep."""
+    for c, state in kept.client_states.items():
+        if not 0 <= c < num_clients:
+            raise ConfigError(f"it holds the state of client {c}, not one of this run's {num_clients}")
+        for part in ClientState.PARTS:
+            table, expected = getattr(state, part), getattr(like.state, part)
+            if part != "copy" or table:
+                _check_table(table, expected, f"its client {c}'s {part} state")
+    if kept.optimizer_states and like.optimizer is None:
+        raise ConfigError("it holds the clients' optimizer states, and this run's task keeps none")
+    for c, optimizer in kept.optimizer_states.items():
+        where = f"its client {c}'s optimizer state"
+        if not 0 <= c < num_clients:
+            raise ConfigError(f"it holds the optimizer state of client {c}, not one of this run's {num_clients}")
+        step = optimizer.step
+        if not (isinstance(step, torch.Tensor) and step.shape == () and step.dtype == torch.float64):
+            raise ConfigError(f"{where} has a step that is not a float64 scalar")
+        if not (math.isfinite(step.item()) and step.item() >= 0):
+            raise ConfigError(f"{where} has step {step.item()}, not a count")
+        if like.slots is not None and (unknown := sorted(set(optimizer.slots) - like.slots)):
+            raise ConfigError(f"{where} has slot {unknown[0][:40]!r}, which this run's optimizer does not keep")
+        if len(optimizer.slots) > MAX_SLOTS:
+            raise ConfigError(f"{where} has {len(optimizer.slots)} slots, more than an optimizer keeps ({MAX_SLOTS})")
+        assert like.optimizer is not None, "refused above"
+        for slot, table in optimizer.slots.items():
+            _check_table(table, like.optimizer, f"{where}'s slot {slot[:40]!r}", every=False)
+
+
+def _check_table(table: State, like: State, where: str, *, every: bool = True) -> None:
+    """`table` holds tensors named (all of them if `every`) and shaped as `like`'s, and nothing else."""
+    if unknown := sorted(set(table) - set(like)):
+        raise ConfigError(
+            f"{where} holds {', '.join(n[:40] for n in unknown[:3])}, which this run's clients do not keep "
+            f"(another model or algorithm)"
+        )
+    if every and (missing := sorted(set(like) - set(table))):
+        raise ConfigError(f"{where} lacks {', '.join(missing[:3])}")
+    for name, value in table.items():
+        _check_tensor(value, like[name], f"{name} in {where}")
 
 
 def _recorded(records, name: str) -> float | None:
@@ -416,6 +572,7 @@ __all__ = [
     "EXECUTION_KEYS",
     "KEYED_MAGIC",
     "Checkpoint",
+    "ClientLayout",
     "check_checkpoint",
     "load_checkpoint",
     "read_key",

@@ -17,6 +17,7 @@ from ._imports import load_object
 from ._io import atomic_write
 from .checkpoint import (
     Checkpoint,
+    ClientLayout,
     check_checkpoint,
     load_checkpoint,
     result_settings,
@@ -34,8 +35,8 @@ from .models import build_model, check_fits
 from .reductions import PartialSum
 from .report import headline, plot_history, round_line, write_history, write_model
 from .schedules import parse_schedule
-from .simulation import clients_per_round_count, simulate
-from .strategies import RunInfo, ServerState
+from .simulation import Kept, Progress, clients_per_round_count, simulate
+from .strategies import RunInfo, ServerState, client_algorithm
 from .tracking import Tracker, client_metrics
 
 
@@ -155,8 +156,13 @@ def prepare(
     if resume:
         start = load_checkpoint(run_dir, device, key=checkpoint_key)
         run = RunInfo(num_clients=data.num_clients, client_lr=config.lr, client_momentum=config.momentum)
-        fresh = config.strategy_object().init({k_: v.detach().to(device) for k_, v in model.state_dict().items()}, run)
-        check_checkpoint(start, run_dir, config, fresh=fresh, clients_per_round=k)
+        strategy, client = config.strategy_object(), config.client_config()
+        client = dataclasses.replace(client, algorithm=client_algorithm(strategy, client.algorithm))
+        shared = client.algorithm.roles.assign(model).shared  # the server state holds these entries only
+        entries = model.state_dict()
+        fresh = strategy.init({n: entries[n].detach().to(device) for n in shared}, run)
+        layout = ClientLayout.of(model, client)
+        check_checkpoint(start, run_dir, config, fresh=fresh, clients_per_round=k, clients=layout)
     return Prepared(config, run_dir, data, model, k, start)
 
 
@@ -200,13 +206,14 @@ def run_experiment(
         prepared.model,
         prepared.clients_per_round,
     )
-    start = (prepared.start.state, prepared.start.history) if prepared.start else None
+    saved = prepared.start
+    start = Progress(saved.state, saved.history.records, saved.kept or Kept()) if saved is not None else None
     with atomic_write(run_dir / "config.toml") as f:
         f.write(config.to_toml())
 
     primary = config.client_config().task.primary
-    records: list[RoundRecord] = list(start[1].records) if start else []
-    last: list[ServerState] = [start[0]] if start else []
+    records: list[RoundRecord] = list(start.records) if start else []
+    last: list[ServerState] = [start.state] if start else []
     # Without trackers nothing here needs each client's update when the round loop sums them.
     run_engine = engine or make_run_engine(config, combine=not trackers)
     error: BaseException | None = None
@@ -214,12 +221,13 @@ def run_experiment(
     tracked = [tracker.start(config, run_dir) for tracker in trackers]
     clients: dict[int, dict[str, float]] = {}  # the round's clients' training metrics, for the trackers
 
-    def recorded(record: RoundRecord, state: ServerState) -> None:
+    def recorded(progress: Progress) -> None:
+        record, state = progress.records[-1], progress.state
         records.append(record)
         last[:] = [state]
         # The checkpoint first: the outputs (history.json, model.pt) are never ahead of it, so a
         # resume never continues from before a round whose model was published.
-        save_checkpoint(run_dir, state, History(records), config, key=checkpoint_key)
+        save_checkpoint(run_dir, state, History(records), config, key=checkpoint_key, kept=progress.kept)
         write_history(run_dir, History(records))
         write_model(run_dir, state.params)
         bar.set_postfix(round=record.round, test=headline(record, primary))
@@ -251,8 +259,8 @@ def run_experiment(
             eval_batch_size=config.eval_batch_size,
             eval_train=config.eval_train,
             on_client=on_client,
-            on_round=recorded,
-            resume=(start[0], start[1].records) if start else None,
+            checkpoint=recorded,
+            resume=start,
             privacy=privacy,
             sampling=config.sampling,
             round_config=config.round_config(),

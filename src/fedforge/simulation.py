@@ -6,9 +6,11 @@
 `_select_and_plan`, `_run_clients`, `_transform`, `_aggregate`, retried with a new selection when too few clients
 report), `_begin_ahead` (an engine that works ahead starts the next round now), `_evaluate` and
 `_record`. The stages read one frozen `_Run`; what changes from round to round (the server
-state, the clients' optimizer states) is passed from stage to stage. A round's updates are never
-held all at once: they stream through `_transform` into `_aggregate`, one by one as they arrive,
-and `_Tally` keeps what the round needs of them as they pass (optimizer states, training metrics).
+state, what the clients keep: `Kept`) is passed from stage to stage, and after each round the
+`checkpoint` callback gets all of it (`Progress`), which `resume=` continues from exactly. A
+round's updates are never held all at once: they stream through `_transform` into `_aggregate`,
+one by one as they arrive, and `_Tally` keeps what the round needs of them as they pass (what
+the clients keep, training metrics).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeGuard
 
 import numpy as np
@@ -45,9 +47,39 @@ log = logging.getLogger("fedforge")
 
 
 @dataclass(frozen=True)
+class Kept:
+    """What the clients keep between their rounds, by client id: their optimizer states (when the
+    task keeps them, `Task.keep_optimizer_state`) and their client states (`algorithms.ClientState`:
+    personal entries, SCAFFOLD's c_i, Ditto's copy). In simulation they stay with the round loop,
+    so that a checkpoint holds them; a deployment's clients keep their own."""
+
+    optimizer_states: Mapping[int, OptimizerState] = field(default_factory=dict)
+    client_states: Mapping[int, ClientState] = field(default_factory=dict)
+
+    def updated(self, optimizer_states: Mapping[int, OptimizerState], client_states: Mapping[int, ClientState]) -> Kept:
+        """These, with the round's clients' new ones."""
+        return Kept({**self.optimizer_states, **optimizer_states}, {**self.client_states, **client_states})
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands after a round: everything that continues it exactly (`simulate(resume=)`):
+    the server's state, the records of the rounds so far (round 0 first), and what the clients keep."""
+
+    state: ServerState
+    records: Sequence[RoundRecord]
+    kept: Kept = field(default_factory=Kept)
+
+
+# What `simulate(resume=)` takes: a Progress, or the older (state, records), which keeps nothing of the clients.
+Resume = Progress | tuple[ServerState, Sequence[RoundRecord]]
+
+
+@dataclass(frozen=True)
 class SimulationResult:
     history: History
     state: ServerState
+    kept: Kept = field(default_factory=Kept)  # what the clients keep at the end
 
 
 def clients_per_round_count(clients_per_round: int | float, num_clients: int) -> int:
@@ -208,20 +240,6 @@ class _Tally:
         return example_weighted(self.metrics)
 
 
-@dataclass(frozen=True)
-class _Kept:
-    """What the clients keep between their rounds, by client id: their optimizer states (when the
-    task keeps them) and their client states (`algorithms.ClientState`)."""
-
-    optimizer_states: Mapping[int, OptimizerState]
-    client_states: Mapping[int, ClientState]
-
-    def updated(self, trained: _Trained) -> _Kept:
-        return _Kept(
-            {**self.optimizer_states, **trained.optimizer_states}, {**self.client_states, **trained.client_states}
-        )
-
-
 def simulate(
     model: nn.Module,
     data: FederatedData,
@@ -237,7 +255,8 @@ def simulate(
     scenario: Scenario = Scenario(),
     on_client: Callable[[Update], None] | None = None,
     on_round: Callable[[RoundRecord, ServerState], None] | None = None,
-    resume: tuple[ServerState, Sequence[RoundRecord]] | None = None,
+    checkpoint: Callable[[Progress], None] | None = None,
+    resume: Resume | None = None,
     max_round_attempts: int = 10,
     privacy: DifferentialPrivacy | None = None,
     sampling: str = "fixed",
@@ -261,7 +280,10 @@ def simulate(
         on_client: called with each update as it arrives (a PartialSum stands for several
             clients when the engine sums them, as the Ray engine does for a linear strategy).
         on_round: called after every round (and after the initial evaluation, round 0).
-        resume: the state and records of the rounds completed, to continue a run exactly.
+        checkpoint: called after every round (round 0 too), before `on_round`, with the run's
+            `Progress`: all that `resume` needs (`fedforge run` writes it to checkpoint.pt).
+        resume: a `Progress` to continue the run from, exactly. The older form (state, records)
+            continues without what the clients keep: their optimizer and client states start afresh.
         max_round_attempts: how often a round whose engine raises RoundFailed is retried with a
             new selection before the run gives up.
         privacy: user-level differential privacy, a stage between the clients and the strategy;
@@ -302,18 +324,30 @@ def simulate(
         evaluate_fn,
     )
     run = _setup(model, data, client, strategy, engine, scenario, seed, clients_per_round, privacy, resume, settings)
-    state, records = _start(run, resume, on_round)
-    kept = _Kept({}, {})  # the clients' own, between their rounds (they stay here)
+    state, records, kept = _start(run, resume, checkpoint, on_round)  # kept: the clients' own (they stay here)
     ahead: _Begun | None = None  # the next round's first attempt, begun while this one was evaluated
     while state.round < rounds and not _out_of_budget(run, state.round + 1):
         started, traffic = time.perf_counter(), run.engine.traffic()
         trained = _train_round(run, state, ahead, kept)  # select, plan, run, transform, aggregate
-        state, kept = trained.state, kept.updated(trained)
+        state, kept = trained.state, kept.updated(trained.optimizer_states, trained.client_states)
         ahead = _begin_ahead(run, state, kept)
         records.append(_record(run, state, _evaluate(run, state), trained, started, _traffic(run.engine, traffic)))
-        if on_round is not None:
-            on_round(records[-1], state)
-    return SimulationResult(History(records), state)
+        _recorded(records, state, kept, checkpoint, on_round)
+    return SimulationResult(History(records), state, kept)
+
+
+def _recorded(
+    records: list[RoundRecord],
+    state: ServerState,
+    kept: Kept,
+    checkpoint: Callable[[Progress], None] | None,
+    on_round: Callable[[RoundRecord, ServerState], None] | None,
+) -> None:
+    """The round just recorded, told: to `checkpoint` first (all that continues the run), then `on_round`."""
+    if checkpoint is not None:
+        checkpoint(Progress(state, tuple(records), kept))
+    if on_round is not None:
+        on_round(records[-1], state)
 
 
 def _setup(
@@ -326,7 +360,7 @@ def _setup(
     seed: int,
     clients_per_round: int | float,
     privacy: DifferentialPrivacy | None,
-    resume: tuple[ServerState, Sequence[RoundRecord]] | None,
+    resume: Resume | None,
     settings: _Settings,
 ) -> _Run:
     """Check the run's settings and build what its rounds share: the task's data on its device,
@@ -406,7 +440,7 @@ def _privacy_run(
     num_clients: int,
     k: int,
     seed: int,
-    resume: tuple[ServerState, Sequence[RoundRecord]] | None,
+    resume: Resume | None,
     settings: _Settings,
 ) -> PrivacyRun | None:
     """The run's privacy stage (None without differential privacy), where a resumed run's left off."""
@@ -420,35 +454,44 @@ def _privacy_run(
         sampling_for(settings.sampling, num_clients, k),
         rounds=settings.rounds,
         seed=seed,
-        saved=resume[0].privacy if resume is not None else None,
+        saved=_progress(resume).state.privacy if resume is not None else None,
     )
+
+
+def _progress(resume: Resume) -> Progress:
+    """`resume` as a Progress: the older (state, records) with nothing of the clients."""
+    return resume if isinstance(resume, Progress) else Progress(*resume)
 
 
 def _start(
     run: _Run,
-    resume: tuple[ServerState, Sequence[RoundRecord]] | None,
+    resume: Resume | None,
+    checkpoint: Callable[[Progress], None] | None,
     on_round: Callable[[RoundRecord, ServerState], None] | None,
-) -> tuple[ServerState, list[RoundRecord]]:
-    """The state and records the rounds go on from: a resumed run's, or the strategy's initial
-    state with the initial model's record (round 0), which `on_round` hears of."""
+) -> tuple[ServerState, list[RoundRecord], Kept]:
+    """The state, records and clients' keep the rounds go on from: a resumed run's, or the
+    strategy's initial state with the initial model's record (round 0), which `checkpoint` and
+    `on_round` hear of."""
     started = time.perf_counter()
     info = RunInfo(num_clients=run.data.num_clients, client_lr=run.client.lr, client_momentum=run.client.momentum)
     if resume is not None:
-        state, records = resume[0], list(resume[1])
-        if run.client.task.keep_optimizer_state:
+        progress = _progress(resume)
+        state = progress.state
+        keeps = run.client.task.keep_optimizer_state or run.client.algorithm.keeps_state
+        if keeps and state.round > 0 and not isinstance(resume, Progress):
             log.warning(
-                "resuming: the clients' optimizer states are not in the checkpoint, so they start fresh "
-                "(this run differs from an uninterrupted one)"
+                "resuming at round %d from (state, records), without what the clients keep (their optimizer "
+                "or client states: resume from a Progress for those), so they start afresh",
+                state.round,
             )
         if state.run is None:  # a checkpoint written before states carried their run
             state = replace(state, run=info)
-        return state, records
+        return state, list(progress.records), progress.kept
     shared = {name: v.detach() for name, v in run.model.state_dict().items() if name not in run.fixed}
     state = run.strategy.init(shared, info)
-    record = _record(run, state, _evaluate(run, state), None, started, {})
-    if on_round is not None:
-        on_round(record, state)
-    return state, [record]
+    records = [_record(run, state, _evaluate(run, state), None, started, {})]
+    _recorded(records, state, Kept(), checkpoint, on_round)
+    return state, records, Kept()
 
 
 def _out_of_budget(run: _Run, r: int) -> bool:
@@ -464,7 +507,7 @@ def _out_of_budget(run: _Run, r: int) -> bool:
     return True
 
 
-def _train_round(run: _Run, state: ServerState, ahead: _Begun | None, kept: _Kept) -> _Trained:
+def _train_round(run: _Run, state: ServerState, ahead: _Begun | None, kept: Kept) -> _Trained:
     """Round `state.round + 1`: select and plan -> run -> transform -> aggregate. An attempt whose
     engine raises RoundFailed (too few clients reported) is retried with a new selection.
 
@@ -524,7 +567,7 @@ def _select_and_plan(
     state: ServerState,
     r: int,
     attempt: int,
-    clients_keep: _Kept,
+    clients_keep: Kept,
     config: ClientConfig,
 ) -> _Planned:
     """Round r's selection, who of it drops out, and the others' tasks: the strategy's plan (its
@@ -600,7 +643,7 @@ def _aggregate(run: _Run, state: ServerState, updates: Iterable[Update], r: int,
     return new if new.run is facts else replace(new, run=facts)  # the run's facts stay the run's
 
 
-def _begin_ahead(run: _Run, state: ServerState, kept: _Kept) -> _Begun | None:
+def _begin_ahead(run: _Run, state: ServerState, kept: Kept) -> _Begun | None:
     """The next round's first attempt, begun now when the engine works ahead (`Engine.works_ahead`):
     its workers train it while this round is evaluated and recorded here."""
     if not run.engine.works_ahead or state.round >= run.settings.rounds or (run.dp is not None and run.dp.exhausted()):
