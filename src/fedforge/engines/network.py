@@ -105,7 +105,9 @@ def update_from(
                     f"{kind}/{k}: {tuple(v.shape)} {v.dtype} instead of {tuple(like[k].shape)} {like[k].dtype}"
                 )
         if not all_finite(tensors.values()):
-            raise ValueError(f"its {kind} hold NaN or infinite values")
+            raise ValueError(
+                "it holds NaN or infinite values" if kind == "delta" else "its extras hold NaN or infinite values"
+            )
     n, steps = h.get("num_examples"), h.get("num_steps")
     if type(n) is not int or not 1 <= n <= max_examples:
         raise ValueError(f"num_examples {n!r} is not between 1 and {max_examples}")
