@@ -638,6 +638,12 @@ def _phase_loss_term(
     )
 
 
+def _copied(finished: tuple[State, State]) -> tuple[State, State]:
+    """A client's `finish`, its new state copied (it may be a view of the stacks, which `_updates` changes)."""
+    state, extras = finished
+    return {k: v.clone() for k, v in state.items()}, extras
+
+
 def _finish(
     chunk: _Chunk,
     algorithm: ClientAlgorithm,
@@ -677,13 +683,15 @@ def _finish(
             ]
         except Exception:  # any hook vmap cannot batch runs client by client
             finished = [
-                algorithm.finish(
-                    received,
-                    {n: v[pos] for n, v in trained.items()},
-                    states[pos],
-                    inputs[pos],
-                    counts[pos].cpu(),
-                    config.lr,
+                _copied(
+                    algorithm.finish(
+                        received,
+                        {n: v[pos] for n, v in trained.items()},
+                        states[pos],
+                        inputs[pos],
+                        counts[pos].cpu(),
+                        config.lr,
+                    )
                 )
                 for pos in range(len(order))
             ]
@@ -784,7 +792,10 @@ def _mlp_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple[
     layout = fastmlp.mlp_layout(model)
     assert layout is not None, "kernel_for picks this kernel only for an MLP layout"
     source, schedule = run.source, run.schedule
-    rows, weight = schedule.rows.to(source.device), schedule.weight.to(source.device)
+    weight = schedule.weight
+    if next(iter(run.global_state.values())).dtype == torch.float64:  # 1 / size in float64, as client.py's
+        weight = (weight > 0) / torch.from_numpy(schedule.sizes).clamp(min=1)[..., None].double()
+    rows, weight = schedule.rows.to(source.device), weight.to(source.device)
     inputs = layout.inputs(source.x)
 
     def step(t, active, views, state, terms):
