@@ -25,9 +25,17 @@ Three kernels:
 
 Buffers (BatchNorm's running statistics and step count) are stacked like the parameters, each
 client's updated by its own forward passes as the sequential engine's module updates its own;
-the optimizer and the strategy's terms see the parameters alone. Operations `vmap` cannot
-batch (e.g. random ones), a task's own training loop and optimizers other than the rules fall
-back to the sequential engine, with a one-line notice.
+the optimizer and the algorithm's terms see the trained parameters alone. Operations `vmap`
+cannot batch (e.g. random ones), a task's own training loop and optimizers other than the rules
+fall back to the sequential engine, with a one-line notice.
+
+Client algorithms (`fedforge.algorithms`) run batched as `client.train_client` runs them: each
+client starts from its own personal entries (stacked), the parameters a phase does not train
+(frozen ones never) go with the buffers, each client's `terms` are stacked and its `loss_term` is
+vmapped over the stack; the phases run one after another, each with its own schedule (a copy
+phase, Ditto's, from each client's copy); `finish` is vmapped over the clients (client by client
+where `vmap` cannot run it). `fastmlp` trains only an algorithm whose every phase trains every
+parameter, with no loss term.
 """
 
 from __future__ import annotations
@@ -350,9 +358,10 @@ class _Clients:
     @classmethod
     def of(cls, roles: RoleMap, algorithm: ClientAlgorithm, global_state: State, tasks: Sequence[ClientTask]):
         personal, states = [], []
+        keeps_state = algorithm.keeps_state
         for task in tasks:
             kept = task.client_state
-            if kept is None and algorithm.keeps_state:
+            if kept is None and keeps_state:
                 _, kept = start_of_round(roles, algorithm, global_state, None)
             personal.append(kept.personal if kept is not None and roles.personal else {})
             states.append(kept or _NOTHING_KEPT)
@@ -853,16 +862,16 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
     trainable = run.trainable
     has_buffers = len(trainable) < len(run.global_state)
 
-    def loss(params, buffers, x, y, extra):
+    def loss(params, buffers, x, y, *extra):  # extra: the loss term's (anchor, state, inputs), if any
         args, kwargs = model_args(x)
         outputs = functional_call(model, (params, buffers), args, kwargs)
         value = task.checked_loss(outputs, y)
         if term is not None:
-            value = value + term.fn(params, *extra)
+            value = value + term.fn(params, *extra[0])
         return value, task.metric_sums(outputs.detach(), y)
 
     one = grad(loss, has_aux=True)
-    many = vmap(one, in_dims=(0, 0, 0, 0, term.in_dims if term is not None else None))
+    many = vmap(one) if term is None else vmap(one, in_dims=(0, 0, 0, 0, term.in_dims))
     model.train()
 
     def step(t, active, views, state, terms):
@@ -876,8 +885,8 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
             run_params, run_state, run_terms = _run_views(lo, hi, active, views, state, terms, batched=has_buffers)
             params = {k: run_params[k] for k in trainable}
             buffers = {k: v for k, v in run_params.items() if k not in params}
-            extra = term.args(lo, hi, single=single) if term is not None else None
-            grads, sums = (one if single else many)(params, buffers, x, y, extra)
+            extra = () if term is None else (term.args(lo, hi, single=single),)
+            grads, sums = (one if single else many)(params, buffers, x, y, *extra)
             rule.step(params, grads, run_state, run_terms)
             if single:
                 units[lo] += task.units(y)
