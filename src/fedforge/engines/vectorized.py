@@ -566,7 +566,7 @@ def _train_chunk(kernel: Kernel, model: nn.Module, global_state: State, tasks, c
             start = own[0] if move is None else {k: move(v) for k, v in own[0].items()}
         terms, received = LocalTerms(0.0), []
         if not plain_terms or algorithm.has_loss_term:  # what each client received of the trained entries
-            received = [{n: {**like, **p}[n] for n in trainable} for p in clients.personal]
+            received = [{n: p.get(n, like[n]) for n in trainable} for p in clients.personal]
         if not plain_terms:
             per_task = [
                 algorithm.terms(index, received[i], clients.states[i].algorithm, clients.inputs[i])
@@ -598,7 +598,7 @@ def _train_chunk(kernel: Kernel, model: nn.Module, global_state: State, tasks, c
     assert own is not None, "every algorithm has a phase that trains the model it sends"
     params, order = own
     sums, units = _counted_sums(counted, order)
-    optimizer_state = OptimizerState(torch.zeros(0), {})
+    optimizer_state = OptimizerState(torch.zeros(0), {})  # none: the task keeps none
     if kept_optimizer is not None:
         move = _reordered(kept_optimizer[1], order)
         optimizer_state = kept_optimizer[0] if move is None else kept_optimizer[0].view(move)
