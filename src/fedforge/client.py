@@ -288,6 +288,8 @@ def train_client(
             phase_steps += 1
             phase_units += task.units(yb)
         result = final_state()
+        if layout is None and index < len(algorithm.phases) - 1:  # the module's own tensors: the next phase reloads it
+            result = {k: v.clone() for k, v in result.items()}
         if index == 0 and task.keep_optimizer_state:
             kept_optimizer = final_optimizer_state()
         if phase.copy:
@@ -367,8 +369,11 @@ def _finished(
     after = {n: own[n] for n in shared}
     steps = torch.tensor(float(fields["num_steps"]), dtype=torch.float64)
     algorithm_state, extras = algorithm.finish(before, after, client_state.algorithm, inputs, steps, config.lr)
+    # Copied: `own` and `copy` may be the module's tensors, which the next client overwrites.
     kept = ClientState(
-        {n: own[n] for n in roles.personal}, algorithm_state, copy if copy is not None else client_state.copy
+        {n: own[n].clone() for n in roles.personal},
+        algorithm_state,
+        {n: v.clone() for n, v in copy.items()} if copy is not None else client_state.copy,
     )
     return finish_update(
         client_id,

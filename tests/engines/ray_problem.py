@@ -59,14 +59,14 @@ class Net(nn.Module):
         return self.net(x)
 
 
-def run(engine, strategy="fedavg", scenario=Scenario(), rounds=3, model=None, **kwargs):
+def run(engine, strategy="fedavg", scenario=Scenario(), rounds=3, model=None, client=CLIENT, **kwargs):
     options = {"krum_f": 1} if strategy == "krum" else {}
     return simulate(
         model or Net(),
         blobs_data(),
         rounds=rounds,
         clients_per_round=6,
-        client=CLIENT,
+        client=client,
         strategy=make_strategy(strategy, **options),
         engine=engine,
         scenario=scenario,

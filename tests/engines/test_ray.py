@@ -5,6 +5,7 @@ One local Ray for the module (2 CPUs); workers take half a CPU each so that thre
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -17,10 +18,11 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from ray_problem import SEED, WORKER_ENV, Net, assert_same_run, blobs_data, failing_data, run  # noqa: E402
+from ray_problem import CLIENT, SEED, WORKER_ENV, Net, assert_same_run, blobs_data, failing_data, run  # noqa: E402
 
+from fedforge.algorithms import FedPer  # noqa: E402
 from fedforge.cli import main  # noqa: E402
-from fedforge.engines import AutoEngine  # noqa: E402
+from fedforge.engines import AutoEngine, SequentialEngine  # noqa: E402
 from fedforge.engines.ray import RayEngine, assign, holdings, shares  # noqa: E402
 from fedforge.errors import ConfigError  # noqa: E402
 from fedforge.privacy.run import DifferentialPrivacy  # noqa: E402
@@ -82,6 +84,26 @@ def test_a_learning_rate_schedule_reaches_the_workers_round_by_round():
     assert not torch.equal(
         on_ray.state.params["net.0.weight"], run(AutoEngine(), "scaffold", rounds=4).state.params["net.0.weight"]
     )
+
+
+def test_a_client_algorithm_that_keeps_state_runs_as_in_process():
+    # FedPer: each client's head stays with it from round to round, whichever worker trains it.
+    client = dataclasses.replace(CLIENT, algorithm=FedPer())
+    kept = {}
+    with RayEngine(blobs_data, seed=SEED, workers=2, cpus_per_worker=0.5) as engine:
+        on_ray = run(engine, rounds=4, client=client, on_client=lambda u: kept.setdefault(u.client_id, u.client_state))
+    in_process = {}
+    sequential = run(
+        SequentialEngine(),
+        rounds=4,
+        client=client,
+        on_client=lambda u: in_process.setdefault(u.client_id, u.client_state),
+    )
+    assert_same_run(on_ray, sequential)
+    assert kept.keys() == in_process.keys()
+    for c, state in kept.items():
+        for name, value in state.personal.items():
+            torch.testing.assert_close(value, in_process[c].personal[name])
 
 
 def test_scenarios_work_unchanged():

@@ -25,9 +25,17 @@ Three kernels:
 
 Buffers (BatchNorm's running statistics and step count) are stacked like the parameters, each
 client's updated by its own forward passes as the sequential engine's module updates its own;
-the optimizer and the strategy's terms see the parameters alone. Operations `vmap` cannot
-batch (e.g. random ones), a task's own training loop and optimizers other than the rules fall
-back to the sequential engine, with a one-line notice.
+the optimizer and the algorithm's terms see the trained parameters alone. Operations `vmap`
+cannot batch (e.g. random ones), a task's own training loop and optimizers other than the rules
+fall back to the sequential engine, with a one-line notice.
+
+Client algorithms (`fedforge.algorithms`) run batched as `client.train_client` runs them: each
+client starts from its own personal entries (stacked), the parameters a phase does not train
+(frozen ones never) go with the buffers, each client's `terms` are stacked and its `loss_term` is
+vmapped over the stack; the phases run one after another, each with its own schedule (a copy
+phase, Ditto's, from each client's copy); `finish` is vmapped over the clients (client by client
+where `vmap` cannot run it). `fastmlp` trains only an algorithm whose every phase trains every
+parameter, with no loss term.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import logging
 import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -46,8 +54,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .. import fastconv, fastmlp
-from ..algorithms import ClientAlgorithm
-from ..client import epoch_orders, finish_update
+from ..algorithms import PERSONAL, SHARED, ClientAlgorithm, ClientState, Phase, RoleMap, check_loss_term, phase_seed
+from ..client import epoch_orders, finish_update, start_of_round
 from ..contract import ClientConfig, ClientUpdate
 from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args, tree_map
 from ..evaluation import evaluate
@@ -173,7 +181,7 @@ class VectorizedEngine(Engine):
             chunk = tasks[first : first + size]
             try:
                 # Trains the whole chunk now; its updates (or their sum) are then handed out.
-                trained = kernel(model, global_state, chunk, config)
+                trained = _train_chunk(kernel, model, global_state, chunk, config)
             except _Mixed:
                 yield from SequentialEngine().run(model, global_state, chunk, config)
                 continue
@@ -205,6 +213,7 @@ class VectorizedEngine(Engine):
         param_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
         rule = config.rule
         copies = 2 + (len(rule.slots) if rule is not None else 0)  # params, transient gradients, optimizer state
+        copies += any(phase.copy for phase in config.algorithm.phases)  # Ditto's: the sent model beside the copy
         example = tasks[0].data.rows(0, 1).x
         activations = self._activation_bytes(model, example) + sum(
             t.numel() * t.element_size() for t in leaves(example)
@@ -246,15 +255,17 @@ def kernel_for(model: nn.Module, data: TensorData, config: ClientConfig) -> Call
     task, rule = config.task, config.rule
     if task.train is not None:
         raise _Unsupported(f"task {task.name} trains with a loop of its own")
-    if type(config.algorithm) is not ClientAlgorithm or not config.algorithm.roles.default:
-        raise _Unsupported(f"client algorithm {config.algorithm.name} is not batched yet")
     if rule is None:
         assert task.optimizer is not None, "fedforge's SGD (optimizer None) always has a rule"
         options = f" with {dict(task.optimizer_options)}" if task.optimizer_options else ""
         raise _Unsupported(
             f"{task.optimizer.__name__}{options} is not one of fedforge's optimizer rules (sgd, adam, adamw)"
         )
-    layout = fastmlp.mlp_layout(model)
+    algorithm = config.algorithm
+    roles = algorithm.roles.assign(model)
+    # fastmlp's step trains every parameter, with no loss term (as in client.train_client).
+    whole = all(len(roles.trained(phase.trains)) == len(roles.parameters) for phase in algorithm.phases)
+    layout = fastmlp.mlp_layout(model) if whole and not algorithm.has_loss_term else None
     if task.is_tutorial_classification and layout is not None and layout.inputs(data.rows(0, 1).x) is not None:
         return _mlp_chunk
     if fastconv.convolutional(model) and fastconv.stacked_net(model) is not None:
@@ -286,22 +297,32 @@ def _stack(state: State, count: int) -> State:
     return {k: v.unsqueeze(0).repeat(count, *([1] * v.dim())) for k, v in state.items()}
 
 
-def _stacked_terms(
-    tasks: Sequence[ClientTask], schedule: Schedule, global_state: State, config: ClientConfig
-) -> LocalTerms:
-    """The chunk's LocalTerms: one decay, and each client's offset/correction stacked in schedule order."""
-    terms = [LocalTerms(0.0) for task in tasks]
+def _stack_rows(base: State, rows: Sequence[State], order: Sequence[int]) -> State:
+    """Each client's state stacked in `order`: client i's entries in `rows[i]`, `base`'s where it has none."""
+    stacked = {}
+    for k, v in base.items():
+        if any(k in rows[i] for i in order):
+            stacked[k] = torch.stack([rows[i].get(k, v) for i in order])
+        else:
+            stacked[k] = v.unsqueeze(0).repeat(len(order), *([1] * v.dim()))
+    return stacked
+
+
+def _stacked_terms(terms: Sequence[LocalTerms], order: Sequence[int], like: State) -> LocalTerms:
+    """The clients' LocalTerms (tasks' order) as one: the decay they share, and each offset and
+    correction of `like`'s names stacked in `order`, zero for a client without one (none where no
+    client has one)."""
     decay = terms[0].decay
     if any(t.decay != decay for t in terms):
         raise _Mixed()
 
     def stacked(field: str) -> State | None:
-        per_task = [getattr(t, field) for t in terms]
-        if all(v is None for v in per_task):
+        per_task = [getattr(t, field) or {} for t in terms]
+        names = [k for k in like if any(k in p for p in per_task)]
+        if not names:
             return None
-        zeros = {k: torch.zeros_like(v) for k, v in global_state.items()}
-        ordered = [per_task[i] or zeros for i in schedule.stack_order]
-        return {k: torch.stack([o[k] for o in ordered]) for k in global_state}
+        zeros = {k: torch.zeros_like(like[k]) for k in names}
+        return {k: torch.stack([per_task[i].get(k, zeros[k]) for i in order]) for k in names}
 
     return LocalTerms(decay, stacked("offset"), stacked("correction"))
 
@@ -323,13 +344,96 @@ def _terms_view(terms: LocalTerms, pick) -> LocalTerms:
     )
 
 
+@dataclass(frozen=True)
+class _Clients:
+    """A chunk's clients as their algorithm sees them at the start of the round (tasks' order):
+    `personal`, the entries of the model each has of its own (none on its first round: the global
+    state's, see `client.start_of_round`); `states`, what each kept; `inputs`, what the server sent."""
+
+    roles: RoleMap
+    personal: list[State]
+    states: list[ClientState]
+    inputs: list[State]
+
+    @classmethod
+    def of(cls, roles: RoleMap, algorithm: ClientAlgorithm, global_state: State, tasks: Sequence[ClientTask]):
+        personal, states = [], []
+        keeps_state = algorithm.keeps_state
+        for task in tasks:
+            kept = task.client_state
+            if kept is None and keeps_state:
+                _, kept = start_of_round(roles, algorithm, global_state, None)
+            personal.append(kept.personal if kept is not None and roles.personal else {})
+            states.append(kept or _NOTHING_KEPT)
+        return cls(roles, personal, states, [task.plan.inputs or {} for task in tasks])
+
+    def received(self, i: int, global_state: State) -> State:
+        """The model client i starts its round from."""
+        return {**global_state, **self.personal[i]} if self.personal[i] else global_state
+
+
+_NOTHING_KEPT = ClientState()
+
+
+@dataclass(frozen=True)
+class _LossTerm:
+    """A phase's loss term over the stacked clients: `fn(params, anchor, state, inputs)` is one
+    client's scalar; `anchor` (each client's received values of the trained parameters) and `state`
+    (its algorithm state) are stacked in the schedule's order, `inputs` too unless every client
+    has the same (`inputs_dim` None)."""
+
+    fn: Callable[[State, State, State, State], torch.Tensor]
+    anchor: State
+    state: State
+    inputs: State
+    inputs_dim: int | None
+
+    def args(self, lo: int, hi: int, *, single: bool) -> tuple[State, State, State]:
+        """The anchor, state and inputs of the run of clients lo..hi (one client's unbatched if `single`)."""
+        pick = (lambda v: v[lo]) if single else (lambda v: v[lo:hi])
+        inputs = self.inputs if self.inputs_dim is None else {k: pick(v) for k, v in self.inputs.items()}
+        return {k: pick(v) for k, v in self.anchor.items()}, {k: pick(v) for k, v in self.state.items()}, inputs
+
+    @property
+    def in_dims(self) -> tuple[int, int, int | None]:
+        return 0, 0, self.inputs_dim
+
+
+def _same_inputs(inputs: Sequence[State]) -> bool:
+    return all(x is inputs[0] for x in inputs)
+
+
+def _stacked_states(states: Sequence[State], order: Sequence[int]) -> State:
+    if not states[order[0]]:
+        return {}
+    return {k: torch.stack([states[i][k] for i in order]) for k in states[order[0]]}
+
+
+@dataclass(frozen=True)
+class _PhaseRun:
+    """One phase of a chunk as a kernel trains it: the clients' batches (`schedule`, rows of
+    `source`), where they start (`start`, stacked in the schedule's order; None: every one from
+    `global_state`), the parameters it trains, the clients' terms stacked, its loss term (None:
+    none) and the optimizer states the clients carry in (schedule's order)."""
+
+    index: int
+    source: TensorData
+    schedule: Schedule
+    global_state: State
+    start: State | None
+    trainable: list[str]
+    terms: LocalTerms
+    loss_term: _LossTerm | None
+    carried: list[OptimizerState | None]
+
+
 # A step: (t, active, params, optimizer state, terms) -> [(first, last + 1, {metric: per-client sums})].
 Step = Callable[[int, int, State, OptimizerState, LocalTerms], list[tuple[int, int, dict[str, torch.Tensor]]]]
 
 
 @dataclass
 class _Trained:
-    """A chunk after its last step: stacked parameters and optimizer state, per-client metric sums."""
+    """A phase after its last step: stacked parameters and optimizer state, per-client metric sums."""
 
     params: State
     state: OptimizerState
@@ -337,47 +441,43 @@ class _Trained:
 
 
 def _run_steps(
-    tasks: Sequence[ClientTask],
-    global_state: State,
-    config: ClientConfig,
-    schedule: Schedule,
-    step: Step,
-    *,
-    shared_start: bool = False,
-    trainable: Sequence[str] | None = None,
+    run: _PhaseRun, config: ClientConfig, step: Step, *, shared_start: bool = False, batched: bool = False
 ) -> _Trained:
-    """Drive `step` over a chunk's schedule, on views of the clients still training.
+    """Drive `step` over a phase's schedule, on views of the clients still training.
 
-    With `trainable` (the names of the model's parameters, when its state has buffers too), the
-    optimizer state and the strategy's terms cover those names alone, and a single client's
-    views keep their client dimension (the step's net takes stacked clients only).
+    The optimizer state and the terms cover the trained parameters alone. With `batched`, a single
+    client's views keep their client dimension (the step's net takes stacked clients only).
 
     With `shared_start` (the step accepts shared params, see `fastmlp.sgd_step`) the first step
     starts every client from the one global state and stacks the clients' parameters and
-    optimizer state itself (only when every client starts its optimizer fresh).
+    optimizer state itself (only when every client starts from it, its optimizer fresh).
     """
     rule = config.rule
     assert rule is not None, "kernel_for picks a kernel only for a rule"
-    C = len(tasks)
+    schedule, global_state, carried, terms = run.schedule, run.global_state, run.carried, run.terms
+    C = len(schedule.stack_order)
     device = next(iter(global_state.values())).device
-    carried = [tasks[i].optimizer_state for i in schedule.stack_order]
-    trained_state = global_state if trainable is None else {k: global_state[k] for k in trainable}
-    terms = _stacked_terms(tasks, schedule, trained_state, config)
+    trained_state = {k: global_state[k] for k in run.trainable}
     shared = (
-        shared_start and C > 1 and bool(schedule.active) and schedule.active[0] == C and all(s is None for s in carried)
+        shared_start
+        and run.start is None
+        and C > 1
+        and bool(schedule.active)
+        and schedule.active[0] == C
+        and all(s is None for s in carried)
     )
     if shared:  # the first step replaces these entries with the stacked clients'
         params = dict(global_state)
         state = OptimizerState(torch.zeros(C, dtype=torch.float64, device=device), {s: {} for s in rule.slots})
     else:
-        params = _stack(global_state, C)
+        params = run.start if run.start is not None else _stack(global_state, C)
         state = rule.stacked(carried, trained_state)
     sums: dict[str, torch.Tensor] = {}
     current: int | None = 0  # views, state_view, term_views: set at t = 0 (schedule.active[0] >= 1)
     for t, active in enumerate(schedule.active):
         if active != current:  # re-slice only when a client finishes
             current = active
-            pick = _pick(0, active, batched=trainable is not None)
+            pick = _pick(0, active, batched=batched)
             term_views = _terms_view(terms, pick)
             if shared and t == 0:
                 views, state_view = params, state
@@ -392,13 +492,232 @@ def _run_steps(
     return _Trained(params, state, sums)
 
 
+# A kernel: trains one phase of a chunk, and says each client's units of its metrics (schedule's order).
+Kernel = Callable[[nn.Module, _PhaseRun, ClientConfig], tuple[_Trained, list]]
+
+
 @dataclass
 class _Chunk:
-    """What a kernel returns: a trained chunk, and each client's units of its metrics (stacked order)."""
+    """A trained chunk: the models the clients send (`trained.params`), their optimizer states
+    (the first phase's) and metric sums, all stacked in `order` (position -> task index), each
+    client's units of its metrics (by position), its steps (by task: the phases that train the
+    model it sends), and what each client keeps and sends beside its update (`kept`, `extras`,
+    by position; None: nothing)."""
 
-    schedule: Schedule
+    order: list[int]
     trained: _Trained
     units: list
+    steps: list[int]
+    clients: _Clients
+    kept: list[ClientState | None] | None = None
+    extras: list[State] | None = None
+
+
+def _phase_tasks(tasks: Sequence[ClientTask], index: int, phase: Phase) -> Sequence[ClientTask]:
+    """The chunk's tasks as phase `index` trains them: its batch seeds (`phase_seed`) and epochs."""
+    if index == 0 and phase.epochs is None:
+        return tasks
+    return [
+        replace(
+            t,
+            seed=phase_seed(t.seed, index),
+            plan=replace(t.plan, epochs=phase.epochs) if phase.epochs else t.plan,
+        )
+        for t in tasks
+    ]
+
+
+def _reordered(order: Sequence[int], into: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What moves rows stacked in `order` (position -> task index) to `into`'s; None when they agree."""
+    if list(order) == list(into):
+        return None
+    position = {task_index: pos for pos, task_index in enumerate(order)}
+    index = torch.tensor([position[i] for i in into])
+    return lambda v: v[index.to(v.device)]
+
+
+def _train_chunk(kernel: Kernel, model: nn.Module, global_state: State, tasks, config: ClientConfig) -> _Chunk:
+    """The chunk's clients through their algorithm's phases one after another, each phase one
+    batched computation (the order of `client.train_client`), then the algorithm's `finish`."""
+    algorithm = config.algorithm
+    roles = algorithm.roles.assign(model)
+    clients = _Clients.of(roles, algorithm, global_state, tasks)
+    source, starts = _shared_source(tasks)
+    plain_terms = type(algorithm).terms is ClientAlgorithm.terms
+    own: tuple[State, list[int]] | None = None  # the model the clients send, and its stack order
+    copy: tuple[State, list[int]] | None = None
+    kept_optimizer: tuple[OptimizerState, list[int]] | None = None
+    counted: list[tuple[list[int], dict[str, torch.Tensor], list]] = []  # (order, sums, units) of sent phases
+    steps = [0] * len(tasks)
+    for index, phase in enumerate(algorithm.phases):
+        phase_tasks = _phase_tasks(tasks, index, phase)
+        schedule = build_schedule(phase_tasks, starts, config)
+        order = schedule.stack_order
+        trainable = roles.trained(phase.trains)
+        like = {k: global_state[k] for k in trainable}
+        start: State | None
+        if phase.copy:
+            rows = [{**p, **s.copy} for p, s in zip(clients.personal, clients.states, strict=True)]
+            start = _stack_rows(global_state, rows, order) if any(rows) else None
+        elif own is None:
+            start = _stack_rows(global_state, clients.personal, order) if any(clients.personal) else None
+        else:
+            move = _reordered(own[1], order)
+            start = own[0] if move is None else {k: move(v) for k, v in own[0].items()}
+        terms, received = LocalTerms(0.0), []
+        if not plain_terms or algorithm.has_loss_term:  # what each client received of the trained entries
+            received = [{n: p.get(n, like[n]) for n in trainable} for p in clients.personal]
+        if not plain_terms:
+            per_task = [
+                algorithm.terms(index, received[i], clients.states[i].algorithm, clients.inputs[i])
+                for i in range(len(tasks))
+            ]
+            terms = _stacked_terms(per_task, order, like)
+        run = _PhaseRun(
+            index,
+            source,
+            schedule,
+            global_state,
+            start,
+            trainable,
+            terms,
+            _phase_loss_term(algorithm, index, received, clients, order),
+            [tasks[i].optimizer_state for i in order] if index == 0 else [None] * len(order),
+        )
+        trained, units = kernel(model, run, config)
+        if index == 0 and config.task.keep_optimizer_state:  # a kept optimizer state is the first phase's
+            kept_optimizer = (trained.state, order)
+        if phase.copy:
+            copy = ({n: trained.params[n] for n in roles.names(SHARED, PERSONAL)}, order)
+        else:
+            own = (trained.params, order)
+            counted.append((order, trained.sums, units))
+            for i, n in enumerate(schedule.steps):
+                steps[i] += n
+        del trained, run, start
+    assert own is not None, "every algorithm has a phase that trains the model it sends"
+    params, order = own
+    sums, units = _counted_sums(counted, order)
+    optimizer_state = OptimizerState(torch.zeros(0), {})  # none: the task keeps none
+    if kept_optimizer is not None:
+        move = _reordered(kept_optimizer[1], order)
+        optimizer_state = kept_optimizer[0] if move is None else kept_optimizer[0].view(move)
+    chunk = _Chunk(order, _Trained(params, optimizer_state, sums), units, steps, clients)
+    if algorithm.keeps_state or type(algorithm).finish is not ClientAlgorithm.finish:
+        _finish(chunk, algorithm, global_state, copy, config)
+    return chunk
+
+
+def _counted_sums(
+    counted: Sequence[tuple[list[int], dict[str, torch.Tensor], list]], order: Sequence[int]
+) -> tuple[dict[str, torch.Tensor], list]:
+    """The metric sums and units of the phases that train the sent model, added, in `order`."""
+    sums: dict[str, torch.Tensor] = {}
+    units: list = [0] * len(order)
+    for phase_order, phase_sums, phase_units in counted:
+        move = _reordered(phase_order, order)
+        if move is not None:
+            position = {task_index: pos for pos, task_index in enumerate(phase_order)}
+            phase_sums = {k: move(v) for k, v in phase_sums.items()}
+            phase_units = [phase_units[position[i]] for i in order]
+        if len(counted) == 1:
+            return phase_sums, phase_units
+        sums = {**phase_sums, **{k: v + phase_sums[k] if k in phase_sums else v for k, v in sums.items()}}
+        units = [a + b for a, b in zip(units, phase_units, strict=True)]
+    return sums, units
+
+
+def _phase_loss_term(
+    algorithm: ClientAlgorithm, index: int, received: Sequence[State], clients: _Clients, order: Sequence[int]
+) -> _LossTerm | None:
+    """Phase `index`'s loss term over the clients stacked in `order` (None: the algorithm has none)."""
+    if not algorithm.has_loss_term:
+        return None
+
+    def fn(params: State, anchor: State, state: State, inputs: State) -> torch.Tensor:
+        return check_loss_term(algorithm.loss_term(index, params, anchor, state, inputs), algorithm)
+
+    same = _same_inputs(clients.inputs)
+    return _LossTerm(
+        fn,
+        _stacked_states(received, order),
+        _stacked_states([s.algorithm for s in clients.states], order),
+        clients.inputs[0] if same else _stacked_states(clients.inputs, order),
+        None if same else 0,
+    )
+
+
+def _copied(finished: tuple[State, State]) -> tuple[State, State]:
+    """A client's `finish`, its new state copied (it may be a view of the stacks, which `_updates` changes)."""
+    state, extras = finished
+    return {k: v.clone() for k, v in state.items()}, extras
+
+
+def _finish(
+    chunk: _Chunk,
+    algorithm: ClientAlgorithm,
+    global_state: State,
+    copy: tuple[State, list[int]] | None,
+    config: ClientConfig,
+) -> None:
+    """Each client's `algorithm.finish` (its new state and extras) and what it keeps, into `chunk`:
+    `finish` vmapped over the stacked clients, or client by client where `vmap` cannot run it. Kept
+    rows are copied out of the stacks, which are freed with the chunk."""
+    clients, order, params = chunk.clients, chunk.order, chunk.trained.params
+    roles = clients.roles
+    received = {n: global_state[n] for n in roles.shared}
+    trained = {n: params[n] for n in roles.shared}
+    states = [clients.states[i].algorithm for i in order]
+    inputs = [clients.inputs[i] for i in order]
+    device = next(iter(params.values())).device
+    counts = torch.tensor([float(chunk.steps[i]) for i in order], dtype=torch.float64, device=device)
+    finished: list[tuple[State, State]]
+    if type(algorithm).finish is ClientAlgorithm.finish:
+        finished = [(s, {}) for s in states]
+    else:
+        try:
+            same = _same_inputs(inputs)
+            new, extras = vmap(
+                lambda t, s, x, k: algorithm.finish(received, t, s, x, k, config.lr),
+                in_dims=(0, 0, None if same else 0, 0),
+            )(
+                trained,
+                _stacked_states(states, range(len(order))),
+                inputs[0] if same else _stacked_states(inputs, range(len(order))),
+                counts,
+            )
+            finished = [
+                ({k: v[pos].clone() for k, v in new.items()}, {k: v[pos] for k, v in extras.items()})
+                for pos in range(len(order))
+            ]
+        except Exception:  # any hook vmap cannot batch runs client by client
+            finished = [
+                _copied(
+                    algorithm.finish(
+                        received,
+                        {n: v[pos] for n, v in trained.items()},
+                        states[pos],
+                        inputs[pos],
+                        counts[pos].cpu(),
+                        config.lr,
+                    )
+                )
+                for pos in range(len(order))
+            ]
+    copies = None
+    if copy is not None:
+        move = _reordered(copy[1], order)
+        copies = copy[0] if move is None else {k: move(v) for k, v in copy[0].items()}
+    kept = []
+    for pos, (algorithm_state, _) in enumerate(finished):
+        state = ClientState(
+            {n: params[n][pos].clone() for n in roles.personal},
+            algorithm_state,
+            {n: v[pos].clone() for n, v in copies.items()} if copies is not None else clients.states[order[pos]].copy,
+        )
+        kept.append(state if (state.personal or state.algorithm or state.copy) else None)
+    chunk.kept = kept
+    chunk.extras = [extras for _, extras in finished]
 
 
 def _combined(
@@ -411,11 +730,13 @@ def _combined(
     None when a client's loss or parameters are not finite: then the updates go one by one and the
     diverged client is named (a non-finite row makes the weighted sum non-finite).
     """
-    schedule, params = chunk.schedule, chunk.trained.params
+    # The round loop sums no client that keeps state: what it keeps must come back one by one.
+    assert not config.algorithm.keeps_state, "a client that keeps state is never summable"
+    params = {k: chunk.trained.params[k] for k in chunk.clients.roles.shared}
     if not all(v.is_floating_point() for v in params.values()):
         return None
     sums = {name: v.tolist() for name, v in chunk.trained.sums.items()}
-    examples = [len(tasks[i].data) for i in schedule.stack_order]
+    examples = [len(tasks[i].data) for i in chunk.order]
     total = sum(examples)
     metrics = example_weighted(
         (config.task.summarize({k: v[pos] for k, v in sums.items()}, chunk.units[pos]), n)
@@ -431,7 +752,7 @@ def _combined(
         if not torch.isfinite(row.sum()):
             return None
         mean[k] = row
-    return PartialSum(mean, total, sum(schedule.steps), tuple(t.client_id for t in tasks), metrics=metrics)
+    return PartialSum(mean, total, sum(chunk.steps), tuple(t.client_id for t in tasks), metrics=metrics)
 
 
 def _updates(
@@ -439,45 +760,51 @@ def _updates(
 ) -> Iterator[ClientUpdate]:
     """One ClientUpdate per task, in the tasks' order (the order the sequential engine yields).
 
-    The stacked parameters become the stacked deltas in place; each update's delta is a view
-    of its row, so no per-client copy is made and the chunk's memory is all there is. A kept
+    The stacked shared parameters become the stacked deltas in place; each update's delta is a
+    view of its row, so no per-client copy is made and the chunk's memory is all there is. A kept
     optimizer state is copied out of the stack, which is then freed with the chunk.
     """
-    schedule, trained, units = chunk.schedule, chunk.trained, chunk.units
-    params = trained.params
-    finite = torch.ones(len(tasks), dtype=torch.bool, device=next(iter(params.values())).device)
+    trained, units = chunk.trained, chunk.units
+    params = {k: trained.params[k] for k in chunk.clients.roles.shared}
+    finite = torch.ones(len(tasks), dtype=torch.bool, device=next(iter(trained.params.values())).device)
     for k, v in params.items():
         v.sub_(global_state[k])
         if v.is_floating_point():
             finite &= torch.isfinite(v.flatten(1).sum(1))  # see client.all_finite
     finite_list = finite.tolist()
     sums = {name: v.tolist() for name, v in trained.sums.items()}
-    position = {task_index: pos for pos, task_index in enumerate(schedule.stack_order)}
+    position = {task_index: pos for pos, task_index in enumerate(chunk.order)}
     task = config.task
     for i, client in enumerate(tasks):
         pos = position[i]
         initial_loss = (
-            evaluate(model, global_state, client.data, task=task).loss if client.plan.measure_initial_loss else None
+            evaluate(model, chunk.clients.received(i, global_state), client.data, task=task).loss
+            if client.plan.measure_initial_loss
+            else None
         )
         yield finish_update(
             client.client_id,
             {k: v[pos] for k, v in params.items()},
             num_examples=len(client.data),
-            num_steps=schedule.steps[i],
+            num_steps=chunk.steps[i],
             metrics=task.summarize({k: v[pos] for k, v in sums.items()}, units[pos]),
             config=config,
             finite=finite_list[pos],
             initial_loss=initial_loss,
             optimizer_state=trained.state.client(pos) if task.keep_optimizer_state else None,
+            extras=chunk.extras[pos] if chunk.extras is not None else None,
+            client_state=chunk.kept[pos] if chunk.kept is not None else None,
         )
 
 
-def _mlp_chunk(model, global_state, tasks, config) -> _Chunk:
+def _mlp_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple[_Trained, list]:
     layout = fastmlp.mlp_layout(model)
     assert layout is not None, "kernel_for picks this kernel only for an MLP layout"
-    source, starts = _shared_source(tasks)
-    schedule = build_schedule(tasks, starts, config)
-    rows, weight = schedule.rows.to(source.device), schedule.weight.to(source.device)
+    source, schedule = run.source, run.schedule
+    weight = schedule.weight
+    if next(iter(run.global_state.values())).dtype == torch.float64:  # 1 / size in float64, as client.py's
+        weight = (weight > 0) / torch.from_numpy(schedule.sizes).clamp(min=1)[..., None].double()
+    rows, weight = schedule.rows.to(source.device), weight.to(source.device)
     inputs = layout.inputs(source.x)
 
     def step(t, active, views, state, terms):
@@ -495,8 +822,8 @@ def _mlp_chunk(model, global_state, tasks, config) -> _Chunk:
         )
         return [(0, active, {"loss": loss, "accuracy": correct})]
 
-    trained = _run_steps(tasks, global_state, config, schedule, step, shared_start=True)
-    return _Chunk(schedule, trained, schedule.sizes.sum(1).tolist())
+    trained = _run_steps(run, config, step, shared_start=True)
+    return trained, schedule.sizes.sum(1).tolist()
 
 
 def _runs(sizes: np.ndarray) -> list[tuple[int, int]]:
@@ -523,25 +850,28 @@ def _count_units(units: list, lo: int, hi: int, y, task) -> None:
         units[lo + j] += task.units(tree_map(operator.itemgetter(j), y))
 
 
-def _func_chunk(model, global_state, tasks, config) -> _Chunk:
-    """vmap(grad(functional_call)) of the task's loss. Buffers (e.g. BatchNorm1d's running
-    statistics) are stacked like the parameters and updated in place by each client's forward
-    pass; a model with buffers is vmapped even for one client (its views keep the client dimension)."""
+def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple[_Trained, list]:
+    """vmap(grad(functional_call)) of the task's loss (plus the algorithm's loss term). Buffers
+    (e.g. BatchNorm1d's running statistics) and the parameters the phase does not train are stacked
+    like the trained ones and go with the buffers, updated in place by each client's forward pass;
+    a model with such entries is vmapped even for one client (its views keep the client dimension)."""
     task, rule = config.task, config.rule
-    source, starts = _shared_source(tasks)
-    schedule = build_schedule(tasks, starts, config)
+    source, schedule, term = run.source, run.schedule, run.loss_term
     rows = schedule.rows.to(source.device)
-    units = [0] * len(tasks)
-    trainable = [name for name, _ in model.named_parameters()]
-    has_buffers = len(trainable) < len(global_state)
+    units = [0] * len(schedule.stack_order)
+    trainable = run.trainable
+    has_buffers = len(trainable) < len(run.global_state)
 
-    def loss(params, buffers, x, y):
+    def loss(params, buffers, x, y, *extra):  # extra: the loss term's (anchor, state, inputs), if any
         args, kwargs = model_args(x)
         outputs = functional_call(model, (params, buffers), args, kwargs)
-        return task.checked_loss(outputs, y), task.metric_sums(outputs.detach(), y)
+        value = task.checked_loss(outputs, y)
+        if term is not None:
+            value = value + term.fn(params, *extra[0])
+        return value, task.metric_sums(outputs.detach(), y)
 
     one = grad(loss, has_aux=True)
-    many = vmap(one)
+    many = vmap(one) if term is None else vmap(one, in_dims=(0, 0, 0, 0, term.in_dims))
     model.train()
 
     def step(t, active, views, state, terms):
@@ -555,7 +885,8 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
             run_params, run_state, run_terms = _run_views(lo, hi, active, views, state, terms, batched=has_buffers)
             params = {k: run_params[k] for k in trainable}
             buffers = {k: v for k, v in run_params.items() if k not in params}
-            grads, sums = (one if single else many)(params, buffers, x, y)
+            extra = () if term is None else (term.args(lo, hi, single=single),)
+            grads, sums = (one if single else many)(params, buffers, x, y, *extra)
             rule.step(params, grads, run_state, run_terms)
             if single:
                 units[lo] += task.units(y)
@@ -565,25 +896,26 @@ def _func_chunk(model, global_state, tasks, config) -> _Chunk:
         return done
 
     try:
-        trained = _run_steps(tasks, global_state, config, schedule, step, trainable=trainable if has_buffers else None)
+        trained = _run_steps(run, config, step, batched=has_buffers)
     except (RuntimeError, NotImplementedError) as e:
         raise _Unsupported(str(e).splitlines()[0]) from e
-    return _Chunk(schedule, trained, units)
+    return trained, units
 
 
-def _conv_chunk(model, global_state, tasks, config) -> _Chunk:
+def _conv_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple[_Trained, list]:
     """The clients' forward pass stacked by `fastconv` (grouped convolutions), backward by
-    autograd, at each step one run of clients per batch size (as `_func_chunk`)."""
+    autograd, at each step one run of clients per batch size (as `_func_chunk`). The parameters the
+    phase does not train are no leaves of the graph."""
     task, rule = config.task, config.rule
     net = fastconv.stacked_net(model)
     assert net is not None, "kernel_for picks this kernel only for a net fastconv stacks"
-    source, starts = _shared_source(tasks)
-    schedule = build_schedule(tasks, starts, config)
+    source, schedule, term = run.source, run.schedule, run.loss_term
     rows = schedule.rows.to(source.device)
-    trainable = [name for name, _ in model.named_parameters()]
-    units = [0] * len(tasks)
+    trainable = run.trainable
+    units = [0] * len(schedule.stack_order)
     cross_entropy = task.classifies_by_cross_entropy
     losses, sums_of = vmap(task.checked_loss), vmap(task.metric_sums)
+    loss_terms = vmap(term.fn, in_dims=(0, *term.in_dims)) if term is not None else None
 
     def step(t, active, views, state, terms):
         done = []
@@ -603,6 +935,8 @@ def _conv_chunk(model, global_state, tasks, config) -> _Chunk:
             else:
                 loss = losses(outputs, y).sum()
                 batch_sums = sums_of(outputs.detach(), y)
+            if term is not None and loss_terms is not None:  # each client's, summed
+                loss = loss + loss_terms(leaves, *term.args(lo, hi, single=False)).sum()
             grads = torch.autograd.grad(loss, list(leaves.values()))
             with torch.no_grad():
                 rule.step(
@@ -617,10 +951,10 @@ def _conv_chunk(model, global_state, tasks, config) -> _Chunk:
 
     model.train()
     try:
-        trained = _run_steps(tasks, global_state, config, schedule, step, trainable=trainable)
+        trained = _run_steps(run, config, step, batched=True)
     except (RuntimeError, NotImplementedError) as e:
         raise _Unsupported(str(e).splitlines()[0]) from e
-    return _Chunk(schedule, trained, units)
+    return trained, units
 
 
 _KERNEL_NAMES: dict[Callable, str] = {_mlp_chunk: "fastmlp", _func_chunk: "torch.func", _conv_chunk: "fastconv"}
