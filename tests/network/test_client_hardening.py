@@ -130,7 +130,7 @@ EXTRA = lambda state: {**state, "global/evil": torch.zeros(3)}  # noqa: E731
         (task(round=4, rounds=3), "round 4 is not an integer in [1, 3]"),
         (task(round=0, rounds=3), "round 0 is not an integer in [1, 3]"),
         (task(round=2), "round 2 is not an integer in [0, 0]"),
-        (task(round=1, rounds=10**9), "rounds 1000000000 is not an integer in [1, 1000000]"),
+        (task(round=1, rounds=10**9), "rounds 1000000000 is not an integer in [0, 1000000]"),
         (task(local_epochs=5000), "local_epochs 5000 is not an integer in [1, 1000] (this client's --max-epochs)"),
         (task(momentum=1.0), "task 1: momentum must be in [0, 1), got 1.0"),
         (task(weight_decay=-1.0), "weight_decay -1.0 is not a number in [0, 1e+06]"),
@@ -143,10 +143,17 @@ def test_a_malformed_message_is_one_line_and_status_3(cluster, message, reason):
         refused(partition_client(cluster, server), reason)
 
 
+def test_a_welcomes_lr_past_the_bound_is_refused_at_the_first_task(cluster):
+    # A task without an lr of its own (an older server's) trains with the welcome's, bounded the same.
+    with FakeServer([welcome(lr=1e38), task()]) as server:
+        refused(partition_client(cluster, server), "lr 1e+38 is not a number in [1e-30, 1e+06]")
+
+
 def test_a_task_whose_training_diverges_is_one_line_and_status_3(cluster):
-    """A learning rate of 1e38 in the welcome makes the client's training diverge: the server's
-    task, not this client's settings, so one line and status 3 (before: status 1, "refused")."""
-    with FakeServer([welcome(lr=1e38), task(), DONE]) as server:
+    """A weight decay of 1e6 at lr 1 multiplies the weights by -999,999 a step: the client's
+    training diverges. The server's task, not this client's settings, so one line and status 3
+    (before: status 1, "refused")."""
+    with FakeServer([welcome(), task(lr=1.0, weight_decay=1e6), DONE]) as server:
         proc = partition_client(cluster, server)
         assert proc.wait() == 3, proc.text()
     text = proc.text()

@@ -361,6 +361,11 @@ def test_enroll_command(tmp_path):
             "secagg threshold must be a count >= 2 or a fraction in [0.5, 1), got 0.3",
         ),
         (
+            ["server", "--tokens", "t.json", "--insecure", "--rounds", "2000000"],
+            "rounds must be at most 1,000,000 in a deployment, got 2000000",
+        ),
+        (["server", "--tokens", "t.json", "--insecure", "--lr", "1e7"], "lr must be at most 1e+06 in a deployment"),
+        (
             ["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-threshold", "2"],
             "threshold 2 of 5 holders: it must be more than half of them",
         ),

@@ -5,11 +5,12 @@ A client keeps its data; only model updates travel. It trains as the sequential 
 
 Every message from the server is checked before it is used, as the server checks its clients':
 its size (at most `max_message_bytes`), its wire format, every header field and tensor of a
-task, and what a task asks against this client's own ClientLimits (epochs, steps, batch size,
-seconds of training). A message that fails is one logged line and the client leaves the run as
-it does when the server's run failed (status 3, or with `retry_on_server_failure` it reconnects
-later). The client imports no code that the server names unless its operator allowed it
-(welcome.References).
+task (the round's client config among them: its round and the run's rounds, lr, local epochs,
+momentum and weight decay, which the client trains that round with), and what a task asks
+against this client's own ClientLimits (epochs, steps, batch size, seconds of training). A
+message that fails is one logged line and the client leaves the run as it does when the server's
+run failed (status 3, or with `retry_on_server_failure` it reconnects later). The client
+imports no code that the server names unless its operator allowed it (welcome.References).
 """
 
 from __future__ import annotations
@@ -250,8 +251,9 @@ class _Trainer:
 
     def _round_config(self, task_id: int, h: dict) -> ClientConfig:
         """The round's client config: the welcome's, with the round's fields the task carries (a
-        field it leaves out keeps the welcome's value; round and rounds then stay 0, unknown)."""
-        rounds = _integer(h, "rounds", 1, MAX_ROUNDS) if "rounds" in h else 0
+        field it leaves out keeps the welcome's value; round and rounds 0: unknown, as in
+        ClientConfig)."""
+        rounds = _integer(h, "rounds", 0, MAX_ROUNDS) if "rounds" in h else 0
         round_ = _integer(h, "round", min(rounds, 1), rounds) if "round" in h or rounds else 0
         welcomed = self.client
         epochs = welcomed.local_epochs
