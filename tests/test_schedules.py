@@ -220,20 +220,3 @@ def test_resume_for_more_rounds_is_refused_when_the_schedule_spreads_over_the_ro
     code, _, err = fedforge(capsys, "run", "-q", "--resume", str(tmp_path / "c"), "--rounds", "3")
     assert code != 0
     assert "its lr_schedule cosine spreads over the run's 2 rounds (resume it with --rounds 2)" in err
-
-
-def test_a_deployment_server_refuses_a_schedule(tmp_path):
-    from fedforge.server import serve
-
-    config = Config.load(overrides={"lr_schedule": "exponential:gamma=0.9", "out_dir": str(tmp_path)})
-    with pytest.raises(ConfigError, match="deployment clients train with the run's lr for now"):
-        serve(
-            config,
-            address="127.0.0.1:0",
-            tokens={0: "x"},
-            tls=None,
-            min_clients=1,
-            min_fit_clients=None,
-            round_timeout=10,
-            max_message_bytes=1 << 20,
-        )

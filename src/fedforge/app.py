@@ -28,7 +28,10 @@ class ClientApp:
             network/welcome.py's SETTINGS; a model or task the server names that this client
             does not import is left at its default there).
         task: the task the client trains (default: the server's `--task`); its own training
-            loop, loss, metrics and optimizer run here.
+            loop, loss, metrics and optimizer run here. Its loop (`Task.train(module, batches,
+            config)`) is given each round's ClientConfig: the round in `config.round`, the run's
+            rounds in `config.rounds`, and the lr, local epochs, momentum and weight decay the server
+            sends for that round.
         model: a factory (input_shape, num_classes) -> nn.Module (default: the server's
             `--model`); its state must have the names and shapes of the server's model, whose
             weights it receives every round.

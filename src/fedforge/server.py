@@ -19,7 +19,7 @@ from .experiment import prepare, run_experiment
 from .network.dashboard import Dashboard, DashboardSettings
 from .network.hub import DEFAULT_KEEPALIVE, Hub
 from .network.inputs import InputSummary
-from .network.welcome import welcome_header
+from .network.welcome import MAX_LR, MAX_ROUNDS, welcome_header
 from .network.wire import Kind, Message
 from .secagg import SecureAggregation
 from .simulation import clients_per_round_count
@@ -78,11 +78,10 @@ def serve(
         raise ConfigError(f"round_timeout must be > 0 seconds, got {round_timeout}")
     if max_client_examples < 1:
         raise ConfigError(f"max_client_examples must be >= 1, got {max_client_examples}")
-    if config.round_config() is not None:  # the clients learn the lr once, from the welcome
-        raise ConfigError(
-            f"lr_schedule {config.lr_schedule}: deployment clients train with the run's lr for now; "
-            "a schedule runs in simulation only (fedforge run, compare)"
-        )
+    if config.rounds > MAX_ROUNDS:  # every task names the run's rounds, and clients refuse more
+        raise ConfigError(f"rounds must be at most {MAX_ROUNDS:,} in a deployment, got {config.rounds}")
+    if config.lr > MAX_LR:  # each task's lr is at most the run's (schedules only lower it)
+        raise ConfigError(f"lr must be at most {MAX_LR:g} in a deployment, got {config.lr}")
     if secure is not None:
         secure.check(config, per_round)
     board = Dashboard(dashboard, tls=tls) if dashboard is not None else None  # unsafe settings: refused here

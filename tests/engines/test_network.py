@@ -58,8 +58,26 @@ def test_the_example_bound_is_the_server_s_setting():
         update_from(message(), task(), CONFIG, GLOBAL, max_examples=20)
 
 
-def test_a_config_that_changes_by_round_is_refused_not_ignored():
-    # The clients learn their hyperparameters once, from the welcome: a schedule would not reach them.
+def test_a_task_carries_the_rounds_config():
+    from dataclasses import replace
+
+    from fedforge.engines.network import task_message
+
+    config = replace(CONFIG, lr=0.025, local_epochs=3, momentum=0.5, weight_decay=1e-4, round=2, rounds=7)
+    header = task_message(9, task(), GLOBAL, config).header
+    assert {k: header[k] for k in ("round", "rounds", "lr", "local_epochs", "momentum", "weight_decay")} == {
+        "round": 2,
+        "rounds": 7,
+        "lr": 0.025,
+        "local_epochs": 3,
+        "momentum": 0.5,
+        "weight_decay": 1e-4,
+    }
+
+
+def test_only_the_fields_a_task_carries_may_change_by_round():
+    # A task carries the round's lr, local_epochs, momentum and weight_decay; the batch size (and the
+    # task, the optimizer) the clients learn once, from the welcome: a change would not reach them.
     from dataclasses import replace
 
     from fedforge.engines.base import RoundFailed
@@ -71,8 +89,8 @@ def test_a_config_that_changes_by_round_is_refused_not_ignored():
             return False
 
     engine = NetworkEngine(NoClients(), round_timeout=1, min_fit_clients=1)
-    for r in (1, 2):  # the same config each round, the round aside: the round goes on (here: no clients)
+    for r, lr, epochs in ((1, 0.01, 2), (2, 0.005, 3)):  # a schedule's change: the round goes on (here: no clients)
         with pytest.raises(RoundFailed):
-            engine.run(None, GLOBAL, [task()], replace(CONFIG, round=r, rounds=3))
-    with pytest.raises(ConfigError, match="simulation only for now"):
-        engine.run(None, GLOBAL, [task()], replace(CONFIG, lr=CONFIG.lr / 2, round=3, rounds=3))
+            engine.run(None, GLOBAL, [task()], replace(CONFIG, lr=lr, local_epochs=epochs, round=r, rounds=3))
+    with pytest.raises(ConfigError, match="learn batch_size once, when they join"):
+        engine.run(None, GLOBAL, [task()], replace(CONFIG, batch_size=5, round=3, rounds=3))

@@ -18,7 +18,7 @@ from fedforge.experiment import load
 from fedforge.models import build_model
 from fedforge.network.auth import read_secret
 from fedforge.network.hub import CLIENT_ID_KEY, METHOD, SECRET_KEY
-from fedforge.network.wire import Kind, Message, decode
+from fedforge.network.wire import Kind, Message, decode, encode
 
 SETTINGS = {
     "seed": 0,
@@ -104,6 +104,8 @@ def test_a_well_formed_task_is_answered(cluster):
     assert [(m.kind, m.header["task"]) for m in server.replies] == [(Kind.UPDATE, 1)]
 
 
+# A task whose lr is NaN: JSON's NaN, which encode() never writes, as a hostile server could.
+NAN_LR = encode(task(lr=0.5)).replace(b'"lr":0.5', b'"lr":NaN')
 NAN = lambda state: {k: torch.full_like(v, float("nan")) for k, v in state.items()}  # noqa: E731
 EXTRA = lambda state: {**state, "global/evil": torch.zeros(3)}  # noqa: E731
 
@@ -120,19 +122,38 @@ EXTRA = lambda state: {**state, "global/evil": torch.zeros(3)}  # noqa: E731
         (task(NAN), "its global tensors hold NaN or infinite values"),
         (task(EXTRA), "tensors ['global/evil'] are not of this client's model"),
         (Message(Kind.UPDATE, {"task": 1}), "a UPDATE message, which only clients send"),
+        (task(lr=-0.1), "lr -0.1 is not a number in [1e-30, 1e+06]"),
+        (task(lr=1e30), "lr 1e+30 is not a number in [1e-30, 1e+06]"),
+        (task(lr=0), "lr 0 is not a number in [1e-30, 1e+06]"),
+        (task(lr="0.1"), "lr '0.1' is not a number"),
+        (NAN_LR, "a malformed message: header number is not finite"),
+        (task(round=4, rounds=3), "round 4 is not an integer in [1, 3]"),
+        (task(round=0, rounds=3), "round 0 is not an integer in [1, 3]"),
+        (task(round=2), "round 2 is not an integer in [0, 0]"),
+        (task(round=1, rounds=10**9), "rounds 1000000000 is not an integer in [0, 1000000]"),
+        (task(local_epochs=5000), "local_epochs 5000 is not an integer in [1, 1000] (this client's --max-epochs)"),
+        (task(momentum=1.0), "task 1: momentum must be in [0, 1), got 1.0"),
+        (task(weight_decay=-1.0), "weight_decay -1.0 is not a number in [0, 1e+06]"),
         (welcome(batch_size="ten"), "batch_size must be int, got 'ten'"),
     ],
 )
 def test_a_malformed_message_is_one_line_and_status_3(cluster, message, reason):
-    script = [message] if message.kind == Kind.WELCOME else [welcome(), message]
+    script = [message] if isinstance(message, Message) and message.kind == Kind.WELCOME else [welcome(), message]
     with FakeServer(script) as server:
         refused(partition_client(cluster, server), reason)
 
 
+def test_a_welcomes_lr_past_the_bound_is_refused_at_the_first_task(cluster):
+    # A task without an lr of its own (an older server's) trains with the welcome's, bounded the same.
+    with FakeServer([welcome(lr=1e38), task()]) as server:
+        refused(partition_client(cluster, server), "lr 1e+38 is not a number in [1e-30, 1e+06]")
+
+
 def test_a_task_whose_training_diverges_is_one_line_and_status_3(cluster):
-    """A learning rate of 1e38 in the welcome makes the client's training diverge: the server's
-    task, not this client's settings, so one line and status 3 (before: status 1, "refused")."""
-    with FakeServer([welcome(lr=1e38), task(), DONE]) as server:
+    """A weight decay of 1e6 at lr 1 multiplies the weights by -999,999 a step: the client's
+    training diverges. The server's task, not this client's settings, so one line and status 3
+    (before: status 1, "refused")."""
+    with FakeServer([welcome(), task(lr=1.0, weight_decay=1e6), DONE]) as server:
         proc = partition_client(cluster, server)
         assert proc.wait() == 3, proc.text()
     text = proc.text()

@@ -37,6 +37,91 @@ def test_all_alive_equals_the_simulation(cluster, tmp_path, strategy):
     assert_same_model(networked, simulated_model(tmp_path, *flags))
 
 
+def test_a_learning_rate_schedule_over_the_network_equals_the_simulation(cluster, tmp_path):
+    """Each task carries the round's lr: the networked run ends at the scheduled simulation's
+    weights, not at the constant lr's, and records each round's lr as the simulation does."""
+    flags = ["--rounds", "4", "--lr", "0.2", "--lr-schedule", "cosine:warmup=2"]
+    server, port = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags)
+    clients = [cluster.client(i, port) for i in range(3)]
+    assert server.wait() == 0, server.text()
+    assert all(c.wait() == 0 for c in clients)
+    networked = torch.load(tmp_path / "runs" / "net" / "model.pt")
+    assert_same_model(networked, simulated_model(tmp_path, *flags))
+    history = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())["rounds"]
+    simulated = json.loads((tmp_path / "sim" / "sim" / "history.json").read_text())["rounds"]
+    assert [r["metrics"]["lr"] for r in history[1:]] == [r["metrics"]["lr"] for r in simulated[1:]]
+    assert [r["metrics"]["lr"] for r in history[1:3]] == [0.1, 0.2]  # the warm-up: lr * r / 2
+    constant = simulated_model(tmp_path, "--rounds", "4", "--lr", "0.2")
+    assert not torch.allclose(networked["1.weight"], constant["1.weight"])
+
+
+OWN_LOOP_APP = """
+import dataclasses
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+import fedforge as ff
+from fedforge.network.client import PartitionOf
+from fedforge.tasks import CLASSIFICATION
+
+
+def train(module, batches, config):  # plain SGD, noting what each round asks
+    with open(f"seen-{os.getpid()}.jsonl", "a") as f:
+        f.write(json.dumps([config.round, config.rounds, config.lr, config.local_epochs]) + "\\n")
+    for x, y in batches:
+        loss = F.cross_entropy(module(x), y)
+        grads = torch.autograd.grad(loss, list(module.parameters()))
+        with torch.no_grad():
+            for p, g in zip(module.parameters(), grads):
+                p -= config.lr * g
+    return None
+
+
+APP = ff.ClientApp(
+    data=lambda client_id, config: PartitionOf("synthetic", client_id, 3).load(config),
+    task=dataclasses.replace(CLASSIFICATION, name="own-loop", train=train),
+)
+"""
+
+
+def test_a_client_apps_own_training_loop_sees_the_round_and_its_config(cluster, tmp_path):
+    """A deployment client's own loop (its ClientApp's Task.train) is told each round's number, the
+    run's rounds and the round's lr, as in simulation."""
+    (tmp_path / "own_loop.py").write_text(OWN_LOOP_APP)
+    flags = ["--rounds", "3", "--lr", "0.1", "--lr-schedule", "step:step_size=1,gamma=0.5"]
+    server, port = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags)
+    clients = [
+        cluster.start(
+            f"app-{i}",
+            [
+                sys.executable,
+                "-m",
+                "fedforge",
+                "client",
+                "--threads",
+                "1",
+                "--insecure",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--client-id",
+                str(i),
+                "--token-file",
+                f"client-{i}.token",
+                "--app",
+                "own_loop:APP",
+            ],
+        )
+        for i in range(3)
+    ]
+    assert server.wait() == 0, server.text()
+    assert all(c.wait() == 0 for c in clients), [c.text() for c in clients]
+    seen = [[json.loads(line) for line in f.read_text().splitlines()] for f in sorted(tmp_path.glob("seen-*.jsonl"))]
+    assert seen == [[[1, 3, 0.1, 1], [2, 3, 0.05, 1], [3, 3, 0.025, 1]]] * 3
+
+
 def test_refusals_are_logged_and_training_continues(cluster, tmp_path):
     modes = ["shape", "nan", "oversized", "many", "huge", "steps", "loss", "late"]
     server, port = cluster.server(
@@ -275,6 +360,11 @@ def test_enroll_command(tmp_path):
             ["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-threshold", "0.3"],
             "secagg threshold must be a count >= 2 or a fraction in [0.5, 1), got 0.3",
         ),
+        (
+            ["server", "--tokens", "t.json", "--insecure", "--rounds", "2000000"],
+            "rounds must be at most 1,000,000 in a deployment, got 2000000",
+        ),
+        (["server", "--tokens", "t.json", "--insecure", "--lr", "1e7"], "lr must be at most 1e+06 in a deployment"),
         (
             ["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-threshold", "2"],
             "threshold 2 of 5 holders: it must be more than half of them",

@@ -50,7 +50,7 @@ def answer(hub: Hub, task_id: int, secagg: dict | None = None, **plan) -> dict[s
     it closes the session instead; with `secagg`, the task opens a secure aggregation round of those
     settings."""
     task = ClientTask(0, None, 7, plan=ClientPlan(**plan))
-    assert hub.send(hub.current(0), encode(task_message(task_id, task, GLOBAL, secagg)))
+    assert hub.send(hub.current(0), encode(task_message(task_id, task, GLOBAL, CONFIG.client_config(), secagg)))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         event = hub.events.get(timeout=max(deadline - time.monotonic(), 0.01))

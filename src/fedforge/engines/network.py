@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..algorithms import PLAIN, ClientAlgorithm, describe
+from ..algorithms import describe
 from ..client import ClientConfig, ClientUpdate, State, all_finite
 from ..errors import ConfigError
 from ..network.hub import Event, EventKind, Hub, Session
@@ -40,24 +40,27 @@ MAX_METRIC = 1e15  # a finite loss past this is refused as implausible (and woul
 MAX_METRICS = 32  # named metrics in one update
 
 
+# The fields of a ClientConfig that may change by round (a learning-rate schedule, a round
+# configuration): each TASK carries the round's. The others (batch size, task, optimizer) are the
+# welcome's, the same every round.
+ROUND_FIELDS = ("round", "rounds", "lr", "local_epochs", "momentum", "weight_decay")
+
+
 def task_message(
-    task_id: int,
-    task: ClientTask,
-    global_state: State,
-    secagg: dict | None = None,
-    *,
-    algorithm: ClientAlgorithm = PLAIN,
+    task_id: int, task: ClientTask, global_state: State, config: ClientConfig, secagg: dict | None = None
 ) -> Message:
-    """The TASK for `task`; with `secagg` (a round's settings for this client) it opens the secure
-    aggregation protocol, and the client answers with its keys, not its update. It names the
-    client algorithm (a built-in, `algorithms.describe`) and carries its inputs."""
+    """The TASK for `task` in a round of client config `config` (its ROUND_FIELDS travel); with
+    `secagg` (a round's settings for this client) it opens the secure aggregation protocol, and the
+    client answers with its keys, not its update. It names the client algorithm (a built-in,
+    `algorithms.describe`) and carries its inputs."""
     plan = task.plan
     header: dict[str, object] = {
         "task": task_id,
         "seed": task.seed,
+        **{name: getattr(config, name) for name in ROUND_FIELDS},
         "epochs": plan.epochs,
         "max_steps": plan.max_steps,
-        "algorithm": describe(algorithm),
+        "algorithm": describe(config.algorithm),
         "measure_initial_loss": plan.measure_initial_loss,
         "clip": plan.clip,
         "noise_multiplier": plan.noise_multiplier,
@@ -182,8 +185,7 @@ class NetworkEngine(Engine):
         self._inputs_differ: set[int] = set()  # clients that said their inputs differ from the test inputs
         self.bytes_up = 0  # message bytes received from clients, in all rounds
         self.bytes_down = 0  # message bytes sent to clients
-        self._config: ClientConfig | None = None  # what the clients train with: the first round's
-        self._algorithm: ClientAlgorithm = PLAIN  # what they run: the round's
+        self._config: dict | None = None  # the first round's config, ROUND_FIELDS aside
 
     def traffic(self) -> Traffic:
         """The message bytes received from clients and sent to them so far, in all rounds."""
@@ -192,15 +194,16 @@ class NetworkEngine(Engine):
     def run(
         self, model: nn.Module, global_state: State, tasks: Sequence[ClientTask], config: ClientConfig
     ) -> Iterator[Update]:
-        # The clients learn their hyperparameters once, from the welcome: a config that changes by
-        # round (a learning-rate schedule) would not reach them, so it is refused, not ignored.
-        fixed = dataclasses.replace(config, round=0, rounds=0)
+        # Each task carries the round's ROUND_FIELDS; the rest the clients learn once, from the
+        # welcome: a round configuration that changes them would not reach them, so it is refused.
+        fixed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ROUND_FIELDS}
         if self._config is None:
             self._config = fixed
         elif fixed != self._config:
+            changed = sorted(k for k in fixed if fixed[k] != self._config[k])
             raise ConfigError(
-                "the network engine's clients train with the config they were welcomed with: a config "
-                "that changes by round (round_config, a learning-rate schedule) is simulation only for now"
+                f"the network engine's clients learn {', '.join(changed)} once, when they join: a round "
+                "configuration may change only lr, local_epochs, momentum and weight_decay from round to round"
             )
         # Wait for min_available clients (after an outage, for enough of them to be back); past
         # round_timeout the round goes on with those connected, if they make the quorum.
@@ -215,16 +218,15 @@ class NetworkEngine(Engine):
             )
         self._task_id += 1
         task_id = self._task_id
-        self._algorithm = config.algorithm
         self.watcher.task(task_id, [task.client_id for task in tasks])
         global_cpu = {k: v.detach().cpu() for k, v in global_state.items()}
         if self.secure is not None:
-            return iter([self._secure_round(self.secure, task_id, global_state, global_cpu, tasks)])
+            return iter([self._secure_round(self.secure, task_id, global_state, global_cpu, tasks, config)])
         by_client = {task.client_id: task for task in tasks}
         holders: dict[int, Session] = {}  # the session each pending task was sent to
         messages: dict[int, bytes] = {}
         for task in tasks:
-            data = encode(task_message(task_id, task, global_cpu, algorithm=config.algorithm))
+            data = encode(task_message(task_id, task, global_cpu, config))
             session = self.hub.current(task.client_id)
             if session is not None and self._send(session, data):
                 holders[task.client_id], messages[task.client_id] = session, data
@@ -337,6 +339,7 @@ class NetworkEngine(Engine):
         global_state: State,
         global_cpu: State,
         tasks: Sequence[ClientTask],
+        config: ClientConfig,
     ) -> PartialSum:
         """The round's clients, their update summed under secure aggregation (secagg/protocol.py):
         one PartialSum, the strategy's only view of the round. RoundFailed, with nothing
@@ -390,9 +393,7 @@ class NetworkEngine(Engine):
         # 1. the task and the round's settings -> each client's public keys (it then trains)
         exchange(
             sorted(sessions),
-            lambda c: task_message(
-                task_id, by_client[c], global_cpu, protocol.setup(c).to_header(), algorithm=self._algorithm
-            ),
+            lambda c: task_message(task_id, by_client[c], global_cpu, config, protocol.setup(c).to_header()),
             Kind.SA_KEYS,
             keys,
         )

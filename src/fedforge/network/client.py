@@ -5,11 +5,12 @@ A client keeps its data; only model updates travel. It trains as the sequential 
 
 Every message from the server is checked before it is used, as the server checks its clients':
 its size (at most `max_message_bytes`), its wire format, every header field and tensor of a
-task, and what a task asks against this client's own ClientLimits (epochs, steps, batch size,
-seconds of training). A message that fails is one logged line and the client leaves the run as
-it does when the server's run failed (status 3, or with `retry_on_server_failure` it reconnects
-later). The client imports no code that the server names unless its operator allowed it
-(welcome.References).
+task (the round's client config among them: its round and the run's rounds, lr, local epochs,
+momentum and weight decay, which the client trains that round with), and what a task asks
+against this client's own ClientLimits (epochs, steps, batch size, seconds of training). A
+message that fails is one logged line and the client leaves the run as it does when the server's
+run failed (status 3, or with `retry_on_server_failure` it reconnects later). The client
+imports no code that the server names unless its operator allowed it (welcome.References).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import grpc
 import numpy as np
 import torch
 
-from ..algorithms import PLAIN, ClientAlgorithm, ClientState, describe, from_description
+from ..algorithms import PLAIN, ClientState, describe, from_description
 from ..app import ClientApp
-from ..client import ClientPlan, ClientUpdate, OutOfTime, all_finite, train_client
+from ..client import ClientConfig, ClientPlan, ClientUpdate, OutOfTime, all_finite, train_client
 from ..config import Config
 from ..data import federate, load
 from ..data.datasets import TensorData, leaves
@@ -45,7 +46,7 @@ from ..secagg.protocol import ClientRound, Floor, ProtocolError, Setup
 from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .inputs import InputSummary
-from .welcome import ClientLimits, References, Unacceptable, Welcome, check_welcome
+from .welcome import MAX_LR, MAX_ROUNDS, ClientLimits, References, Unacceptable, Welcome, check_welcome
 from .wire import MAX_INT, Kind, Message, WireError, decode, encode, is_number
 
 log = logging.getLogger("fedforge.client")
@@ -203,12 +204,14 @@ class _Trainer:
                 f"tensors; e.g. {different})"
             )
 
-    def check(self, task: Message) -> tuple[int, int, ClientPlan, ClientAlgorithm]:
-        """The task's id, seed and plan, once every header field and tensor of `task` is checked
-        (and what it asks is within this client's limits); Unacceptable otherwise."""
+    def check(self, task: Message) -> tuple[int, int, ClientPlan, ClientConfig]:
+        """The task's id, seed, plan and the round's client config (with the task's algorithm), once
+        every header field and tensor of `task` is checked (and what it asks is within this client's
+        limits); Unacceptable otherwise."""
         h, limits = task.header, self.limits
         task_id = _integer(h, "task", 0, MAX_INT)
         seed = _integer(h, "seed", 0, MAX_INT)
+        config = self._round_config(task_id, h)
         epochs = _optional_integer(h, "epochs", 1, limits.max_epochs, limit="--max-epochs")
         max_steps = _optional_integer(h, "max_steps", 1, MAX_INT)
         initial_loss = h.get("measure_initial_loss", False)
@@ -246,18 +249,41 @@ class _Trainer:
             noise_multiplier=_number(h, "noise_multiplier", 0, 1e6, default=0.0),
         )
         limits.check_privacy(task_id, plan.clip, plan.noise_multiplier, "secagg" in h)
-        steps = plan.num_steps(len(self.data), self.client)
+        steps = plan.num_steps(len(self.data), config)
         if steps > limits.max_steps:
             raise Unacceptable(
                 f"task {task_id} asks for {steps} steps, above this client's --max-steps {limits.max_steps}"
             )
-        return task_id, seed, plan, algorithm
+        return task_id, seed, plan, dataclasses.replace(config, algorithm=algorithm)
+
+    def _round_config(self, task_id: int, h: dict) -> ClientConfig:
+        """The round's client config: the welcome's, with the round's fields the task carries (a
+        field it leaves out keeps the welcome's value; round and rounds 0: unknown, as in
+        ClientConfig)."""
+        rounds = _integer(h, "rounds", 0, MAX_ROUNDS) if "rounds" in h else 0
+        round_ = _integer(h, "round", min(rounds, 1), rounds) if "round" in h or rounds else 0
+        welcomed = self.client
+        epochs = welcomed.local_epochs
+        if "local_epochs" in h:
+            epochs = _integer(h, "local_epochs", 1, self.limits.max_epochs, limit="--max-epochs")
+        try:
+            return dataclasses.replace(
+                welcomed,
+                round=round_,
+                rounds=rounds,
+                lr=_number(h, "lr", 1e-30, MAX_LR, default=welcomed.lr),
+                local_epochs=epochs,
+                momentum=_number(h, "momentum", 0, 1, default=welcomed.momentum),
+                weight_decay=_number(h, "weight_decay", 0, 1e6, default=welcomed.weight_decay),
+            )
+        except ConfigError as e:  # momentum 1, or SGD's momentum for another optimizer
+            raise Unacceptable(f"task {task_id}: {e}") from None
 
     def train(self, client_id: int, task: Message, *, privatize: bool = True) -> ClientUpdate:
         """This client's update for `task`; with `privatize`, clipped (and noised) as differential
         privacy asks (secure aggregation clips the update itself, as it quantizes it). Raises
         Unacceptable for a task this client refuses, OutOfTime past its --max-round-seconds."""
-        task_id, seed, plan, algorithm = self.check(task)
+        task_id, seed, plan, config = self.check(task)
         global_state = {k[len("global/") :]: v for k, v in task.tensors.items() if k.startswith("global/")}
         last = self._last
         start, kept = (
@@ -272,7 +298,7 @@ class _Trainer:
             self.scratch,
             global_state,
             self.data,
-            dataclasses.replace(self.client, algorithm=algorithm),
+            config,
             client_id=client_id,
             generator=torch.Generator().manual_seed(seed),
             plan=plan,

@@ -51,6 +51,12 @@ def welcome_header(config: Config) -> dict[str, Any]:
     return {"config": {k: getattr(config, k) for k in SETTINGS if getattr(config, k) is not None}}
 
 
+# The most any task may ask, whatever the client's operator allows: a round's learning rate,
+# and the run's rounds (a task names its round and the run's rounds, both bounded by it).
+MAX_LR = 1e6
+MAX_ROUNDS = 1_000_000
+
+
 class Unacceptable(Exception):
     """A message from the server that this client refuses (the reason is safe to log)."""
 
@@ -195,6 +201,8 @@ def check_welcome(header: dict, references: References) -> Welcome:
 
 __all__ = [
     "CHECKS",
+    "MAX_LR",
+    "MAX_ROUNDS",
     "SETTINGS",
     "ClientLimits",
     "References",

@@ -48,7 +48,7 @@ class Kind(IntEnum):
     # 1 was HELLO: a client now authenticates in the call's metadata (hub.py)
     WELCOME = 2  # server -> client: the run's settings
     REJECT = 3  # server -> client: why it is refused
-    TASK = 4  # server -> client: train the global model, with a plan
+    TASK = 4  # server -> client: train the global model, with a plan and the round's config
     UPDATE = 5  # client -> server: the trained delta
     SHUTDOWN = 6  # server -> client: the run is over
     # Secure aggregation (secagg/protocol.py): a TASK with a "secagg" entry opens a round's protocol.
