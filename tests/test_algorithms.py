@@ -343,3 +343,17 @@ def test_bad_algorithm_settings_are_one_line_and_exit_2(capsys, tmp_path, monkey
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_rounds_payload_counts_the_shared_entries_and_the_algorithms_tensors_only():
+    model_bytes = sum(v.numel() * v.element_size() for v in mlp().state_dict().values())
+    head_bytes = (16 * 4 + 4) * 4
+    plain, _ = personal_run(ClientAlgorithm(), rounds=1)
+    fedper, _ = personal_run(FedPer(), rounds=1)
+    scaffold, _ = personal_run(ClientAlgorithm(), rounds=1, strategy=Scaffold())
+    clients = len(plain.history.final.clients)
+    assert plain.history.final.metrics["payload_up"] == plain.history.final.metrics["payload_down"]
+    assert plain.history.final.metrics["payload_up"] == clients * model_bytes
+    for way in ("payload_up", "payload_down"):
+        assert fedper.history.final.metrics[way] == clients * (model_bytes - head_bytes)
+        assert scaffold.history.final.metrics[way] == 2 * clients * model_bytes  # c down, c_i+ - c_i up

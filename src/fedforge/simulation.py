@@ -167,6 +167,7 @@ class _Begun:
     selected: Sequence[int]
     dropped: tuple[int, ...]
     updates: Iterator[Update]
+    payload_down: int  # bytes of the tensors the tasks send (the shared entries, the algorithm's inputs)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ class _Trained:
     optimizer_states: dict[int, OptimizerState]
     client_states: dict[int, ClientState]
     personalized: list[tuple[Mapping[str, float], int]]
+    payload: dict[str, int]  # payload_down, payload_up: bytes of the tensors sent to and by the clients
     at: float
 
 
@@ -213,6 +215,7 @@ class _Tally:
         self.client_states: dict[int, ClientState] = {}
         self.personalized: list[tuple[Mapping[str, float], int]] = []
         self.metrics: list[tuple[Mapping[str, float | None], int]] = []
+        self.payload_up = 0  # bytes of the tensors the clients sent
 
     def arrived(self, updates: Iterable[Update]) -> Iterator[Update]:
         """Passes updates through, keeping what each client keeps (its optimizer state when its task
@@ -225,6 +228,7 @@ class _Tally:
                     self.client_states[update.client_id] = update.client_state
                 if self.personalize is not None:
                     self.personalized.append(update.personalized or self.personalize(update))
+            self.payload_up += _payload_up(update)
             yield update
 
     def aggregated(self, updates: Iterable[Update]) -> Iterator[Update]:
@@ -541,6 +545,7 @@ def _train_round(run: _Run, state: ServerState, ahead: _Begun | None, kept: Kept
             tally.optimizer_states,
             tally.client_states,
             tally.personalized,
+            {"payload_down": begun.payload_down, "payload_up": tally.payload_up},
             time.perf_counter(),
         )
     raise FedforgeError(f"round {r} failed {run.settings.max_round_attempts} times; the last attempt: {failure}")
@@ -613,7 +618,21 @@ def _run_clients(run: _Run, state: ServerState, planned: _Planned) -> _Begun:
         updates = run.engine.run(run.model, _whole(run, state), planned.tasks, planned.config)
     except Exception as e:
         updates = _raising(e)
-    return _Begun(planned.config, planned.selected, planned.dropped, updates)
+    shared = _nbytes(state.params)
+    down = sum(shared + _nbytes(task.plan.inputs or {}) for task in planned.tasks)
+    return _Begun(planned.config, planned.selected, planned.dropped, updates, down)
+
+
+def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _payload_up(update: Update) -> int:
+    """Bytes of the tensors a client sends (its shared delta and its algorithm's extras); a partial
+    sum stands for each client it sums."""
+    if isinstance(update, ClientUpdate):
+        return _nbytes(update.delta) + _nbytes(update.extras)
+    return len(update.client_ids) * _nbytes(update.mean_delta)
 
 
 def _transform(run: _Run, updates: Iterable[Update], r: int) -> Iterator[Update]:
@@ -763,6 +782,7 @@ def _record(
             **named,
             **(personalized_summary([(m, n) for m, n in trained.personalized if n > 0]) if trained else {}),
             **{f"eval_{name}": value for name, value in evaluated.own.items()},
+            **(trained.payload if trained else {}),
             **_scheduled(run, trained),
             **(run.dp.metrics() if run.dp else {}),
             **traffic,
