@@ -17,6 +17,9 @@ XDEV    cross-device: simple-cnn, 1,000 clients of 60 examples, 100 per round, e
 RESNET  `resnet8` (a small ResNet with BatchNorm, 77,754 parameters), 500 clients of 120
         examples, 20 per round, evaluated on the first 2,000 test images: a round of a few seconds
         on a 2-core CPU (70 GFLOP, as much as 5 rounds of CNN).
+FEDBN   RESNET's run under FedBN (issue 25: each client keeps its BatchNorm layers, weights and
+        statistics), sequential against vectorized: the clients start from their own BatchNorm
+        entries, stacked per client.
 
 FLOPs are counted, not guessed: forward hooks on every Conv2d and Linear give the forward FLOPs
 per example (2 x multiply-adds: a convolution's output elements x in_channels/groups x kh x kw, a
@@ -50,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engines import DATASET, fedforge_run, matmul_gflops, split_clients, torch_loop_run
 from ray_scale import flower_spec, measure_flower
 
+from fedforge.algorithms import CLIENT_ALGORITHMS
 from fedforge.data import load_dataset
 from fedforge.models import build_model, count_parameters
 
@@ -64,6 +68,7 @@ class Workload:
     num_clients: int  # each holds TRAIN_EXAMPLES / num_clients examples
     per_round: int
     test_examples: int = 10_000
+    algorithm: str = "fedavg"  # the clients' (fedforge.algorithms.CLIENT_ALGORITHMS)
 
     @property
     def examples(self) -> int:
@@ -74,6 +79,7 @@ WORKLOADS = {
     "cnn": Workload("simple-cnn", num_clients=100, per_round=10),
     "xdev": Workload("simple-cnn", num_clients=1000, per_round=100),
     "resnet": Workload("resnet8", num_clients=500, per_round=20, test_examples=2000),
+    "fedbn": Workload("resnet8", num_clients=500, per_round=20, test_examples=2000, algorithm="fedbn"),
 }
 
 
@@ -188,6 +194,14 @@ def run_workload(name: str, workload: Workload, peak: float, args) -> list[str]:
         test_examples=workload.test_examples,
         warmup=1,
     )
+    if workload.algorithm != "fedavg":  # fedforge's engines only: the others have no client algorithms
+        setting["algorithm"] = CLIENT_ALGORITHMS[workload.algorithm]()
+        for engine in ENGINES[:2]:
+            load = os.getloadavg()[0]
+            r = fedforge_run(engine, partition="iid", device=args.device, **setting)
+            rows.append(row(label, engine, r, roofline, load, f"trained by {r['engine_choice']}"))
+            print(rows[-1], flush=True)
+        return rows
     per_round = {}
     for engine in ENGINES:
         load = os.getloadavg()[0]
