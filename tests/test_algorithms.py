@@ -27,6 +27,7 @@ from fedforge.algorithms import (
 from fedforge.cli import main
 from fedforge.client import ClientPlan, epoch_orders, train_client
 from fedforge.errors import ConfigError
+from fedforge.privacy import DifferentialPrivacy
 from fedforge.strategies import FedAvg, FedDyn, Krum, Scaffold
 
 CONFIG = ClientConfig(batch_size=16, lr=0.1)
@@ -357,3 +358,17 @@ def test_a_rounds_payload_counts_the_shared_entries_and_the_algorithms_tensors_o
     for way in ("payload_up", "payload_down"):
         assert fedper.history.final.metrics[way] == clients * (model_bytes - head_bytes)
         assert scaffold.history.final.metrics[way] == 2 * clients * model_bytes  # c down, c_i+ - c_i up
+
+
+def test_differential_privacy_clips_the_shared_entries_only():
+    """Each client's update (its shared entries) is clipped to C; the heads it keeps are not touched."""
+    clip = 1e-3
+    result, updates = personal_run(
+        FedPer(), rounds=1, privacy=DifferentialPrivacy(mode="central", clip=clip, noise_multiplier=1e-9)
+    )
+    start = {k: v for k, v in mlp().state_dict().items() if k in result.state.params}
+    change = torch.cat([(result.state.params[k] - v).flatten() for k, v in start.items()])
+    assert 0 < change.norm() <= clip * (1 + 1e-5)  # the mean of updates each clipped to C
+    initial_head = mlp().state_dict()["2.weight"]
+    moved = [(u.client_state.personal["2.weight"] - initial_head).norm() for u in updates]
+    assert min(moved) > 10 * clip  # the personal head trains freely
