@@ -28,8 +28,9 @@ A client that was never selected has no personal entries: it is tested with the 
 ("unseen"; with 100 rounds each client misses all of them with probability 0.9^100 = 3e-5).
 "sim" is the simulation's own personalized_accuracy (the round's 10 clients, each after its
 round's training) averaged over the last 10 rounds. Times are wall seconds for the run and the
-final evaluation; the vectorized engine trains plain FedAvg and falls back to sequential for the
-others (engine column). Peak RSS is the process's, so far (it only grows).
+final evaluation, on the vectorized engine (the engine column says which engine trained the last
+round: the vectorized one falls back to sequential, with a notice, where it cannot batch). Peak
+RSS is the process's, so far (it only grows).
 
 `--memory` measures instead what clients keep: a synthetic run of `--memory-clients` (10,000)
 clients of 6 random 28x28 images each, one round with every client (sequential engine), the MLP
