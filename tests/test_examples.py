@@ -93,3 +93,24 @@ def test_own_strategy():
     assert runs.keys() == {"equal_avg", "fedavg"}
     for accuracy in ([float(a) for a in line.split()] for line in runs.values()):
         assert len(accuracy) == 6 and accuracy[0] < 0.2 and accuracy[-1] > 0.85
+
+
+def test_own_algorithm():
+    pytest.importorskip("sklearn")
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "own_algorithm.py"), "--rounds", "5", "--mu", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=bound(600),
+        check=True,
+    ).stdout
+    rows = re.findall(
+        r"^(.+?) +test accuracy ([\d.]+)(?:  from fedavg (\S+)  from built-in fedprox (\S+))?$", out, re.M
+    )
+    runs = {label: (float(accuracy), *(float(d) if d else None for d in rest)) for label, accuracy, *rest in rows}
+    assert runs.keys() == {"fedavg", "proximal_loss mu=0", "proximal_loss mu=0.5", "built-in fedprox mu=0.5"}
+    assert runs["fedavg"][0] > 0.15  # two labels per client, 5 rounds: well above chance (0.1), far from done
+    # A zero loss term is FedAvg up to float rounding; mu > 0 moves the model, as the built-in FedProx does.
+    assert runs["proximal_loss mu=0"][1] < 1e-6
+    assert runs["proximal_loss mu=0.5"][1] > 1e-3
+    assert runs["proximal_loss mu=0.5"][2] < 1e-4
