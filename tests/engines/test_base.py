@@ -82,11 +82,8 @@ def test_the_base_declares_defaults_and_run_is_required():
 def test_an_engine_that_counts_traffic_has_each_rounds_bytes_recorded():
     counted = run(Counting())
     assert_same_run(run(), counted)
-    assert [r.metrics for r in counted.history.records] == [
-        {},
-        {"bytes_up": 30, "bytes_down": 3},
-        {"bytes_up": 30, "bytes_down": 3},
-    ]
+    traffic = [{k: r.metrics[k] for k in ("bytes_up", "bytes_down") if k in r.metrics} for r in counted.history.records]
+    assert traffic == [{}, {"bytes_up": 30, "bytes_down": 3}, {"bytes_up": 30, "bytes_down": 3}]
     assert all("bytes_up" not in r.metrics for r in run().history.records)  # an in-process engine sends none
 
 
@@ -129,11 +126,8 @@ class Reporting(Plain):
 def test_an_adopted_engine_passes_on_its_traffic_and_its_close():
     engine = Messaging()
     counted = run(engine)
-    assert [r.metrics for r in counted.history.records] == [
-        {},
-        {"bytes_up": 30, "bytes_down": 3},
-        {"bytes_up": 30, "bytes_down": 3},
-    ]
+    traffic = [{k: r.metrics[k] for k in ("bytes_up", "bytes_down") if k in r.metrics} for r in counted.history.records]
+    assert traffic == [{}, {"bytes_up": 30, "bytes_down": 3}, {"bytes_up": 30, "bytes_down": 3}]
     adopted = as_engine(engine)
     assert adopted.traffic() == Traffic(60, 6) and not engine.closed
     adopted.close()
