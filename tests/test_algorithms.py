@@ -26,7 +26,7 @@ from fedforge.algorithms import (
 )
 from fedforge.cli import main
 from fedforge.client import ClientPlan, epoch_orders, train_client
-from fedforge.errors import ConfigError
+from fedforge.errors import ConfigError, DivergenceError
 from fedforge.privacy import DifferentialPrivacy
 from fedforge.strategies import FedAvg, FedDyn, Krum, Scaffold
 
@@ -372,3 +372,36 @@ def test_differential_privacy_clips_the_shared_entries_only():
     initial_head = mlp().state_dict()["2.weight"]
     moved = [(u.client_state.personal["2.weight"] - initial_head).norm() for u in updates]
     assert min(moved) > 10 * clip  # the personal head trains freely
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepsTrained(ClientAlgorithm):
+    """A hook that hands back the tensors it was given: the engines must copy them."""
+
+    name = "keeps-trained"
+
+    def init_state(self, shared):
+        return {k: torch.zeros_like(v) for k, v in shared.items()}
+
+    def finish(self, received, trained, state, inputs, steps, lr):
+        return dict(trained), dict(trained)
+
+
+@pytest.mark.parametrize("engine", ["sequential", "vectorized"])
+def test_what_a_hook_returns_is_the_clients_own_not_a_view_the_next_client_overwrites(engine):
+    from fedforge.engines import make_engine
+
+    _, updates = personal_run(KeepsTrained(), rounds=1, engine=make_engine(engine))
+    for update in updates:
+        for name, value in update.delta.items():
+            trained = update.extras[name]
+            assert torch.equal(update.client_state.algorithm[name], trained)
+            # trained = received + delta, each client's own
+            assert torch.allclose(trained - value, mlp().state_dict()[name], atol=1e-6)
+
+
+def test_a_personal_copy_that_diverges_stops_the_run_in_one_line():
+    with pytest.raises(DivergenceError, match="personal copy diverged in phase 1 of ditto"):
+        personal_run(Ditto(lam=1e4, epochs=3), rounds=2)
+    with pytest.raises(ConfigError, match="ditto epochs must be >= 1, got 0"):
+        Ditto(epochs=0)

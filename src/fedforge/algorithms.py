@@ -383,6 +383,8 @@ class Ditto(ClientAlgorithm):
     def __post_init__(self):
         if not (self.lam >= 0 and math.isfinite(self.lam)):
             raise ConfigError(f"ditto lambda must be >= 0, got {self.lam}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"ditto epochs must be >= 1, got {self.epochs}")
 
     @property
     def phases(self) -> tuple[Phase, ...]:
@@ -494,7 +496,9 @@ def from_description(description: object) -> ClientAlgorithm:
         kind = known[key]
         if type(value) not in ((int,) if kind is int else (int, float)) or not abs(value) <= MAX_OPTION:
             raise ConfigError(f"algorithm {name}: {key} must be a {kind.__name__} within +-{MAX_OPTION:g}")
-    return cls(**options)
+    made = cls(**options)
+    made.phases  # noqa: B018 (its phases, checked when made)
+    return made
 
 
 def check_loss_term(value: object, algorithm: ClientAlgorithm) -> torch.Tensor:

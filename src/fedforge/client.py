@@ -294,6 +294,12 @@ def train_client(
             kept_optimizer = final_optimizer_state()
         if phase.copy:
             copy = {n: result[n] for n in roles.names(SHARED, PERSONAL)}
+            loss = phase_sums.get("loss")
+            if not all_finite(copy.values()) or (loss is not None and not torch.isfinite(loss).all()):
+                raise DivergenceError(
+                    f"client {client_id}'s personal copy diverged in phase {index} of {algorithm.name}; "
+                    f"lower the learning rate (lr={config.lr})"
+                )
         else:  # the model the client sends: its metrics are the round's
             own, sums, steps, units = result, _added(sums, phase_sums), steps + phase_steps, units + phase_units
     return _finished(
@@ -369,10 +375,12 @@ def _finished(
     after = {n: own[n] for n in shared}
     steps = torch.tensor(float(fields["num_steps"]), dtype=torch.float64)
     algorithm_state, extras = algorithm.finish(before, after, client_state.algorithm, inputs, steps, config.lr)
-    # Copied: `own` and `copy` may be the module's tensors, which the next client overwrites.
+    # Copied: `own` and `copy` may be the module's tensors, which the next client overwrites, and a
+    # hook may hand back the tensors it was given.
+    extras = {k: v.clone() for k, v in extras.items()}
     kept = ClientState(
         {n: own[n].clone() for n in roles.personal},
-        algorithm_state,
+        {k: v.clone() for k, v in algorithm_state.items()},
         {n: v.clone() for n, v in copy.items()} if copy is not None else client_state.copy,
     )
     return finish_update(

@@ -648,9 +648,10 @@ def _phase_loss_term(
 
 
 def _copied(finished: tuple[State, State]) -> tuple[State, State]:
-    """A client's `finish`, its new state copied (it may be a view of the stacks, which `_updates` changes)."""
+    """A client's `finish`, its new state and extras copied (they may be views of the stacks, which
+    `_updates` changes)."""
     state, extras = finished
-    return {k: v.clone() for k, v in state.items()}, extras
+    return {k: v.clone() for k, v in state.items()}, {k: v.clone() for k, v in extras.items()}
 
 
 def _finish(
@@ -687,7 +688,7 @@ def _finish(
                 counts,
             )
             finished = [
-                ({k: v[pos].clone() for k, v in new.items()}, {k: v[pos] for k, v in extras.items()})
+                ({k: v[pos].clone() for k, v in new.items()}, {k: v[pos].clone() for k, v in extras.items()})
                 for pos in range(len(order))
             ]
         except Exception:  # any hook vmap cannot batch runs client by client
