@@ -51,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tutorial_vs_fedforge import tutorial
 
 from fedforge import ClientConfig, FederatedData, simulate
-from fedforge.algorithms import ClientAlgorithm
 from fedforge.data import dirichlet, iid, load_dataset
 from fedforge.engines import engine_choice, make_engine
 from fedforge.evaluation import evaluate
@@ -91,11 +90,12 @@ def fedforge_run(
     test_examples: int | None = None,
     device: str = "cpu",
     warmup: int = 0,
-    algorithm: ClientAlgorithm | None = None,
+    algorithm=None,
 ) -> dict:
     """One whole run from loading the data to the last evaluation. The medians leave out round 0
     (the initial evaluation) and the `warmup` rounds after it; the test set is its first
-    `test_examples` (all of it by default). `algorithm`: the clients' (plain training by default)."""
+    `test_examples` (all of it by default). `algorithm`: the clients' (a `fedforge.algorithms`
+    ClientAlgorithm; plain training by default)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     data = load_dataset(DATASET, progress=False)
     parts = split_clients(data, num_clients, partition, alpha, seed)
@@ -106,7 +106,8 @@ def fedforge_run(
         FederatedData(data.train, parts, data.test.rows(0, test_examples or len(data.test))).to(device),
         rounds=rounds,
         clients_per_round=per_round,
-        client=ClientConfig(batch_size=batch_size, lr=0.01, algorithm=algorithm or ClientAlgorithm()),
+        # `algorithm` only when given: --baseline runs this file against trees from before it existed.
+        client=ClientConfig(batch_size=batch_size, lr=0.01, **({"algorithm": algorithm} if algorithm else {})),
         engine=engine_object,
         seed=seed,
     )
