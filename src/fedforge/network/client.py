@@ -33,7 +33,7 @@ import torch
 
 from ..algorithms import PLAIN, ClientState, describe, from_description
 from ..app import ClientApp
-from ..client import ClientConfig, ClientPlan, ClientUpdate, OutOfTime, all_finite, train_client
+from ..client import ClientConfig, ClientPlan, ClientUpdate, OutOfTime, State, all_finite, train_client
 from ..config import Config
 from ..data import federate, load
 from ..data.datasets import TensorData, leaves
@@ -187,6 +187,9 @@ class _Trainer:
             self.model = app.model(input_shape, num_classes)
         check_fits(self.model, self.data.x, config.model if app.model is None else _qualified(app.model))
         self.scratch = copy.deepcopy(self.model)  # trained in place, as the sequential engine's copy
+        # Its own model's values (initial or pretrained): what fills the entries that never travel,
+        # the frozen ones every round and the personal ones on its first.
+        self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         # Where this client's optimizer left off, when its task keeps it; and the task it last
         # trained with the state it started from, so that a task sent again (after a reconnect)
         # starts where it did the first time.
@@ -194,20 +197,21 @@ class _Trainer:
         self.client_state: ClientState | None = None  # what its algorithm keeps between rounds
         self._last: tuple[int, OptimizerState | None, ClientState | None] | None = None
 
-    def _check_model(self, global_state) -> None:
-        mine = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+    def _check_model(self, global_state, shared: list[str]) -> None:
+        mine = {k: tuple(self.initial[k].shape) for k in shared}
         theirs = {k: tuple(v.shape) for k, v in global_state.items()}
         if mine != theirs:
             different = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
             raise ConfigError(
-                f"this client's model does not match the server's ({len(mine)} vs {len(theirs)} "
+                f"this client's model does not match the server's ({len(mine)} vs {len(theirs)} shared "
                 f"tensors; e.g. {different})"
             )
 
-    def check(self, task: Message) -> tuple[int, int, ClientPlan, ClientConfig]:
-        """The task's id, seed, plan and the round's client config (with the task's algorithm), once
-        every header field and tensor of `task` is checked (and what it asks is within this client's
-        limits); Unacceptable otherwise."""
+    def check(self, task: Message) -> tuple[int, int, ClientPlan, ClientConfig, State]:
+        """The task's id, seed, plan, the round's client config (with the task's algorithm) and the
+        model it starts from (the task's shared entries, this client's own frozen and personal
+        ones), once every header field and tensor of `task` is checked (and what it asks is within
+        this client's limits); Unacceptable otherwise."""
         h, limits = task.header, self.limits
         task_id = _integer(h, "task", 0, MAX_INT)
         seed = _integer(h, "seed", 0, MAX_INT)
@@ -219,16 +223,21 @@ class _Trainer:
             raise Unacceptable(f"measure_initial_loss {_text(repr(initial_loss), 40)} is not true or false")
         try:
             algorithm = from_description(h.get("algorithm", describe(PLAIN)))
+            roles = algorithm.roles.assign(self.model)  # each pattern must match an entry of this client's model
         except ConfigError as e:
-            raise Unacceptable(str(e)) from None
-        state = self.model.state_dict()
+            raise Unacceptable(_text(str(e))) from None
+        if not roles.shared:
+            raise Unacceptable(f"algorithm {algorithm.name}'s roles leave no entry of this client's model shared")
+        state = {k: self.initial[k] for k in roles.shared}  # the entries that travel
         expected_inputs = algorithm.inputs_like(state)
         names = {f"global/{k}" for k in state} | {f"inputs/{k}" for k in expected_inputs}
         unknown = sorted(set(task.tensors) - names)
         if unknown:
-            raise Unacceptable(f"tensors {_text(unknown[:3])} are not of this client's model or algorithm")
+            raise Unacceptable(
+                f"tensors {_text(unknown[:3])} are not of this client's model's shared entries or its algorithm"
+            )
         global_state = {k[len("global/") :]: v for k, v in task.tensors.items() if k.startswith("global/")}
-        self._check_model(global_state)
+        self._check_model(global_state, roles.shared)
         inputs = {k[len("inputs/") :]: v for k, v in task.tensors.items() if k.startswith("inputs/")}
         if inputs.keys() != expected_inputs.keys():
             raise Unacceptable(f"its inputs are not the {len(expected_inputs)} algorithm {algorithm.name} takes")
@@ -249,12 +258,17 @@ class _Trainer:
             noise_multiplier=_number(h, "noise_multiplier", 0, 1e6, default=0.0),
         )
         limits.check_privacy(task_id, plan.clip, plan.noise_multiplier, "secagg" in h)
-        steps = plan.num_steps(len(self.data), config)
+        # Every phase's steps: FedRep's head epochs and Ditto's personal copy are work too.
+        steps = sum(
+            (dataclasses.replace(plan, epochs=phase.epochs) if phase.epochs else plan).num_steps(len(self.data), config)
+            for phase in algorithm.phases
+        )
         if steps > limits.max_steps:
             raise Unacceptable(
                 f"task {task_id} asks for {steps} steps, above this client's --max-steps {limits.max_steps}"
             )
-        return task_id, seed, plan, dataclasses.replace(config, algorithm=algorithm)
+        whole = {k: global_state.get(k, v) for k, v in self.initial.items()}
+        return task_id, seed, plan, dataclasses.replace(config, algorithm=algorithm), whole
 
     def _round_config(self, task_id: int, h: dict) -> ClientConfig:
         """The round's client config: the welcome's, with the round's fields the task carries (a
@@ -283,8 +297,7 @@ class _Trainer:
         """This client's update for `task`; with `privatize`, clipped (and noised) as differential
         privacy asks (secure aggregation clips the update itself, as it quantizes it). Raises
         Unacceptable for a task this client refuses, OutOfTime past its --max-round-seconds."""
-        task_id, seed, plan, config = self.check(task)
-        global_state = {k[len("global/") :]: v for k, v in task.tensors.items() if k.startswith("global/")}
+        task_id, seed, plan, config, global_state = self.check(task)
         last = self._last
         start, kept = (
             (last[1], last[2])
