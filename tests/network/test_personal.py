@@ -8,11 +8,13 @@ import threading
 import pytest
 import torch
 from cluster import BASE, free_port
-from helpers import PROCESS_S, bound
+from fake_server import FakeServer
+from helpers import PROCESS_S, bound, wait_for
 
 import fedforge.engines.network as network_engine
 from fedforge.cli import main as fedforge
-from fedforge.network.wire import Kind
+from fedforge.models import build_model
+from fedforge.network.wire import Kind, Message
 
 MLP = [*BASE[:-4], "--model", "mlp", "--batch-size", "10"]  # BASE with a model that has a body and a head
 HEAD = ("5.weight", "5.bias")  # the mlp's last layer: FedPer's and FedRep's personal entries
@@ -74,7 +76,10 @@ def simulated(tmp_path, *flags, name="sim"):
 
 def networked(cluster, tmp_path, monkeypatch, *flags, client_flags=(), name="net"):
     server = TappedServer(tmp_path, monkeypatch, *flags, name=name)
-    clients = [cluster.client(i, server.port, *client_flags, name=f"{name}-client-{i}") for i in range(3)]
+    clients = [
+        cluster.client(i, server.port, "--state-dir", f"{name}-states", *client_flags, name=f"{name}-client-{i}")
+        for i in range(3)
+    ]
     assert server.wait() == 0, [c.text() for c in clients]
     assert all(c.wait() == 0 for c in clients), [c.text() for c in clients]
     model = torch.load(server.run_dir / "model.pt")
@@ -113,3 +118,62 @@ def test_a_personalized_run_equals_the_simulation_and_sends_only_shared_entries(
         head = sum(whole[k].numel() * whole[k].element_size() for k in HEAD)  # 2,600: 64 x 10 + 10 floats
         for mine, theirs in zip(traffic(history), traffic(plain), strict=True):
             assert 9 * head <= theirs - mine <= 9 * (head + 200), (mine, theirs)
+
+
+def test_a_client_restarted_between_rounds_keeps_its_head(cluster, tmp_path, monkeypatch):
+    """Client 0 (the fewest examples: it finishes first) is killed once its round-2 update is in,
+    while the others still train, and started again with the same --state-dir: the run equals
+    the uninterrupted simulation, so it trained round 3 from its own head."""
+    accepted = []
+    update_from = network_engine.update_from
+
+    def tap(message, task, *args, **kwargs):
+        update = update_from(message, task, *args, **kwargs)
+        accepted.append((task.client_id, message.header["task"]))
+        return update
+
+    monkeypatch.setattr(network_engine, "update_from", tap)
+    flags = [*MLP, "--rounds", "4", "--algorithm", "fedper", "--local-epochs", "10"]
+    server = TappedServer(tmp_path, monkeypatch, *flags, "--min-available-clients", "3")
+    clients = [cluster.client(i, server.port, "--state-dir", "states") for i in range(3)]
+    wait_for(lambda: (0, 2) in accepted, PROCESS_S, "client 0's round-2 update", clients[0].log, interval=0.01)
+    clients[0].kill()
+    assert (tmp_path / "states" / "client-0.pt").exists()
+    again = cluster.client(0, server.port, "--state-dir", "states", name="client-0-again")
+    assert server.wait() == 0, again.text()
+    assert all(c.wait() == 0 for c in [again, *clients[1:]])
+    assert "continues from its state" in again.text() and (0, 3) in accepted
+    reference, _ = simulated(tmp_path, *flags)
+    assert_same_model(torch.load(server.run_dir / "model.pt"), reference)
+
+
+SETTINGS = {"seed": 0, "dataset": "synthetic", "num_clients": 3, "clients_per_round": 3, "model": "logreg"}
+
+
+def saved(path, client_id=0, run="another run"):
+    from fedforge.network.state import ClientKept, SavedState, save_state
+
+    save_state(path, client_id, SavedState(run, {"name": "fedper", "options": {}}, 1, ClientKept(), ClientKept()))
+
+
+@pytest.mark.parametrize(
+    "write, reason",
+    [
+        (lambda path: path.write_bytes(b"not a state" * 10), "is damaged or not a fedforge client's state"),
+        (lambda path: (saved(path), path.write_bytes(path.read_bytes()[:-9])), "is damaged"),
+        (lambda path: path.write_bytes(b"x" * (1 << 22)), "more than its model's state can"),
+        (lambda path: saved(path, client_id=2), "it is client 2's, not this client's (0)"),
+        (saved, "was kept in a run of other settings than the server's now"),
+    ],
+)
+def test_a_damaged_or_foreign_state_file_is_refused_in_one_line(cluster, tmp_path, write, reason):
+    (tmp_path / "states").mkdir()
+    write(tmp_path / "states" / "client-0.pt")
+    model = build_model("logreg", (60,), 10, seed=0)
+    tensors = {f"global/{k}": v for k, v in model.state_dict().items()}
+    task = Message(Kind.TASK, {"task": 1, "seed": 7, "algorithm": {"name": "fedavg", "options": {}}}, tensors)
+    with FakeServer([Message(Kind.WELCOME, {"config": SETTINGS}), task], reply_timeout=5) as server:
+        proc = cluster.client(0, server.port, "--state-dir", "states", "--give-up-after", "5")
+        assert proc.wait(120) == 2, proc.text()
+    lines = [line for line in proc.text().splitlines() if "state" in line]
+    assert len(lines) == 1 and reason in lines[0] and "Traceback" not in proc.text(), proc.text()

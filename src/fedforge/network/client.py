@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import logging
 import queue
 import random
@@ -46,7 +47,8 @@ from ..secagg.protocol import ClientRound, Floor, ProtocolError, Setup
 from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .inputs import InputSummary
-from .welcome import MAX_LR, MAX_ROUNDS, ClientLimits, References, Unacceptable, Welcome, check_welcome
+from .state import ClientKept, SavedState, check_state, load_state, save_state, state_path
+from .welcome import MAX_LR, MAX_ROUNDS, SETTINGS, ClientLimits, References, Unacceptable, Welcome, check_welcome
 from .wire import MAX_INT, Kind, Message, WireError, decode, encode, is_number
 
 log = logging.getLogger("fedforge.client")
@@ -173,7 +175,9 @@ class _Trainer:
     """The run's model, task and this client's data, set up once from the server's settings
     and the client's app."""
 
-    def __init__(self, welcome: Welcome, app: ClientApp, client_id: int, limits: ClientLimits):
+    def __init__(
+        self, welcome: Welcome, app: ClientApp, client_id: int, limits: ClientLimits, state_file: Path | None = None
+    ):
         config = self.config = welcome.config
         limits.check_config(config)
         self.limits = limits
@@ -196,6 +200,14 @@ class _Trainer:
         self.optimizer_state: OptimizerState | None = None
         self.client_state: ClientState | None = None  # what its algorithm keeps between rounds
         self._last: tuple[int, OptimizerState | None, ClientState | None] | None = None
+        # Where it keeps them between its runs (None: in memory only); the state it read there, until
+        # the first task names the algorithm that it is checked against.
+        self.state_file, self._unchecked = state_file, None
+        self.run = json.dumps({k: getattr(config, k) for k in SETTINGS}, sort_keys=True, default=str)
+        if state_file is not None and (saved := load_state(state_file, client_id, self.model)) is not None:
+            self._unchecked = saved
+            self._last = (saved.task, saved.start.optimizer, saved.start.client)
+            self.optimizer_state, self.client_state = saved.now.optimizer, saved.now.client
 
     def _check_model(self, global_state, shared: list[str]) -> None:
         mine = {k: tuple(self.initial[k].shape) for k in shared}
@@ -298,6 +310,11 @@ class _Trainer:
         privacy asks (secure aggregation clips the update itself, as it quantizes it). Raises
         Unacceptable for a task this client refuses, OutOfTime past its --max-round-seconds."""
         task_id, seed, plan, config, global_state = self.check(task)
+        if self._unchecked is not None:
+            assert self.state_file is not None, "state is read from a file"
+            check_state(self._unchecked, self.state_file, self.model, config, self.run, describe(config.algorithm))
+            log.info("client %d: continues from its state in %s", client_id, self.state_file)
+            self._unchecked = None
         last = self._last
         start, kept = (
             (last[1], last[2])
@@ -321,6 +338,17 @@ class _Trainer:
         )
         self._last, self.optimizer_state = (task_id, start, kept), update.optimizer_state
         self.client_state = update.client_state
+        if self.state_file is not None and (config.algorithm.keeps_state or config.task.keep_optimizer_state):
+            # Before the update is sent: a client that stops before it sends starts this task again
+            # from `start` and `kept` when the server sends it again.
+            saved = SavedState(
+                self.run,
+                describe(config.algorithm),
+                task_id,
+                ClientKept(start, kept),
+                ClientKept(update.optimizer_state, update.client_state),
+            )
+            save_state(self.state_file, client_id, saved)
         if plan.clip is not None and privatize:  # differential privacy: this client's part, before anything leaves it
             mode = "local" if plan.noise_multiplier else "client"
             mechanism = PrivacyConfig(plan.noise_multiplier, 1.0, mode=mode, clip=plan.clip)
@@ -543,6 +571,7 @@ def run_client(
     secagg_floor: Floor = Floor(),
     limits: ClientLimits = ClientLimits(),
     references: References = References(),
+    state_dir: str | Path | None = None,
 ) -> int:
     """Serve the federation until it shuts down; returns the exit status: 0 the run finished,
     1 refused (wrong secret, replaced by another process with this id), 2 no server for
@@ -557,8 +586,14 @@ def run_client(
     in words (`connection_failure`). With `retry_on_server_failure` a failed run, or a refused
     message, is waited out the same way (the server may come back with --resume). A secure
     aggregation round below `secagg_floor` is declined (the client tells the server why).
+
+    With `state_dir`, what the client keeps between its rounds (its algorithm's client state, its
+    optimizer's state) is written there after each task it trains and read back when it starts
+    (network/state.py), so that it survives a restart; a file that is damaged or does not fit the
+    run is one ConfigError line. None: kept in memory only.
     """
     app = as_app(source)
+    state_file = state_path(state_dir, client_id) if state_dir is not None else None
     references = dataclasses.replace(references, own_model=app.model is not None, own_task=app.task is not None)
     trainer: _Trainer | None = None
     inputs_differ = False  # from the server's test inputs, once welcomed
@@ -589,7 +624,9 @@ def run_client(
                     raise ServerFailed(_text(message.header.get("reason", "no reason given")))
                 if message.kind == Kind.WELCOME:
                     if trainer is None:  # else a reconnect's welcome: the run this client joined goes on
-                        trainer = _Trainer(check_welcome(message.header, references), app, client_id, limits)
+                        trainer = _Trainer(
+                            check_welcome(message.header, references), app, client_id, limits, state_file
+                        )
                         inputs_differ = compare_inputs(message.header.get("test_inputs"), trainer.data, client_id)
                         log.info("client %d: joined (%d examples)", client_id, len(trainer.data))
                 elif trainer is None:  # before the welcome (no secure round can be under way either)
