@@ -46,11 +46,23 @@ def test_a_consistent_update_is_accepted():
         ({"initial_loss": -1e20}, {}, "initial_loss -1e+20 is not a number in"),
         ({"inputs_differ": "yes"}, {}, "inputs_differ 'yes' is not true or false"),
         ({"inputs_differ": 1}, {}, "inputs_differ 1 is not true or false"),
+        ({"personalized": {"metrics": {"accuracy": 0.9}}}, {}, "personalized must be {metrics, num_examples}"),
+        ({"personalized": {"metrics": {}, "num_examples": 0}}, {}, "personalized num_examples 0 is not between"),
+        ({"personalized": {"metrics": {"a": 1e300}, "num_examples": 5}}, {}, "a 1e+300 is not a number in"),
+        ({"personalized": {"metrics": {"x" * 65: 1}, "num_examples": 5}}, {}, "personalized metrics must be at most"),
+        ({"personalized": {"metrics": [0.5], "num_examples": 5}}, {}, "personalized metrics must be at most 32"),
     ],
 )
 def test_counts_and_metrics_must_fit_the_task(header, plan, reason):
     with pytest.raises(ValueError, match=reason.replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):
         update_from(message(**header), task(**plan), CONFIG, GLOBAL)
+
+
+def test_a_clients_personalized_evaluation_is_kept():
+    update = update_from(
+        message(personalized={"metrics": {"accuracy": 0.75}, "num_examples": 8}), task(), CONFIG, GLOBAL
+    )
+    assert update.personalized == ({"accuracy": 0.75}, 8)
 
 
 def test_the_example_bound_is_the_server_s_setting():

@@ -3,6 +3,7 @@ their own evaluation. The server runs in this process (so that every message it 
 looked at); the clients are processes on 127.0.0.1, over real gRPC sockets."""
 
 import json
+import sys
 import threading
 
 import pytest
@@ -16,7 +17,8 @@ from fedforge.cli import main as fedforge
 from fedforge.models import build_model
 from fedforge.network.wire import Kind, Message
 
-MLP = [*BASE[:-4], "--model", "mlp", "--batch-size", "10"]  # BASE with a model that has a body and a head
+# A dataset that holds each client's test rows out (client_test_fraction), and a model with a body and a head.
+MLP = ["--dataset", "digits", "--num-clients", "3", "--clients-per-round", "3", "--model", "mlp", "--batch-size", "10"]
 HEAD = ("5.weight", "5.bias")  # the mlp's last layer: FedPer's and FedRep's personal entries
 
 
@@ -77,7 +79,9 @@ def simulated(tmp_path, *flags, name="sim"):
 def networked(cluster, tmp_path, monkeypatch, *flags, client_flags=(), name="net"):
     server = TappedServer(tmp_path, monkeypatch, *flags, name=name)
     clients = [
-        cluster.client(i, server.port, "--state-dir", f"{name}-states", *client_flags, name=f"{name}-client-{i}")
+        cluster.client(
+            i, server.port, "--state-dir", f"{name}-states", *client_flags, name=f"{name}-client-{i}", dataset="digits"
+        )
         for i in range(3)
     ]
     assert server.wait() == 0, [c.text() for c in clients]
@@ -97,22 +101,45 @@ def traffic(history):
     return [sum(r["metrics"][k] for r in history[1:]) for k in ("bytes_up", "bytes_down")]
 
 
-@pytest.mark.parametrize("algorithm", ["fedper", "fedrep"])
+def personalized(history):
+    return [{k: v for k, v in r["metrics"].items() if k.startswith("personalized_")} for r in history[1:]]
+
+
+@pytest.mark.parametrize("algorithm", ["fedper", "fedrep", "ditto"])
 def test_a_personalized_run_equals_the_simulation_and_sends_only_shared_entries(
     cluster, tmp_path, monkeypatch, algorithm
 ):
-    flags = [*MLP, "--rounds", "3", "--algorithm", algorithm, "--fedrep-head-epochs", "2"]
+    """The final shared weights and each round's personalized evaluation (each client's own model on
+    its held-out rows, which it evaluates and reports) are the simulation's, and no message the
+    server receives holds a personal entry or anything of a client's state."""
+    flags = [
+        *MLP,
+        "--rounds",
+        "3",
+        "--algorithm",
+        algorithm,
+        "--fedrep-head-epochs",
+        "2",
+        "--client-test-fraction",
+        "0.2",
+    ]
     model, history, received = networked(cluster, tmp_path, monkeypatch, *flags)
-    reference, _ = simulated(tmp_path, *flags)
+    reference, simulated_history = simulated(tmp_path, *flags)
     assert_same_model(model, reference)
+    mine, theirs = personalized(history), personalized(simulated_history)
+    assert all(r.keys() == t.keys() and "personalized_accuracy_p50" in r for r, t in zip(mine, theirs, strict=True)), (
+        mine,
+        theirs,
+    )
+    for r, t in zip(mine, theirs, strict=True):
+        assert r == pytest.approx(t, rel=1e-4, abs=1e-6)
     updates = [m for m in received if m.kind == Kind.UPDATE]
-    assert len(updates) == 9
-    body = {k for k in reference if k not in HEAD}
+    assert len(updates) == 9 and all("personalized" in m.header for m in updates)
+    personal = set(HEAD) if algorithm != "ditto" else set()
+    assert model.keys() == {k for k in build_model("mlp", (60,), 10).state_dict() if k not in personal}
     for message in received:
-        names = {n.partition("/")[2] for n in message.tensors}
-        assert not names & set(HEAD), f"a {message.kind.name} carried the head"
-        assert {n.partition("/")[0] for n in message.tensors} <= {"delta"}  # no extras, no client state
-    assert all({n.partition("/")[2] for n in m.tensors} == body for m in updates)
+        assert {n.partition("/")[0] for n in message.tensors} == {"delta"}  # no extras, no client state
+        assert {n.partition("/")[2] for n in message.tensors} == model.keys(), "only the shared entries"
     if algorithm == "fedper":  # each of the 9 tasks and 9 updates is lighter than FedAvg's by the head
         whole, plain, _ = networked(cluster, tmp_path, monkeypatch, *MLP, "--rounds", "3", name="fedavg")
         head = sum(whole[k].numel() * whole[k].element_size() for k in HEAD)  # 2,600: 64 x 10 + 10 floats
@@ -133,7 +160,7 @@ def test_a_client_restarted_between_rounds_keeps_its_head(cluster, tmp_path, mon
         return update
 
     monkeypatch.setattr(network_engine, "update_from", tap)
-    flags = [*MLP, "--rounds", "4", "--algorithm", "fedper", "--local-epochs", "10"]
+    flags = [*BASE[:-4], "--model", "mlp", "--rounds", "4", "--algorithm", "fedper", "--local-epochs", "10"]
     server = TappedServer(tmp_path, monkeypatch, *flags, "--min-available-clients", "3")
     clients = [cluster.client(i, server.port, "--state-dir", "states") for i in range(3)]
     wait_for(lambda: (0, 2) in accepted, PROCESS_S, "client 0's round-2 update", clients[0].log, interval=0.01)
@@ -151,9 +178,9 @@ SETTINGS = {"seed": 0, "dataset": "synthetic", "num_clients": 3, "clients_per_ro
 
 
 def saved(path, client_id=0, run="another run"):
-    from fedforge.network.state import ClientKept, SavedState, save_state
+    from fedforge.network.state import ClientKept, SavedState, write_state
 
-    save_state(path, client_id, SavedState(run, {"name": "fedper", "options": {}}, 1, ClientKept(), ClientKept()))
+    write_state(path, client_id, SavedState(run, {"name": "fedper", "options": {}}, 1, ClientKept(), ClientKept()))
 
 
 @pytest.mark.parametrize(
@@ -177,3 +204,71 @@ def test_a_damaged_or_foreign_state_file_is_refused_in_one_line(cluster, tmp_pat
         assert proc.wait(120) == 2, proc.text()
     lines = [line for line in proc.text().splitlines() if "state" in line]
     assert len(lines) == 1 and reason in lines[0] and "Traceback" not in proc.text(), proc.text()
+
+
+VALIDATION_APP = """
+import numpy as np
+import torch
+
+import fedforge as ff
+from fedforge.network.client import PartitionOf
+
+
+def rows(client_id, config, held_out):
+    data = PartitionOf("synthetic", client_id, 3).load(config)
+    cut = len(data) * 4 // 5
+    return data.subset(np.arange(cut, len(data)) if held_out else np.arange(cut))
+
+
+def evaluate(module, data):  # a metric of the client's own: how often the personal model is right
+    with torch.no_grad():
+        return {"right": (module(data.x).argmax(1) == data.y).float().mean().item(), "count": float(len(data))}
+
+
+APP = ff.ClientApp(
+    data=lambda client_id, config: rows(client_id, config, False),
+    validation=lambda client_id, config: rows(client_id, config, True),
+    evaluate=evaluate,
+)
+"""
+
+
+def test_clients_bring_their_own_validation_data_and_metric(cluster, tmp_path, monkeypatch):
+    """The server holds none of its clients' held-out data (synthetic's clients hold none out): it
+    records the personalized evaluation its clients report, each on its own validation rows with
+    its own metric (ClientApp.validation, ClientApp.evaluate)."""
+    (tmp_path / "validating.py").write_text(VALIDATION_APP)
+    monkeypatch.chdir(tmp_path)
+    server = TappedServer(tmp_path, monkeypatch, *BASE[:-4], "--model", "mlp", "--rounds", "2", "--algorithm", "fedper")
+    clients = [
+        cluster.start(
+            f"app-{i}",
+            [
+                sys.executable,
+                "-m",
+                "fedforge",
+                "client",
+                "--threads",
+                "1",
+                "--insecure",
+                "--server",
+                f"127.0.0.1:{server.port}",
+                "--client-id",
+                str(i),
+                "--token-file",
+                f"client-{i}.token",
+                "--app",
+                "validating:APP",
+            ],
+        )
+        for i in range(3)
+    ]
+    assert server.wait() == 0, [c.text() for c in clients]
+    assert all(c.wait() == 0 for c in clients), [c.text() for c in clients]
+    history = json.loads((server.run_dir / "history.json").read_text())["rounds"]
+    sizes = [m.header["personalized"]["num_examples"] for m in server.received if m.kind == Kind.UPDATE]
+    assert len(sizes) == 6 and all(0 < n < 250 for n in sizes)  # a fifth of each client's rows
+    for record in personalized(history):
+        assert set(record) == {f"personalized_{m}{q}" for m in ("right", "count") for q in ("", "_p10", "_p50", "_p90")}
+        assert 0 <= record["personalized_right"] <= 1
+        assert record["personalized_count_p50"] == sorted(set(sizes))[1]

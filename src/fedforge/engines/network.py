@@ -137,16 +137,10 @@ def update_from(
     initial = _optional_number(h, "initial_loss", -MAX_METRIC, MAX_METRIC)
     if type(h.get("inputs_differ", False)) is not bool:
         raise ValueError(f"inputs_differ {h.get('inputs_differ')!r} is not true or false")
-    metrics = h.get("metrics", {})
-    if (
-        not isinstance(metrics, dict)
-        or len(metrics) > MAX_METRICS
-        or not all(isinstance(k, str) and 0 < len(k) <= 64 for k in metrics)
-    ):
-        raise ValueError(f"metrics must be at most {MAX_METRICS} named numbers")
-    metrics = {k: _number(metrics, k, -MAX_METRIC, MAX_METRIC) for k in metrics}
+    metrics = _metrics(h.get("metrics", {}), "metrics")
     if metrics and metrics.get("loss") != loss:
         raise ValueError("metrics disagree with train_loss")
+    personalized = _personalized(h.get("personalized"), max_examples)
     return ClientUpdate(
         task.client_id,
         {k: v.to(global_state[k].device) for k, v in delta.items()},
@@ -157,7 +151,32 @@ def update_from(
         initial,
         metrics,
         extras={k: v.to(like.device) for (k, v), like in zip(extras.items(), expected_extras.values(), strict=True)},
+        personalized=personalized,
     )
+
+
+def _metrics(metrics: object, what: str) -> dict[str, float]:
+    """`metrics`, at most MAX_METRICS finite numbers in range by short names; ValueError otherwise."""
+    if (
+        not isinstance(metrics, dict)
+        or len(metrics) > MAX_METRICS
+        or not all(isinstance(k, str) and 0 < len(k) <= 64 for k in metrics)
+    ):
+        raise ValueError(f"{what} must be at most {MAX_METRICS} named numbers")
+    return {k: _number(metrics, k, -MAX_METRIC, MAX_METRIC) for k in metrics}
+
+
+def _personalized(value: object, max_examples: int) -> tuple[dict[str, float], int] | None:
+    """An update's personalized evaluation (its personal model's metrics on its held-out examples,
+    and their count), checked; None when it has none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"metrics", "num_examples"}:
+        raise ValueError("personalized must be {metrics, num_examples}")
+    n = value["num_examples"]
+    if type(n) is not int or not 1 <= n <= max_examples:
+        raise ValueError(f"personalized num_examples {n!r} is not between 1 and {max_examples}")
+    return _metrics(value["metrics"], "personalized metrics"), n
 
 
 class NetworkEngine(Engine):
@@ -176,6 +195,7 @@ class NetworkEngine(Engine):
 
     name = "network"
     clients_privatize = True  # under differential privacy the clients clip (and noise) before sending
+    clients_evaluate = True  # under personalized evaluation the clients evaluate their own models
 
     def __init__(
         self,

@@ -20,10 +20,12 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import queue
 import random
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +36,21 @@ import torch
 
 from ..algorithms import PLAIN, ClientState, describe, from_description
 from ..app import ClientApp
-from ..client import ClientConfig, ClientPlan, ClientUpdate, OutOfTime, State, all_finite, train_client
+from ..client import (
+    ClientConfig,
+    ClientPlan,
+    ClientUpdate,
+    OutOfTime,
+    State,
+    all_finite,
+    load_state,
+    train_client,
+)
 from ..config import Config
 from ..data import federate, load
 from ..data.datasets import TensorData, leaves
 from ..errors import ConfigError, DivergenceError
+from ..evaluation import evaluate
 from ..models import build_model, check_fits
 from ..optim import OptimizerState
 from ..privacy.mechanism import PrivacyConfig, secure_generator
@@ -47,7 +59,7 @@ from ..secagg.protocol import ClientRound, Floor, ProtocolError, Setup
 from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .inputs import InputSummary
-from .state import ClientKept, SavedState, check_state, load_state, save_state, state_path
+from .state import ClientKept, SavedState, check_state, read_state, state_path, write_state
 from .welcome import MAX_LR, MAX_ROUNDS, SETTINGS, ClientLimits, References, Unacceptable, Welcome, check_welcome
 from .wire import MAX_INT, Kind, Message, WireError, decode, encode, is_number
 
@@ -77,6 +89,13 @@ class PartitionOf:
             )
         data = _federated(config)
         return data.train.subset(data.partition[self.index])
+
+    def validation(self, config: Config) -> TensorData | None:
+        """This client's held-out rows of the run's client_test_fraction (None: none held out)."""
+        data = _federated(config)
+        if data.client_test is None or not len(data.client_test[self.index]):
+            return None
+        return data.train.subset(np.asarray(data.client_test[self.index]))
 
 
 @functools.lru_cache(maxsize=2)
@@ -168,6 +187,11 @@ def as_app(source: PartitionOf | LocalData | ClientApp) -> ClientApp:
     """Every way a client gets its data, as a ClientApp (the built-in sources bring only data)."""
     if isinstance(source, ClientApp):
         return source
+    if isinstance(source, PartitionOf):
+        return ClientApp(
+            data=lambda client_id, config: source.load(config),
+            validation=lambda client_id, config: source.validation(config),
+        )
     return ClientApp(data=lambda client_id, config: source.load(config))
 
 
@@ -184,6 +208,10 @@ class _Trainer:
         client = config.client_config()
         self.client = client if app.task is None else dataclasses.replace(client, task=app.task)
         self.data = self.client.task.data(app.data(client_id, config))
+        held_out = app.validation(client_id, config) if app.validation is not None else None
+        # What it evaluates its personal model on after training (personalized evaluation), and how.
+        self.held_out = self.client.task.data(held_out) if held_out is not None else None
+        self.evaluate = app.evaluate
         input_shape, num_classes = tuple(leaves(self.data.x)[0].shape[1:]), _num_classes(config)
         if app.model is None:
             self.model = build_model(config.model, input_shape, num_classes, seed=config.seed)
@@ -204,7 +232,7 @@ class _Trainer:
         # the first task names the algorithm that it is checked against.
         self.state_file, self._unchecked = state_file, None
         self.run = json.dumps({k: getattr(config, k) for k in SETTINGS}, sort_keys=True, default=str)
-        if state_file is not None and (saved := load_state(state_file, client_id, self.model)) is not None:
+        if state_file is not None and (saved := read_state(state_file, client_id, self.model)) is not None:
             self._unchecked = saved
             self._last = (saved.task, saved.start.optimizer, saved.start.client)
             self.optimizer_state, self.client_state = saved.now.optimizer, saved.now.client
@@ -282,6 +310,37 @@ class _Trainer:
         whole = {k: global_state.get(k, v) for k, v in self.initial.items()}
         return task_id, seed, plan, dataclasses.replace(config, algorithm=algorithm), whole
 
+    def _personalized(self, config: ClientConfig) -> bool:
+        """Whether this run evaluates each client's personal model (the server's personalized_eval:
+        on; or auto, and the algorithm personalizes)."""
+        setting = self.config.personalized_eval
+        return setting == "on" or (setting == "auto" and config.algorithm.personalizes)
+
+    def _personalize(self, whole: State, update: ClientUpdate, config: ClientConfig) -> tuple[dict[str, float], int]:
+        """Its personal model's metrics on its held-out examples, and their count: its model at the
+        end of its training (the model it started from plus its update, its personal entries), or
+        its personal copy (Ditto's), as the simulation's round loop evaluates it (`_personalize`)."""
+        assert self.held_out is not None, "called with held-out examples"
+        kept = update.client_state
+        if kept is not None and kept.copy:
+            personal = {**whole, **kept.copy}
+        else:
+            personal = {**whole, **{k: whole[k] + d for k, d in update.delta.items()}}
+            if kept is not None:
+                personal.update(kept.personal)
+        if self.evaluate is None:
+            evaluation = evaluate(
+                self.scratch, personal, self.held_out, batch_size=self.config.eval_batch_size, task=config.task
+            )
+            return dict(evaluation.metrics), len(self.held_out)
+        load_state(self.scratch, personal)
+        metrics = self.evaluate(self.scratch, self.held_out)
+        if not isinstance(metrics, Mapping) or not all(
+            isinstance(k, str) and is_number(v) and math.isfinite(v) for k, v in metrics.items()
+        ):
+            raise ConfigError("ClientApp.evaluate must return {name: finite number}")
+        return {k: float(v) for k, v in metrics.items()}, len(self.held_out)
+
     def _round_config(self, task_id: int, h: dict) -> ClientConfig:
         """The round's client config: the welcome's, with the round's fields the task carries (a
         field it leaves out keeps the welcome's value; round and rounds 0: unknown, as in
@@ -338,6 +397,8 @@ class _Trainer:
         )
         self._last, self.optimizer_state = (task_id, start, kept), update.optimizer_state
         self.client_state = update.client_state
+        if self.held_out is not None and len(self.held_out) and self._personalized(config):
+            update = dataclasses.replace(update, personalized=self._personalize(global_state, update, config))
         if self.state_file is not None and (config.algorithm.keeps_state or config.task.keep_optimizer_state):
             # Before the update is sent: a client that stops before it sends starts this task again
             # from `start` and `kept` when the server sends it again.
@@ -348,7 +409,7 @@ class _Trainer:
                 ClientKept(start, kept),
                 ClientKept(update.optimizer_state, update.client_state),
             )
-            save_state(self.state_file, client_id, saved)
+            write_state(self.state_file, client_id, saved)
         if plan.clip is not None and privatize:  # differential privacy: this client's part, before anything leaves it
             mode = "local" if plan.noise_multiplier else "client"
             mechanism = PrivacyConfig(plan.noise_multiplier, 1.0, mode=mode, clip=plan.clip)
@@ -427,8 +488,10 @@ _SECAGG_REQUESTS = (Kind.SA_NEIGHBOUR_KEYS, Kind.SA_INPUT, Kind.SA_UNMASK)
 
 def update_message(task_id: int, update: ClientUpdate, *, inputs_differ: bool = False) -> Message:
     """The UPDATE answering task `task_id`; `inputs_differ` (one flag, never the statistics): this
-    client's inputs differ markedly from the server's test inputs (`compare_inputs`)."""
-    header = {
+    client's inputs differ markedly from the server's test inputs (`compare_inputs`). Under
+    personalized evaluation, "personalized": its personal model's metrics on its held-out examples
+    and their count."""
+    header: dict[str, Any] = {
         "task": task_id,
         "num_examples": update.num_examples,
         "num_steps": update.num_steps,
@@ -439,6 +502,9 @@ def update_message(task_id: int, update: ClientUpdate, *, inputs_differ: bool = 
     }
     if inputs_differ:
         header["inputs_differ"] = True
+    if update.personalized is not None:
+        metrics, count = update.personalized
+        header["personalized"] = {"metrics": dict(metrics), "num_examples": count}
     tensors = {f"delta/{k}": v for k, v in update.delta.items()}
     tensors.update({f"extras/{k}": v for k, v in update.extras.items()})  # the client state stays here
     return Message(Kind.UPDATE, header, tensors)

@@ -75,7 +75,7 @@ def _tables(kept: ClientKept) -> dict[str, Any]:
     }
 
 
-def save_state(path: Path, client_id: int, saved: SavedState) -> None:
+def write_state(path: Path, client_id: int, saved: SavedState) -> None:
     """Write `saved` to `path`, atomically (the old file or the new one, never half of one)."""
     buffer = io.BytesIO()
     torch.save(
@@ -111,7 +111,7 @@ def _read_kept(tables: Any) -> ClientKept:
     return ClientKept(kept.optimizer_states.get(0), kept.client_states.get(0))
 
 
-def load_state(path: Path, client_id: int, model: nn.Module) -> SavedState | None:
+def read_state(path: Path, client_id: int, model: nn.Module) -> SavedState | None:
     """The state client `client_id` saved in `path` (None: no file, a first start); ConfigError (one
     line) when the file is too large, damaged, not ours or another client's. Its tables are
     checked against the model and algorithm by `check_state` once a task names the algorithm."""
@@ -183,4 +183,4 @@ def check_state(
             raise ConfigError(f"this client's state {path} does not fit this run: {e}") from None
 
 
-__all__ = ["ClientKept", "SavedState", "check_state", "load_state", "save_state", "state_path"]
+__all__ = ["ClientKept", "SavedState", "check_state", "read_state", "state_path", "write_state"]
