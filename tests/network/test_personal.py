@@ -105,9 +105,19 @@ def personalized(history):
     return [{k: v for k, v in r["metrics"].items() if k.startswith("personalized_")} for r in history[1:]]
 
 
-@pytest.mark.parametrize("algorithm", ["fedper", "fedrep", "ditto"])
+@pytest.mark.parametrize(
+    "algorithm, roles, kept",
+    [
+        ("fedper", [], HEAD),
+        ("fedrep", [], HEAD),
+        ("ditto", [], ()),
+        # A server's own role patterns travel with the algorithm's name: the head personal, the first
+        # layer frozen (each client fills it from its own model: the same initial weights).
+        ("fedavg", ["--personal", "5.*", "--frozen", "1.*"], (*HEAD, "1.weight", "1.bias")),
+    ],
+)
 def test_a_personalized_run_equals_the_simulation_and_sends_only_shared_entries(
-    cluster, tmp_path, monkeypatch, algorithm
+    cluster, tmp_path, monkeypatch, algorithm, roles, kept
 ):
     """The final shared weights and each round's personalized evaluation (each client's own model on
     its held-out rows, which it evaluates and reports) are the simulation's, and no message the
@@ -122,6 +132,7 @@ def test_a_personalized_run_equals_the_simulation_and_sends_only_shared_entries(
         "2",
         "--client-test-fraction",
         "0.2",
+        *roles,
     ]
     model, history, received = networked(cluster, tmp_path, monkeypatch, *flags)
     reference, simulated_history = simulated(tmp_path, *flags)
@@ -135,7 +146,7 @@ def test_a_personalized_run_equals_the_simulation_and_sends_only_shared_entries(
         assert r == pytest.approx(t, rel=1e-4, abs=1e-6)
     updates = [m for m in received if m.kind == Kind.UPDATE]
     assert len(updates) == 9 and all("personalized" in m.header for m in updates)
-    personal = set(HEAD) if algorithm != "ditto" else set()
+    personal = set(kept)
     assert model.keys() == {k for k in build_model("mlp", (60,), 10).state_dict() if k not in personal}
     for message in received:
         assert {n.partition("/")[0] for n in message.tensors} == {"delta"}  # no extras, no client state
