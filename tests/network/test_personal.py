@@ -283,3 +283,26 @@ def test_clients_bring_their_own_validation_data_and_metric(cluster, tmp_path, m
         assert set(record) == {f"personalized_{m}{q}" for m in ("right", "count") for q in ("", "_p10", "_p50", "_p90")}
         assert 0 <= record["personalized_right"] <= 1
         assert record["personalized_count_p50"] == sorted(set(sizes))[1]
+
+
+def test_a_state_file_round_trips_and_must_fit_the_model_and_algorithm(tmp_path):
+    from fedforge.algorithms import ClientState, FedPer, describe
+    from fedforge.client import ClientConfig
+    from fedforge.errors import ConfigError
+    from fedforge.network.state import ClientKept, SavedState, check_state, read_state, write_state
+
+    model = build_model("mlp", (64,), 10)
+    head = {k: torch.randn_like(v) for k, v in model.state_dict().items() if k in HEAD}
+    config = ClientConfig(algorithm=FedPer())
+    path = tmp_path / "client-1.pt"
+    write_state(path, 1, SavedState("run", describe(FedPer()), 4, ClientKept(), ClientKept(None, ClientState(head))))
+    saved = read_state(path, 1, model)
+    assert saved.task == 4 and saved.start == ClientKept()
+    assert saved.now.client is not None and all(torch.equal(saved.now.client.personal[k], head[k]) for k in HEAD)
+    check_state(saved, path, model, config, "run", describe(FedPer()))  # fits
+    with pytest.raises(ConfigError, match="was kept by algorithm"):
+        check_state(saved, path, model, ClientConfig(), "run", describe(ClientConfig().algorithm))
+    wrong = {"5.weight": torch.zeros(3, 3), "5.bias": head["5.bias"]}  # another model's head
+    write_state(path, 1, SavedState("run", describe(FedPer()), 4, ClientKept(), ClientKept(None, ClientState(wrong))))
+    with pytest.raises(ConfigError, match=r"does not fit this run: .*5\.weight .*shape"):
+        check_state(read_state(path, 1, model), path, model, config, "run", describe(FedPer()))
