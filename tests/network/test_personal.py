@@ -306,3 +306,17 @@ def test_a_state_file_round_trips_and_must_fit_the_model_and_algorithm(tmp_path)
     write_state(path, 1, SavedState("run", describe(FedPer()), 4, ClientKept(), ClientKept(None, ClientState(wrong))))
     with pytest.raises(ConfigError, match=r"does not fit this run: .*5\.weight .*shape"):
         check_state(read_state(path, 1, model), path, model, config, "run", describe(FedPer()))
+
+
+def test_secure_aggregation_masks_the_shared_entries_only(cluster, tmp_path, monkeypatch):
+    """Under secure aggregation a FedPer client masks its body's update (the head stays with it):
+    the run ends near the simulation's weights (the fixed point's round-off aside)."""
+    flags = [*MLP, "--rounds", "2", "--algorithm", "fedper"]
+    model, _, received = networked(cluster, tmp_path, monkeypatch, *flags, "--secure-aggregation")
+    reference, _ = simulated(tmp_path, *flags)
+    assert model.keys() == reference.keys() and not set(HEAD) & model.keys()
+    for k in model:
+        torch.testing.assert_close(model[k], reference[k], atol=1e-3, rtol=0)
+    body = sum(v.numel() for v in reference.values())
+    masked = [m.tensors["masked"] for m in received if m.kind == Kind.SA_MASKED]
+    assert len(masked) == 6 and all(body <= t.numel() < body + 64 for t in masked), (body, masked[0].numel())
