@@ -466,25 +466,68 @@ def _options(cls: type[ClientAlgorithm]) -> dict[str, type]:
     return found
 
 
+MAX_PATTERNS = 32  # role patterns in an algorithm's description, each of at most MAX_PATTERN_CHARS
+MAX_PATTERN_CHARS = 200
+
+
+def _default_roles(cls: type[ClientAlgorithm]) -> Roles:
+    """The roles an algorithm's class gives it."""
+    default = next(f.default for f in fields(cls) if f.name == "roles")
+    assert isinstance(default, Roles), "ClientAlgorithm's roles have a default"
+    return default
+
+
 def describe(algorithm: ClientAlgorithm) -> dict:
-    """A built-in algorithm as a task message names it: {"name": ..., "options": {...}}."""
+    """A built-in algorithm as a task message names it: {"name": ..., "options": {...}}, and its
+    role patterns where they are not its class's ("personal", "frozen": lists of `fnmatch`
+    patterns; a server's --personal and --frozen). A test of an entry (FedBN's) travels only as
+    its class's default: code never goes on the wire."""
     cls = type(algorithm)
-    if BUILT_IN.get(algorithm.name) is not cls or algorithm.roles != next(
-        f.default for f in fields(cls) if f.name == "roles"
-    ):
+    default = _default_roles(cls) if BUILT_IN.get(algorithm.name) is cls else None
+    roles = algorithm.roles
+    patterns: dict[str, list[str]] = {}
+    for role in (PERSONAL, FROZEN):
+        selector = getattr(roles, role)
+        if default is not None and selector != getattr(default, role):
+            if callable(selector) or not all(isinstance(p, str) for p in selector):
+                default = None  # a test of its own cannot travel
+            else:
+                patterns[role] = list(selector)
+    if default is None or roles.shared != default.shared:
         raise ConfigError(
-            f"client algorithm {algorithm.name} ({cls.__name__}, roles {algorithm.roles}) cannot "
-            "travel to deployment clients: they run built-in algorithms with their own roles only"
+            f"client algorithm {algorithm.name} ({cls.__name__}, roles {roles}) cannot travel to deployment "
+            "clients: they run built-in algorithms, with their own roles or personal and frozen name patterns"
         )
     options = {k: getattr(algorithm, k) for k in _options(type(algorithm)) if getattr(algorithm, k) is not None}
-    return {"name": algorithm.name, "options": options}
+    return {"name": algorithm.name, "options": options, **patterns}
+
+
+def _patterns(name: str, role: str, value: object) -> tuple[str, ...]:
+    """A description's `role` patterns, checked: a list of at most MAX_PATTERNS printable strings."""
+    if (
+        not isinstance(value, list)
+        or not 0 < len(value) <= MAX_PATTERNS
+        or not all(isinstance(p, str) and 0 < len(p) <= MAX_PATTERN_CHARS and p.isprintable() for p in value)
+    ):
+        raise ConfigError(
+            f"algorithm {name}: {role} must be 1 to {MAX_PATTERNS} name patterns of at most {MAX_PATTERN_CHARS} "
+            "printable characters"
+        )
+    return tuple(value)
 
 
 def from_description(description: object) -> ClientAlgorithm:
     """The built-in algorithm a task message names (`describe`); ConfigError (a safe one-line
-    reason) for anything else: an unknown name, an unknown option, a value out of bounds."""
-    if not isinstance(description, dict) or set(description) != {"name", "options"}:
-        raise ConfigError("algorithm must be {name, options}")
+    reason) for anything else: an unknown name, an unknown option, a value out of bounds, role
+    patterns that are not a short list of short strings. (Whether each pattern matches an entry
+    of the client's model is `Roles.assign`'s check.)"""
+    if not isinstance(description, dict) or not {"name", "options"} <= set(description) <= {
+        "name",
+        "options",
+        PERSONAL,
+        FROZEN,
+    }:
+        raise ConfigError("algorithm must be {name, options} and optionally personal, frozen")
     name, options = description["name"], description["options"]
     cls = BUILT_IN.get(name) if isinstance(name, str) else None
     if cls is None:
@@ -496,9 +539,14 @@ def from_description(description: object) -> ClientAlgorithm:
         kind = known[key]
         if type(value) not in ((int,) if kind is int else (int, float)) or not abs(value) <= MAX_OPTION:
             raise ConfigError(f"algorithm {name}: {key} must be a {kind.__name__} within +-{MAX_OPTION:g}")
-    made = cls(**options)
-    made.phases  # noqa: B018 (its phases, checked when made)
-    return made
+    default = _default_roles(cls)
+    roles = Roles(
+        personal=_patterns(name, PERSONAL, description[PERSONAL]) if PERSONAL in description else default.personal,
+        frozen=_patterns(name, FROZEN, description[FROZEN]) if FROZEN in description else default.frozen,
+    )
+    algorithm = cls(**options)
+    algorithm.phases  # noqa: B018 (its phases, checked when made)
+    return algorithm if roles == default else replace(algorithm, roles=roles)
 
 
 def check_loss_term(value: object, algorithm: ClientAlgorithm) -> torch.Tensor:

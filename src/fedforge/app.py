@@ -6,7 +6,7 @@ needs none of it beyond the model it aggregates and evaluates (its `--model`, `-
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +34,24 @@ class ClientApp:
             sends for that round.
         model: a factory (input_shape, num_classes) -> nn.Module (default: the server's
             `--model`); its state must have the names and shapes of the server's model, whose
-            weights it receives every round.
+            weights it receives every round (its shared entries; the client's own model gives the
+            frozen ones, and the personal ones before its first round).
+        validation: (client_id, config) -> this client's held-out data (as `data`), or None:
+            what it evaluates its personal model on after each round's training, when its
+            algorithm personalizes (FedPer, FedRep, Ditto, FedBN; or --personalized-eval on), and
+            reports to the server (`personalized_<metric>` in the run's history). Default: none,
+            except for --partition-of, whose held-out rows are its share of the run's
+            client_test_fraction.
+        evaluate: (module, data) -> {name: number}: how this client evaluates its personal
+            model (`module`, loaded with it) on its held-out data (`data`, as the task prepares
+            it), instead of the task's loss and metrics.
     """
 
     data: Callable[[int, Any], Any]
     task: Task | None = None
     model: Callable[[tuple[int, ...], int], nn.Module] | None = None
+    validation: Callable[[int, Any], Any] | None = None
+    evaluate: Callable[[nn.Module, Any], Mapping[str, float]] | None = None
 
     def __post_init__(self):
         if not callable(self.data):
@@ -48,6 +60,10 @@ class ClientApp:
             raise ConfigError(f"ClientApp.task must be a fedforge.Task, got {type(self.task).__name__}")
         if self.model is not None and not callable(self.model):
             raise ConfigError("ClientApp.model must be a factory (input_shape, num_classes) -> nn.Module")
+        if self.validation is not None and not callable(self.validation):
+            raise ConfigError("ClientApp.validation must be a function (client_id, config) -> held-out data")
+        if self.evaluate is not None and not callable(self.evaluate):
+            raise ConfigError("ClientApp.evaluate must be a function (module, data) -> {name: number}")
 
 
 def load_app(name: str) -> ClientApp:

@@ -393,6 +393,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         secagg_floor=node.floor(),
         limits=node.limits(),
         references=References(model=node.model, task=node.task, allow=frozenset(node.allow)),
+        state_dir=node.state_dir,
     )
 
 

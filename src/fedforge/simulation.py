@@ -226,8 +226,10 @@ class _Tally:
                     self.optimizer_states[update.client_id] = update.optimizer_state
                 if update.client_state is not None:
                     self.client_states[update.client_id] = update.client_state
-                if self.personalize is not None:
-                    self.personalized.append(update.personalized or self.personalize(update))
+                if update.personalized is not None:  # its own evaluation (a network engine's client)
+                    self.personalized.append(update.personalized)
+                elif self.personalize is not None:
+                    self.personalized.append(self.personalize(update))
             self.payload_up += _payload_up(update)
             yield update
 
@@ -525,7 +527,9 @@ def _train_round(run: _Run, state: ServerState, ahead: _Begun | None, kept: Kept
             ahead = _run_clients(run, state, _select_and_plan(run, state, r, attempt, kept, config))
         begun, ahead = ahead, None
         # The updates stream through the stages once, as they arrive: the server never holds them all.
-        tally = _Tally(run.settings.on_client, _personalize(run, state) if run.personal_test else None)
+        # The server evaluates the clients' personal models, unless the clients do it themselves.
+        own = run.personal_test and not run.engine.clients_evaluate
+        tally = _Tally(run.settings.on_client, _personalize(run, state) if own else None)
         try:
             updates = tally.arrived(begun.updates)  # each client's new optimizer state kept
             updates = _transform(run, updates, r)  # attacks, client-side privacy

@@ -60,6 +60,11 @@ def task(tensors=None, **changes) -> Message:
 DONE = Message(Kind.SHUTDOWN, {"status": "done"})
 
 
+def algorithm(**roles) -> dict:
+    """FedAvg's clients described with role patterns, as a server's --personal or --frozen sends them."""
+    return {"name": "fedavg", "options": {}, **roles}
+
+
 def client(cluster, server: FakeServer, *flags, name="client"):
     return cluster.start(
         name,
@@ -135,6 +140,16 @@ EXTRA = lambda state: {**state, "global/evil": torch.zeros(3)}  # noqa: E731
         (task(momentum=1.0), "task 1: momentum must be in [0, 1), got 1.0"),
         (task(weight_decay=-1.0), "weight_decay -1.0 is not a number in [0, 1e+06]"),
         (welcome(batch_size="ten"), "batch_size must be int, got 'ten'"),
+        # Hostile algorithm descriptions: a name that is not a built-in, role patterns that are not a
+        # short list of short strings, or that match nothing (or everything) of the client's model.
+        (task(algorithm={"name": "os.system", "options": {}}), "algorithm 'os.system' is not a built-in one"),
+        (task(algorithm={"name": "fedavg", "options": {}, "code": "x"}), "algorithm must be {name, options}"),
+        (task(algorithm=algorithm(personal="1.*")), "personal must be 1 to 32 name patterns"),
+        (task(algorithm=algorithm(personal=["1.*"] * 33)), "personal must be 1 to 32 name patterns"),
+        (task(algorithm=algorithm(frozen=["x" * 201])), "frozen must be 1 to 32 name patterns"),
+        (task(algorithm=algorithm(frozen=[3])), "frozen must be 1 to 32 name patterns"),
+        (task(algorithm=algorithm(personal=["head.*"])), "personal pattern 'head.*' matches no entry of the model"),
+        (task(algorithm=algorithm(personal=["1.*"])), "leave no entry of this client's model shared"),
     ],
 )
 def test_a_malformed_message_is_one_line_and_status_3(cluster, message, reason):

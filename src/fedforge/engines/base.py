@@ -76,6 +76,10 @@ class Engine(ABC):
     - `clients_privatize`: under differential privacy the clients clip (and noise) their own
       updates before they reach the engine (the network engine's clients do); otherwise the round
       loop does it for them, as a stage after the engine.
+    - `clients_evaluate`: under personalized evaluation each client evaluates its personal model
+      on its own held-out examples and its update reports the result (`ClientUpdate.personalized`:
+      the network engine's clients, whose personal entries never reach the server); otherwise the
+      round loop evaluates each client's personal model itself.
 
     `traffic()` says how many message bytes the engine moved (None: it sends no messages), and
     `close()` releases what it holds (the Ray engine's workers).
@@ -84,6 +88,7 @@ class Engine(ABC):
     name: str
     works_ahead: bool = False
     clients_privatize: bool = False
+    clients_evaluate: bool = False
 
     @abstractmethod
     def run(
@@ -114,6 +119,7 @@ class _Adopted(Engine):
         # Read once here, so that the round loop never probes an engine.
         self.works_ahead = bool(getattr(engine, "works_ahead", False))
         self.clients_privatize = bool(getattr(engine, "clients_privatize", False))
+        self.clients_evaluate = bool(getattr(engine, "clients_evaluate", False))
         traffic = getattr(engine, "traffic", None)
         counts = hasattr(engine, "bytes_up")
         self._traffic: Callable[[], Traffic | None] | None = (

@@ -2,7 +2,8 @@
 
 The round loop (`simulation.simulate`), strategies and evaluation are the same as in simulation;
 only where clients train differs. Every update is checked against the task it answers before it
-reaches a strategy: its entries, shapes and dtypes are the global model's, its values finite, its
+reaches a strategy: its entries, shapes and dtypes are the global model's shared ones (only those
+travel: a client's personal and frozen entries never leave it), its values finite, its
 metrics finite and in range, and its example and step counts consistent with the work the task
 asked for (so a client cannot take over a weighted average by claiming 10**30 examples).
 The engine counts the message bytes it sends to clients and receives from them (`traffic()`:
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..algorithms import describe
-from ..client import ClientConfig, ClientUpdate, State, all_finite
+from ..client import ClientConfig, ClientPlan, ClientUpdate, State, all_finite
 from ..errors import ConfigError
 from ..network.hub import Event, EventKind, Hub, Session
 from ..network.wire import Kind, Message, WireError, decode, encode, is_number
@@ -51,8 +52,10 @@ def task_message(
 ) -> Message:
     """The TASK for `task` in a round of client config `config` (its ROUND_FIELDS travel); with
     `secagg` (a round's settings for this client) it opens the secure aggregation protocol, and the
-    client answers with its keys, not its update. It names the client algorithm (a built-in,
-    `algorithms.describe`) and carries its inputs."""
+    client answers with its keys, not its update. It names the client algorithm (a built-in and
+    its role patterns, `algorithms.describe`) and carries its inputs. `global_state` holds the
+    entries that travel: the shared ones (personal and frozen ones never leave a client's disk or
+    the server)."""
     plan = task.plan
     header: dict[str, object] = {
         "task": task_id,
@@ -71,6 +74,17 @@ def task_message(
     if plan.inputs is not None:
         tensors.update({f"inputs/{k}": v for k, v in plan.inputs.items()})
     return Message(Kind.TASK, header, tensors)
+
+
+def reported_steps(plan: ClientPlan, config: ClientConfig, num_examples: int) -> int:
+    """The optimizer steps an update of `num_examples` examples reports: those of its algorithm's
+    phases that train the model it sends (all but a personal copy's: Ditto's), each phase's
+    epochs its own where it names them (FedRep's head)."""
+    return sum(
+        (dataclasses.replace(plan, epochs=phase.epochs) if phase.epochs else plan).num_steps(num_examples, config)
+        for phase in config.algorithm.phases
+        if not phase.copy
+    )
 
 
 def _number(header: dict, key: str, low: float, high: float) -> float:
@@ -92,13 +106,14 @@ def update_from(
     *,
     max_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES,
 ) -> ClientUpdate:
-    """The ClientUpdate in `message`, the answer to `task`, or ValueError with the reason it is refused."""
+    """The ClientUpdate in `message`, the answer to `task`, or ValueError with the reason it is
+    refused. `global_state` holds the shared entries the task sent: the delta covers exactly those."""
     h = message.header
     delta = {k[len("delta/") :]: v for k, v in message.tensors.items() if k.startswith("delta/")}
     extras = {k[len("extras/") :]: v for k, v in message.tensors.items() if k.startswith("extras/")}
     expected_extras = config.algorithm.extras_like(global_state)
     if delta.keys() != global_state.keys() or len(delta) + len(extras) != len(message.tensors):
-        raise ValueError(f"entries {sorted(message.tensors)[:5]}... differ from the global model's")
+        raise ValueError(f"entries {sorted(message.tensors)[:5]}... differ from the global model's shared ones")
     if extras.keys() != expected_extras.keys():
         raise ValueError(f"extras {sorted(extras)[:5]} are not the {len(expected_extras)} its algorithm sends")
     for kind, tensors, like in (("delta", delta, global_state), ("extras", extras, expected_extras)):
@@ -114,7 +129,7 @@ def update_from(
     n, steps = h.get("num_examples"), h.get("num_steps")
     if type(n) is not int or not 1 <= n <= max_examples:
         raise ValueError(f"num_examples {n!r} is not between 1 and {max_examples}")
-    expected = task.plan.num_steps(n, config)
+    expected = reported_steps(task.plan, config, n)
     if type(steps) is not int or steps != expected:
         raise ValueError(f"num_steps {steps!r} is not the {expected} steps its task asks of {n} examples")
     loss = _number(h, "train_loss", -MAX_METRIC, MAX_METRIC)
@@ -122,16 +137,10 @@ def update_from(
     initial = _optional_number(h, "initial_loss", -MAX_METRIC, MAX_METRIC)
     if type(h.get("inputs_differ", False)) is not bool:
         raise ValueError(f"inputs_differ {h.get('inputs_differ')!r} is not true or false")
-    metrics = h.get("metrics", {})
-    if (
-        not isinstance(metrics, dict)
-        or len(metrics) > MAX_METRICS
-        or not all(isinstance(k, str) and 0 < len(k) <= 64 for k in metrics)
-    ):
-        raise ValueError(f"metrics must be at most {MAX_METRICS} named numbers")
-    metrics = {k: _number(metrics, k, -MAX_METRIC, MAX_METRIC) for k in metrics}
+    metrics = _metrics(h.get("metrics", {}), "metrics")
     if metrics and metrics.get("loss") != loss:
         raise ValueError("metrics disagree with train_loss")
+    personalized = _personalized(h.get("personalized"), max_examples)
     return ClientUpdate(
         task.client_id,
         {k: v.to(global_state[k].device) for k, v in delta.items()},
@@ -142,7 +151,32 @@ def update_from(
         initial,
         metrics,
         extras={k: v.to(like.device) for (k, v), like in zip(extras.items(), expected_extras.values(), strict=True)},
+        personalized=personalized,
     )
+
+
+def _metrics(metrics: object, what: str) -> dict[str, float]:
+    """`metrics`, at most MAX_METRICS finite numbers in range by short names; ValueError otherwise."""
+    if (
+        not isinstance(metrics, dict)
+        or len(metrics) > MAX_METRICS
+        or not all(isinstance(k, str) and 0 < len(k) <= 64 for k in metrics)
+    ):
+        raise ValueError(f"{what} must be at most {MAX_METRICS} named numbers")
+    return {k: _number(metrics, k, -MAX_METRIC, MAX_METRIC) for k in metrics}
+
+
+def _personalized(value: object, max_examples: int) -> tuple[dict[str, float], int] | None:
+    """An update's personalized evaluation (its personal model's metrics on its held-out examples,
+    and their count), checked; None when it has none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"metrics", "num_examples"}:
+        raise ValueError("personalized must be {metrics, num_examples}")
+    n = value["num_examples"]
+    if type(n) is not int or not 1 <= n <= max_examples:
+        raise ValueError(f"personalized num_examples {n!r} is not between 1 and {max_examples}")
+    return _metrics(value["metrics"], "personalized metrics"), n
 
 
 class NetworkEngine(Engine):
@@ -161,6 +195,7 @@ class NetworkEngine(Engine):
 
     name = "network"
     clients_privatize = True  # under differential privacy the clients clip (and noise) before sending
+    clients_evaluate = True  # under personalized evaluation the clients evaluate their own models
 
     def __init__(
         self,
@@ -211,14 +246,12 @@ class NetworkEngine(Engine):
             self.min_available_clients, timeout=self.round_timeout
         ) and not self.hub.wait_for_clients(self.min_fit_clients, timeout=0):
             raise RoundFailed(f"fewer than {self.min_fit_clients} clients connected for {self.round_timeout:.0f} s")
-        if not config.algorithm.roles.assign(model).all_shared:
-            raise ConfigError(
-                f"algorithm {config.algorithm.name} keeps personal or frozen entries on the clients: "
-                "the network engine sends and aggregates every entry, so it runs in simulation only for now"
-            )
         self._task_id += 1
         task_id = self._task_id
         self.watcher.task(task_id, [task.client_id for task in tasks])
+        # Only the shared entries travel: each client fills its personal and frozen ones itself.
+        shared = config.algorithm.roles.assign(model).shared
+        global_state = {k: global_state[k] for k in shared}
         global_cpu = {k: v.detach().cpu() for k, v in global_state.items()}
         if self.secure is not None:
             return iter([self._secure_round(self.secure, task_id, global_state, global_cpu, tasks, config)])

@@ -18,11 +18,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import logging
+import math
 import queue
 import random
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +36,21 @@ import torch
 
 from ..algorithms import PLAIN, ClientState, describe, from_description
 from ..app import ClientApp
-from ..client import ClientConfig, ClientPlan, ClientUpdate, OutOfTime, all_finite, train_client
+from ..client import (
+    ClientConfig,
+    ClientPlan,
+    ClientUpdate,
+    OutOfTime,
+    State,
+    all_finite,
+    load_state,
+    train_client,
+)
 from ..config import Config
 from ..data import federate, load
 from ..data.datasets import TensorData, leaves
 from ..errors import ConfigError, DivergenceError
+from ..evaluation import evaluate
 from ..models import build_model, check_fits
 from ..optim import OptimizerState
 from ..privacy.mechanism import PrivacyConfig, secure_generator
@@ -46,7 +59,8 @@ from ..secagg.protocol import ClientRound, Floor, ProtocolError, Setup
 from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .inputs import InputSummary
-from .welcome import MAX_LR, MAX_ROUNDS, ClientLimits, References, Unacceptable, Welcome, check_welcome
+from .state import ClientKept, SavedState, check_state, read_state, state_path, write_state
+from .welcome import MAX_LR, MAX_ROUNDS, SETTINGS, ClientLimits, References, Unacceptable, Welcome, check_welcome
 from .wire import MAX_INT, Kind, Message, WireError, decode, encode, is_number
 
 log = logging.getLogger("fedforge.client")
@@ -75,6 +89,13 @@ class PartitionOf:
             )
         data = _federated(config)
         return data.train.subset(data.partition[self.index])
+
+    def validation(self, config: Config) -> TensorData | None:
+        """This client's held-out rows of the run's client_test_fraction (None: none held out)."""
+        data = _federated(config)
+        if data.client_test is None or not len(data.client_test[self.index]):
+            return None
+        return data.train.subset(np.asarray(data.client_test[self.index]))
 
 
 @functools.lru_cache(maxsize=2)
@@ -166,6 +187,11 @@ def as_app(source: PartitionOf | LocalData | ClientApp) -> ClientApp:
     """Every way a client gets its data, as a ClientApp (the built-in sources bring only data)."""
     if isinstance(source, ClientApp):
         return source
+    if isinstance(source, PartitionOf):
+        return ClientApp(
+            data=lambda client_id, config: source.load(config),
+            validation=lambda client_id, config: source.validation(config),
+        )
     return ClientApp(data=lambda client_id, config: source.load(config))
 
 
@@ -173,13 +199,19 @@ class _Trainer:
     """The run's model, task and this client's data, set up once from the server's settings
     and the client's app."""
 
-    def __init__(self, welcome: Welcome, app: ClientApp, client_id: int, limits: ClientLimits):
+    def __init__(
+        self, welcome: Welcome, app: ClientApp, client_id: int, limits: ClientLimits, state_file: Path | None = None
+    ):
         config = self.config = welcome.config
         limits.check_config(config)
         self.limits = limits
         client = config.client_config()
         self.client = client if app.task is None else dataclasses.replace(client, task=app.task)
         self.data = self.client.task.data(app.data(client_id, config))
+        held_out = app.validation(client_id, config) if app.validation is not None else None
+        # What it evaluates its personal model on after training (personalized evaluation), and how.
+        self.held_out = self.client.task.data(held_out) if held_out is not None else None
+        self.evaluate = app.evaluate
         input_shape, num_classes = tuple(leaves(self.data.x)[0].shape[1:]), _num_classes(config)
         if app.model is None:
             self.model = build_model(config.model, input_shape, num_classes, seed=config.seed)
@@ -187,27 +219,39 @@ class _Trainer:
             self.model = app.model(input_shape, num_classes)
         check_fits(self.model, self.data.x, config.model if app.model is None else _qualified(app.model))
         self.scratch = copy.deepcopy(self.model)  # trained in place, as the sequential engine's copy
+        # Its own model's values (initial or pretrained): what fills the entries that never travel,
+        # the frozen ones every round and the personal ones on its first.
+        self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         # Where this client's optimizer left off, when its task keeps it; and the task it last
         # trained with the state it started from, so that a task sent again (after a reconnect)
         # starts where it did the first time.
         self.optimizer_state: OptimizerState | None = None
         self.client_state: ClientState | None = None  # what its algorithm keeps between rounds
         self._last: tuple[int, OptimizerState | None, ClientState | None] | None = None
+        # Where it keeps them between its runs (None: in memory only); the state it read there, until
+        # the first task names the algorithm that it is checked against.
+        self.state_file, self._unchecked = state_file, None
+        self.run = json.dumps({k: getattr(config, k) for k in SETTINGS}, sort_keys=True, default=str)
+        if state_file is not None and (saved := read_state(state_file, client_id, self.model)) is not None:
+            self._unchecked = saved
+            self._last = (saved.task, saved.start.optimizer, saved.start.client)
+            self.optimizer_state, self.client_state = saved.now.optimizer, saved.now.client
 
-    def _check_model(self, global_state) -> None:
-        mine = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+    def _check_model(self, global_state, shared: list[str]) -> None:
+        mine = {k: tuple(self.initial[k].shape) for k in shared}
         theirs = {k: tuple(v.shape) for k, v in global_state.items()}
         if mine != theirs:
             different = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
             raise ConfigError(
-                f"this client's model does not match the server's ({len(mine)} vs {len(theirs)} "
+                f"this client's model does not match the server's ({len(mine)} vs {len(theirs)} shared "
                 f"tensors; e.g. {different})"
             )
 
-    def check(self, task: Message) -> tuple[int, int, ClientPlan, ClientConfig]:
-        """The task's id, seed, plan and the round's client config (with the task's algorithm), once
-        every header field and tensor of `task` is checked (and what it asks is within this client's
-        limits); Unacceptable otherwise."""
+    def check(self, task: Message) -> tuple[int, int, ClientPlan, ClientConfig, State]:
+        """The task's id, seed, plan, the round's client config (with the task's algorithm) and the
+        model it starts from (the task's shared entries, this client's own frozen and personal
+        ones), once every header field and tensor of `task` is checked (and what it asks is within
+        this client's limits); Unacceptable otherwise."""
         h, limits = task.header, self.limits
         task_id = _integer(h, "task", 0, MAX_INT)
         seed = _integer(h, "seed", 0, MAX_INT)
@@ -219,16 +263,21 @@ class _Trainer:
             raise Unacceptable(f"measure_initial_loss {_text(repr(initial_loss), 40)} is not true or false")
         try:
             algorithm = from_description(h.get("algorithm", describe(PLAIN)))
+            roles = algorithm.roles.assign(self.model)  # each pattern must match an entry of this client's model
         except ConfigError as e:
-            raise Unacceptable(str(e)) from None
-        state = self.model.state_dict()
+            raise Unacceptable(_text(str(e))) from None
+        if not roles.shared:
+            raise Unacceptable(f"algorithm {algorithm.name}'s roles leave no entry of this client's model shared")
+        state = {k: self.initial[k] for k in roles.shared}  # the entries that travel
         expected_inputs = algorithm.inputs_like(state)
         names = {f"global/{k}" for k in state} | {f"inputs/{k}" for k in expected_inputs}
         unknown = sorted(set(task.tensors) - names)
         if unknown:
-            raise Unacceptable(f"tensors {_text(unknown[:3])} are not of this client's model or algorithm")
+            raise Unacceptable(
+                f"tensors {_text(unknown[:3])} are not of this client's model's shared entries or its algorithm"
+            )
         global_state = {k[len("global/") :]: v for k, v in task.tensors.items() if k.startswith("global/")}
-        self._check_model(global_state)
+        self._check_model(global_state, roles.shared)
         inputs = {k[len("inputs/") :]: v for k, v in task.tensors.items() if k.startswith("inputs/")}
         if inputs.keys() != expected_inputs.keys():
             raise Unacceptable(f"its inputs are not the {len(expected_inputs)} algorithm {algorithm.name} takes")
@@ -249,12 +298,54 @@ class _Trainer:
             noise_multiplier=_number(h, "noise_multiplier", 0, 1e6, default=0.0),
         )
         limits.check_privacy(task_id, plan.clip, plan.noise_multiplier, "secagg" in h)
-        steps = plan.num_steps(len(self.data), config)
+        for phase in algorithm.phases:
+            if phase.epochs is not None and phase.epochs > limits.max_epochs:
+                raise Unacceptable(
+                    f"task {task_id}: algorithm {algorithm.name} asks for {phase.epochs} epochs in a phase, above "
+                    f"this client's --max-epochs {limits.max_epochs}"
+                )
+        # Every phase's steps: FedRep's head epochs and Ditto's personal copy are work too.
+        steps = sum(
+            (dataclasses.replace(plan, epochs=phase.epochs) if phase.epochs else plan).num_steps(len(self.data), config)
+            for phase in algorithm.phases
+        )
         if steps > limits.max_steps:
             raise Unacceptable(
                 f"task {task_id} asks for {steps} steps, above this client's --max-steps {limits.max_steps}"
             )
-        return task_id, seed, plan, dataclasses.replace(config, algorithm=algorithm)
+        whole = {k: global_state.get(k, v) for k, v in self.initial.items()}
+        return task_id, seed, plan, dataclasses.replace(config, algorithm=algorithm), whole
+
+    def _personalized(self, config: ClientConfig) -> bool:
+        """Whether this run evaluates each client's personal model (the server's personalized_eval:
+        on; or auto, and the algorithm personalizes)."""
+        setting = self.config.personalized_eval
+        return setting == "on" or (setting == "auto" and config.algorithm.personalizes)
+
+    def _personalize(self, whole: State, update: ClientUpdate, config: ClientConfig) -> tuple[dict[str, float], int]:
+        """Its personal model's metrics on its held-out examples, and their count: its model at the
+        end of its training (the model it started from plus its update, its personal entries), or
+        its personal copy (Ditto's), as the simulation's round loop evaluates it (`_personalize`)."""
+        assert self.held_out is not None, "called with held-out examples"
+        kept = update.client_state
+        if kept is not None and kept.copy:
+            personal = {**whole, **kept.copy}
+        else:
+            personal = {**whole, **{k: whole[k] + d for k, d in update.delta.items()}}
+            if kept is not None:
+                personal.update(kept.personal)
+        if self.evaluate is None:
+            evaluation = evaluate(
+                self.scratch, personal, self.held_out, batch_size=self.config.eval_batch_size, task=config.task
+            )
+            return dict(evaluation.metrics), len(self.held_out)
+        load_state(self.scratch, personal)
+        metrics = self.evaluate(self.scratch, self.held_out)
+        if not isinstance(metrics, Mapping) or not all(
+            isinstance(k, str) and is_number(v) and math.isfinite(v) for k, v in metrics.items()
+        ):
+            raise ConfigError("ClientApp.evaluate must return {name: finite number}")
+        return {k: float(v) for k, v in metrics.items()}, len(self.held_out)
 
     def _round_config(self, task_id: int, h: dict) -> ClientConfig:
         """The round's client config: the welcome's, with the round's fields the task carries (a
@@ -283,8 +374,12 @@ class _Trainer:
         """This client's update for `task`; with `privatize`, clipped (and noised) as differential
         privacy asks (secure aggregation clips the update itself, as it quantizes it). Raises
         Unacceptable for a task this client refuses, OutOfTime past its --max-round-seconds."""
-        task_id, seed, plan, config = self.check(task)
-        global_state = {k[len("global/") :]: v for k, v in task.tensors.items() if k.startswith("global/")}
+        task_id, seed, plan, config, global_state = self.check(task)
+        if self._unchecked is not None:
+            assert self.state_file is not None, "state is read from a file"
+            check_state(self._unchecked, self.state_file, self.model, config, self.run, describe(config.algorithm))
+            log.info("client %d: continues from its state in %s", client_id, self.state_file)
+            self._unchecked = None
         last = self._last
         start, kept = (
             (last[1], last[2])
@@ -294,20 +389,36 @@ class _Trainer:
                 self.client_state,
             )
         )
-        update = train_client(
-            self.scratch,
-            global_state,
-            self.data,
-            config,
-            client_id=client_id,
-            generator=torch.Generator().manual_seed(seed),
-            plan=plan,
-            optimizer_state=start,
-            deadline=time.monotonic() + self.limits.max_round_seconds,
-            client_state=kept,
-        )
+        try:
+            update = train_client(
+                self.scratch,
+                global_state,
+                self.data,
+                config,
+                client_id=client_id,
+                generator=torch.Generator().manual_seed(seed),
+                plan=plan,
+                optimizer_state=start,
+                deadline=time.monotonic() + self.limits.max_round_seconds,
+                client_state=kept,
+            )
+        except ConfigError as e:  # what the task asks this client's task cannot do (its own loop and FedProx)
+            raise Unacceptable(f"task {task_id}: {e}") from None
         self._last, self.optimizer_state = (task_id, start, kept), update.optimizer_state
         self.client_state = update.client_state
+        if self.held_out is not None and len(self.held_out) and self._personalized(config):
+            update = dataclasses.replace(update, personalized=self._personalize(global_state, update, config))
+        if self.state_file is not None and (config.algorithm.keeps_state or config.task.keep_optimizer_state):
+            # Before the update is sent: a client that stops before it sends starts this task again
+            # from `start` and `kept` when the server sends it again.
+            saved = SavedState(
+                self.run,
+                describe(config.algorithm),
+                task_id,
+                ClientKept(start, kept),
+                ClientKept(update.optimizer_state, update.client_state),
+            )
+            write_state(self.state_file, client_id, saved)
         if plan.clip is not None and privatize:  # differential privacy: this client's part, before anything leaves it
             mode = "local" if plan.noise_multiplier else "client"
             mechanism = PrivacyConfig(plan.noise_multiplier, 1.0, mode=mode, clip=plan.clip)
@@ -386,8 +497,10 @@ _SECAGG_REQUESTS = (Kind.SA_NEIGHBOUR_KEYS, Kind.SA_INPUT, Kind.SA_UNMASK)
 
 def update_message(task_id: int, update: ClientUpdate, *, inputs_differ: bool = False) -> Message:
     """The UPDATE answering task `task_id`; `inputs_differ` (one flag, never the statistics): this
-    client's inputs differ markedly from the server's test inputs (`compare_inputs`)."""
-    header = {
+    client's inputs differ markedly from the server's test inputs (`compare_inputs`). Under
+    personalized evaluation, "personalized": its personal model's metrics on its held-out examples
+    and their count."""
+    header: dict[str, Any] = {
         "task": task_id,
         "num_examples": update.num_examples,
         "num_steps": update.num_steps,
@@ -398,6 +511,9 @@ def update_message(task_id: int, update: ClientUpdate, *, inputs_differ: bool = 
     }
     if inputs_differ:
         header["inputs_differ"] = True
+    if update.personalized is not None:
+        metrics, count = update.personalized
+        header["personalized"] = {"metrics": dict(metrics), "num_examples": count}
     tensors = {f"delta/{k}": v for k, v in update.delta.items()}
     tensors.update({f"extras/{k}": v for k, v in update.extras.items()})  # the client state stays here
     return Message(Kind.UPDATE, header, tensors)
@@ -530,6 +646,7 @@ def run_client(
     secagg_floor: Floor = Floor(),
     limits: ClientLimits = ClientLimits(),
     references: References = References(),
+    state_dir: str | Path | None = None,
 ) -> int:
     """Serve the federation until it shuts down; returns the exit status: 0 the run finished,
     1 refused (wrong secret, replaced by another process with this id), 2 no server for
@@ -544,8 +661,14 @@ def run_client(
     in words (`connection_failure`). With `retry_on_server_failure` a failed run, or a refused
     message, is waited out the same way (the server may come back with --resume). A secure
     aggregation round below `secagg_floor` is declined (the client tells the server why).
+
+    With `state_dir`, what the client keeps between its rounds (its algorithm's client state, its
+    optimizer's state) is written there after each task it trains and read back when it starts
+    (network/state.py), so that it survives a restart; a file that is damaged or does not fit the
+    run is one ConfigError line. None: kept in memory only.
     """
     app = as_app(source)
+    state_file = state_path(state_dir, client_id) if state_dir is not None else None
     references = dataclasses.replace(references, own_model=app.model is not None, own_task=app.task is not None)
     trainer: _Trainer | None = None
     inputs_differ = False  # from the server's test inputs, once welcomed
@@ -576,7 +699,9 @@ def run_client(
                     raise ServerFailed(_text(message.header.get("reason", "no reason given")))
                 if message.kind == Kind.WELCOME:
                     if trainer is None:  # else a reconnect's welcome: the run this client joined goes on
-                        trainer = _Trainer(check_welcome(message.header, references), app, client_id, limits)
+                        trainer = _Trainer(
+                            check_welcome(message.header, references), app, client_id, limits, state_file
+                        )
                         inputs_differ = compare_inputs(message.header.get("test_inputs"), trainer.data, client_id)
                         log.info("client %d: joined (%d examples)", client_id, len(trainer.data))
                 elif trainer is None:  # before the welcome (no secure round can be under way either)

@@ -221,6 +221,13 @@ class ClientNodeSettings:
     threads: int | None = option(
         None, "CPU threads for torch (default: torch's choice; give 1 when several clients share a machine)"
     )
+    state_dir: str = option(
+        "fedforge-state",
+        "folder where this client keeps what its algorithm keeps between rounds (its personal layers, "
+        "SCAFFOLD's control variate, ...) and its optimizer's state, as client-ID.pt, written after each "
+        "task it trains and read back when it starts, so that a restarted client goes on where it was",
+        metavar="DIR",
+    )
     secagg_min_clients: int = option(
         3,
         "decline a secure aggregation round of fewer participants (with 2, the other may be the server's own key)",

@@ -43,6 +43,8 @@ SETTINGS = (
     "lr",
     "momentum",
     "weight_decay",
+    "personalized_eval",
+    "eval_batch_size",
 )
 
 
