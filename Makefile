@@ -44,8 +44,12 @@ browser:
 run: install data
 	$(BIN)/fedforge run --dataset fashion-mnist --name tutorial-fashion-mnist
 
+# Two test processes (pytest-xdist), each test file whole in one of them (its module-scoped servers
+# and Ray cluster start once): the suite is mostly waits on processes and sockets, one torch thread each.
+TEST_WORKERS ?= 2
+
 test: install data browser
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.lint
 	$(BIN)/ruff check .
