@@ -32,13 +32,16 @@ import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
 from .optim import LocalTerms, State
+
+if TYPE_CHECKING:
+    from .contract import ClientPlan
 
 SHARED, PERSONAL, FROZEN = "shared", "personal", "frozen"
 ROLES = (SHARED, PERSONAL, FROZEN)
@@ -177,6 +180,15 @@ class Phase:
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"a phase's epochs must be >= 1, got {self.epochs}")
 
+    def plan(self, plan: ClientPlan) -> ClientPlan:
+        """`plan` as this phase trains it: with the phase's epochs where it names them."""
+        return replace(plan, epochs=self.epochs) if self.epochs else plan
+
+
+def nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """The bytes of a table of tensors' elements."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
 
 def phase_seed(seed: int, phase: int) -> int:
     """The batch seed of phase `phase` of a client whose batch seed is `seed` (phase 0: `seed`)."""
@@ -211,7 +223,7 @@ class ClientState:
         return cls(**parts)
 
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.flat().values())
+        return nbytes(self.flat())
 
 
 @dataclass(frozen=True)
@@ -583,6 +595,7 @@ __all__ = [
     "from_description",
     "head",
     "is_batchnorm",
+    "nbytes",
     "phase_seed",
     "proximal",
 ]

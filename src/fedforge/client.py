@@ -10,7 +10,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -263,7 +263,7 @@ def train_client(
         start = own if not phase.copy else {**received, **client_state.copy}
         terms = algorithm.terms(index, {n: received[n] for n in trained}, client_state.algorithm, inputs)
         loss_term = _loss_term(algorithm, index, received, trained, client_state, inputs)
-        phase_plan = replace(plan, epochs=phase.epochs) if phase.epochs else plan
+        phase_plan = phase.plan(plan)
         phase_generator = (
             generator if index == 0 else torch.Generator().manual_seed(phase_seed(generator.initial_seed(), index))
         )
@@ -353,6 +353,20 @@ def start_of_round(
         shared = {n: global_state[n] for n in roles.shared}
         client_state = ClientState({n: global_state[n] for n in roles.personal}, algorithm.init_state(shared))
     return {**global_state, **client_state.personal}, client_state
+
+
+def personal_model(whole: State, update: ClientUpdate) -> State:
+    """A client's personal model after its round, from the whole model it received (`whole`) and its
+    update: its personal copy (Ditto's), or else its model at the end of its training, the received
+    one plus its update's delta with the personal entries it keeps. What personalized evaluation
+    tests, in a simulation's round loop and on a deployment client alike."""
+    kept = update.client_state
+    if kept is not None and kept.copy:
+        return {**whole, **kept.copy}
+    personal = {**whole, **{k: whole[k] + d for k, d in update.delta.items()}}
+    if kept is not None:
+        personal.update(kept.personal)
+    return personal
 
 
 def _finished(
@@ -624,6 +638,7 @@ __all__ = [
     "client_batches",
     "epoch_orders",
     "finish_update",
+    "personal_model",
     "sgd",
     "train_client",
 ]

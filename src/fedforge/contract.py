@@ -130,6 +130,11 @@ class ClientPlan:
         steps = epochs * math.ceil(num_examples / config.batch_size)
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
+    def phase_steps(self, num_examples: int, config: ClientConfig) -> list[int]:
+        """The optimizer steps of each of `config.algorithm`'s phases (each phase's own epochs
+        where it names them, FedRep's head's), in their order."""
+        return [phase.plan(self).num_steps(num_examples, config) for phase in config.algorithm.phases]
+
 
 @dataclass(frozen=True)
 class ClientUpdate:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from . import _seeding
-from .algorithms import SHARED, ClientState, RoleMap
+from .algorithms import SHARED, ClientState, RoleMap, nbytes
+from .client import personal_model
 from .contract import ClientConfig, ClientUpdate, OptimizerState, State
 from .data.datasets import TensorData
 from .data.federated import FederatedData, client_pool
@@ -622,21 +623,17 @@ def _run_clients(run: _Run, state: ServerState, planned: _Planned) -> _Begun:
         updates = run.engine.run(run.model, _whole(run, state), planned.tasks, planned.config)
     except Exception as e:
         updates = _raising(e)
-    shared = _nbytes(state.params)
-    down = sum(shared + _nbytes(task.plan.inputs or {}) for task in planned.tasks)
+    shared = nbytes(state.params)
+    down = sum(shared + nbytes(task.plan.inputs or {}) for task in planned.tasks)
     return _Begun(planned.config, planned.selected, planned.dropped, updates, down)
-
-
-def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _payload_up(update: Update) -> int:
     """Bytes of the tensors a client sends (its shared delta and its algorithm's extras); a partial
     sum stands for each client it sums."""
     if isinstance(update, ClientUpdate):
-        return _nbytes(update.delta) + _nbytes(update.extras)
-    return len(update.client_ids) * _nbytes(update.mean_delta)
+        return nbytes(update.delta) + nbytes(update.extras)
+    return len(update.client_ids) * nbytes(update.mean_delta)
 
 
 def _transform(run: _Run, updates: Iterable[Update], r: int) -> Iterator[Update]:
@@ -695,15 +692,14 @@ def _personalize(run: _Run, state: ServerState) -> Callable[[ClientUpdate], tupl
     held_out = run.personal_test
 
     def personalize(update: ClientUpdate) -> tuple[Mapping[str, float], int]:
-        kept = update.client_state
-        if kept is not None and kept.copy:
-            personal = {**whole, **kept.copy}
-        else:
-            personal = {**whole, **{k: whole[k] + d for k, d in update.delta.items()}}
-            if kept is not None:
-                personal.update(kept.personal)
         data = held_out[update.client_id]
-        evaluation = evaluate(run.model, personal, data, batch_size=run.settings.eval_batch_size, task=run.client.task)
+        evaluation = evaluate(
+            run.model,
+            personal_model(whole, update),
+            data,
+            batch_size=run.settings.eval_batch_size,
+            task=run.client.task,
+        )
         return evaluation.metrics, len(data)
 
     return personalize

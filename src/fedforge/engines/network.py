@@ -80,10 +80,9 @@ def reported_steps(plan: ClientPlan, config: ClientConfig, num_examples: int) ->
     """The optimizer steps an update of `num_examples` examples reports: those of its algorithm's
     phases that train the model it sends (all but a personal copy's: Ditto's), each phase's
     epochs its own where it names them (FedRep's head)."""
+    phases = config.algorithm.phases
     return sum(
-        (dataclasses.replace(plan, epochs=phase.epochs) if phase.epochs else plan).num_steps(num_examples, config)
-        for phase in config.algorithm.phases
-        if not phase.copy
+        steps for phase, steps in zip(phases, plan.phase_steps(num_examples, config), strict=True) if not phase.copy
     )
 
 

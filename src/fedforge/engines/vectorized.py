@@ -54,7 +54,17 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .. import fastconv, fastmlp
-from ..algorithms import PERSONAL, SHARED, ClientAlgorithm, ClientState, Phase, RoleMap, check_loss_term, phase_seed
+from ..algorithms import (
+    PERSONAL,
+    SHARED,
+    ClientAlgorithm,
+    ClientState,
+    Phase,
+    RoleMap,
+    check_loss_term,
+    nbytes,
+    phase_seed,
+)
 from ..client import epoch_orders, finish_update, start_of_round
 from ..contract import ClientConfig, ClientUpdate
 from ..data.datasets import TensorData, call_model, concat, gather, leaves, model_args, tree_map
@@ -210,7 +220,7 @@ class VectorizedEngine(Engine):
 
     def capacity(self, model: nn.Module, tasks: Sequence[ClientTask], config: ClientConfig) -> int:
         """How many clients like `tasks`' fit in `max_memory` at once (0 when not even one does)."""
-        param_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+        param_bytes = nbytes(model.state_dict())
         rule = config.rule
         copies = 2 + (len(rule.slots) if rule is not None else 0)  # params, transient gradients, optimizer state
         copies += any(phase.copy for phase in config.algorithm.phases)  # Ditto's: the sent model beside the copy
@@ -521,7 +531,7 @@ def _phase_tasks(tasks: Sequence[ClientTask], index: int, phase: Phase) -> Seque
         replace(
             t,
             seed=phase_seed(t.seed, index),
-            plan=replace(t.plan, epochs=phase.epochs) if phase.epochs else t.plan,
+            plan=phase.plan(t.plan),
         )
         for t in tasks
     ]

@@ -44,6 +44,7 @@ from ..client import (
     State,
     all_finite,
     load_state,
+    personal_model,
     train_client,
 )
 from ..config import Config
@@ -304,17 +305,15 @@ class _Trainer:
                     f"task {task_id}: algorithm {algorithm.name} asks for {phase.epochs} epochs in a phase, above "
                     f"this client's --max-epochs {limits.max_epochs}"
                 )
+        config = dataclasses.replace(config, algorithm=algorithm)
         # Every phase's steps: FedRep's head epochs and Ditto's personal copy are work too.
-        steps = sum(
-            (dataclasses.replace(plan, epochs=phase.epochs) if phase.epochs else plan).num_steps(len(self.data), config)
-            for phase in algorithm.phases
-        )
+        steps = sum(plan.phase_steps(len(self.data), config))
         if steps > limits.max_steps:
             raise Unacceptable(
                 f"task {task_id} asks for {steps} steps, above this client's --max-steps {limits.max_steps}"
             )
         whole = {k: global_state.get(k, v) for k, v in self.initial.items()}
-        return task_id, seed, plan, dataclasses.replace(config, algorithm=algorithm), whole
+        return task_id, seed, plan, config, whole
 
     def _personalized(self, config: ClientConfig) -> bool:
         """Whether this run evaluates each client's personal model (the server's personalized_eval:
@@ -327,13 +326,7 @@ class _Trainer:
         end of its training (the model it started from plus its update, its personal entries), or
         its personal copy (Ditto's), as the simulation's round loop evaluates it (`_personalize`)."""
         assert self.held_out is not None, "called with held-out examples"
-        kept = update.client_state
-        if kept is not None and kept.copy:
-            personal = {**whole, **kept.copy}
-        else:
-            personal = {**whole, **{k: whole[k] + d for k, d in update.delta.items()}}
-            if kept is not None:
-                personal.update(kept.personal)
+        personal = personal_model(whole, update)
         if self.evaluate is None:
             evaluation = evaluate(
                 self.scratch, personal, self.held_out, batch_size=self.config.eval_batch_size, task=config.task

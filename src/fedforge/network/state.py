@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..algorithms import ClientState
+from ..algorithms import ClientState, nbytes
 from ..checkpoint import MAX_SLOTS, ClientLayout, _check_kept, _kept, _optimizer_table
 from ..contract import ClientConfig, OptimizerState
 from ..errors import ConfigError
@@ -99,7 +99,7 @@ def _most_bytes(model: nn.Module) -> int:
     """The largest state file a client of `model` writes: twice (the states it started its last task
     from, and the ones it keeps now) its personal entries, a personal copy, its algorithm's state
     (at most the model's size) and an optimizer's slots, and room for the rest."""
-    size = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    size = nbytes(model.state_dict())
     return 2 * (3 + MAX_SLOTS + 1) * size + (1 << 20)
 
 
