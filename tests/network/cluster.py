@@ -125,6 +125,29 @@ class Cluster:
             ],
         )
 
+    def app_client(self, i, port, app) -> Proc:
+        """Client `i` running the ClientApp `app` (package.module:object), plaintext, as `app-{i}`."""
+        return self.start(
+            f"app-{i}",
+            [
+                sys.executable,
+                "-m",
+                "fedforge",
+                "client",
+                "--threads",
+                "1",
+                "--insecure",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--client-id",
+                str(i),
+                "--token-file",
+                f"client-{i}.token",
+                "--app",
+                app,
+            ],
+        )
+
     def stub(self, i, port, modes, name=None) -> Proc:
         return self.start(
             name or f"stub-{i}",

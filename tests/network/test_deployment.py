@@ -93,29 +93,7 @@ def test_a_client_apps_own_training_loop_sees_the_round_and_its_config(cluster, 
     (tmp_path / "own_loop.py").write_text(OWN_LOOP_APP)
     flags = ["--rounds", "3", "--lr", "0.1", "--lr-schedule", "step:step_size=1,gamma=0.5"]
     server, port = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags)
-    clients = [
-        cluster.start(
-            f"app-{i}",
-            [
-                sys.executable,
-                "-m",
-                "fedforge",
-                "client",
-                "--threads",
-                "1",
-                "--insecure",
-                "--server",
-                f"127.0.0.1:{port}",
-                "--client-id",
-                str(i),
-                "--token-file",
-                f"client-{i}.token",
-                "--app",
-                "own_loop:APP",
-            ],
-        )
-        for i in range(3)
-    ]
+    clients = [cluster.app_client(i, port, "own_loop:APP") for i in range(3)]
     assert server.wait() == 0, server.text()
     assert all(c.wait() == 0 for c in clients), [c.text() for c in clients]
     seen = [[json.loads(line) for line in f.read_text().splitlines()] for f in sorted(tmp_path.glob("seen-*.jsonl"))]
@@ -527,29 +505,7 @@ def test_a_custom_task_from_the_clients_app_equals_the_simulation(cluster, tmp_p
         "0.05",
     ]
     server, port = cluster.server("--insecure", "--min-clients", "3", *flags)
-    clients = [
-        cluster.start(
-            f"app-{i}",
-            [
-                sys.executable,
-                "-m",
-                "fedforge",
-                "client",
-                "--threads",
-                "1",
-                "--insecure",
-                "--server",
-                f"127.0.0.1:{port}",
-                "--client-id",
-                str(i),
-                "--token-file",
-                f"client-{i}.token",
-                "--app",
-                "custom_app:APP",
-            ],
-        )
-        for i in range(3)
-    ]
+    clients = [cluster.app_client(i, port, "custom_app:APP") for i in range(3)]
     assert server.wait() == 0, server.text()
     assert all(c.wait() == 0 for c in clients), [c.text() for c in clients]
     history = json.loads((tmp_path / "runs" / "net" / "history.json").read_text())

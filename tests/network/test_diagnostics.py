@@ -56,26 +56,7 @@ def test_a_client_whose_inputs_differ_from_the_servers_test_inputs_says_so(clust
         "--insecure", "--min-clients", "3", "--rounds", "40", "--dashboard", "0", *DIGITS, *secure
     )
     url = server.wait_for(r"dashboard at (\S+)").group(1)
-    odd = cluster.start(
-        "app-0",
-        [
-            sys.executable,
-            "-m",
-            "fedforge",
-            "client",
-            "--threads",
-            "1",
-            "--insecure",
-            "--server",
-            f"127.0.0.1:{port}",
-            "--client-id",
-            "0",
-            "--token-file",
-            "client-0.token",
-            "--app",
-            "unit_range_app:APP",
-        ],
-    )
+    odd = cluster.app_client(0, port, "unit_range_app:APP")
     fine = [cluster.client(i, port, dataset="digits") for i in (1, 2)]
     odd.wait_for(r"client 0: this client's training inputs differ markedly .*their mean is", timeout=120)
     warning = "client 0 says its training inputs differ markedly from the server's test inputs"
@@ -130,26 +111,7 @@ def test_a_clients_model_that_does_not_fit_its_data_is_one_line(cluster, tmp_pat
         "--model",
         "logreg",
     )
-    client = cluster.start(
-        "app",
-        [
-            sys.executable,
-            "-m",
-            "fedforge",
-            "client",
-            "--threads",
-            "1",
-            "--insecure",
-            "--server",
-            f"127.0.0.1:{port}",
-            "--client-id",
-            "0",
-            "--token-file",
-            "client-0.token",
-            "--app",
-            "unflattened_app:APP",
-        ],
-    )
+    client = cluster.app_client(0, port, "unflattened_app:APP")
     assert client.wait() == 2, client.text()
     errors = [line for line in client.text().splitlines() if "error" in line.lower()]
     assert errors == [

@@ -3,7 +3,6 @@ their own evaluation. The server runs in this process (so that every message it 
 looked at); the clients are processes on 127.0.0.1, over real gRPC sockets."""
 
 import json
-import sys
 import threading
 
 import pytest
@@ -251,29 +250,7 @@ def test_clients_bring_their_own_validation_data_and_metric(cluster, tmp_path, m
     (tmp_path / "validating.py").write_text(VALIDATION_APP)
     monkeypatch.chdir(tmp_path)
     server = TappedServer(tmp_path, monkeypatch, *BASE[:-4], "--model", "mlp", "--rounds", "2", "--algorithm", "fedper")
-    clients = [
-        cluster.start(
-            f"app-{i}",
-            [
-                sys.executable,
-                "-m",
-                "fedforge",
-                "client",
-                "--threads",
-                "1",
-                "--insecure",
-                "--server",
-                f"127.0.0.1:{server.port}",
-                "--client-id",
-                str(i),
-                "--token-file",
-                f"client-{i}.token",
-                "--app",
-                "validating:APP",
-            ],
-        )
-        for i in range(3)
-    ]
+    clients = [cluster.app_client(i, server.port, "validating:APP") for i in range(3)]
     assert server.wait() == 0, [c.text() for c in clients]
     assert all(c.wait() == 0 for c in clients), [c.text() for c in clients]
     history = json.loads((server.run_dir / "history.json").read_text())["rounds"]
