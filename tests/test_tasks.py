@@ -172,8 +172,8 @@ def test_classification_is_still_the_default():
         (["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs' (choose from: sgd, adam, adamw)"),
         (
             ["--task", "ranking"],
-            "unknown task 'ranking' (choose from: classification, regression, language-model, or "
-            "package.module:object)",
+            "unknown task 'ranking' (choose from: classification, regression, language-model, causal-lm, "
+            "sequence-classification, or package.module:object)",
         ),
         (["--optimizer", "adam", "--momentum", "0.9"], "momentum is SGD's; Adam takes its own options"),
     ],

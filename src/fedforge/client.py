@@ -526,7 +526,9 @@ class ClientSettings:
     task: str = option(
         "classification",
         "what clients learn: classification (cross-entropy; accuracy), regression "
-        "(MSE; mse, mae, r2), language-model (next-token cross-entropy; perplexity), or "
+        "(MSE; mse, mae, r2), language-model (next-token cross-entropy; perplexity), causal-lm "
+        "(a transformers causal LM's next-token loss over its labels; perplexity), "
+        "sequence-classification (a transformers classifier's logits; accuracy), or "
         "package.module:object, a fedforge.Task of your own",
         TASKS,
         open_choices=True,

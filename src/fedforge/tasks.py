@@ -8,6 +8,15 @@ clients all use it. Built in:
   metrics mse, mae and r2 (1 - SSE / total sum of squares, from sums over every target value).
 - `language-model`: next-token cross-entropy over (batch, time, vocabulary) logits and
   (batch, time) targets; metrics perplexity (exp of the mean token loss) and token accuracy.
+- `causal-lm`: fine-tuning a causal language model (a transformers `...ForCausalLM`) on token
+  rows: the target is the labels, the input ids with IGNORE (-100) where no token is to be
+  predicted (padding, an instruction's prompt), and the loss is the next-token cross-entropy,
+  the shift done inside it, averaged over the predicted tokens (transformers' own loss); metrics
+  perplexity and token accuracy over those tokens. `fedforge.llm.text` prepares such rows.
+- `sequence-classification`: cross-entropy over (batch, labels) logits and class ids; metric
+  accuracy.
+
+The last two take a transformers model's output as it is (its `logits`) or a tensor of logits.
 
 Metrics are sums over units (examples, or tokens for a language model), so that batches and
 clients combine exactly; `summarize` turns the sums into the values shown.
@@ -211,6 +220,56 @@ def _language_sums(outputs: torch.Tensor, target: torch.Tensor) -> Sums:
     return {"loss": F.cross_entropy(logits, flat, reduction="sum"), "token_accuracy": (logits.argmax(1) == flat).sum()}
 
 
+IGNORE = -100  # a label that is not predicted (transformers' and torch's ignore_index)
+
+
+def _logits(outputs) -> torch.Tensor:
+    """A model's logits: the tensor itself, a transformers ModelOutput's `logits`, or a tuple's first."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    if isinstance(outputs, tuple) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise ConfigError(f"the model's output must be logits, or hold them (.logits), got {type(outputs).__name__}")
+
+
+def _shifted(outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits at each position but the last, as float32 (batch * (time - 1), vocabulary), and
+    the labels they predict, each position's next."""
+    logits = _logits(outputs)
+    return logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+
+
+def _causal_lm_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
+    logits, target = _shifted(outputs, labels)
+    total = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
+    # A batch with nothing to predict (all padding or prompt) adds 0, not 0/0.
+    return total / (target != IGNORE).sum().clamp(min=1)
+
+
+def _causal_lm_sums(outputs, labels: torch.Tensor) -> Sums:
+    logits, target = _shifted(outputs, labels)
+    right = (logits.argmax(1) == target) & (target != IGNORE)
+    return {
+        "loss": F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum"),
+        "token_accuracy": right.sum(),
+    }
+
+
+def _predicted_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def _sequence_cross_entropy(outputs, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_logits(outputs).float(), target)
+
+
+def _sequence_classification_sums(outputs, target: torch.Tensor) -> Sums:
+    logits = _logits(outputs).float()
+    return {"loss": F.cross_entropy(logits, target, reduction="sum"), "accuracy": (logits.argmax(1) == target).sum()}
+
+
 def _language_summary(sums: Mapping[str, float], units: float) -> dict[str, float]:
     loss = sums["loss"] / units
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": sums["token_accuracy"] / units}
@@ -238,7 +297,22 @@ LANGUAGE_MODEL = Task(
     primary="perplexity",
     targets="tokens",
 )
-TASKS = {task.name: task for task in (CLASSIFICATION, REGRESSION, LANGUAGE_MODEL)}
+CAUSAL_LM = Task(
+    "causal-lm",
+    _causal_lm_loss,
+    _causal_lm_sums,
+    units=_predicted_tokens,
+    summarize=_language_summary,
+    primary="perplexity",
+)
+SEQUENCE_CLASSIFICATION = Task(
+    "sequence-classification",
+    _sequence_cross_entropy,
+    _sequence_classification_sums,
+    primary="accuracy",
+    higher_is_better=True,
+)
+TASKS = {task.name: task for task in (CLASSIFICATION, REGRESSION, LANGUAGE_MODEL, CAUSAL_LM, SEQUENCE_CLASSIFICATION)}
 
 
 def make_task(name: str, *, optimizer: str = "sgd") -> Task:
@@ -254,4 +328,16 @@ def make_task(name: str, *, optimizer: str = "sgd") -> Task:
     return task if optimizer == "sgd" else task.with_optimizer(optimizer)
 
 
-__all__ = ["CLASSIFICATION", "LANGUAGE_MODEL", "OPTIMIZERS", "REGRESSION", "TARGETS", "TASKS", "Task", "make_task"]
+__all__ = [
+    "CAUSAL_LM",
+    "CLASSIFICATION",
+    "IGNORE",
+    "LANGUAGE_MODEL",
+    "OPTIMIZERS",
+    "REGRESSION",
+    "SEQUENCE_CLASSIFICATION",
+    "TARGETS",
+    "TASKS",
+    "Task",
+    "make_task",
+]
