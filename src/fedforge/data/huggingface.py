@@ -149,6 +149,12 @@ def hf_tensors(
     return TensorData.from_batch(tensors, target=target, inputs=inputs)
 
 
+def read_splits(path: Path) -> tuple[dict, Any]:
+    """{split: Arrow table} ("train" and "test", or "all" for one table to split) of the Hugging
+    Face dataset at `path` (see the module's docstring), and the columns' `datasets.Features`."""
+    return _read(Path(path), _import_datasets())
+
+
 def _read(path: Path, hf) -> tuple[dict, Any]:
     """{split: Arrow table} ("train" and "test", or "all" for one table to split) and the columns'
     `datasets.Features`."""
@@ -274,4 +280,4 @@ def _targets(columns: list, feature, *, task: str, column: str, where: str, hf) 
     raise AssertionError(task)  # load_hf checked it
 
 
-__all__ = ["array", "hf_tensors", "is_hf_dataset", "load_hf"]
+__all__ = ["array", "hf_tensors", "is_hf_dataset", "load_hf", "read_splits"]
