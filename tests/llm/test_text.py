@@ -257,6 +257,14 @@ def test_jsonl_csv_and_hf_give_the_same_dataset(tmp_path):
             a, b = getattr(first, part), getattr(other, part)
             assert torch.equal(a.y, b.y) and all(torch.equal(a.x[k], b.x[k]) for k in a.x)
         np.testing.assert_array_equal(first.groups, other.groups)
+    # Numeric user ids sort as numbers from either file ("10" after "9").
+    numbered = {**rows, "user": [int(u[4:]) + 5 for u in rows["user"]]}
+    by_number = [
+        text.load_text(f"{kind}:{write(tmp_path / f'n.{kind}', numbered)}", tok, task="causal-lm", options=SENTIMENT)
+        for kind, write in (("jsonl", write_jsonl), ("csv", write_csv))
+    ]
+    np.testing.assert_array_equal(by_number[0].groups, by_number[1].groups)
+    np.testing.assert_array_equal(by_number[0].groups, first.groups)
     # The first row's text survives each file's quoting.
     assert text.read_rows(specs[1], ["text"], text=["text"])["all"]["text"][0] == rows["text"][0]
     # A DatasetDict keeps its own train and test splits.

@@ -588,16 +588,17 @@ def text_dataset(
     groups = None
     if options.group_column is not None:
         values = _array(rows[options.group_column])[train_rows]
-        groups = np.unique(values.astype(str) if values.dtype.kind == "O" else values, return_inverse=True)[1]
-        groups = groups.astype(np.int64).reshape(-1)
+        groups = np.unique(values, return_inverse=True)[1].astype(np.int64).reshape(-1)
     return Dataset(name, data.subset(train_rows), data.subset(test_rows), num_classes=num_classes, groups=groups)
 
 
 def _array(values: list) -> np.ndarray:
-    """Labels or group ids as one numpy array: numbers as numbers, anything with text as text."""
-    if all(isinstance(v, (bool, int, float)) for v in values):
-        return np.asarray(values)
-    return np.asarray([str(v) for v in values], dtype=object)
+    """Labels or group ids as one numpy array: numbers as numbers (a CSV file's "10" too, so that
+    it sorts after "9" as in JSON Lines), anything else as text."""
+    try:
+        return np.asarray([float(v) for v in values])
+    except ValueError:
+        return np.asarray([str(v) for v in values], dtype=object)
 
 
 def load_text(
