@@ -28,6 +28,7 @@ from .data.sources import Request
 from .data.tables import parse_source
 from .engines.settings import EngineSettings, parse_bytes
 from .errors import ConfigError
+from .llm.settings import LlmSettings, is_hf_model
 from .privacy.run import SAMPLINGS
 from .privacy.settings import PrivacySettings
 from .scenarios import ScenarioSettings
@@ -96,6 +97,7 @@ GROUPS: dict[str, type] = {
     "run": RunSettings,
     "data": DataSettings,
     "client": ClientSettings,
+    "llm": LlmSettings,
     "strategy": StrategySettings,
     "privacy": PrivacySettings,
     "scenario": ScenarioSettings,
@@ -117,6 +119,7 @@ class Config(
     ScenarioSettings,
     PrivacySettings,
     StrategySettings,
+    LlmSettings,
     ClientSettings,
     DataSettings,
     RunSettings,
@@ -139,6 +142,8 @@ class Config(
             raise ConfigError(
                 f"clients_per_round must be between 1 and num_clients={self.num_clients}, got {self.clients_per_round}"
             )
+        if not is_hf_model(self.model) and (changed := self.group(LlmSettings).changed()):
+            raise ConfigError(f"{changed[0]} is a setting of hf: models (--model hf:PATH), not of {self.model!r}")
         privacy = self.privacy()
         if privacy is not None:
             privacy.check(self.strategy_object(), self.num_clients)
@@ -242,6 +247,7 @@ __all__ = [
     "GROUPS",
     "INVOCATION_KEYS",
     "Config",
+    "LlmSettings",
     "RunSettings",
     "checked_settings",
     "own_strategy_keys",
