@@ -202,7 +202,9 @@ def model_factory(name: str) -> ModelFactory:
     if name in MODELS:
         return MODELS[name]
     if not is_reference(name):
-        raise ConfigError(f"unknown model {name!r} (choose from: {', '.join(MODELS)}, or package.module:factory)")
+        raise ConfigError(
+            f"unknown model {name!r} (choose from: {', '.join(MODELS)}, or package.module:factory, hf:PATH)"
+        )
     factory = load_object(name, "model factory")
     if not callable(factory):
         raise ConfigError(f"model factory {name!r} is a {type(factory).__name__}, not a callable")

@@ -19,7 +19,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +210,7 @@ def build_hf_model(
             with contextlib.suppress(ConfigError):
                 config.pad_token_id = load_tokenizer(source, trust_remote_code=settings.trust_remote_code).pad_token_id
     auto = transformers.AutoModelForCausalLM if kind == CAUSAL_LM else transformers.AutoModelForSequenceClassification
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet(transformers):
         torch.manual_seed(_seeding.derive_seed(seed, _seeding.MODEL_INIT))
         try:
             model = auto.from_pretrained(source, config=config, **options)
@@ -224,6 +225,22 @@ def build_hf_model(
         peft_model = _with_adapters(model, kind, settings, name) if settings.lora_rank else None
     model.train()
     return HFModel(model, kind=kind, source=source, peft_model=peft_model)
+
+
+@contextlib.contextmanager
+def _quiet(transformers) -> Iterator[None]:
+    """No progress bar of the weights' loading, nor peft's deprecation warnings: a run's console
+    (and an error's one line) is fedforge's."""
+    logging = transformers.utils.logging
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def default_targets(model: nn.Module) -> list[str]:
