@@ -358,3 +358,17 @@ def test_roles_of_full_fine_tuning(folders):
     assert set(Roles().assign(model).roles.values()) == {SHARED}
     with pytest.raises(ConfigError, match="no adapters to save"):
         save_adapters(model, {}, "unused")
+
+
+def test_a_deployment_client_loads_its_own_copy_and_trains_the_servers_adapters():
+    from fedforge.config import Config
+    from fedforge.network.welcome import References, Unacceptable, check_welcome, welcome_header
+
+    header = welcome_header(Config(model="hf:/srv/secret/llama", lora_rank=4, lora_targets="q_proj,k_proj"))
+    assert header["config"]["model"] == "hf:llama" and "/srv" not in json.dumps(header)  # no path of the server's
+    assert header["config"]["lora_rank"] == 4 and header["config"]["lora_targets"] == "q_proj,k_proj"
+    with pytest.raises(Unacceptable, match="give --model hf:PATH, this client's copy of the same model"):
+        check_welcome(header, References())
+    welcome = check_welcome(header, References(model="hf:/home/me/llama"))
+    assert welcome.config.model == "hf:/home/me/llama" and welcome.server_model == "hf:llama"
+    assert (welcome.config.lora_rank, welcome.config.lora_targets) == (4, "q_proj,k_proj")
