@@ -230,7 +230,11 @@ def build_model(
         from .llm.models import build_hf_model
 
         targets = task.targets if task is not None else "classes"
-        return build_hf_model(name, targets=targets, num_classes=num_classes, seed=seed, settings=llm or LlmSettings())
+        length = input_shape[0] if len(input_shape) == 1 else None  # (length,): token ids
+        settings = llm or LlmSettings()
+        return build_hf_model(
+            name, targets=targets, num_classes=num_classes, seed=seed, settings=settings, length=length
+        )
     factory = model_factory(name)
     if name in ("cnn", "simple-cnn", "resnet8") and len(input_shape) != 3:
         raise ConfigError(f"model {name!r} needs image input (channels, height, width), got shape {input_shape}")

@@ -372,3 +372,28 @@ def test_a_deployment_client_loads_its_own_copy_and_trains_the_servers_adapters(
     welcome = check_welcome(header, References(model="hf:/home/me/llama"))
     assert welcome.config.model == "hf:/home/me/llama" and welcome.server_model == "hf:llama"
     assert (welcome.config.lora_rank, welcome.config.lora_targets) == (4, "q_proj,k_proj")
+
+
+def test_sequences_longer_than_the_context_are_refused(folders):
+    with pytest.raises(ConfigError, match=r"reads at most 64 tokens .* the data's sequences are 65 long: truncate"):
+        ff.build_model(f"hf:{folders / 'llama'}", (65,), 30, task=LANGUAGE_MODEL)
+    assert ff.build_model(f"hf:{folders / 'llama'}", (64,), 30, task=LANGUAGE_MODEL).kind == "causal-lm"
+
+
+def test_a_copy_keeps_its_adapters_to_itself(folders, tmp_path):
+    """The engines copy the model (deepcopy; Ray pickles it): the copy's peft wrapper is the copy's."""
+    import copy
+    import pickle
+
+    model = build_hf_model(f"hf:{folders / 'llama'}", targets="tokens", num_classes=30, seed=0)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.peft_model.base_model.model is clone.model
+        name = "model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
+        with torch.no_grad():
+            clone.get_parameter(name).fill_(1.0)
+        assert not torch.equal(model.state_dict()[name], clone.state_dict()[name])
+        save_adapters(clone, {}, tmp_path / "copy")
+        loaded = PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(folders / "llama"), tmp_path / "copy"
+        ).state_dict()
+        assert torch.equal(loaded[f"base_model.{name}"], torch.ones_like(loaded[f"base_model.{name}"]))

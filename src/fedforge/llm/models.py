@@ -109,15 +109,19 @@ def check_model_folder(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"model folder {path}: config.json is not valid JSON ({e})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ConfigError(f"model folder {path}: config.json names no model_type: it is not a transformers model")
+    check_sizes(config, f"model folder {path}: config.json's")
+    return config
+
+
+def check_sizes(config: Mapping[str, Any], where: str) -> None:
+    """A ConfigError unless each size of `CONFIG_LIMITS` that a model's `config` gives is an integer
+    in [1, its limit]; `where` starts the message ("model folder F: config.json's")."""
     for key, limit in CONFIG_LIMITS.items():
         value = config.get(key)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
-            raise ConfigError(
-                f"model folder {path}: config.json's {key} must be an integer in [1, {limit}], got {value!r}"
-            )
-    return config
+            raise ConfigError(f"{where} {key} must be an integer in [1, {limit}], got {value!r}")
 
 
 def _source(name: str) -> str:
@@ -176,6 +180,7 @@ def build_hf_model(
     num_classes: int,
     seed: int = 0,
     settings: LlmSettings | None = None,
+    length: int | None = None,
 ) -> HFModel:
     """The model `name` ("hf:PATH") for a task with targets `targets`, with `settings`' LoRA adapters.
 
@@ -184,11 +189,12 @@ def build_hf_model(
     causal LM's, or another number of labels). Weights that the folder does not hold (a new head)
     and the adapters are initialised from `seed` alone: every client and the server build the same
     model. `settings` default to `LlmSettings()`; with lora_rank 0 no adapters: every weight is trained.
+    `length`: the data's sequence length, refused when longer than the model's context.
 
     Raises:
         ConfigError: transformers or peft missing, a folder that is not a transformers model or
-            whose config is out of bounds, a hub name that cannot be fetched, a LoRA target that
-            names no module.
+            whose config is out of bounds, a hub name that cannot be fetched, sequences longer
+            than its context, a LoRA target that names no module.
     """
     transformers, _ = require()
     settings = settings or LlmSettings()
@@ -201,6 +207,13 @@ def build_hf_model(
         config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise _loading_error(source, e) from None
+    check_sizes(config.to_dict(), f"model hf:{source}: its config's")  # a hub model's too
+    context = getattr(config, "max_position_embeddings", None)
+    if length is not None and isinstance(context, int) and length > context:
+        raise ConfigError(
+            f"model {name} reads at most {context} tokens (max_position_embeddings), but the data's "
+            f"sequences are {length} long: truncate them to {context}"
+        )
     if kind == SEQUENCE_CLASSIFICATION:
         if config.num_labels != num_classes:  # a new head: the folder's labels are not the data's
             config.num_labels = num_classes
@@ -364,6 +377,7 @@ __all__ = [
     "build_hf_model",
     "char_tokenizer",
     "check_model_folder",
+    "check_sizes",
     "default_targets",
     "load_tokenizer",
     "model_kind",
