@@ -105,8 +105,9 @@ GROUPS: dict[str, type] = {
     "tracking": TrackingSettings,
 }
 # Settings of one command, not of the run: a resumed run is given them again (its checkpoint key
-# above all: one who resumes a signed run shows the key).
-INVOCATION_KEYS = ("quiet", "checkpoint_key_file")
+# above all: one who resumes a signed run shows the key; and the leave to run a model's own code,
+# which a run folder's config.toml must not grant).
+INVOCATION_KEYS = ("quiet", "checkpoint_key_file", "trust_remote_code")
 # `strategy = "fedprox"` at the top is `name = "fedprox"` in the table [strategy].
 ALIASES = {"strategy.name": "strategy"}
 

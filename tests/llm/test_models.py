@@ -397,3 +397,12 @@ def test_a_copy_keeps_its_adapters_to_itself(folders, tmp_path):
             transformers.AutoModelForCausalLM.from_pretrained(folders / "llama"), tmp_path / "copy"
         ).state_dict()
         assert torch.equal(loaded[f"base_model.{name}"], torch.ones_like(loaded[f"base_model.{name}"]))
+
+
+def test_leave_to_run_a_models_code_is_never_saved_with_the_run():
+    from fedforge.checkpoint import EXECUTION_KEYS
+    from fedforge.config import Config
+
+    config = Config(model="hf:x/y", trust_remote_code=True, save_adapters="adapters")
+    assert "trust_remote_code" not in config.to_toml() and "save_adapters" in config.to_toml()
+    assert {"trust_remote_code", "save_adapters"} <= EXECUTION_KEYS  # a resume may change them
