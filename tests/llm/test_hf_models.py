@@ -30,6 +30,7 @@ from fedforge.llm.models import (  # noqa: E402
     build_hf_model,
     char_tokenizer,
     check_model_folder,
+    context_length,
     load_tokenizer,
     save_adapters,
 )
@@ -375,6 +376,7 @@ def test_a_deployment_client_loads_its_own_copy_and_trains_the_servers_adapters(
 
 
 def test_sequences_longer_than_the_context_are_refused(folders):
+    assert context_length(f"hf:{folders / 'llama'}") == 64
     with pytest.raises(ConfigError, match=r"reads at most 64 tokens .* the data's sequences are 65 long: truncate"):
         ff.build_model(f"hf:{folders / 'llama'}", (65,), 30, task=LANGUAGE_MODEL)
     assert ff.build_model(f"hf:{folders / 'llama'}", (64,), 30, task=LANGUAGE_MODEL).kind == "causal-lm"

@@ -163,6 +163,20 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
+def context_length(name: str, *, trust_remote_code: bool = False) -> int | None:
+    """The most tokens the model `name` ("hf:PATH") reads in one sequence (its config's
+    max_position_embeddings; None when it names none): what text longer than it must be truncated to."""
+    transformers, _ = require()
+    source = _source(name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _loading_error(source, e) from None
+    check_sizes(config.to_dict(), f"model hf:{source}: its config's")
+    context = getattr(config, "max_position_embeddings", None)
+    return context if isinstance(context, int) else None
+
+
 def model_kind(targets: str | None) -> str:
     """The kind of model a task whose targets are `targets` trains (`KINDS`)."""
     if targets not in KINDS:
@@ -378,6 +392,7 @@ __all__ = [
     "char_tokenizer",
     "check_model_folder",
     "check_sizes",
+    "context_length",
     "default_targets",
     "load_tokenizer",
     "model_kind",
