@@ -32,7 +32,7 @@ def fedforge(capsys, *argv):
         (
             ["--model", "resnet"],
             "unknown model 'resnet' (choose from: mlp, 2nn, cnn, simple-cnn, resnet8, logreg, tabular-mlp, "
-            "char-lstm, or package.module:factory)",
+            "char-lstm, or package.module:factory, hf:PATH)",
         ),
         (["--partition", "zipf"], "unknown partition 'zipf' (choose from: iid, dirichlet, shards, quantity, natural)"),
         (["--clients-per-round", "11"], "clients_per_round must be between 1 and num_clients=10, got 11"),

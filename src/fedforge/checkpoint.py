@@ -77,6 +77,8 @@ EXECUTION_KEYS = frozenset(
         "eval_batch_size",
         "quiet",
         "checkpoint_key_file",
+        "trust_remote_code",
+        "save_adapters",
         "data_dir",
         "download",
         "ray_address",

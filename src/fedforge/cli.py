@@ -354,7 +354,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from .models import model_factory
+    from .models import check_model_name
     from .network.auth import read_secret
     from .network.client import LocalData, PartitionOf, run_client
     from .network.settings import ClientNodeSettings
@@ -374,7 +374,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     else:
         data = PartitionOf.parse(node.partition_of) if node.partition_of else LocalData(node.data)
     if node.model is not None:  # the operator's own code: imported now, so that a typo is one line here
-        model_factory(node.model)
+        check_model_name(node.model)
     if node.task is not None:
         make_task(node.task)
     secret = read_secret(node.token_file)

@@ -35,7 +35,7 @@ from .data.datasets import TensorData, Tree, call_model, gather
 from .errors import ConfigError, DivergenceError
 from .evaluation import evaluate
 from .fastmlp import MLPLayout
-from .models import MODELS, model_factory
+from .models import MODELS, check_model_name
 from .optim import LocalTerms, OptimizerState, State, sgd
 from .schedules import Constant, RoundConfig, parse_schedule
 from .tasks import OPTIMIZERS, TASKS, make_task
@@ -519,7 +519,8 @@ class ClientSettings:
     model: str = option(
         "mlp",
         "model: a built-in, or package.module:factory, a function (input_shape, num_classes) "
-        "-> torch.nn.Module of your own",
+        "-> torch.nn.Module of your own, or hf:PATH, a pretrained transformer (a folder written by "
+        "save_pretrained, or a hub name) fine-tuned with LoRA adapters (--lora-rank)",
         MODELS,
         open_choices=True,
     )
@@ -583,7 +584,7 @@ class ClientSettings:
     def __post_init__(self):
         check_choices(self, ClientSettings)
         self.client_algorithm()  # its options in range
-        model_factory(self.model)  # a built-in, or a user's factory that can be imported
+        check_model_name(self.model)  # a built-in, a user's factory that can be imported, or hf:PATH
         self.client_config()  # the task (a built-in or a user's that can be imported) and the hyperparameters
         parse_schedule(self.lr_schedule).check(self.lr)  # its values, and min_lr against lr (rounds: Config)
 

@@ -28,6 +28,7 @@ from .data.sources import Request
 from .data.tables import parse_source
 from .engines.settings import EngineSettings, parse_bytes
 from .errors import ConfigError
+from .llm.settings import LlmSettings, is_hf_model
 from .privacy.run import SAMPLINGS
 from .privacy.settings import PrivacySettings
 from .scenarios import ScenarioSettings
@@ -96,6 +97,7 @@ GROUPS: dict[str, type] = {
     "run": RunSettings,
     "data": DataSettings,
     "client": ClientSettings,
+    "llm": LlmSettings,
     "strategy": StrategySettings,
     "privacy": PrivacySettings,
     "scenario": ScenarioSettings,
@@ -103,8 +105,9 @@ GROUPS: dict[str, type] = {
     "tracking": TrackingSettings,
 }
 # Settings of one command, not of the run: a resumed run is given them again (its checkpoint key
-# above all: one who resumes a signed run shows the key).
-INVOCATION_KEYS = ("quiet", "checkpoint_key_file")
+# above all: one who resumes a signed run shows the key; and the leave to run a model's own code,
+# which a run folder's config.toml must not grant).
+INVOCATION_KEYS = ("quiet", "checkpoint_key_file", "trust_remote_code")
 # `strategy = "fedprox"` at the top is `name = "fedprox"` in the table [strategy].
 ALIASES = {"strategy.name": "strategy"}
 
@@ -117,6 +120,7 @@ class Config(
     ScenarioSettings,
     PrivacySettings,
     StrategySettings,
+    LlmSettings,
     ClientSettings,
     DataSettings,
     RunSettings,
@@ -139,6 +143,8 @@ class Config(
             raise ConfigError(
                 f"clients_per_round must be between 1 and num_clients={self.num_clients}, got {self.clients_per_round}"
             )
+        if not is_hf_model(self.model) and (changed := self.group(LlmSettings).changed()):
+            raise ConfigError(f"{changed[0]} is a setting of hf: models (--model hf:PATH), not of {self.model!r}")
         privacy = self.privacy()
         if privacy is not None:
             privacy.check(self.strategy_object(), self.num_clients)
@@ -242,6 +248,7 @@ __all__ = [
     "GROUPS",
     "INVOCATION_KEYS",
     "Config",
+    "LlmSettings",
     "RunSettings",
     "checked_settings",
     "own_strategy_keys",

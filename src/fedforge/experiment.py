@@ -31,6 +31,7 @@ from .data.tables import source_label
 from .engines import Engine, EngineChoice, engine_choice, make_engine
 from .errors import ConfigError
 from .history import History, RoundRecord
+from .llm.settings import LlmSettings
 from .models import build_model, check_fits
 from .reductions import PartialSum
 from .report import headline, plot_history, round_line, write_history, write_model
@@ -150,7 +151,14 @@ def prepare(
     dataset, data = load(config, progress=progress)
     dataset, data = dataset.to(device), data.to(device)
     k = clients_per_round_count(config.clients_per_round, data.num_clients)
-    model = build_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
+    model = build_model(
+        config.model,
+        dataset.input_shape,
+        dataset.num_classes,
+        seed=config.seed,
+        task=config.client_config().task,
+        llm=config.group(LlmSettings),
+    )
     check_fits(model, dataset.train.x, config.model)
     start = None
     if resume:
@@ -179,7 +187,8 @@ def run_experiment(
     checkpoint_key: bytes | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
 ) -> RunOutcome:
-    """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`.
+    """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`
+    (and with `save_adapters` an hf: model's adapters in peft's format).
 
     History, model and a checkpoint are rewritten (atomically) after every round, so whatever
     stops the run (Ctrl-C, divergence, a crash) leaves the completed rounds on disk, and
@@ -230,6 +239,10 @@ def run_experiment(
         save_checkpoint(run_dir, state, History(records), config, key=checkpoint_key, kept=progress.kept)
         write_history(run_dir, History(records))
         write_model(run_dir, state.params)
+        if config.save_adapters is not None:
+            from .llm.models import save_adapters
+
+            save_adapters(model, state.params, config.save_adapters)
         bar.set_postfix(round=record.round, test=headline(record, primary))
         if verbose:
             tqdm.write(round_line(record, config.rounds, metric=primary))

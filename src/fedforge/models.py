@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -10,6 +11,10 @@ from torch import nn
 from . import _seeding
 from ._imports import is_reference, load_object
 from .errors import ConfigError
+from .llm.settings import LlmSettings, is_hf_model
+
+if TYPE_CHECKING:
+    from .tasks import Task
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
 
@@ -177,25 +182,59 @@ MODELS: dict[str, ModelFactory] = {
 }
 
 
+def check_model_name(name: str) -> None:
+    """A ConfigError unless `name` is a model `build_model` can build: a built-in, a factory of the
+    user's that can be imported, or hf:PATH (whose folder is read when the model is built)."""
+    if is_hf_model(name):
+        from .llm.models import model_path
+
+        model_path(name)
+        return
+    model_factory(name)
+
+
 def model_factory(name: str) -> ModelFactory:
     """The factory of model `name`: a built-in's, or the user's `package.module:factory`, a
     callable (input_shape, num_classes) -> nn.Module imported from the current folder or the
-    installed packages."""
+    installed packages. (An hf: model has none: `build_model` builds it for its task.)"""
+    if is_hf_model(name):
+        raise ConfigError(f"model {name} is built for its task by build_model, not by a factory")
     if name in MODELS:
         return MODELS[name]
     if not is_reference(name):
-        raise ConfigError(f"unknown model {name!r} (choose from: {', '.join(MODELS)}, or package.module:factory)")
+        raise ConfigError(
+            f"unknown model {name!r} (choose from: {', '.join(MODELS)}, or package.module:factory, hf:PATH)"
+        )
     factory = load_object(name, "model factory")
     if not callable(factory):
         raise ConfigError(f"model factory {name!r} is a {type(factory).__name__}, not a callable")
     return factory
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int = 0) -> nn.Module:
+def build_model(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    seed: int = 0,
+    task: Task | None = None,
+    llm: LlmSettings | None = None,
+) -> nn.Module:
     """Build model `name` (see `model_factory`) with weights initialised from `seed` alone.
 
-    The global torch RNG is left as it was: initialisation draws from a forked stream.
+    The global torch RNG is left as it was: initialisation draws from a forked stream. An hf:PATH
+    model (`fedforge.llm.models.build_hf_model`) is a causal LM or a sequence classifier by the
+    targets of `task` (default: classification's), with the LoRA adapters of `llm`.
     """
+    if is_hf_model(name):
+        from .llm.models import build_hf_model
+
+        targets = task.targets if task is not None else "classes"
+        length = input_shape[0] if len(input_shape) == 1 else None  # (length,): token ids
+        settings = llm or LlmSettings()
+        return build_hf_model(
+            name, targets=targets, num_classes=num_classes, seed=seed, settings=settings, length=length
+        )
     factory = model_factory(name)
     if name in ("cnn", "simple-cnn", "resnet8") and len(input_shape) != 3:
         raise ConfigError(f"model {name!r} needs image input (channels, height, width), got shape {input_shape}")

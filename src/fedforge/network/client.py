@@ -52,6 +52,7 @@ from ..data import federate, load
 from ..data.datasets import TensorData, leaves
 from ..errors import ConfigError, DivergenceError
 from ..evaluation import evaluate
+from ..llm.settings import LlmSettings
 from ..models import build_model, check_fits
 from ..optim import OptimizerState
 from ..privacy.mechanism import PrivacyConfig, secure_generator
@@ -215,7 +216,14 @@ class _Trainer:
         self.evaluate = app.evaluate
         input_shape, num_classes = tuple(leaves(self.data.x)[0].shape[1:]), _num_classes(config)
         if app.model is None:
-            self.model = build_model(config.model, input_shape, num_classes, seed=config.seed)
+            self.model = build_model(
+                config.model,
+                input_shape,
+                num_classes,
+                seed=config.seed,
+                task=self.client.task,
+                llm=config.group(LlmSettings),
+            )
         else:
             self.model = app.model(input_shape, num_classes)
         check_fits(self.model, self.data.x, config.model if app.model is None else _qualified(app.model))

@@ -182,7 +182,8 @@ class ClientNodeSettings:
     max_message_mb: float = option(256.0, "largest message accepted from the server, in MiB")
     model: str | None = option(
         None,
-        "the model this client trains, instead of the server's: a built-in or package.module:factory of your own",
+        "the model this client trains, instead of the server's: a built-in or package.module:factory of your own, "
+        "or hf:PATH, this client's copy of the server's pretrained transformer (which an hf: run needs)",
         metavar="NAME",
     )
     task: str | None = option(

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from .._imports import is_reference
 from ..config import Config, checked_settings
 from ..errors import ConfigError
+from ..llm.settings import HF_PREFIX, is_hf_model
 from .wire import MAX_INT
 
 # The settings a client trains with: its data (the run's partition, for --partition-of), its
@@ -35,6 +37,10 @@ SETTINGS = (
     "sigma",
     "client_test_fraction",
     "model",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
     "task",
     "optimizer",
     "keep_optimizer_state",
@@ -49,8 +55,12 @@ SETTINGS = (
 
 
 def welcome_header(config: Config) -> dict[str, Any]:
-    """The welcome a server sends: the SETTINGS of `config` that are set."""
-    return {"config": {k: getattr(config, k) for k in SETTINGS if getattr(config, k) is not None}}
+    """The welcome a server sends: the SETTINGS of `config` that are set; an hf: model by its
+    folder's name alone (hf:PATH is a path on the server's disk: each client loads its own copy)."""
+    values = {k: getattr(config, k) for k in SETTINGS if getattr(config, k) is not None}
+    if is_hf_model(config.model):
+        values["model"] = HF_PREFIX + PurePosixPath(config.model[len(HF_PREFIX) :].replace("\\", "/")).name
+    return {"config": values}
 
 
 # The most any task may ask, whatever the client's operator allows: a round's learning rate,
@@ -139,6 +149,11 @@ class References:
         mine = self.model if what == "model" else self.task
         if mine is not None:
             return mine
+        if what == "model" and is_hf_model(server_name) and not self.own_model:
+            raise Unacceptable(
+                f"the server trains model {server_name}, a pretrained transformer: give --model hf:PATH, "
+                "this client's copy of the same model (its adapters are what travel)"
+            )
         if (
             is_reference(server_name)
             and server_name not in self.allow

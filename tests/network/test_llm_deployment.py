@@ -1,0 +1,103 @@
+"""An hf: model with LoRA over the network: each client loads its own copy of the model, only the
+adapters travel, and the run equals the simulation. Tiny Llama saved into a tmp folder, real gRPC
+sockets on 127.0.0.1."""
+
+import json
+import sys
+
+import pytest
+import torch
+from test_personal import TappedServer, assert_same_model, simulated
+
+from fedforge.algorithms import nbytes
+from fedforge.network.wire import Kind
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+pytest.importorskip("peft")
+
+# The clients' data: their parts of the run's partition of the dataset the server names.
+APP = """
+from fedforge.app import ClientApp
+from fedforge.experiment import federated_data
+
+
+def data(client_id, config):
+    federated = federated_data(config)
+    return federated.train.subset(federated.partition[client_id])
+
+
+app = ClientApp(data=data)
+"""
+
+
+def _tiny_llama(folder):
+    from fedforge.llm.models import char_tokenizer
+
+    tokenizer = char_tokenizer(["abcdefghijklmnopqrstuvwxyz .,;!?\n"])
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _tokens(folder):
+    g = torch.Generator().manual_seed(0)
+    motif = torch.randint(4, 30, (6,), generator=g)
+    rows = torch.stack([motif.roll(-int(p)).repeat(5)[:25] for p in torch.randint(0, 6, (120,), generator=g)])
+    columns = {
+        "input_ids": rows[:, :-1],
+        "attention_mask": torch.ones(120, 24, dtype=torch.long),
+        "labels": rows[:, 1:],
+    }
+    datasets.Dataset.from_dict({k: v.tolist() for k, v in columns.items()}).save_to_disk(str(folder))
+
+
+def test_a_lora_run_over_the_network_equals_the_simulation_and_sends_only_the_adapters(cluster, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    _tiny_llama(tmp_path / "llama")
+    _tokens(tmp_path / "tokens")
+    (tmp_path / "lm_app.py").write_text(APP)
+    flags = [
+        *("--dataset", f"hf:{tmp_path / 'tokens'}", "--target", "labels", "--task", "language-model"),
+        *("--model", f"hf:{tmp_path / 'llama'}", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj"),
+        *("--optimizer", "adamw", "--lr", "0.02", "--batch-size", "16"),
+        *("--rounds", "2", "--num-clients", "3", "--clients-per-round", "3"),
+    ]
+    server = TappedServer(tmp_path, monkeypatch, *flags)
+    clients = [
+        cluster.start(
+            f"client-{i}",
+            [
+                *(sys.executable, "-m", "fedforge", "client", "--threads", "1", "--insecure"),
+                *("--server", f"127.0.0.1:{server.port}", "--client-id", str(i), "--token-file", f"client-{i}.token"),
+                *("--app", "lm_app:app", "--model", f"hf:{tmp_path / 'llama'}"),
+            ],
+        )
+        for i in range(3)
+    ]
+    assert server.wait() == 0, [c.text() for c in clients]
+    assert all(c.wait() == 0 for c in clients), [c.text() for c in clients]
+    model = torch.load(server.run_dir / "model.pt")
+    assert len(model) == 8 and all(".lora_" in n for n in model)  # 2 layers x (q, v) x (A, B)
+    reference, history = simulated(tmp_path, *flags)
+    assert_same_model(model, reference)
+    updates = [m for m in server.received if m.kind == Kind.UPDATE]
+    assert len(updates) == 6
+    for message in updates:  # each client's update: its adapters' delta, nothing else
+        assert {n.partition("/")[2] for n in message.tensors} == model.keys()
+        assert nbytes(message.tensors) == nbytes(model) == 8 * 4 * 64 * 4
+    assert [r["metrics"]["payload_up"] for r in history[1:]] == [3 * nbytes(model)] * 2
+    # On the wire: the adapters and each message's header (its metrics, the tensors' names and shapes).
+    sent = [r["metrics"]["bytes_up"] for r in json.loads((server.run_dir / "history.json").read_text())["rounds"][1:]]
+    assert all(3 * nbytes(model) < b < 3 * (nbytes(model) + 4096) for b in sent), sent
