@@ -44,6 +44,7 @@ def task(tensors=None, **changes) -> Message:
     header = {
         "task": 1,
         "seed": 7,
+        "counted": 0,
         "epochs": None,
         "max_steps": None,
         "proximal_mu": 0.0,
