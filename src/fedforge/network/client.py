@@ -375,9 +375,19 @@ class _Trainer:
             if config.round < 1:
                 raise Unacceptable(f"task {task_id} names no round, and this client keeps state between its rounds")
             try:
-                self.kept = settle(self.kept, counted)  # its last task's states committed or dropped
+                settled = settle(self.kept, counted)  # its last task's states committed or dropped
             except Disagrees as e:
                 raise Unacceptable(f"task {task_id}: {e}") from None
+            if self.kept.pending is not None and settled.pending is None and settled.counted != self.kept.round:
+                log.info(
+                    "client %d: the server has not counted its update of round %d: it starts task %d from its "
+                    "state of round %d",
+                    client_id,
+                    self.kept.round,
+                    task_id,
+                    settled.counted,
+                )
+            self.kept = settled
         start = self.kept.committed
         try:
             update = train_client(
