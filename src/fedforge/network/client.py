@@ -677,10 +677,13 @@ def run_client(
     message, is waited out the same way (the server may come back with --resume). A secure
     aggregation round below `secagg_floor` is declined (the client tells the server why).
 
-    With `state_dir`, what the client keeps between its rounds (its algorithm's client state, its
-    optimizer's state) is written there after each task it trains and read back when it starts
-    (network/state.py), so that it survives a restart; a file that is damaged or does not fit the
-    run is one ConfigError line. None: kept in memory only.
+    What the client keeps between its rounds (its algorithm's client state, its optimizer's state)
+    moves on when the server counts its update: each task says which of its updates counted, and
+    the client commits or drops the state its last task left (network/state.py); a word that
+    disagrees with what it holds is refused as a message is. With `state_dir`, both are written
+    there after each task it trains and when the run ends, and read back when it starts, so that
+    they survive a restart; a file that is damaged or does not fit the run is one ConfigError
+    line. None: kept in memory only.
     """
     app = as_app(source)
     state_file = state_path(state_dir, client_id) if state_dir is not None else None
