@@ -3,8 +3,9 @@
 Everything that can be checked without clients is checked before the server listens: the
 settings, the data and the model, the output folder (writable), and on `--resume` every value of
 the checkpoint (checkpoint.check_checkpoint). When the run ends, every connected client is told
-how: finished, or failed with the reason (a full disk, an interrupt), so a client never takes a
-failed run for a finished one.
+how: finished (with the last round in which its update counted, which settles the state its last
+task left: network/state.py), or failed with the reason (a full disk, an interrupt), so a client
+never takes a failed run for a finished one.
 """
 
 from __future__ import annotations
