@@ -325,9 +325,10 @@ def _no_privacy(payload):
 
 
 def _rewound(payload):
-    """A consistent rewind to round 0: round, accountant and the checkpoint's own history agree."""
+    """A consistent rewind to round 0: round, accountant, counted updates and the checkpoint's own history agree."""
     payload["round"] = 0
     payload["privacy"] = None
+    payload["counted"] = {}
     history = json.loads(payload["history"])
     payload["history"] = json.dumps({"rounds": history["rounds"][:1]})
 
@@ -486,10 +487,14 @@ def test_a_checkpoint_holds_the_global_state_and_no_clients_update(run_dir):
         "privacy",
         "client_states",
         "optimizer_states",
+        "counted",
         "history",
         "settings",
     }
     assert payload["client_states"] == payload["optimizer_states"] == {}  # FedAvgM's clients keep nothing
+    rounds = json.loads(payload["history"])["rounds"]
+    last = {c: r["round"] for r in rounds for c in r["clients"]}  # every selected client reported
+    assert payload["counted"] == last and last  # which round each client's update last counted in
     assert payload["extras_kind"] == "fedforge.strategies.state.Momentum"
     model = torch.load(run_dir / "model.pt", weights_only=True)
     assert payload["params"].keys() == model.keys()
@@ -615,6 +620,10 @@ CLIENT_EDITS = {
         lambda payload: payload["optimizer_states"][0].pop("step"),
         "its client 0's optimizer state has no step",
     ),
+    "counted rounds that are not a table": (_set("counted", [1]), "its counted rounds are not rounds by client id"),
+    "a counted round past the checkpoint's": (_set("counted", {0: 10**12}), "it counts client 0's update in round"),
+    "a counted round 0": (_set("counted", {0: 0}), "it counts client 0's update in round 0, not one of its"),
+    "a counted client not of the run": (_set("counted", {7: 1}), "it counts an update of client 7, not one of"),
 }
 
 

@@ -5,7 +5,8 @@ The file is CHECKPOINT_MAGIC, the SHA-256 of the rest, then torch.save's bytes o
 as a table of its fields under "extras" and its class's qualified name under "extras_kind", the
 run's facts, the privacy stage's accountant and clip bound), what the clients keep between their
 rounds ("client_states": each client's `ClientState.flat()` table by client id; "optimizer_states":
-each client's optimizer state as one table, "step" and "SLOT/NAME", when the task keeps it), the
+each client's optimizer state as one table, "step" and "SLOT/NAME", when the task keeps it; "counted":
+the last round in which each client's update counted, which a deployment's server tells its clients), the
 history so far, and the settings that define the run's result (`result_settings`), its identity.
 A checkpoint without the clients' tables (written before they were kept) resumes with the clients
 starting afresh. The typed states
@@ -163,6 +164,7 @@ def save_checkpoint(
             "privacy": state.privacy.to_dict() if state.privacy is not None else None,
             "client_states": {c: _cpu(kept_state.flat()) for c, kept_state in kept.client_states.items()},
             "optimizer_states": {c: _cpu(_optimizer_table(o)) for c, o in kept.optimizer_states.items()},
+            "counted": dict(kept.counted),
             "history": history.to_json(),
             "settings": result_settings(config),
         },
@@ -223,6 +225,8 @@ def load_checkpoint(run_dir: str | Path, device, *, key: bytes | None = None) ->
         )
         history = History.from_json(saved["history"])
         kept = _kept(saved["client_states"], saved["optimizer_states"]) if "client_states" in saved else None
+        if kept is not None and "counted" in saved:  # written before it held them: none counted
+            kept = dataclasses.replace(kept, counted=_counted(saved["counted"]))
         settings = saved["settings"] if magic != OLD_MAGIC else None
         if magic != OLD_MAGIC and not (
             isinstance(settings, dict) and all(isinstance(k, str) and _setting_value(v) for k, v in settings.items())
@@ -277,6 +281,13 @@ def _kept(client_states: Any, optimizer_states: Any) -> Kept:
         except ConfigError as e:
             raise ConfigError(f"its client {c}'s {e}") from None
     return Kept(optimizers, states)
+
+
+def _counted(counted: Any) -> dict[int, int]:
+    """The round each client's update last counted in, by client id (checked against the run by `_check_kept`)."""
+    if not isinstance(counted, dict) or not all(type(c) is int and type(r) is int for c, r in counted.items()):
+        raise ConfigError("its counted rounds are not rounds by client id")
+    return counted
 
 
 def _privacy_state(saved: Any) -> PrivacyRunState | None:
@@ -358,7 +369,7 @@ def _check(
         raise ConfigError(f"its run's facts {state.run} are not this run's {fresh.run}")
     _check_strategy_state(state.strategy_state, fresh, fresh.run.num_clients if fresh.run else 0)
     if checkpoint.kept is not None:
-        _check_kept(checkpoint.kept, clients, fresh.run.num_clients if fresh.run else 0)
+        _check_kept(checkpoint.kept, clients, fresh.run.num_clients if fresh.run else 0, r)
     elif r > 0 and (clients.optimizer is not None or clients.state.flat()):
         log.warning(
             "resuming from a checkpoint written before checkpoints held what the clients keep between their "
@@ -442,9 +453,15 @@ def _check_strategy_state(saved: StrategyState | None, fresh: ServerState, num_c
             raise ConfigError(f"its {where} is {type(value).__name__}, not what this run's strategy keeps")
 
 
-def _check_kept(kept: Kept, like: ClientLayout, num_clients: int) -> None:
+def _check_kept(kept: Kept, like: ClientLayout, num_clients: int, r: int = 0) -> None:
     """What each client keeps: a client of the run's, its tables named and shaped as `like`'s (a
-    personal copy only once it has one), so that they hold no more than the run's clients keep."""
+    personal copy only once it has one), so that they hold no more than the run's clients keep;
+    the round each last counted in one of the `r` rounds run."""
+    for c, counted in kept.counted.items():
+        if not 0 <= c < num_clients:
+            raise ConfigError(f"it counts an update of client {c}, not one of this run's {num_clients}")
+        if not 1 <= counted <= r:
+            raise ConfigError(f"it counts client {c}'s update in round {counted}, not one of its {r} rounds")
     for c, state in kept.client_states.items():
         if not 0 <= c < num_clients:
             raise ConfigError(f"it holds the state of client {c}, not one of this run's {num_clients}")

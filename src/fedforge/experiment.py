@@ -7,7 +7,7 @@ import functools
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -100,6 +100,7 @@ class RunOutcome:
     history: History
     state: ServerState | None
     engine: EngineChoice | None = None
+    kept: Kept = field(default_factory=Kept)  # what its clients keep, and which of their updates counted
 
 
 def check_output(config: Config) -> Path:
@@ -222,7 +223,7 @@ def run_experiment(
 
     primary = config.client_config().task.primary
     records: list[RoundRecord] = list(start.records) if start else []
-    last: list[ServerState] = [start.state] if start else []
+    last: list[Progress] = [start] if start else []
     # Without trackers nothing here needs each client's update when the round loop sums them.
     run_engine = engine or make_run_engine(config, combine=not trackers)
     error: BaseException | None = None
@@ -233,7 +234,7 @@ def run_experiment(
     def recorded(progress: Progress) -> None:
         record, state = progress.records[-1], progress.state
         records.append(record)
-        last[:] = [state]
+        last[:] = [progress]
         # The checkpoint first: the outputs (history.json, model.pt) are never ahead of it, so a
         # resume never continues from before a round whose model was published.
         save_checkpoint(run_dir, state, History(records), config, key=checkpoint_key, kept=progress.kept)
@@ -291,7 +292,13 @@ def run_experiment(
             plot_history(History(records), run_dir / "accuracy.png", title=config.name, metric=primary)
         for run in tracked:  # after the plot: it is one of their artifacts
             run.finish(error)
-    return RunOutcome(run_dir, History(records), last[0] if last else None, engine_choice(run_engine))
+    return RunOutcome(
+        run_dir,
+        History(records),
+        last[0].state if last else None,
+        engine_choice(run_engine),
+        last[0].kept if last else Kept(),
+    )
 
 
 __all__ = [

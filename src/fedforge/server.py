@@ -3,15 +3,16 @@
 Everything that can be checked without clients is checked before the server listens: the
 settings, the data and the model, the output folder (writable), and on `--resume` every value of
 the checkpoint (checkpoint.check_checkpoint). When the run ends, every connected client is told
-how: finished, or failed with the reason (a full disk, an interrupt), so a client never takes a
-failed run for a finished one.
+how: finished (with the last round in which its update counted, which settles the state its last
+task left: network/state.py), or failed with the reason (a full disk, an interrupt), so a client
+never takes a failed run for a finished one.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .engines.network import DEFAULT_MAX_CLIENT_EXAMPLES, NetworkEngine
 from .errors import ConfigError
@@ -96,7 +97,9 @@ def serve(
         welcome["test_inputs"] = inputs.to_header()
     hub = Hub(tokens, welcome=welcome, max_message_bytes=max_message_bytes, keepalive=keepalive)
     port = hub.start(address, tls)
-    final = Message(Kind.SHUTDOWN, {"status": "failed", "reason": "the server stopped"})
+    final: Message | Callable[[int], Message] = Message(
+        Kind.SHUTDOWN, {"status": "failed", "reason": "the server stopped"}
+    )
     try:
         if on_listening is not None:
             on_listening(port)
@@ -127,7 +130,12 @@ def serve(
             prepared=prepared,
             checkpoint_key=checkpoint_key,
         )
-        final = Message(Kind.SHUTDOWN, {"status": "done"})
+        counted = outcome.kept.counted
+
+        def done(client_id: int) -> Message:  # which of its updates counted last: it settles its last task's state
+            return Message(Kind.SHUTDOWN, {"status": "done", "counted": counted.get(client_id, 0)})
+
+        final = done
         return outcome
     except BaseException as e:
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e) or type(e).__name__

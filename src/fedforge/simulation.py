@@ -39,7 +39,7 @@ from .evaluation import Evaluation, evaluate
 from .history import History, RoundRecord, personalized_summary
 from .privacy.run import SAMPLINGS, DifferentialPrivacy, PrivacyRun, sampling_for
 from .privacy.sampling import poisson_sample
-from .reductions import Update, example_weighted
+from .reductions import Update, client_ids, example_weighted
 from .scenarios import Scenario, attack_update, client_work, label_flipped, malicious_clients
 from .schedules import RoundConfig
 from .strategies import FedAvg, LinearStrategy, RunInfo, ServerState, Strategy, client_algorithm
@@ -52,14 +52,27 @@ class Kept:
     """What the clients keep between their rounds, by client id: their optimizer states (when the
     task keeps them, `Task.keep_optimizer_state`) and their client states (`algorithms.ClientState`:
     personal entries, SCAFFOLD's c_i, Ditto's copy). In simulation they stay with the round loop,
-    so that a checkpoint holds them; a deployment's clients keep their own."""
+    so that a checkpoint holds them; a deployment's clients keep their own. `counted`: the last
+    round in which each client's update counted (arrived in a round that was aggregated), the
+    rounds whose states these are: a deployment's server tells each client its own in every task,
+    so that the client keeps the state of exactly the updates that counted (network/state.py)."""
 
     optimizer_states: Mapping[int, OptimizerState] = field(default_factory=dict)
     client_states: Mapping[int, ClientState] = field(default_factory=dict)
+    counted: Mapping[int, int] = field(default_factory=dict)
 
-    def updated(self, optimizer_states: Mapping[int, OptimizerState], client_states: Mapping[int, ClientState]) -> Kept:
+    def updated(
+        self,
+        optimizer_states: Mapping[int, OptimizerState],
+        client_states: Mapping[int, ClientState],
+        counted: Mapping[int, int],
+    ) -> Kept:
         """These, with the round's clients' new ones."""
-        return Kept({**self.optimizer_states, **optimizer_states}, {**self.client_states, **client_states})
+        return Kept(
+            {**self.optimizer_states, **optimizer_states},
+            {**self.client_states, **client_states},
+            {**self.counted, **counted},
+        )
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,7 @@ class _Trained:
     metrics: dict[str, float]
     optimizer_states: dict[int, OptimizerState]
     client_states: dict[int, ClientState]
+    counted: set[int]  # the clients whose updates arrived: this round counted them
     personalized: list[tuple[Mapping[str, float], int]]
     payload: dict[str, int]  # payload_down, payload_up: bytes of the tensors sent to and by the clients
     at: float
@@ -214,14 +228,17 @@ class _Tally:
         self.personalize = personalize
         self.optimizer_states: dict[int, OptimizerState] = {}
         self.client_states: dict[int, ClientState] = {}
+        self.counted: set[int] = set()
         self.personalized: list[tuple[Mapping[str, float], int]] = []
         self.metrics: list[tuple[Mapping[str, float | None], int]] = []
         self.payload_up = 0  # bytes of the tensors the clients sent
 
     def arrived(self, updates: Iterable[Update]) -> Iterator[Update]:
         """Passes updates through, keeping what each client keeps (its optimizer state when its task
-        keeps one, its client state) and, under personalized evaluation, its personal metrics."""
+        keeps one, its client state), that it arrived (`counted`) and, under personalized
+        evaluation, its personal metrics."""
         for update in updates:
+            self.counted.update(client_ids(update))
             if isinstance(update, ClientUpdate):
                 if update.optimizer_state is not None:
                     self.optimizer_states[update.client_id] = update.optimizer_state
@@ -336,7 +353,10 @@ def simulate(
     while state.round < rounds and not _out_of_budget(run, state.round + 1):
         started, traffic = time.perf_counter(), run.engine.traffic()
         trained = _train_round(run, state, ahead, kept)  # select, plan, run, transform, aggregate
-        state, kept = trained.state, kept.updated(trained.optimizer_states, trained.client_states)
+        state = trained.state
+        kept = kept.updated(
+            trained.optimizer_states, trained.client_states, dict.fromkeys(trained.counted, state.round)
+        )
         ahead = _begin_ahead(run, state, kept)
         records.append(_record(run, state, _evaluate(run, state), trained, started, _traffic(run.engine, traffic)))
         _recorded(records, state, kept, checkpoint, on_round)
@@ -549,6 +569,7 @@ def _train_round(run: _Run, state: ServerState, ahead: _Begun | None, kept: Kept
             tally.means(),
             tally.optimizer_states,
             tally.client_states,
+            tally.counted,
             tally.personalized,
             {"payload_down": begun.payload_down, "payload_up": tally.payload_up},
             time.perf_counter(),
@@ -610,6 +631,7 @@ def _select_and_plan(
             clients_keep.optimizer_states.get(c),
             summable=run.summable and c not in run.transformed,
             client_state=clients_keep.client_states.get(c),
+            counted=clients_keep.counted.get(c, 0),
         )
         for c, batch_seed in zip(kept, seeds, strict=True)
     ]

@@ -44,6 +44,7 @@ def task(tensors=None, **changes) -> Message:
     header = {
         "task": 1,
         "seed": 7,
+        "counted": 0,
         "epochs": None,
         "max_steps": None,
         "proximal_mu": 0.0,
@@ -123,6 +124,9 @@ EXTRA = lambda state: {**state, "global/evil": torch.zeros(3)}  # noqa: E731
         (task(epochs=-5), "epochs -5 is not an integer"),
         (task(epochs=10**9), "epochs 1000000000 is not an integer in [1, 1000] (this client's --max-epochs)"),
         (task(task="one"), "task 'one' is not an integer"),
+        (task(counted="absent"), "counted None is not an integer"),
+        (task(counted=1), "counted 1 is not an integer in [0, 0]"),  # a round counted before the task's first
+        (task(counted=3, round=3, rounds=3), "counted 3 is not an integer in [0, 2]"),
         (task(clip=-1.0), "clip -1.0 is not a number"),
         (task(NAN), "its global tensors hold NaN or infinite values"),
         (task(EXTRA), "tensors ['global/evil'] are not of this client's model"),
@@ -162,6 +166,60 @@ def test_a_welcomes_lr_past_the_bound_is_refused_at_the_first_task(cluster):
     # A task without an lr of its own (an older server's) trains with the welcome's, bounded the same.
     with FakeServer([welcome(lr=1e38), task()]) as server:
         refused(partition_client(cluster, server), "lr 1e+38 is not a number in [1e-30, 1e+06]")
+
+
+def personal_task(round_: int, counted: int) -> Message:
+    """Round `round_` of 3 for a client whose bias is personal (kept in its client state), the server
+    saying that its update last counted in round `counted`; the same global model and seed each time."""
+    shared = lambda state: {"global/1.weight": state["global/1.weight"]}  # noqa: E731
+    return task(shared, round=round_, rounds=3, counted=counted, algorithm=algorithm(personal=["1.bias"]))
+
+
+def deltas(update: Message) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in update.tensors.items() if k.startswith("delta/")}
+
+
+def test_a_client_keeps_the_state_of_exactly_the_updates_the_server_counted(cluster):
+    """Round 1's update is not counted (refused, late, or of a failed round): round 2 starts from the
+    same state, so its update is round 1's to the bit. Round 2's is counted: round 3 starts from the
+    bias round 2 left, and the finished run's word commits round 3's (the file says so)."""
+    from fedforge.network.state import read_state
+
+    done = Message(Kind.SHUTDOWN, {"status": "done", "counted": 3})
+    script = [welcome(), personal_task(1, 0), personal_task(2, 0), personal_task(3, 2), done]
+    with FakeServer(script) as server:
+        proc = partition_client(cluster, server, "--state-dir", "states")
+        assert proc.wait(120) == 0, proc.text()
+    first, second, third = (deltas(m) for m in server.replies)
+    assert first.keys() == {"delta/1.weight"}  # the personal bias never travels
+    assert all(torch.equal(first[k], second[k]) for k in first), "round 1's state was not dropped"
+    assert not torch.equal(second["delta/1.weight"], third["delta/1.weight"]), "round 2's state was not committed"
+    assert "the server has not counted its update of round 1: it starts task 1 from its state of round 0" in proc.text()
+    model = build_model("logreg", tuple(load(CONFIG, progress=False)[1].train.x.shape[1:]), 10, seed=0)
+    saved = read_state(cluster.tmp / "states" / "client-0.pt", 0, model)
+    assert (saved.counted, saved.round, saved.pending) == (3, 0, None)
+    assert saved.committed.client is not None and saved.committed.client.personal.keys() == {"1.bias"}
+
+
+@pytest.mark.parametrize(
+    "script, reason",
+    [
+        # It committed round 1's state; the server then says that none of its updates counted.
+        (
+            [personal_task(1, 0), personal_task(2, 1), personal_task(3, 0)],
+            "task 1: the server counts this client's updates up to round 0, but this client has committed its "
+            "update of round 1 (was the server resumed from an older checkpoint?)",
+        ),
+        # The server says it counted round 2, of which this client trained nothing.
+        (
+            [personal_task(1, 0), personal_task(3, 2)],
+            "task 1: the server counted this client's update of round 2, and this client holds no state of it",
+        ),
+    ],
+)
+def test_a_server_whose_word_disagrees_with_the_clients_state_is_refused(cluster, script, reason):
+    with FakeServer([welcome(), *script]) as server:
+        refused(partition_client(cluster, server, "--state-dir", "states"), reason)
 
 
 def test_a_task_whose_training_diverges_is_one_line_and_status_3(cluster):

@@ -190,7 +190,7 @@ SETTINGS = {"seed": 0, "dataset": "synthetic", "num_clients": 3, "clients_per_ro
 def saved(path, client_id=0, run="another run"):
     from fedforge.network.state import ClientKept, SavedState, write_state
 
-    write_state(path, client_id, SavedState(run, {"name": "fedper", "options": {}}, 1, ClientKept(), ClientKept()))
+    write_state(path, client_id, SavedState(run, {"name": "fedper", "options": {}}, 0, ClientKept(), 1, ClientKept()))
 
 
 @pytest.mark.parametrize(
@@ -208,7 +208,9 @@ def test_a_damaged_or_foreign_state_file_is_refused_in_one_line(cluster, tmp_pat
     write(tmp_path / "states" / "client-0.pt")
     model = build_model("logreg", (60,), 10, seed=0)
     tensors = {f"global/{k}": v for k, v in model.state_dict().items()}
-    task = Message(Kind.TASK, {"task": 1, "seed": 7, "algorithm": {"name": "fedavg", "options": {}}}, tensors)
+    task = Message(
+        Kind.TASK, {"task": 1, "seed": 7, "counted": 0, "algorithm": {"name": "fedavg", "options": {}}}, tensors
+    )
     with FakeServer([Message(Kind.WELCOME, {"config": SETTINGS}), task], reply_timeout=5) as server:
         proc = cluster.client(0, server.port, "--state-dir", "states", "--give-up-after", "5")
         assert proc.wait(120) == 2, proc.text()
@@ -272,15 +274,20 @@ def test_a_state_file_round_trips_and_must_fit_the_model_and_algorithm(tmp_path)
     head = {k: torch.randn_like(v) for k, v in model.state_dict().items() if k in HEAD}
     config = ClientConfig(algorithm=FedPer())
     path = tmp_path / "client-1.pt"
-    write_state(path, 1, SavedState("run", describe(FedPer()), 4, ClientKept(), ClientKept(None, ClientState(head))))
+    pending = ClientKept(None, ClientState(head))
+    write_state(path, 1, SavedState("run", describe(FedPer()), 2, ClientKept(), 4, pending))
     saved = read_state(path, 1, model)
-    assert saved.task == 4 and saved.start == ClientKept()
-    assert saved.now.client is not None and all(torch.equal(saved.now.client.personal[k], head[k]) for k in HEAD)
+    assert (saved.counted, saved.committed, saved.round) == (2, ClientKept(), 4)
+    assert saved.pending.client is not None and all(
+        torch.equal(saved.pending.client.personal[k], head[k]) for k in HEAD
+    )
     check_state(saved, path, model, config, "run", describe(FedPer()))  # fits
     with pytest.raises(ConfigError, match="was kept by algorithm"):
         check_state(saved, path, model, ClientConfig(), "run", describe(ClientConfig().algorithm))
     wrong = {"5.weight": torch.zeros(3, 3), "5.bias": head["5.bias"]}  # another model's head
-    write_state(path, 1, SavedState("run", describe(FedPer()), 4, ClientKept(), ClientKept(None, ClientState(wrong))))
+    write_state(
+        path, 1, SavedState("run", describe(FedPer()), 2, ClientKept(), 4, ClientKept(None, ClientState(wrong)))
+    )
     with pytest.raises(ConfigError, match=r"does not fit this run: .*5\.weight .*shape"):
         check_state(read_state(path, 1, model), path, model, config, "run", describe(FedPer()))
 

@@ -25,6 +25,8 @@ class ClientTask:
     keeps it (`Task.keep_optimizer_state`; None: fresh); engines never change it in place.
     `client_state` is what the client kept from its last round (`algorithms.ClientState`; None:
     its first round, or an algorithm that keeps nothing); engines never change it in place.
+    `counted` is the last round in which the client's update counted (0: none yet), the round
+    whose state `client_state` is: the network engine tells the client (its state is on its disk).
     `summable` says that the round loop needs this client's update only as part of the round's
     weighted mean (the strategy is linear, and no later stage transforms the update on its own):
     an engine may then send it folded with others into one `PartialSum` (the Ray engine does,
@@ -42,6 +44,7 @@ class ClientTask:
     optimizer_state: OptimizerState | None = None
     summable: bool = False
     client_state: ClientState | None = None
+    counted: int = 0
 
 
 class RoundFailed(Exception):

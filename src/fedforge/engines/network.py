@@ -55,11 +55,13 @@ def task_message(
     client answers with its keys, not its update. It names the client algorithm (a built-in and
     its role patterns, `algorithms.describe`) and carries its inputs. `global_state` holds the
     entries that travel: the shared ones (personal and frozen ones never leave a client's disk or
-    the server)."""
+    the server). "counted" is the last round in which this client's update counted (0: none): the
+    client keeps the state its training of that round left, and drops any of a later task."""
     plan = task.plan
     header: dict[str, object] = {
         "task": task_id,
         "seed": task.seed,
+        "counted": task.counted,
         **{name: getattr(config, name) for name in ROUND_FIELDS},
         "epochs": plan.epochs,
         "max_steps": plan.max_steps,

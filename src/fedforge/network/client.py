@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 import torch
 
-from ..algorithms import PLAIN, ClientState, describe, from_description
+from ..algorithms import PLAIN, describe, from_description
 from ..app import ClientApp
 from ..client import (
     ClientConfig,
@@ -54,14 +54,13 @@ from ..errors import ConfigError, DivergenceError
 from ..evaluation import evaluate
 from ..llm.settings import LlmSettings
 from ..models import build_model, check_fits
-from ..optim import OptimizerState
 from ..privacy.mechanism import PrivacyConfig, secure_generator
 from ..privacy.stage import privatize_update
 from ..secagg.protocol import ClientRound, Floor, ProtocolError, Setup
 from ..secagg.quantize import QuantizationError, Quantizer
 from .hub import CLIENT_ID_KEY, METHOD, SECRET_KEY, channel_options
 from .inputs import InputSummary
-from .state import ClientKept, SavedState, check_state, read_state, state_path, write_state
+from .state import ClientKept, Disagrees, SavedState, check_state, read_state, settle, state_path, write_state
 from .welcome import MAX_LR, MAX_ROUNDS, SETTINGS, ClientLimits, References, Unacceptable, Welcome, check_welcome
 from .wire import MAX_INT, Kind, Message, WireError, decode, encode, is_number
 
@@ -231,20 +230,16 @@ class _Trainer:
         # Its own model's values (initial or pretrained): what fills the entries that never travel,
         # the frozen ones every round and the personal ones on its first.
         self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        # Where this client's optimizer left off, when its task keeps it; and the task it last
-        # trained with the state it started from, so that a task sent again (after a reconnect)
-        # starts where it did the first time.
-        self.optimizer_state: OptimizerState | None = None
-        self.client_state: ClientState | None = None  # what its algorithm keeps between rounds
-        self._last: tuple[int, OptimizerState | None, ClientState | None] | None = None
-        # Where it keeps them between its runs (None: in memory only); the state it read there, until
-        # the first task names the algorithm that it is checked against.
-        self.state_file, self._unchecked = state_file, None
+        # What it keeps between its rounds (its optimizer's state, when its task keeps it; its
+        # algorithm's client state): the states its last counted update left and those of its latest
+        # task, settled by each task's word on which of its updates the server counted (state.py).
         self.run = json.dumps({k: getattr(config, k) for k in SETTINGS}, sort_keys=True, default=str)
+        self.kept = SavedState(self.run, {}, 0, ClientKept())
+        # Where it keeps them between its runs (None: in memory only); whether what it read there is
+        # still to be checked against the algorithm the first task names.
+        self.state_file, self._unchecked = state_file, False
         if state_file is not None and (saved := read_state(state_file, client_id, self.model)) is not None:
-            self._unchecked = saved
-            self._last = (saved.task, saved.start.optimizer, saved.start.client)
-            self.optimizer_state, self.client_state = saved.now.optimizer, saved.now.client
+            self.kept, self._unchecked = saved, True
 
     def _check_model(self, global_state, shared: list[str]) -> None:
         mine = {k: tuple(self.initial[k].shape) for k in shared}
@@ -256,15 +251,17 @@ class _Trainer:
                 f"tensors; e.g. {different})"
             )
 
-    def check(self, task: Message) -> tuple[int, int, ClientPlan, ClientConfig, State]:
-        """The task's id, seed, plan, the round's client config (with the task's algorithm) and the
+    def check(self, task: Message) -> tuple[int, int, ClientPlan, ClientConfig, State, int]:
+        """The task's id, seed, plan, the round's client config (with the task's algorithm), the
         model it starts from (the task's shared entries, this client's own frozen and personal
-        ones), once every header field and tensor of `task` is checked (and what it asks is within
-        this client's limits); Unacceptable otherwise."""
+        ones) and the last round before it in which the server counted this client's update, once
+        every header field and tensor of `task` is checked (and what it asks is within this
+        client's limits); Unacceptable otherwise."""
         h, limits = task.header, self.limits
         task_id = _integer(h, "task", 0, MAX_INT)
         seed = _integer(h, "seed", 0, MAX_INT)
         config = self._round_config(task_id, h)
+        counted = _integer(h, "counted", 0, max(config.round - 1, 0))
         epochs = _optional_integer(h, "epochs", 1, limits.max_epochs, limit="--max-epochs")
         max_steps = _optional_integer(h, "max_steps", 1, MAX_INT)
         initial_loss = h.get("measure_initial_loss", False)
@@ -321,7 +318,7 @@ class _Trainer:
                 f"task {task_id} asks for {steps} steps, above this client's --max-steps {limits.max_steps}"
             )
         whole = {k: global_state.get(k, v) for k, v in self.initial.items()}
-        return task_id, seed, plan, config, whole
+        return task_id, seed, plan, config, whole, counted
 
     def _personalized(self, config: ClientConfig) -> bool:
         """Whether this run evaluates each client's personal model (the server's personalized_eval:
@@ -375,21 +372,31 @@ class _Trainer:
         """This client's update for `task`; with `privatize`, clipped (and noised) as differential
         privacy asks (secure aggregation clips the update itself, as it quantizes it). Raises
         Unacceptable for a task this client refuses, OutOfTime past its --max-round-seconds."""
-        task_id, seed, plan, config, global_state = self.check(task)
-        if self._unchecked is not None:
+        task_id, seed, plan, config, global_state, counted = self.check(task)
+        if self._unchecked:
             assert self.state_file is not None, "state is read from a file"
-            check_state(self._unchecked, self.state_file, self.model, config, self.run, describe(config.algorithm))
+            check_state(self.kept, self.state_file, self.model, config, self.run, describe(config.algorithm))
             log.info("client %d: continues from its state in %s", client_id, self.state_file)
-            self._unchecked = None
-        last = self._last
-        start, kept = (
-            (last[1], last[2])
-            if last is not None and last[0] == task_id
-            else (
-                self.optimizer_state,
-                self.client_state,
-            )
-        )
+            self._unchecked = False
+        keeps = config.algorithm.keeps_state or config.task.keep_optimizer_state
+        if keeps:
+            if config.round < 1:
+                raise Unacceptable(f"task {task_id} names no round, and this client keeps state between its rounds")
+            try:
+                settled = settle(self.kept, counted)  # its last task's states committed or dropped
+            except Disagrees as e:
+                raise Unacceptable(f"task {task_id}: {e}") from None
+            if self.kept.pending is not None and settled.pending is None and settled.counted != self.kept.round:
+                log.info(
+                    "client %d: the server has not counted its update of round %d: it starts task %d from its "
+                    "state of round %d",
+                    client_id,
+                    self.kept.round,
+                    task_id,
+                    settled.counted,
+                )
+            self.kept = settled
+        start = self.kept.committed
         try:
             update = train_client(
                 self.scratch,
@@ -399,32 +406,47 @@ class _Trainer:
                 client_id=client_id,
                 generator=torch.Generator().manual_seed(seed),
                 plan=plan,
-                optimizer_state=start,
+                optimizer_state=start.optimizer,
                 deadline=time.monotonic() + self.limits.max_round_seconds,
-                client_state=kept,
+                client_state=start.client,
             )
         except ConfigError as e:  # what the task asks this client's task cannot do (its own loop and FedProx)
             raise Unacceptable(f"task {task_id}: {e}") from None
-        self._last, self.optimizer_state = (task_id, start, kept), update.optimizer_state
-        self.client_state = update.client_state
         if self.held_out is not None and len(self.held_out) and self._personalized(config):
             update = dataclasses.replace(update, personalized=self._personalize(global_state, update, config))
-        if self.state_file is not None and (config.algorithm.keeps_state or config.task.keep_optimizer_state):
-            # Before the update is sent: a client that stops before it sends starts this task again
-            # from `start` and `kept` when the server sends it again.
-            saved = SavedState(
-                self.run,
-                describe(config.algorithm),
-                task_id,
-                ClientKept(start, kept),
-                ClientKept(update.optimizer_state, update.client_state),
+        if keeps:
+            # Pending until the server says whether this update counted; written before it is sent,
+            # so that a client that stops before it sends settles this task again when it is resent.
+            self.kept = dataclasses.replace(
+                self.kept,
+                algorithm=describe(config.algorithm),
+                round=config.round,
+                pending=ClientKept(update.optimizer_state, update.client_state),
             )
-            write_state(self.state_file, client_id, saved)
+            if self.state_file is not None:
+                write_state(self.state_file, client_id, self.kept)
         if plan.clip is not None and privatize:  # differential privacy: this client's part, before anything leaves it
             mode = "local" if plan.noise_multiplier else "client"
             mechanism = PrivacyConfig(plan.noise_multiplier, 1.0, mode=mode, clip=plan.clip)
             update = privatize_update(update, mechanism, plan.clip, secure_generator())
         return update
+
+    def finish(self, client_id: int, header: dict) -> None:
+        """Settle its last task by the server's word on a finished run (a "done" SHUTDOWN's "counted"),
+        so that the states it keeps are those of its last counted update; a word that is missing or
+        disagrees leaves them as they are (logged)."""
+        if self.kept.pending is None:
+            return
+        counted = header.get("counted")
+        try:
+            if type(counted) is not int or not 0 <= counted <= MAX_ROUNDS:
+                raise Disagrees(f"counted {_text(repr(counted), 40)} is not a round")
+            self.kept = settle(self.kept, counted)
+        except Disagrees as e:
+            log.warning("client %d: its last task's state stays pending: %s", client_id, e)
+            return
+        if self.state_file is not None:
+            write_state(self.state_file, client_id, self.kept)
 
 
 def _qualified(factory) -> str:
@@ -663,10 +685,13 @@ def run_client(
     message, is waited out the same way (the server may come back with --resume). A secure
     aggregation round below `secagg_floor` is declined (the client tells the server why).
 
-    With `state_dir`, what the client keeps between its rounds (its algorithm's client state, its
-    optimizer's state) is written there after each task it trains and read back when it starts
-    (network/state.py), so that it survives a restart; a file that is damaged or does not fit the
-    run is one ConfigError line. None: kept in memory only.
+    What the client keeps between its rounds (its algorithm's client state, its optimizer's state)
+    moves on when the server counts its update: each task says which of its updates counted, and
+    the client commits or drops the state its last task left (network/state.py); a word that
+    disagrees with what it holds is refused as a message is. With `state_dir`, both are written
+    there after each task it trains and when the run ends, and read back when it starts, so that
+    they survive a restart; a file that is damaged or does not fit the run is one ConfigError
+    line. None: kept in memory only.
     """
     app = as_app(source)
     state_file = state_path(state_dir, client_id) if state_dir is not None else None
@@ -695,6 +720,8 @@ def run_client(
                 if message.kind == Kind.SHUTDOWN:
                     outbox.put(None)
                     if message.header.get("status") == "done":
+                        if trainer is not None:
+                            trainer.finish(client_id, message.header)
                         log.info("client %d: the server finished the run", client_id)
                         return EXIT_DONE
                     raise ServerFailed(_text(message.header.get("reason", "no reason given")))

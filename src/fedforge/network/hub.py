@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -188,14 +189,15 @@ class Hub:
         await self._server.start()
         return port
 
-    def stop(self, final: Message, grace: float = 2.0) -> None:
-        """Send every session `final` (the run's end), give them `grace` seconds to take it, stop."""
+    def stop(self, final: Message | Callable[[int], Message], grace: float = 2.0) -> None:
+        """Send every session `final` (the run's end; or `final(client_id)`, each client its own),
+        give them `grace` seconds to take it, stop."""
         if not self._thread.is_alive():
             return
 
         async def finish():
             for session in list(self.sessions.values()):
-                session.outbox.put_nowait(encode(final))
+                session.outbox.put_nowait(encode(final(session.client_id) if callable(final) else final))
                 session.outbox.put_nowait(None)
             if self._server is not None:
                 await self._server.stop(grace)

@@ -1,25 +1,40 @@
 """What a deployment client keeps between its rounds, on its own disk, so that it survives a restart.
 
 A client whose algorithm keeps state (its personal entries, SCAFFOLD's control variate, Ditto's
-copy: `algorithms.ClientState`) or whose task keeps its optimizer's state writes it after every
-task it trains, atomically, to one file in its state folder (`fedforge client --state-dir`,
-`client-ID.pt`), and reads it back when it starts. The file is STATE_MAGIC, the SHA-256 of the
-rest, then torch.save's bytes of plain values: the client's id, the run it trained in (the
-settings of the server's welcome), the algorithm it trained with (`algorithms.describe`), the id
-of the task it last trained and the states it started that task from (a task sent again after a
-reconnect starts where it did the first time), and the states it keeps now (each a
-`ClientState.flat()` table and an optimizer table, as a checkpoint holds them).
+copy: `algorithms.ClientState`) or whose task keeps its optimizer's state keeps two of them: the
+*committed* states (those its last update that the server counted left, or its first) and the
+*pending* ones (those its latest task left, tagged with that task's round), until the server says
+whether that update counted. Each task says so ("counted": the last round in which the server
+counted this client's update, as its round loop keeps it and its checkpoint holds it;
+`settle`): the client commits the pending states when their round counted and drops them
+otherwise (an update refused, late, or of a round that failed and was retried), then trains from
+the committed ones, so that it keeps what the simulation keeps. The server's word on a finished
+run (a "done" SHUTDOWN) settles the last task the same way. A word that disagrees with what the
+client holds (the server counted a round older than the client's committed states: it resumed
+from an older checkpoint; or one the client holds no state of: the client lost its state) is
+refused with one line: the client keeps no history to go back to, and never trains from a state
+that is not the simulation's.
+
+With `fedforge client --state-dir` it writes both, after every task it trains and when the run
+ends, atomically, to one file in its state folder (`client-ID.pt`), and reads them back when it
+starts. The file is STATE_MAGIC, the SHA-256 of the rest, then torch.save's bytes of plain values:
+the client's id, the run it trained in (the settings of the server's welcome), the algorithm it
+trained with (`algorithms.describe`), the committed states and their round, and the pending states
+and theirs (each a `ClientState.flat()` table and an optimizer table, as a checkpoint holds them).
+A task sent again (after a reconnect) is settled as it was the first time: it drops the pending
+states and starts from the committed ones again.
 
 The file is read as hostile: at most a size bounded by the model's, loaded with
 `torch.load(weights_only=True)` (tensors, numbers, strings and dicts only), and every table
 checked as a checkpoint's are (`checkpoint.ClientLayout`: the names and shapes the model and the
 algorithm make) once the first task names the algorithm. A file of another client, another run's
-settings or another algorithm is refused too: one ConfigError line (the client exits with status
-2; moving the file away starts the client afresh).
+settings or another algorithm, or of an older fedforge's format, is refused too: one ConfigError
+line (the client exits with status 2; moving the file away starts the client afresh).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import io
@@ -36,8 +51,10 @@ from ..checkpoint import MAX_SLOTS, ClientLayout, _check_kept, _kept, _optimizer
 from ..contract import ClientConfig, OptimizerState
 from ..errors import ConfigError
 from ..simulation import Kept
+from .welcome import MAX_ROUNDS
 
-STATE_MAGIC = b"fedforge client state 1\n"
+STATE_MAGIC = b"fedforge client state 2\n"
+OLD_MAGICS = (b"fedforge client state 1\n",)
 
 
 def state_path(state_dir: str | Path, client_id: int) -> Path:
@@ -55,15 +72,41 @@ class ClientKept:
 
 @dataclass(frozen=True)
 class SavedState:
-    """A client's state file: the run it trained in (its welcome's settings, as JSON), the algorithm
-    it trained with (its description), the task it last trained and the states it started it from,
-    and the states it keeps now."""
+    """A client's states: the run it trained in (its welcome's settings, as JSON), the algorithm it
+    trained with (its description), the committed states and the round whose update left them
+    (0: none counted yet), and the pending ones and the round of the task that left them (None,
+    0: none pending)."""
 
     run: str
     algorithm: dict
-    task: int
-    start: ClientKept
-    now: ClientKept
+    counted: int
+    committed: ClientKept
+    round: int = 0
+    pending: ClientKept | None = None
+
+
+class Disagrees(Exception):
+    """The server's word on which update counted disagrees with what this client holds (the reason)."""
+
+
+def settle(saved: SavedState, counted: int) -> SavedState:
+    """`saved` once the server says that this client's update last counted in round `counted`:
+    its pending states committed when theirs is that round, dropped when its committed states' is;
+    Disagrees otherwise."""
+    if saved.pending is not None and counted == saved.round:
+        return dataclasses.replace(saved, counted=counted, committed=saved.pending, round=0, pending=None)
+    if counted == saved.counted:
+        return dataclasses.replace(saved, round=0, pending=None)
+    if counted < saved.counted:
+        raise Disagrees(
+            f"the server counts this client's updates up to round {counted}, but this client has committed its "
+            f"update of round {saved.counted} (was the server resumed from an older checkpoint?)"
+        )
+    raise Disagrees(
+        f"the server counted this client's update of round {counted}, and this client holds no state of it (its "
+        f"latest is of round {saved.counted}{f', pending of round {saved.round}' if saved.pending else ''}): "
+        "it lost its state, or keeps it in another --state-dir"
+    )
 
 
 def _tables(kept: ClientKept) -> dict[str, Any]:
@@ -83,9 +126,10 @@ def write_state(path: Path, client_id: int, saved: SavedState) -> None:
             "client": client_id,
             "run": saved.run,
             "algorithm": saved.algorithm,
-            "task": saved.task,
-            "start": _tables(saved.start),
-            "now": _tables(saved.now),
+            "counted": saved.counted,
+            "committed": _tables(saved.committed),
+            "round": saved.round,
+            "pending": _tables(saved.pending) if saved.pending is not None else None,
         },
         buffer,
     )
@@ -96,8 +140,8 @@ def write_state(path: Path, client_id: int, saved: SavedState) -> None:
 
 
 def _most_bytes(model: nn.Module) -> int:
-    """The largest state file a client of `model` writes: twice (the states it started its last task
-    from, and the ones it keeps now) its personal entries, a personal copy, its algorithm's state
+    """The largest state file a client of `model` writes: twice (its committed states and its
+    pending ones) its personal entries, a personal copy, its algorithm's state
     (at most the model's size) and an optimizer's slots, and room for the rest."""
     size = nbytes(model.state_dict())
     return 2 * (3 + MAX_SLOTS + 1) * size + (1 << 20)
@@ -128,6 +172,11 @@ def read_state(path: Path, client_id: int, model: nn.Module) -> SavedState | Non
     except OSError as e:
         raise ConfigError(f"cannot read this client's state {path}: {e.strerror}") from None
     start = len(STATE_MAGIC) + 32
+    if data.startswith(OLD_MAGICS):
+        raise ConfigError(
+            f"this client's state {path} was written by an older fedforge, which did not keep what the server "
+            "counted; move it away to start this client afresh"
+        )
     if not data.startswith(STATE_MAGIC) or not hmac.compare_digest(
         hashlib.sha256(memoryview(data)[start:]).digest(), data[len(STATE_MAGIC) : start]
     ):
@@ -137,14 +186,25 @@ def read_state(path: Path, client_id: int, model: nn.Module) -> SavedState | Non
         )
     try:
         saved = torch.load(io.BytesIO(memoryview(data)[start:]), map_location="cpu", weights_only=True)
-        if not isinstance(saved, dict) or set(saved) != {"client", "run", "algorithm", "task", "start", "now"}:
+        keys = {"client", "run", "algorithm", "counted", "committed", "round", "pending"}
+        if not isinstance(saved, dict) or set(saved) != keys:
             raise TypeError("not a client's state")
         if saved["client"] != client_id:
             raise ConfigError(f"it is client {str(saved['client'])[:20]}'s, not this client's ({client_id})")
-        if type(saved["task"]) is not int or not isinstance(saved["algorithm"], dict) or type(saved["run"]) is not str:
-            raise TypeError("task, run, algorithm")
+        if not isinstance(saved["algorithm"], dict) or type(saved["run"]) is not str:
+            raise TypeError("run, algorithm")
+        counted, round_, pending = saved["counted"], saved["round"], saved["pending"]
+        if not (type(counted) is int and type(round_) is int and 0 <= counted <= MAX_ROUNDS and round_ <= MAX_ROUNDS):
+            raise TypeError("rounds")
+        if (pending is None) != (round_ == 0) or (pending is not None and round_ <= counted):
+            raise TypeError("a pending state's round")
         return SavedState(
-            saved["run"], saved["algorithm"], saved["task"], _read_kept(saved["start"]), _read_kept(saved["now"])
+            saved["run"],
+            saved["algorithm"],
+            counted,
+            _read_kept(saved["committed"]),
+            round_,
+            _read_kept(pending) if pending is not None else None,
         )
     except ConfigError as e:
         raise ConfigError(f"this client's state {path}: {e}") from None
@@ -169,7 +229,7 @@ def check_state(
             f"now asks for {str(algorithm)[:200]}; move it away to start this client afresh"
         )
     layout = ClientLayout.of(model, config)
-    for kept in (saved.start, saved.now):
+    for kept in (saved.committed, *([saved.pending] if saved.pending is not None else [])):
         try:
             _check_kept(
                 Kept(
@@ -183,4 +243,4 @@ def check_state(
             raise ConfigError(f"this client's state {path} does not fit this run: {e}") from None
 
 
-__all__ = ["ClientKept", "SavedState", "check_state", "read_state", "state_path", "write_state"]
+__all__ = ["ClientKept", "Disagrees", "SavedState", "check_state", "read_state", "settle", "state_path", "write_state"]
