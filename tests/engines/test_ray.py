@@ -32,6 +32,7 @@ from ray_problem import (  # noqa: E402
 )
 
 from fedforge.algorithms import FedPer  # noqa: E402
+from fedforge.checkpoint import load_checkpoint  # noqa: E402
 from fedforge.cli import main  # noqa: E402
 from fedforge.engines import AutoEngine, SequentialEngine  # noqa: E402
 from fedforge.engines.ray import RayEngine, assign, holdings, shares  # noqa: E402
@@ -191,10 +192,14 @@ def test_a_worker_killed_mid_round_is_restarted_and_the_run_is_unchanged(tmp_pat
                 engine.gather()
 
 
-def test_resume_continues_on_the_ray_engine_as_if_uninterrupted(tmp_path, capsys):
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_resume_continues_on_the_ray_engine_as_if_uninterrupted(tmp_path, capsys, strategy):
+    # SCAFFOLD: the checkpoint's client states go to their workers, and come back in the next checkpoint.
     base = [
         "run",
         "-q",
+        "--strategy",
+        strategy,
         "--dataset",
         "synthetic",
         "--num-clients",
@@ -212,6 +217,10 @@ def test_resume_continues_on_the_ray_engine_as_if_uninterrupted(tmp_path, capsys
     assert main([*base, "--name", "whole", "--rounds", "4"]) == 0
     resumed, whole = (torch.load(tmp_path / name / "model.pt") for name in ("stopped", "whole"))
     torch.testing.assert_close(resumed, whole)
+    # The resumed run's checkpoint holds its clients' states, gathered from the workers: the whole run's.
+    kept = [load_checkpoint(tmp_path / name, "cpu").kept for name in ("stopped", "whole")]
+    assert bool(kept[1].client_states) == (strategy == "scaffold")
+    assert_same_kept(kept[0], kept[1])
     capsys.readouterr()
 
 
