@@ -40,6 +40,7 @@ from fedforge.errors import ConfigError, FedforgeError  # noqa: E402
 from fedforge.privacy.run import DifferentialPrivacy  # noqa: E402
 from fedforge.scenarios import Scenario  # noqa: E402
 from fedforge.schedules import Cosine  # noqa: E402
+from fedforge.tasks import CLASSIFICATION  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,6 +131,17 @@ def test_clients_keep_their_state_on_their_home_worker_and_a_resumed_run_is_exac
         assert_same_kept(saved[2].kept, run(SequentialEngine(), "scaffold", rounds=2).kept)
         # Resumed from round 2 (the workers are handed its states, and forget the run's round 4 ones).
         resumed = run(engine, "scaffold", rounds=4, resume=saved[2])
+        # Kept optimizer states live on the workers alike.
+        adam = dataclasses.replace(
+            CLIENT,
+            lr=0.01,
+            task=dataclasses.replace(CLASSIFICATION, optimizer=torch.optim.Adam, keep_optimizer_state=True),
+        )
+        kept_optimizers = run(engine, client=adam)
+        in_process = run(SequentialEngine(), client=adam)
+        assert_same_run(kept_optimizers, in_process)
+        assert kept_optimizers.kept.optimizer_states and not kept_optimizers.kept.client_states
+        assert_same_kept(kept_optimizers.kept, in_process.kept)
     assert_same_run(resumed, sequential)
     assert_same_kept(resumed.kept, sequential.kept)
 
