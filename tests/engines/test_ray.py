@@ -35,6 +35,7 @@ from fedforge.algorithms import FedPer  # noqa: E402
 from fedforge.checkpoint import load_checkpoint  # noqa: E402
 from fedforge.cli import main  # noqa: E402
 from fedforge.engines import AutoEngine, SequentialEngine  # noqa: E402
+from fedforge.engines.base import RoundFailed  # noqa: E402
 from fedforge.engines.ray import RayEngine, assign, holdings, shares  # noqa: E402
 from fedforge.errors import ConfigError, FedforgeError  # noqa: E402
 from fedforge.privacy.run import DifferentialPrivacy  # noqa: E402
@@ -144,6 +145,38 @@ def test_clients_keep_their_state_on_their_home_worker_and_a_resumed_run_is_exac
         assert_same_kept(kept_optimizers.kept, in_process.kept)
     assert_same_run(resumed, sequential)
     assert_same_kept(resumed.kept, sequential.kept)
+
+
+def failing_once(engine_class):
+    """`engine_class`, with round 2's first attempt failing after its clients trained (too few reported)."""
+
+    class FailsOnce(engine_class):
+        failed = False
+
+        def run(self, model, global_state, tasks, config):
+            updates = super().run(model, global_state, tasks, config)
+            if config.round != 2 or self.failed:
+                return updates
+            self.failed = True
+            return self._failed(updates)
+
+        @staticmethod
+        def _failed(updates):
+            assert list(updates)  # the clients trained: their new states are pending
+            raise RoundFailed("too few clients reported")
+            yield
+
+    return FailsOnce
+
+
+def test_a_failed_attempt_moves_no_state_on():
+    # As in the round loop: only the retry that counts commits its clients' new states.
+    with failing_once(RayEngine)(blobs_data, seed=SEED, workers=2, cpus_per_worker=0.5) as engine:
+        on_ray = run(engine, "scaffold", rounds=3)
+    sequential = run(failing_once(SequentialEngine)(), "scaffold", rounds=3)
+    assert on_ray.history.records[2].clients != run(SequentialEngine(), "scaffold", rounds=2).history.records[2].clients
+    assert_same_run(on_ray, sequential)
+    assert_same_kept(on_ray.kept, sequential.kept)
 
 
 def test_personal_models_are_evaluated_on_the_workers_as_in_process():
