@@ -419,6 +419,10 @@ class _Worker:
         by_id = {job.client_id: job for job in jobs}
         own: list[Update] = []
 
+        # Whether the clients keep state: then each one's new state (even none) is pending here, so that
+        # a client the driver knows to keep one always finds it.
+        keeps = config.algorithm.keeps_state or config.task.keep_optimizer_state
+
         def kept_here(updates: Iterator[Update]) -> Iterator[Update]:
             # Each client's new state stays here, pending until its round counts; its personal model is evaluated here.
             for update in updates:
@@ -426,7 +430,7 @@ class _Worker:
                     job = by_id[update.client_id]
                     if job.evaluate is not None:
                         update = replace(update, personalized=self._personalized(module, state, update, config, job))
-                    if update.client_state is not None or update.optimizer_state is not None:
+                    if keeps or update.client_state is not None or update.optimizer_state is not None:
                         if update.client_id not in self.home:
                             raise ValueError(
                                 f"client {update.client_id} keeps state and trained away from its home worker"
