@@ -52,10 +52,12 @@ class Kept:
     """What the clients keep between their rounds, by client id: their optimizer states (when the
     task keeps them, `Task.keep_optimizer_state`) and their client states (`algorithms.ClientState`:
     personal entries, SCAFFOLD's c_i, Ditto's copy). In simulation they stay with the round loop,
-    so that a checkpoint holds them; a deployment's clients keep their own. `counted`: the last
-    round in which each client's update counted (arrived in a round that was aggregated), the
-    rounds whose states these are: a deployment's server tells each client its own in every task,
-    so that the client keeps the state of exactly the updates that counted (network/state.py)."""
+    so that a checkpoint holds them, or with the engine when it keeps them where its clients train
+    (`Engine.keeps_client_state`: the Ray engine's workers), which hands them over for a checkpoint;
+    a deployment's clients keep their own. `counted`: the last round in which each client's update
+    counted (arrived in a round that was aggregated), the rounds whose states these are: a
+    deployment's server tells each client its own in every task, so that the client keeps the
+    state of exactly the updates that counted (network/state.py)."""
 
     optimizer_states: Mapping[int, OptimizerState] = field(default_factory=dict)
     client_states: Mapping[int, ClientState] = field(default_factory=dict)
@@ -348,7 +350,8 @@ def simulate(
         evaluate_fn,
     )
     run = _setup(model, data, client, strategy, engine, scenario, seed, clients_per_round, privacy, resume, settings)
-    state, records, kept = _start(run, resume, checkpoint, on_round)  # kept: the clients' own (they stay here)
+    state, records, kept = _start(run, resume, checkpoint, on_round)
+    kept = _handed(run, kept)  # the clients' own: here, or where the engine's clients are
     ahead: _Begun | None = None  # the next round's first attempt, begun while this one was evaluated
     while state.round < rounds and not _out_of_budget(run, state.round + 1):
         started, traffic = time.perf_counter(), run.engine.traffic()
@@ -357,10 +360,25 @@ def simulate(
         kept = kept.updated(
             trained.optimizer_states, trained.client_states, dict.fromkeys(trained.counted, state.round)
         )
+        saved = _gathered(run, kept) if checkpoint is not None else kept  # before the workers train on
         ahead = _begin_ahead(run, state, kept)
         records.append(_record(run, state, _evaluate(run, state), trained, started, _traffic(run.engine, traffic)))
-        _recorded(records, state, kept, checkpoint, on_round)
-    return SimulationResult(History(records), state, kept)
+        _recorded(records, state, saved, checkpoint, on_round)
+    return SimulationResult(History(records), state, _gathered(run, kept))
+
+
+def _handed(run: _Run, kept: Kept) -> Kept:
+    """What the round loop keeps of the clients from now: `kept`, or nothing when the engine keeps
+    it where its clients train (`Engine.keeps_client_state`): then it is handed to the engine."""
+    if not run.engine.keeps_client_state:
+        return kept
+    run.engine.restore(kept.optimizer_states, kept.client_states)
+    return Kept(counted=kept.counted)
+
+
+def _gathered(run: _Run, kept: Kept) -> Kept:
+    """Everything the clients keep, for a checkpoint and the result: `kept`, or what the engine keeps."""
+    return Kept(*run.engine.gather(), counted=kept.counted) if run.engine.keeps_client_state else kept
 
 
 def _recorded(
@@ -560,7 +578,8 @@ def _train_round(run: _Run, state: ServerState, ahead: _Begun | None, kept: Kept
             log.warning("round %d, attempt %d failed (%s); retrying with a new selection", r, attempt + 1, e)
             failure = e
             continue
-        # Only a round that counts moves the clients' optimizers on.
+        # Only a round that counts moves the clients' optimizers and states on.
+        run.engine.commit(r, [c for c in begun.selected if c not in begun.dropped])
         return _Trained(
             aggregated,
             begun.config,
@@ -632,6 +651,7 @@ def _select_and_plan(
             summable=run.summable and c not in run.transformed,
             client_state=clients_keep.client_states.get(c),
             counted=clients_keep.counted.get(c, 0),
+            evaluate=run.settings.eval_batch_size if run.personal_test and run.engine.clients_evaluate else None,
         )
         for c, batch_seed in zip(kept, seeds, strict=True)
     ]

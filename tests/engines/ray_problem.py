@@ -34,6 +34,15 @@ def blobs_data(num_clients: int = NUM_CLIENTS) -> FederatedData:
     return FederatedData(train, parts, blobs(120, seed=2))
 
 
+def held_out_data() -> FederatedData:
+    """The test problem with a fifth of each client's examples held out (personalized evaluation)."""
+    from fedforge.data.partition import split_holdout
+
+    data = blobs_data()
+    parts, held_out = split_holdout(data.partition, 0.2, rng=np.random.default_rng(3))
+    return FederatedData(data.train, parts, data.test, held_out)
+
+
 def failing_data() -> FederatedData:
     raise DataError("fashion-mnist not found in /nowhere")
 
@@ -59,11 +68,11 @@ class Net(nn.Module):
         return self.net(x)
 
 
-def run(engine, strategy="fedavg", scenario=Scenario(), rounds=3, model=None, client=CLIENT, **kwargs):
+def run(engine, strategy="fedavg", scenario=Scenario(), rounds=3, model=None, client=CLIENT, data=blobs_data, **kwargs):
     options = {"krum_f": 1} if strategy == "krum" else {}
     return simulate(
         model or Net(),
-        blobs_data(),
+        data(),
         rounds=rounds,
         clients_per_round=6,
         client=client,

@@ -69,11 +69,23 @@ def test_every_engine_is_an_engine_and_declares_what_it_does():
         True,
     ]
     assert NetworkEngine.clients_privatize and not RayEngine.clients_privatize
+    # Only the Ray engine keeps what its clients keep (on their workers): the round loop holds it for the others.
+    assert [
+        e.keeps_client_state for e in (SequentialEngine, VectorizedEngine, AutoEngine, NetworkEngine, RayEngine)
+    ] == [
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]
 
 
 def test_the_base_declares_defaults_and_run_is_required():
     engine = SequentialEngine()
     assert (engine.works_ahead, engine.clients_privatize, engine.traffic()) == (False, False, None)
+    # An engine that keeps no client state has none to take, commit or give.
+    assert engine.restore({}, {}) is None and engine.commit(1, [0]) is None and engine.gather() == ({}, {})
     engine.close()  # nothing to release
     with pytest.raises(TypeError, match="abstract"):
         Engine()

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import shutil
 import socket
 import sys
 import time
@@ -18,16 +19,29 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from ray_problem import CLIENT, SEED, WORKER_ENV, Net, assert_same_run, blobs_data, failing_data, run  # noqa: E402
+from ray_problem import (  # noqa: E402
+    CLIENT,
+    SEED,
+    WORKER_ENV,
+    Net,
+    assert_same_run,
+    blobs_data,
+    failing_data,
+    held_out_data,
+    run,
+)
 
 from fedforge.algorithms import FedPer  # noqa: E402
+from fedforge.checkpoint import load_checkpoint  # noqa: E402
 from fedforge.cli import main  # noqa: E402
 from fedforge.engines import AutoEngine, SequentialEngine  # noqa: E402
+from fedforge.engines.base import RoundFailed  # noqa: E402
 from fedforge.engines.ray import RayEngine, assign, holdings, shares  # noqa: E402
-from fedforge.errors import ConfigError  # noqa: E402
+from fedforge.errors import ConfigError, FedforgeError  # noqa: E402
 from fedforge.privacy.run import DifferentialPrivacy  # noqa: E402
 from fedforge.scenarios import Scenario  # noqa: E402
 from fedforge.schedules import Cosine  # noqa: E402
+from fedforge.tasks import CLASSIFICATION  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,24 +100,97 @@ def test_a_learning_rate_schedule_reaches_the_workers_round_by_round():
     )
 
 
-def test_a_client_algorithm_that_keeps_state_runs_as_in_process():
-    # FedPer: each client's head stays with it from round to round, whichever worker trains it.
-    client = dataclasses.replace(CLIENT, algorithm=FedPer())
-    kept = {}
+def assert_same_kept(a, b):
+    """The same clients keep the same client states and optimizer states."""
+    assert a.client_states.keys() == b.client_states.keys() and a.optimizer_states.keys() == b.optimizer_states.keys()
+    for c, state in a.client_states.items():
+        torch.testing.assert_close(state.flat(), b.client_states[c].flat())
+    for c, optimizer in a.optimizer_states.items():
+        torch.testing.assert_close(optimizer.slots, b.optimizer_states[c].slots)
+
+
+def test_clients_keep_their_state_on_their_home_worker_and_a_resumed_run_is_exact():
+    arrived, saved = [], {}
     with RayEngine(blobs_data, seed=SEED, workers=2, cpus_per_worker=0.5) as engine:
-        on_ray = run(engine, rounds=4, client=client, on_client=lambda u: kept.setdefault(u.client_id, u.client_state))
-    in_process = {}
-    sequential = run(
-        SequentialEngine(),
-        rounds=4,
-        client=client,
-        on_client=lambda u: in_process.setdefault(u.client_id, u.client_state),
-    )
+        on_ray = run(
+            engine,
+            "scaffold",
+            rounds=4,
+            on_client=arrived.append,
+            checkpoint=lambda progress: saved.setdefault(progress.state.round, progress),
+        )
+        trained = {c for record in on_ray.history.records for c in record.clients}
+        # The driver holds none of it: no update brought a state back (the engine refuses a task
+        # that carries one), and the engine knows only who keeps one, on which (home) worker.
+        assert arrived and all(u.client_state is None and u.optimizer_state is None for u in arrived)
+        assert engine._stateful == trained
+        assert all(engine._held[engine._home_of(c)] for c in trained)
+        # The checkpoint's and the result's states, gathered from the workers, are the round loop's in process.
+        sequential = run(SequentialEngine(), "scaffold", rounds=4)
+        assert_same_run(on_ray, sequential)
+        assert_same_kept(on_ray.kept, sequential.kept)
+        assert_same_kept(saved[2].kept, run(SequentialEngine(), "scaffold", rounds=2).kept)
+        # Resumed from round 2 (the workers are handed its states, and forget the run's round 4 ones).
+        resumed = run(engine, "scaffold", rounds=4, resume=saved[2])
+        # Kept optimizer states live on the workers alike.
+        adam = dataclasses.replace(
+            CLIENT,
+            lr=0.01,
+            task=dataclasses.replace(CLASSIFICATION, optimizer=torch.optim.Adam, keep_optimizer_state=True),
+        )
+        kept_optimizers = run(engine, client=adam)
+        in_process = run(SequentialEngine(), client=adam)
+        assert_same_run(kept_optimizers, in_process)
+        assert kept_optimizers.kept.optimizer_states and not kept_optimizers.kept.client_states
+        assert_same_kept(kept_optimizers.kept, in_process.kept)
+    assert_same_run(resumed, sequential)
+    assert_same_kept(resumed.kept, sequential.kept)
+
+
+def failing_once(engine_class):
+    """`engine_class`, with round 2's first attempt failing after its clients trained (too few reported)."""
+
+    class FailsOnce(engine_class):
+        failed = False
+
+        def run(self, model, global_state, tasks, config):
+            updates = super().run(model, global_state, tasks, config)
+            if config.round != 2 or self.failed:
+                return updates
+            self.failed = True
+            return self._failed(updates)
+
+        @staticmethod
+        def _failed(updates):
+            assert list(updates)  # the clients trained: their new states are pending
+            raise RoundFailed("too few clients reported")
+            yield
+
+    return FailsOnce
+
+
+def test_a_failed_attempt_moves_no_state_on():
+    # As in the round loop: only the retry that counts commits its clients' new states.
+    with failing_once(RayEngine)(blobs_data, seed=SEED, workers=2, cpus_per_worker=0.5) as engine:
+        on_ray = run(engine, "scaffold", rounds=3)
+    sequential = run(failing_once(SequentialEngine)(), "scaffold", rounds=3)
+    assert on_ray.history.records[2].clients != run(SequentialEngine(), "scaffold", rounds=2).history.records[2].clients
     assert_same_run(on_ray, sequential)
-    assert kept.keys() == in_process.keys()
-    for c, state in kept.items():
-        for name, value in state.personal.items():
-            torch.testing.assert_close(value, in_process[c].personal[name])
+    assert_same_kept(on_ray.kept, sequential.kept)
+
+
+def test_personal_models_are_evaluated_on_the_workers_as_in_process():
+    # FedPer: each client's head stays on its worker, which evaluates the client's personal model.
+    client = dataclasses.replace(CLIENT, algorithm=FedPer())
+    kwargs = {"rounds": 3, "client": client, "data": held_out_data, "personalized_eval": True}
+    with RayEngine(held_out_data, seed=SEED, workers=2, cpus_per_worker=0.5) as engine:
+        on_ray = run(engine, **kwargs)
+    sequential = run(SequentialEngine(), **kwargs)
+    assert_same_run(on_ray, sequential)
+    assert_same_kept(on_ray.kept, sequential.kept)
+    for a, b in zip(on_ray.history.records[1:], sequential.history.records[1:], strict=True):
+        own = {k: v for k, v in a.metrics.items() if k.startswith("personalized_")}
+        assert own and own == pytest.approx({k: b.metrics[k] for k in own}, rel=1e-5)
 
 
 def test_scenarios_work_unchanged():
@@ -118,7 +205,9 @@ def test_scenarios_work_unchanged():
         )
 
 
-def test_a_worker_killed_mid_round_is_restarted_and_the_run_is_unchanged(tmp_path):
+@pytest.mark.parametrize("strategy", ["fedadam", "scaffold"])
+def test_a_worker_killed_mid_round_is_restarted_and_the_run_is_unchanged(tmp_path, strategy):
+    # SCAFFOLD's clients keep their control variates on their worker: a restarted one reads them back.
     trap = tmp_path / "trap"
     with RayEngine(blobs_data, seed=SEED, workers=2, cpus_per_worker=0.5) as engine:
         pids = [p["pid"] for p in engine.placement]
@@ -130,17 +219,32 @@ def test_a_worker_killed_mid_round_is_restarted_and_the_run_is_unchanged(tmp_pat
                 assert not trap.exists()
                 ray.kill(engine.actors[1], no_restart=False)  # and between rounds, by Ray's own hand
 
-        killed = run(engine, "fedadam", rounds=4, model=Net(str(trap)), on_round=on_round)
+        killed = run(engine, strategy, rounds=4, model=Net(str(trap)), on_round=on_round)
         now = [ray.get(actor.ready.remote())["pid"] for actor in engine.actors]
-    assert now[1] != pids[1]  # restarted (the trap's worker too: the trap is gone, so its process died)
-    assert [r.round for r in killed.history.records] == [0, 1, 2, 3, 4]
-    assert_same_run(killed, run(AutoEngine(), "fedadam", rounds=4))
+        assert now[1] != pids[1]  # restarted (the trap's worker too: the trap is gone, so its process died)
+        assert [r.round for r in killed.history.records] == [0, 1, 2, 3, 4]
+        uninterrupted = run(AutoEngine(), strategy, rounds=4)
+        assert_same_run(killed, uninterrupted)
+        assert_same_kept(killed.kept, uninterrupted.kept)
+        if strategy == "scaffold":
+            # A worker restarted on a node that lost its disk (here: its folder removed while it is
+            # idle) has lost its clients' states: the driver says how to go on, in one line.
+            shutil.rmtree(engine.placement[1]["folder"])
+            ray.kill(engine.actors[1], no_restart=False)
+            with pytest.raises(
+                FedforgeError, match=r"^Ray worker 1 lost client \d+'s state \(.*continue with --resume$"
+            ):
+                engine.gather()
 
 
-def test_resume_continues_on_the_ray_engine_as_if_uninterrupted(tmp_path, capsys):
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_resume_continues_on_the_ray_engine_as_if_uninterrupted(tmp_path, capsys, strategy):
+    # SCAFFOLD: the checkpoint's client states go to their workers, and come back in the next checkpoint.
     base = [
         "run",
         "-q",
+        "--strategy",
+        strategy,
         "--dataset",
         "synthetic",
         "--num-clients",
@@ -158,6 +262,10 @@ def test_resume_continues_on_the_ray_engine_as_if_uninterrupted(tmp_path, capsys
     assert main([*base, "--name", "whole", "--rounds", "4"]) == 0
     resumed, whole = (torch.load(tmp_path / name / "model.pt") for name in ("stopped", "whole"))
     torch.testing.assert_close(resumed, whole)
+    # The resumed run's checkpoint holds its clients' states, gathered from the workers: the whole run's.
+    kept = [load_checkpoint(tmp_path / name, "cpu").kept for name in ("stopped", "whole")]
+    assert bool(kept[1].client_states) == (strategy == "scaffold")
+    assert_same_kept(kept[0], kept[1])
     capsys.readouterr()
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,10 @@ class ClientTask:
     its first round, or an algorithm that keeps nothing); engines never change it in place.
     `counted` is the last round in which the client's update counted (0: none yet), the round
     whose state `client_state` is: the network engine tells the client (its state is on its disk).
+
+    `evaluate` asks the client, under personalized evaluation and of an engine whose clients
+    evaluate (`Engine.clients_evaluate`), to evaluate its personal model on its own held-out
+    examples (`FederatedData.client_test`) in batches of this many, in `ClientUpdate.personalized`.
     `summable` says that the round loop needs this client's update only as part of the round's
     weighted mean (the strategy is linear, and no later stage transforms the update on its own):
     an engine may then send it folded with others into one `PartialSum` (the Ray engine does,
@@ -45,6 +49,8 @@ class ClientTask:
     summable: bool = False
     client_state: ClientState | None = None
     counted: int = 0
+
+    evaluate: int | None = None
 
 
 class RoundFailed(Exception):
@@ -83,6 +89,13 @@ class Engine(ABC):
       on its own held-out examples and its update reports the result (`ClientUpdate.personalized`:
       the network engine's clients, whose personal entries never reach the server); otherwise the
       round loop evaluates each client's personal model itself.
+    - `keeps_client_state`: the engine keeps what each client keeps between its rounds (its client
+      state and its kept optimizer state) where the client trains (the Ray engine: on the worker
+      that holds it), so that the round loop holds none of it: tasks come without it, updates
+      bring none back. The round loop hands the engine a run's states at its start (`restore`:
+      none, or a resumed run's), tells it after each round which clients' updates counted
+      (`commit`: only those clients' states move on, as in the round loop), and asks for every
+      client's state only to write a checkpoint and at the run's end (`gather`).
 
     `traffic()` says how many message bytes the engine moved (None: it sends no messages), and
     `close()` releases what it holds (the Ray engine's workers).
@@ -92,6 +105,7 @@ class Engine(ABC):
     works_ahead: bool = False
     clients_privatize: bool = False
     clients_evaluate: bool = False
+    keeps_client_state: bool = False
 
     @abstractmethod
     def run(
@@ -105,6 +119,21 @@ class Engine(ABC):
     def traffic(self) -> Traffic | None:
         """The message bytes moved so far; None for an engine that sends none (the in-process ones)."""
         return None
+
+    def restore(self, optimizer_states: Mapping[int, OptimizerState], client_states: Mapping[int, ClientState]) -> None:
+        """A run starts from these states (none: a fresh run), and the engine forgets any others
+        (`keeps_client_state`; nothing to do otherwise)."""
+        return None
+
+    def commit(self, round: int, client_ids: Collection[int]) -> None:
+        """Round `round` counted with these clients' updates: their new states, from their last
+        `run`, are now the ones they keep (`keeps_client_state`; nothing to do otherwise)."""
+        return None
+
+    def gather(self) -> tuple[dict[int, OptimizerState], dict[int, ClientState]]:
+        """Every client's kept optimizer state and client state, by client id, as the last
+        `commit` left them (`keeps_client_state`; none otherwise)."""
+        return {}, {}
 
     def close(self) -> None:
         """Release what the engine holds; nothing by default."""

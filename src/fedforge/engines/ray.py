@@ -4,25 +4,36 @@ Each worker (a Ray actor) loads the run's data itself, once, with the function i
 CLI's: fedforge's own lookup of `--dataset`, so every node needs the files where that lookup finds
 them), and keeps, for the whole run, the pool of the clients it trains: a fixed share of them
 (consecutive ids, about 1/workers of the examples, and a tenth more from each neighbour's share,
-so that a selected client there goes to whichever of its two workers has less work that round:
-`holdings`, `assign`), rebuilt exactly as the round loop builds its pool
+so that a selected client there that keeps no state goes to whichever of its two workers has less
+work that round: `holdings`, `assign`), rebuilt exactly as the round loop builds its pool
 (`data.client_pool`: partition, layout, label_flip poisoning). The run's clients live
 split across the workers, so a worker's memory shrinks as workers are added. Per round only this
 travels: the global weights, put in the object store once and read by every worker; each
-selected client's task (its id, batch seed, plan, and optimizer state if its task keeps one), to
-a worker that holds it; and the answers. Each worker trains its selected clients with its
-in-process engine (auto, vectorized, sequential, bounded by max_memory as in process) and answers
-with one `PartialSum` for the clients the round loop lets it sum (`ClientTask.summable`: the
-strategy is a `LinearStrategy`) and with the own update of every other client. Tensors
+selected client's task (its id, batch seed and plan), to a worker that holds it; and the answers.
+
+What the clients keep between their rounds (`keeps_client_state`: their client states and kept
+optimizer states) lives on the workers: a client that keeps state trains on its home worker only
+(the one whose share holds it), which keeps it, pending until the driver says the round counted
+(`commit`), then committed, in memory and spilled to a file in the node's temporary folder. No
+task carries a state and no update brings one back; the driver knows only which clients keep one,
+gathers them all to write a checkpoint (`gather`) and hands a resumed run's back (`restore`).
+A client's personal model is evaluated on its worker (`clients_evaluate`).
+
+Each worker trains its selected clients with its in-process engine (auto, vectorized, sequential,
+bounded by max_memory as in process) and answers with one `PartialSum` for the clients the round
+loop lets it sum (`ClientTask.summable`: the strategy is a `LinearStrategy`) and with the own
+update of every other client. Tensors
 travel as NumPy arrays (`_sent`), which Ray's object store passes without pickling. `run` only
 sends the work (`works_ahead`): the round loop begins the next round before it evaluates the last,
 so the workers train while the driver evaluates.
 
 Faults are Ray's: a worker that dies (its process killed, its node lost) is restarted by Ray
 (`max_restarts`), reloads its data, and the work it was doing is run again (`max_task_retries`).
-A worker's work is a pure function of what it is sent, so the retry trains the same clients to
-the same updates and the run equals an uninterrupted one. Answers are handed on in a fixed order
-whichever worker finishes first (each worker's partial sum, then every other update in task
+A worker's work is a pure function of what it is sent and its clients' committed states, which a
+restarted worker reads back from its files, so the retry trains the same clients to the same
+updates and the run equals an uninterrupted one. A worker restarted where its files are gone (its
+node lost) says so in one line: the run continues with --resume. Answers are handed on in a fixed
+order whichever worker finishes first (each worker's partial sum, then every other update in task
 order): a run does not depend on timing, and equals the in-process engines' run to rounding.
 """
 
@@ -34,11 +45,15 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import socket
+import tempfile
 import time
+import uuid
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +64,7 @@ from ..contract import ClientConfig, ClientPlan, ClientState, ClientUpdate, Opti
 from ..data.datasets import TensorData, leaves
 from ..data.federated import FederatedData, client_pool
 from ..errors import ConfigError, FedforgeError
+from ..network.state import ClientKept, SavedState, check_state, read_state, write_state
 from ..reductions import PartialSum, Update, combine_updates
 from ..scenarios import Scenario, label_flipped
 from .base import ClientTask, Engine
@@ -73,21 +89,23 @@ def import_ray():
 
 @dataclass(frozen=True)
 class _Job:
-    """One client's task as it travels to a worker: no data, only where the worker finds it."""
+    """One client's task as it travels to a worker: no data, only where the worker finds it, and
+    no state: `kept` says that the client keeps some (the worker has it), `evaluate` that it
+    evaluates its personal model (in batches of that many)."""
 
     client_id: int
     start: int
     size: int
     seed: int
     plan: ClientPlan
-    optimizer_state: OptimizerState | None
     summable: bool
-    client_state: ClientState | None
+    kept: bool
+    evaluate: int | None
 
 
 def _mapped(value, leaf: Callable):
-    """`value` (a plan, an optimizer state, an update, a dict of tensors, or None) with `leaf` applied to
-    each of its tensors (or NumPy arrays: a value as it travels, see `_sent`)."""
+    """`value` (a plan, an optimizer state, a client's states, an update, a dict of tensors, or None) with
+    `leaf` applied to each of its tensors (or NumPy arrays: a value as it travels, see `_sent`)."""
     if value is None:
         return None
     if isinstance(value, (torch.Tensor, np.ndarray)):
@@ -98,6 +116,8 @@ def _mapped(value, leaf: Callable):
         return value if value.inputs is None else replace(value, inputs=_mapped(value.inputs, leaf))
     if isinstance(value, ClientState):
         return ClientState(*(_mapped(getattr(value, part), leaf) for part in ClientState.PARTS))
+    if isinstance(value, ClientKept):
+        return ClientKept(_mapped(value.optimizer, leaf), _mapped(value.client, leaf))
     if isinstance(value, OptimizerState):
         return OptimizerState(leaf(value.step), {s: _mapped(t, leaf) for s, t in value.slots.items()})
     if isinstance(value, ClientUpdate):
@@ -197,8 +217,19 @@ def assign(candidates: Sequence[Sequence[int]], costs: Sequence[float], workers:
     return chosen
 
 
+def _run_folder(token: str, index: int) -> Path:
+    """Where worker `index` of the engine `token` spills its clients' states: its node's temporary folder."""
+    return Path(tempfile.gettempdir()) / f"fedforge-ray-{token}" / f"worker-{index}"
+
+
 class _Worker:
-    """One Ray actor: the run's clients' data, loaded once, and an in-process engine that trains them.
+    """One Ray actor: the run's clients' data, loaded once, an in-process engine that trains them,
+    and what its home clients keep between their rounds (`RayEngine.keeps_client_state`).
+
+    A client's new state is pending until the driver says that its round counted (`commit`), then
+    kept, in memory and spilled to this worker's folder on its node's disk (one file a client,
+    written atomically and read back as hostile, as a deployment client keeps its own:
+    `network.state`), so that Ray's restart of this worker reads it back where it needs it.
 
     Errors while loading are kept and raised by every call, so that the driver reports them in one
     line instead of Ray restarting a worker that can never start.
@@ -215,6 +246,7 @@ class _Worker:
         threads: int,
         index: int,
         workers: int,
+        token: str,
     ):
         from . import make_engine
 
@@ -225,15 +257,21 @@ class _Worker:
         self.error: str | None = None
         self.data = None
         self.pool: tuple[TensorData, list[int], str] | None = None
+        self.held_out: dict[int, TensorData] | None = None
         self.model: tuple[int, nn.Module] | None = None
-        self.clients, self.rows = range(0), (0, 0)
+        self.clients, self.home, self.rows = range(0), range(0), (0, 0)
+        self.index, self.token, self.folder = index, token, _run_folder(token, index)
+        self.kept: dict[int, ClientKept] = {}  # committed; a restarted worker reads them back from its folder
+        self.pending: dict[int, tuple[int, ClientKept]] = {}  # by client: (round, its new states)
         try:
             self.data = data()
             # The clients this worker may train: consecutive ids with about a 1/workers share of the
-            # examples, and a margin shared with each neighbour (`holdings`). It keeps only their rows
-            # (the run's pool lives split across the workers).
+            # examples (its home clients: those that keep state train here only), and a margin shared
+            # with each neighbour (`holdings`). It keeps only their rows (the run's pool lives split
+            # across the workers).
             sizes = [len(p) for p in self.data.partition]
             self.clients = holdings(sizes, workers)[index]
+            self.home = shares(sizes, workers)[index]
             self.rows = (sum(sizes[: self.clients.start]), sum(sizes[: self.clients.stop]))
         except Exception as e:
             self.error = f"{type(e).__name__}: {_first_line(e)}"
@@ -246,20 +284,26 @@ class _Worker:
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
             "clients": [self.clients.start, self.clients.stop],
+            "home": [self.home.start, self.home.stop],
+            "folder": str(self.folder),
             "rows": list(self.rows),
         }
 
     def _pool(self, config: ClientConfig) -> tuple[TensorData, list[int], str]:
-        """This worker's clients' pool, built on the first call (it needs the task's data layout) and kept."""
+        """This worker's clients' pool, built on the first call (it needs the task's data layout) and
+        kept, with their held-out examples (personalized evaluation)."""
         if self.pool is None:
             data = self.data
             assert data is not None, "train() raises the load's error before it asks for the pool"
+            train = config.task.data(data.train).to(self.device)
             pool, starts = client_pool(
-                config.task.data(data.train).to(self.device),
+                train,
                 data.partition,
                 flipped=label_flipped(self.scenario, len(data.partition), self.seed),
                 clients=self.clients,
             )
+            if data.client_test is not None:  # as the round loop builds them (`simulation._setup`)
+                self.held_out = {c: train.subset(np.asarray(data.client_test[c])) for c in self.clients}
             self.pool = pool, starts, data_digest(pool)
             self.data = None  # the pool is a copy of this worker's part: keep only that
         return self.pool
@@ -272,11 +316,75 @@ class _Worker:
             self.model = token, ray.get(ref).to(self.device)
         return self.model[1]
 
+    def _path(self, client_id: int, round: int | None = None) -> Path:
+        """Client `client_id`'s committed state file, or its pending one of round `round`."""
+        if round is None:
+            return self.folder / f"client-{client_id}.pt"
+        return self.folder / "pending" / f"client-{client_id}-{round}.pt"
+
+    def _state(self, client_id: int, module: nn.Module | None, config: ClientConfig | None) -> ClientKept:
+        """What `client_id` keeps: in memory, or (this worker was restarted) read back from its file."""
+        kept = self.kept.get(client_id)
+        if kept is not None:
+            return kept
+        path = self._path(client_id)
+        saved = read_state(path, client_id, module) if module is not None else None
+        if saved is None or module is None or config is None:
+            raise FedforgeError(
+                f"Ray worker {self.index} lost client {client_id}'s state ({path} is gone: its node was lost "
+                f"or its disk cleared); the completed rounds are saved: continue with --resume"
+            )
+        check_state(saved, path, module, config, self.token, {})  # this engine's, shaped as this run's
+        now = saved.now
+        kept = self.kept[client_id] = _received(now, self.device)
+        return kept
+
+    def _write(self, path: Path, client_id: int, round: int, kept: ClientKept) -> None:
+        write_state(path, client_id, SavedState(self.token, {}, round, ClientKept(), kept))
+
+    def restore(self, states: Mapping[int, ClientKept]) -> None:
+        """A run starts: its clients keep `states` (this worker's home clients' ones), and nothing else."""
+        self.kept, self.pending = {}, {}
+        shutil.rmtree(self.folder, ignore_errors=True)
+        for client_id, kept in states.items():
+            if client_id not in self.home:
+                raise ValueError(f"client {client_id}'s state was sent to the worker of clients {self.home}")
+            self.kept[client_id] = _received(kept, self.device)
+            self._write(self._path(client_id), client_id, 0, self.kept[client_id])
+
+    def commit(self, round: int, client_ids: Collection[int]) -> None:
+        """Round `round` counted with these clients: their pending states of it are now what they keep."""
+        for client_id in client_ids:
+            pending = self.pending.get(client_id)
+            if pending is not None and pending[0] == round:
+                self.kept[client_id] = pending[1]
+            else:
+                self.kept.pop(client_id, None)  # restarted since: read back from its file when needed
+            with contextlib.suppress(FileNotFoundError):  # lost with its node: found out where it is needed
+                os.replace(self._path(client_id, round), self._path(client_id))
+        self.pending = {}
+
+    def gather(self, model: list | None, config: ClientConfig | None, client_ids: Sequence[int]) -> dict:
+        """What these (home) clients keep, as it travels."""
+        module = self._module(model) if model is not None else None
+        return {c: _sent(self._state(c, module, config)) for c in client_ids}
+
+    def forget(self) -> None:
+        """Remove this worker's folder (the engine closes)."""
+        shutil.rmtree(self.folder.parent, ignore_errors=True)
+
     def train(
-        self, global_state: State, model: list, jobs: Sequence[_Job], config: ClientConfig, digest: str
+        self,
+        global_state: State,
+        model: list,
+        jobs: Sequence[_Job],
+        config: ClientConfig,
+        digest: str,
+        round: int,
     ) -> list[Update]:
-        """Train `jobs`' clients from `global_state`: one PartialSum for the summable ones (first),
-        then each other client's update, in job order, as they travel (`_sent`)."""
+        """Train `jobs`' clients of round `round` from `global_state`: one PartialSum for the summable
+        ones (first), then each other client's update, in job order, as they travel (`_sent`),
+        without their new states (kept here, pending until `commit`)."""
         if self.error is not None:
             raise ConfigError(f"a Ray worker cannot load the run's data: {self.error}")
         if not jobs:
@@ -291,7 +399,7 @@ class _Worker:
         state = _received(global_state, self.device)
         tasks = []
         for job in jobs:
-            if job.client_id not in self.clients:
+            if job.client_id not in (self.home if job.kept else self.clients):
                 raise ValueError(f"client {job.client_id} was sent to the worker of clients {self.clients}")
             i = job.client_id - self.clients.start
             a, b = starts[i], starts[i + 1]
@@ -301,32 +409,65 @@ class _Worker:
                     f"{b + self.rows[0]}, the driver's {job.start}:{job.start + job.size}: the worker "
                     f"loaded other data"
                 )
+            kept = self._state(job.client_id, module, config) if job.kept else ClientKept()
+            plan = _received(job.plan, self.device)
             tasks.append(
                 ClientTask(
-                    job.client_id,
-                    pool.rows(a, b),
-                    job.seed,
-                    pool,
-                    a,
-                    _received(job.plan, self.device),
-                    _received(job.optimizer_state, self.device),
-                    job.summable,
-                    _received(job.client_state, self.device),
+                    job.client_id, pool.rows(a, b), job.seed, pool, a, plan, kept.optimizer, job.summable, kept.client
                 )
             )
-        summable = {job.client_id: job.summable for job in jobs}
+        by_id = {job.client_id: job for job in jobs}
         own: list[Update] = []
+
+        # Whether the clients keep state: then each one's new state (even none) is pending here, so that
+        # a client the driver knows to keep one always finds it.
+        keeps = config.algorithm.keeps_state or config.task.keep_optimizer_state
+
+        def kept_here(updates: Iterator[Update]) -> Iterator[Update]:
+            # Each client's new state stays here, pending until its round counts; its personal model is evaluated here.
+            for update in updates:
+                if isinstance(update, ClientUpdate):
+                    job = by_id[update.client_id]
+                    if job.evaluate is not None:
+                        update = replace(update, personalized=self._personalized(module, state, update, config, job))
+                    if keeps or update.client_state is not None or update.optimizer_state is not None:
+                        if update.client_id not in self.home:
+                            raise ValueError(
+                                f"client {update.client_id} keeps state and trained away from its home worker"
+                            )
+                        # Copied: an engine's states may be views of a whole chunk's tensors.
+                        new = _mapped(ClientKept(update.optimizer_state, update.client_state), torch.clone)
+                        self._write(self._path(update.client_id, round), update.client_id, round, new)
+                        self.pending[update.client_id] = round, new
+                        update = replace(update, client_state=None, optimizer_state=None)
+                yield update
 
         def summed(updates: Iterator[Update]) -> Iterator[Update]:
             # Running sum: the worker holds one model-sized buffer for all its summable clients.
             for update in updates:  # a PartialSum: the engine summed summable clients itself
-                if isinstance(update, PartialSum) or summable[update.client_id]:
+                if isinstance(update, PartialSum) or by_id[update.client_id].summable:
                     yield update
                 else:
                     own.append(_sent(update))
 
-        combined = combine_updates(summed(self.engine.run(module, state, tasks, config)))
+        combined = combine_updates(summed(kept_here(self.engine.run(module, state, tasks, config))))
         return ([_sent(combined)] if combined is not None else []) + own
+
+    def _personalized(
+        self, module: nn.Module, whole: State, update: ClientUpdate, config: ClientConfig, job: _Job
+    ) -> tuple[dict[str, float], int]:
+        """The client's personal model's metrics on its held-out examples, as the round loop's `_personalize`."""
+        from ..client import personal_model
+        from ..evaluation import evaluate
+
+        if self.held_out is None:
+            raise ConfigError(
+                "personalized evaluation needs held-out examples on each client, and a Ray worker has none"
+            )
+        data = self.held_out[update.client_id]
+        batch_size = job.evaluate or len(data)
+        evaluation = evaluate(module, personal_model(whole, update), data, batch_size=batch_size, task=config.task)
+        return dict(evaluation.metrics), len(data)
 
 
 def _reachable(address: str, timeout: float) -> None:
@@ -375,6 +516,8 @@ def _first_line(e: BaseException) -> str:
 def _close(ray, actors: list, started: bool, threads: list) -> None:
     if threads:  # the driver's torch threads as they were before the engine (see RayEngine)
         torch.set_num_threads(threads.pop())
+    with contextlib.suppress(Exception):  # best effort: the workers' folders of the clients' states
+        ray.wait([actor.forget.remote() for actor in actors], num_returns=len(actors), timeout=10)
     for actor in actors:
         with contextlib.suppress(Exception):  # best effort: an actor that is gone already
             ray.kill(actor)
@@ -405,6 +548,8 @@ class RayEngine(Engine):
 
     name = "ray"
     works_ahead = True  # run() only sends the work: the round loop begins the next round before evaluating
+    keeps_client_state = True  # on each client's home worker
+    clients_evaluate = True  # a client's personal model is evaluated on its worker, which holds its state
 
     def __init__(
         self,
@@ -473,8 +618,10 @@ class RayEngine(Engine):
             max_concurrency=1,
         )
         threads = max(1, int(cpus_per_worker))
+        token = uuid.uuid4().hex[:12]  # the workers' folders of their clients' states
         self._actors.extend(
-            actor.remote(data, scenario, seed, engine, max_memory, device, threads, i, workers) for i in range(workers)
+            actor.remote(data, scenario, seed, engine, max_memory, device, threads, i, workers, token)
+            for i in range(workers)
         )
         try:
             ready = [a.ready.remote() for a in self._actors]
@@ -498,9 +645,16 @@ class RayEngine(Engine):
         # The workers that can train each client: worker i holds clients [lo, hi) and their rows (Ray
         # restarts a worker with the same ones, so this holds for the whole run).
         self._held = [range(*p["clients"]) for p in self.placement]
+        self._home = [range(*p["home"]) for p in self.placement]  # where a client that keeps state trains
         self._share_cpus(ray, cpus_per_worker)
         self._model: tuple[nn.Module, list] | None = None
         self._model_token = 0
+        # What the driver knows of the clients' states: which clients keep one (on their home worker).
+        self._stateful: set[int] = set()
+        self._last: tuple[list, ClientConfig, bool] | None = (
+            None  # the last run's model, config, and whether it keeps state
+        )
+        self._commits: list = []  # commit calls not yet seen through
 
     def _share_cpus(self, ray, cpus_per_worker: float) -> None:
         """Leave the workers on this machine their CPUs: this process (the driver: it evaluates and
@@ -561,6 +715,10 @@ class RayEngine(Engine):
                 "the Ray engine trains clients from the data its workers load: every task needs the "
                 "round loop's pool as its source"
             )
+        if any(t.client_state is not None or t.optimizer_state is not None for t in tasks):
+            raise ValueError(
+                "the Ray engine keeps the clients' states on its workers (keeps_client_state): a task carries none"
+            )
         ray = self._ray
         jobs = [
             _Job(
@@ -569,16 +727,22 @@ class RayEngine(Engine):
                 len(t.data),
                 t.seed,
                 _sent(t.plan),
-                _sent(t.optimizer_state),
                 t.summable,
-                _sent(t.client_state),
+                t.client_id in self._stateful,
+                t.evaluate,
             )
             for t in tasks
         ]
         state = ray.put(_sent(global_state))  # once, read by every worker
         module = self._module_ref(model)
-        # Each task to a worker that holds its client, the shared ones where they even out the work.
-        candidates = [[i for i, held in enumerate(self._held) if task.client_id in held] for task in tasks]
+        keeps = config.algorithm.keeps_state or config.task.keep_optimizer_state
+        self._last = module, config, keeps
+        # Each task to a worker that holds its client, the shared ones where they even out the work; a
+        # client that keeps state to its home worker, which keeps it.
+        candidates = [
+            [i for i, held in enumerate(self._home if keeps else self._held) if task.client_id in held]
+            for task in tasks
+        ]
         costs = [task.plan.num_steps(len(task.data), config) + 1 for task in tasks]  # + 1: a client's own cost
         by_worker: dict[int, list[int]] = {}  # worker -> its tasks' positions, in task order
         for j, worker in enumerate(assign(candidates, costs, self.workers)):
@@ -588,7 +752,7 @@ class RayEngine(Engine):
                 i,
                 positions,
                 self._actors[i].train.remote(
-                    state, module, [jobs[j] for j in positions], config, self._digest(source, i)
+                    state, module, [jobs[j] for j in positions], config, self._digest(source, i), config.round
                 ),
             )
             for i, positions in sorted(by_worker.items())
@@ -598,6 +762,7 @@ class RayEngine(Engine):
     def _answers(self, pending: list, jobs: Sequence[_Job], device: torch.device) -> Iterator[Update]:
         # Each worker's sum of its summable clients, then every other update in task order (as the
         # in-process engines hand them on), whichever worker finishes first.
+        self._committed()
         own: dict[int, Update] = {}
         for worker, positions, ref in pending:
             answers = self._answer(worker, ref)
@@ -609,7 +774,64 @@ class RayEngine(Engine):
         for j in sorted(own):
             yield _received(own[j], device)
 
-    def _answer(self, worker: int, ref) -> list[Update]:
+    def restore(self, optimizer_states: Mapping[int, OptimizerState], client_states: Mapping[int, ClientState]) -> None:
+        """Each client's states to its home worker, which keeps them (and forgets any others)."""
+        if not self._actors:
+            raise FedforgeError("the Ray engine is closed")
+        self._stateful = set(optimizer_states) | set(client_states)
+        self._commits = []
+        by_worker: list[dict[int, ClientKept]] = [{} for _ in self._actors]
+        for c in sorted(self._stateful):
+            by_worker[self._home_of(c)][c] = _sent(ClientKept(optimizer_states.get(c), client_states.get(c)))
+        refs = [actor.restore.remote(states) for actor, states in zip(self._actors, by_worker, strict=True)]
+        for i, ref in enumerate(refs):
+            self._answer(i, ref)
+
+    def commit(self, round: int, client_ids: Collection[int]) -> None:
+        """Tell the workers which of their clients' new states (of the last `run`) now count; sent at
+        once, run by each worker before the next round it is sent (a worker runs its calls in order)."""
+        if self._last is None or not self._last[2]:
+            return
+        self._stateful.update(client_ids)
+        by_worker: dict[int, list[int]] = {}
+        for c in client_ids:
+            by_worker.setdefault(self._home_of(c), []).append(c)
+        self._commits += [(i, self._actors[i].commit.remote(round, ids)) for i, ids in sorted(by_worker.items())]
+
+    def gather(self) -> tuple[dict[int, OptimizerState], dict[int, ClientState]]:
+        """Every client's states from the workers (the driver holds them all until they are written)."""
+        self._committed()
+        if not self._stateful:
+            return {}, {}
+        model, config = self._last[:2] if self._last is not None else (None, None)
+        by_worker: dict[int, list[int]] = {}
+        for c in sorted(self._stateful):
+            by_worker.setdefault(self._home_of(c), []).append(c)
+        refs = [(i, self._actors[i].gather.remote(model, config, ids)) for i, ids in sorted(by_worker.items())]
+        optimizers, states = {}, {}
+        device = torch.device("cpu")
+        for i, ref in refs:
+            for c, kept in self._answer(i, ref).items():
+                kept = _received(kept, device)
+                if kept.optimizer is not None:
+                    optimizers[c] = kept.optimizer
+                if kept.client is not None:
+                    states[c] = kept.client
+        return optimizers, states
+
+    def _home_of(self, client_id: int) -> int:
+        for i, home in enumerate(self._home):
+            if client_id in home:
+                return i
+        raise ValueError(f"client {client_id} has no home worker")
+
+    def _committed(self) -> None:
+        """Raise what a commit call raised (it has run before any later call of its worker)."""
+        commits, self._commits = self._commits, []
+        for i, ref in commits:
+            self._answer(i, ref)
+
+    def _answer(self, worker: int, ref) -> Any:
         """A worker's answers; Ray's own errors turned into one line (a client's, e.g. divergence, as it is)."""
         ray = self._ray
         try:
