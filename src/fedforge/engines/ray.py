@@ -335,12 +335,11 @@ class _Worker:
                 f"or its disk cleared); the completed rounds are saved: continue with --resume"
             )
         check_state(saved, path, module, config, self.token, {})  # this engine's, shaped as this run's
-        now = saved.now
-        kept = self.kept[client_id] = _received(now, self.device)
+        kept = self.kept[client_id] = _received(saved.committed, self.device)
         return kept
 
     def _write(self, path: Path, client_id: int, round: int, kept: ClientKept) -> None:
-        write_state(path, client_id, SavedState(self.token, {}, round, ClientKept(), kept))
+        write_state(path, client_id, SavedState(self.token, {}, round, kept))  # its states, committed or pending
 
     def restore(self, states: Mapping[int, ClientKept]) -> None:
         """A run starts: its clients keep `states` (this worker's home clients' ones), and nothing else."""
