@@ -11,6 +11,7 @@ from torch import nn
 
 from ..contract import ClientConfig, ClientPlan, ClientState, OptimizerState, State
 from ..data.datasets import TensorData
+from ..evaluation import Evaluation
 from ..reductions import Update
 
 
@@ -80,6 +81,10 @@ class Engine(ABC):
       on its own held-out examples and its update reports the result (`ClientUpdate.personalized`:
       the network engine's clients, whose personal entries never reach the server); otherwise the
       round loop evaluates each client's personal model itself.
+    - `clients_evaluate_global`: the clients evaluate each round's global model on their own
+      held-out examples (`evaluate_global`: a deployment's federated evaluation, whose server holds
+      none of their data); otherwise the round loop evaluates it on the clients' held-out examples
+      it holds (`FederatedData.client_test`).
 
     `traffic()` says how many message bytes the engine moved (None: it sends no messages), and
     `close()` releases what it holds (the Ray engine's workers).
@@ -89,6 +94,7 @@ class Engine(ABC):
     works_ahead: bool = False
     clients_privatize: bool = False
     clients_evaluate: bool = False
+    clients_evaluate_global: bool = False
 
     @abstractmethod
     def run(
@@ -102,6 +108,12 @@ class Engine(ABC):
     def traffic(self) -> Traffic | None:
         """The message bytes moved so far; None for an engine that sends none (the in-process ones)."""
         return None
+
+    def evaluate_global(self, model: nn.Module, global_state: State, config: ClientConfig, r: int) -> Evaluation | None:
+        """The global model after round `r` (its shared entries `global_state`) evaluated by the
+        clients on their held-out examples, pooled; None when none reported. Called only where
+        `clients_evaluate_global`."""
+        raise NotImplementedError(f"engine {self.name} does not have its clients evaluate the global model")
 
     def close(self) -> None:
         """Release what the engine holds; nothing by default."""
