@@ -53,6 +53,20 @@ def test_with_server_eval_the_server_evaluates_and_its_clients_are_not_asked(clu
     assert not [m for m in received if m.kind == Kind.EVALUATION]
 
 
+def test_under_secure_aggregation_the_clients_still_evaluate_the_global_model(cluster, tmp_path, monkeypatch):
+    """Under secure aggregation no update is seen, but each client's evaluation of the global model
+    (not its update) is: the initial model's is the simulation's, and every round has one."""
+    flags = [*MLP, "--rounds", "1", "--client-test-fraction", "0.2"]
+    _, history, received = networked(
+        cluster, tmp_path, monkeypatch, *flags, "--secure-aggregation", "--no-server-eval", name="secure"
+    )
+    _, simulated_history = simulated(tmp_path, *flags)
+    assert federated(history)[:2] == pytest.approx(federated(simulated_history)[:2], rel=1e-6, abs=1e-9)
+    assert None not in federated(history)
+    assert not [m for m in received if m.kind == Kind.UPDATE]
+    assert len([m for m in received if m.kind == Kind.EVALUATION]) == 6
+
+
 def test_hostile_evaluations_are_refused_and_logged_and_a_client_that_leaves_does_not_fail_the_round(cluster):
     """A stub client answers the server's evaluations with a NaN metric, 10**18 examples, 40 metrics,
     100 kB, and then leaves mid-evaluation: each is one logged refusal, the run finishes, and every
