@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_personal import MLP, assert_same_model, networked, simulated
 
-from fedforge.engines.network import evaluation_from, pooled
+from fedforge.engines.network import evaluation_from, evaluators, pooled
 from fedforge.network.wire import Kind, Message
 
 FLAGS = [*MLP, "--rounds", "2", "--client-test-fraction", "0.2"]
@@ -101,6 +101,14 @@ def test_hostile_evaluations_are_refused_and_logged_and_a_client_that_leaves_doe
     assert [r["round"] for r in history] == [0, 1, 2, 3, 4]
     assert all(r["federated_accuracy"] is not None and 0 <= r["federated_accuracy"] <= 1 for r in history)
     assert all(r["test_accuracy"] is None for r in history)
+
+
+def test_evaluators_take_the_fraction_rounded_up_in_turn_from_round_to_round():
+    clients = [0, 1, 2, 3, 4]
+    assert [evaluators(clients, 0.4, r) for r in range(4)] == [[0, 1], [2, 3], [4, 0], [1, 2]]
+    assert [evaluators(clients, 0.3, r) for r in range(3)] == [[0, 1], [2, 3], [4, 0]]
+    assert evaluators(clients, 1.0, 7) == clients and evaluators(clients, 0.0, 1) == []
+    assert evaluators([], 1.0, 3) == [] and evaluators([9], 0.01, 5) == [9]
 
 
 def test_pooled_weighs_each_metric_by_the_examples_of_the_clients_that_report_it():

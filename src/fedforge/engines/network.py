@@ -127,6 +127,14 @@ def pooled(evaluations: Sequence[tuple[Mapping[str, float], int]]) -> Evaluation
     return Evaluation(means.get("loss", math.nan), means.get("accuracy"), total, means)
 
 
+def evaluators(sessions: Sequence[Session], fraction: float, r: int) -> list[Session]:
+    """The connected clients' sessions (by client id) that evaluate round r's global model:
+    `fraction` of them rounded up, the next ones in turn each round (all of them at 1)."""
+    count = min(len(sessions), math.ceil(fraction * len(sessions)))
+    start = r * count % len(sessions) if sessions else 0
+    return [*sessions[start:], *sessions[:start]][:count]
+
+
 def reported_steps(plan: ClientPlan, config: ClientConfig, num_examples: int) -> int:
     """The optimizer steps an update of `num_examples` examples reports: those of its algorithm's
     phases that train the model it sends (all but a personal copy's: Ditto's), each phase's
@@ -369,10 +377,7 @@ class NetworkEngine(Engine):
         `evaluation_from` refuses is left out, logged; None when no client reports an example."""
         self._task_id += 1
         task_id = self._task_id
-        sessions = self.hub.clients()
-        count = min(len(sessions), math.ceil(self.evaluate_fraction * len(sessions)))
-        start = r * count % len(sessions) if sessions else 0
-        chosen = (sessions[start:] + sessions[:start])[:count]  # in turn, from round to round
+        chosen = evaluators(self.hub.clients(), self.evaluate_fraction, r)
         shared = config.algorithm.roles.assign(model).shared
         message = evaluate_message(task_id, {k: global_state[k].detach().cpu() for k in shared}, config)
         answers = self._exchange(
