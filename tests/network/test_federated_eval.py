@@ -7,7 +7,8 @@ import re
 
 import pytest
 import torch
-from test_personal import MLP, assert_same_model, networked, simulated
+from cluster import BASE
+from test_personal import MLP, VALIDATION_APP, TappedServer, assert_same_model, networked, simulated
 
 from fedforge.engines.network import evaluation_from, evaluators, pooled
 from fedforge.network.wire import Kind, Message
@@ -65,6 +66,26 @@ def test_under_secure_aggregation_the_clients_still_evaluate_the_global_model(cl
     assert None not in federated(history)
     assert not [m for m in received if m.kind == Kind.UPDATE]
     assert len([m for m in received if m.kind == Kind.EVALUATION]) == 6
+
+
+def test_clients_evaluate_the_global_model_with_their_own_validation_data_and_metric(cluster, tmp_path, monkeypatch):
+    """ClientApp.validation and ClientApp.evaluate serve the global model's evaluation too: the
+    round's federated_<metric> are the clients' own metrics (no loss: federated_loss is None)."""
+    (tmp_path / "validating.py").write_text(VALIDATION_APP)
+    monkeypatch.chdir(tmp_path)
+    server = TappedServer(tmp_path, monkeypatch, *BASE[:-4], "--model", "mlp", "--rounds", "1", "--no-server-eval")
+    clients = [cluster.app_client(i, server.port, "validating:APP") for i in range(3)]
+    assert server.wait() == 0, [c.text() for c in clients]
+    assert all(c.wait() == 0 for c in clients), [c.text() for c in clients]
+    history = json.loads((server.run_dir / "history.json").read_text())["rounds"]
+    evaluations = [m.header for m in server.received if m.kind == Kind.EVALUATION]
+    assert len(evaluations) == 6 and all(0 < h["num_examples"] < 250 for h in evaluations)
+    for record, answers in zip(history, (evaluations[:3], evaluations[3:]), strict=True):
+        assert record["federated_loss"] is None and record["federated_accuracy"] is None
+        assert 0 <= record["metrics"]["federated_right"] <= 1
+        total = sum(h["num_examples"] for h in answers)
+        expected = sum(h["metrics"]["count"] * h["num_examples"] for h in answers) / total
+        assert record["metrics"]["federated_count"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_hostile_evaluations_are_refused_and_logged_and_a_client_that_leaves_does_not_fail_the_round(cluster):
