@@ -1,4 +1,5 @@
-"""The client side of a deployment: connect, authenticate, train when asked, reconnect.
+"""The client side of a deployment: connect, authenticate, train when asked, evaluate the global
+model on its held-out examples when asked (federated evaluation), reconnect.
 
 A client keeps its data; only model updates travel. It trains as the sequential engine does
 (`train_client`), so a networked round computes what the simulation computes.
