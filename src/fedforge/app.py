@@ -39,12 +39,14 @@ class ClientApp:
         validation: (client_id, config) -> this client's held-out data (as `data`), or None:
             what it evaluates its personal model on after each round's training, when its
             algorithm personalizes (FedPer, FedRep, Ditto, FedBN; or --personalized-eval on), and
-            reports to the server (`personalized_<metric>` in the run's history). Default: none,
+            reports to the server (`personalized_<metric>` in the run's history); and what it
+            evaluates the global model on when the server asks (federated evaluation:
+            `federated_<metric>`, `fedforge server --no-server-eval`). Default: none,
             except for --partition-of, whose held-out rows are its share of the run's
             client_test_fraction.
         evaluate: (module, data) -> {name: number}: how this client evaluates its personal
-            model (`module`, loaded with it) on its held-out data (`data`, as the task prepares
-            it), instead of the task's loss and metrics.
+            model, or the global model (`module`, loaded with it), on its held-out data (`data`,
+            as the task prepares it), instead of the task's loss and metrics.
     """
 
     data: Callable[[int, Any], Any]

@@ -348,6 +348,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
         dashboard=server.dashboard_settings(),
         on_dashboard=lambda url: print(f"fedforge server: dashboard at {url}", flush=True),
         checkpoint_key=_checkpoint_key(config),
+        server_eval=server.server_eval,
+        evaluate_fraction=server.evaluate_fraction,
     )
     print(f"final {headline(outcome.history.final, config.client_config().task.primary)}; outputs in {outcome.run_dir}")
     return 0

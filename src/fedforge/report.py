@@ -96,9 +96,12 @@ def save_figure(fig, path: str | os.PathLike) -> None:
 
 
 def headline(record: RoundRecord, metric: str) -> str:
-    """The task's main test metric of a round, e.g. "test accuracy 0.7649" or "test r2 0.4512"."""
-    value = record.metric(f"test_{metric}")
-    return f"test {metric.replace('_', ' ')} {value:.4f}" if value is not None else f"test {metric} n/a"
+    """The task's main test metric of a round, e.g. "test accuracy 0.7649" or "test r2 0.4512"; its
+    federated evaluation's where it has no test metric (a deployment server without test data)."""
+    for where in ("test", "federated"):
+        if (value := record.metric(f"{where}_{metric}")) is not None:
+            return f"{where} {metric.replace('_', ' ')} {value:.4f}"
+    return f"test {metric} n/a"
 
 
 def personalized(record: RoundRecord, metric: str) -> str | None:

@@ -10,6 +10,7 @@ never takes a failed run for a finished one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -50,6 +51,8 @@ def serve(
     dashboard: DashboardSettings | None = None,
     on_dashboard=None,
     checkpoint_key: bytes | None = None,
+    server_eval: bool = True,
+    evaluate_fraction: float | None = None,
 ):
     """Run `config` with the clients that connect to `address`; returns the run's outcome.
 
@@ -58,6 +61,11 @@ def serve(
     `trackers` (TensorBoard, MLflow) log the run as `run_experiment`'s do, with each round's bytes.
     `dashboard`: serve the live dashboard there (network/dashboard.py); `on_dashboard(url)` once it listens.
     `checkpoint_key`: checkpoints signed with it, as `run_experiment`'s.
+    `server_eval` False: the server has no test data of its own; it evaluates the global model on
+    nothing (no test_* in the history), and its clients evaluate it instead.
+    `evaluate_fraction`: the fraction of connected clients that evaluate each round's global model
+    on their held-out examples (the round's federated_* then are theirs); default 1 without
+    `server_eval`, else 0 (the server evaluates on its own copy of the clients' held-out rows).
     """
     per_round = clients_per_round_count(config.clients_per_round, config.num_clients)
     if min_fit_clients is None:
@@ -83,6 +91,15 @@ def serve(
         raise ConfigError(f"rounds must be at most {MAX_ROUNDS:,} in a deployment, got {config.rounds}")
     if config.lr > MAX_LR:  # each task's lr is at most the run's (schedules only lower it)
         raise ConfigError(f"lr must be at most {MAX_LR:g} in a deployment, got {config.lr}")
+    if evaluate_fraction is None:
+        evaluate_fraction = 0.0 if server_eval else 1.0
+    if not 0 <= evaluate_fraction <= 1:
+        raise ConfigError(f"evaluate_fraction must be in [0, 1], got {evaluate_fraction}")
+    if not server_eval and not evaluate_fraction:
+        raise ConfigError(
+            "without server evaluation (--no-server-eval) and with --evaluate-fraction 0 nothing evaluates "
+            "the global model: give a fraction of clients > 0"
+        )
     if secure is not None:
         secure.check(config, per_round)
     board = Dashboard(dashboard, tls=tls) if dashboard is not None else None  # unsafe settings: refused here
@@ -91,6 +108,13 @@ def serve(
     # The data, the model, the output folder and on resume every value of the checkpoint: a
     # mistake is one line now, not once clients have come.
     prepared = prepare(config, resume=resume, progress=progress, checkpoint_key=checkpoint_key)
+    if not server_eval:  # no test data of its own: the clients' evaluation is the run's only one
+        prepared = dataclasses.replace(prepared, data=dataclasses.replace(prepared.data, test=None))
+    if secure is not None and evaluate_fraction:
+        log.warning(
+            "under secure aggregation each evaluating client still reports its own metrics of the global "
+            "model on its held-out examples in the clear (not its update); --evaluate-fraction 0 to ask none"
+        )
     config, run_dir = prepared.config, prepared.run_dir
     welcome = welcome_header(config)
     if (inputs := evaluated_inputs(config, prepared.data)) is not None:
@@ -117,6 +141,7 @@ def serve(
             secure=secure,
             min_available_clients=min_available_clients,
             watcher=board.state if board is not None else None,
+            evaluate_fraction=evaluate_fraction,
         )
         # Differential privacy's noise from the OS's cryptographic source: a deployment's noise must not
         # be replayable from the run's seed (which config.toml records).

@@ -748,16 +748,21 @@ def _personalize(run: _Run, state: ServerState) -> Callable[[ClientUpdate], tupl
 
 
 def _evaluate(run: _Run, state: ServerState) -> _Evaluated:
-    """The global model on the test set, on the clients' held-out examples, and (eval_train) on all training data."""
+    """The global model on the test set, on the clients' held-out examples (by the clients
+    themselves where the engine's clients evaluate it), and (eval_train) on all training data."""
 
     whole = _whole(run, state)
 
     def on(data: TensorData) -> Evaluation:
         return evaluate(run.model, whole, data, batch_size=run.settings.eval_batch_size, task=run.client.task)
 
+    if run.engine.clients_evaluate_global:  # a deployment's clients, on their own held-out examples
+        federated = run.engine.evaluate_global(run.model, state.params, run.client, state.round)
+    else:
+        federated = on(run.federated_test) if run.federated_test else None
     return _Evaluated(
         test=on(run.data.test) if run.data.test is not None else None,
-        federated=on(run.federated_test) if run.federated_test else None,
+        federated=federated,
         train=on(run.pool) if run.settings.eval_train else None,
         own=_own_evaluation(run, whole, state.round),
     )
@@ -814,7 +819,7 @@ def _record(
         test_accuracy=test.accuracy if test else None,
         train_loss=train.get("loss"),
         train_accuracy=train.get("accuracy"),
-        federated_loss=fed.loss if fed else None,
+        federated_loss=fed.metrics.get("loss") if fed else None,  # a client's own evaluate may have none
         federated_accuracy=fed.accuracy if fed else None,
         global_train_loss=on_train.loss if on_train else None,
         seconds=time.perf_counter() - started,

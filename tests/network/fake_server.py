@@ -3,7 +3,7 @@
 `fedforge client` process in front of a hostile or broken server.
 
 A script is a list of Message, raw bytes, or functions of no arguments (called in turn: a wait
-for an event, such as a line in the client's log). After sending a TASK the server waits (up to
+for an event, such as a line in the client's log). After sending a TASK or an EVALUATE the server waits (up to
 `reply_timeout` s) for the client's answer and records it in `replies`; a script that does not
 end with a SHUTDOWN leaves the stream open until the client closes it.
 """
@@ -65,7 +65,7 @@ class FakeServer:
                 item()
                 continue
             yield item if isinstance(item, bytes) else encode(item)
-            if isinstance(item, Message) and item.kind == Kind.TASK:
+            if isinstance(item, Message) and item.kind in (Kind.TASK, Kind.EVALUATE):
                 try:
                     raw = get(self.reply_timeout)
                 except queue.Empty:

@@ -11,6 +11,12 @@ well-formed update of L2 norm 10**6, neither clipped nor noised; the global mode
 saved as stub-CLIENT_ID-task-N.pt, so a test can see how far each round moved it), "reconnect"
 (open a new session and leave the old one open and silent). It prints "task N" when a task
 arrives, so a test can kill it mid-round.
+
+MODEs that start with "eval-" answer the server's requests to evaluate the global model
+(EVALUATE), in order, and the others its tasks: "eval-nan" (a NaN metric, written by hand),
+"eval-many" (10**18 examples), "eval-metrics" (40 metrics), "eval-big" (an answer of 100 kB),
+"eval-exit" (the stub leaves without an answer); once they are used up, a well-formed
+evaluation of 10 examples (loss 1, accuracy 0.5).
 """
 
 import queue
@@ -58,6 +64,25 @@ def bad_update(mode, task, config):
     return data
 
 
+def evaluation(mode, request, client_id):
+    header = {
+        "task": request.header["task"],
+        "client": client_id,
+        "metrics": {"loss": 1.0, "accuracy": 0.5},
+        "num_examples": 10,
+    }
+    if mode == "eval-many":
+        header["num_examples"] = 10**18
+    elif mode == "eval-metrics":
+        header["metrics"] = {f"m{i}": 0.0 for i in range(40)}
+    elif mode == "eval-big":
+        header["padding"] = "x" * 100_000
+    data = encode(Message(Kind.EVALUATION, header))
+    if mode == "eval-nan":  # the encoder refuses NaN: the same length by hand
+        data = data.replace(b'"loss":1.0', b'"loss":NaN')
+    return data
+
+
 def _with_header_number(data: bytes, key: str, digits: str) -> bytes:
     """`data` with the header's `key` set to `digits`, written by hand (the encoder refuses it)."""
     import json
@@ -73,6 +98,8 @@ def _with_header_number(data: bytes, key: str, digits: str) -> bytes:
 
 def main():
     port, client_id, token_file, modes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4].split(",")
+    evaluations = [m for m in modes if m.startswith("eval-")]
+    modes = [m for m in modes if not m.startswith("eval-")]
     secret = Path(token_file).read_text().strip()
     metadata = ((CLIENT_ID_KEY, str(client_id)), (SECRET_KEY, secret))
     config, calls = None, []
@@ -103,6 +130,12 @@ def main():
                     outbox.put(bad_update(mode, message, config))
                     if mode == "twice":
                         outbox.put(bad_update(mode, message, config))
+                elif message.kind == Kind.EVALUATE:
+                    mode = evaluations.pop(0) if evaluations else "eval-ok"
+                    print(f"evaluate {message.header['task']} {mode}", flush=True)
+                    if mode == "eval-exit":
+                        return
+                    outbox.put(evaluation(mode, message, client_id))
                 elif message.kind in (Kind.SHUTDOWN, Kind.REJECT):
                     print(message.kind.name, message.header, flush=True)
                     return

@@ -58,6 +58,13 @@ def task(tensors=None, **changes) -> Message:
     return Message(Kind.TASK, header, state if tensors is None else tensors(state))
 
 
+def evaluate(tensors=None, **changes) -> Message:
+    """A request to evaluate the global model (the server's after a round, under federated evaluation)."""
+    header = {"task": 2, "algorithm": {"name": "fedavg", "options": {}}, **changes}
+    state = {f"global/{k}": v for k, v in global_state().items()}
+    return Message(Kind.EVALUATE, header, state if tensors is None else tensors(state))
+
+
 DONE = Message(Kind.SHUTDOWN, {"status": "done"})
 
 
@@ -110,6 +117,26 @@ def test_a_well_formed_task_is_answered(cluster):
     assert [(m.kind, m.header["task"]) for m in server.replies] == [(Kind.UPDATE, 1)]
 
 
+def test_a_request_to_evaluate_is_answered_with_the_held_out_examples_metrics(cluster):
+    """A client without held-out examples (synthetic's partition holds none) answers 0 examples
+    and no metrics; the request's task id and its own client id name the answer."""
+    with FakeServer([welcome(), evaluate(), task(), evaluate(task=3), DONE]) as server:
+        proc = partition_client(cluster, server)
+        assert proc.wait(120) == 0, proc.text()
+    assert [(m.kind, m.header["task"]) for m in server.replies] == [
+        (Kind.EVALUATION, 2),
+        (Kind.UPDATE, 1),
+        (Kind.EVALUATION, 3),
+    ]
+    assert server.replies[0].header == {"task": 2, "client": 0, "metrics": {}, "num_examples": 0}
+    assert not server.replies[0].tensors
+
+
+def test_an_evaluate_before_the_welcome_is_refused(cluster):
+    with FakeServer([evaluate()]) as server:
+        refused(partition_client(cluster, server), "a EVALUATE before its welcome")
+
+
 # A task whose lr is NaN: JSON's NaN, which encode() never writes, as a hostile server could.
 NAN_LR = encode(task(lr=0.5)).replace(b'"lr":0.5', b'"lr":NaN')
 NAN = lambda state: {k: torch.full_like(v, float("nan")) for k, v in state.items()}  # noqa: E731
@@ -144,6 +171,13 @@ EXTRA = lambda state: {**state, "global/evil": torch.zeros(3)}  # noqa: E731
         (task(momentum=1.0), "task 1: momentum must be in [0, 1), got 1.0"),
         (task(weight_decay=-1.0), "weight_decay -1.0 is not a number in [0, 1e+06]"),
         (welcome(batch_size="ten"), "batch_size must be int, got 'ten'"),
+        # A request to evaluate the global model is checked as a task is.
+        (evaluate(task="two"), "task 'two' is not an integer"),
+        (evaluate(NAN), "its global tensors hold NaN or infinite values"),
+        (evaluate(EXTRA), "tensors ['global/evil'] are not of this client's model"),
+        (evaluate(lambda state: {k: v.double() for k, v in state.items()}), "is torch.float64, the model's"),
+        (evaluate(algorithm={"name": "os.system", "options": {}}), "algorithm 'os.system' is not a built-in one"),
+        (Message(Kind.EVALUATION, {"task": 1}), "a EVALUATION message, which only clients send"),
         # Hostile algorithm descriptions: a name that is not a built-in, role patterns that are not a
         # short list of short strings, or that match nothing (or everything) of the client's model.
         (task(algorithm={"name": "os.system", "options": {}}), "algorithm 'os.system' is not a built-in one"),

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..contract import ClientConfig, ClientPlan, ClientState, OptimizerState, State
 from ..data.datasets import TensorData
+from ..evaluation import Evaluation
 from ..reductions import Update
 
 
@@ -96,6 +97,10 @@ class Engine(ABC):
       none, or a resumed run's), tells it after each round which clients' updates counted
       (`commit`: only those clients' states move on, as in the round loop), and asks for every
       client's state only to write a checkpoint and at the run's end (`gather`).
+    - `clients_evaluate_global`: the clients evaluate each round's global model on their own
+      held-out examples (`evaluate_global`: a deployment's federated evaluation, whose server holds
+      none of their data); otherwise the round loop evaluates it on the clients' held-out examples
+      it holds (`FederatedData.client_test`).
 
     `traffic()` says how many message bytes the engine moved (None: it sends no messages), and
     `close()` releases what it holds (the Ray engine's workers).
@@ -106,6 +111,7 @@ class Engine(ABC):
     clients_privatize: bool = False
     clients_evaluate: bool = False
     keeps_client_state: bool = False
+    clients_evaluate_global: bool = False
 
     @abstractmethod
     def run(
@@ -134,6 +140,12 @@ class Engine(ABC):
         """Every client's kept optimizer state and client state, by client id, as the last
         `commit` left them (`keeps_client_state`; none otherwise)."""
         return {}, {}
+
+    def evaluate_global(self, model: nn.Module, global_state: State, config: ClientConfig, r: int) -> Evaluation | None:
+        """The global model after round `r` (its shared entries `global_state`) evaluated by the
+        clients on their held-out examples, pooled; None when none reported. Called only where
+        `clients_evaluate_global`."""
+        raise NotImplementedError(f"engine {self.name} does not have its clients evaluate the global model")
 
     def close(self) -> None:
         """Release what the engine holds; nothing by default."""

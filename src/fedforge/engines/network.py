@@ -8,15 +8,21 @@ metrics finite and in range, and its example and step counts consistent with the
 asked for (so a client cannot take over a weighted average by claiming 10**30 examples).
 The engine counts the message bytes it sends to clients and receives from them (`traffic()`:
 `bytes_down`, `bytes_up`; gRPC's framing, TLS and keepalive pings aside): the round loop records each round's.
+
+Federated evaluation (`evaluate_fraction` > 0): after each round (and for the initial model) the
+engine sends connected clients the global model (EVALUATE); each evaluates it on its held-out
+examples and answers with its metrics and their count (EVALUATION), checked as an update's
+metrics are; the round's `federated_<metric>` are their example-weighted means.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -26,6 +32,7 @@ from torch import nn
 from ..algorithms import describe
 from ..client import ClientConfig, ClientPlan, ClientUpdate, State, all_finite
 from ..errors import ConfigError
+from ..evaluation import Evaluation
 from ..network.hub import Event, EventKind, Hub, Session
 from ..network.wire import Kind, Message, WireError, decode, encode, is_number
 from ..reductions import PartialSum, Update
@@ -39,6 +46,7 @@ log = logging.getLogger("fedforge.server")
 DEFAULT_MAX_CLIENT_EXAMPLES = 10_000_000
 MAX_METRIC = 1e15  # a finite loss past this is refused as implausible (and would overflow a weighted sum)
 MAX_METRICS = 32  # named metrics in one update
+MAX_EVALUATION_BYTES = 64 << 10  # an EVALUATION holds a few dozen numbers: anything larger is refused
 
 
 # The fields of a ClientConfig that may change by round (a learning-rate schedule, a round
@@ -76,6 +84,57 @@ def task_message(
     if plan.inputs is not None:
         tensors.update({f"inputs/{k}": v for k, v in plan.inputs.items()})
     return Message(Kind.TASK, header, tensors)
+
+
+def evaluate_message(task_id: int, global_state: State, config: ClientConfig) -> Message:
+    """The EVALUATE asking a client to evaluate the global model on its held-out examples: its
+    shared entries (as a TASK's `global/`) and the client algorithm that says which those are
+    (the client fills the others from its own model, as the round loop's `_whole` does)."""
+    header = {"task": task_id, "algorithm": describe(config.algorithm)}
+    return Message(Kind.EVALUATE, header, {f"global/{k}": v for k, v in global_state.items()})
+
+
+def evaluation_from(
+    message: Message, *, max_examples: int = DEFAULT_MAX_CLIENT_EXAMPLES
+) -> tuple[dict[str, float], int]:
+    """The metrics and held-out example count in an EVALUATION, or ValueError with the reason it
+    is refused: no tensors, at most MAX_METRICS finite numbers in range, a count between 0 (no
+    held-out examples, and then no metrics) and `max_examples`."""
+    h = message.header
+    if message.tensors or set(h) != {"task", "client", "metrics", "num_examples"}:
+        raise ValueError("an evaluation is {task, client, metrics, num_examples} and no tensors")
+    n = h["num_examples"]
+    if type(n) is not int or not 0 <= n <= max_examples:
+        raise ValueError(f"num_examples {n!r} is not between 0 and {max_examples}")
+    metrics = _metrics(h["metrics"], "evaluation metrics")
+    if bool(n) != bool(metrics):
+        raise ValueError(f"{len(metrics)} metrics of {n} examples")
+    return metrics, n
+
+
+def pooled(evaluations: Sequence[tuple[Mapping[str, float], int]]) -> Evaluation | None:
+    """The clients' evaluations as one: each metric's mean weighted by the examples of the clients
+    that report it (a metric's sum over all examples when it is a mean over examples, as loss
+    and accuracy are); None without examples."""
+    sums: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for metrics, n in evaluations:
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value * n
+            weights[name] = weights.get(name, 0) + n
+    total = sum(n for _, n in evaluations)
+    if not total:
+        return None
+    means = {name: sums[name] / weights[name] for name in sums}
+    return Evaluation(means.get("loss", math.nan), means.get("accuracy"), total, means)
+
+
+def evaluators(sessions: Sequence[Session], fraction: float, r: int) -> list[Session]:
+    """The connected clients' sessions (by client id) that evaluate round r's global model:
+    `fraction` of them rounded up, the next ones in turn each round (all of them at 1)."""
+    count = min(len(sessions), math.ceil(fraction * len(sessions)))
+    start = r * count % len(sessions) if sessions else 0
+    return [*sessions[start:], *sessions[:start]][:count]
 
 
 def reported_steps(plan: ClientPlan, config: ClientConfig, num_examples: int) -> int:
@@ -192,6 +251,10 @@ class NetworkEngine(Engine):
     old connection broke) is sent its task again. Only the session that holds a task counts:
     news of a client's older sessions is ignored. Updates are handed on in task order, as the
     simulation's engines do, so that a run with every client alive equals the simulation.
+
+    With `evaluate_fraction` > 0 the clients evaluate the global model (`evaluate_global`): that
+    fraction of the connected clients, rounded up (all of them at 1), taken in turn by client id
+    from round to round, so that over rounds each client evaluates as often as the others.
     """
 
     name = "network"
@@ -208,8 +271,13 @@ class NetworkEngine(Engine):
         secure: SecureAggregation | None = None,
         min_available_clients: int | None = None,
         watcher: RoundWatcher | None = None,
+        evaluate_fraction: float = 0.0,
     ):
+        if not 0 <= evaluate_fraction <= 1:
+            raise ConfigError(f"evaluate_fraction must be in [0, 1], got {evaluate_fraction}")
         self.hub = hub
+        self.evaluate_fraction = evaluate_fraction
+        self.clients_evaluate_global = evaluate_fraction > 0
         self.watcher = watcher or RoundWatcher()  # the server's dashboard, when it has one
         self.round_timeout = round_timeout
         self.min_fit_clients = min_fit_clients
@@ -303,6 +371,50 @@ class NetworkEngine(Engine):
             raise RoundFailed(f"{len(updates)} updates arrived, the quorum is {self.min_fit_clients}")
         log.info("task %d: %d of %d updates", task_id, len(updates), len(tasks))
         return (updates[t.client_id] for t in tasks if t.client_id in updates)
+
+    def evaluate_global(self, model: nn.Module, global_state: State, config: ClientConfig, r: int) -> Evaluation | None:
+        """The global model after round `r` (0: the initial model) evaluated by the clients on their
+        held-out examples: the example-weighted means of the metrics they report (`pooled`). A client
+        that is not connected, disconnects, answers late (after round_timeout) or answers what
+        `evaluation_from` refuses is left out, logged; None when no client reports an example."""
+        self._task_id += 1
+        task_id = self._task_id
+        chosen = evaluators(self.hub.clients(), self.evaluate_fraction, r)
+        shared = config.algorithm.roles.assign(model).shared
+        message = evaluate_message(task_id, {k: global_state[k].detach().cpu() for k in shared}, config)
+        answers = self._exchange(
+            task_id,
+            {s.client_id: (s, message) for s in chosen},
+            Kind.EVALUATION,
+            max_bytes=MAX_EVALUATION_BYTES,
+            what="evaluation",
+        )
+        evaluations = []
+        for c, answer in answers.items():
+            try:
+                evaluations.append(evaluation_from(answer, max_examples=self.max_client_examples))
+            except ValueError as e:
+                log.warning("task %d: refused the evaluation of client %d: %s", task_id, c, e)
+                self.watcher.refused(task_id, c, f"evaluation: {e}")
+        evaluation = pooled(evaluations)
+        if evaluation is None:
+            log.warning(
+                "task %d: no client evaluated the global model of round %d (%d of %d asked answered)",
+                task_id,
+                r,
+                len(evaluations),
+                len(chosen),
+            )
+        else:
+            log.info(
+                "task %d: %d of %d clients evaluated the global model of round %d on %d examples",
+                task_id,
+                len(evaluations),
+                len(chosen),
+                r,
+                evaluation.num_examples,
+            )
+        return evaluation
 
     def _send(self, session: Session, data: bytes) -> bool:
         """hub.send, counting the bytes sent."""
@@ -528,25 +640,36 @@ class NetworkEngine(Engine):
                 f"{protocol.threshold}, quorum {self.min_fit_clients}); nothing was unmasked"
             )
 
-    def _exchange(self, task_id: int, outgoing: dict[int, tuple[Session, Message]], answer: Kind) -> dict[int, Message]:
-        """Send each client its message; collect one answer of kind `answer` from each, until all
-        have answered or round_timeout. A client that disconnects, sends anything else, or answers
-        in another client's name is out of the round (logged)."""
+    def _exchange(
+        self,
+        task_id: int,
+        outgoing: dict[int, tuple[Session, Message]],
+        answer: Kind,
+        *,
+        max_bytes: int | None = None,
+        what: str = "round",
+    ) -> dict[int, Message]:
+        """Send each client its message; collect one answer of kind `answer` (at most `max_bytes`,
+        default the hub's limit) from each, until all have answered or round_timeout. A client that
+        disconnects, sends anything else, or answers in another client's name is out of the round
+        (or the `what` it answers for; logged)."""
         pending: dict[int, Session] = {}
+        encoded = {id(message): encode(message) for _, message in outgoing.values()}  # one message for many: once
         for c, (session, message) in outgoing.items():
-            if self._send(session, encode(message)):
+            if self._send(session, encoded[id(message)]):
                 pending[c] = session
             else:
-                log.warning("task %d: client %d disconnected; dropped from the round", task_id, c)
+                log.warning("task %d: client %d disconnected; dropped from the %s", task_id, c, what)
         answers: dict[int, Message] = {}
         for event in self._events(time.monotonic() + self.round_timeout, lambda: bool(pending)):
             c = event.session.client_id
             if pending.get(c) is not event.session:
                 if event.kind == EventKind.MESSAGE:
                     log.warning(
-                        "task %d: discarded a message from client %d: late, out of the round or from an old session",
+                        "task %d: discarded a message from client %d: late, out of the %s or from an old session",
                         task_id,
                         c,
+                        what,
                     )
                 continue
             if event.kind == EventKind.CONNECTED:
@@ -554,12 +677,12 @@ class NetworkEngine(Engine):
             del pending[c]
             if event.kind == EventKind.CLOSED:
                 log.warning(
-                    "task %d: client %d disconnected before its %s; dropped from the round", task_id, c, answer.name
+                    "task %d: client %d disconnected before its %s; dropped from the %s", task_id, c, answer.name, what
                 )
                 continue
             assert event.data is not None, "the events left are MESSAGE events"
             try:
-                message = decode(event.data, max_bytes=self.hub.max_message_bytes)
+                message = decode(event.data, max_bytes=max_bytes or self.hub.max_message_bytes)
             except WireError as e:
                 log.warning("task %d: refused a message from client %d: %s", task_id, c, e)
                 self.watcher.refused(task_id, c, str(e))

@@ -1,4 +1,5 @@
-"""The client side of a deployment: connect, authenticate, train when asked, reconnect.
+"""The client side of a deployment: connect, authenticate, train when asked, evaluate the global
+model on its held-out examples when asked (federated evaluation), reconnect.
 
 A client keeps its data; only model updates travel. It trains as the sequential engine does
 (`train_client`), so a networked round computes what the simulation computes.
@@ -34,7 +35,7 @@ import grpc
 import numpy as np
 import torch
 
-from ..algorithms import PLAIN, describe, from_description
+from ..algorithms import PLAIN, ClientAlgorithm, describe, from_description
 from ..app import ClientApp
 from ..client import (
     ClientConfig,
@@ -251,6 +252,18 @@ class _Trainer:
                 f"tensors; e.g. {different})"
             )
 
+    def _algorithm(self, h: dict) -> tuple[ClientAlgorithm, list[str]]:
+        """The client algorithm a task or an evaluation names, and the entries of this client's
+        model it shares; Unacceptable for one this client cannot run."""
+        try:
+            algorithm = from_description(h.get("algorithm", describe(PLAIN)))
+            roles = algorithm.roles.assign(self.model)  # each pattern must match an entry of this client's model
+        except ConfigError as e:
+            raise Unacceptable(_text(str(e))) from None
+        if not roles.shared:
+            raise Unacceptable(f"algorithm {algorithm.name}'s roles leave no entry of this client's model shared")
+        return algorithm, roles.shared
+
     def check(self, task: Message) -> tuple[int, int, ClientPlan, ClientConfig, State, int]:
         """The task's id, seed, plan, the round's client config (with the task's algorithm), the
         model it starts from (the task's shared entries, this client's own frozen and personal
@@ -267,14 +280,8 @@ class _Trainer:
         initial_loss = h.get("measure_initial_loss", False)
         if type(initial_loss) is not bool:
             raise Unacceptable(f"measure_initial_loss {_text(repr(initial_loss), 40)} is not true or false")
-        try:
-            algorithm = from_description(h.get("algorithm", describe(PLAIN)))
-            roles = algorithm.roles.assign(self.model)  # each pattern must match an entry of this client's model
-        except ConfigError as e:
-            raise Unacceptable(_text(str(e))) from None
-        if not roles.shared:
-            raise Unacceptable(f"algorithm {algorithm.name}'s roles leave no entry of this client's model shared")
-        state = {k: self.initial[k] for k in roles.shared}  # the entries that travel
+        algorithm, shared = self._algorithm(h)
+        state = {k: self.initial[k] for k in shared}  # the entries that travel
         expected_inputs = algorithm.inputs_like(state)
         names = {f"global/{k}" for k in state} | {f"inputs/{k}" for k in expected_inputs}
         unknown = sorted(set(task.tensors) - names)
@@ -283,7 +290,7 @@ class _Trainer:
                 f"tensors {_text(unknown[:3])} are not of this client's model's shared entries or its algorithm"
             )
         global_state = {k[len("global/") :]: v for k, v in task.tensors.items() if k.startswith("global/")}
-        self._check_model(global_state, roles.shared)
+        self._check_model(global_state, shared)
         inputs = {k[len("inputs/") :]: v for k, v in task.tensors.items() if k.startswith("inputs/")}
         if inputs.keys() != expected_inputs.keys():
             raise Unacceptable(f"its inputs are not the {len(expected_inputs)} algorithm {algorithm.name} takes")
@@ -330,14 +337,44 @@ class _Trainer:
         """Its personal model's metrics on its held-out examples, and their count: its model at the
         end of its training (the model it started from plus its update, its personal entries), or
         its personal copy (Ditto's), as the simulation's round loop evaluates it (`_personalize`)."""
+        return self._evaluated(personal_model(whole, update))
+
+    def evaluation(self, client_id: int, request: Message) -> Message:
+        """The EVALUATION answering `request` (an EVALUATE): the global model it sends (its shared
+        entries, this client's own frozen and personal ones, as the round loop's `_whole`) on this
+        client's held-out examples, once every field and tensor of `request` is checked
+        (Unacceptable otherwise); no metrics and 0 examples when it holds none out."""
+        h = request.header
+        task_id = _integer(h, "task", 0, MAX_INT)
+        _, shared = self._algorithm(h)
+        unknown = sorted(set(request.tensors) - {f"global/{k}" for k in shared})
+        if unknown:
+            raise Unacceptable(f"tensors {_text(unknown[:3])} are not of this client's model's shared entries")
+        global_state = {k[len("global/") :]: v for k, v in request.tensors.items()}
+        self._check_model(global_state, shared)
+        for k, v in global_state.items():
+            if v.dtype != self.initial[k].dtype:
+                raise Unacceptable(f"global/{k} is {v.dtype}, the model's {self.initial[k].dtype}")
+        if not all_finite(global_state.values()):
+            raise Unacceptable("its global tensors hold NaN or infinite values")
+        metrics: dict[str, float] = {}
+        count = 0
+        if self.held_out is not None and len(self.held_out):
+            metrics, count = self._evaluated({k: global_state.get(k, v) for k, v in self.initial.items()})
+        return Message(
+            Kind.EVALUATION, {"task": task_id, "client": client_id, "metrics": metrics, "num_examples": count}
+        )
+
+    def _evaluated(self, state: State) -> tuple[dict[str, float], int]:
+        """The model with `state` on this client's held-out examples: the task's metrics (or its
+        app's `evaluate`), and the examples' count."""
         assert self.held_out is not None, "called with held-out examples"
-        personal = personal_model(whole, update)
         if self.evaluate is None:
             evaluation = evaluate(
-                self.scratch, personal, self.held_out, batch_size=self.config.eval_batch_size, task=config.task
+                self.scratch, state, self.held_out, batch_size=self.config.eval_batch_size, task=self.client.task
             )
             return dict(evaluation.metrics), len(self.held_out)
-        load_state(self.scratch, personal)
+        load_state(self.scratch, state)
         metrics = self.evaluate(self.scratch, self.held_out)
         if not isinstance(metrics, Mapping) or not all(
             isinstance(k, str) and is_number(v) and math.isfinite(v) for k, v in metrics.items()
@@ -628,7 +665,7 @@ def _channel(server: str, root_cert: bytes | None, max_message_bytes: int) -> gr
     return grpc.secure_channel(server, grpc.ssl_channel_credentials(root_certificates=root_cert), options=options)
 
 
-_SERVER_KINDS = (Kind.WELCOME, Kind.REJECT, Kind.TASK, Kind.SHUTDOWN, *_SECAGG_REQUESTS)
+_SERVER_KINDS = (Kind.WELCOME, Kind.REJECT, Kind.TASK, Kind.EVALUATE, Kind.SHUTDOWN, *_SECAGG_REQUESTS)
 
 
 def _stream(call, max_message_bytes: int):
@@ -733,8 +770,10 @@ def run_client(
                         inputs_differ = compare_inputs(message.header.get("test_inputs"), trainer.data, client_id)
                         log.info("client %d: joined (%d examples)", client_id, len(trainer.data))
                 elif trainer is None:  # before the welcome (no secure round can be under way either)
-                    if message.kind == Kind.TASK:
-                        raise Unacceptable("a TASK before its welcome")
+                    if message.kind in (Kind.TASK, Kind.EVALUATE):
+                        raise Unacceptable(f"a {message.kind.name} before its welcome")
+                elif message.kind == Kind.EVALUATE:
+                    outbox.put(encode(trainer.evaluation(client_id, message)))
                 elif message.kind == Kind.TASK and "secagg" in message.header:
                     trainer.check(message)
                     secure = None

@@ -56,6 +56,17 @@ class ServerSettings:
         10_000_000,
         "largest example count an update may claim (it weighs the average); the step count must also match it",
     )
+    server_eval: bool = option(
+        True,
+        "evaluate the global model on the server's own test data; --no-server-eval: the server has none, "
+        "its clients evaluate it on their held-out examples (federated_* only)",
+    )
+    evaluate_fraction: float | None = option(
+        None,
+        "fraction of the connected clients that evaluate each round's global model on their held-out "
+        "examples, taken in turn (default: 1 with --no-server-eval, else 0: the server evaluates)",
+        metavar="F",
+    )
     secure_aggregation: bool = option(
         False,
         "sum each round's updates under secure aggregation (SecAgg+): the server learns only the sum "
@@ -111,6 +122,8 @@ class ServerSettings:
         if not self.tls_cert and not self.insecure:
             raise ConfigError("give --tls-cert and --tls-key, or --insecure for plaintext (testing only)")
         check_message_mb(self.max_message_mb)
+        if self.evaluate_fraction is not None and not 0 <= self.evaluate_fraction <= 1:
+            raise ConfigError(f"--evaluate-fraction must be in [0, 1], got {self.evaluate_fraction}")
         if not self.secure_aggregation:
             given = [
                 "--" + name.replace("_", "-")

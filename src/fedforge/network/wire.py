@@ -59,6 +59,9 @@ class Kind(IntEnum):
     SA_MASKED = 11  # client -> server: the masked input
     SA_UNMASK = 12  # server -> client: who survived and who dropped
     SA_UNMASKED = 13  # client -> server: the shares that unmask the sum
+    # Federated evaluation (engines/network.py): the global model on the clients' held-out examples.
+    EVALUATE = 14  # server -> client: evaluate the global model, its shared entries sent as a TASK's
+    EVALUATION = 15  # client -> server: its metrics and its held-out examples' count
 
 
 class WireError(ValueError):
