@@ -1,6 +1,8 @@
 """LoRA over a frozen transformers base: the vectorized engine trains many clients' adapters over
 one copy of the base, and equals the sequential engine."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,18 @@ def test_memory_for_a_chunk_leaves_the_frozen_base_out():
         p.requires_grad_(True)
     whole = VectorizedEngine(max_memory=1 << 26).capacity(model, tasks, config)
     assert frozen > whole > 0
+
+
+def test_sdpa_attention_falls_back_to_sequential_saying_eager_batches(caplog):
+    # SDPA's mask builder tests the padding mask's values in Python, which vmap cannot batch.
+    model = llama("causal")
+    model.model.set_attn_implementation("sdpa")
+    data = tokens("causal", 16)
+    tasks = [ClientTask(c, data.rows(8 * c, 8 * c + 8), seed=c) for c in range(2)]
+    engine = VectorizedEngine()
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="fedforge"):
+        updates = list(engine.run(model, state, tasks, ClientConfig(task=CAUSAL_LM, batch_size=4)))
+    assert len(updates) == 2 and engine.choice.engine == "sequential"
+    assert 'attn_implementation="sdpa"; "eager" batches' in engine.choice.reason
+    assert len(caplog.records) == 1 and "training its clients sequentially" in caplog.messages[0]

@@ -933,8 +933,19 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
     try:
         trained = _run_steps(run, config, step, batched=has_buffers)
     except (RuntimeError, NotImplementedError) as e:
-        raise _Unsupported(str(e).splitlines()[0]) from e
+        raise _Unsupported(str(e).splitlines()[0] + _attention_hint(model)) from e
     return trained, units
+
+
+def _attention_hint(model: nn.Module) -> str:
+    """What makes a transformers model batchable when its attention is not eager: the SDPA and
+    flash implementations' mask builders test the mask's values in Python (`padding_mask.all()`),
+    which `vmap` refuses."""
+    for module in model.modules():
+        implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if isinstance(implementation, str) and implementation != "eager":
+            return f' (a transformers model with attn_implementation="{implementation}"; "eager" batches)'
+    return ""
 
 
 def _conv_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple[_Trained, list]:
