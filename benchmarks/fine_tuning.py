@@ -17,17 +17,20 @@ Each case runs in a child process of its own, with one torch thread, so that its
 memory is its own: printed as the growth of the peak over the resident memory once the model and
 data are built (the base is held once: the growth is the chunk's adapters, optimizer state and
 activations, not a copy of the base per client). Seconds per round: the median of the rounds
-after the first. Also printed: the bytes a client sends per round (the adapters) against the
+after the first, wall-clock and CPU (the process's: on a loaded machine the steadier of the two).
+Also printed: the bytes a client sends per round (the adapters) against the
 whole model's.
 
     python benchmarks/fine_tuning.py                          # 8, 32 and 128 clients per round
     python benchmarks/fine_tuning.py --clients 8 32 --rounds 3
     python benchmarks/fine_tuning.py --hidden 256 --vocab 8000  # a base of 5M parameters
+    python benchmarks/fine_tuning.py --cases vectorized --max-memory 17179869184  # every client in one chunk
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import statistics
@@ -115,8 +118,11 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def fedforge_rounds(engine_name: str, model: nn.Module, data: TensorData, parts, per_round: int, rounds: int) -> dict:
-    engine = VectorizedEngine() if engine_name == "vectorized" else SequentialEngine()
+def fedforge_rounds(
+    engine_name: str, model: nn.Module, data: TensorData, parts, per_round: int, rounds: int, max_memory: int | None
+) -> dict:
+    engine = VectorizedEngine(max_memory) if engine_name == "vectorized" else SequentialEngine()
+    cpu = []  # process seconds at the end of each round (round 0: the initial evaluation)
     result = simulate(
         model,
         FederatedData(data, parts, None),
@@ -125,10 +131,12 @@ def fedforge_rounds(engine_name: str, model: nn.Module, data: TensorData, parts,
         client=ClientConfig(task=CAUSAL_LM, lr=LR, batch_size=BATCH, local_epochs=1),
         engine=engine,
         seed=0,
+        on_round=lambda record, state: cpu.append(time.process_time()),
     )
     records = result.history.records[1:]
     return {
         "seconds": [r.train_seconds for r in records],
+        "cpu": [b - a for a, b in itertools.pairwise(cpu)],
         "loss": records[-1].train_loss,
         "choice": str(engine_choice(engine)),
     }
@@ -143,10 +151,10 @@ def peft_loop_rounds(model: Logits, data: TensorData, parts, per_round: int, rou
     peft_model = model.model
     global_adapters = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
     rng = np.random.default_rng(0)
-    seconds, loss = [], float("nan")
+    seconds, cpu, loss = [], [], float("nan")
     ids, mask = data.x
     for _ in range(rounds):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         chosen = rng.choice(len(parts), per_round, replace=False)
         total = sum(len(parts[c]) for c in chosen)
         summed = {k: torch.zeros_like(v) for k, v in global_adapters.items()}
@@ -167,11 +175,14 @@ def peft_loop_rounds(model: Logits, data: TensorData, parts, per_round: int, rou
                 summed[k] += v.detach() * (len(parts[c]) / total)
         global_adapters = summed
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         loss = statistics.mean(losses)
-    return {"seconds": seconds, "loss": loss, "choice": "peft loop"}
+    return {"seconds": seconds, "cpu": cpu, "loss": loss, "choice": "peft loop"}
 
 
-def run_case(case: str, per_round: int, rounds: int, hidden: int, vocab: int, layers: int) -> dict:
+def run_case(
+    case: str, per_round: int, rounds: int, hidden: int, vocab: int, layers: int, max_memory: int | None
+) -> dict:
     torch.set_num_threads(1)
     num_clients = 2 * per_round
     data = token_data(num_clients * EXAMPLES, vocab)
@@ -183,7 +194,7 @@ def run_case(case: str, per_round: int, rounds: int, hidden: int, vocab: int, la
     if case == "peft-loop":
         out = peft_loop_rounds(model, data, parts, per_round, rounds)
     else:
-        out = fedforge_rounds(case, model, data, parts, per_round, rounds)
+        out = fedforge_rounds(case, model, data, parts, per_round, rounds, max_memory)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         **out,
@@ -194,6 +205,11 @@ def run_case(case: str, per_round: int, rounds: int, hidden: int, vocab: int, la
     }
 
 
+def _median(per_round: list[float]) -> float:
+    """The median round, the first (warm-up) left out when there are others."""
+    return statistics.median(per_round[1:] or per_round)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128], help="clients per round")
@@ -202,16 +218,22 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=100)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument(
+        "--max-memory", type=int, help="the vectorized engine's bytes for a chunk (default: its own, 64 MiB on the CPU)"
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # a child's: CASE:CLIENTS
     args = parser.parse_args()
-    shape = (args.rounds, args.hidden, args.vocab, args.layers)
+    shape = (args.rounds, args.hidden, args.vocab, args.layers, args.max_memory)
     if args.case:
         case, per_round = args.case.split(":")
         print(json.dumps(run_case(case, int(per_round), *shape)))
         return
     print(f"tiny Llama: hidden {args.hidden}, vocabulary {args.vocab}, {args.layers} layers, LoRA r=8 (q_proj, v_proj)")
     print(f"{EXAMPLES} sequences of <= {LENGTH} tokens a client, batch {BATCH}, 1 epoch, AdamW; one torch thread")
-    print(f"{'clients':>7} {'case':<11} {'s/round':>8} {'x peft':>7} {'peak MiB':>9} {'loss':>7}  trained by")
+    print(
+        f"{'clients':>7} {'case':<11} {'s/round':>8} {'x peft':>7} {'cpu s':>7} {'x peft':>7} {'peak MiB':>9} "
+        f"{'loss':>7}  trained by"
+    )
     sizes = None
     for per_round in args.clients:
         results = {}
@@ -221,11 +243,11 @@ def main() -> None:
             results[case] = json.loads(line)
         loop = results.get("peft-loop")
         for case, r in results.items():
-            per = statistics.median(r["seconds"][1:] or r["seconds"])
-            ratio = statistics.median(loop["seconds"][1:] or loop["seconds"]) / per if loop else float("nan")
+            per, cpu = _median(r["seconds"]), _median(r["cpu"])
+            ratio, cpu_ratio = (_median(loop["seconds"]) / per, _median(loop["cpu"]) / cpu) if loop else (0, 0)
             print(
-                f"{per_round:>7} {case:<11} {per:>8.3f} {ratio:>7.1f} {r['peak_growth'] / 2**20:>9.1f} "
-                f"{r['loss']:>7.4f}  {r['choice']}"
+                f"{per_round:>7} {case:<11} {per:>8.3f} {ratio:>7.1f} {cpu:>7.3f} {cpu_ratio:>7.1f} "
+                f"{r['peak_growth'] / 2**20:>9.1f} {r['loss']:>7.4f}  {r['choice']}"
             )
             sizes = r
     if sizes is not None:
