@@ -244,9 +244,11 @@ def main() -> None:
         loop = results.get("peft-loop")
         for case, r in results.items():
             per, cpu = _median(r["seconds"]), _median(r["cpu"])
-            ratio, cpu_ratio = (_median(loop["seconds"]) / per, _median(loop["cpu"]) / cpu) if loop else (0, 0)
+            ratio, cpu_ratio = (
+                (f"{_median(loop['seconds']) / per:.1f}", f"{_median(loop['cpu']) / cpu:.1f}") if loop else ("-", "-")
+            )
             print(
-                f"{per_round:>7} {case:<11} {per:>8.3f} {ratio:>7.1f} {cpu:>7.3f} {cpu_ratio:>7.1f} "
+                f"{per_round:>7} {case:<11} {per:>8.3f} {ratio:>7} {cpu:>7.3f} {cpu_ratio:>7} "
                 f"{r['peak_growth'] / 2**20:>9.1f} {r['loss']:>7.4f}  {r['choice']}"
             )
             sizes = r

@@ -39,7 +39,7 @@ class Logits(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def llama(kind: str, dtype: torch.dtype = torch.float32, *, tied: bool = False) -> nn.Module:
+def llama(kind: str, dtype: torch.dtype = torch.float32, *, tied: bool = False, dropout: float = 0.0) -> nn.Module:
     """A tiny Llama (random weights, no download) with LoRA r=8 on q_proj and v_proj; the base
     frozen by peft, and a classifier's score head trained (shared) beside the adapters."""
     # Eager attention: SDPA's mask builder tests the mask's values in Python (`padding_mask.all()`),
@@ -59,7 +59,7 @@ def llama(kind: str, dtype: torch.dtype = torch.float32, *, tied: bool = False) 
     )
     torch.manual_seed(0)
     base = (transformers.LlamaForCausalLM if kind == "causal" else transformers.LlamaForSequenceClassification)(config)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=dropout))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero: a random B makes the adapters matter from step one
             nn.init.normal_(p, std=0.02)
@@ -190,10 +190,13 @@ def test_memory_for_a_chunk_leaves_the_frozen_base_out():
     assert frozen > whole > 0
 
 
-def test_sdpa_attention_falls_back_to_sequential_saying_eager_batches(caplog):
-    # SDPA's mask builder tests the padding mask's values in Python, which vmap cannot batch.
-    model = llama("causal")
-    model.model.set_attn_implementation("sdpa")
+@pytest.mark.parametrize("why", ["sdpa", "dropout"])
+def test_sdpa_attention_or_adapter_dropout_falls_back_to_sequential_saying_why(caplog, why):
+    # SDPA's mask builder tests the padding mask's values in Python, which vmap cannot batch;
+    # dropout is random.
+    model = llama("causal", dropout=0.1 if why == "dropout" else 0.0)
+    if why == "sdpa":
+        model.model.set_attn_implementation("sdpa")
     data = tokens("causal", 16)
     tasks = [ClientTask(c, data.rows(8 * c, 8 * c + 8), seed=c) for c in range(2)]
     engine = VectorizedEngine()
@@ -201,5 +204,7 @@ def test_sdpa_attention_falls_back_to_sequential_saying_eager_batches(caplog):
     with caplog.at_level(logging.WARNING, logger="fedforge"):
         updates = list(engine.run(model, state, tasks, ClientConfig(task=CAUSAL_LM, batch_size=4)))
     assert len(updates) == 2 and engine.choice.engine == "sequential"
-    assert 'attn_implementation="sdpa"; "eager" batches' in engine.choice.reason
+    hint = 'attn_implementation="sdpa"; "eager" batches'
+    assert (hint in engine.choice.reason) == (why == "sdpa")
+    assert ("random operation" in engine.choice.reason) == (why == "dropout")
     assert len(caplog.records) == 1 and "training its clients sequentially" in caplog.messages[0]

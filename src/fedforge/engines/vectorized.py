@@ -25,13 +25,18 @@ Three kernels:
 
 Buffers (BatchNorm's running statistics and step count) are stacked like the parameters, each
 client's updated by its own forward passes as the sequential engine's module updates its own;
-the optimizer and the algorithm's terms see the trained parameters alone. Operations `vmap`
+the optimizer and the algorithm's terms see the trained parameters alone. Frozen parameters
+(`algorithms.Roles`: a pretrained base under LoRA adapters, `requires_grad=False`) are the same
+on every client and never change: they are never stacked or copied, but passed once, unbatched,
+to every client's forward pass (closed over by `vmap`), so that x[c] @ W for the chunk's clients
+c is one matrix product over all their rows, and memory holds the base once whatever the number
+of clients (`capacity` leaves it out of a client's bytes). Operations `vmap`
 cannot batch (e.g. random ones), a task's own training loop and optimizers other than the rules
 fall back to the sequential engine, with a one-line notice.
 
 Client algorithms (`fedforge.algorithms`) run batched as `client.train_client` runs them: each
 client starts from its own personal entries (stacked), the parameters a phase does not train
-(frozen ones never) go with the buffers, each client's `terms` are stacked and its `loss_term` is
+(frozen ones excepted: see above) go with the buffers, each client's `terms` are stacked and its `loss_term` is
 vmapped over the stack; the phases run one after another, each with its own schedule (a copy
 phase, Ditto's, from each client's copy); `finish` is vmapped over the clients (client by client
 where `vmap` cannot run it). `fastmlp` trains only an algorithm whose every phase trains every
@@ -933,14 +938,16 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
     try:
         trained = _run_steps(run, config, step, batched=has_buffers)
     except (RuntimeError, NotImplementedError) as e:
-        raise _Unsupported(str(e).splitlines()[0] + _attention_hint(model)) from e
+        raise _Unsupported(str(e).splitlines()[0] + _attention_hint(model, e)) from e
     return trained, units
 
 
-def _attention_hint(model: nn.Module) -> str:
-    """What makes a transformers model batchable when its attention is not eager: the SDPA and
-    flash implementations' mask builders test the mask's values in Python (`padding_mask.all()`),
-    which `vmap` refuses."""
+def _attention_hint(model: nn.Module, error: Exception) -> str:
+    """What makes a transformers model batchable when `vmap` refused a test of a tensor's values
+    and its attention is not eager: the SDPA and flash implementations' mask builders test the
+    mask's values in Python (`padding_mask.all()`)."""
+    if "data-dependent control flow" not in str(error):
+        return ""
     for module in model.modules():
         implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
         if isinstance(implementation, str) and implementation != "eager":
