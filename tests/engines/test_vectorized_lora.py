@@ -160,9 +160,11 @@ def test_a_head_tied_to_the_frozen_embedding_is_frozen_with_it():
         torch.testing.assert_close(value, sequential.state.params[name], msg=name)
 
 
-def test_the_frozen_base_is_one_tensor_for_every_client():
+@pytest.mark.parametrize("engine", [VectorizedEngine, SequentialEngine])
+def test_the_frozen_base_is_one_tensor_for_every_client(engine):
     # The base's weight a client's forward pass sees is the global state's own tensor, not a row of
-    # a stack: its matrix product runs once over every client's rows.
+    # a stack (vectorized: its matrix product runs once over every client's rows) nor a copy in a
+    # scratch model (sequential: no copy of the base per client).
     model = llama("causal")
     state = {k: v.detach() for k, v in model.state_dict().items()}
     name = next(n for n in state if n.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
@@ -171,9 +173,10 @@ def test_the_frozen_base_is_one_tensor_for_every_client():
     frozen.register_forward_pre_hook(lambda module, _: seen.append(module.weight.data_ptr() == state[name].data_ptr()))
     data = tokens("causal", 32)
     tasks = [ClientTask(c, data.rows(8 * c, 8 * c + 8), seed=c) for c in range(4)]
-    engine = VectorizedEngine()
+    engine = engine()
     updates = list(engine.run(model, state, tasks, ClientConfig(task=CAUSAL_LM, lr=0.05, batch_size=4)))
-    assert str(engine.choice) == "vectorized (torch.func kernel)"
+    if isinstance(engine, VectorizedEngine):
+        assert str(engine.choice) == "vectorized (torch.func kernel)"
     assert len(updates) == 4 and seen and all(seen)
     assert all("lora_" in n for n in updates[0].delta)
 
