@@ -112,7 +112,8 @@ class Roles:
             twice = sorted(picked[a] & picked[b])
             if twice:
                 raise ConfigError(f"entry {twice[0]!r} is picked as both {a} and {b}")
-        no_grad = {n for n, p in model.named_parameters() if not p.requires_grad}
+        # Every name of a tied parameter (a head tied to the frozen embedding is frozen too).
+        no_grad = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         roles = {}
         for n in names:
             chosen = [role for role in ROLES if n in picked[role]]

@@ -68,8 +68,25 @@ def all_finite(tensors) -> bool:
 
 
 def load_state(module: nn.Module, state: State) -> None:
-    """Copy `state` into `module`'s parameters and buffers (no reallocation)."""
-    module.load_state_dict(state, strict=True)
+    """Copy `state` into `module`'s parameters and buffers (no reallocation), but for the entries
+    that already are the module's own tensors (a frozen base the sequential engine's scratch
+    shares with the model: copying it for every client would cost a copy of the base each)."""
+    own = module.state_dict()
+    if own.keys() != state.keys():
+        module.load_state_dict(state, strict=True)  # says what is missing or unexpected
+        return
+    module.load_state_dict({k: v for k, v in state.items() if not _same_tensor(v, own[k])}, strict=False)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` are views of the same memory with the same layout."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )
 
 
 Step = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]

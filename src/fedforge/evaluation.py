@@ -50,7 +50,8 @@ def evaluate(
         if stacked is not None and isinstance(batch.x, torch.Tensor):
             outputs = stacked.evaluate(state, batch.x)
         else:
-            outputs = functional_call(module, state, *model_args(batch.x))
+            # `state` names every entry, each name of a tied weight too (as separate tensors).
+            outputs = functional_call(module, state, *model_args(batch.x), tie_weights=False)
         for name, value in task.metric_sums(outputs, yb).items():
             value = value.double() if value.is_floating_point() else value
             sums[name] = sums[name] + value if name in sums else value

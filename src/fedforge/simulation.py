@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import _seeding
-from .algorithms import SHARED, ClientState, RoleMap, nbytes
+from .algorithms import FROZEN, SHARED, ClientState, RoleMap, nbytes
 from .client import personal_model
 from .contract import ClientConfig, ClientUpdate, OptimizerState, State
 from .data.datasets import TensorData
@@ -447,7 +447,7 @@ def _setup(
         data=data,
         client=client,
         roles=roles,
-        fixed={n: v.detach().clone() for n, v in model.state_dict().items() if roles.roles[n] != SHARED},
+        fixed=_fixed(model, roles),
         strategy=strategy,
         engine=as_engine(engine or SequentialEngine()),
         scenario=scenario,
@@ -715,6 +715,16 @@ def _begin_ahead(run: _Run, state: ServerState, kept: Kept) -> _Begun | None:
         return _run_clients(run, state, _select_and_plan(run, state, r, 0, kept, _round_config(run, r)))
     except Exception:  # the round begins again in its turn, and raises then
         return None
+
+
+def _fixed(model: nn.Module, roles: RoleMap) -> State:
+    """The initial model's entries that are not shared: personal ones copied (their initial values),
+    frozen ones the model's own tensors, never written by any stage (a pretrained base held once)."""
+    return {
+        n: v.detach() if roles.roles[n] == FROZEN else v.detach().clone()
+        for n, v in model.state_dict().items()
+        if roles.roles[n] != SHARED
+    }
 
 
 def _whole(run: _Run, state: ServerState) -> State:

@@ -25,13 +25,18 @@ Three kernels:
 
 Buffers (BatchNorm's running statistics and step count) are stacked like the parameters, each
 client's updated by its own forward passes as the sequential engine's module updates its own;
-the optimizer and the algorithm's terms see the trained parameters alone. Operations `vmap`
+the optimizer and the algorithm's terms see the trained parameters alone. Frozen parameters
+(`algorithms.Roles`: a pretrained base under LoRA adapters, `requires_grad=False`) are the same
+on every client and never change: they are never stacked or copied, but passed once, unbatched,
+to every client's forward pass (closed over by `vmap`), so that x[c] @ W for the chunk's clients
+c is one matrix product over all their rows, and memory holds the base once whatever the number
+of clients (`capacity` leaves it out of a client's bytes). Operations `vmap`
 cannot batch (e.g. random ones), a task's own training loop and optimizers other than the rules
 fall back to the sequential engine, with a one-line notice.
 
 Client algorithms (`fedforge.algorithms`) run batched as `client.train_client` runs them: each
 client starts from its own personal entries (stacked), the parameters a phase does not train
-(frozen ones never) go with the buffers, each client's `terms` are stacked and its `loss_term` is
+(frozen ones excepted: see above) go with the buffers, each client's `terms` are stacked and its `loss_term` is
 vmapped over the stack; the phases run one after another, each with its own schedule (a copy
 phase, Ditto's, from each client's copy); `finish` is vmapped over the clients (client by client
 where `vmap` cannot run it). `fastmlp` trains only an algorithm whose every phase trains every
@@ -55,6 +60,7 @@ from torch.func import functional_call, grad, vmap
 
 from .. import fastconv, fastmlp
 from ..algorithms import (
+    FROZEN,
     PERSONAL,
     SHARED,
     ClientAlgorithm,
@@ -219,8 +225,11 @@ class VectorizedEngine(Engine):
         return max(1, min(len(tasks), self.capacity(model, tasks, config)))
 
     def capacity(self, model: nn.Module, tasks: Sequence[ClientTask], config: ClientConfig) -> int:
-        """How many clients like `tasks`' fit in `max_memory` at once (0 when not even one does)."""
-        param_bytes = nbytes(model.state_dict())
+        """How many clients like `tasks`' fit in `max_memory` at once (0 when not even one does).
+        The frozen parameters are not counted: the clients share them, held once by the model."""
+        state = model.state_dict()
+        frozen = _frozen(model, config.algorithm.roles.assign(model), state)
+        param_bytes = nbytes(state) - nbytes(frozen)
         rule = config.rule
         copies = 2 + (len(rule.slots) if rule is not None else 0)  # params, transient gradients, optimizer state
         copies += any(phase.copy for phase in config.algorithm.phases)  # Ditto's: the sent model beside the copy
@@ -301,6 +310,19 @@ def unbatchable(model: nn.Module, data: TensorData, config: ClientConfig) -> str
     except _Unsupported as e:
         return str(e)
     return None
+
+
+def _frozen(model: nn.Module, roles: RoleMap, state: State) -> State:
+    """`state`'s frozen parameters (every name of a tied one): the same on every client and never
+    changed, so the clients share one copy (a pretrained base under LoRA adapters). Frozen buffers
+    are stacked like the others: a forward pass in training mode may update them (BatchNorm's
+    running statistics)."""
+    first: dict[int, str] = {}  # a tied parameter's names share its first name's tensor (functional_call asks)
+    frozen = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if roles.roles.get(n) == FROZEN:
+            frozen[n] = state[first.setdefault(id(p), n)]
+    return frozen
 
 
 def _stack(state: State, count: int) -> State:
@@ -423,13 +445,15 @@ def _stacked_states(states: Sequence[State], order: Sequence[int]) -> State:
 class _PhaseRun:
     """One phase of a chunk as a kernel trains it: the clients' batches (`schedule`, rows of
     `source`), where they start (`start`, stacked in the schedule's order; None: every one from
-    `global_state`), the parameters it trains, the clients' terms stacked, its loss term (None:
-    none) and the optimizer states the clients carry in (schedule's order)."""
+    `global_state`, the entries each client holds a row of), the frozen parameters (one copy for
+    every client, never stacked), the parameters it trains, the clients' terms stacked, its loss
+    term (None: none) and the optimizer states the clients carry in (schedule's order)."""
 
     index: int
     source: TensorData
     schedule: Schedule
     global_state: State
+    frozen: State
     start: State | None
     trainable: list[str]
     terms: LocalTerms
@@ -552,6 +576,8 @@ def _train_chunk(kernel: Kernel, model: nn.Module, global_state: State, tasks, c
     algorithm = config.algorithm
     roles = algorithm.roles.assign(model)
     clients = _Clients.of(roles, algorithm, global_state, tasks)
+    frozen = _frozen(model, roles, global_state)
+    rows_of = {k: v for k, v in global_state.items() if k not in frozen}  # each client's own
     source, starts = _shared_source(tasks)
     plain_terms = type(algorithm).terms is ClientAlgorithm.terms
     own: tuple[State, list[int]] | None = None  # the model the clients send, and its stack order
@@ -568,9 +594,9 @@ def _train_chunk(kernel: Kernel, model: nn.Module, global_state: State, tasks, c
         start: State | None
         if phase.copy:
             rows = [{**p, **s.copy} for p, s in zip(clients.personal, clients.states, strict=True)]
-            start = _stack_rows(global_state, rows, order) if any(rows) else None
+            start = _stack_rows(rows_of, rows, order) if any(rows) else None
         elif own is None:
-            start = _stack_rows(global_state, clients.personal, order) if any(clients.personal) else None
+            start = _stack_rows(rows_of, clients.personal, order) if any(clients.personal) else None
         else:
             move = _reordered(own[1], order)
             start = own[0] if move is None else {k: move(v) for k, v in own[0].items()}
@@ -587,7 +613,8 @@ def _train_chunk(kernel: Kernel, model: nn.Module, global_state: State, tasks, c
             index,
             source,
             schedule,
-            global_state,
+            rows_of,
+            frozen,
             start,
             trainable,
             terms,
@@ -865,17 +892,19 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
     """vmap(grad(functional_call)) of the task's loss (plus the algorithm's loss term). Buffers
     (e.g. BatchNorm1d's running statistics) and the parameters the phase does not train are stacked
     like the trained ones and go with the buffers, updated in place by each client's forward pass;
-    a model with such entries is vmapped even for one client (its views keep the client dimension)."""
+    a model with such entries is vmapped even for one client (its views keep the client dimension).
+    The frozen parameters are closed over, unbatched: `vmap` computes x[c] @ W for every client c
+    as one matrix product over all the clients' rows, and W is held once."""
     task, rule = config.task, config.rule
     source, schedule, term = run.source, run.schedule, run.loss_term
     rows = schedule.rows.to(source.device)
     units = [0] * len(schedule.stack_order)
-    trainable = run.trainable
+    trainable, frozen = run.trainable, run.frozen
     has_buffers = len(trainable) < len(run.global_state)
 
     def loss(params, buffers, x, y, *extra):  # extra: the loss term's (anchor, state, inputs), if any
         args, kwargs = model_args(x)
-        outputs = functional_call(model, (params, buffers), args, kwargs)
+        outputs = functional_call(model, (params, buffers, frozen), args, kwargs)
         value = task.checked_loss(outputs, y)
         if term is not None:
             value = value + term.fn(params, *extra[0])
@@ -909,8 +938,21 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
     try:
         trained = _run_steps(run, config, step, batched=has_buffers)
     except (RuntimeError, NotImplementedError) as e:
-        raise _Unsupported(str(e).splitlines()[0]) from e
+        raise _Unsupported(str(e).splitlines()[0] + _attention_hint(model, e)) from e
     return trained, units
+
+
+def _attention_hint(model: nn.Module, error: Exception) -> str:
+    """What makes a transformers model batchable when `vmap` refused a test of a tensor's values
+    and its attention is not eager: the SDPA and flash implementations' mask builders test the
+    mask's values in Python (`padding_mask.all()`)."""
+    if "data-dependent control flow" not in str(error):
+        return ""
+    for module in model.modules():
+        implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if isinstance(implementation, str) and implementation != "eager":
+            return f' (a transformers model with attn_implementation="{implementation}"; "eager" batches)'
+    return ""
 
 
 def _conv_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple[_Trained, list]:
@@ -922,7 +964,7 @@ def _conv_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
     assert net is not None, "kernel_for picks this kernel only for a net fastconv stacks"
     source, schedule, term = run.source, run.schedule, run.loss_term
     rows = schedule.rows.to(source.device)
-    trainable = run.trainable
+    trainable, frozen = run.trainable, run.frozen
     units = [0] * len(schedule.stack_order)
     cross_entropy = task.classifies_by_cross_entropy
     losses, sums_of = vmap(task.checked_loss), vmap(task.metric_sums)
@@ -935,7 +977,8 @@ def _conv_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
             x, y = gather(source.x, r), gather(source.y, r)
             run_params, run_state, run_terms = _run_views(lo, hi, active, views, state, terms, batched=True)
             leaves = {k: run_params[k].detach().requires_grad_() for k in trainable}
-            outputs = net({**run_params, **leaves}, x)
+            shared = {k: v.expand(hi - lo, *v.shape) for k, v in frozen.items()}  # views: no copy
+            outputs = net({**shared, **run_params, **leaves}, x)
             if cross_entropy:  # each client's mean, summed: one call for all
                 per_example = F.cross_entropy(outputs.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
                 loss = per_example.sum() / y.shape[1]
