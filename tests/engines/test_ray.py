@@ -31,7 +31,7 @@ from ray_problem import (  # noqa: E402
     run,
 )
 
-from fedforge.algorithms import FedPer  # noqa: E402
+from fedforge.algorithms import Ditto, FedPer, FedRep  # noqa: E402
 from fedforge.checkpoint import load_checkpoint  # noqa: E402
 from fedforge.cli import main  # noqa: E402
 from fedforge.engines import AutoEngine, SequentialEngine  # noqa: E402
@@ -191,6 +191,18 @@ def test_personal_models_are_evaluated_on_the_workers_as_in_process():
     for a, b in zip(on_ray.history.records[1:], sequential.history.records[1:], strict=True):
         own = {k: v for k, v in a.metrics.items() if k.startswith("personalized_")}
         assert own and own == pytest.approx({k: b.metrics[k] for k in own}, rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy, algorithm", [("feddyn", None), ("fedavg", Ditto(lam=0.1)), ("fedavg", FedRep())])
+def test_stateful_algorithms_on_the_workers_equal_the_sequential_engine(strategy, algorithm):
+    # FedDyn's gradients, Ditto's personal copies and FedRep's heads live on the workers across rounds.
+    client = CLIENT if algorithm is None else dataclasses.replace(CLIENT, algorithm=algorithm)
+    with RayEngine(blobs_data, seed=SEED, workers=2, cpus_per_worker=0.5) as engine:
+        on_ray = run(engine, strategy, rounds=3, client=client)
+    sequential = run(SequentialEngine(), strategy, rounds=3, client=client)
+    assert_same_run(on_ray, sequential)
+    assert on_ray.kept.client_states  # each algorithm keeps a state, which the workers handed back
+    assert_same_kept(on_ray.kept, sequential.kept)
 
 
 def test_scenarios_work_unchanged():

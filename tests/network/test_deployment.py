@@ -28,7 +28,7 @@ def assert_same_model(a, b):
         torch.testing.assert_close(a[k], b[k])
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold", "feddyn"])
 def test_all_alive_equals_the_simulation(cluster, tmp_path, strategy):
     flags = ["--rounds", "3", "--strategy", strategy]
     server, port = cluster.server("--insecure", "--min-clients", "3", *BASE, *flags)
