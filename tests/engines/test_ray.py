@@ -31,12 +31,12 @@ from ray_problem import (  # noqa: E402
     run,
 )
 
-from fedforge.algorithms import Ditto, FedPer, FedRep  # noqa: E402
+from fedforge.algorithms import PLAIN, Ditto, FedPer, FedRep, Roles  # noqa: E402
 from fedforge.checkpoint import load_checkpoint  # noqa: E402
 from fedforge.cli import main  # noqa: E402
 from fedforge.engines import AutoEngine, SequentialEngine  # noqa: E402
 from fedforge.engines.base import RoundFailed  # noqa: E402
-from fedforge.engines.ray import RayEngine, assign, holdings, shares  # noqa: E402
+from fedforge.engines.ray import RayEngine, _is_own, assign, holdings, shares  # noqa: E402
 from fedforge.errors import ConfigError, FedforgeError  # noqa: E402
 from fedforge.privacy.run import DifferentialPrivacy  # noqa: E402
 from fedforge.scenarios import Scenario  # noqa: E402
@@ -203,6 +203,26 @@ def test_stateful_algorithms_on_the_workers_equal_the_sequential_engine(strategy
     assert_same_run(on_ray, sequential)
     assert on_ray.kept.client_states  # each algorithm keeps a state, which the workers handed back
     assert_same_kept(on_ray.kept, sequential.kept)
+
+
+def test_frozen_entries_stay_with_the_workers_model_and_follow_its_changes():
+    # A frozen entry (a pretrained base) is not sent each round: the workers use their copy of the
+    # model, sent again when the model's tensors are written (here: its frozen layer doubled).
+    client = dataclasses.replace(CLIENT, algorithm=PLAIN.with_roles(Roles(frozen=["net.0.*"])))
+    model = Net()
+    own = model.state_dict()["net.0.weight"]
+    assert _is_own(own.detach(), own) and not _is_own(own.clone(), own) and not _is_own(own[:1], own)
+    with RayEngine(blobs_data, seed=SEED, workers=2, cpus_per_worker=0.5) as engine:
+        first = run(engine, rounds=2, client=client, model=model)
+        assert_same_run(first, run(SequentialEngine(), rounds=2, client=client, model=Net()))
+        with torch.no_grad():
+            model.net[0].weight.mul_(2.0)
+        second = run(engine, rounds=2, client=client, model=model)
+    doubled = Net()
+    with torch.no_grad():
+        doubled.net[0].weight.mul_(2.0)
+    assert_same_run(second, run(SequentialEngine(), rounds=2, client=client, model=doubled))
+    assert not torch.allclose(first.state.params["net.2.weight"], second.state.params["net.2.weight"])
 
 
 def test_scenarios_work_unchanged():

@@ -8,8 +8,10 @@ so that a selected client there that keeps no state goes to whichever of its two
 work that round: `holdings`, `assign`), rebuilt exactly as the round loop builds its pool
 (`data.client_pool`: partition, layout, label_flip poisoning). The run's clients live
 split across the workers, so a worker's memory shrinks as workers are added. Per round only this
-travels: the global weights, put in the object store once and read by every worker; each
-selected client's task (its id, batch seed and plan), to a worker that holds it; and the answers.
+travels: the global weights, put in the object store once and read by every worker (not the
+frozen entries, e.g. a pretrained base under LoRA: the workers hold them with the model, sent once
+and again only when its tensors were written); each selected client's task (its id, batch seed
+and plan), to a worker that holds it; and the answers.
 
 What the clients keep between their rounds (`keeps_client_state`: their client states and kept
 optimizer states) lives on the workers: a client that keeps state trains on its home worker only
@@ -147,6 +149,19 @@ def _sent(value):
 def _received(value, device):
     """What `_sent` sent, with tensors again, on `device` (copied: the store's arrays are read-only)."""
     return _mapped(value, lambda a: (torch.from_numpy(a.copy()) if isinstance(a, np.ndarray) else a).to(device))
+
+
+def _is_own(t: torch.Tensor, own: torch.Tensor | None) -> bool:
+    """Whether `t` is the model's own tensor `own` (the same memory, shape and type): a frozen entry
+    the round loop passes as the model holds it."""
+    return (
+        own is not None
+        and t.data_ptr() == own.data_ptr()
+        and t.shape == own.shape
+        and t.stride() == own.stride()
+        and t.dtype == own.dtype
+        and t.device == own.device
+    )
 
 
 def data_digest(pool: TensorData) -> str:
@@ -395,7 +410,9 @@ class _Worker:
                 f"every node must find the same dataset (same files, or --data-dir on shared storage)"
             )
         module = self._module(model)
-        state = _received(global_state, self.device)
+        # What the driver did not send is the model's own (a frozen base): the worker's copy of it.
+        received = _received(global_state, self.device)
+        state = {n: received.get(n, v) for n, v in module.state_dict().items()}
         tasks = []
         for job in jobs:
             if job.client_id not in (self.home if job.kept else self.clients):
@@ -646,7 +663,7 @@ class RayEngine(Engine):
         self._held = [range(*p["clients"]) for p in self.placement]
         self._home = [range(*p["home"]) for p in self.placement]  # where a client that keeps state trains
         self._share_cpus(ray, cpus_per_worker)
-        self._model: tuple[nn.Module, list] | None = None
+        self._model: tuple[nn.Module, list, dict[str, int]] | None = None
         self._model_token = 0
         # What the driver knows of the clients' states: which clients keep one (on their home worker).
         self._stateful: set[int] = set()
@@ -694,10 +711,13 @@ class RayEngine(Engine):
         return kept[1]
 
     def _module_ref(self, model: nn.Module) -> list:
-        # In a list, so that Ray hands the reference over unresolved: a worker fetches the model once.
-        if self._model is None or self._model[0] is not model:
+        # In a list, so that Ray hands the reference over unresolved: a worker fetches the model once,
+        # and again only when its tensors were written since (their version moved: `_is_own` relies
+        # on the workers' copy being the model as it is).
+        versions = {n: t._version for n, t in model.state_dict().items()}
+        if self._model is None or self._model[0] is not model or self._model[2] != versions:
             self._model_token += 1
-            self._model = model, [self._model_token, self._ray.put(copy.deepcopy(model).cpu())]
+            self._model = model, [self._model_token, self._ray.put(copy.deepcopy(model).cpu())], versions
         return self._model[1]
 
     def run(
@@ -732,8 +752,11 @@ class RayEngine(Engine):
             )
             for t in tasks
         ]
-        state = ray.put(_sent(global_state))  # once, read by every worker
+        # Once, read by every worker; without the model's own tensors (frozen entries, e.g. a
+        # pretrained base under LoRA), which the workers hold with the model they were sent once.
         module = self._module_ref(model)
+        own = model.state_dict()
+        state = ray.put(_sent({n: t for n, t in global_state.items() if not _is_own(t, own.get(n))}))
         keeps = config.algorithm.keeps_state or config.task.keep_optimizer_state
         self._last = module, config, keeps
         # Each task to a worker that holds its client, the shared ones where they even out the work; a
