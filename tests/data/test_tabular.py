@@ -258,7 +258,7 @@ def test_config_target_rules():
     with pytest.raises(
         ConfigError,
         match=r"unknown dataset 'cifar' \(choose from: .*, or csv:PATH, parquet:PATH, "
-        r"hf:PATH\)",
+        r"hf:PATH, jsonl:PATH, shakespeare-text:PATH\)",
     ):
         Config(dataset="cifar")
 

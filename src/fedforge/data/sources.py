@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import _seeding
 from ..errors import ConfigError
@@ -41,6 +42,10 @@ class Request:
         num_clients: synthetic's devices.
         synthetic_alpha: synthetic(alpha, beta)'s alpha (how much the devices' models differ).
         synthetic_beta: synthetic(alpha, beta)'s beta (how much the devices' inputs differ).
+        model: text data (`task` causal-lm or sequence-classification): the hf: model whose
+            tokenizer tokenizes the text, and whose context bounds its rows' length.
+        text: text data: the columns read and how they are tokenized (`fedforge.llm.text.TextOptions`).
+        trust_remote_code: text data: run the code a model folder ships with its tokenizer.
     """
 
     data_dir: str | os.PathLike | None = None
@@ -52,6 +57,9 @@ class Request:
     num_clients: int = 10
     synthetic_alpha: float = 1.0
     synthetic_beta: float = 1.0
+    model: str | None = None
+    text: Any = None  # fedforge.llm.text.TextOptions: not imported with the data package
+    trust_remote_code: bool = False
 
 
 Loader = Callable[[str, Request], Dataset]
@@ -75,11 +83,25 @@ def _bundled(name: str, request: Request) -> Dataset:
     return load_bundled(name)
 
 
+def _text(spec: str, request: Request) -> Dataset:
+    from ..llm.text import load_requested
+
+    return load_requested(spec, request)
+
+
+def _reads_text(request: Request) -> bool:
+    return request.model is not None and request.text is not None
+
+
 def _table(spec: str, request: Request) -> Dataset:
+    if _reads_text(request):
+        return _text(spec, request)
     return load_file_dataset(spec, target=request.target, task=request.task)
 
 
 def _hf(spec: str, request: Request) -> Dataset:
+    if _reads_text(request):
+        return _text(spec, request)
     if not request.target:
         raise ConfigError(f"dataset {spec!r} needs a target: the column to predict (--target COLUMN)")
     return load_hf(Path(spec.partition(":")[2]), target=request.target, task=request.task, name=source_label(spec))
@@ -90,8 +112,9 @@ LOADERS: dict[str, Loader] = {
     "synthetic": _synthetic,
     **dict.fromkeys(BUNDLED, _bundled),
     "shakespeare": _shakespeare,
+    "shakespeare-text": _text,
 }
-PREFIXES: dict[str, Loader] = {"csv": _table, "parquet": _table, "hf": _hf}
+PREFIXES: dict[str, Loader] = {"csv": _table, "parquet": _table, "hf": _hf, "jsonl": _text, "shakespeare-text": _text}
 
 
 def register(name: str, loader: Loader, *, prefix: bool = False) -> None:

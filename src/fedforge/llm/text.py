@@ -51,6 +51,7 @@ tokenizer is given, any `PreTrainedTokenizerBase`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import string
 from collections.abc import Iterable, Iterator, Sequence
@@ -66,13 +67,13 @@ from ..data.shakespeare import role_name, split_into_plays
 from ..data.tables import split_indices, targets
 from ..errors import ConfigError, DataError
 from ..tasks import IGNORE
+from .settings import PADDINGS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SOURCES = ("jsonl", "csv", "hf")
 TASKS = ("causal-lm", "sequence-classification", "classification")
-PADDINGS = ("longest", "max_length")
 
 # Alpaca's prompt (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT["prompt_no_input"]),
 # the one FlowerTune's and NVFlare's LLM examples fill.
@@ -621,6 +622,55 @@ def load_text(
     return text_dataset(splits, tokenizer, task=task, options=options, context=context, name=label, where=str(path))
 
 
+def load_requested(spec: str, request: Any) -> Dataset:
+    """The text dataset `spec` as a run asks for it (`fedforge.data.Request`: its task, its hf:
+    model, whose tokenizer tokenizes the text and whose context bounds the rows, and its
+    TextOptions): "jsonl:PATH", "csv:PATH", "hf:PATH" (`load_text`), or "shakespeare-text" (the
+    Complete Works found or downloaded as for `shakespeare`) and "shakespeare-text:PATH" (a file in
+    their layout, e.g. examples/data/shakespeare_scenes.txt): the roles' lines as plain text
+    (`shakespeare_rows`), grouped by role for the natural partition."""
+    from ..data.shakespeare import locate_text, read_text
+    from .models import context_length, load_tokenizer
+
+    if request.model is None or request.text is None or request.task not in TASKS:
+        raise ConfigError(
+            f"dataset {spec} is text: it needs --task causal-lm or sequence-classification and --model hf:PATH"
+        )
+    tokenizer = load_tokenizer(request.model, trust_remote_code=request.trust_remote_code)
+    context = context_length(request.model, trust_remote_code=request.trust_remote_code)
+    kind, _, path = spec.partition(":")
+    if kind != "shakespeare-text":
+        return load_text(spec, tokenizer, task=request.task, options=request.text, context=context)
+    if request.task != "causal-lm":
+        raise ConfigError(f"dataset {spec} is plain text: train it with --task causal-lm, not {request.task!r}")
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise DataError(
+                f"{file} does not exist (shakespeare-text:PATH is a text file in the Complete Works' layout)"
+            )
+    else:
+        file = locate_text(data_dir=request.data_dir, download_missing=request.download, progress=request.progress)
+    rows = shakespeare_rows(read_text(file))
+    options = dataclasses.replace(
+        request.text,
+        text_column="text",
+        group_column="role",
+        label_column=None,
+        instruction_column=None,
+        response_column=None,
+    )
+    return text_dataset(
+        {"all": rows},
+        tokenizer,
+        task="causal-lm",
+        options=options,
+        context=context,
+        name="shakespeare-text",
+        where=str(file),
+    )
+
+
 # -- bundled and synthetic text ---------------------------------------------------------------------
 
 
@@ -749,6 +799,7 @@ __all__ = [
     "char_tokenizer",
     "classification_data",
     "instruction_data",
+    "load_requested",
     "load_text",
     "model_context",
     "parse_text_source",
