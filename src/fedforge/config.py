@@ -207,16 +207,11 @@ class Config(
         """How `data.load` loads this run's dataset. A file dataset's target column is prepared
         for the built-in task whose targets this run's task trains on; text is tokenized for the
         text task with the model's tokenizer."""
+        base = Request(data_dir=self.data_dir, download=self.download, progress=progress, seed=self.seed)
         if self.reads_text:
-            return Request(
-                data_dir=self.data_dir,
-                download=self.download,
-                progress=progress,
-                task=self.task,
-                seed=self.seed,
-                model=self.model,
-                text=self.group(TextSettings).options(),
-                trust_remote_code=self.trust_remote_code,
+            text = self.group(TextSettings).options()
+            return dataclasses.replace(
+                base, task=self.task, model=self.model, text=text, trust_remote_code=self.trust_remote_code
             )
         task = make_task(self.task)
         if parse_source(self.dataset) and task.targets is None:
@@ -224,13 +219,10 @@ class Config(
                 f"task {task.name}: dataset {self.dataset} needs to know how to prepare its target "
                 f"column for it: give the task targets='classes', 'numbers' or 'tokens'"
             )
-        return Request(
-            data_dir=self.data_dir,
-            download=self.download,
-            progress=progress,
+        return dataclasses.replace(
+            base,
             target=self.target,
             task=TARGETS[task.targets] if task.targets is not None else "classification",
-            seed=self.seed,
             num_clients=self.num_clients,
             synthetic_alpha=self.synthetic_alpha,
             synthetic_beta=self.synthetic_beta,

@@ -29,14 +29,6 @@ ROWS = sentiment_rows(120, num_users=4)
 ADAPTERS = 2 * 2 * 2 * 8 * 64  # 2 layers x (q, v) x (A, B) x rank 8 x hidden 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny Llama causal LM (context 64) whose tokenizer knows the scenes' and the reviews'
