@@ -10,6 +10,7 @@ key (`local_epochs = 2`, at the top or in its group's table `[client]`) and a CL
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import tomllib
@@ -29,6 +30,7 @@ from .data.tables import parse_source
 from .engines.settings import EngineSettings, parse_bytes
 from .errors import ConfigError
 from .llm.settings import TEXT_TASKS, LlmSettings, TextSettings, is_hf_model
+from .llm.text import load_requested, text_options
 from .privacy.run import SAMPLINGS
 from .privacy.settings import PrivacySettings
 from .scenarios import ScenarioSettings
@@ -170,6 +172,7 @@ class Config(
 
     def _check_text(self) -> None:
         """The task, model and target that text data need, and text settings only with text data."""
+        text_options(self.group(TextSettings))  # the columns' pairing, the template
         kind = self.dataset.partition(":")[0]
         if kind in ("jsonl", "shakespeare-text") or self.reads_text:
             if self.task not in TEXT_TASKS:
@@ -209,10 +212,14 @@ class Config(
         text task with the model's tokenizer."""
         base = Request(data_dir=self.data_dir, download=self.download, progress=progress, seed=self.seed)
         if self.reads_text:
-            text = self.group(TextSettings).options()
-            return dataclasses.replace(
-                base, task=self.task, model=self.model, text=text, trust_remote_code=self.trust_remote_code
+            text = functools.partial(
+                load_requested,
+                task=self.task,
+                model=self.model,
+                options=text_options(self.group(TextSettings)),
+                trust_remote_code=self.trust_remote_code,
             )
+            return dataclasses.replace(base, text=text)
         task = make_task(self.task)
         if parse_source(self.dataset) and task.targets is None:
             raise ConfigError(

@@ -265,3 +265,29 @@ def test_bf16_on_cuda_trains_under_autocast_and_matches_float32_closely(capsys, 
     assert losses[-1] == pytest.approx(fp32[-1]["test_loss"], rel=0.05)
     params = torch.load(tmp_path / "bf16" / "run" / "model.pt")
     assert all(v.dtype == torch.float32 for v in params.values())
+
+
+def test_the_welcome_sends_the_text_settings_and_no_path_of_the_servers():
+    from fedforge.network.welcome import References, check_welcome, welcome_header
+
+    config = ff.Config(
+        model="hf:/srv/secret/llama",
+        task="causal-lm",
+        dataset="jsonl:/srv/secret/chats.jsonl",
+        instruction_column="question",
+        response_column="answer",
+        max_length=128,
+        truncation=True,
+    )
+    header = welcome_header(config)
+    assert "/srv" not in json.dumps(header)
+    sent = header["config"]
+    assert (sent["model"], sent["dataset"]) == ("hf:llama", "jsonl:chats.jsonl")
+    assert (sent["instruction_column"], sent["response_column"], sent["max_length"], sent["truncation"]) == (
+        "question",
+        "answer",
+        128,
+        True,
+    )
+    welcome = check_welcome(header, References(model="hf:/home/me/llama"))
+    assert welcome.config.group(ff.config.TextSettings) == config.group(ff.config.TextSettings)

@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .. import _seeding
 from ..errors import ConfigError
@@ -42,10 +41,10 @@ class Request:
         num_clients: synthetic's devices.
         synthetic_alpha: synthetic(alpha, beta)'s alpha (how much the devices' models differ).
         synthetic_beta: synthetic(alpha, beta)'s beta (how much the devices' inputs differ).
-        model: text data (`task` causal-lm or sequence-classification): the hf: model whose
-            tokenizer tokenizes the text, and whose context bounds its rows' length.
-        text: text data: the columns read and how they are tokenized (`fedforge.llm.text.TextOptions`).
-        trust_remote_code: text data: run the code a model folder ships with its tokenizer.
+        text: a run that reads text (`--task causal-lm` with `--model hf:PATH`): the loader of
+            jsonl:, csv:, hf: and shakespeare-text, (spec, request) -> Dataset, bound to the
+            run's task, model (its tokenizer and context) and text options
+            (`fedforge.llm.text.load_requested`, bound by `Config.data_request`).
     """
 
     data_dir: str | os.PathLike | None = None
@@ -57,9 +56,7 @@ class Request:
     num_clients: int = 10
     synthetic_alpha: float = 1.0
     synthetic_beta: float = 1.0
-    model: str | None = None
-    text: Any = None  # fedforge.llm.text.TextOptions: not imported with the data package
-    trust_remote_code: bool = False
+    text: Loader | None = None
 
 
 Loader = Callable[[str, Request], Dataset]
@@ -84,23 +81,21 @@ def _bundled(name: str, request: Request) -> Dataset:
 
 
 def _text(spec: str, request: Request) -> Dataset:
-    from ..llm.text import load_requested
-
-    return load_requested(spec, request)
-
-
-def _reads_text(request: Request) -> bool:
-    return request.model is not None and request.text is not None
+    if request.text is None:
+        raise ConfigError(
+            f"dataset {spec} is text: read it with --task causal-lm or sequence-classification and --model hf:PATH"
+        )
+    return request.text(spec, request)
 
 
 def _table(spec: str, request: Request) -> Dataset:
-    if _reads_text(request):
+    if request.text is not None:
         return _text(spec, request)
     return load_file_dataset(spec, target=request.target, task=request.task)
 
 
 def _hf(spec: str, request: Request) -> Dataset:
-    if _reads_text(request):
+    if request.text is not None:
         return _text(spec, request)
     if not request.target:
         raise ConfigError(f"dataset {spec!r} needs a target: the column to predict (--target COLUMN)")

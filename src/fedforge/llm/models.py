@@ -31,6 +31,7 @@ from .. import _seeding
 from ..errors import ConfigError
 from . import require
 from .settings import HF_PREFIX, LlmSettings
+from .tokenizer import char_tokenizer
 
 CAUSAL_LM, SEQUENCE_CLASSIFICATION = "causal-lm", "sequence-classification"
 # How each kind of model is trained: by a task whose targets are these (Task.targets).
@@ -384,13 +385,11 @@ def save_tiny_llama(
     seed: int = 0,
 ) -> Path:
     """A small Llama with random weights, built from a config, and a character tokenizer over the
-    characters of `texts` (`fedforge.llm.text.char_tokenizer`), both saved with `save_pretrained`
+    characters of `texts` (`fedforge.llm.tokenizer.char_tokenizer`), both saved with `save_pretrained`
     into `folder`: a model folder for `--model hf:FOLDER` with no download, for examples and tests.
     A causal LM, or with `classes` a sequence classifier with that many labels. `hidden` wide
     (4 heads, an MLP twice as wide), `layers` deep, reading `context` tokens."""
     transformers, _ = require()
-    from .text import char_tokenizer
-
     tokenizer = char_tokenizer(texts)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),

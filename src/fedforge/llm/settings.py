@@ -94,7 +94,7 @@ class LlmSettings:
 @dataclass(frozen=True)
 class TextSettings:
     """How a text dataset is read and tokenized for the text tasks (TOML: flat keys or the table
-    [text]); `options()` gives them to `fedforge.llm.text` as its TextOptions."""
+    [text]); `fedforge.llm.text.text_options` gives them to the text side as its TextOptions."""
 
     text_column: str = option("text", "text data: the column of text (plain text and classification)", metavar="NAME")
     label_column: str | None = option(
@@ -140,26 +140,9 @@ class TextSettings:
                 "instruction_column must be a name a prompt template can hold ({column}), got "
                 f"{self.instruction_column!r:.80}"
             )
-        self.options()  # the text side checks the rest (lengths, the columns' pairing, the template)
-
-    def options(self):
-        """These settings as `fedforge.llm.text.TextOptions`."""
-        from .text import ALPACA, TextOptions
-
-        template = self.prompt_template
-        if template is None:  # Alpaca's, its {instruction} read from the instruction column
-            template = ALPACA.replace("{instruction}", "{%s}" % (self.instruction_column or "instruction"))
-        return TextOptions(
-            text_column=self.text_column,
-            label_column=self.label_column,
-            group_column=self.group_column,
-            instruction_column=self.instruction_column,
-            response_column=self.response_column,
-            template=template,
-            max_length=self.max_length,
-            truncation=self.truncation,
-            padding=self.padding,
-        )
+        if self.max_length is not None and not 2 <= self.max_length <= 1 << 24:
+            raise ConfigError(f"max_length must be between 2 and {1 << 24} tokens, got {self.max_length}")
+        # fedforge.llm.text.text_options checks the rest: the columns' pairing, the template.
 
     def changed(self) -> list[str]:
         """The settings given other values than their defaults (those that only text data use)."""
