@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
+import torch
 
 from ._imports import load_object
 from ._options import check_choices, checked, field_types, flatten, of_group, option
@@ -257,8 +258,6 @@ class Config(
 
 def _cuda(device: str) -> bool:
     """Whether `device` ("auto", "cpu", "cuda", "cuda:N") is a CUDA device here."""
-    import torch
-
     return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
