@@ -309,3 +309,22 @@ def test_the_welcome_sends_the_text_settings_and_no_path_of_the_servers():
     )
     welcome = check_welcome(header, References(model="hf:/home/me/llama"))
     assert welcome.config.group(ff.config.TextSettings) == config.group(ff.config.TextSettings)
+
+
+def test_causal_lm_with_a_target_reads_token_rows_as_they_are(capsys, tmp_path, files):
+    """An hf: dataset already tokenized, its labels the input ids with -100 where nothing is
+    predicted (as transformers' examples write them): --target names them, the loss shifts them."""
+    datasets = pytest.importorskip("datasets")
+    data = _reviews_data(files, 1)
+    rows = {"input_ids": data.train.x["input_ids"].tolist(), "attention_mask": data.train.x["attention_mask"].tolist()}
+    datasets.Dataset.from_dict({**rows, "labels": data.train.y.tolist()}).save_to_disk(str(tmp_path / "tokens"))
+    code, _, err = run(
+        capsys,
+        tmp_path,
+        files,
+        *("--task", "causal-lm", "--dataset", f"hf:{tmp_path / 'tokens'}", "--target", "labels"),
+        *("--num-clients", "2", "--clients-per-round", "2", "--rounds", "1"),
+    )
+    assert code == 0, err
+    first = history(tmp_path)[0]["metrics"]["test_perplexity"]
+    assert 30 < first < 100  # the untrained model's, over the predicted tokens only (-100 ignored)

@@ -177,13 +177,16 @@ class TextOptions:
 
 
 def template_fields(template: str) -> list[str]:
-    """The columns a prompt template names: "{instruction}" names instruction."""
+    """The columns a prompt template names: "{instruction}" names instruction. A field is a bare
+    column name: no format spec nor conversion ("{instruction:>999999999}" would pad a row to a
+    gigabyte; a template may come from a deployment's server)."""
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        parts = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
     except ValueError as e:
         raise ConfigError(f"the prompt template is not a format string ({e}): {template!r:.80}") from None
-    if not fields or any(not f.isidentifier() for f in fields):
-        raise ConfigError(f"the prompt template must name columns as {{column}}, got {template!r:.80}")
+    fields = [name for name, _, _ in parts if name is not None]
+    if not fields or any(not f.isidentifier() or spec or conversion for f, spec, conversion in parts if f is not None):
+        raise ConfigError(f"the prompt template must name columns as {{column}} and nothing more, got {template!r:.80}")
     return list(dict.fromkeys(fields))
 
 
