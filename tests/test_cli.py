@@ -26,8 +26,8 @@ def fedforge(capsys, *argv):
     [
         (
             ["--dataset", "cifar"],
-            "unknown dataset 'cifar' (choose from: mnist, fashion-mnist, synthetic, digits, diabetes, shakespeare, or "
-            "csv:PATH, parquet:PATH, hf:PATH)",
+            "unknown dataset 'cifar' (choose from: mnist, fashion-mnist, synthetic, digits, diabetes, shakespeare, "
+            "shakespeare-text, or csv:PATH, parquet:PATH, hf:PATH, jsonl:PATH, shakespeare-text:PATH)",
         ),
         (
             ["--model", "resnet"],

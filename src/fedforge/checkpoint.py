@@ -75,6 +75,7 @@ EXECUTION_KEYS = frozenset(
         "engine",
         "max_memory",
         "device",
+        "precision",  # bf16 is CUDA's: a run may go on where there is none, in float32, as a device may change
         "eval_batch_size",
         "quiet",
         "checkpoint_key_file",

@@ -10,6 +10,7 @@ key (`local_epochs = 2`, at the top or in its group's table `[client]`) and a CL
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import tomllib
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
+import torch
 
 from ._imports import load_object
 from ._options import check_choices, checked, field_types, flatten, of_group, option
@@ -28,7 +30,8 @@ from .data.sources import Request
 from .data.tables import parse_source
 from .engines.settings import EngineSettings, parse_bytes
 from .errors import ConfigError
-from .llm.settings import LlmSettings, is_hf_model
+from .llm.settings import TEXT_TASKS, LlmSettings, TextSettings, is_hf_model
+from .llm.text import load_requested, text_options
 from .privacy.run import SAMPLINGS
 from .privacy.settings import PrivacySettings
 from .scenarios import ScenarioSettings
@@ -98,6 +101,7 @@ GROUPS: dict[str, type] = {
     "data": DataSettings,
     "client": ClientSettings,
     "llm": LlmSettings,
+    "text": TextSettings,
     "strategy": StrategySettings,
     "privacy": PrivacySettings,
     "scenario": ScenarioSettings,
@@ -120,6 +124,7 @@ class Config(
     ScenarioSettings,
     PrivacySettings,
     StrategySettings,
+    TextSettings,
     LlmSettings,
     ClientSettings,
     DataSettings,
@@ -145,10 +150,58 @@ class Config(
             )
         if not is_hf_model(self.model) and (changed := self.group(LlmSettings).changed()):
             raise ConfigError(f"{changed[0]} is a setting of hf: models (--model hf:PATH), not of {self.model!r}")
+        self._check_text()
+        if self.precision == "bf16" and not _cuda(self.device):
+            raise ConfigError(
+                f"precision bf16 is for CUDA (device {self.device!r} is the CPU here, where hf: models train in "
+                "float32: leave --precision out)"
+            )
         privacy = self.privacy()
         if privacy is not None:
             privacy.check(self.strategy_object(), self.num_clients)
         parse_schedule(self.lr_schedule).check(self.lr, self.rounds)
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether the dataset is text tokenized with the model's tokenizer (`fedforge.llm.text`): a
+        text task on jsonl:, csv:, hf: (without --target: with one they are read as tokens) or
+        shakespeare-text."""
+        kind = self.dataset.partition(":")[0]
+        if kind == "shakespeare-text":
+            return True
+        return self.task in TEXT_TASKS and self.target is None and kind in ("jsonl", "csv", "hf")
+
+    def _check_text(self) -> None:
+        """The task, model and target that text data need, and text settings only with text data."""
+        text_options(self.group(TextSettings))  # the columns' pairing, the template
+        kind = self.dataset.partition(":")[0]
+        if kind in ("jsonl", "shakespeare-text") or self.reads_text:
+            if self.task not in TEXT_TASKS:
+                raise ConfigError(
+                    f"dataset {self.dataset} is text: train it with --task {' or '.join(TEXT_TASKS)}, not {self.task!r}"
+                )
+            if not is_hf_model(self.model):
+                raise ConfigError(
+                    f"dataset {self.dataset} is text, tokenized with the model's tokenizer: give --model hf:PATH"
+                )
+            if self.target is not None:
+                raise ConfigError(
+                    f"dataset {self.dataset} is text: its columns are --text-column and friends, not --target"
+                )
+            if kind == "shakespeare-text" and self.task != "causal-lm":
+                raise ConfigError(
+                    f"dataset {self.dataset} is plain text: train it with --task causal-lm, not {self.task!r}"
+                )
+        elif parse_source(self.dataset) and not self.target:
+            raise ConfigError(
+                f"dataset {self.dataset!r} needs a target, the column to predict (--target COLUMN), or, for text, "
+                f"--task {' or '.join(TEXT_TASKS)} with --model hf:PATH"
+            )
+        elif changed := self.group(TextSettings).changed():
+            raise ConfigError(
+                f"{changed[0]} is a setting of text data (jsonl:, csv:, hf: with --task "
+                f"{' or '.join(TEXT_TASKS)}; shakespeare-text), not of dataset {self.dataset!r}"
+            )
 
     def group(self, cls: type[G]) -> G:
         """The settings of one group (DataSettings, StrategySettings, ...) as its own object."""
@@ -156,20 +209,28 @@ class Config(
 
     def data_request(self, *, progress: bool = True) -> Request:
         """How `data.load` loads this run's dataset. A file dataset's target column is prepared
-        for the built-in task whose targets this run's task trains on."""
+        for the built-in task whose targets this run's task trains on; text is tokenized for the
+        text task with the model's tokenizer."""
+        base = Request(data_dir=self.data_dir, download=self.download, progress=progress, seed=self.seed)
+        if self.reads_text:
+            text = functools.partial(
+                load_requested,
+                task=self.task,
+                model=self.model,
+                options=text_options(self.group(TextSettings)),
+                trust_remote_code=self.trust_remote_code,
+            )
+            return dataclasses.replace(base, text=text)
         task = make_task(self.task)
         if parse_source(self.dataset) and task.targets is None:
             raise ConfigError(
                 f"task {task.name}: dataset {self.dataset} needs to know how to prepare its target "
                 f"column for it: give the task targets='classes', 'numbers' or 'tokens'"
             )
-        return Request(
-            data_dir=self.data_dir,
-            download=self.download,
-            progress=progress,
+        return dataclasses.replace(
+            base,
             target=self.target,
             task=TARGETS[task.targets] if task.targets is not None else "classification",
-            seed=self.seed,
             num_clients=self.num_clients,
             synthetic_alpha=self.synthetic_alpha,
             synthetic_beta=self.synthetic_beta,
@@ -193,6 +254,11 @@ class Config(
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+def _cuda(device: str) -> bool:
+    """Whether `device` ("auto", "cpu", "cuda", "cuda:N") is a CUDA device here."""
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:

@@ -17,6 +17,11 @@ clients all use it. Built in:
   accuracy.
 
 The last two take a transformers model's output as it is (its `logits`) or a tensor of logits.
+They are the tasks of text data (`--dataset jsonl:PATH` and friends with `--model hf:PATH`,
+tokenized by `fedforge.llm.text`); a file dataset with `--target` is read as already tokenized,
+its target column tokens (causal-lm: the labels, -100 where none is predicted) or classes.
+`language-model` with an hf: model trains the same causal LM on token rows whose targets are
+already each position's next token (every position scored, nothing ignored).
 
 Metrics are sums over units (examples, or tokens for a language model), so that batches and
 clients combine exactly; `summarize` turns the sums into the values shown.
@@ -304,6 +309,7 @@ CAUSAL_LM = Task(
     units=_predicted_tokens,
     summarize=_language_summary,
     primary="perplexity",
+    targets="tokens",
 )
 SEQUENCE_CLASSIFICATION = Task(
     "sequence-classification",
@@ -311,6 +317,7 @@ SEQUENCE_CLASSIFICATION = Task(
     _sequence_classification_sums,
     primary="accuracy",
     higher_is_better=True,
+    targets="classes",
 )
 TASKS = {task.name: task for task in (CLASSIFICATION, REGRESSION, LANGUAGE_MODEL, CAUSAL_LM, SEQUENCE_CLASSIFICATION)}
 

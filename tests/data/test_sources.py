@@ -12,8 +12,16 @@ from fedforge.experiment import load
 
 
 def test_each_kind_registers_its_names():
-    assert list(data.LOADERS) == ["mnist", "fashion-mnist", "synthetic", "digits", "diabetes", "shakespeare"]
-    assert list(data.PREFIXES) == ["csv", "parquet", "hf"]
+    assert list(data.LOADERS) == [
+        "mnist",
+        "fashion-mnist",
+        "synthetic",
+        "digits",
+        "diabetes",
+        "shakespeare",
+        "shakespeare-text",
+    ]
+    assert list(data.PREFIXES) == ["csv", "parquet", "hf", "jsonl", "shakespeare-text"]
 
 
 def test_an_unknown_name_is_refused_in_one_line_naming_the_choices():

@@ -41,6 +41,8 @@ def test_parse_source_and_label():
     assert parse_source("hf:/tmp/x:y") == ("hf", "/tmp/x:y")
     assert parse_source("mnist") is None and parse_source("cifar:x") is None
     assert source_label("csv:data/heart disease.csv") == "csv-heart_disease"
+    assert source_label("jsonl:data/chats.jsonl") == "jsonl-chats"  # any PREFIX:PATH, a run folder's name
+    assert source_label("shakespeare-text:examples/data/scenes.txt") == "shakespeare-text-scenes"
     assert source_label("hf:/tmp/digits/") == "hf-digits"
     assert source_label("mnist") == "mnist"
 
@@ -258,7 +260,7 @@ def test_config_target_rules():
     with pytest.raises(
         ConfigError,
         match=r"unknown dataset 'cifar' \(choose from: .*, or csv:PATH, parquet:PATH, "
-        r"hf:PATH\)",
+        r"hf:PATH, jsonl:PATH, shakespeare-text:PATH\)",
     ):
         Config(dataset="cifar")
 

@@ -28,13 +28,13 @@ from fedforge.errors import ConfigError  # noqa: E402
 from fedforge.llm.models import (  # noqa: E402
     HFModel,
     build_hf_model,
-    char_tokenizer,
     check_model_folder,
     context_length,
     load_tokenizer,
     save_adapters,
 )
 from fedforge.llm.settings import LlmSettings  # noqa: E402
+from fedforge.llm.text import char_tokenizer  # noqa: E402
 from fedforge.tasks import CLASSIFICATION, LANGUAGE_MODEL  # noqa: E402
 
 # peft's PeftModel.from_pretrained (the tests' loading of the saved adapters) asks transformers a deprecated question.

@@ -373,6 +373,10 @@ def test_bad_sources_and_options_are_one_line(tmp_path):
         ({"padding": "batch"}, "padding must be one of longest, max_length"),
         ({"max_length": 1}, "max_length must be >= 2"),
         ({"template": "{", "instruction_column": "q", "response_column": "r"}, "not a format string"),
+        # A format spec could pad a row to a gigabyte: a template may come from a deployment's server.
+        ({"template": "{q:>999999999}", "instruction_column": "q", "response_column": "r"}, "and nothing more"),
+        ({"template": "{q!r}", "instruction_column": "q", "response_column": "r"}, "and nothing more"),
+        ({"template": "{q.__class__}", "instruction_column": "q", "response_column": "r"}, "and nothing more"),
     ]:
         with pytest.raises(ConfigError) as error:
             text.TextOptions(**options)

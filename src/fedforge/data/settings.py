@@ -22,8 +22,12 @@ class DataSettings:
         "dataset (synthetic: FedProx's synthetic(alpha, beta), one client per device; "
         "digits, diabetes: scikit-learn's, offline; shakespeare: LEAF's next-character task, with "
         "--task language-model --model char-lstm), or csv:PATH, parquet:PATH (a table) or hf:PATH "
-        "(a Hugging Face dataset: a save_to_disk folder or Parquet), each with --target",
-        (*DATASETS, "synthetic", *BUNDLED, "shakespeare"),
+        "(a Hugging Face dataset: a save_to_disk folder or Parquet), each with --target; text for "
+        "--task causal-lm or sequence-classification with --model hf:PATH: jsonl:PATH, csv:PATH, hf:PATH "
+        "(--text-column and friends), shakespeare-text (the roles of shakespeare's plays as text, one "
+        "client per role with --partition natural) or shakespeare-text:PATH (a file in the Complete "
+        "Works' layout)",
+        (*DATASETS, "synthetic", *BUNDLED, "shakespeare", "shakespeare-text"),
         open_choices=True,
     )
     synthetic_alpha: float = option(1.0, "synthetic: how much the devices' models differ")
@@ -41,10 +45,8 @@ class DataSettings:
     def __post_init__(self):
         check_choices(self, DataSettings)
         _check_dataset(self.dataset)
-        if parse_source(self.dataset):
-            if not self.target:
-                raise ConfigError(f"dataset {self.dataset!r} needs a target, the column to predict (--target COLUMN)")
-        elif self.target is not None:
+        # A file dataset needs a target unless it is text (the task decides: Config checks it).
+        if not parse_source(self.dataset) and self.target is not None:
             raise ConfigError(
                 f"target {self.target!r} is for csv:, parquet: and hf: datasets only, not {self.dataset!r}"
             )

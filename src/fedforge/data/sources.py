@@ -41,6 +41,10 @@ class Request:
         num_clients: synthetic's devices.
         synthetic_alpha: synthetic(alpha, beta)'s alpha (how much the devices' models differ).
         synthetic_beta: synthetic(alpha, beta)'s beta (how much the devices' inputs differ).
+        text: a run that reads text (`--task causal-lm` with `--model hf:PATH`): the loader of
+            jsonl:, csv:, hf: and shakespeare-text, (spec, request) -> Dataset, bound to the
+            run's task, model (its tokenizer and context) and text options
+            (`fedforge.llm.text.load_requested`, bound by `Config.data_request`).
     """
 
     data_dir: str | os.PathLike | None = None
@@ -52,6 +56,7 @@ class Request:
     num_clients: int = 10
     synthetic_alpha: float = 1.0
     synthetic_beta: float = 1.0
+    text: Loader | None = None
 
 
 Loader = Callable[[str, Request], Dataset]
@@ -75,11 +80,23 @@ def _bundled(name: str, request: Request) -> Dataset:
     return load_bundled(name)
 
 
+def _text(spec: str, request: Request) -> Dataset:
+    if request.text is None:
+        raise ConfigError(
+            f"dataset {spec} is text: read it with --task causal-lm or sequence-classification and --model hf:PATH"
+        )
+    return request.text(spec, request)
+
+
 def _table(spec: str, request: Request) -> Dataset:
+    if request.text is not None:
+        return _text(spec, request)
     return load_file_dataset(spec, target=request.target, task=request.task)
 
 
 def _hf(spec: str, request: Request) -> Dataset:
+    if request.text is not None:
+        return _text(spec, request)
     if not request.target:
         raise ConfigError(f"dataset {spec!r} needs a target: the column to predict (--target COLUMN)")
     return load_hf(Path(spec.partition(":")[2]), target=request.target, task=request.task, name=source_label(spec))
@@ -90,8 +107,9 @@ LOADERS: dict[str, Loader] = {
     "synthetic": _synthetic,
     **dict.fromkeys(BUNDLED, _bundled),
     "shakespeare": _shakespeare,
+    "shakespeare-text": _text,
 }
-PREFIXES: dict[str, Loader] = {"csv": _table, "parquet": _table, "hf": _hf}
+PREFIXES: dict[str, Loader] = {"csv": _table, "parquet": _table, "hf": _hf, "jsonl": _text, "shakespeare-text": _text}
 
 
 def register(name: str, loader: Loader, *, prefix: bool = False) -> None:

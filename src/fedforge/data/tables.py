@@ -31,12 +31,13 @@ def parse_source(name: str) -> tuple[str, str] | None:
 
 
 def source_label(name: str) -> str:
-    """A short name of dataset `name` fit for a folder: the file's stem for "csv:data/heart.csv"."""
-    source = parse_source(name)
-    if source is None:
+    """A short name of dataset `name` fit for a folder: "csv-heart" for "csv:data/heart.csv", and
+    likewise for any PREFIX:PATH (jsonl:, shakespeare-text:, one's own)."""
+    kind, sep, path = name.partition(":")
+    if not sep:
         return name
-    stem = Path(source[1].rstrip("/\\")).stem or source[0]
-    return source[0] + "-" + re.sub(r"[^\w.-]", "_", stem)
+    stem = Path(path.rstrip("/\\")).stem or kind
+    return re.sub(r"[^\w.-]", "_", kind) + "-" + re.sub(r"[^\w.-]", "_", stem)
 
 
 def split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:

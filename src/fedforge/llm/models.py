@@ -31,6 +31,7 @@ from .. import _seeding
 from ..errors import ConfigError
 from . import require
 from .settings import HF_PREFIX, LlmSettings
+from .tokenizer import char_tokenizer
 
 CAUSAL_LM, SEQUENCE_CLASSIFICATION = "causal-lm", "sequence-classification"
 # How each kind of model is trained: by a task whose targets are these (Task.targets).
@@ -66,15 +67,19 @@ class HFModel(nn.Module):
 
     peft_model: Any  # peft.PeftModel | None
 
-    def __init__(self, model: nn.Module, *, kind: str, source: str, peft_model: Any = None):
+    def __init__(self, model: nn.Module, *, kind: str, source: str, peft_model: Any = None, precision: str = "float32"):
         super().__init__()
         self.model = model
-        self.kind, self.source = kind, source
+        self.kind, self.source, self.precision = kind, source, precision
         # The peft wrapper, for saving the adapters; not a submodule, its modules are `model`'s.
         self.__dict__["peft_model"] = peft_model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        # bf16: the matrix products in bfloat16 (the base's weights are), the float32 adapters cast
+        # to it on the way in; the backward pass follows the forward's casts. Inside the model so
+        # that every engine's forward (a module call, torch.func.functional_call) gets it.
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
     def adapter_names(self) -> list[str]:
         """The state entries saved as the adapters: those trained (the adapters, a classifier's head)."""
@@ -181,8 +186,8 @@ def model_kind(targets: str | None) -> str:
     """The kind of model a task whose targets are `targets` trains (`KINDS`)."""
     if targets not in KINDS:
         raise ConfigError(
-            f"an hf: model is trained by a task whose targets are tokens (language-model) or classes "
-            f"(classification), not {targets!r}"
+            f"an hf: model is trained by a task whose targets are tokens (causal-lm, language-model) or "
+            f"classes (sequence-classification, classification), not {targets!r}"
         )
     return KINDS[targets]
 
@@ -204,6 +209,8 @@ def build_hf_model(
     and the adapters are initialised from `seed` alone: every client and the server build the same
     model. `settings` default to `LlmSettings()`; with lora_rank 0 no adapters: every weight is trained.
     `length`: the data's sequence length, refused when longer than the model's context.
+    `settings.precision` "bf16": the base's weights in bfloat16 and the forward under bfloat16
+    autocast (for CUDA; the adapters, a classifier's new head and their optimizer state float32).
 
     Raises:
         ConfigError: transformers or peft missing, a folder that is not a transformers model or
@@ -216,7 +223,9 @@ def build_hf_model(
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ConfigError(f"model {name}: the data has {num_classes} classes, expected 1 to {MAX_CLASSES}")
     source = _source(name)
-    options: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, "dtype": torch.float32}
+    # bf16: the frozen base in bfloat16 (half the memory); peft makes the adapters float32.
+    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+    options: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, "dtype": dtype}
     try:
         config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -250,22 +259,28 @@ def build_hf_model(
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False  # training: no key/value cache to build
         peft_model = _with_adapters(model, kind, settings, name) if settings.lora_rank else None
+    for parameter in model.parameters():  # what is trained and sent in float32 (a bf16 head's copy too)
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
     model.train()
-    return HFModel(model, kind=kind, source=source, peft_model=peft_model)
+    return HFModel(model, kind=kind, source=source, peft_model=peft_model, precision=settings.precision)
 
 
 @contextlib.contextmanager
 def _quiet(transformers) -> Iterator[None]:
-    """No progress bar of the weights' loading, nor peft's deprecation warnings: a run's console
-    (and an error's one line) is fedforge's."""
+    """No progress bar of the weights' loading, nor its report (a new head's weights are missing
+    from the folder by design), nor peft's deprecation warnings: a run's console (and an error's
+    one line) is fedforge's."""
     logging = transformers.utils.logging
-    shown = logging.is_progress_bar_enabled()
+    shown, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
+        logging.set_verbosity(verbosity)
         if shown:
             logging.enable_progress_bar()
 
@@ -359,29 +374,42 @@ def save_adapters(model: nn.Module, params: Mapping[str, torch.Tensor], folder: 
     return folder
 
 
-def char_tokenizer(texts: Iterable[str], *, max_length: int = 1 << 16):
-    """A character-level tokenizer (transformers' PreTrainedTokenizerFast) over the characters of
-    `texts`, with <pad> (id 0), <unk>, <s> and </s> first: for examples and tests that need a
-    tokenizer without a download. Save it beside a model with `save_pretrained(folder)`."""
-    require()
-    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
-    from tokenizers import models as tokenizer_models
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    chars = sorted(set().union(*map(set, texts)) - set(specials))
-    vocab = {token: i for i, token in enumerate([*specials, *chars])}
-    tokenizer = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character a token
-    tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        model_max_length=max_length,
+def save_tiny_llama(
+    folder: str | os.PathLike,
+    texts: Iterable[str],
+    *,
+    classes: int | None = None,
+    context: int = 256,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A small Llama with random weights, built from a config, and a character tokenizer over the
+    characters of `texts` (`fedforge.llm.tokenizer.char_tokenizer`), both saved with `save_pretrained`
+    into `folder`: a model folder for `--model hf:FOLDER` with no download, for examples and tests.
+    A causal LM, or with `classes` a sequence classifier with that many labels. `hidden` wide
+    (4 heads, an MLP twice as wide), `layers` deep, reading `context` tokens."""
+    transformers, _ = require()
+    tokenizer = char_tokenizer(texts)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=context,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        num_labels=classes or 2,
     )
+    kind = transformers.LlamaForSequenceClassification if classes else transformers.LlamaForCausalLM
+    with torch.random.fork_rng(devices=[]), _quiet(transformers):
+        torch.manual_seed(seed)
+        kind(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
 
 
 __all__ = [
@@ -389,7 +417,6 @@ __all__ = [
     "SEQUENCE_CLASSIFICATION",
     "HFModel",
     "build_hf_model",
-    "char_tokenizer",
     "check_model_folder",
     "check_sizes",
     "context_length",
@@ -397,4 +424,5 @@ __all__ = [
     "load_tokenizer",
     "model_kind",
     "save_adapters",
+    "save_tiny_llama",
 ]

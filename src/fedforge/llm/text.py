@@ -51,9 +51,10 @@ tokenizer is given, any `PreTrainedTokenizerBase`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import string
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -66,13 +67,14 @@ from ..data.shakespeare import role_name, split_into_plays
 from ..data.tables import split_indices, targets
 from ..errors import ConfigError, DataError
 from ..tasks import IGNORE
+from .settings import PADDINGS, TextSettings
+from .tokenizer import CHAR_SPECIALS, char_tokenizer
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerBase
 
 SOURCES = ("jsonl", "csv", "hf")
 TASKS = ("causal-lm", "sequence-classification", "classification")
-PADDINGS = ("longest", "max_length")
 
 # Alpaca's prompt (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT["prompt_no_input"]),
 # the one FlowerTune's and NVFlare's LLM examples fill.
@@ -175,13 +177,16 @@ class TextOptions:
 
 
 def template_fields(template: str) -> list[str]:
-    """The columns a prompt template names: "{instruction}" names instruction."""
+    """The columns a prompt template names: "{instruction}" names instruction. A field is a bare
+    column name: no format spec nor conversion ("{instruction:>999999999}" would pad a row to a
+    gigabyte; a template may come from a deployment's server)."""
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        parts = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
     except ValueError as e:
         raise ConfigError(f"the prompt template is not a format string ({e}): {template!r:.80}") from None
-    if not fields or any(not f.isidentifier() for f in fields):
-        raise ConfigError(f"the prompt template must name columns as {{column}}, got {template!r:.80}")
+    fields = [name for name, _, _ in parts if name is not None]
+    if not fields or any(not f.isidentifier() or spec or conversion for f, spec, conversion in parts if f is not None):
+        raise ConfigError(f"the prompt template must name columns as {{column}} and nothing more, got {template!r:.80}")
     return list(dict.fromkeys(fields))
 
 
@@ -621,6 +626,74 @@ def load_text(
     return text_dataset(splits, tokenizer, task=task, options=options, context=context, name=label, where=str(path))
 
 
+def text_options(settings: TextSettings) -> TextOptions:
+    """The text settings of a run (`--text-column` and friends) as TextOptions, checked."""
+    template = settings.prompt_template
+    if template is None:  # Alpaca's, its {instruction} read from the instruction column
+        template = ALPACA.replace("{instruction}", "{%s}" % (settings.instruction_column or "instruction"))
+    return TextOptions(
+        text_column=settings.text_column,
+        label_column=settings.label_column,
+        group_column=settings.group_column,
+        instruction_column=settings.instruction_column,
+        response_column=settings.response_column,
+        template=template,
+        max_length=settings.max_length,
+        truncation=settings.truncation,
+        padding=settings.padding,
+    )
+
+
+def load_requested(
+    spec: str, request: Any, *, task: str, model: str, options: TextOptions, trust_remote_code: bool = False
+) -> Dataset:
+    """The text dataset `spec` for `task`, tokenized with the tokenizer of the hf: `model` and
+    bounded by its context: "jsonl:PATH", "csv:PATH", "hf:PATH" (`load_text`), or
+    "shakespeare-text" (the Complete Works found or downloaded as for `shakespeare`, by
+    `request`'s data_dir, download and progress) and "shakespeare-text:PATH" (a file in their
+    layout, e.g. examples/data/shakespeare_scenes.txt): the roles' lines as plain text
+    (`shakespeare_rows`), grouped by role for the natural partition. What a run's
+    `fedforge.data.Request.text` calls (Config.data_request binds the keyword arguments)."""
+    from ..data.shakespeare import locate_text, read_text
+    from .models import context_length, load_tokenizer
+
+    if task not in TASKS:
+        raise ConfigError(f"dataset {spec} is text: train it with --task causal-lm or sequence-classification")
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    context = context_length(model, trust_remote_code=trust_remote_code)
+    kind, _, path = spec.partition(":")
+    if kind != "shakespeare-text":
+        return load_text(spec, tokenizer, task=task, options=options, context=context)
+    if task != "causal-lm":
+        raise ConfigError(f"dataset {spec} is plain text: train it with --task causal-lm, not {task!r}")
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise DataError(
+                f"{file} does not exist (shakespeare-text:PATH is a text file in the Complete Works' layout)"
+            )
+    else:
+        file = locate_text(data_dir=request.data_dir, download_missing=request.download, progress=request.progress)
+    rows = shakespeare_rows(read_text(file))
+    options = dataclasses.replace(
+        options,
+        text_column="text",
+        group_column="role",
+        label_column=None,
+        instruction_column=None,
+        response_column=None,
+    )
+    return text_dataset(
+        {"all": rows},
+        tokenizer,
+        task="causal-lm",
+        options=options,
+        context=context,
+        name="shakespeare-text",
+        where=str(file),
+    )
+
+
 # -- bundled and synthetic text ---------------------------------------------------------------------
 
 
@@ -697,44 +770,6 @@ def sentiment_rows(num_rows: int = 600, *, num_users: int = 10, seed: int = 0) -
     return rows
 
 
-# -- a character tokenizer ----------------------------------------------------------------------------
-
-CHAR_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
-MAX_SYMBOLS = 65_536
-
-
-def char_tokenizer(
-    texts: Iterable[str] = (), *, alphabet: str = "", model_max_length: int | None = None
-) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer (a `PreTrainedTokenizerFast`, `save_pretrained`-able) whose
-    symbols are the characters of `texts` and `alphabet`, in code-point order, after the special
-    tokens <pad> 0, <s> 1 (put before each text), </s> 2 and <unk> 3 (any other character).
-
-    For a small model built from a config, with no download: its vocab_size is `len(tokenizer)`.
-    """
-    from .. import llm
-
-    transformers, _ = llm.require()
-    from tokenizers import Tokenizer, decoders, models, processors
-
-    symbols: set[str] = set(alphabet)
-    for text in texts:
-        symbols.update(text)
-        if len(symbols) > MAX_SYMBOLS:
-            raise ConfigError(f"char_tokenizer: more than {MAX_SYMBOLS} distinct characters")
-    symbols -= set(CHAR_SPECIALS)
-    vocab = {token: i for i, token in enumerate(CHAR_SPECIALS)}
-    vocab.update({c: len(CHAR_SPECIALS) + i for i, c in enumerate(sorted(symbols))})
-    # BPE without merges: each character its own token (no pre-tokenizer: spaces are characters too).
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    options = {} if model_max_length is None else {"model_max_length": model_max_length}
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>", **options
-    )
-
-
 __all__ = [
     "ALPACA",
     "ALPACA_WITH_INPUT",
@@ -749,6 +784,7 @@ __all__ = [
     "char_tokenizer",
     "classification_data",
     "instruction_data",
+    "load_requested",
     "load_text",
     "model_context",
     "parse_text_source",
@@ -757,5 +793,6 @@ __all__ = [
     "shakespeare_rows",
     "template_fields",
     "text_dataset",
+    "text_options",
     "tokenize",
 ]

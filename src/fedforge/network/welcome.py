@@ -41,6 +41,15 @@ SETTINGS = (
     "lora_alpha",
     "lora_dropout",
     "lora_targets",
+    "text_column",
+    "label_column",
+    "group_column",
+    "instruction_column",
+    "response_column",
+    "prompt_template",
+    "max_length",
+    "truncation",
+    "padding",
     "task",
     "optimizer",
     "keep_optimizer_state",
@@ -55,12 +64,21 @@ SETTINGS = (
 
 
 def welcome_header(config: Config) -> dict[str, Any]:
-    """The welcome a server sends: the SETTINGS of `config` that are set; an hf: model by its
-    folder's name alone (hf:PATH is a path on the server's disk: each client loads its own copy)."""
+    """The welcome a server sends: the SETTINGS of `config` that are set; an hf: model, and a
+    dataset of a file (csv:PATH, jsonl:PATH, ...), by the file's or folder's name alone (a path on
+    the server's disk: each client loads its own copy)."""
     values = {k: getattr(config, k) for k in SETTINGS if getattr(config, k) is not None}
     if is_hf_model(config.model):
-        values["model"] = HF_PREFIX + PurePosixPath(config.model[len(HF_PREFIX) :].replace("\\", "/")).name
+        values["model"] = HF_PREFIX + _name(config.model[len(HF_PREFIX) :])
+    kind, colon, path = config.dataset.partition(":")
+    if colon and path:
+        values["dataset"] = f"{kind}:{_name(path)}"
     return {"config": values}
+
+
+def _name(path: str) -> str:
+    """The last part of a path (either slash), what a welcome may say of a file of the server's."""
+    return PurePosixPath(path.replace("\\", "/")).name
 
 
 # The most any task may ask, whatever the client's operator allows: a round's learning rate,
