@@ -8,11 +8,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import os
 import shutil
 import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +40,7 @@ from fedforge.engines import AutoEngine, SequentialEngine  # noqa: E402
 from fedforge.engines.base import RoundFailed  # noqa: E402
 from fedforge.engines.ray import RayEngine, _is_own, assign, holdings, shares  # noqa: E402
 from fedforge.errors import ConfigError, FedforgeError  # noqa: E402
+from fedforge.llm.models import save_tiny_llama  # noqa: E402
 from fedforge.privacy.run import DifferentialPrivacy  # noqa: E402
 from fedforge.scenarios import Scenario  # noqa: E402
 from fedforge.schedules import Cosine  # noqa: E402
@@ -416,3 +419,27 @@ def test_shared_clients_even_out_the_work():
     assert assign(candidates, [1, 1, 3, 3, 2], 2) == [0, 0, 0, 1, 1]
     with pytest.raises(ValueError, match="task 0: no worker holds its client"):
         assign([[]], [1], 2)
+
+
+def test_lora_fine_tuning_on_ray_sends_only_the_adapters_and_equals_in_process(tmp_path, capsys):
+    # A tiny Llama's LoRA adapters trained on Ray workers (which load the text and the model folder
+    # themselves): the weights of the in-process run, and each round moves only the adapters.
+    scenes = Path(__file__).parents[2] / "examples" / "data" / "shakespeare_scenes.txt"
+    save_tiny_llama(tmp_path / "llama", [scenes.read_text()], context=64)
+    base = [
+        "run",
+        "-q",
+        *("--model", f"hf:{tmp_path / 'llama'}", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj"),
+        *("--task", "causal-lm", "--dataset", f"shakespeare-text:{scenes}", "--truncation", "--max-length", "48"),
+        *("--partition", "natural", "--num-clients", "16", "--clients-per-round", "4", "--rounds", "2"),
+        *("--optimizer", "adamw", "--lr", "0.01", "--batch-size", "8", "--out-dir", str(tmp_path)),
+    ]
+    ray_flags = ["--engine", "ray", "--ray-workers", "2", "--ray-cpus-per-worker", "0.5"]
+    assert main([*base, "--name", "ray", *ray_flags]) == 0, capsys.readouterr().err
+    assert main([*base, "--name", "here", "--engine", "sequential"]) == 0, capsys.readouterr().err
+    on_ray, here = (torch.load(tmp_path / name / "model.pt") for name in ("ray", "here"))
+    torch.testing.assert_close(on_ray, here)
+    adapters = 2 * 2 * 2 * 4 * 64 * 4  # 2 layers x (q, v) x (A, B) x rank 4 x hidden 64, float32
+    rounds = json.loads((tmp_path / "ray" / "history.json").read_text())["rounds"]
+    assert [r["metrics"]["payload_up"] for r in rounds[1:]] == [4 * adapters] * 2
+    capsys.readouterr()

@@ -60,6 +60,8 @@ class AutoEngine(Engine):
       with Adam, 4 clients a round: 0.8-1.04x) and holds every active client's activations;
     - recurrent layers (LSTM, GRU, RNN): sequential, on any device, as vmap has no batching
       rule for them and runs them client by client (char-lstm: 0.17-0.20x);
+    - a model that says it batches well (`batches_well`: an `hf:` transformer, whose clients'
+      adapters train over one frozen base; `benchmarks/fine_tuning.py`): vectorized;
     - on CUDA, everything else the vectorized engine can batch goes to it (not re-measured
       with the torch.func path: no GPU was at hand);
     - what the vectorized engine cannot batch (a task's own loop, optimizers other than SGD,
@@ -95,7 +97,7 @@ class AutoEngine(Engine):
             return self.sequential, f"the vectorized engine cannot batch this model or task: {why}"
         if recurrent := sorted({type(m).__name__ for m in model.modules() if isinstance(m, _RECURRENT)}):
             return self.sequential, f"{', '.join(recurrent)}: vmap has no batching rule for recurrent layers"
-        if any(p.is_cuda for p in model.parameters()):
+        if any(p.is_cuda for p in model.parameters()) or getattr(model, "batches_well", False):
             return self.vectorized, ""
         leaves = [m for m in model.modules() if next(m.children(), None) is None]
         other = sorted({type(m).__name__ for m in leaves if not isinstance(m, _DENSE)})
