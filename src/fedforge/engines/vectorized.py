@@ -49,6 +49,7 @@ import itertools
 import logging
 import math
 import operator
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -174,7 +175,8 @@ class VectorizedEngine(Engine):
         self.max_memory = max_memory
         self.combine = combine
         self._fallback: SequentialEngine | None = None
-        self._per_example_activations: dict[int, int] = {}
+        # By model, weakly: a model's id may be a freed model's, whose measure it must not inherit.
+        self._per_example_activations: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         self.choice: EngineChoice | None = None
 
     def run(
@@ -245,7 +247,7 @@ class VectorizedEngine(Engine):
 
     def _activation_bytes(self, model: nn.Module, example) -> int:
         """Bytes of every module output for one example, a batch of one (measured once per model)."""
-        key = id(model)
+        key = model
         if key not in self._per_example_activations:
             total = 0
 
