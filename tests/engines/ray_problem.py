@@ -92,3 +92,12 @@ def assert_same_run(a, b):
         assert (x.round, x.clients, x.dropped) == (y.round, y.clients, y.dropped)
         if x.train_loss is not None:
             assert math.isclose(x.train_loss, y.train_loss, rel_tol=1e-4)
+
+
+def assert_same_kept(a, b):
+    """The same clients keep the same client states and optimizer states."""
+    assert a.client_states.keys() == b.client_states.keys() and a.optimizer_states.keys() == b.optimizer_states.keys()
+    for c, state in a.client_states.items():
+        torch.testing.assert_close(state.flat(), b.client_states[c].flat())
+    for c, optimizer in a.optimizer_states.items():
+        torch.testing.assert_close(optimizer.slots, b.optimizer_states[c].slots)
