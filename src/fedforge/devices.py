@@ -323,9 +323,9 @@ class DeviceSettings:
     )
 
     def __post_init__(self):
-        self.check()
+        self.check_devices()
 
-    def check(self) -> None:
+    def check_devices(self) -> None:
         """One-line ConfigErrors for values the clock cannot use (the trace is read with the data)."""
         if self.device_speeds is not None and self.device_trace is not None:
             raise ConfigError("give device_speeds or device_trace, not both")
