@@ -199,7 +199,7 @@ def read_trace(path: str | os.PathLike, num_clients: int) -> DeviceProfiles:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"device trace {path}: not UTF-8 text") from None
-    rows = csv.reader(io.StringIO(text))
+    rows = csv.reader(io.StringIO(text), strict=True)
     try:
         header = next(rows, None)
     except csv.Error as e:
