@@ -137,3 +137,6 @@ def synchronous_round(
         finish={c: finish[c] for c in kept},
         end=end,
     )
+
+
+__all__ = ["Clock", "RoundTiming", "TaskTime", "Work", "synchronous_round"]

@@ -410,3 +410,18 @@ class Devices:
             down=parse_distribution(self.downlink, "device_downlink", median=4e6),
             availability=parse_availability(self.availability),
         )
+
+
+__all__ = [
+    "LATE_CLIENTS",
+    "TRACE_COLUMNS",
+    "DeviceProfiles",
+    "DeviceSettings",
+    "Devices",
+    "Distribution",
+    "Periodic",
+    "draw_profiles",
+    "parse_availability",
+    "parse_distribution",
+    "read_trace",
+]
