@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import blobs
+from helpers import assert_same_run, blobs
 from torch import nn
 
-from fedforge import ClientConfig, FederatedData, simulate
+from fedforge import ClientConfig, FederatedData, VectorizedEngine, simulate
 from fedforge.algorithms import nbytes
 from fedforge.clock import Clock, Work, synchronous_round
 from fedforge.compare import ComparedRun, comparison_table
@@ -124,6 +124,14 @@ def test_the_same_seed_gives_the_same_virtual_times_and_weights():
         assert torch.equal(value, b.state.params[name])
 
 
+def test_the_engines_agree_on_the_clock():
+    devices = Devices(speeds="lognormal:sigma=1.0", deadline=0.5, late="partial")
+    sequential, vectorized = run(devices, rounds=2), run(devices, rounds=2, engine=VectorizedEngine())
+    assert_same_run(sequential, vectorized)
+    assert vectorized.history.column("virtual_time") == sequential.history.column("virtual_time")
+    assert vectorized.history.column("dropped") == sequential.history.column("dropped")
+
+
 def test_without_a_deadline_or_over_selection_the_clock_changes_nothing_of_the_training():
     plain, timed = run(None), run(Devices(speeds="lognormal:sigma=1.0"))
     assert "virtual_time" not in plain.history.final.metrics
@@ -156,6 +164,20 @@ def test_a_deadline_drops_exactly_the_clients_whose_time_exceeds_it():
     for (earlier, later), r in zip(itertools.pairwise(ends), result.history.records[1:], strict=True):
         kept = [times[c] for c in r.clients if c not in r.dropped]
         assert later - earlier == pytest.approx(deadline if r.dropped else max(kept))
+
+
+def test_a_late_client_with_partial_work_sends_the_steps_it_finished_by_the_deadline():
+    deadline = 0.5
+    devices = Devices(speeds="lognormal:sigma=1.0", deadline=deadline, late="partial")
+    steps: list[tuple[int, int]] = []  # (client, its update's steps), each update
+    result = run(devices, rounds=3, on_client=lambda u: steps.append((u.client_id, u.num_steps)))
+    clock = Clock(devices.profiles(NUM_CLIENTS, 0), devices.step_seconds)
+    sent = nbytes(result.state.params)
+    full = math.ceil(60 / 10)
+    cut = {c: clock.steps_within(c, deadline, Work(full, sent, sent)) for c in range(NUM_CLIENTS)}
+    assert any(0 < cut[c] < full for c, _ in steps), "the test needs clients that send part of their work"
+    assert all(n == cut[c] for c, n in steps)
+    assert all(r.dropped == tuple(c for c in r.clients if cut[c] == 0) for r in result.history.records[1:])
 
 
 def test_over_selection_keeps_the_fastest_k():
