@@ -15,7 +15,7 @@ from fedforge.clock import Clock, Work, synchronous_round
 from fedforge.compare import ComparedRun, comparison_table
 from fedforge.data import iid
 from fedforge.devices import DeviceProfiles, Devices, draw_profiles, parse_availability, parse_distribution
-from fedforge.errors import ConfigError
+from fedforge.errors import ConfigError, FedforgeError
 from fedforge.history import History, RoundRecord
 from fedforge.simulation import Progress
 from fedforge.tasks import CLASSIFICATION
@@ -231,3 +231,17 @@ def test_compare_reports_virtual_time_to_target():
     assert "| rounds to 0.6 | virtual s to 0.6 | virtual s |" in table
     assert "| sync | 0.8000 | 0.8000 | 2 | 20 | 20 |" in table
     assert "| deadline | 0.7000 | 0.7000 | 1 | 4 | 8 |" in table
+
+
+def test_the_server_waits_for_a_client_to_come_online_and_stops_when_none_ever_will(tmp_path):
+    def trace(windows):
+        path = tmp_path / "trace.csv"
+        rows = "".join(f"{c},1,1e6,1e6,{windows}\n" for c in range(NUM_CLIENTS))
+        path.write_text("client,speed,up,down,availability\n" + rows)
+        return path
+
+    later = run(Devices(trace=trace("100-1000")), rounds=2)
+    first = later.history.records[1]
+    assert first.dropped == () and 100 < first.metrics["virtual_time"] < 101
+    with pytest.raises(FedforgeError, match="no client is online at virtual time 1 or later"):
+        run(Devices(trace=trace("0-0.1"), deadline=1.0), rounds=2)  # round 1: all leave; then none is back

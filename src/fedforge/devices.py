@@ -134,7 +134,7 @@ class DeviceProfiles:
         if self.period is not None:
             base = math.floor(t / self.period) * self.period
             local = t - base
-        i = bisect.bisect_right([a for a, _ in windows], local) - 1
+        i = bisect.bisect_right(windows, local, key=lambda w: w[0]) - 1
         if i < 0 or local >= windows[i][1]:
             return None
         end = windows[i][1]
@@ -153,9 +153,9 @@ class DeviceProfiles:
         if self.period is not None:
             base = math.floor(t / self.period) * self.period
             local = t - base
-        later = [a for a, _ in windows if a > local]
-        if later:
-            return base + later[0]
+        i = bisect.bisect_right(windows, local, key=lambda w: w[0])
+        if i < len(windows):
+            return base + windows[i][0]
         return base + self.period + windows[0][0] if self.period is not None and windows else math.inf
 
 

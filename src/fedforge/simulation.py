@@ -667,15 +667,18 @@ def _select_and_plan(
     # A retried round draws a new selection; the first draw is the simulation's.
     keys = (_seeding.SELECTION, r) if attempt == 0 else (_seeding.SELECTION, r, attempt)
     n, generator = run.data.num_clients, _seeding.generator(run.seed, *keys)
-    online, start = _online(run, now)
+    start = _round_start(run, now)
+    profiles = run.clock.profiles if run.clock is not None and not run.clock.profiles.always else None
     if run.settings.sampling == "poisson":
         selected = poisson_sample(n, run.k / n, generator)
-        selected = selected if online is None else [c for c in selected if c in online]
-    elif online is None:
+        if profiles is not None:
+            selected = [c for c in selected if profiles.online_until(c, start) is not None]
+    elif profiles is None:
         selected = select_clients(n, _selecting(run), generator)
     else:  # the first of a random order that are online
         order = torch.randperm(n, generator=generator).tolist()
-        selected = sorted([c for c in order if c in online][: _selecting(run)])
+        online = (c for c in order if profiles.online_until(c, start) is not None)
+        selected = sorted(itertools.islice(online, _selecting(run)))
     sizes = [len(run.clients[c]) for c in selected]
     work, dropped = client_work(run.scenario, selected, sizes, config, run.seed, r)
     privacy = run.dp.client_plan() if run.dp else None  # clip and noise, for the clients to do
@@ -716,19 +719,18 @@ def _selecting(run: _Run) -> int:
     return run.k if x == 0 else min(run.data.num_clients, math.ceil(run.k * (1 + x)))
 
 
-def _online(run: _Run, now: float) -> tuple[set[int] | None, float]:
-    """The clients online when a round starts at virtual time `now` (None: all, always) and when
-    it starts: `now`, or, when no client is online then, when the first comes online (the server waits)."""
+def _round_start(run: _Run, now: float) -> float:
+    """When a round that may start at virtual time `now` starts: then, or when the first client
+    comes online if none is online then (the server waits)."""
     if run.clock is None or run.clock.profiles.always:
-        return None, now
-    profiles, n = run.clock.profiles, run.data.num_clients
-    online = {c for c in range(n) if profiles.online_until(c, now) is not None}
-    if online:
-        return online, now
-    start = min(profiles.next_online(c, now) for c in range(n))
+        return now
+    profiles, clients = run.clock.profiles, range(run.data.num_clients)
+    if any(profiles.online_until(c, now) is not None for c in clients):
+        return now
+    start = min(profiles.next_online(c, now) for c in clients)
     if not math.isfinite(start):
         raise FedforgeError(f"no client is online at virtual time {now:.6g} or later: the trace's windows have ended")
-    return {c for c in range(n) if profiles.online_until(c, start) is not None}, start
+    return start
 
 
 def _timed(
