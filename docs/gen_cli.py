@@ -19,7 +19,7 @@ HEADER = """# The command line
 Every setting of `fedforge run`, `compare`, `server` and `client` is also a key of its `--config`
 TOML file (`--local-epochs 2` is `local_epochs = 2`, at the top or in its group's table, here
 `[client]`); a flag overrides the file. Command-only flags, not keys: `--config`, `--resume`, and
-compare's `--strategies`, `--runs`, `--target`, `--jobs`. An unknown flag or key is refused, naming
+compare's `--strategies`, `--runs`, `--target`, `--x-axis`, `--jobs`. An unknown flag or key is refused, naming
 the close one. Bad input is one line naming the value and what is allowed, exit status 2. Every
 command also takes `-h`, `--help`.
 """

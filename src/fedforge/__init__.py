@@ -2,7 +2,8 @@
 
 The pieces: `data` (datasets in memory, partitions), `models`, `client` (one client's
 training), `engines` (where clients run), `strategies` (how updates are aggregated),
-`scenarios` (clients that differ, fail or lie), `simulation` (the round loop), `network`
+`scenarios` (clients that differ, fail or lie), `devices` and `clock` (their devices' speeds and
+the virtual time of their rounds), `simulation` (the round loop), `network`
 (deployment: wire format, server, client), `report` (outputs), `cli`.
 """
 
@@ -12,6 +13,7 @@ from .client import ClientConfig, ClientPlan, ClientUpdate, train_client
 from .compare import ComparedRun, RoundDone, compare_simulations, comparison_table, plot_comparison, write_comparison
 from .config import Config
 from .data import Dataset, FederatedData, TensorData, load_dataset
+from .devices import Devices
 from .engines import (
     AutoEngine,
     ClientTask,
@@ -51,6 +53,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Dataset",
+    "Devices",
     "DivergenceError",
     "Engine",
     "EngineChoice",

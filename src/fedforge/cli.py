@@ -273,7 +273,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     name = base.pop("name", None) or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     root = base.get("out_dir", Config.__dataclass_fields__["out_dir"].default)
     out_dir = Path(root) / name
-    rounds = sum(c.rounds for c in variant_configs(base, variants, out_dir=out_dir).values())
+    configs = variant_configs(base, variants, out_dir=out_dir)
+    if args.x_axis == "virtual_time" and (unclocked := [label for label, c in configs.items() if not c.profiled]):
+        raise ConfigError(f"--x-axis virtual_time: run {unclocked[0]!r} has no device profiles (--device-speeds)")
+    rounds = sum(c.rounds for c in configs.values())
     with _RoundsShown(rounds, quiet=base.get("quiet", False)) as shown:
         runs = compare(
             base,
@@ -284,7 +287,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             trackers=_trackers(base, root, comparison=name),
             on_round=shown,
         )
-    print(write_comparison(runs, out_dir, target=args.target, title=name))
+    print(write_comparison(runs, out_dir, target=args.target, title=name, x=args.x_axis))
     print(f"outputs in {out_dir}: comparison.md, comparison.csv, comparison.png, and a folder per run")
     return 0
 
@@ -491,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="report the round each run first reaches this value of the "
         "task's test metric (accuracy, r2, ...; at most, for perplexity) (a csv:, parquet: or hf: "
         "dataset's target column: set target in --config)",
+    )
+    comp.add_argument(
+        "--x-axis",
+        choices=("round", "virtual_time"),
+        default="round",
+        help="the plot's x-axis: round, or virtual_time (runs with device profiles) (default: round)",
     )
     comp.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
     comp.add_argument(

@@ -30,7 +30,7 @@ from .config import Config, read_toml
 from .contract import ClientConfig
 from .errors import ConfigError, DivergenceError
 from .history import History, RoundRecord
-from .report import headline, personalized, pyplot, save_figure
+from .report import X_AXES, headline, personalized, pyplot, save_figure, x_label
 from .strategies import strategy_options
 from .strategies.settings import own_options
 from .tasks import Task
@@ -87,9 +87,24 @@ class ComparedRun:
     def rounds_to(self, target: float) -> int | None:
         """The first round whose test metric reached `target` (at least, or at most for a metric
         that is better lower), or None."""
+        reached = self._reached(target)
+        return reached.round if reached is not None else None
+
+    def time_to(self, target: float) -> float | None:
+        """The virtual time (seconds since the start, device profiles) by which the test metric first
+        reached `target`, or None (not reached, or a run without the virtual clock)."""
+        reached = self._reached(target)
+        return reached.metrics.get("virtual_time") if reached is not None else None
+
+    @property
+    def clocked(self) -> bool:
+        """Whether the run kept the virtual clock (device profiles): its records have virtual_time."""
+        return "virtual_time" in self.history.final.metrics
+
+    def _reached(self, target: float) -> RoundRecord | None:
         return next(
             (
-                r.round
+                r
                 for r in self.history.records
                 if (v := r.metric(f"test_{self.metric}")) is not None and self._better(v, target)
             ),
@@ -113,6 +128,8 @@ class RoundDone:
         parts.append(headline(self.record, self.metric))
         if (own := personalized(self.record, self.metric)) is not None:
             parts.append(own)
+        if round_ and "virtual_time" in self.record.metrics:
+            parts.append(f"virtual time {self.record.metrics['virtual_time']:.4g} s")
         if round_:
             parts.append(f"{self.record.seconds:.2f} s")
         return "  ".join(parts)
@@ -353,11 +370,15 @@ def _simulate_one(
 
 def comparison_table(runs: list[ComparedRun], target: float | None = None) -> str:
     """A Markdown table: final and best test metric (the task's primary), its final personalized
-    evaluation where any run has one, rounds to `target`, wall time."""
+    evaluation where any run has one, rounds to `target` (and virtual time to it, and in all, where
+    any run has the virtual clock), wall time."""
     metric = runs[0].metric.replace("_", " ")
     personalized = any(run.personalized is not None for run in runs)
+    clocked = any(run.clocked for run in runs)
     head = ["run", f"final {metric}", f"best {metric}"] + ([f"final personalized {metric}"] if personalized else [])
-    head += ([f"rounds to {target:.4g}"] if target else []) + ["wall s"]
+    head += [f"rounds to {target:.4g}"] if target else []
+    head += ([f"virtual s to {target:.4g}"] if target else []) + ["virtual s"] if clocked else []
+    head += ["wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def number(value):
@@ -371,24 +392,34 @@ def comparison_table(runs: list[ComparedRun], target: float | None = None) -> st
         if target:
             reached = run.rounds_to(target)
             row.append(str(reached) if reached is not None else "not reached")
+        if clocked and target:
+            seconds = run.time_to(target)
+            row.append(f"{seconds:.4g}" if seconds is not None else "not reached" if run.clocked else "n/a")
+        if clocked:
+            row.append(f"{run.history.final.metrics['virtual_time']:.4g}" if run.clocked else "n/a")
         row.append(f"{run.wall_seconds:.1f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: str = "") -> None:
+def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: str = "", x: str = "round") -> None:
     """The test metric (the task's primary) and training loss per round, one line per run (and a dashed
-    one for a run's personalized evaluation, where it has one)."""
+    one for a run's personalized evaluation, where it has one). `x`: "round", or "virtual_time" (runs
+    with device profiles: the virtual seconds by the end of each round)."""
     plt = pyplot()
+    if x not in X_AXES:
+        raise ConfigError(f"x-axis must be one of {', '.join(X_AXES)}, got {x!r}")
+    if x == "virtual_time" and (unclocked := [run.label for run in runs if not run.clocked]):
+        raise ConfigError(f"run {unclocked[0]!r} has no virtual time: give it device profiles, or plot by round")
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         records = run.history.records
         [line] = acc_ax.plot(
-            [r.round for r in records], [r.metric(f"test_{run.metric}") for r in records], label=run.label
+            [r.metric(x) for r in records], [r.metric(f"test_{run.metric}") for r in records], label=run.label
         )
         own = [
-            (r.round, r.metrics[f"personalized_{run.metric}"])
+            (r.metric(x), r.metrics[f"personalized_{run.metric}"])
             for r in records
             if f"personalized_{run.metric}" in r.metrics
         ]
@@ -398,7 +429,7 @@ def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: 
             )
         # The global model's loss on the training data when measured, else the clients' own.
         key = "global_train_loss" if records[-1].global_train_loss is not None else "train_loss"
-        points = [(r.round, getattr(r, key)) for r in records if getattr(r, key) is not None]
+        points = [(r.metric(x), getattr(r, key)) for r in records if getattr(r, key) is not None]
         loss_ax.plot(*zip(*points, strict=True), label=run.label)
     loss_name = (
         "global model on training data"
@@ -406,8 +437,8 @@ def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: 
         else "clients' training loss"
     )
     metric = f"test {runs[0].metric.replace('_', ' ')}"
-    acc_ax.set(xlabel="round", ylabel=metric, title=metric)
-    loss_ax.set(xlabel="round", ylabel="loss", title=f"training loss ({loss_name})", yscale="log")
+    acc_ax.set(xlabel=x_label(x), ylabel=metric, title=metric)
+    loss_ax.set(xlabel=x_label(x), ylabel="loss", title=f"training loss ({loss_name})", yscale="log")
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -417,11 +448,19 @@ def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: 
 
 
 def write_comparison(
-    runs: list[ComparedRun], out_dir: str | os.PathLike, *, target: float | None = None, title: str | None = None
+    runs: list[ComparedRun],
+    out_dir: str | os.PathLike,
+    *,
+    target: float | None = None,
+    title: str | None = None,
+    x: str = "round",
 ) -> str:
     """comparison.md, comparison.csv and comparison.png in `out_dir`; returns the table. `target`:
-    report the round each run first reaches it; `title`: the plot's (default: the folder's name)."""
+    report the round (and the virtual time, for runs with device profiles) each run first reaches
+    it; `title`: the plot's (default: the folder's name); `x`: the plot's x-axis, round or virtual_time."""
     out_dir = Path(out_dir)
+    if x == "virtual_time" and (unclocked := [run.label for run in runs if not run.clocked]):
+        raise ConfigError(f"run {unclocked[0]!r} has no virtual time: give it device profiles, or plot by round")
     table = comparison_table(runs, target)
     with atomic_write(out_dir / "comparison.md") as f:
         f.write(table + "\n")
@@ -431,7 +470,8 @@ def write_comparison(
     columns = ["test_accuracy", metric] if metric != "test_accuracy" else [metric]
     if any(run.personalized is not None for run in runs):
         columns.append(f"personalized_{runs[0].metric}")
-    writer.writerow(["run", "round", *columns, "test_loss", "train_loss", "global_train_loss", "seconds"])
+    clock = ["virtual_time"] if any(run.clocked for run in runs) else []
+    writer.writerow(["run", "round", *columns, "test_loss", "train_loss", "global_train_loss", "seconds", *clock])
     for run in runs:
         for r in run.history.records:
             writer.writerow(
@@ -443,9 +483,10 @@ def write_comparison(
                     r.train_loss,
                     r.global_train_loss,
                     r.seconds,
+                    *(r.metric(c) for c in clock),
                 ]
             )
     with atomic_write(out_dir / "comparison.csv") as f:
         f.write(buffer.getvalue())
-    plot_comparison(runs, out_dir / "comparison.png", title=title if title is not None else out_dir.name)
+    plot_comparison(runs, out_dir / "comparison.png", title=title if title is not None else out_dir.name, x=x)
     return table

@@ -28,6 +28,7 @@ from .client import ClientSettings
 from .data.settings import DataSettings
 from .data.sources import Request
 from .data.tables import parse_source
+from .devices import DeviceSettings
 from .engines.settings import EngineSettings, parse_bytes
 from .errors import ConfigError
 from .llm.settings import TEXT_TASKS, LlmSettings, TextSettings, is_hf_model
@@ -105,6 +106,7 @@ GROUPS: dict[str, type] = {
     "strategy": StrategySettings,
     "privacy": PrivacySettings,
     "scenario": ScenarioSettings,
+    "devices": DeviceSettings,
     "engine": EngineSettings,
     "tracking": TrackingSettings,
 }
@@ -121,6 +123,7 @@ ALIASES = {"strategy.name": "strategy"}
 class Config(
     TrackingSettings,
     EngineSettings,
+    DeviceSettings,
     ScenarioSettings,
     PrivacySettings,
     StrategySettings,
@@ -139,7 +142,7 @@ class Config(
 
     def _check_across_groups(self) -> None:
         """What no group can check alone: the task a dataset needs, the clients a round
-        selects, the strategy and client count differential privacy needs."""
+        selects, the strategy and client count differential privacy needs, over-selection's sampling."""
         if self.dataset == "shakespeare" and self.task in TASKS and self.task != "language-model":
             raise ConfigError(
                 f"dataset shakespeare is next-character prediction: it needs task language-model, got {self.task!r}"
@@ -159,6 +162,8 @@ class Config(
         privacy = self.privacy()
         if privacy is not None:
             privacy.check(self.strategy_object(), self.num_clients)
+        if self.over_select > 0 and (self.sampling != "fixed" or privacy is not None):
+            raise ConfigError("over_select needs sampling fixed and no differential privacy (docs/time.md)")
         parse_schedule(self.lr_schedule).check(self.lr, self.rounds)
 
     @property

@@ -188,8 +188,8 @@ def run_experiment(
     checkpoint_key: bytes | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
 ) -> RunOutcome:
-    """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png`
-    (and with `save_adapters` an hf: model's adapters in peft's format).
+    """Run `config` and write `config.toml`, `history.json/.csv`, `model.pt`, `accuracy.png` (against
+    virtual time with device profiles) (and with `save_adapters` an hf: model's adapters in peft's format).
 
     History, model and a checkpoint are rewritten (atomically) after every round, so whatever
     stops the run (Ctrl-C, divergence, a crash) leaves the completed rounds on disk, and
@@ -280,6 +280,7 @@ def run_experiment(
             round_config=config.round_config(),
             personalized_eval={"auto": None, "on": True, "off": False}[config.personalized_eval],
             evaluate_fn=load_object(config.evaluate_fn, "evaluate_fn") if config.evaluate_fn else None,
+            devices=config.devices(),
         )
     except BaseException as e:
         error = e
@@ -289,7 +290,8 @@ def run_experiment(
         if engine is None:  # the Ray engine's workers hold their CPUs until closed
             run_engine.close()
         if records:
-            plot_history(History(records), run_dir / "accuracy.png", title=config.name, metric=primary)
+            x = "virtual_time" if config.profiled else "round"  # with device profiles: against virtual time
+            plot_history(History(records), run_dir / "accuracy.png", title=config.name, metric=primary, x=x)
         for run in tracked:  # after the plot: it is one of their artifacts
             run.finish(error)
     return RunOutcome(

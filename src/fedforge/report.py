@@ -27,32 +27,49 @@ def write_model(run_dir: str | os.PathLike, state: dict[str, torch.Tensor]) -> N
         torch.save({k: v.detach().cpu() for k, v in state.items()}, f)
 
 
+# What a plot's x-axis may show: the round, or the virtual seconds since the start (device profiles).
+X_AXES = ("round", "virtual_time")
+
+
+def x_label(x: str) -> str:
+    return "virtual time (s)" if x == "virtual_time" else "round"
+
+
 def plot_history(
-    history: History, path: str | os.PathLike, *, title: str | None = None, metric: str = "accuracy"
+    history: History,
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    metric: str = "accuracy",
+    x: str = "round",
 ) -> None:
     """The task's test `metric` (accuracy for classification) and loss per round, side by side, as a PNG;
     beside the test metric its personalized evaluation where the rounds have one, with the p10 to p90
-    band across the clients."""
+    band across the clients. `x`: "round", or "virtual_time" (a run with device profiles: the
+    virtual seconds by the end of each round)."""
     plt = pyplot()
 
-    rounds = history.column("round")
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
+    at = {r.round: r.metric(x) for r in history.records}  # each round's place on the x-axis
+    rounds = [at[r] for r in history.column("round")]
     private = any("epsilon" in r.metrics for r in history.records)
     fig, axes = plt.subplots(1, 3 if private else 2, figsize=(15 if private else 10, 4))
     acc_ax, loss_ax = axes[0], axes[1]
     if private:  # differential privacy: the epsilon spent by the end of each round
         axes[2].plot(rounds, history.column("epsilon"), marker="o", color="tab:red", label="epsilon spent")
-        axes[2].set(xlabel="round", ylabel="epsilon", title="privacy spent")
+        axes[2].set(xlabel=x_label(x), ylabel="epsilon", title="privacy spent")
     acc_ax.plot(rounds, history.column(f"test_{metric}"), marker="o", label="test")
     own = f"personalized_{metric}"  # the clients' own models on their own held-out data, where evaluated
     measured = [r for r in history.records if own in r.metrics]
     if measured:
         [line] = acc_ax.plot(
-            [r.round for r in measured], [r.metrics[own] for r in measured], marker="s", label="personalized"
+            [at[r.round] for r in measured], [r.metrics[own] for r in measured], marker="s", label="personalized"
         )
         band = [r for r in measured if f"{own}_p10" in r.metrics and f"{own}_p90" in r.metrics]
         if band:  # the spread across the clients
             acc_ax.fill_between(
-                [r.round for r in band],
+                [at[r.round] for r in band],
                 [r.metrics[f"{own}_p10"] for r in band],
                 [r.metrics[f"{own}_p90"] for r in band],
                 color=line.get_color(),
@@ -60,13 +77,13 @@ def plot_history(
                 label="personalized, p10 to p90 of clients",
             )
     loss_ax.plot(rounds, history.column("test_loss"), marker="o", label="test")
-    train = [(r.round, r.train_loss) for r in history.records if r.train_loss is not None]
+    train = [(at[r.round], r.train_loss) for r in history.records if r.train_loss is not None]
     if train:
         loss_ax.plot(*zip(*train, strict=True), marker=".", linestyle="--", label="train (clients)")
     acc_ax.set(
-        xlabel="round", ylabel=metric, title=f"{metric}: test and personalized" if measured else f"test {metric}"
+        xlabel=x_label(x), ylabel=metric, title=f"{metric}: test and personalized" if measured else f"test {metric}"
     )
-    loss_ax.set(xlabel="round", ylabel="loss", title="loss")
+    loss_ax.set(xlabel=x_label(x), ylabel="loss", title="loss")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -137,6 +154,8 @@ def round_line(record: RoundRecord, rounds: int, *, metric: str = "accuracy") ->
         parts.append(f"epsilon {record.metrics['epsilon']:.3f}")
     if "lr" in record.metrics:  # a learning-rate schedule's
         parts.append(f"lr {record.metrics['lr']:.4g}")
+    if record.round and "virtual_time" in record.metrics:  # device profiles: the virtual clock
+        parts.append(f"virtual time {record.metrics['virtual_time']:.4g} s")
     if record.round:
         parts.append(f"{record.seconds:.2f} s")
     return "  ".join(parts)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,9 +30,11 @@ from torch import nn
 from . import _seeding
 from .algorithms import FROZEN, SHARED, ClientState, RoleMap, nbytes
 from .client import personal_model
-from .contract import ClientConfig, ClientUpdate, OptimizerState, State
+from .clock import Clock, RoundTiming, Work, synchronous_round
+from .contract import ClientConfig, ClientPlan, ClientUpdate, OptimizerState, State
 from .data.datasets import TensorData
 from .data.federated import FederatedData, client_pool
+from .devices import Devices
 from .engines import ClientTask, Engine, SequentialEngine
 from .engines.base import RoundFailed, Traffic, as_engine
 from .errors import ConfigError, FedforgeError
@@ -161,17 +164,20 @@ class _Run:
     personal_test: list[TensorData] | None  # each client's held-out examples, under personalized evaluation
     dp: PrivacyRun | None
     settings: _Settings
+    clock: Clock | None = None  # the clients' devices' clock (None: no device profiles)
+    devices: Devices | None = None  # the deadline and over-selection of its rounds
 
 
 @dataclass(frozen=True)
 class _Planned:
-    """A round's attempt before it runs: its clients' config, who was selected, who dropped out,
-    and the others' tasks."""
+    """A round's attempt before it runs: its clients' config, who was selected, who dropped out
+    (or, on the clock, was late), the others' tasks, and when it ends on the virtual clock."""
 
     config: ClientConfig
     selected: Sequence[int]
     dropped: tuple[int, ...]
     tasks: Sequence[ClientTask]
+    timing: RoundTiming | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,7 @@ class _Begun:
     dropped: tuple[int, ...]
     updates: Iterator[Update]
     payload_down: int  # bytes of the tensors the tasks send (the shared entries, the algorithm's inputs)
+    timing: RoundTiming | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +209,7 @@ class _Trained:
     personalized: list[tuple[Mapping[str, float], int]]
     payload: dict[str, int]  # payload_down, payload_up: bytes of the tensors sent to and by the clients
     at: float
+    timing: RoundTiming | None = None  # on the virtual clock
 
 
 @dataclass(frozen=True)
@@ -289,6 +297,7 @@ def simulate(
     round_config: RoundConfig | None = None,
     personalized_eval: bool | None = None,
     evaluate_fn: EvaluateFn | None = None,
+    devices: Devices | None = None,
 ) -> SimulationResult:
     """Run federated training of `model` (its weights the initial global model; they are not
     changed, but the model is moved to the data's device, in place) over `data` for `rounds`
@@ -333,6 +342,10 @@ def simulate(
             `evaluate_fn(module, round)` gets the model loaded with the global weights (in eval
             mode) and returns numbers by name, which the round's record keeps as `eval_<name>`
             (e.g. your own data's F1 as `eval_f1`).
+        devices: the clients' devices (speeds, bandwidths, availability: `fedforge.devices`) and
+            the virtual clock's rounds: a deadline, over-selection. Each round's record then holds
+            `virtual_time`, the virtual seconds since the run's start when the round ended
+            (`fedforge.clock`). None: no clock, and no `virtual_time`.
 
     The clients run `client.algorithm` (`fedforge.algorithms`), or the strategy's own client
     algorithm when it has one (FedProx, SCAFFOLD, FedDyn); the returned state's `params` hold the
@@ -349,19 +362,22 @@ def simulate(
         personalized_eval,
         evaluate_fn,
     )
-    run = _setup(model, data, client, strategy, engine, scenario, seed, clients_per_round, privacy, resume, settings)
+    run = _setup(
+        model, data, client, strategy, engine, scenario, seed, clients_per_round, privacy, resume, settings, devices
+    )
     state, records, kept = _start(run, resume, checkpoint, on_round)
     kept = _handed(run, kept)  # the clients' own: here, or where the engine's clients are
     ahead: _Begun | None = None  # the next round's first attempt, begun while this one was evaluated
     while state.round < rounds and not _out_of_budget(run, state.round + 1):
         started, traffic = time.perf_counter(), run.engine.traffic()
-        trained = _train_round(run, state, ahead, kept)  # select, plan, run, transform, aggregate
+        now = records[-1].metrics.get("virtual_time", 0.0)  # on the virtual clock: when the last round ended
+        trained = _train_round(run, state, ahead, kept, now)  # select, plan, run, transform, aggregate
         state = trained.state
         kept = kept.updated(
             trained.optimizer_states, trained.client_states, dict.fromkeys(trained.counted, state.round)
         )
         saved = _gathered(run, kept) if checkpoint is not None else kept  # before the workers train on
-        ahead = _begin_ahead(run, state, kept)
+        ahead = _begin_ahead(run, state, kept, trained.timing.end if trained.timing else 0.0)
         records.append(_record(run, state, _evaluate(run, state), trained, started, _traffic(run.engine, traffic)))
         _recorded(records, state, saved, checkpoint, on_round)
     return SimulationResult(History(records), state, _gathered(run, kept))
@@ -407,12 +423,14 @@ def _setup(
     privacy: DifferentialPrivacy | None,
     resume: Resume | None,
     settings: _Settings,
+    devices: Devices | None,
 ) -> _Run:
     """Check the run's settings and build what its rounds share: the task's data on its device,
-    the clients' pool, the malicious clients, and the privacy stage."""
+    the clients' pool, the malicious clients, the privacy stage and the clients' devices' clock."""
     if settings.rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {settings.rounds}")
     k = clients_per_round_count(clients_per_round, data.num_clients)
+    clock = _clock(devices, data.num_clients, seed, settings.sampling, privacy)
     strategy = strategy or FedAvg()
     client = replace(client, algorithm=client_algorithm(strategy, client.algorithm))
     roles = client.algorithm.roles.assign(model)
@@ -463,7 +481,25 @@ def _setup(
         personal_test=personal_test,
         dp=_privacy_run(privacy, strategy, data.num_clients, k, seed, resume, settings),
         settings=settings,
+        clock=clock,
+        devices=devices,
     )
+
+
+def _clock(
+    devices: Devices | None, num_clients: int, seed: int, sampling: str, privacy: DifferentialPrivacy | None
+) -> Clock | None:
+    """The clock of the clients' devices (None without them), its rounds' settings checked against the run's."""
+    if devices is None:
+        return None
+    if devices.over_select > 0 and sampling != "fixed":
+        raise ConfigError("over_select selects a fixed number of clients: it needs sampling fixed")
+    if devices.over_select > 0 and privacy is not None:
+        raise ConfigError(
+            "over_select with differential privacy: the accountant assumes the clients sampled are the clients "
+            "that count, which over-selection breaks"
+        )
+    return Clock(devices.profiles(num_clients, seed), devices.step_seconds)
 
 
 def _check_roles(roles: RoleMap, strategy: Strategy) -> None:
@@ -535,6 +571,8 @@ def _start(
     shared = {name: v.detach() for name, v in run.model.state_dict().items() if name not in run.fixed}
     state = run.strategy.init(shared, info)
     records = [_record(run, state, _evaluate(run, state), None, started, {})]
+    if run.clock is not None:  # the run starts at virtual time 0
+        records[0] = replace(records[0], metrics={**records[0].metrics, "virtual_time": 0.0})
     _recorded(records, state, Kept(), checkpoint, on_round)
     return state, records, Kept()
 
@@ -552,18 +590,19 @@ def _out_of_budget(run: _Run, r: int) -> bool:
     return True
 
 
-def _train_round(run: _Run, state: ServerState, ahead: _Begun | None, kept: Kept) -> _Trained:
+def _train_round(run: _Run, state: ServerState, ahead: _Begun | None, kept: Kept, now: float) -> _Trained:
     """Round `state.round + 1`: select and plan -> run -> transform -> aggregate. An attempt whose
     engine raises RoundFailed (too few clients reported) is retried with a new selection.
 
-    `ahead`: the round's first attempt, when it was begun while the round before was evaluated.
+    `ahead`: the round's first attempt, when it was begun while the round before was evaluated;
+    `now`: when the round before ended, on the virtual clock.
     """
     r = state.round + 1
     config = _round_config(run, r)
     failure: RoundFailed | None = None
     for attempt in range(run.settings.max_round_attempts):
         if attempt > 0 or ahead is None:  # only a first attempt is begun ahead
-            ahead = _run_clients(run, state, _select_and_plan(run, state, r, attempt, kept, config))
+            ahead = _run_clients(run, state, _select_and_plan(run, state, r, attempt, kept, config, now))
         begun, ahead = ahead, None
         # The updates stream through the stages once, as they arrive: the server never holds them all.
         # The server evaluates the clients' personal models, unless the clients do it themselves.
@@ -592,6 +631,7 @@ def _train_round(run: _Run, state: ServerState, ahead: _Begun | None, kept: Kept
             tally.personalized,
             {"payload_down": begun.payload_down, "payload_up": tally.payload_up},
             time.perf_counter(),
+            begun.timing,
         )
     raise FedforgeError(f"round {r} failed {run.settings.max_round_attempts} times; the last attempt: {failure}")
 
@@ -619,21 +659,41 @@ def _select_and_plan(
     attempt: int,
     clients_keep: Kept,
     config: ClientConfig,
+    now: float = 0.0,
 ) -> _Planned:
-    """Round r's selection, who of it drops out, and the others' tasks: the strategy's plan (its
-    local terms), the scenario's work (epochs, steps), and what privacy asks of the clients."""
+    """Round r's selection, who of it drops out (or, on the virtual clock from `now`, is late), and
+    the others' tasks: the strategy's plan (its local terms), the scenario's work (epochs, steps),
+    and what privacy asks of the clients."""
     # A retried round draws a new selection; the first draw is the simulation's.
     keys = (_seeding.SELECTION, r) if attempt == 0 else (_seeding.SELECTION, r, attempt)
     n, generator = run.data.num_clients, _seeding.generator(run.seed, *keys)
+    start = _round_start(run, now)
+    profiles = run.clock.profiles if run.clock is not None and not run.clock.profiles.always else None
     if run.settings.sampling == "poisson":
         selected = poisson_sample(n, run.k / n, generator)
-    else:
-        selected = select_clients(n, run.k, generator)
+        if profiles is not None:
+            selected = [c for c in selected if profiles.online_until(c, start) is not None]
+    elif profiles is None:
+        selected = select_clients(n, _selecting(run), generator)
+    else:  # the first of a random order that are online
+        order = torch.randperm(n, generator=generator).tolist()
+        online = (c for c in order if profiles.online_until(c, start) is not None)
+        selected = sorted(itertools.islice(online, _selecting(run)))
     sizes = [len(run.clients[c]) for c in selected]
     work, dropped = client_work(run.scenario, selected, sizes, config, run.seed, r)
+    privacy = run.dp.client_plan() if run.dp else None  # clip and noise, for the clients to do
+    plans = {
+        c: replace(run.strategy.plan(state, c), epochs=work[c].epochs, max_steps=work[c].max_steps, **(privacy or {}))
+        for c in selected
+        if c not in dropped
+    }
+    timing = None
+    if run.clock is not None:
+        timing = _timed(run, state, config, plans, start, missing=bool(dropped))
+        dropped = tuple(sorted({*dropped, *timing.late}))
+        plans = {c: _capped(plans[c], len(run.clients[c]), config, timing.partial.get(c)) for c in timing.kept}
     kept = [c for c in selected if c not in dropped]
     seeds = _seeding.derive_seeds(run.seed, _seeding.CLIENT_BATCHES, r, each=kept)
-    privacy = run.dp.client_plan() if run.dp else None  # clip and noise, for the clients to do
     tasks = [
         ClientTask(
             c,
@@ -641,12 +701,7 @@ def _select_and_plan(
             batch_seed,
             run.pool,
             run.starts[c],
-            replace(
-                run.strategy.plan(state, c),
-                epochs=work[c].epochs,
-                max_steps=work[c].max_steps,
-                **(privacy or {}),
-            ),
+            plans[c],
             clients_keep.optimizer_states.get(c),
             summable=run.summable and c not in run.transformed,
             client_state=clients_keep.client_states.get(c),
@@ -655,7 +710,71 @@ def _select_and_plan(
         )
         for c, batch_seed in zip(kept, seeds, strict=True)
     ]
-    return _Planned(config, selected, dropped, tasks)
+    return _Planned(config, selected, dropped, tasks, timing)
+
+
+def _selecting(run: _Run) -> int:
+    """How many clients a round selects: k, or ceil(k(1 + x)) under over-selection (at most all)."""
+    x = run.devices.over_select if run.devices is not None else 0.0
+    return run.k if x == 0 else min(run.data.num_clients, math.ceil(run.k * (1 + x)))
+
+
+def _round_start(run: _Run, now: float) -> float:
+    """When a round that may start at virtual time `now` starts: then, or when the first client
+    comes online if none is online then (the server waits)."""
+    if run.clock is None or run.clock.profiles.always:
+        return now
+    profiles, clients = run.clock.profiles, range(run.data.num_clients)
+    if any(profiles.online_until(c, now) is not None for c in clients):
+        return now
+    start = min(profiles.next_online(c, now) for c in clients)
+    if not math.isfinite(start):
+        raise FedforgeError(f"no client is online at virtual time {now:.6g} or later: the trace's windows have ended")
+    return start
+
+
+def _timed(
+    run: _Run,
+    state: ServerState,
+    config: ClientConfig,
+    plans: Mapping[int, ClientPlan],
+    start: float,
+    *,
+    missing: bool,
+) -> RoundTiming:
+    """The round on the virtual clock from `start`: who counts, by the deadline and over-selection.
+    A client receives the shared entries and its plan's inputs, and sends an update of as many bytes."""
+    assert run.clock is not None and run.devices is not None, "called on the virtual clock"
+    shared = nbytes(state.params)
+    work = {}
+    for c, plan in plans.items():
+        sent = shared + nbytes(plan.inputs or {})
+        work[c] = Work(sum(plan.phase_steps(len(run.clients[c]), config)), sent, sent)
+    devices = run.devices
+    return synchronous_round(
+        run.clock,
+        start,
+        work,
+        keep=run.k if devices.over_select > 0 else None,
+        deadline=devices.deadline,
+        partial=devices.late == "partial",
+        missing=missing,
+    )
+
+
+def _capped(plan: ClientPlan, size: int, config: ClientConfig, steps: int | None) -> ClientPlan:
+    """`plan` with its local steps cut to `steps` in all (None: as it is): the largest max_steps
+    whose phases' steps add up to no more."""
+    if steps is None:
+        return plan
+    low, high = 1, steps  # sum(phase_steps) grows with max_steps, and is at least max_steps' for one phase
+    while low < high:
+        mid = (low + high + 1) // 2
+        if sum(replace(plan, max_steps=mid).phase_steps(size, config)) <= steps:
+            low = mid
+        else:
+            high = mid - 1
+    return replace(plan, max_steps=low)
 
 
 def _run_clients(run: _Run, state: ServerState, planned: _Planned) -> _Begun:
@@ -667,7 +786,7 @@ def _run_clients(run: _Run, state: ServerState, planned: _Planned) -> _Begun:
         updates = _raising(e)
     shared = nbytes(state.params)
     down = sum(shared + nbytes(task.plan.inputs or {}) for task in planned.tasks)
-    return _Begun(planned.config, planned.selected, planned.dropped, updates, down)
+    return _Begun(planned.config, planned.selected, planned.dropped, updates, down, planned.timing)
 
 
 def _payload_up(update: Update) -> int:
@@ -705,14 +824,15 @@ def _aggregate(run: _Run, state: ServerState, updates: Iterable[Update], r: int,
     return new if new.run is facts else replace(new, run=facts)  # the run's facts stay the run's
 
 
-def _begin_ahead(run: _Run, state: ServerState, kept: Kept) -> _Begun | None:
+def _begin_ahead(run: _Run, state: ServerState, kept: Kept, now: float) -> _Begun | None:
     """The next round's first attempt, begun now when the engine works ahead (`Engine.works_ahead`):
-    its workers train it while this round is evaluated and recorded here."""
+    its workers train it while this round is evaluated and recorded here (`now`: when this round
+    ended on the virtual clock)."""
     if not run.engine.works_ahead or state.round >= run.settings.rounds or (run.dp is not None and run.dp.exhausted()):
         return None
     try:
         r = state.round + 1
-        return _run_clients(run, state, _select_and_plan(run, state, r, 0, kept, _round_config(run, r)))
+        return _run_clients(run, state, _select_and_plan(run, state, r, 0, kept, _round_config(run, r), now))
     except Exception:  # the round begins again in its turn, and raises then
         return None
 
@@ -840,11 +960,20 @@ def _record(
             **(personalized_summary([(m, n) for m, n in trained.personalized if n > 0]) if trained else {}),
             **{f"eval_{name}": value for name, value in evaluated.own.items()},
             **(trained.payload if trained else {}),
+            **_timed_record(trained),
             **_scheduled(run, trained),
             **(run.dp.metrics() if run.dp else {}),
             **traffic,
         },
     )
+
+
+def _timed_record(trained: _Trained | None) -> dict[str, float]:
+    """On the virtual clock: when the round ended (`virtual_time`, seconds since the run's start)
+    and how many of its clients were late (missed the deadline, lost to over-selection, went offline)."""
+    if trained is None or trained.timing is None:
+        return {}
+    return {"virtual_time": trained.timing.end, "late_clients": len(trained.timing.late)}
 
 
 def _scheduled(run: _Run, trained: _Trained | None) -> dict[str, float]:

@@ -429,6 +429,10 @@ def test_enroll_command(tmp_path):
         ),
         (["server", "--tokens", "t.json", "--insecure", "--lr", "1e7"], "lr must be at most 1e+06 in a deployment"),
         (
+            ["server", "--tokens", "t.json", "--insecure", "--device-speeds", "lognormal:sigma=1.0"],
+            "device profiles and the virtual clock are for simulations",
+        ),
+        (
             ["server", "--tokens", "t.json", "--insecure", "--secure-aggregation", "--secagg-threshold", "2"],
             "threshold 2 of 5 holders: it must be more than half of them",
         ),
