@@ -32,6 +32,7 @@ from fedforge.llm.models import (  # noqa: E402
     context_length,
     load_tokenizer,
     save_adapters,
+    tiny_llama_config,
 )
 from fedforge.llm.settings import LlmSettings  # noqa: E402
 from fedforge.llm.text import char_tokenizer  # noqa: E402
@@ -45,17 +46,7 @@ LENGTH = 24
 
 
 def _config(vocab_size: int, **changes) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        **changes,
-    )
+    return tiny_llama_config(vocab_size, context=64, **changes)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from fedforge.tasks import CAUSAL_LM, IGNORE, SEQUENCE_CLASSIFICATION, make_task
 
 transformers = pytest.importorskip("transformers")
 text = pytest.importorskip("fedforge.llm.text")
+from fedforge.llm.models import tiny_llama_config  # noqa: E402
 
 SCENES = Path(__file__).parents[2] / "examples" / "data" / "shakespeare_scenes.txt"
 # a 4, b 5, e 6, h 7, l 8, o 9 (after <pad> 0, <s> 1, </s> 2, <unk> 3)
@@ -36,15 +37,10 @@ def tok():
 
 
 def tiny_llama(vocab_size: int, *, classes: int | None = None, seed: int = 0, attention: str = "sdpa"):
-    config = transformers.LlamaConfig(
+    config = tiny_llama_config(
+        vocab_size,
+        context=64,
         attn_implementation=attention,
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
         pad_token_id=PAD,
         bos_token_id=BOS,
         eos_token_id=EOS,

@@ -15,6 +15,7 @@ from fedforge.network.wire import Kind
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("peft")
+from fedforge.llm.models import save_tiny_llama  # noqa: E402
 
 # The clients' data: their parts of the run's partition of their copy of the dataset the server
 # names (it names the folder, not its path).
@@ -34,23 +35,7 @@ app = ClientApp(data=data)
 
 
 def _tiny_llama(folder):
-    from fedforge.llm.text import char_tokenizer
-
-    tokenizer = char_tokenizer(["abcdefghijklmnopqrstuvwxyz .,;!?\n"])
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_llama(folder, ["abcdefghijklmnopqrstuvwxyz .,;!?\n"], context=64)
 
 
 def _tokens(folder):

@@ -385,6 +385,24 @@ def save_adapters(model: nn.Module, params: Mapping[str, torch.Tensor], folder: 
     return folder
 
 
+def tiny_llama_config(vocab_size: int, *, context: int = 256, hidden: int = 64, layers: int = 2, **changes: Any):
+    """The config of a small Llama (`transformers.LlamaConfig`): `hidden` wide (4 heads, an MLP
+    twice as wide), `layers` deep, reading `context` tokens, pad id 0 unless `changes` say
+    otherwise (with any other field of the config)."""
+    transformers, _ = require()
+    options: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": context,
+        "pad_token_id": 0,
+    }
+    return transformers.LlamaConfig(**{**options, **changes})
+
+
 def save_tiny_llama(
     folder: str | os.PathLike,
     texts: Iterable[str],
@@ -402,14 +420,11 @@ def save_tiny_llama(
     (4 heads, an MLP twice as wide), `layers` deep, reading `context` tokens."""
     transformers, _ = require()
     tokenizer = char_tokenizer(texts)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=context,
+    config = tiny_llama_config(
+        len(tokenizer),
+        context=context,
+        hidden=hidden,
+        layers=layers,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -436,4 +451,5 @@ __all__ = [
     "model_kind",
     "save_adapters",
     "save_tiny_llama",
+    "tiny_llama_config",
 ]
