@@ -101,3 +101,15 @@ def assert_same_kept(a, b):
         torch.testing.assert_close(state.flat(), b.client_states[c].flat())
     for c, optimizer in a.optimizer_states.items():
         torch.testing.assert_close(optimizer.slots, b.optimizer_states[c].slots)
+
+
+class BNNet(nn.Module):
+    """An MLP with a BatchNorm layer: FedBN's personal entries (its weights and running statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.net(x)

@@ -20,6 +20,7 @@ from ray_problem import (  # noqa: E402
     CLIENT,
     SEED,
     WORKER_ENV,
+    BNNet,
     Net,
     assert_same_kept,
     assert_same_run,
@@ -28,7 +29,7 @@ from ray_problem import (  # noqa: E402
     run,
 )
 
-from fedforge.algorithms import PLAIN, Ditto, FedPer, FedRep, Roles  # noqa: E402
+from fedforge.algorithms import PLAIN, Ditto, FedBN, FedPer, FedRep, Roles  # noqa: E402
 from fedforge.cli import main  # noqa: E402
 from fedforge.engines import SequentialEngine  # noqa: E402
 from fedforge.engines.base import RoundFailed  # noqa: E402
@@ -128,13 +129,17 @@ def test_personal_models_are_evaluated_on_the_workers_as_in_process():
         assert own and own == pytest.approx({k: b.metrics[k] for k in own}, rel=1e-5)
 
 
-@pytest.mark.parametrize("strategy, algorithm", [("feddyn", None), ("fedavg", Ditto(lam=0.1)), ("fedavg", FedRep())])
-def test_stateful_algorithms_on_the_workers_equal_the_sequential_engine(strategy, algorithm):
-    # FedDyn's gradients, Ditto's personal copies and FedRep's heads live on the workers across rounds.
+@pytest.mark.parametrize(
+    "strategy, algorithm, model",
+    [("feddyn", None, Net), ("fedavg", Ditto(lam=0.1), Net), ("fedavg", FedRep(), Net), ("fedavg", FedBN(), BNNet)],
+)
+def test_stateful_algorithms_on_the_workers_equal_the_sequential_engine(strategy, algorithm, model):
+    # FedDyn's gradients, Ditto's personal copies, FedRep's heads and FedBN's BatchNorm layers (their
+    # running statistics too) live on the workers across rounds.
     client = CLIENT if algorithm is None else dataclasses.replace(CLIENT, algorithm=algorithm)
     with RayEngine(blobs_data, seed=SEED, workers=2, cpus_per_worker=0.5) as engine:
-        on_ray = run(engine, strategy, rounds=3, client=client)
-    sequential = run(SequentialEngine(), strategy, rounds=3, client=client)
+        on_ray = run(engine, strategy, rounds=3, client=client, model=model())
+    sequential = run(SequentialEngine(), strategy, rounds=3, client=client, model=model())
     assert_same_run(on_ray, sequential)
     assert on_ray.kept.client_states  # each algorithm keeps a state, which the workers handed back
     assert_same_kept(on_ray.kept, sequential.kept)
