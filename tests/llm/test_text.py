@@ -101,6 +101,11 @@ def test_text_longer_than_max_length_or_the_context_is_refused_without_truncatio
         text.causal_lm_data(short, ["hello"])  # max_length defaults to the context
     assert "more than the model's context (5 tokens)" in one_line(error)
     with pytest.raises(ConfigError) as error:
+        text.causal_lm_data(short, ["hello"], max_length=3)  # beyond both: only truncation helps
+    message = one_line(error)
+    assert "row 1 is 7 tokens, more than the model's context (5 tokens)" in message
+    assert message.endswith("ask for truncation (--truncation)"), message
+    with pytest.raises(ConfigError) as error:
         text.causal_lm_data(short, ["ab"], max_length=8)
     assert "max_length 8 is more than the model's context (5 tokens)" in one_line(error)
     with pytest.raises(ConfigError) as error:
