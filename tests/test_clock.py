@@ -245,3 +245,6 @@ def test_the_server_waits_for_a_client_to_come_online_and_stops_when_none_ever_w
     assert first.dropped == () and 100 < first.metrics["virtual_time"] < 101
     with pytest.raises(FedforgeError, match="no client is online at virtual time 1 or later"):
         run(Devices(trace=trace("0-0.1"), deadline=1.0), rounds=2)  # round 1: all leave; then none is back
+    # Without a deadline the server waits for its clients until they leave: the clock moves on.
+    with pytest.raises(FedforgeError, match=r"no client is online at virtual time 0\.1 or later"):
+        run(Devices(trace=trace("0-0.1")), rounds=3)

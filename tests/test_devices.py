@@ -24,6 +24,9 @@ def test_a_trace_gives_each_client_its_device(tmp_path):
     assert p.speed.tolist() == [2.0, 0.5] and p.up.tolist() == [1e6, 100.0] and p.down.tolist() == [4e6, 200.0]
     assert p.windows == (None, ((0.0, 10.0), (20.0, 30.5)))
     assert p.online_until(1, 25.0) == 30.5 and p.online_until(1, 15.0) is None and p.online_until(0, 1e9) > 1e9
+    marked = tmp_path / "excel.csv"  # a spreadsheet's "CSV UTF-8": a byte order mark before the header
+    marked.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_trace(marked, 2).windows == p.windows
 
 
 @pytest.mark.parametrize(

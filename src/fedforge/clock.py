@@ -102,11 +102,13 @@ def synchronous_round(
     sends the steps it finished by then, if any) and before its availability window closes; of
     those, the first `keep` to finish (ties: the lower id), when `keep` is given (over-selection).
     The round ends when its last counted client finishes, or at the deadline when fewer count than
-    the round waits for (all its clients, or `keep`): the server waits for them until then.
+    the round waits for (all its clients, or `keep`): the server waits for them until then. Without
+    a deadline it waits for a client that goes offline mid-round until it leaves.
     """
     finish: dict[int, float] = {}
     budget: dict[int, int] = {}
     late: list[int] = []
+    gone: list[float] = []  # when the clients that went offline before sending left
     for client, task in work.items():
         ends = start + clock.task(client, task).total
         leaves = clock.profiles.online_until(client, start)
@@ -120,6 +122,8 @@ def synchronous_round(
         if leaves is None or ends > leaves:  # offline at the start, or gone before it sent its update
             late.append(client)
             budget.pop(client, None)
+            if leaves is not None:
+                gone.append(leaves)
             continue
         finish[client] = ends
     order = sorted(finish, key=lambda c: (finish[c], c))
@@ -129,7 +133,8 @@ def synchronous_round(
     kept = sorted(order)
     short = len(kept) < keep if keep is not None else missing or len(kept) < len(work)
     waited = deadline is not None and short
-    end = start + deadline if waited and deadline is not None else max((finish[c] for c in kept), default=start)
+    waited_for = [*(finish[c] for c in kept), *(gone if short else ())]
+    end = start + deadline if waited and deadline is not None else max(waited_for, default=start)
     return RoundTiming(
         kept=tuple(kept),
         late=tuple(sorted(late)),

@@ -196,7 +196,7 @@ def read_trace(path: str | os.PathLike, num_clients: int) -> DeviceProfiles:
     if len(raw) > MAX_TRACE_BYTES:
         raise ConfigError(f"device trace {path}: larger than {MAX_TRACE_BYTES} bytes")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a spreadsheet's "CSV UTF-8" starts with a byte order mark
     except UnicodeDecodeError:
         raise ConfigError(f"device trace {path}: not UTF-8 text") from None
     rows = csv.reader(io.StringIO(text), strict=True)

@@ -315,6 +315,37 @@ def test_a_hub_name_offline_is_one_line(tmp_path, token_data):
     )
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("frobnicator", "model type `frobnicator` but Transformers does not recognize this architecture"),
+        ("no tokenizer", "has no tokenizer (save one beside it with tokenizer.save_pretrained)"),
+    ],
+)
+def test_a_folder_transformers_cannot_load_is_one_line_on_stderr(folders, tmp_path, change, message):
+    """In a process of its own: transformers' warnings go to the stderr its logger was made with,
+    which capsys does not see. Text data, so that the tokenizer is needed."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": TEXT[i : i + 8]}) + "\n" for i in range(10)))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = json.loads((folders / "llama" / "config.json").read_text())
+    for name in (folders / "llama").iterdir():
+        if change != "no tokenizer" or not name.name.startswith("tokenizer"):
+            (folder / name.name).write_bytes(name.read_bytes())
+    if change == "frobnicator":
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "frobnicator"}))
+    argv = ["run", "--model", f"hf:{folder}", "--task", "causal-lm", "--dataset", f"jsonl:{rows}", "--rounds", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "fedforge", *argv, "--out-dir", str(tmp_path / "runs"), "--quiet"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=bound(PROCESS_S),
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
 def test_without_peft_the_run_says_how_to_install_it(folders, tmp_path, token_data):
     argv = _run_args(token_data, tmp_path, f"hf:{folders / 'llama'}")
     script = (

@@ -97,6 +97,11 @@ def test_text_longer_than_max_length_or_the_context_is_refused_without_truncatio
         text.causal_lm_data(short, ["hello"])  # max_length defaults to the context
     assert "more than the model's context (5 tokens)" in one_line(error)
     with pytest.raises(ConfigError) as error:
+        text.causal_lm_data(short, ["hello"], max_length=3)  # beyond both: only truncation helps
+    message = one_line(error)
+    assert "row 1 is 7 tokens, more than the model's context (5 tokens)" in message
+    assert message.endswith("ask for truncation (--truncation)"), message
+    with pytest.raises(ConfigError) as error:
         text.causal_lm_data(short, ["ab"], max_length=8)
     assert "max_length 8 is more than the model's context (5 tokens)" in one_line(error)
     with pytest.raises(ConfigError) as error:
@@ -232,6 +237,7 @@ def write_csv(path: Path, rows: dict) -> Path:
 
 
 SENTIMENT = text.TextOptions(label_column="label", group_column="user", max_length=64)
+SENTIMENT_LABELS = text.TextOptions(label_column="label", max_length=64)
 
 
 def test_jsonl_csv_and_hf_give_the_same_dataset(tmp_path):
@@ -274,6 +280,16 @@ def test_jsonl_csv_and_hf_give_the_same_dataset(tmp_path):
     expected = text.causal_lm_data(tok, rows["text"][50:], max_length=64)
     width = expected.x["input_ids"].shape[1]
     assert torch.equal(split.test.x["input_ids"][:, :width], expected.x["input_ids"])
+
+
+@pytest.mark.parametrize("label, shown", [("positive", "'positive'"), (1, "1.0")])
+def test_a_label_column_of_one_value_is_one_line(tmp_path, label, shown):
+    rows = {"text": ["good", "fine", "nice"], "label": [label] * 3}
+    path = write_jsonl(tmp_path / "one.jsonl", rows)
+    tok = text.char_tokenizer(rows["text"])
+    with pytest.raises(DataError) as error:
+        text.load_text(f"jsonl:{path}", tok, task="sequence-classification", options=SENTIMENT_LABELS)
+    assert f"target column 'label' has a single value ({shown}): nothing to classify" in one_line(error)
 
 
 def test_natural_partition_by_user_and_dirichlet_by_label(tmp_path):

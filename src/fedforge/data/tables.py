@@ -80,9 +80,8 @@ def targets(values: np.ndarray, *, task: str, column: str, where: str) -> tuple[
             f"{MAX_CLASSES} classes; use --task regression for a continuous target"
         )
     if len(classes) < 2:
-        raise DataError(
-            f"{where}: target column {column!r} has a single value ({classes[0].item()!r}): nothing to classify"
-        )
+        value = classes[0].item() if isinstance(classes[0], np.generic) else classes[0]  # text labels: str
+        raise DataError(f"{where}: target column {column!r} has a single value ({value!r}): nothing to classify")
     return ids.astype(np.int64).reshape(-1), len(classes)
 
 

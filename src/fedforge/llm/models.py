@@ -52,6 +52,8 @@ CONFIG_LIMITS = {
 }
 MAX_CLASSES = CONFIG_LIMITS["num_labels"]
 _HUB_NAME = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+# A folder with none of these has no tokenizer to load (tokenizer.save_pretrained writes the first).
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")
 
 
 class HFModel(nn.Module):
@@ -162,12 +164,16 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     a padding token pads with its end-of-sequence token."""
     transformers, _ = require()
     source = _source(name)
+    no_tokenizer = f"model hf:{source} has no tokenizer (save one beside it with tokenizer.save_pretrained)"
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with _quiet(transformers):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
+        if Path(source).is_dir() and not any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
+            raise ConfigError(no_tokenizer) from None
         raise _loading_error(source, e) from None
     if tokenizer is None:
-        raise ConfigError(f"model hf:{source} has no tokenizer (save one beside it with tokenizer.save_pretrained)")
+        raise ConfigError(no_tokenizer)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -179,7 +185,8 @@ def context_length(name: str, *, trust_remote_code: bool = False) -> int | None:
     transformers, _ = require()
     source = _source(name)
     try:
-        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with _quiet(transformers):
+            config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise _loading_error(source, e) from None
     check_sizes(config.to_dict(), f"model hf:{source}: its config's")

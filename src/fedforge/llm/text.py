@@ -393,14 +393,12 @@ def _fit(
         return rows
     if not truncation:
         n = len(rows[too_long])
-        limit = (
-            f"the model's context ({context} tokens)"
-            if context is not None and n > context
-            else f"max_length ({max_length} tokens)"
-        )
+        if context is not None and n > context:  # no --max-length can exceed the context
+            limit, remedy = f"the model's context ({context} tokens)", ""
+        else:
+            limit, remedy = f"max_length ({max_length} tokens)", " or a larger --max-length"
         raise ConfigError(
-            f"{where}: row {too_long + 1} is {n} tokens, more than {limit}; ask for truncation "
-            f"(--truncation) or a larger --max-length"
+            f"{where}: row {too_long + 1} is {n} tokens, more than {limit}; ask for truncation (--truncation){remedy}"
         )
     return [ids[:max_length] for ids in rows]
 
