@@ -896,7 +896,13 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
     like the trained ones and go with the buffers, updated in place by each client's forward pass;
     a model with such entries is vmapped even for one client (its views keep the client dimension).
     The frozen parameters are closed over, unbatched: `vmap` computes x[c] @ W for every client c
-    as one matrix product over all the clients' rows, and W is held once."""
+    as one matrix product over all the clients' rows, and W is held once.
+
+    A model with frozen parameters and no such entries (a base under LoRA adapters) is
+    differentiated outside `vmap` (`by_autograd`): the same gradients, to round-off, with half the
+    memory of vmap(grad) on a transformer. An operation `vmap` batches only under `grad` (LSTM's,
+    which `grad` decomposes) switches the chunk to vmap(grad) at its first step: the failed forward
+    pass changed nothing."""
     task, rule = config.task, config.rule
     source, schedule, term = run.source, run.schedule, run.loss_term
     rows = schedule.rows.to(source.device)
@@ -913,10 +919,27 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
         return value, task.metric_sums(outputs.detach(), y)
 
     one = grad(loss, has_aux=True)
-    many = vmap(one) if term is None else vmap(one, in_dims=(0, 0, 0, 0, term.in_dims))
+    in_dims = (0, 0, 0, 0) if term is None else (0, 0, 0, 0, term.in_dims)
+    by_grad, losses = vmap(one, in_dims=in_dims), vmap(loss, in_dims=in_dims)
+
+    def by_autograd(params, buffers, x, y, *extra):
+        """Each client's gradient: the vmapped forward pass, then one backward pass by autograd
+        through the sum of the clients' losses (client c's parameters reach its loss alone).
+        Autograd keeps the batched tensors the forward pass computed and runs the fused backward
+        kernels on them, where `grad` under `vmap` keeps more and splits some (SiLU's backward)
+        into several operations."""
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad():
+            values, sums = losses(leaves, buffers, x, y, *extra)
+            grads = torch.autograd.grad(values.sum(), list(leaves.values()), materialize_grads=True)
+        return dict(zip(leaves, grads, strict=True)), sums
+
+    # A failed forward pass may have changed buffers; other models keep vmap(grad)'s round-off.
+    many = by_autograd if frozen and not has_buffers else by_grad
     model.train()
 
     def step(t, active, views, state, terms):
+        nonlocal many
         done = []
         for lo, hi in _runs(schedule.sizes[:active, t]):
             single = hi - lo == 1 and not has_buffers
@@ -928,7 +951,16 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
             params = {k: run_params[k] for k in trainable}
             buffers = {k: v for k, v in run_params.items() if k not in params}
             extra = () if term is None else (term.args(lo, hi, single=single),)
-            grads, sums = (one if single else many)(params, buffers, x, y, *extra)
+            if single:
+                grads, sums = one(params, buffers, x, y, *extra)
+            else:
+                try:
+                    grads, sums = many(params, buffers, x, y, *extra)
+                except (RuntimeError, NotImplementedError):
+                    if many is by_grad:
+                        raise
+                    many = by_grad
+                    grads, sums = many(params, buffers, x, y, *extra)
             rule.step(params, grads, run_state, run_terms)
             if single:
                 units[lo] += task.units(y)
