@@ -14,10 +14,11 @@ Three kernels:
   hand-derived `fastmlp` kernel (batched matrix products). A client's last, short batch is
   padded and its padding weighted 0, which is exact for this loss.
 - Any other model and task: `torch.func` (`vmap` of `grad` of `functional_call`) with the task's
-  own loss and metric sums, and SGD, Adam or AdamW. A task's loss is a mean over its batch, so
-  padding would change it: at each step the active clients are split into runs of equal batch
-  size (the stack is sorted so that these are contiguous), one `vmap` per run, and a run of
-  one client is computed unbatched.
+  own loss and metric sums, and SGD, Adam or AdamW (a model with a frozen base: its forward
+  pass vmapped, its backward pass by autograd, which holds half the memory). A task's loss is a
+  mean over its batch, so padding would change it: at each step the active clients are split
+  into runs of equal batch size (the stack is sorted so that these are contiguous), one `vmap`
+  per run, and a run of one client is computed unbatched.
 - Convolutional networks `fastconv` can stack (Sequential nets of Conv2d, BatchNorm2d, pooling,
   activations, Flatten and Linear layers, the built-in ResNet's blocks): their forward pass
   for the run's clients at once (grouped convolutions), autograd for the backward pass, the
