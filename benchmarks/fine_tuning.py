@@ -18,8 +18,8 @@ memory is its own: printed as the growth of the peak over the resident memory on
 data are built (the base is held once: the growth is the chunk's adapters, optimizer state and
 activations, not a copy of the base per client). Seconds per round: the median of the rounds
 after the first, wall-clock and CPU (the process's: on a loaded machine the steadier of the two).
-Also printed: the bytes a client sends per round (the adapters) against the
-whole model's.
+Also printed: how many clients a chunk of the vectorized engine holds, and the bytes a client
+sends per round (the adapters) against the whole model's.
 
     python benchmarks/fine_tuning.py                          # 8, 32 and 128 clients per round
     python benchmarks/fine_tuning.py --clients 8 32 --rounds 3
@@ -46,7 +46,7 @@ from torch import nn
 from fedforge import ClientConfig, FederatedData, simulate
 from fedforge.algorithms import nbytes
 from fedforge.data import TensorData, iid
-from fedforge.engines import SequentialEngine, VectorizedEngine, engine_choice
+from fedforge.engines import ClientTask, SequentialEngine, VectorizedEngine, engine_choice
 from fedforge.tasks import Task
 
 EXAMPLES, LENGTH, BATCH, LR = 16, 32, 8, 1e-3
@@ -122,23 +122,28 @@ def fedforge_rounds(
     engine_name: str, model: nn.Module, data: TensorData, parts, per_round: int, rounds: int, max_memory: int | None
 ) -> dict:
     engine = VectorizedEngine(max_memory) if engine_name == "vectorized" else SequentialEngine()
+    config = ClientConfig(task=CAUSAL_LM, lr=LR, batch_size=BATCH, local_epochs=1)
     cpu = []  # process seconds at the end of each round (round 0: the initial evaluation)
     result = simulate(
         model,
         FederatedData(data, parts, None),
         rounds=rounds,
         clients_per_round=per_round,
-        client=ClientConfig(task=CAUSAL_LM, lr=LR, batch_size=BATCH, local_epochs=1),
+        client=config,
         engine=engine,
         seed=0,
         on_round=lambda record, state: cpu.append(time.process_time()),
     )
     records = result.history.records[1:]
+    choice = str(engine_choice(engine))
+    if isinstance(engine, VectorizedEngine):
+        tasks = [ClientTask(c, data.rows(0, len(parts[c])), seed=c) for c in range(per_round)]  # sizes alone count
+        choice += f", {engine.chunk_size(model, tasks, config)} clients a chunk"
     return {
         "seconds": [r.train_seconds for r in records],
         "cpu": [b - a for a, b in itertools.pairwise(cpu)],
         "loss": records[-1].train_loss,
-        "choice": str(engine_choice(engine)),
+        "choice": choice,
     }
 
 

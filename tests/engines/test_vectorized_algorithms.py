@@ -103,6 +103,7 @@ ALGORITHMS = [
     ("fedbn", None, FedBN()),
     ("frozen", None, ClientAlgorithm(roles=Roles(frozen=("0.*",)))),
     ("pull", None, Pull()),
+    ("pull-frozen", None, Pull(roles=Roles(frozen=("0.*",)))),  # a loss term, differentiated outside vmap
 ]
 
 
@@ -164,7 +165,7 @@ def test_every_algorithm_is_batched_and_agrees_with_sequential(model_name, name,
     sequential = run(SequentialEngine(), model_name, strategy, algorithm)
     assert_same(vectorized, sequential)
     # fastmlp trains every parameter, without a loss term: the others go through torch.func.
-    whole = name not in ("fedrep", "frozen", "pull")
+    whole = name not in ("fedrep", "frozen", "pull", "pull-frozen")
     kernel = KERNELS[model_name] if model_name == "cnn" or whole else "torch.func"
     assert str(engine.choice) == f"vectorized ({kernel} kernel)"
     if name not in ("fedprox", "frozen") and (name, model_name) != ("fedbn", "mlp"):  # these keep nothing

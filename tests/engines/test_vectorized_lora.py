@@ -211,3 +211,37 @@ def test_sdpa_attention_or_adapter_dropout_falls_back_to_sequential_saying_why(c
     assert (hint in engine.choice.reason) == (why == "sdpa")
     assert ("random operation" in engine.choice.reason) == (why == "dropout")
     assert len(caplog.records) == 1 and "training its clients sequentially" in caplog.messages[0]
+
+
+class FrozenEmbeddingLSTM(nn.Module):
+    """A frozen embedding under a trained LSTM: `vmap` batches aten::lstm only under `grad`, which
+    decomposes it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.embed.weight.requires_grad_(False)
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.lstm(self.embed(input_ids))[0])
+
+
+def test_an_operation_vmap_batches_only_under_grad_keeps_the_model_batched(caplog):
+    # A model with a frozen base is differentiated outside vmap; the LSTM needs vmap(grad).
+    data = tokens("causal", 32)
+    tasks = [ClientTask(c, data.rows(8 * c, 8 * c + 8), seed=c) for c in range(4)]
+    config = ClientConfig(task=CAUSAL_LM.with_optimizer("adamw"), lr=0.01, batch_size=4)
+    deltas = {}
+    for engine in (VectorizedEngine(), SequentialEngine()):
+        model = FrozenEmbeddingLSTM()
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        with caplog.at_level(logging.WARNING, logger="fedforge"):
+            deltas[engine.name] = [u.delta for u in engine.run(model, state, tasks, config)]
+    assert not caplog.records
+    assert all("embed.weight" not in d for d in deltas["vectorized"])
+    for a, b in zip(deltas["vectorized"], deltas["sequential"], strict=True):
+        for name, value in a.items():
+            torch.testing.assert_close(value, b[name], msg=name)

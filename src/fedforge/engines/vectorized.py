@@ -14,10 +14,11 @@ Three kernels:
   hand-derived `fastmlp` kernel (batched matrix products). A client's last, short batch is
   padded and its padding weighted 0, which is exact for this loss.
 - Any other model and task: `torch.func` (`vmap` of `grad` of `functional_call`) with the task's
-  own loss and metric sums, and SGD, Adam or AdamW. A task's loss is a mean over its batch, so
-  padding would change it: at each step the active clients are split into runs of equal batch
-  size (the stack is sorted so that these are contiguous), one `vmap` per run, and a run of
-  one client is computed unbatched.
+  own loss and metric sums, and SGD, Adam or AdamW (a model with a frozen base: its forward
+  pass vmapped, its backward pass by autograd, which holds half the memory). A task's loss is a
+  mean over its batch, so padding would change it: at each step the active clients are split
+  into runs of equal batch size (the stack is sorted so that these are contiguous), one `vmap`
+  per run, and a run of one client is computed unbatched.
 - Convolutional networks `fastconv` can stack (Sequential nets of Conv2d, BatchNorm2d, pooling,
   activations, Flatten and Linear layers, the built-in ResNet's blocks): their forward pass
   for the run's clients at once (grouped convolutions), autograd for the backward pass, the
@@ -230,7 +231,8 @@ class VectorizedEngine(Engine):
         """How many clients like `tasks`' fit in `max_memory` at once (0 when not even one does).
         The frozen parameters are not counted: the clients share them, held once by the model."""
         state = model.state_dict()
-        frozen = _frozen(model, config.algorithm.roles.assign(model), state)
+        roles = config.algorithm.roles.assign(model)
+        frozen = _frozen(model, roles, state)
         param_bytes = nbytes(state) - nbytes(frozen)
         rule = config.rule
         copies = 2 + (len(rule.slots) if rule is not None else 0)  # params, transient gradients, optimizer state
@@ -241,7 +243,11 @@ class VectorizedEngine(Engine):
         )
         steps = max(config.local_epochs * math.ceil(len(t.data) / config.batch_size) for t in tasks)
         schedule = steps * (12 * config.batch_size + 8)  # rows, weights, sizes
-        per_client = copies * param_bytes + 3 * config.batch_size * activations + schedule
+        # What a step keeps of its activations for the backward pass, and its transient ones: 3x
+        # the forward pass's outputs under vmap(grad), half that differentiated outside vmap
+        # (measured on a tiny Llama: 10.3 and 5.2 MiB a client at 8 sequences of 32 tokens).
+        held = 1.5 if _by_autograd(model, tasks[0].data, config, roles, frozen, state) else 3
+        per_client = copies * param_bytes + int(held * config.batch_size * activations) + schedule
         budget = self.max_memory or DEFAULT_MAX_MEMORY.get(tasks[0].data.device.type, DEFAULT_MAX_MEMORY["cuda"])
         return budget // per_client
 
@@ -292,6 +298,22 @@ def kernel_for(model: nn.Module, data: TensorData, config: ClientConfig) -> Call
     if fastconv.convolutional(model) and fastconv.stacked_net(model) is not None:
         return _conv_chunk
     return _func_chunk
+
+
+def _by_autograd(
+    model: nn.Module, data: TensorData, config: ClientConfig, roles: RoleMap, frozen: State, state: State
+) -> bool:
+    """Whether `_func_chunk` differentiates the model outside `vmap` (a frozen base, and every
+    other entry trained by every phase)."""
+    if not frozen:
+        return False
+    try:
+        if kernel_for(model, data, config) is not _func_chunk:
+            return False
+    except _Unsupported:
+        return False
+    stacked = set(state) - set(frozen)
+    return all(stacked <= set(roles.trained(phase.trains)) for phase in config.algorithm.phases)
 
 
 def batched_kernel(model: nn.Module, data: TensorData, config: ClientConfig) -> str | None:
@@ -896,7 +918,13 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
     like the trained ones and go with the buffers, updated in place by each client's forward pass;
     a model with such entries is vmapped even for one client (its views keep the client dimension).
     The frozen parameters are closed over, unbatched: `vmap` computes x[c] @ W for every client c
-    as one matrix product over all the clients' rows, and W is held once."""
+    as one matrix product over all the clients' rows, and W is held once.
+
+    A model with frozen parameters and no such entries (a base under LoRA adapters) is
+    differentiated outside `vmap` (`by_autograd`): the same gradients, to round-off, with half the
+    memory of vmap(grad) on a transformer. An operation `vmap` batches only under `grad` (LSTM's,
+    which `grad` decomposes) switches the chunk to vmap(grad) at its first step: the failed forward
+    pass changed nothing."""
     task, rule = config.task, config.rule
     source, schedule, term = run.source, run.schedule, run.loss_term
     rows = schedule.rows.to(source.device)
@@ -913,10 +941,27 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
         return value, task.metric_sums(outputs.detach(), y)
 
     one = grad(loss, has_aux=True)
-    many = vmap(one) if term is None else vmap(one, in_dims=(0, 0, 0, 0, term.in_dims))
+    in_dims = (0, 0, 0, 0) if term is None else (0, 0, 0, 0, term.in_dims)
+    by_grad, losses = vmap(one, in_dims=in_dims), vmap(loss, in_dims=in_dims)
+
+    def by_autograd(params, buffers, x, y, *extra):
+        """Each client's gradient: the vmapped forward pass, then one backward pass by autograd
+        through the sum of the clients' losses (client c's parameters reach its loss alone).
+        Autograd keeps the batched tensors the forward pass computed and runs the fused backward
+        kernels on them, where `grad` under `vmap` keeps more and splits some (SiLU's backward)
+        into several operations."""
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad():
+            values, sums = losses(leaves, buffers, x, y, *extra)
+            grads = torch.autograd.grad(values.sum(), list(leaves.values()), materialize_grads=True)
+        return dict(zip(leaves, grads, strict=True)), sums
+
+    # A failed forward pass may have changed buffers; other models keep vmap(grad)'s round-off.
+    many = by_autograd if frozen and not has_buffers else by_grad
     model.train()
 
     def step(t, active, views, state, terms):
+        nonlocal many
         done = []
         for lo, hi in _runs(schedule.sizes[:active, t]):
             single = hi - lo == 1 and not has_buffers
@@ -928,7 +973,16 @@ def _func_chunk(model: nn.Module, run: _PhaseRun, config: ClientConfig) -> tuple
             params = {k: run_params[k] for k in trainable}
             buffers = {k: v for k, v in run_params.items() if k not in params}
             extra = () if term is None else (term.args(lo, hi, single=single),)
-            grads, sums = (one if single else many)(params, buffers, x, y, *extra)
+            if single:
+                grads, sums = one(params, buffers, x, y, *extra)
+            else:
+                try:
+                    grads, sums = many(params, buffers, x, y, *extra)
+                except (RuntimeError, NotImplementedError):
+                    if many is by_grad:
+                        raise
+                    many = by_grad
+                    grads, sums = many(params, buffers, x, y, *extra)
             rule.step(params, grads, run_state, run_terms)
             if single:
                 units[lo] += task.units(y)
