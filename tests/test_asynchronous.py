@@ -1,6 +1,7 @@
 """Asynchronous aggregation on the virtual clock: FedBuff and FedAsync (fedforge.asynchronous)."""
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import nn
 
 from fedforge import ClientConfig, FederatedData, VectorizedEngine, simulate
 from fedforge.asynchronous import simulate_async
+from fedforge.cli import main
 from fedforge.data import iid
 from fedforge.devices import Devices
 from fedforge.errors import ConfigError
@@ -246,18 +248,65 @@ def test_what_cannot_run_asynchronously_is_refused_in_one_line(tmp_path):
 
 def test_settings():
     assert AsyncSettings().asynchronous() is None
-    assert AsyncSettings(mode="fedbuff", buffer_size=3, max_staleness=5).asynchronous() == FedBuff(
+    assert AsyncSettings(aggregation="fedbuff", buffer_size=3, max_staleness=5).asynchronous() == FedBuff(
         3, None, max_staleness=5
     )
-    assert AsyncSettings(mode="fedasync", async_alpha=0.3).asynchronous() == FedAsync(0.3)
+    assert AsyncSettings(aggregation="fedasync", async_alpha=0.3).asynchronous() == FedAsync(0.3)
     for kwargs, message in [
         (dict(buffer_size=3), "buffer_size is a setting of asynchronous runs"),
-        (dict(mode="fedasync", buffer_size=3), "buffer_size is FedBuff's"),
-        (dict(mode="fedbuff", async_alpha=0.3), "async_alpha is FedAsync's"),
-        (dict(mode="fedbuff", buffer_size=0), "buffer_size must be >= 1"),
-        (dict(mode="fedbuff", staleness="poly:a=x"), "staleness"),
-        (dict(mode="fedasync", async_alpha=1.5), "async_alpha must be in"),
-        (dict(mode="bogus"), "unknown mode"),
+        (dict(aggregation="fedasync", buffer_size=3), "buffer_size is FedBuff's"),
+        (dict(aggregation="fedbuff", async_alpha=0.3), "async_alpha is FedAsync's"),
+        (dict(aggregation="fedbuff", buffer_size=0), "buffer_size must be >= 1"),
+        (dict(aggregation="fedbuff", staleness="poly:a=x"), "staleness"),
+        (dict(aggregation="fedasync", async_alpha=1.5), "async_alpha must be in"),
+        (dict(aggregation="bogus"), "unknown aggregation"),
     ]:
         with pytest.raises(ConfigError, match=message):
             AsyncSettings(**kwargs)
+
+
+def fedforge(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own exit
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+DIGITS = ["--dataset", "digits", "--num-clients", "20", "--clients-per-round", "4", "--rounds", "2"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--aggregation", "fedbuff", "--buffer-size", "21"], "buffer_size=21 is more than num_clients=20"),
+        (["--aggregation", "fedasync", "--concurrency", "21"], "concurrency=21 is more than num_clients=20"),
+        (["--aggregation", "fedbuff", "--strategy", "krum"], "strategy krum cannot"),
+        (["--aggregation", "fedasync", "--strategy", "fedavgm"], "use strategy fedavg with server_lr 1"),
+        (["--aggregation", "fedbuff", "--staleness", "linear"], "staleness must be constant, poly:a=A or hinge"),
+        (["--aggregation", "fedbuff", "--max-staleness", "-1"], "max_staleness must be >= 0, got -1"),
+        (["--buffer-size", "3"], "buffer_size is a setting of asynchronous runs"),
+        (["--aggregation", "fedbuff", "--dp", "central", "--noise-multiplier", "1"], "differential privacy"),
+        (["--aggregation", "fedbuff", "--dropout", "0.1"], "with a scenario is not supported yet"),
+        (["--aggregation", "fedbuff", "--device-speeds", "fixed:1", "--round-deadline", "2"], "for synchronous"),
+        (["--aggregation", "fedbuff", "--keep-optimizer-state"], "state kept"),
+        (["--aggregation", "bogus"], "unknown aggregation 'bogus'"),
+    ],
+)
+def test_bad_flags_one_line_exit_2(capsys, tmp_path, argv, message):
+    code, _, err = fedforge(capsys, "run", "--out-dir", str(tmp_path), *DIGITS, *argv)
+    assert code == 2, err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_command_line_runs_fedbuff_and_refuses_to_resume_it(capsys, tmp_path):
+    argv = ["run", "--out-dir", str(tmp_path), "--name", "buff", *DIGITS, "--aggregation", "fedbuff"]
+    code, _, err = fedforge(capsys, *argv, "--buffer-size", "2", "--device-speeds", "lognormal:sigma=1")
+    assert code == 0, err
+    history = json.loads((tmp_path / "buff" / "history.json").read_text())
+    assert [r["metrics"]["virtual_time"] > 0 for r in history["rounds"][1:]] == [True, True]
+    assert 'aggregation = "fedbuff"' in (tmp_path / "buff" / "config.toml").read_text()
+    code, _, err = fedforge(capsys, "run", "--resume", str(tmp_path / "buff"))
+    assert code == 2 and "resuming a run of aggregation fedbuff is not supported yet" in err

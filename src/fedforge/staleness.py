@@ -13,7 +13,7 @@ from ._options import option
 from .errors import ConfigError
 
 STALENESS = ("constant", "poly", "hinge")
-MODES = ("sync", "fedbuff", "fedasync")
+AGGREGATIONS = ("sync", "fedbuff", "fedasync")
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,10 @@ def _check_common(concurrency: int | None, staleness: str, max_staleness: int | 
 class AsyncSettings:
     """Asynchronous aggregation on the virtual clock (TOML: flat keys or the table [asynchronous])."""
 
-    mode: str = option(
+    aggregation: str = option(
         "sync",
         "sync: rounds; fedbuff or fedasync: asynchronous aggregation on the virtual clock (docs/time.md)",
-        MODES,
+        AGGREGATIONS,
     )
     buffer_size: int | None = option(
         None, "fedbuff: updates a server step waits for, K (default: clients_per_round)", metavar="K"
@@ -139,10 +139,10 @@ class AsyncSettings:
         self.check_asynchronous()
 
     def check_asynchronous(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"unknown mode {self.mode!r} (choose from: {', '.join(MODES)})")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"unknown aggregation {self.aggregation!r} (choose from: {', '.join(AGGREGATIONS)})")
         self.asynchronous()
-        if self.mode == "sync":
+        if self.aggregation == "sync":
             changed = [
                 name
                 for name, default in (
@@ -156,19 +156,30 @@ class AsyncSettings:
                 if getattr(self, name) != default
             ]
             if changed:
-                raise ConfigError(f"{changed[0]} is a setting of asynchronous runs: give --mode fedbuff or fedasync")
-        if self.mode == "fedasync" and self.buffer_size is not None:
+                raise ConfigError(
+                    f"{changed[0]} is a setting of asynchronous runs: give --aggregation fedbuff or fedasync"
+                )
+        if self.aggregation == "fedasync" and self.buffer_size is not None:
             raise ConfigError("buffer_size is FedBuff's: FedAsync applies each update as it arrives")
-        if self.mode == "fedbuff" and self.async_alpha != 0.6:
+        if self.aggregation == "fedbuff" and self.async_alpha != 0.6:
             raise ConfigError("async_alpha is FedAsync's: FedBuff weights its buffer by staleness only")
 
     def asynchronous(self) -> Asynchronous | None:
         """How the run aggregates asynchronously, for `simulate(asynchronous=)`; None: rounds."""
-        if self.mode == "fedbuff":
+        if self.aggregation == "fedbuff":
             return FedBuff(self.buffer_size, self.concurrency, self.staleness, self.max_staleness, self.eval_every)
-        if self.mode == "fedasync":
+        if self.aggregation == "fedasync":
             return FedAsync(self.async_alpha, self.concurrency, self.staleness, self.max_staleness, self.eval_every)
         return None
 
 
-__all__ = ["MODES", "STALENESS", "AsyncSettings", "Asynchronous", "FedAsync", "FedBuff", "Staleness", "parse_staleness"]
+__all__ = [
+    "AGGREGATIONS",
+    "STALENESS",
+    "AsyncSettings",
+    "Asynchronous",
+    "FedAsync",
+    "FedBuff",
+    "Staleness",
+    "parse_staleness",
+]
