@@ -17,6 +17,7 @@ from fedforge.data import iid
 from fedforge.devices import Devices
 from fedforge.errors import ConfigError
 from fedforge.privacy import DifferentialPrivacy
+from fedforge.report import round_line
 from fedforge.scenarios import Scenario
 from fedforge.simulation import Progress
 from fedforge.staleness import AsyncSettings, FedAsync, FedBuff, Staleness, parse_staleness
@@ -225,6 +226,8 @@ def test_evaluation_every_n_steps():
     result = run_async(FedBuff(buffer_size=2, eval_every=4), HEAVY, rounds=6)
     evaluated = [r.round for r in result.history.records if r.test_accuracy is not None]
     assert evaluated == [0, 4, 6]
+    line = round_line(result.history.records[5], 6)
+    assert "test accuracy" not in line and "virtual time" in line and "staleness" in line
     assert all(math.isfinite(r.metrics["virtual_time"]) for r in result.history.records)
 
 

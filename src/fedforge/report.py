@@ -156,6 +156,8 @@ def round_line(record: RoundRecord, rounds: int, *, metric: str = "accuracy") ->
         parts.append(f"lr {record.metrics['lr']:.4g}")
     if record.round and "virtual_time" in record.metrics:  # device profiles: the virtual clock
         parts.append(f"virtual time {record.metrics['virtual_time']:.4g} s")
+    if "staleness_max" in record.metrics:  # an asynchronous server step's updates
+        parts.append(f"staleness {record.metrics['staleness_mean']:.3g} (max {record.metrics['staleness_max']:.0f})")
     if record.round:
         parts.append(f"{record.seconds:.2f} s")
     return "  ".join(parts)
