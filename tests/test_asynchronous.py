@@ -17,7 +17,7 @@ from fedforge.data import iid
 from fedforge.devices import Devices
 from fedforge.errors import ConfigError
 from fedforge.privacy import DifferentialPrivacy
-from fedforge.report import round_line
+from fedforge.report import plot_history, round_line
 from fedforge.scenarios import Scenario
 from fedforge.simulation import Progress
 from fedforge.staleness import AsyncSettings, FedAsync, FedBuff, Staleness, parse_staleness
@@ -222,12 +222,14 @@ def test_unavailable_clients_are_not_sent_tasks_and_offline_ones_are_lost():
     assert len(result.history) == 6
 
 
-def test_evaluation_every_n_steps():
+def test_evaluation_every_n_steps(tmp_path):
     result = run_async(FedBuff(buffer_size=2, eval_every=4), HEAVY, rounds=6)
     evaluated = [r.round for r in result.history.records if r.test_accuracy is not None]
     assert evaluated == [0, 4, 6]
     line = round_line(result.history.records[5], 6)
     assert "test accuracy" not in line and "virtual time" in line and "staleness" in line
+    plot_history(result.history, tmp_path / "accuracy.png", x="virtual_time")  # the evaluated steps only
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
     assert all(math.isfinite(r.metrics["virtual_time"]) for r in result.history.records)
 
 
