@@ -13,6 +13,7 @@ from torch import nn
 from fedforge import ClientConfig, FederatedData, VectorizedEngine, simulate
 from fedforge.asynchronous import simulate_async
 from fedforge.cli import main
+from fedforge.config import Config
 from fedforge.data import iid
 from fedforge.devices import Devices
 from fedforge.errors import ConfigError
@@ -315,3 +316,15 @@ def test_the_command_line_runs_fedbuff_and_refuses_to_resume_it(capsys, tmp_path
     assert 'aggregation = "fedbuff"' in (tmp_path / "buff" / "config.toml").read_text()
     code, _, err = fedforge(capsys, "run", "--resume", str(tmp_path / "buff"))
     assert code == 2 and "resuming a run of aggregation fedbuff is not supported yet" in err
+
+
+def test_the_toml_table(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        'dataset = "digits"\n[asynchronous]\naggregation = "fedasync"\nasync_alpha = 0.4\nconcurrency = 3\n'
+    )
+    config = Config.load(path)
+    assert config.asynchronous() == FedAsync(alpha=0.4, concurrency=3) and config.clocked
+    path.write_text('dataset = "digits"\n[asynchronous]\naggregation = "fedbuff"\nbufer_size = 3\n')
+    with pytest.raises(ConfigError, match="bufer_size"):
+        Config.load(path)
