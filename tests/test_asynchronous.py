@@ -16,6 +16,7 @@ from fedforge.cli import main
 from fedforge.config import Config
 from fedforge.data import iid
 from fedforge.devices import Devices
+from fedforge.engines import SequentialEngine
 from fedforge.errors import ConfigError
 from fedforge.privacy import DifferentialPrivacy
 from fedforge.report import plot_history, round_line
@@ -328,3 +329,24 @@ def test_the_toml_table(tmp_path):
     path.write_text('dataset = "digits"\n[asynchronous]\naggregation = "fedbuff"\nbufer_size = 3\n')
     with pytest.raises(ConfigError, match="bufer_size"):
         Config.load(path)
+
+
+class CountingEngine(SequentialEngine):
+    """The sequential engine, counting the tasks of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def run(self, model, global_state, tasks, config):
+        self.calls.append(len(tasks))
+        return super().run(model, global_state, tasks, config)
+
+
+def test_the_clients_sent_at_one_moment_go_to_the_engine_together():
+    equal = CountingEngine()
+    run_async(FedBuff(buffer_size=4, concurrency=4), Devices(speeds="fixed:1"), rounds=3, engine=equal)
+    assert equal.calls == [4, 4, 4]  # every step frees all four slots at once
+    heavy = CountingEngine()
+    result = run_async(FedBuff(buffer_size=2, concurrency=5), HEAVY, engine=heavy)
+    assert heavy.calls[0] == 5 and sum(heavy.calls) == sum(e.kind == "dispatch" for e in result.events)
