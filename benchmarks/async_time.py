@@ -4,14 +4,20 @@ Fashion-MNIST, `--clients` (100; the issue's setting is 1,000) clients of a Diri
 the MLP, E=1, B=32, SGD lr 0.05, seed 0. Device speeds lognormal(sigma `--sigma`, 1.5: a heavy
 tail), uplink 1 MB/s, downlink 4 MB/s, the default step cost (0.05 virtual seconds a step at speed
 1); with `--availability`, each client online in windows (e.g. periodic:period=600,online=0.5).
-Every run aggregates `--rounds` x 10 client updates, on the same seed:
+On the same seed:
 
-sync             FedAvg, 10 clients a round, every round waits for its slowest client
-over-select      a round deadline of `--deadline` virtual seconds (3) and 30 % over-selection
+sync             FedAvg, 10 clients a round, every round waits for its slowest client; `--rounds`
+over-select      a round deadline of `--deadline` virtual seconds (3) and 30 % over-selection;
+                 `--over-select-rounds` (default 3 x rounds: its rounds are shorter)
 fedbuff          FedBuff: a step every K = 10 updates, M = `--concurrency` (30) clients at work,
-                 staleness weight 1/sqrt(1+s), the FedAvg step (server lr 1)
+                 staleness weight 1/sqrt(1+s), the FedAvg step (server lr 1); `--fedbuff-steps`
+                 (default 8 x rounds)
 fedasync         FedAsync: each update mixed in with alpha 0.6 x 1/sqrt(1+s), 10 clients at
-                 work; `--rounds` x 10 steps, evaluated every 10
+                 work; `--fedasync-steps` (default 30 x rounds)
+
+The asynchronous runs are evaluated every `--eval-every` (10) steps. Each run is given enough
+steps to cover about the virtual time of the synchronous one (with the defaults), so that time to
+a target compares runs that had the same virtual time to reach it, not the same updates.
 
 It prints compare's table (virtual seconds to `--target`) and writes the comparison outputs to
 `--out` (comparison.png against virtual time).
@@ -34,6 +40,10 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=30)
     parser.add_argument("--availability", default="always")
+    parser.add_argument("--over-select-rounds", type=int)
+    parser.add_argument("--fedbuff-steps", type=int)
+    parser.add_argument("--fedasync-steps", type=int)
+    parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--target", type=float, default=0.7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/async-time")
@@ -56,13 +66,23 @@ def main() -> None:
     }
     variants = {
         "sync": {},
-        "over-select": {"round_deadline": args.deadline, "over_select": 0.3},
-        "fedbuff": {"aggregation": "fedbuff", "buffer_size": 10, "concurrency": args.concurrency},
+        "over-select": {
+            "round_deadline": args.deadline,
+            "over_select": 0.3,
+            "rounds": args.over_select_rounds or 3 * args.rounds,
+        },
+        "fedbuff": {
+            "aggregation": "fedbuff",
+            "buffer_size": 10,
+            "concurrency": args.concurrency,
+            "rounds": args.fedbuff_steps or 8 * args.rounds,
+            "eval_every": args.eval_every,
+        },
         "fedasync": {
             "aggregation": "fedasync",
             "concurrency": 10,
-            "rounds": 10 * args.rounds,
-            "eval_every": 10,
+            "rounds": args.fedasync_steps or 30 * args.rounds,
+            "eval_every": args.eval_every,
         },
     }
     runs = compare(base, variants, out_dir=args.out)
