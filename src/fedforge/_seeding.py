@@ -28,6 +28,7 @@ DATASET = 11
 DP_NOISE = 12  # the privacy stage's noise on a round's sum (and on its unclipped count)
 DP_LOCAL_NOISE = 13  # a client's own noise under local DP
 DEVICES = 14  # the clients' device profiles (devices.py: a sub-stream per quantity)
+ASYNC_DISPATCH = 15  # asynchronous: a version's second and later dispatches (selection, batch seeds)
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -274,7 +274,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     root = base.get("out_dir", Config.__dataclass_fields__["out_dir"].default)
     out_dir = Path(root) / name
     configs = variant_configs(base, variants, out_dir=out_dir)
-    if args.x_axis == "virtual_time" and (unclocked := [label for label, c in configs.items() if not c.profiled]):
+    if args.x_axis == "virtual_time" and (unclocked := [label for label, c in configs.items() if not c.clocked]):
         raise ConfigError(f"--x-axis virtual_time: run {unclocked[0]!r} has no device profiles (--device-speeds)")
     rounds = sum(c.rounds for c in configs.values())
     with _RoundsShown(rounds, quiet=base.get("quiet", False)) as shown:

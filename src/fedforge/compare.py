@@ -415,8 +415,10 @@ def plot_comparison(runs: list[ComparedRun], path: str | os.PathLike, *, title: 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         records = run.history.records
+        # Evaluated records only: an asynchronous run evaluates every eval_every steps.
+        tested = [r for r in records if r.metric(f"test_{run.metric}") is not None]
         [line] = acc_ax.plot(
-            [r.metric(x) for r in records], [r.metric(f"test_{run.metric}") for r in records], label=run.label
+            [r.metric(x) for r in tested], [r.metric(f"test_{run.metric}") for r in tested], label=run.label
         )
         own = [
             (r.metric(x), r.metrics[f"personalized_{run.metric}"])

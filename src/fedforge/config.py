@@ -35,9 +35,10 @@ from .llm.settings import TEXT_TASKS, LlmSettings, TextSettings, is_hf_model
 from .llm.text import load_requested, text_options
 from .privacy.run import SAMPLINGS
 from .privacy.settings import PrivacySettings
-from .scenarios import ScenarioSettings
+from .scenarios import Scenario, ScenarioSettings
 from .schedules import parse_schedule
-from .strategies import STRATEGIES
+from .staleness import AsyncSettings
+from .strategies import LINEAR_STRATEGIES, STRATEGIES
 from .strategies.settings import StrategySettings, option_entry
 from .tasks import TARGETS, TASKS, make_task
 from .tracking import TrackingSettings
@@ -107,6 +108,7 @@ GROUPS: dict[str, type] = {
     "privacy": PrivacySettings,
     "scenario": ScenarioSettings,
     "devices": DeviceSettings,
+    "asynchronous": AsyncSettings,
     "engine": EngineSettings,
     "tracking": TrackingSettings,
 }
@@ -123,6 +125,7 @@ ALIASES = {"strategy.name": "strategy"}
 class Config(
     TrackingSettings,
     EngineSettings,
+    AsyncSettings,
     DeviceSettings,
     ScenarioSettings,
     PrivacySettings,
@@ -164,7 +167,43 @@ class Config(
             privacy.check(self.strategy_object(), self.num_clients)
         if self.over_select > 0 and (self.sampling != "fixed" or privacy is not None):
             raise ConfigError("over_select needs sampling fixed and no differential privacy (docs/time.md)")
+        self._check_asynchronous(privacy is not None)
         parse_schedule(self.lr_schedule).check(self.lr, self.rounds)
+
+    def _check_asynchronous(self, private: bool) -> None:
+        """What asynchronous aggregation cannot run with, in one line (docs/time.md says why);
+        the round loop checks the rest (state kept on the clients) when it starts."""
+        if self.aggregation == "sync":
+            return
+        what = f"aggregation {self.aggregation}"
+        if private:
+            raise ConfigError(f"{what} with differential privacy is not supported yet (docs/time.md)")
+        if self.sampling != "fixed":
+            raise ConfigError(f"{what} samples clients as slots free up: it needs sampling fixed")
+        if self.round_deadline is not None or self.over_select > 0:
+            raise ConfigError(f"round_deadline and over_select are for synchronous rounds, not {what}")
+        if self.scenario() != Scenario():
+            raise ConfigError(f"{what} with a scenario is not supported yet: the devices' speeds make the stragglers")
+        for name in ("buffer_size", "concurrency"):
+            value = getattr(self, name)
+            if value is not None and value > self.num_clients:
+                raise ConfigError(f"{name}={value} is more than num_clients={self.num_clients}")
+        if self.aggregation == "fedbuff" and self.strategy not in LINEAR_STRATEGIES:
+            raise ConfigError(
+                f"aggregation fedbuff steps with the strategy's server optimizer from a buffer's weighted mean: "
+                f"strategy {self.strategy} cannot ({', '.join(LINEAR_STRATEGIES)} can)"
+            )
+        if self.aggregation == "fedasync" and (self.strategy != "fedavg" or self.server_lr not in (None, 1)):
+            raise ConfigError(
+                "aggregation fedasync mixes each client's model into the global one (async_alpha): it has no "
+                "server optimizer: use strategy fedavg with server_lr 1"
+            )
+
+    @property
+    def clocked(self) -> bool:
+        """Whether the run keeps a virtual clock: it has device profiles, or aggregates
+        asynchronously (on default ones)."""
+        return self.profiled or self.aggregation != "sync"
 
     @property
     def reads_text(self) -> bool:

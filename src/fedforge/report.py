@@ -59,7 +59,7 @@ def plot_history(
     if private:  # differential privacy: the epsilon spent by the end of each round
         axes[2].plot(rounds, history.column("epsilon"), marker="o", color="tab:red", label="epsilon spent")
         axes[2].set(xlabel=x_label(x), ylabel="epsilon", title="privacy spent")
-    acc_ax.plot(rounds, history.column(f"test_{metric}"), marker="o", label="test")
+    acc_ax.plot(*_evaluated(rounds, history.column(f"test_{metric}")), marker="o", label="test")
     own = f"personalized_{metric}"  # the clients' own models on their own held-out data, where evaluated
     measured = [r for r in history.records if own in r.metrics]
     if measured:
@@ -76,7 +76,7 @@ def plot_history(
                 alpha=0.2,
                 label="personalized, p10 to p90 of clients",
             )
-    loss_ax.plot(rounds, history.column("test_loss"), marker="o", label="test")
+    loss_ax.plot(*_evaluated(rounds, history.column("test_loss")), marker="o", label="test")
     train = [(at[r.round], r.train_loss) for r in history.records if r.train_loss is not None]
     if train:
         loss_ax.plot(*zip(*train, strict=True), marker=".", linestyle="--", label="train (clients)")
@@ -90,6 +90,12 @@ def plot_history(
     if title:
         fig.suptitle(title)
     save_figure(fig, path)
+
+
+def _evaluated(xs: list, ys: list) -> tuple[list, list]:
+    """The points of the rounds evaluated (an asynchronous run evaluates every eval_every steps)."""
+    kept = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+    return [x for x, _ in kept], [y for _, y in kept]
 
 
 def pyplot():
@@ -156,6 +162,8 @@ def round_line(record: RoundRecord, rounds: int, *, metric: str = "accuracy") ->
         parts.append(f"lr {record.metrics['lr']:.4g}")
     if record.round and "virtual_time" in record.metrics:  # device profiles: the virtual clock
         parts.append(f"virtual time {record.metrics['virtual_time']:.4g} s")
+    if "staleness_max" in record.metrics:  # an asynchronous server step's updates
+        parts.append(f"staleness {record.metrics['staleness_mean']:.3g} (max {record.metrics['staleness_max']:.0f})")
     if record.round:
         parts.append(f"{record.seconds:.2f} s")
     return "  ".join(parts)

@@ -89,6 +89,8 @@ def serve(
         raise ConfigError(f"max_client_examples must be >= 1, got {max_client_examples}")
     if config.profiled:  # a deployment's clients take the time they take
         raise ConfigError("device profiles and the virtual clock are for simulations: a deployment runs in real time")
+    if config.aggregation != "sync":
+        raise ConfigError(f"aggregation {config.aggregation} is simulated only: fedforge server runs rounds (for now)")
     if config.rounds > MAX_ROUNDS:  # every task names the run's rounds, and clients refuse more
         raise ConfigError(f"rounds must be at most {MAX_ROUNDS:,} in a deployment, got {config.rounds}")
     if config.lr > MAX_LR:  # each task's lr is at most the run's (schedules only lower it)
