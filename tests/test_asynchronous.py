@@ -4,17 +4,15 @@ import itertools
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from helpers import blobs
-from torch import nn
+from test_clock import NUM_CLIENTS, model, small
+from test_clock import run as run_sync
 
-from fedforge import ClientConfig, FederatedData, VectorizedEngine, simulate
+from fedforge import ClientConfig, VectorizedEngine, simulate
 from fedforge.asynchronous import simulate_async
 from fedforge.cli import main
 from fedforge.config import Config
-from fedforge.data import iid
 from fedforge.devices import Devices
 from fedforge.engines import SequentialEngine
 from fedforge.errors import ConfigError
@@ -25,21 +23,10 @@ from fedforge.simulation import Progress
 from fedforge.staleness import AsyncSettings, FedAsync, FedBuff, Staleness, parse_staleness
 from fedforge.strategies import FedAvg, FedAvgM, Krum
 
-NUM_CLIENTS = 10
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
     torch.set_num_threads(1)
-
-
-def small(num_clients=NUM_CLIENTS):
-    return FederatedData(blobs(600, seed=1), iid(600, num_clients, rng=np.random.default_rng(0)), blobs(200, seed=2))
-
-
-def model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
 def run_async(asynchronous, devices=None, rounds=6, data=None, clients_per_round=4, **kwargs):
@@ -49,19 +36,6 @@ def run_async(asynchronous, devices=None, rounds=6, data=None, clients_per_round
         asynchronous=asynchronous,
         rounds=rounds,
         clients_per_round=clients_per_round,
-        client=ClientConfig(batch_size=10),
-        devices=devices,
-        seed=0,
-        **kwargs,
-    )
-
-
-def run_sync(devices, rounds=3, **kwargs):
-    return simulate(
-        model(),
-        small(),
-        rounds=rounds,
-        clients_per_round=4,
         client=ClientConfig(batch_size=10),
         devices=devices,
         seed=0,

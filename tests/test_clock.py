@@ -28,8 +28,8 @@ def one_thread():
     torch.set_num_threads(1)
 
 
-def small():
-    return FederatedData(blobs(600, seed=1), iid(600, NUM_CLIENTS, rng=np.random.default_rng(0)), blobs(200, seed=2))
+def small(num_clients=NUM_CLIENTS):
+    return FederatedData(blobs(600, seed=1), iid(600, num_clients, rng=np.random.default_rng(0)), blobs(200, seed=2))
 
 
 def model():
